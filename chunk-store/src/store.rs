@@ -1,0 +1,901 @@
+//! The chunk store proper: maps (shard, volume, chunk) to slots of the data file, reads and
+//! writes 4 KiB blocks with their crc32c, and keeps freed slots out of use until overwritten.
+//!
+//! Concurrency: one [`ChunkStore`] serves every shard (placement group) on the node. Callers
+//! serialise mutations of a shard (a PG's state machine applies in order) and keep reads of a
+//! shard from racing its mutations; the store itself only guards its shared allocation state
+//! with a short mutex, never held across I/O. Disk I/O goes through the io_uring thread;
+//! RocksDB calls that may touch disk run on tokio's blocking pool.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use basalt_common::{BLOCK_SIZE, CHUNK_SIZE, VolumeId, ZERO_BLOCK_CRC, crc32c};
+use bytes::Bytes;
+use rocksdb::WriteBatch;
+
+use crate::aligned::AlignedBuf;
+use crate::data_file::DataFile;
+use crate::error::{ChunkStoreError, Result};
+use crate::image::ChunkImage;
+use crate::index::{
+    BlockMeta, CF_BLOCKS, CF_CHUNKS, CF_FREE, CF_STATE, ChunkKey, CryptContext, FreeReason, FreeRecord, Index,
+    IndexMemory, state_key,
+};
+use crate::uring::Uring;
+
+const BLOCKS_PER_CHUNK: u64 = CHUNK_SIZE / BLOCK_SIZE;
+/// Largest single read or write the store accepts.
+pub const MAX_IO_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Where the store lives and how much memory it may use.
+#[derive(Clone, Debug)]
+pub struct ChunkStoreConfig {
+    /// The data file or raw block device.
+    pub data_path: PathBuf,
+    /// The RocksDB index directory.
+    pub index_dir: PathBuf,
+    /// Bytes of slots to create when formatting a new data file (ignored for existing ones).
+    pub capacity: u64,
+    /// Open the data file with O_DIRECT (on unless the filesystem cannot do it).
+    pub direct_io: bool,
+    /// Disk operations in flight on the ring at most.
+    pub queue_depth: u32,
+    /// RocksDB memory limits.
+    pub index_memory: IndexMemory,
+}
+
+/// Blocks read from the store, verified against their checksums.
+#[derive(Clone, Debug)]
+pub struct BlockRead {
+    /// The data; unwritten blocks are zeros.
+    pub data: Bytes,
+    /// One crc32c per block (of the stored bytes).
+    pub crcs: Vec<u32>,
+    /// Encryption context per block where one was stored.
+    pub crypt: Vec<Option<CryptContext>>,
+}
+
+/// How the scrubber overwrites a freed slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FillPattern {
+    /// All zero bytes.
+    Zeros,
+    /// One repeated byte.
+    Byte(u8),
+    /// Fresh random bytes for every pass.
+    Random,
+}
+
+/// Space accounting.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Slots in the data file.
+    pub slots_total: u64,
+    /// Slots holding a chunk.
+    pub slots_mapped: u64,
+    /// Slots freed and waiting to be overwritten.
+    pub slots_pending_scrub: u64,
+    /// Bytes per slot.
+    pub slot_size: u64,
+}
+
+impl StoreStats {
+    /// Bytes that can take new data right now.
+    pub fn free_bytes(&self) -> u64 {
+        (self.slots_total - self.slots_mapped - self.slots_pending_scrub) * self.slot_size
+    }
+}
+
+/// A chunk slot was overwritten and returned to the allocator.
+#[derive(Clone, Copy, Debug)]
+pub struct Scrubbed {
+    /// The queue record that was drained.
+    pub record: FreeRecord,
+    /// Bytes overwritten (slot size × passes).
+    pub bytes: u64,
+}
+
+enum Op {
+    Write { shard: u32, volume: VolumeId, offset: u64, data: Bytes, crcs: Vec<u32>, crypt: Option<Vec<CryptContext>> },
+    Zero { shard: u32, volume: VolumeId, offset: u64, len: u64, deallocate: bool },
+    DeleteVolume { shard: u32, volume: VolumeId },
+    PutImage { shard: u32, image: ChunkImage },
+    DropShard { shard: u32 },
+    MoveShard { from: u32, to: u32 },
+    PutState { shard: u32, name: Vec<u8>, value: Vec<u8> },
+    DeleteState { shard: u32, name: Vec<u8> },
+}
+
+/// A group of mutations applied together: their disk writes are issued concurrently (in order
+/// where they overlap) and their index updates land in one RocksDB write.
+#[derive(Default)]
+pub struct Batch {
+    ops: Vec<Op>,
+}
+
+impl Batch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// True if nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Writes whole blocks at `offset` (block aligned; `data` a multiple of 4 KiB), with one
+    /// crc32c per block which the store verifies before accepting the data.
+    pub fn write(&mut self, shard: u32, volume: VolumeId, offset: u64, data: Bytes, crcs: Vec<u32>) -> Result<()> {
+        check_range(offset, data.len() as u64)?;
+        if crcs.len() as u64 != data.len() as u64 / BLOCK_SIZE {
+            return Err(ChunkStoreError::Invalid(format!(
+                "{} checksums for {} blocks",
+                crcs.len(),
+                data.len() as u64 / BLOCK_SIZE
+            )));
+        }
+        for (i, block) in data.chunks(BLOCK_SIZE as usize).enumerate() {
+            let actual = crc32c(block);
+            if actual != crcs[i] {
+                return Err(ChunkStoreError::BadChecksum {
+                    volume,
+                    offset: offset + i as u64 * BLOCK_SIZE,
+                    expected: crcs[i],
+                    actual,
+                });
+            }
+        }
+        self.ops.push(Op::Write { shard, volume, offset, data, crcs, crypt: None });
+        Ok(())
+    }
+
+    /// Like [`Batch::write`] for an encrypted volume: also stores each block's nonce and tag.
+    pub fn write_encrypted(
+        &mut self,
+        shard: u32,
+        volume: VolumeId,
+        offset: u64,
+        data: Bytes,
+        crcs: Vec<u32>,
+        crypt: Vec<CryptContext>,
+    ) -> Result<()> {
+        if crypt.len() != crcs.len() {
+            return Err(ChunkStoreError::Invalid("one encryption context per block is required".into()));
+        }
+        self.write(shard, volume, offset, data, crcs)?;
+        if let Some(Op::Write { crypt: c, .. }) = self.ops.last_mut() {
+            *c = Some(crypt);
+        }
+        Ok(())
+    }
+
+    /// Makes a block-aligned range read as zeros. Whole chunks are released to the scrub queue
+    /// when `deallocate`; other blocks are overwritten with zeros on disk right away, so freed
+    /// data never lingers in a slot that stays allocated.
+    pub fn zero(&mut self, shard: u32, volume: VolumeId, offset: u64, len: u64, deallocate: bool) -> Result<()> {
+        check_range(offset, len)?;
+        self.ops.push(Op::Zero { shard, volume, offset, len, deallocate });
+        Ok(())
+    }
+
+    /// Releases every chunk of `volume` in `shard` to the scrub queue.
+    pub fn delete_volume(&mut self, shard: u32, volume: VolumeId) {
+        self.ops.push(Op::DeleteVolume { shard, volume });
+    }
+
+    /// Stores a chunk image (snapshot transfer) into `shard`, replacing that chunk.
+    pub fn put_image(&mut self, shard: u32, image: ChunkImage) -> Result<()> {
+        if image.data.len() != image.blocks.len() * BLOCK_SIZE as usize {
+            return Err(ChunkStoreError::Invalid("chunk image data does not match its block list".into()));
+        }
+        for ((_, meta), block) in image.blocks.iter().zip(image.data.chunks(BLOCK_SIZE as usize)) {
+            let actual = crc32c(block);
+            if actual != meta.crc {
+                return Err(ChunkStoreError::BadChecksum {
+                    volume: image.volume,
+                    offset: image.chunk * CHUNK_SIZE,
+                    expected: meta.crc,
+                    actual,
+                });
+            }
+        }
+        self.ops.push(Op::PutImage { shard, image });
+        Ok(())
+    }
+
+    /// Releases every chunk of `shard` to the scrub queue.
+    pub fn drop_shard(&mut self, shard: u32) {
+        self.ops.push(Op::DropShard { shard });
+    }
+
+    /// Re-labels every chunk of shard `from` as belonging to `to` (which must be empty by then,
+    /// e.g. dropped earlier in the same batch). Earlier ops in the batch must not touch `from`.
+    pub fn move_shard(&mut self, from: u32, to: u32) {
+        self.ops.push(Op::MoveShard { from, to });
+    }
+
+    /// Records a small value in the shard's state (made durable by the next checkpoint).
+    pub fn put_state(&mut self, shard: u32, name: &[u8], value: Vec<u8>) {
+        self.ops.push(Op::PutState { shard, name: name.to_vec(), value });
+    }
+
+    /// Removes a value from the shard's state.
+    pub fn delete_state(&mut self, shard: u32, name: &[u8]) {
+        self.ops.push(Op::DeleteState { shard, name: name.to_vec() });
+    }
+}
+
+fn check_range(offset: u64, len: u64) -> Result<()> {
+    if offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
+        return Err(ChunkStoreError::Invalid(format!(
+            "offset {offset} and length {len} must be multiples of {BLOCK_SIZE}"
+        )));
+    }
+    if len == 0 || len > MAX_IO_BYTES {
+        return Err(ChunkStoreError::Invalid(format!("length {len} must be between 1 block and {MAX_IO_BYTES} bytes")));
+    }
+    offset.checked_add(len).ok_or_else(|| ChunkStoreError::Invalid("offset + length overflows".into()))?;
+    Ok(())
+}
+
+/// One chunk's part of a block range.
+struct Piece {
+    key: ChunkKey,
+    first_block: u16,
+    blocks: u16,
+    /// Offset of the piece within the whole I/O.
+    buf_offset: usize,
+}
+
+fn pieces(shard: u32, volume: VolumeId, offset: u64, len: u64) -> Vec<Piece> {
+    let mut out = Vec::new();
+    let mut pos = offset;
+    let end = offset + len;
+    while pos < end {
+        let chunk = pos / CHUNK_SIZE;
+        let chunk_end = (chunk + 1) * CHUNK_SIZE;
+        let piece_end = end.min(chunk_end);
+        out.push(Piece {
+            key: ChunkKey { shard, volume, chunk },
+            first_block: ((pos - chunk * CHUNK_SIZE) / BLOCK_SIZE) as u16,
+            blocks: ((piece_end - pos) / BLOCK_SIZE) as u16,
+            buf_offset: (pos - offset) as usize,
+        });
+        pos = piece_end;
+    }
+    out
+}
+
+/// Allocation state, rebuilt from the index at open.
+struct Mapping {
+    chunks: BTreeMap<ChunkKey, u64>,
+    used: Vec<u64>,
+    used_count: u64,
+    slot_count: u64,
+    hint: u64,
+    queue: BTreeMap<u64, FreeRecord>,
+    next_seq: u64,
+}
+
+impl Mapping {
+    fn is_used(&self, slot: u64) -> bool {
+        self.used[(slot / 64) as usize] & (1 << (slot % 64)) != 0
+    }
+
+    fn set_used(&mut self, slot: u64, used: bool) {
+        let word = &mut self.used[(slot / 64) as usize];
+        let bit = 1u64 << (slot % 64);
+        if used && *word & bit == 0 {
+            *word |= bit;
+            self.used_count += 1;
+        } else if !used && *word & bit != 0 {
+            *word &= !bit;
+            self.used_count -= 1;
+        }
+    }
+
+    fn allocate(&mut self) -> Option<u64> {
+        if self.used_count >= self.slot_count {
+            return None;
+        }
+        // Next-fit from the hint keeps consecutive allocations contiguous on disk.
+        for i in 0..self.slot_count {
+            let slot = (self.hint + i) % self.slot_count;
+            if !self.is_used(slot) {
+                self.set_used(slot, true);
+                self.hint = slot + 1;
+                return Some(slot);
+            }
+        }
+        None
+    }
+
+    fn range(&self, shard: u32, volume: Option<VolumeId>) -> Vec<(ChunkKey, u64)> {
+        let (lo, hi) = match volume {
+            Some(v) => (
+                ChunkKey { shard, volume: v, chunk: 0 },
+                ChunkKey { shard, volume: v, chunk: u64::MAX },
+            ),
+            None => (
+                ChunkKey { shard, volume: VolumeId(0), chunk: 0 },
+                ChunkKey { shard, volume: VolumeId(u64::MAX), chunk: u64::MAX },
+            ),
+        };
+        self.chunks.range(lo..=hi).map(|(k, s)| (*k, *s)).collect()
+    }
+}
+
+struct Inner {
+    data: DataFile,
+    index: Index,
+    uring: Uring,
+    map: Mutex<Mapping>,
+    failed: Mutex<Option<String>>,
+}
+
+/// A node's chunk store. Cheap to clone (shared handle).
+#[derive(Clone)]
+pub struct ChunkStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ChunkStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ChunkStore({})", self.inner.data.path.display())
+    }
+}
+
+/// A planned disk write.
+struct PlannedIo {
+    offset: u64,
+    buf: AlignedBuf,
+    /// (slot, first block, blocks) for overlap detection.
+    span: (u64, u16, u16),
+}
+
+impl ChunkStore {
+    /// Opens (formatting if new) the data file and index, and rebuilds the allocation map.
+    /// Blocking: call at startup or from a blocking thread.
+    pub fn open(config: &ChunkStoreConfig) -> Result<Self> {
+        if let Some(parent) = config.data_path.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| ChunkStoreError::Io { path: parent.to_path_buf(), source })?;
+        }
+        let data = DataFile::open(&config.data_path, config.capacity, config.direct_io)?;
+        let index = Index::open(&config.index_dir, config.index_memory)?;
+        index.bind_uuid(&data.superblock.uuid, &config.data_path)?;
+
+        let slot_count = data.superblock.slot_count;
+        let mut map = Mapping {
+            chunks: BTreeMap::new(),
+            used: vec![0; slot_count.div_ceil(64) as usize],
+            used_count: 0,
+            slot_count,
+            hint: 0,
+            queue: BTreeMap::new(),
+            next_seq: 1,
+        };
+        let bad_slot = |what: String| ChunkStoreError::BadFormat { path: config.index_dir.clone(), reason: what };
+        for (key, slot) in index.load_chunks()? {
+            if slot >= slot_count {
+                return Err(bad_slot(format!("chunk {key:?} points at slot {slot} beyond the data file's {slot_count} slots")));
+            }
+            if map.is_used(slot) {
+                return Err(bad_slot(format!("slot {slot} is claimed twice (again by {key:?}); the index is corrupt")));
+            }
+            map.set_used(slot, true);
+            map.chunks.insert(key, slot);
+        }
+        for rec in index.load_free()? {
+            if rec.slot >= slot_count || map.is_used(rec.slot) {
+                return Err(bad_slot(format!("scrub queue record {} names slot {} which is out of range or in use", rec.seq, rec.slot)));
+            }
+            map.set_used(rec.slot, true);
+            map.next_seq = map.next_seq.max(rec.seq + 1);
+            map.queue.insert(rec.seq, rec);
+        }
+        let uring = Uring::start(config.queue_depth, "chunks")
+            .map_err(|source| ChunkStoreError::Io { path: config.data_path.clone(), source })?;
+        tracing::info!(
+            data = %config.data_path.display(),
+            slots = slot_count,
+            chunks = map.chunks.len(),
+            scrub_queue = map.queue.len(),
+            "chunk store open"
+        );
+        Ok(Self { inner: Arc::new(Inner { data, index, uring, map: Mutex::new(map), failed: Mutex::new(None) }) })
+    }
+
+    fn map(&self) -> MutexGuard<'_, Mapping> {
+        self.inner.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check_failed(&self) -> Result<()> {
+        let failed = self.inner.failed.lock().unwrap_or_else(|p| p.into_inner());
+        match &*failed {
+            Some(reason) => Err(ChunkStoreError::Failed(reason.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn fail(&self, err: &ChunkStoreError) {
+        tracing::error!(error = %err, "chunk store failed; refusing further writes until restart");
+        let mut failed = self.inner.failed.lock().unwrap_or_else(|p| p.into_inner());
+        failed.get_or_insert_with(|| err.to_string());
+    }
+
+    fn io_err(&self, source: std::io::Error) -> ChunkStoreError {
+        ChunkStoreError::Io { path: self.inner.data.path.clone(), source }
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(&Inner) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| ChunkStoreError::Failed(format!("index task panicked: {e}")))?
+    }
+
+    /// Space accounting.
+    pub fn stats(&self) -> StoreStats {
+        let map = self.map();
+        StoreStats {
+            slots_total: map.slot_count,
+            slots_mapped: map.chunks.len() as u64,
+            slots_pending_scrub: map.queue.len() as u64,
+            slot_size: CHUNK_SIZE,
+        }
+    }
+
+    /// Applies a batch. Either every op takes effect or the store stops (fail-stop: an I/O
+    /// error mid-batch leaves memory ahead of disk, so further writes are refused until a
+    /// restart recovers from the index and the Raft log).
+    pub async fn commit(&self, batch: Batch) -> Result<()> {
+        self.check_failed()?;
+        if batch.ops.is_empty() {
+            return Ok(());
+        }
+        // Metadata that moves with a shard must be read before the batch changes anything.
+        let mut moved_metas: Vec<Vec<(ChunkKey, Vec<(u16, BlockMeta)>)>> = Vec::new();
+        for op in &batch.ops {
+            if let Op::MoveShard { from, .. } = op {
+                let keys: Vec<ChunkKey> = self.map().range(*from, None).into_iter().map(|(k, _)| k).collect();
+                let metas = self
+                    .blocking(move |inner| keys.iter().map(|k| Ok((*k, inner.index.chunk_metas(k)?))).collect())
+                    .await?;
+                moved_metas.push(metas);
+            }
+        }
+
+        self.precheck(&batch)?;
+
+        let mut wb = WriteBatch::default();
+        let mut ios: Vec<PlannedIo> = Vec::new();
+        let mut new_free: Vec<FreeRecord> = Vec::new();
+        {
+            let inner = &self.inner;
+            let cf_chunks = inner.index.cf(CF_CHUNKS);
+            let cf_blocks = inner.index.cf(CF_BLOCKS);
+            let cf_free = inner.index.cf(CF_FREE);
+            let cf_state = inner.index.cf(CF_STATE);
+            let mut map = self.map();
+            let mut moved = moved_metas.into_iter();
+
+            let free_chunk = |map: &mut Mapping, wb: &mut WriteBatch, key: ChunkKey, slot: u64, reason: FreeReason, new_free: &mut Vec<FreeRecord>| {
+                map.chunks.remove(&key);
+                let rec = FreeRecord { seq: map.next_seq, slot, reason };
+                map.next_seq += 1;
+                wb.delete_cf(cf_chunks, key.encode());
+                let mut hi = key.encode().to_vec();
+                hi.extend_from_slice(&[0xff, 0xff, 0xff]);
+                wb.delete_range_cf(cf_blocks, key.block_key(0).to_vec(), hi);
+                wb.put_cf(cf_free, rec.seq.to_be_bytes(), rec.encode_value());
+                new_free.push(rec);
+            };
+            let slot_for = |map: &mut Mapping, wb: &mut WriteBatch, key: ChunkKey| -> Result<u64> {
+                if let Some(slot) = map.chunks.get(&key) {
+                    return Ok(*slot);
+                }
+                // `precheck` guaranteed room; running out here means the accounting is wrong.
+                let slot = map.allocate().ok_or_else(|| ChunkStoreError::Failed(format!(
+                    "allocator ran out of slots mid-batch despite the space check ({} slots)",
+                    map.slot_count
+                )))?;
+                map.chunks.insert(key, slot);
+                wb.put_cf(cf_chunks, key.encode(), slot.to_le_bytes());
+                Ok(slot)
+            };
+
+            for op in batch.ops {
+                match op {
+                    Op::Write { shard, volume, offset, data, crcs, crypt } => {
+                        for p in pieces(shard, volume, offset, data.len() as u64) {
+                            let slot = match slot_for(&mut map, &mut wb, p.key) { Ok(s) => s, Err(e) => { drop(map); self.fail(&e); return Err(e); } };
+                            let start = p.buf_offset;
+                            let end = start + p.blocks as usize * BLOCK_SIZE as usize;
+                            ios.push(PlannedIo {
+                                offset: inner.data.slot_offset(slot) + p.first_block as u64 * BLOCK_SIZE,
+                                buf: AlignedBuf::from_slice(&data[start..end]),
+                                span: (slot, p.first_block, p.blocks),
+                            });
+                            for b in 0..p.blocks {
+                                let idx = p.buf_offset / BLOCK_SIZE as usize + b as usize;
+                                let meta = BlockMeta { crc: crcs[idx], crypt: crypt.as_ref().map(|c| c[idx]) };
+                                wb.put_cf(cf_blocks, p.key.block_key(p.first_block + b), meta.encode());
+                            }
+                        }
+                    }
+                    Op::Zero { shard, volume, offset, len, deallocate } => {
+                        for p in pieces(shard, volume, offset, len) {
+                            let Some(slot) = map.chunks.get(&p.key).copied() else {
+                                if !deallocate {
+                                    // Zero-fill that must stay allocated (NBD NO_HOLE): write zeros.
+                                    let slot = match slot_for(&mut map, &mut wb, p.key) { Ok(s) => s, Err(e) => { drop(map); self.fail(&e); return Err(e); } };
+                                    push_zero_fill(&mut ios, &mut wb, cf_blocks, inner, slot, &p);
+                                }
+                                continue;
+                            };
+                            if deallocate && p.blocks as u64 == BLOCKS_PER_CHUNK {
+                                free_chunk(&mut map, &mut wb, p.key, slot, FreeReason::Trimmed, &mut new_free);
+                            } else if deallocate {
+                                ios.push(PlannedIo {
+                                    offset: inner.data.slot_offset(slot) + p.first_block as u64 * BLOCK_SIZE,
+                                    buf: AlignedBuf::zeroed(p.blocks as usize * BLOCK_SIZE as usize),
+                                    span: (slot, p.first_block, p.blocks),
+                                });
+                                wb.delete_range_cf(
+                                    cf_blocks,
+                                    p.key.block_key(p.first_block).to_vec(),
+                                    end_block_key(&p.key, p.first_block as u32 + p.blocks as u32),
+                                );
+                            } else {
+                                push_zero_fill(&mut ios, &mut wb, cf_blocks, inner, slot, &p);
+                            }
+                        }
+                    }
+                    Op::DeleteVolume { shard, volume } => {
+                        for (key, slot) in map.range(shard, Some(volume)) {
+                            free_chunk(&mut map, &mut wb, key, slot, FreeReason::VolumeDeleted, &mut new_free);
+                        }
+                    }
+                    Op::DropShard { shard } => {
+                        for (key, slot) in map.range(shard, None) {
+                            free_chunk(&mut map, &mut wb, key, slot, FreeReason::ReplicaRemoved, &mut new_free);
+                        }
+                    }
+                    Op::PutImage { shard, image } => {
+                        let key = ChunkKey { shard, volume: image.volume, chunk: image.chunk };
+                        let slot = match slot_for(&mut map, &mut wb, key) { Ok(s) => s, Err(e) => { drop(map); self.fail(&e); return Err(e); } };
+                        let mut hi = key.encode().to_vec();
+                        hi.extend_from_slice(&[0xff, 0xff, 0xff]);
+                        wb.delete_range_cf(cf_blocks, key.block_key(0).to_vec(), hi);
+                        // Overwrite the whole slot: blocks absent from the image become zeros.
+                        let mut buf = AlignedBuf::zeroed(CHUNK_SIZE as usize);
+                        for (i, (block, meta)) in image.blocks.iter().enumerate() {
+                            let dst = *block as usize * BLOCK_SIZE as usize;
+                            let src = i * BLOCK_SIZE as usize;
+                            buf.as_mut_slice()[dst..dst + BLOCK_SIZE as usize]
+                                .copy_from_slice(&image.data[src..src + BLOCK_SIZE as usize]);
+                            wb.put_cf(cf_blocks, key.block_key(*block), meta.encode());
+                        }
+                        ios.push(PlannedIo {
+                            offset: inner.data.slot_offset(slot),
+                            buf,
+                            span: (slot, 0, BLOCKS_PER_CHUNK as u16),
+                        });
+                    }
+                    Op::MoveShard { to, .. } => {
+                        let metas = moved.next().unwrap_or_default();
+                        for (key, blocks) in metas {
+                            let Some(slot) = map.chunks.remove(&key) else { continue };
+                            let new_key = ChunkKey { shard: to, ..key };
+                            map.chunks.insert(new_key, slot);
+                            wb.delete_cf(cf_chunks, key.encode());
+                            wb.put_cf(cf_chunks, new_key.encode(), slot.to_le_bytes());
+                            for (block, meta) in blocks {
+                                wb.delete_cf(cf_blocks, key.block_key(block));
+                                wb.put_cf(cf_blocks, new_key.block_key(block), meta.encode());
+                            }
+                        }
+                    }
+                    Op::PutState { shard, name, value } => wb.put_cf(cf_state, state_key(shard, &name), value),
+                    Op::DeleteState { shard, name } => wb.delete_cf(cf_state, state_key(shard, &name)),
+                }
+            }
+        }
+
+        // Data first, index second: after a crash the index never points at data that was not
+        // written (and Raft replays whatever the index lost).
+        if let Err(e) = self.run_ios(ios).await {
+            self.fail(&e);
+            return Err(e);
+        }
+        if let Err(e) = self.blocking(move |inner| inner.index.write(wb)).await {
+            self.fail(&e);
+            return Err(e);
+        }
+        // Only now may the scrubber see the freed slots: their queue records are in the index.
+        let mut map = self.map();
+        for rec in new_free {
+            map.queue.insert(rec.seq, rec);
+        }
+        Ok(())
+    }
+
+    /// Rejects a batch that cannot complete before anything changes: not enough free slots for
+    /// the chunks it would allocate, or a shard move onto a shard that is not emptied first.
+    fn precheck(&self, batch: &Batch) -> Result<()> {
+        let map = self.map();
+        let frees = batch.ops.iter().any(|op| matches!(op, Op::DeleteVolume { .. } | Op::DropShard { .. } | Op::Zero { deallocate: true, .. }));
+        let mut needed: HashSet<ChunkKey> = HashSet::new();
+        let mut dropped: HashSet<u32> = HashSet::new();
+        let count = |key: ChunkKey, needed: &mut HashSet<ChunkKey>| {
+            // A chunk freed earlier in the batch needs a new slot, so with frees in the batch
+            // count every chunk written (conservative).
+            if frees || !map.chunks.contains_key(&key) {
+                needed.insert(key);
+            }
+        };
+        for op in &batch.ops {
+            match op {
+                Op::Write { shard, volume, offset, data, .. } => {
+                    for p in pieces(*shard, *volume, *offset, data.len() as u64) {
+                        count(p.key, &mut needed);
+                    }
+                }
+                Op::Zero { shard, volume, offset, len, deallocate: false } => {
+                    for p in pieces(*shard, *volume, *offset, *len) {
+                        count(p.key, &mut needed);
+                    }
+                }
+                Op::PutImage { shard, image } => count(ChunkKey { shard: *shard, volume: image.volume, chunk: image.chunk }, &mut needed),
+                Op::DropShard { shard } => {
+                    dropped.insert(*shard);
+                }
+                Op::MoveShard { from, to } => {
+                    if !dropped.contains(to) && !map.range(*to, None).is_empty() {
+                        return Err(ChunkStoreError::Invalid(format!("cannot move shard {from} onto non-empty shard {to}")));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let free = map.slot_count - map.used_count;
+        if needed.len() as u64 > free {
+            return Err(ChunkStoreError::NoSpace { path: self.inner.data.path.clone(), slots: map.slot_count });
+        }
+        Ok(())
+    }
+
+    /// Issues writes concurrently, in waves: an I/O that overlaps one already in the current
+    /// wave waits for the wave to finish, so later writes to a block always land last.
+    async fn run_ios(&self, ios: Vec<PlannedIo>) -> Result<()> {
+        let mut wave = Vec::new();
+        let mut touched: HashSet<(u64, u16)> = HashSet::new();
+        for io in ios {
+            let (slot, first, n) = io.span;
+            let overlaps = (first..first + n).any(|b| touched.contains(&(slot, b)));
+            if overlaps {
+                self.finish_wave(std::mem::take(&mut wave)).await?;
+                touched.clear();
+            }
+            touched.extend((first..first + n).map(|b| (slot, b)));
+            wave.push(io);
+        }
+        self.finish_wave(wave).await
+    }
+
+    async fn finish_wave(&self, wave: Vec<PlannedIo>) -> Result<()> {
+        let file = &self.inner.data.file;
+        let futures = wave.into_iter().map(|io| self.inner.uring.write(file.clone(), io.offset, io.buf));
+        for res in futures::future::join_all(futures).await {
+            res.map_err(|e| self.io_err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Reads a block-aligned range, verifying every written block's crc32c. Unwritten blocks
+    /// read as zeros. A mismatch is an error naming volume, chunk and block; bad data is never
+    /// returned.
+    pub async fn read(&self, shard: u32, volume: VolumeId, offset: u64, len: u64) -> Result<BlockRead> {
+        check_range(offset, len)?;
+        let blocks = (len / BLOCK_SIZE) as usize;
+        let parts: Vec<(Piece, Option<u64>)> = {
+            let map = self.map();
+            pieces(shard, volume, offset, len).into_iter().map(|p| {
+                let slot = map.chunks.get(&p.key).copied();
+                (p, slot)
+            }).collect()
+        };
+        let lookups: Vec<(ChunkKey, u16, u16)> =
+            parts.iter().filter(|(_, s)| s.is_some()).map(|(p, _)| (p.key, p.first_block, p.blocks)).collect();
+        let metas: Vec<Vec<Option<BlockMeta>>> = if lookups.is_empty() {
+            Vec::new()
+        } else {
+            self.blocking(move |inner| lookups.iter().map(|(k, f, n)| inner.index.block_metas(k, *f, *n)).collect()).await?
+        };
+
+        let mut out = vec![0u8; len as usize];
+        let mut crcs = vec![ZERO_BLOCK_CRC; blocks];
+        let mut crypt = vec![None; blocks];
+        let mut reads = Vec::new();
+        let mut metas = metas.into_iter();
+        for (p, slot) in &parts {
+            let Some(slot) = slot else { continue };
+            let m = metas.next().unwrap_or_default();
+            let first = m.iter().position(Option::is_some);
+            let last = m.iter().rposition(Option::is_some);
+            if let (Some(first), Some(last)) = (first, last) {
+                let off = self.inner.data.slot_offset(*slot) + (p.first_block as u64 + first as u64) * BLOCK_SIZE;
+                let n = (last - first + 1) * BLOCK_SIZE as usize;
+                reads.push((p, first, m, self.inner.uring.read(self.inner.data.file.clone(), off, n)));
+            }
+        }
+        let (meta_info, futs): (Vec<_>, Vec<_>) = reads.into_iter().map(|(p, first, m, f)| ((p, first, m), f)).unzip();
+        let results = futures::future::join_all(futs).await;
+        for ((p, first, m), res) in meta_info.into_iter().zip(results) {
+            let buf = res.map_err(|e| self.io_err(e))?;
+            for (i, meta) in m.iter().enumerate().skip(first) {
+                let Some(meta) = meta else { continue };
+                let src = (i - first) * BLOCK_SIZE as usize;
+                let data = &buf.as_slice()[src..src + BLOCK_SIZE as usize];
+                let actual = crc32c(data);
+                if actual != meta.crc {
+                    return Err(ChunkStoreError::Corrupt {
+                        volume,
+                        chunk: p.key.chunk,
+                        block: p.first_block as u64 + i as u64,
+                        stored: meta.crc,
+                        actual,
+                    });
+                }
+                let dst = p.buf_offset + i * BLOCK_SIZE as usize;
+                out[dst..dst + BLOCK_SIZE as usize].copy_from_slice(data);
+                let block_idx = p.buf_offset / BLOCK_SIZE as usize + i;
+                crcs[block_idx] = meta.crc;
+                crypt[block_idx] = meta.crypt;
+            }
+        }
+        Ok(BlockRead { data: Bytes::from(out), crcs, crypt })
+    }
+
+    /// Makes everything written so far durable: fdatasync of the data file, then a synced WAL
+    /// flush of the index. A caller records its applied position (via the state ops) *before*
+    /// calling this, so the position is durable exactly when the data it covers is.
+    pub async fn checkpoint(&self) -> Result<()> {
+        self.check_failed()?;
+        self.inner.uring.sync(self.inner.data.file.clone()).await.map_err(|e| self.io_err(e))?;
+        self.blocking(|inner| inner.index.sync_wal()).await
+    }
+
+    /// A value from a shard's state.
+    pub async fn get_state(&self, shard: u32, name: &[u8]) -> Result<Option<Vec<u8>>> {
+        let name = name.to_vec();
+        self.blocking(move |inner| inner.index.get_state(shard, &name)).await
+    }
+
+    /// All values of a shard's state whose names start with `prefix`.
+    pub async fn scan_state(&self, shard: u32, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let prefix = prefix.to_vec();
+        self.blocking(move |inner| inner.index.scan_state(shard, &prefix)).await
+    }
+
+    /// The chunks a shard holds, in key order.
+    pub fn list_chunks(&self, shard: u32) -> Vec<ChunkKey> {
+        self.map().range(shard, None).into_iter().map(|(k, _)| k).collect()
+    }
+
+    /// Shards that hold at least one chunk.
+    pub fn shards(&self) -> Vec<u32> {
+        let map = self.map();
+        let mut out: Vec<u32> = map.chunks.keys().map(|k| k.shard).collect();
+        out.dedup();
+        out
+    }
+
+    /// A verified copy of one chunk, or `None` if the shard does not hold it.
+    pub async fn read_image(&self, key: ChunkKey) -> Result<Option<ChunkImage>> {
+        let Some(slot) = self.map().chunks.get(&key).copied() else {
+            return Ok(None);
+        };
+        let metas = self.blocking(move |inner| inner.index.chunk_metas(&key)).await?;
+        let Some(last) = metas.last().map(|(b, _)| *b) else {
+            return Ok(Some(ChunkImage { volume: key.volume, chunk: key.chunk, blocks: Vec::new(), data: Bytes::new() }));
+        };
+        let buf = self
+            .inner
+            .uring
+            .read(self.inner.data.file.clone(), self.inner.data.slot_offset(slot), (last as usize + 1) * BLOCK_SIZE as usize)
+            .await
+            .map_err(|e| self.io_err(e))?;
+        let mut data = Vec::with_capacity(metas.len() * BLOCK_SIZE as usize);
+        for (block, meta) in &metas {
+            let src = *block as usize * BLOCK_SIZE as usize;
+            let bytes = &buf.as_slice()[src..src + BLOCK_SIZE as usize];
+            let actual = crc32c(bytes);
+            if actual != meta.crc {
+                return Err(ChunkStoreError::Corrupt { volume: key.volume, chunk: key.chunk, block: *block as u64, stored: meta.crc, actual });
+            }
+            data.extend_from_slice(bytes);
+        }
+        Ok(Some(ChunkImage { volume: key.volume, chunk: key.chunk, blocks: metas, data: Bytes::from(data) }))
+    }
+
+    /// The scrub queue: slots waiting to be overwritten, oldest first.
+    pub fn scrub_queue(&self) -> Vec<FreeRecord> {
+        self.map().queue.values().copied().collect()
+    }
+
+    /// Overwrites the oldest queued slot `passes` times with `pattern` (O_DIRECT, synced after
+    /// each pass), then removes it from the queue and returns it to the allocator. Returns
+    /// `None` when the queue is empty.
+    pub async fn scrub_next(&self, pattern: FillPattern, passes: u32) -> Result<Option<Scrubbed>> {
+        self.check_failed()?;
+        let Some(record) = self.map().queue.values().next().copied() else {
+            return Ok(None);
+        };
+        // The record (and the unmapping that produced it) must be durable before the data is
+        // destroyed, or a crash could resurrect a mapping that points at scrubbed bytes.
+        self.blocking(|inner| inner.index.sync_wal()).await?;
+        let offset = self.inner.data.slot_offset(record.slot);
+        for _ in 0..passes.max(1) {
+            let mut buf = AlignedBuf::zeroed(CHUNK_SIZE as usize);
+            match pattern {
+                FillPattern::Zeros => {}
+                FillPattern::Byte(b) => buf.as_mut_slice().fill(b),
+                FillPattern::Random => rand::Rng::fill(&mut rand::rng(), buf.as_mut_slice()),
+            }
+            self.inner.uring.write(self.inner.data.file.clone(), offset, buf).await.map_err(|e| self.io_err(e))?;
+            self.inner.uring.sync(self.inner.data.file.clone()).await.map_err(|e| self.io_err(e))?;
+        }
+        let seq = record.seq;
+        self.blocking(move |inner| {
+            let mut wb = WriteBatch::default();
+            wb.delete_cf(inner.index.cf(CF_FREE), seq.to_be_bytes());
+            inner.index.write(wb)
+        })
+        .await?;
+        let mut map = self.map();
+        map.queue.remove(&seq);
+        map.set_used(record.slot, false);
+        Ok(Some(Scrubbed { record, bytes: CHUNK_SIZE * u64::from(passes.max(1)) }))
+    }
+
+    /// The data file path.
+    pub fn data_path(&self) -> &std::path::Path {
+        &self.inner.data.path
+    }
+
+    /// Byte offset in the data file of the slot holding `key`, if any (for tools and tests
+    /// that need to find a block on disk).
+    pub fn locate(&self, key: ChunkKey) -> Option<u64> {
+        self.map().chunks.get(&key).map(|slot| self.inner.data.slot_offset(*slot))
+    }
+}
+
+fn end_block_key(key: &ChunkKey, end: u32) -> Vec<u8> {
+    if end <= u16::MAX as u32 {
+        key.block_key(end as u16).to_vec()
+    } else {
+        let mut k = key.encode().to_vec();
+        k.extend_from_slice(&[0xff, 0xff, 0xff]);
+        k
+    }
+}
+
+fn push_zero_fill(ios: &mut Vec<PlannedIo>, wb: &mut WriteBatch, cf_blocks: &rocksdb::ColumnFamily, inner: &Inner, slot: u64, p: &Piece) {
+    ios.push(PlannedIo {
+        offset: inner.data.slot_offset(slot) + p.first_block as u64 * BLOCK_SIZE,
+        buf: AlignedBuf::zeroed(p.blocks as usize * BLOCK_SIZE as usize),
+        span: (slot, p.first_block, p.blocks),
+    });
+    let meta = BlockMeta { crc: ZERO_BLOCK_CRC, crypt: None }.encode();
+    for b in 0..p.blocks {
+        wb.put_cf(cf_blocks, p.key.block_key(p.first_block + b), &meta);
+    }
+}

@@ -1,0 +1,17 @@
+//! Types every Basalt crate shares.
+//!
+//! Kept deliberately small and free of I/O: identifiers, the block/extent/chunk geometry,
+//! size parsing, name validation and failure-domain labels. Anything that needs a runtime
+//! lives in the crate that owns it.
+
+pub mod block;
+pub mod ids;
+pub mod labels;
+pub mod layout;
+pub mod names;
+pub mod units;
+
+pub use block::{BLOCK_SIZE, CHUNK_SIZE, ZERO_BLOCK_CRC, crc32c};
+pub use ids::{ChunkIndex, ExtentIndex, NodeId, PgId, VolumeId};
+pub use labels::{DomainLevel, Labels};
+pub use layout::Layout;

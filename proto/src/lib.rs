@@ -1,0 +1,27 @@
+//! Basalt's wire protocol, generated from `proto/*.proto` by tonic.
+//!
+//! - [`raft`]: node-to-node Raft transport (one pipe per node pair, batched frames).
+//! - [`admin`]: the admin API (cluster, nodes, volumes, cluster map) every node serves.
+//! - [`data`]: block I/O from volume clients to placement-group leaders.
+
+#![allow(missing_docs, clippy::all)]
+
+/// Raft transport.
+pub mod raft {
+    tonic::include_proto!("basalt.raft.v1");
+}
+
+/// Admin API.
+pub mod admin {
+    tonic::include_proto!("basalt.admin.v1");
+}
+
+/// Block I/O.
+pub mod data {
+    tonic::include_proto!("basalt.data.v1");
+}
+
+/// Largest gRPC message any Basalt service accepts or sends: a 64 MiB I/O plus framing.
+pub const MAX_MESSAGE_BYTES: usize = 80 * 1024 * 1024;
+
+pub mod view;

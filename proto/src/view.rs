@@ -1,0 +1,88 @@
+//! The cluster map decoded into the form clients and nodes route with.
+
+use std::collections::HashMap;
+
+use basalt_common::{Layout, NodeId, PgId, VolumeId};
+
+use crate::admin;
+
+/// A volume as routing needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeView {
+    /// Id.
+    pub id: VolumeId,
+    /// Name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// False while the volume is being deleted.
+    pub active: bool,
+}
+
+/// A node as routing needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeView {
+    /// Id.
+    pub id: NodeId,
+    /// gRPC address.
+    pub addr: String,
+}
+
+/// One version of the cluster map.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterView {
+    /// Map version (meta log index of the last change).
+    pub version: u64,
+    /// Cluster id; empty before init.
+    pub cluster_id: String,
+    /// Geometry; `None` before init.
+    pub layout: Option<Layout>,
+    /// Nodes by id.
+    pub nodes: HashMap<NodeId, NodeView>,
+    /// Replicas of each PG, by PG id.
+    pub pgs: Vec<Vec<NodeId>>,
+    /// Volumes by id.
+    pub volumes: HashMap<VolumeId, VolumeView>,
+}
+
+impl ClusterView {
+    /// Decodes a map received over the wire.
+    pub fn from_proto(map: &admin::ClusterMap) -> Self {
+        let layout = (map.pg_count > 0 && map.extent_size > 0).then_some(Layout { extent_size: map.extent_size, pg_count: map.pg_count });
+        let mut pgs = vec![Vec::new(); map.pgs.len()];
+        for pg in &map.pgs {
+            if let Some(slot) = pgs.get_mut(pg.id as usize) {
+                *slot = pg.replicas.iter().map(|r| NodeId(*r)).collect();
+            }
+        }
+        Self {
+            version: map.version,
+            cluster_id: map.cluster_id.clone(),
+            layout,
+            nodes: map.nodes.iter().map(|n| (NodeId(n.id), NodeView { id: NodeId(n.id), addr: n.addr.clone() })).collect(),
+            pgs,
+            volumes: map
+                .volumes
+                .iter()
+                .map(|v| {
+                    (VolumeId(v.id), VolumeView { id: VolumeId(v.id), name: v.name.clone(), size: v.size, active: v.state == "active" })
+                })
+                .collect(),
+        }
+    }
+
+    /// The active volume called `name`.
+    pub fn volume_by_name(&self, name: &str) -> Option<&VolumeView> {
+        self.volumes.values().find(|v| v.name == name && v.active)
+    }
+
+    /// Replicas of `pg`.
+    pub fn replicas(&self, pg: PgId) -> &[NodeId] {
+        self.pgs.get(pg.0 as usize).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Address of `node`.
+    pub fn addr(&self, node: NodeId) -> Option<&str> {
+        self.nodes.get(&node).map(|n| n.addr.as_str())
+    }
+}

@@ -1,0 +1,35 @@
+//! Basalt's Raft layer: openraft behind Basalt's own API.
+//!
+//! The rest of Basalt sees [`RaftHost`] (one per node), [`RaftGroup`] (one per hosted group)
+//! and the [`StateMachine`] contract; openraft's types stay inside this crate, so a version
+//! bump touches only it.
+//!
+//! ```text
+//!  propose ──► RaftGroup ──► openraft core ──► GroupLogStore ──► writer thread ─► RocksDB (1 sync / batch, all groups)
+//!                                   │                                              
+//!                                   ├──► GroupNetwork ──► Router/Peer ══ one gRPC pipe per node pair ══► TransportService ──► peer's group
+//!                                   └──► SmAdapter ──► StateMachine::apply / checkpoint / install
+//! ```
+//!
+//! - [`log_store`]: RocksDB log store shared by all groups, with group commit.
+//! - [`transport`]: batched multi-raft transport, pipelined appends, streamed snapshots.
+//! - [`state_machine`]: the [`StateMachine`] trait and its openraft adapter.
+//! - [`group`]: [`RaftGroup`].
+//! - [`host`]: [`RaftHost`] and [`RaftTuning`].
+
+pub mod error;
+pub mod group;
+pub mod host;
+pub mod log_store;
+pub mod state_machine;
+pub mod transport;
+pub mod types;
+
+pub use error::RaftError;
+pub use group::{GroupStatus, RaftGroup};
+pub use host::{RaftHost, RaftTuning};
+pub use log_store::{LogEngine, LogEngineConfig, SmStore};
+pub use state_machine::{Checkpoint, SnapshotReceiver, SnapshotSink, SnapshotStream, StateMachine};
+pub use transport::Router;
+pub use types::{ApplyItem, CheckpointRecord, GroupId, META_GROUP, NodeId, NodeInfo};
+

@@ -1,0 +1,76 @@
+//! Multi-raft transport: every group on a node shares one connection per peer node.
+//!
+//! - [`peer`]: one outgoing connection, batching all groups' messages into frames.
+//! - [`network`]: openraft's per-(group, target) network, routed through the shared peers;
+//!   pipelined appends and streamed snapshots.
+//! - [`server`]: the incoming gRPC service dispatching to the groups hosted here.
+
+pub(crate) mod network;
+pub(crate) mod peer;
+pub(crate) mod server;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+pub use server::TransportService;
+
+use crate::types::NodeId;
+use peer::{CallError, Peer};
+
+/// Outgoing connections of this node, one per peer, shared by all groups.
+#[derive(Clone)]
+pub struct Router {
+    inner: Arc<RouterInner>,
+}
+
+struct RouterInner {
+    node_id: NodeId,
+    queue: usize,
+    peers: Mutex<HashMap<NodeId, Arc<Peer>>>,
+    addresses: Mutex<HashMap<NodeId, String>>,
+}
+
+impl Router {
+    /// A router for node `node_id`; `queue` bounds the messages waiting per peer.
+    pub fn new(node_id: NodeId, queue: usize) -> Self {
+        Self {
+            inner: Arc::new(RouterInner {
+                node_id,
+                queue,
+                peers: Mutex::new(HashMap::new()),
+                addresses: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// This node.
+    pub fn node_id(&self) -> NodeId {
+        self.inner.node_id
+    }
+
+    /// Records where `node` listens (from the cluster map); overrides addresses remembered in
+    /// Raft memberships, so a node that moved is found at its new address.
+    pub fn set_address(&self, node: NodeId, addr: &str) {
+        self.inner.addresses.lock().unwrap_or_else(|p| p.into_inner()).insert(node, addr.to_string());
+    }
+
+    pub(crate) fn peer(&self, target: NodeId, fallback_addr: &str) -> Result<Arc<Peer>, CallError> {
+        let addr = self
+            .inner
+            .addresses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&target)
+            .cloned()
+            .unwrap_or_else(|| fallback_addr.to_string());
+        let mut peers = self.inner.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = peers.get(&target) {
+            if p.addr == addr {
+                return Ok(p.clone());
+            }
+        }
+        let peer = Arc::new(Peer::new(self.inner.node_id, target, &addr, self.inner.queue)?);
+        peers.insert(target, peer.clone());
+        Ok(peer)
+    }
+}

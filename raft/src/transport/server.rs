@@ -1,0 +1,198 @@
+//! Incoming side of the transport: the `RaftTransport` gRPC service.
+//!
+//! Each peer's `Pipe` gets one task that reads frames and dispatches every message to its group.
+//! Unary requests (votes, heartbeats) run concurrently; pipelined appends of one sender stream
+//! are fed in order into openraft's `stream_append`, so a follower can have many appends in
+//! flight while they still reach its Raft core in log order.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+
+use basalt_proto::raft::raft_transport_server::RaftTransport;
+use basalt_proto::raft::{RaftFrame, RaftKind, RaftMessage, SnapshotChunk, SnapshotReply};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::types::GroupId;
+
+/// How many appends of one stream may wait at the receiver (at least the sender's window).
+pub(crate) const PIPELINE_QUEUE: usize = 128;
+
+/// What the transport needs from a group hosted on this node.
+pub(crate) trait GroupEndpoint: Send + Sync + 'static {
+    /// Handles a unary request (append/heartbeat, vote, pre-vote, transfer-leader).
+    fn handle(&self, kind: RaftKind, body: Bytes) -> BoxFuture<'static, Result<Bytes, String>>;
+    /// Handles an ordered stream of appends; one result per request until the first failure.
+    fn stream_append(&self, input: BoxStream<'static, Bytes>) -> BoxStream<'static, Result<Bytes, String>>;
+    /// Receives a snapshot: `header` then data chunks.
+    fn install_snapshot(&self, header: Bytes, chunks: BoxStream<'static, io::Result<Bytes>>) -> BoxFuture<'static, Result<Bytes, String>>;
+}
+
+/// Groups hosted on this node, by id.
+#[derive(Clone, Default)]
+pub(crate) struct Registry {
+    groups: Arc<RwLock<HashMap<GroupId, Arc<dyn GroupEndpoint>>>>,
+}
+
+impl Registry {
+    pub(crate) fn insert(&self, group: GroupId, endpoint: Arc<dyn GroupEndpoint>) {
+        self.groups.write().unwrap_or_else(|p| p.into_inner()).insert(group, endpoint);
+    }
+
+    pub(crate) fn remove(&self, group: GroupId) {
+        self.groups.write().unwrap_or_else(|p| p.into_inner()).remove(&group);
+    }
+
+    pub(crate) fn get(&self, group: GroupId) -> Option<Arc<dyn GroupEndpoint>> {
+        self.groups.read().unwrap_or_else(|p| p.into_inner()).get(&group).cloned()
+    }
+}
+
+/// The gRPC service; add it to the node's server.
+pub struct TransportService {
+    pub(crate) registry: Registry,
+}
+
+fn reply(id: u64, group: GroupId, result: Result<Bytes, String>) -> RaftMessage {
+    match result {
+        Ok(body) => RaftMessage { id, group, kind: RaftKind::Reply as i32, stream: 0, body },
+        Err(e) => RaftMessage { id, group, kind: RaftKind::Error as i32, stream: 0, body: Bytes::from(e.into_bytes()) },
+    }
+}
+
+struct PipelineState {
+    ids: VecDeque<u64>,
+    closed: bool,
+}
+
+/// One sender stream's ordered appends into one group.
+struct Pipeline {
+    state: Arc<Mutex<PipelineState>>,
+    tx: mpsc::Sender<Bytes>,
+}
+
+impl Pipeline {
+    fn start(endpoint: Arc<dyn GroupEndpoint>, group: GroupId, replies: mpsc::Sender<RaftMessage>) -> Self {
+        let (tx, rx) = mpsc::channel(PIPELINE_QUEUE);
+        let state = Arc::new(Mutex::new(PipelineState { ids: VecDeque::new(), closed: false }));
+        let mut out = endpoint.stream_append(Box::pin(ReceiverStream::new(rx)));
+        let st = state.clone();
+        tokio::spawn(async move {
+            while let Some(result) = out.next().await {
+                let id = st.lock().unwrap_or_else(|p| p.into_inner()).ids.pop_front();
+                let Some(id) = id else { break };
+                if replies.send(reply(id, group, result)).await.is_err() {
+                    break;
+                }
+            }
+            let ids = {
+                let mut s = st.lock().unwrap_or_else(|p| p.into_inner());
+                s.closed = true;
+                std::mem::take(&mut s.ids)
+            };
+            for id in ids {
+                let _ = replies.send(reply(id, group, Err("append stream ended".into()))).await;
+            }
+        });
+        Self { state, tx }
+    }
+
+    /// Registers a request id; false if the pipeline already ended.
+    fn admit(&self, id: u64) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.closed {
+            return false;
+        }
+        s.ids.push_back(id);
+        true
+    }
+}
+
+async fn serve_pipe(registry: Registry, mut incoming: Streaming<RaftFrame>, replies: mpsc::Sender<RaftMessage>) {
+    let mut pipelines: HashMap<(GroupId, u64), Pipeline> = HashMap::new();
+    while let Ok(Some(frame)) = incoming.message().await {
+        for m in frame.messages {
+            let kind = RaftKind::try_from(m.kind).unwrap_or(RaftKind::Unspecified);
+            let Some(endpoint) = registry.get(m.group) else {
+                let _ = replies.send(reply(m.id, m.group, Err(format!("group {} is not hosted here", m.group)))).await;
+                continue;
+            };
+            match kind {
+                RaftKind::StreamAppend => {
+                    let key = (m.group, m.stream);
+                    if !pipelines.contains_key(&key) {
+                        // A sender opens a new stream only after abandoning its previous one.
+                        pipelines.retain(|(g, _), _| *g != m.group);
+                        pipelines.insert(key, Pipeline::start(endpoint, m.group, replies.clone()));
+                    }
+                    let pipeline = &pipelines[&key];
+                    if !pipeline.admit(m.id) {
+                        let _ = replies.send(reply(m.id, m.group, Err("append stream ended".into()))).await;
+                        continue;
+                    }
+                    // If the pipeline just ended, its drain answers this id.
+                    let _ = pipeline.tx.send(m.body).await;
+                }
+                RaftKind::Append | RaftKind::Vote | RaftKind::PreVote | RaftKind::TransferLeader => {
+                    let replies = replies.clone();
+                    tokio::spawn(async move {
+                        let result = endpoint.handle(kind, m.body).await;
+                        let _ = replies.send(reply(m.id, m.group, result)).await;
+                    });
+                }
+                RaftKind::Unspecified | RaftKind::Reply | RaftKind::Error => {
+                    let _ = replies.send(reply(m.id, m.group, Err(format!("unexpected message kind {}", m.kind)))).await;
+                }
+            }
+        }
+    }
+}
+
+type FrameStream = Pin<Box<dyn Stream<Item = Result<RaftFrame, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RaftTransport for TransportService {
+    type PipeStream = FrameStream;
+
+    async fn pipe(&self, request: Request<Streaming<RaftFrame>>) -> Result<Response<Self::PipeStream>, Status> {
+        let incoming = request.into_inner();
+        let (reply_tx, reply_rx) = mpsc::channel::<RaftMessage>(4096);
+        tokio::spawn(serve_pipe(self.registry.clone(), incoming, reply_tx));
+        // Replies leave in frames too: whatever is ready goes out together.
+        let out = futures::stream::unfold(reply_rx, |mut rx| async move {
+            let first = rx.recv().await?;
+            let mut messages = vec![first];
+            while messages.len() < 512 {
+                match rx.try_recv() {
+                    Ok(m) => messages.push(m),
+                    Err(_) => break,
+                }
+            }
+            Some((Ok(RaftFrame { from_node: 0, messages }), rx))
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn install_snapshot(&self, request: Request<Streaming<SnapshotChunk>>) -> Result<Response<SnapshotReply>, Status> {
+        let mut stream = request.into_inner();
+        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        let endpoint = self
+            .registry
+            .get(first.group)
+            .ok_or_else(|| Status::not_found(format!("group {} is not hosted here", first.group)))?;
+        let head = futures::stream::once(async move { Ok::<Bytes, io::Error>(first.data) });
+        let rest = stream.map(|r| r.map(|c| c.data).map_err(|s| io::Error::other(s.message().to_string())));
+        let body = endpoint
+            .install_snapshot(first.header, Box::pin(head.chain(rest)))
+            .await
+            .map_err(Status::internal)?;
+        Ok(Response::new(SnapshotReply { body }))
+    }
+}

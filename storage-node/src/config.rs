@@ -1,0 +1,387 @@
+//! `basalt-node` configuration: a TOML file, every setting also a command-line flag (flags
+//! win). Validation turns both into a [`NodeConfig`] or an error that names the setting.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use basalt_common::units::parse_size;
+use basalt_common::{Labels, NodeId};
+use clap::Parser;
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::meta::state::Role;
+
+/// Why a configuration was rejected.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Parser message (names the key and line).
+        message: String,
+    },
+    /// A setting is missing or has a bad value.
+    #[error("invalid setting `{key}`: {message}")]
+    Invalid {
+        /// The setting.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, message: message.into() }
+}
+
+/// Settings as they appear in the TOML file; all optional so flags can fill them in.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    id: Option<u64>,
+    listen: Option<String>,
+    metrics_listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    data_device: Option<PathBuf>,
+    labels: Option<String>,
+    roles: Option<Vec<String>>,
+    seeds: Option<Vec<String>>,
+    capacity: Option<String>,
+    direct_io: Option<bool>,
+    #[serde(default)]
+    memory: MemoryFile,
+    #[serde(default)]
+    raft: RaftFile,
+    #[serde(default)]
+    scrub: ScrubFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MemoryFile {
+    index_cache: Option<String>,
+    log_cache: Option<String>,
+    write_buffer: Option<String>,
+    raft_tail_per_group: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RaftFile {
+    heartbeat_ms: Option<u64>,
+    election_timeout_min_ms: Option<u64>,
+    election_timeout_max_ms: Option<u64>,
+    checkpoint_every_entries: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScrubFile {
+    overwrite_rate: Option<String>,
+}
+
+/// Command-line flags. Each overrides the file setting of the same name.
+#[derive(Debug, Parser)]
+#[command(name = "basalt-node", version, about = "A Basalt storage node")]
+pub struct Flags {
+    /// TOML configuration file.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// Node id (unique in the cluster, > 0).
+    #[arg(long)]
+    pub id: Option<u64>,
+    /// gRPC listen address, e.g. 127.0.0.1:7001.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Prometheus /metrics listen address.
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+    /// Directory for the node's state.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Data file or raw block device for chunks (default: DATA_DIR/chunks.dat).
+    #[arg(long)]
+    pub data_device: Option<PathBuf>,
+    /// Failure-domain labels, e.g. zone=z1,rack=r2,host=h3.
+    #[arg(long)]
+    pub labels: Option<String>,
+    /// Roles, comma separated: storage, meta, backup.
+    #[arg(long, value_delimiter = ',')]
+    pub roles: Option<Vec<String>>,
+    /// Meta nodes' gRPC addresses, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub seeds: Option<Vec<String>>,
+    /// Size of the chunk data file when it is created, e.g. 100GiB.
+    #[arg(long)]
+    pub capacity: Option<String>,
+    /// Use O_DIRECT for the data file (true/false).
+    #[arg(long)]
+    pub direct_io: Option<bool>,
+    /// RocksDB block cache of the chunk index.
+    #[arg(long)]
+    pub index_cache: Option<String>,
+    /// RocksDB block cache of the Raft log.
+    #[arg(long)]
+    pub log_cache: Option<String>,
+    /// RocksDB memtable size.
+    #[arg(long)]
+    pub write_buffer: Option<String>,
+    /// Recent Raft entries kept in memory per group.
+    #[arg(long)]
+    pub raft_tail_per_group: Option<String>,
+    /// Raft heartbeat interval in milliseconds.
+    #[arg(long)]
+    pub heartbeat_ms: Option<u64>,
+    /// Raft election timeout, lower bound (ms).
+    #[arg(long)]
+    pub election_timeout_min_ms: Option<u64>,
+    /// Raft election timeout, upper bound (ms).
+    #[arg(long)]
+    pub election_timeout_max_ms: Option<u64>,
+    /// Checkpoint a placement group after this many entries.
+    #[arg(long)]
+    pub checkpoint_every_entries: Option<u64>,
+    /// Rate at which freed space is overwritten, per second, e.g. 64MiB.
+    #[arg(long)]
+    pub overwrite_rate: Option<String>,
+}
+
+/// Memory limits (all bounded by configuration, not load).
+#[derive(Clone, Debug)]
+pub struct MemoryConfig {
+    /// Chunk index block cache.
+    pub index_cache: usize,
+    /// Raft log block cache.
+    pub log_cache: usize,
+    /// Memtable size per column family.
+    pub write_buffer: usize,
+    /// Recent Raft entries in memory per group.
+    pub raft_tail_per_group: usize,
+}
+
+/// A validated node configuration.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Node id.
+    pub id: NodeId,
+    /// gRPC address.
+    pub listen: SocketAddr,
+    /// Metrics address.
+    pub metrics_listen: Option<SocketAddr>,
+    /// State directory.
+    pub data_dir: PathBuf,
+    /// Chunk data file or device.
+    pub data_device: PathBuf,
+    /// Labels (host defaults to `node-<id>`).
+    pub labels: Labels,
+    /// Roles.
+    pub roles: BTreeSet<Role>,
+    /// Meta nodes.
+    pub seeds: Vec<String>,
+    /// Data file size when created.
+    pub capacity: u64,
+    /// O_DIRECT.
+    pub direct_io: bool,
+    /// Memory limits.
+    pub memory: MemoryConfig,
+    /// Raft timing.
+    pub raft: basalt_raft::RaftTuning,
+    /// Scrub overwrite rate, bytes per second.
+    pub overwrite_rate: u64,
+}
+
+fn size(key: &'static str, value: Option<String>, default: u64) -> Result<u64, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => parse_size(&v).map_err(|e| invalid(key, e.to_string())),
+    }
+}
+
+fn addr(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| invalid(key, format!("{value:?} is not an address like 127.0.0.1:7001")))
+}
+
+impl NodeConfig {
+    /// Loads the file named by `--config` (if any) and applies the flags over it.
+    pub fn load(flags: Flags) -> Result<Self, ConfigError> {
+        let file = match &flags.config {
+            Some(path) => Self::read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(file, flags)
+    }
+
+    /// Parses a TOML file.
+    pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })
+    }
+
+    /// Combines file settings and flags (flags win) and validates the result.
+    pub fn merge(file: FileConfig, f: Flags) -> Result<Self, ConfigError> {
+        let id = f.id.or(file.id).ok_or_else(|| invalid("id", "required (a positive integer unique in the cluster)"))?;
+        if id == 0 {
+            return Err(invalid("id", "must be greater than 0"));
+        }
+        let listen = f.listen.or(file.listen).ok_or_else(|| invalid("listen", "required, e.g. 127.0.0.1:7001"))?;
+        let listen = addr("listen", &listen)?;
+        let metrics_listen = match f.metrics_listen.or(file.metrics_listen) {
+            Some(a) if !a.is_empty() => Some(addr("metrics_listen", &a)?),
+            _ => None,
+        };
+        let data_dir = f.data_dir.or(file.data_dir).ok_or_else(|| invalid("data_dir", "required"))?;
+        let data_device = f.data_device.or(file.data_device).unwrap_or_else(|| data_dir.join("chunks.dat"));
+        let mut labels: Labels = match f.labels.or(file.labels) {
+            Some(l) => l.parse().map_err(|e: basalt_common::labels::LabelError| invalid("labels", e.to_string()))?,
+            None => Labels::default(),
+        };
+        if labels.host.is_empty() {
+            labels.host = format!("node-{id}");
+        }
+        let roles_raw = f.roles.or(file.roles).unwrap_or_else(|| vec!["storage".into()]);
+        let mut roles = BTreeSet::new();
+        for r in roles_raw.iter().map(|r| r.trim()).filter(|r| !r.is_empty()) {
+            roles.insert(r.parse::<Role>().map_err(|e| invalid("roles", e))?);
+        }
+        if roles.is_empty() {
+            return Err(invalid("roles", "at least one of storage, meta, backup"));
+        }
+        let seeds: Vec<String> = f.seeds.or(file.seeds).unwrap_or_default().into_iter().filter(|s| !s.is_empty()).collect();
+        for s in &seeds {
+            addr("seeds", s)?;
+        }
+        if seeds.is_empty() && !roles.contains(&Role::Meta) {
+            return Err(invalid("seeds", "a node without the meta role needs the meta nodes' addresses"));
+        }
+        let capacity = size("capacity", f.capacity.or(file.capacity), 10 << 30)?;
+        if capacity < 64 << 20 {
+            return Err(invalid("capacity", "must be at least 64MiB"));
+        }
+        let memory = MemoryConfig {
+            index_cache: size("memory.index_cache", f.index_cache.or(file.memory.index_cache), 32 << 20)? as usize,
+            log_cache: size("memory.log_cache", f.log_cache.or(file.memory.log_cache), 16 << 20)? as usize,
+            write_buffer: size("memory.write_buffer", f.write_buffer.or(file.memory.write_buffer), 16 << 20)? as usize,
+            raft_tail_per_group: size("memory.raft_tail_per_group", f.raft_tail_per_group.or(file.memory.raft_tail_per_group), 2 << 20)?
+                as usize,
+        };
+        if memory.write_buffer < 1 << 20 {
+            return Err(invalid("memory.write_buffer", "must be at least 1MiB"));
+        }
+        let mut raft = basalt_raft::RaftTuning::default();
+        if let Some(v) = f.heartbeat_ms.or(file.raft.heartbeat_ms) {
+            raft.heartbeat_ms = v;
+        }
+        if let Some(v) = f.election_timeout_min_ms.or(file.raft.election_timeout_min_ms) {
+            raft.election_timeout_min_ms = v;
+        }
+        if let Some(v) = f.election_timeout_max_ms.or(file.raft.election_timeout_max_ms) {
+            raft.election_timeout_max_ms = v;
+        }
+        if let Some(v) = f.checkpoint_every_entries.or(file.raft.checkpoint_every_entries) {
+            raft.checkpoint_every_entries = v;
+        }
+        if raft.heartbeat_ms == 0 || raft.election_timeout_min_ms <= raft.heartbeat_ms * 2 {
+            return Err(invalid("raft.election_timeout_min_ms", "must be more than twice raft.heartbeat_ms (and the heartbeat above 0)"));
+        }
+        if raft.election_timeout_max_ms <= raft.election_timeout_min_ms {
+            return Err(invalid("raft.election_timeout_max_ms", "must be greater than raft.election_timeout_min_ms"));
+        }
+        if raft.checkpoint_every_entries == 0 {
+            return Err(invalid("raft.checkpoint_every_entries", "must be greater than 0"));
+        }
+        let overwrite_rate = size("scrub.overwrite_rate", f.overwrite_rate.or(file.scrub.overwrite_rate), 64 << 20)?;
+        if overwrite_rate == 0 {
+            return Err(invalid("scrub.overwrite_rate", "must be greater than 0 (freed space must eventually be overwritten)"));
+        }
+        Ok(Self {
+            id: NodeId(id),
+            listen,
+            metrics_listen,
+            data_dir,
+            data_device,
+            labels,
+            roles,
+            seeds,
+            capacity,
+            direct_io: f.direct_io.or(file.direct_io).unwrap_or(true),
+            memory,
+            raft,
+            overwrite_rate,
+        })
+    }
+
+    /// True if the node has `role`.
+    pub fn has(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(args: &[&str]) -> Flags {
+        let mut v = vec!["basalt-node"];
+        v.extend_from_slice(args);
+        Flags::parse_from(v)
+    }
+
+    #[test]
+    fn file_and_flags_merge_with_flags_winning() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.toml");
+        std::fs::write(
+            &path,
+            "id = 4\nlisten = \"127.0.0.1:7004\"\ndata_dir = \"/tmp/x\"\nlabels = \"zone=z1\"\nroles = [\"storage\", \"meta\"]\n[memory]\nindex_cache = \"8MiB\"\n",
+        )
+        .unwrap();
+        let cfg = NodeConfig::load(flags(&["--config", path.to_str().unwrap(), "--listen", "127.0.0.1:7999"])).unwrap();
+        assert_eq!(cfg.id, NodeId(4));
+        assert_eq!(cfg.listen.port(), 7999);
+        assert_eq!(cfg.labels.zone, "z1");
+        assert_eq!(cfg.labels.host, "node-4", "missing host label defaults to the node id");
+        assert_eq!(cfg.memory.index_cache, 8 << 20);
+        assert!(cfg.has(Role::Meta));
+    }
+
+    #[test]
+    fn bad_configs_name_the_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases: &[(&str, &str)] = &[
+            ("listen = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]", "`id`"),
+            ("id = 0\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]", "`id`"),
+            ("id = 1\nlisten = \"nope\"\ndata_dir = \"/x\"\nroles=[\"meta\"]", "`listen`"),
+            ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"chef\"]", "`roles`"),
+            ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nlabels=\"planet=mars\"\nroles=[\"meta\"]", "`labels`"),
+            ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\ncapacity=\"lots\"\nroles=[\"meta\"]", "`capacity`"),
+            ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"storage\"]", "`seeds`"),
+            ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[raft]\nheartbeat_ms = 900", "election_timeout_min_ms"),
+            ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[scrub]\noverwrite_rate = \"0\"", "overwrite_rate"),
+        ];
+        for (i, (text, expect)) in cases.iter().enumerate() {
+            let path = dir.path().join(format!("{i}.toml"));
+            std::fs::write(&path, text).unwrap();
+            let err = NodeConfig::load(flags(&["--config", path.to_str().unwrap()])).unwrap_err().to_string();
+            assert!(err.contains(expect), "case {i}: {err}");
+        }
+        let path = dir.path().join("typo.toml");
+        std::fs::write(&path, "id = 1\nlisten = \"127.0.0.1:1\"\ndata_dri = \"/x\"").unwrap();
+        let err = NodeConfig::load(flags(&["--config", path.to_str().unwrap()])).unwrap_err().to_string();
+        assert!(err.contains("data_dri"), "unknown keys are named: {err}");
+        let err = NodeConfig::load(flags(&["--config", "/nonexistent/n.toml"])).unwrap_err().to_string();
+        assert!(err.contains("cannot read config file"), "{err}");
+    }
+}

@@ -1,0 +1,507 @@
+//! The cluster metadata the meta group replicates, and the commands that change it.
+//!
+//! Pure and deterministic: [`ClusterState::apply`] is the meta state machine's whole logic, so
+//! every validation that decides an outcome happens here, against the replicated state, and
+//! each replica reaches the same answer.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use basalt_common::names::validate_name;
+use basalt_common::units::format_size;
+use basalt_common::{BLOCK_SIZE, DomainLevel, Labels, Layout, NodeId, PgId, VolumeId};
+use serde::{Deserialize, Serialize};
+
+use super::placement::{Candidate, place};
+
+/// Largest volume: 64 TiB.
+pub const MAX_VOLUME_SIZE: u64 = 64 << 40;
+/// Replicas per placement group.
+pub const REPLICAS: usize = 3;
+
+/// What a node does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Holds placement-group replicas.
+    Storage,
+    /// Member of the meta group.
+    Meta,
+    /// Holds backups (never a primary replica).
+    Backup,
+}
+
+impl Role {
+    /// The role's name in configs and CLI output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Storage => "storage",
+            Role::Meta => "meta",
+            Role::Backup => "backup",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "storage" => Ok(Role::Storage),
+            "meta" => Ok(Role::Meta),
+            "backup" => Ok(Role::Backup),
+            other => Err(format!("unknown role {other:?}; roles are storage, meta, backup")),
+        }
+    }
+}
+
+/// A registered node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Id.
+    pub id: NodeId,
+    /// gRPC address.
+    pub addr: String,
+    /// Failure-domain labels.
+    pub labels: Labels,
+    /// Roles.
+    pub roles: BTreeSet<Role>,
+    /// Bytes of chunk space.
+    pub capacity_bytes: u64,
+    /// Prometheus endpoint, `host:port`.
+    pub metrics_addr: String,
+}
+
+impl NodeRecord {
+    /// True if the node holds PG replicas.
+    pub fn is_storage(&self) -> bool {
+        self.roles.contains(&Role::Storage)
+    }
+}
+
+/// Cluster-wide settings fixed at init.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterSettings {
+    /// Extent size and PG count.
+    pub layout: Layout,
+    /// Replicas must differ at this level.
+    pub failure_domain: DomainLevel,
+}
+
+/// A placement group's replica set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PgRecord {
+    /// Id.
+    pub id: PgId,
+    /// Replicas; the first was the initial leader.
+    pub replicas: Vec<NodeId>,
+}
+
+/// Volume lifecycle.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VolumeState {
+    /// Usable.
+    Active,
+    /// Deleted by the operator; PGs are releasing its data. `done` lists PGs finished.
+    Deleting {
+        /// PGs that have released the volume's data.
+        done: BTreeSet<PgId>,
+    },
+}
+
+/// A volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    /// Id (never reused).
+    pub id: VolumeId,
+    /// Name (unique among active volumes).
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Creation time.
+    pub created_unix_ms: u64,
+    /// Lifecycle state.
+    pub state: VolumeState,
+}
+
+/// The replicated cluster metadata.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Set by `InitCluster`.
+    pub cluster_id: Option<String>,
+    /// Set by `InitCluster`.
+    pub settings: Option<ClusterSettings>,
+    /// Registered nodes.
+    pub nodes: BTreeMap<NodeId, NodeRecord>,
+    /// Placement groups, indexed by id.
+    pub pgs: Vec<PgRecord>,
+    /// Volumes by id.
+    pub volumes: BTreeMap<VolumeId, VolumeRecord>,
+    /// Next volume id to assign.
+    pub next_volume_id: u64,
+    /// Log index of the last change: the cluster map version.
+    pub version: u64,
+}
+
+/// A change to the cluster metadata.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaCommand {
+    /// Creates the cluster and places its PGs on the given nodes.
+    InitCluster {
+        /// New cluster id.
+        cluster_id: String,
+        /// Settings.
+        settings: ClusterSettings,
+        /// Nodes known at init.
+        nodes: Vec<NodeRecord>,
+    },
+    /// Adds a node or updates its address/labels/capacity.
+    RegisterNode {
+        /// The node.
+        node: NodeRecord,
+    },
+    /// Creates a volume.
+    CreateVolume {
+        /// Name.
+        name: String,
+        /// Size in bytes.
+        size: u64,
+        /// Creation time (chosen by the proposer, so all replicas agree).
+        now_unix_ms: u64,
+    },
+    /// Grows a volume.
+    ResizeVolume {
+        /// Name.
+        name: String,
+        /// New size.
+        size: u64,
+    },
+    /// Marks a volume deleted; its PGs then release its data.
+    DeleteVolume {
+        /// Name.
+        name: String,
+    },
+    /// One PG has released a deleting volume's data.
+    VolumePgReleased {
+        /// The volume.
+        volume: VolumeId,
+        /// The PG.
+        pg: PgId,
+    },
+}
+
+/// Why a command was refused. Carried in the reply, so it must serialise.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum MetaError {
+    /// The cluster has not been initialised.
+    #[error("the cluster is not initialized; run `basalt cluster init`")]
+    NotInitialized,
+    /// `cluster init` ran before.
+    #[error("the cluster is already initialized (cluster id {0})")]
+    AlreadyInitialized(String),
+    /// A volume with this name exists.
+    #[error("a volume named {0:?} already exists")]
+    VolumeExists(String),
+    /// No such volume.
+    #[error("no volume named {0:?}")]
+    NoSuchVolume(String),
+    /// Bad name.
+    #[error("{0}")]
+    InvalidName(String),
+    /// Bad size.
+    #[error("{0}")]
+    InvalidSize(String),
+    /// Shrinking is not supported.
+    #[error("volume {name:?} is {current} bytes ({}); shrinking to {requested} bytes is not supported", format_size(*current))]
+    Shrink {
+        /// Volume.
+        name: String,
+        /// Current size.
+        current: u64,
+        /// Requested size.
+        requested: u64,
+    },
+    /// Bad settings.
+    #[error("{0}")]
+    InvalidSettings(String),
+    /// Placement impossible.
+    #[error("{0}")]
+    Placement(String),
+}
+
+/// What applying a command produced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaReply {
+    /// Done; nothing to return.
+    Done,
+    /// The volume affected.
+    Volume(VolumeRecord),
+    /// Refused.
+    Error(MetaError),
+}
+
+/// Checks a size for a new or resized volume.
+pub fn validate_size(size: u64) -> Result<(), MetaError> {
+    if size == 0 {
+        return Err(MetaError::InvalidSize("volume size must be greater than zero".into()));
+    }
+    if size % BLOCK_SIZE != 0 {
+        let down = size / BLOCK_SIZE * BLOCK_SIZE;
+        return Err(MetaError::InvalidSize(format!(
+            "volume size {size} is not a multiple of {BLOCK_SIZE} bytes; use {} or {}",
+            down.max(BLOCK_SIZE),
+            down + BLOCK_SIZE
+        )));
+    }
+    if size > MAX_VOLUME_SIZE {
+        return Err(MetaError::InvalidSize(format!(
+            "volume size {} exceeds the maximum of {}",
+            format_size(size),
+            format_size(MAX_VOLUME_SIZE)
+        )));
+    }
+    Ok(())
+}
+
+impl ClusterState {
+    /// The active volume called `name`.
+    pub fn volume_by_name(&self, name: &str) -> Option<&VolumeRecord> {
+        self.volumes.values().find(|v| v.name == name && v.state == VolumeState::Active)
+    }
+
+    /// Placement candidates: storage nodes at the settings' level.
+    fn candidates(&self, level: DomainLevel, nodes: &BTreeMap<NodeId, NodeRecord>) -> Vec<Candidate> {
+        nodes
+            .values()
+            .filter(|n| n.is_storage())
+            .map(|n| Candidate { id: n.id, domain: n.labels.domain(level), weight: n.capacity_bytes >> 30 })
+            .collect()
+    }
+
+    /// Applies one command at log index `index`. Deterministic.
+    pub fn apply(&mut self, index: u64, cmd: MetaCommand) -> MetaReply {
+        let reply = match cmd {
+            MetaCommand::InitCluster { cluster_id, settings, nodes } => self.init(cluster_id, settings, nodes),
+            MetaCommand::RegisterNode { node } => {
+                if self.cluster_id.is_none() {
+                    return MetaReply::Error(MetaError::NotInitialized);
+                }
+                if self.nodes.get(&node.id) == Some(&node) {
+                    return MetaReply::Done; // unchanged: keep the version
+                }
+                self.nodes.insert(node.id, node);
+                MetaReply::Done
+            }
+            MetaCommand::CreateVolume { name, size, now_unix_ms } => self.create_volume(name, size, now_unix_ms),
+            MetaCommand::ResizeVolume { name, size } => self.resize_volume(&name, size),
+            MetaCommand::DeleteVolume { name } => self.delete_volume(&name),
+            MetaCommand::VolumePgReleased { volume, pg } => self.pg_released(volume, pg),
+        };
+        if !matches!(reply, MetaReply::Error(_)) {
+            self.version = index;
+        }
+        reply
+    }
+
+    fn init(&mut self, cluster_id: String, settings: ClusterSettings, nodes: Vec<NodeRecord>) -> MetaReply {
+        if let Some(id) = &self.cluster_id {
+            return MetaReply::Error(MetaError::AlreadyInitialized(id.clone()));
+        }
+        if let Err(e) = settings.layout.validate() {
+            return MetaReply::Error(MetaError::InvalidSettings(e));
+        }
+        let nodes: BTreeMap<NodeId, NodeRecord> = nodes.into_iter().map(|n| (n.id, n)).collect();
+        let candidates = self.candidates(settings.failure_domain, &nodes);
+        let placement = match place(settings.layout.pg_count, REPLICAS, settings.failure_domain, &candidates) {
+            Ok(p) => p,
+            Err(e) => return MetaReply::Error(MetaError::Placement(e.to_string())),
+        };
+        self.cluster_id = Some(cluster_id);
+        self.settings = Some(settings);
+        self.nodes = nodes;
+        self.pgs = placement.into_iter().enumerate().map(|(i, replicas)| PgRecord { id: PgId(i as u32), replicas }).collect();
+        self.next_volume_id = 1;
+        MetaReply::Done
+    }
+
+    fn create_volume(&mut self, name: String, size: u64, now_unix_ms: u64) -> MetaReply {
+        if self.cluster_id.is_none() {
+            return MetaReply::Error(MetaError::NotInitialized);
+        }
+        if let Err(e) = validate_name(&name) {
+            return MetaReply::Error(MetaError::InvalidName(e.to_string()));
+        }
+        if let Err(e) = validate_size(size) {
+            return MetaReply::Error(e);
+        }
+        if self.volume_by_name(&name).is_some() {
+            return MetaReply::Error(MetaError::VolumeExists(name));
+        }
+        let id = VolumeId(self.next_volume_id.max(1));
+        self.next_volume_id = id.0 + 1;
+        let v = VolumeRecord { id, name, size, created_unix_ms: now_unix_ms, state: VolumeState::Active };
+        self.volumes.insert(id, v.clone());
+        MetaReply::Volume(v)
+    }
+
+    fn resize_volume(&mut self, name: &str, size: u64) -> MetaReply {
+        if let Err(e) = validate_size(size) {
+            return MetaReply::Error(e);
+        }
+        let Some(id) = self.volume_by_name(name).map(|v| v.id) else {
+            return MetaReply::Error(MetaError::NoSuchVolume(name.to_string()));
+        };
+        let v = self.volumes.get_mut(&id).expect("found above");
+        if size < v.size {
+            return MetaReply::Error(MetaError::Shrink { name: name.to_string(), current: v.size, requested: size });
+        }
+        v.size = size;
+        MetaReply::Volume(v.clone())
+    }
+
+    fn delete_volume(&mut self, name: &str) -> MetaReply {
+        let Some(id) = self.volume_by_name(name).map(|v| v.id) else {
+            return MetaReply::Error(MetaError::NoSuchVolume(name.to_string()));
+        };
+        let v = self.volumes.get_mut(&id).expect("found above");
+        v.state = VolumeState::Deleting { done: BTreeSet::new() };
+        MetaReply::Volume(v.clone())
+    }
+
+    fn pg_released(&mut self, volume: VolumeId, pg: PgId) -> MetaReply {
+        let pg_count = self.pgs.len();
+        let Some(v) = self.volumes.get_mut(&volume) else { return MetaReply::Done };
+        let VolumeState::Deleting { done } = &mut v.state else { return MetaReply::Done };
+        done.insert(pg);
+        let finished = done.len() >= pg_count;
+        let snapshot = v.clone();
+        if finished {
+            self.volumes.remove(&volume);
+        }
+        MetaReply::Volume(snapshot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: u64, host: &str) -> NodeRecord {
+        NodeRecord {
+            id: NodeId(id),
+            addr: format!("127.0.0.1:{}", 7000 + id),
+            labels: format!("zone=z{id},host={host}").parse().unwrap(),
+            roles: [Role::Storage, Role::Meta].into_iter().collect(),
+            capacity_bytes: 10 << 30,
+            metrics_addr: String::new(),
+        }
+    }
+
+    fn settings(pgs: u32, level: DomainLevel) -> ClusterSettings {
+        ClusterSettings { layout: Layout { extent_size: 4 << 20, pg_count: pgs }, failure_domain: level }
+    }
+
+    fn initialized() -> ClusterState {
+        let mut s = ClusterState::default();
+        let r = s.apply(1, MetaCommand::InitCluster {
+            cluster_id: "c1".into(),
+            settings: settings(16, DomainLevel::Host),
+            nodes: vec![node(1, "a"), node(2, "b"), node(3, "c")],
+        });
+        assert_eq!(r, MetaReply::Done);
+        s
+    }
+
+    #[test]
+    fn init_places_every_pg_on_three_hosts() {
+        let s = initialized();
+        assert_eq!(s.pgs.len(), 16);
+        for pg in &s.pgs {
+            let mut r = pg.replicas.clone();
+            r.sort();
+            assert_eq!(r, vec![NodeId(1), NodeId(2), NodeId(3)]);
+        }
+        assert_eq!(s.version, 1);
+    }
+
+    #[test]
+    fn init_fails_without_enough_domains_and_can_be_retried() {
+        let mut s = ClusterState::default();
+        let mut n2 = node(2, "a");
+        n2.labels = node(1, "a").labels;
+        let r = s.apply(1, MetaCommand::InitCluster {
+            cluster_id: "c1".into(),
+            settings: settings(8, DomainLevel::Zone),
+            nodes: vec![node(1, "a"), n2],
+        });
+        let MetaReply::Error(MetaError::Placement(msg)) = r else { panic!("{r:?}") };
+        assert!(msg.contains("zone=z1"), "{msg}");
+        assert!(s.cluster_id.is_none());
+        assert_eq!(s.version, 0);
+        let r = s.apply(2, MetaCommand::InitCluster {
+            cluster_id: "c2".into(),
+            settings: settings(8, DomainLevel::Zone),
+            nodes: vec![node(1, "a"), node(2, "b"), node(3, "c")],
+        });
+        assert_eq!(r, MetaReply::Done);
+        let r = s.apply(3, MetaCommand::InitCluster { cluster_id: "c3".into(), settings: settings(8, DomainLevel::Zone), nodes: vec![] });
+        assert_eq!(r, MetaReply::Error(MetaError::AlreadyInitialized("c2".into())));
+    }
+
+    #[test]
+    fn volume_lifecycle_and_errors() {
+        let mut s = initialized();
+        let MetaReply::Volume(v) = s.apply(2, MetaCommand::CreateVolume { name: "demo".into(), size: 4 << 30, now_unix_ms: 5 }) else {
+            panic!()
+        };
+        assert_eq!(v.id, VolumeId(1));
+        assert_eq!(
+            s.apply(3, MetaCommand::CreateVolume { name: "demo".into(), size: 4 << 30, now_unix_ms: 5 }),
+            MetaReply::Error(MetaError::VolumeExists("demo".into()))
+        );
+        assert!(matches!(
+            s.apply(4, MetaCommand::CreateVolume { name: "bad name".into(), size: 4096, now_unix_ms: 5 }),
+            MetaReply::Error(MetaError::InvalidName(_))
+        ));
+        assert!(matches!(
+            s.apply(5, MetaCommand::CreateVolume { name: "z".into(), size: 0, now_unix_ms: 5 }),
+            MetaReply::Error(MetaError::InvalidSize(_))
+        ));
+        assert!(matches!(
+            s.apply(6, MetaCommand::CreateVolume { name: "z".into(), size: 1000, now_unix_ms: 5 }),
+            MetaReply::Error(MetaError::InvalidSize(_))
+        ));
+        assert!(matches!(
+            s.apply(7, MetaCommand::CreateVolume { name: "z".into(), size: MAX_VOLUME_SIZE + 4096, now_unix_ms: 5 }),
+            MetaReply::Error(MetaError::InvalidSize(_))
+        ));
+        assert!(matches!(
+            s.apply(8, MetaCommand::ResizeVolume { name: "demo".into(), size: 1 << 30 }),
+            MetaReply::Error(MetaError::Shrink { .. })
+        ));
+        let MetaReply::Volume(v) = s.apply(9, MetaCommand::ResizeVolume { name: "demo".into(), size: 8 << 30 }) else { panic!() };
+        assert_eq!(v.size, 8 << 30);
+        assert_eq!(s.version, 9);
+        assert!(matches!(s.apply(10, MetaCommand::DeleteVolume { name: "nope".into() }), MetaReply::Error(MetaError::NoSuchVolume(_))));
+        s.apply(11, MetaCommand::DeleteVolume { name: "demo".into() });
+        assert!(s.volume_by_name("demo").is_none());
+        // The name is free again while the old volume's data is released; ids are never reused.
+        let MetaReply::Volume(v2) = s.apply(12, MetaCommand::CreateVolume { name: "demo".into(), size: 4096, now_unix_ms: 6 }) else {
+            panic!()
+        };
+        assert_eq!(v2.id, VolumeId(2));
+        for pg in 0..16 {
+            s.apply(13 + pg, MetaCommand::VolumePgReleased { volume: VolumeId(1), pg: PgId(pg as u32) });
+        }
+        assert!(!s.volumes.contains_key(&VolumeId(1)));
+        assert!(s.volumes.contains_key(&VolumeId(2)));
+    }
+
+    #[test]
+    fn commands_before_init_are_refused() {
+        let mut s = ClusterState::default();
+        assert_eq!(
+            s.apply(1, MetaCommand::CreateVolume { name: "a".into(), size: 4096, now_unix_ms: 0 }),
+            MetaReply::Error(MetaError::NotInitialized)
+        );
+        assert_eq!(s.apply(2, MetaCommand::RegisterNode { node: node(1, "a") }), MetaReply::Error(MetaError::NotInitialized));
+    }
+}

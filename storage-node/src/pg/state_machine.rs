@@ -1,0 +1,356 @@
+//! The placement-group state machine: applies block writes to the node's chunk store.
+//!
+//! Apply writes data without a sync; [`StateMachine::checkpoint`] records the applied position
+//! and then syncs data file and index together, and only then may the log be purged. After a
+//! crash the group re-applies from the last checkpoint: every command is an idempotent
+//! overwrite (or release) of a byte range, so applying it again to state that already has it
+//! gives the same result.
+
+use std::collections::HashSet;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use basalt_chunk_store::{Batch, ChunkStore, ChunkStoreError};
+use basalt_common::{BLOCK_SIZE, NodeId, PgId, VolumeId, crc32c};
+use basalt_raft::{ApplyItem, CheckpointRecord, StateMachine};
+use bytes::{Bytes, BytesMut};
+use tokio::sync::RwLock;
+
+use super::command::{PgCommand, PgReply, pieces};
+use super::snapshot::{PgReceiver, PgSnapshot, TOMBSTONE_PREFIX};
+
+/// Shard-state key of the last checkpoint record.
+pub(crate) const APPLIED_KEY: &[u8] = b"applied";
+
+/// Shared between the state machine (inside Raft), the read path and snapshot streams.
+#[derive(Clone)]
+pub struct PgShared {
+    /// The PG.
+    pub pg: PgId,
+    /// This node (for error messages).
+    pub node: NodeId,
+    /// The node's chunk store.
+    pub store: ChunkStore,
+    /// Readers and snapshot streams hold it shared; apply holds it exclusively, so a reader
+    /// never sees a block half-written.
+    pub lock: Arc<RwLock<()>>,
+    /// Outgoing snapshot streams in flight (checkpoints wait while any run: the log they need
+    /// must stay).
+    pub transfers: Arc<AtomicUsize>,
+    /// Serialises incoming snapshot transfers (one staging area per PG).
+    pub staging: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl PgShared {
+    /// New shared state for `pg`.
+    pub fn new(pg: PgId, node: NodeId, store: ChunkStore) -> Self {
+        Self {
+            pg,
+            node,
+            store,
+            lock: Arc::new(RwLock::new(())),
+            transfers: Arc::new(AtomicUsize::new(0)),
+            staging: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    /// The chunk-store shard holding this PG.
+    pub fn shard(&self) -> u32 {
+        self.pg.0
+    }
+
+    /// The shard a snapshot for this PG is staged in before it replaces the PG's data.
+    pub fn staging_shard(&self) -> u32 {
+        self.pg.0 | 0x8000_0000
+    }
+
+    /// Reads block-aligned `[offset, offset+len)` of `volume`, verified.
+    pub async fn read(&self, volume: VolumeId, offset: u64, len: u64) -> Result<basalt_chunk_store::BlockRead, ChunkStoreError> {
+        let _guard = self.lock.read().await;
+        self.store.read(self.shard(), volume, offset, len).await
+    }
+}
+
+/// The state machine of one PG replica.
+pub struct PgStateMachine {
+    shared: PgShared,
+    tombstones: HashSet<VolumeId>,
+}
+
+impl PgStateMachine {
+    /// A state machine over `shared`.
+    pub fn new(shared: PgShared) -> Self {
+        Self { shared, tombstones: HashSet::new() }
+    }
+
+    fn io(e: ChunkStoreError) -> io::Error {
+        io::Error::other(e.to_string())
+    }
+
+    /// Builds the whole-block write for a write or zero command, reading the partial blocks at
+    /// its edges (read-modify-write). `data` is `None` for zeroing.
+    async fn aligned(&self, volume: VolumeId, offset: u64, len: u64, data: Option<&Bytes>, crcs: &[u32]) -> Result<(u64, Bytes, Vec<u32>), ChunkStoreError> {
+        let start = offset / BLOCK_SIZE * BLOCK_SIZE;
+        let end = (offset + len).div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+        let mut buf = BytesMut::zeroed((end - start) as usize);
+        let head_partial = offset != start;
+        let tail_partial = offset + len != end;
+        if head_partial {
+            let old = self.shared.store.read(self.shared.shard(), volume, start, BLOCK_SIZE).await?;
+            buf[..BLOCK_SIZE as usize].copy_from_slice(&old.data);
+        }
+        if tail_partial && (end - BLOCK_SIZE != start || !head_partial) {
+            let old = self.shared.store.read(self.shared.shard(), volume, end - BLOCK_SIZE, BLOCK_SIZE).await?;
+            let at = (end - BLOCK_SIZE - start) as usize;
+            buf[at..].copy_from_slice(&old.data);
+        }
+        let rel = (offset - start) as usize;
+        match data {
+            Some(d) => buf[rel..rel + d.len()].copy_from_slice(d),
+            None => buf[rel..rel + len as usize].fill(0),
+        }
+        // Whole pieces keep the client's checksum (end to end); merged blocks get a new one.
+        let mut block_crcs = Vec::with_capacity(((end - start) / BLOCK_SIZE) as usize);
+        let mut piece_crcs = crcs.iter();
+        let mut piece_iter = pieces(offset, len);
+        for (i, block) in buf.chunks(BLOCK_SIZE as usize).enumerate() {
+            let block_start = start + i as u64 * BLOCK_SIZE;
+            let piece = piece_iter.next();
+            let client = piece_crcs.next();
+            match (data.is_some(), piece, client) {
+                (true, Some((p_off, p_len)), Some(c)) if p_off == block_start && p_len == BLOCK_SIZE => block_crcs.push(*c),
+                _ => block_crcs.push(crc32c(block)),
+            }
+        }
+        Ok((start, buf.freeze(), block_crcs))
+    }
+
+    /// Adds one command to `batch`, committing `batch` first when a read-modify-write needs to
+    /// see what earlier commands wrote.
+    async fn stage(&mut self, batch: &mut Batch, cmd: PgCommand) -> Result<PgReply, ChunkStoreError> {
+        let shard = self.shared.shard();
+        match cmd {
+            PgCommand::Write { volume, offset, crcs, data } => {
+                if self.tombstones.contains(&volume) {
+                    return Ok(PgReply::NoSuchVolume);
+                }
+                for ((p_off, p_len), crc) in pieces(offset, data.len() as u64).zip(&crcs) {
+                    let at = (p_off - offset) as usize;
+                    let actual = crc32c(&data[at..at + p_len as usize]);
+                    if actual != *crc {
+                        return Ok(PgReply::Invalid(format!(
+                            "checksum mismatch in {volume} at offset {p_off}: expected {crc:#010x}, got {actual:#010x}"
+                        )));
+                    }
+                }
+                if offset % BLOCK_SIZE == 0 && data.len() as u64 % BLOCK_SIZE == 0 {
+                    batch.write(shard, volume, offset, data, crcs)?;
+                } else {
+                    self.flush(batch).await?;
+                    let (start, buf, block_crcs) = self.aligned(volume, offset, data.len() as u64, Some(&data), &crcs).await?;
+                    batch.write(shard, volume, start, buf, block_crcs)?;
+                }
+                Ok(PgReply::Ok)
+            }
+            PgCommand::Zero { volume, offset, len, keep_allocated } => {
+                if self.tombstones.contains(&volume) {
+                    return Ok(PgReply::NoSuchVolume);
+                }
+                let start = offset.div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+                let end = (offset + len) / BLOCK_SIZE * BLOCK_SIZE;
+                if start < end {
+                    // Whole blocks: large ranges are split to the store's per-call limit.
+                    let mut pos = start;
+                    while pos < end {
+                        let n = (end - pos).min(basalt_chunk_store::MAX_IO_BYTES);
+                        batch.zero(shard, volume, pos, n, !keep_allocated)?;
+                        pos += n;
+                    }
+                }
+                // Partial blocks at the edges are rewritten with zeros in place.
+                let edges = [(offset, start.min(offset + len) - offset), (end.max(offset), offset + len - end.max(offset))];
+                for (o, l) in edges {
+                    if l > 0 && (o % BLOCK_SIZE != 0 || l % BLOCK_SIZE != 0) {
+                        self.flush(batch).await?;
+                        let (s, buf, crcs) = self.aligned(volume, o, l, None, &[]).await?;
+                        batch.write(shard, volume, s, buf, crcs)?;
+                    }
+                }
+                Ok(PgReply::Ok)
+            }
+            PgCommand::DeleteVolume { volume } => {
+                batch.delete_volume(shard, volume);
+                let mut key = TOMBSTONE_PREFIX.to_vec();
+                key.extend_from_slice(&volume.0.to_be_bytes());
+                batch.put_state(shard, &key, Vec::new());
+                self.tombstones.insert(volume);
+                Ok(PgReply::Ok)
+            }
+        }
+    }
+
+    async fn flush(&self, batch: &mut Batch) -> Result<(), ChunkStoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.shared.store.commit(std::mem::take(batch)).await
+    }
+
+    /// Applies commands one by one (used when a combined batch ran out of space, so only the
+    /// commands that do not fit fail).
+    async fn apply_singly(&mut self, cmds: Vec<Option<PgCommand>>) -> io::Result<Vec<PgReply>> {
+        let mut replies = Vec::with_capacity(cmds.len());
+        for cmd in cmds {
+            let Some(cmd) = cmd else {
+                replies.push(PgReply::Ok);
+                continue;
+            };
+            let mut batch = Batch::new();
+            let reply = match self.stage(&mut batch, cmd).await {
+                Ok(r) => match self.flush(&mut batch).await {
+                    Ok(()) => r,
+                    Err(ChunkStoreError::NoSpace { .. }) => PgReply::NoSpace(format!("no space on {}", self.shared.node)),
+                    Err(e) => return Err(Self::io(e)),
+                },
+                Err(e) => self.soft_error(e)?,
+            };
+            replies.push(reply);
+        }
+        Ok(replies)
+    }
+
+    /// Maps an error staging one command to its reply, or to a fatal error for the group.
+    fn soft_error(&self, e: ChunkStoreError) -> io::Result<PgReply> {
+        match e {
+            ChunkStoreError::NoSpace { .. } => Ok(PgReply::NoSpace(format!("no space on {}", self.shared.node))),
+            ChunkStoreError::Invalid(m) => Ok(PgReply::Invalid(m)),
+            e @ ChunkStoreError::BadChecksum { .. } => Ok(PgReply::Invalid(e.to_string())),
+            e @ ChunkStoreError::Corrupt { .. } => {
+                tracing::error!(pg = %self.shared.pg, node = %self.shared.node, error = %e, "stored block needed for a partial write is corrupt");
+                Ok(PgReply::Corrupt(format!("{e} on {}", self.shared.node)))
+            }
+            e => Err(Self::io(e)),
+        }
+    }
+}
+
+impl StateMachine for PgStateMachine {
+    type Snapshot = PgSnapshot;
+    type Checkpoint = PgCheckpoint;
+    type Receiver = PgReceiver;
+
+    async fn recover(&mut self) -> io::Result<Option<CheckpointRecord>> {
+        let shard = self.shared.shard();
+        let store = &self.shared.store;
+        // A transfer that did not finish leaves a staging shard behind: discard it.
+        if !store.list_chunks(self.shared.staging_shard()).is_empty() {
+            let mut b = Batch::new();
+            b.drop_shard(self.shared.staging_shard());
+            store.commit(b).await.map_err(Self::io)?;
+        }
+        let record = match store.get_state(shard, APPLIED_KEY).await.map_err(Self::io)? {
+            Some(bytes) => Some(CheckpointRecord::decode(&bytes).map_err(|e| io::Error::other(e.to_string()))?),
+            None => None,
+        };
+        if record.is_none() && !store.list_chunks(shard).is_empty() {
+            // Data without a checkpoint record belongs to an earlier incarnation of this replica.
+            tracing::warn!(pg = %self.shared.pg, "discarding chunks left by an earlier replica of this PG");
+            let mut b = Batch::new();
+            b.drop_shard(shard);
+            store.commit(b).await.map_err(Self::io)?;
+        }
+        for (name, _) in store.scan_state(shard, TOMBSTONE_PREFIX).await.map_err(Self::io)? {
+            if let Ok(id) = name[TOMBSTONE_PREFIX.len()..].try_into().map(u64::from_be_bytes) {
+                self.tombstones.insert(VolumeId(id));
+            }
+        }
+        Ok(record)
+    }
+
+    async fn apply(&mut self, items: Vec<ApplyItem>) -> io::Result<Vec<Bytes>> {
+        let lock = self.shared.lock.clone();
+        let _guard = lock.write().await;
+        let cmds: Vec<Option<Result<PgCommand, String>>> = items.into_iter().map(|i| i.command.map(PgCommand::decode)).collect();
+        let mut batch = Batch::new();
+        let mut replies = Vec::with_capacity(cmds.len());
+        let mut decoded = Vec::with_capacity(cmds.len());
+        for cmd in cmds {
+            match cmd {
+                None => {
+                    replies.push(PgReply::Ok);
+                    decoded.push(None);
+                }
+                Some(Err(e)) => {
+                    replies.push(PgReply::Invalid(e));
+                    decoded.push(None);
+                }
+                Some(Ok(c)) => {
+                    decoded.push(Some(c.clone()));
+                    let reply = match self.stage(&mut batch, c).await {
+                        Ok(r) => r,
+                        Err(e) => self.soft_error(e)?,
+                    };
+                    replies.push(reply);
+                }
+            }
+        }
+        match self.flush(&mut batch).await {
+            Ok(()) => {}
+            Err(ChunkStoreError::NoSpace { .. }) if decoded.len() > 1 => {
+                // Retry one by one so only the writes that do not fit fail. Re-applying the
+                // ones already staged is harmless: nothing of this batch reached the store.
+                let single = self.apply_singly(decoded).await?;
+                return Ok(single.iter().map(PgReply::encode).collect());
+            }
+            Err(ChunkStoreError::NoSpace { .. }) => {
+                return Ok(vec![PgReply::NoSpace(format!("no space on {}", self.shared.node)).encode()]);
+            }
+            Err(e) => return Err(Self::io(e)),
+        }
+        Ok(replies.iter().map(PgReply::encode).collect())
+    }
+
+    fn defer_checkpoint(&self) -> bool {
+        self.shared.transfers.load(Ordering::Acquire) > 0
+    }
+
+    fn checkpoint(&mut self, record: CheckpointRecord) -> PgCheckpoint {
+        PgCheckpoint { shared: self.shared.clone(), record }
+    }
+
+    async fn open_snapshot(&mut self, _record: &CheckpointRecord) -> io::Result<PgSnapshot> {
+        Ok(PgSnapshot::outgoing(self.shared.clone()))
+    }
+
+    async fn install(&mut self, record: CheckpointRecord, snapshot: PgSnapshot) -> io::Result<()> {
+        let tombstones = snapshot.install(&self.shared, &record).await?;
+        self.tombstones = tombstones;
+        Ok(())
+    }
+
+    fn receiver(&self) -> PgReceiver {
+        PgReceiver { shared: self.shared.clone() }
+    }
+}
+
+/// Records the applied position, then syncs data file and index: the position is durable
+/// exactly when the data it covers is.
+pub struct PgCheckpoint {
+    shared: PgShared,
+    record: CheckpointRecord,
+}
+
+impl basalt_raft::Checkpoint for PgCheckpoint {
+    type Snapshot = PgSnapshot;
+
+    async fn run(self) -> io::Result<PgSnapshot> {
+        // Everything up to the record's index has been applied (the record was captured on the
+        // apply path), so syncing now covers it. Record first, sync second: one sync covers both.
+        let mut b = Batch::new();
+        b.put_state(self.shared.shard(), APPLIED_KEY, self.record.encode());
+        self.shared.store.commit(b).await.map_err(PgStateMachine::io)?;
+        self.shared.store.checkpoint().await.map_err(PgStateMachine::io)?;
+        Ok(PgSnapshot::outgoing(self.shared))
+    }
+}
