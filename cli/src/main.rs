@@ -1,1 +1,167 @@
-fn main() {}
+//! `basalt`: the Basalt admin CLI.
+
+mod admin;
+mod commands;
+mod dev;
+mod exit;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::commands::Out;
+use crate::exit::CliError;
+
+#[derive(Parser)]
+#[command(name = "basalt", version, about = "Administer a Basalt block-storage cluster", after_help = EXIT_CODES)]
+struct Cli {
+    /// Nodes' gRPC addresses (any nodes; meta nodes preferred), comma separated.
+    #[arg(long, global = true, env = "BASALT_CLUSTER")]
+    cluster: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+const EXIT_CODES: &str = "Exit codes: 0 ok, 1 failure, 2 usage, 3 not found, 4 already exists, 5 invalid argument, 6 cluster unreachable, 7 not possible in the cluster's state";
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create the cluster or show its state.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Storage nodes.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// A local development cluster.
+    #[command(subcommand)]
+    Dev(DevCmd),
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Form the meta group over the --cluster nodes and place the placement groups.
+    Init {
+        /// Placement groups (default 32).
+        #[arg(long, default_value_t = 32)]
+        pgs: u32,
+        /// Extent size, a power of two ≥ 1MiB (default 4MiB).
+        #[arg(long)]
+        extent_size: Option<String>,
+        /// Level at which replicas must differ: region, zone, rack or host.
+        #[arg(long, default_value = "host")]
+        failure_domain: String,
+    },
+    /// Meta leader, nodes, placement-group health.
+    Status,
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Registered nodes and whether they are up.
+    List,
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// Create a volume.
+    Create {
+        /// Name: letters, digits, '.', '_', '-'.
+        name: String,
+        /// Size, e.g. 10GiB.
+        #[arg(long)]
+        size: String,
+    },
+    /// List volumes.
+    List,
+    /// Show one volume.
+    Show {
+        /// Name.
+        name: String,
+    },
+    /// Grow a volume (shrinking is refused).
+    Resize {
+        /// Name.
+        name: String,
+        /// New size, e.g. 20GiB.
+        #[arg(long)]
+        size: String,
+    },
+    /// Delete a volume and release (then overwrite) its data.
+    Delete {
+        /// Name.
+        name: String,
+        /// Return once the volume is marked deleted, without following the release.
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevCmd {
+    /// Start a local cluster: 3 storage+meta nodes in 3 zones and 1 backup node, volume `demo`.
+    Up {
+        /// Directory for the cluster's state.
+        #[arg(long, default_value = "basalt-dev")]
+        dir: PathBuf,
+        /// Size of volume `demo`.
+        #[arg(long, default_value = "4GiB")]
+        size: String,
+        /// Placement groups.
+        #[arg(long, default_value_t = 32)]
+        pgs: u32,
+        /// The basalt-node binary (default: next to basalt, or BASALT_NODE_BIN).
+        #[arg(long)]
+        node_bin: Option<PathBuf>,
+    },
+}
+
+async fn run(cli: Cli) -> Result<(), CliError> {
+    let out = Out { json: cli.json };
+    if let Cmd::Dev(DevCmd::Up { dir, size, pgs, node_bin }) = cli.command {
+        return dev::up(dev::DevUp { dir, size, pgs, node_bin }).await;
+    }
+    let admin = admin::Admin::new(cli.cluster)?;
+    match cli.command {
+        Cmd::Cluster(ClusterCmd::Init { pgs, extent_size, failure_domain }) => {
+            commands::cluster_init(&admin, out, pgs, extent_size, failure_domain).await
+        }
+        Cmd::Cluster(ClusterCmd::Status) => commands::cluster_status(&admin, out).await,
+        Cmd::Node(NodeCmd::List) => commands::node_list(&admin, out).await,
+        Cmd::Volume(VolumeCmd::Create { name, size }) => commands::volume_create(&admin, out, name, size).await,
+        Cmd::Volume(VolumeCmd::List) => commands::volume_list(&admin, out).await,
+        Cmd::Volume(VolumeCmd::Show { name }) => commands::volume_show(&admin, out, name).await,
+        Cmd::Volume(VolumeCmd::Resize { name, size }) => commands::volume_resize(&admin, out, name, size).await,
+        Cmd::Volume(VolumeCmd::Delete { name, no_wait }) => commands::volume_delete(&admin, out, name, no_wait).await,
+        Cmd::Dev(_) => Ok(()),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json = cli.json;
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("basalt: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if json {
+                eprintln!("{}", serde_json::json!({"error": e.message, "exit_code": e.code}));
+            } else {
+                eprintln!("basalt: {}", e.message);
+            }
+            ExitCode::from(e.code)
+        }
+    }
+}

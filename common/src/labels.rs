@@ -76,16 +76,12 @@ pub enum LabelError {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 pub struct Labels {
     /// Region label.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub region: String,
     /// Zone label.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub zone: String,
     /// Rack label.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub rack: String,
     /// Host label.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub host: String,
 }
 

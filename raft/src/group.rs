@@ -37,6 +37,8 @@ pub struct GroupStatus {
     pub last_log_index: u64,
     /// Last applied index on this node.
     pub applied_index: u64,
+    /// Index covered by the last checkpoint (snapshot) on this node.
+    pub checkpoint_index: u64,
     /// Voting members.
     pub voters: Vec<NodeId>,
     /// Learners (replicas being filled).
@@ -125,10 +127,16 @@ impl<S: StateMachine> RaftGroup<S> {
             term: m.current_term,
             last_log_index: m.last_log_index.unwrap_or(0),
             applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            checkpoint_index: m.snapshot.map(|l| l.index).unwrap_or(0),
             voters: voters.into_iter().collect(),
             learners,
             state: format!("{:?}", m.state),
         }
+    }
+
+    /// The address recorded in the group's membership for `node`.
+    pub fn member_addr(&self, node: NodeId) -> Option<String> {
+        self.raft.metrics().borrow_watched().membership_config.membership().get_node(&node).map(|n| n.addr.clone())
     }
 
     /// The leader this node knows of.

@@ -1,1 +1,21 @@
-//! placeholder
+//! The Basalt storage node.
+//!
+//! ```text
+//!  gRPC ──► meta::service (admin API, forwards to the meta leader) ──► meta group (Raft) ──► meta::state
+//!       ──► pg::service (data API) ──► pg::manager ──► PG groups (Raft) ──► pg::state_machine ──► chunk store
+//!       ──► raft transport (peers)
+//!  background: cluster_map watcher, agent (heartbeats), PG reconciler and checkpointer,
+//!              volume reaper (meta leader), scrubber, /metrics
+//! ```
+
+pub mod agent;
+pub mod clients;
+pub mod cluster_map;
+pub mod config;
+pub mod meta;
+pub mod metrics;
+pub mod node;
+pub mod pg;
+
+pub use config::{ConfigError, Flags, NodeConfig};
+pub use node::{Node, NodeError};

@@ -1,1 +1,63 @@
-fn main() {}
+//! `basalt-node`: runs one storage node until SIGTERM or Ctrl-C.
+
+use std::process::ExitCode;
+
+use basalt_node::{Flags, Node, NodeConfig};
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let flags = Flags::parse();
+    let config = match NodeConfig::load(flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("basalt-node: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
+        )
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(64).thread_name("basalt-node").build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("basalt-node: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let node = match Node::start(config).await {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("basalt-node: {e}");
+                tracing::error!(error = %e, "startup failed");
+                return ExitCode::FAILURE;
+            }
+        };
+        wait_for_signal().await;
+        node.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        }
+        _ => {
+            // Without signal handlers, fall back to Ctrl-C only.
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -5,6 +5,7 @@
 //! - [`state_machine`]: the Raft state machine around [`state::ClusterState`].
 //! - [`service`]: the admin gRPC API, forwarding to the meta leader.
 
+pub mod liveness;
 pub mod placement;
 pub mod service;
 pub mod state;

@@ -1,0 +1,286 @@
+//! `basalt cluster|node|volume ...`: admin commands, tables for people, `--json` for scripts.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use basalt_common::units::{format_size, parse_size};
+use basalt_proto::admin::{
+    ClusterInitRequest, ClusterStatusRequest, Node, NodeListRequest, Volume, VolumeCreateRequest, VolumeDeleteRequest, VolumeListRequest,
+    VolumeResizeRequest, VolumeShowRequest,
+};
+use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use serde_json::{Value, json};
+
+use crate::admin::Admin;
+use crate::exit::CliError;
+
+/// Output mode.
+#[derive(Clone, Copy)]
+pub struct Out {
+    /// Print JSON instead of tables.
+    pub json: bool,
+}
+
+impl Out {
+    fn print(&self, value: Value, human: impl FnOnce() -> String) {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+        } else {
+            println!("{}", human());
+        }
+    }
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY);
+    t.set_header(header.iter().copied());
+    t
+}
+
+fn labels(n: &Node) -> String {
+    let l = n.labels.clone().unwrap_or_default();
+    [("region", l.region), ("zone", l.zone), ("rack", l.rack), ("host", l.host)]
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A node as JSON.
+pub fn node_json(n: &Node) -> Value {
+    let l = n.labels.clone().unwrap_or_default();
+    json!({
+        "id": n.id, "addr": n.addr, "state": n.state, "roles": n.roles,
+        "labels": {"region": l.region, "zone": l.zone, "rack": l.rack, "host": l.host},
+        "capacity_bytes": n.capacity_bytes, "used_bytes": n.used_bytes,
+        "scrub_pending_bytes": n.scrub_pending_bytes, "last_seen_ms_ago": n.last_seen_ms_ago,
+        "metrics_addr": n.metrics_addr,
+    })
+}
+
+fn volume_json(v: &Volume) -> Value {
+    json!({
+        "id": v.id, "name": v.name, "size": v.size, "state": v.state,
+        "created_unix_ms": v.created_unix_ms, "pgs_released": v.pgs_released, "pgs_total": v.pgs_total,
+    })
+}
+
+fn volume_state(v: &Volume) -> String {
+    if v.state == "deleting" { format!("deleting ({}/{} PGs released)", v.pgs_released, v.pgs_total) } else { v.state.clone() }
+}
+
+fn size_arg(s: &str) -> Result<u64, CliError> {
+    parse_size(s).map_err(|e| CliError::invalid(e.to_string()))
+}
+
+/// `basalt cluster init`.
+pub async fn cluster_init(admin: &Admin, out: Out, pgs: u32, extent_size: Option<String>, failure_domain: String) -> Result<(), CliError> {
+    let extent_size = match extent_size {
+        Some(s) => size_arg(&s)?,
+        None => 0,
+    };
+    let req = ClusterInitRequest { pg_count: pgs, extent_size, failure_domain, meta_addrs: admin.addrs().to_vec() };
+    let reply = admin.call(|mut c| {
+        let req = req.clone();
+        async move { c.cluster_init(req).await }
+    })
+    .await?;
+    out.print(json!({"cluster_id": reply.cluster_id, "pg_count": reply.pg_count}), || {
+        format!("cluster {} initialized with {} placement groups", reply.cluster_id, reply.pg_count)
+    });
+    Ok(())
+}
+
+/// `basalt cluster status`.
+pub async fn cluster_status(admin: &Admin, out: Out) -> Result<(), CliError> {
+    let s = admin.call(|mut c| async move { c.cluster_status(ClusterStatusRequest {}).await }).await?;
+    let healthy = s.pgs.iter().filter(|p| p.leader != 0 && p.live_replicas.len() == p.replicas.len()).count();
+    let degraded = s.pgs.iter().filter(|p| p.leader != 0 && p.live_replicas.len() < p.replicas.len()).count();
+    let leaderless = s.pgs.iter().filter(|p| p.leader == 0).count();
+    let value = json!({
+        "initialized": s.initialized, "cluster_id": s.cluster_id, "meta_leader": s.meta_leader,
+        "meta_members": s.meta_members, "pg_count": s.pg_count, "extent_size": s.extent_size,
+        "failure_domain": s.failure_domain, "volumes": s.volumes, "map_version": s.map_version,
+        "pgs_healthy": healthy, "pgs_degraded": degraded, "pgs_without_leader": leaderless,
+        "nodes": s.nodes.iter().map(node_json).collect::<Vec<_>>(),
+        "pgs": s.pgs.iter().map(|p| json!({
+            "id": p.id, "replicas": p.replicas, "leader": p.leader, "term": p.term,
+            "applied_index": p.applied_index, "live_replicas": p.live_replicas,
+        })).collect::<Vec<_>>(),
+    });
+    out.print(value, || {
+        let mut text = format!(
+            "cluster {}  meta leader node-{} (members {:?})\nplacement groups: {} ({} healthy, {} degraded, {} without leader), extent size {}, replicas differ by {}\nvolumes: {}\n",
+            s.cluster_id,
+            s.meta_leader,
+            s.meta_members,
+            s.pg_count,
+            healthy,
+            degraded,
+            leaderless,
+            format_size(s.extent_size),
+            s.failure_domain,
+            s.volumes
+        );
+        let mut t = table(&["node", "state", "address", "labels", "roles", "used / capacity", "PG leaders"]);
+        for n in &s.nodes {
+            let leads = s.pgs.iter().filter(|p| p.leader == n.id).count();
+            t.add_row(vec![
+                format!("node-{}", n.id),
+                n.state.clone(),
+                n.addr.clone(),
+                labels(n),
+                n.roles.join(","),
+                format!("{} / {}", format_size(n.used_bytes), format_size(n.capacity_bytes)),
+                leads.to_string(),
+            ]);
+        }
+        text.push_str(&t.to_string());
+        text
+    });
+    Ok(())
+}
+
+/// `basalt node list`.
+pub async fn node_list(admin: &Admin, out: Out) -> Result<(), CliError> {
+    let r = admin.call(|mut c| async move { c.node_list(NodeListRequest {}).await }).await?;
+    out.print(json!(r.nodes.iter().map(node_json).collect::<Vec<_>>()), || {
+        let mut t = table(&["node", "state", "address", "labels", "roles", "used", "capacity", "awaiting scrub"]);
+        for n in &r.nodes {
+            t.add_row(vec![
+                format!("node-{}", n.id),
+                n.state.clone(),
+                n.addr.clone(),
+                labels(n),
+                n.roles.join(","),
+                format_size(n.used_bytes),
+                format_size(n.capacity_bytes),
+                format_size(n.scrub_pending_bytes),
+            ]);
+        }
+        t.to_string()
+    });
+    Ok(())
+}
+
+fn volume_table(vols: &[Volume]) -> String {
+    let mut t = table(&["name", "id", "size", "state"]);
+    for v in vols {
+        t.add_row(vec![v.name.clone(), v.id.to_string(), format_size(v.size), volume_state(v)]);
+    }
+    t.to_string()
+}
+
+/// `basalt volume create`.
+pub async fn volume_create(admin: &Admin, out: Out, name: String, size: String) -> Result<(), CliError> {
+    let size = size_arg(&size)?;
+    let r = admin.call(|mut c| {
+        let name = name.clone();
+        async move { c.volume_create(VolumeCreateRequest { name, size }).await }
+    })
+    .await?;
+    let v = r.volume.unwrap_or_default();
+    out.print(volume_json(&v), || format!("created volume {} ({}, id {})", v.name, format_size(v.size), v.id));
+    Ok(())
+}
+
+/// `basalt volume list`.
+pub async fn volume_list(admin: &Admin, out: Out) -> Result<(), CliError> {
+    let r = admin.call(|mut c| async move { c.volume_list(VolumeListRequest {}).await }).await?;
+    out.print(json!(r.volumes.iter().map(volume_json).collect::<Vec<_>>()), || {
+        if r.volumes.is_empty() { "no volumes".to_string() } else { volume_table(&r.volumes) }
+    });
+    Ok(())
+}
+
+/// `basalt volume show`.
+pub async fn volume_show(admin: &Admin, out: Out, name: String) -> Result<(), CliError> {
+    let r = admin.call(|mut c| {
+        let name = name.clone();
+        async move { c.volume_show(VolumeShowRequest { name }).await }
+    })
+    .await?;
+    let v = r.volume.unwrap_or_default();
+    out.print(volume_json(&v), || volume_table(std::slice::from_ref(&v)));
+    Ok(())
+}
+
+/// `basalt volume resize`.
+pub async fn volume_resize(admin: &Admin, out: Out, name: String, size: String) -> Result<(), CliError> {
+    let size = size_arg(&size)?;
+    let r = admin.call(|mut c| {
+        let name = name.clone();
+        async move { c.volume_resize(VolumeResizeRequest { name, size }).await }
+    })
+    .await?;
+    let v = r.volume.unwrap_or_default();
+    out.print(volume_json(&v), || format!("volume {} is now {}", v.name, format_size(v.size)));
+    Ok(())
+}
+
+/// `basalt volume delete`: marks the volume deleted, then follows the release of its data
+/// with a progress bar (or percentages when not on a terminal / with `--json`).
+pub async fn volume_delete(admin: &Admin, out: Out, name: String, no_wait: bool) -> Result<(), CliError> {
+    let r = admin.call(|mut c| {
+        let name = name.clone();
+        async move { c.volume_delete(VolumeDeleteRequest { name, wait: false }).await }
+    })
+    .await?;
+    let v = r.volume.unwrap_or_default();
+    if no_wait {
+        out.print(volume_json(&v), || format!("volume {} deleted; its data is being released in the background", v.name));
+        return Ok(());
+    }
+    let total = u64::from(r.pgs_total.max(1));
+    let tty = std::io::stderr().is_terminal() && !out.json;
+    let bar = if tty {
+        let b = indicatif::ProgressBar::new(total);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("releasing data of {msg} [{bar:30}] {pos}/{len} placement groups")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_message(v.name.clone());
+        Some(b)
+    } else {
+        None
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    let mut last_pct = u64::MAX;
+    loop {
+        let list = admin.call(|mut c| async move { c.volume_list(VolumeListRequest {}).await }).await?;
+        let done = match list.volumes.iter().find(|x| x.id == v.id) {
+            None => total,
+            Some(x) => u64::from(x.pgs_released),
+        };
+        let pct = done * 100 / total;
+        match &bar {
+            Some(b) => b.set_position(done),
+            None if pct != last_pct => {
+                if out.json {
+                    eprintln!("{}", json!({"volume": v.name, "progress_percent": pct}));
+                } else {
+                    eprintln!("releasing data of {}: {pct}%", v.name);
+                }
+                last_pct = pct;
+            }
+            None => {}
+        }
+        if done >= total {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(CliError::other(format!(
+                "volume {} is deleted but releasing its data is still in progress after 5 minutes; check `basalt volume list`",
+                v.name
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    out.print(json!({"deleted": v.name, "id": v.id}), || format!("deleted volume {}", v.name));
+    Ok(())
+}

@@ -1,0 +1,313 @@
+//! `basalt dev up`: a real local cluster of separate `basalt-node` processes on loopback —
+//! three storage+meta nodes in three failure domains and one backup node — with a volume, a
+//! `cluster.json` describing it, and a clean stop on Ctrl-C.
+//!
+//! Contract lines go to stdout (`nbd://...` per export once attach exists, then
+//! `BASALT_CLUSTER=...`, then `ready`); progress goes to stderr.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use basalt_common::units::{format_size, parse_size};
+use basalt_proto::admin::{ClusterInitRequest, ClusterStatusRequest, NodeInfoRequest, VolumeCreateRequest, VolumeShowRequest};
+use serde::{Deserialize, Serialize};
+
+use crate::admin::Admin;
+use crate::exit::CliError;
+
+/// Options of `basalt dev up`.
+pub struct DevUp {
+    /// Where everything lives.
+    pub dir: PathBuf,
+    /// Size of the `demo` volume.
+    pub size: String,
+    /// Placement groups.
+    pub pgs: u32,
+    /// The node binary (default: next to this one).
+    pub node_bin: Option<PathBuf>,
+}
+
+/// One node in `cluster.json`.
+#[derive(Serialize, Deserialize, Clone)]
+pub struct DevNode {
+    /// Node id.
+    pub id: u64,
+    /// Process id (of the current run).
+    pub pid: u32,
+    /// gRPC address.
+    pub grpc_addr: String,
+    /// Prometheus URL.
+    pub metrics_url: String,
+    /// Failure-domain labels.
+    pub labels: BTreeMap<String, String>,
+    /// Roles.
+    pub roles: Vec<String>,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Log file.
+    pub log: PathBuf,
+}
+
+/// `DIR/cluster.json`.
+#[derive(Serialize, Deserialize)]
+pub struct DevCluster {
+    /// Cluster id.
+    pub cluster_id: String,
+    /// `BASALT_CLUSTER` value.
+    pub basalt_cluster: String,
+    /// Nodes.
+    pub nodes: Vec<DevNode>,
+    /// Volumes created by `dev up`.
+    pub volumes: Vec<String>,
+}
+
+fn free_port() -> Result<u16, CliError> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| CliError::other(format!("cannot find a free port: {e}")))?;
+    Ok(l.local_addr().map_err(|e| CliError::other(e.to_string()))?.port())
+}
+
+fn node_binary(explicit: Option<PathBuf>) -> Result<PathBuf, CliError> {
+    if let Some(p) = explicit.or_else(|| std::env::var_os("BASALT_NODE_BIN").map(PathBuf::from)) {
+        return Ok(p);
+    }
+    if let Ok(me) = std::env::current_exe() {
+        let sibling = me.with_file_name("basalt-node");
+        if sibling.exists() {
+            return Ok(sibling);
+        }
+    }
+    Err(CliError::other("cannot find the basalt-node binary next to basalt; pass --node-bin or set BASALT_NODE_BIN"))
+}
+
+fn say(msg: impl AsRef<str>) {
+    eprintln!("basalt dev: {}", msg.as_ref());
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+struct Running {
+    children: Vec<(DevNode, Child)>,
+}
+
+impl Running {
+    /// SIGTERM everyone, wait up to 20 s, then SIGKILL what is left.
+    fn stop(&mut self) {
+        for (_, child) in &self.children {
+            // SAFETY: signalling our own child processes by pid.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        for (node, child) in &mut self.children {
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                    _ => {
+                        say(format!("node-{} did not stop in time; killing it", node.id));
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn check_alive(&mut self) -> Result<(), CliError> {
+        for (node, child) in &mut self.children {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(CliError::other(format!(
+                    "node-{} exited ({status}) during startup; last lines of {}:\n{}",
+                    node.id,
+                    node.log.display(),
+                    tail(&node.log)
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.children.iter_mut().any(|(_, c)| matches!(c.try_wait(), Ok(None))) {
+            self.stop();
+        }
+    }
+}
+
+/// Runs `basalt dev up` until Ctrl-C / SIGTERM.
+pub async fn up(opts: DevUp) -> Result<(), CliError> {
+    let size = parse_size(&opts.size).map_err(|e| CliError::invalid(e.to_string()))?;
+    let bin = node_binary(opts.node_bin)?;
+    let dir = if opts.dir.is_absolute() {
+        opts.dir.clone()
+    } else {
+        std::env::current_dir().map_err(|e| CliError::other(e.to_string()))?.join(&opts.dir)
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| CliError::other(format!("cannot create {}: {e}", dir.display())))?;
+    let json_path = dir.join("cluster.json");
+    // A previous run's ports and ids are reused, so its data comes back as it was.
+    let previous: Option<DevCluster> = std::fs::read(&json_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+
+    let mut specs: Vec<DevNode> = Vec::new();
+    for id in 1..=4u64 {
+        let prev = previous.as_ref().and_then(|p| p.nodes.iter().find(|n| n.id == id)).cloned();
+        let grpc_addr = match &prev {
+            Some(n) => n.grpc_addr.clone(),
+            None => format!("127.0.0.1:{}", free_port()?),
+        };
+        let metrics_url = match &prev {
+            Some(n) => n.metrics_url.clone(),
+            None => format!("http://127.0.0.1:{}/metrics", free_port()?),
+        };
+        let (roles, zone) = if id <= 3 { (vec!["storage".to_string(), "meta".to_string()], format!("z{id}")) } else { (vec!["backup".to_string()], "z4".into()) };
+        let mut labels = BTreeMap::new();
+        labels.insert("zone".to_string(), zone);
+        labels.insert("host".to_string(), format!("h{id}"));
+        let data_dir = dir.join(format!("node-{id}"));
+        specs.push(DevNode { id, pid: 0, grpc_addr, metrics_url, labels, roles, log: data_dir.join("node.log"), data_dir });
+    }
+    let meta_addrs: Vec<String> = specs.iter().filter(|n| n.roles.iter().any(|r| r == "meta")).map(|n| n.grpc_addr.clone()).collect();
+    // Data files are sparse: capacity costs disk only when written.
+    let capacity = (size.saturating_mul(2)).max(16 << 30);
+
+    let mut running = Running { children: Vec::new() };
+    for spec in &specs {
+        std::fs::create_dir_all(&spec.data_dir).map_err(|e| CliError::other(format!("cannot create {}: {e}", spec.data_dir.display())))?;
+        let labels = spec.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+        let metrics_listen = spec.metrics_url.trim_start_matches("http://").trim_end_matches("/metrics").to_string();
+        let config = format!(
+            "# Written by `basalt dev up`.\nid = {}\nlisten = \"{}\"\nmetrics_listen = \"{}\"\ndata_dir = \"{}\"\nlabels = \"{}\"\nroles = [{}]\nseeds = [{}]\ncapacity = \"{}\"\n\n[memory]\nindex_cache = \"32MiB\"\nlog_cache = \"16MiB\"\nwrite_buffer = \"16MiB\"\n",
+            spec.id,
+            spec.grpc_addr,
+            metrics_listen,
+            spec.data_dir.display(),
+            labels,
+            spec.roles.iter().map(|r| format!("\"{r}\"")).collect::<Vec<_>>().join(", "),
+            meta_addrs.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", "),
+            capacity
+        );
+        let config_path = spec.data_dir.join("node.toml");
+        std::fs::write(&config_path, config).map_err(|e| CliError::other(format!("cannot write {}: {e}", config_path.display())))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&spec.log)
+            .map_err(|e| CliError::other(format!("cannot open {}: {e}", spec.log.display())))?;
+        let log_err = log.try_clone().map_err(|e| CliError::other(e.to_string()))?;
+        let child = Command::new(&bin)
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(|e| CliError::other(format!("cannot start {}: {e}", bin.display())))?;
+        let mut node = spec.clone();
+        node.pid = child.id();
+        say(format!("started node-{} (pid {}) on {} [{}], log {}", node.id, node.pid, node.grpc_addr, labels, node.log.display()));
+        running.children.push((node, child));
+    }
+
+    // Wait for every node to answer.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let nodes: Vec<DevNode> = running.children.iter().map(|(n, _)| n.clone()).collect();
+    for node in nodes {
+        let admin = Admin::new(Some(node.grpc_addr.clone()))?;
+        loop {
+            running.check_alive()?;
+            let ok = tokio::time::timeout(Duration::from_secs(2), admin.call(|mut c| async move { c.node_info(NodeInfoRequest {}).await })).await;
+            if matches!(ok, Ok(Ok(_))) {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(CliError::other(format!("node-{} did not come up within 60s; see {}", node.id, node.log.display())));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let admin = Admin::new(Some(meta_addrs.join(",")))?;
+    let info = admin.call(|mut c| async move { c.node_info(NodeInfoRequest {}).await }).await?;
+    if !info.cluster_initialized {
+        say("initializing the cluster");
+        let req = ClusterInitRequest { pg_count: opts.pgs, extent_size: 0, failure_domain: "zone".into(), meta_addrs: meta_addrs.clone() };
+        admin.call(|mut c| {
+            let req = req.clone();
+            async move { c.cluster_init(req).await }
+        })
+        .await?;
+    }
+
+    // Every placement group needs a leader and all three replicas before we call it ready.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        running.check_alive()?;
+        let s = admin.call(|mut c| async move { c.cluster_status(ClusterStatusRequest {}).await }).await?;
+        let ready = s.pgs.iter().filter(|p| p.leader != 0 && p.live_replicas.len() == p.replicas.len()).count();
+        if !s.pgs.is_empty() && ready == s.pgs.len() {
+            break s;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(CliError::other(format!("only {ready} of {} placement groups became healthy within 120s", s.pgs.len())));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    say(format!("{} placement groups healthy", status.pgs.len()));
+
+    let exists = admin
+        .call(|mut c| async move { c.volume_show(VolumeShowRequest { name: "demo".into() }).await })
+        .await
+        .ok();
+    match exists {
+        Some(r) => say(format!("volume demo exists ({})", format_size(r.volume.map(|v| v.size).unwrap_or(0)))),
+        None => {
+            admin.call(|mut c| async move { c.volume_create(VolumeCreateRequest { name: "demo".into(), size }).await }).await?;
+            say(format!("created volume demo ({})", format_size(size)));
+        }
+    }
+
+    let cluster = DevCluster {
+        cluster_id: status.cluster_id.clone(),
+        basalt_cluster: meta_addrs.join(","),
+        nodes: running.children.iter().map(|(n, _)| n.clone()).collect(),
+        volumes: vec!["demo".into()],
+    };
+    let text = serde_json::to_string_pretty(&cluster).map_err(|e| CliError::other(e.to_string()))?;
+    std::fs::write(&json_path, text).map_err(|e| CliError::other(format!("cannot write {}: {e}", json_path.display())))?;
+    say(format!("wrote {}", json_path.display()));
+    println!("BASALT_CLUSTER={}", cluster.basalt_cluster);
+    println!("ready");
+
+    // Run until told to stop; report (but survive) nodes that die meanwhile, e.g. killed by a test.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| CliError::other(e.to_string()))?;
+    let mut reported = std::collections::HashSet::new();
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                for (node, child) in &mut running.children {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        if reported.insert(node.id) {
+                            say(format!("node-{} exited ({status}); see {}", node.id, node.log.display()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    say("stopping");
+    running.stop();
+    say("stopped");
+    Ok(())
+}

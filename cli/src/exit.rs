@@ -1,0 +1,61 @@
+//! Errors and exit codes. Scripts can rely on the code:
+//!
+//! | code | meaning |
+//! |------|---------|
+//! | 0 | success |
+//! | 1 | other failure |
+//! | 2 | bad usage (flags, arguments) |
+//! | 3 | not found (no such volume or node) |
+//! | 4 | already exists |
+//! | 5 | invalid argument (bad size, name, settings) |
+//! | 6 | cluster unreachable or unavailable |
+//! | 7 | not possible in the cluster's current state (not initialized, placement impossible) |
+
+use std::fmt;
+
+/// A CLI failure: message plus exit code.
+#[derive(Debug)]
+pub struct CliError {
+    /// Exit code.
+    pub code: u8,
+    /// Message.
+    pub message: String,
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl CliError {
+    /// Exit 1.
+    pub fn other(m: impl Into<String>) -> Self {
+        Self { code: 1, message: m.into() }
+    }
+    /// Exit 2.
+    pub fn usage(m: impl Into<String>) -> Self {
+        Self { code: 2, message: m.into() }
+    }
+    /// Exit 5.
+    pub fn invalid(m: impl Into<String>) -> Self {
+        Self { code: 5, message: m.into() }
+    }
+    /// Exit 6.
+    pub fn unreachable(m: impl Into<String>) -> Self {
+        Self { code: 6, message: m.into() }
+    }
+
+    /// Maps a gRPC status from the cluster.
+    pub fn from_status(s: &tonic::Status) -> Self {
+        let code = match s.code() {
+            tonic::Code::NotFound => 3,
+            tonic::Code::AlreadyExists => 4,
+            tonic::Code::InvalidArgument => 5,
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => 6,
+            tonic::Code::FailedPrecondition => 7,
+            _ => 1,
+        };
+        Self { code, message: s.message().to_string() }
+    }
+}

@@ -1,0 +1,135 @@
+//! Prometheus metrics, served at `/metrics` on the configured address.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::sync::watch;
+
+use crate::node::NodeCtx;
+
+/// A data operation.
+#[derive(Clone, Copy, Debug)]
+pub enum Op {
+    /// Write.
+    Write = 0,
+    /// Read.
+    Read = 1,
+    /// Trim / write-zeroes.
+    Zero = 2,
+}
+
+const OPS: [&str; 3] = ["write", "read", "zero"];
+
+/// Data-path counters (lock-free; read at scrape time).
+#[derive(Default)]
+pub struct Metrics {
+    requests: [AtomicU64; 3],
+    errors: [AtomicU64; 3],
+    bytes: [AtomicU64; 3],
+    micros: [AtomicU64; 3],
+}
+
+impl Metrics {
+    /// Records one request.
+    pub fn record(&self, op: Op, bytes: u64, took: Duration, ok: bool) {
+        let i = op as usize;
+        self.requests[i].fetch_add(1, Ordering::Relaxed);
+        self.micros[i].fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        if ok {
+            self.bytes[i].fetch_add(bytes, Ordering::Relaxed);
+        } else {
+            self.errors[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Renders every metric in the Prometheus text format.
+pub fn render(ctx: &NodeCtx) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let node = ctx.config.id.0;
+    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, u64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let sep = if labels.is_empty() { "" } else { "," };
+            let _ = writeln!(out, "{name}{{node=\"{node}\"{sep}{labels}}} {v}");
+        }
+    };
+    let per_op = |a: &[AtomicU64; 3]| OPS.iter().enumerate().map(|(i, op)| (format!("op=\"{op}\""), a[i].load(Ordering::Relaxed))).collect();
+    let m = &ctx.metrics;
+    family("basalt_data_requests_total", "counter", "Data requests served by this node as PG leader.", per_op(&m.requests));
+    family("basalt_data_errors_total", "counter", "Data requests that failed.", per_op(&m.errors));
+    family("basalt_data_bytes_total", "counter", "Bytes written, read or zeroed.", per_op(&m.bytes));
+    family("basalt_data_latency_microseconds_total", "counter", "Sum of data request latencies.", per_op(&m.micros));
+    let s = ctx.store.stats();
+    family(
+        "basalt_chunk_slots",
+        "gauge",
+        "Chunk slots of the data file by state.",
+        vec![
+            ("state=\"total\"".into(), s.slots_total),
+            ("state=\"mapped\"".into(), s.slots_mapped),
+            ("state=\"pending_scrub\"".into(), s.slots_pending_scrub),
+        ],
+    );
+    family("basalt_scrub_pending_bytes", "gauge", "Freed bytes waiting to be overwritten.", vec![(String::new(), s.slots_pending_scrub * s.slot_size)]);
+    family(
+        "basalt_scrub_overwritten_bytes_total",
+        "counter",
+        "Freed bytes overwritten.",
+        vec![(String::new(), ctx.scrub.overwritten_bytes.load(Ordering::Relaxed))],
+    );
+    let log = ctx.host.log_engine().stats();
+    family("basalt_raft_log_syncs_total", "counter", "Synced Raft log writes (group commits).", vec![(String::new(), log.batches.load(Ordering::Relaxed))]);
+    family(
+        "basalt_raft_log_writes_total",
+        "counter",
+        "Raft log write requests carried by those syncs.",
+        vec![(String::new(), log.requests.load(Ordering::Relaxed))],
+    );
+    let statuses = ctx.pgs.statuses();
+    family("basalt_pgs", "gauge", "Placement groups hosted on this node.", vec![(String::new(), statuses.len() as u64)]);
+    family("basalt_pg_leaders", "gauge", "Placement groups this node leads.", vec![(String::new(), statuses.iter().filter(|s| s.is_leader).count() as u64)]);
+    out
+}
+
+/// Serves `/metrics` until shutdown.
+pub async fn serve(ctx: Arc<NodeCtx>, listener: tokio::net::TcpListener, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let ctx = ctx.clone();
+                async move {
+                    let resp = if req.uri().path() == "/metrics" {
+                        Response::builder()
+                            .header("content-type", "text/plain; version=0.0.4")
+                            .body(Full::new(Bytes::from(render(&ctx))))
+                    } else {
+                        Response::builder().status(StatusCode::NOT_FOUND).body(Full::new(Bytes::from_static(b"try /metrics\n")))
+                    };
+                    resp.map_err(|e| std::io::Error::other(e.to_string()))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}

@@ -1,0 +1,309 @@
+//! A running node: opens its stores, starts its Raft groups, serves gRPC and runs the
+//! background tasks, and stops them all in order.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use basalt_chunk_store::{ChunkStore, ChunkStoreConfig, ChunkStoreError, IndexMemory};
+use basalt_proto::admin;
+use basalt_proto::admin::admin_server::AdminServer;
+use basalt_proto::data::data_server::DataServer;
+use basalt_proto::view::ClusterView;
+use basalt_raft::{LogEngineConfig, META_GROUP, RaftError, RaftGroup, RaftHost};
+use thiserror::Error;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::clients::Clients;
+use crate::config::NodeConfig;
+use crate::meta::liveness::Liveness;
+use crate::meta::service::AdminService;
+use crate::meta::state::{NodeRecord, Role};
+use crate::meta::state_machine::{MetaShared, MetaStateMachine};
+use crate::metrics::Metrics;
+use crate::pg::manager::PgManager;
+use crate::pg::service::DataService;
+
+/// Why a node could not start.
+#[derive(Debug, Error)]
+pub enum NodeError {
+    /// A file or directory could not be used.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another process uses the data directory.
+    #[error("data directory {0} is in use by another basalt-node process")]
+    Locked(PathBuf),
+    /// The chunk store could not open.
+    #[error("chunk store: {0}")]
+    Store(#[from] ChunkStoreError),
+    /// Raft could not start.
+    #[error("raft: {0}")]
+    Raft(#[from] RaftError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The meta group, on meta-role nodes.
+pub struct MetaHandle {
+    /// The Raft group.
+    pub group: RaftGroup<MetaStateMachine>,
+    /// The replicated state as applied on this node.
+    pub shared: MetaShared,
+}
+
+/// Everything the services and background tasks of a node share.
+pub struct NodeCtx {
+    /// Configuration.
+    pub config: NodeConfig,
+    /// Raft on this node.
+    pub host: RaftHost,
+    /// The chunk store.
+    pub store: ChunkStore,
+    /// The meta group, if this is a meta node.
+    pub meta: Option<MetaHandle>,
+    /// Placement groups hosted here.
+    pub pgs: Arc<PgManager>,
+    /// The latest cluster map.
+    pub map: watch::Receiver<Arc<ClusterView>>,
+    /// Clients to other nodes.
+    pub clients: Clients,
+    /// The meta leader's live view of nodes (meaningful on the meta leader).
+    pub liveness: Liveness,
+    /// Counters and gauges.
+    pub metrics: Metrics,
+    /// Freed-space overwriting.
+    pub scrub: Arc<basalt_scrubber::ScrubStats>,
+}
+
+impl NodeCtx {
+    /// Meta nodes to talk to: the configured seeds, or this node alone if it is a meta node
+    /// configured without any.
+    pub fn seeds(&self) -> Vec<String> {
+        if self.config.seeds.is_empty() && self.config.has(Role::Meta) {
+            vec![self.config.listen.to_string()]
+        } else {
+            self.config.seeds.clone()
+        }
+    }
+
+    /// This node as the registry records it.
+    pub fn self_record(&self) -> NodeRecord {
+        NodeRecord {
+            id: self.config.id,
+            addr: self.config.listen.to_string(),
+            labels: self.config.labels.clone(),
+            roles: self.config.roles.clone(),
+            capacity_bytes: if self.config.has(Role::Storage) { self.store.stats().slots_total * self.store.stats().slot_size } else { 0 },
+            metrics_addr: self.config.metrics_listen.map(|a| a.to_string()).unwrap_or_default(),
+        }
+    }
+
+    /// This node as heartbeats describe it.
+    pub fn self_node(&self) -> admin::Node {
+        let stats = self.store.stats();
+        let l = &self.config.labels;
+        admin::Node {
+            id: self.config.id.0,
+            addr: self.config.listen.to_string(),
+            labels: Some(admin::Labels { region: l.region.clone(), zone: l.zone.clone(), rack: l.rack.clone(), host: l.host.clone() }),
+            roles: self.config.roles.iter().map(|r| r.as_str().to_string()).collect(),
+            capacity_bytes: self.self_record().capacity_bytes,
+            used_bytes: stats.slots_mapped * stats.slot_size,
+            state: "up".into(),
+            last_seen_ms_ago: 0,
+            metrics_addr: self.config.metrics_listen.map(|a| a.to_string()).unwrap_or_default(),
+            scrub_pending_bytes: stats.slots_pending_scrub * stats.slot_size,
+        }
+    }
+
+    /// What this node knows of its placement groups.
+    pub fn pg_reports(&self) -> Vec<admin::PlacementGroup> {
+        self.pgs
+            .statuses()
+            .into_iter()
+            .map(|s| admin::PlacementGroup {
+                id: s.group,
+                replicas: s.voters.clone(),
+                leader: s.leader.unwrap_or(0),
+                term: s.term,
+                applied_index: s.applied_index,
+                live_replicas: Vec::new(),
+            })
+            .collect()
+    }
+}
+
+/// A running node.
+pub struct Node {
+    ctx: Arc<NodeCtx>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    _lock: File,
+}
+
+fn lock_dir(dir: &std::path::Path) -> Result<File, NodeError> {
+    let path = dir.join("LOCK");
+    let file = File::create(&path).map_err(|source| NodeError::Io { path: path.clone(), source })?;
+    // SAFETY: flock on a descriptor we own.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(NodeError::Locked(dir.to_path_buf()));
+    }
+    Ok(file)
+}
+
+impl Node {
+    /// Starts a node from its configuration.
+    pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| NodeError::Io { path: config.data_dir.clone(), source })?;
+        let lock = lock_dir(&config.data_dir)?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| NodeError::Bind { addr: config.listen, source })?;
+
+        let store_cfg = ChunkStoreConfig {
+            data_path: config.data_device.clone(),
+            index_dir: config.data_dir.join("chunk-index"),
+            capacity: config.capacity,
+            direct_io: config.direct_io,
+            queue_depth: 128,
+            index_memory: IndexMemory { cache_bytes: config.memory.index_cache, write_buffer_bytes: config.memory.write_buffer },
+        };
+        let store = tokio::task::spawn_blocking(move || ChunkStore::open(&store_cfg))
+            .await
+            .map_err(|e| NodeError::Io { path: config.data_dir.clone(), source: std::io::Error::other(e.to_string()) })??;
+        let log_cfg = LogEngineConfig {
+            dir: config.data_dir.join("raft-log"),
+            cache_bytes: config.memory.log_cache,
+            write_buffer_bytes: config.memory.write_buffer,
+            tail_bytes_per_group: config.memory.raft_tail_per_group,
+            max_batch_bytes: 16 << 20,
+        };
+        let host = RaftHost::open(config.id.0, &log_cfg, &config.raft)?;
+
+        let meta = if config.has(Role::Meta) {
+            let shared = MetaShared::default();
+            let sm = MetaStateMachine::new(shared.clone(), host.log_engine().sm_store(META_GROUP));
+            let group = host.start_group(META_GROUP, sm).await?;
+            Some(MetaHandle { group, shared })
+        } else {
+            None
+        };
+        let pgs = Arc::new(PgManager::new(config.id, host.clone(), store.clone()));
+        if config.has(Role::Storage) {
+            pgs.start_from_disk().await?;
+        }
+
+        let (map_tx, map_rx) = watch::channel(Arc::new(ClusterView::default()));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let ctx = Arc::new(NodeCtx {
+            config: config.clone(),
+            host: host.clone(),
+            store: store.clone(),
+            meta,
+            pgs: pgs.clone(),
+            map: map_rx,
+            clients: Clients::default(),
+            liveness: Liveness::default(),
+            metrics: Metrics::default(),
+            scrub: Arc::new(basalt_scrubber::ScrubStats::default()),
+        });
+
+        let admin = AdminServer::new(AdminService::new(ctx.clone()))
+            .max_decoding_message_size(basalt_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(basalt_proto::MAX_MESSAGE_BYTES);
+        let data = DataServer::new(DataService::new(ctx.clone()))
+            .max_decoding_message_size(basalt_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(basalt_proto::MAX_MESSAGE_BYTES);
+        let mut srv_shutdown = shutdown_rx.clone();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .initial_stream_window_size(Some(8 << 20))
+                .initial_connection_window_size(Some(32 << 20))
+                .concurrency_limit_per_connection(256)
+                .add_service(admin)
+                .add_service(data)
+                .add_service(host.transport_service())
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = srv_shutdown.changed().await;
+                }),
+        );
+
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(crate::cluster_map::run_watcher(ctx.clone(), map_tx, shutdown_rx.clone())));
+        tasks.push(tokio::spawn(crate::agent::run(ctx.clone(), shutdown_rx.clone())));
+        if config.has(Role::Storage) {
+            tasks.push(tokio::spawn(crate::pg::manager::run_reconciler(ctx.clone(), shutdown_rx.clone())));
+            tasks.push(tokio::spawn(crate::pg::manager::run_checkpointer(ctx.clone(), shutdown_rx.clone())));
+            let scrubber = basalt_scrubber::Scrubber::new(store.clone(), config.overwrite_rate, ctx.scrub.clone());
+            tasks.push(tokio::spawn(scrubber.run(shutdown_rx.clone())));
+        }
+        if ctx.meta.is_some() {
+            tasks.push(tokio::spawn(crate::meta::service::run_volume_reaper(ctx.clone(), shutdown_rx.clone())));
+        }
+        if let Some(addr) = config.metrics_listen {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => tasks.push(tokio::spawn(crate::metrics::serve(ctx.clone(), l, shutdown_rx.clone()))),
+                Err(source) => return Err(NodeError::Bind { addr, source }),
+            }
+        }
+        tracing::info!(
+            node = %config.id,
+            listen = %config.listen,
+            roles = ?config.roles.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
+            labels = %config.labels,
+            "basalt-node started"
+        );
+        Ok(Node { ctx, shutdown, tasks, server, _lock: lock })
+    }
+
+    /// Shared state (for tests and embedding).
+    pub fn ctx(&self) -> &Arc<NodeCtx> {
+        &self.ctx
+    }
+
+    /// Stops serving, checkpoints and stops every group, and closes the stores.
+    pub async fn shutdown(self) {
+        tracing::info!(node = %self.ctx.config.id, "shutting down");
+        let _ = self.shutdown.send(true);
+        for mut t in self.tasks {
+            if tokio::time::timeout(Duration::from_secs(5), &mut t).await.is_err() {
+                t.abort();
+            }
+        }
+        self.ctx.pgs.shutdown().await;
+        if let Some(meta) = &self.ctx.meta {
+            meta.group.shutdown().await;
+        }
+        if let Err(e) = self.ctx.store.checkpoint().await {
+            tracing::warn!(error = %e, "final chunk store sync failed");
+        }
+        self.ctx.host.log_engine().close();
+        // Graceful gRPC shutdown waits for open streams, and peers' Raft pipes never end on
+        // their own: give in-flight requests a moment, then close.
+        let mut server = self.server;
+        if tokio::time::timeout(Duration::from_secs(2), &mut server).await.is_err() {
+            server.abort();
+        }
+        tracing::info!(node = %self.ctx.config.id, "stopped");
+    }
+}

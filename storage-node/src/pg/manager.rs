@@ -1,0 +1,180 @@
+//! Hosts the placement groups the cluster map assigns to this node.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use basalt_chunk_store::ChunkStore;
+use basalt_common::{NodeId, PgId};
+use basalt_proto::view::ClusterView;
+use basalt_raft::{GroupStatus, META_GROUP, NodeInfo, RaftError, RaftGroup, RaftHost};
+use tokio::sync::watch;
+
+use super::state_machine::{PgShared, PgStateMachine};
+use crate::node::NodeCtx;
+
+/// One hosted PG.
+#[derive(Clone)]
+pub struct PgHandle {
+    /// Read path and shared state.
+    pub shared: PgShared,
+    /// The Raft group.
+    pub group: RaftGroup<PgStateMachine>,
+}
+
+/// The PGs on this node.
+pub struct PgManager {
+    node: NodeId,
+    host: RaftHost,
+    store: ChunkStore,
+    groups: RwLock<HashMap<PgId, PgHandle>>,
+    starting: tokio::sync::Mutex<()>,
+}
+
+impl PgManager {
+    /// An empty manager.
+    pub fn new(node: NodeId, host: RaftHost, store: ChunkStore) -> Self {
+        Self { node, host, store, groups: RwLock::new(HashMap::new()), starting: tokio::sync::Mutex::new(()) }
+    }
+
+    /// The PG, if hosted here.
+    pub fn get(&self, pg: PgId) -> Option<PgHandle> {
+        self.groups.read().unwrap_or_else(|p| p.into_inner()).get(&pg).cloned()
+    }
+
+    /// Status of every hosted PG.
+    pub fn statuses(&self) -> Vec<GroupStatus> {
+        let groups = self.groups.read().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<GroupStatus> = groups.values().map(|h| h.group.status()).collect();
+        out.sort_by_key(|s| s.group);
+        out
+    }
+
+    /// Starts `pg` if it is not running yet.
+    pub async fn ensure(&self, pg: PgId) -> Result<PgHandle, RaftError> {
+        if let Some(h) = self.get(pg) {
+            return Ok(h);
+        }
+        let _guard = self.starting.lock().await;
+        if let Some(h) = self.get(pg) {
+            return Ok(h);
+        }
+        let shared = PgShared::new(pg, self.node, self.store.clone());
+        let group = self.host.start_group(pg.0, PgStateMachine::new(shared.clone())).await?;
+        let handle = PgHandle { shared, group };
+        self.groups.write().unwrap_or_else(|p| p.into_inner()).insert(pg, handle.clone());
+        Ok(handle)
+    }
+
+    /// Restarts every PG this node has Raft state for, before the cluster map is known, so
+    /// its replicas serve again right after a restart.
+    pub async fn start_from_disk(&self) -> Result<(), RaftError> {
+        for g in self.host.log_engine().groups_on_disk()? {
+            if g != META_GROUP {
+                self.ensure(PgId(g)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the PGs `view` places here; the first replica of a new PG forms its group.
+    pub async fn reconcile(&self, view: &ClusterView) {
+        for (i, replicas) in view.pgs.iter().enumerate() {
+            if !replicas.contains(&self.node) {
+                continue;
+            }
+            let pg = PgId(i as u32);
+            let handle = match self.ensure(pg).await {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::error!(%pg, error = %e, "cannot start placement group");
+                    continue;
+                }
+            };
+            if replicas.first() != Some(&self.node) {
+                continue;
+            }
+            match handle.group.is_initialized().await {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(%pg, error = %e, "cannot query placement group");
+                    continue;
+                }
+            }
+            let members: Option<BTreeMap<u64, NodeInfo>> =
+                replicas.iter().map(|n| view.addr(*n).map(|a| (n.0, NodeInfo { addr: a.to_string() }))).collect();
+            let Some(members) = members else {
+                tracing::warn!(%pg, "a replica's address is unknown; forming the group later");
+                continue;
+            };
+            if let Err(e) = handle.group.initialize(members).await {
+                tracing::warn!(%pg, error = %e, "cannot form placement group");
+            } else {
+                tracing::info!(%pg, replicas = ?replicas, "formed placement group");
+            }
+        }
+    }
+
+    /// Checkpoints and stops every PG.
+    pub async fn shutdown(&self) {
+        let handles: Vec<PgHandle> = self.groups.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        for h in &handles {
+            let st = h.group.status();
+            if st.applied_index > st.checkpoint_index {
+                let _ = h.group.checkpoint_now().await;
+            }
+        }
+        // Give the checkpoints a moment to land (they run on the groups' own tasks).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while tokio::time::Instant::now() < deadline
+            && handles.iter().any(|h| {
+                let st = h.group.status();
+                st.applied_index > st.checkpoint_index
+            })
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for h in handles {
+            self.host.stop_group(&h.group).await;
+        }
+    }
+}
+
+/// Starts PGs as the cluster map assigns them.
+pub async fn run_reconciler(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<bool>) {
+    let mut map = ctx.map.clone();
+    loop {
+        let view = map.borrow_and_update().clone();
+        if view.layout.is_some() {
+            ctx.pgs.reconcile(&view).await;
+        }
+        // Re-check periodically too: forming a group can fail while peers start.
+        tokio::select! {
+            _ = map.changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Checkpoints PGs that went idle with un-checkpointed entries, so their logs get purged and a
+/// restart replays little.
+pub async fn run_checkpointer(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    let mut last_applied: HashMap<u32, u64> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        for st in ctx.pgs.statuses() {
+            let idle = last_applied.insert(st.group, st.applied_index) == Some(st.applied_index);
+            if idle && st.applied_index > st.checkpoint_index {
+                if let Some(h) = ctx.pgs.get(PgId(st.group)) {
+                    let _ = h.group.checkpoint_now().await;
+                }
+            }
+        }
+    }
+}

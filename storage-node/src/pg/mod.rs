@@ -1,0 +1,13 @@
+//! Placement groups: the data path on a storage node.
+//!
+//! - [`command`]: what a PG's log carries.
+//! - [`state_machine`]: applies it to the chunk store; checkpoints.
+//! - [`snapshot`]: streams a PG to a new replica.
+//! - [`manager`]: starts the PGs the cluster map places here.
+//! - [`service`]: the data gRPC API clients write and read through.
+
+pub mod command;
+pub mod manager;
+pub mod service;
+pub mod snapshot;
+pub mod state_machine;

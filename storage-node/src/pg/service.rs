@@ -1,0 +1,215 @@
+//! The data API a volume client talks to: writes, reads and zeroing on placement-group
+//! leaders, and the internal release of a deleted volume's data.
+//!
+//! Every request is checked against this node's cluster map before it reaches Raft: the PG
+//! must be hosted here, the volume active, the range inside the volume and inside one extent
+//! of that PG, the payload consistent with its checksums. Refusals travel as a [`DataError`]
+//! with a code the client acts on (retry elsewhere, refresh the map, give up).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use basalt_chunk_store::ChunkStoreError;
+use basalt_common::{BLOCK_SIZE, ExtentIndex, PgId, VolumeId, crc32c};
+use basalt_proto::data::data_error::Code;
+use basalt_proto::data::data_server::Data;
+use basalt_proto::data::{
+    DataError, ReadReply, ReadRequest, ReleaseVolumeReply, ReleaseVolumeRequest, WriteReply, WriteRequest, ZeroReply, ZeroRequest,
+};
+use basalt_raft::RaftError;
+use tonic::{Request, Response, Status};
+
+use super::command::{PgCommand, PgReply, piece_count, pieces};
+use super::manager::PgHandle;
+use crate::cluster_map::wait_for_version;
+use crate::metrics::Op;
+use crate::node::NodeCtx;
+
+/// Largest single request.
+pub const MAX_IO: u64 = 32 * 1024 * 1024;
+
+fn err(code: Code, message: impl Into<String>) -> DataError {
+    DataError { code: code as i32, message: message.into(), leader: 0, leader_addr: String::new() }
+}
+
+/// The data gRPC service.
+pub struct DataService {
+    ctx: Arc<NodeCtx>,
+}
+
+impl DataService {
+    /// A service over the node's PGs.
+    pub fn new(ctx: Arc<NodeCtx>) -> Self {
+        Self { ctx }
+    }
+
+    fn raft_error(&self, e: RaftError) -> DataError {
+        match e {
+            RaftError::NotLeader { leader, ref leader_addr, .. } => {
+                let leader_addr = leader_addr.clone();
+                let addr = leader
+                    .and_then(|l| self.ctx.map.borrow().addr(basalt_common::NodeId(l)).map(str::to_string))
+                    .or(leader_addr)
+                    .unwrap_or_default();
+                DataError { code: Code::NotLeader as i32, message: e.to_string(), leader: leader.unwrap_or(0), leader_addr: addr }
+            }
+            RaftError::Unavailable { .. } | RaftError::Stopped { .. } => err(Code::Unavailable, format!("{e} (on {})", self.ctx.config.id)),
+            other => err(Code::Internal, format!("{other} (on {})", self.ctx.config.id)),
+        }
+    }
+
+    /// Finds the PG and checks the request against the cluster map.
+    async fn route(&self, pg: u32, volume: u64, offset: u64, len: u64, map_version: u64) -> Result<PgHandle, DataError> {
+        let node = self.ctx.config.id;
+        let Some(handle) = self.ctx.pgs.get(PgId(pg)) else {
+            return Err(err(Code::WrongNode, format!("{node} holds no replica of pg-{pg}")));
+        };
+        let mut view = self.ctx.map.borrow().clone();
+        if view.version < map_version {
+            // The client saw a newer map (a volume just created or grown): catch up first.
+            view = wait_for_version(&self.ctx, map_version, Duration::from_secs(3)).await;
+        }
+        let Some(layout) = view.layout else {
+            return Err(err(Code::Unavailable, format!("{node} has no cluster map yet")));
+        };
+        let Some(vol) = view.volumes.get(&VolumeId(volume)).filter(|v| v.active) else {
+            return Err(err(Code::NoSuchVolume, format!("no active volume with id {volume}")));
+        };
+        if len == 0 {
+            return Err(err(Code::Invalid, "zero-length request"));
+        }
+        let end = offset.checked_add(len).ok_or_else(|| err(Code::OutOfRange, "offset + length overflows"))?;
+        if end > vol.size {
+            return Err(err(
+                Code::OutOfRange,
+                format!("range {offset}..{end} is beyond the end of volume {:?} ({} bytes)", vol.name, vol.size),
+            ));
+        }
+        let first = offset / layout.extent_size;
+        if (end - 1) / layout.extent_size != first {
+            return Err(err(Code::Invalid, format!("range {offset}..{end} crosses an extent boundary; split it per extent")));
+        }
+        let owner = layout.pg_of(vol.id, ExtentIndex(first));
+        if owner.0 != pg {
+            return Err(err(Code::Invalid, format!("extent {first} of volume {volume} belongs to {owner}, not pg-{pg}")));
+        }
+        Ok(handle)
+    }
+
+    async fn propose(&self, handle: &PgHandle, cmd: PgCommand) -> Option<DataError> {
+        match handle.group.propose(cmd.encode()).await {
+            Ok(reply) => match PgReply::decode(&reply) {
+                PgReply::Ok => None,
+                PgReply::NoSuchVolume => Some(err(Code::NoSuchVolume, "the volume was deleted")),
+                PgReply::Invalid(m) => Some(err(Code::Invalid, m)),
+                PgReply::NoSpace(m) => Some(err(Code::NoSpace, m)),
+                PgReply::Corrupt(m) => Some(err(Code::Corrupt, m)),
+            },
+            Err(e) => Some(self.raft_error(e)),
+        }
+    }
+
+    fn done(&self, op: Op, bytes: u64, started: Instant, error: &Option<DataError>) {
+        self.ctx.metrics.record(op, bytes, started.elapsed(), error.is_none());
+    }
+}
+
+#[tonic::async_trait]
+impl Data for DataService {
+    async fn write(&self, request: Request<WriteRequest>) -> Result<Response<WriteReply>, Status> {
+        let started = Instant::now();
+        let req = request.into_inner();
+        let len = req.data.len() as u64;
+        let error = async {
+            if len > MAX_IO {
+                return Some(err(Code::OutOfRange, format!("write of {len} bytes exceeds the {MAX_IO}-byte limit")));
+            }
+            let handle = match self.route(req.pg, req.volume_id, req.offset, len, req.map_version).await {
+                Ok(h) => h,
+                Err(e) => return Some(e),
+            };
+            if req.crcs.len() != piece_count(req.offset, len) {
+                return Some(err(
+                    Code::Invalid,
+                    format!("{} checksums for a write with {} 4 KiB pieces", req.crcs.len(), piece_count(req.offset, len)),
+                ));
+            }
+            for ((p_off, p_len), crc) in pieces(req.offset, len).zip(&req.crcs) {
+                let at = (p_off - req.offset) as usize;
+                let actual = crc32c(&req.data[at..at + p_len as usize]);
+                if actual != *crc {
+                    return Some(err(
+                        Code::BadChecksum,
+                        format!("data for volume {} at offset {p_off} arrived corrupted (crc {actual:#010x}, expected {crc:#010x})", req.volume_id),
+                    ));
+                }
+            }
+            let cmd = PgCommand::Write { volume: VolumeId(req.volume_id), offset: req.offset, crcs: req.crcs, data: req.data };
+            self.propose(&handle, cmd).await
+        }
+        .await;
+        self.done(Op::Write, len, started, &error);
+        Ok(Response::new(WriteReply { error }))
+    }
+
+    async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadReply>, Status> {
+        let started = Instant::now();
+        let req = request.into_inner();
+        let len = u64::from(req.length);
+        let result: Result<(bytes::Bytes, Vec<u32>), DataError> = async {
+            if req.offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
+                return Err(err(Code::Invalid, format!("reads must be 4 KiB aligned (offset {}, length {len})", req.offset)));
+            }
+            if len > MAX_IO {
+                return Err(err(Code::OutOfRange, format!("read of {len} bytes exceeds the {MAX_IO}-byte limit")));
+            }
+            let handle = self.route(req.pg, req.volume_id, req.offset, len, req.map_version).await?;
+            handle.group.read_barrier().await.map_err(|e| self.raft_error(e))?;
+            match handle.shared.read(VolumeId(req.volume_id), req.offset, len).await {
+                Ok(r) => Ok((r.data, r.crcs)),
+                Err(e @ ChunkStoreError::Corrupt { .. }) => {
+                    tracing::error!(pg = req.pg, error = %e, "read hit a corrupt block");
+                    Err(err(Code::Corrupt, format!("{e} in pg-{} on {}", req.pg, self.ctx.config.id)))
+                }
+                Err(e) => Err(err(Code::Internal, format!("{e} (on {})", self.ctx.config.id))),
+            }
+        }
+        .await;
+        let reply = match result {
+            Ok((data, crcs)) => ReadReply { error: None, data, crcs },
+            Err(e) => ReadReply { error: Some(e), data: bytes::Bytes::new(), crcs: Vec::new() },
+        };
+        self.done(Op::Read, len, started, &reply.error);
+        Ok(Response::new(reply))
+    }
+
+    async fn zero(&self, request: Request<ZeroRequest>) -> Result<Response<ZeroReply>, Status> {
+        let started = Instant::now();
+        let req = request.into_inner();
+        let error = async {
+            let handle = match self.route(req.pg, req.volume_id, req.offset, req.length, req.map_version).await {
+                Ok(h) => h,
+                Err(e) => return Some(e),
+            };
+            let cmd = PgCommand::Zero {
+                volume: VolumeId(req.volume_id),
+                offset: req.offset,
+                len: req.length,
+                keep_allocated: req.keep_allocated,
+            };
+            self.propose(&handle, cmd).await
+        }
+        .await;
+        self.done(Op::Zero, req.length, started, &error);
+        Ok(Response::new(ZeroReply { error }))
+    }
+
+    async fn release_volume(&self, request: Request<ReleaseVolumeRequest>) -> Result<Response<ReleaseVolumeReply>, Status> {
+        let req = request.into_inner();
+        let error = match self.ctx.pgs.get(PgId(req.pg)) {
+            None => Some(err(Code::WrongNode, format!("{} holds no replica of pg-{}", self.ctx.config.id, req.pg))),
+            Some(handle) => self.propose(&handle, PgCommand::DeleteVolume { volume: VolumeId(req.volume_id) }).await,
+        };
+        Ok(Response::new(ReleaseVolumeReply { error }))
+    }
+}

@@ -1,0 +1,169 @@
+//! A client's view of the cluster: the cached map, connections and leader hints.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use basalt_common::{NodeId, PgId};
+use basalt_proto::admin::admin_client::AdminClient;
+use basalt_proto::admin::{GetClusterMapRequest, VolumeShowRequest};
+use basalt_proto::data::data_client::DataClient;
+use basalt_proto::view::ClusterView;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::ClientError;
+use crate::volume::Volume;
+
+/// Tuning of a client.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Give up on an I/O after this long (retrying across leader changes meanwhile).
+    pub op_timeout: Duration,
+    /// Timeout of one attempt.
+    pub attempt_timeout: Duration,
+    /// Requests in flight per volume at most (backpressure beyond).
+    pub max_inflight: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self { op_timeout: Duration::from_secs(60), attempt_timeout: Duration::from_secs(10), max_inflight: 128 }
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) seeds: Vec<String>,
+    pub(crate) options: ClientOptions,
+    map: RwLock<Arc<ClusterView>>,
+    channels: Mutex<HashMap<String, Channel>>,
+    leaders: Mutex<HashMap<PgId, NodeId>>,
+    refresh: tokio::sync::Mutex<()>,
+}
+
+/// A connection to a Basalt cluster. Cheap to clone.
+#[derive(Clone)]
+pub struct Cluster {
+    pub(crate) inner: Arc<Inner>,
+}
+
+fn channel_for(addr: &str) -> Result<Channel, ClientError> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| ClientError::Invalid(format!("bad address {addr:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(32 << 20))
+        .connect_lazy())
+}
+
+impl Cluster {
+    /// Connects through `seeds` (any nodes' gRPC addresses) and fetches the cluster map.
+    pub async fn connect(seeds: &[String]) -> Result<Self, ClientError> {
+        Self::connect_with(seeds, ClientOptions::default()).await
+    }
+
+    /// Like [`Cluster::connect`] with explicit options.
+    pub async fn connect_with(seeds: &[String], options: ClientOptions) -> Result<Self, ClientError> {
+        let seeds: Vec<String> = seeds.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        if seeds.is_empty() {
+            return Err(ClientError::Invalid("no cluster address given (use --cluster or BASALT_CLUSTER)".into()));
+        }
+        let cluster = Cluster {
+            inner: Arc::new(Inner {
+                seeds,
+                options,
+                map: RwLock::new(Arc::new(ClusterView::default())),
+                channels: Mutex::new(HashMap::new()),
+                leaders: Mutex::new(HashMap::new()),
+                refresh: tokio::sync::Mutex::new(()),
+            }),
+        };
+        cluster.refresh(0).await?;
+        Ok(cluster)
+    }
+
+    pub(crate) fn channel(&self, addr: &str) -> Result<Channel, ClientError> {
+        let mut channels = self.inner.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = channel_for(addr)?;
+        channels.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// An admin client for one of the seeds (the cluster forwards to the meta leader).
+    pub fn admin(&self, seed_index: usize) -> Result<AdminClient<Channel>, ClientError> {
+        let seed = &self.inner.seeds[seed_index % self.inner.seeds.len()];
+        Ok(AdminClient::new(self.channel(seed)?)
+            .max_decoding_message_size(basalt_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(basalt_proto::MAX_MESSAGE_BYTES))
+    }
+
+    pub(crate) fn data(&self, addr: &str) -> Result<DataClient<Channel>, ClientError> {
+        Ok(DataClient::new(self.channel(addr)?)
+            .max_decoding_message_size(basalt_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(basalt_proto::MAX_MESSAGE_BYTES))
+    }
+
+    /// The cached map.
+    pub fn map(&self) -> Arc<ClusterView> {
+        self.inner.map.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Fetches the map if the cached one is older than `min_version` (0: always fetch).
+    pub async fn refresh(&self, min_version: u64) -> Result<Arc<ClusterView>, ClientError> {
+        let _guard = self.inner.refresh.lock().await;
+        let current = self.map();
+        if min_version != 0 && current.version >= min_version {
+            return Ok(current);
+        }
+        let mut last = String::new();
+        for i in 0..self.inner.seeds.len() * 2 {
+            let mut admin = self.admin(i)?;
+            let req = GetClusterMapRequest { known_version: 0, wait_ms: 0 };
+            match tokio::time::timeout(Duration::from_secs(10), admin.get_cluster_map(req)).await {
+                Ok(Ok(resp)) => {
+                    let view = Arc::new(ClusterView::from_proto(&resp.into_inner()));
+                    *self.inner.map.write().unwrap_or_else(|p| p.into_inner()) = view.clone();
+                    return Ok(view);
+                }
+                Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
+                    return Err(ClientError::Admin(status.message().to_string()));
+                }
+                Ok(Err(status)) => last = status.message().to_string(),
+                Err(_) => last = "timed out".into(),
+            }
+            if i + 1 >= self.inner.seeds.len() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        Err(ClientError::Unreachable { seeds: self.inner.seeds.join(","), reason: last })
+    }
+
+    /// Opens the volume called `name`.
+    pub async fn open_volume(&self, name: &str) -> Result<Volume, ClientError> {
+        let mut admin = self.admin(0)?;
+        let reply = match admin.volume_show(VolumeShowRequest { name: name.to_string() }).await {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == tonic::Code::NotFound => return Err(ClientError::NoSuchVolume(name.to_string())),
+            Err(s) => return Err(ClientError::Admin(s.message().to_string())),
+        };
+        let map = self.refresh(reply.map_version).await?;
+        let v = map.volume_by_name(name).ok_or_else(|| ClientError::NoSuchVolume(name.to_string()))?;
+        Ok(Volume::new(self.clone(), v.id, v.name.clone(), v.size))
+    }
+
+    pub(crate) fn leader_hint(&self, pg: PgId) -> Option<NodeId> {
+        self.inner.leaders.lock().unwrap_or_else(|p| p.into_inner()).get(&pg).copied()
+    }
+
+    pub(crate) fn set_leader_hint(&self, pg: PgId, node: Option<NodeId>) {
+        let mut leaders = self.inner.leaders.lock().unwrap_or_else(|p| p.into_inner());
+        match node {
+            Some(n) => leaders.insert(pg, n),
+            None => leaders.remove(&pg),
+        };
+    }
+}

@@ -1,0 +1,367 @@
+//! I/O on one volume: split at extent boundaries, route each piece to its PG's leader, follow
+//! leader changes with backoff, and check crc32c end to end (computed here on write, verified
+//! here on read).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use basalt_common::layout::ExtentSpan;
+use basalt_common::{BLOCK_SIZE, NodeId, VolumeId, crc32c};
+use basalt_proto::data::data_error::Code;
+use basalt_proto::data::{DataError, ReadRequest, WriteRequest, ZeroRequest};
+use bytes::{Bytes, BytesMut};
+use futures::future::try_join_all;
+use tokio::sync::Semaphore;
+
+use crate::cluster::Cluster;
+use crate::error::ClientError;
+
+/// An open volume. Cheap to clone; clones share the in-flight limit.
+#[derive(Clone)]
+pub struct Volume {
+    cluster: Cluster,
+    id: VolumeId,
+    name: Arc<str>,
+    size: Arc<AtomicU64>,
+    inflight: Arc<Semaphore>,
+}
+
+/// What one attempt at a PG produced.
+enum Attempt<T> {
+    Done(T),
+    /// Try again (possibly elsewhere), after `backoff` if set.
+    Retry { reason: String, backoff: bool },
+    Fail(ClientError),
+}
+
+/// crc32c of `data` (placed at `offset`) cut at 4 KiB volume boundaries.
+pub fn piece_crcs(offset: u64, data: &[u8]) -> Vec<u32> {
+    let mut out = Vec::with_capacity(data.len() / BLOCK_SIZE as usize + 2);
+    let mut pos = 0usize;
+    while pos < data.len() {
+        let abs = offset + pos as u64;
+        let next = ((abs / BLOCK_SIZE) + 1) * BLOCK_SIZE;
+        let len = ((next - abs) as usize).min(data.len() - pos);
+        out.push(crc32c(&data[pos..pos + len]));
+        pos += len;
+    }
+    out
+}
+
+impl Volume {
+    pub(crate) fn new(cluster: Cluster, id: VolumeId, name: String, size: u64) -> Self {
+        let permits = cluster.inner.options.max_inflight;
+        Self { cluster, id, name: name.into(), size: Arc::new(AtomicU64::new(size)), inflight: Arc::new(Semaphore::new(permits)) }
+    }
+
+    /// The volume id.
+    pub fn id(&self) -> VolumeId {
+        self.id
+    }
+
+    /// The volume name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Size in bytes as of the last map refresh.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Re-reads the volume's size from the cluster (after a resize).
+    pub async fn refresh(&self) -> Result<u64, ClientError> {
+        let map = self.cluster.refresh(0).await?;
+        let v = map.volumes.get(&self.id).filter(|v| v.active).ok_or(ClientError::VolumeDeleted(self.id))?;
+        self.size.store(v.size, Ordering::Release);
+        Ok(v.size)
+    }
+
+    async fn check_range(&self, op: &'static str, offset: u64, len: u64) -> Result<(), ClientError> {
+        let inside = |size: u64| offset.checked_add(len).is_some_and(|end| end <= size);
+        if inside(self.size()) {
+            return Ok(());
+        }
+        // Maybe the volume grew since we looked.
+        let size = self.refresh().await?;
+        if inside(size) {
+            return Ok(());
+        }
+        Err(ClientError::OutOfRange { op, name: self.name.to_string(), offset, len, size })
+    }
+
+    fn spans(&self, offset: u64, len: u64) -> Result<Vec<ExtentSpan>, ClientError> {
+        let layout = self.cluster.map().layout.ok_or_else(|| ClientError::Admin("the cluster is not initialized".into()))?;
+        Ok(layout.split(self.id, offset, len))
+    }
+
+    /// Runs `call` against the leader of `span`'s PG, retrying across leader changes, map
+    /// changes and unreachable nodes until it succeeds or the operation deadline passes.
+    async fn with_leader<T, F, Fut>(&self, span: &ExtentSpan, mut call: F) -> Result<T, ClientError>
+    where
+        F: FnMut(String, u64) -> Fut,
+        Fut: std::future::Future<Output = Result<Attempt<T>, tonic::Status>>,
+    {
+        let opts = &self.cluster.inner.options;
+        let deadline = tokio::time::Instant::now() + opts.op_timeout;
+        let mut attempts = 0u32;
+        let mut rotate = 0usize;
+        let mut backoff = Duration::from_millis(20);
+        let mut last = String::from("no attempt made");
+        loop {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ClientError::Unavailable { volume: self.id, extent: span.extent.0, pg: span.pg.to_string(), attempts, reason: last });
+            }
+            attempts += 1;
+            let map = self.cluster.map();
+            let replicas = map.replicas(span.pg).to_vec();
+            if replicas.is_empty() {
+                return Err(ClientError::Internal(format!("the cluster map has no replicas for {}", span.pg)));
+            }
+            let target = match self.cluster.leader_hint(span.pg) {
+                Some(l) if rotate == 0 => l,
+                _ => replicas[rotate % replicas.len()],
+            };
+            let Some(addr) = map.addr(target).map(str::to_string) else {
+                self.cluster.set_leader_hint(span.pg, None);
+                rotate += 1;
+                continue;
+            };
+            let outcome = match tokio::time::timeout(opts.attempt_timeout, call(addr.clone(), map.version)).await {
+                Ok(Ok(a)) => a,
+                Ok(Err(status)) => Attempt::Retry { reason: format!("{target} at {addr}: {}", status.message()), backoff: true },
+                Err(_) => Attempt::Retry { reason: format!("{target} at {addr}: no answer within {:?}", opts.attempt_timeout), backoff: true },
+            };
+            match outcome {
+                Attempt::Done(v) => {
+                    self.cluster.set_leader_hint(span.pg, Some(target));
+                    return Ok(v);
+                }
+                Attempt::Fail(e) => return Err(e),
+                Attempt::Retry { reason, backoff: wait } => {
+                    last = reason;
+                    self.cluster.set_leader_hint(span.pg, None);
+                    rotate += 1;
+                    if wait {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(1000));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Interprets a node's refusal.
+    async fn on_error<T>(&self, span: &ExtentSpan, node: &str, e: DataError, retries: &AtomicU32) -> Attempt<T> {
+        let code = Code::try_from(e.code).unwrap_or(Code::Internal);
+        let reason = format!("{node}: {}", e.message);
+        match code {
+            Code::NotLeader => {
+                if e.leader != 0 {
+                    self.cluster.set_leader_hint(span.pg, Some(NodeId(e.leader)));
+                    // Go straight to the named leader.
+                    return Attempt::Retry { reason, backoff: false };
+                }
+                Attempt::Retry { reason, backoff: true }
+            }
+            Code::WrongNode => {
+                let _ = self.cluster.refresh(0).await;
+                Attempt::Retry { reason, backoff: true }
+            }
+            Code::Unavailable => Attempt::Retry { reason, backoff: true },
+            Code::NoSuchVolume => {
+                if retries.fetch_add(1, Ordering::Relaxed) >= 2 {
+                    return Attempt::Fail(ClientError::VolumeDeleted(self.id));
+                }
+                let _ = self.cluster.refresh(0).await;
+                Attempt::Retry { reason, backoff: true }
+            }
+            Code::BadChecksum => {
+                if retries.fetch_add(1, Ordering::Relaxed) >= 3 {
+                    return Attempt::Fail(ClientError::Corrupt(format!("{} extent {}: data kept arriving corrupted: {reason}", self.id, span.extent.0)));
+                }
+                Attempt::Retry { reason, backoff: false }
+            }
+            Code::Corrupt => Attempt::Fail(ClientError::Corrupt(format!("{} extent {}: {reason}", self.id, span.extent.0))),
+            Code::NoSpace => Attempt::Fail(ClientError::NoSpace(reason)),
+            Code::OutOfRange => Attempt::Fail(ClientError::OutOfRange {
+                op: "I/O",
+                name: self.name.to_string(),
+                offset: span.offset,
+                len: span.len,
+                size: self.size(),
+            }),
+            Code::Invalid | Code::Internal | Code::Unspecified => Attempt::Fail(ClientError::Internal(reason)),
+        }
+    }
+
+    /// Writes `data` at `offset`. Returns once the data is durable on a majority of each
+    /// affected PG's replicas (so FUA is always satisfied; `_fua` exists for callers that pass
+    /// it through).
+    pub async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> Result<(), ClientError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.check_range("write", offset, data.len() as u64).await?;
+        let _permit = self.inflight.acquire().await.map_err(|_| ClientError::Internal("client closed".into()))?;
+        let spans = self.spans(offset, data.len() as u64)?;
+        try_join_all(spans.iter().map(|span| {
+            let piece = data.slice(span.buf_offset as usize..(span.buf_offset + span.len) as usize);
+            let crcs = piece_crcs(span.offset, &piece);
+            self.write_span(span, piece, crcs)
+        }))
+        .await?;
+        Ok(())
+    }
+
+    async fn write_span(&self, span: &ExtentSpan, data: Bytes, crcs: Vec<u32>) -> Result<(), ClientError> {
+        let retries = AtomicU32::new(0);
+        self.with_leader(span, |addr, map_version| {
+            let req = WriteRequest {
+                pg: span.pg.0,
+                volume_id: self.id.0,
+                offset: span.offset,
+                data: data.clone(),
+                crcs: crcs.clone(),
+                fua: true,
+                map_version,
+            };
+            let client = self.cluster.data(&addr);
+            let retries = &retries;
+            async move {
+                let mut client = client.map_err(|e| tonic::Status::internal(e.to_string()))?;
+                let reply = client.write(req).await?.into_inner();
+                Ok(match reply.error {
+                    None => Attempt::Done(()),
+                    Some(e) => self.on_error(span, &addr, e, retries).await,
+                })
+            }
+        })
+        .await
+    }
+
+    /// Reads `len` bytes at `offset`. Every 4 KiB block is verified against the crc32c stored
+    /// with it; a mismatch is an error, never returned as data.
+    pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes, ClientError> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        self.check_range("read", offset, len).await?;
+        let _permit = self.inflight.acquire().await.map_err(|_| ClientError::Internal("client closed".into()))?;
+        // Nodes serve whole blocks: widen to block boundaries, trim after.
+        let start = offset / BLOCK_SIZE * BLOCK_SIZE;
+        let end = (offset + len).div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+        let spans = self.spans(start, end - start)?;
+        let parts = try_join_all(spans.iter().map(|s| self.read_span(s))).await?;
+        let data = if parts.len() == 1 {
+            parts.into_iter().next().unwrap_or_default()
+        } else {
+            let mut buf = BytesMut::with_capacity((end - start) as usize);
+            for p in parts {
+                buf.extend_from_slice(&p);
+            }
+            buf.freeze()
+        };
+        let rel = (offset - start) as usize;
+        Ok(data.slice(rel..rel + len as usize))
+    }
+
+    async fn read_span(&self, span: &ExtentSpan) -> Result<Bytes, ClientError> {
+        let retries = AtomicU32::new(0);
+        self.with_leader(span, |addr, map_version| {
+            let req = ReadRequest { pg: span.pg.0, volume_id: self.id.0, offset: span.offset, length: span.len as u32, map_version };
+            let client = self.cluster.data(&addr);
+            let retries = &retries;
+            async move {
+                let mut client = client.map_err(|e| tonic::Status::internal(e.to_string()))?;
+                let reply = client.read(req).await?.into_inner();
+                if let Some(e) = reply.error {
+                    return Ok(self.on_error(span, &addr, e, retries).await);
+                }
+                if reply.data.len() as u64 != span.len || reply.crcs.len() as u64 != span.len / BLOCK_SIZE {
+                    return Ok(Attempt::Retry { reason: format!("{addr}: short read reply"), backoff: true });
+                }
+                for (i, (block, crc)) in reply.data.chunks(BLOCK_SIZE as usize).zip(&reply.crcs).enumerate() {
+                    let actual = crc32c(block);
+                    if actual != *crc {
+                        let exhausted = retries.fetch_add(1, Ordering::Relaxed) >= 3;
+                        let msg = format!(
+                            "{} extent {} offset {}: block from {addr} fails its checksum (crc {actual:#010x}, stored {crc:#010x})",
+                            self.id,
+                            span.extent.0,
+                            span.offset + i as u64 * BLOCK_SIZE
+                        );
+                        if exhausted {
+                            return Ok(Attempt::Fail(ClientError::Corrupt(msg)));
+                        }
+                        return Ok(Attempt::Retry { reason: msg, backoff: false });
+                    }
+                }
+                Ok(Attempt::Done(reply.data))
+            }
+        })
+        .await
+    }
+
+    /// Every acknowledged write is already durable on a majority: nothing is buffered here.
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        Ok(())
+    }
+
+    /// Discards `[offset, offset+len)`: it reads as zeros, its space is released where whole
+    /// chunks are covered and overwritten otherwise.
+    pub async fn trim(&self, offset: u64, len: u64) -> Result<(), ClientError> {
+        self.zero(offset, len, false).await
+    }
+
+    /// Writes zeros over `[offset, offset+len)`; `keep_allocated` keeps the space reserved (NBD
+    /// `NO_HOLE`).
+    pub async fn write_zeroes(&self, offset: u64, len: u64, keep_allocated: bool) -> Result<(), ClientError> {
+        self.zero(offset, len, keep_allocated).await
+    }
+
+    async fn zero(&self, offset: u64, len: u64, keep_allocated: bool) -> Result<(), ClientError> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.check_range("zero", offset, len).await?;
+        let _permit = self.inflight.acquire().await.map_err(|_| ClientError::Internal("client closed".into()))?;
+        let spans = self.spans(offset, len)?;
+        try_join_all(spans.iter().map(|span| async move {
+            let retries = AtomicU32::new(0);
+            self.with_leader(span, |addr, map_version| {
+                let req = ZeroRequest { pg: span.pg.0, volume_id: self.id.0, offset: span.offset, length: span.len, keep_allocated, map_version };
+                let client = self.cluster.data(&addr);
+                let retries = &retries;
+                async move {
+                    let mut client = client.map_err(|e| tonic::Status::internal(e.to_string()))?;
+                    let reply = client.zero(req).await?.into_inner();
+                    Ok(match reply.error {
+                        None => Attempt::Done(()),
+                        Some(e) => self.on_error(span, &addr, e, retries).await,
+                    })
+                }
+            })
+            .await
+        }))
+        .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn piece_crcs_cut_at_block_boundaries() {
+        let data = vec![7u8; 5000];
+        let c = piece_crcs(4000, &data);
+        assert_eq!(c.len(), 3);
+        assert_eq!(c[0], crc32c(&data[..96]));
+        assert_eq!(c[1], crc32c(&data[96..96 + 4096]));
+        assert_eq!(c[2], crc32c(&data[96 + 4096..]));
+        assert_eq!(piece_crcs(0, &[1u8; 8192]).len(), 2);
+    }
+}
