@@ -200,7 +200,7 @@ pub(crate) fn state_key(shard: u32, name: &[u8]) -> Vec<u8> {
 pub struct IndexMemory {
     /// Shared block cache.
     pub cache_bytes: usize,
-    /// Memtable size per column family.
+    /// All memtables of the index together (RocksDB's write buffer manager enforces it).
     pub write_buffer_bytes: usize,
 }
 
@@ -214,6 +214,7 @@ impl Index {
     pub(crate) fn open(path: &Path, mem: IndexMemory) -> Result<Self> {
         let err = |source| ChunkStoreError::Index { path: path.to_path_buf(), source };
         let cache = Cache::new_lru_cache(mem.cache_bytes);
+        let wbm = rocksdb::WriteBufferManager::new_write_buffer_manager(mem.write_buffer_bytes, true);
         let cf_opts = || {
             let mut bb = BlockBasedOptions::default();
             bb.set_block_cache(&cache);
@@ -221,7 +222,7 @@ impl Index {
             bb.set_bloom_filter(10.0, false);
             let mut o = Options::default();
             o.set_block_based_table_factory(&bb);
-            o.set_write_buffer_size(mem.write_buffer_bytes);
+            o.set_write_buffer_size((mem.write_buffer_bytes / 4).max(1 << 20));
             o.set_max_write_buffer_number(2);
             o
         };
@@ -232,6 +233,7 @@ impl Index {
         db_opts.set_max_open_files(256);
         db_opts.set_keep_log_file_num(4);
         db_opts.set_max_total_wal_size(4 * mem.write_buffer_bytes as u64 + (16 << 20));
+        db_opts.set_write_buffer_manager(&wbm);
         let cfs = [CF_CHUNKS, CF_BLOCKS, CF_FREE, CF_STATE]
             .into_iter()
             .map(|name| ColumnFamilyDescriptor::new(name, cf_opts()));

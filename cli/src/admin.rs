@@ -46,23 +46,28 @@ impl Admin {
         F: FnMut(AdminClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let started = tokio::time::Instant::now();
         let mut last: Option<tonic::Status>;
+        let mut reached_any = false;
         let mut i = 0usize;
         loop {
             let addr = &self.addrs[i % self.addrs.len()];
             match f(Self::client(addr)?).await {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown) => {
+                    // A transport error means nothing listens there; anything else came from a
+                    // node (e.g. an election in progress) and is worth waiting out longer.
+                    reached_any |= !(s.message().contains("transport error") || s.message().contains("connect error"));
                     last = Some(s);
                 }
                 Err(s) => return Err(CliError::from_status(&s)),
             }
             i += 1;
-            if tokio::time::Instant::now() > deadline {
+            let patience = if reached_any { Duration::from_secs(20) } else { Duration::from_secs(3) };
+            if started.elapsed() > patience {
                 let s = last.unwrap_or_else(|| tonic::Status::unavailable("no answer"));
                 return Err(CliError::unreachable(format!(
-                    "the cluster at {} is unavailable: {} (is it running? check --cluster/BASALT_CLUSTER)",
+                    "the cluster at {} is unavailable: {} (is it running? check --cluster or BASALT_CLUSTER)",
                     self.addrs.join(","),
                     s.message()
                 )));

@@ -43,7 +43,7 @@ impl Default for RaftTuning {
             election_timeout_min_ms: 3000,
             election_timeout_max_ms: 6000,
             checkpoint_every_entries: 1024,
-            keep_entries_after_checkpoint: 256,
+            keep_entries_after_checkpoint: 64,
             max_payload_entries: 256,
             api_queue: 1024,
             peer_queue: 8192,
@@ -67,6 +67,9 @@ impl RaftTuning {
             notification_channel_size: Some(4096),
             state_machine_channel_size: Some(256),
             enable_pre_vote: Some(true),
+            // Replicate an entry as soon as it is handed to the log store, so the leader's fsync
+            // and the followers' overlap instead of running one after the other.
+            broadcast_submitted_on_append: Some(true),
             ..Default::default()
         };
         cfg.validate().map_err(|e| RaftError::Membership { group: 0, reason: format!("invalid raft tuning: {e}") })

@@ -75,7 +75,9 @@ struct MemoryFile {
     index_cache: Option<String>,
     log_cache: Option<String>,
     write_buffer: Option<String>,
+    log_write_buffer: Option<String>,
     raft_tail_per_group: Option<String>,
+    inflight_writes: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -85,6 +87,7 @@ struct RaftFile {
     election_timeout_min_ms: Option<u64>,
     election_timeout_max_ms: Option<u64>,
     checkpoint_every_entries: Option<u64>,
+    keep_entries_after_checkpoint: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -136,9 +139,15 @@ pub struct Flags {
     /// RocksDB block cache of the Raft log.
     #[arg(long)]
     pub log_cache: Option<String>,
-    /// RocksDB memtable size.
+    /// Memtable memory of the chunk index (all column families together).
     #[arg(long)]
     pub write_buffer: Option<String>,
+    /// Memtable memory of the Raft log database.
+    #[arg(long)]
+    pub log_write_buffer: Option<String>,
+    /// Write payload bytes a node accepts in flight as leader before callers wait.
+    #[arg(long)]
+    pub inflight_writes: Option<String>,
     /// Recent Raft entries kept in memory per group.
     #[arg(long)]
     pub raft_tail_per_group: Option<String>,
@@ -154,6 +163,9 @@ pub struct Flags {
     /// Checkpoint a placement group after this many entries.
     #[arg(long)]
     pub checkpoint_every_entries: Option<u64>,
+    /// Log entries kept after a checkpoint, so a briefly absent replica catches up from the log.
+    #[arg(long)]
+    pub keep_entries_after_checkpoint: Option<u64>,
     /// Rate at which freed space is overwritten, per second, e.g. 64MiB.
     #[arg(long)]
     pub overwrite_rate: Option<String>,
@@ -166,10 +178,14 @@ pub struct MemoryConfig {
     pub index_cache: usize,
     /// Raft log block cache.
     pub log_cache: usize,
-    /// Memtable size per column family.
+    /// Memtables of the chunk index, all column families together.
     pub write_buffer: usize,
+    /// Memtables of the Raft log database.
+    pub log_write_buffer: usize,
     /// Recent Raft entries in memory per group.
     pub raft_tail_per_group: usize,
+    /// Write payload bytes in flight at most (admission control on the data API).
+    pub inflight_writes: usize,
 }
 
 /// A validated node configuration.
@@ -273,12 +289,20 @@ impl NodeConfig {
         let memory = MemoryConfig {
             index_cache: size("memory.index_cache", f.index_cache.or(file.memory.index_cache), 32 << 20)? as usize,
             log_cache: size("memory.log_cache", f.log_cache.or(file.memory.log_cache), 16 << 20)? as usize,
-            write_buffer: size("memory.write_buffer", f.write_buffer.or(file.memory.write_buffer), 16 << 20)? as usize,
+            write_buffer: size("memory.write_buffer", f.write_buffer.or(file.memory.write_buffer), 32 << 20)? as usize,
+            log_write_buffer: size("memory.log_write_buffer", f.log_write_buffer.or(file.memory.log_write_buffer), 64 << 20)? as usize,
             raft_tail_per_group: size("memory.raft_tail_per_group", f.raft_tail_per_group.or(file.memory.raft_tail_per_group), 2 << 20)?
                 as usize,
+            inflight_writes: size("memory.inflight_writes", f.inflight_writes.or(file.memory.inflight_writes), 64 << 20)? as usize,
         };
-        if memory.write_buffer < 1 << 20 {
-            return Err(invalid("memory.write_buffer", "must be at least 1MiB"));
+        if memory.inflight_writes < 32 << 20 {
+            return Err(invalid("memory.inflight_writes", "must be at least 32MiB (the largest single write)"));
+        }
+        if memory.log_write_buffer < 4 << 20 {
+            return Err(invalid("memory.log_write_buffer", "must be at least 4MiB"));
+        }
+        if memory.write_buffer < 4 << 20 {
+            return Err(invalid("memory.write_buffer", "must be at least 4MiB"));
         }
         let mut raft = basalt_raft::RaftTuning::default();
         if let Some(v) = f.heartbeat_ms.or(file.raft.heartbeat_ms) {
@@ -292,6 +316,9 @@ impl NodeConfig {
         }
         if let Some(v) = f.checkpoint_every_entries.or(file.raft.checkpoint_every_entries) {
             raft.checkpoint_every_entries = v;
+        }
+        if let Some(v) = f.keep_entries_after_checkpoint.or(file.raft.keep_entries_after_checkpoint) {
+            raft.keep_entries_after_checkpoint = v;
         }
         if raft.heartbeat_ms == 0 || raft.election_timeout_min_ms <= raft.heartbeat_ms * 2 {
             return Err(invalid("raft.election_timeout_min_ms", "must be more than twice raft.heartbeat_ms (and the heartbeat above 0)"));
@@ -368,7 +395,7 @@ mod tests {
             ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nlabels=\"planet=mars\"\nroles=[\"meta\"]", "`labels`"),
             ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\ncapacity=\"lots\"\nroles=[\"meta\"]", "`capacity`"),
             ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"storage\"]", "`seeds`"),
-            ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[raft]\nheartbeat_ms = 900", "election_timeout_min_ms"),
+            ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[raft]\nheartbeat_ms = 2000", "election_timeout_min_ms"),
             ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[scrub]\noverwrite_rate = \"0\"", "overwrite_rate"),
         ];
         for (i, (text, expect)) in cases.iter().enumerate() {

@@ -94,6 +94,16 @@ pub fn render(ctx: &NodeCtx) -> String {
         "Raft log write requests carried by those syncs.",
         vec![(String::new(), log.requests.load(Ordering::Relaxed))],
     );
+    family(
+        "basalt_raft_log_sync_microseconds_total",
+        "counter",
+        "Time spent in synced Raft log writes.",
+        vec![(String::new(), log.sync_micros.load(Ordering::Relaxed))],
+    );
+    let a = &ctx.pgs.apply_stats;
+    family("basalt_pg_apply_batches_total", "counter", "State-machine apply calls.", vec![(String::new(), a.batches.load(Ordering::Relaxed))]);
+    family("basalt_pg_apply_commands_total", "counter", "Commands applied.", vec![(String::new(), a.commands.load(Ordering::Relaxed))]);
+    family("basalt_pg_apply_microseconds_total", "counter", "Time spent applying.", vec![(String::new(), a.micros.load(Ordering::Relaxed))]);
     let statuses = ctx.pgs.statuses();
     family("basalt_pgs", "gauge", "Placement groups hosted on this node.", vec![(String::new(), statuses.len() as u64)]);
     family("basalt_pg_leaders", "gauge", "Placement groups this node leads.", vec![(String::new(), statuses.iter().filter(|s| s.is_leader).count() as u64)]);

@@ -192,7 +192,7 @@ impl Node {
         let log_cfg = LogEngineConfig {
             dir: config.data_dir.join("raft-log"),
             cache_bytes: config.memory.log_cache,
-            write_buffer_bytes: config.memory.write_buffer,
+            write_buffer_bytes: config.memory.log_write_buffer,
             tail_bytes_per_group: config.memory.raft_tail_per_group,
             max_batch_bytes: 16 << 20,
         };
@@ -233,7 +233,9 @@ impl Node {
             .max_decoding_message_size(basalt_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(basalt_proto::MAX_MESSAGE_BYTES);
         let mut srv_shutdown = shutdown_rx.clone();
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // Our own listener (bound early to fail fast), so tonic's nodelay setting must be
+        // applied here: without it small replies wait out delayed ACKs (40 ms).
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .tcp_nodelay(true)

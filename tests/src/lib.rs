@@ -314,6 +314,10 @@ impl Drop for TestCluster {
                 let _ = child.wait();
             }
         }
+        if std::env::var_os("BASALT_TEST_KEEP").is_some() {
+            let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
+            eprintln!("keeping test cluster directory {}", dir.keep().display());
+        }
     }
 }
 

@@ -23,11 +23,13 @@ pub struct ClientOptions {
     pub attempt_timeout: Duration,
     /// Requests in flight per volume at most (backpressure beyond).
     pub max_inflight: usize,
+    /// Bytes of write payload in flight per volume at most.
+    pub max_inflight_bytes: usize,
 }
 
 impl Default for ClientOptions {
     fn default() -> Self {
-        Self { op_timeout: Duration::from_secs(60), attempt_timeout: Duration::from_secs(10), max_inflight: 128 }
+        Self { op_timeout: Duration::from_secs(60), attempt_timeout: Duration::from_secs(10), max_inflight: 128, max_inflight_bytes: 64 << 20 }
     }
 }
 

@@ -25,6 +25,8 @@ pub struct Volume {
     name: Arc<str>,
     size: Arc<AtomicU64>,
     inflight: Arc<Semaphore>,
+    /// Write payload in flight, in KiB.
+    inflight_kib: Arc<Semaphore>,
 }
 
 /// What one attempt at a PG produced.
@@ -52,7 +54,19 @@ pub fn piece_crcs(offset: u64, data: &[u8]) -> Vec<u32> {
 impl Volume {
     pub(crate) fn new(cluster: Cluster, id: VolumeId, name: String, size: u64) -> Self {
         let permits = cluster.inner.options.max_inflight;
-        Self { cluster, id, name: name.into(), size: Arc::new(AtomicU64::new(size)), inflight: Arc::new(Semaphore::new(permits)) }
+        let kib = (cluster.inner.options.max_inflight_bytes / 1024).max(1);
+        Self {
+            cluster,
+            id,
+            name: name.into(),
+            size: Arc::new(AtomicU64::new(size)),
+            inflight: Arc::new(Semaphore::new(permits)),
+            inflight_kib: Arc::new(Semaphore::new(kib)),
+        }
+    }
+
+    fn inflight_kib_total(&self) -> u32 {
+        (self.cluster.inner.options.max_inflight_bytes / 1024).max(1) as u32
     }
 
     /// The volume id.
@@ -205,6 +219,8 @@ impl Volume {
         }
         self.check_range("write", offset, data.len() as u64).await?;
         let _permit = self.inflight.acquire().await.map_err(|_| ClientError::Internal("client closed".into()))?;
+        let kib = (data.len().div_ceil(1024) as u32).min(self.inflight_kib_total());
+        let _bytes = self.inflight_kib.acquire_many(kib).await.map_err(|_| ClientError::Internal("client closed".into()))?;
         let spans = self.spans(offset, data.len() as u64)?;
         try_join_all(spans.iter().map(|span| {
             let piece = data.slice(span.buf_offset as usize..(span.buf_offset + span.len) as usize);

@@ -33,6 +33,9 @@ use crate::types::{Entry, GroupId, LogId, TypeConfig, Vote};
 pub use writer::WriterStats;
 use writer::{Cf, Done, Msg, Op, Request, Writer};
 
+/// Payload bytes one replication message carries at most (a single larger entry still goes).
+const MAX_REPLICATION_BYTES: usize = 4 << 20;
+
 const TAG_VOTE: u8 = 1;
 const TAG_COMMITTED: u8 = 2;
 const TAG_PURGED: u8 = 3;
@@ -44,7 +47,7 @@ pub struct LogEngineConfig {
     pub dir: PathBuf,
     /// Block cache.
     pub cache_bytes: usize,
-    /// Memtable size of the log column family.
+    /// All memtables of the log database together (RocksDB's write buffer manager enforces it).
     pub write_buffer_bytes: usize,
     /// Per-group budget for recent entries kept in memory.
     pub tail_bytes_per_group: usize,
@@ -124,6 +127,7 @@ impl LogEngine {
     pub fn open(cfg: &LogEngineConfig) -> Result<Self, RaftError> {
         let err = |e: rocksdb::Error| RaftError::Storage { path: cfg.dir.display().to_string(), reason: e.to_string() };
         let cache = Cache::new_lru_cache(cfg.cache_bytes);
+        let wbm = rocksdb::WriteBufferManager::new_write_buffer_manager(cfg.write_buffer_bytes, true);
         let cf_opts = |write_buffer: usize| {
             let mut bb = BlockBasedOptions::default();
             bb.set_block_cache(&cache);
@@ -139,10 +143,18 @@ impl LogEngine {
         db_opts.set_max_background_jobs(2);
         db_opts.set_keep_log_file_num(4);
         db_opts.set_max_open_files(256);
+        db_opts.set_write_buffer_manager(&wbm);
+        // Entry payloads (block data) live in blob files: written once when a memtable is
+        // flushed, never rewritten by compactions, dropped when every entry in a file is purged.
+        let mut log_opts = cf_opts((cfg.write_buffer_bytes / 2).max(1 << 20));
+        log_opts.set_enable_blob_files(true);
+        log_opts.set_min_blob_size(1024);
+        log_opts.set_enable_blob_gc(true);
+        log_opts.set_blob_file_size(64 << 20);
         let cfs = vec![
-            ColumnFamilyDescriptor::new(Cf::Log.name(), cf_opts(cfg.write_buffer_bytes)),
-            ColumnFamilyDescriptor::new(Cf::Meta.name(), cf_opts(4 << 20)),
-            ColumnFamilyDescriptor::new(Cf::Sm.name(), cf_opts(4 << 20)),
+            ColumnFamilyDescriptor::new(Cf::Log.name(), log_opts),
+            ColumnFamilyDescriptor::new(Cf::Meta.name(), cf_opts(2 << 20)),
+            ColumnFamilyDescriptor::new(Cf::Sm.name(), cf_opts(2 << 20)),
         ];
         let db = Arc::new(DB::open_cf_descriptors(&db_opts, &cfg.dir, cfs).map_err(err)?);
         let writer = Writer::start(db.clone(), cfg.max_batch_bytes, 1024)
@@ -342,6 +354,8 @@ impl GroupLogStore {
         Ok(out)
     }
 
+    /// Reads `[start, end)`, at most `limit` entries; with `byte_limit`, stops once that many
+    /// payload bytes are collected (always returning at least one entry).
     async fn read_range(&mut self, start: u64, end: u64, limit: usize) -> io::Result<Vec<Entry>> {
         if start >= end {
             return Ok(Vec::new());
@@ -412,8 +426,23 @@ impl RaftLogReader<TypeConfig> for GroupLogStore {
     }
 
     async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, io::Error> {
-        // Bound a replication message: enough to amortise, small enough not to stall.
-        self.read_range(start, end, 256).await
+        // Bound a replication message by count and bytes: enough to amortise, small enough not
+        // to stall other groups or hold much memory.
+        let mut entries = self.read_range(start, end, 256).await?;
+        let mut bytes = 0usize;
+        let keep = entries
+            .iter()
+            .position(|e| {
+                bytes += match &e.payload {
+                    openraft::EntryPayload::Normal(c) => c.0.len(),
+                    _ => 64,
+                };
+                bytes > MAX_REPLICATION_BYTES
+            })
+            .map(|i| i.max(1))
+            .unwrap_or(entries.len());
+        entries.truncate(keep);
+        Ok(entries)
     }
 }
 
@@ -657,5 +686,27 @@ mod tests {
         let requests = engine.stats().requests.load(Ordering::Relaxed);
         assert_eq!(requests, 64 * 20);
         assert!(batches < requests / 2, "group commit should merge appends: {batches} syncs for {requests} appends");
+    }
+}
+
+/// Helpers for benchmarks and tools outside this crate: append application entries and wait
+/// until they are durable, without exposing openraft's types.
+pub mod harness {
+    use std::io;
+
+    use bytes::Bytes;
+    use openraft::EntryPayload;
+    use openraft::storage::{IOFlushed, RaftLogStorage};
+    use openraft::type_config::TypeConfigExt;
+
+    use super::GroupLogStore;
+    use crate::types::{Command, Entry, TypeConfig};
+
+    /// Appends one entry carrying `payload` at `index` (term 1) and waits until it is durable.
+    pub async fn append_durable(store: &mut GroupLogStore, index: u64, payload: Bytes) -> io::Result<()> {
+        let entry = Entry { log_id: openraft::testing::log_id::<TypeConfig>(1, 1, index), payload: EntryPayload::Normal(Command(payload)) };
+        let (tx, rx) = TypeConfig::oneshot();
+        store.append([entry], IOFlushed::signal(tx)).await?;
+        rx.await.map_err(|_| io::Error::other("flush callback dropped"))?
     }
 }

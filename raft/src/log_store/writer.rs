@@ -69,6 +69,8 @@ pub struct WriterStats {
     pub requests: AtomicU64,
     /// Payload bytes written.
     pub bytes: AtomicU64,
+    /// Time spent in synced writes, microseconds.
+    pub sync_micros: AtomicU64,
 }
 
 /// What the writer thread receives.
@@ -154,7 +156,9 @@ fn run(db: Arc<DB>, mut rx: mpsc::Receiver<Msg>, max_batch_bytes: usize, stats: 
                 }
             }
         }
+        let started = std::time::Instant::now();
         let result = db.write_opt(wb, &opts);
+        stats.sync_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.requests.fetch_add(reqs.len() as u64, Ordering::Relaxed);
         stats.bytes.fetch_add(bytes as u64, Ordering::Relaxed);

@@ -123,11 +123,24 @@ impl<S: StateMachine> RaftNetworkV2<TypeConfig> for GroupNetwork<S> {
             let peer = self.peer()?;
             let group = self.group;
             let stream_id = NEXT_STREAM.fetch_add(1, Ordering::Relaxed);
+            // After the last request, an empty message tells the receiver this stream is over
+            // (a group has several: replication, and one per heartbeat).
             let results = input
+                .map(Some)
+                .chain(futures::stream::once(async { None }))
                 .then(move |req| {
                     let peer = peer.clone();
-                    async move { peer.send(group, RaftKind::StreamAppend, stream_id, encode(&req)).await }
+                    async move {
+                        match req {
+                            Some(req) => Some(peer.send(group, RaftKind::StreamAppend, stream_id, encode(&req)).await),
+                            None => {
+                                drop(peer.send(group, RaftKind::StreamAppend, stream_id, Bytes::new()).await);
+                                None
+                            }
+                        }
+                    }
                 })
+                .filter_map(futures::future::ready)
                 .map(|rx| async move {
                     match rx.await {
                         Ok(Ok(bytes)) => decode::<StreamAppendResult<TypeConfig>>(&bytes)

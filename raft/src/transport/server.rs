@@ -72,11 +72,17 @@ struct PipelineState {
     closed: bool,
 }
 
-/// One sender stream's ordered appends into one group.
+/// One sender stream's ordered appends into one group. A group can have several at once:
+/// the replication stream, and one short stream per heartbeat.
 struct Pipeline {
     state: Arc<Mutex<PipelineState>>,
     tx: mpsc::Sender<Bytes>,
+    last_used: std::time::Instant,
 }
+
+/// A pipeline whose sender went quiet this long is dropped (its sender abandoned it without
+/// the end marker, e.g. on an error).
+const PIPELINE_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Pipeline {
     fn start(endpoint: Arc<dyn GroupEndpoint>, group: GroupId, replies: mpsc::Sender<RaftMessage>) -> Self {
@@ -101,7 +107,7 @@ impl Pipeline {
                 let _ = replies.send(reply(id, group, Err("append stream ended".into()))).await;
             }
         });
-        Self { state, tx }
+        Self { state, tx, last_used: std::time::Instant::now() }
     }
 
     /// Registers a request id; false if the pipeline already ended.
@@ -117,22 +123,35 @@ impl Pipeline {
 
 async fn serve_pipe(registry: Registry, mut incoming: Streaming<RaftFrame>, replies: mpsc::Sender<RaftMessage>) {
     let mut pipelines: HashMap<(GroupId, u64), Pipeline> = HashMap::new();
-    while let Ok(Some(frame)) = incoming.message().await {
+    let mut sweep = tokio::time::interval(PIPELINE_IDLE);
+    loop {
+        let frame = tokio::select! {
+            f = incoming.message() => match f {
+                Ok(Some(frame)) => frame,
+                _ => return,
+            },
+            _ = sweep.tick() => {
+                pipelines.retain(|_, p| p.last_used.elapsed() < PIPELINE_IDLE);
+                continue;
+            }
+        };
         for m in frame.messages {
             let kind = RaftKind::try_from(m.kind).unwrap_or(RaftKind::Unspecified);
+            if kind == RaftKind::StreamAppend && m.body.is_empty() {
+                // End of a sender stream: close its input; replies to what came before still flow.
+                pipelines.remove(&(m.group, m.stream));
+                let _ = replies.send(reply(m.id, m.group, Ok(Bytes::new()))).await;
+                continue;
+            }
             let Some(endpoint) = registry.get(m.group) else {
                 let _ = replies.send(reply(m.id, m.group, Err(format!("group {} is not hosted here", m.group)))).await;
                 continue;
             };
             match kind {
                 RaftKind::StreamAppend => {
-                    let key = (m.group, m.stream);
-                    if !pipelines.contains_key(&key) {
-                        // A sender opens a new stream only after abandoning its previous one.
-                        pipelines.retain(|(g, _), _| *g != m.group);
-                        pipelines.insert(key, Pipeline::start(endpoint, m.group, replies.clone()));
-                    }
-                    let pipeline = &pipelines[&key];
+                    let pipeline =
+                        pipelines.entry((m.group, m.stream)).or_insert_with(|| Pipeline::start(endpoint, m.group, replies.clone()));
+                    pipeline.last_used = std::time::Instant::now();
                     if !pipeline.admit(m.id) {
                         let _ = replies.send(reply(m.id, m.group, Err("append stream ended".into()))).await;
                         continue;

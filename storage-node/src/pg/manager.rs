@@ -10,7 +10,7 @@ use basalt_proto::view::ClusterView;
 use basalt_raft::{GroupStatus, META_GROUP, NodeInfo, RaftError, RaftGroup, RaftHost};
 use tokio::sync::watch;
 
-use super::state_machine::{PgShared, PgStateMachine};
+use super::state_machine::{ApplyStats, PgShared, PgStateMachine};
 use crate::node::NodeCtx;
 
 /// One hosted PG.
@@ -29,12 +29,21 @@ pub struct PgManager {
     store: ChunkStore,
     groups: RwLock<HashMap<PgId, PgHandle>>,
     starting: tokio::sync::Mutex<()>,
+    /// Apply timing across the node's PGs.
+    pub apply_stats: Arc<ApplyStats>,
 }
 
 impl PgManager {
     /// An empty manager.
     pub fn new(node: NodeId, host: RaftHost, store: ChunkStore) -> Self {
-        Self { node, host, store, groups: RwLock::new(HashMap::new()), starting: tokio::sync::Mutex::new(()) }
+        Self {
+            node,
+            host,
+            store,
+            groups: RwLock::new(HashMap::new()),
+            starting: tokio::sync::Mutex::new(()),
+            apply_stats: Arc::new(ApplyStats::default()),
+        }
     }
 
     /// The PG, if hosted here.
@@ -59,7 +68,7 @@ impl PgManager {
         if let Some(h) = self.get(pg) {
             return Ok(h);
         }
-        let shared = PgShared::new(pg, self.node, self.store.clone());
+        let shared = PgShared::new(pg, self.node, self.store.clone(), self.apply_stats.clone());
         let group = self.host.start_group(pg.0, PgStateMachine::new(shared.clone())).await?;
         let handle = PgHandle { shared, group };
         self.groups.write().unwrap_or_else(|p| p.into_inner()).insert(pg, handle.clone());
@@ -158,22 +167,32 @@ pub async fn run_reconciler(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<boo
     }
 }
 
-/// Checkpoints PGs that went idle with un-checkpointed entries, so their logs get purged and a
-/// restart replays little.
+/// Bytes applied to a PG after which it checkpoints regardless of the entry count, so large
+/// writes do not pile up in the Raft log (and in RocksDB's memtables).
+pub const CHECKPOINT_BYTES: u64 = 32 << 20;
+
+/// Checkpoints PGs that applied many bytes, and PGs that went idle with un-checkpointed
+/// entries (so their logs get purged and a restart replays little).
 pub async fn run_checkpointer(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(10));
-    let mut last_applied: HashMap<u32, u64> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut last_applied: HashMap<u32, (u64, tokio::time::Instant)> = HashMap::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
-        for st in ctx.pgs.statuses() {
-            let idle = last_applied.insert(st.group, st.applied_index) == Some(st.applied_index);
-            if idle && st.applied_index > st.checkpoint_index {
-                if let Some(h) = ctx.pgs.get(PgId(st.group)) {
-                    let _ = h.group.checkpoint_now().await;
-                }
+        let handles: Vec<PgHandle> = ctx.pgs.groups.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        for h in handles {
+            let st = h.group.status();
+            let now = tokio::time::Instant::now();
+            let entry = last_applied.entry(st.group).or_insert((st.applied_index, now));
+            if entry.0 != st.applied_index {
+                *entry = (st.applied_index, now);
+            }
+            let idle = now.duration_since(entry.1) > Duration::from_secs(10);
+            let big = h.shared.bytes_since_checkpoint.load(std::sync::atomic::Ordering::Relaxed) > CHECKPOINT_BYTES;
+            if st.applied_index > st.checkpoint_index && (idle || big) {
+                let _ = h.group.checkpoint_now().await;
             }
         }
     }

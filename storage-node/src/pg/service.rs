@@ -35,12 +35,16 @@ fn err(code: Code, message: impl Into<String>) -> DataError {
 /// The data gRPC service.
 pub struct DataService {
     ctx: Arc<NodeCtx>,
+    /// Write payload admitted and not yet answered, in KiB units: the node's memory for
+    /// in-flight data is bounded by configuration, not by how hard clients push.
+    inflight: Arc<tokio::sync::Semaphore>,
 }
 
 impl DataService {
     /// A service over the node's PGs.
     pub fn new(ctx: Arc<NodeCtx>) -> Self {
-        Self { ctx }
+        let kib = (ctx.config.memory.inflight_writes / 1024).max(1);
+        Self { ctx, inflight: Arc::new(tokio::sync::Semaphore::new(kib)) }
     }
 
     fn raft_error(&self, e: RaftError) -> DataError {
@@ -124,6 +128,9 @@ impl Data for DataService {
             if len > MAX_IO {
                 return Some(err(Code::OutOfRange, format!("write of {len} bytes exceeds the {MAX_IO}-byte limit")));
             }
+            let Ok(_admitted) = self.inflight.acquire_many(len.div_ceil(1024).max(1) as u32).await else {
+                return Some(err(Code::Unavailable, "node is shutting down"));
+            };
             let handle = match self.route(req.pg, req.volume_id, req.offset, len, req.map_version).await {
                 Ok(h) => h,
                 Err(e) => return Some(e),
@@ -168,8 +175,9 @@ impl Data for DataService {
             match handle.shared.read(VolumeId(req.volume_id), req.offset, len).await {
                 Ok(r) => Ok((r.data, r.crcs)),
                 Err(e @ ChunkStoreError::Corrupt { .. }) => {
-                    tracing::error!(pg = req.pg, error = %e, "read hit a corrupt block");
-                    Err(err(Code::Corrupt, format!("{e} in pg-{} on {}", req.pg, self.ctx.config.id)))
+                    let extent = self.ctx.map.borrow().layout.map(|l| req.offset / l.extent_size).unwrap_or(0);
+                    tracing::error!(pg = req.pg, extent, error = %e, "read hit a corrupt block");
+                    Err(err(Code::Corrupt, format!("{e}, in extent {extent} of pg-{} on {}", req.pg, self.ctx.config.id)))
                 }
                 Err(e) => Err(err(Code::Internal, format!("{e} (on {})", self.ctx.config.id))),
             }

@@ -32,8 +32,17 @@ fn io_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }
 
-/// Counts a transfer in flight while alive.
+/// Counts a transfer in flight while alive. Taken when streaming starts (not when a handle is
+/// created: openraft keeps the handle of the last checkpoint around), released at the end of
+/// the stream or when the handle is dropped.
 struct TransferGuard(PgShared);
+
+impl TransferGuard {
+    fn new(shared: &PgShared) -> Self {
+        shared.transfers.fetch_add(1, Ordering::AcqRel);
+        Self(shared.clone())
+    }
+}
 
 impl Drop for TransferGuard {
     fn drop(&mut self) {
@@ -58,13 +67,12 @@ pub enum PgSnapshot {
 pub struct Outgoing {
     shared: PgShared,
     keys: Option<std::collections::VecDeque<ChunkKey>>,
-    _guard: TransferGuard,
+    guard: Option<TransferGuard>,
 }
 
 impl PgSnapshot {
     pub(crate) fn outgoing(shared: PgShared) -> Self {
-        shared.transfers.fetch_add(1, Ordering::AcqRel);
-        PgSnapshot::Outgoing(Box::new(Outgoing { shared: shared.clone(), keys: None, _guard: TransferGuard(shared) }))
+        PgSnapshot::Outgoing(Box::new(Outgoing { shared, keys: None, guard: None }))
     }
 
     /// Replaces the PG's data with this snapshot and records `record`; returns the tombstones.
@@ -117,6 +125,7 @@ impl SnapshotStream for PgSnapshot {
         };
         let mut out = BytesMut::new();
         if o.keys.is_none() {
+            o.guard = Some(TransferGuard::new(&o.shared));
             let shard = o.shared.shard();
             let tombs = o.shared.store.scan_state(shard, TOMBSTONE_PREFIX).await.map_err(io_err)?;
             let mut rec = BytesMut::new();
@@ -143,7 +152,11 @@ impl SnapshotStream for PgSnapshot {
                 frame(&mut out, &rec);
             }
         }
-        Ok(if out.is_empty() { None } else { Some(out.freeze()) })
+        if out.is_empty() {
+            o.guard = None;
+            return Ok(None);
+        }
+        Ok(Some(out.freeze()))
     }
 }
 
@@ -226,5 +239,96 @@ impl SnapshotSink for PgSink {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "snapshot stream ended mid-record"));
         }
         Ok(PgSnapshot::Staged { tombstones: self.tombstones, _staging: self.guard })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use basalt_chunk_store::{Batch, ChunkStore, ChunkStoreConfig, IndexMemory};
+    use basalt_common::{NodeId, PgId, VolumeId, crc32c};
+    use basalt_raft::{CheckpointRecord, SnapshotReceiver, SnapshotSink, SnapshotStream};
+    use bytes::Bytes;
+
+    use super::PgSnapshot;
+    use crate::pg::state_machine::{ApplyStats, PgShared};
+
+    fn store(dir: &std::path::Path) -> ChunkStore {
+        ChunkStore::open(&ChunkStoreConfig {
+            data_path: dir.join("data"),
+            index_dir: dir.join("index"),
+            capacity: 64 << 20,
+            direct_io: true,
+            queue_depth: 16,
+            index_memory: IndexMemory { cache_bytes: 4 << 20, write_buffer_bytes: 4 << 20 },
+        })
+        .unwrap()
+    }
+
+    async fn write(s: &ChunkStore, shard: u32, vol: u64, offset: u64, byte: u8, len: usize) {
+        let data = Bytes::from(vec![byte; len]);
+        let crcs = data.chunks(4096).map(crc32c).collect();
+        let mut b = Batch::new();
+        b.write(shard, VolumeId(vol), offset, data, crcs).unwrap();
+        s.commit(b).await.unwrap();
+    }
+
+    /// The leader's PG streamed in small pieces into a follower that holds stale data of its
+    /// own: after install the follower holds exactly the leader's chunks and tombstones.
+    #[tokio::test]
+    async fn stream_stage_install_replaces_the_replica() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (sa, sb) = (store(da.path()), store(db.path()));
+        let stats = Arc::new(ApplyStats::default());
+        let leader = PgShared::new(PgId(5), NodeId(1), sa.clone(), stats.clone());
+        let follower = PgShared::new(PgId(5), NodeId(2), sb.clone(), stats);
+        write(&sa, 5, 1, 0, 0xA1, 3 << 20).await;
+        write(&sa, 5, 2, 8 << 20, 0xA2, 4096).await;
+        let mut b = Batch::new();
+        b.put_state(5, b"tomb/\0\0\0\0\0\0\0\x09", Vec::new());
+        sa.commit(b).await.unwrap();
+        // The follower has stale data the snapshot must remove, and data of another PG it must keep.
+        write(&sb, 5, 7, 0, 0xEE, 4096).await;
+        write(&sb, 6, 7, 0, 0x66, 4096).await;
+
+        let mut out = PgSnapshot::outgoing(leader.clone());
+        let record = CheckpointRecord::default();
+        let mut sink = super::PgReceiver { shared: follower.clone() }.begin(&record).await.unwrap();
+        while let Some(chunk) = out.next_chunk().await.unwrap() {
+            // Deliver in odd-sized pieces: records straddle transfer chunks.
+            for piece in chunk.chunks(100_003) {
+                sink.write(Bytes::copy_from_slice(piece)).await.unwrap();
+            }
+        }
+        assert_eq!(leader.transfers.load(std::sync::atomic::Ordering::Acquire), 0, "finished stream releases its guard");
+        let staged = sink.finish().await.unwrap();
+        let tombstones = staged.install(&follower, &record).await.unwrap();
+        assert!(tombstones.contains(&VolumeId(9)));
+
+        let a = sb.read(5, VolumeId(1), 0, 3 << 20).await.unwrap();
+        assert!(a.data.iter().all(|b| *b == 0xA1));
+        assert!(sb.read(5, VolumeId(2), 8 << 20, 4096).await.unwrap().data.iter().all(|b| *b == 0xA2));
+        assert!(sb.read(5, VolumeId(7), 0, 4096).await.unwrap().data.iter().all(|b| *b == 0), "stale chunk removed");
+        assert!(sb.read(6, VolumeId(7), 0, 4096).await.unwrap().data.iter().all(|b| *b == 0x66), "other PG untouched");
+        assert!(sb.list_chunks(follower.staging_shard()).is_empty(), "staging emptied");
+        assert_eq!(sb.scrub_queue().len(), 1, "the replaced chunk waits for overwriting");
+    }
+
+    /// A transfer cut short leaves nothing behind in the live PG.
+    #[tokio::test]
+    async fn truncated_transfer_is_refused() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (sa, sb) = (store(da.path()), store(db.path()));
+        let stats = Arc::new(ApplyStats::default());
+        let leader = PgShared::new(PgId(1), NodeId(1), sa.clone(), stats.clone());
+        let follower = PgShared::new(PgId(1), NodeId(2), sb.clone(), stats);
+        write(&sa, 1, 1, 0, 0xA1, 1 << 20).await;
+        let mut out = PgSnapshot::outgoing(leader);
+        let mut sink = super::PgReceiver { shared: follower }.begin(&CheckpointRecord::default()).await.unwrap();
+        let chunk = out.next_chunk().await.unwrap().unwrap();
+        sink.write(chunk.slice(..chunk.len() - 10)).await.unwrap();
+        assert!(sink.finish().await.is_err());
+        assert!(sb.list_chunks(1).is_empty());
     }
 }

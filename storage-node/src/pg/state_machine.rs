@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use basalt_chunk_store::{Batch, ChunkStore, ChunkStoreError};
 use basalt_common::{BLOCK_SIZE, NodeId, PgId, VolumeId, crc32c};
@@ -40,11 +40,27 @@ pub struct PgShared {
     pub transfers: Arc<AtomicUsize>,
     /// Serialises incoming snapshot transfers (one staging area per PG).
     pub staging: Arc<tokio::sync::Mutex<()>>,
+    /// Apply timing, for metrics.
+    pub apply_stats: Arc<ApplyStats>,
+    /// Payload bytes applied since the last checkpoint began: checkpoints are also triggered
+    /// by volume, so large writes do not pile up in the Raft log.
+    pub bytes_since_checkpoint: Arc<AtomicU64>,
+}
+
+/// How much time applying takes on this node (all PGs share one).
+#[derive(Debug, Default)]
+pub struct ApplyStats {
+    /// Apply calls.
+    pub batches: std::sync::atomic::AtomicU64,
+    /// Commands applied.
+    pub commands: std::sync::atomic::AtomicU64,
+    /// Time inside apply, microseconds (including waiting for readers to leave).
+    pub micros: std::sync::atomic::AtomicU64,
 }
 
 impl PgShared {
     /// New shared state for `pg`.
-    pub fn new(pg: PgId, node: NodeId, store: ChunkStore) -> Self {
+    pub fn new(pg: PgId, node: NodeId, store: ChunkStore, apply_stats: Arc<ApplyStats>) -> Self {
         Self {
             pg,
             node,
@@ -52,6 +68,8 @@ impl PgShared {
             lock: Arc::new(RwLock::new(())),
             transfers: Arc::new(AtomicUsize::new(0)),
             staging: Arc::new(tokio::sync::Mutex::new(())),
+            apply_stats,
+            bytes_since_checkpoint: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -269,8 +287,45 @@ impl StateMachine for PgStateMachine {
     }
 
     async fn apply(&mut self, items: Vec<ApplyItem>) -> io::Result<Vec<Bytes>> {
+        let started = std::time::Instant::now();
+        let stats = self.shared.apply_stats.clone();
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats.commands.fetch_add(items.len() as u64, Ordering::Relaxed);
+        let result = self.apply_inner(items).await;
+        stats.micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        result
+    }
+
+    fn defer_checkpoint(&self) -> bool {
+        self.shared.transfers.load(Ordering::Acquire) > 0
+    }
+
+    fn checkpoint(&mut self, record: CheckpointRecord) -> PgCheckpoint {
+        self.shared.bytes_since_checkpoint.store(0, Ordering::Relaxed);
+        PgCheckpoint { shared: self.shared.clone(), record }
+    }
+
+    async fn open_snapshot(&mut self, _record: &CheckpointRecord) -> io::Result<PgSnapshot> {
+        Ok(PgSnapshot::outgoing(self.shared.clone()))
+    }
+
+    async fn install(&mut self, record: CheckpointRecord, snapshot: PgSnapshot) -> io::Result<()> {
+        let tombstones = snapshot.install(&self.shared, &record).await?;
+        self.tombstones = tombstones;
+        Ok(())
+    }
+
+    fn receiver(&self) -> PgReceiver {
+        PgReceiver { shared: self.shared.clone() }
+    }
+}
+
+impl PgStateMachine {
+    async fn apply_inner(&mut self, items: Vec<ApplyItem>) -> io::Result<Vec<Bytes>> {
         let lock = self.shared.lock.clone();
         let _guard = lock.write().await;
+        let bytes: u64 = items.iter().filter_map(|i| i.command.as_ref()).map(|c| c.len() as u64).sum();
+        self.shared.bytes_since_checkpoint.fetch_add(bytes, Ordering::Relaxed);
         let cmds: Vec<Option<Result<PgCommand, String>>> = items.into_iter().map(|i| i.command.map(PgCommand::decode)).collect();
         let mut batch = Batch::new();
         let mut replies = Vec::with_capacity(cmds.len());
@@ -309,28 +364,6 @@ impl StateMachine for PgStateMachine {
             Err(e) => return Err(Self::io(e)),
         }
         Ok(replies.iter().map(PgReply::encode).collect())
-    }
-
-    fn defer_checkpoint(&self) -> bool {
-        self.shared.transfers.load(Ordering::Acquire) > 0
-    }
-
-    fn checkpoint(&mut self, record: CheckpointRecord) -> PgCheckpoint {
-        PgCheckpoint { shared: self.shared.clone(), record }
-    }
-
-    async fn open_snapshot(&mut self, _record: &CheckpointRecord) -> io::Result<PgSnapshot> {
-        Ok(PgSnapshot::outgoing(self.shared.clone()))
-    }
-
-    async fn install(&mut self, record: CheckpointRecord, snapshot: PgSnapshot) -> io::Result<()> {
-        let tombstones = snapshot.install(&self.shared, &record).await?;
-        self.tombstones = tombstones;
-        Ok(())
-    }
-
-    fn receiver(&self) -> PgReceiver {
-        PgReceiver { shared: self.shared.clone() }
     }
 }
 

@@ -1,0 +1,252 @@
+//! Bad input gets a clear error, never a crash or bad data: configs, I/O requests, admin
+//! requests, CLI arguments, and a corrupted block on disk.
+
+use std::process::Command;
+use std::time::Duration;
+
+use basalt_chunk_store::{ChunkKey, ChunkStore, ChunkStoreConfig, IndexMemory};
+use basalt_common::{BLOCK_SIZE, ExtentIndex, Layout, VolumeId, crc32c};
+use basalt_proto::admin::{VolumeCreateRequest, VolumeResizeRequest};
+use basalt_proto::data::data_client::DataClient;
+use basalt_proto::data::data_error::Code;
+use basalt_proto::data::{ReadRequest, WriteRequest};
+use basalt_tests::{TestCluster, bin, simple_spec};
+use basalt_volume_client::ClientError;
+use bytes::Bytes;
+
+#[test]
+fn invalid_configs_are_refused_with_the_setting_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("id = 1\nlisten = \"127.0.0.1:1\"\n", "data_dir"),
+        ("id = 1\nlisten = \"not-an-address\"\ndata_dir = \"/tmp/x\"\nroles = [\"meta\"]\n", "listen"),
+        ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/tmp/x\"\nroles = [\"meta\"]\nlabels = \"zone\"\n", "labels"),
+        ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/tmp/x\"\nroles = [\"meta\"]\ncapacity = \"-3\"\n", "capacity"),
+        ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/tmp/x\"\nroles = [\"meta\"]\nbogus = 1\n", "bogus"),
+        ("id = [\n", "invalid config file"),
+    ];
+    for (i, (text, expect)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(bin("basalt-node")).arg("--config").arg(&path).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "case {i}: {stderr}");
+        assert!(stderr.contains(expect), "case {i}: expected {expect:?} in {stderr}");
+    }
+    let out = Command::new(bin("basalt-node")).args(["--id", "1", "--listen", "127.0.0.1:1", "--data-dir", "/tmp/x", "--roles", "meta", "--direct-io", "maybe"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "bad flag value is a usage error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_node_on_a_data_dir_or_port_is_refused() {
+    let cluster = TestCluster::start(simple_spec(1)).await.unwrap();
+    let n = cluster.node(1);
+    // Same data directory, another port: the directory lock refuses it.
+    let out = Command::new(bin("basalt-node"))
+        .args(["--id", "1", "--roles", "meta", "--listen", &format!("127.0.0.1:{}", basalt_tests::free_port())])
+        .arg("--data-dir")
+        .arg(&n.data_dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another basalt-node"), "{}", String::from_utf8_lossy(&out.stderr));
+    // Same port, another directory.
+    let other = cluster.path().join("other");
+    let out = Command::new(bin("basalt-node")).args(["--id", "9", "--roles", "meta", "--listen", &n.addr]).arg("--data-dir").arg(&other).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot listen on"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+async fn data_client(addr: &str) -> DataClient<tonic::transport::Channel> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    DataClient::new(ch).max_decoding_message_size(basalt_proto::MAX_MESSAGE_BYTES).max_encoding_message_size(basalt_proto::MAX_MESSAGE_BYTES)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_io_and_admin_requests_get_clear_errors() {
+    let cluster = TestCluster::start(simple_spec(3)).await.unwrap();
+    cluster.init(8, "zone").await.unwrap();
+    let status = cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
+    let mut admin = cluster.admin().await.unwrap();
+    let created = admin.volume_create(VolumeCreateRequest { name: "v".into(), size: 16 << 20 }).await.unwrap().into_inner();
+    let vol = created.volume.unwrap();
+    // Requests carry the map version they were made against, so a node that has not seen the
+    // new volume yet catches up instead of refusing.
+    let map_version = created.map_version;
+
+    // Admin: duplicates, zero, huge and unaligned sizes, shrinking, bad names.
+    let code = |r: Result<tonic::Response<basalt_proto::admin::VolumeReply>, tonic::Status>| r.unwrap_err();
+    let e = code(admin.volume_create(VolumeCreateRequest { name: "v".into(), size: 4096 }).await);
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e}");
+    for size in [0u64, 1000, u64::MAX - 4095] {
+        let e = code(admin.volume_create(VolumeCreateRequest { name: "w".into(), size }).await);
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "size {size}: {e}");
+    }
+    for name in ["", "has space", "-dash", &"x".repeat(64), "slash/name"] {
+        let e = code(admin.volume_create(VolumeCreateRequest { name: name.into(), size: 4096 }).await);
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "name {name:?}: {e}");
+    }
+    let e = code(admin.volume_resize(VolumeResizeRequest { name: "v".into(), size: 4096 }).await);
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("shrinking"), "{}", e.message());
+
+    // Data: find a leader, then send bad requests to it.
+    let layout = Layout { extent_size: status.extent_size, pg_count: status.pg_count };
+    let pg = layout.pg_of(VolumeId(vol.id), ExtentIndex(0));
+    let leader = status.pgs.iter().find(|p| p.id == pg.0).unwrap().leader;
+    let addr = &status.nodes.iter().find(|n| n.id == leader).unwrap().addr;
+    let mut data = data_client(addr).await;
+    let block = Bytes::from(vec![7u8; 4096]);
+    let good = WriteRequest { pg: pg.0, volume_id: vol.id, offset: 0, data: block.clone(), crcs: vec![crc32c(&block)], fua: false, map_version };
+    assert!(data.write(good.clone()).await.unwrap().into_inner().error.is_none());
+
+    let expect = |code: Code, e: Option<basalt_proto::data::DataError>, what: &str| {
+        let e = e.unwrap_or_else(|| panic!("{what}: accepted"));
+        assert_eq!(e.code, code as i32, "{what}: {}", e.message);
+        e.message
+    };
+    let w = |f: &dyn Fn(&mut WriteRequest)| {
+        let mut r = good.clone();
+        f(&mut r);
+        r
+    };
+    expect(Code::Invalid, data.write(w(&|r| r.crcs = vec![])).await.unwrap().into_inner().error, "missing checksums");
+    expect(Code::BadChecksum, data.write(w(&|r| r.crcs = vec![1])).await.unwrap().into_inner().error, "wrong checksum");
+    expect(Code::OutOfRange, data.write(w(&|r| r.offset = (16 << 20) - 100)).await.unwrap().into_inner().error, "past the end");
+    expect(Code::OutOfRange, data.write(w(&|r| r.offset = u64::MAX - 10)).await.unwrap().into_inner().error, "overflowing offset");
+    expect(Code::NoSuchVolume, data.write(w(&|r| r.volume_id = 999)).await.unwrap().into_inner().error, "unknown volume");
+    expect(Code::Invalid, data.write(w(&|r| r.data = Bytes::new())).await.unwrap().into_inner().error, "empty write");
+    let other_pg = (pg.0 + 1) % status.pg_count;
+    let m = expect(Code::Invalid, data.write(w(&|r| r.pg = other_pg)).await.unwrap().into_inner().error, "wrong pg");
+    assert!(m.contains("belongs to"), "{m}");
+    let crossing = Bytes::from(vec![1u8; 8192]);
+    let m = expect(
+        Code::Invalid,
+        data.write(w(&|r| {
+            r.offset = (4 << 20) - 4096;
+            r.data = crossing.clone();
+            r.crcs = vec![crc32c(&crossing[..4096]), crc32c(&crossing[4096..])];
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .error,
+        "crossing an extent",
+    );
+    assert!(m.contains("extent boundary"), "{m}");
+    expect(Code::OutOfRange, data.write(w(&|r| r.data = Bytes::from(vec![0u8; 40 << 20]))).await.unwrap().into_inner().error, "too large");
+    let read = |offset: u64, length: u32| ReadRequest { pg: pg.0, volume_id: vol.id, offset, length, map_version };
+    expect(Code::Invalid, data.read(read(100, 4096)).await.unwrap().into_inner().error, "unaligned read");
+    expect(Code::Invalid, data.read(read(0, 100)).await.unwrap().into_inner().error, "short read");
+    expect(Code::OutOfRange, data.read(read(16 << 20, 4096)).await.unwrap().into_inner().error, "read past the end");
+    // The good data is untouched by all of that.
+    let r = data.read(read(0, 4096)).await.unwrap().into_inner();
+    assert!(r.error.is_none());
+    assert_eq!(r.data, block);
+
+    // Through the client library.
+    let client = cluster.client().await.unwrap();
+    assert!(matches!(client.open_volume("nope").await, Err(ClientError::NoSuchVolume(_))));
+    let v = client.open_volume("v").await.unwrap();
+    assert!(matches!(v.write((16 << 20) - 10, Bytes::from(vec![0u8; 20]), false).await, Err(ClientError::OutOfRange { .. })));
+    assert!(matches!(v.read(u64::MAX - 5, 10).await, Err(ClientError::OutOfRange { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_exit_codes_mean_something() {
+    let cluster = TestCluster::start(simple_spec(3)).await.unwrap();
+    cluster.init(8, "zone").await.unwrap();
+    cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
+    let seeds = cluster.seeds().join(",");
+    let run = |args: &[&str], cluster_env: Option<&str>| {
+        let started = std::time::Instant::now();
+        let mut c = Command::new(bin("basalt"));
+        c.args(args).env_remove("BASALT_CLUSTER");
+        if let Some(v) = cluster_env {
+            c.env("BASALT_CLUSTER", v);
+        }
+        let out = c.output().unwrap();
+        println!("basalt {args:?}: {:?}", started.elapsed());
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let s = Some(seeds.as_str());
+    assert_eq!(run(&["volume", "create", "a", "--size", "1GiB"], s).0, Some(0));
+    let (code, _, err) = run(&["volume", "create", "a", "--size", "1GiB"], s);
+    assert_eq!(code, Some(4), "{err}");
+    let (code, _, err) = run(&["volume", "create", "b", "--size", "banana"], s);
+    assert_eq!(code, Some(5), "{err}");
+    assert!(err.contains("invalid size"), "{err}");
+    let (code, _, err) = run(&["volume", "show", "zzz"], s);
+    assert_eq!(code, Some(3), "{err}");
+    let (code, _, err) = run(&["volume", "list"], None);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("BASALT_CLUSTER"), "{err}");
+    let dead = format!("127.0.0.1:{}", basalt_tests::free_port());
+    let (code, _, err) = run(&["volume", "list"], Some(&dead));
+    assert_eq!(code, Some(6), "{err}");
+    let (code, out, _) = run(&["--json", "volume", "show", "a"], s);
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["size"], 1u64 << 30);
+    let (code, _, err) = run(&["cluster", "init"], s);
+    assert_eq!(code, Some(4), "second init: {err}");
+    let (code, _, _) = run(&["volume", "nonsense"], s);
+    assert_eq!(code, Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_block_is_an_io_error_naming_volume_extent_node() {
+    let mut cluster = TestCluster::start(simple_spec(3)).await.unwrap();
+    cluster.init(8, "zone").await.unwrap();
+    let status = cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
+    let mut admin = cluster.admin().await.unwrap();
+    let vol = admin.volume_create(VolumeCreateRequest { name: "rot".into(), size: 16 << 20 }).await.unwrap().into_inner().volume.unwrap();
+    let client = cluster.client().await.unwrap();
+    let v = client.open_volume("rot").await.unwrap();
+    // Block 3 of extent 1 (offset 4 MiB + 12 KiB), plus its neighbour as a control.
+    let offset = (4 << 20) + 3 * BLOCK_SIZE;
+    v.write(offset, Bytes::from(vec![0xC3u8; 8192]), false).await.unwrap();
+    assert_eq!(v.read(offset, 8192).await.unwrap(), Bytes::from(vec![0xC3u8; 8192]));
+
+    // Flip one bit of that block in every replica's data file while the nodes are down.
+    let layout = Layout { extent_size: status.extent_size, pg_count: status.pg_count };
+    let pg = layout.pg_of(VolumeId(vol.id), ExtentIndex(1));
+    for id in 1..=3 {
+        assert!(cluster.stop(id).await.unwrap().success());
+    }
+    for id in 1..=3 {
+        let node = cluster.node(id);
+        let cfg = ChunkStoreConfig {
+            data_path: node.data_dir.join("chunks.dat"),
+            index_dir: node.data_dir.join("chunk-index"),
+            capacity: 4 << 30,
+            direct_io: true,
+            queue_depth: 8,
+            index_memory: IndexMemory { cache_bytes: 4 << 20, write_buffer_bytes: 2 << 20 },
+        };
+        let store = ChunkStore::open(&cfg).unwrap();
+        let chunk = offset / basalt_common::CHUNK_SIZE;
+        let slot = store.locate(ChunkKey { shard: pg.0, volume: VolumeId(vol.id), chunk }).expect("chunk on every replica");
+        drop(store);
+        let at = slot + (offset % basalt_common::CHUNK_SIZE) + 100;
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&cfg.data_path).unwrap();
+        let mut byte = [0u8; 1];
+        f.read_exact_at(&mut byte, at).unwrap();
+        byte[0] ^= 0x01;
+        f.write_all_at(&byte, at).unwrap();
+        f.sync_all().unwrap();
+    }
+    for id in 1..=3 {
+        cluster.restart(id).await.unwrap();
+    }
+    cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let v = client.open_volume("rot").await.unwrap();
+    let err = v.read(offset, 4096).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, ClientError::Corrupt(_)), "{msg}");
+    assert!(msg.contains(&format!("vol-{}", vol.id)) && msg.contains("extent 1") && msg.contains("node-"), "{msg}");
+    // The neighbouring block is intact and still readable.
+    assert_eq!(v.read(offset + BLOCK_SIZE, 4096).await.unwrap(), Bytes::from(vec![0xC3u8; 4096]));
+}

@@ -1,0 +1,100 @@
+//! `basalt dev up`: the embedded default the README's quick start runs.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use basalt_tests::{bin, test_root};
+
+fn alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid as i32, 0) == 0 }
+}
+
+#[test]
+fn dev_up_runs_a_cluster_and_stops_cleanly() {
+    let dir = tempfile::Builder::new().prefix("basalt-devup-").tempdir_in(test_root()).unwrap();
+    let mut child = Command::new(bin("basalt"))
+        .args(["dev", "up", "--size", "256MiB", "--pgs", "8", "--dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while lines.last().map(String::as_str) != Some("ready") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => lines.push(l),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("no `ready` line within 120s; got {lines:?}");
+            }
+        }
+    }
+    let cluster_line = lines.iter().find(|l| l.starts_with("BASALT_CLUSTER=")).expect("BASALT_CLUSTER line");
+    let seeds = cluster_line.trim_start_matches("BASALT_CLUSTER=").to_string();
+    assert_eq!(seeds.split(',').count(), 3, "three meta nodes: {seeds}");
+
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("cluster.json")).unwrap()).unwrap();
+    let nodes = json["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 4);
+    let mut zones = Vec::new();
+    let mut pids = Vec::new();
+    for n in nodes {
+        let pid = n["pid"].as_u64().unwrap() as u32;
+        assert!(alive(pid), "node {} (pid {pid}) not running", n["id"]);
+        pids.push(pid);
+        zones.push(n["labels"]["zone"].as_str().unwrap().to_string());
+        assert!(std::path::Path::new(n["data_dir"].as_str().unwrap()).is_dir());
+        assert!(n["grpc_addr"].as_str().unwrap().starts_with("127.0.0.1:"));
+        assert!(n["metrics_url"].as_str().unwrap().ends_with("/metrics"));
+    }
+    zones.sort();
+    zones.dedup();
+    assert_eq!(zones.len(), 4, "each node in its own failure domain");
+    assert_eq!(nodes.iter().filter(|n| n["roles"].as_array().unwrap().iter().any(|r| r == "backup")).count(), 1);
+
+    // The volume exists and the CLI finds the cluster through BASALT_CLUSTER.
+    let out = Command::new(bin("basalt")).args(["--json", "volume", "show", "demo"]).env("BASALT_CLUSTER", &seeds).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["size"], 256u64 << 20);
+
+    // Metrics are served.
+    let metrics_addr = nodes[0]["metrics_url"].as_str().unwrap().trim_start_matches("http://").trim_end_matches("/metrics").to_string();
+    let mut s = std::net::TcpStream::connect(&metrics_addr).unwrap();
+    use std::io::{Read, Write};
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(body.contains("basalt_pgs{node=\"1\"} 8"), "{body}");
+
+    // Ctrl-C stops everything cleanly.
+    // SAFETY: signalling the child we started.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "dev up did not stop within 60s of Ctrl-C");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "dev up exited with {status}");
+    for pid in pids {
+        assert!(!alive(pid), "node pid {pid} still running after dev up stopped");
+    }
+}
