@@ -62,6 +62,9 @@ pub struct DevCluster {
     pub nodes: Vec<DevNode>,
     /// Volumes created by `dev up`.
     pub volumes: Vec<String>,
+    /// NBD exports served by `dev up`.
+    #[serde(default)]
+    pub exports: Vec<String>,
 }
 
 fn free_port() -> Result<u16, CliError> {
@@ -276,15 +279,30 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
         }
     }
 
+    // Attach demo and serve it over NBD from this process (same port as last time if any).
+    let nbd_addr = previous
+        .as_ref()
+        .and_then(|p| p.exports.first())
+        .and_then(|u| u.strip_prefix("nbd://"))
+        .and_then(|u| u.split('/').next())
+        .map(str::to_string)
+        .unwrap_or_else(|| "127.0.0.1:0".to_string());
+    let (nbd_tx, nbd_rx) = tokio::sync::watch::channel(false);
+    let (nbd_cluster, nbd_volume) = crate::attach::open(&meta_addrs, "demo", false, true, "basalt dev up").await?;
+    let (uri, nbd_task) = crate::attach::serve(nbd_volume.clone(), false, &crate::attach::Listen::Tcp(nbd_addr), nbd_rx).await?;
+    say(format!("serving demo over NBD at {uri}"));
+
     let cluster = DevCluster {
         cluster_id: status.cluster_id.clone(),
         basalt_cluster: meta_addrs.join(","),
         nodes: running.children.iter().map(|(n, _)| n.clone()).collect(),
         volumes: vec!["demo".into()],
+        exports: vec![uri.clone()],
     };
     let text = serde_json::to_string_pretty(&cluster).map_err(|e| CliError::other(e.to_string()))?;
     std::fs::write(&json_path, text).map_err(|e| CliError::other(format!("cannot write {}: {e}", json_path.display())))?;
     say(format!("wrote {}", json_path.display()));
+    println!("{uri}");
     println!("BASALT_CLUSTER={}", cluster.basalt_cluster);
     println!("ready");
 
@@ -307,6 +325,11 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
         }
     }
     say("stopping");
+    let _ = nbd_tx.send(true);
+    let _ = nbd_task.await;
+    if let Err(e) = nbd_cluster.detach_volume(&nbd_volume).await {
+        say(format!("detaching demo failed: {e}"));
+    }
     running.stop();
     say("stopped");
     Ok(())

@@ -1,6 +1,7 @@
 //! `basalt`: the Basalt admin CLI.
 
 mod admin;
+mod attach;
 mod commands;
 mod dev;
 mod exit;
@@ -39,6 +40,28 @@ enum Cmd {
     /// Volumes.
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Serve a volume over NBD on this host (one read-write attachment per volume).
+    Attach {
+        /// Volume name.
+        volume: String,
+        /// Listen on this unix socket.
+        #[arg(long, conflicts_with = "nbd_listen", required_unless_present = "nbd_listen")]
+        nbd_socket: Option<PathBuf>,
+        /// Listen on this TCP address, e.g. 127.0.0.1:10809.
+        #[arg(long)]
+        nbd_listen: Option<String>,
+        /// Export read-only (no attachment is recorded; writes are refused).
+        #[arg(long)]
+        read_only: bool,
+        /// Take over a volume attached elsewhere (live migration); the previous holder is fenced.
+        #[arg(long)]
+        force: bool,
+    },
+    /// End a volume's read-write attachment, fencing its holder.
+    Detach {
+        /// Volume name.
+        volume: String,
+    },
     /// A local development cluster.
     #[command(subcommand)]
     Dev(DevCmd),
@@ -129,6 +152,15 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     }
     let admin = admin::Admin::new(cli.cluster)?;
     match cli.command {
+        Cmd::Attach { volume, nbd_socket, nbd_listen, read_only, force } => {
+            let listen = match (nbd_socket, nbd_listen) {
+                (Some(p), _) => attach::Listen::Socket(p),
+                (None, Some(a)) => attach::Listen::Tcp(a),
+                (None, None) => return Err(CliError::usage("give --nbd-socket PATH or --nbd-listen ADDR")),
+            };
+            attach::attach(admin.addrs(), &volume, listen, read_only, force).await
+        }
+        Cmd::Detach { volume } => attach::detach(admin.addrs(), &volume).await,
         Cmd::Cluster(ClusterCmd::Init { pgs, extent_size, failure_domain }) => {
             commands::cluster_init(&admin, out, pgs, extent_size, failure_domain).await
         }

@@ -17,6 +17,8 @@ pub struct VolumeView {
     pub size: u64,
     /// False while the volume is being deleted.
     pub active: bool,
+    /// Current attachment fencing epoch.
+    pub attach_epoch: u64,
 }
 
 /// A node as routing needs it.
@@ -65,7 +67,16 @@ impl ClusterView {
                 .volumes
                 .iter()
                 .map(|v| {
-                    (VolumeId(v.id), VolumeView { id: VolumeId(v.id), name: v.name.clone(), size: v.size, active: v.state == "active" })
+                    (
+                        VolumeId(v.id),
+                        VolumeView {
+                            id: VolumeId(v.id),
+                            name: v.name.clone(),
+                            size: v.size,
+                            active: v.state == "active",
+                            attach_epoch: v.attach_epoch,
+                        },
+                    )
                 })
                 .collect(),
         }

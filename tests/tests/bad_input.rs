@@ -97,7 +97,7 @@ async fn malformed_io_and_admin_requests_get_clear_errors() {
     let addr = &status.nodes.iter().find(|n| n.id == leader).unwrap().addr;
     let mut data = data_client(addr).await;
     let block = Bytes::from(vec![7u8; 4096]);
-    let good = WriteRequest { pg: pg.0, volume_id: vol.id, offset: 0, data: block.clone(), crcs: vec![crc32c(&block)], fua: false, map_version };
+    let good = WriteRequest { pg: pg.0, volume_id: vol.id, offset: 0, data: block.clone(), crcs: vec![crc32c(&block)], fua: false, map_version, attach_epoch: 0 };
     assert!(data.write(good.clone()).await.unwrap().into_inner().error.is_none());
 
     let expect = |code: Code, e: Option<basalt_proto::data::DataError>, what: &str| {

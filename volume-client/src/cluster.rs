@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use basalt_common::{NodeId, PgId};
 use basalt_proto::admin::admin_client::AdminClient;
-use basalt_proto::admin::{GetClusterMapRequest, VolumeShowRequest};
+use basalt_proto::admin::{GetClusterMapRequest, VolumeAttachRequest, VolumeDetachRequest, VolumeShowRequest};
 use basalt_proto::data::data_client::DataClient;
 use basalt_proto::view::ClusterView;
 use tonic::transport::{Channel, Endpoint};
@@ -155,6 +155,31 @@ impl Cluster {
         let map = self.refresh(reply.map_version).await?;
         let v = map.volume_by_name(name).ok_or_else(|| ClientError::NoSuchVolume(name.to_string()))?;
         Ok(Volume::new(self.clone(), v.id, v.name.clone(), v.size))
+    }
+
+    /// Attaches the volume read-write for `holder` and opens it with the new fencing epoch.
+    /// Refused while another holder has it, unless `force` (which fences that holder).
+    pub async fn attach_volume(&self, name: &str, holder: &str, force: bool) -> Result<Volume, ClientError> {
+        let mut admin = self.admin(0)?;
+        let req = VolumeAttachRequest { name: name.to_string(), holder: holder.to_string(), force };
+        let reply = match admin.volume_attach(req).await {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == tonic::Code::NotFound => return Err(ClientError::NoSuchVolume(name.to_string())),
+            Err(s) => return Err(ClientError::Admin(s.message().to_string())),
+        };
+        let v = reply.volume.ok_or_else(|| ClientError::Internal("attach returned no volume".into()))?;
+        self.refresh(reply.map_version).await?;
+        let vol = Volume::new(self.clone(), basalt_common::VolumeId(v.id), v.name, v.size);
+        vol.set_epoch(v.attach_epoch);
+        Ok(vol)
+    }
+
+    /// Ends the attachment `volume` holds (no-op if it was already superseded).
+    pub async fn detach_volume(&self, volume: &Volume) -> Result<(), ClientError> {
+        let mut admin = self.admin(0)?;
+        let req = VolumeDetachRequest { name: volume.name().to_string(), epoch: volume.epoch() };
+        admin.volume_detach(req).await.map_err(|s| ClientError::Admin(s.message().to_string()))?;
+        Ok(())
     }
 
     pub(crate) fn leader_hint(&self, pg: PgId) -> Option<NodeId> {

@@ -46,6 +46,9 @@ pub enum ClientError {
     /// A replica is out of space.
     #[error("no space: {0}")]
     NoSpace(String),
+    /// This attachment was superseded (the volume was attached elsewhere or detached).
+    #[error("fenced: {0}")]
+    Fenced(String),
     /// The PG could not be reached in time (no leader, nodes down).
     #[error("{volume} extent {extent} ({pg}): unavailable after {attempts} attempts: {reason}")]
     Unavailable {

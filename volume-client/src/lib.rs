@@ -17,6 +17,7 @@
 
 pub mod cluster;
 pub mod error;
+pub mod nbd;
 pub mod volume;
 
 pub use cluster::{ClientOptions, Cluster};

@@ -24,6 +24,8 @@ pub struct Volume {
     id: VolumeId,
     name: Arc<str>,
     size: Arc<AtomicU64>,
+    /// Attachment epoch sent with writes (0: not attached read-write).
+    epoch: Arc<AtomicU64>,
     inflight: Arc<Semaphore>,
     /// Write payload in flight, in KiB.
     inflight_kib: Arc<Semaphore>,
@@ -60,6 +62,7 @@ impl Volume {
             id,
             name: name.into(),
             size: Arc::new(AtomicU64::new(size)),
+            epoch: Arc::new(AtomicU64::new(0)),
             inflight: Arc::new(Semaphore::new(permits)),
             inflight_kib: Arc::new(Semaphore::new(kib)),
         }
@@ -67,6 +70,16 @@ impl Volume {
 
     fn inflight_kib_total(&self) -> u32 {
         (self.cluster.inner.options.max_inflight_bytes / 1024).max(1) as u32
+    }
+
+    /// Sets the attachment epoch this handle's writes carry.
+    pub fn set_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::Release);
+    }
+
+    /// The attachment epoch this handle's writes carry (0: not attached).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
     }
 
     /// The volume id.
@@ -199,6 +212,7 @@ impl Volume {
             }
             Code::Corrupt => Attempt::Fail(ClientError::Corrupt(format!("{} extent {}: {reason}", self.id, span.extent.0))),
             Code::NoSpace => Attempt::Fail(ClientError::NoSpace(reason)),
+            Code::Fenced => Attempt::Fail(ClientError::Fenced(reason)),
             Code::OutOfRange => Attempt::Fail(ClientError::OutOfRange {
                 op: "I/O",
                 name: self.name.to_string(),
@@ -242,6 +256,7 @@ impl Volume {
                 crcs: crcs.clone(),
                 fua: true,
                 map_version,
+                attach_epoch: self.epoch(),
             };
             let client = self.cluster.data(&addr);
             let retries = &retries;
@@ -347,7 +362,15 @@ impl Volume {
         try_join_all(spans.iter().map(|span| async move {
             let retries = AtomicU32::new(0);
             self.with_leader(span, |addr, map_version| {
-                let req = ZeroRequest { pg: span.pg.0, volume_id: self.id.0, offset: span.offset, length: span.len, keep_allocated, map_version };
+                let req = ZeroRequest {
+                    pg: span.pg.0,
+                    volume_id: self.id.0,
+                    offset: span.offset,
+                    length: span.len,
+                    keep_allocated,
+                    map_version,
+                    attach_epoch: self.epoch(),
+                };
                 let client = self.cluster.data(&addr);
                 let retries = &retries;
                 async move {

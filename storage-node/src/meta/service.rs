@@ -11,8 +11,9 @@ use basalt_proto::admin::admin_client::AdminClient;
 use basalt_proto::admin::admin_server::Admin;
 use basalt_proto::admin::{
     ClusterInitReply, ClusterInitRequest, ClusterMap, ClusterStatusReply, ClusterStatusRequest, GetClusterMapRequest, NodeHeartbeatReply,
-    NodeHeartbeatRequest, NodeInfoReply, NodeInfoRequest, NodeListReply, NodeListRequest, PlacementGroup, Volume, VolumeCreateRequest,
-    VolumeDeleteReply, VolumeDeleteRequest, VolumeListReply, VolumeListRequest, VolumeReply, VolumeResizeRequest, VolumeShowRequest,
+    NodeHeartbeatRequest, NodeInfoReply, NodeInfoRequest, NodeListReply, NodeListRequest, PlacementGroup, Volume, VolumeAttachRequest,
+    VolumeCreateRequest, VolumeDeleteReply, VolumeDeleteRequest, VolumeDetachRequest, VolumeListReply, VolumeListRequest, VolumeReply,
+    VolumeResizeRequest, VolumeShowRequest,
 };
 use basalt_proto::data::ReleaseVolumeRequest;
 use basalt_raft::{NodeInfo, RaftError};
@@ -37,6 +38,7 @@ fn status_of(e: &MetaError) -> Status {
             Status::invalid_argument(e.to_string())
         }
         MetaError::Placement(_) => Status::failed_precondition(e.to_string()),
+        MetaError::AlreadyAttached { .. } => Status::failed_precondition(e.to_string()),
     }
 }
 
@@ -58,6 +60,8 @@ pub fn volume_proto(v: &VolumeRecord, pg_total: usize) -> Volume {
         created_unix_ms: v.created_unix_ms,
         pgs_released: released as u32,
         pgs_total: pg_total as u32,
+        attach_epoch: v.attach_epoch,
+        attached_by: v.attached_by.clone().unwrap_or_default(),
     }
 }
 
@@ -456,6 +460,29 @@ impl Admin for AdminService {
                 }
                 let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
             }
+        })
+    }
+
+    async fn volume_attach(&self, request: Request<VolumeAttachRequest>) -> Result<Response<VolumeReply>, Status> {
+        forward_or!(self, request, volume_attach, |meta, msg| {
+            if msg.holder.is_empty() {
+                return Err(Status::invalid_argument("an attachment needs a holder name"));
+            }
+            let reply = self.propose(meta, MetaCommand::AttachVolume { name: msg.name, holder: msg.holder, force: msg.force }).await?;
+            if let MetaReply::Volume(v) = &reply {
+                tracing::info!(volume = %v.name, epoch = v.attach_epoch, holder = ?v.attached_by, "volume attached");
+            }
+            self.volume_reply(reply, self.current_version())
+        })
+    }
+
+    async fn volume_detach(&self, request: Request<VolumeDetachRequest>) -> Result<Response<VolumeReply>, Status> {
+        forward_or!(self, request, volume_detach, |meta, msg| {
+            let reply = self.propose(meta, MetaCommand::DetachVolume { name: msg.name, epoch: msg.epoch }).await?;
+            if let MetaReply::Volume(v) = &reply {
+                tracing::info!(volume = %v.name, epoch = v.attach_epoch, "volume detached");
+            }
+            self.volume_reply(reply, self.current_version())
         })
     }
 

@@ -120,6 +120,10 @@ pub struct VolumeRecord {
     pub created_unix_ms: u64,
     /// Lifecycle state.
     pub state: VolumeState,
+    /// Fencing epoch, raised by every attach and detach.
+    pub attach_epoch: u64,
+    /// The read-write attachment, if any.
+    pub attached_by: Option<String>,
 }
 
 /// The replicated cluster metadata.
@@ -179,6 +183,22 @@ pub enum MetaCommand {
         /// Name.
         name: String,
     },
+    /// Records a read-write attachment (raising the fencing epoch).
+    AttachVolume {
+        /// Volume name.
+        name: String,
+        /// Who attaches.
+        holder: String,
+        /// Take over from a current holder (which is fenced).
+        force: bool,
+    },
+    /// Ends the attachment (raising the fencing epoch) if `epoch` is 0 or still current.
+    DetachVolume {
+        /// Volume name.
+        name: String,
+        /// Expected epoch (0: any).
+        epoch: u64,
+    },
     /// One PG has released a deleting volume's data.
     VolumePgReleased {
         /// The volume.
@@ -225,6 +245,14 @@ pub enum MetaError {
     /// Placement impossible.
     #[error("{0}")]
     Placement(String),
+    /// Another holder has the volume attached read-write.
+    #[error("volume {name:?} is already attached read-write by {holder}; detach it first (`basalt detach {name}`) or take it over with --force")]
+    AlreadyAttached {
+        /// Volume.
+        name: String,
+        /// Current holder.
+        holder: String,
+    },
 }
 
 /// What applying a command produced.
@@ -293,6 +321,8 @@ impl ClusterState {
             MetaCommand::CreateVolume { name, size, now_unix_ms } => self.create_volume(name, size, now_unix_ms),
             MetaCommand::ResizeVolume { name, size } => self.resize_volume(&name, size),
             MetaCommand::DeleteVolume { name } => self.delete_volume(&name),
+            MetaCommand::AttachVolume { name, holder, force } => self.attach(&name, holder, force),
+            MetaCommand::DetachVolume { name, epoch } => self.detach(&name, epoch),
             MetaCommand::VolumePgReleased { volume, pg } => self.pg_released(volume, pg),
         };
         if !matches!(reply, MetaReply::Error(_)) {
@@ -337,7 +367,7 @@ impl ClusterState {
         }
         let id = VolumeId(self.next_volume_id.max(1));
         self.next_volume_id = id.0 + 1;
-        let v = VolumeRecord { id, name, size, created_unix_ms: now_unix_ms, state: VolumeState::Active };
+        let v = VolumeRecord { id, name, size, created_unix_ms: now_unix_ms, state: VolumeState::Active, attach_epoch: 0, attached_by: None };
         self.volumes.insert(id, v.clone());
         MetaReply::Volume(v)
     }
@@ -363,6 +393,35 @@ impl ClusterState {
         };
         let v = self.volumes.get_mut(&id).expect("found above");
         v.state = VolumeState::Deleting { done: BTreeSet::new() };
+        MetaReply::Volume(v.clone())
+    }
+
+    fn attach(&mut self, name: &str, holder: String, force: bool) -> MetaReply {
+        let Some(id) = self.volume_by_name(name).map(|v| v.id) else {
+            return MetaReply::Error(MetaError::NoSuchVolume(name.to_string()));
+        };
+        let v = self.volumes.get_mut(&id).expect("found above");
+        if let Some(current) = &v.attached_by {
+            if !force {
+                return MetaReply::Error(MetaError::AlreadyAttached { name: name.to_string(), holder: current.clone() });
+            }
+        }
+        v.attach_epoch += 1;
+        v.attached_by = Some(holder);
+        MetaReply::Volume(v.clone())
+    }
+
+    fn detach(&mut self, name: &str, epoch: u64) -> MetaReply {
+        let Some(id) = self.volume_by_name(name).map(|v| v.id) else {
+            return MetaReply::Error(MetaError::NoSuchVolume(name.to_string()));
+        };
+        let v = self.volumes.get_mut(&id).expect("found above");
+        // A holder that was already superseded must not end its successor's attachment.
+        if epoch == 0 || epoch == v.attach_epoch {
+            if v.attached_by.take().is_some() {
+                v.attach_epoch += 1;
+            }
+        }
         MetaReply::Volume(v.clone())
     }
 
@@ -493,6 +552,25 @@ mod tests {
         }
         assert!(!s.volumes.contains_key(&VolumeId(1)));
         assert!(s.volumes.contains_key(&VolumeId(2)));
+    }
+
+    #[test]
+    fn attach_is_exclusive_and_fences_by_epoch() {
+        let mut s = initialized();
+        s.apply(2, MetaCommand::CreateVolume { name: "v".into(), size: 4096, now_unix_ms: 0 });
+        let MetaReply::Volume(a) = s.apply(3, MetaCommand::AttachVolume { name: "v".into(), holder: "h1".into(), force: false }) else { panic!() };
+        assert_eq!(a.attach_epoch, 1);
+        assert!(matches!(
+            s.apply(4, MetaCommand::AttachVolume { name: "v".into(), holder: "h2".into(), force: false }),
+            MetaReply::Error(MetaError::AlreadyAttached { .. })
+        ));
+        let MetaReply::Volume(b) = s.apply(5, MetaCommand::AttachVolume { name: "v".into(), holder: "h2".into(), force: true }) else { panic!() };
+        assert_eq!(b.attach_epoch, 2);
+        // The superseded holder detaching does not end the new attachment.
+        let MetaReply::Volume(c) = s.apply(6, MetaCommand::DetachVolume { name: "v".into(), epoch: 1 }) else { panic!() };
+        assert_eq!(c.attached_by.as_deref(), Some("h2"));
+        let MetaReply::Volume(d) = s.apply(7, MetaCommand::DetachVolume { name: "v".into(), epoch: 2 }) else { panic!() };
+        assert_eq!((d.attached_by, d.attach_epoch), (None, 3));
     }
 
     #[test]

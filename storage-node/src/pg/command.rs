@@ -5,11 +5,13 @@
 //! reply, not a panic.
 //!
 //! ```text
-//! Write:        [1][volume u64][offset u64][n u32][n × crc u32][data]
-//! Zero:         [2][volume u64][offset u64][len u64][keep_allocated u8]
+//! Write:        [1][volume u64][epoch u64][offset u64][n u32][n × crc u32][data]
+//! Zero:         [2][volume u64][epoch u64][offset u64][len u64][keep_allocated u8]
 //! DeleteVolume: [3][volume u64]
 //! ```
 //! All integers little-endian. A write's crcs cover `data` cut at 4 KiB volume boundaries.
+//! `epoch` is the writer's attachment epoch: once a PG has applied a command of epoch `e` for a
+//! volume, it refuses that volume's commands with a lower epoch (fencing).
 
 use basalt_common::{BLOCK_SIZE, VolumeId};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -21,6 +23,8 @@ pub enum PgCommand {
     Write {
         /// Volume.
         volume: VolumeId,
+        /// Writer's attachment epoch.
+        epoch: u64,
         /// Byte offset.
         offset: u64,
         /// crc32c per piece (see module docs).
@@ -32,6 +36,8 @@ pub enum PgCommand {
     Zero {
         /// Volume.
         volume: VolumeId,
+        /// Writer's attachment epoch.
+        epoch: u64,
         /// Byte offset.
         offset: u64,
         /// Length.
@@ -74,10 +80,11 @@ impl PgCommand {
     /// Encodes the command.
     pub fn encode(&self) -> Bytes {
         match self {
-            PgCommand::Write { volume, offset, crcs, data } => {
-                let mut b = BytesMut::with_capacity(21 + crcs.len() * 4 + data.len());
+            PgCommand::Write { volume, epoch, offset, crcs, data } => {
+                let mut b = BytesMut::with_capacity(29 + crcs.len() * 4 + data.len());
                 b.put_u8(1);
                 b.put_u64_le(volume.0);
+                b.put_u64_le(*epoch);
                 b.put_u64_le(*offset);
                 b.put_u32_le(crcs.len() as u32);
                 for c in crcs {
@@ -86,10 +93,11 @@ impl PgCommand {
                 b.put_slice(data);
                 b.freeze()
             }
-            PgCommand::Zero { volume, offset, len, keep_allocated } => {
-                let mut b = BytesMut::with_capacity(26);
+            PgCommand::Zero { volume, epoch, offset, len, keep_allocated } => {
+                let mut b = BytesMut::with_capacity(34);
                 b.put_u8(2);
                 b.put_u64_le(volume.0);
+                b.put_u64_le(*epoch);
                 b.put_u64_le(*offset);
                 b.put_u64_le(*len);
                 b.put_u8(u8::from(*keep_allocated));
@@ -113,9 +121,10 @@ impl PgCommand {
         let volume = VolumeId(b.get_u64_le());
         match tag {
             1 => {
-                if b.remaining() < 12 {
+                if b.remaining() < 20 {
                     return Err("truncated write header".into());
                 }
+                let epoch = b.get_u64_le();
                 let offset = b.get_u64_le();
                 let n = b.get_u32_le() as usize;
                 if b.remaining() < n.saturating_mul(4) {
@@ -129,19 +138,20 @@ impl PgCommand {
                 if piece_count(offset, data.len() as u64) != n {
                     return Err(format!("{n} checksums for a write that has {} pieces", piece_count(offset, data.len() as u64)));
                 }
-                Ok(PgCommand::Write { volume, offset, crcs, data })
+                Ok(PgCommand::Write { volume, epoch, offset, crcs, data })
             }
             2 => {
-                if b.remaining() != 17 {
+                if b.remaining() != 25 {
                     return Err("bad zero command length".into());
                 }
+                let epoch = b.get_u64_le();
                 let offset = b.get_u64_le();
                 let len = b.get_u64_le();
                 let keep_allocated = b.get_u8() != 0;
                 if len == 0 || offset.checked_add(len).is_none() {
                     return Err("empty or overflowing zero range".into());
                 }
-                Ok(PgCommand::Zero { volume, offset, len, keep_allocated })
+                Ok(PgCommand::Zero { volume, epoch, offset, len, keep_allocated })
             }
             3 if b.remaining() == 0 => Ok(PgCommand::DeleteVolume { volume }),
             3 => Err("trailing bytes after delete-volume".into()),
@@ -163,6 +173,8 @@ pub enum PgReply {
     NoSpace(String),
     /// Stored data needed for a partial-block update failed its checksum.
     Corrupt(String),
+    /// The writer's attachment was superseded.
+    Fenced(String),
 }
 
 impl PgReply {
@@ -174,6 +186,7 @@ impl PgReply {
             PgReply::Invalid(m) => (2, m),
             PgReply::NoSpace(m) => (3, m),
             PgReply::Corrupt(m) => (4, m),
+            PgReply::Fenced(m) => (5, m),
         };
         let mut b = BytesMut::with_capacity(1 + msg.len());
         b.put_u8(code);
@@ -190,6 +203,7 @@ impl PgReply {
             1 => PgReply::NoSuchVolume,
             3 => PgReply::NoSpace(msg),
             4 => PgReply::Corrupt(msg),
+            5 => PgReply::Fenced(msg),
             _ => PgReply::Invalid(msg),
         }
     }
@@ -212,8 +226,8 @@ mod tests {
     #[test]
     fn roundtrip_and_rejects_garbage() {
         let cmds = [
-            PgCommand::Write { volume: VolumeId(3), offset: 4000, crcs: vec![1, 2], data: Bytes::from(vec![9u8; 200]) },
-            PgCommand::Zero { volume: VolumeId(3), offset: 0, len: 4096, keep_allocated: true },
+            PgCommand::Write { volume: VolumeId(3), epoch: 2, offset: 4000, crcs: vec![1, 2], data: Bytes::from(vec![9u8; 200]) },
+            PgCommand::Zero { volume: VolumeId(3), epoch: 2, offset: 0, len: 4096, keep_allocated: true },
             PgCommand::DeleteVolume { volume: VolumeId(3) },
         ];
         for c in cmds {
@@ -225,10 +239,17 @@ mod tests {
                 }
             }
         }
-        let bad = PgCommand::Write { volume: VolumeId(1), offset: 0, crcs: vec![1], data: Bytes::from(vec![0u8; 8192]) };
+        let bad = PgCommand::Write { volume: VolumeId(1), epoch: 0, offset: 0, crcs: vec![1], data: Bytes::from(vec![0u8; 8192]) };
         assert!(PgCommand::decode(bad.encode()).is_err(), "checksum count must match pieces");
         assert!(PgCommand::decode(Bytes::from_static(&[9, 0, 0, 0, 0, 0, 0, 0, 0])).is_err());
-        for r in [PgReply::Ok, PgReply::NoSuchVolume, PgReply::Invalid("x".into()), PgReply::NoSpace("y".into()), PgReply::Corrupt("z".into())] {
+        for r in [
+            PgReply::Ok,
+            PgReply::NoSuchVolume,
+            PgReply::Invalid("x".into()),
+            PgReply::NoSpace("y".into()),
+            PgReply::Corrupt("z".into()),
+            PgReply::Fenced("f".into()),
+        ] {
             assert_eq!(PgReply::decode(&r.encode()), r);
         }
     }

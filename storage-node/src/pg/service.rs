@@ -62,8 +62,10 @@ impl DataService {
         }
     }
 
-    /// Finds the PG and checks the request against the cluster map.
-    async fn route(&self, pg: u32, volume: u64, offset: u64, len: u64, map_version: u64) -> Result<PgHandle, DataError> {
+    /// Finds the PG and checks the request against the cluster map. `epoch` is the writer's
+    /// attachment epoch (`None` for reads): a writer older than the volume's current attachment
+    /// is fenced here already, before its write reaches the log.
+    async fn route(&self, pg: u32, volume: u64, offset: u64, len: u64, map_version: u64, epoch: Option<u64>) -> Result<PgHandle, DataError> {
         let node = self.ctx.config.id;
         let Some(handle) = self.ctx.pgs.get(PgId(pg)) else {
             return Err(err(Code::WrongNode, format!("{node} holds no replica of pg-{pg}")));
@@ -79,6 +81,14 @@ impl DataService {
         let Some(vol) = view.volumes.get(&VolumeId(volume)).filter(|v| v.active) else {
             return Err(err(Code::NoSuchVolume, format!("no active volume with id {volume}")));
         };
+        if let Some(epoch) = epoch {
+            if epoch < vol.attach_epoch {
+                return Err(err(
+                    Code::Fenced,
+                    format!("volume {:?} was attached again (epoch {}); writes of epoch {epoch} are refused", vol.name, vol.attach_epoch),
+                ));
+            }
+        }
         if len == 0 {
             return Err(err(Code::Invalid, "zero-length request"));
         }
@@ -108,6 +118,7 @@ impl DataService {
                 PgReply::Invalid(m) => Some(err(Code::Invalid, m)),
                 PgReply::NoSpace(m) => Some(err(Code::NoSpace, m)),
                 PgReply::Corrupt(m) => Some(err(Code::Corrupt, m)),
+                PgReply::Fenced(m) => Some(err(Code::Fenced, m)),
             },
             Err(e) => Some(self.raft_error(e)),
         }
@@ -131,7 +142,7 @@ impl Data for DataService {
             let Ok(_admitted) = self.inflight.acquire_many(len.div_ceil(1024).max(1) as u32).await else {
                 return Some(err(Code::Unavailable, "node is shutting down"));
             };
-            let handle = match self.route(req.pg, req.volume_id, req.offset, len, req.map_version).await {
+            let handle = match self.route(req.pg, req.volume_id, req.offset, len, req.map_version, Some(req.attach_epoch)).await {
                 Ok(h) => h,
                 Err(e) => return Some(e),
             };
@@ -151,7 +162,8 @@ impl Data for DataService {
                     ));
                 }
             }
-            let cmd = PgCommand::Write { volume: VolumeId(req.volume_id), offset: req.offset, crcs: req.crcs, data: req.data };
+            let cmd =
+                PgCommand::Write { volume: VolumeId(req.volume_id), epoch: req.attach_epoch, offset: req.offset, crcs: req.crcs, data: req.data };
             self.propose(&handle, cmd).await
         }
         .await;
@@ -170,7 +182,7 @@ impl Data for DataService {
             if len > MAX_IO {
                 return Err(err(Code::OutOfRange, format!("read of {len} bytes exceeds the {MAX_IO}-byte limit")));
             }
-            let handle = self.route(req.pg, req.volume_id, req.offset, len, req.map_version).await?;
+            let handle = self.route(req.pg, req.volume_id, req.offset, len, req.map_version, None).await?;
             handle.group.read_barrier().await.map_err(|e| self.raft_error(e))?;
             match handle.shared.read(VolumeId(req.volume_id), req.offset, len).await {
                 Ok(r) => Ok((r.data, r.crcs)),
@@ -195,12 +207,13 @@ impl Data for DataService {
         let started = Instant::now();
         let req = request.into_inner();
         let error = async {
-            let handle = match self.route(req.pg, req.volume_id, req.offset, req.length, req.map_version).await {
+            let handle = match self.route(req.pg, req.volume_id, req.offset, req.length, req.map_version, Some(req.attach_epoch)).await {
                 Ok(h) => h,
                 Err(e) => return Some(e),
             };
             let cmd = PgCommand::Zero {
                 volume: VolumeId(req.volume_id),
+                epoch: req.attach_epoch,
                 offset: req.offset,
                 len: req.length,
                 keep_allocated: req.keep_allocated,

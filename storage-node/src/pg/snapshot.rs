@@ -8,9 +8,10 @@
 //!
 //! Stream format: length-prefixed records, `[len u32 LE][record]`:
 //! - `[0x01][n u32][n × volume u64]`: the PG's deleted-volume tombstones (first record);
+//! - `[0x02][n u32][n × (volume u64, epoch u64)]`: the highest attachment epoch per volume;
 //! - a [`ChunkImage`] (tag `0xC1`): one chunk's written blocks.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::sync::atomic::Ordering;
 
@@ -24,7 +25,10 @@ use super::state_machine::{APPLIED_KEY, PgShared};
 
 /// Shard-state key prefix of deleted-volume tombstones.
 pub(crate) const TOMBSTONE_PREFIX: &[u8] = b"tomb/";
+/// Shard-state key prefix of per-volume attachment epochs.
+pub(crate) const EPOCH_PREFIX: &[u8] = b"epoch/";
 const RECORD_TOMBSTONES: u8 = 0x01;
+const RECORD_EPOCHS: u8 = 0x02;
 /// Bytes gathered into one transfer chunk.
 const CHUNK_TARGET: usize = 2 << 20;
 
@@ -58,6 +62,8 @@ pub enum PgSnapshot {
     Staged {
         /// Deleted volumes the sender knew of.
         tombstones: HashSet<VolumeId>,
+        /// Highest attachment epoch per volume.
+        epochs: HashMap<VolumeId, u64>,
         /// Holds the PG's staging area until installed or dropped.
         _staging: OwnedMutexGuard<()>,
     },
@@ -75,8 +81,13 @@ impl PgSnapshot {
         PgSnapshot::Outgoing(Box::new(Outgoing { shared, keys: None, guard: None }))
     }
 
-    /// Replaces the PG's data with this snapshot and records `record`; returns the tombstones.
-    pub(crate) async fn install(self, shared: &PgShared, record: &CheckpointRecord) -> io::Result<HashSet<VolumeId>> {
+    /// Replaces the PG's data with this snapshot and records `record`; returns the tombstones
+    /// and attachment epochs it carried.
+    pub(crate) async fn install(
+        self,
+        shared: &PgShared,
+        record: &CheckpointRecord,
+    ) -> io::Result<(HashSet<VolumeId>, HashMap<VolumeId, u64>)> {
         let staged = match self {
             staged @ PgSnapshot::Staged { .. } => staged,
             outgoing @ PgSnapshot::Outgoing(_) => {
@@ -90,7 +101,9 @@ impl PgSnapshot {
                 sink.finish().await?
             }
         };
-        let PgSnapshot::Staged { tombstones, _staging } = staged else { unreachable!("staged above") };
+        let PgSnapshot::Staged { tombstones, epochs, _staging } = staged else {
+            return Err(io::Error::other("snapshot was not staged"));
+        };
         let _guard = shared.lock.write().await;
         let store = &shared.store;
         let shard = shared.shard();
@@ -105,11 +118,17 @@ impl PgSnapshot {
             key.extend_from_slice(&v.0.to_be_bytes());
             b.put_state(shard, &key, Vec::new());
         }
+        for (name, _) in store.scan_state(shard, EPOCH_PREFIX).await.map_err(io_err)? {
+            b.delete_state(shard, &name);
+        }
+        for (v, e) in &epochs {
+            b.put_state(shard, &super::state_machine::epoch_key(*v), e.to_le_bytes().to_vec());
+        }
         b.put_state(shard, APPLIED_KEY, record.encode());
         store.commit(b).await.map_err(io_err)?;
         store.checkpoint().await.map_err(io_err)?;
         tracing::info!(pg = %shared.pg, applied = record.applied_index(), chunks = store.list_chunks(shard).len(), "installed snapshot");
-        Ok(tombstones)
+        Ok((tombstones, epochs))
     }
 }
 
@@ -134,6 +153,17 @@ impl SnapshotStream for PgSnapshot {
             for (name, _) in &tombs {
                 let id = name.get(TOMBSTONE_PREFIX.len()..).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
                 rec.put_u64_le(id);
+            }
+            frame(&mut out, &rec);
+            let epochs = o.shared.store.scan_state(shard, EPOCH_PREFIX).await.map_err(io_err)?;
+            let mut rec = BytesMut::new();
+            rec.put_u8(RECORD_EPOCHS);
+            rec.put_u32_le(epochs.len() as u32);
+            for (name, value) in &epochs {
+                let id = name.get(EPOCH_PREFIX.len()..).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
+                let epoch = value.as_slice().try_into().map(u64::from_le_bytes).unwrap_or(0);
+                rec.put_u64_le(id);
+                rec.put_u64_le(epoch);
             }
             frame(&mut out, &rec);
             o.keys = Some(o.shared.store.list_chunks(shard).into());
@@ -171,6 +201,7 @@ pub struct PgSink {
     shared: PgShared,
     buf: BytesMut,
     tombstones: HashSet<VolumeId>,
+    epochs: HashMap<VolumeId, u64>,
     guard: OwnedMutexGuard<()>,
 }
 
@@ -187,7 +218,7 @@ impl SnapshotReceiver for PgReceiver {
             self.shared.store.commit(b).await.map_err(io_err)?;
         }
         tracing::info!(pg = %self.shared.pg, at = record.applied_index(), "receiving snapshot");
-        Ok(PgSink { shared: self.shared.clone(), buf: BytesMut::new(), tombstones: HashSet::new(), guard })
+        Ok(PgSink { shared: self.shared.clone(), buf: BytesMut::new(), tombstones: HashSet::new(), epochs: HashMap::new(), guard })
     }
 }
 
@@ -222,6 +253,17 @@ impl SnapshotSink for PgSink {
                     }
                     self.tombstones = (0..n).map(|_| VolumeId(rec.get_u64_le())).collect();
                 }
+                Some(&RECORD_EPOCHS) => {
+                    rec.advance(1);
+                    if rec.remaining() < 4 {
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated epoch record"));
+                    }
+                    let n = rec.get_u32_le() as usize;
+                    if rec.remaining() != n * 16 {
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, "bad epoch record length"));
+                    }
+                    self.epochs = (0..n).map(|_| (VolumeId(rec.get_u64_le()), rec.get_u64_le())).collect();
+                }
                 _ => {
                     let image = ChunkImage::decode_from(&mut rec).map_err(io_err)?;
                     batch.put_image(self.shared.staging_shard(), image).map_err(io_err)?;
@@ -238,7 +280,7 @@ impl SnapshotSink for PgSink {
         if !self.buf.is_empty() {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "snapshot stream ended mid-record"));
         }
-        Ok(PgSnapshot::Staged { tombstones: self.tombstones, _staging: self.guard })
+        Ok(PgSnapshot::Staged { tombstones: self.tombstones, epochs: self.epochs, _staging: self.guard })
     }
 }
 
@@ -287,6 +329,7 @@ mod tests {
         write(&sa, 5, 2, 8 << 20, 0xA2, 4096).await;
         let mut b = Batch::new();
         b.put_state(5, b"tomb/\0\0\0\0\0\0\0\x09", Vec::new());
+        b.put_state(5, &crate::pg::state_machine::epoch_key(VolumeId(1)), 4u64.to_le_bytes().to_vec());
         sa.commit(b).await.unwrap();
         // The follower has stale data the snapshot must remove, and data of another PG it must keep.
         write(&sb, 5, 7, 0, 0xEE, 4096).await;
@@ -303,8 +346,9 @@ mod tests {
         }
         assert_eq!(leader.transfers.load(std::sync::atomic::Ordering::Acquire), 0, "finished stream releases its guard");
         let staged = sink.finish().await.unwrap();
-        let tombstones = staged.install(&follower, &record).await.unwrap();
+        let (tombstones, epochs) = staged.install(&follower, &record).await.unwrap();
         assert!(tombstones.contains(&VolumeId(9)));
+        assert_eq!(epochs.get(&VolumeId(1)), Some(&4));
 
         let a = sb.read(5, VolumeId(1), 0, 3 << 20).await.unwrap();
         assert!(a.data.iter().all(|b| *b == 0xA1));

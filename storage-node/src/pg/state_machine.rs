@@ -6,7 +6,7 @@
 //! overwrite (or release) of a byte range, so applying it again to state that already has it
 //! gives the same result.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -18,7 +18,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::RwLock;
 
 use super::command::{PgCommand, PgReply, pieces};
-use super::snapshot::{PgReceiver, PgSnapshot, TOMBSTONE_PREFIX};
+use super::snapshot::{EPOCH_PREFIX, PgReceiver, PgSnapshot, TOMBSTONE_PREFIX};
 
 /// Shard-state key of the last checkpoint record.
 pub(crate) const APPLIED_KEY: &[u8] = b"applied";
@@ -94,12 +94,37 @@ impl PgShared {
 pub struct PgStateMachine {
     shared: PgShared,
     tombstones: HashSet<VolumeId>,
+    /// Highest attachment epoch applied per volume: commands of lower epochs are refused.
+    epochs: HashMap<VolumeId, u64>,
+}
+
+/// Shard-state key of a volume's highest applied attachment epoch.
+pub(crate) fn epoch_key(volume: VolumeId) -> Vec<u8> {
+    let mut key = EPOCH_PREFIX.to_vec();
+    key.extend_from_slice(&volume.0.to_be_bytes());
+    key
 }
 
 impl PgStateMachine {
     /// A state machine over `shared`.
     pub fn new(shared: PgShared) -> Self {
-        Self { shared, tombstones: HashSet::new() }
+        Self { shared, tombstones: HashSet::new(), epochs: HashMap::new() }
+    }
+
+    /// Applies the fencing rule to a command of `volume` at `epoch`: refused if a newer
+    /// attachment has written, otherwise recorded as the newest.
+    fn fence(&mut self, batch: &mut Batch, volume: VolumeId, epoch: u64) -> Option<PgReply> {
+        let newest = self.epochs.get(&volume).copied().unwrap_or(0);
+        if epoch < newest {
+            return Some(PgReply::Fenced(format!(
+                "{volume}: attachment epoch {epoch} was superseded by epoch {newest}; this writer is fenced"
+            )));
+        }
+        if epoch > newest {
+            self.epochs.insert(volume, epoch);
+            batch.put_state(self.shared.shard(), &epoch_key(volume), epoch.to_le_bytes().to_vec());
+        }
+        None
     }
 
     fn io(e: ChunkStoreError) -> io::Error {
@@ -149,9 +174,12 @@ impl PgStateMachine {
     async fn stage(&mut self, batch: &mut Batch, cmd: PgCommand) -> Result<PgReply, ChunkStoreError> {
         let shard = self.shared.shard();
         match cmd {
-            PgCommand::Write { volume, offset, crcs, data } => {
+            PgCommand::Write { volume, epoch, offset, crcs, data } => {
                 if self.tombstones.contains(&volume) {
                     return Ok(PgReply::NoSuchVolume);
+                }
+                if let Some(refused) = self.fence(batch, volume, epoch) {
+                    return Ok(refused);
                 }
                 for ((p_off, p_len), crc) in pieces(offset, data.len() as u64).zip(&crcs) {
                     let at = (p_off - offset) as usize;
@@ -171,9 +199,12 @@ impl PgStateMachine {
                 }
                 Ok(PgReply::Ok)
             }
-            PgCommand::Zero { volume, offset, len, keep_allocated } => {
+            PgCommand::Zero { volume, epoch, offset, len, keep_allocated } => {
                 if self.tombstones.contains(&volume) {
                     return Ok(PgReply::NoSuchVolume);
+                }
+                if let Some(refused) = self.fence(batch, volume, epoch) {
+                    return Ok(refused);
                 }
                 let start = offset.div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
                 let end = (offset + len) / BLOCK_SIZE * BLOCK_SIZE;
@@ -283,6 +314,13 @@ impl StateMachine for PgStateMachine {
                 self.tombstones.insert(VolumeId(id));
             }
         }
+        for (name, value) in store.scan_state(shard, EPOCH_PREFIX).await.map_err(Self::io)? {
+            let id = name[EPOCH_PREFIX.len()..].try_into().map(u64::from_be_bytes);
+            let epoch = value.as_slice().try_into().map(u64::from_le_bytes);
+            if let (Ok(id), Ok(epoch)) = (id, epoch) {
+                self.epochs.insert(VolumeId(id), epoch);
+            }
+        }
         Ok(record)
     }
 
@@ -310,8 +348,9 @@ impl StateMachine for PgStateMachine {
     }
 
     async fn install(&mut self, record: CheckpointRecord, snapshot: PgSnapshot) -> io::Result<()> {
-        let tombstones = snapshot.install(&self.shared, &record).await?;
+        let (tombstones, epochs) = snapshot.install(&self.shared, &record).await?;
         self.tombstones = tombstones;
+        self.epochs = epochs;
         Ok(())
     }
 

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The macro benchmark: the same fio jobs (fio's nbd engine) against
+#   (a) qemu-nbd exporting a raw file on the same disk, and
+#   (b) a Basalt dev cluster volume (3 replicas, `basalt dev up`, release build),
+# in one run, then a table with IOPS, MB/s, p50/p99 latency and the Basalt/qemu-nbd ratio.
+#
+#   benches/macro/run.sh [SECONDS_PER_JOB]        (default 20)
+#
+# Work files go to $BASALT_BENCH_DIR (default ./bench-work). Needs fio (with the nbd engine),
+# qemu-nbd and qemu-img.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+. scripts/env
+secs="${1:-20}"
+work="${BASALT_BENCH_DIR:-$PWD/bench-work}"
+rm -rf "$work"; mkdir -p "$work"
+cargo build --release --workspace --bins >&2
+bin="$CARGO_TARGET_DIR/release"
+size=4G
+region=2G
+
+cleanup() {
+    [ -n "${qemu_pid:-}" ] && kill "$qemu_pid" 2>/dev/null || true
+    [ -n "${dev_pid:-}" ] && kill -INT "$dev_pid" 2>/dev/null && wait "$dev_pid" 2>/dev/null || true
+    [ -n "${rss_pid:-}" ] && kill "$rss_pid" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+# (a) qemu-nbd on a raw file, default settings (what a user would run).
+qemu-img create -q -f raw "$work/base.img" "$size"
+qport=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+qemu-nbd -f raw -x bench -b 127.0.0.1 -p "$qport" --persistent --shared=16 "$work/base.img" &
+qemu_pid=$!
+qemu_uri="nbd://127.0.0.1:$qport/bench"
+
+# (b) Basalt.
+"$bin/basalt" dev up --dir "$work/dev" --size "$size" > "$work/devup.out" 2> "$work/devup.err" &
+dev_pid=$!
+for _ in $(seq 1 120); do grep -q '^ready$' "$work/devup.out" 2>/dev/null && break; sleep 1; done
+grep -q '^ready$' "$work/devup.out" || { echo "basalt dev up did not become ready" >&2; cat "$work/devup.err" >&2; exit 1; }
+basalt_uri=$(grep '^nbd://' "$work/devup.out" | head -1)
+
+# Peak RSS of the Basalt nodes while the jobs run.
+( while true; do
+    for p in $(pgrep -f "basalt-node --config $work/dev" || true); do ps -o rss= -p "$p" 2>/dev/null; done | sort -n | tail -1 >> "$work/rss.log"
+    sleep 1
+  done ) &
+rss_pid=$!
+
+jobs=(
+  "seqwrite-1M-qd8 --rw=write --bs=1M --iodepth=8"
+  "seqread-1M-qd8 --rw=read --bs=1M --iodepth=8"
+  "randwrite-4k-qd32 --rw=randwrite --bs=4k --iodepth=32"
+  "randread-4k-qd32 --rw=randread --bs=4k --iodepth=32"
+  "randwrite-4k-qd1 --rw=randwrite --bs=4k --iodepth=1"
+  "randread-4k-qd1 --rw=randread --bs=4k --iodepth=1"
+)
+for target in qemu basalt; do
+  uri=$qemu_uri; [ "$target" = basalt ] && uri=$basalt_uri
+  for job in "${jobs[@]}"; do
+    set -- $job
+    name=$1; shift
+    echo "running $name against $target" >&2
+    fio --name="$name" --ioengine=nbd --uri="$uri" --size="$region" --time_based --runtime="$secs" \
+        --ramp_time=2 --randrepeat=0 --norandommap --output-format=json "$@" > "$work/$target-$name.json"
+  done
+done
+
+python3 - "$work" <<'PY'
+import json, sys, os
+work = sys.argv[1]
+names = ["randwrite-4k-qd32", "randread-4k-qd32", "seqwrite-1M-qd8", "seqread-1M-qd8", "randwrite-4k-qd1", "randread-4k-qd1"]
+def stats(path):
+    j = json.load(open(path))["jobs"][0]
+    side = j["write"] if j["write"]["io_bytes"] > 0 else j["read"]
+    pct = side.get("clat_ns", {}).get("percentile", {})
+    return side["iops"], side["bw_bytes"] / 1e6, pct.get("50.000000", 0) / 1e3, pct.get("99.000000", 0) / 1e3
+hdr = f"{'workload':<18} | {'qemu-nbd IOPS':>13} {'MB/s':>7} {'p50 µs':>8} {'p99 µs':>8} | {'basalt IOPS':>11} {'MB/s':>7} {'p50 µs':>8} {'p99 µs':>8} | {'ratio':>5}"
+print(hdr); print("-" * len(hdr))
+for n in names:
+    q = stats(os.path.join(work, f"qemu-{n}.json")); b = stats(os.path.join(work, f"basalt-{n}.json"))
+    ratio = b[0] / q[0] if q[0] else 0
+    print(f"{n:<18} | {q[0]:>13.0f} {q[1]:>7.1f} {q[2]:>8.0f} {q[3]:>8.0f} | {b[0]:>11.0f} {b[1]:>7.1f} {b[2]:>8.0f} {b[3]:>8.0f} | {ratio:>5.2f}")
+rss = [int(x) for x in open(os.path.join(work, "rss.log")).read().split() if x.strip()]
+if rss:
+    print(f"\npeak basalt-node RSS during the run: {max(rss)/1024:.0f} MiB")
+PY

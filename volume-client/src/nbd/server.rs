@@ -1,0 +1,333 @@
+//! The NBD server: listeners, connections, and the transmission phase (§ Transmission).
+//!
+//! Each connection reads requests in a loop and runs each one as its own task (up to
+//! [`NbdOptions::max_inflight`] per connection; reading stops while that many are in flight,
+//! so a client cannot make the server buffer without bound). Replies go through a bounded
+//! channel to a writer task and leave in completion order (§ Transmission: replies need not be
+//! in request order). Several connections may serve one export (`NBD_FLAG_CAN_MULTI_CONN`):
+//! every acknowledged write is already durable on a majority of replicas, so FLUSH and FUA
+//! hold across connections.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use super::handshake::{ExportInfo, HandshakeError, negotiate};
+use super::proto::*;
+use super::request::{Command, Limits, Request, RequestError, parse_request};
+use crate::error::ClientError;
+use crate::volume::Volume;
+
+/// Largest request payload the server accepts (advertised as the maximum block size).
+pub const MAX_REQUEST: u32 = 32 * 1024 * 1024;
+
+/// Server tuning.
+#[derive(Clone, Debug)]
+pub struct NbdOptions {
+    /// Requests one connection may have in flight.
+    pub max_inflight: usize,
+    /// Connections served at once (further ones wait in the listen queue).
+    pub max_connections: usize,
+    /// Give up on a connection whose handshake takes longer than this.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for NbdOptions {
+    fn default() -> Self {
+        Self { max_inflight: 64, max_connections: 64, handshake_timeout: Duration::from_secs(30) }
+    }
+}
+
+/// One exported volume.
+#[derive(Clone)]
+pub struct Export {
+    /// The volume.
+    pub volume: Volume,
+    /// Refuse writes.
+    pub read_only: bool,
+}
+
+impl Export {
+    fn info(&self) -> ExportInfo {
+        ExportInfo {
+            name: self.volume.name().to_string(),
+            description: format!("Basalt volume {} ({})", self.volume.name(), self.volume.id()),
+            size: self.volume.size(),
+            read_only: self.read_only,
+            min_block: 1,
+            preferred_block: 4096,
+            max_block: MAX_REQUEST,
+        }
+    }
+}
+
+/// Serves a set of exports.
+#[derive(Clone)]
+pub struct NbdServer {
+    exports: Arc<Vec<Export>>,
+    options: NbdOptions,
+    connections: Arc<Semaphore>,
+}
+
+enum Reply {
+    Ok { handle: u64 },
+    Data { handle: u64, offset: u64, data: Bytes },
+    Error { handle: u64, errno: u32, message: String },
+}
+
+impl NbdServer {
+    /// A server for `exports`.
+    pub fn new(exports: Vec<Export>, options: NbdOptions) -> Self {
+        let connections = Arc::new(Semaphore::new(options.max_connections));
+        Self { exports: Arc::new(exports), options, connections }
+    }
+
+    /// Accepts TCP connections until `shutdown` turns true.
+    pub async fn serve_tcp(self, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let permit = tokio::select! {
+                p = self.connections.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                _ = shutdown.changed() => return,
+            };
+            let (stream, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "NBD accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.changed() => return,
+            };
+            let _ = stream.set_nodelay(true);
+            let server = self.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                server.serve_connection(stream, peer.to_string(), shutdown).await;
+            });
+        }
+    }
+
+    /// Accepts connections on a unix socket until `shutdown` turns true.
+    pub async fn serve_unix(self, listener: UnixListener, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let permit = tokio::select! {
+                p = self.connections.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                _ = shutdown.changed() => return,
+            };
+            let stream = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "NBD accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.changed() => return,
+            };
+            let server = self.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                server.serve_connection(stream, "unix".into(), shutdown).await;
+            });
+        }
+    }
+
+    /// Runs one connection: handshake, then transmission until the client disconnects.
+    pub async fn serve_connection<S>(&self, mut stream: S, peer: String, shutdown: watch::Receiver<bool>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let infos: Vec<ExportInfo> = self.exports.iter().map(Export::info).collect();
+        let negotiated = match tokio::time::timeout(self.options.handshake_timeout, negotiate(&mut stream, &infos)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(HandshakeError::Aborted)) => return,
+            Ok(Err(e)) => {
+                tracing::info!(%peer, error = %e, "NBD handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(%peer, "NBD handshake timed out");
+                return;
+            }
+        };
+        let Some(export) = self.exports.iter().find(|e| e.volume.name() == negotiated.export).cloned() else { return };
+        tracing::debug!(%peer, export = %negotiated.export, structured = negotiated.structured, "NBD client attached");
+        if let Err(e) = self.transmission(stream, export, negotiated.structured, shutdown).await {
+            tracing::debug!(%peer, error = %e, "NBD connection closed");
+        }
+    }
+
+    async fn transmission<S>(&self, stream: S, export: Export, structured: bool, mut shutdown: watch::Receiver<bool>) -> io::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut reader, writer) = tokio::io::split(stream);
+        let (tx, rx) = mpsc::channel::<Reply>(self.options.max_inflight * 2);
+        let writer_task = tokio::spawn(write_replies(writer, rx, structured));
+        let inflight = Arc::new(Semaphore::new(self.options.max_inflight));
+        let limits = Limits { size: export.volume.size(), max_len: MAX_REQUEST, read_only: export.read_only };
+
+        let result: io::Result<()> = async {
+            loop {
+                let mut header = [0u8; REQUEST_LEN];
+                tokio::select! {
+                    r = reader.read_exact(&mut header) => { r?; }
+                    _ = shutdown.changed() => return Ok(()),
+                }
+                let req = match parse_request(&header, &limits) {
+                    Ok(r) => r,
+                    Err(RequestError::Refused { handle, errno, message, skip }) => {
+                        discard(&mut reader, skip).await?;
+                        let _ = tx.send(Reply::Error { handle, errno, message }).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        // Out of sync with the client: the only safe move is to close (§ Terminating the transmission phase).
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
+                    }
+                };
+                if req.command == Command::Disconnect {
+                    return Ok(());
+                }
+                let payload = if req.command == Command::Write {
+                    let mut buf = BytesMut::zeroed(req.length as usize);
+                    reader.read_exact(&mut buf).await?;
+                    buf.freeze()
+                } else {
+                    Bytes::new()
+                };
+                let Ok(permit) = inflight.clone().acquire_owned().await else { return Ok(()) };
+                let tx = tx.clone();
+                let volume = export.volume.clone();
+                tokio::spawn(async move {
+                    let reply = execute(&volume, req, payload).await;
+                    let _ = tx.send(reply).await;
+                    drop(permit);
+                });
+            }
+        }
+        .await;
+        // Finish what is in flight before closing (§ NBD_CMD_DISC: handle outstanding requests).
+        let _ = inflight.acquire_many(self.options.max_inflight as u32).await;
+        drop(tx);
+        let _ = writer_task.await;
+        result
+    }
+}
+
+async fn discard<R: AsyncRead + Unpin>(reader: &mut R, mut n: u32) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    while n > 0 {
+        let take = (n as usize).min(buf.len());
+        reader.read_exact(&mut buf[..take]).await?;
+        n -= take as u32;
+    }
+    Ok(())
+}
+
+fn errno_of(e: &ClientError) -> u32 {
+    match e {
+        ClientError::OutOfRange { .. } | ClientError::Invalid(_) => EINVAL,
+        ClientError::NoSpace(_) => ENOSPC,
+        _ => EIO,
+    }
+}
+
+async fn execute(volume: &Volume, req: Request, payload: Bytes) -> Reply {
+    let handle = req.handle;
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    let result = match req.command {
+        Command::Read => match volume.read(req.offset, u64::from(req.length)).await {
+            Ok(data) => return Reply::Data { handle, offset: req.offset, data },
+            Err(e) => Err(e),
+        },
+        Command::Write => volume.write(req.offset, payload, fua).await,
+        // Every acknowledged write is durable on a majority already.
+        Command::Flush => volume.flush().await,
+        Command::Trim => volume.trim(req.offset, u64::from(req.length)).await,
+        Command::WriteZeroes => volume.write_zeroes(req.offset, u64::from(req.length), req.flags & CMD_FLAG_NO_HOLE != 0).await,
+        Command::Disconnect => Ok(()),
+    };
+    match result {
+        Ok(()) => Reply::Ok { handle },
+        Err(e) => {
+            tracing::warn!(command = ?req.command, offset = req.offset, length = req.length, error = %e, "NBD request failed");
+            Reply::Error { handle, errno: errno_of(&e), message: e.to_string() }
+        }
+    }
+}
+
+fn encode(reply: Reply, structured: bool, out: &mut BytesMut) -> Option<Bytes> {
+    match reply {
+        Reply::Ok { handle } => {
+            // A simple reply is allowed for payload-free answers even with structured replies.
+            out.put_u32(SIMPLE_REPLY_MAGIC);
+            out.put_u32(0);
+            out.put_u64(handle);
+            None
+        }
+        Reply::Data { handle, offset, data } => {
+            if structured {
+                out.put_u32(STRUCTURED_REPLY_MAGIC);
+                out.put_u16(REPLY_FLAG_DONE);
+                out.put_u16(REPLY_TYPE_OFFSET_DATA);
+                out.put_u64(handle);
+                out.put_u32(8 + data.len() as u32);
+                out.put_u64(offset);
+            } else {
+                out.put_u32(SIMPLE_REPLY_MAGIC);
+                out.put_u32(0);
+                out.put_u64(handle);
+            }
+            Some(data)
+        }
+        Reply::Error { handle, errno, message } => {
+            if structured {
+                let msg = &message.as_bytes()[..message.len().min(4096)];
+                out.put_u32(STRUCTURED_REPLY_MAGIC);
+                out.put_u16(REPLY_FLAG_DONE);
+                out.put_u16(REPLY_TYPE_ERROR);
+                out.put_u64(handle);
+                out.put_u32(6 + msg.len() as u32);
+                out.put_u32(errno);
+                out.put_u16(msg.len() as u16);
+                out.put_slice(msg);
+            } else {
+                out.put_u32(SIMPLE_REPLY_MAGIC);
+                out.put_u32(errno);
+                out.put_u64(handle);
+            }
+            None
+        }
+    }
+}
+
+/// Writes replies as they complete; whatever is ready goes out in one flush.
+async fn write_replies<W: AsyncWrite + Unpin>(writer: W, mut rx: mpsc::Receiver<Reply>, structured: bool) -> io::Result<()> {
+    let mut w = BufWriter::with_capacity(256 * 1024, writer);
+    let mut header = BytesMut::with_capacity(64);
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(reply) = next.take() {
+            header.clear();
+            let data = encode(reply, structured, &mut header);
+            w.write_all(&header).await?;
+            if let Some(d) = data {
+                w.write_all(&d).await?;
+            }
+            next = rx.try_recv().ok();
+        }
+        w.flush().await?;
+    }
+    w.shutdown().await
+}
