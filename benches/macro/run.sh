@@ -17,7 +17,7 @@ rm -rf "$work"; mkdir -p "$work"
 cargo build --release --workspace --bins >&2
 bin="$CARGO_TARGET_DIR/release"
 size=4G
-region=2G
+region=1G
 
 cleanup() {
     [ -n "${qemu_pid:-}" ] && kill "$qemu_pid" 2>/dev/null || true
@@ -57,6 +57,11 @@ jobs=(
 )
 for target in qemu basalt; do
   uri=$qemu_uri; [ "$target" = basalt ] && uri=$basalt_uri
+  # Write the whole region once first, so reads hit stored data on both sides (a thin Basalt
+  # volume answers unwritten blocks with zeros without touching a disk).
+  echo "prefilling $region of $target" >&2
+  fio --name=prefill --ioengine=nbd --uri="$uri" --size="$region" --rw=write --bs=1M --iodepth=8 \
+      --output-format=json > "$work/$target-prefill.json"
   for job in "${jobs[@]}"; do
     set -- $job
     name=$1; shift
@@ -71,7 +76,9 @@ import json, sys, os
 work = sys.argv[1]
 names = ["randwrite-4k-qd32", "randread-4k-qd32", "seqwrite-1M-qd8", "seqread-1M-qd8", "randwrite-4k-qd1", "randread-4k-qd1"]
 def stats(path):
-    j = json.load(open(path))["jobs"][0]
+    text = open(path).read()
+    # fio's nbd engine prints "fio: connected to NBD server" before the JSON.
+    j = json.loads(text[text.index("{"):])["jobs"][0]
     side = j["write"] if j["write"]["io_bytes"] > 0 else j["read"]
     pct = side.get("clat_ns", {}).get("percentile", {})
     return side["iops"], side["bw_bytes"] / 1e6, pct.get("50.000000", 0) / 1e3, pct.get("99.000000", 0) / 1e3

@@ -301,9 +301,21 @@ impl Index {
 
     /// Block metadata for blocks `first..first+count` of `key`; `None` for unwritten blocks.
     pub(crate) fn block_metas(&self, key: &ChunkKey, first: u16, count: u16) -> Result<Vec<Option<BlockMeta>>> {
+        self.block_metas_from(key, first, count, rocksdb::ReadTier::All)?
+            .ok_or_else(|| ChunkStoreError::Failed("index read with unlimited reach came back incomplete".into()))
+    }
+
+    /// Like [`Index::block_metas`], but only from memtables and the block cache: `None` when
+    /// answering would need disk I/O. Never blocks, so async callers may use it inline.
+    pub(crate) fn block_metas_in_memory(&self, key: &ChunkKey, first: u16, count: u16) -> Result<Option<Vec<Option<BlockMeta>>>> {
+        self.block_metas_from(key, first, count, rocksdb::ReadTier::BlockCache)
+    }
+
+    fn block_metas_from(&self, key: &ChunkKey, first: u16, count: u16, tier: rocksdb::ReadTier) -> Result<Option<Vec<Option<BlockMeta>>>> {
         let mut out = vec![None; count as usize];
         let start = key.block_key(first);
         let mut ro = rocksdb::ReadOptions::default();
+        ro.set_read_tier(tier);
         let end = first as u32 + count as u32;
         let upper: Vec<u8> = if end <= u16::MAX as u32 {
             key.block_key(end as u16).to_vec()
@@ -319,7 +331,11 @@ impl Index {
             rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
         );
         for item in iter {
-            let (k, v) = item.map_err(|e| self.err(e))?;
+            let (k, v) = match item {
+                Ok(kv) => kv,
+                Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => return Ok(None),
+                Err(e) => return Err(self.err(e)),
+            };
             if k.len() != 22 {
                 return Err(ChunkStoreError::CorruptRecord { key: hex(&k), reason: "block key is not 22 bytes".into() });
             }
@@ -327,7 +343,7 @@ impl Index {
             let idx = (block - first) as usize;
             out[idx] = Some(BlockMeta::decode(&k, &v)?);
         }
-        Ok(out)
+        Ok(Some(out))
     }
 
     /// All block metadata of a chunk, as (block, meta).
@@ -376,6 +392,23 @@ impl Index {
         let mut wo = WriteOptions::default();
         wo.set_sync(false);
         self.db.write_opt(batch, &wo).map_err(|e| self.err(e))
+    }
+
+    /// Writes `batch` unless that would have to wait (a write stall, or another writer
+    /// holding the write group): then hands the batch back. Unsynced, so the cost is a memtable
+    /// insert and a page-cache append to the WAL — cheap enough for an async caller, and far
+    /// cheaper than a hop to a blocking thread.
+    pub(crate) fn try_write_now(&self, batch: WriteBatch) -> Result<Option<WriteBatch>> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(false);
+        wo.set_no_slowdown(true);
+        // The batch is consumed by write_opt; keep a copy for the slow path.
+        let retry = WriteBatch::from_data(batch.data());
+        match self.db.write_opt(batch, &wo) {
+            Ok(()) => Ok(None),
+            Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => Ok(Some(retry)),
+            Err(e) => Err(self.err(e)),
+        }
     }
 
     pub(crate) fn sync_wal(&self) -> Result<()> {

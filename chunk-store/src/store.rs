@@ -615,7 +615,14 @@ impl ChunkStore {
             self.fail(&e);
             return Err(e);
         }
-        if let Err(e) = self.blocking(move |inner| inner.index.write(wb)).await {
+        // The index write goes inline when RocksDB can take it without waiting; a thread hop
+        // per write cost more CPU than the write itself (context switches dominated profiles).
+        let written = match self.inner.index.try_write_now(wb) {
+            Ok(None) => Ok(()),
+            Ok(Some(wb)) => self.blocking(move |inner| inner.index.write(wb)).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
             self.fail(&e);
             return Err(e);
         }
@@ -714,10 +721,13 @@ impl ChunkStore {
         };
         let lookups: Vec<(ChunkKey, u16, u16)> =
             parts.iter().filter(|(_, s)| s.is_some()).map(|(p, _)| (p.key, p.first_block, p.blocks)).collect();
-        let metas: Vec<Vec<Option<BlockMeta>>> = if lookups.is_empty() {
-            Vec::new()
-        } else {
-            self.blocking(move |inner| lookups.iter().map(|(k, f, n)| inner.index.block_metas(k, *f, *n)).collect()).await?
+        // Block metadata is nearly always in the memtables or block cache: look there inline and
+        // go to a blocking thread only when RocksDB would need the disk.
+        let in_memory: Option<Vec<Vec<Option<BlockMeta>>>> =
+            lookups.iter().map(|(k, f, n)| self.inner.index.block_metas_in_memory(k, *f, *n)).collect::<Result<_>>()?;
+        let metas: Vec<Vec<Option<BlockMeta>>> = match in_memory {
+            Some(metas) => metas,
+            None => self.blocking(move |inner| lookups.iter().map(|(k, f, n)| inner.index.block_metas(k, *f, *n)).collect()).await?,
         };
 
         let mut out = vec![0u8; len as usize];
