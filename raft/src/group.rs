@@ -39,6 +39,8 @@ pub struct GroupStatus {
     pub applied_index: u64,
     /// Index covered by the last checkpoint (snapshot) on this node.
     pub checkpoint_index: u64,
+    /// Highest index purged from this node's log.
+    pub purged_index: u64,
     /// Voting members.
     pub voters: Vec<NodeId>,
     /// Learners (replicas being filled).
@@ -128,6 +130,7 @@ impl<S: StateMachine> RaftGroup<S> {
             last_log_index: m.last_log_index.unwrap_or(0),
             applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
             checkpoint_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+            purged_index: m.purged.map(|l| l.index).unwrap_or(0),
             voters: voters.into_iter().collect(),
             learners,
             state: format!("{:?}", m.state),
@@ -161,6 +164,13 @@ impl<S: StateMachine> RaftGroup<S> {
     /// Asks for a checkpoint now (it may be deferred by the state machine).
     pub async fn checkpoint_now(&self) -> Result<(), RaftError> {
         self.raft.trigger().snapshot().await.map_err(|e| self.stopped(e))
+    }
+
+    /// Purges this replica's log through `index` (which must be covered by a checkpoint),
+    /// ignoring the usual cushion of entries kept after a checkpoint. Asynchronous: watch
+    /// [`GroupStatus::purged_index`].
+    pub async fn purge_through(&self, index: u64) -> Result<(), RaftError> {
+        self.raft.trigger().purge_log(index).await.map_err(|e| self.stopped(e))
     }
 
     /// Hands leadership to `to` if this node leads.

@@ -36,6 +36,10 @@ use writer::{Cf, Done, Msg, Op, Request, Writer};
 /// Payload bytes one replication message carries at most (a single larger entry still goes).
 const MAX_REPLICATION_BYTES: usize = 4 << 20;
 
+/// Share of the oldest blob files that ordinary compactions garbage-collect (RocksDB's
+/// default); [`LogEngine::scrub_purged`] raises it to all of them for one compaction.
+const BLOB_GC_AGE_CUTOFF: &str = "0.25";
+
 const TAG_VOTE: u8 = 1;
 const TAG_COMMITTED: u8 = 2;
 const TAG_PURGED: u8 = 3;
@@ -177,6 +181,28 @@ impl LogEngine {
     /// The directory.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// Removes the bytes of purged entries from every file under the log directory, so data
+    /// a client deleted does not outlive its log entries: flushes every memtable (the WAL files
+    /// that held the entries become obsolete and RocksDB deletes them), then compacts the log
+    /// column family with blob garbage collection over all blob files (files that held purged
+    /// payloads are rewritten without them, or deleted). Heavy and blocking: call it from a
+    /// blocking thread, and rarely.
+    pub fn scrub_purged(&self) -> Result<(), RaftError> {
+        let db = &self.inner.db;
+        let cf = |c: Cf| db.cf_handle(c.name()).expect("cf exists");
+        for c in [Cf::Log, Cf::Meta, Cf::Sm] {
+            db.flush_cf(&cf(c)).map_err(|e| self.storage_err(e))?;
+        }
+        let log = cf(Cf::Log);
+        // Every blob file is eligible for garbage collection during this one compaction.
+        db.set_options_cf(&log, &[("blob_garbage_collection_age_cutoff", "1.0")]).map_err(|e| self.storage_err(e))?;
+        let mut opts = rocksdb::CompactOptions::default();
+        opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        db.compact_range_cf_opt(&log, None::<&[u8]>, None::<&[u8]>, &opts);
+        db.set_options_cf(&log, &[("blob_garbage_collection_age_cutoff", BLOB_GC_AGE_CUTOFF)]).map_err(|e| self.storage_err(e))?;
+        Ok(())
     }
 
     /// Group-commit counters.

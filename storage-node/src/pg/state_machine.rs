@@ -45,6 +45,10 @@ pub struct PgShared {
     /// Payload bytes applied since the last checkpoint began: checkpoints are also triggered
     /// by volume, so large writes do not pile up in the Raft log.
     pub bytes_since_checkpoint: Arc<AtomicU64>,
+    /// Log index through which this replica's Raft log should be purged and scrubbed from disk,
+    /// because an entry up to there deleted or zeroed data (volume delete, TRIM, write-zeroes):
+    /// the entries before it may hold the bytes that were freed. The checkpointer acts on it.
+    pub purge_wanted: Arc<AtomicU64>,
 }
 
 /// How much time applying takes on this node (all PGs share one).
@@ -70,6 +74,7 @@ impl PgShared {
             staging: Arc::new(tokio::sync::Mutex::new(())),
             apply_stats,
             bytes_since_checkpoint: Arc::new(AtomicU64::new(0)),
+            purge_wanted: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -365,7 +370,11 @@ impl PgStateMachine {
         let _guard = lock.write().await;
         let bytes: u64 = items.iter().filter_map(|i| i.command.as_ref()).map(|c| c.len() as u64).sum();
         self.shared.bytes_since_checkpoint.fetch_add(bytes, Ordering::Relaxed);
+        let last_index = items.last().map(|i| i.index).unwrap_or(0);
         let cmds: Vec<Option<Result<PgCommand, String>>> = items.into_iter().map(|i| i.command.map(PgCommand::decode)).collect();
+        if cmds.iter().any(|c| matches!(c, Some(Ok(PgCommand::Zero { .. } | PgCommand::DeleteVolume { .. })))) {
+            self.shared.purge_wanted.fetch_max(last_index, Ordering::Relaxed);
+        }
         let mut batch = Batch::new();
         let mut replies = Vec::with_capacity(cmds.len());
         let mut decoded = Vec::with_capacity(cmds.len());
