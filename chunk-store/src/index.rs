@@ -394,10 +394,11 @@ impl Index {
         self.db.write_opt(batch, &wo).map_err(|e| self.err(e))
     }
 
-    /// Writes `batch` unless that would have to wait (a write stall, or another writer
-    /// holding the write group): then hands the batch back. Unsynced, so the cost is a memtable
-    /// insert and a page-cache append to the WAL — cheap enough for an async caller, and far
-    /// cheaper than a hop to a blocking thread.
+    /// Writes `batch` unless RocksDB would stall it (write-rate delay or memtable limit): then
+    /// hands the batch back untouched. Unsynced, so the cost is a memtable insert and a
+    /// page-cache append to the WAL — far cheaper than a hop to a blocking thread. It can still
+    /// wait briefly as a follower in RocksDB's write group behind another writer (one store per
+    /// node, so that is another PG's apply doing the same small write).
     pub(crate) fn try_write_now(&self, batch: WriteBatch) -> Result<Option<WriteBatch>> {
         let mut wo = WriteOptions::default();
         wo.set_sync(false);

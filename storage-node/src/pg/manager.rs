@@ -179,12 +179,15 @@ pub const LOG_SCRUB_INTERVAL: Duration = Duration::from_secs(5);
 /// entries (so their logs get purged and a restart replays little).
 ///
 /// It also keeps freed data from lingering in the Raft log: when a PG applied a volume delete,
-/// TRIM or write-zeroes, it checkpoints that PG, purges its log through that entry, and once no
-/// PG is still on the way, has the log engine rewrite its files without the purged entries.
+/// TRIM or write-zeroes, it checkpoints that PG and purges its log through that entry; once the
+/// purge has happened, the log engine rewrites its files without the purged entries (at most
+/// every [`LOG_SCRUB_INTERVAL`], covering every PG whose purge completed by then — one PG that
+/// cannot purge yet never holds back the others).
 pub async fn run_checkpointer(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut last_applied: HashMap<u32, (u64, tokio::time::Instant)> = HashMap::new();
-    let mut log_scrub_owed = false;
+    // Per PG: the purge index whose bytes the last log scrub removed.
+    let mut scrubbed: HashMap<u32, u64> = HashMap::new();
     let mut last_log_scrub: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
@@ -192,7 +195,8 @@ pub async fn run_checkpointer(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<b
             _ = shutdown.changed() => return,
         }
         let handles: Vec<PgHandle> = ctx.pgs.groups.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
-        let mut purges_pending = false;
+        // PGs purged through their wanted index whose files still need scrubbing.
+        let mut owed: Vec<(u32, u64)> = Vec::new();
         for h in handles {
             let st = h.group.status();
             let now = tokio::time::Instant::now();
@@ -203,28 +207,26 @@ pub async fn run_checkpointer(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<b
             let idle = now.duration_since(entry.1) > Duration::from_secs(10);
             let big = h.shared.bytes_since_checkpoint.load(std::sync::atomic::Ordering::Relaxed) > CHECKPOINT_BYTES;
             let wanted = h.shared.purge_wanted.load(std::sync::atomic::Ordering::Relaxed);
-            let purge = wanted > st.purged_index;
-            if st.applied_index > st.checkpoint_index && (idle || big || (purge && st.checkpoint_index < wanted)) {
+            if st.applied_index > st.checkpoint_index && (idle || big || st.checkpoint_index < wanted) {
                 let _ = h.group.checkpoint_now().await;
             }
-            if purge {
-                purges_pending = true;
-                if st.checkpoint_index >= wanted {
-                    if let Err(e) = h.group.purge_through(wanted).await {
-                        tracing::warn!(pg = st.group, error = %e, "purging the log after a delete failed");
-                    }
-                    log_scrub_owed = true;
+            if wanted > st.purged_index && st.checkpoint_index >= wanted {
+                if let Err(e) = h.group.purge_through(wanted).await {
+                    tracing::debug!(pg = st.group, error = %e, "purging the log after a delete failed");
                 }
+            }
+            if wanted > 0 && st.purged_index >= wanted && scrubbed.get(&st.group).copied().unwrap_or(0) < wanted {
+                owed.push((st.group, wanted));
             }
         }
         let due = last_log_scrub.is_none_or(|t| t.elapsed() >= LOG_SCRUB_INTERVAL);
-        if log_scrub_owed && !purges_pending && due {
+        if !owed.is_empty() && due {
             let engine = ctx.host.log_engine().clone();
             let started = std::time::Instant::now();
             match tokio::task::spawn_blocking(move || engine.scrub_purged()).await {
                 Ok(Ok(())) => {
-                    tracing::info!(took_ms = started.elapsed().as_millis() as u64, "raft log files rewritten without purged entries");
-                    log_scrub_owed = false;
+                    tracing::info!(pgs = owed.len(), took_ms = started.elapsed().as_millis() as u64, "raft log files rewritten without purged entries");
+                    scrubbed.extend(owed);
                 }
                 Ok(Err(e)) => tracing::error!(error = %e, "scrubbing purged entries from the raft log failed; will retry"),
                 Err(e) => tracing::error!(error = %e, "raft log scrub task failed; will retry"),

@@ -116,7 +116,9 @@ pub fn parse_request(h: &[u8; REQUEST_LEN], limits: &Limits) -> Result<Request, 
             }
             let end = offset.checked_add(u64::from(length));
             if end.is_none_or(|e| e > limits.size) {
-                return Err(refuse(EINVAL, format!("{command:?} at {offset}+{length} is beyond the end of the export ({} bytes)", limits.size)));
+                // § NBD_CMD_WRITE / NBD_CMD_WRITE_ZEROES: a write past the end SHOULD get ENOSPC.
+                let errno = if matches!(command, Command::Write | Command::WriteZeroes) { ENOSPC } else { EINVAL };
+                return Err(refuse(errno, format!("{command:?} at {offset}+{length} is beyond the end of the export ({} bytes)", limits.size)));
             }
             if command == Command::Read && length > limits.max_len {
                 return Err(refuse(EINVAL, format!("read of {length} bytes exceeds the {}-byte maximum", limits.max_len)));
@@ -166,7 +168,7 @@ mod tests {
         assert_eq!(e(header(99, 0, 0, 1)), (EINVAL, 0));
         assert_eq!(e(header(CMD_READ, 0, (1 << 20) - 1, 2)), (EINVAL, 0));
         assert_eq!(e(header(CMD_READ, 0, u64::MAX, 2)), (EINVAL, 0));
-        assert_eq!(e(header(CMD_WRITE, 0, 1 << 20, 16)), (EINVAL, 16), "payload of a refused write is skipped");
+        assert_eq!(e(header(CMD_WRITE, 0, 1 << 20, 16)), (ENOSPC, 16), "payload of a refused write is skipped");
         assert_eq!(e(header(CMD_READ, 0, 0, 0)), (EINVAL, 0));
         assert_eq!(e(header(CMD_READ, 0, 0, 128 << 10)), (EINVAL, 0));
         assert_eq!(e(header(CMD_WRITE, 1 << 9, 0, 16)), (EINVAL, 16), "unknown flag");

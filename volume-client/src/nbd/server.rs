@@ -1,8 +1,9 @@
 //! The NBD server: listeners, connections, and the transmission phase (§ Transmission).
 //!
 //! Each connection reads requests in a loop and runs each one as its own task (up to
-//! [`NbdOptions::max_inflight`] per connection; reading stops while that many are in flight,
-//! so a client cannot make the server buffer without bound). Replies go through a bounded
+//! [`NbdOptions::max_inflight`] requests and [`NbdOptions::max_inflight_bytes`] of payload per
+//! connection; reading stops while either is used up, so a client cannot make the server
+//! buffer without bound). Replies go through a bounded
 //! channel to a writer task and leave in completion order (§ Transmission: replies need not be
 //! in request order). Several connections may serve one export (`NBD_FLAG_CAN_MULTI_CONN`):
 //! every acknowledged write is already durable on a majority of replicas, so FLUSH and FUA
@@ -31,6 +32,9 @@ pub const MAX_REQUEST: u32 = 32 * 1024 * 1024;
 pub struct NbdOptions {
     /// Requests one connection may have in flight.
     pub max_inflight: usize,
+    /// Read and write payload bytes one connection may have in flight (at least
+    /// [`MAX_REQUEST`], so any single valid request fits).
+    pub max_inflight_bytes: usize,
     /// Connections served at once (further ones wait in the listen queue).
     pub max_connections: usize,
     /// Give up on a connection whose handshake takes longer than this.
@@ -39,7 +43,7 @@ pub struct NbdOptions {
 
 impl Default for NbdOptions {
     fn default() -> Self {
-        Self { max_inflight: 64, max_connections: 64, handshake_timeout: Duration::from_secs(30) }
+        Self { max_inflight: 64, max_inflight_bytes: 64 << 20, max_connections: 64, handshake_timeout: Duration::from_secs(30) }
     }
 }
 
@@ -175,6 +179,9 @@ impl NbdServer {
         let (tx, rx) = mpsc::channel::<Reply>(self.options.max_inflight * 2);
         let writer_task = tokio::spawn(write_replies(writer, rx, structured));
         let inflight = Arc::new(Semaphore::new(self.options.max_inflight));
+        // Payload budget in KiB permits (a Semaphore counts in u32).
+        let budget_kib = (self.options.max_inflight_bytes.max(MAX_REQUEST as usize) / 1024) as u32;
+        let bytes_inflight = Arc::new(Semaphore::new(budget_kib as usize));
         let limits = Limits { size: export.volume.size(), max_len: MAX_REQUEST, read_only: export.read_only };
 
         let result: io::Result<()> = async {
@@ -199,6 +206,13 @@ impl NbdServer {
                 if req.command == Command::Disconnect {
                     return Ok(());
                 }
+                // Reserve the payload's memory before reading it (writes) or allocating it
+                // (reads).
+                let kib = match req.command {
+                    Command::Write | Command::Read => req.length.div_ceil(1024).clamp(1, budget_kib),
+                    _ => 1,
+                };
+                let Ok(bytes_permit) = bytes_inflight.clone().acquire_many_owned(kib).await else { return Ok(()) };
                 let payload = if req.command == Command::Write {
                     let mut buf = BytesMut::zeroed(req.length as usize);
                     reader.read_exact(&mut buf).await?;
@@ -213,6 +227,7 @@ impl NbdServer {
                     let reply = execute(&volume, req, payload).await;
                     let _ = tx.send(reply).await;
                     drop(permit);
+                    drop(bytes_permit);
                 });
             }
         }
