@@ -27,6 +27,9 @@ use crate::volume::Volume;
 /// Largest request payload the server accepts (advertised as the maximum block size).
 pub const MAX_REQUEST: u32 = 32 * 1024 * 1024;
 
+/// How long shutdown waits for connections to finish their in-flight requests.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Server tuning.
 #[derive(Clone, Debug)]
 pub struct NbdOptions {
@@ -91,12 +94,22 @@ impl NbdServer {
         Self { exports: Arc::new(exports), options, connections }
     }
 
+    /// After shutdown: waits (bounded) for every connection to finish the requests it has in
+    /// flight and close (§ Terminating the transmission phase), so none is cut off without a
+    /// reply. Each connection task holds a connection permit until it ends.
+    async fn drain(&self) {
+        let all = self.options.max_connections as u32;
+        if tokio::time::timeout(DRAIN_TIMEOUT, self.connections.acquire_many(all)).await.is_err() {
+            tracing::warn!("NBD connections still busy {DRAIN_TIMEOUT:?} after shutdown; closing them");
+        }
+    }
+
     /// Accepts TCP connections until `shutdown` turns true.
     pub async fn serve_tcp(self, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
         loop {
             let permit = tokio::select! {
                 p = self.connections.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => return self.drain().await,
             };
             let (stream, peer) = tokio::select! {
                 r = listener.accept() => match r {
@@ -107,7 +120,11 @@ impl NbdServer {
                         continue;
                     }
                 },
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => {
+                    // The permit taken for this accept counts as a busy connection.
+                    drop(permit);
+                    return self.drain().await;
+                }
             };
             let _ = stream.set_nodelay(true);
             let server = self.clone();
@@ -124,7 +141,7 @@ impl NbdServer {
         loop {
             let permit = tokio::select! {
                 p = self.connections.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => return self.drain().await,
             };
             let stream = tokio::select! {
                 r = listener.accept() => match r {
@@ -135,7 +152,11 @@ impl NbdServer {
                         continue;
                     }
                 },
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => {
+                    // The permit taken for this accept counts as a busy connection.
+                    drop(permit);
+                    return self.drain().await;
+                }
             };
             let server = self.clone();
             let shutdown = shutdown.clone();
