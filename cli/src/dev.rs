@@ -6,7 +6,6 @@
 //! `BASALT_CLUSTER=...`, then `ready`); progress goes to stderr.
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -68,8 +67,7 @@ pub struct DevCluster {
 }
 
 fn free_port() -> Result<u16, CliError> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| CliError::other(format!("cannot find a free port: {e}")))?;
-    Ok(l.local_addr().map_err(|e| CliError::other(e.to_string()))?.port())
+    basalt_common::ports::free_local_port().map_err(|e| CliError::other(format!("cannot find a free port: {e}")))
 }
 
 fn node_binary(explicit: Option<PathBuf>) -> Result<PathBuf, CliError> {

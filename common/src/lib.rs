@@ -9,6 +9,7 @@ pub mod ids;
 pub mod labels;
 pub mod layout;
 pub mod names;
+pub mod ports;
 pub mod units;
 
 pub use block::{BLOCK_SIZE, CHUNK_SIZE, ZERO_BLOCK_CRC, crc32c};
