@@ -92,6 +92,16 @@ pub fn simple_spec(n: u64) -> Vec<NodeSpec> {
 }
 
 impl TestCluster {
+    /// Three storage+meta nodes in three zones, 8 PGs, healthy, with volume `name` created.
+    pub async fn with_volume(name: &str, size: u64) -> Result<Self> {
+        let cluster = Self::start(simple_spec(3)).await?;
+        cluster.init(8, "zone").await?;
+        cluster.wait_healthy(3, Duration::from_secs(60)).await?;
+        let mut admin = cluster.admin().await?;
+        admin.volume_create(basalt_proto::admin::VolumeCreateRequest { name: name.into(), size }).await?;
+        Ok(cluster)
+    }
+
     /// Starts nodes per `specs`; the meta-role ones are everyone's seeds.
     pub async fn start(specs: Vec<NodeSpec>) -> Result<Self> {
         Self::start_with(specs, "").await

@@ -12,8 +12,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use basalt_proto::admin::VolumeCreateRequest;
-use basalt_tests::{TestCluster, bin, simple_spec};
+use basalt_tests::{TestCluster, bin};
 
 fn guest_dir() -> PathBuf {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-guest");
@@ -25,11 +24,7 @@ fn guest_dir() -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_guest_writes_and_reads_its_virtio_disk() {
     let guest = guest_dir();
-    let cluster = TestCluster::start(simple_spec(3)).await.unwrap();
-    cluster.init(8, "zone").await.unwrap();
-    cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
-    let mut admin = cluster.admin().await.unwrap();
-    admin.volume_create(VolumeCreateRequest { name: "vmdisk".into(), size: 64 << 20 }).await.unwrap();
+    let cluster = TestCluster::with_volume("vmdisk", 64 << 20).await.unwrap();
     let seeds = cluster.seeds().join(",");
 
     let mut attach = Command::new(bin("basalt"))

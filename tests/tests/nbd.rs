@@ -6,8 +6,7 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use basalt_proto::admin::VolumeCreateRequest;
-use basalt_tests::{TestCluster, bin, simple_spec};
+use basalt_tests::{TestCluster, bin};
 
 /// A running `basalt attach` process.
 struct Attached {
@@ -60,11 +59,7 @@ fn attach(seeds: &str, volume: &str, extra: &[&str]) -> Result<Attached, (Option
 }
 
 async fn cluster_with_volume(name: &str, size: u64) -> (TestCluster, String) {
-    let cluster = TestCluster::start(simple_spec(3)).await.unwrap();
-    cluster.init(8, "zone").await.unwrap();
-    cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
-    let mut admin = cluster.admin().await.unwrap();
-    admin.volume_create(VolumeCreateRequest { name: name.into(), size }).await.unwrap();
+    let cluster = TestCluster::with_volume(name, size).await.unwrap();
     let seeds = cluster.seeds().join(",");
     (cluster, seeds)
 }

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use basalt_proto::admin::{VolumeCreateRequest, VolumeDeleteRequest};
-use basalt_tests::{TestCluster, find_marker, seed, simple_spec};
+use basalt_proto::admin::VolumeDeleteRequest;
+use basalt_tests::{TestCluster, find_marker, seed};
 use bytes::Bytes;
 
 /// `len` bytes of `marker` repeated (padded so every 4 KiB block holds whole copies).
@@ -16,13 +16,18 @@ fn marked(marker: &[u8], len: usize) -> Bytes {
     Bytes::from(block.repeat(len / 4096))
 }
 
+/// Every file under the cluster's directory that holds `marker`.
+async fn scan(cluster: &TestCluster, marker: &[u8]) -> Vec<(std::path::PathBuf, u64)> {
+    let root = cluster.path().to_path_buf();
+    let m = marker.to_vec();
+    tokio::task::spawn_blocking(move || find_marker(&root, &m)).await.unwrap()
+}
+
 /// Polls until no file under the cluster holds `marker`, or fails naming the files that do.
 async fn wait_until_gone(cluster: &TestCluster, marker: &[u8], what: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let root = cluster.path().to_path_buf();
-        let m = marker.to_vec();
-        let left = tokio::task::spawn_blocking(move || find_marker(&root, &m)).await.unwrap();
+        let left = scan(cluster, marker).await;
         if left.is_empty() {
             return;
         }
@@ -31,19 +36,9 @@ async fn wait_until_gone(cluster: &TestCluster, marker: &[u8], what: &str) {
     }
 }
 
-async fn scan(cluster: &TestCluster, marker: &[u8]) -> Vec<(std::path::PathBuf, u64)> {
-    let root = cluster.path().to_path_buf();
-    let m = marker.to_vec();
-    tokio::task::spawn_blocking(move || find_marker(&root, &m)).await.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_volume_leaves_no_copy_in_any_file() {
-    let cluster = TestCluster::start(simple_spec(3)).await.unwrap();
-    cluster.init(8, "zone").await.unwrap();
-    cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
-    let mut admin = cluster.admin().await.unwrap();
-    admin.volume_create(VolumeCreateRequest { name: "secret".into(), size: 16 << 20 }).await.unwrap();
+    let cluster = TestCluster::with_volume("secret", 16 << 20).await.unwrap();
     let client = cluster.client().await.unwrap();
     let vol = client.open_volume("secret").await.unwrap();
     let marker = format!("BASALT-DELETE-MARKER-{:016x}|", seed()).into_bytes();
@@ -59,6 +54,7 @@ async fn deleted_volume_leaves_no_copy_in_any_file() {
         "marker not found in any raft log file: {before:?}"
     );
 
+    let mut admin = cluster.admin().await.unwrap();
     let reply = admin.volume_delete(VolumeDeleteRequest { name: "secret".into(), wait: true }).await.unwrap().into_inner();
     assert_eq!(reply.pgs_done, reply.pgs_total);
     wait_until_gone(&cluster, &marker, "after deleting the volume").await;
@@ -66,11 +62,7 @@ async fn deleted_volume_leaves_no_copy_in_any_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trimmed_range_leaves_no_copy_and_the_rest_stays() {
-    let cluster = TestCluster::start(simple_spec(3)).await.unwrap();
-    cluster.init(8, "zone").await.unwrap();
-    cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
-    let mut admin = cluster.admin().await.unwrap();
-    admin.volume_create(VolumeCreateRequest { name: "disk".into(), size: 16 << 20 }).await.unwrap();
+    let cluster = TestCluster::with_volume("disk", 16 << 20).await.unwrap();
     let client = cluster.client().await.unwrap();
     let vol = client.open_volume("disk").await.unwrap();
     let s = seed();

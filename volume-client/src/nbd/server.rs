@@ -27,6 +27,32 @@ use crate::volume::Volume;
 /// Largest request payload the server accepts (advertised as the maximum block size).
 pub const MAX_REQUEST: u32 = 32 * 1024 * 1024;
 
+/// A listening socket the server accepts NBD connections on.
+trait Listener: Send + Sync + 'static {
+    /// The connection type.
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The next connection, ready to use, and a name for its peer (for logs).
+    fn accept_stream(&self) -> impl std::future::Future<Output = io::Result<(Self::Stream, String)>> + Send;
+}
+
+impl Listener for TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_stream(&self) -> io::Result<(Self::Stream, String)> {
+        let (stream, peer) = self.accept().await?;
+        // Replies are small and latency-bound: no Nagle delay.
+        let _ = stream.set_nodelay(true);
+        Ok((stream, peer.to_string()))
+    }
+}
+
+impl Listener for UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_stream(&self) -> io::Result<(Self::Stream, String)> {
+        let (stream, _) = self.accept().await?;
+        Ok((stream, "unix".into()))
+    }
+}
+
 /// How long shutdown waits for connections to finish their in-flight requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -105,14 +131,25 @@ impl NbdServer {
     }
 
     /// Accepts TCP connections until `shutdown` turns true.
-    pub async fn serve_tcp(self, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    pub async fn serve_tcp(self, listener: TcpListener, shutdown: watch::Receiver<bool>) {
+        self.serve(listener, shutdown).await
+    }
+
+    /// Accepts connections on a unix socket until `shutdown` turns true.
+    pub async fn serve_unix(self, listener: UnixListener, shutdown: watch::Receiver<bool>) {
+        self.serve(listener, shutdown).await
+    }
+
+    /// The accept loop both listener kinds share: at most `max_connections` served at once,
+    /// each on its own task; on shutdown, drains them.
+    async fn serve<L: Listener>(self, listener: L, mut shutdown: watch::Receiver<bool>) {
         loop {
             let permit = tokio::select! {
                 p = self.connections.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
                 _ = shutdown.changed() => return self.drain().await,
             };
             let (stream, peer) = tokio::select! {
-                r = listener.accept() => match r {
+                r = listener.accept_stream() => match r {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::warn!(error = %e, "NBD accept failed");
@@ -126,43 +163,11 @@ impl NbdServer {
                     return self.drain().await;
                 }
             };
-            let _ = stream.set_nodelay(true);
             let server = self.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                server.serve_connection(stream, peer.to_string(), shutdown).await;
-            });
-        }
-    }
-
-    /// Accepts connections on a unix socket until `shutdown` turns true.
-    pub async fn serve_unix(self, listener: UnixListener, mut shutdown: watch::Receiver<bool>) {
-        loop {
-            let permit = tokio::select! {
-                p = self.connections.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-                _ = shutdown.changed() => return self.drain().await,
-            };
-            let stream = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok((s, _)) => s,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "NBD accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = shutdown.changed() => {
-                    // The permit taken for this accept counts as a busy connection.
-                    drop(permit);
-                    return self.drain().await;
-                }
-            };
-            let server = self.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                server.serve_connection(stream, "unix".into(), shutdown).await;
+                server.serve_connection(stream, peer, shutdown).await;
             });
         }
     }
