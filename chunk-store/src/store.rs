@@ -68,6 +68,34 @@ pub enum FillPattern {
     Random,
 }
 
+impl std::fmt::Display for FillPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FillPattern::Zeros => f.write_str("zeros"),
+            FillPattern::Byte(b) => write!(f, "{b:#04x}"),
+            FillPattern::Random => f.write_str("random"),
+        }
+    }
+}
+
+impl std::str::FromStr for FillPattern {
+    type Err = String;
+
+    /// `zeros`, `random`, or one byte written as `0xNN`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim() {
+            "zeros" => Ok(FillPattern::Zeros),
+            "random" => Ok(FillPattern::Random),
+            other => other
+                .strip_prefix("0x")
+                .filter(|h| h.len() == 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .map(FillPattern::Byte)
+                .ok_or_else(|| format!("{other:?} is not an overwrite pattern: use zeros, random or a byte like 0xff")),
+        }
+    }
+}
+
 /// Space accounting.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StoreStats {

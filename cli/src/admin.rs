@@ -29,7 +29,8 @@ impl Admin {
         &self.addrs
     }
 
-    fn client(addr: &str) -> Result<AdminClient<Channel>, CliError> {
+    /// An admin client for the node at `addr` (for requests a node answers about itself).
+    pub fn client(addr: &str) -> Result<AdminClient<Channel>, CliError> {
         let ep = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| CliError::usage(format!("bad cluster address {addr:?}: {e}")))?
             .connect_timeout(Duration::from_secs(3))

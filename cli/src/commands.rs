@@ -22,7 +22,8 @@ pub struct Out {
 }
 
 impl Out {
-    fn print(&self, value: Value, human: impl FnOnce() -> String) {
+    /// Prints `value` as JSON, or `human()` as text.
+    pub fn print(&self, value: Value, human: impl FnOnce() -> String) {
         if self.json {
             println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
         } else {
@@ -31,7 +32,8 @@ impl Out {
     }
 }
 
-fn table(header: &[&str]) -> Table {
+/// An empty table with `header`.
+pub fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(UTF8_BORDERS_ONLY);
     t.set_header(header.iter().copied());

@@ -37,6 +37,10 @@ impl CliError {
     pub fn usage(m: impl Into<String>) -> Self {
         Self { code: 2, message: m.into() }
     }
+    /// Exit 3.
+    pub fn not_found(m: impl Into<String>) -> Self {
+        Self { code: 3, message: m.into() }
+    }
     /// Exit 5.
     pub fn invalid(m: impl Into<String>) -> Self {
         Self { code: 5, message: m.into() }

@@ -5,6 +5,7 @@ mod attach;
 mod commands;
 mod dev;
 mod exit;
+mod scrub;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,9 +63,22 @@ enum Cmd {
         /// Volume name.
         volume: String,
     },
+    /// Scrubbing: freed space overwritten before reuse, Raft log rewrites.
+    #[command(subcommand)]
+    Scrub(ScrubCmd),
     /// A local development cluster.
     #[command(subcommand)]
     Dev(DevCmd),
+}
+
+#[derive(Subcommand)]
+enum ScrubCmd {
+    /// Per node: freed bytes waiting to be overwritten, overwritten so far, errors, settings.
+    Status {
+        /// Only this node (its id).
+        #[arg(long)]
+        node: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -171,6 +185,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Volume(VolumeCmd::Show { name }) => commands::volume_show(&admin, out, name).await,
         Cmd::Volume(VolumeCmd::Resize { name, size }) => commands::volume_resize(&admin, out, name, size).await,
         Cmd::Volume(VolumeCmd::Delete { name, no_wait }) => commands::volume_delete(&admin, out, name, no_wait).await,
+        Cmd::Scrub(ScrubCmd::Status { node }) => scrub::status(&admin, out, node).await,
         Cmd::Dev(_) => Ok(()),
     }
 }

@@ -3,6 +3,7 @@
 //! - [`raft`]: node-to-node Raft transport (one pipe per node pair, batched frames).
 //! - [`admin`]: the admin API (cluster, nodes, volumes, cluster map) every node serves.
 //! - [`data`]: block I/O from volume clients to placement-group leaders.
+//! - [`wire`]: the same block-I/O messages framed directly on TCP (the fast path).
 
 #![allow(missing_docs, clippy::all)]
 
@@ -25,3 +26,4 @@ pub mod data {
 pub const MAX_MESSAGE_BYTES: usize = 80 * 1024 * 1024;
 
 pub mod view;
+pub mod wire;

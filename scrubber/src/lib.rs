@@ -21,6 +21,10 @@ pub struct ScrubStats {
     pub slots_released: AtomicU64,
     /// Overwrite failures since start.
     pub errors: AtomicU64,
+    /// Rewrites of the Raft log's files that removed purged (freed) entries, since start.
+    pub log_scrubs: AtomicU64,
+    /// When the last of those finished, in ms since the Unix epoch (0: none yet).
+    pub last_log_scrub_unix_ms: AtomicU64,
 }
 
 /// Overwrites freed space before reuse.

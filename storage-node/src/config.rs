@@ -94,6 +94,8 @@ struct RaftFile {
 #[serde(deny_unknown_fields)]
 struct ScrubFile {
     overwrite_rate: Option<String>,
+    overwrite_pattern: Option<String>,
+    overwrite_passes: Option<u32>,
 }
 
 /// Command-line flags. Each overrides the file setting of the same name.
@@ -169,6 +171,12 @@ pub struct Flags {
     /// Rate at which freed space is overwritten, per second, e.g. 64MiB.
     #[arg(long)]
     pub overwrite_rate: Option<String>,
+    /// What freed space is overwritten with: zeros, random, or a byte like 0xff.
+    #[arg(long)]
+    pub overwrite_pattern: Option<String>,
+    /// Overwrite passes per freed range (1 to 16), each synced before the next.
+    #[arg(long)]
+    pub overwrite_passes: Option<u32>,
 }
 
 /// Memory limits (all bounded by configuration, not load).
@@ -217,6 +225,10 @@ pub struct NodeConfig {
     pub raft: basalt_raft::RaftTuning,
     /// Scrub overwrite rate, bytes per second.
     pub overwrite_rate: u64,
+    /// What freed space is overwritten with.
+    pub overwrite_pattern: basalt_chunk_store::FillPattern,
+    /// Overwrite passes per freed range.
+    pub overwrite_passes: u32,
 }
 
 fn size(key: &'static str, value: Option<String>, default: u64) -> Result<u64, ConfigError> {
@@ -333,6 +345,14 @@ impl NodeConfig {
         if overwrite_rate == 0 {
             return Err(invalid("scrub.overwrite_rate", "must be greater than 0 (freed space must eventually be overwritten)"));
         }
+        let overwrite_pattern = match f.overwrite_pattern.or(file.scrub.overwrite_pattern) {
+            None => basalt_chunk_store::FillPattern::Zeros,
+            Some(p) => p.parse().map_err(|e: String| invalid("scrub.overwrite_pattern", e))?,
+        };
+        let overwrite_passes = f.overwrite_passes.or(file.scrub.overwrite_passes).unwrap_or(1);
+        if !(1..=16).contains(&overwrite_passes) {
+            return Err(invalid("scrub.overwrite_passes", format!("{overwrite_passes} is outside 1..=16")));
+        }
         Ok(Self {
             id: NodeId(id),
             listen,
@@ -347,6 +367,8 @@ impl NodeConfig {
             memory,
             raft,
             overwrite_rate,
+            overwrite_pattern,
+            overwrite_passes,
         })
     }
 
@@ -397,6 +419,8 @@ mod tests {
             ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"storage\"]", "`seeds`"),
             ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[raft]\nheartbeat_ms = 2000", "election_timeout_min_ms"),
             ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[scrub]\noverwrite_rate = \"0\"", "overwrite_rate"),
+            ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[scrub]\noverwrite_pattern = \"ones\"", "overwrite_pattern"),
+            ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[scrub]\noverwrite_passes = 0", "overwrite_passes"),
         ];
         for (i, (text, expect)) in cases.iter().enumerate() {
             let path = dir.path().join(format!("{i}.toml"));

@@ -1,6 +1,8 @@
 //! The Basalt storage node.
 //!
 //! ```text
+//!  port ──► listener: framed data protocol ──► pg::wire ──► pg::service
+//!                     HTTP/2 ──► gRPC:
 //!  gRPC ──► meta::service (admin API, forwards to the meta leader) ──► meta group (Raft) ──► meta::state
 //!       ──► pg::service (data API) ──► pg::manager ──► PG groups (Raft) ──► pg::state_machine ──► chunk store
 //!       ──► raft transport (peers)
@@ -12,6 +14,7 @@ pub mod agent;
 pub mod clients;
 pub mod cluster_map;
 pub mod config;
+pub mod listener;
 pub mod meta;
 pub mod metrics;
 pub mod node;

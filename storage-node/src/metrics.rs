@@ -86,6 +86,19 @@ pub fn render(ctx: &NodeCtx) -> String {
         "Freed bytes overwritten.",
         vec![(String::new(), ctx.scrub.overwritten_bytes.load(Ordering::Relaxed))],
     );
+    family(
+        "basalt_scrub_ranges_released_total",
+        "counter",
+        "Freed ranges overwritten and returned to the allocator.",
+        vec![(String::new(), ctx.scrub.slots_released.load(Ordering::Relaxed))],
+    );
+    family("basalt_scrub_errors_total", "counter", "Failed overwrites (retried).", vec![(String::new(), ctx.scrub.errors.load(Ordering::Relaxed))]);
+    family(
+        "basalt_scrub_log_rewrites_total",
+        "counter",
+        "Rewrites of the Raft log's files that removed purged (freed) entries.",
+        vec![(String::new(), ctx.scrub.log_scrubs.load(Ordering::Relaxed))],
+    );
     let log = ctx.host.log_engine().stats();
     family("basalt_raft_log_syncs_total", "counter", "Synced Raft log writes (group commits).", vec![(String::new(), log.batches.load(Ordering::Relaxed))]);
     family(

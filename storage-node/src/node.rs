@@ -229,13 +229,15 @@ impl Node {
         let admin = AdminServer::new(AdminService::new(ctx.clone()))
             .max_decoding_message_size(basalt_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(basalt_proto::MAX_MESSAGE_BYTES);
-        let data = DataServer::new(DataService::new(ctx.clone()))
+        let data_service = Arc::new(DataService::new(ctx.clone()));
+        let data = DataServer::from_arc(data_service.clone())
             .max_decoding_message_size(basalt_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(basalt_proto::MAX_MESSAGE_BYTES);
         let mut srv_shutdown = shutdown_rx.clone();
-        // Our own listener (bound early to fail fast), so tonic's nodelay setting must be
-        // applied here: without it small replies wait out delayed ACKs (40 ms).
-        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        // Our own accept loop (the listener was bound early to fail fast) splits the port
+        // between the framed data protocol and gRPC; it sets TCP_NODELAY on every connection.
+        let (grpc_tx, grpc_rx) = tokio::sync::mpsc::channel(64);
+        let accept = tokio::spawn(crate::listener::run(listener, data_service, grpc_tx, shutdown_rx.clone()));
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .tcp_nodelay(true)
@@ -245,18 +247,19 @@ impl Node {
                 .add_service(admin)
                 .add_service(data)
                 .add_service(host.transport_service())
-                .serve_with_incoming_shutdown(incoming, async move {
+                .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(grpc_rx), async move {
                     let _ = srv_shutdown.changed().await;
                 }),
         );
 
-        let mut tasks = Vec::new();
+        let mut tasks = vec![accept];
         tasks.push(tokio::spawn(crate::cluster_map::run_watcher(ctx.clone(), map_tx, shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::agent::run(ctx.clone(), shutdown_rx.clone())));
         if config.has(Role::Storage) {
             tasks.push(tokio::spawn(crate::pg::manager::run_reconciler(ctx.clone(), shutdown_rx.clone())));
             tasks.push(tokio::spawn(crate::pg::manager::run_checkpointer(ctx.clone(), shutdown_rx.clone())));
-            let scrubber = basalt_scrubber::Scrubber::new(store.clone(), config.overwrite_rate, ctx.scrub.clone());
+            let scrubber = basalt_scrubber::Scrubber::new(store.clone(), config.overwrite_rate, ctx.scrub.clone())
+                .with_pattern(config.overwrite_pattern, config.overwrite_passes);
             tasks.push(tokio::spawn(scrubber.run(shutdown_rx.clone())));
         }
         if ctx.meta.is_some() {

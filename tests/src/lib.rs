@@ -94,7 +94,12 @@ pub fn simple_spec(n: u64) -> Vec<NodeSpec> {
 impl TestCluster {
     /// Three storage+meta nodes in three zones, 8 PGs, healthy, with volume `name` created.
     pub async fn with_volume(name: &str, size: u64) -> Result<Self> {
-        let cluster = Self::start(simple_spec(3)).await?;
+        Self::with_volume_config(name, size, "").await
+    }
+
+    /// Like [`TestCluster::with_volume`] with extra TOML in every node's config.
+    pub async fn with_volume_config(name: &str, size: u64, extra_config: &str) -> Result<Self> {
+        let cluster = Self::start_with(simple_spec(3), extra_config).await?;
         cluster.init(8, "zone").await?;
         cluster.wait_healthy(3, Duration::from_secs(60)).await?;
         let mut admin = cluster.admin().await?;
@@ -265,6 +270,12 @@ impl TestCluster {
     pub async fn client(&self) -> Result<Cluster> {
         let opts = ClientOptions { op_timeout: Duration::from_secs(60), ..Default::default() };
         Ok(Cluster::connect_with(&self.seeds(), opts).await?)
+    }
+
+    /// Node `id`'s own scrubber report.
+    pub async fn scrub_status(&self, id: u64) -> Result<basalt_proto::admin::ScrubStatusReply> {
+        let mut admin = admin_client(&self.node(id).addr).await?;
+        Ok(admin.scrub_status(basalt_proto::admin::ScrubStatusRequest {}).await?.into_inner())
     }
 
     /// `kill -9` node `id` (a process this harness started).

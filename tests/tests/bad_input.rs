@@ -10,6 +10,7 @@ use basalt_proto::admin::{VolumeCreateRequest, VolumeResizeRequest};
 use basalt_proto::data::data_client::DataClient;
 use basalt_proto::data::data_error::Code;
 use basalt_proto::data::{ReadRequest, WriteRequest};
+use basalt_proto::wire;
 use basalt_tests::{TestCluster, bin, simple_spec};
 use basalt_volume_client::ClientError;
 use bytes::Bytes;
@@ -192,6 +193,78 @@ async fn cli_exit_codes_mean_something() {
     assert_eq!(code, Some(4), "second init: {err}");
     let (code, _, _) = run(&["volume", "nonsense"], s);
     assert_eq!(code, Some(2));
+    let (code, _, err) = run(&["scrub", "status", "--node", "99"], s);
+    assert_eq!(code, Some(3), "scrub status of an unknown node: {err}");
+    assert!(err.contains("no node 99"), "{err}");
+    let (code, out, err) = run(&["--json", "scrub", "status"], s);
+    assert_eq!(code, Some(0), "{err}");
+    let nodes: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(nodes.len(), 3, "{out}");
+    assert!(nodes.iter().all(|n| n["reachable"] == true && n["pattern"] == "zeros" && n["passes"] == 1), "{out}");
+}
+
+/// Reads one reply frame: (kind, id, body).
+async fn wire_reply(s: &mut tokio::net::TcpStream) -> std::io::Result<Option<(u8, u64, Bytes)>> {
+    let Some(h) = wire::read_header(s).await? else { return Ok(None) };
+    let body = wire::read_body(s, &h).await?;
+    Ok(Some((h.kind, h.id, body)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_data_protocol_frames_get_errors_or_a_closed_connection() {
+    use tokio::io::AsyncWriteExt;
+    let cluster = TestCluster::with_volume("v", 16 << 20).await.unwrap();
+    let addr = cluster.node(1).addr.clone();
+    let frame = |kind: u8, id: u64, body: &[u8]| {
+        let mut f = (body.len() as u32).to_be_bytes().to_vec();
+        f.push(kind);
+        f.extend_from_slice(&id.to_be_bytes());
+        f.extend_from_slice(body);
+        f
+    };
+
+    // Unknown kind and an undecodable body: each answered with an error frame for its id, and
+    // the connection stays usable.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(&wire::MAGIC).await.unwrap();
+    s.write_all(&frame(0x42, 7, b"hello")).await.unwrap();
+    let (kind, id, body) = wire_reply(&mut s).await.unwrap().unwrap();
+    assert_eq!((kind, id), (wire::Kind::Error as u8, 7));
+    let e = <basalt_proto::data::DataError as prost::Message>::decode(body).unwrap();
+    assert!(e.message.contains("unknown request kind"), "{e:?}");
+    s.write_all(&frame(wire::Kind::Write as u8, 8, &[0xff; 40])).await.unwrap();
+    let (kind, id, _) = wire_reply(&mut s).await.unwrap().unwrap();
+    assert_eq!((kind, id), (wire::Kind::Error as u8, 8));
+    // A well-formed read of a volume that does not exist: a refusal inside the reply.
+    let req = ReadRequest { pg: 0, volume_id: 999_999, offset: 0, length: 4096, map_version: 0 };
+    s.write_all(&wire::encode(wire::Kind::Read, 9, &req)).await.unwrap();
+    let (kind, id, body) = wire_reply(&mut s).await.unwrap().unwrap();
+    assert_eq!((kind, id), (wire::Kind::ReadReply as u8, 9));
+    let reply = <basalt_proto::data::ReadReply as prost::Message>::decode(body).unwrap();
+    assert!(reply.error.is_some() && reply.data.is_empty(), "{reply:?}");
+
+    // A frame announcing more than the limit: the node closes the connection.
+    let mut huge = (u32::MAX).to_be_bytes().to_vec();
+    huge.push(wire::Kind::Write as u8);
+    huge.extend_from_slice(&1u64.to_be_bytes());
+    s.write_all(&huge).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(10), wire_reply(&mut s)).await.expect("oversized frame: connection left open");
+    assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
+
+    // Wrong magic, and a connection that vanishes mid-frame: closed, nothing else disturbed.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"BOGUSMAG").await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(10), wire_reply(&mut s)).await.expect("bad magic: connection left open");
+    assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(&wire::MAGIC).await.unwrap();
+    s.write_all(&frame(wire::Kind::Write as u8, 1, &[1u8; 100])[..60]).await.unwrap();
+    drop(s);
+
+    let client = cluster.client().await.unwrap();
+    let v = client.open_volume("v").await.unwrap();
+    v.write(4096, Bytes::from(vec![5u8; 8192]), false).await.unwrap();
+    assert_eq!(v.read(4096, 8192).await.unwrap(), Bytes::from(vec![5u8; 8192]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -81,3 +81,97 @@ async fn trimmed_range_leaves_no_copy_and_the_rest_stays() {
     assert_eq!(vol.read(8 << 20, 8 << 20).await.unwrap(), marked(&kept, 8 << 20));
     assert!(vol.read(0, 8 << 20).await.unwrap().iter().all(|b| *b == 0), "trimmed range does not read as zeros");
 }
+
+/// Overwriting slow enough that a test can act while freed ranges are still queued: a 16 MiB
+/// volume leaves 16 one-MiB ranges per node, about 16 s of overwriting.
+const SLOW_SCRUB: &str = "[scrub]\noverwrite_rate = \"1MiB\"";
+
+/// Waits until every node's queue of freed ranges is empty; returns the nodes' reports.
+async fn wait_queues_drained(cluster: &TestCluster) -> Vec<basalt_proto::admin::ScrubStatusReply> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let mut all = Vec::new();
+        for id in 1..=3 {
+            all.push(cluster.scrub_status(id).await.unwrap());
+        }
+        if all.iter().all(|s| s.pending_ranges == 0) {
+            return all;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "scrub queues not drained after 90 s: {all:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrub_resumes_after_kill9_and_leaves_no_copy() {
+    let mut cluster = TestCluster::with_volume_config("secret", 16 << 20, SLOW_SCRUB).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let vol = client.open_volume("secret").await.unwrap();
+    let marker = format!("BASALT-KILL9-MARKER-{:016x}|", seed()).into_bytes();
+    vol.write(0, marked(&marker, 16 << 20), false).await.unwrap();
+    assert!(!scan(&cluster, &marker).await.is_empty());
+
+    let mut admin = cluster.admin().await.unwrap();
+    admin.volume_delete(VolumeDeleteRequest { name: "secret".into(), wait: true }).await.unwrap();
+
+    // Kill node 1 in the middle of its overwriting: some ranges done, some still queued.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let at_kill = loop {
+        let st = cluster.scrub_status(1).await.unwrap();
+        if st.overwritten_bytes > 0 && st.pending_ranges > 0 {
+            break st;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "node 1 never was mid-scrub: {st:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    cluster.kill9(1);
+    println!("killed node 1 with {} ranges queued ({} bytes overwritten)", at_kill.pending_ranges, at_kill.overwritten_bytes);
+    cluster.restart(1).await.unwrap();
+
+    wait_until_gone(&cluster, &marker, "after kill -9 mid-scrub and restart").await;
+    let done = wait_queues_drained(&cluster).await;
+    // Counters restart with the process: what node 1 overwrote now is what the queue kept.
+    assert!(done[0].overwritten_bytes > 0, "node 1 did not resume the queued overwrites: {:?}", done[0]);
+    assert_eq!(done[0].errors, 0, "{:?}", done[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freed_space_is_not_reused_before_it_is_overwritten() {
+    let cluster = TestCluster::with_volume_config("old", 16 << 20, SLOW_SCRUB).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let old = client.open_volume("old").await.unwrap();
+    let s = seed();
+    let old_marker = format!("BASALT-OLD-TENANT-{s:016x}|").into_bytes();
+    old.write(0, marked(&old_marker, 16 << 20), false).await.unwrap();
+
+    let mut admin = cluster.admin().await.unwrap();
+    admin.volume_delete(VolumeDeleteRequest { name: "old".into(), wait: true }).await.unwrap();
+    admin.volume_create(basalt_proto::admin::VolumeCreateRequest { name: "new".into(), size: 16 << 20 }).await.unwrap();
+    let mut queued = 0;
+    for id in 1..=3 {
+        queued += cluster.scrub_status(id).await.unwrap().pending_ranges;
+    }
+    assert!(queued > 0, "the old volume's ranges were already overwritten: the test would not overlap reuse with scrubbing");
+
+    // The new tenant sees zeros everywhere, also around the blocks it writes (one 4 KiB block
+    // at the start of every 1 MiB chunk, so each chunk gets a slot that is only partly written).
+    let new = client.open_volume("new").await.unwrap();
+    let fresh = new.read(0, 16 << 20).await.unwrap();
+    assert!(fresh.iter().all(|b| *b == 0), "a new volume reads bytes it never wrote");
+    let new_marker = format!("BASALT-NEW-TENANT-{s:016x}|").into_bytes();
+    let block = marked(&new_marker, 4096);
+    for chunk in 0..16u64 {
+        new.write(chunk << 20, block.clone(), false).await.unwrap();
+    }
+    let got = new.read(0, 16 << 20).await.unwrap();
+    for chunk in 0..16usize {
+        let c = &got[chunk << 20..(chunk + 1) << 20];
+        assert_eq!(&c[..4096], &block[..], "chunk {chunk}: written block");
+        assert!(c[4096..].iter().all(|b| *b == 0), "chunk {chunk}: unwritten part of a new chunk is not zeros");
+    }
+
+    // The old bytes are overwritten in the end, and overwriting never touched the new volume.
+    wait_until_gone(&cluster, &old_marker, "after deleting the old volume").await;
+    wait_queues_drained(&cluster).await;
+    assert_eq!(new.read(0, 16 << 20).await.unwrap(), got);
+}

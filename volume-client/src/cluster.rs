@@ -7,10 +7,10 @@ use std::time::Duration;
 use basalt_common::{NodeId, PgId};
 use basalt_proto::admin::admin_client::AdminClient;
 use basalt_proto::admin::{GetClusterMapRequest, VolumeAttachRequest, VolumeDetachRequest, VolumeShowRequest};
-use basalt_proto::data::data_client::DataClient;
 use basalt_proto::view::ClusterView;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::data_conn::DataConn;
 use crate::error::ClientError;
 use crate::volume::Volume;
 
@@ -38,6 +38,8 @@ pub(crate) struct Inner {
     pub(crate) options: ClientOptions,
     map: RwLock<Arc<ClusterView>>,
     channels: Mutex<HashMap<String, Channel>>,
+    /// Framed data-protocol connections, one per node address.
+    data_conns: Mutex<HashMap<String, Arc<DataConn>>>,
     leaders: Mutex<HashMap<PgId, NodeId>>,
     refresh: tokio::sync::Mutex<()>,
 }
@@ -77,6 +79,7 @@ impl Cluster {
                 options,
                 map: RwLock::new(Arc::new(ClusterView::default())),
                 channels: Mutex::new(HashMap::new()),
+                data_conns: Mutex::new(HashMap::new()),
                 leaders: Mutex::new(HashMap::new()),
                 refresh: tokio::sync::Mutex::new(()),
             }),
@@ -103,10 +106,18 @@ impl Cluster {
             .max_encoding_message_size(basalt_proto::MAX_MESSAGE_BYTES))
     }
 
-    pub(crate) fn data(&self, addr: &str) -> Result<DataClient<Channel>, ClientError> {
-        Ok(DataClient::new(self.channel(addr)?)
-            .max_decoding_message_size(basalt_proto::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(basalt_proto::MAX_MESSAGE_BYTES))
+    /// The data connection to `addr`, opened (or reopened after a failure) on demand.
+    pub(crate) async fn data_conn(&self, addr: &str) -> Result<Arc<DataConn>, String> {
+        if let Some(c) = self.inner.data_conns.lock().unwrap_or_else(|p| p.into_inner()).get(addr) {
+            if !c.is_dead() {
+                return Ok(c.clone());
+            }
+        }
+        // Connect outside the lock: a dead node's connect timeout must not hold up the others.
+        // Two callers racing here both connect; the later one's connection is kept.
+        let conn = DataConn::connect(addr, Duration::from_secs(2)).await?;
+        self.inner.data_conns.lock().unwrap_or_else(|p| p.into_inner()).insert(addr.to_string(), conn.clone());
+        Ok(conn)
     }
 
     /// The cached map.

@@ -16,6 +16,7 @@
 //! ```
 
 pub mod cluster;
+mod data_conn;
 pub mod error;
 pub mod nbd;
 pub mod volume;

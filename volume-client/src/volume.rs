@@ -9,7 +9,8 @@ use std::time::Duration;
 use basalt_common::layout::ExtentSpan;
 use basalt_common::{BLOCK_SIZE, NodeId, VolumeId, crc32c};
 use basalt_proto::data::data_error::Code;
-use basalt_proto::data::{DataError, ReadRequest, WriteRequest, ZeroRequest};
+use basalt_proto::data::{DataError, ReadReply, ReadRequest, WriteReply, WriteRequest, ZeroReply, ZeroRequest};
+use basalt_proto::wire::Kind;
 use bytes::{Bytes, BytesMut};
 use futures::future::try_join_all;
 use tokio::sync::Semaphore;
@@ -128,7 +129,8 @@ impl Volume {
     async fn with_leader<T, F, Fut>(&self, span: &ExtentSpan, mut call: F) -> Result<T, ClientError>
     where
         F: FnMut(String, u64) -> Fut,
-        Fut: std::future::Future<Output = Result<Attempt<T>, tonic::Status>>,
+        // `Err` is a transport failure: retried like an unreachable node.
+        Fut: std::future::Future<Output = Result<Attempt<T>, String>>,
     {
         let opts = &self.cluster.inner.options;
         let deadline = tokio::time::Instant::now() + opts.op_timeout;
@@ -157,7 +159,7 @@ impl Volume {
             };
             let outcome = match tokio::time::timeout(opts.attempt_timeout, call(addr.clone(), map.version)).await {
                 Ok(Ok(a)) => a,
-                Ok(Err(status)) => Attempt::Retry { reason: format!("{target} at {addr}: {}", status.message()), backoff: true },
+                Ok(Err(why)) => Attempt::Retry { reason: format!("{target} at {addr}: {why}"), backoff: true },
                 Err(_) => Attempt::Retry { reason: format!("{target} at {addr}: no answer within {:?}", opts.attempt_timeout), backoff: true },
             };
             match outcome {
@@ -258,11 +260,10 @@ impl Volume {
                 map_version,
                 attach_epoch: self.epoch(),
             };
-            let client = self.cluster.data(&addr);
             let retries = &retries;
             async move {
-                let mut client = client.map_err(|e| tonic::Status::internal(e.to_string()))?;
-                let reply = client.write(req).await?.into_inner();
+                let conn = self.cluster.data_conn(&addr).await?;
+                let reply: WriteReply = conn.call(Kind::Write, Kind::WriteReply, &req).await?;
                 Ok(match reply.error {
                     None => Attempt::Done(()),
                     Some(e) => self.on_error(span, &addr, e, retries).await,
@@ -302,11 +303,10 @@ impl Volume {
         let retries = AtomicU32::new(0);
         self.with_leader(span, |addr, map_version| {
             let req = ReadRequest { pg: span.pg.0, volume_id: self.id.0, offset: span.offset, length: span.len as u32, map_version };
-            let client = self.cluster.data(&addr);
             let retries = &retries;
             async move {
-                let mut client = client.map_err(|e| tonic::Status::internal(e.to_string()))?;
-                let reply = client.read(req).await?.into_inner();
+                let conn = self.cluster.data_conn(&addr).await?;
+                let reply: ReadReply = conn.call(Kind::Read, Kind::ReadReply, &req).await?;
                 if let Some(e) = reply.error {
                     return Ok(self.on_error(span, &addr, e, retries).await);
                 }
@@ -371,11 +371,10 @@ impl Volume {
                     map_version,
                     attach_epoch: self.epoch(),
                 };
-                let client = self.cluster.data(&addr);
                 let retries = &retries;
                 async move {
-                    let mut client = client.map_err(|e| tonic::Status::internal(e.to_string()))?;
-                    let reply = client.zero(req).await?.into_inner();
+                    let conn = self.cluster.data_conn(&addr).await?;
+                    let reply: ZeroReply = conn.call(Kind::Zero, Kind::ZeroReply, &req).await?;
                     Ok(match reply.error {
                         None => Attempt::Done(()),
                         Some(e) => self.on_error(span, &addr, e, retries).await,

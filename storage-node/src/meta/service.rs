@@ -11,7 +11,8 @@ use basalt_proto::admin::admin_client::AdminClient;
 use basalt_proto::admin::admin_server::Admin;
 use basalt_proto::admin::{
     ClusterInitReply, ClusterInitRequest, ClusterMap, ClusterStatusReply, ClusterStatusRequest, GetClusterMapRequest, NodeHeartbeatReply,
-    NodeHeartbeatRequest, NodeInfoReply, NodeInfoRequest, NodeListReply, NodeListRequest, PlacementGroup, Volume, VolumeAttachRequest,
+    NodeHeartbeatRequest, NodeInfoReply, NodeInfoRequest, NodeListReply, NodeListRequest, PlacementGroup, ScrubStatusReply, ScrubStatusRequest,
+    Volume, VolumeAttachRequest,
     VolumeCreateRequest, VolumeDeleteReply, VolumeDeleteRequest, VolumeDetachRequest, VolumeListReply, VolumeListRequest, VolumeReply,
     VolumeResizeRequest, VolumeShowRequest,
 };
@@ -484,6 +485,27 @@ impl Admin for AdminService {
             }
             self.volume_reply(reply, self.current_version())
         })
+    }
+
+    async fn scrub_status(&self, _request: Request<ScrubStatusRequest>) -> Result<Response<ScrubStatusReply>, Status> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let store = self.ctx.store.stats();
+        let scrub = &self.ctx.scrub;
+        let last = scrub.last_log_scrub_unix_ms.load(Relaxed);
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        Ok(Response::new(ScrubStatusReply {
+            node: self.ctx.config.id.0,
+            pending_bytes: store.slots_pending_scrub * store.slot_size,
+            pending_ranges: store.slots_pending_scrub,
+            overwritten_bytes: scrub.overwritten_bytes.load(Relaxed),
+            ranges_released: scrub.slots_released.load(Relaxed),
+            errors: scrub.errors.load(Relaxed),
+            rate_bytes_per_sec: self.ctx.config.overwrite_rate,
+            pattern: self.ctx.config.overwrite_pattern.to_string(),
+            passes: self.ctx.config.overwrite_passes,
+            log_scrubs: scrub.log_scrubs.load(Relaxed),
+            last_log_scrub_ms_ago: if last == 0 { 0 } else { now_ms.saturating_sub(last).max(1) },
+        }))
     }
 
     async fn get_cluster_map(&self, request: Request<GetClusterMapRequest>) -> Result<Response<ClusterMap>, Status> {

@@ -1,6 +1,6 @@
 //! Hosts the placement groups the cluster map assigns to this node.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -189,6 +189,11 @@ pub async fn run_checkpointer(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<b
     // Per PG: the purge index whose bytes the last log scrub removed.
     let mut scrubbed: HashMap<u32, u64> = HashMap::new();
     let mut last_log_scrub: Option<tokio::time::Instant> = None;
+    // PGs seen since start. A crash between a delete's checkpoint and its log scrub loses the
+    // in-memory `purge_wanted` (entries up to a checkpoint are not re-applied on restart), so
+    // the first pass over each PG treats its whole checkpointed prefix as freed data: one log
+    // purge and scrub per node start, and no freed bytes outlive a crash in the log files.
+    let mut seen: HashSet<u32> = HashSet::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -199,6 +204,9 @@ pub async fn run_checkpointer(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<b
         let mut owed: Vec<(u32, u64)> = Vec::new();
         for h in handles {
             let st = h.group.status();
+            if seen.insert(st.group) {
+                h.shared.purge_wanted.fetch_max(st.checkpoint_index, std::sync::atomic::Ordering::Relaxed);
+            }
             let now = tokio::time::Instant::now();
             let entry = last_applied.entry(st.group).or_insert((st.applied_index, now));
             if entry.0 != st.applied_index {
@@ -226,6 +234,9 @@ pub async fn run_checkpointer(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<b
             match tokio::task::spawn_blocking(move || engine.scrub_purged()).await {
                 Ok(Ok(())) => {
                     tracing::info!(pgs = owed.len(), took_ms = started.elapsed().as_millis() as u64, "raft log files rewritten without purged entries");
+                    ctx.scrub.log_scrubs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+                    ctx.scrub.last_log_scrub_unix_ms.store(now_ms, std::sync::atomic::Ordering::Relaxed);
                     scrubbed.extend(owed);
                 }
                 Ok(Err(e)) => tracing::error!(error = %e, "scrubbing purged entries from the raft log failed; will retry"),

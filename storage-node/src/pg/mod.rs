@@ -4,10 +4,12 @@
 //! - [`state_machine`]: applies it to the chunk store; checkpoints.
 //! - [`snapshot`]: streams a PG to a new replica.
 //! - [`manager`]: starts the PGs the cluster map places here.
-//! - [`service`]: the data gRPC API clients write and read through.
+//! - [`service`]: the data API clients write and read through (gRPC face included).
+//! - [`wire`]: the same API over the framed protocol of [`basalt_proto::wire`].
 
 pub mod command;
 pub mod manager;
 pub mod service;
 pub mod snapshot;
 pub mod state_machine;
+pub mod wire;

@@ -129,11 +129,10 @@ impl DataService {
     }
 }
 
-#[tonic::async_trait]
-impl Data for DataService {
-    async fn write(&self, request: Request<WriteRequest>) -> Result<Response<WriteReply>, Status> {
+impl DataService {
+    /// Validates and proposes a write; the reply carries any refusal.
+    pub async fn serve_write(&self, req: WriteRequest) -> WriteReply {
         let started = Instant::now();
-        let req = request.into_inner();
         let len = req.data.len() as u64;
         let error = async {
             if len > MAX_IO {
@@ -168,12 +167,12 @@ impl Data for DataService {
         }
         .await;
         self.done(Op::Write, len, started, &error);
-        Ok(Response::new(WriteReply { error }))
+        WriteReply { error }
     }
 
-    async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadReply>, Status> {
+    /// Serves a linearizable read from this PG leader's replica.
+    pub async fn serve_read(&self, req: ReadRequest) -> ReadReply {
         let started = Instant::now();
-        let req = request.into_inner();
         let len = u64::from(req.length);
         let result: Result<(bytes::Bytes, Vec<u32>), DataError> = async {
             if req.offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
@@ -200,12 +199,12 @@ impl Data for DataService {
             Err(e) => ReadReply { error: Some(e), data: bytes::Bytes::new(), crcs: Vec::new() },
         };
         self.done(Op::Read, len, started, &reply.error);
-        Ok(Response::new(reply))
+        reply
     }
 
-    async fn zero(&self, request: Request<ZeroRequest>) -> Result<Response<ZeroReply>, Status> {
+    /// Validates and proposes a TRIM / WRITE_ZEROES.
+    pub async fn serve_zero(&self, req: ZeroRequest) -> ZeroReply {
         let started = Instant::now();
-        let req = request.into_inner();
         let error = async {
             let handle = match self.route(req.pg, req.volume_id, req.offset, req.length, req.map_version, Some(req.attach_epoch)).await {
                 Ok(h) => h,
@@ -222,7 +221,23 @@ impl Data for DataService {
         }
         .await;
         self.done(Op::Zero, req.length, started, &error);
-        Ok(Response::new(ZeroReply { error }))
+        ZeroReply { error }
+    }
+}
+
+/// The gRPC face of the service (the framed protocol in [`super::wire`] is the fast path).
+#[tonic::async_trait]
+impl Data for DataService {
+    async fn write(&self, request: Request<WriteRequest>) -> Result<Response<WriteReply>, Status> {
+        Ok(Response::new(self.serve_write(request.into_inner()).await))
+    }
+
+    async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadReply>, Status> {
+        Ok(Response::new(self.serve_read(request.into_inner()).await))
+    }
+
+    async fn zero(&self, request: Request<ZeroRequest>) -> Result<Response<ZeroReply>, Status> {
+        Ok(Response::new(self.serve_zero(request.into_inner()).await))
     }
 
     async fn release_volume(&self, request: Request<ReleaseVolumeRequest>) -> Result<Response<ReleaseVolumeReply>, Status> {

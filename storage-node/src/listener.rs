@@ -1,0 +1,50 @@
+//! The node's one port, two protocols: connections that open with [`wire::MAGIC`] go to the
+//! framed data protocol ([`crate::pg::wire`]); everything else (an HTTP/2 preface) goes to the
+//! gRPC server. One address per node keeps the cluster map, configuration and firewalls simple.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use basalt_proto::wire;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+use crate::pg::service::DataService;
+
+/// How long a new connection may stay silent before it is dropped unclassified.
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts connections until shutdown, handing gRPC ones to `grpc` (tonic's incoming stream).
+pub async fn run(listener: TcpListener, data: Arc<DataService>, grpc: mpsc::Sender<io::Result<TcpStream>>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of file descriptors and the like: pause rather than spin.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // Small replies must not wait out delayed ACKs (40 ms).
+        let _ = stream.set_nodelay(true);
+        let (data, grpc, shutdown) = (data.clone(), grpc.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(FIRST_BYTE_TIMEOUT, stream.peek(&mut first)).await {
+                Ok(Ok(1)) if first[0] == wire::MAGIC[0] => crate::pg::wire::serve_connection(data, stream, shutdown).await,
+                Ok(Ok(1)) => {
+                    // The gRPC server is gone only at shutdown.
+                    let _ = grpc.send(Ok(stream)).await;
+                }
+                // Closed, failed or silent before saying anything.
+                _ => {}
+            }
+        });
+    }
+}

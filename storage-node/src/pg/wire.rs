@@ -1,0 +1,153 @@
+//! The data service over [`basalt_proto::wire`]: one task reads frames, each request runs as
+//! its own task (so replies leave in completion order, as the protocol allows), one task
+//! writes replies, batching whatever is ready into one flush.
+//!
+//! Memory per connection is bounded before anything is buffered: at most [`MAX_INFLIGHT`]
+//! requests, and [`CONN_BUDGET`] bytes of request bodies plus read payloads, are held at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use basalt_proto::data::data_error::Code;
+use basalt_proto::data::{DataError, ReadRequest, WriteRequest, ZeroRequest};
+use basalt_proto::wire::{self, Header, Kind};
+use bytes::Bytes;
+use prost::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+
+use super::service::DataService;
+
+/// Requests in flight per connection.
+pub const MAX_INFLIGHT: usize = 256;
+
+/// Bytes of request bodies and read payloads held per connection.
+pub const CONN_BUDGET: usize = 64 * 1024 * 1024;
+
+const BUDGET_KIB: u32 = (CONN_BUDGET / 1024) as u32;
+
+/// How long a new connection may take to send [`wire::MAGIC`].
+const MAGIC_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn kib(bytes: u64) -> u32 {
+    bytes.div_ceil(1024).clamp(1, u64::from(BUDGET_KIB)) as u32
+}
+
+/// Serves one client connection until it closes or the node shuts down. The caller has seen
+/// the first byte of [`wire::MAGIC`]; the rest is checked here.
+pub async fn serve_connection(service: Arc<DataService>, stream: TcpStream, mut shutdown: watch::Receiver<bool>) {
+    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+    let (rd, wr) = stream.into_split();
+    let mut rd = BufReader::with_capacity(64 * 1024, rd);
+    let mut magic = [0u8; 8];
+    match tokio::time::timeout(MAGIC_TIMEOUT, rd.read_exact(&mut magic)).await {
+        Ok(Ok(_)) if magic == wire::MAGIC => {}
+        _ => {
+            tracing::debug!(%peer, "closing a data connection that did not open with the protocol magic");
+            return;
+        }
+    }
+    let (tx, rx) = mpsc::channel::<Bytes>(MAX_INFLIGHT);
+    let writer = tokio::spawn(write_replies(wr, rx));
+    let slots = Arc::new(Semaphore::new(MAX_INFLIGHT));
+    let budget = Arc::new(Semaphore::new(BUDGET_KIB as usize));
+    let outcome = loop {
+        let header = tokio::select! {
+            h = wire::read_header(&mut rd) => h,
+            _ = shutdown.changed() => break Ok(()),
+        };
+        let header = match header {
+            Ok(Some(h)) => h,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        };
+        // Both bounds are taken before the body is read.
+        let (Ok(slot), Ok(body_permit)) =
+            (slots.clone().acquire_owned().await, budget.clone().acquire_many_owned(kib(u64::from(header.body_len))).await)
+        else {
+            break Ok(());
+        };
+        let body = match wire::read_body(&mut rd, &header).await {
+            Ok(b) => b,
+            Err(e) => break Err(e),
+        };
+        let (service, tx, budget) = (service.clone(), tx.clone(), budget.clone());
+        tokio::spawn(async move {
+            let (reply, held) = handle(&service, header, body, body_permit, &budget).await;
+            // A closed writer means the client is gone; nothing to tell.
+            let _ = tx.send(reply).await;
+            drop((slot, held));
+        });
+    };
+    if let Err(e) = outcome {
+        tracing::debug!(%peer, error = %e, "data connection ended");
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+fn error_frame(id: u64, message: String) -> Bytes {
+    let e = DataError { code: Code::Invalid as i32, message, leader: 0, leader_addr: String::new() };
+    wire::encode(Kind::Error, id, &e)
+}
+
+/// Runs one request; returns its reply frame and the budget to hold until the frame is handed
+/// to the writer.
+async fn handle(
+    service: &DataService,
+    header: Header,
+    body: Bytes,
+    body_permit: OwnedSemaphorePermit,
+    budget: &Arc<Semaphore>,
+) -> (Bytes, Option<OwnedSemaphorePermit>) {
+    let id = header.id;
+    match Kind::from_u8(header.kind) {
+        Some(Kind::Write) => match WriteRequest::decode(body) {
+            // The permit covers the payload until the write is answered.
+            Ok(req) => {
+                let reply = service.serve_write(req).await;
+                drop(body_permit);
+                (wire::encode(Kind::WriteReply, id, &reply), None)
+            }
+            Err(e) => (error_frame(id, format!("undecodable write request: {e}")), None),
+        },
+        Some(Kind::Read) => match ReadRequest::decode(body) {
+            Ok(req) => {
+                // Swap the small body's permit for one covering the data read.
+                drop(body_permit);
+                let Ok(payload) = budget.clone().acquire_many_owned(kib(u64::from(req.length))).await else {
+                    return (error_frame(id, "connection closing".into()), None);
+                };
+                let reply = service.serve_read(req).await;
+                (wire::encode(Kind::ReadReply, id, &reply), Some(payload))
+            }
+            Err(e) => (error_frame(id, format!("undecodable read request: {e}")), None),
+        },
+        Some(Kind::Zero) => match ZeroRequest::decode(body) {
+            Ok(req) => (wire::encode(Kind::ZeroReply, id, &service.serve_zero(req).await), None),
+            Err(e) => (error_frame(id, format!("undecodable zero request: {e}")), None),
+        },
+        _ => (error_frame(id, format!("unknown request kind {:#04x}", header.kind)), None),
+    }
+}
+
+async fn write_replies(wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
+    let mut wr = BufWriter::with_capacity(256 * 1024, wr);
+    while let Some(frame) = rx.recv().await {
+        if wr.write_all(&frame).await.is_err() {
+            return;
+        }
+        // Everything already waiting goes out with one flush (one syscall at high queue depth).
+        while let Ok(frame) = rx.try_recv() {
+            if wr.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+        if wr.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = wr.shutdown().await;
+}

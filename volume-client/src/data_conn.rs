@@ -1,0 +1,155 @@
+//! One framed data-protocol connection ([`basalt_proto::wire`]) to a node: many requests in
+//! flight, matched to replies by id.
+//!
+//! A writer task batches queued frames into one flush; a reader task hands each reply to its
+//! waiting caller. When either side of the socket fails, every waiting caller gets the error
+//! at once and the connection reports itself dead so [`crate::Cluster`] opens a new one.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use basalt_proto::data::DataError;
+use basalt_proto::wire::{self, Kind};
+use bytes::Bytes;
+use prost::Message;
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot};
+
+/// Frames queued for the writer at most (callers wait beyond: backpressure).
+const QUEUE: usize = 256;
+
+type Reply = Result<(u8, Bytes), String>;
+
+/// Callers waiting for replies; `None` once the connection failed.
+type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Reply>>>>>;
+
+/// A connection to one node's data port.
+pub(crate) struct DataConn {
+    addr: String,
+    tx: mpsc::Sender<Bytes>,
+    pending: Pending,
+    next_id: AtomicU64,
+    dead: Arc<AtomicBool>,
+}
+
+/// Fails every waiting caller with `why` and marks the connection unusable.
+fn fail_all(pending: &Pending, dead: &AtomicBool, why: &str) {
+    dead.store(true, Ordering::Release);
+    let waiting = pending.lock().unwrap_or_else(|p| p.into_inner()).take();
+    for (_, tx) in waiting.into_iter().flatten() {
+        let _ = tx.send(Err(why.to_string()));
+    }
+}
+
+/// Removes a caller's entry if it stops waiting (attempt timeout), so the map cannot grow.
+struct Waiting<'a> {
+    pending: &'a Pending,
+    id: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(map) = self.pending.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            map.remove(&self.id);
+        }
+    }
+}
+
+impl DataConn {
+    /// Connects to `addr` and opens the protocol.
+    pub(crate) async fn connect(addr: &str, timeout: Duration) -> Result<Arc<DataConn>, String> {
+        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(format!("cannot connect to {addr}: {e}")),
+            Err(_) => return Err(format!("cannot connect to {addr}: no answer within {timeout:?}")),
+        };
+        let _ = stream.set_nodelay(true);
+        let (rd, mut wr) = stream.into_split();
+        wr.write_all(&wire::MAGIC).await.map_err(|e| format!("cannot open the data protocol with {addr}: {e}"))?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
+        let dead = Arc::new(AtomicBool::new(false));
+        tokio::spawn(write_frames(wr, rx, pending.clone(), dead.clone(), addr.to_string()));
+        tokio::spawn(read_replies(rd, pending.clone(), dead.clone(), addr.to_string()));
+        Ok(Arc::new(DataConn { addr: addr.to_string(), tx, pending, next_id: AtomicU64::new(1), dead }))
+    }
+
+    /// Whether the connection has failed (a new one is needed).
+    pub(crate) fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
+    }
+
+    /// Sends `msg` as a `kind` request and decodes the `reply` it gets. `Err` is a transport
+    /// failure or a request the node could not understand; refusals travel inside `R`.
+    pub(crate) async fn call<M: Message, R: Message + Default>(&self, kind: Kind, reply: Kind, msg: &M) -> Result<R, String> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (done_tx, done_rx) = oneshot::channel();
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(map) = pending.as_mut() else {
+                return Err(format!("connection to {} is closed", self.addr));
+            };
+            map.insert(id, done_tx);
+        }
+        let _waiting = Waiting { pending: &self.pending, id };
+        if self.tx.send(wire::encode(kind, id, msg)).await.is_err() {
+            return Err(format!("connection to {} is closed", self.addr));
+        }
+        let (got, body) = match done_rx.await {
+            Ok(r) => r?,
+            Err(_) => return Err(format!("connection to {} closed before replying", self.addr)),
+        };
+        if got == Kind::Error as u8 {
+            let e = DataError::decode(body).unwrap_or_default();
+            return Err(format!("{} refused a request it could not parse: {}", self.addr, e.message));
+        }
+        if got != reply as u8 {
+            return Err(format!("{} answered with frame kind {got:#04x} where {:#04x} was expected", self.addr, reply as u8));
+        }
+        R::decode(body).map_err(|e| format!("undecodable reply from {}: {e}", self.addr))
+    }
+}
+
+async fn write_frames(wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>, pending: Pending, dead: Arc<AtomicBool>, addr: String) {
+    let mut wr = BufWriter::with_capacity(256 * 1024, wr);
+    let result: std::io::Result<()> = async {
+        while let Some(frame) = rx.recv().await {
+            wr.write_all(&frame).await?;
+            // Everything already queued goes out with one flush.
+            while let Ok(frame) = rx.try_recv() {
+                wr.write_all(&frame).await?;
+            }
+            wr.flush().await?;
+        }
+        wr.shutdown().await
+    }
+    .await;
+    if let Err(e) = result {
+        fail_all(&pending, &dead, &format!("sending to {addr} failed: {e}"));
+    }
+}
+
+async fn read_replies(rd: OwnedReadHalf, pending: Pending, dead: Arc<AtomicBool>, addr: String) {
+    let mut rd = BufReader::with_capacity(256 * 1024, rd);
+    let why = loop {
+        let header = match wire::read_header(&mut rd).await {
+            Ok(Some(h)) => h,
+            Ok(None) => break format!("{addr} closed the connection"),
+            Err(e) => break format!("reading from {addr} failed: {e}"),
+        };
+        let body = match wire::read_body(&mut rd, &header).await {
+            Ok(b) => b,
+            Err(e) => break format!("reading from {addr} failed: {e}"),
+        };
+        let waiter = pending.lock().unwrap_or_else(|p| p.into_inner()).as_mut().and_then(|m| m.remove(&header.id));
+        // No waiter: the caller timed out and left.
+        if let Some(tx) = waiter {
+            let _ = tx.send(Ok((header.kind, body)));
+        }
+    };
+    fail_all(&pending, &dead, &why);
+}
