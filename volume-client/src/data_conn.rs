@@ -68,6 +68,16 @@ impl DataConn {
             Err(_) => return Err(format!("cannot connect to {addr}: no answer within {timeout:?}")),
         };
         let _ = stream.set_nodelay(true);
+        // A node that vanishes without closing (power loss, partition) must not leave a
+        // connection that looks alive: keepalive probes on an idle one, and a bound on how
+        // long sent data may stay unacknowledged.
+        let sock = socket2::SockRef::from(&stream);
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(5))
+            .with_interval(Duration::from_secs(2))
+            .with_retries(3);
+        let _ = sock.set_tcp_keepalive(&keepalive);
+        let _ = sock.set_tcp_user_timeout(Some(Duration::from_secs(10)));
         let (rd, mut wr) = stream.into_split();
         wr.write_all(&wire::MAGIC).await.map_err(|e| format!("cannot open the data protocol with {addr}: {e}"))?;
         let (tx, rx) = mpsc::channel(QUEUE);

@@ -31,6 +31,13 @@ const BUDGET_KIB: u32 = (CONN_BUDGET / 1024) as u32;
 /// How long a new connection may take to send [`wire::MAGIC`].
 const MAGIC_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a frame's body may take to arrive once its header has (its budget is held meanwhile).
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A reply frame and the permits that must stay held until it is on the socket, so a client
+/// that stops reading replies cannot make the node queue more than the connection's budget.
+type Outgoing = (Bytes, OwnedSemaphorePermit, Option<OwnedSemaphorePermit>);
+
 fn kib(bytes: u64) -> u32 {
     bytes.div_ceil(1024).clamp(1, u64::from(BUDGET_KIB)) as u32
 }
@@ -49,7 +56,7 @@ pub async fn serve_connection(service: Arc<DataService>, stream: TcpStream, mut 
             return;
         }
     }
-    let (tx, rx) = mpsc::channel::<Bytes>(MAX_INFLIGHT);
+    let (tx, rx) = mpsc::channel::<Outgoing>(MAX_INFLIGHT);
     let writer = tokio::spawn(write_replies(wr, rx));
     let slots = Arc::new(Semaphore::new(MAX_INFLIGHT));
     let budget = Arc::new(Semaphore::new(BUDGET_KIB as usize));
@@ -69,16 +76,16 @@ pub async fn serve_connection(service: Arc<DataService>, stream: TcpStream, mut 
         else {
             break Ok(());
         };
-        let body = match wire::read_body(&mut rd, &header).await {
-            Ok(b) => b,
-            Err(e) => break Err(e),
+        let body = match tokio::time::timeout(BODY_TIMEOUT, wire::read_body(&mut rd, &header)).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => break Err(e),
+            Err(_) => break Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("frame {} body did not arrive within {BODY_TIMEOUT:?}", header.id))),
         };
         let (service, tx, budget) = (service.clone(), tx.clone(), budget.clone());
         tokio::spawn(async move {
             let (reply, held) = handle(&service, header, body, body_permit, &budget).await;
             // A closed writer means the client is gone; nothing to tell.
-            let _ = tx.send(reply).await;
-            drop((slot, held));
+            let _ = tx.send((reply, slot, held)).await;
         });
     };
     if let Err(e) = outcome {
@@ -133,14 +140,16 @@ async fn handle(
     }
 }
 
-async fn write_replies(wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
+async fn write_replies(wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Outgoing>) {
     let mut wr = BufWriter::with_capacity(256 * 1024, wr);
-    while let Some(frame) = rx.recv().await {
+    // Permits are released once their frame is in the socket (or the write buffer about to be
+    // flushed, which is bounded by its own capacity).
+    while let Some((frame, _slot, _held)) = rx.recv().await {
         if wr.write_all(&frame).await.is_err() {
             return;
         }
         // Everything already waiting goes out with one flush (one syscall at high queue depth).
-        while let Ok(frame) = rx.try_recv() {
+        while let Ok((frame, _slot, _held)) = rx.try_recv() {
             if wr.write_all(&frame).await.is_err() {
                 return;
             }
