@@ -20,7 +20,8 @@ use std::io;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::mpsc;
 
 /// Sent by the client first on every connection.
 pub const MAGIC: [u8; 8] = *b"BSLTDAT1";
@@ -116,6 +117,23 @@ pub async fn read_body<R: AsyncRead + Unpin>(r: &mut R, header: &Header) -> io::
     let mut body = BytesMut::zeroed(header.body_len as usize);
     r.read_exact(&mut body).await?;
     Ok(body.freeze())
+}
+
+/// Writes every frame `rx` yields until it closes, then shuts the stream down. Whatever is
+/// already queued goes out with one flush (one syscall at high queue depth). Each item is
+/// dropped once its bytes are written, so anything it carries along (budget permits) is
+/// held until then.
+pub async fn write_frames<W: AsyncWrite + Unpin, T: AsRef<[u8]>>(wr: W, mut rx: mpsc::Receiver<T>) -> io::Result<()> {
+    let mut wr = BufWriter::with_capacity(256 * 1024, wr);
+    while let Some(frame) = rx.recv().await {
+        wr.write_all(frame.as_ref()).await?;
+        drop(frame);
+        while let Ok(frame) = rx.try_recv() {
+            wr.write_all(frame.as_ref()).await?;
+        }
+        wr.flush().await?;
+    }
+    wr.shutdown().await
 }
 
 #[cfg(test)]

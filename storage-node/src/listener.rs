@@ -15,22 +15,24 @@ use crate::pg::service::DataService;
 /// How long a new connection may stay silent before it is dropped unclassified.
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The next accepted connection, or `None` at shutdown. Failed accepts (out of file
+/// descriptors and the like) are logged as `what` and retried after a pause rather than spun on.
+pub async fn accept(listener: &TcpListener, shutdown: &mut watch::Receiver<bool>, what: &str) -> Option<TcpStream> {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => return Some(s),
+                Err(e) => tracing::warn!(error = %e, "{what} accept failed"),
+            },
+            _ = shutdown.changed() => return None,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Accepts connections until shutdown, handing gRPC ones to `grpc` (tonic's incoming stream).
 pub async fn run(listener: TcpListener, data: Arc<DataService>, grpc: mpsc::Sender<io::Result<TcpStream>>, mut shutdown: watch::Receiver<bool>) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = shutdown.changed() => return,
-        };
-        let stream = match accepted {
-            Ok((s, _)) => s,
-            Err(e) => {
-                // Out of file descriptors and the like: pause rather than spin.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    while let Some(stream) = accept(&listener, &mut shutdown, "data port").await {
         // Small replies must not wait out delayed ACKs (40 ms).
         let _ = stream.set_nodelay(true);
         let (data, grpc, shutdown) = (data.clone(), grpc.clone(), shutdown.clone());

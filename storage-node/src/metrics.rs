@@ -125,18 +125,7 @@ pub fn render(ctx: &NodeCtx) -> String {
 
 /// Serves `/metrics` until shutdown.
 pub async fn serve(ctx: Arc<NodeCtx>, listener: tokio::net::TcpListener, mut shutdown: watch::Receiver<bool>) {
-    loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
-        };
+    while let Some(stream) = crate::listener::accept(&listener, &mut shutdown, "metrics").await {
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {

@@ -14,7 +14,7 @@ use basalt_proto::data::DataError;
 use basalt_proto::wire::{self, Kind};
 use bytes::Bytes;
 use prost::Message;
-use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
@@ -124,21 +124,8 @@ impl DataConn {
     }
 }
 
-async fn write_frames(wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>, pending: Pending, dead: Arc<AtomicBool>, addr: String) {
-    let mut wr = BufWriter::with_capacity(256 * 1024, wr);
-    let result: std::io::Result<()> = async {
-        while let Some(frame) = rx.recv().await {
-            wr.write_all(&frame).await?;
-            // Everything already queued goes out with one flush.
-            while let Ok(frame) = rx.try_recv() {
-                wr.write_all(&frame).await?;
-            }
-            wr.flush().await?;
-        }
-        wr.shutdown().await
-    }
-    .await;
-    if let Err(e) = result {
+async fn write_frames(wr: OwnedWriteHalf, rx: mpsc::Receiver<Bytes>, pending: Pending, dead: Arc<AtomicBool>, addr: String) {
+    if let Err(e) = wire::write_frames(wr, rx).await {
         fail_all(&pending, &dead, &format!("sending to {addr} failed: {e}"));
     }
 }

@@ -13,9 +13,8 @@ use basalt_proto::data::{DataError, ReadRequest, WriteRequest, ZeroRequest};
 use basalt_proto::wire::{self, Header, Kind};
 use bytes::Bytes;
 use prost::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncReadExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use super::service::DataService;
@@ -36,7 +35,17 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A reply frame and the permits that must stay held until it is on the socket, so a client
 /// that stops reading replies cannot make the node queue more than the connection's budget.
-type Outgoing = (Bytes, OwnedSemaphorePermit, Option<OwnedSemaphorePermit>);
+struct Outgoing {
+    frame: Bytes,
+    _slot: OwnedSemaphorePermit,
+    _held: Option<OwnedSemaphorePermit>,
+}
+
+impl AsRef<[u8]> for Outgoing {
+    fn as_ref(&self) -> &[u8] {
+        &self.frame
+    }
+}
 
 fn kib(bytes: u64) -> u32 {
     bytes.div_ceil(1024).clamp(1, u64::from(BUDGET_KIB)) as u32
@@ -57,7 +66,8 @@ pub async fn serve_connection(service: Arc<DataService>, stream: TcpStream, mut 
         }
     }
     let (tx, rx) = mpsc::channel::<Outgoing>(MAX_INFLIGHT);
-    let writer = tokio::spawn(write_replies(wr, rx));
+    // A failed write means the client is gone; its requests still finish, unanswered.
+    let writer = tokio::spawn(wire::write_frames(wr, rx));
     let slots = Arc::new(Semaphore::new(MAX_INFLIGHT));
     let budget = Arc::new(Semaphore::new(BUDGET_KIB as usize));
     let outcome = loop {
@@ -85,7 +95,7 @@ pub async fn serve_connection(service: Arc<DataService>, stream: TcpStream, mut 
         tokio::spawn(async move {
             let (reply, held) = handle(&service, header, body, body_permit, &budget).await;
             // A closed writer means the client is gone; nothing to tell.
-            let _ = tx.send((reply, slot, held)).await;
+            let _ = tx.send(Outgoing { frame: reply, _slot: slot, _held: held }).await;
         });
     };
     if let Err(e) = outcome {
@@ -138,25 +148,4 @@ async fn handle(
         },
         _ => (error_frame(id, format!("unknown request kind {:#04x}", header.kind)), None),
     }
-}
-
-async fn write_replies(wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Outgoing>) {
-    let mut wr = BufWriter::with_capacity(256 * 1024, wr);
-    // Permits are released once their frame is in the socket (or the write buffer about to be
-    // flushed, which is bounded by its own capacity).
-    while let Some((frame, _slot, _held)) = rx.recv().await {
-        if wr.write_all(&frame).await.is_err() {
-            return;
-        }
-        // Everything already waiting goes out with one flush (one syscall at high queue depth).
-        while let Ok((frame, _slot, _held)) = rx.try_recv() {
-            if wr.write_all(&frame).await.is_err() {
-                return;
-            }
-        }
-        if wr.flush().await.is_err() {
-            return;
-        }
-    }
-    let _ = wr.shutdown().await;
 }
