@@ -22,4 +22,4 @@ pub mod uring;
 pub use error::{ChunkStoreError, Result};
 pub use image::ChunkImage;
 pub use index::{BlockMeta, ChunkKey, CryptContext, FreeReason, FreeRecord, IndexMemory};
-pub use store::{Batch, BlockRead, ChunkStore, ChunkStoreConfig, FillPattern, MAX_IO_BYTES, Scrubbed, StoreStats};
+pub use store::{Batch, BlockCheck, BlockRead, ChunkCheck, ChunkStore, ChunkStoreConfig, FillPattern, MAX_IO_BYTES, Scrubbed, StoreStats};

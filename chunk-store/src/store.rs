@@ -96,6 +96,57 @@ impl std::str::FromStr for FillPattern {
     }
 }
 
+/// One written block as an integrity check found it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockCheck {
+    /// Block within the chunk.
+    pub block: u16,
+    /// The crc32c the index holds for it (what was written).
+    pub stored_crc: u32,
+    /// The crc32c of what the data file holds now.
+    pub actual_crc: u32,
+}
+
+impl BlockCheck {
+    /// The data file still holds what was written.
+    pub fn is_intact(&self) -> bool {
+        self.stored_crc == self.actual_crc
+    }
+}
+
+/// Every written block of one chunk, checked ([`ChunkStore::check_chunk`]).
+#[derive(Clone, Debug)]
+pub struct ChunkCheck {
+    /// The chunk.
+    pub key: ChunkKey,
+    /// Written blocks in order; unwritten blocks (which read as zeros) are absent.
+    pub blocks: Vec<BlockCheck>,
+    /// The chunk's bytes from block 0 through its last written block, as read.
+    pub data: Bytes,
+}
+
+impl ChunkCheck {
+    /// The blocks whose data no longer matches their crc.
+    pub fn corrupt(&self) -> impl Iterator<Item = &BlockCheck> {
+        self.blocks.iter().filter(|b| !b.is_intact())
+    }
+
+    /// The bytes of `block` as read (zeros for a block past the last written one).
+    pub fn block_data(&self, block: u16) -> Bytes {
+        let at = block as usize * BLOCK_SIZE as usize;
+        if at + BLOCK_SIZE as usize <= self.data.len() {
+            self.data.slice(at..at + BLOCK_SIZE as usize)
+        } else {
+            Bytes::from(vec![0u8; BLOCK_SIZE as usize])
+        }
+    }
+
+    /// Bytes read from the data file.
+    pub fn bytes_read(&self) -> u64 {
+        self.data.len() as u64
+    }
+}
+
 /// Space accounting.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StoreStats {
@@ -862,6 +913,35 @@ impl ChunkStore {
             data.extend_from_slice(bytes);
         }
         Ok(Some(ChunkImage { volume: key.volume, chunk: key.chunk, blocks: metas, data: Bytes::from(data) }))
+    }
+
+    /// Reads every written block of one chunk and checks it against its stored crc32c, without
+    /// failing on a mismatch (the integrity scrub wants all of them). `None` if the shard does
+    /// not hold the chunk. The caller keeps writers of the chunk out while this runs, or a
+    /// block caught mid-write looks corrupt.
+    pub async fn check_chunk(&self, key: ChunkKey) -> Result<Option<ChunkCheck>> {
+        let Some(slot) = self.map().chunks.get(&key).copied() else {
+            return Ok(None);
+        };
+        let metas = self.blocking(move |inner| inner.index.chunk_metas(&key)).await?;
+        let Some(last) = metas.last().map(|(b, _)| *b) else {
+            return Ok(Some(ChunkCheck { key, blocks: Vec::new(), data: Bytes::new() }));
+        };
+        let buf = self
+            .inner
+            .uring
+            .read(self.inner.data.file.clone(), self.inner.data.slot_offset(slot), (last as usize + 1) * BLOCK_SIZE as usize)
+            .await
+            .map_err(|e| self.io_err(e))?;
+        let data = Bytes::copy_from_slice(buf.as_slice());
+        let blocks = metas
+            .iter()
+            .map(|(block, meta)| {
+                let at = *block as usize * BLOCK_SIZE as usize;
+                BlockCheck { block: *block, stored_crc: meta.crc, actual_crc: crc32c(&data[at..at + BLOCK_SIZE as usize]) }
+            })
+            .collect();
+        Ok(Some(ChunkCheck { key, blocks, data }))
     }
 
     /// The scrub queue: slots waiting to be overwritten, oldest first.

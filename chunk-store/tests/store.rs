@@ -84,6 +84,53 @@ async fn detects_bit_rot_and_names_the_block() {
     assert!(err.is_corruption(), "{err}");
     let msg = err.to_string();
     assert!(msg.contains("vol-5") && msg.contains("chunk 0") && msg.contains("block 2"), "{msg}");
+
+    // The integrity check reports every written block and singles out the flipped one.
+    let key = ChunkKey { shard: 3, volume: VolumeId(5), chunk: 0 };
+    let check = store.check_chunk(key).await.unwrap().expect("chunk is held");
+    assert_eq!(check.blocks.iter().map(|b| b.block).collect::<Vec<_>>(), vec![2]);
+    let bad: Vec<_> = check.corrupt().collect();
+    assert_eq!(bad.len(), 1);
+    assert_eq!(bad[0].block, 2);
+    assert_eq!(bad[0].stored_crc, crc32c(&pattern(3, 4096)));
+    assert_ne!(bad[0].actual_crc, bad[0].stored_crc);
+    assert_eq!(check.block_data(0), Bytes::from(vec![0u8; 4096]), "unwritten block reads as zeros");
+    assert!(store.check_chunk(ChunkKey { shard: 3, volume: VolumeId(5), chunk: 9 }).await.unwrap().is_none());
+
+    // Rewriting the block heals it.
+    write(&store, 3, 5, 2 * 4096, pattern(3, 4096)).await;
+    let check = store.check_chunk(key).await.unwrap().unwrap();
+    assert_eq!(check.corrupt().count(), 0);
+    assert_eq!(check.block_data(2), pattern(3, 4096));
+}
+
+#[tokio::test]
+async fn a_corrupt_scrub_queue_record_is_a_clear_error_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 16 << 20);
+    let store = ChunkStore::open(&cfg).unwrap();
+    write(&store, 1, 1, 0, pattern(1, 4096)).await;
+    let mut b = Batch::new();
+    b.delete_volume(1, VolumeId(1));
+    store.commit(b).await.unwrap();
+    assert_eq!(store.scrub_queue().len(), 1);
+    drop(store);
+
+    // Damage the queued record's value in the index (as a torn or bit-rotted SST would).
+    {
+        let opts = rocksdb::Options::default();
+        let cfs = rocksdb::DB::list_cf(&opts, &cfg.index_dir).unwrap();
+        let db = rocksdb::DB::open_cf(&opts, &cfg.index_dir, &cfs).unwrap();
+        let cf = db.cf_handle("free").unwrap();
+        let keys: Vec<Box<[u8]>> = db.iterator_cf(cf, rocksdb::IteratorMode::Start).map(|r| r.unwrap().0).collect();
+        assert_eq!(keys.len(), 1);
+        db.put_cf(cf, &keys[0], [0xde, 0xad]).unwrap();
+        db.flush_cf(cf).unwrap();
+    }
+    let err = ChunkStore::open(&cfg).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, ChunkStoreError::CorruptRecord { .. }), "{msg}");
+    assert!(msg.contains("scrub queue record"), "the error should say which record is bad: {msg}");
 }
 
 #[tokio::test]

@@ -63,7 +63,7 @@ enum Cmd {
         /// Volume name.
         volume: String,
     },
-    /// Scrubbing: freed space overwritten before reuse, Raft log rewrites.
+    /// Scrubbing: freed space overwritten before reuse, stored blocks verified and repaired.
     #[command(subcommand)]
     Scrub(ScrubCmd),
     /// A local development cluster.
@@ -78,6 +78,24 @@ enum ScrubCmd {
         /// Only this node (its id).
         #[arg(long)]
         node: Option<u64>,
+    },
+    /// Start an integrity pass now and follow it: every stored block read back and checked
+    /// against its checksum, bad copies repaired from healthy replicas.
+    Start {
+        /// Compare the replicas of each chunk with each other (finds a replica whose block
+        /// differs with a valid checksum); runs on the PG leaders among the chosen nodes.
+        #[arg(long)]
+        deep: bool,
+        /// Only this node (its id).
+        #[arg(long)]
+        node: Option<u64>,
+        /// Read rate for this pass per node, e.g. 200MiB (default: the nodes' configured
+        /// scrub.integrity_rate).
+        #[arg(long)]
+        rate: Option<String>,
+        /// Return once started instead of following the pass.
+        #[arg(long)]
+        no_wait: bool,
     },
 }
 
@@ -186,6 +204,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Volume(VolumeCmd::Resize { name, size }) => commands::volume_resize(&admin, out, name, size).await,
         Cmd::Volume(VolumeCmd::Delete { name, no_wait }) => commands::volume_delete(&admin, out, name, no_wait).await,
         Cmd::Scrub(ScrubCmd::Status { node }) => scrub::status(&admin, out, node).await,
+        Cmd::Scrub(ScrubCmd::Start { deep, node, rate, no_wait }) => scrub::start(&admin, out, node, deep, rate, no_wait).await,
         Cmd::Dev(_) => Ok(()),
     }
 }

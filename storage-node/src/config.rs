@@ -96,6 +96,9 @@ struct ScrubFile {
     overwrite_rate: Option<String>,
     overwrite_pattern: Option<String>,
     overwrite_passes: Option<u32>,
+    integrity_rate: Option<String>,
+    integrity_interval_hours: Option<u64>,
+    deep_interval_hours: Option<u64>,
 }
 
 /// Command-line flags. Each overrides the file setting of the same name.
@@ -229,6 +232,12 @@ pub struct NodeConfig {
     pub overwrite_pattern: basalt_chunk_store::FillPattern,
     /// Overwrite passes per freed range.
     pub overwrite_passes: u32,
+    /// Integrity scrub read rate, bytes per second.
+    pub integrity_rate: u64,
+    /// Time between local integrity passes (`None`: on demand only).
+    pub integrity_interval: Option<std::time::Duration>,
+    /// Time between deep (cross-replica) passes (`None`: on demand only).
+    pub deep_interval: Option<std::time::Duration>,
 }
 
 fn size(key: &'static str, value: Option<String>, default: u64) -> Result<u64, ConfigError> {
@@ -353,6 +362,19 @@ impl NodeConfig {
         if !(1..=16).contains(&overwrite_passes) {
             return Err(invalid("scrub.overwrite_passes", format!("{overwrite_passes} is outside 1..=16")));
         }
+        let integrity_rate = size("scrub.integrity_rate", file.scrub.integrity_rate, 32 << 20)?;
+        if integrity_rate == 0 {
+            return Err(invalid("scrub.integrity_rate", "must be greater than 0 (use integrity_interval_hours = 0 to scrub only on demand)"));
+        }
+        let hours = |key: &'static str, v: Option<u64>, default: u64| -> Result<Option<std::time::Duration>, ConfigError> {
+            match v.unwrap_or(default) {
+                0 => Ok(None),
+                h if h > 24 * 365 * 10 => Err(invalid(key, format!("{h} hours is more than ten years"))),
+                h => Ok(Some(std::time::Duration::from_secs(h * 3600))),
+            }
+        };
+        let integrity_interval = hours("scrub.integrity_interval_hours", file.scrub.integrity_interval_hours, 7 * 24)?;
+        let deep_interval = hours("scrub.deep_interval_hours", file.scrub.deep_interval_hours, 30 * 24)?;
         Ok(Self {
             id: NodeId(id),
             listen,
@@ -369,6 +391,9 @@ impl NodeConfig {
             overwrite_rate,
             overwrite_pattern,
             overwrite_passes,
+            integrity_rate,
+            integrity_interval,
+            deep_interval,
         })
     }
 
@@ -421,6 +446,8 @@ mod tests {
             ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[scrub]\noverwrite_rate = \"0\"", "overwrite_rate"),
             ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[scrub]\noverwrite_pattern = \"ones\"", "overwrite_pattern"),
             ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[scrub]\noverwrite_passes = 0", "overwrite_passes"),
+            ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[scrub]\nintegrity_rate = \"0\"", "integrity_rate"),
+            ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[scrub]\ndeep_interval_hours = 99999999", "deep_interval_hours"),
         ];
         for (i, (text, expect)) in cases.iter().enumerate() {
             let path = dir.path().join(format!("{i}.toml"));

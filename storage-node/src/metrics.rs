@@ -99,6 +99,25 @@ pub fn render(ctx: &NodeCtx) -> String {
         "Rewrites of the Raft log's files that removed purged (freed) entries.",
         vec![(String::new(), ctx.scrub.log_scrubs.load(Ordering::Relaxed))],
     );
+    let integrity = &ctx.integrity;
+    for (name, help, value) in [
+        ("basalt_scrub_integrity_bytes_total", "Bytes read back and checked by integrity scrub passes.", &integrity.bytes_verified),
+        ("basalt_scrub_integrity_passes_total", "Integrity scrub passes finished.", &integrity.passes_completed),
+        ("basalt_scrub_corrupt_blocks_total", "Block copies found failing their checksum.", &integrity.corrupt_found),
+        ("basalt_scrub_divergent_blocks_total", "Block copies found differing from the other replicas with a valid checksum.", &integrity.divergent_found),
+        ("basalt_scrub_repairs_issued_total", "Block repairs this node's checks proposed.", &integrity.repairs_issued),
+        ("basalt_scrub_blocks_repaired_total", "Blocks of this node rewritten from a healthy replica.", &integrity.blocks_repaired),
+        ("basalt_scrub_unrepairable_blocks_total", "Bad blocks no healthy replica could vouch for.", &integrity.unrepairable),
+        ("basalt_scrub_integrity_check_errors_total", "Chunk checks that failed (replica unreachable, I/O error).", &integrity.check_errors),
+    ] {
+        family(name, "counter", help, vec![(String::new(), value.load(Ordering::Relaxed))]);
+    }
+    family(
+        "basalt_scrub_integrity_running",
+        "gauge",
+        "1 while an integrity pass runs (kind label: local or deep).",
+        vec![(integrity.running().map(|k| format!("kind=\"{}\"", k.as_str())).unwrap_or_default(), u64::from(integrity.running().is_some()))],
+    );
     let log = ctx.host.log_engine().stats();
     family("basalt_raft_log_syncs_total", "counter", "Synced Raft log writes (group commits).", vec![(String::new(), log.batches.load(Ordering::Relaxed))]);
     family(

@@ -89,6 +89,10 @@ pub struct NodeCtx {
     pub metrics: Metrics,
     /// Freed-space overwriting.
     pub scrub: Arc<basalt_scrubber::ScrubStats>,
+    /// Integrity scrub counters.
+    pub integrity: Arc<basalt_scrubber::IntegrityStats>,
+    /// Starts integrity passes on demand (set once the scrubber runs; storage nodes only).
+    pub integrity_control: std::sync::OnceLock<basalt_scrubber::IntegrityControl>,
 }
 
 impl NodeCtx {
@@ -206,7 +210,8 @@ impl Node {
         } else {
             None
         };
-        let pgs = Arc::new(PgManager::new(config.id, host.clone(), store.clone()));
+        let integrity = Arc::new(basalt_scrubber::IntegrityStats::default());
+        let pgs = Arc::new(PgManager::new(config.id, host.clone(), store.clone(), integrity.clone()));
         if config.has(Role::Storage) {
             pgs.start_from_disk().await?;
         }
@@ -224,6 +229,8 @@ impl Node {
             liveness: Liveness::default(),
             metrics: Metrics::default(),
             scrub: Arc::new(basalt_scrubber::ScrubStats::default()),
+            integrity,
+            integrity_control: std::sync::OnceLock::new(),
         });
 
         let admin = AdminServer::new(AdminService::new(ctx.clone()))
@@ -261,6 +268,18 @@ impl Node {
             let scrubber = basalt_scrubber::Scrubber::new(store.clone(), config.overwrite_rate, ctx.scrub.clone())
                 .with_pattern(config.overwrite_pattern, config.overwrite_passes);
             tasks.push(tokio::spawn(scrubber.run(shutdown_rx.clone())));
+            let (integrity, control) = basalt_scrubber::IntegrityScrubber::new(
+                Arc::new(crate::pg::verifier::NodeVerifier::new(ctx.clone())),
+                basalt_scrubber::IntegrityConfig {
+                    rate: config.integrity_rate,
+                    interval: config.integrity_interval,
+                    deep_interval: config.deep_interval,
+                    state_file: Some(config.data_dir.join("integrity-schedule")),
+                },
+                ctx.integrity.clone(),
+            );
+            let _ = ctx.integrity_control.set(control);
+            tasks.push(tokio::spawn(integrity.run(shutdown_rx.clone())));
         }
         if ctx.meta.is_some() {
             tasks.push(tokio::spawn(crate::meta::service::run_volume_reaper(ctx.clone(), shutdown_rx.clone())));

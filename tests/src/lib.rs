@@ -400,12 +400,46 @@ pub fn seed() -> u64 {
     seed
 }
 
-/// Every file under `root` that contains `marker`, with the number of occurrences. Reads only
-/// the data regions of sparse files (SEEK_DATA/SEEK_HOLE), in bounded pieces, so multi-GiB
-/// data files scan quickly and without holding them in memory.
-pub fn find_marker(root: &Path, marker: &[u8]) -> Vec<(PathBuf, u64)> {
+/// Calls `f(offset, bytes)` for the data regions of a (sparse) file, in pieces of at most
+/// 8 MiB that start 4 KiB-aligned when the regions do (SEEK_DATA/SEEK_HOLE skip the holes).
+/// Pieces of one region follow each other; `f` gets `true` as the last argument at the start
+/// of a new region.
+fn for_each_data_piece(file: &std::fs::File, size: u64, mut f: impl FnMut(u64, &[u8], bool)) {
     use std::os::unix::fs::FileExt;
     use std::os::unix::io::AsRawFd;
+    let fd = file.as_raw_fd();
+    let size = size as i64;
+    let mut pos: i64 = 0;
+    while pos < size {
+        // SAFETY: lseek on a file descriptor we own; no memory is passed.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let end = if hole < 0 { size } else { hole.min(size) };
+        let mut off = data;
+        let mut first = true;
+        while off < end {
+            let n = ((end - off) as usize).min(8 << 20);
+            let mut buf = vec![0u8; n];
+            let Ok(got) = file.read_at(&mut buf, off as u64) else { break };
+            if got == 0 {
+                break;
+            }
+            f(off as u64, &buf[..got], first);
+            first = false;
+            off += got as i64;
+        }
+        pos = end;
+    }
+}
+
+/// Every file under `root` that contains `marker`, with the number of occurrences. Reads only
+/// the data regions of sparse files, in bounded pieces, so multi-GiB data files scan quickly
+/// and without holding them in memory.
+pub fn find_marker(root: &Path, marker: &[u8]) -> Vec<(PathBuf, u64)> {
     let mut found = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -419,38 +453,17 @@ pub fn find_marker(root: &Path, marker: &[u8]) -> Vec<(PathBuf, u64)> {
             }
             // Files may vanish mid-scan (RocksDB deletes obsolete ones): skip them.
             let Ok(file) = std::fs::File::open(&path) else { continue };
-            let size = meta.len() as i64;
-            let fd = file.as_raw_fd();
             let mut hits = 0u64;
-            let mut pos: i64 = 0;
             let mut carry: Vec<u8> = Vec::new();
-            while pos < size {
-                // SAFETY: lseek on a file descriptor we own; no memory is passed.
-                let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-                if data < 0 {
-                    break;
+            for_each_data_piece(&file, meta.len(), |_, buf, new_region| {
+                if new_region {
+                    carry.clear();
                 }
-                // SAFETY: as above.
-                let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-                let end = if hole < 0 { size } else { hole.min(size) };
-                let mut off = data;
-                while off < end {
-                    let n = ((end - off) as usize).min(8 << 20);
-                    let mut buf = vec![0u8; n];
-                    let Ok(got) = file.read_at(&mut buf, off as u64) else { break };
-                    if got == 0 {
-                        break;
-                    }
-                    buf.truncate(got);
-                    let mut window = std::mem::take(&mut carry);
-                    window.extend_from_slice(&buf);
-                    hits += window.windows(marker.len()).filter(|w| *w == marker).count() as u64;
-                    carry = window[window.len().saturating_sub(marker.len() - 1)..].to_vec();
-                    off += got as i64;
-                }
-                pos = end;
-                carry.clear();
-            }
+                let mut window = std::mem::take(&mut carry);
+                window.extend_from_slice(buf);
+                hits += window.windows(marker.len()).filter(|w| *w == marker).count() as u64;
+                carry = window[window.len().saturating_sub(marker.len() - 1)..].to_vec();
+            });
             if hits > 0 {
                 found.push((path, hits));
             }
@@ -458,4 +471,20 @@ pub fn find_marker(root: &Path, marker: &[u8]) -> Vec<(PathBuf, u64)> {
     }
     found.sort();
     found
+}
+
+/// Byte offsets in the data file `path` of every 4 KiB-aligned block equal to `block`.
+pub fn find_block(path: &Path, block: &[u8]) -> std::io::Result<Vec<u64>> {
+    let file = std::fs::File::open(path)?;
+    let size = file.metadata()?.len();
+    let mut at = Vec::new();
+    for_each_data_piece(&file, size, |off, buf, _| {
+        // Data regions of a file written in 4 KiB blocks start and end block-aligned.
+        for (i, b) in buf.chunks(4096).enumerate() {
+            if b == block {
+                at.push(off + i as u64 * 4096);
+            }
+        }
+    });
+    Ok(at)
 }

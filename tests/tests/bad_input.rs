@@ -201,6 +201,20 @@ async fn cli_exit_codes_mean_something() {
     let nodes: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(nodes.len(), 3, "{out}");
     assert!(nodes.iter().all(|n| n["reachable"] == true && n["pattern"] == "zeros" && n["passes"] == 1), "{out}");
+    let (code, _, err) = run(&["scrub", "start", "--rate", "0"], s);
+    assert_eq!(code, Some(5), "a scrub rate of zero: {err}");
+    assert!(err.contains("--rate"), "{err}");
+    let (code, _, err) = run(&["scrub", "start", "--node", "99"], s);
+    assert_eq!(code, Some(3), "scrub start on an unknown node: {err}");
+    assert!(err.contains("no node 99"), "{err}");
+    // A pass over the (nearly empty) cluster finishes and reports nothing bad.
+    let (code, out, err) = run(&["--json", "scrub", "start", "--node", "2"], s);
+    assert_eq!(code, Some(0), "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["kind"], "local", "{out}");
+    assert_eq!(report["nodes"][0]["node"], 2, "{out}");
+    assert_eq!(report["nodes"][0]["corrupt_found"], 0, "{out}");
+    assert!(err.contains("progress_percent"), "--json progress goes to stderr as JSON lines: {err}");
 }
 
 /// Reads one reply frame: (kind, id, body).
@@ -320,6 +334,7 @@ async fn corrupted_block_is_an_io_error_naming_volume_extent_node() {
     let msg = err.to_string();
     assert!(matches!(err, ClientError::Corrupt(_)), "{msg}");
     assert!(msg.contains(&format!("vol-{}", vol.id)) && msg.contains("extent 1") && msg.contains("node-"), "{msg}");
+    assert!(msg.contains("no replica holds an intact copy"), "with every copy bad nothing is guessed at: {msg}");
     // The neighbouring block is intact and still readable.
     assert_eq!(v.read(offset + BLOCK_SIZE, 4096).await.unwrap(), Bytes::from(vec![0xC3u8; 4096]));
 }

@@ -222,7 +222,8 @@ impl Volume {
                 len: span.len,
                 size: self.size(),
             }),
-            Code::Invalid | Code::Internal | Code::Unspecified => Attempt::Fail(ClientError::Internal(reason)),
+            // `Changed` is internal to the integrity scrub and never answers a client.
+            Code::Invalid | Code::Internal | Code::Unspecified | Code::Changed => Attempt::Fail(ClientError::Internal(reason)),
         }
     }
 

@@ -11,13 +11,14 @@ use basalt_proto::admin::admin_client::AdminClient;
 use basalt_proto::admin::admin_server::Admin;
 use basalt_proto::admin::{
     ClusterInitReply, ClusterInitRequest, ClusterMap, ClusterStatusReply, ClusterStatusRequest, GetClusterMapRequest, NodeHeartbeatReply,
-    NodeHeartbeatRequest, NodeInfoReply, NodeInfoRequest, NodeListReply, NodeListRequest, PlacementGroup, ScrubStatusReply, ScrubStatusRequest,
+    NodeHeartbeatRequest, NodeInfoReply, NodeInfoRequest, NodeListReply, NodeListRequest, PlacementGroup, ScrubStartReply, ScrubStartRequest, ScrubStatusReply, ScrubStatusRequest,
     Volume, VolumeAttachRequest,
     VolumeCreateRequest, VolumeDeleteReply, VolumeDeleteRequest, VolumeDetachRequest, VolumeListReply, VolumeListRequest, VolumeReply,
     VolumeResizeRequest, VolumeShowRequest,
 };
 use basalt_proto::data::ReleaseVolumeRequest;
 use basalt_raft::{NodeInfo, RaftError};
+use basalt_scrubber::{PassKind, StartOutcome};
 use bytes::Bytes;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -493,6 +494,8 @@ impl Admin for AdminService {
         let scrub = &self.ctx.scrub;
         let last = scrub.last_log_scrub_unix_ms.load(Relaxed);
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let ago = |t: u64| if t == 0 { 0 } else { now_ms.saturating_sub(t).max(1) };
+        let integrity = &self.ctx.integrity;
         Ok(Response::new(ScrubStatusReply {
             node: self.ctx.config.id.0,
             pending_bytes: store.slots_pending_scrub * store.slot_size,
@@ -505,7 +508,38 @@ impl Admin for AdminService {
             passes: self.ctx.config.overwrite_passes,
             log_scrubs: scrub.log_scrubs.load(Relaxed),
             last_log_scrub_ms_ago: if last == 0 { 0 } else { now_ms.saturating_sub(last).max(1) },
+            integrity_running: integrity.running().map(|k| k.as_str().to_string()).unwrap_or_default(),
+            integrity_chunks_done: integrity.chunks_done.load(Relaxed),
+            integrity_chunks_total: integrity.chunks_total.load(Relaxed),
+            integrity_passes_completed: integrity.passes_completed.load(Relaxed),
+            integrity_bytes_verified: integrity.bytes_verified.load(Relaxed),
+            corrupt_found: integrity.corrupt_found.load(Relaxed),
+            divergent_found: integrity.divergent_found.load(Relaxed),
+            repairs_issued: integrity.repairs_issued.load(Relaxed),
+            blocks_repaired: integrity.blocks_repaired.load(Relaxed),
+            unrepairable: integrity.unrepairable.load(Relaxed),
+            integrity_check_errors: integrity.check_errors.load(Relaxed),
+            last_local_pass_ms_ago: ago(integrity.last_local_unix_ms.load(Relaxed)),
+            last_deep_pass_ms_ago: ago(integrity.last_deep_unix_ms.load(Relaxed)),
+            integrity_rate_bytes_per_sec: self.ctx.config.integrity_rate,
         }))
+    }
+
+    async fn scrub_start(&self, request: Request<ScrubStartRequest>) -> Result<Response<ScrubStartReply>, Status> {
+        let node = self.ctx.config.id;
+        let Some(control) = self.ctx.integrity_control.get() else {
+            return Err(Status::failed_precondition(format!("{node} has no storage role: it holds no data to scrub")));
+        };
+        let req = request.into_inner();
+        let kind = if req.deep { PassKind::Deep } else { PassKind::Local };
+        let reply = match control.start(kind, Some(req.rate_bytes_per_sec)) {
+            StartOutcome::Started => {
+                tracing::info!(%node, kind = kind.as_str(), "integrity scrub pass requested");
+                ScrubStartReply { node: node.0, started: true, running: kind.as_str().into() }
+            }
+            StartOutcome::AlreadyRunning(k) => ScrubStartReply { node: node.0, started: false, running: k.as_str().into() },
+        };
+        Ok(Response::new(reply))
     }
 
     async fn get_cluster_map(&self, request: Request<GetClusterMapRequest>) -> Result<Response<ClusterMap>, Status> {

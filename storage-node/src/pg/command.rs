@@ -8,10 +8,16 @@
 //! Write:        [1][volume u64][epoch u64][offset u64][n u32][n × crc u32][data]
 //! Zero:         [2][volume u64][epoch u64][offset u64][len u64][keep_allocated u8]
 //! DeleteVolume: [3][volume u64]
+//! Probe:        [4][volume u64][chunk u64]
+//! Repair:       [5][volume u64][probe_index u64][offset u64][crc u32][data: 4096 bytes]
 //! ```
 //! All integers little-endian. A write's crcs cover `data` cut at 4 KiB volume boundaries.
 //! `epoch` is the writer's attachment epoch: once a PG has applied a command of epoch `e` for a
 //! volume, it refuses that volume's commands with a lower epoch (fencing).
+//!
+//! Probe and Repair are the integrity scrub's (see [`super::repair`]): a probe marks a log
+//! position at which every replica's copy of a chunk is compared; a repair rewrites one block
+//! on the replicas whose copy is bad, and only if nothing wrote the chunk since that probe.
 
 use basalt_common::{BLOCK_SIZE, VolumeId};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -49,6 +55,27 @@ pub enum PgCommand {
     DeleteVolume {
         /// Volume.
         volume: VolumeId,
+    },
+    /// Marks this log position for comparing the replicas of one chunk.
+    Probe {
+        /// Volume.
+        volume: VolumeId,
+        /// Chunk index within the volume.
+        chunk: u64,
+    },
+    /// Rewrites one block with a healthy replica's copy where the local copy is bad.
+    Repair {
+        /// Volume.
+        volume: VolumeId,
+        /// The probe whose comparison found the block bad; the repair is void on a replica
+        /// where the chunk was written after it.
+        probe_index: u64,
+        /// Block-aligned byte offset in the volume.
+        offset: u64,
+        /// crc32c of `data`, the value every healthy replica holds.
+        crc: u32,
+        /// The block (4 KiB).
+        data: Bytes,
     },
 }
 
@@ -109,6 +136,23 @@ impl PgCommand {
                 b.put_u64_le(volume.0);
                 b.freeze()
             }
+            PgCommand::Probe { volume, chunk } => {
+                let mut b = BytesMut::with_capacity(17);
+                b.put_u8(4);
+                b.put_u64_le(volume.0);
+                b.put_u64_le(*chunk);
+                b.freeze()
+            }
+            PgCommand::Repair { volume, probe_index, offset, crc, data } => {
+                let mut b = BytesMut::with_capacity(29 + data.len());
+                b.put_u8(5);
+                b.put_u64_le(volume.0);
+                b.put_u64_le(*probe_index);
+                b.put_u64_le(*offset);
+                b.put_u32_le(*crc);
+                b.put_slice(data);
+                b.freeze()
+            }
         }
     }
 
@@ -155,6 +199,20 @@ impl PgCommand {
             }
             3 if b.remaining() == 0 => Ok(PgCommand::DeleteVolume { volume }),
             3 => Err("trailing bytes after delete-volume".into()),
+            4 if b.remaining() == 8 => Ok(PgCommand::Probe { volume, chunk: b.get_u64_le() }),
+            4 => Err("bad probe command length".into()),
+            5 => {
+                if b.remaining() != 20 + BLOCK_SIZE as usize {
+                    return Err("bad repair command length".into());
+                }
+                let probe_index = b.get_u64_le();
+                let offset = b.get_u64_le();
+                let crc = b.get_u32_le();
+                if offset % BLOCK_SIZE != 0 {
+                    return Err(format!("repair offset {offset} is not block aligned"));
+                }
+                Ok(PgCommand::Repair { volume, probe_index, offset, crc, data: b })
+            }
             other => Err(format!("unknown command tag {other}")),
         }
     }
@@ -175,22 +233,29 @@ pub enum PgReply {
     Corrupt(String),
     /// The writer's attachment was superseded.
     Fenced(String),
+    /// Applied at this log index (the answer to a probe).
+    Index(u64),
 }
 
 impl PgReply {
     /// Encodes the reply.
     pub fn encode(&self) -> Bytes {
-        let (code, msg): (u8, &str) = match self {
-            PgReply::Ok => (0, ""),
-            PgReply::NoSuchVolume => (1, ""),
-            PgReply::Invalid(m) => (2, m),
-            PgReply::NoSpace(m) => (3, m),
-            PgReply::Corrupt(m) => (4, m),
-            PgReply::Fenced(m) => (5, m),
+        let index_bytes;
+        let (code, body): (u8, &[u8]) = match self {
+            PgReply::Ok => (0, b""),
+            PgReply::NoSuchVolume => (1, b""),
+            PgReply::Invalid(m) => (2, m.as_bytes()),
+            PgReply::NoSpace(m) => (3, m.as_bytes()),
+            PgReply::Corrupt(m) => (4, m.as_bytes()),
+            PgReply::Fenced(m) => (5, m.as_bytes()),
+            PgReply::Index(i) => {
+                index_bytes = i.to_le_bytes();
+                (6, &index_bytes)
+            }
         };
-        let mut b = BytesMut::with_capacity(1 + msg.len());
+        let mut b = BytesMut::with_capacity(1 + body.len());
         b.put_u8(code);
-        b.put_slice(msg.as_bytes());
+        b.put_slice(body);
         b.freeze()
     }
 
@@ -204,6 +269,10 @@ impl PgReply {
             3 => PgReply::NoSpace(msg),
             4 => PgReply::Corrupt(msg),
             5 => PgReply::Fenced(msg),
+            6 => match <[u8; 8]>::try_from(rest) {
+                Ok(i) => PgReply::Index(u64::from_le_bytes(i)),
+                Err(_) => PgReply::Invalid("malformed index reply".into()),
+            },
             _ => PgReply::Invalid(msg),
         }
     }
@@ -229,6 +298,8 @@ mod tests {
             PgCommand::Write { volume: VolumeId(3), epoch: 2, offset: 4000, crcs: vec![1, 2], data: Bytes::from(vec![9u8; 200]) },
             PgCommand::Zero { volume: VolumeId(3), epoch: 2, offset: 0, len: 4096, keep_allocated: true },
             PgCommand::DeleteVolume { volume: VolumeId(3) },
+            PgCommand::Probe { volume: VolumeId(3), chunk: 7 },
+            PgCommand::Repair { volume: VolumeId(3), probe_index: 9, offset: 8192, crc: 5, data: Bytes::from(vec![1u8; 4096]) },
         ];
         for c in cmds {
             assert_eq!(PgCommand::decode(c.encode()).unwrap(), c);
@@ -242,6 +313,8 @@ mod tests {
         let bad = PgCommand::Write { volume: VolumeId(1), epoch: 0, offset: 0, crcs: vec![1], data: Bytes::from(vec![0u8; 8192]) };
         assert!(PgCommand::decode(bad.encode()).is_err(), "checksum count must match pieces");
         assert!(PgCommand::decode(Bytes::from_static(&[9, 0, 0, 0, 0, 0, 0, 0, 0])).is_err());
+        let unaligned = PgCommand::Repair { volume: VolumeId(1), probe_index: 1, offset: 100, crc: 0, data: Bytes::from(vec![0u8; 4096]) };
+        assert!(PgCommand::decode(unaligned.encode()).is_err(), "repairs are whole blocks");
         for r in [
             PgReply::Ok,
             PgReply::NoSuchVolume,
@@ -249,6 +322,7 @@ mod tests {
             PgReply::NoSpace("y".into()),
             PgReply::Corrupt("z".into()),
             PgReply::Fenced("f".into()),
+            PgReply::Index(u64::MAX - 3),
         ] {
             assert_eq!(PgReply::decode(&r.encode()), r);
         }

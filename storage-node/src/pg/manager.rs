@@ -31,11 +31,13 @@ pub struct PgManager {
     starting: tokio::sync::Mutex<()>,
     /// Apply timing across the node's PGs.
     pub apply_stats: Arc<ApplyStats>,
+    /// Integrity counters (repairs applied here).
+    pub integrity: Arc<basalt_scrubber::IntegrityStats>,
 }
 
 impl PgManager {
     /// An empty manager.
-    pub fn new(node: NodeId, host: RaftHost, store: ChunkStore) -> Self {
+    pub fn new(node: NodeId, host: RaftHost, store: ChunkStore, integrity: Arc<basalt_scrubber::IntegrityStats>) -> Self {
         Self {
             node,
             host,
@@ -43,6 +45,7 @@ impl PgManager {
             groups: RwLock::new(HashMap::new()),
             starting: tokio::sync::Mutex::new(()),
             apply_stats: Arc::new(ApplyStats::default()),
+            integrity,
         }
     }
 
@@ -68,7 +71,7 @@ impl PgManager {
         if let Some(h) = self.get(pg) {
             return Ok(h);
         }
-        let shared = PgShared::new(pg, self.node, self.store.clone(), self.apply_stats.clone());
+        let shared = PgShared::new(pg, self.node, self.store.clone(), self.apply_stats.clone(), self.integrity.clone());
         let group = self.host.start_group(pg.0, PgStateMachine::new(shared.clone())).await?;
         let handle = PgHandle { shared, group };
         self.groups.write().unwrap_or_else(|p| p.into_inner()).insert(pg, handle.clone());

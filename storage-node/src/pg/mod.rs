@@ -3,13 +3,17 @@
 //! - [`command`]: what a PG's log carries.
 //! - [`state_machine`]: applies it to the chunk store; checkpoints.
 //! - [`snapshot`]: streams a PG to a new replica.
+//! - [`repair`]: compares a chunk's replicas and repairs bad copies (integrity scrub).
+//! - [`verifier`]: the integrity scrub's passes over this node's chunks.
 //! - [`manager`]: starts the PGs the cluster map places here.
 //! - [`service`]: the data API clients write and read through (gRPC face included).
 //! - [`wire`]: the same API over the framed protocol of [`basalt_proto::wire`].
 
 pub mod command;
 pub mod manager;
+pub mod repair;
 pub mod service;
 pub mod snapshot;
 pub mod state_machine;
+pub mod verifier;
 pub mod wire;

@@ -14,13 +14,16 @@ use basalt_common::{BLOCK_SIZE, ExtentIndex, PgId, VolumeId, crc32c};
 use basalt_proto::data::data_error::Code;
 use basalt_proto::data::data_server::Data;
 use basalt_proto::data::{
-    DataError, ReadReply, ReadRequest, ReleaseVolumeReply, ReleaseVolumeRequest, WriteReply, WriteRequest, ZeroReply, ZeroRequest,
+    ChunkCheckReply, ChunkCheckRequest, DataError, ReadReply, ReadRequest, ReleaseVolumeReply, ReleaseVolumeRequest, RepairChunkReply,
+    RepairChunkRequest, WriteReply, WriteRequest, ZeroReply, ZeroRequest,
 };
 use basalt_raft::RaftError;
+use basalt_scrubber::ChunkVerdict;
 use tonic::{Request, Response, Status};
 
 use super::command::{PgCommand, PgReply, piece_count, pieces};
 use super::manager::PgHandle;
+use super::repair;
 use crate::cluster_map::wait_for_version;
 use crate::metrics::Op;
 use crate::node::NodeCtx;
@@ -113,7 +116,7 @@ impl DataService {
     async fn propose(&self, handle: &PgHandle, cmd: PgCommand) -> Option<DataError> {
         match handle.group.propose(cmd.encode()).await {
             Ok(reply) => match PgReply::decode(&reply) {
-                PgReply::Ok => None,
+                PgReply::Ok | PgReply::Index(_) => None,
                 PgReply::NoSuchVolume => Some(err(Code::NoSuchVolume, "the volume was deleted")),
                 PgReply::Invalid(m) => Some(err(Code::Invalid, m)),
                 PgReply::NoSpace(m) => Some(err(Code::NoSpace, m)),
@@ -183,14 +186,39 @@ impl DataService {
             }
             let handle = self.route(req.pg, req.volume_id, req.offset, len, req.map_version, None).await?;
             handle.group.read_barrier().await.map_err(|e| self.raft_error(e))?;
-            match handle.shared.read(VolumeId(req.volume_id), req.offset, len).await {
-                Ok(r) => Ok((r.data, r.crcs)),
-                Err(e @ ChunkStoreError::Corrupt { .. }) => {
-                    let extent = self.ctx.map.borrow().layout.map(|l| req.offset / l.extent_size).unwrap_or(0);
-                    tracing::error!(pg = req.pg, extent, error = %e, "read hit a corrupt block");
-                    Err(err(Code::Corrupt, format!("{e}, in extent {extent} of pg-{} on {}", req.pg, self.ctx.config.id)))
+            // A bad block on this replica is repaired from the others through the PG, then the
+            // read runs again; each round repairs one chunk of the range.
+            let mut rounds = 0;
+            loop {
+                match handle.shared.read(VolumeId(req.volume_id), req.offset, len).await {
+                    Ok(r) => return Ok((r.data, r.crcs)),
+                    Err(e) => {
+                        let ChunkStoreError::Corrupt { volume, chunk, .. } = &e else {
+                            return Err(err(Code::Internal, format!("{e} (on {})", self.ctx.config.id)));
+                        };
+                        let (volume, chunk) = (*volume, *chunk);
+                        let extent = self.ctx.map.borrow().layout.map(|l| req.offset / l.extent_size).unwrap_or(0);
+                        let what = format!("{e}, in extent {extent} of pg-{} on {}", req.pg, self.ctx.config.id);
+                        rounds += 1;
+                        if rounds > MAX_READ_REPAIRS {
+                            return Err(err(Code::Corrupt, what));
+                        }
+                        tracing::error!(pg = req.pg, extent, error = %what, "read hit a corrupt block; repairing it from the other replicas");
+                        match repair::check_and_repair(&self.ctx, &handle, volume, chunk).await {
+                            Ok(verdict) => {
+                                self.ctx.integrity.record(&ChunkVerdict { bytes_read: 0, ..verdict });
+                                if verdict.unrepairable > 0 {
+                                    return Err(err(Code::Corrupt, format!("{what}; no replica holds an intact copy to repair it from")));
+                                }
+                            }
+                            // Written meanwhile: the write may have replaced the bad block.
+                            Err(repair::RepairError::Changed { .. }) => {}
+                            Err(repair_error) => {
+                                return Err(err(Code::Corrupt, format!("{what}; repair failed: {repair_error}")));
+                            }
+                        }
+                    }
                 }
-                Err(e) => Err(err(Code::Internal, format!("{e} (on {})", self.ctx.config.id))),
             }
         }
         .await;
@@ -225,6 +253,9 @@ impl DataService {
     }
 }
 
+/// Chunks one read may repair before it gives up and reports the corruption.
+const MAX_READ_REPAIRS: usize = 4;
+
 /// The gRPC face of the service (the framed protocol in [`super::wire`] is the fast path).
 #[tonic::async_trait]
 impl Data for DataService {
@@ -247,5 +278,37 @@ impl Data for DataService {
             Some(handle) => self.propose(&handle, PgCommand::DeleteVolume { volume: VolumeId(req.volume_id) }).await,
         };
         Ok(Response::new(ReleaseVolumeReply { error }))
+    }
+
+    async fn chunk_check(&self, request: Request<ChunkCheckRequest>) -> Result<Response<ChunkCheckReply>, Status> {
+        Ok(Response::new(match repair::answer_check(&self.ctx, request.into_inner()).await {
+            Ok((blocks, data)) => ChunkCheckReply { error: None, blocks, data },
+            Err(e) => ChunkCheckReply { error: Some(e), blocks: Vec::new(), data: bytes::Bytes::new() },
+        }))
+    }
+
+    async fn repair_chunk(&self, request: Request<RepairChunkRequest>) -> Result<Response<RepairChunkReply>, Status> {
+        let req = request.into_inner();
+        let Some(handle) = self.ctx.pgs.get(PgId(req.pg)) else {
+            let error = err(Code::WrongNode, format!("{} holds no replica of pg-{}", self.ctx.config.id, req.pg));
+            return Ok(Response::new(RepairChunkReply { error: Some(error), ..Default::default() }));
+        };
+        let reply = match repair::check_and_repair(&self.ctx, &handle, VolumeId(req.volume_id), req.chunk).await {
+            Ok(v) => RepairChunkReply { error: None, corrupt: v.corrupt, divergent: v.divergent, repaired: v.repaired, unrepairable: v.unrepairable },
+            Err(e) => {
+                let error = match &e {
+                    repair::RepairError::NotLeader { leader_addr, .. } => DataError {
+                        code: Code::NotLeader as i32,
+                        message: e.to_string(),
+                        leader: 0,
+                        leader_addr: leader_addr.clone().unwrap_or_default(),
+                    },
+                    repair::RepairError::Changed { .. } => err(Code::Changed, e.to_string()),
+                    repair::RepairError::Failed { .. } => err(Code::Unavailable, e.to_string()),
+                };
+                RepairChunkReply { error: Some(error), ..Default::default() }
+            }
+        };
+        Ok(Response::new(reply))
     }
 }

@@ -323,8 +323,8 @@ mod tests {
         let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let (sa, sb) = (store(da.path()), store(db.path()));
         let stats = Arc::new(ApplyStats::default());
-        let leader = PgShared::new(PgId(5), NodeId(1), sa.clone(), stats.clone());
-        let follower = PgShared::new(PgId(5), NodeId(2), sb.clone(), stats);
+        let leader = PgShared::new(PgId(5), NodeId(1), sa.clone(), stats.clone(), Default::default());
+        let follower = PgShared::new(PgId(5), NodeId(2), sb.clone(), stats, Default::default());
         write(&sa, 5, 1, 0, 0xA1, 3 << 20).await;
         write(&sa, 5, 2, 8 << 20, 0xA2, 4096).await;
         let mut b = Batch::new();
@@ -365,8 +365,8 @@ mod tests {
         let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let (sa, sb) = (store(da.path()), store(db.path()));
         let stats = Arc::new(ApplyStats::default());
-        let leader = PgShared::new(PgId(1), NodeId(1), sa.clone(), stats.clone());
-        let follower = PgShared::new(PgId(1), NodeId(2), sb.clone(), stats);
+        let leader = PgShared::new(PgId(1), NodeId(1), sa.clone(), stats.clone(), Default::default());
+        let follower = PgShared::new(PgId(1), NodeId(2), sb.clone(), stats, Default::default());
         write(&sa, 1, 1, 0, 0xA1, 1 << 20).await;
         let mut out = PgSnapshot::outgoing(leader);
         let mut sink = super::PgReceiver { shared: follower }.begin(&CheckpointRecord::default()).await.unwrap();

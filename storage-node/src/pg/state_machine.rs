@@ -11,9 +11,10 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use basalt_chunk_store::{Batch, ChunkStore, ChunkStoreError};
-use basalt_common::{BLOCK_SIZE, NodeId, PgId, VolumeId, crc32c};
+use basalt_chunk_store::{Batch, ChunkCheck, ChunkKey, ChunkStore, ChunkStoreError};
+use basalt_common::{BLOCK_SIZE, CHUNK_SIZE, NodeId, PgId, VolumeId, ZERO_BLOCK_CRC, crc32c};
 use basalt_raft::{ApplyItem, CheckpointRecord, StateMachine};
+use basalt_scrubber::IntegrityStats;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::RwLock;
 
@@ -49,7 +50,17 @@ pub struct PgShared {
     /// because an entry up to there deleted or zeroed data (volume delete, TRIM, write-zeroes):
     /// the entries before it may hold the bytes that were freed. The checkpointer acts on it.
     pub purge_wanted: Arc<AtomicU64>,
+    /// Integrity probes applied on this replica and still valid: (volume, chunk) → the probe's
+    /// log index. A write or zero of the chunk removes its entry, so a repair proposed from a
+    /// comparison at that probe is void here once anything newer reached the chunk. In memory
+    /// only: after a restart repairs of older probes are void, which is safe.
+    pub probes: Arc<std::sync::Mutex<HashMap<(VolumeId, u64), u64>>>,
+    /// Integrity counters of this node (repairs applied here).
+    pub integrity: Arc<IntegrityStats>,
 }
+
+/// Most probes remembered per PG; beyond it the oldest are forgotten (their repairs void).
+const MAX_PROBES: usize = 1024;
 
 /// How much time applying takes on this node (all PGs share one).
 #[derive(Debug, Default)]
@@ -64,7 +75,7 @@ pub struct ApplyStats {
 
 impl PgShared {
     /// New shared state for `pg`.
-    pub fn new(pg: PgId, node: NodeId, store: ChunkStore, apply_stats: Arc<ApplyStats>) -> Self {
+    pub fn new(pg: PgId, node: NodeId, store: ChunkStore, apply_stats: Arc<ApplyStats>, integrity: Arc<IntegrityStats>) -> Self {
         Self {
             pg,
             node,
@@ -75,7 +86,44 @@ impl PgShared {
             apply_stats,
             bytes_since_checkpoint: Arc::new(AtomicU64::new(0)),
             purge_wanted: Arc::new(AtomicU64::new(0)),
+            probes: Arc::new(std::sync::Mutex::new(HashMap::new())),
+            integrity,
         }
+    }
+
+    fn probes(&self) -> std::sync::MutexGuard<'_, HashMap<(VolumeId, u64), u64>> {
+        self.probes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the probe at `index` for `(volume, chunk)` was applied here and nothing wrote
+    /// the chunk since.
+    pub fn probe_holds(&self, volume: VolumeId, chunk: u64, index: u64) -> bool {
+        self.probes().get(&(volume, chunk)) == Some(&index)
+    }
+
+    /// This replica's copy of a chunk as of the probe at `probe_index`, checked against its
+    /// crcs; `Ok(None)` if the probe no longer holds here (the chunk was written since, or
+    /// this replica restarted). The caller waits until the probe is applied.
+    pub async fn check_at_probe(&self, volume: VolumeId, chunk: u64, probe_index: u64) -> Result<Option<ChunkCheck>, ChunkStoreError> {
+        // Shared lock: no command applies while the chunk is read, so the probe checked here
+        // still holds for the bytes read.
+        let _guard = self.lock.read().await;
+        if !self.probe_holds(volume, chunk, probe_index) {
+            return Ok(None);
+        }
+        let key = ChunkKey { shard: self.shard(), volume, chunk };
+        Ok(Some(self.store.check_chunk(key).await?.unwrap_or(ChunkCheck { key, blocks: Vec::new(), data: Bytes::new() })))
+    }
+
+    /// Forgets the probes of `volume`'s chunks overlapping `[offset, offset + len)`.
+    fn touch(&self, volume: VolumeId, offset: u64, len: u64) {
+        let mut probes = self.probes();
+        if probes.is_empty() {
+            return;
+        }
+        let first = offset / CHUNK_SIZE;
+        let last = offset.saturating_add(len.max(1) - 1) / CHUNK_SIZE;
+        probes.retain(|(v, c), _| *v != volume || !(first..=last).contains(c));
     }
 
     /// The chunk-store shard holding this PG.
@@ -176,10 +224,11 @@ impl PgStateMachine {
 
     /// Adds one command to `batch`, committing `batch` first when a read-modify-write needs to
     /// see what earlier commands wrote.
-    async fn stage(&mut self, batch: &mut Batch, cmd: PgCommand) -> Result<PgReply, ChunkStoreError> {
+    async fn stage(&mut self, batch: &mut Batch, index: u64, cmd: PgCommand) -> Result<PgReply, ChunkStoreError> {
         let shard = self.shared.shard();
         match cmd {
             PgCommand::Write { volume, epoch, offset, crcs, data } => {
+                self.shared.touch(volume, offset, data.len() as u64);
                 if self.tombstones.contains(&volume) {
                     return Ok(PgReply::NoSuchVolume);
                 }
@@ -205,6 +254,7 @@ impl PgStateMachine {
                 Ok(PgReply::Ok)
             }
             PgCommand::Zero { volume, epoch, offset, len, keep_allocated } => {
+                self.shared.touch(volume, offset, len);
                 if self.tombstones.contains(&volume) {
                     return Ok(PgReply::NoSuchVolume);
                 }
@@ -239,6 +289,49 @@ impl PgStateMachine {
                 key.extend_from_slice(&volume.0.to_be_bytes());
                 batch.put_state(shard, &key, Vec::new());
                 self.tombstones.insert(volume);
+                self.shared.probes().retain(|(v, _), _| *v != volume);
+                Ok(PgReply::Ok)
+            }
+            PgCommand::Probe { volume, chunk } => {
+                if self.tombstones.contains(&volume) {
+                    return Ok(PgReply::NoSuchVolume);
+                }
+                let mut probes = self.shared.probes();
+                if probes.len() >= MAX_PROBES && !probes.contains_key(&(volume, chunk)) {
+                    if let Some(oldest) = probes.iter().min_by_key(|(_, i)| **i).map(|(k, _)| *k) {
+                        probes.remove(&oldest);
+                    }
+                }
+                probes.insert((volume, chunk), index);
+                Ok(PgReply::Index(index))
+            }
+            PgCommand::Repair { volume, probe_index, offset, crc, data } => {
+                if self.tombstones.contains(&volume) {
+                    return Ok(PgReply::NoSuchVolume);
+                }
+                let chunk = offset / CHUNK_SIZE;
+                if !self.shared.probe_holds(volume, chunk, probe_index) {
+                    // Written since the comparison (or this replica restarted): what the
+                    // repair carries may be older than what is here now.
+                    return Ok(PgReply::Ok);
+                }
+                self.flush(batch).await?;
+                let block = ((offset % CHUNK_SIZE) / BLOCK_SIZE) as u16;
+                let check = self.shared.store.check_chunk(ChunkKey { shard, volume, chunk }).await?;
+                let here = check.as_ref().and_then(|c| c.blocks.iter().find(|b| b.block == block).copied());
+                let bad = match here {
+                    Some(b) => !b.is_intact() || b.stored_crc != crc,
+                    None => crc != ZERO_BLOCK_CRC,
+                };
+                if bad {
+                    batch.write(shard, volume, offset, data, vec![crc])?;
+                    self.shared.integrity.blocks_repaired.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        pg = %self.shared.pg, node = %self.shared.node, %volume, chunk, block,
+                        stored_crc = here.map(|b| b.stored_crc), actual_crc = here.map(|b| b.actual_crc), repaired_crc = crc,
+                        "repaired a bad block from a healthy replica"
+                    );
+                }
                 Ok(PgReply::Ok)
             }
         }
@@ -253,15 +346,15 @@ impl PgStateMachine {
 
     /// Applies commands one by one (used when a combined batch ran out of space, so only the
     /// commands that do not fit fail).
-    async fn apply_singly(&mut self, cmds: Vec<Option<PgCommand>>) -> io::Result<Vec<PgReply>> {
+    async fn apply_singly(&mut self, cmds: Vec<Option<(u64, PgCommand)>>) -> io::Result<Vec<PgReply>> {
         let mut replies = Vec::with_capacity(cmds.len());
         for cmd in cmds {
-            let Some(cmd) = cmd else {
+            let Some((index, cmd)) = cmd else {
                 replies.push(PgReply::Ok);
                 continue;
             };
             let mut batch = Batch::new();
-            let reply = match self.stage(&mut batch, cmd).await {
+            let reply = match self.stage(&mut batch, index, cmd).await {
                 Ok(r) => match self.flush(&mut batch).await {
                     Ok(()) => r,
                     Err(ChunkStoreError::NoSpace { .. }) => PgReply::NoSpace(format!("no space on {}", self.shared.node)),
@@ -354,6 +447,8 @@ impl StateMachine for PgStateMachine {
 
     async fn install(&mut self, record: CheckpointRecord, snapshot: PgSnapshot) -> io::Result<()> {
         let (tombstones, epochs) = snapshot.install(&self.shared, &record).await?;
+        // The chunks were replaced wholesale: no earlier comparison describes them.
+        self.shared.probes().clear();
         self.tombstones = tombstones;
         self.epochs = epochs;
         Ok(())
@@ -371,14 +466,15 @@ impl PgStateMachine {
         let bytes: u64 = items.iter().filter_map(|i| i.command.as_ref()).map(|c| c.len() as u64).sum();
         self.shared.bytes_since_checkpoint.fetch_add(bytes, Ordering::Relaxed);
         let last_index = items.last().map(|i| i.index).unwrap_or(0);
-        let cmds: Vec<Option<Result<PgCommand, String>>> = items.into_iter().map(|i| i.command.map(PgCommand::decode)).collect();
-        if cmds.iter().any(|c| matches!(c, Some(Ok(PgCommand::Zero { .. } | PgCommand::DeleteVolume { .. })))) {
+        let cmds: Vec<(u64, Option<Result<PgCommand, String>>)> =
+            items.into_iter().map(|i| (i.index, i.command.map(PgCommand::decode))).collect();
+        if cmds.iter().any(|(_, c)| matches!(c, Some(Ok(PgCommand::Zero { .. } | PgCommand::DeleteVolume { .. })))) {
             self.shared.purge_wanted.fetch_max(last_index, Ordering::Relaxed);
         }
         let mut batch = Batch::new();
         let mut replies = Vec::with_capacity(cmds.len());
         let mut decoded = Vec::with_capacity(cmds.len());
-        for cmd in cmds {
+        for (index, cmd) in cmds {
             match cmd {
                 None => {
                     replies.push(PgReply::Ok);
@@ -389,8 +485,8 @@ impl PgStateMachine {
                     decoded.push(None);
                 }
                 Some(Ok(c)) => {
-                    decoded.push(Some(c.clone()));
-                    let reply = match self.stage(&mut batch, c).await {
+                    decoded.push(Some((index, c.clone())));
+                    let reply = match self.stage(&mut batch, index, c).await {
                         Ok(r) => r,
                         Err(e) => self.soft_error(e)?,
                     };
