@@ -152,8 +152,8 @@ pub async fn start(admin: &Admin, out: Out, only: Option<u64>, deep: bool, rate:
         }));
     }
     let kind = if deep { "deep" } else { "local" };
-    // Per node: address, counters before the pass, whether it started (false: one was running).
-    let mut followed: Vec<(u64, String, ScrubStatusReply)> = Vec::new();
+    // Per node: address, counters before the pass, the request's ticket.
+    let mut followed: Vec<(u64, String, ScrubStatusReply, u64)> = Vec::new();
     let mut failures = Vec::new();
     for n in &chosen {
         let before = match ask_status(&n.addr).await {
@@ -167,17 +167,19 @@ pub async fn start(admin: &Admin, out: Out, only: Option<u64>, deep: bool, rate:
         match tokio::time::timeout(Duration::from_secs(5), client.scrub_start(ScrubStartRequest { deep, rate_bytes_per_sec: rate })).await {
             Ok(Ok(r)) => {
                 let r = r.into_inner();
-                if !r.started {
-                    eprintln!("node-{}: a {} pass is already running; following it", n.id, r.running);
+                if !r.queued {
+                    eprintln!("node-{}: a requested {} pass was already waiting to run; following it", n.id, r.kind);
+                } else if !r.running.is_empty() {
+                    eprintln!("node-{}: the pass starts once the {} pass running now ends", n.id, r.running);
                 }
-                followed.push((n.id, n.addr.clone(), before));
+                followed.push((n.id, n.addr.clone(), before, r.ticket));
             }
             Ok(Err(s)) => failures.push(format!("node-{}: {}", n.id, s.message())),
             Err(_) => failures.push(format!("node-{}: no answer within 5s", n.id)),
         }
     }
     if no_wait || followed.is_empty() {
-        let started: Vec<u64> = followed.iter().map(|(id, _, _)| *id).collect();
+        let started: Vec<u64> = followed.iter().map(|(id, _, _, _)| *id).collect();
         out.print(json!({"kind": kind, "started_on": started, "failed": failures}), || {
             format!("{kind} integrity pass started on {} node(s)", started.len())
         });
@@ -199,19 +201,18 @@ pub async fn start(admin: &Admin, out: Out, only: Option<u64>, deep: bool, rate:
     let mut silent_since: Vec<Option<tokio::time::Instant>> = vec![None; followed.len()];
     loop {
         let (mut done, mut total, mut finished) = (0u64, 0u64, 0usize);
-        for (i, (id, addr, before)) in followed.iter().enumerate() {
-            if latest[i].as_ref().is_some_and(|r| r.integrity_passes_completed > before.integrity_passes_completed && r.integrity_running.is_empty()) {
-                let r = latest[i].as_ref().map(|r| (r.integrity_chunks_total, r.integrity_chunks_total)).unwrap_or((0, 0));
-                done += r.0;
-                total += r.1;
+        for (i, (id, addr, _, ticket)) in followed.iter().enumerate() {
+            if latest[i].as_ref().is_some_and(|r| r.integrity_ticket_served >= *ticket) {
+                let n = latest[i].as_ref().map(|r| r.integrity_chunks_total).unwrap_or(0);
+                done += n;
+                total += n;
                 finished += 1;
                 continue;
             }
             match ask_status(addr).await {
                 Ok(r) => {
                     silent_since[i] = None;
-                    let complete = r.integrity_passes_completed > before.integrity_passes_completed && r.integrity_running.is_empty();
-                    if complete {
+                    if r.integrity_ticket_served >= *ticket {
                         finished += 1;
                         done += r.integrity_chunks_total;
                     } else {
@@ -260,7 +261,7 @@ pub async fn start(admin: &Admin, out: Out, only: Option<u64>, deep: bool, rate:
     let results: Vec<Value> = followed
         .iter()
         .zip(&latest)
-        .filter_map(|((id, _, before), after)| after.as_ref().map(|a| (id, before, a)))
+        .filter_map(|((id, _, before, _), after)| after.as_ref().map(|a| (id, before, a)))
         .map(|(id, b, a)| {
             json!({
                 "node": id,

@@ -39,9 +39,9 @@ pub struct RaftTuning {
 impl Default for RaftTuning {
     fn default() -> Self {
         Self {
-            heartbeat_ms: 1000,
-            election_timeout_min_ms: 3000,
-            election_timeout_max_ms: 6000,
+            heartbeat_ms: 500,
+            election_timeout_min_ms: 1500,
+            election_timeout_max_ms: 3000,
             checkpoint_every_entries: 1024,
             keep_entries_after_checkpoint: 64,
             max_payload_entries: 256,

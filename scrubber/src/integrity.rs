@@ -60,6 +60,9 @@ pub struct ChunkVerdict {
     pub repaired: u64,
     /// Bad blocks no healthy replica could vouch for (reported, never guessed at).
     pub unrepairable: u64,
+    /// Steps of the check that failed and may succeed later (a replica or the PG leader
+    /// unreachable, the chunk written meanwhile).
+    pub errors: u64,
 }
 
 /// The node side of a pass: which chunks to check and how to check (and repair) one.
@@ -107,6 +110,8 @@ pub struct IntegrityStats {
     pub check_errors: AtomicU64,
     /// Passes finished.
     pub passes_completed: AtomicU64,
+    /// The newest on-demand request ([`IntegrityControl::start`]) whose pass has finished.
+    pub tickets_served: AtomicU64,
     /// Blocks of this node rewritten by a repair (whichever node's check found them).
     pub blocks_repaired: AtomicU64,
     /// When the last local pass finished, ms since the Unix epoch (0: never).
@@ -132,37 +137,61 @@ impl IntegrityStats {
         self.divergent_found.fetch_add(v.divergent, Ordering::Relaxed);
         self.repairs_issued.fetch_add(v.repaired, Ordering::Relaxed);
         self.unrepairable.fetch_add(v.unrepairable, Ordering::Relaxed);
+        self.check_errors.fetch_add(v.errors, Ordering::Relaxed);
     }
 }
 
 /// The answer to a request for a pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StartOutcome {
-    /// The pass starts now.
-    Started,
-    /// A pass is running (of this kind); the request is not queued.
-    AlreadyRunning(PassKind),
+    /// A pass of the requested kind will run next (now, or once the running one ends); it is
+    /// done when [`IntegrityStats::tickets_served`] reaches `ticket`.
+    Queued {
+        /// The request's number.
+        ticket: u64,
+    },
+    /// A requested pass was already waiting to run; this request joins it.
+    Joined {
+        /// That request's number.
+        ticket: u64,
+        /// Its kind.
+        kind: PassKind,
+    },
+    /// The scrubber has stopped (the node is shutting down).
+    Stopped,
+}
+
+/// An on-demand pass waiting to run.
+#[derive(Clone, Copy, Debug)]
+struct Request {
+    kind: PassKind,
+    rate: Option<u64>,
+    ticket: u64,
 }
 
 /// Starts passes on demand (cheap to clone).
 #[derive(Clone)]
 pub struct IntegrityControl {
-    tx: mpsc::Sender<(PassKind, Option<u64>)>,
+    tx: mpsc::Sender<Request>,
     stats: Arc<IntegrityStats>,
+    /// The last ticket issued and its kind; held while queueing so tickets stay in queue order.
+    issued: Arc<std::sync::Mutex<(u64, PassKind)>>,
 }
 
 impl IntegrityControl {
-    /// Asks for a pass of `kind` to start, reading at `rate` bytes/s instead of the configured
-    /// rate if given.
+    /// Asks for a pass of `kind`, reading at `rate` bytes/s instead of the configured rate if
+    /// given. It runs after the pass running now, if any.
     pub fn start(&self, kind: PassKind, rate: Option<u64>) -> StartOutcome {
-        if let Some(running) = self.stats.running() {
-            return StartOutcome::AlreadyRunning(running);
-        }
-        match self.tx.try_send((kind, rate.filter(|r| *r > 0))) {
-            Ok(()) => StartOutcome::Started,
+        let mut issued = self.issued.lock().unwrap_or_else(|p| p.into_inner());
+        let ticket = issued.0 + 1;
+        match self.tx.try_send(Request { kind, rate: rate.filter(|r| *r > 0), ticket }) {
+            Ok(()) => {
+                *issued = (ticket, kind);
+                StartOutcome::Queued { ticket }
+            }
             // One request is already waiting to be picked up: it will run.
-            Err(mpsc::error::TrySendError::Full(_)) => StartOutcome::AlreadyRunning(kind),
-            Err(mpsc::error::TrySendError::Closed(_)) => StartOutcome::AlreadyRunning(kind),
+            Err(mpsc::error::TrySendError::Full(_)) => StartOutcome::Joined { ticket: issued.0, kind: issued.1 },
+            Err(mpsc::error::TrySendError::Closed(_)) => StartOutcome::Stopped,
         }
     }
 
@@ -177,7 +206,7 @@ pub struct IntegrityScrubber<V: Verifier> {
     verifier: Arc<V>,
     config: IntegrityConfig,
     stats: Arc<IntegrityStats>,
-    requests: mpsc::Receiver<(PassKind, Option<u64>)>,
+    requests: mpsc::Receiver<Request>,
 }
 
 fn now_ms() -> u64 {
@@ -188,7 +217,7 @@ impl<V: Verifier> IntegrityScrubber<V> {
     /// A scrubber and the handle that starts passes on demand.
     pub fn new(verifier: Arc<V>, config: IntegrityConfig, stats: Arc<IntegrityStats>) -> (Self, IntegrityControl) {
         let (tx, requests) = mpsc::channel(1);
-        let control = IntegrityControl { tx, stats: stats.clone() };
+        let control = IntegrityControl { tx, stats: stats.clone(), issued: Arc::new(std::sync::Mutex::new((0, PassKind::Local))) };
         (Self { verifier, config: IntegrityConfig { rate: config.rate.max(1), ..config }, stats, requests }, control)
     }
 
@@ -255,19 +284,29 @@ impl<V: Verifier> IntegrityScrubber<V> {
                 Some((kind, wait)) => (Some(kind), wait.min(Duration::from_secs(3600))),
                 None => (None, Duration::from_secs(3600)),
             };
-            let (kind, rate) = tokio::select! {
+            let req = tokio::select! {
                 req = self.requests.recv() => match req {
-                    Some(req) => req,
+                    Some(req) => Some(req),
                     None => return,
                 },
                 _ = tokio::time::sleep(wait) => match scheduled {
-                    Some(kind) if self.next_due().is_some_and(|(k, w)| k == kind && w.is_zero()) => (kind, None),
+                    Some(kind) if self.next_due().is_some_and(|(k, w)| k == kind && w.is_zero()) => None,
                     _ => continue,
                 },
                 _ = shutdown.changed() => return,
             };
-            if !self.pass(kind, rate.unwrap_or(self.config.rate), &mut shutdown).await {
+            let (kind, rate) = match req {
+                Some(r) => (r.kind, r.rate.unwrap_or(self.config.rate)),
+                None => match scheduled {
+                    Some(kind) => (kind, self.config.rate),
+                    None => continue,
+                },
+            };
+            if !self.pass(kind, rate, &mut shutdown).await {
                 return;
+            }
+            if let Some(r) = req {
+                self.stats.tickets_served.fetch_max(r.ticket, Ordering::Relaxed);
             }
         }
     }
@@ -275,10 +314,11 @@ impl<V: Verifier> IntegrityScrubber<V> {
     /// One pass; false if it stopped for shutdown.
     async fn pass(&self, kind: PassKind, rate: u64, shutdown: &mut watch::Receiver<bool>) -> bool {
         let stats = &self.stats;
+        stats.chunks_done.store(0, Ordering::Relaxed);
+        stats.chunks_total.store(0, Ordering::Relaxed);
+        stats.running.store(kind.code(), Ordering::Relaxed);
         let chunks = self.verifier.chunks(kind);
         stats.chunks_total.store(chunks.len() as u64, Ordering::Relaxed);
-        stats.chunks_done.store(0, Ordering::Relaxed);
-        stats.running.store(kind.code(), Ordering::Relaxed);
         let started = Instant::now();
         let mut found = ChunkVerdict::default();
         let mut errors = 0u64;
@@ -299,6 +339,7 @@ impl<V: Verifier> IntegrityScrubber<V> {
                     found.divergent += v.divergent;
                     found.repaired += v.repaired;
                     found.unrepairable += v.unrepairable;
+                    errors += v.errors;
                     if v.corrupt + v.divergent > 0 {
                         tracing::warn!(
                             kind = kind.as_str(), shard = key.shard, volume = %key.volume, chunk = key.chunk,
@@ -411,25 +452,34 @@ mod tests {
         let (scrubber, control) = IntegrityScrubber::new(Arc::new(LocalOnly(store.clone())), config, stats.clone());
         let (tx, rx) = watch::channel(false);
         let task = tokio::spawn(scrubber.run(rx));
-        assert_eq!(control.start(PassKind::Local, None), StartOutcome::Started);
+        assert_eq!(control.start(PassKind::Local, None), StartOutcome::Queued { ticket: 1 });
         // 4 × 256 KiB at 1 MiB/s: the pass takes about a second, so it is seen running.
         let deadline = Instant::now() + Duration::from_secs(5);
         while stats.running().is_none() && stats.passes_completed.load(Ordering::Relaxed) == 0 {
             assert!(Instant::now() < deadline, "pass never started");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(control.start(PassKind::Deep, None), StartOutcome::AlreadyRunning(PassKind::Local));
+        // While it runs, a request queues behind it; another joins the queued one.
+        assert_eq!(control.start(PassKind::Deep, None), StartOutcome::Queued { ticket: 2 });
+        assert_eq!(control.start(PassKind::Local, None), StartOutcome::Joined { ticket: 2, kind: PassKind::Deep });
         let started = Instant::now();
-        while stats.passes_completed.load(Ordering::Relaxed) == 0 {
+        while stats.tickets_served.load(Ordering::Relaxed) < 1 {
             assert!(Instant::now() < deadline + Duration::from_secs(5), "pass never finished");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(started.elapsed() >= Duration::from_millis(500), "rate limit not applied: {:?}", started.elapsed());
+        assert!(stats.corrupt_found.load(Ordering::Relaxed) >= 1);
+        // The queued second pass (ticket 2) runs too (it may already have begun).
+        while stats.tickets_served.load(Ordering::Relaxed) < 2 {
+            assert!(Instant::now() < deadline + Duration::from_secs(10), "second pass never finished");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(stats.passes_completed.load(Ordering::Relaxed), 2);
         assert_eq!(stats.chunks_done.load(Ordering::Relaxed), 4);
         assert_eq!(stats.chunks_total.load(Ordering::Relaxed), 4);
-        assert_eq!(stats.bytes_verified.load(Ordering::Relaxed), 4 * 64 * BLOCK_SIZE);
-        assert_eq!(stats.corrupt_found.load(Ordering::Relaxed), 1);
-        assert_eq!(stats.unrepairable.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.bytes_verified.load(Ordering::Relaxed), 2 * 4 * 64 * BLOCK_SIZE);
+        assert_eq!(stats.corrupt_found.load(Ordering::Relaxed), 2, "both passes found the flipped bit");
+        assert_eq!(stats.unrepairable.load(Ordering::Relaxed), 2);
         assert!(stats.running().is_none());
         tx.send(true).unwrap();
         task.await.unwrap();

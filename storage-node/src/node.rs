@@ -93,6 +93,8 @@ pub struct NodeCtx {
     pub integrity: Arc<basalt_scrubber::IntegrityStats>,
     /// Starts integrity passes on demand (set once the scrubber runs; storage nodes only).
     pub integrity_control: std::sync::OnceLock<basalt_scrubber::IntegrityControl>,
+    /// Serialises replica comparisons and repairs led by this node (`pg::repair`).
+    pub repair_lock: tokio::sync::Mutex<()>,
 }
 
 impl NodeCtx {
@@ -231,6 +233,7 @@ impl Node {
             scrub: Arc::new(basalt_scrubber::ScrubStats::default()),
             integrity,
             integrity_control: std::sync::OnceLock::new(),
+            repair_lock: tokio::sync::Mutex::new(()),
         });
 
         let admin = AdminServer::new(AdminService::new(ctx.clone()))

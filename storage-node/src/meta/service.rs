@@ -522,6 +522,7 @@ impl Admin for AdminService {
             last_local_pass_ms_ago: ago(integrity.last_local_unix_ms.load(Relaxed)),
             last_deep_pass_ms_ago: ago(integrity.last_deep_unix_ms.load(Relaxed)),
             integrity_rate_bytes_per_sec: self.ctx.config.integrity_rate,
+            integrity_ticket_served: integrity.tickets_served.load(Relaxed),
         }))
     }
 
@@ -532,12 +533,14 @@ impl Admin for AdminService {
         };
         let req = request.into_inner();
         let kind = if req.deep { PassKind::Deep } else { PassKind::Local };
+        let running = control.stats().running().map(|k| k.as_str().to_string()).unwrap_or_default();
         let reply = match control.start(kind, Some(req.rate_bytes_per_sec)) {
-            StartOutcome::Started => {
-                tracing::info!(%node, kind = kind.as_str(), "integrity scrub pass requested");
-                ScrubStartReply { node: node.0, started: true, running: kind.as_str().into() }
+            StartOutcome::Queued { ticket } => {
+                tracing::info!(%node, kind = kind.as_str(), ticket, "integrity scrub pass requested");
+                ScrubStartReply { node: node.0, queued: true, running, ticket, kind: kind.as_str().into() }
             }
-            StartOutcome::AlreadyRunning(k) => ScrubStartReply { node: node.0, started: false, running: k.as_str().into() },
+            StartOutcome::Joined { ticket, kind } => ScrubStartReply { node: node.0, queued: false, running, ticket, kind: kind.as_str().into() },
+            StartOutcome::Stopped => return Err(Status::unavailable(format!("{node} is shutting down"))),
         };
         Ok(Response::new(reply))
     }

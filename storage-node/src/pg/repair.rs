@@ -95,10 +95,12 @@ struct BlockPlan {
     divergent: u64,
 }
 
-/// Compares the replicas' views block by block (see the module docs for the rule).
-fn compare(views: &[(NodeId, ReplicaView)]) -> Vec<BlockPlan> {
+/// Compares the replicas' views block by block (see the module docs for the rule); `voters`
+/// is the size of the PG, so a majority means a majority of all replicas, not of those that
+/// answered.
+fn compare(views: &[(NodeId, ReplicaView)], voters: usize) -> Vec<BlockPlan> {
     let blocks: BTreeSet<u16> = views.iter().flat_map(|(_, v)| v.keys().copied()).collect();
-    let n = views.len();
+    let n = voters.max(views.len());
     let mut plans = Vec::new();
     for block in blocks {
         let copies: Vec<(NodeId, u32, bool)> =
@@ -172,7 +174,10 @@ async fn remote_check(
     }
     let mut view = ReplicaView::new();
     for b in reply.blocks {
-        let block = u16::try_from(b.block).map_err(|_| format!("{node} reported block {} of a 256-block chunk", b.block))?;
+        let block = u16::try_from(b.block)
+            .ok()
+            .filter(|b| u64::from(*b) < CHUNK_SIZE / BLOCK_SIZE)
+            .ok_or_else(|| format!("{node} reported block {} of a {}-block chunk", b.block, CHUNK_SIZE / BLOCK_SIZE))?;
         view.insert(block, (b.stored_crc, b.intact));
     }
     let want = fetch.len() * BLOCK_SIZE as usize;
@@ -194,7 +199,14 @@ pub async fn check_and_repair(ctx: &NodeCtx, handle: &PgHandle, volume: VolumeId
         let leader_addr = status.leader.and_then(|l| ctx.addr_of(handle, NodeId(l)));
         return Err(RepairError::NotLeader { pg, node: me, leader_addr });
     }
-    let reply = handle.group.propose(PgCommand::Probe { volume, chunk }.encode()).await.map_err(|e| failed(format!("probe: {e}")))?;
+    // One comparison at a time on this node: concurrent ones for the same chunk would void each
+    // other's probes, and repairs are rare enough that one at a time costs nothing.
+    let _one_at_a_time = ctx.repair_lock.lock().await;
+    let raft_error = |what: &str, e: basalt_raft::RaftError| match e {
+        basalt_raft::RaftError::NotLeader { leader_addr, .. } => RepairError::NotLeader { pg, node: me, leader_addr },
+        e => failed(format!("{what}: {e}")),
+    };
+    let reply = handle.group.propose(PgCommand::Probe { volume, chunk }.encode()).await.map_err(|e| raft_error("probe", e))?;
     let probe = match PgReply::decode(&reply) {
         PgReply::Index(i) => i,
         PgReply::NoSuchVolume => return Ok(ChunkVerdict::default()),
@@ -217,7 +229,7 @@ pub async fn check_and_repair(ctx: &NodeCtx, handle: &PgHandle, volume: VolumeId
     }
 
     let mut verdict = ChunkVerdict { bytes_read: local.bytes_read(), ..Default::default() };
-    for plan in compare(&views) {
+    for plan in compare(&views, status.voters.len()) {
         verdict.corrupt += plan.corrupt;
         verdict.divergent += plan.divergent;
         let Some(keep) = plan.keep else {
@@ -235,7 +247,7 @@ pub async fn check_and_repair(ctx: &NodeCtx, handle: &PgHandle, volume: VolumeId
         let data = fetch_intact(ctx, handle, &local, &plan, keep, volume, chunk, probe).await?;
         let offset = chunk * CHUNK_SIZE + u64::from(plan.block) * BLOCK_SIZE;
         let cmd = PgCommand::Repair { volume, probe_index: probe, offset, crc: keep, data };
-        let reply = handle.group.propose(cmd.encode()).await.map_err(|e| failed(format!("repair of block {}: {e}", plan.block)))?;
+        let reply = handle.group.propose(cmd.encode()).await.map_err(|e| raft_error("repair", e))?;
         match PgReply::decode(&reply) {
             PgReply::Ok | PgReply::NoSuchVolume => {}
             other => return Err(failed(format!("repair of block {} refused: {other:?}", plan.block))),
@@ -337,19 +349,19 @@ mod tests {
     #[test]
     fn healthy_replicas_need_nothing() {
         let v = view(&[(0, 1, true), (5, 2, true)]);
-        assert!(compare(&[(NodeId(1), v.clone()), (NodeId(2), v.clone()), (NodeId(3), v)]).is_empty());
+        assert!(compare(&[(NodeId(1), v.clone()), (NodeId(2), v.clone()), (NodeId(3), v)], 3).is_empty());
     }
 
     #[test]
     fn a_corrupt_copy_is_rewritten_from_the_intact_ones() {
         let good = view(&[(3, 7, true)]);
-        let plans = compare(&[(NodeId(1), good.clone()), (NodeId(2), view(&[(3, 7, false)])), (NodeId(3), good)]);
+        let plans = compare(&[(NodeId(1), good.clone()), (NodeId(2), view(&[(3, 7, false)])), (NodeId(3), good)], 3);
         assert_eq!(plans, vec![BlockPlan { block: 3, keep: Some(7), sources: vec![NodeId(1), NodeId(3)], bad: vec![NodeId(2)], corrupt: 1, divergent: 0 }]);
     }
 
     #[test]
     fn two_rotten_copies_are_recovered_from_the_third_when_all_record_the_same_crc() {
-        let plans = compare(&[(NodeId(1), view(&[(0, 7, false)])), (NodeId(2), view(&[(0, 7, true)])), (NodeId(3), view(&[(0, 7, false)]))]);
+        let plans = compare(&[(NodeId(1), view(&[(0, 7, false)])), (NodeId(2), view(&[(0, 7, true)])), (NodeId(3), view(&[(0, 7, false)]))], 3);
         assert_eq!(plans[0].keep, Some(7));
         assert_eq!(plans[0].bad, vec![NodeId(1), NodeId(3)]);
         assert_eq!(plans[0].corrupt, 2);
@@ -357,14 +369,14 @@ mod tests {
 
     #[test]
     fn a_divergent_copy_with_a_valid_crc_loses_to_the_majority() {
-        let plans = compare(&[(NodeId(1), view(&[(9, 7, true)])), (NodeId(2), view(&[(9, 8, true)])), (NodeId(3), view(&[(9, 7, true)]))]);
+        let plans = compare(&[(NodeId(1), view(&[(9, 7, true)])), (NodeId(2), view(&[(9, 8, true)])), (NodeId(3), view(&[(9, 7, true)]))], 3);
         assert_eq!(plans, vec![BlockPlan { block: 9, keep: Some(7), sources: vec![NodeId(1), NodeId(3)], bad: vec![NodeId(2)], corrupt: 0, divergent: 1 }]);
     }
 
     #[test]
     fn an_unwritten_block_counts_as_zeros() {
         // Two replicas never wrote block 4; the third holds something else there.
-        let plans = compare(&[(NodeId(1), view(&[])), (NodeId(2), view(&[(4, 99, true)])), (NodeId(3), view(&[]))]);
+        let plans = compare(&[(NodeId(1), view(&[])), (NodeId(2), view(&[(4, 99, true)])), (NodeId(3), view(&[]))], 3);
         assert_eq!(plans[0].keep, Some(ZERO_BLOCK_CRC));
         assert_eq!(plans[0].bad, vec![NodeId(2)]);
     }
@@ -372,21 +384,24 @@ mod tests {
     #[test]
     fn nothing_is_guessed_without_a_majority() {
         // Two replicas answered and disagree, both intact: no way to tell which is right.
-        let plans = compare(&[(NodeId(1), view(&[(1, 5, true)])), (NodeId(2), view(&[(1, 6, true)]))]);
+        let plans = compare(&[(NodeId(1), view(&[(1, 5, true)])), (NodeId(2), view(&[(1, 6, true)]))], 3);
         assert_eq!(plans[0].keep, None);
         assert!(plans[0].bad.is_empty());
         // Three-way disagreement, likewise.
-        let plans = compare(&[(NodeId(1), view(&[(1, 5, true)])), (NodeId(2), view(&[(1, 6, true)])), (NodeId(3), view(&[(1, 7, true)]))]);
+        let plans = compare(&[(NodeId(1), view(&[(1, 5, true)])), (NodeId(2), view(&[(1, 6, true)])), (NodeId(3), view(&[(1, 7, true)]))], 3);
+        assert_eq!(plans[0].keep, None);
+        // Four voters (mid membership change), two answering alike: not a majority of the PG.
+        let plans = compare(&[(NodeId(1), view(&[(1, 5, true)])), (NodeId(2), view(&[(1, 5, false)]))], 4);
         assert_eq!(plans[0].keep, None);
         // Every copy corrupt: nothing intact to copy from.
-        let plans = compare(&[(NodeId(1), view(&[(1, 5, false)])), (NodeId(2), view(&[(1, 5, false)]))]);
+        let plans = compare(&[(NodeId(1), view(&[(1, 5, false)])), (NodeId(2), view(&[(1, 5, false)]))], 2);
         assert_eq!(plans[0].keep, None);
     }
 
     #[test]
     fn a_rotten_copy_still_votes_for_what_it_recorded() {
         // Replica 2 rotted, replica 3 diverged: two of three recorded 7, and 1 holds it intact.
-        let plans = compare(&[(NodeId(1), view(&[(0, 7, true)])), (NodeId(2), view(&[(0, 7, false)])), (NodeId(3), view(&[(0, 8, true)]))]);
+        let plans = compare(&[(NodeId(1), view(&[(0, 7, true)])), (NodeId(2), view(&[(0, 7, false)])), (NodeId(3), view(&[(0, 8, true)]))], 3);
         assert_eq!(plans[0].keep, Some(7));
         assert_eq!(plans[0].bad, vec![NodeId(2), NodeId(3)]);
         assert_eq!((plans[0].corrupt, plans[0].divergent), (1, 1));
@@ -394,7 +409,7 @@ mod tests {
 
     #[test]
     fn with_one_replica_down_a_corrupt_copy_is_still_repaired_from_the_other() {
-        let plans = compare(&[(NodeId(1), view(&[(2, 7, false)])), (NodeId(2), view(&[(2, 7, true)]))]);
+        let plans = compare(&[(NodeId(1), view(&[(2, 7, false)])), (NodeId(2), view(&[(2, 7, true)]))], 3);
         assert_eq!(plans[0].keep, Some(7));
         assert_eq!(plans[0].bad, vec![NodeId(1)]);
     }

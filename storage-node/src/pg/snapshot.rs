@@ -105,6 +105,9 @@ impl PgSnapshot {
             return Err(io::Error::other("snapshot was not staged"));
         };
         let _guard = shared.lock.write().await;
+        // The chunks are replaced wholesale: no earlier integrity probe describes them. Cleared
+        // under the lock so no comparison reads the new data as the state at an old probe.
+        shared.forget_probes();
         let store = &shared.store;
         let shard = shared.shard();
         let mut b = Batch::new();

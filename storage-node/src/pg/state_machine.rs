@@ -115,7 +115,14 @@ impl PgShared {
         Ok(Some(self.store.check_chunk(key).await?.unwrap_or(ChunkCheck { key, blocks: Vec::new(), data: Bytes::new() })))
     }
 
-    /// Forgets the probes of `volume`'s chunks overlapping `[offset, offset + len)`.
+    /// Forgets every probe (the PG's data was replaced).
+    pub(crate) fn forget_probes(&self) {
+        self.probes().clear();
+    }
+
+    /// Forgets the probes of `volume`'s chunks overlapping `[offset, offset + len)`. On the
+    /// write path: looks up the touched chunks' keys rather than scanning the map, unless the
+    /// range covers more chunks than the map holds.
     fn touch(&self, volume: VolumeId, offset: u64, len: u64) {
         let mut probes = self.probes();
         if probes.is_empty() {
@@ -123,7 +130,13 @@ impl PgShared {
         }
         let first = offset / CHUNK_SIZE;
         let last = offset.saturating_add(len.max(1) - 1) / CHUNK_SIZE;
-        probes.retain(|(v, c), _| *v != volume || !(first..=last).contains(c));
+        if last - first < probes.len() as u64 {
+            for c in first..=last {
+                probes.remove(&(volume, c));
+            }
+        } else {
+            probes.retain(|(v, c), _| *v != volume || !(first..=last).contains(c));
+        }
     }
 
     /// The chunk-store shard holding this PG.
@@ -146,6 +159,8 @@ impl PgShared {
 /// The state machine of one PG replica.
 pub struct PgStateMachine {
     shared: PgShared,
+    /// Repairs staged in the batch being built, counted once the batch is on disk.
+    staged_repairs: u64,
     tombstones: HashSet<VolumeId>,
     /// Highest attachment epoch applied per volume: commands of lower epochs are refused.
     epochs: HashMap<VolumeId, u64>,
@@ -161,7 +176,7 @@ pub(crate) fn epoch_key(volume: VolumeId) -> Vec<u8> {
 impl PgStateMachine {
     /// A state machine over `shared`.
     pub fn new(shared: PgShared) -> Self {
-        Self { shared, tombstones: HashSet::new(), epochs: HashMap::new() }
+        Self { shared, staged_repairs: 0, tombstones: HashSet::new(), epochs: HashMap::new() }
     }
 
     /// Applies the fencing rule to a command of `volume` at `epoch`: refused if a newer
@@ -315,6 +330,9 @@ impl PgStateMachine {
                     // repair carries may be older than what is here now.
                     return Ok(PgReply::Ok);
                 }
+                if crc32c(&data) != crc || data.len() as u64 != BLOCK_SIZE {
+                    return Ok(PgReply::Invalid(format!("repair of {volume} at offset {offset} carries data that does not match its crc")));
+                }
                 self.flush(batch).await?;
                 let block = ((offset % CHUNK_SIZE) / BLOCK_SIZE) as u16;
                 let check = self.shared.store.check_chunk(ChunkKey { shard, volume, chunk }).await?;
@@ -325,7 +343,7 @@ impl PgStateMachine {
                 };
                 if bad {
                     batch.write(shard, volume, offset, data, vec![crc])?;
-                    self.shared.integrity.blocks_repaired.fetch_add(1, Ordering::Relaxed);
+                    self.staged_repairs += 1;
                     tracing::warn!(
                         pg = %self.shared.pg, node = %self.shared.node, %volume, chunk, block,
                         stored_crc = here.map(|b| b.stored_crc), actual_crc = here.map(|b| b.actual_crc), repaired_crc = crc,
@@ -337,11 +355,15 @@ impl PgStateMachine {
         }
     }
 
-    async fn flush(&self, batch: &mut Batch) -> Result<(), ChunkStoreError> {
+    async fn flush(&mut self, batch: &mut Batch) -> Result<(), ChunkStoreError> {
+        let repairs = std::mem::take(&mut self.staged_repairs);
         if batch.is_empty() {
             return Ok(());
         }
-        self.shared.store.commit(std::mem::take(batch)).await
+        self.shared.store.commit(std::mem::take(batch)).await?;
+        // Counted once on disk, so a batch that failed and is applied again counts once.
+        self.shared.integrity.blocks_repaired.fetch_add(repairs, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Applies commands one by one (used when a combined batch ran out of space, so only the
@@ -447,8 +469,6 @@ impl StateMachine for PgStateMachine {
 
     async fn install(&mut self, record: CheckpointRecord, snapshot: PgSnapshot) -> io::Result<()> {
         let (tombstones, epochs) = snapshot.install(&self.shared, &record).await?;
-        // The chunks were replaced wholesale: no earlier comparison describes them.
-        self.shared.probes().clear();
         self.tombstones = tombstones;
         self.epochs = epochs;
         Ok(())

@@ -65,7 +65,14 @@ impl NodeVerifier {
                     let r = reply.into_inner();
                     match r.error {
                         None => {
-                            return Ok(ChunkVerdict { bytes_read: 0, corrupt: r.corrupt, divergent: r.divergent, repaired: r.repaired, unrepairable: r.unrepairable });
+                            return Ok(ChunkVerdict {
+                                bytes_read: 0,
+                                corrupt: r.corrupt,
+                                divergent: r.divergent,
+                                repaired: r.repaired,
+                                unrepairable: r.unrepairable,
+                                errors: 0,
+                            });
                         }
                         Some(e) if e.code == Code::NotLeader as i32 || e.code == Code::Changed as i32 || e.code == Code::Unavailable as i32 => {
                             last = format!("{leader}: {}", e.message);
@@ -126,8 +133,9 @@ impl Verifier for NodeVerifier {
                             verdict.unrepairable = v.unrepairable;
                         }
                         Err(e) => {
-                            verdict.unrepairable = corrupt;
-                            tracing::error!(pg = key.shard, volume = %key.volume, chunk = key.chunk, error = %e, "repair of a corrupt chunk failed");
+                            // Not unrepairable: the leader or a replica may answer next pass.
+                            verdict.errors += 1;
+                            tracing::error!(pg = key.shard, volume = %key.volume, chunk = key.chunk, error = %e, "repair of a corrupt chunk failed; the next pass tries again");
                         }
                     }
                 }

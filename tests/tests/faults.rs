@@ -1,0 +1,407 @@
+//! Fault injection with a history checker.
+//!
+//! A workload writes versioned blocks (each block owned by one writer, versions increasing)
+//! and reads blocks at random, recording when every operation started and ended and what it
+//! returned. Faults are injected while it runs: kill -9 of the meta leader, of a PG leader and of
+//! a follower, SIGSTOP/SIGCONT, restarts. The checker then proves, per block:
+//! - no acknowledged write is lost: every read returns at least the newest version whose write
+//!   was acknowledged before the read started, and the final read after the faults returns at
+//!   least the newest acknowledged version;
+//! - nothing comes from nowhere: a read returns a version whose write started before the read
+//!   ended (or zeros if none did), with intact content;
+//! - reads do not go back in time: a read that starts after another ended returns at least
+//!   the version the earlier one saw.
+//!
+//! Tests named `slow_*` (repeated kills for stall statistics) run with `--profile slow`. Set
+//! `BASALT_TEST_SLOWEST=1` to list the slowest operations around each fault.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use basalt_common::crc32c;
+use basalt_proto::admin::VolumeCreateRequest;
+use basalt_tests::{Rng, TestCluster, seed, simple_spec};
+use basalt_volume_client::Volume;
+use bytes::Bytes;
+
+const VOLUME_SIZE: u64 = 64 << 20;
+const BLOCKS: u64 = 48;
+const WRITERS: u64 = 4;
+const READERS: u64 = 2;
+const MAGIC: &[u8; 8] = b"BSLTHIST";
+
+/// Where block `b` of the workload lives: spread over the volume so every PG gets some.
+fn offset_of(b: u64) -> u64 {
+    (b * (VOLUME_SIZE / BLOCKS)) / 4096 * 4096
+}
+
+/// Version `v` of block `b`: a header, filler that differs per version, and a crc32c.
+fn encode(b: u64, v: u64) -> Bytes {
+    let mut buf = vec![0u8; 4096];
+    buf[..8].copy_from_slice(MAGIC);
+    buf[8..16].copy_from_slice(&b.to_le_bytes());
+    buf[16..24].copy_from_slice(&v.to_le_bytes());
+    let mut x = b.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ v;
+    for chunk in buf[24..4092].chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    let crc = crc32c(&buf[..4092]);
+    buf[4092..].copy_from_slice(&crc.to_le_bytes());
+    Bytes::from(buf)
+}
+
+/// The version a read of block `b` saw (0: never written), or what is wrong with the bytes.
+fn decode(b: u64, data: &[u8]) -> Result<u64, String> {
+    if data.iter().all(|x| *x == 0) {
+        return Ok(0);
+    }
+    if data.len() != 4096 || &data[..8] != MAGIC {
+        return Err("neither zeros nor a workload block".into());
+    }
+    let crc = u32::from_le_bytes(data[4092..].try_into().unwrap_or_default());
+    if crc32c(&data[..4092]) != crc {
+        return Err("workload block with a bad checksum (torn or corrupted)".into());
+    }
+    let block = u64::from_le_bytes(data[8..16].try_into().unwrap_or_default());
+    if block != b {
+        return Err(format!("holds block {block}'s data"));
+    }
+    Ok(u64::from_le_bytes(data[16..24].try_into().unwrap_or_default()))
+}
+
+#[derive(Clone, Debug)]
+enum Outcome {
+    /// Write acknowledged / read returned this version.
+    Ok(u64),
+    /// The operation failed with this error.
+    Failed(String),
+    /// The read returned bytes that are no version of the block.
+    Garbage(String),
+}
+
+#[derive(Clone, Debug)]
+struct Op {
+    write: bool,
+    block: u64,
+    /// For writes: the version written.
+    version: u64,
+    start: Duration,
+    end: Duration,
+    outcome: Outcome,
+}
+
+/// Every operation of a run, with times relative to its start.
+#[derive(Default)]
+struct History {
+    ops: Mutex<Vec<Op>>,
+}
+
+impl History {
+    fn push(&self, op: Op) {
+        self.ops.lock().unwrap_or_else(|p| p.into_inner()).push(op);
+    }
+
+    fn snapshot(&self) -> Vec<Op> {
+        self.ops.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Checks a history (see the module docs); returns every violation found.
+fn check(ops: &[Op]) -> Vec<String> {
+    let mut violations = Vec::new();
+    for b in 0..BLOCKS {
+        let writes: Vec<&Op> = ops.iter().filter(|o| o.write && o.block == b).collect();
+        let mut reads: Vec<(&Op, u64)> = Vec::new();
+        for o in ops.iter().filter(|o| !o.write && o.block == b) {
+            match &o.outcome {
+                Outcome::Ok(v) => reads.push((o, *v)),
+                Outcome::Garbage(why) => violations.push(format!("block {b}: read at {:?}..{:?} returned garbage: {why}", o.start, o.end)),
+                Outcome::Failed(_) => {}
+            }
+        }
+        for (r, v) in &reads {
+            let acked_before = writes
+                .iter()
+                .filter(|w| matches!(w.outcome, Outcome::Ok(_)) && w.end < r.start)
+                .map(|w| w.version)
+                .max()
+                .unwrap_or(0);
+            if *v < acked_before {
+                violations.push(format!(
+                    "block {b}: read at {:?}..{:?} returned version {v}, but version {acked_before} was acknowledged before it started (lost or stale)",
+                    r.start, r.end
+                ));
+            }
+            if *v > 0 {
+                match writes.iter().find(|w| w.version == *v) {
+                    None => violations.push(format!("block {b}: read returned version {v}, which nobody wrote")),
+                    Some(w) if w.start > r.end => violations.push(format!(
+                        "block {b}: read at {:?}..{:?} returned version {v}, whose write started only at {:?}",
+                        r.start, r.end, w.start
+                    )),
+                    Some(_) => {}
+                }
+            }
+        }
+        // Reads never go back in time.
+        let mut by_end = reads.clone();
+        by_end.sort_by_key(|(r, _)| r.end);
+        for (r2, v2) in &reads {
+            let earlier = by_end.iter().take_while(|(r1, _)| r1.end < r2.start).map(|(_, v)| *v).max();
+            if let Some(v1) = earlier.filter(|v1| v1 > v2) {
+                violations.push(format!("block {b}: read at {:?}..{:?} returned version {v2} after an earlier read had seen {v1}", r2.start, r2.end));
+            }
+        }
+    }
+    violations
+}
+
+/// Runs the workload until `stop` is set: writers own blocks `w, w + WRITERS, ...`.
+fn start_workload(vol: &Volume, history: &Arc<History>, t0: Instant, stop: &Arc<std::sync::atomic::AtomicBool>) -> Vec<tokio::task::JoinHandle<()>> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let (vol, history, stop) = (vol.clone(), history.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mine: Vec<u64> = (0..BLOCKS).filter(|b| b % WRITERS == w).collect();
+            let mut next = vec![1u64; BLOCKS as usize];
+            let mut rng = Rng::new(seed() ^ w);
+            while !stop.load(Relaxed) {
+                let b = mine[rng.below(mine.len() as u64) as usize];
+                let version = next[b as usize];
+                next[b as usize] += 1;
+                let start = t0.elapsed();
+                let result = vol.write(offset_of(b), encode(b, version), false).await;
+                let outcome = match result {
+                    Ok(()) => Outcome::Ok(version),
+                    Err(e) => Outcome::Failed(e.to_string()),
+                };
+                history.push(Op { write: true, block: b, version, start, end: t0.elapsed(), outcome });
+            }
+        }));
+    }
+    for r in 0..READERS {
+        let (vol, history, stop) = (vol.clone(), history.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng::new(seed() ^ (100 + r));
+            while !stop.load(Relaxed) {
+                let b = rng.below(BLOCKS);
+                let start = t0.elapsed();
+                let outcome = match vol.read(offset_of(b), 4096).await {
+                    Ok(data) => match decode(b, &data) {
+                        Ok(v) => Outcome::Ok(v),
+                        Err(why) => Outcome::Garbage(why),
+                    },
+                    Err(e) => Outcome::Failed(e.to_string()),
+                };
+                history.push(Op { write: false, block: b, version: 0, start, end: t0.elapsed(), outcome });
+            }
+        }));
+    }
+    tasks
+}
+
+/// Time from a fault at `at` until I/O flowed again: the latest completion among the
+/// operations in flight at `at` (or started within 50 ms after it).
+fn stall_after(ops: &[Op], at: Duration) -> Duration {
+    ops.iter()
+        .filter(|o| o.start <= at + Duration::from_millis(50) && o.end >= at)
+        .map(|o| o.end - at)
+        .max()
+        .unwrap_or_default()
+}
+
+fn signal(cluster: &TestCluster, id: u64, sig: i32) {
+    let pid = cluster.node(id).pid().expect("node is running");
+    // SAFETY: signalling a child process this test's harness started, by its pid.
+    let rc = unsafe { libc::kill(pid as i32, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
+}
+
+/// The leader of the PG holding workload block 0.
+async fn pg_leader_of_block0(cluster: &TestCluster, vol: &Volume) -> u64 {
+    let client = cluster.client().await.unwrap();
+    let map = client.map();
+    let layout = map.layout.unwrap();
+    let pg = layout.pg_of(vol.id(), basalt_common::ExtentIndex(offset_of(0) / layout.extent_size));
+    let status = cluster.status().await.unwrap();
+    status.pgs.iter().find(|p| p.id == pg.0).map(|p| p.leader).filter(|l| *l != 0).expect("pg of block 0 has a leader")
+}
+
+/// Runs a workload through `faults` and checks its history; returns (history, fault times).
+async fn run_with_faults(cluster: &mut TestCluster, vol: &Volume, faults: &[Fault]) -> (Vec<Op>, Vec<(String, Duration)>) {
+    let history = Arc::new(History::default());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t0 = Instant::now();
+    let tasks = start_workload(vol, &history, t0, &stop);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut injected = Vec::new();
+    for fault in faults {
+        let (name, at) = fault.inject(cluster, vol, t0).await;
+        injected.push((name, at));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // The final state, read after every fault healed.
+    let mut ops = history.snapshot();
+    for b in 0..BLOCKS {
+        let start = t0.elapsed();
+        let outcome = match vol.read(offset_of(b), 4096).await {
+            Ok(data) => match decode(b, &data) {
+                Ok(v) => Outcome::Ok(v),
+                Err(why) => Outcome::Garbage(why),
+            },
+            Err(e) => Outcome::Failed(e.to_string()),
+        };
+        ops.push(Op { write: false, block: b, version: 0, start, end: t0.elapsed(), outcome });
+    }
+    (ops, injected)
+}
+
+/// One injected fault.
+enum Fault {
+    /// kill -9 the meta leader, restart it after this long.
+    KillMetaLeader(Duration),
+    /// kill -9 the leader of block 0's PG, restart it after this long.
+    KillPgLeader(Duration),
+    /// kill -9 a node that does not lead block 0's PG, restart it after this long.
+    KillFollower(Duration),
+    /// SIGSTOP a node for a while, then SIGCONT.
+    Freeze(u64, Duration),
+}
+
+impl Fault {
+    async fn inject(&self, cluster: &mut TestCluster, vol: &Volume, t0: Instant) -> (String, Duration) {
+        let (name, at) = match self {
+            Fault::KillMetaLeader(down) | Fault::KillPgLeader(down) | Fault::KillFollower(down) => {
+                let victim = match self {
+                    Fault::KillMetaLeader(_) => cluster.status().await.unwrap().meta_leader,
+                    Fault::KillPgLeader(_) => pg_leader_of_block0(cluster, vol).await,
+                    _ => {
+                        let leader = pg_leader_of_block0(cluster, vol).await;
+                        (1..=3).find(|n| *n != leader).unwrap_or(1)
+                    }
+                };
+                assert_ne!(victim, 0, "no victim found");
+                let at = t0.elapsed();
+                cluster.kill9(victim);
+                tokio::time::sleep(*down).await;
+                cluster.restart(victim).await.unwrap();
+                (format!("kill -9 node-{victim} ({})", match self { Fault::KillMetaLeader(_) => "meta leader", Fault::KillPgLeader(_) => "PG leader", _ => "follower" }), at)
+            }
+            Fault::Freeze(id, how_long) => {
+                let at = t0.elapsed();
+                signal(cluster, *id, libc::SIGSTOP);
+                tokio::time::sleep(*how_long).await;
+                signal(cluster, *id, libc::SIGCONT);
+                (format!("SIGSTOP node-{id} for {how_long:?}"), at)
+            }
+        };
+        cluster.wait_healthy(3, Duration::from_secs(90)).await.unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        (name, at)
+    }
+}
+
+async fn cluster_with_volume() -> (TestCluster, Volume) {
+    let cluster = TestCluster::start(simple_spec(3)).await.unwrap();
+    cluster.init(8, "zone").await.unwrap();
+    cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
+    let mut admin = cluster.admin().await.unwrap();
+    admin.volume_create(VolumeCreateRequest { name: "hist".into(), size: VOLUME_SIZE }).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let vol = client.open_volume("hist").await.unwrap();
+    (cluster, vol)
+}
+
+fn report(ops: &[Op], injected: &[(String, Duration)]) -> String {
+    let writes = ops.iter().filter(|o| o.write).count();
+    let acked = ops.iter().filter(|o| o.write && matches!(o.outcome, Outcome::Ok(_))).count();
+    let reads = ops.iter().filter(|o| !o.write).count();
+    let mut s = format!("{writes} writes ({acked} acknowledged), {reads} reads\n");
+    for (name, at) in injected {
+        s += &format!("  {name} at {at:?}: I/O resumed after {:?}\n", stall_after(ops, *at));
+        if std::env::var("BASALT_TEST_SLOWEST").is_ok() {
+            let mut slow: Vec<&Op> = ops.iter().filter(|o| o.start <= *at + Duration::from_millis(50) && o.end >= *at).collect();
+            slow.sort_by_key(|o| std::cmp::Reverse(o.end - o.start));
+            for o in slow.iter().take(6) {
+                s += &format!("      {} block {} {:?}..{:?}\n", if o.write { "write" } else { "read" }, o.block, o.start, o.end);
+            }
+        }
+    }
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_kills_and_freezes_lose_no_acknowledged_write_and_fail_no_io() {
+    let (mut cluster, vol) = cluster_with_volume().await;
+    // Each killed node stays down longer than an election takes, so the survivors must carry on.
+    let down = Duration::from_secs(10);
+    let faults = [Fault::KillFollower(down), Fault::KillPgLeader(down), Fault::KillMetaLeader(down), Fault::Freeze(2, Duration::from_secs(4))];
+    let (ops, injected) = run_with_faults(&mut cluster, &vol, &faults).await;
+    let summary = report(&ops, &injected);
+    println!("{summary}");
+    let violations = check(&ops);
+    assert!(violations.is_empty(), "history violations:\n{}\n{summary}\n{}", violations.join("\n"), cluster.logs());
+    let failed: Vec<String> = ops
+        .iter()
+        .filter_map(|o| match &o.outcome {
+            Outcome::Failed(e) => Some(format!("{} of block {} at {:?}: {e}", if o.write { "write" } else { "read" }, o.block, o.start)),
+            _ => None,
+        })
+        .collect();
+    assert!(failed.is_empty(), "I/O errors seen by the client while one node at a time failed:\n{}\n{summary}", failed.join("\n"));
+    assert!(ops.iter().filter(|o| o.write).count() > 100, "the workload barely ran: {summary}");
+    // Every block's final read saw its newest acknowledged version (checked above) and the
+    // workload wrote to every block.
+    let unwritten = (0..BLOCKS).filter(|b| !ops.iter().any(|o| o.write && o.block == *b && matches!(o.outcome, Outcome::Ok(_)))).count();
+    assert_eq!(unwritten, 0, "some blocks never got a write: {summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_fault_repeated_leader_kills_stall_statistics() {
+    let (mut cluster, vol) = cluster_with_volume().await;
+    let down = Duration::from_secs(10);
+    let faults: Vec<Fault> = (0..8).map(|i| if i % 2 == 0 { Fault::KillPgLeader(down) } else { Fault::KillFollower(down) }).collect();
+    let (ops, injected) = run_with_faults(&mut cluster, &vol, &faults).await;
+    let summary = report(&ops, &injected);
+    let violations = check(&ops);
+    assert!(violations.is_empty(), "history violations:\n{}\n{summary}", violations.join("\n"));
+    let mut stalls: Vec<Duration> = injected.iter().filter(|(n, _)| n.contains("PG leader")).map(|(_, at)| stall_after(&ops, *at)).collect();
+    stalls.sort();
+    println!("{summary}PG-leader kill → I/O resumed: p50 {:?}, max {:?} over {} kills", stalls[stalls.len() / 2], stalls[stalls.len() - 1], stalls.len());
+}
+
+#[test]
+fn the_checker_catches_lost_stale_phantom_and_backward_reads() {
+    let d = Duration::from_millis;
+    let w = |block, version, start, end| Op { write: true, block, version, start: d(start), end: d(end), outcome: Outcome::Ok(version) };
+    let r = |block, v, start, end| Op { write: false, block, version: 0, start: d(start), end: d(end), outcome: Outcome::Ok(v) };
+    // A clean history: a read concurrent with a write may see either version.
+    let good = vec![w(0, 1, 0, 10), w(0, 2, 20, 30), r(0, 1, 11, 19), r(0, 1, 25, 35), r(0, 2, 26, 36), r(0, 2, 40, 41)];
+    assert!(check(&good).is_empty(), "{:?}", check(&good));
+    // Lost: version 2 was acknowledged at 30, a read starting at 40 sees 1.
+    assert_eq!(check(&[w(0, 1, 0, 10), w(0, 2, 20, 30), r(0, 1, 40, 41)]).len(), 1);
+    // Phantom: a version nobody wrote; a version from the future.
+    assert_eq!(check(&[r(0, 7, 0, 1)]).len(), 1);
+    assert_eq!(check(&[w(0, 1, 50, 60), r(0, 1, 0, 10)]).len(), 1);
+    // Backward: one read saw 2, a later one sees 1 (write 2 still in flight for both).
+    assert_eq!(check(&[w(0, 1, 0, 5), w(0, 2, 6, 100), r(0, 2, 10, 20), r(0, 1, 30, 40)]).len(), 1);
+    // Garbage.
+    let torn = Op { write: false, block: 0, version: 0, start: d(0), end: d(1), outcome: Outcome::Garbage("x".into()) };
+    assert_eq!(check(&[torn]).len(), 1);
+    // The codec round-trips and refuses damage.
+    let block = encode(3, 9);
+    assert_eq!(decode(3, &block), Ok(9));
+    assert!(decode(4, &block).is_err());
+    let mut bad = block.to_vec();
+    bad[100] ^= 1;
+    assert!(decode(3, &bad).is_err());
+    assert_eq!(decode(3, &[0u8; 4096]), Ok(0));
+}
