@@ -887,14 +887,16 @@ impl ChunkStore {
         out
     }
 
-    /// A verified copy of one chunk, or `None` if the shard does not hold it.
-    pub async fn read_image(&self, key: ChunkKey) -> Result<Option<ChunkImage>> {
+    /// The index's metadata of one chunk's written blocks, and the bytes of its slot from
+    /// block 0 through the last written one (`None` when no block is written); `None` if the
+    /// shard does not hold the chunk. Nothing is verified here.
+    async fn read_written(&self, key: ChunkKey) -> Result<Option<(Vec<(u16, BlockMeta)>, Option<AlignedBuf>)>> {
         let Some(slot) = self.map().chunks.get(&key).copied() else {
             return Ok(None);
         };
         let metas = self.blocking(move |inner| inner.index.chunk_metas(&key)).await?;
         let Some(last) = metas.last().map(|(b, _)| *b) else {
-            return Ok(Some(ChunkImage { volume: key.volume, chunk: key.chunk, blocks: Vec::new(), data: Bytes::new() }));
+            return Ok(Some((metas, None)));
         };
         let buf = self
             .inner
@@ -902,6 +904,17 @@ impl ChunkStore {
             .read(self.inner.data.file.clone(), self.inner.data.slot_offset(slot), (last as usize + 1) * BLOCK_SIZE as usize)
             .await
             .map_err(|e| self.io_err(e))?;
+        Ok(Some((metas, Some(buf))))
+    }
+
+    /// A verified copy of one chunk, or `None` if the shard does not hold it.
+    pub async fn read_image(&self, key: ChunkKey) -> Result<Option<ChunkImage>> {
+        let Some((metas, buf)) = self.read_written(key).await? else {
+            return Ok(None);
+        };
+        let Some(buf) = buf else {
+            return Ok(Some(ChunkImage { volume: key.volume, chunk: key.chunk, blocks: Vec::new(), data: Bytes::new() }));
+        };
         let mut data = Vec::with_capacity(metas.len() * BLOCK_SIZE as usize);
         for (block, meta) in &metas {
             let src = *block as usize * BLOCK_SIZE as usize;
@@ -920,20 +933,10 @@ impl ChunkStore {
     /// not hold the chunk. The caller keeps writers of the chunk out while this runs, or a
     /// block caught mid-write looks corrupt.
     pub async fn check_chunk(&self, key: ChunkKey) -> Result<Option<ChunkCheck>> {
-        let Some(slot) = self.map().chunks.get(&key).copied() else {
+        let Some((metas, buf)) = self.read_written(key).await? else {
             return Ok(None);
         };
-        let metas = self.blocking(move |inner| inner.index.chunk_metas(&key)).await?;
-        let Some(last) = metas.last().map(|(b, _)| *b) else {
-            return Ok(Some(ChunkCheck { key, blocks: Vec::new(), data: Bytes::new() }));
-        };
-        let buf = self
-            .inner
-            .uring
-            .read(self.inner.data.file.clone(), self.inner.data.slot_offset(slot), (last as usize + 1) * BLOCK_SIZE as usize)
-            .await
-            .map_err(|e| self.io_err(e))?;
-        let data = Bytes::copy_from_slice(buf.as_slice());
+        let data = buf.map(|b| Bytes::copy_from_slice(b.as_slice())).unwrap_or_default();
         let blocks = metas
             .iter()
             .map(|(block, meta)| {

@@ -398,7 +398,7 @@ impl<V: Verifier> IntegrityScrubber<V> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use basalt_chunk_store::{Batch, ChunkStore, ChunkStoreConfig, IndexMemory};
+    use basalt_chunk_store::{Batch, ChunkStore};
     use basalt_common::{BLOCK_SIZE, VolumeId, crc32c};
     use bytes::Bytes;
 
@@ -421,15 +421,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_requested_pass_finds_a_flipped_bit_and_reports_progress() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = ChunkStoreConfig {
-            data_path: dir.path().join("data"),
-            index_dir: dir.path().join("index"),
-            capacity: 16 << 20,
-            direct_io: true,
-            queue_depth: 16,
-            index_memory: IndexMemory { cache_bytes: 4 << 20, write_buffer_bytes: 2 << 20 },
-        };
-        let store = ChunkStore::open(&cfg).unwrap();
+        let (store, cfg) = crate::test_store::small(dir.path());
         let mut b = Batch::new();
         for c in 0..4u64 {
             let data = Bytes::from(vec![c as u8 + 1; 64 * BLOCK_SIZE as usize]);

@@ -90,22 +90,14 @@ impl Scrubber {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use basalt_chunk_store::{Batch, ChunkStoreConfig, IndexMemory};
+    use basalt_chunk_store::Batch;
     use basalt_common::{CHUNK_SIZE, VolumeId, crc32c};
     use bytes::Bytes;
 
     #[tokio::test]
     async fn drains_the_queue_at_the_configured_rate() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = ChunkStoreConfig {
-            data_path: dir.path().join("data"),
-            index_dir: dir.path().join("index"),
-            capacity: 16 << 20,
-            direct_io: true,
-            queue_depth: 16,
-            index_memory: IndexMemory { cache_bytes: 4 << 20, write_buffer_bytes: 2 << 20 },
-        };
-        let store = ChunkStore::open(&cfg).unwrap();
+        let (store, cfg) = crate::test_store::small(dir.path());
         let mut b = Batch::new();
         for c in 0..4u64 {
             let data = Bytes::from(vec![0x5Au8; CHUNK_SIZE as usize]);

@@ -278,6 +278,28 @@ impl TestCluster {
         Ok(admin.scrub_status(basalt_proto::admin::ScrubStatusRequest {}).await?.into_inner())
     }
 
+    /// (PG, leader, followers) of the extent holding `offset` of volume `name`, once the PG
+    /// has a leader (waits up to 30 s).
+    pub async fn pg_replicas(&self, name: &str, offset: u64) -> Result<(basalt_common::PgId, u64, Vec<u64>)> {
+        let client = self.client().await?;
+        let map = client.map();
+        let layout = map.layout.ok_or_else(|| anyhow!("the cluster is not initialized"))?;
+        let vol = map.volume_by_name(name).ok_or_else(|| anyhow!("no volume {name}"))?;
+        let pg = layout.pg_of(vol.id, basalt_common::ExtentIndex(offset / layout.extent_size));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = self.status().await?;
+            if let Some(p) = status.pgs.iter().find(|p| p.id == pg.0 && p.leader != 0) {
+                let followers = p.replicas.iter().copied().filter(|r| *r != p.leader).collect();
+                return Ok((pg, p.leader, followers));
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{pg} has no leader after 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// `kill -9` node `id` (a process this harness started).
     pub fn kill9(&mut self, id: u64) {
         if let Some(node) = self.nodes.get_mut(&id) {

@@ -24,6 +24,7 @@ use basalt_tests::{Rng, TestCluster, seed, simple_spec};
 use basalt_volume_client::Volume;
 use bytes::Bytes;
 
+const VOLUME: &str = "hist";
 const VOLUME_SIZE: u64 = 64 << 20;
 const BLOCKS: u64 = 48;
 const WRITERS: u64 = 4;
@@ -159,6 +160,19 @@ fn check(ops: &[Op]) -> Vec<String> {
     violations
 }
 
+/// Reads block `b` and records what it saw.
+async fn read_op(vol: &Volume, b: u64, t0: Instant) -> Op {
+    let start = t0.elapsed();
+    let outcome = match vol.read(offset_of(b), 4096).await {
+        Ok(data) => match decode(b, &data) {
+            Ok(v) => Outcome::Ok(v),
+            Err(why) => Outcome::Garbage(why),
+        },
+        Err(e) => Outcome::Failed(e.to_string()),
+    };
+    Op { write: false, block: b, version: 0, start, end: t0.elapsed(), outcome }
+}
+
 /// Runs the workload until `stop` is set: writers own blocks `w, w + WRITERS, ...`.
 fn start_workload(vol: &Volume, history: &Arc<History>, t0: Instant, stop: &Arc<std::sync::atomic::AtomicBool>) -> Vec<tokio::task::JoinHandle<()>> {
     use std::sync::atomic::Ordering::Relaxed;
@@ -189,15 +203,7 @@ fn start_workload(vol: &Volume, history: &Arc<History>, t0: Instant, stop: &Arc<
             let mut rng = Rng::new(seed() ^ (100 + r));
             while !stop.load(Relaxed) {
                 let b = rng.below(BLOCKS);
-                let start = t0.elapsed();
-                let outcome = match vol.read(offset_of(b), 4096).await {
-                    Ok(data) => match decode(b, &data) {
-                        Ok(v) => Outcome::Ok(v),
-                        Err(why) => Outcome::Garbage(why),
-                    },
-                    Err(e) => Outcome::Failed(e.to_string()),
-                };
-                history.push(Op { write: false, block: b, version: 0, start, end: t0.elapsed(), outcome });
+                history.push(read_op(&vol, b, t0).await);
             }
         }));
     }
@@ -221,16 +227,6 @@ fn signal(cluster: &TestCluster, id: u64, sig: i32) {
     assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
 }
 
-/// The leader of the PG holding workload block 0.
-async fn pg_leader_of_block0(cluster: &TestCluster, vol: &Volume) -> u64 {
-    let client = cluster.client().await.unwrap();
-    let map = client.map();
-    let layout = map.layout.unwrap();
-    let pg = layout.pg_of(vol.id(), basalt_common::ExtentIndex(offset_of(0) / layout.extent_size));
-    let status = cluster.status().await.unwrap();
-    status.pgs.iter().find(|p| p.id == pg.0).map(|p| p.leader).filter(|l| *l != 0).expect("pg of block 0 has a leader")
-}
-
 /// Runs a workload through `faults` and checks its history; returns (history, fault times).
 async fn run_with_faults(cluster: &mut TestCluster, vol: &Volume, faults: &[Fault]) -> (Vec<Op>, Vec<(String, Duration)>) {
     let history = Arc::new(History::default());
@@ -240,7 +236,7 @@ async fn run_with_faults(cluster: &mut TestCluster, vol: &Volume, faults: &[Faul
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut injected = Vec::new();
     for fault in faults {
-        let (name, at) = fault.inject(cluster, vol, t0).await;
+        let (name, at) = fault.inject(cluster, t0).await;
         injected.push((name, at));
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -251,15 +247,7 @@ async fn run_with_faults(cluster: &mut TestCluster, vol: &Volume, faults: &[Faul
     // The final state, read after every fault healed.
     let mut ops = history.snapshot();
     for b in 0..BLOCKS {
-        let start = t0.elapsed();
-        let outcome = match vol.read(offset_of(b), 4096).await {
-            Ok(data) => match decode(b, &data) {
-                Ok(v) => Outcome::Ok(v),
-                Err(why) => Outcome::Garbage(why),
-            },
-            Err(e) => Outcome::Failed(e.to_string()),
-        };
-        ops.push(Op { write: false, block: b, version: 0, start, end: t0.elapsed(), outcome });
+        ops.push(read_op(vol, b, t0).await);
     }
     (ops, injected)
 }
@@ -277,14 +265,14 @@ enum Fault {
 }
 
 impl Fault {
-    async fn inject(&self, cluster: &mut TestCluster, vol: &Volume, t0: Instant) -> (String, Duration) {
+    async fn inject(&self, cluster: &mut TestCluster, t0: Instant) -> (String, Duration) {
         let (name, at) = match self {
             Fault::KillMetaLeader(down) | Fault::KillPgLeader(down) | Fault::KillFollower(down) => {
                 let victim = match self {
                     Fault::KillMetaLeader(_) => cluster.status().await.unwrap().meta_leader,
-                    Fault::KillPgLeader(_) => pg_leader_of_block0(cluster, vol).await,
+                    Fault::KillPgLeader(_) => cluster.pg_replicas(VOLUME, offset_of(0)).await.unwrap().1,
                     _ => {
-                        let leader = pg_leader_of_block0(cluster, vol).await;
+                        let leader = cluster.pg_replicas(VOLUME, offset_of(0)).await.unwrap().1;
                         (1..=3).find(|n| *n != leader).unwrap_or(1)
                     }
                 };
@@ -314,9 +302,9 @@ async fn cluster_with_volume() -> (TestCluster, Volume) {
     cluster.init(8, "zone").await.unwrap();
     cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
     let mut admin = cluster.admin().await.unwrap();
-    admin.volume_create(VolumeCreateRequest { name: "hist".into(), size: VOLUME_SIZE }).await.unwrap();
+    admin.volume_create(VolumeCreateRequest { name: VOLUME.into(), size: VOLUME_SIZE }).await.unwrap();
     let client = cluster.client().await.unwrap();
-    let vol = client.open_volume("hist").await.unwrap();
+    let vol = client.open_volume(VOLUME).await.unwrap();
     (cluster, vol)
 }
 

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use basalt_chunk_store::{Batch, ChunkStore, ChunkStoreConfig, IndexMemory};
-use basalt_common::{ExtentIndex, PgId, crc32c};
+use basalt_common::crc32c;
 use basalt_tests::{TestCluster, bin, find_block, seed};
 use bytes::Bytes;
 
@@ -39,25 +39,6 @@ fn flip_bit(cluster: &TestCluster, node: u64, offset: u64) {
     byte[0] ^= 0x08;
     f.write_all_at(&byte, offset).unwrap();
     f.sync_all().unwrap();
-}
-
-/// (PG, leader, followers) of the extent holding `offset` of volume `name`.
-async fn replicas_of(cluster: &TestCluster, name: &str, offset: u64) -> (PgId, u64, Vec<u64>) {
-    let client = cluster.client().await.unwrap();
-    let map = client.map();
-    let layout = map.layout.unwrap();
-    let vol = map.volume_by_name(name).unwrap();
-    let pg = layout.pg_of(vol.id, ExtentIndex(offset / layout.extent_size));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let status = cluster.status().await.unwrap();
-        if let Some(p) = status.pgs.iter().find(|p| p.id == pg.0 && p.leader != 0) {
-            let followers = p.replicas.iter().copied().filter(|r| *r != p.leader).collect();
-            return (pg, p.leader, followers);
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{pg} has no leader");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// `basalt --json scrub start ARGS`, which follows the pass to its end; the parsed report.
@@ -102,7 +83,7 @@ async fn flipped_bits_are_read_around_and_repaired_on_read_and_by_a_scrub() {
     vol.write(0, Bytes::from(vec![0x11u8; 2 << 20]), false).await.unwrap();
     vol.write(64 << 10, leader_block.clone(), false).await.unwrap();
     vol.write((1 << 20) + (8 << 10), follower_block.clone(), false).await.unwrap();
-    let (_pg, leader, followers) = replicas_of(&cluster, "vol", 0).await;
+    let (_pg, leader, followers) = cluster.pg_replicas("vol", 0).await.unwrap();
     let follower = followers[0];
 
     // A clean cluster: a local pass on every node finds nothing.
@@ -150,7 +131,7 @@ async fn a_deep_scrub_repairs_a_replica_that_diverged_with_a_valid_checksum() {
     let good = unique_block("GOOD");
     let offset = 3 << 20;
     vol.write(offset, good.clone(), false).await.unwrap();
-    let (pg, _leader, followers) = replicas_of(&cluster, "vol", offset).await;
+    let (pg, _leader, followers) = cluster.pg_replicas("vol", offset).await.unwrap();
     let odd = followers[0];
 
     // Healthy replicas agree.

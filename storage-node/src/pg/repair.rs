@@ -30,6 +30,7 @@ use thiserror::Error;
 
 use super::command::{PgCommand, PgReply};
 use super::manager::PgHandle;
+use super::service::err;
 use crate::node::NodeCtx;
 
 /// How long a replica waits to apply a probe before it answers that it cannot.
@@ -137,7 +138,9 @@ fn compare(views: &[(NodeId, ReplicaView)], voters: usize) -> Vec<BlockPlan> {
 }
 
 impl NodeCtx {
-    fn addr_of(&self, handle: &PgHandle, node: NodeId) -> Option<String> {
+    /// The address of `node`, a member of `handle`'s PG: from the group's membership, else
+    /// from the cluster map.
+    pub(crate) fn addr_of(&self, handle: &PgHandle, node: NodeId) -> Option<String> {
         handle.group.member_addr(node.0).or_else(|| self.map.borrow().addr(node).map(str::to_string))
     }
 }
@@ -308,20 +311,19 @@ pub async fn wait_applied(handle: &PgHandle, index: u64) -> bool {
 
 /// The reply to a `ChunkCheck` from this replica (the RPC handler's body).
 pub async fn answer_check(ctx: &NodeCtx, req: ChunkCheckRequest) -> Result<(Vec<basalt_proto::data::BlockState>, Bytes), DataError> {
-    let e = |code: Code, message: String| DataError { code: code as i32, message, leader: 0, leader_addr: String::new() };
     let node = ctx.config.id;
     let Some(handle) = ctx.pgs.get(basalt_common::PgId(req.pg)) else {
-        return Err(e(Code::WrongNode, format!("{node} holds no replica of pg-{}", req.pg)));
+        return Err(err(Code::WrongNode, format!("{node} holds no replica of pg-{}", req.pg)));
     };
     if req.fetch_blocks.iter().any(|b| u64::from(*b) >= CHUNK_SIZE / BLOCK_SIZE) || req.fetch_blocks.len() > (CHUNK_SIZE / BLOCK_SIZE) as usize {
-        return Err(e(Code::Invalid, "fetch_blocks names blocks outside one chunk".into()));
+        return Err(err(Code::Invalid, "fetch_blocks names blocks outside one chunk"));
     }
     if !wait_applied(&handle, req.probe_index).await {
-        return Err(e(Code::Unavailable, format!("{node} has not applied index {} of pg-{} yet", req.probe_index, req.pg)));
+        return Err(err(Code::Unavailable, format!("{node} has not applied index {} of pg-{} yet", req.probe_index, req.pg)));
     }
     let volume = VolumeId(req.volume_id);
     match handle.shared.check_at_probe(volume, req.chunk, req.probe_index).await {
-        Ok(None) => Err(e(Code::Changed, format!("{volume} chunk {} changed on {node} since probe {}", req.chunk, req.probe_index))),
+        Ok(None) => Err(err(Code::Changed, format!("{volume} chunk {} changed on {node} since probe {}", req.chunk, req.probe_index))),
         Ok(Some(check)) => {
             let blocks = check
                 .blocks
@@ -334,7 +336,7 @@ pub async fn answer_check(ctx: &NodeCtx, req: ChunkCheckRequest) -> Result<(Vec<
             }
             Ok((blocks, data.freeze()))
         }
-        Err(err) => Err(e(Code::Internal, format!("{err} (on {node})"))),
+        Err(e) => Err(err(Code::Internal, format!("{e} (on {node})"))),
     }
 }
 

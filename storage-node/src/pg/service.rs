@@ -31,7 +31,8 @@ use crate::node::NodeCtx;
 /// Largest single request.
 pub const MAX_IO: u64 = 32 * 1024 * 1024;
 
-fn err(code: Code, message: impl Into<String>) -> DataError {
+/// A refusal with `code` (no leader hint).
+pub(crate) fn err(code: Code, message: impl Into<String>) -> DataError {
     DataError { code: code as i32, message: message.into(), leader: 0, leader_addr: String::new() }
 }
 

@@ -54,7 +54,7 @@ impl NodeVerifier {
                 last = format!("pg-{pg} has no leader");
                 continue;
             };
-            let Some(addr) = handle.group.member_addr(leader.0).or_else(|| self.ctx.map.borrow().addr(leader).map(str::to_string)) else {
+            let Some(addr) = self.ctx.addr_of(handle, leader) else {
                 last = format!("address of {leader} unknown");
                 continue;
             };
