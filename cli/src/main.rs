@@ -15,6 +15,11 @@ use clap::{Parser, Subcommand};
 use crate::commands::Out;
 use crate::exit::CliError;
 
+/// mimalloc instead of glibc malloc: per-I/O buffers and futures made malloc/free ~9% of CPU
+/// on the 4 KiB paths, with arena-lock contention between threads.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "basalt", version, about = "Administer a Basalt block-storage cluster", after_help = EXIT_CODES)]
 struct Cli {
@@ -212,7 +217,10 @@ async fn run(cli: Cli) -> Result<(), CliError> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let json = cli.json;
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    // One thread: `basalt attach` (NBD server + volume client) is a stream of small network
+    // events, and waking a second worker per event cost more than it gained (4k reads at QD32
+    // went from 18.9k to 24.2k IOPS with one thread). Nothing here blocks the thread.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("basalt: cannot start the async runtime: {e}");

@@ -262,6 +262,10 @@ enum Fault {
     KillFollower(Duration),
     /// SIGSTOP a node for a while, then SIGCONT.
     Freeze(u64, Duration),
+    /// SIGSTOP the leader of block 0's PG for longer than its lease plus an election, so it
+    /// wakes up deposed but still believing it leads: it must not answer reads from its stale
+    /// state (the checker would see a read older than an acknowledged write).
+    FreezePgLeader(Duration),
 }
 
 impl Fault {
@@ -283,12 +287,18 @@ impl Fault {
                 cluster.restart(victim).await.unwrap();
                 (format!("kill -9 node-{victim} ({})", match self { Fault::KillMetaLeader(_) => "meta leader", Fault::KillPgLeader(_) => "PG leader", _ => "follower" }), at)
             }
-            Fault::Freeze(id, how_long) => {
+            Fault::Freeze(_, how_long) | Fault::FreezePgLeader(how_long) => {
+                let id = match self {
+                    Fault::Freeze(id, _) => *id,
+                    _ => cluster.pg_replicas(VOLUME, offset_of(0)).await.unwrap().1,
+                };
+                assert_ne!(id, 0, "no PG leader found");
                 let at = t0.elapsed();
-                signal(cluster, *id, libc::SIGSTOP);
+                signal(cluster, id, libc::SIGSTOP);
                 tokio::time::sleep(*how_long).await;
-                signal(cluster, *id, libc::SIGCONT);
-                (format!("SIGSTOP node-{id} for {how_long:?}"), at)
+                signal(cluster, id, libc::SIGCONT);
+                let role = if matches!(self, Fault::FreezePgLeader(_)) { " (PG leader)" } else { "" };
+                (format!("SIGSTOP node-{id}{role} for {how_long:?}"), at)
             }
         };
         cluster.wait_healthy(3, Duration::from_secs(90)).await.unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
@@ -331,7 +341,15 @@ async fn fault_kills_and_freezes_lose_no_acknowledged_write_and_fail_no_io() {
     let (mut cluster, vol) = cluster_with_volume().await;
     // Each killed node stays down longer than an election takes, so the survivors must carry on.
     let down = Duration::from_secs(10);
-    let faults = [Fault::KillFollower(down), Fault::KillPgLeader(down), Fault::KillMetaLeader(down), Fault::Freeze(2, Duration::from_secs(4))];
+    // A leader's lease is the election timeout's maximum (3 s) and an election takes up to
+    // another 3 s, so a leader frozen for 8 s wakes up deposed.
+    let faults = [
+        Fault::KillFollower(down),
+        Fault::KillPgLeader(down),
+        Fault::KillMetaLeader(down),
+        Fault::Freeze(2, Duration::from_secs(4)),
+        Fault::FreezePgLeader(Duration::from_secs(8)),
+    ];
     let (ops, injected) = run_with_faults(&mut cluster, &vol, &faults).await;
     let summary = report(&ops, &injected);
     println!("{summary}");
@@ -364,6 +382,53 @@ async fn slow_fault_repeated_leader_kills_stall_statistics() {
     let mut stalls: Vec<Duration> = injected.iter().filter(|(n, _)| n.contains("PG leader")).map(|(_, at)| stall_after(&ops, *at)).collect();
     stalls.sort();
     println!("{summary}PG-leader kill → I/O resumed: p50 {:?}, max {:?} over {} kills", stalls[stalls.len() / 2], stalls[stalls.len() - 1], stalls.len());
+}
+
+/// A PG leader frozen past its lease wakes up deposed but still thinking it leads. Asked
+/// directly (no client routing to steer the read away), it must refuse or answer with the write
+/// the new leader acknowledged meanwhile, never with its own stale copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leader_serves_no_stale_read() {
+    use basalt_proto::data::ReadRequest;
+    use basalt_proto::data::data_client::DataClient;
+    let (cluster, vol) = cluster_with_volume().await;
+    vol.write(offset_of(0), encode(0, 1), false).await.unwrap();
+    let (pg, old_leader, _) = cluster.pg_replicas(VOLUME, offset_of(0)).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let map = client.map();
+    let volume_id = map.volume_by_name(VOLUME).unwrap().id.0;
+    let addr = cluster.node(old_leader).addr.clone();
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut data = DataClient::new(ch);
+    let read = ReadRequest { pg: pg.0, volume_id, offset: offset_of(0), length: 4096, map_version: map.version };
+    // The fast path serves this read from the old leader's lease while it is healthy.
+    let r = data.read(read.clone()).await.unwrap().into_inner();
+    assert!(r.error.is_none(), "{:?}", r.error);
+    assert_eq!(decode(0, &r.data), Ok(1));
+
+    signal(&cluster, old_leader, libc::SIGSTOP);
+    // Acknowledged only once the other two elected a new leader (lease 3 s + election).
+    let wrote = tokio::time::timeout(Duration::from_secs(60), vol.write(offset_of(0), encode(0, 2), false)).await;
+    signal(&cluster, old_leader, libc::SIGCONT);
+    wrote.expect("write during the freeze timed out").expect("write during the freeze failed");
+
+    // Straight after waking, and for a while after, the old leader must not serve version 1.
+    let mut answers = Vec::new();
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        match tokio::time::timeout(Duration::from_secs(10), data.read(read.clone())).await {
+            Ok(Ok(r)) => match r.into_inner() {
+                r if r.error.is_none() => answers.push(decode(0, &r.data).map(|v| format!("version {v}")).unwrap_or_else(|e| e)),
+                r => answers.push(format!("refused: {}", r.error.map(|e| e.message).unwrap_or_default())),
+            },
+            Ok(Err(status)) => answers.push(format!("rpc error: {status}")),
+            Err(_) => answers.push("timed out".into()),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!answers.is_empty());
+    assert!(!answers.iter().any(|a| a == "version 1"), "the deposed leader served a stale read: {answers:?}");
+    assert!(answers.iter().all(|a| a == "version 2" || a.starts_with("refused")), "unexpected answers: {answers:?}");
 }
 
 #[test]

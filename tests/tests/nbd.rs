@@ -195,6 +195,59 @@ async fn fio_verify_over_four_connections_at_depth_32() {
     assert!(!text.contains("verify: bad") && text.contains("err= 0"), "{text}");
 }
 
+/// fio writes with crc32c verify headers while the leader of one of the volume's PGs is killed
+/// with -9 and restarted 10 s later; then fio reads every block back and checks it. The guest
+/// side must see neither an I/O error nor a bad block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fio_verify_survives_a_pg_leader_kill_and_restart() {
+    let (mut cluster, seeds) = cluster_with_volume("kill", 128 << 20).await;
+    let a = attach(&seeds, "kill", &[]).unwrap();
+    let uri = a.uri.clone();
+    // Rate-limited so the write phase (2 × 4096 blocks) spans the kill, the failover and the
+    // restart.
+    let fio = tokio::task::spawn_blocking(move || {
+        Command::new("fio")
+            .args([
+                "--name=verify-across-kill",
+                "--ioengine=nbd",
+                &format!("--uri={uri}"),
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=16",
+                "--numjobs=2",
+                "--size=16M",
+                "--offset_increment=64M",
+                "--rate_iops=300",
+                "--verify=crc32c",
+                "--verify_fatal=1",
+                "--do_verify=1",
+                "--verify_state_save=0",
+                "--group_reporting",
+            ])
+            .output()
+            .expect("fio")
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, leader, _) = cluster.pg_replicas("kill", 0).await.unwrap();
+    cluster.kill9(leader);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    cluster.restart(leader).await.unwrap();
+    let out = fio.await.unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "fio failed across the kill of node-{leader}:\n{text}\n{}", cluster.logs());
+    assert!(!text.contains("verify: bad") && text.contains("err= 0"), "{text}");
+    // The write phase really did span the kill.
+    assert!(!fio_finished_before(&text, Duration::from_secs(3)), "fio finished before the kill:\n{text}");
+}
+
+/// Whether fio's run took less than `d` (from its "run=" summary, in milliseconds).
+fn fio_finished_before(text: &str, d: Duration) -> bool {
+    text.split("run=")
+        .skip(1)
+        .filter_map(|t| t.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u64>().ok())
+        .all(|ms| ms < d.as_millis() as u64)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trim_and_write_zeroes_read_back_as_zeros() {
     let (_cluster, seeds) = cluster_with_volume("zero", 16 << 20).await;
