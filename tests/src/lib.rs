@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use basalt_proto::admin::admin_client::AdminClient;
 use basalt_proto::admin::{ClusterInitRequest, ClusterStatusReply, ClusterStatusRequest, NodeInfoRequest};
+use basalt_proto::data::data_client::DataClient;
 use basalt_volume_client::{ClientOptions, Cluster};
 use tonic::transport::Channel;
 
@@ -376,6 +377,13 @@ pub async fn admin_client(addr: &str) -> Result<AdminClient<Channel>> {
         .connect()
         .await?;
     Ok(AdminClient::new(ch))
+}
+
+/// Connects a client of a node's gRPC data API (block I/O sent straight to one node, with no
+/// volume-client routing), sized for the largest messages a node accepts.
+pub async fn data_client(addr: &str) -> Result<DataClient<Channel>> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
+    Ok(DataClient::new(ch).max_decoding_message_size(basalt_proto::MAX_MESSAGE_BYTES).max_encoding_message_size(basalt_proto::MAX_MESSAGE_BYTES))
 }
 
 /// A deterministic pseudo-random generator for workloads; tests print the seed they use.

@@ -7,11 +7,10 @@ use std::time::Duration;
 use basalt_chunk_store::{ChunkKey, ChunkStore, ChunkStoreConfig, IndexMemory};
 use basalt_common::{BLOCK_SIZE, ExtentIndex, Layout, VolumeId, crc32c};
 use basalt_proto::admin::{VolumeCreateRequest, VolumeResizeRequest};
-use basalt_proto::data::data_client::DataClient;
 use basalt_proto::data::data_error::Code;
 use basalt_proto::data::{ReadRequest, WriteRequest};
 use basalt_proto::wire;
-use basalt_tests::{TestCluster, bin, simple_spec};
+use basalt_tests::{TestCluster, bin, data_client, simple_spec};
 use basalt_volume_client::ClientError;
 use bytes::Bytes;
 
@@ -58,11 +57,6 @@ async fn second_node_on_a_data_dir_or_port_is_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot listen on"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
-async fn data_client(addr: &str) -> DataClient<tonic::transport::Channel> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-    DataClient::new(ch).max_decoding_message_size(basalt_proto::MAX_MESSAGE_BYTES).max_encoding_message_size(basalt_proto::MAX_MESSAGE_BYTES)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_io_and_admin_requests_get_clear_errors() {
     let cluster = TestCluster::start(simple_spec(3)).await.unwrap();
@@ -96,7 +90,7 @@ async fn malformed_io_and_admin_requests_get_clear_errors() {
     let pg = layout.pg_of(VolumeId(vol.id), ExtentIndex(0));
     let leader = status.pgs.iter().find(|p| p.id == pg.0).unwrap().leader;
     let addr = &status.nodes.iter().find(|n| n.id == leader).unwrap().addr;
-    let mut data = data_client(addr).await;
+    let mut data = data_client(addr).await.unwrap();
     let block = Bytes::from(vec![7u8; 4096]);
     let good = WriteRequest { pg: pg.0, volume_id: vol.id, offset: 0, data: block.clone(), crcs: vec![crc32c(&block)], fua: false, map_version, attach_epoch: 0 };
     assert!(data.write(good.clone()).await.unwrap().into_inner().error.is_none());

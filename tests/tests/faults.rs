@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use basalt_common::crc32c;
 use basalt_proto::admin::VolumeCreateRequest;
-use basalt_tests::{Rng, TestCluster, seed, simple_spec};
+use basalt_tests::{Rng, TestCluster, data_client, seed, simple_spec};
 use basalt_volume_client::Volume;
 use bytes::Bytes;
 
@@ -288,16 +288,15 @@ impl Fault {
                 (format!("kill -9 node-{victim} ({})", match self { Fault::KillMetaLeader(_) => "meta leader", Fault::KillPgLeader(_) => "PG leader", _ => "follower" }), at)
             }
             Fault::Freeze(_, how_long) | Fault::FreezePgLeader(how_long) => {
-                let id = match self {
-                    Fault::Freeze(id, _) => *id,
-                    _ => cluster.pg_replicas(VOLUME, offset_of(0)).await.unwrap().1,
+                let (id, role) = match self {
+                    Fault::Freeze(id, _) => (*id, ""),
+                    _ => (cluster.pg_replicas(VOLUME, offset_of(0)).await.unwrap().1, " (PG leader)"),
                 };
                 assert_ne!(id, 0, "no PG leader found");
                 let at = t0.elapsed();
                 signal(cluster, id, libc::SIGSTOP);
                 tokio::time::sleep(*how_long).await;
                 signal(cluster, id, libc::SIGCONT);
-                let role = if matches!(self, Fault::FreezePgLeader(_)) { " (PG leader)" } else { "" };
                 (format!("SIGSTOP node-{id}{role} for {how_long:?}"), at)
             }
         };
@@ -390,16 +389,13 @@ async fn slow_fault_repeated_leader_kills_stall_statistics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deposed_leader_serves_no_stale_read() {
     use basalt_proto::data::ReadRequest;
-    use basalt_proto::data::data_client::DataClient;
     let (cluster, vol) = cluster_with_volume().await;
     vol.write(offset_of(0), encode(0, 1), false).await.unwrap();
     let (pg, old_leader, _) = cluster.pg_replicas(VOLUME, offset_of(0)).await.unwrap();
     let client = cluster.client().await.unwrap();
     let map = client.map();
     let volume_id = map.volume_by_name(VOLUME).unwrap().id.0;
-    let addr = cluster.node(old_leader).addr.clone();
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-    let mut data = DataClient::new(ch);
+    let mut data = data_client(&cluster.node(old_leader).addr).await.unwrap();
     let read = ReadRequest { pg: pg.0, volume_id, offset: offset_of(0), length: 4096, map_version: map.version };
     // The fast path serves this read from the old leader's lease while it is healthy.
     let r = data.read(read.clone()).await.unwrap().into_inner();

@@ -170,29 +170,27 @@ async fn nbdinfo_shows_size_flags_and_block_sizes() {
 async fn fio_verify_over_four_connections_at_depth_32() {
     let (_cluster, seeds) = cluster_with_volume("fio", 128 << 20).await;
     let a = attach(&seeds, "fio", &[]).unwrap();
+    let (ok, text) = fio_verify(&a.uri, &["--name=verify", "--bs=4k", "--bsrange=4k-64k", "--iodepth=32", "--numjobs=4", "--size=24M", "--offset_increment=32M"]);
+    assert!(ok, "{text}");
+    assert!(verified_clean(&text), "{text}");
+}
+
+/// Runs fio's nbd engine against `uri`: random writes carrying crc32c verify headers, then a
+/// read-back of every block written (fatal on the first bad one). `job` gives the name (first),
+/// sizes and depths. Returns whether fio exited 0, and its combined output.
+fn fio_verify(uri: &str, job: &[&str]) -> (bool, String) {
+    // `job` first: it starts with `--name`, so every option after it belongs to that job.
     let out = Command::new("fio")
-        .args([
-            "--name=verify",
-            "--ioengine=nbd",
-            &format!("--uri={}", a.uri),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--bsrange=4k-64k",
-            "--iodepth=32",
-            "--numjobs=4",
-            "--size=24M",
-            "--offset_increment=32M",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--do_verify=1",
-            "--verify_state_save=0",
-            "--group_reporting",
-        ])
+        .args(job)
+        .args(["--ioengine=nbd", &format!("--uri={uri}"), "--rw=randwrite", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0", "--group_reporting"])
         .output()
         .expect("fio");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{text}");
-    assert!(!text.contains("verify: bad") && text.contains("err= 0"), "{text}");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// fio's output reports no I/O error and no bad block.
+fn verified_clean(text: &str) -> bool {
+    !text.contains("verify: bad") && text.contains("err= 0")
 }
 
 /// fio writes with crc32c verify headers while the leader of one of the volume's PGs is killed
@@ -206,36 +204,16 @@ async fn fio_verify_survives_a_pg_leader_kill_and_restart() {
     // Rate-limited so the write phase (2 × 4096 blocks) spans the kill, the failover and the
     // restart.
     let fio = tokio::task::spawn_blocking(move || {
-        Command::new("fio")
-            .args([
-                "--name=verify-across-kill",
-                "--ioengine=nbd",
-                &format!("--uri={uri}"),
-                "--rw=randwrite",
-                "--bs=4k",
-                "--iodepth=16",
-                "--numjobs=2",
-                "--size=16M",
-                "--offset_increment=64M",
-                "--rate_iops=300",
-                "--verify=crc32c",
-                "--verify_fatal=1",
-                "--do_verify=1",
-                "--verify_state_save=0",
-                "--group_reporting",
-            ])
-            .output()
-            .expect("fio")
+        fio_verify(&uri, &["--name=verify-across-kill", "--bs=4k", "--iodepth=16", "--numjobs=2", "--size=16M", "--offset_increment=64M", "--rate_iops=300"])
     });
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (_, leader, _) = cluster.pg_replicas("kill", 0).await.unwrap();
     cluster.kill9(leader);
     tokio::time::sleep(Duration::from_secs(10)).await;
     cluster.restart(leader).await.unwrap();
-    let out = fio.await.unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "fio failed across the kill of node-{leader}:\n{text}\n{}", cluster.logs());
-    assert!(!text.contains("verify: bad") && text.contains("err= 0"), "{text}");
+    let (ok, text) = fio.await.unwrap();
+    assert!(ok, "fio failed across the kill of node-{leader}:\n{text}\n{}", cluster.logs());
+    assert!(verified_clean(&text), "{text}");
     // The write phase really did span the kill.
     assert!(!fio_finished_before(&text, Duration::from_secs(3)), "fio finished before the kill:\n{text}");
 }
