@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use basalt_common::units::{format_size, parse_size};
 use basalt_proto::admin::{
-    ClusterInitRequest, ClusterStatusRequest, Node, NodeListRequest, Volume, VolumeCreateRequest, VolumeDeleteRequest, VolumeListRequest,
+    ClusterInitRequest, ClusterStatusRequest, Node, NodeDrainRequest, NodeListRequest, NodeRemoveRequest, PlacementGroup, Volume, VolumeCreateRequest, VolumeDeleteRequest, VolumeListRequest,
     VolumeResizeRequest, VolumeShowRequest,
 };
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
@@ -58,8 +58,30 @@ pub fn node_json(n: &Node) -> Value {
         "labels": {"region": l.region, "zone": l.zone, "rack": l.rack, "host": l.host},
         "capacity_bytes": n.capacity_bytes, "used_bytes": n.used_bytes,
         "scrub_pending_bytes": n.scrub_pending_bytes, "last_seen_ms_ago": n.last_seen_ms_ago,
-        "metrics_addr": n.metrics_addr,
+        "metrics_addr": n.metrics_addr, "draining": n.draining, "replicas": n.replicas,
     })
+}
+
+fn node_state(n: &Node) -> String {
+    if n.draining { format!("{} (draining)", n.state) } else { n.state.clone() }
+}
+
+/// A replica move as JSON (null when the PG is not moving).
+fn move_json(p: &PlacementGroup) -> Value {
+    if p.moving_to == 0 {
+        return Value::Null;
+    }
+    json!({
+        "from": p.moving_from, "to": p.moving_to, "reason": p.move_reason, "phase": p.move_phase,
+        "chunks_done": p.move_chunks_done, "chunks_total": p.move_chunks_total,
+        "progress_percent": move_percent(p), "running_ms": p.move_started_ms_ago,
+    })
+}
+
+/// How far a move is: the snapshot's share of chunks sent (a move with no chunks to send is
+/// at 0% until it is done).
+fn move_percent(p: &PlacementGroup) -> u64 {
+    if p.move_chunks_total == 0 { 0 } else { (p.move_chunks_done * 100 / p.move_chunks_total).min(100) }
 }
 
 fn volume_json(v: &Volume) -> Value {
@@ -109,7 +131,7 @@ pub async fn cluster_status(admin: &Admin, out: Out) -> Result<(), CliError> {
         "nodes": s.nodes.iter().map(node_json).collect::<Vec<_>>(),
         "pgs": s.pgs.iter().map(|p| json!({
             "id": p.id, "replicas": p.replicas, "leader": p.leader, "term": p.term,
-            "applied_index": p.applied_index, "live_replicas": p.live_replicas,
+            "applied_index": p.applied_index, "live_replicas": p.live_replicas, "move": move_json(p),
         })).collect::<Vec<_>>(),
     });
     out.print(value, || {
@@ -126,20 +148,38 @@ pub async fn cluster_status(admin: &Admin, out: Out) -> Result<(), CliError> {
             s.failure_domain,
             s.volumes
         );
-        let mut t = table(&["node", "state", "address", "labels", "roles", "used / capacity", "PG leaders"]);
+        let mut t = table(&["node", "state", "address", "labels", "roles", "used / capacity", "replicas", "PG leaders"]);
         for n in &s.nodes {
             let leads = s.pgs.iter().filter(|p| p.leader == n.id).count();
             t.add_row(vec![
                 format!("node-{}", n.id),
-                n.state.clone(),
+                node_state(n),
                 n.addr.clone(),
                 labels(n),
                 n.roles.join(","),
                 format!("{} / {}", format_size(n.used_bytes), format_size(n.capacity_bytes)),
+                n.replicas.to_string(),
                 leads.to_string(),
             ]);
         }
         text.push_str(&t.to_string());
+        let moving: Vec<&PlacementGroup> = s.pgs.iter().filter(|p| p.moving_to != 0).collect();
+        if !moving.is_empty() {
+            text.push_str(&format!("\nreplica moves in progress: {}\n", moving.len()));
+            let mut m = table(&["pg", "from", "to", "reason", "phase", "snapshot", "running"]);
+            for p in moving {
+                m.add_row(vec![
+                    format!("pg-{}", p.id),
+                    format!("node-{}", p.moving_from),
+                    format!("node-{}", p.moving_to),
+                    p.move_reason.clone(),
+                    p.move_phase.clone(),
+                    format!("{}/{} chunks ({}%)", p.move_chunks_done, p.move_chunks_total, move_percent(p)),
+                    format!("{}s", p.move_started_ms_ago / 1000),
+                ]);
+            }
+            text.push_str(&m.to_string());
+        }
         text
     });
     Ok(())
@@ -149,14 +189,15 @@ pub async fn cluster_status(admin: &Admin, out: Out) -> Result<(), CliError> {
 pub async fn node_list(admin: &Admin, out: Out) -> Result<(), CliError> {
     let r = admin.call(|mut c| async move { c.node_list(NodeListRequest {}).await }).await?;
     out.print(json!(r.nodes.iter().map(node_json).collect::<Vec<_>>()), || {
-        let mut t = table(&["node", "state", "address", "labels", "roles", "used", "capacity", "awaiting scrub"]);
+        let mut t = table(&["node", "state", "address", "labels", "roles", "replicas", "used", "capacity", "awaiting scrub"]);
         for n in &r.nodes {
             t.add_row(vec![
                 format!("node-{}", n.id),
-                n.state.clone(),
+                node_state(n),
                 n.addr.clone(),
                 labels(n),
                 n.roles.join(","),
+                n.replicas.to_string(),
                 format_size(n.used_bytes),
                 format_size(n.capacity_bytes),
                 format_size(n.scrub_pending_bytes),
@@ -164,6 +205,75 @@ pub async fn node_list(admin: &Admin, out: Out) -> Result<(), CliError> {
         }
         t.to_string()
     });
+    Ok(())
+}
+
+/// `basalt node drain`: records the drain, then follows the node's replica count down to zero
+/// with a progress bar (or percentages when not on a terminal / with `--json`).
+pub async fn node_drain(admin: &Admin, out: Out, id: u64, undo: bool, no_wait: bool) -> Result<(), CliError> {
+    let r = admin.call(|mut c| async move { c.node_drain(NodeDrainRequest { id, undo }).await }).await?;
+    if undo || no_wait {
+        let what = if undo { "no longer draining" } else { "draining" };
+        out.print(json!({"node": id, "draining": !undo, "replicas_left": r.replicas_left}), || {
+            format!("node-{id} is {what}; it holds {} replica(s)", r.replicas_left)
+        });
+        return Ok(());
+    }
+    let total = u64::from(r.replicas_left);
+    let tty = std::io::stderr().is_terminal() && !out.json;
+    let bar = tty.then(|| {
+        let b = indicatif::ProgressBar::new(total.max(1));
+        b.set_style(
+            indicatif::ProgressStyle::with_template("draining node-{msg} [{bar:30}] {pos}/{len} replicas moved ({elapsed})")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_message(id.to_string());
+        b
+    });
+    let started = std::time::Instant::now();
+    let mut last_pct = u64::MAX;
+    loop {
+        let list = admin.call(|mut c| async move { c.node_list(NodeListRequest {}).await }).await?;
+        let Some(n) = list.nodes.iter().find(|n| n.id == id) else {
+            return Err(CliError::other(format!("node-{id} disappeared from the cluster while draining")));
+        };
+        if !n.draining {
+            return Err(CliError::other(format!("node-{id} is no longer draining (undone elsewhere); {} replica(s) left", n.replicas)));
+        }
+        let left = u64::from(n.replicas);
+        let done = total.saturating_sub(left);
+        let pct = if total == 0 { 100 } else { done * 100 / total };
+        match &bar {
+            Some(b) => b.set_position(done),
+            None if pct != last_pct => {
+                if out.json {
+                    eprintln!("{}", json!({"node": id, "replicas_left": left, "progress_percent": pct}));
+                } else {
+                    eprintln!("draining node-{id}: {pct}% ({left} replica(s) left)");
+                }
+                last_pct = pct;
+            }
+            None => {}
+        }
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    out.print(json!({"node": id, "drained": true, "replicas_moved": total, "seconds": secs}), || {
+        format!("node-{id} drained: {total} replica(s) moved in {secs:.1}s; remove it with `basalt node remove {id}`")
+    });
+    Ok(())
+}
+
+/// `basalt node remove`.
+pub async fn node_remove(admin: &Admin, out: Out, id: u64) -> Result<(), CliError> {
+    admin.call(|mut c| async move { c.node_remove(NodeRemoveRequest { id }).await }).await?;
+    out.print(json!({"removed": id}), || format!("node-{id} removed from the cluster"));
     Ok(())
 }
 

@@ -126,6 +126,22 @@ enum ClusterCmd {
 enum NodeCmd {
     /// Registered nodes and whether they are up.
     List,
+    /// Move every replica off a node (gradually, with progress), leaving it removable.
+    Drain {
+        /// Node id (as in `node list`, without the `node-` prefix).
+        id: u64,
+        /// Stop draining: the node keeps what it still holds and may receive replicas again.
+        #[arg(long)]
+        undo: bool,
+        /// Return once the drain is recorded, without following it.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Remove a node that holds no replicas (drain it first) from the cluster for good.
+    Remove {
+        /// Node id.
+        id: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -203,6 +219,8 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Cmd::Cluster(ClusterCmd::Status) => commands::cluster_status(&admin, out).await,
         Cmd::Node(NodeCmd::List) => commands::node_list(&admin, out).await,
+        Cmd::Node(NodeCmd::Drain { id, undo, no_wait }) => commands::node_drain(&admin, out, id, undo, no_wait).await,
+        Cmd::Node(NodeCmd::Remove { id }) => commands::node_remove(&admin, out, id).await,
         Cmd::Volume(VolumeCmd::Create { name, size }) => commands::volume_create(&admin, out, name, size).await,
         Cmd::Volume(VolumeCmd::List) => commands::volume_list(&admin, out).await,
         Cmd::Volume(VolumeCmd::Show { name }) => commands::volume_show(&admin, out, name).await,

@@ -43,6 +43,8 @@ pub struct ClusterView {
     pub nodes: HashMap<NodeId, NodeView>,
     /// Replicas of each PG, by PG id.
     pub pgs: Vec<Vec<NodeId>>,
+    /// PGs moving a replica: the node receiving the new one.
+    pub incoming: HashMap<PgId, NodeId>,
     /// Volumes by id.
     pub volumes: HashMap<VolumeId, VolumeView>,
 }
@@ -52,9 +54,13 @@ impl ClusterView {
     pub fn from_proto(map: &admin::ClusterMap) -> Self {
         let layout = (map.pg_count > 0 && map.extent_size > 0).then_some(Layout { extent_size: map.extent_size, pg_count: map.pg_count });
         let mut pgs = vec![Vec::new(); map.pgs.len()];
+        let mut incoming = HashMap::new();
         for pg in &map.pgs {
             if let Some(slot) = pgs.get_mut(pg.id as usize) {
                 *slot = pg.replicas.iter().map(|r| NodeId(*r)).collect();
+            }
+            if pg.moving_to != 0 {
+                incoming.insert(PgId(pg.id), NodeId(pg.moving_to));
             }
         }
         Self {
@@ -63,6 +69,7 @@ impl ClusterView {
             layout,
             nodes: map.nodes.iter().map(|n| (NodeId(n.id), NodeView { id: NodeId(n.id), addr: n.addr.clone() })).collect(),
             pgs,
+            incoming,
             volumes: map
                 .volumes
                 .iter()
@@ -90,6 +97,11 @@ impl ClusterView {
     /// Replicas of `pg`.
     pub fn replicas(&self, pg: PgId) -> &[NodeId] {
         self.pgs.get(pg.0 as usize).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Whether `node` should host a replica of `pg`: it holds one or is receiving one.
+    pub fn hosts(&self, pg: PgId, node: NodeId) -> bool {
+        self.replicas(pg).contains(&node) || self.incoming.get(&pg) == Some(&node)
     }
 
     /// Address of `node`.

@@ -172,6 +172,14 @@ impl<S: StateMachine> RaftGroup<S> {
         self.raft.metrics().borrow_watched().membership_config.membership().get_node(&node).map(|n| n.addr.clone())
     }
 
+    /// On the leader: the highest log index `node` is known to hold; `None` if it holds
+    /// nothing yet (a new learner waiting for a snapshot) or this node does not lead.
+    pub fn matched_index(&self, node: NodeId) -> Option<u64> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        m.replication.as_ref()?.get(&node)?.as_ref().map(|l| l.index)
+    }
+
     /// The leader this node knows of.
     pub fn leader(&self) -> Option<NodeId> {
         self.raft.metrics().borrow_watched().current_leader

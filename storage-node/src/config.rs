@@ -67,6 +67,16 @@ pub struct FileConfig {
     raft: RaftFile,
     #[serde(default)]
     scrub: ScrubFile,
+    #[serde(default)]
+    heal: HealFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HealFile {
+    replace_down_after_secs: Option<u64>,
+    max_moves: Option<u32>,
+    rebuild_rate: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -180,6 +190,15 @@ pub struct Flags {
     /// Overwrite passes per freed range (1 to 16), each synced before the next.
     #[arg(long)]
     pub overwrite_passes: Option<u32>,
+    /// Seconds a node may stay silent before its replicas are re-placed elsewhere.
+    #[arg(long)]
+    pub replace_down_after_secs: Option<u64>,
+    /// Replica moves in flight at once, cluster-wide.
+    #[arg(long)]
+    pub max_moves: Option<u32>,
+    /// Bytes per second this node sends to fill new replicas, e.g. 64MiB (0: unlimited).
+    #[arg(long)]
+    pub rebuild_rate: Option<String>,
 }
 
 /// Memory limits (all bounded by configuration, not load).
@@ -238,6 +257,26 @@ pub struct NodeConfig {
     pub integrity_interval: Option<std::time::Duration>,
     /// Time between deep (cross-replica) passes (`None`: on demand only).
     pub deep_interval: Option<std::time::Duration>,
+    /// Self-healing (acted on by the meta leader).
+    pub heal: HealConfig,
+}
+
+/// Self-healing settings. The meta leader's own settings decide re-placement; every node's
+/// `rebuild_rate` paces the snapshots it sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealConfig {
+    /// A node silent this long has its replicas re-placed on other nodes.
+    pub replace_down_after: std::time::Duration,
+    /// Replica moves in flight at once, cluster-wide.
+    pub max_moves: u32,
+    /// Bytes per second this node sends to fill new replicas (0: unlimited).
+    pub rebuild_rate: u64,
+}
+
+impl Default for HealConfig {
+    fn default() -> Self {
+        Self { replace_down_after: std::time::Duration::from_secs(600), max_moves: 4, rebuild_rate: 64 << 20 }
+    }
 }
 
 fn size(key: &'static str, value: Option<String>, default: u64) -> Result<u64, ConfigError> {
@@ -375,6 +414,20 @@ impl NodeConfig {
         };
         let integrity_interval = hours("scrub.integrity_interval_hours", file.scrub.integrity_interval_hours, 7 * 24)?;
         let deep_interval = hours("scrub.deep_interval_hours", file.scrub.deep_interval_hours, 30 * 24)?;
+        let mut heal = HealConfig::default();
+        if let Some(secs) = f.replace_down_after_secs.or(file.heal.replace_down_after_secs) {
+            if !(1..=30 * 24 * 3600).contains(&secs) {
+                return Err(invalid("heal.replace_down_after_secs", format!("{secs} is outside 1..=2592000 (30 days)")));
+            }
+            heal.replace_down_after = std::time::Duration::from_secs(secs);
+        }
+        if let Some(n) = f.max_moves.or(file.heal.max_moves) {
+            if !(1..=1024).contains(&n) {
+                return Err(invalid("heal.max_moves", format!("{n} is outside 1..=1024")));
+            }
+            heal.max_moves = n;
+        }
+        heal.rebuild_rate = size("heal.rebuild_rate", f.rebuild_rate.or(file.heal.rebuild_rate), heal.rebuild_rate)?;
         Ok(Self {
             id: NodeId(id),
             listen,
@@ -394,6 +447,7 @@ impl NodeConfig {
             integrity_rate,
             integrity_interval,
             deep_interval,
+            heal,
         })
     }
 
@@ -448,6 +502,9 @@ mod tests {
             ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[scrub]\noverwrite_passes = 0", "overwrite_passes"),
             ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[scrub]\nintegrity_rate = \"0\"", "integrity_rate"),
             ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[scrub]\ndeep_interval_hours = 99999999", "deep_interval_hours"),
+            ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[heal]\nreplace_down_after_secs = 0", "replace_down_after_secs"),
+            ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[heal]\nmax_moves = 0", "max_moves"),
+            ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[heal]\nrebuild_rate = \"fast\"", "rebuild_rate"),
         ];
         for (i, (text, expect)) in cases.iter().enumerate() {
             let path = dir.path().join(format!("{i}.toml"));

@@ -95,6 +95,8 @@ pub struct NodeCtx {
     pub integrity_control: std::sync::OnceLock<basalt_scrubber::IntegrityControl>,
     /// Serialises replica comparisons and repairs led by this node (`pg::repair`).
     pub repair_lock: tokio::sync::Mutex<()>,
+    /// Progress of replica moves (meaningful on the meta leader).
+    pub heal: crate::meta::healer::HealProgress,
 }
 
 impl NodeCtx {
@@ -135,6 +137,7 @@ impl NodeCtx {
             last_seen_ms_ago: 0,
             metrics_addr: self.config.metrics_listen.map(|a| a.to_string()).unwrap_or_default(),
             scrub_pending_bytes: stats.slots_pending_scrub * stats.slot_size,
+            ..Default::default()
         }
     }
 
@@ -149,7 +152,7 @@ impl NodeCtx {
                 leader: s.leader.unwrap_or(0),
                 term: s.term,
                 applied_index: s.applied_index,
-                live_replicas: Vec::new(),
+                ..Default::default()
             })
             .collect()
     }
@@ -213,7 +216,7 @@ impl Node {
             None
         };
         let integrity = Arc::new(basalt_scrubber::IntegrityStats::default());
-        let pgs = Arc::new(PgManager::new(config.id, host.clone(), store.clone(), integrity.clone()));
+        let pgs = Arc::new(PgManager::new(config.id, host.clone(), store.clone(), integrity.clone(), config.heal.rebuild_rate));
         if config.has(Role::Storage) {
             pgs.start_from_disk().await?;
         }
@@ -234,6 +237,7 @@ impl Node {
             integrity,
             integrity_control: std::sync::OnceLock::new(),
             repair_lock: tokio::sync::Mutex::new(()),
+            heal: Default::default(),
         });
 
         let admin = AdminServer::new(AdminService::new(ctx.clone()))
@@ -286,6 +290,7 @@ impl Node {
         }
         if ctx.meta.is_some() {
             tasks.push(tokio::spawn(crate::meta::service::run_volume_reaper(ctx.clone(), shutdown_rx.clone())));
+            tasks.push(tokio::spawn(crate::meta::healer::run(ctx.clone(), shutdown_rx.clone())));
         }
         if let Some(addr) = config.metrics_listen {
             match tokio::net::TcpListener::bind(addr).await {

@@ -143,6 +143,48 @@ impl TestCluster {
         Ok(cluster)
     }
 
+    /// Starts one more node per `spec` (not a meta node: the seeds stay as they are) and waits
+    /// until it answers.
+    pub async fn add_node(&mut self, spec: NodeSpec) -> Result<()> {
+        if self.nodes.contains_key(&spec.id) {
+            bail!("node {} exists", spec.id);
+        }
+        if spec.roles.contains(&"meta") {
+            bail!("add_node starts non-meta nodes only");
+        }
+        let data_dir = self.dir.path().join(format!("node-{}", spec.id));
+        std::fs::create_dir_all(&data_dir)?;
+        let id = spec.id;
+        let node = TestNode {
+            addr: format!("127.0.0.1:{}", free_port()),
+            metrics_addr: format!("127.0.0.1:{}", free_port()),
+            config: data_dir.join("node.toml"),
+            log: data_dir.join("node.log"),
+            data_dir,
+            spec,
+            child: None,
+        };
+        self.nodes.insert(id, node);
+        self.write_configs()?;
+        self.spawn(id)?;
+        self.wait_up(id).await
+    }
+
+    /// Polls the cluster status until `done` holds for it; fails after `timeout`, naming `what`.
+    pub async fn wait_status(&self, what: &str, timeout: Duration, mut done: impl FnMut(&ClusterStatusReply) -> bool) -> Result<ClusterStatusReply> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let s = self.status().await?;
+            if done(&s) {
+                return Ok(s);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{what}: not reached within {timeout:?}; last status: {s:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     fn write_configs(&self) -> Result<()> {
         let seeds: Vec<String> =
             self.nodes.values().filter(|n| n.spec.roles.contains(&"meta")).map(|n| format!("\"{}\"", n.addr)).collect();

@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use basalt_common::crc32c;
-use basalt_proto::admin::VolumeCreateRequest;
-use basalt_tests::{Rng, TestCluster, data_client, seed, simple_spec};
+use basalt_proto::admin::{ClusterStatusReply, NodeDrainRequest, NodeRemoveRequest, VolumeCreateRequest};
+use basalt_tests::{NodeSpec, Rng, TestCluster, data_client, find_marker, seed, simple_spec};
 use basalt_volume_client::Volume;
 use bytes::Bytes;
 
@@ -425,6 +425,217 @@ async fn a_deposed_leader_serves_no_stale_read() {
     assert!(!answers.is_empty());
     assert!(!answers.iter().any(|a| a == "version 1"), "the deposed leader served a stale read: {answers:?}");
     assert!(answers.iter().all(|a| a == "version 2" || a.starts_with("refused")), "unexpected answers: {answers:?}");
+}
+
+/// Three storage+meta nodes in zones z1..z3 and storage-only node 4 in zone z4, 8 PGs placed
+/// over all four (each node holds 6 of the 24 replicas), volume `hist` open.
+async fn four_node_cluster(extra_config: &str) -> (TestCluster, Volume) {
+    let mut specs = simple_spec(3);
+    specs.push(NodeSpec { id: 4, labels: "zone=z4,host=h4".into(), roles: vec!["storage"] });
+    let cluster = TestCluster::start_with(specs, extra_config).await.unwrap();
+    // Before `cluster init` nodes heartbeat every meta node once a second: let node 4 be known.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    cluster.init(8, "zone").await.unwrap();
+    cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
+    // Node 4 holds its share either from init or, had init missed it, through rebalancing.
+    cluster
+        .wait_status("node-4 holds its share", Duration::from_secs(120), |s| replicas_on(s, 4) == 6 && moves(s) == 0)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    let mut admin = cluster.admin().await.unwrap();
+    admin.volume_create(VolumeCreateRequest { name: VOLUME.into(), size: VOLUME_SIZE }).await.unwrap();
+    let vol = cluster.client().await.unwrap().open_volume(VOLUME).await.unwrap();
+    (cluster, vol)
+}
+
+/// PG replicas the map places on `node`.
+fn replicas_on(s: &ClusterStatusReply, node: u64) -> usize {
+    s.pgs.iter().filter(|p| p.replicas.contains(&node)).count()
+}
+
+/// Replica moves in progress.
+fn moves(s: &ClusterStatusReply) -> usize {
+    s.pgs.iter().filter(|p| p.moving_to != 0).count()
+}
+
+/// Every PG has a leader and three live replicas, none of them on `gone`, and nothing moves.
+fn healed_without(s: &ClusterStatusReply, gone: u64) -> bool {
+    moves(s) == 0 && s.pgs.iter().all(|p| p.leader != 0 && p.live_replicas.len() == 3 && p.replicas.len() == 3 && !p.replicas.contains(&gone))
+}
+
+/// Bytes [`fill`] writes into each gap between two workload blocks.
+const FILL_PER_GAP: u64 = 192 << 10;
+
+/// Where [`fill`] writes in the gap after workload block `b`.
+fn fill_offset(b: u64) -> u64 {
+    offset_of(b) + (64 << 10)
+}
+
+/// Fills part of every gap between the workload's blocks with a recognisable pattern (so
+/// rebuilds move real data, ~9 MiB over every PG); returns what each gap got.
+async fn fill(vol: &Volume) -> Vec<Bytes> {
+    let mut written = Vec::new();
+    for b in 0..BLOCKS {
+        let mut data = vec![0u8; FILL_PER_GAP as usize];
+        for (i, block) in data.chunks_mut(4096).enumerate() {
+            block[..8].copy_from_slice(b"BSLTFILL");
+            block[8..16].copy_from_slice(&(b * 1000 + i as u64).to_le_bytes());
+            block[16..].fill(((b + i as u64) % 251) as u8);
+        }
+        let data = Bytes::from(data);
+        vol.write(fill_offset(b), data.clone(), false).await.unwrap();
+        written.push(data);
+    }
+    written
+}
+
+/// Reads the filled ranges back and compares them with what [`fill`] wrote.
+async fn assert_fill_intact(vol: &Volume, filled: &[Bytes], when: &str) {
+    for (b, want) in filled.iter().enumerate() {
+        let got = vol.read(fill_offset(b as u64), FILL_PER_GAP).await.unwrap();
+        assert!(got[..] == want[..], "{when}: the filled range after block {b} reads back different");
+    }
+}
+
+/// Fails unless every operation of the history is consistent and none failed.
+fn assert_clean(ops: &[Op], what: &str, cluster: &TestCluster) {
+    let violations = check(ops);
+    assert!(violations.is_empty(), "{what}: history violations:\n{}\n{}", violations.join("\n"), cluster.logs());
+    let failed: Vec<String> = ops
+        .iter()
+        .filter_map(|o| match &o.outcome {
+            Outcome::Failed(e) => Some(format!("{} of block {} at {:?}: {e}", if o.write { "write" } else { "read" }, o.block, o.start)),
+            _ => None,
+        })
+        .collect();
+    assert!(failed.is_empty(), "{what}: I/O errors seen by the client:\n{}", failed.join("\n"));
+    assert!(ops.iter().filter(|o| o.write).count() > 50, "{what}: the workload barely ran");
+}
+
+/// Stops the workload and returns its history plus a final read of every block.
+async fn finish_workload(vol: &Volume, history: &History, tasks: Vec<tokio::task::JoinHandle<()>>, stop: &std::sync::atomic::AtomicBool, t0: Instant) -> Vec<Op> {
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut ops = history.snapshot();
+    for b in 0..BLOCKS {
+        ops.push(read_op(vol, b, t0).await);
+    }
+    ops
+}
+
+/// Self-healing: a node killed for good has its replicas rebuilt on the others (failure
+/// domains kept) while the workload runs without an error; when it comes back after all, it
+/// retires its stale copies and their bytes are overwritten, and it can be removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_a_dead_nodes_replicas_are_rebuilt_elsewhere_and_its_return_is_retired() {
+    let (mut cluster, vol) = four_node_cluster("[heal]\nreplace_down_after_secs = 3\n").await;
+    let filled = fill(&vol).await;
+    let history = Arc::new(History::default());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t0 = Instant::now();
+    let tasks = start_workload(&vol, &history, t0, &stop);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let killed_at = Instant::now();
+    cluster.kill9(4);
+    let first_move = cluster.wait_status("a move starts", Duration::from_secs(60), |s| moves(s) > 0).await;
+    let first_move = first_move.unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    let started = killed_at.elapsed();
+    assert!(first_move.pgs.iter().filter(|p| p.moving_to != 0).all(|p| p.moving_from == 4 && p.move_reason == "node-down"), "{first_move:?}");
+    let healed = cluster
+        .wait_status("replicas rebuilt without node-4", Duration::from_secs(120), |s| healed_without(s, 4))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    let rebuilt_in = killed_at.elapsed() - started;
+    for p in &healed.pgs {
+        let mut r = p.replicas.clone();
+        r.sort_unstable();
+        assert_eq!(r, vec![1, 2, 3], "pg-{}: with node-4 gone, zones z1..z3 hold every PG", p.id);
+    }
+    let ops = finish_workload(&vol, &history, tasks, &stop, t0).await;
+    println!(
+        "node-4 killed: first move after {started:?}, all 6 replicas rebuilt {rebuilt_in:?} later; {} ops during the rebuild",
+        ops.len()
+    );
+    assert_clean(&ops, "while node-4's replicas were rebuilt", &cluster);
+    assert_fill_intact(&vol, &filled, "after the rebuild").await;
+
+    // It comes back after all: drained first, so the rebalancer leaves it empty, it retires
+    // the copies it still has, and the scrubber overwrites them.
+    let mut admin = cluster.admin().await.unwrap();
+    admin.node_drain(NodeDrainRequest { id: 4, undo: false }).await.unwrap();
+    let marker_before = find_marker(&cluster.node(4).data_dir, MAGIC).len() + find_marker(&cluster.node(4).data_dir, b"BSLTFILL").len();
+    assert!(marker_before > 0, "node-4's files held no workload data before it returned: the check below would prove nothing");
+    cluster.restart(4).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let leftovers = loop {
+        let mut found = find_marker(&cluster.node(4).data_dir, MAGIC);
+        found.extend(find_marker(&cluster.node(4).data_dir, b"BSLTFILL"));
+        if found.is_empty() || Instant::now() > deadline {
+            break found;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(leftovers.is_empty(), "node-4 still holds moved-away data in {leftovers:?}\n{}", cluster.node(4).log_tail());
+    let log = std::fs::read_to_string(&cluster.node(4).log).unwrap_or_default();
+    assert!(log.contains("retired this node's replica"), "node-4 never logged retiring a replica:\n{}", cluster.node(4).log_tail());
+    admin.node_remove(NodeRemoveRequest { id: 4 }).await.unwrap();
+    let s = cluster.status().await.unwrap();
+    assert!(!s.nodes.iter().any(|n| n.id == 4), "a removed node is gone from the map");
+    let err = admin.node_remove(NodeRemoveRequest { id: 4 }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+}
+
+/// Membership: draining a node under load moves every replica off it without an I/O error or
+/// a lost write, removal is refused until it is empty, and a new node takes its share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_under_load_then_remove_and_a_new_node_takes_its_share() {
+    let (mut cluster, vol) = four_node_cluster("").await;
+    let filled = fill(&vol).await;
+    let history = Arc::new(History::default());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t0 = Instant::now();
+    let tasks = start_workload(&vol, &history, t0, &stop);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let mut admin = cluster.admin().await.unwrap();
+    let err = admin.node_remove(NodeRemoveRequest { id: 4 }).await.unwrap_err();
+    assert!(err.message().contains("holds 6 replica"), "{err}");
+    let drain_started = Instant::now();
+    let r = admin.node_drain(NodeDrainRequest { id: 4, undo: false }).await.unwrap().into_inner();
+    assert_eq!(r.replicas_left, 6);
+    let mut saw_progress = false;
+    let drained = cluster
+        .wait_status("node-4 drained", Duration::from_secs(180), |s| {
+            if s.pgs.iter().any(|p| p.moving_from == 4 && p.move_reason == "drain") {
+                // Progress is visible while it runs.
+                saw_progress = true;
+            }
+            replicas_on(s, 4) == 0 && moves(s) == 0
+        })
+        .await;
+    let drained = drained.unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    let drain_took = drain_started.elapsed();
+    assert!(saw_progress, "no drain move was ever visible in cluster status");
+    assert!(drained.pgs.iter().all(|p| p.replicas.len() == 3 && !p.replicas.contains(&4)));
+    let node4 = drained.nodes.iter().find(|n| n.id == 4).unwrap();
+    assert!(node4.draining && node4.replicas == 0, "{node4:?}");
+    admin.node_remove(NodeRemoveRequest { id: 4 }).await.unwrap();
+
+    // A new node joins (node 5, zone z5): the rebalancer gives it a fair share, one PG at a time.
+    let add_started = Instant::now();
+    cluster.add_node(NodeSpec { id: 5, labels: "zone=z5,host=h5".into(), roles: vec!["storage"] }).await.unwrap();
+    cluster
+        .wait_status("node-5 took its share", Duration::from_secs(180), |s| replicas_on(s, 5) == 6 && moves(s) == 0)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    let add_took = add_started.elapsed();
+    let ops = finish_workload(&vol, &history, tasks, &stop, t0).await;
+    println!("drain of node-4 (6 replicas of a volume holding ~9 MiB): {drain_took:?}; node-5 took 6 replicas in {add_took:?}; {} ops", ops.len());
+    assert_clean(&ops, "during drain, remove and add", &cluster);
+    assert_fill_intact(&vol, &filled, "after the drain and the rebalance").await;
 }
 
 #[test]

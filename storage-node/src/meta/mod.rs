@@ -4,7 +4,10 @@
 //! - [`placement`]: which nodes hold each PG (pure).
 //! - [`state_machine`]: the Raft state machine around [`state::ClusterState`].
 //! - [`service`]: the admin gRPC API, forwarding to the meta leader.
+//! - [`liveness`]: the meta leader's view of which nodes are up.
+//! - [`healer`]: re-places replicas of dead and draining nodes, rebalances onto new ones.
 
+pub mod healer;
 pub mod liveness;
 pub mod placement;
 pub mod service;

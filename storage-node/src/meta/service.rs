@@ -11,7 +11,7 @@ use basalt_proto::admin::admin_client::AdminClient;
 use basalt_proto::admin::admin_server::Admin;
 use basalt_proto::admin::{
     ClusterInitReply, ClusterInitRequest, ClusterMap, ClusterStatusReply, ClusterStatusRequest, GetClusterMapRequest, NodeHeartbeatReply,
-    NodeHeartbeatRequest, NodeInfoReply, NodeInfoRequest, NodeListReply, NodeListRequest, PlacementGroup, ScrubStartReply, ScrubStartRequest, ScrubStatusReply, ScrubStatusRequest,
+    NodeDrainReply, NodeDrainRequest, NodeHeartbeatRequest, NodeInfoReply, NodeRemoveReply, NodeRemoveRequest, NodeInfoRequest, NodeListReply, NodeListRequest, PlacementGroup, ScrubStartReply, ScrubStartRequest, ScrubStatusReply, ScrubStatusRequest,
     Volume, VolumeAttachRequest,
     VolumeCreateRequest, VolumeDeleteReply, VolumeDeleteRequest, VolumeDetachRequest, VolumeListReply, VolumeListRequest, VolumeReply,
     VolumeResizeRequest, VolumeShowRequest,
@@ -41,10 +41,13 @@ fn status_of(e: &MetaError) -> Status {
         }
         MetaError::Placement(_) => Status::failed_precondition(e.to_string()),
         MetaError::AlreadyAttached { .. } => Status::failed_precondition(e.to_string()),
+        MetaError::NoSuchNode(_) => Status::not_found(e.to_string()),
+        MetaError::NodeRemoved(_) | MetaError::NodeInUse { .. } | MetaError::BadMove(_) => Status::failed_precondition(e.to_string()),
     }
 }
 
-fn now_ms() -> u64 {
+/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
@@ -132,7 +135,8 @@ impl AdminService {
         }
     }
 
-    async fn propose(&self, meta: &MetaHandle, cmd: MetaCommand) -> Result<MetaReply, Status> {
+    /// Proposes `cmd` to the meta group (this node must lead it) and decodes the reply.
+    pub(crate) async fn propose(&self, meta: &MetaHandle, cmd: MetaCommand) -> Result<MetaReply, Status> {
         let bytes = bincode::serialize(&cmd).map_err(|e| Status::internal(format!("encoding meta command: {e}")))?;
         match meta.group.propose(Bytes::from(bytes)).await {
             Ok(reply) => bincode::deserialize(&reply).map_err(|e| Status::internal(format!("decoding meta reply: {e}"))),
@@ -147,7 +151,7 @@ impl AdminService {
         Ok(meta.shared.snapshot())
     }
 
-    fn node_proto(&self, n: &NodeRecord) -> basalt_proto::admin::Node {
+    fn node_proto(&self, s: &ClusterState, n: &NodeRecord) -> basalt_proto::admin::Node {
         let (state, ago) = self.ctx.liveness.state(n.id);
         let report = self.ctx.liveness.last_report(n.id);
         basalt_proto::admin::Node {
@@ -166,7 +170,25 @@ impl AdminService {
             last_seen_ms_ago: ago.map(|d| d.as_millis() as u64).unwrap_or(0),
             metrics_addr: n.metrics_addr.clone(),
             scrub_pending_bytes: report.as_ref().map(|r| r.scrub_pending_bytes).unwrap_or(0),
+            draining: s.draining.contains(&n.id),
+            replicas: s.replica_counts().get(&n.id).copied().unwrap_or(0) as u32,
         }
+    }
+
+    /// A PG for the wire: its replica set, and the move in progress with its progress.
+    fn pg_proto(&self, p: &super::state::PgRecord) -> PlacementGroup {
+        let mut out = PlacementGroup { id: p.id.0, replicas: p.replicas.iter().map(|r| r.0).collect(), ..Default::default() };
+        if let Some(m) = &p.moving {
+            let progress = self.ctx.heal.get(p.id).unwrap_or_default();
+            out.moving_from = m.from.0;
+            out.moving_to = m.to.0;
+            out.move_reason = m.reason.as_str().into();
+            out.move_phase = if progress.phase.is_empty() { "waiting".into() } else { progress.phase };
+            out.move_chunks_done = progress.chunks_done;
+            out.move_chunks_total = progress.chunks_total;
+            out.move_started_ms_ago = now_ms().saturating_sub(m.started_unix_ms);
+        }
+        out
     }
 
     fn map_proto(&self, s: &ClusterState) -> ClusterMap {
@@ -176,19 +198,8 @@ impl AdminService {
             cluster_id: s.cluster_id.clone().unwrap_or_default(),
             pg_count: layout.map(|l| l.pg_count).unwrap_or(0),
             extent_size: layout.map(|l| l.extent_size).unwrap_or(0),
-            nodes: s.nodes.values().map(|n| self.node_proto(n)).collect(),
-            pgs: s
-                .pgs
-                .iter()
-                .map(|p| PlacementGroup {
-                    id: p.id.0,
-                    replicas: p.replicas.iter().map(|r| r.0).collect(),
-                    leader: 0,
-                    term: 0,
-                    applied_index: 0,
-                    live_replicas: Vec::new(),
-                })
-                .collect(),
+            nodes: s.nodes.values().map(|n| self.node_proto(s, n)).collect(),
+            pgs: s.pgs.iter().map(|p| self.pg_proto(p)).collect(),
             volumes: s.volumes.values().map(|v| volume_proto(v, s.pgs.len())).collect(),
         }
     }
@@ -347,20 +358,13 @@ impl Admin for AdminService {
                 pg_count: settings.map(|x| x.layout.pg_count).unwrap_or(0),
                 extent_size: settings.map(|x| x.layout.extent_size).unwrap_or(0),
                 failure_domain: settings.map(|x| x.failure_domain.to_string()).unwrap_or_default(),
-                nodes: s.nodes.values().map(|n| self.node_proto(n)).collect(),
+                nodes: s.nodes.values().map(|n| self.node_proto(&s, n)).collect(),
                 pgs: s
                     .pgs
                     .iter()
                     .map(|p| {
                         let v = views.get(&p.id.0).cloned().unwrap_or_default();
-                        PlacementGroup {
-                            id: p.id.0,
-                            replicas: p.replicas.iter().map(|r| r.0).collect(),
-                            leader: v.leader,
-                            term: v.term,
-                            applied_index: v.applied_index,
-                            live_replicas: v.live,
-                        }
+                        PlacementGroup { leader: v.leader, term: v.term, applied_index: v.applied_index, live_replicas: v.live, ..self.pg_proto(p) }
                     })
                     .collect(),
                 volumes: s.volumes.len() as u64,
@@ -372,7 +376,34 @@ impl Admin for AdminService {
     async fn node_list(&self, request: Request<NodeListRequest>) -> Result<Response<NodeListReply>, Status> {
         forward_or!(self, request, node_list, |meta, _msg| {
             let s = self.read(meta).await?;
-            Ok(Response::new(NodeListReply { nodes: s.nodes.values().map(|n| self.node_proto(n)).collect() }))
+            Ok(Response::new(NodeListReply { nodes: s.nodes.values().map(|n| self.node_proto(&s, n)).collect() }))
+        })
+    }
+
+    async fn node_drain(&self, request: Request<NodeDrainRequest>) -> Result<Response<NodeDrainReply>, Status> {
+        forward_or!(self, request, node_drain, |meta, msg| {
+            let node = NodeId(msg.id);
+            match self.propose(meta, MetaCommand::DrainNode { node, drain: !msg.undo }).await? {
+                MetaReply::Error(e) => return Err(status_of(&e)),
+                _ => tracing::info!(%node, drain = !msg.undo, "node drain changed"),
+            }
+            let s = meta.shared.snapshot();
+            let record = s.nodes.get(&node).ok_or_else(|| status_of(&MetaError::NoSuchNode(node)))?;
+            let left = s.replica_counts().get(&node).copied().unwrap_or(0) as u32;
+            Ok(Response::new(NodeDrainReply { node: Some(self.node_proto(&s, record)), replicas_left: left }))
+        })
+    }
+
+    async fn node_remove(&self, request: Request<NodeRemoveRequest>) -> Result<Response<NodeRemoveReply>, Status> {
+        forward_or!(self, request, node_remove, |meta, msg| {
+            let node = NodeId(msg.id);
+            match self.propose(meta, MetaCommand::RemoveNode { node }).await? {
+                MetaReply::Error(e) => Err(status_of(&e)),
+                _ => {
+                    tracing::info!(%node, "node removed from the cluster");
+                    Ok(Response::new(NodeRemoveReply {}))
+                }
+            }
         })
     }
 
@@ -392,6 +423,9 @@ impl Admin for AdminService {
             let record = record_from_proto(&node);
             if record.id.0 == 0 || record.addr.is_empty() {
                 return Err(Status::invalid_argument("heartbeat with node id 0 or no address"));
+            }
+            if meta.shared.with(|s| s.removed.contains(&record.id)) {
+                return Err(status_of(&MetaError::NodeRemoved(record.id)));
             }
             self.ctx.liveness.record(node, msg.pgs);
             let (initialized, known) = meta.shared.with(|s| (s.cluster_id.is_some(), s.nodes.get(&record.id) == Some(&record)));

@@ -93,6 +93,45 @@ pub struct PgRecord {
     pub id: PgId,
     /// Replicas; the first was the initial leader.
     pub replicas: Vec<NodeId>,
+    /// A replica being moved, if any (at most one per PG at a time).
+    pub moving: Option<PgMove>,
+}
+
+/// Why a replica is moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MoveReason {
+    /// Its node was down longer than the re-placement timeout.
+    NodeDown,
+    /// Its node is being drained.
+    Drain,
+    /// Evens out replica counts (a node was added).
+    Rebalance,
+}
+
+impl MoveReason {
+    /// The reason's name in status output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MoveReason::NodeDown => "node-down",
+            MoveReason::Drain => "drain",
+            MoveReason::Rebalance => "rebalance",
+        }
+    }
+}
+
+/// One replica of a PG moving from one node to another: the new replica joins the PG's Raft
+/// group as a learner, is filled by snapshot transfer and log catch-up, becomes a voter in the
+/// old one's place (joint consensus), and only then does the map change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PgMove {
+    /// The replica leaving.
+    pub from: NodeId,
+    /// The node receiving the new replica.
+    pub to: NodeId,
+    /// Why.
+    pub reason: MoveReason,
+    /// When the move was decided (proposer's clock).
+    pub started_unix_ms: u64,
 }
 
 /// Volume lifecycle.
@@ -143,6 +182,10 @@ pub struct ClusterState {
     pub next_volume_id: u64,
     /// Log index of the last change: the cluster map version.
     pub version: u64,
+    /// Nodes being drained: their replicas move elsewhere and no new ones arrive.
+    pub draining: BTreeSet<NodeId>,
+    /// Nodes removed from the cluster; they may not register again under the same id.
+    pub removed: BTreeSet<NodeId>,
 }
 
 /// A change to the cluster metadata.
@@ -206,6 +249,40 @@ pub enum MetaCommand {
         /// The PG.
         pg: PgId,
     },
+    /// Starts moving `pg`'s replica on `from` to `to`.
+    BeginMove {
+        /// The PG.
+        pg: PgId,
+        /// The replica leaving.
+        from: NodeId,
+        /// Its new node.
+        to: NodeId,
+        /// Why.
+        reason: MoveReason,
+        /// Proposer's clock.
+        now_unix_ms: u64,
+    },
+    /// Records a finished move: the PG's Raft group has `to` as a voter in place of `from`.
+    FinishMove {
+        /// The PG.
+        pg: PgId,
+        /// The replica that left.
+        from: NodeId,
+        /// Its replacement.
+        to: NodeId,
+    },
+    /// Starts draining a node (`drain = false` stops draining it).
+    DrainNode {
+        /// The node.
+        node: NodeId,
+        /// Drain or undrain.
+        drain: bool,
+    },
+    /// Removes a node that holds no replicas.
+    RemoveNode {
+        /// The node.
+        node: NodeId,
+    },
 }
 
 /// Why a command was refused. Carried in the reply, so it must serialise.
@@ -245,6 +322,25 @@ pub enum MetaError {
     /// Placement impossible.
     #[error("{0}")]
     Placement(String),
+    /// No such node.
+    #[error("no node {0} in the cluster")]
+    NoSuchNode(NodeId),
+    /// The node was removed and cannot come back under its id.
+    #[error("{0} was removed from the cluster; start it with a new id and empty data to add it again")]
+    NodeRemoved(NodeId),
+    /// The node still holds replicas.
+    #[error("{node} still holds {replicas} replica(s){}; drain it first (`basalt node drain {}`)", if *.draining { " and is draining" } else { "" }, .node.0)]
+    NodeInUse {
+        /// The node.
+        node: NodeId,
+        /// Replicas it holds or receives.
+        replicas: usize,
+        /// Whether a drain is under way.
+        draining: bool,
+    },
+    /// A move was refused.
+    #[error("{0}")]
+    BadMove(String),
     /// Another holder has the volume attached read-write.
     #[error("volume {name:?} is already attached read-write by {holder}; detach it first (`basalt detach {name}`) or take it over with --force")]
     AlreadyAttached {
@@ -312,6 +408,9 @@ impl ClusterState {
                 if self.cluster_id.is_none() {
                     return MetaReply::Error(MetaError::NotInitialized);
                 }
+                if self.removed.contains(&node.id) {
+                    return MetaReply::Error(MetaError::NodeRemoved(node.id));
+                }
                 if self.nodes.get(&node.id) == Some(&node) {
                     return MetaReply::Done; // unchanged: keep the version
                 }
@@ -324,6 +423,10 @@ impl ClusterState {
             MetaCommand::AttachVolume { name, holder, force } => self.attach(&name, holder, force),
             MetaCommand::DetachVolume { name, epoch } => self.detach(&name, epoch),
             MetaCommand::VolumePgReleased { volume, pg } => self.pg_released(volume, pg),
+            MetaCommand::BeginMove { pg, from, to, reason, now_unix_ms } => self.begin_move(pg, from, to, reason, now_unix_ms),
+            MetaCommand::FinishMove { pg, from, to } => self.finish_move(pg, from, to),
+            MetaCommand::DrainNode { node, drain } => self.drain_node(node, drain),
+            MetaCommand::RemoveNode { node } => self.remove_node(node),
         };
         if !matches!(reply, MetaReply::Error(_)) {
             self.version = index;
@@ -347,7 +450,8 @@ impl ClusterState {
         self.cluster_id = Some(cluster_id);
         self.settings = Some(settings);
         self.nodes = nodes;
-        self.pgs = placement.into_iter().enumerate().map(|(i, replicas)| PgRecord { id: PgId(i as u32), replicas }).collect();
+        self.pgs =
+            placement.into_iter().enumerate().map(|(i, replicas)| PgRecord { id: PgId(i as u32), replicas, moving: None }).collect();
         self.next_volume_id = 1;
         MetaReply::Done
     }
@@ -423,6 +527,120 @@ impl ClusterState {
             }
         }
         MetaReply::Volume(v.clone())
+    }
+
+    /// Replicas each node holds or is receiving (moves in progress count for both ends).
+    pub fn replica_counts(&self) -> BTreeMap<NodeId, usize> {
+        let mut out: BTreeMap<NodeId, usize> = self.nodes.values().filter(|n| n.is_storage()).map(|n| (n.id, 0)).collect();
+        for p in &self.pgs {
+            for r in p.replicas.iter().chain(p.moving.as_ref().map(|m| &m.to)) {
+                *out.entry(*r).or_default() += 1;
+            }
+        }
+        out
+    }
+
+    /// Whether `to` may take over `pg`'s replica on `from`: a storage node that is not draining,
+    /// not already a replica, and in a failure domain none of the remaining replicas is in.
+    pub fn check_move(&self, pg: PgId, from: NodeId, to: NodeId) -> Result<(), MetaError> {
+        let bad = |m: String| Err(MetaError::BadMove(m));
+        let Some(settings) = self.settings else { return Err(MetaError::NotInitialized) };
+        let Some(rec) = self.pgs.get(pg.0 as usize) else { return bad(format!("no placement group {pg}")) };
+        if let Some(m) = &rec.moving {
+            return bad(format!("{pg} is already moving its replica on {} to {}", m.from, m.to));
+        }
+        if !rec.replicas.contains(&from) {
+            return bad(format!("{from} holds no replica of {pg}"));
+        }
+        if rec.replicas.contains(&to) {
+            return bad(format!("{to} already holds a replica of {pg}"));
+        }
+        let Some(target) = self.nodes.get(&to) else { return Err(MetaError::NoSuchNode(to)) };
+        if !target.is_storage() {
+            return bad(format!("{to} does not have the storage role"));
+        }
+        if self.draining.contains(&to) {
+            return bad(format!("{to} is draining"));
+        }
+        let domain = target.labels.domain(settings.failure_domain);
+        for r in rec.replicas.iter().filter(|r| **r != from) {
+            if self.nodes.get(r).map(|n| n.labels.domain(settings.failure_domain)) == Some(domain.clone()) {
+                return bad(format!("{to} shares failure domain {domain} with {r}, another replica of {pg}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn begin_move(&mut self, pg: PgId, from: NodeId, to: NodeId, reason: MoveReason, now_unix_ms: u64) -> MetaReply {
+        if let Err(e) = self.check_move(pg, from, to) {
+            return MetaReply::Error(e);
+        }
+        let rec = &mut self.pgs[pg.0 as usize];
+        rec.moving = Some(PgMove { from, to, reason, started_unix_ms: now_unix_ms });
+        MetaReply::Done
+    }
+
+    fn finish_move(&mut self, pg: PgId, from: NodeId, to: NodeId) -> MetaReply {
+        let Some(rec) = self.pgs.get_mut(pg.0 as usize) else {
+            return MetaReply::Error(MetaError::BadMove(format!("no placement group {pg}")));
+        };
+        match &rec.moving {
+            Some(m) if m.from == from && m.to == to => {}
+            _ => return MetaReply::Error(MetaError::BadMove(format!("{pg} has no move of its replica on {from} to {to} in progress"))),
+        }
+        // The new replica goes last: the first is only the PG's initial leader.
+        rec.replicas.retain(|r| *r != from);
+        rec.replicas.push(to);
+        rec.moving = None;
+        MetaReply::Done
+    }
+
+    fn drain_node(&mut self, node: NodeId, drain: bool) -> MetaReply {
+        if self.cluster_id.is_none() {
+            return MetaReply::Error(MetaError::NotInitialized);
+        }
+        if !self.nodes.contains_key(&node) {
+            return MetaReply::Error(MetaError::NoSuchNode(node));
+        }
+        if drain {
+            // Refuse a drain that could never finish: every replica on the node needs another
+            // node that may take it (by the rules of `check_move`, liveness aside).
+            self.draining.insert(node);
+            let stuck = self.pgs.iter().find(|p| {
+                // (A PG mid-move is judged once that move is done.)
+                p.moving.is_none()
+                    && p.replicas.contains(&node)
+                    && !self.nodes.keys().any(|to| *to != node && self.check_move(p.id, node, *to).is_ok())
+            });
+            if let Some(p) = stuck.map(|p| p.id) {
+                self.draining.remove(&node);
+                return MetaReply::Error(MetaError::BadMove(format!(
+                    "cannot drain {node}: no other node may hold its replica of {p} (a storage node, not draining, in a failure domain the other replicas are not in); add one first"
+                )));
+            }
+        } else {
+            self.draining.remove(&node);
+        }
+        MetaReply::Done
+    }
+
+    fn remove_node(&mut self, node: NodeId) -> MetaReply {
+        if !self.nodes.contains_key(&node) {
+            return MetaReply::Error(MetaError::NoSuchNode(node));
+        }
+        if self.nodes.get(&node).is_some_and(|n| n.roles.contains(&Role::Meta)) {
+            return MetaReply::Error(MetaError::BadMove(format!(
+                "{node} is a meta node; changing the meta group's membership is not supported yet"
+            )));
+        }
+        let held = self.replica_counts().get(&node).copied().unwrap_or(0);
+        if held > 0 {
+            return MetaReply::Error(MetaError::NodeInUse { node, replicas: held, draining: self.draining.contains(&node) });
+        }
+        self.nodes.remove(&node);
+        self.draining.remove(&node);
+        self.removed.insert(node);
+        MetaReply::Done
     }
 
     fn pg_released(&mut self, volume: VolumeId, pg: PgId) -> MetaReply {
@@ -581,5 +799,65 @@ mod tests {
             MetaReply::Error(MetaError::NotInitialized)
         );
         assert_eq!(s.apply(2, MetaCommand::RegisterNode { node: node(1, "a") }), MetaReply::Error(MetaError::NotInitialized));
+    }
+
+    /// A storage-only node in zone `z{zone}` on `host`.
+    fn storage_only(id: u64, zone: u64, host: &str) -> NodeRecord {
+        NodeRecord { roles: [Role::Storage].into_iter().collect(), labels: format!("zone=z{zone},host={host}").parse().unwrap(), ..node(id, host) }
+    }
+
+    #[test]
+    fn a_move_respects_domains_and_swaps_the_replica_when_finished() {
+        let mut s = initialized();
+        // Placement is by host: node 4 shares zone z1's host "a" with node 1; node 5 has a host
+        // of its own.
+        s.apply(2, MetaCommand::RegisterNode { node: storage_only(4, 1, "a") });
+        s.apply(3, MetaCommand::RegisterNode { node: storage_only(5, 5, "e") });
+        let pg = PgId(3);
+        let begin = |from, to| MetaCommand::BeginMove { pg, from: NodeId(from), to: NodeId(to), reason: MoveReason::NodeDown, now_unix_ms: 1 };
+        // Replacing node 2 by node 4 would put two replicas on host "a".
+        let MetaReply::Error(MetaError::BadMove(msg)) = s.apply(4, begin(2, 4)) else { panic!() };
+        assert!(msg.contains("shares failure domain"), "{msg}");
+        // Replacing node 1 by node 4 keeps the hosts distinct.
+        assert_eq!(s.apply(5, begin(1, 4)), MetaReply::Done);
+        assert!(matches!(s.apply(6, begin(2, 5)), MetaReply::Error(MetaError::BadMove(_))), "one move per PG at a time");
+        assert_eq!(s.replica_counts()[&NodeId(4)], 1, "a move's target counts as holding the replica");
+        assert!(matches!(
+            s.apply(7, MetaCommand::FinishMove { pg, from: NodeId(2), to: NodeId(4) }),
+            MetaReply::Error(MetaError::BadMove(_))
+        ));
+        assert_eq!(s.apply(8, MetaCommand::FinishMove { pg, from: NodeId(1), to: NodeId(4) }), MetaReply::Done);
+        let r = &s.pgs[3];
+        assert!(r.moving.is_none());
+        assert!(r.replicas.contains(&NodeId(4)) && !r.replicas.contains(&NodeId(1)) && r.replicas.len() == 3);
+        assert_eq!(s.version, 8);
+    }
+
+    #[test]
+    fn a_node_is_removed_only_when_empty_and_stays_removed() {
+        let mut s = initialized();
+        let MetaReply::Error(e) = s.apply(2, MetaCommand::DrainNode { node: NodeId(1), drain: true }) else { panic!() };
+        assert!(e.to_string().contains("cannot drain node-1"), "three nodes, three domains: nowhere to go: {e}");
+        assert!(s.draining.is_empty());
+        s.apply(2, MetaCommand::RegisterNode { node: storage_only(4, 4, "d") });
+        assert_eq!(s.apply(3, MetaCommand::DrainNode { node: NodeId(4), drain: true }), MetaReply::Done);
+        assert!(s.draining.contains(&NodeId(4)));
+        assert!(matches!(
+            s.apply(4, MetaCommand::BeginMove { pg: PgId(0), from: NodeId(1), to: NodeId(4), reason: MoveReason::Rebalance, now_unix_ms: 0 }),
+            MetaReply::Error(MetaError::BadMove(_))
+        ), "nothing moves onto a draining node");
+        assert!(matches!(s.apply(5, MetaCommand::RemoveNode { node: NodeId(1) }), MetaReply::Error(MetaError::BadMove(_))), "meta nodes stay");
+        assert_eq!(s.apply(6, MetaCommand::DrainNode { node: NodeId(4), drain: false }), MetaReply::Done);
+        s.apply(7, MetaCommand::BeginMove { pg: PgId(0), from: NodeId(1), to: NodeId(4), reason: MoveReason::Rebalance, now_unix_ms: 0 });
+        let MetaReply::Error(e) = s.apply(8, MetaCommand::RemoveNode { node: NodeId(4) }) else { panic!() };
+        assert!(e.to_string().contains("holds 1 replica"), "{e}");
+        s.apply(9, MetaCommand::FinishMove { pg: PgId(0), from: NodeId(1), to: NodeId(4) });
+        s.apply(10, MetaCommand::DrainNode { node: NodeId(4), drain: true });
+        s.apply(11, MetaCommand::BeginMove { pg: PgId(0), from: NodeId(4), to: NodeId(1), reason: MoveReason::Drain, now_unix_ms: 0 });
+        s.apply(12, MetaCommand::FinishMove { pg: PgId(0), from: NodeId(4), to: NodeId(1) });
+        assert_eq!(s.apply(13, MetaCommand::RemoveNode { node: NodeId(4) }), MetaReply::Done);
+        assert!(!s.nodes.contains_key(&NodeId(4)) && !s.draining.contains(&NodeId(4)));
+        assert_eq!(s.apply(14, MetaCommand::RegisterNode { node: storage_only(4, 4, "d") }), MetaReply::Error(MetaError::NodeRemoved(NodeId(4))));
+        assert_eq!(s.apply(15, MetaCommand::RemoveNode { node: NodeId(9) }), MetaReply::Error(MetaError::NoSuchNode(NodeId(9))));
     }
 }

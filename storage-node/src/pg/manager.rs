@@ -22,6 +22,27 @@ pub struct PgHandle {
     pub group: RaftGroup<PgStateMachine>,
 }
 
+/// Why a replica could not be retired.
+#[derive(Debug, thiserror::Error)]
+pub enum RetireError {
+    /// Deleting its Raft state failed.
+    #[error("{pg}: deleting its raft log failed: {reason}")]
+    Log {
+        /// The PG.
+        pg: PgId,
+        /// Why.
+        reason: String,
+    },
+    /// Releasing its chunks failed.
+    #[error("{pg}: releasing its chunks failed: {reason}")]
+    Store {
+        /// The PG.
+        pg: PgId,
+        /// Why.
+        reason: String,
+    },
+}
+
 /// The PGs on this node.
 pub struct PgManager {
     node: NodeId,
@@ -33,11 +54,18 @@ pub struct PgManager {
     pub apply_stats: Arc<ApplyStats>,
     /// Integrity counters (repairs applied here).
     pub integrity: Arc<basalt_scrubber::IntegrityStats>,
+    /// Byte budget of outgoing snapshot streams (filling new replicas elsewhere).
+    pub pacer: Arc<super::pacer::Pacer>,
+    /// Replicas retired from this node since it started (moved elsewhere).
+    pub retired: std::sync::atomic::AtomicU64,
+    /// A retired replica's Raft log entries (which carry its data) still sit in the log
+    /// database's files until the next log scrub rewrites them.
+    pub log_scrub_wanted: std::sync::atomic::AtomicBool,
 }
 
 impl PgManager {
     /// An empty manager.
-    pub fn new(node: NodeId, host: RaftHost, store: ChunkStore, integrity: Arc<basalt_scrubber::IntegrityStats>) -> Self {
+    pub fn new(node: NodeId, host: RaftHost, store: ChunkStore, integrity: Arc<basalt_scrubber::IntegrityStats>, rebuild_rate: u64) -> Self {
         Self {
             node,
             host,
@@ -46,6 +74,9 @@ impl PgManager {
             starting: tokio::sync::Mutex::new(()),
             apply_stats: Arc::new(ApplyStats::default()),
             integrity,
+            pacer: Arc::new(super::pacer::Pacer::new(rebuild_rate)),
+            retired: std::sync::atomic::AtomicU64::new(0),
+            log_scrub_wanted: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -71,7 +102,8 @@ impl PgManager {
         if let Some(h) = self.get(pg) {
             return Ok(h);
         }
-        let shared = PgShared::new(pg, self.node, self.store.clone(), self.apply_stats.clone(), self.integrity.clone());
+        let mut shared = PgShared::new(pg, self.node, self.store.clone(), self.apply_stats.clone(), self.integrity.clone());
+        shared.pacer = self.pacer.clone();
         let group = self.host.start_group(pg.0, PgStateMachine::new(shared.clone())).await?;
         let handle = PgHandle { shared, group };
         self.groups.write().unwrap_or_else(|p| p.into_inner()).insert(pg, handle.clone());
@@ -89,13 +121,25 @@ impl PgManager {
         Ok(())
     }
 
-    /// Starts the PGs `view` places here; the first replica of a new PG forms its group.
+    /// Starts the PGs `view` places here (including replicas moving here); the first replica
+    /// of a new PG forms its group. Retires the replicas `view` no longer places here.
     pub async fn reconcile(&self, view: &ClusterView) {
+        let hosted: Vec<PgId> = self.groups.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
+        for pg in hosted {
+            // Only a map that knows the PG speaks for it; the map changes a replica set only
+            // after the PG's own Raft group committed the change, so a replica absent from it
+            // was replaced and its group goes on without it.
+            if (pg.0 as usize) < view.pgs.len() && !view.hosts(pg, self.node) {
+                if let Err(e) = self.retire(pg).await {
+                    tracing::error!(%pg, error = %e, "cannot retire a replica moved off this node; will retry");
+                }
+            }
+        }
         for (i, replicas) in view.pgs.iter().enumerate() {
-            if !replicas.contains(&self.node) {
+            let pg = PgId(i as u32);
+            if !view.hosts(pg, self.node) {
                 continue;
             }
-            let pg = PgId(i as u32);
             let handle = match self.ensure(pg).await {
                 Ok(h) => h,
                 Err(e) => {
@@ -126,6 +170,32 @@ impl PgManager {
                 tracing::info!(%pg, replicas = ?replicas, "formed placement group");
             }
         }
+    }
+
+    /// Removes this node's replica of `pg`: stops its group, deletes its Raft state, and
+    /// releases its chunks to the secure-deletion queue (the scrubber overwrites them before
+    /// their space is reused).
+    pub async fn retire(&self, pg: PgId) -> Result<(), RetireError> {
+        let handle = self.groups.write().unwrap_or_else(|p| p.into_inner()).remove(&pg);
+        let Some(handle) = handle else { return Ok(()) };
+        self.host.stop_group(&handle.group).await;
+        self.host.log_engine().remove_group(pg.0).await.map_err(|e| RetireError::Log { pg, reason: e.to_string() })?;
+        let _apply = handle.shared.lock.write().await;
+        let shard = handle.shared.shard();
+        let store_err = |e: basalt_chunk_store::ChunkStoreError| RetireError::Store { pg, reason: e.to_string() };
+        let mut batch = basalt_chunk_store::Batch::new();
+        batch.drop_shard(shard);
+        batch.drop_shard(handle.shared.staging_shard());
+        for (name, _) in self.store.scan_state(shard, b"").await.map_err(store_err)? {
+            batch.delete_state(shard, &name);
+        }
+        let chunks = self.store.list_chunks(shard).len();
+        self.store.commit(batch).await.map_err(store_err)?;
+        self.store.checkpoint().await.map_err(store_err)?;
+        self.retired.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.log_scrub_wanted.store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(%pg, chunks, "retired this node's replica (moved elsewhere); its chunks are queued for overwrite");
+        Ok(())
     }
 
     /// Checkpoints and stops every PG.
@@ -231,7 +301,9 @@ pub async fn run_checkpointer(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<b
             }
         }
         let due = last_log_scrub.is_none_or(|t| t.elapsed() >= LOG_SCRUB_INTERVAL);
-        if !owed.is_empty() && due {
+        let retired = ctx.pgs.log_scrub_wanted.load(std::sync::atomic::Ordering::Relaxed);
+        if (!owed.is_empty() || retired) && due {
+            ctx.pgs.log_scrub_wanted.store(false, std::sync::atomic::Ordering::Relaxed);
             let engine = ctx.host.log_engine().clone();
             let started = std::time::Instant::now();
             match tokio::task::spawn_blocking(move || engine.scrub_purged()).await {
@@ -242,8 +314,14 @@ pub async fn run_checkpointer(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<b
                     ctx.scrub.last_log_scrub_unix_ms.store(now_ms, std::sync::atomic::Ordering::Relaxed);
                     scrubbed.extend(owed);
                 }
-                Ok(Err(e)) => tracing::error!(error = %e, "scrubbing purged entries from the raft log failed; will retry"),
-                Err(e) => tracing::error!(error = %e, "raft log scrub task failed; will retry"),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "scrubbing purged entries from the raft log failed; will retry");
+                    ctx.pgs.log_scrub_wanted.fetch_or(retired, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "raft log scrub task failed; will retry");
+                    ctx.pgs.log_scrub_wanted.fetch_or(retired, std::sync::atomic::Ordering::Relaxed);
+                }
             }
             last_log_scrub = Some(tokio::time::Instant::now());
         }

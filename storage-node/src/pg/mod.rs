@@ -5,12 +5,16 @@
 //! - [`snapshot`]: streams a PG to a new replica.
 //! - [`repair`]: compares a chunk's replicas and repairs bad copies (integrity scrub).
 //! - [`verifier`]: the integrity scrub's passes over this node's chunks.
-//! - [`manager`]: starts the PGs the cluster map places here.
+//! - [`pacer`]: the node's byte budget for filling new replicas.
+//! - [`membership`]: moves a replica to another node (on the PG's leader).
+//! - [`manager`]: starts the PGs the cluster map places here, retires those it moved away.
 //! - [`service`]: the data API clients write and read through (gRPC face included).
 //! - [`wire`]: the same API over the framed protocol of [`basalt_proto::wire`].
 
 pub mod command;
 pub mod manager;
+pub mod membership;
+pub mod pacer;
 pub mod repair;
 pub mod service;
 pub mod snapshot;

@@ -14,7 +14,7 @@ use basalt_common::{BLOCK_SIZE, ExtentIndex, PgId, VolumeId, crc32c};
 use basalt_proto::data::data_error::Code;
 use basalt_proto::data::data_server::Data;
 use basalt_proto::data::{
-    ChunkCheckReply, ChunkCheckRequest, DataError, ReadReply, ReadRequest, ReleaseVolumeReply, ReleaseVolumeRequest, RepairChunkReply,
+    ChunkCheckReply, ChunkCheckRequest, DataError, MoveReplicaReply, MoveReplicaRequest, ReadReply, ReadRequest, ReleaseVolumeReply, ReleaseVolumeRequest, RepairChunkReply,
     RepairChunkRequest, WriteReply, WriteRequest, ZeroReply, ZeroRequest,
 };
 use basalt_raft::RaftError;
@@ -309,6 +309,31 @@ impl Data for DataService {
                 };
                 RepairChunkReply { error: Some(error), ..Default::default() }
             }
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn move_replica(&self, request: Request<MoveReplicaRequest>) -> Result<Response<MoveReplicaReply>, Status> {
+        let req = request.into_inner();
+        let Some(handle) = self.ctx.pgs.get(PgId(req.pg)) else {
+            let error = err(Code::WrongNode, format!("{} holds no replica of pg-{}", self.ctx.config.id, req.pg));
+            return Ok(Response::new(MoveReplicaReply { error: Some(error), ..Default::default() }));
+        };
+        if req.to == 0 || req.from == 0 || req.to == req.from || req.to_addr.is_empty() {
+            let error = err(Code::Invalid, "a move needs distinct, non-zero from and to nodes and the new node's address");
+            return Ok(Response::new(MoveReplicaReply { error: Some(error), ..Default::default() }));
+        }
+        let reply = match super::membership::advance(&handle, basalt_common::NodeId(req.from), basalt_common::NodeId(req.to), &req.to_addr).await {
+            Ok(m) => MoveReplicaReply {
+                error: None,
+                done: m.done,
+                phase: m.phase.to_string(),
+                chunks_done: m.chunks_done,
+                chunks_total: m.chunks_total,
+                matched_index: m.matched_index,
+                last_index: m.last_index,
+            },
+            Err(e) => MoveReplicaReply { error: Some(self.raft_error(e)), ..Default::default() },
         };
         Ok(Response::new(reply))
     }

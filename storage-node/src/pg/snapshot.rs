@@ -169,7 +169,10 @@ impl SnapshotStream for PgSnapshot {
                 rec.put_u64_le(epoch);
             }
             frame(&mut out, &rec);
-            o.keys = Some(o.shared.store.list_chunks(shard).into());
+            let keys = o.shared.store.list_chunks(shard);
+            o.shared.transfer.chunks_total.store(keys.len() as u64, Ordering::Relaxed);
+            o.shared.transfer.chunks_sent.store(0, Ordering::Relaxed);
+            o.keys = Some(keys.into());
         }
         let keys = o.keys.as_mut().expect("listed above");
         while out.len() < CHUNK_TARGET {
@@ -184,11 +187,13 @@ impl SnapshotStream for PgSnapshot {
                 image.encode_into(&mut rec);
                 frame(&mut out, &rec);
             }
+            o.shared.transfer.chunks_sent.fetch_add(1, Ordering::Relaxed);
         }
         if out.is_empty() {
             o.guard = None;
             return Ok(None);
         }
+        o.shared.pacer.pace(out.len()).await;
         Ok(Some(out.freeze()))
     }
 }

@@ -57,6 +57,19 @@ pub struct PgShared {
     pub probes: Arc<std::sync::Mutex<HashMap<(VolumeId, u64), u64>>>,
     /// Integrity counters of this node (repairs applied here).
     pub integrity: Arc<IntegrityStats>,
+    /// The node's rebuild byte budget, which outgoing snapshot streams draw on.
+    pub pacer: Arc<super::pacer::Pacer>,
+    /// Progress of the latest outgoing snapshot stream.
+    pub transfer: Arc<TransferProgress>,
+}
+
+/// How far the latest outgoing snapshot of a PG has got, in chunks.
+#[derive(Debug, Default)]
+pub struct TransferProgress {
+    /// Chunks listed when the stream began.
+    pub chunks_total: AtomicU64,
+    /// Chunks streamed so far.
+    pub chunks_sent: AtomicU64,
 }
 
 /// Most probes remembered per PG; beyond it the oldest are forgotten (their repairs void).
@@ -88,6 +101,8 @@ impl PgShared {
             purge_wanted: Arc::new(AtomicU64::new(0)),
             probes: Arc::new(std::sync::Mutex::new(HashMap::new())),
             integrity,
+            pacer: Arc::new(super::pacer::Pacer::new(0)),
+            transfer: Arc::new(TransferProgress::default()),
         }
     }
 

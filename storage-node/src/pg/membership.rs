@@ -1,0 +1,97 @@
+//! Moving one replica of a placement group to another node, driven on the PG's leader.
+//!
+//! The meta leader decides a move (`from` → `to`) and calls [`advance`] on the PG's leader
+//! about once a second until it reports done. Each call looks at the group's membership and
+//! takes the next step, so a call may repeat, and a new PG leader picks up where a crashed one
+//! stopped:
+//! 1. `to` is not a member: add it as a learner. The leader then sends it a snapshot (the PG's
+//!    chunks, paced by the node's rebuild budget) and the log after it.
+//! 2. `to` is a learner within [`CATCH_UP_LAG`] entries of the leader's log: make the voters
+//!    `voters - from + to`. openraft does this through joint consensus, so the group needs a
+//!    majority of both the old and the new voters at every step and never has fewer than two
+//!    live replicas because of the move.
+//! 3. `to` votes and `from` does not: done. The meta leader then records the new replica set.
+
+use std::collections::BTreeSet;
+
+use basalt_common::NodeId;
+use basalt_raft::{NodeInfo, RaftError};
+
+use super::manager::PgHandle;
+
+/// A learner this close to the leader's last log index is promoted: the rest arrives in the
+/// next append, and the joint configuration does not wait long on it.
+pub const CATCH_UP_LAG: u64 = 64;
+
+/// Where a move stands after one step.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MoveStatus {
+    /// `to` votes in place of `from`.
+    pub done: bool,
+    /// What is happening: "adding learner", "snapshot", "catching up", "promoting", "done".
+    pub phase: &'static str,
+    /// Chunks of the latest snapshot stream sent so far.
+    pub chunks_done: u64,
+    /// Chunks in that stream.
+    pub chunks_total: u64,
+    /// Highest log index `to` holds (0: none yet).
+    pub matched_index: u64,
+    /// The leader's last log index.
+    pub last_index: u64,
+}
+
+/// Takes the next step of moving `pg`'s replica on `from` to `to` (at `to_addr`). Must run on
+/// the PG's leader; anywhere else it fails with [`RaftError::NotLeader`].
+pub async fn advance(handle: &PgHandle, from: NodeId, to: NodeId, to_addr: &str) -> Result<MoveStatus, RaftError> {
+    let group = &handle.group;
+    let st = group.status();
+    if !st.is_leader {
+        let leader_addr = st.leader.and_then(|l| group.member_addr(l));
+        return Err(RaftError::NotLeader { group: group.id(), leader: st.leader, leader_addr });
+    }
+    let voters: BTreeSet<u64> = st.voters.iter().copied().collect();
+    let learners: BTreeSet<u64> = st.learners.iter().copied().collect();
+    let mut target = voters.clone();
+    target.remove(&from.0);
+    target.insert(to.0);
+    let transfer = &handle.shared.transfer;
+    let mut status = MoveStatus {
+        chunks_done: transfer.chunks_sent.load(std::sync::atomic::Ordering::Relaxed),
+        chunks_total: transfer.chunks_total.load(std::sync::atomic::Ordering::Relaxed),
+        last_index: st.last_log_index,
+        matched_index: group.matched_index(to.0).unwrap_or(0),
+        ..MoveStatus::default()
+    };
+    if voters == target {
+        // Covers a joint configuration left by a leader that crashed mid-change, too: the
+        // status lists the voters of both halves, which differ from the target then.
+        return Ok(MoveStatus { done: true, phase: "done", ..status });
+    }
+    if voters.contains(&to.0) {
+        // Joint configuration (old and new voters both listed): finish the change.
+        status.phase = "promoting";
+        group.set_voters(target).await?;
+        return Ok(status);
+    }
+    if !learners.contains(&to.0) {
+        tracing::info!(pg = group.id(), %from, %to, "adding learner for a replica move");
+        group.add_learner(to.0, NodeInfo { addr: to_addr.to_string() }).await?;
+        status.phase = "adding learner";
+        return Ok(status);
+    }
+    let caught_up = group.matched_index(to.0).is_some_and(|m| st.last_log_index.saturating_sub(m) <= CATCH_UP_LAG);
+    if !caught_up {
+        let streaming = handle.shared.transfers.load(std::sync::atomic::Ordering::Relaxed) > 0;
+        status.phase = if status.matched_index == 0 || streaming { "snapshot" } else { "catching up" };
+        return Ok(status);
+    }
+    tracing::info!(pg = group.id(), %from, %to, voters = ?target, "promoting the new replica");
+    status.phase = "promoting";
+    group.set_voters(target.clone()).await?;
+    let after: BTreeSet<u64> = group.status().voters.into_iter().collect();
+    if after == target {
+        status.phase = "done";
+        status.done = true;
+    }
+    Ok(status)
+}
