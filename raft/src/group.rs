@@ -124,6 +124,7 @@ impl<S: StateMachine> RaftGroup<S> {
     /// change instead of a message to the group's core task and back per read (that round trip
     /// was most of a 4 KiB read's Raft cost). It checks what `ensure_linearizable(LeaseRead)`
     /// checks:
+    /// - the group runs and this node is in the leader state;
     /// - the committed vote names this node as leader;
     /// - a quorum acknowledged a message this leader sent less than a lease ago. Followers
     ///   refuse to vote for anyone else for a lease after hearing from the leader, so no other
@@ -139,6 +140,10 @@ impl<S: StateMachine> RaftGroup<S> {
         let lease = Duration::from_millis(self.raft.config().election_timeout_max) * 9 / 10;
         let metrics = self.raft.metrics();
         let m = metrics.borrow_watched();
+        // A stopped group keeps publishing its last metrics: the state says whether it runs.
+        if m.state != ServerState::Leader || m.running_state.is_err() {
+            return false;
+        }
         if !m.vote.is_committed() || *m.vote.leader_id().node_id() != m.id {
             return false;
         }
@@ -221,6 +226,11 @@ impl<S: StateMachine> RaftGroup<S> {
         let mut m = BTreeMap::new();
         m.insert(node, info);
         self.change(ChangeMembers::AddNodes(m)).await
+    }
+
+    /// Removes learner `node` from the group.
+    pub async fn remove_learner(&self, node: NodeId) -> Result<(), RaftError> {
+        self.change(ChangeMembers::RemoveNodes([node].into_iter().collect())).await
     }
 
     /// Replaces the voters with `voters` (all must be members already).

@@ -61,6 +61,8 @@ pub struct TestNode {
     pub config: PathBuf,
     /// Log file.
     pub log: PathBuf,
+    /// Runs as this user (root when `None`); see [`TestCluster::run_as`].
+    pub uid: Option<u32>,
     child: Option<Child>,
 }
 
@@ -127,6 +129,7 @@ impl TestCluster {
                 log: data_dir.join("node.log"),
                 data_dir,
                 spec,
+                uid: None,
                 child: None,
             };
             nodes.insert(node.spec.id, node);
@@ -162,6 +165,7 @@ impl TestCluster {
             log: data_dir.join("node.log"),
             data_dir,
             spec,
+            uid: None,
             child: None,
         };
         self.nodes.insert(id, node);
@@ -191,7 +195,7 @@ impl TestCluster {
         for n in self.nodes.values() {
             let roles: Vec<String> = n.spec.roles.iter().map(|r| format!("\"{r}\"")).collect();
             let text = format!(
-                "id = {}\nlisten = \"{}\"\nmetrics_listen = \"{}\"\ndata_dir = \"{}\"\nlabels = \"{}\"\nroles = [{}]\nseeds = [{}]\ncapacity = \"4GiB\"\n{}\n[memory]\nindex_cache = \"16MiB\"\nlog_cache = \"8MiB\"\nwrite_buffer = \"8MiB\"\n",
+                "id = {}\nlisten = \"{}\"\nmetrics_listen = \"{}\"\ndata_dir = \"{}\"\nlabels = \"{}\"\nroles = [{}]\nseeds = [{}]\n{}{}\n[memory]\nindex_cache = \"16MiB\"\nlog_cache = \"8MiB\"\nwrite_buffer = \"8MiB\"\n",
                 n.spec.id,
                 n.addr,
                 n.metrics_addr,
@@ -199,6 +203,8 @@ impl TestCluster {
                 n.spec.labels,
                 roles.join(", "),
                 seeds.join(", "),
+                // 4 GiB of chunk space unless the extra config sets its own.
+                if self.extra_config.contains("capacity =") { "" } else { "capacity = \"4GiB\"\n" },
                 self.extra_config,
             );
             std::fs::write(&n.config, text)?;
@@ -209,7 +215,16 @@ impl TestCluster {
     fn spawn(&mut self, id: u64) -> Result<()> {
         let node = self.nodes.get_mut(&id).ok_or_else(|| anyhow!("no node {id}"))?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
-        let child = Command::new(bin("basalt-node"))
+        let uid = node.uid;
+        let mut cmd = match uid {
+            Some(uid) => {
+                let mut c = Command::new(self.dir.path().join("bin").join("basalt-node"));
+                std::os::unix::process::CommandExt::uid(&mut c, uid);
+                c
+            }
+            None => Command::new(bin("basalt-node")),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&node.config)
             .env("RUST_LOG", std::env::var("BASALT_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
@@ -372,6 +387,38 @@ impl TestCluster {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Restarts node `id` (SIGTERM, then start) as user `uid`, with its data directory and log
+    /// handed over to that user: its packets can then be told apart from the others' (see
+    /// [`Isolation`]).
+    pub async fn run_as(&mut self, id: u64, uid: u32) -> Result<()> {
+        self.stop(id).await?;
+        // Also opens the cluster directory (private to root by default) to the node.
+        self.shared_bin("basalt-node")?;
+        let node = self.nodes.get_mut(&id).ok_or_else(|| anyhow!("no node {id}"))?;
+        let status = Command::new("chown").arg("-R").arg(uid.to_string()).arg(&node.data_dir).status()?;
+        if !status.success() {
+            bail!("chown -R {uid} {} failed", node.data_dir.display());
+        }
+        node.uid = Some(uid);
+        self.restart(id).await
+    }
+
+    /// A copy of binary `name` that any user may run (the build directory may sit in root's
+    /// private home), in the cluster directory.
+    pub fn shared_bin(&self, name: &str) -> Result<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.dir.path().join("bin");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        let path = dir.join(name);
+        if !path.exists() {
+            std::fs::copy(bin(name), &path).with_context(|| format!("copying {name} to {}", path.display()))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        }
+        Ok(path)
     }
 
     /// Starts node `id` again from its data directory.
@@ -559,4 +606,48 @@ pub fn find_block(path: &Path, block: &[u8]) -> std::io::Result<Vec<u64>> {
         }
     });
     Ok(at)
+}
+
+/// A network partition on loopback between the processes of user `uid` (an isolated node
+/// started with [`TestCluster::run_as`], and optionally clients run as that user) and everyone
+/// else. Packets those processes send to the node's port, and the node's replies, pass; every
+/// other packet they send is dropped, and so is every packet anyone else sends to the node's
+/// port. Lifted on drop. Uses an nftables table of its own (needs root and `nft`).
+pub struct Isolation {
+    table: String,
+}
+
+impl Isolation {
+    /// Cuts off the node listening on `port` and running as `uid` (with its same-user clients).
+    pub fn start(port: u16, uid: u32) -> Result<Self> {
+        let table = format!("basalt_test_{}", std::process::id());
+        let script = format!(
+            "add table inet {table}\n\
+             add chain inet {table} out {{ type filter hook output priority 0 ; }}\n\
+             add rule inet {table} out meta skuid {uid} tcp dport {port} accept\n\
+             add rule inet {table} out meta skuid {uid} tcp sport {port} accept\n\
+             add rule inet {table} out meta skuid {uid} drop\n\
+             add rule inet {table} out tcp dport {port} drop\n"
+        );
+        let mut child = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running nft (install nftables; partitions need root)")?;
+        if let Some(stdin) = child.stdin.as_mut() {
+            std::io::Write::write_all(stdin, script.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("nft refused the partition rules: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(Self { table })
+    }
+}
+
+impl Drop for Isolation {
+    fn drop(&mut self) {
+        let _ = Command::new("nft").args(["delete", "table", "inet", &self.table]).status();
+    }
 }

@@ -638,6 +638,184 @@ async fn drain_under_load_then_remove_and_a_new_node_takes_its_share() {
     assert_fill_intact(&vol, &filled, "after the drain and the rebalance").await;
 }
 
+/// The user isolated nodes run as (see `Isolation`).
+const ISOLATED_UID: u32 = 65534;
+
+fn port_of(addr: &str) -> u16 {
+    addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("node address with a port")
+}
+
+/// A partition: node 3 (leading some PGs, maybe the meta group) is cut off from every other
+/// node and from the client for 12 s while the workload runs, then reconnected. The majority
+/// side elects new leaders and carries on; the cut-off node serves nothing stale meanwhile and
+/// catches up afterwards; the checker finds no lost write, no stale read and no I/O error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_a_partitioned_node_loses_its_leaderships_and_rejoins() {
+    let mut cluster = TestCluster::start(simple_spec(3)).await.unwrap();
+    cluster.run_as(3, ISOLATED_UID).await.unwrap();
+    cluster.init(8, "zone").await.unwrap();
+    cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
+    let mut admin = cluster.admin().await.unwrap();
+    admin.volume_create(VolumeCreateRequest { name: VOLUME.into(), size: VOLUME_SIZE }).await.unwrap();
+    let vol = cluster.client().await.unwrap().open_volume(VOLUME).await.unwrap();
+    let led = cluster.wait_status("node-3 leads a PG", Duration::from_secs(30), |s| s.pgs.iter().any(|p| p.leader == 3)).await.unwrap();
+    let led_before = led.pgs.iter().filter(|p| p.leader == 3).count();
+
+    let history = Arc::new(History::default());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t0 = Instant::now();
+    let tasks = start_workload(&vol, &history, t0, &stop);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cut_at = t0.elapsed();
+    let cut = basalt_tests::Isolation::start(port_of(&cluster.node(3).addr), ISOLATED_UID).unwrap();
+    let others = cluster
+        .wait_status("the majority side leads every PG", Duration::from_secs(30), |s| s.pgs.iter().all(|p| p.leader != 0 && p.leader != 3))
+        .await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    drop(cut);
+    others.unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    cluster.wait_healthy(3, Duration::from_secs(90)).await.unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ops = finish_workload(&vol, &history, tasks, &stop, t0).await;
+    println!("node-3 (led {led_before} PGs) cut off at {cut_at:?} for ~10 s: I/O resumed after {:?}; {} ops", stall_after(&ops, cut_at), ops.len());
+    assert_clean(&ops, "across a partition", &cluster);
+}
+
+/// Fencing after a partition: an attachment on the cut-off side cannot write once the volume
+/// has been attached elsewhere, not even after the partition heals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_attachment_across_a_partition_is_fenced() {
+    use std::process::{Command, Stdio};
+    let mut cluster = TestCluster::start(simple_spec(3)).await.unwrap();
+    cluster.run_as(3, ISOLATED_UID).await.unwrap();
+    cluster.init(8, "zone").await.unwrap();
+    cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
+    let mut admin = cluster.admin().await.unwrap();
+    admin.volume_create(VolumeCreateRequest { name: "fence".into(), size: 16 << 20 }).await.unwrap();
+    // Attachment A runs as the isolated user, talking to node 3 only (its side of the cut).
+    let listen_a = format!("127.0.0.1:{}", basalt_tests::free_port());
+    let mut a = Command::new(cluster.shared_bin("basalt").unwrap());
+    std::os::unix::process::CommandExt::uid(&mut a, ISOLATED_UID);
+    let mut a = a
+        .args(["--cluster", &cluster.node(3).addr, "attach", "fence", "--nbd-listen", &listen_a])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let uri_a = format!("nbd://{listen_a}/fence");
+    let qemu_io = |uri: &str, cmd: &str| {
+        let out = Command::new("qemu-io").args(["-f", "raw", "-c", cmd, uri]).output().expect("qemu-io");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success() && !text.contains("failed"), text)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ok, out) = qemu_io(&uri_a, "write -P 0x11 0 1M");
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "attachment A never served: {out}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let cut = basalt_tests::Isolation::start(port_of(&cluster.node(3).addr), ISOLATED_UID).unwrap();
+    // On the majority side: take the volume over and write.
+    let listen_b = format!("127.0.0.1:{}", basalt_tests::free_port());
+    let mut b = Command::new(basalt_tests::bin("basalt"))
+        .args(["--cluster", &cluster.node(1).addr, "attach", "fence", "--force", "--nbd-listen", &listen_b])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let uri_b = format!("nbd://{listen_b}/fence");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (ok, out) = qemu_io(&uri_b, "write -P 0x22 0 1M");
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "attachment B never served during the partition: {out}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(cut);
+    cluster.wait_healthy(3, Duration::from_secs(90)).await.unwrap();
+    // A is on the healed network now, with the old epoch: every write must be refused.
+    let (ok, out) = qemu_io(&uri_a, "write -P 0x33 0 1M");
+    let (ok_b, read_b) = qemu_io(&uri_b, "read -P 0x22 0 1M");
+    let _ = a.kill();
+    let _ = a.wait();
+    let _ = b.kill();
+    let _ = b.wait();
+    assert!(!ok, "the stale attachment wrote after the takeover: {out}");
+    assert!(ok_b, "the new attachment's data was overwritten: {read_b}");
+}
+
+/// Used bytes node `id` reported in its last heartbeat.
+fn used_on(s: &ClusterStatusReply, id: u64) -> u64 {
+    s.nodes.iter().find(|n| n.id == id).map(|n| n.used_bytes).unwrap_or(0)
+}
+
+/// Numbers for the closing note, not assertions on speed: how long a drain, a rebalance onto a
+/// new node and a rebuild after a node loss take for a volume holding `BASALT_REBUILD_MIB`
+/// (default 192) MiB, at the default `heal.rebuild_rate` (64 MiB/s per sending node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_rebuild_drain_and_rebalance_throughput() {
+    use futures::StreamExt;
+    let mib: u64 = std::env::var("BASALT_REBUILD_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(192);
+    let (mut cluster, _hist) = four_node_cluster("[heal]\nreplace_down_after_secs = 3\n").await;
+    let mut admin = cluster.admin().await.unwrap();
+    admin.volume_create(VolumeCreateRequest { name: "bulk".into(), size: (mib + 64) << 20 }).await.unwrap();
+    let bulk = cluster.client().await.unwrap().open_volume("bulk").await.unwrap();
+    let piece = Bytes::from(Rng::new(seed()).bytes(1 << 20));
+    futures::stream::iter(0..mib)
+        .map(|i| {
+            let (bulk, piece) = (bulk.clone(), piece.clone());
+            async move { bulk.write(i << 20, piece, false).await.unwrap() }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    let s = cluster.wait_status("heartbeats report the data", Duration::from_secs(10), |s| used_on(s, 4) >= (mib << 20) / 2).await.unwrap();
+    let on4 = used_on(&s, 4);
+
+    let t = Instant::now();
+    admin.node_drain(NodeDrainRequest { id: 4, undo: false }).await.unwrap();
+    cluster.wait_status("node-4 drained", Duration::from_secs(600), |s| replicas_on(s, 4) == 0 && moves(s) == 0).await.unwrap();
+    let drain = t.elapsed();
+    admin.node_remove(NodeRemoveRequest { id: 4 }).await.unwrap();
+
+    let t = Instant::now();
+    cluster.add_node(NodeSpec { id: 5, labels: "zone=z5,host=h5".into(), roles: vec!["storage"] }).await.unwrap();
+    let s = cluster
+        .wait_status("node-5 took its share", Duration::from_secs(600), |s| replicas_on(s, 5) == 6 && moves(s) == 0)
+        .await
+        .unwrap();
+    let rebalance = t.elapsed();
+    let s = cluster.wait_status("node-5 reports its data", Duration::from_secs(10), |x| used_on(x, 5) >= used_on(&s, 5).max(1)).await.unwrap();
+    let on5 = used_on(&s, 5);
+
+    let t = Instant::now();
+    cluster.kill9(5);
+    cluster.wait_status("node-5's replicas rebuilt", Duration::from_secs(600), |s| healed_without(s, 5)).await.unwrap();
+    let rebuild = t.elapsed();
+    let rate = |bytes: u64, d: Duration| bytes as f64 / d.as_secs_f64() / (1 << 20) as f64;
+    println!(
+        "volume data {mib} MiB; drain of node-4 ({} MiB, 6 replicas): {drain:.1?} = {:.1} MiB/s; \
+         new node-5 took 6 replicas ({} MiB) in {rebalance:.1?} = {:.1} MiB/s; \
+         node-5 killed: rebuilt elsewhere in {rebuild:.1?} = {:.1} MiB/s including the {}s down timeout and 5 s liveness window",
+        on4 >> 20,
+        rate(on4, drain),
+        on5 >> 20,
+        rate(on5, rebalance),
+        rate(on5, rebuild),
+        3
+    );
+    for i in 0..mib {
+        let back = bulk.read(i << 20, 1 << 20).await.unwrap();
+        assert!(back[..] == piece[..], "bulk MiB {i} reads back different after drain, rebalance and rebuild");
+    }
+}
+
 #[test]
 fn the_checker_catches_lost_stale_phantom_and_backward_reads() {
     let d = Duration::from_millis;

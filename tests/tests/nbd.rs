@@ -251,6 +251,38 @@ async fn trim_and_write_zeroes_read_back_as_zeros() {
     assert!(ok, "{out}");
 }
 
+/// A full disk: writes beyond the nodes' chunk space fail with ENOSPC on the NBD reply,
+/// everything acknowledged before stays readable, and once space is freed (TRIM, then the
+/// scrubber overwrites it) writes succeed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_writes_with_enospc_keeps_data_and_recovers() {
+    // 64 MiB of chunk space per node; every node holds a replica of every PG.
+    let cluster = TestCluster::with_volume_config("full", 256 << 20, "capacity = \"64MiB\"").await.unwrap();
+    let a = attach(&cluster.seeds().join(","), "full", &[]).unwrap();
+    let (ok, out) = qemu_io(&a.uri, &["write -P 0x5a 0 48M".to_string()]);
+    assert!(ok, "{out}");
+    let (ok, out) = qemu_io(&a.uri, &["write -P 0x5b 64M 32M".to_string()]);
+    assert!(!ok && out.contains("No space left on device"), "a write past the chunk space must fail with ENOSPC: {out}");
+    let (ok, out) = qemu_io(&a.uri, &["read -P 0x5a 0 48M".to_string()]);
+    assert!(ok, "acknowledged data must survive a full disk: {out}");
+    // Free 32 MiB. The space returns once the scrubber has overwritten it.
+    let (ok, out) = qemu_io(&a.uri, &["discard 0 32M".to_string()]);
+    assert!(ok, "{out}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (ok, out) = qemu_io(&a.uri, &["write -P 0x5c 64M 16M".to_string()]);
+        if ok {
+            break;
+        }
+        assert!(out.contains("No space left on device"), "{out}");
+        assert!(Instant::now() < deadline, "writes still fail 60 s after space was freed: {out}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let cmds = ["read -P 0 0 32M", "read -P 0x5a 32M 16M", "read -P 0x5c 64M 16M"].map(String::from);
+    let (ok, out) = qemu_io(&a.uri, &cmds);
+    assert!(ok, "after recovering: {out}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_read_write_attachment_at_a_time_and_takeover_fences() {
     let (_cluster, seeds) = cluster_with_volume("excl", 8 << 20).await;

@@ -18,6 +18,9 @@ use tokio::sync::Semaphore;
 use crate::cluster::Cluster;
 use crate::error::ClientError;
 
+
+/// Longest wait between two attempts of one request.
+const MAX_BACKOFF: Duration = Duration::from_millis(250);
 /// An open volume. Cheap to clone; clones share the in-flight limit.
 #[derive(Clone)]
 pub struct Volume {
@@ -174,7 +177,10 @@ impl Volume {
                     rotate += 1;
                     if wait {
                         tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_millis(1000));
+                        // Capped low: during a failover the new leader is usually up within a
+                        // few seconds, and a long sleep would add up to itself to the stall.
+                        // Each waiting request retries at most 4 times a second.
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
                     }
                 }
             }

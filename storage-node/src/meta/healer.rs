@@ -4,7 +4,9 @@
 //!
 //! The healer decides each move in the meta group (`BeginMove`), drives it on the PG's leader
 //! ([`crate::pg::membership::advance`], once a second, idempotent), and records the new replica
-//! set (`FinishMove`) once the PG's Raft group has the new voter in place of the old. A moving
+//! set (`FinishMove`) once the PG's Raft group has the new voter in place of the old; a move
+//! whose target dies while it is still a learner is abandoned (`CancelMove`) and planned
+//! again with another target. A moving
 //! replica is added before the old one is removed, so no PG drops below two live replicas
 //! because of a move; at most `heal.max_moves` run at once, and every node paces the snapshot
 //! data it sends (`heal.rebuild_rate`).
@@ -211,20 +213,23 @@ pub async fn run(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<bool>) {
         if state.settings.is_none() {
             continue;
         }
+        let health = Health::observe(&state, &ctx.liveness, since.elapsed(), heal.replace_down_after);
         let moves: Vec<(PgId, PgMove)> = state.pgs.iter().filter_map(|p| p.moving.clone().map(|m| (p.id, m))).collect();
         ctx.heal.retain(|pg| moves.iter().any(|(p, _)| p == pg));
-        let steps = moves.iter().map(|(pg, m)| drive(&ctx, &state, *pg, m));
-        for (pg, m, done) in futures::future::join_all(steps).await {
-            if !done {
-                continue;
-            }
-            match service.propose(meta, MetaCommand::FinishMove { pg, from: m.from, to: m.to }).await {
-                Ok(MetaReply::Error(e)) => tracing::warn!(%pg, error = %e, "recording a finished move was refused"),
-                Ok(_) => tracing::info!(%pg, from = %m.from, to = %m.to, reason = m.reason.as_str(), "replica move finished"),
-                Err(e) => tracing::debug!(%pg, error = %e.message(), "recording a finished move failed; will retry"),
+        // A target that died mid-move is abandoned (if it only learns so far) and replanned.
+        let steps = moves.iter().map(|(pg, m)| drive(&ctx, &state, *pg, m, health.dead.contains(&m.to)));
+        for (pg, m, step) in futures::future::join_all(steps).await {
+            let cmd = match step {
+                Step::Pending => continue,
+                Step::Finished => MetaCommand::FinishMove { pg, from: m.from, to: m.to },
+                Step::Cancelled => MetaCommand::CancelMove { pg, from: m.from, to: m.to },
+            };
+            match service.propose(meta, cmd).await {
+                Ok(MetaReply::Error(e)) => tracing::warn!(%pg, error = %e, "recording the end of a move was refused"),
+                Ok(_) => tracing::info!(%pg, from = %m.from, to = %m.to, reason = m.reason.as_str(), outcome = ?step, "replica move ended"),
+                Err(e) => tracing::debug!(%pg, error = %e.message(), "recording the end of a move failed; will retry"),
             }
         }
-        let health = Health::observe(&state, &ctx.liveness, since.elapsed(), heal.replace_down_after);
         let budget = (heal.max_moves as usize).saturating_sub(moves.len());
         for p in plan(&state, &health, budget) {
             let cmd = MetaCommand::BeginMove { pg: p.pg, from: p.from, to: p.to, reason: p.reason, now_unix_ms: super::service::now_ms() };
@@ -237,11 +242,22 @@ pub async fn run(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// One step of a move on the PG's leader; returns whether the move is complete.
-async fn drive(ctx: &NodeCtx, state: &ClusterState, pg: PgId, m: &PgMove) -> (PgId, PgMove, bool) {
+/// Where a move stands after one step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// Still running.
+    Pending,
+    /// The PG's voters have the new replica in place of the old.
+    Finished,
+    /// Abandoned: the PG keeps its old replicas.
+    Cancelled,
+}
+
+/// One step of a move on the PG's leader (or of abandoning it, if `cancel`).
+async fn drive(ctx: &NodeCtx, state: &ClusterState, pg: PgId, m: &PgMove, cancel: bool) -> (PgId, PgMove, Step) {
     let Some(to_addr) = state.nodes.get(&m.to).map(|n| n.addr.clone()) else {
         ctx.heal.set(pg, MoveProgress { phase: format!("waiting: {} is not registered", m.to), ..Default::default() });
-        return (pg, m.clone(), false);
+        return (pg, m.clone(), Step::Pending);
     };
     // The reported leader first, then every replica (a NotLeader answer names the leader).
     let mut candidates: Vec<NodeId> = Vec::new();
@@ -259,14 +275,19 @@ async fn drive(ctx: &NodeCtx, state: &ClusterState, pg: PgId, m: &PgMove) -> (Pg
     for node in candidates {
         let Some(addr) = state.nodes.get(&node).map(|n| n.addr.clone()) else { continue };
         let Ok(mut client) = ctx.clients.data(&addr) else { continue };
-        let req = MoveReplicaRequest { pg: pg.0, from: m.from.0, to: m.to.0, to_addr: to_addr.clone() };
+        let req = MoveReplicaRequest { pg: pg.0, from: m.from.0, to: m.to.0, to_addr: to_addr.clone(), cancel };
         match tokio::time::timeout(Duration::from_secs(20), client.move_replica(req)).await {
             Ok(Ok(reply)) => {
                 let r = reply.into_inner();
                 match r.error {
                     None => {
                         ctx.heal.set(pg, MoveProgress { phase: r.phase, chunks_done: r.chunks_done, chunks_total: r.chunks_total });
-                        return (pg, m.clone(), r.done);
+                        let step = match (r.done, r.cancelled) {
+                            (true, true) => Step::Cancelled,
+                            (true, false) => Step::Finished,
+                            _ => Step::Pending,
+                        };
+                        return (pg, m.clone(), step);
                     }
                     Some(e) => last_error = format!("{node}: {}", e.message),
                 }
@@ -278,7 +299,7 @@ async fn drive(ctx: &NodeCtx, state: &ClusterState, pg: PgId, m: &PgMove) -> (Pg
     let mut progress = ctx.heal.get(pg).unwrap_or_default();
     progress.phase = format!("retrying ({last_error})");
     ctx.heal.set(pg, progress);
-    (pg, m.clone(), false)
+    (pg, m.clone(), Step::Pending)
 }
 
 #[cfg(test)]

@@ -271,6 +271,15 @@ pub enum MetaCommand {
         /// Its replacement.
         to: NodeId,
     },
+    /// Records an abandoned move (its target died while still a learner).
+    CancelMove {
+        /// The PG.
+        pg: PgId,
+        /// The replica that was to leave (it stays).
+        from: NodeId,
+        /// The abandoned target.
+        to: NodeId,
+    },
     /// Starts draining a node (`drain = false` stops draining it).
     DrainNode {
         /// The node.
@@ -425,6 +434,7 @@ impl ClusterState {
             MetaCommand::VolumePgReleased { volume, pg } => self.pg_released(volume, pg),
             MetaCommand::BeginMove { pg, from, to, reason, now_unix_ms } => self.begin_move(pg, from, to, reason, now_unix_ms),
             MetaCommand::FinishMove { pg, from, to } => self.finish_move(pg, from, to),
+            MetaCommand::CancelMove { pg, from, to } => self.cancel_move(pg, from, to),
             MetaCommand::DrainNode { node, drain } => self.drain_node(node, drain),
             MetaCommand::RemoveNode { node } => self.remove_node(node),
         };
@@ -593,6 +603,19 @@ impl ClusterState {
         rec.replicas.push(to);
         rec.moving = None;
         MetaReply::Done
+    }
+
+    fn cancel_move(&mut self, pg: PgId, from: NodeId, to: NodeId) -> MetaReply {
+        let Some(rec) = self.pgs.get_mut(pg.0 as usize) else {
+            return MetaReply::Error(MetaError::BadMove(format!("no placement group {pg}")));
+        };
+        match &rec.moving {
+            Some(m) if m.from == from && m.to == to => {
+                rec.moving = None;
+                MetaReply::Done
+            }
+            _ => MetaReply::Error(MetaError::BadMove(format!("{pg} has no move of its replica on {from} to {to} in progress"))),
+        }
     }
 
     fn drain_node(&mut self, node: NodeId, drain: bool) -> MetaReply {
@@ -826,6 +849,11 @@ mod tests {
             s.apply(7, MetaCommand::FinishMove { pg, from: NodeId(2), to: NodeId(4) }),
             MetaReply::Error(MetaError::BadMove(_))
         ));
+        // An abandoned move leaves the replicas as they were; the move can start again.
+        assert!(matches!(s.apply(8, MetaCommand::CancelMove { pg, from: NodeId(1), to: NodeId(5) }), MetaReply::Error(_)));
+        assert_eq!(s.apply(8, MetaCommand::CancelMove { pg, from: NodeId(1), to: NodeId(4) }), MetaReply::Done);
+        assert!(s.pgs[3].moving.is_none() && s.pgs[3].replicas.contains(&NodeId(1)));
+        assert_eq!(s.apply(8, begin(1, 4)), MetaReply::Done);
         assert_eq!(s.apply(8, MetaCommand::FinishMove { pg, from: NodeId(1), to: NodeId(4) }), MetaReply::Done);
         let r = &s.pgs[3];
         assert!(r.moving.is_none());

@@ -176,10 +176,12 @@ impl PgManager {
     /// releases its chunks to the secure-deletion queue (the scrubber overwrites them before
     /// their space is reused).
     pub async fn retire(&self, pg: PgId) -> Result<(), RetireError> {
-        let handle = self.groups.write().unwrap_or_else(|p| p.into_inner()).remove(&pg);
-        let Some(handle) = handle else { return Ok(()) };
+        let Some(handle) = self.get(pg) else { return Ok(()) };
+        handle.shared.retired.store(true, std::sync::atomic::Ordering::Release);
         self.host.stop_group(&handle.group).await;
-        self.host.log_engine().remove_group(pg.0).await.map_err(|e| RetireError::Log { pg, reason: e.to_string() })?;
+        // Chunks and state first, the log last: a replica with a log but no state is restarted
+        // empty and retired again, one with state but no log would claim entries it lacks.
+        // The handle stays listed until everything is gone, so a failed step is retried.
         let _apply = handle.shared.lock.write().await;
         let shard = handle.shared.shard();
         let store_err = |e: basalt_chunk_store::ChunkStoreError| RetireError::Store { pg, reason: e.to_string() };
@@ -192,6 +194,8 @@ impl PgManager {
         let chunks = self.store.list_chunks(shard).len();
         self.store.commit(batch).await.map_err(store_err)?;
         self.store.checkpoint().await.map_err(store_err)?;
+        self.host.log_engine().remove_group(pg.0).await.map_err(|e| RetireError::Log { pg, reason: e.to_string() })?;
+        self.groups.write().unwrap_or_else(|p| p.into_inner()).remove(&pg);
         self.retired.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.log_scrub_wanted.store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(%pg, chunks, "retired this node's replica (moved elsewhere); its chunks are queued for overwrite");

@@ -11,6 +11,9 @@
 //!    majority of both the old and the new voters at every step and never has fewer than two
 //!    live replicas because of the move.
 //! 3. `to` votes and `from` does not: done. The meta leader then records the new replica set.
+//!
+//! A move whose target dies while it is still a learner is abandoned ([`cancel`]): the learner
+//! is removed and the meta leader picks another target.
 
 use std::collections::BTreeSet;
 
@@ -38,6 +41,8 @@ pub struct MoveStatus {
     pub matched_index: u64,
     /// The leader's last log index.
     pub last_index: u64,
+    /// The move was abandoned: the learner is gone, the voters unchanged.
+    pub cancelled: bool,
 }
 
 /// Takes the next step of moving `pg`'s replica on `from` to `to` (at `to_addr`). Must run on
@@ -94,4 +99,19 @@ pub async fn advance(handle: &PgHandle, from: NodeId, to: NodeId, to_addr: &str)
         status.done = true;
     }
     Ok(status)
+}
+
+/// Abandons the move of `pg`'s replica to `to`: removes `to` if it is only a learner. A target
+/// that already votes (the promotion began) is not removed: the move is finished instead, as
+/// [`advance`] would.
+pub async fn cancel(handle: &PgHandle, from: NodeId, to: NodeId, to_addr: &str) -> Result<MoveStatus, RaftError> {
+    let st = handle.group.status();
+    if st.is_leader && !st.voters.contains(&to.0) {
+        if st.learners.contains(&to.0) {
+            tracing::info!(pg = handle.group.id(), %to, "abandoning a replica move: removing the learner");
+            handle.group.remove_learner(to.0).await?;
+        }
+        return Ok(MoveStatus { done: true, cancelled: true, phase: "cancelled", last_index: st.last_log_index, ..MoveStatus::default() });
+    }
+    advance(handle, from, to, to_addr).await
 }

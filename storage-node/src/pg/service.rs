@@ -193,6 +193,11 @@ impl DataService {
             loop {
                 match handle.shared.read(VolumeId(req.volume_id), req.offset, len).await {
                     Ok(r) => return Ok((r.data, r.crcs)),
+                    Err(_) if handle.shared.retired.load(std::sync::atomic::Ordering::Acquire) => {
+                        // The replica moved elsewhere while the read waited: the client asks
+                        // the PG's current replicas instead.
+                        return Err(err(Code::WrongNode, format!("{} no longer holds a replica of pg-{}", self.ctx.config.id, req.pg)));
+                    }
                     Err(e) => {
                         let ChunkStoreError::Corrupt { volume, chunk, .. } = &e else {
                             return Err(err(Code::Internal, format!("{e} (on {})", self.ctx.config.id)));
@@ -323,7 +328,13 @@ impl Data for DataService {
             let error = err(Code::Invalid, "a move needs distinct, non-zero from and to nodes and the new node's address");
             return Ok(Response::new(MoveReplicaReply { error: Some(error), ..Default::default() }));
         }
-        let reply = match super::membership::advance(&handle, basalt_common::NodeId(req.from), basalt_common::NodeId(req.to), &req.to_addr).await {
+        let (from, to) = (basalt_common::NodeId(req.from), basalt_common::NodeId(req.to));
+        let step = if req.cancel {
+            super::membership::cancel(&handle, from, to, &req.to_addr).await
+        } else {
+            super::membership::advance(&handle, from, to, &req.to_addr).await
+        };
+        let reply = match step {
             Ok(m) => MoveReplicaReply {
                 error: None,
                 done: m.done,
@@ -332,6 +343,7 @@ impl Data for DataService {
                 chunks_total: m.chunks_total,
                 matched_index: m.matched_index,
                 last_index: m.last_index,
+                cancelled: m.cancelled,
             },
             Err(e) => MoveReplicaReply { error: Some(self.raft_error(e)), ..Default::default() },
         };

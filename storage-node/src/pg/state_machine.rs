@@ -61,6 +61,9 @@ pub struct PgShared {
     pub pacer: Arc<super::pacer::Pacer>,
     /// Progress of the latest outgoing snapshot stream.
     pub transfer: Arc<TransferProgress>,
+    /// Set when this replica is being retired (moved elsewhere): its data is going away, so
+    /// reads must not be answered from it any more.
+    pub retired: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// How far the latest outgoing snapshot of a PG has got, in chunks.
@@ -103,6 +106,7 @@ impl PgShared {
             integrity,
             pacer: Arc::new(super::pacer::Pacer::new(0)),
             transfer: Arc::new(TransferProgress::default()),
+            retired: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
     }
 
@@ -123,7 +127,7 @@ impl PgShared {
         // Shared lock: no command applies while the chunk is read, so the probe checked here
         // still holds for the bytes read.
         let _guard = self.lock.read().await;
-        if !self.probe_holds(volume, chunk, probe_index) {
+        if self.retired.load(Ordering::Acquire) || !self.probe_holds(volume, chunk, probe_index) {
             return Ok(None);
         }
         let key = ChunkKey { shard: self.shard(), volume, chunk };
@@ -165,8 +169,13 @@ impl PgShared {
     }
 
     /// Reads block-aligned `[offset, offset+len)` of `volume`, verified.
+    /// Fails if the replica is being retired (checked under the lock, which retiring takes
+    /// before it drops the data).
     pub async fn read(&self, volume: VolumeId, offset: u64, len: u64) -> Result<basalt_chunk_store::BlockRead, ChunkStoreError> {
         let _guard = self.lock.read().await;
+        if self.retired.load(Ordering::Acquire) {
+            return Err(ChunkStoreError::Failed(format!("{} no longer holds a replica of {}", self.node, self.pg)));
+        }
         self.store.read(self.shard(), volume, offset, len).await
     }
 }
