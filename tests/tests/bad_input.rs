@@ -209,6 +209,20 @@ async fn cli_exit_codes_mean_something() {
     assert_eq!(report["nodes"][0]["node"], 2, "{out}");
     assert_eq!(report["nodes"][0]["corrupt_found"], 0, "{out}");
     assert!(err.contains("progress_percent"), "--json progress goes to stderr as JSON lines: {err}");
+    // Membership commands: three nodes in three zones leave a drain nowhere to go; removing
+    // an unknown node, or a node still holding replicas, is refused with the reason.
+    let (code, _, err) = run(&["node", "drain", "1"], s);
+    assert_eq!(code, Some(7), "drain with no spare domain: {err}");
+    assert!(err.contains("cannot drain node-1"), "{err}");
+    let (code, _, err) = run(&["node", "remove", "99"], s);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("node-99 is not in the cluster"), "{err}");
+    let (code, _, err) = run(&["node", "remove", "2"], s);
+    assert_eq!(code, Some(7), "{err}");
+    let (code, out, err) = run(&["--json", "node", "list"], s);
+    assert_eq!(code, Some(0), "{err}");
+    let nodes: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert!(nodes.iter().all(|n| n["replicas"] == 8 && n["draining"] == false), "{out}");
 }
 
 /// Reads one reply frame: (kind, id, body).

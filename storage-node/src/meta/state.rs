@@ -332,7 +332,7 @@ pub enum MetaError {
     #[error("{0}")]
     Placement(String),
     /// No such node.
-    #[error("no node {0} in the cluster")]
+    #[error("{0} is not in the cluster")]
     NoSuchNode(NodeId),
     /// The node was removed and cannot come back under its id.
     #[error("{0} was removed from the cluster; start it with a new id and empty data to add it again")]

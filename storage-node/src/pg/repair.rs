@@ -5,16 +5,17 @@
 //! 1. The leader proposes a [`PgCommand::Probe`] for the chunk. Once a replica has applied it,
 //!    its copy is the state at that log position, the same on every replica.
 //! 2. Each replica reports, per written block, the crc recorded at write time and whether its
-//!    bytes still match (the leader itself directly, followers over the `ChunkCheck` RPC). A
-//!    replica where the chunk was written after the probe refuses, and the comparison is
-//!    retried later rather than compare different versions.
+//!    bytes still match (the leader itself directly, followers over the `ChunkCheck` RPC),
+//!    leaving out the blocks written after the probe and naming them. Those blocks are left
+//!    out of the comparison on every replica rather than compare different versions: the
+//!    writes that replaced them reach every replica through the log.
 //! 3. Per block, the value to keep is the crc that a majority of the answering replicas
 //!    recorded when they wrote it, provided at least one of them still holds it intact (so
 //!    copies rotted on two of three nodes are recovered from the third, and a replica that
 //!    holds a different, self-consistent block is outvoted). A block without such a value is
 //!    reported, never guessed at.
 //! 4. Each bad block is proposed as a [`PgCommand::Repair`] carrying an intact copy. A replica
-//!    applies it only where its own copy is bad, and only if nothing wrote the chunk since the
+//!    applies it only where its own copy is bad, and only if nothing wrote that block since the
 //!    probe, so a repair can never put older data over a newer write.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -145,7 +146,12 @@ impl NodeCtx {
     }
 }
 
-/// Asks replica `node` for its copy of the chunk at the probe; `Ok(None)` if it changed since.
+/// A replica's answer at a probe: its view of the blocks not written since, the fetched
+/// blocks' data, and the blocks written since.
+type RemoteCopy = (ReplicaView, Vec<Bytes>, Vec<u16>);
+
+/// Asks replica `node` for its copy of the chunk at the probe; `Ok(None)` if it no longer
+/// knows the probe.
 async fn remote_check(
     ctx: &NodeCtx,
     handle: &PgHandle,
@@ -154,7 +160,7 @@ async fn remote_check(
     chunk: u64,
     probe_index: u64,
     fetch: Vec<u16>,
-) -> Result<Option<(ReplicaView, Vec<Bytes>)>, String> {
+) -> Result<Option<RemoteCopy>, String> {
     let addr = ctx.addr_of(handle, node).ok_or_else(|| format!("address of {node} unknown"))?;
     let mut client = ctx.clients.data(&addr).map_err(|e| e.to_string())?;
     let req = ChunkCheckRequest {
@@ -188,7 +194,8 @@ async fn remote_check(
         return Err(format!("{node} returned {} bytes for {} blocks", reply.data.len(), fetch.len()));
     }
     let blocks = (0..fetch.len()).map(|i| reply.data.slice(i * BLOCK_SIZE as usize..(i + 1) * BLOCK_SIZE as usize)).collect();
-    Ok(Some((view, blocks)))
+    let written = reply.written_since_probe.iter().filter_map(|b| u16::try_from(*b).ok()).collect();
+    Ok(Some((view, blocks, written)))
 }
 
 /// Compares every replica's copy of `chunk` of `volume` and repairs the bad ones (the module
@@ -217,11 +224,17 @@ pub async fn check_and_repair(ctx: &NodeCtx, handle: &PgHandle, volume: VolumeId
     };
     // propose() returns once the leader applied the probe.
     let local = handle.shared.check_at_probe(volume, chunk, probe).await.map_err(|e| failed(e.to_string()))?;
-    let Some(local) = local else { return Err(RepairError::Changed { pg, volume, chunk }) };
+    let Some((local, written)) = local else { return Err(RepairError::Changed { pg, volume, chunk }) };
+    // Blocks written since the probe on any replica are left out: they hold newer data than
+    // the probe, and the write that replaced them reaches every replica through the log.
+    let mut excluded: BTreeSet<u16> = written.into_iter().collect();
     let mut views = vec![(me, view_of(&local))];
     for peer in status.voters.iter().map(|n| NodeId(*n)).filter(|n| *n != me) {
         match remote_check(ctx, handle, peer, volume, chunk, probe, Vec::new()).await {
-            Ok(Some((view, _))) => views.push((peer, view)),
+            Ok(Some((view, _, written))) => {
+                excluded.extend(written);
+                views.push((peer, view));
+            }
             Ok(None) => return Err(RepairError::Changed { pg, volume, chunk }),
             // Compare the replicas that answer; an absent one catches up through Raft.
             Err(e) => tracing::warn!(pg, %volume, chunk, error = %e, "a replica did not report its copy for the integrity comparison"),
@@ -229,6 +242,9 @@ pub async fn check_and_repair(ctx: &NodeCtx, handle: &PgHandle, volume: VolumeId
     }
     if views.len() < 2 {
         return Err(failed("no other replica answered; nothing to compare against".into()));
+    }
+    for (_, view) in &mut views {
+        view.retain(|block, _| !excluded.contains(block));
     }
 
     let mut verdict = ChunkVerdict { bytes_read: local.bytes_read(), ..Default::default() };
@@ -247,7 +263,10 @@ pub async fn check_and_repair(ctx: &NodeCtx, handle: &PgHandle, volume: VolumeId
             tracing::error!(pg, %volume, chunk, block = plan.block, copies = ?copies, "no replica can vouch for this block; left as is");
             continue;
         };
-        let data = fetch_intact(ctx, handle, &local, &plan, keep, volume, chunk, probe).await?;
+        let Some(data) = fetch_intact(ctx, handle, &local, &plan, keep, volume, chunk, probe).await? else {
+            // Written on the source since the probe: that write replaces the bad copies too.
+            continue;
+        };
         let offset = chunk * CHUNK_SIZE + u64::from(plan.block) * BLOCK_SIZE;
         let cmd = PgCommand::Repair { volume, probe_index: probe, offset, crc: keep, data };
         let reply = handle.group.propose(cmd.encode()).await.map_err(|e| raft_error("repair", e))?;
@@ -262,7 +281,8 @@ pub async fn check_and_repair(ctx: &NodeCtx, handle: &PgHandle, volume: VolumeId
 }
 
 /// An intact copy of the plan's block with crc `keep`: this node's own if it has one, else a
-/// source replica's (checked again on arrival).
+/// source replica's (checked again on arrival); `None` if the block was written since the
+/// probe meanwhile.
 #[allow(clippy::too_many_arguments)]
 async fn fetch_intact(
     ctx: &NodeCtx,
@@ -273,18 +293,19 @@ async fn fetch_intact(
     volume: VolumeId,
     chunk: u64,
     probe: u64,
-) -> Result<Bytes, RepairError> {
+) -> Result<Option<Bytes>, RepairError> {
     let pg = handle.shared.pg.0;
     if plan.sources.contains(&ctx.config.id) {
-        return Ok(local.block_data(plan.block));
+        return Ok(Some(local.block_data(plan.block)));
     }
     let mut why = Vec::new();
     for source in &plan.sources {
         match remote_check(ctx, handle, *source, volume, chunk, probe, vec![plan.block]).await {
-            Ok(Some((_, mut blocks))) => {
+            Ok(Some((_, _, written))) if written.contains(&plan.block) => return Ok(None),
+            Ok(Some((_, mut blocks, _))) => {
                 let data = blocks.pop().unwrap_or_default();
                 if crc32c(&data) == keep {
-                    return Ok(data);
+                    return Ok(Some(data));
                 }
                 why.push(format!("{source}: copy arrived with the wrong crc"));
             }
@@ -310,7 +331,7 @@ pub async fn wait_applied(handle: &PgHandle, index: u64) -> bool {
 }
 
 /// The reply to a `ChunkCheck` from this replica (the RPC handler's body).
-pub async fn answer_check(ctx: &NodeCtx, req: ChunkCheckRequest) -> Result<(Vec<basalt_proto::data::BlockState>, Bytes), DataError> {
+pub async fn answer_check(ctx: &NodeCtx, req: ChunkCheckRequest) -> Result<(Vec<basalt_proto::data::BlockState>, Bytes, Vec<u32>), DataError> {
     let node = ctx.config.id;
     let Some(handle) = ctx.pgs.get(basalt_common::PgId(req.pg)) else {
         return Err(err(Code::WrongNode, format!("{node} holds no replica of pg-{}", req.pg)));
@@ -324,7 +345,7 @@ pub async fn answer_check(ctx: &NodeCtx, req: ChunkCheckRequest) -> Result<(Vec<
     let volume = VolumeId(req.volume_id);
     match handle.shared.check_at_probe(volume, req.chunk, req.probe_index).await {
         Ok(None) => Err(err(Code::Changed, format!("{volume} chunk {} changed on {node} since probe {}", req.chunk, req.probe_index))),
-        Ok(Some(check)) => {
+        Ok(Some((check, written))) => {
             let blocks = check
                 .blocks
                 .iter()
@@ -334,7 +355,7 @@ pub async fn answer_check(ctx: &NodeCtx, req: ChunkCheckRequest) -> Result<(Vec<
             for b in &req.fetch_blocks {
                 data.extend_from_slice(&check.block_data(*b as u16));
             }
-            Ok((blocks, data.freeze()))
+            Ok((blocks, data.freeze(), written.into_iter().map(u32::from).collect()))
         }
         Err(e) => Err(err(Code::Internal, format!("{e} (on {node})"))),
     }

@@ -288,8 +288,8 @@ impl Data for DataService {
 
     async fn chunk_check(&self, request: Request<ChunkCheckRequest>) -> Result<Response<ChunkCheckReply>, Status> {
         Ok(Response::new(match repair::answer_check(&self.ctx, request.into_inner()).await {
-            Ok((blocks, data)) => ChunkCheckReply { error: None, blocks, data },
-            Err(e) => ChunkCheckReply { error: Some(e), blocks: Vec::new(), data: bytes::Bytes::new() },
+            Ok((blocks, data, written)) => ChunkCheckReply { error: None, blocks, data, written_since_probe: written },
+            Err(e) => ChunkCheckReply { error: Some(e), ..Default::default() },
         }))
     }
 

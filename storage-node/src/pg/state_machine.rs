@@ -50,11 +50,12 @@ pub struct PgShared {
     /// because an entry up to there deleted or zeroed data (volume delete, TRIM, write-zeroes):
     /// the entries before it may hold the bytes that were freed. The checkpointer acts on it.
     pub purge_wanted: Arc<AtomicU64>,
-    /// Integrity probes applied on this replica and still valid: (volume, chunk) → the probe's
-    /// log index. A write or zero of the chunk removes its entry, so a repair proposed from a
-    /// comparison at that probe is void here once anything newer reached the chunk. In memory
-    /// only: after a restart repairs of older probes are void, which is safe.
-    pub probes: Arc<std::sync::Mutex<HashMap<(VolumeId, u64), u64>>>,
+    /// Integrity probes applied on this replica: (volume, chunk) → the probe's log index and
+    /// the blocks written since. A comparison at the probe leaves those blocks out, and a
+    /// repair of one of them is void here (the write replaced whatever was bad; every replica
+    /// applies it). Block by block, so a chunk under steady writes can still be repaired. In
+    /// memory only: after a restart repairs of older probes are void, which is safe.
+    pub probes: Arc<std::sync::Mutex<HashMap<(VolumeId, u64), Probe>>>,
     /// Integrity counters of this node (repairs applied here).
     pub integrity: Arc<IntegrityStats>,
     /// The node's rebuild byte budget, which outgoing snapshot streams draw on.
@@ -73,6 +74,39 @@ pub struct TransferProgress {
     pub chunks_total: AtomicU64,
     /// Chunks streamed so far.
     pub chunks_sent: AtomicU64,
+}
+
+/// An integrity probe as applied on one replica.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Probe {
+    /// Its log index.
+    pub index: u64,
+    /// Bit per block of the chunk: written since the probe.
+    written: [u64; (CHUNK_SIZE / BLOCK_SIZE / 64) as usize],
+}
+
+impl Probe {
+    fn new(index: u64) -> Self {
+        Self { index, written: Default::default() }
+    }
+
+    /// Records writes to blocks `first..=last` of the chunk.
+    fn mark(&mut self, first: u64, last: u64) {
+        for b in first..=last.min(CHUNK_SIZE / BLOCK_SIZE - 1) {
+            self.written[(b / 64) as usize] |= 1 << (b % 64);
+        }
+    }
+
+    /// Whether `block` was written since the probe.
+    pub fn written(&self, block: u16) -> bool {
+        let b = u64::from(block);
+        b < CHUNK_SIZE / BLOCK_SIZE && self.written[(b / 64) as usize] & (1 << (b % 64)) != 0
+    }
+
+    /// The blocks written since the probe.
+    pub fn written_blocks(&self) -> Vec<u16> {
+        (0..(CHUNK_SIZE / BLOCK_SIZE) as u16).filter(|b| self.written(*b)).collect()
+    }
 }
 
 /// Most probes remembered per PG; beyond it the oldest are forgotten (their repairs void).
@@ -110,28 +144,32 @@ impl PgShared {
         }
     }
 
-    fn probes(&self) -> std::sync::MutexGuard<'_, HashMap<(VolumeId, u64), u64>> {
+    fn probes(&self) -> std::sync::MutexGuard<'_, HashMap<(VolumeId, u64), Probe>> {
         self.probes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether the probe at `index` for `(volume, chunk)` was applied here and nothing wrote
-    /// the chunk since.
-    pub fn probe_holds(&self, volume: VolumeId, chunk: u64, index: u64) -> bool {
-        self.probes().get(&(volume, chunk)) == Some(&index)
+    /// The probe at `index` for `(volume, chunk)` if it was applied here and not forgotten
+    /// since (replaced by a newer probe, evicted, or lost in a restart).
+    pub fn probe_at(&self, volume: VolumeId, chunk: u64, index: u64) -> Option<Probe> {
+        self.probes().get(&(volume, chunk)).filter(|p| p.index == index).copied()
     }
 
     /// This replica's copy of a chunk as of the probe at `probe_index`, checked against its
-    /// crcs; `Ok(None)` if the probe no longer holds here (the chunk was written since, or
-    /// this replica restarted). The caller waits until the probe is applied.
-    pub async fn check_at_probe(&self, volume: VolumeId, chunk: u64, probe_index: u64) -> Result<Option<ChunkCheck>, ChunkStoreError> {
-        // Shared lock: no command applies while the chunk is read, so the probe checked here
-        // still holds for the bytes read.
+    /// crcs, without the blocks written since the probe (returned separately: they must not
+    /// be compared); `Ok(None)` if the probe is not known here. The caller waits until the
+    /// probe is applied.
+    pub async fn check_at_probe(&self, volume: VolumeId, chunk: u64, probe_index: u64) -> Result<Option<(ChunkCheck, Vec<u16>)>, ChunkStoreError> {
+        // Shared lock: no command applies while the chunk is read, so the blocks not written
+        // since the probe hold what they held at the probe.
         let _guard = self.lock.read().await;
-        if self.retired.load(Ordering::Acquire) || !self.probe_holds(volume, chunk, probe_index) {
-            return Ok(None);
-        }
+        let probe = match self.probe_at(volume, chunk, probe_index) {
+            Some(p) if !self.retired.load(Ordering::Acquire) => p,
+            _ => return Ok(None),
+        };
         let key = ChunkKey { shard: self.shard(), volume, chunk };
-        Ok(Some(self.store.check_chunk(key).await?.unwrap_or(ChunkCheck { key, blocks: Vec::new(), data: Bytes::new() })))
+        let mut check = self.store.check_chunk(key).await?.unwrap_or(ChunkCheck { key, blocks: Vec::new(), data: Bytes::new() });
+        check.blocks.retain(|b| !probe.written(b.block));
+        Ok(Some((check, probe.written_blocks())))
     }
 
     /// Forgets every probe (the PG's data was replaced).
@@ -139,22 +177,36 @@ impl PgShared {
         self.probes().clear();
     }
 
-    /// Forgets the probes of `volume`'s chunks overlapping `[offset, offset + len)`. On the
-    /// write path: looks up the touched chunks' keys rather than scanning the map, unless the
-    /// range covers more chunks than the map holds.
+    /// Marks the blocks of `[offset, offset + len)` of `volume` written in the probes of their
+    /// chunks. On the write path: looks up the touched chunks' keys rather than scanning the
+    /// map, unless the range covers more chunks than the map holds.
     fn touch(&self, volume: VolumeId, offset: u64, len: u64) {
         let mut probes = self.probes();
         if probes.is_empty() {
             return;
         }
-        let first = offset / CHUNK_SIZE;
-        let last = offset.saturating_add(len.max(1) - 1) / CHUNK_SIZE;
+        let end = offset.saturating_add(len.max(1)) - 1;
+        let (first, last) = (offset / CHUNK_SIZE, end / CHUNK_SIZE);
+        let blocks_per_chunk = CHUNK_SIZE / BLOCK_SIZE;
+        let span = |c: u64| {
+            let lo = if c == first { (offset % CHUNK_SIZE) / BLOCK_SIZE } else { 0 };
+            let hi = if c == last { (end % CHUNK_SIZE) / BLOCK_SIZE } else { blocks_per_chunk - 1 };
+            (lo, hi)
+        };
         if last - first < probes.len() as u64 {
             for c in first..=last {
-                probes.remove(&(volume, c));
+                if let Some(p) = probes.get_mut(&(volume, c)) {
+                    let (lo, hi) = span(c);
+                    p.mark(lo, hi);
+                }
             }
         } else {
-            probes.retain(|(v, c), _| *v != volume || !(first..=last).contains(c));
+            for ((v, c), p) in probes.iter_mut() {
+                if *v == volume && (first..=last).contains(c) {
+                    let (lo, hi) = span(*c);
+                    p.mark(lo, hi);
+                }
+            }
         }
     }
 
@@ -337,11 +389,11 @@ impl PgStateMachine {
                 }
                 let mut probes = self.shared.probes();
                 if probes.len() >= MAX_PROBES && !probes.contains_key(&(volume, chunk)) {
-                    if let Some(oldest) = probes.iter().min_by_key(|(_, i)| **i).map(|(k, _)| *k) {
+                    if let Some(oldest) = probes.iter().min_by_key(|(_, p)| p.index).map(|(k, _)| *k) {
                         probes.remove(&oldest);
                     }
                 }
-                probes.insert((volume, chunk), index);
+                probes.insert((volume, chunk), Probe::new(index));
                 Ok(PgReply::Index(index))
             }
             PgCommand::Repair { volume, probe_index, offset, crc, data } => {
@@ -349,16 +401,16 @@ impl PgStateMachine {
                     return Ok(PgReply::NoSuchVolume);
                 }
                 let chunk = offset / CHUNK_SIZE;
-                if !self.shared.probe_holds(volume, chunk, probe_index) {
-                    // Written since the comparison (or this replica restarted): what the
-                    // repair carries may be older than what is here now.
+                let block = ((offset % CHUNK_SIZE) / BLOCK_SIZE) as u16;
+                if !self.shared.probe_at(volume, chunk, probe_index).is_some_and(|p| !p.written(block)) {
+                    // The block was written since the comparison (or this replica restarted):
+                    // what the repair carries may be older than what is here now.
                     return Ok(PgReply::Ok);
                 }
                 if crc32c(&data) != crc || data.len() as u64 != BLOCK_SIZE {
                     return Ok(PgReply::Invalid(format!("repair of {volume} at offset {offset} carries data that does not match its crc")));
                 }
                 self.flush(batch).await?;
-                let block = ((offset % CHUNK_SIZE) / BLOCK_SIZE) as u16;
                 let check = self.shared.store.check_chunk(ChunkKey { shard, volume, chunk }).await?;
                 let here = check.as_ref().and_then(|c| c.blocks.iter().find(|b| b.block == block).copied());
                 let bad = match here {
@@ -573,5 +625,22 @@ impl basalt_raft::Checkpoint for PgCheckpoint {
         self.shared.store.commit(b).await.map_err(PgStateMachine::io)?;
         self.shared.store.checkpoint().await.map_err(PgStateMachine::io)?;
         Ok(PgSnapshot::outgoing(self.shared))
+    }
+}
+
+#[cfg(test)]
+mod probe_tests {
+    use super::*;
+
+    #[test]
+    fn a_probe_tracks_written_blocks_one_by_one() {
+        let mut p = Probe::new(7);
+        assert!(p.written_blocks().is_empty());
+        p.mark(3, 3);
+        p.mark(63, 65);
+        p.mark(250, 1000); // clamped to the chunk's last block
+        assert_eq!(p.written_blocks(), vec![3, 63, 64, 65, 250, 251, 252, 253, 254, 255]);
+        assert!(p.written(64) && !p.written(4) && !p.written(256));
+        assert_eq!(p.index, 7);
     }
 }
