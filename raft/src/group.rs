@@ -124,7 +124,7 @@ impl<S: StateMachine> RaftGroup<S> {
     /// change instead of a message to the group's core task and back per read (that round trip
     /// was most of a 4 KiB read's Raft cost). It checks what `ensure_linearizable(LeaseRead)`
     /// checks:
-    /// - the group runs and this node is in the leader state;
+    /// - the group runs, this node is in the leader state and still a voter;
     /// - the committed vote names this node as leader;
     /// - a quorum acknowledged a message this leader sent less than a lease ago. Followers
     ///   refuse to vote for anyone else for a lease after hearing from the leader, so no other
@@ -145,6 +145,11 @@ impl<S: StateMachine> RaftGroup<S> {
             return false;
         }
         if !m.vote.is_committed() || *m.vote.leader_id().node_id() != m.id {
+            return false;
+        }
+        // A leader that committed its own removal hands over leadership and stays Leader a
+        // moment longer with a fresh quorum acknowledgement; openraft's slow path refuses it.
+        if !m.membership_config.membership().voter_ids().any(|v| v == m.id) {
             return false;
         }
         let fresh = m.last_quorum_acked.as_ref().is_some_and(|acked| openraft::Instant::elapsed(&**acked) < lease);

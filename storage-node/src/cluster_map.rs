@@ -53,7 +53,9 @@ pub async fn run_watcher(ctx: Arc<NodeCtx>, tx: watch::Sender<Arc<ClusterView>>,
             Ok(resp) => {
                 backoff = Duration::from_millis(100);
                 let map = resp.into_inner();
-                if map.version != known || tx.borrow().cluster_id.is_empty() {
+                // Versions only grow: an older map (from a lagging meta node) is ignored, since
+                // replicas are retired on what the map says.
+                if map.version > known || tx.borrow().cluster_id.is_empty() {
                     let view = ClusterView::from_proto(&map);
                     for n in view.nodes.values() {
                         ctx.host.router().set_address(n.id.0, &n.addr);

@@ -280,13 +280,24 @@ impl TestCluster {
     }
 
     /// `cluster init` with `pgs` placement groups, replicas differing at `failure_domain`.
+    /// Retries while the new meta group settles its leadership ("retry" answers); an attempt
+    /// that committed before its answer was lost shows up as "already initialized".
     pub async fn init(&self, pgs: u32, failure_domain: &str) -> Result<()> {
-        let mut admin = self.admin().await?;
-        admin
-            .cluster_init(ClusterInitRequest { pg_count: pgs, extent_size: 0, failure_domain: failure_domain.into(), meta_addrs: self.seeds() })
-            .await
-            .map_err(|s| anyhow!("cluster init: {}", s.message()))?;
-        Ok(())
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut retried = false;
+        loop {
+            let mut admin = self.admin().await?;
+            let req = ClusterInitRequest { pg_count: pgs, extent_size: 0, failure_domain: failure_domain.into(), meta_addrs: self.seeds() };
+            match admin.cluster_init(req).await {
+                Ok(_) => return Ok(()),
+                Err(s) if retried && s.code() == tonic::Code::AlreadyExists => return Ok(()),
+                Err(s) if s.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < deadline => {
+                    retried = true;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                Err(s) => bail!("cluster init: {}", s.message()),
+            }
+        }
     }
 
     /// Cluster status from the meta leader (retrying through elections).

@@ -33,6 +33,8 @@ pub struct MoveProgress {
     pub chunks_done: u64,
     /// Snapshot chunks to send.
     pub chunks_total: u64,
+    /// Highest log index the new replica holds.
+    pub matched_index: u64,
 }
 
 /// Progress of the moves in flight, by PG (kept by the meta leader for `cluster status`).
@@ -84,17 +86,18 @@ impl Health {
     pub fn observe(state: &ClusterState, liveness: &Liveness, leader_for: Duration, timeout: Duration) -> Self {
         let mut h = Health::default();
         for id in state.nodes.keys() {
-            match liveness.state(*id) {
-                ("up", _) => {
+            // Silence counts from when this node took over at the earliest: records from an
+            // earlier term as leader are stale (heartbeats went to the other leader since).
+            let silent = match liveness.state(*id) {
+                ("up", Some(ago)) if ago <= leader_for => {
                     h.up.insert(*id);
+                    continue;
                 }
-                (_, Some(ago)) if ago >= timeout => {
-                    h.dead.insert(*id);
-                }
-                (_, None) if leader_for >= timeout => {
-                    h.dead.insert(*id);
-                }
-                _ => {}
+                (_, Some(ago)) => ago.min(leader_for),
+                (_, None) => leader_for,
+            };
+            if silent >= timeout {
+                h.dead.insert(*id);
             }
         }
         h
@@ -193,12 +196,17 @@ fn rebalance_one(state: &ClusterState, health: &Health, counts: &BTreeMap<NodeId
     None
 }
 
+/// A move whose new replica makes no progress this long is abandoned and planned again.
+pub const STUCK_AFTER: Duration = Duration::from_secs(300);
+
 /// Runs the healer until shutdown; it acts only while this node leads the meta group.
 pub async fn run(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<bool>) {
     let Some(meta) = &ctx.meta else { return };
     let service = AdminService::new(ctx.clone());
     let heal = ctx.config.heal;
     let mut leader_since: Option<Instant> = None;
+    // Per move: the new replica's last progress (chunks sent, log index held) and since when.
+    let mut stalled: HashMap<PgId, ((u64, u64), Instant)> = HashMap::new();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -206,6 +214,7 @@ pub async fn run(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<bool>) {
         }
         if !meta.group.status().is_leader {
             leader_since = None;
+            stalled.clear();
             continue;
         }
         let since = *leader_since.get_or_insert_with(Instant::now);
@@ -216,8 +225,19 @@ pub async fn run(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<bool>) {
         let health = Health::observe(&state, &ctx.liveness, since.elapsed(), heal.replace_down_after);
         let moves: Vec<(PgId, PgMove)> = state.pgs.iter().filter_map(|p| p.moving.clone().map(|m| (p.id, m))).collect();
         ctx.heal.retain(|pg| moves.iter().any(|(p, _)| p == pg));
+        // Moves whose new replica made no progress for STUCK_AFTER (it cannot take the snapshot,
+        // say) are abandoned like those whose target died, and planned again elsewhere.
+        stalled.retain(|pg, _| moves.iter().any(|(p, _)| p == pg));
+        for (pg, _) in &moves {
+            let now = ctx.heal.get(*pg).map(|p| (p.chunks_done, p.matched_index)).unwrap_or_default();
+            let seen = stalled.entry(*pg).or_insert((now, Instant::now()));
+            if seen.0 != now {
+                *seen = (now, Instant::now());
+            }
+        }
+        let stuck = |pg: &PgId| stalled.get(pg).is_some_and(|(_, since)| since.elapsed() >= STUCK_AFTER);
         // A target that died mid-move is abandoned (if it only learns so far) and replanned.
-        let steps = moves.iter().map(|(pg, m)| drive(&ctx, &state, *pg, m, health.dead.contains(&m.to)));
+        let steps = moves.iter().map(|(pg, m)| drive(&ctx, &state, *pg, m, health.dead.contains(&m.to) || stuck(pg)));
         for (pg, m, step) in futures::future::join_all(steps).await {
             let cmd = match step {
                 Step::Pending => continue,
@@ -265,7 +285,8 @@ async fn drive(ctx: &NodeCtx, state: &ClusterState, pg: PgId, m: &PgMove, cancel
         candidates.push(NodeId(v.leader));
     }
     if let Some(rec) = state.pgs.get(pg.0 as usize) {
-        for r in &rec.replicas {
+        // The new replica last: once promoted it may lead.
+        for r in rec.replicas.iter().chain([&m.to]) {
             if !candidates.contains(r) {
                 candidates.push(*r);
             }
@@ -281,7 +302,8 @@ async fn drive(ctx: &NodeCtx, state: &ClusterState, pg: PgId, m: &PgMove, cancel
                 let r = reply.into_inner();
                 match r.error {
                     None => {
-                        ctx.heal.set(pg, MoveProgress { phase: r.phase, chunks_done: r.chunks_done, chunks_total: r.chunks_total });
+                        let progress = MoveProgress { phase: r.phase, chunks_done: r.chunks_done, chunks_total: r.chunks_total, matched_index: r.matched_index };
+                        ctx.heal.set(pg, progress);
                         let step = match (r.done, r.cancelled) {
                             (true, true) => Step::Cancelled,
                             (true, false) => Step::Finished,

@@ -124,12 +124,19 @@ impl PgManager {
     /// Starts the PGs `view` places here (including replicas moving here); the first replica
     /// of a new PG forms its group. Retires the replicas `view` no longer places here.
     pub async fn reconcile(&self, view: &ClusterView) {
-        let hosted: Vec<PgId> = self.groups.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
-        for pg in hosted {
+        let hosted: Vec<(PgId, bool)> = self
+            .groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(pg, h)| (*pg, h.shared.retired.load(std::sync::atomic::Ordering::Acquire)))
+            .collect();
+        for (pg, retiring) in hosted {
             // Only a map that knows the PG speaks for it; the map changes a replica set only
             // after the PG's own Raft group committed the change, so a replica absent from it
-            // was replaced and its group goes on without it.
-            if (pg.0 as usize) < view.pgs.len() && !view.hosts(pg, self.node) {
+            // was replaced and its group goes on without it. A retirement that failed half-way
+            // is finished first even if the PG came back here: it restarts empty below.
+            if retiring || ((pg.0 as usize) < view.pgs.len() && !view.hosts(pg, self.node)) {
                 if let Err(e) = self.retire(pg).await {
                     tracing::error!(%pg, error = %e, "cannot retire a replica moved off this node; will retry");
                 }

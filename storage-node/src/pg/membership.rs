@@ -49,6 +49,8 @@ pub struct MoveStatus {
 /// the PG's leader; anywhere else it fails with [`RaftError::NotLeader`].
 pub async fn advance(handle: &PgHandle, from: NodeId, to: NodeId, to_addr: &str) -> Result<MoveStatus, RaftError> {
     let group = &handle.group;
+    // Leadership confirmed first: a deposed leader's view of the membership may be stale.
+    group.read_barrier().await?;
     let st = group.status();
     if !st.is_leader {
         let leader_addr = st.leader.and_then(|l| group.member_addr(l));
@@ -105,6 +107,9 @@ pub async fn advance(handle: &PgHandle, from: NodeId, to: NodeId, to_addr: &str)
 /// that already votes (the promotion began) is not removed: the move is finished instead, as
 /// [`advance`] would.
 pub async fn cancel(handle: &PgHandle, from: NodeId, to: NodeId, to_addr: &str) -> Result<MoveStatus, RaftError> {
+    // A deposed leader that never saw `to` join must not report the move abandoned while the
+    // real leader has it voting.
+    handle.group.read_barrier().await?;
     let st = handle.group.status();
     if st.is_leader && !st.voters.contains(&to.0) {
         if st.learners.contains(&to.0) {
