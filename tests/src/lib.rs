@@ -67,6 +67,23 @@ pub struct TestNode {
 }
 
 impl TestNode {
+    /// A node of a cluster in `cluster_dir`, not started: its data directory is created and its
+    /// ports chosen.
+    fn new(cluster_dir: &Path, spec: NodeSpec) -> Result<Self> {
+        let data_dir = cluster_dir.join(format!("node-{}", spec.id));
+        std::fs::create_dir_all(&data_dir)?;
+        Ok(TestNode {
+            addr: format!("127.0.0.1:{}", free_port()),
+            metrics_addr: format!("127.0.0.1:{}", free_port()),
+            config: data_dir.join("node.toml"),
+            log: data_dir.join("node.log"),
+            data_dir,
+            spec,
+            uid: None,
+            child: None,
+        })
+    }
+
     /// PID of the running process.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
@@ -120,18 +137,7 @@ impl TestCluster {
         let dir = tempfile::Builder::new().prefix("basalt-test-").tempdir_in(test_root())?;
         let mut nodes = BTreeMap::new();
         for spec in specs {
-            let data_dir = dir.path().join(format!("node-{}", spec.id));
-            std::fs::create_dir_all(&data_dir)?;
-            let node = TestNode {
-                addr: format!("127.0.0.1:{}", free_port()),
-                metrics_addr: format!("127.0.0.1:{}", free_port()),
-                config: data_dir.join("node.toml"),
-                log: data_dir.join("node.log"),
-                data_dir,
-                spec,
-                uid: None,
-                child: None,
-            };
+            let node = TestNode::new(dir.path(), spec)?;
             nodes.insert(node.spec.id, node);
         }
         let mut cluster = TestCluster { dir, nodes, extra_config: extra_config.to_string() };
@@ -155,19 +161,8 @@ impl TestCluster {
         if spec.roles.contains(&"meta") {
             bail!("add_node starts non-meta nodes only");
         }
-        let data_dir = self.dir.path().join(format!("node-{}", spec.id));
-        std::fs::create_dir_all(&data_dir)?;
         let id = spec.id;
-        let node = TestNode {
-            addr: format!("127.0.0.1:{}", free_port()),
-            metrics_addr: format!("127.0.0.1:{}", free_port()),
-            config: data_dir.join("node.toml"),
-            log: data_dir.join("node.log"),
-            data_dir,
-            spec,
-            uid: None,
-            child: None,
-        };
+        let node = TestNode::new(self.dir.path(), spec)?;
         self.nodes.insert(id, node);
         self.write_configs()?;
         self.spawn(id)?;

@@ -173,6 +173,39 @@ async fn read_op(vol: &Volume, b: u64, t0: Instant) -> Op {
     Op { write: false, block: b, version: 0, start, end: t0.elapsed(), outcome }
 }
 
+/// The workload running in the background, recording its history.
+struct Workload {
+    history: Arc<History>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Operation times in the history count from here.
+    t0: Instant,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Workload {
+    /// Starts the workload on `vol`.
+    fn start(vol: &Volume) -> Self {
+        let history = Arc::new(History::default());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let t0 = Instant::now();
+        let tasks = start_workload(vol, &history, t0, &stop);
+        Self { history, stop, t0, tasks }
+    }
+
+    /// Stops the workload and returns its history plus a final read of every block.
+    async fn finish(self, vol: &Volume) -> Vec<Op> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let mut ops = self.history.snapshot();
+        for b in 0..BLOCKS {
+            ops.push(read_op(vol, b, self.t0).await);
+        }
+        ops
+    }
+}
+
 /// Runs the workload until `stop` is set: writers own blocks `w, w + WRITERS, ...`.
 fn start_workload(vol: &Volume, history: &Arc<History>, t0: Instant, stop: &Arc<std::sync::atomic::AtomicBool>) -> Vec<tokio::task::JoinHandle<()>> {
     use std::sync::atomic::Ordering::Relaxed;
@@ -229,27 +262,16 @@ fn signal(cluster: &TestCluster, id: u64, sig: i32) {
 
 /// Runs a workload through `faults` and checks its history; returns (history, fault times).
 async fn run_with_faults(cluster: &mut TestCluster, vol: &Volume, faults: &[Fault]) -> (Vec<Op>, Vec<(String, Duration)>) {
-    let history = Arc::new(History::default());
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let t0 = Instant::now();
-    let tasks = start_workload(vol, &history, t0, &stop);
+    let workload = Workload::start(vol);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut injected = Vec::new();
     for fault in faults {
-        let (name, at) = fault.inject(cluster, t0).await;
+        let (name, at) = fault.inject(cluster, workload.t0).await;
         injected.push((name, at));
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    // The final state, read after every fault healed.
-    let mut ops = history.snapshot();
-    for b in 0..BLOCKS {
-        ops.push(read_op(vol, b, t0).await);
-    }
-    (ops, injected)
+    // Ends with the final state, read after every fault healed.
+    (workload.finish(vol).await, injected)
 }
 
 /// One injected fault.
@@ -354,13 +376,7 @@ async fn fault_kills_and_freezes_lose_no_acknowledged_write_and_fail_no_io() {
     println!("{summary}");
     let violations = check(&ops);
     assert!(violations.is_empty(), "history violations:\n{}\n{summary}\n{}", violations.join("\n"), cluster.logs());
-    let failed: Vec<String> = ops
-        .iter()
-        .filter_map(|o| match &o.outcome {
-            Outcome::Failed(e) => Some(format!("{} of block {} at {:?}: {e}", if o.write { "write" } else { "read" }, o.block, o.start)),
-            _ => None,
-        })
-        .collect();
+    let failed = failures(&ops);
     assert!(failed.is_empty(), "I/O errors seen by the client while one node at a time failed:\n{}\n{summary}", failed.join("\n"));
     assert!(ops.iter().filter(|o| o.write).count() > 100, "the workload barely ran: {summary}");
     // Every block's final read saw its newest acknowledged version (checked above) and the
@@ -497,32 +513,23 @@ async fn assert_fill_intact(vol: &Volume, filled: &[Bytes], when: &str) {
     }
 }
 
-/// Fails unless every operation of the history is consistent and none failed.
-fn assert_clean(ops: &[Op], what: &str, cluster: &TestCluster) {
-    let violations = check(ops);
-    assert!(violations.is_empty(), "{what}: history violations:\n{}\n{}", violations.join("\n"), cluster.logs());
-    let failed: Vec<String> = ops
-        .iter()
+/// Every operation that failed, described.
+fn failures(ops: &[Op]) -> Vec<String> {
+    ops.iter()
         .filter_map(|o| match &o.outcome {
             Outcome::Failed(e) => Some(format!("{} of block {} at {:?}: {e}", if o.write { "write" } else { "read" }, o.block, o.start)),
             _ => None,
         })
-        .collect();
-    assert!(failed.is_empty(), "{what}: I/O errors seen by the client:\n{}", failed.join("\n"));
-    assert!(ops.iter().filter(|o| o.write).count() > 50, "{what}: the workload barely ran");
+        .collect()
 }
 
-/// Stops the workload and returns its history plus a final read of every block.
-async fn finish_workload(vol: &Volume, history: &History, tasks: Vec<tokio::task::JoinHandle<()>>, stop: &std::sync::atomic::AtomicBool, t0: Instant) -> Vec<Op> {
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let mut ops = history.snapshot();
-    for b in 0..BLOCKS {
-        ops.push(read_op(vol, b, t0).await);
-    }
-    ops
+/// Fails unless every operation of the history is consistent and none failed.
+fn assert_clean(ops: &[Op], what: &str, cluster: &TestCluster) {
+    let violations = check(ops);
+    assert!(violations.is_empty(), "{what}: history violations:\n{}\n{}", violations.join("\n"), cluster.logs());
+    let failed = failures(ops);
+    assert!(failed.is_empty(), "{what}: I/O errors seen by the client:\n{}", failed.join("\n"));
+    assert!(ops.iter().filter(|o| o.write).count() > 50, "{what}: the workload barely ran");
 }
 
 /// Self-healing: a node killed for good has its replicas rebuilt on the others (failure
@@ -532,10 +539,7 @@ async fn finish_workload(vol: &Volume, history: &History, tasks: Vec<tokio::task
 async fn fault_a_dead_nodes_replicas_are_rebuilt_elsewhere_and_its_return_is_retired() {
     let (mut cluster, vol) = four_node_cluster("[heal]\nreplace_down_after_secs = 3\n").await;
     let filled = fill(&vol).await;
-    let history = Arc::new(History::default());
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let t0 = Instant::now();
-    let tasks = start_workload(&vol, &history, t0, &stop);
+    let workload = Workload::start(&vol);
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let killed_at = Instant::now();
@@ -554,7 +558,7 @@ async fn fault_a_dead_nodes_replicas_are_rebuilt_elsewhere_and_its_return_is_ret
         r.sort_unstable();
         assert_eq!(r, vec![1, 2, 3], "pg-{}: with node-4 gone, zones z1..z3 hold every PG", p.id);
     }
-    let ops = finish_workload(&vol, &history, tasks, &stop, t0).await;
+    let ops = workload.finish(&vol).await;
     println!(
         "node-4 killed: first move after {started:?}, all 6 replicas rebuilt {rebuilt_in:?} later; {} ops during the rebuild",
         ops.len()
@@ -594,10 +598,7 @@ async fn fault_a_dead_nodes_replicas_are_rebuilt_elsewhere_and_its_return_is_ret
 async fn drain_under_load_then_remove_and_a_new_node_takes_its_share() {
     let (mut cluster, vol) = four_node_cluster("").await;
     let filled = fill(&vol).await;
-    let history = Arc::new(History::default());
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let t0 = Instant::now();
-    let tasks = start_workload(&vol, &history, t0, &stop);
+    let workload = Workload::start(&vol);
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let mut admin = cluster.admin().await.unwrap();
@@ -632,7 +633,7 @@ async fn drain_under_load_then_remove_and_a_new_node_takes_its_share() {
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
     let add_took = add_started.elapsed();
-    let ops = finish_workload(&vol, &history, tasks, &stop, t0).await;
+    let ops = workload.finish(&vol).await;
     println!("drain of node-4 (6 replicas of a volume holding ~9 MiB): {drain_took:?}; node-5 took 6 replicas in {add_took:?}; {} ops", ops.len());
     assert_clean(&ops, "during drain, remove and add", &cluster);
     assert_fill_intact(&vol, &filled, "after the drain and the rebalance").await;
@@ -661,12 +662,9 @@ async fn fault_a_partitioned_node_loses_its_leaderships_and_rejoins() {
     let led = cluster.wait_status("node-3 leads a PG", Duration::from_secs(30), |s| s.pgs.iter().any(|p| p.leader == 3)).await.unwrap();
     let led_before = led.pgs.iter().filter(|p| p.leader == 3).count();
 
-    let history = Arc::new(History::default());
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let t0 = Instant::now();
-    let tasks = start_workload(&vol, &history, t0, &stop);
+    let workload = Workload::start(&vol);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let cut_at = t0.elapsed();
+    let cut_at = workload.t0.elapsed();
     let cut = basalt_tests::Isolation::start(port_of(&cluster.node(3).addr), ISOLATED_UID).unwrap();
     let others = cluster
         .wait_status("the majority side leads every PG", Duration::from_secs(30), |s| s.pgs.iter().all(|p| p.leader != 0 && p.leader != 3))
@@ -676,7 +674,7 @@ async fn fault_a_partitioned_node_loses_its_leaderships_and_rejoins() {
     others.unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
     cluster.wait_healthy(3, Duration::from_secs(90)).await.unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let ops = finish_workload(&vol, &history, tasks, &stop, t0).await;
+    let ops = workload.finish(&vol).await;
     println!("node-3 (led {led_before} PGs) cut off at {cut_at:?} for ~10 s: I/O resumed after {:?}; {} ops", stall_after(&ops, cut_at), ops.len());
     assert_clean(&ops, "across a partition", &cluster);
 }
@@ -776,10 +774,7 @@ fn rot(cluster: &TestCluster, id: u64, block: &[u8]) -> bool {
 async fn fault_bit_flips_under_load_are_never_served_and_get_repaired() {
     let (cluster, vol) = cluster_with_volume().await;
     let filled = fill(&vol).await;
-    let history = Arc::new(History::default());
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let t0 = Instant::now();
-    let tasks = start_workload(&vol, &history, t0, &stop);
+    let workload = Workload::start(&vol);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut rotted = 0;
     for id in 1..=3u64 {
@@ -794,7 +789,7 @@ async fn fault_bit_flips_under_load_are_never_served_and_get_repaired() {
     assert_eq!(rotted, 12, "every chosen block sits once in each data file");
     assert_fill_intact(&vol, &filled, "right after the bit flips").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let ops = finish_workload(&vol, &history, tasks, &stop, t0).await;
+    let ops = workload.finish(&vol).await;
     assert_clean(&ops, "with rotten blocks on every replica", &cluster);
     // A local pass on every node finds the copies no read touched (followers') and repairs them.
     let out = std::process::Command::new(basalt_tests::bin("basalt"))

@@ -104,10 +104,16 @@ impl Health {
     }
 }
 
+/// A node's share of replicas relative to others: its capacity in GiB (at least 1), as in
+/// initial placement.
+fn weight(state: &ClusterState, n: &NodeId) -> u64 {
+    state.nodes.get(n).map(|r| r.capacity_bytes >> 30).unwrap_or(1).max(1)
+}
+
 /// The node that should receive `pg`'s replica now on `from`: an up storage node, not draining,
 /// that passes [`ClusterState::check_move`], with the fewest replicas for its capacity.
 fn choose_target(state: &ClusterState, health: &Health, counts: &BTreeMap<NodeId, usize>, pg: PgId, from: NodeId) -> Option<NodeId> {
-    let weight = |n: &NodeId| (state.nodes.get(n).map(|r| r.capacity_bytes >> 30).unwrap_or(1)).max(1) as u128;
+    let weight = |n: &NodeId| u128::from(weight(state, n));
     state
         .nodes
         .values()
@@ -171,7 +177,7 @@ fn rebalance_one(state: &ClusterState, health: &Health, counts: &BTreeMap<NodeId
     if eligible.len() < 2 || eligible.iter().any(|n| !health.up.contains(n)) {
         return None;
     }
-    let weight = |n: &NodeId| (state.nodes.get(n).map(|r| r.capacity_bytes >> 30).unwrap_or(1)).max(1) as f64;
+    let weight = |n: &NodeId| weight(state, n) as f64;
     let total_weight: f64 = eligible.iter().map(weight).sum();
     let total: usize = eligible.iter().map(|n| counts.get(n).copied().unwrap_or(0)).sum();
     // Replicas above (positive) or below (negative) each node's fair share.
