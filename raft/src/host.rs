@@ -114,7 +114,12 @@ impl RaftHost {
         &self.router
     }
 
-    /// The gRPC service peers send Raft traffic to.
+    /// Serves peers' Raft connections (those that open with [`crate::transport::frame::MAGIC`]).
+    pub fn transport(&self) -> TransportService {
+        TransportService { registry: self.registry.clone() }
+    }
+
+    /// The gRPC service peers send snapshots to.
     pub fn transport_service(&self) -> RaftTransportServer<TransportService> {
         RaftTransportServer::new(TransportService { registry: self.registry.clone() })
             .max_decoding_message_size(basalt_proto::MAX_MESSAGE_BYTES)

@@ -7,7 +7,7 @@
 //! ```text
 //!  propose ──► RaftGroup ──► openraft core ──► GroupLogStore ──► writer thread ─► RocksDB (1 sync / batch, all groups)
 //!                                   │                                              
-//!                                   ├──► GroupNetwork ──► Router/Peer ══ one gRPC pipe per node pair ══► TransportService ──► peer's group
+//!                                   ├──► GroupNetwork ──► Router/Peer ══ one TCP connection per node pair ══► TransportService ──► peer's group
 //!                                   └──► SmAdapter ──► StateMachine::apply / checkpoint / install
 //! ```
 //!

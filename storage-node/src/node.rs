@@ -249,9 +249,9 @@ impl Node {
             .max_encoding_message_size(basalt_proto::MAX_MESSAGE_BYTES);
         let mut srv_shutdown = shutdown_rx.clone();
         // Our own accept loop (the listener was bound early to fail fast) splits the port
-        // between the framed data protocol and gRPC; it sets TCP_NODELAY on every connection.
+        // between the framed data protocol, the Raft transport and gRPC; it sets TCP_NODELAY on every connection.
         let (grpc_tx, grpc_rx) = tokio::sync::mpsc::channel(64);
-        let accept = tokio::spawn(crate::listener::run(listener, data_service, grpc_tx, shutdown_rx.clone()));
+        let accept = tokio::spawn(crate::listener::run(listener, data_service, host.transport(), grpc_tx, shutdown_rx.clone()));
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .tcp_nodelay(true)

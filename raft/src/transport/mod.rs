@@ -1,10 +1,13 @@
 //! Multi-raft transport: every group on a node shares one connection per peer node.
 //!
+//! - [`frame`]: the framing of a Raft connection (plain TCP, one per node pair).
 //! - [`peer`]: one outgoing connection, batching all groups' messages into frames.
 //! - [`network`]: openraft's per-(group, target) network, routed through the shared peers;
 //!   pipelined appends and streamed snapshots.
-//! - [`server`]: the incoming gRPC service dispatching to the groups hosted here.
+//! - [`server`]: incoming connections dispatched to the groups hosted here, and the gRPC
+//!   service that receives snapshots.
 
+pub mod frame;
 pub(crate) mod network;
 pub(crate) mod peer;
 pub(crate) mod server;
@@ -16,6 +19,17 @@ pub use server::TransportService;
 
 use crate::types::NodeId;
 use peer::{CallError, Peer};
+
+/// No delayed ACKs for small messages (votes, acks), and keepalive probes so a peer that
+/// vanished without a word (a cut cable, a partition) is noticed in ~11 s.
+pub(crate) fn tune_socket(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(5))
+        .with_interval(std::time::Duration::from_secs(2))
+        .with_retries(3);
+    socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
+}
 
 /// Outgoing connections of this node, one per peer, shared by all groups.
 #[derive(Clone)]

@@ -1,22 +1,28 @@
 //! One outgoing connection to a peer node, shared by every group that talks to it.
 //!
 //! Messages from all groups queue on one bounded channel; a task drains the queue into frames
-//! (many messages per HTTP/2 data frame, so a burst of heartbeats for a hundred groups is one
-//! write) over a single long-lived `Pipe` stream, and matches replies to callers by id. The
-//! connection is opened on first use and re-opened after failures with backoff; callers see
-//! failures as `Unreachable` and let openraft back off.
+//! (many messages per frame, so a burst of heartbeats for a hundred groups is one write) over a
+//! single long-lived TCP connection ([`super::frame`]), and a reader task matches replies to
+//! callers by id. The connection is opened on first use and re-opened after failures with
+//! backoff; callers see failures as `Unreachable` and let openraft back off.
+//!
+//! A connection whose peer stops answering is given up after [`STALL_TIMEOUT`] (a frozen
+//! process still ACKs at the TCP level), and TCP keepalive finds a peer that vanished.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use basalt_proto::raft::raft_transport_client::RaftTransportClient;
 use basalt_proto::raft::{RaftFrame, RaftKind, RaftMessage};
 use bytes::Bytes;
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+use super::frame::{self, MAGIC};
 use crate::types::{GroupId, NodeId};
 
 /// Why a call to a peer failed.
@@ -44,6 +50,22 @@ pub(crate) struct Outgoing {
 const FRAME_MESSAGES: usize = 512;
 const FRAME_BYTES: usize = 8 << 20;
 
+/// Time allowed to open a connection to a peer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A connection with calls outstanding and nothing received for this long is given up: the
+/// peer is frozen or cut off. Healthy peers answer heartbeats every few hundred milliseconds.
+pub(crate) const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Calls awaiting replies on the current connection.
+struct Inflight {
+    calls: HashMap<u64, oneshot::Sender<CallResult>>,
+    /// Last reply received, or when calls became outstanding after none were.
+    last_progress: Instant,
+}
+
+type Pending = Arc<Mutex<Inflight>>;
+
 pub(crate) struct Peer {
     pub(crate) target: NodeId,
     pub(crate) addr: String,
@@ -60,9 +82,10 @@ impl Drop for Peer {
 
 impl Peer {
     pub(crate) fn new(from: NodeId, target: NodeId, addr: &str, queue: usize) -> Result<Self, CallError> {
+        // Snapshots keep a gRPC streaming call of their own (flow control suits bulk transfer).
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| CallError::Unreachable(target, format!("bad address {addr:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(2))
+            .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20))
@@ -70,11 +93,11 @@ impl Peer {
             .initial_connection_window_size(Some(32 << 20));
         let channel = endpoint.connect_lazy();
         let (tx, rx) = mpsc::channel(queue);
-        let task = tokio::spawn(run(from, target, channel.clone(), rx));
+        let task = tokio::spawn(run(from, target, addr.to_string(), rx));
         Ok(Self { target, addr: addr.to_string(), tx, channel, task })
     }
 
-    /// The shared HTTP/2 channel (snapshots use it for their own call).
+    /// An HTTP/2 channel to the peer, for snapshot transfers.
     pub(crate) fn channel(&self) -> Channel {
         self.channel.clone()
     }
@@ -96,31 +119,17 @@ impl Peer {
     }
 }
 
-async fn run(from: NodeId, target: NodeId, channel: Channel, mut rx: mpsc::Receiver<Outgoing>) {
+async fn run(from: NodeId, target: NodeId, addr: String, mut rx: mpsc::Receiver<Outgoing>) {
     let mut next_id: u64 = 1;
     let mut backoff = Duration::from_millis(50);
-    let mut carry: Option<Outgoing> = None;
     loop {
         // Connect only when there is something to send: an idle peer costs nothing.
-        let first = match carry.take() {
-            Some(m) => m,
-            None => match rx.recv().await {
-                Some(m) => m,
-                None => return,
-            },
-        };
-        let mut client = RaftTransportClient::new(channel.clone())
-            .max_decoding_message_size(basalt_proto::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(basalt_proto::MAX_MESSAGE_BYTES);
-        let (frame_tx, frame_rx) = mpsc::channel::<RaftFrame>(64);
-        let mut pending: HashMap<u64, oneshot::Sender<CallResult>> = HashMap::new();
-        let frame = build_frame(from, first, &mut rx, &mut pending, &mut next_id);
-        let _ = frame_tx.send(frame).await;
-        let mut responses = match client.pipe(ReceiverStream::new(frame_rx)).await {
-            Ok(r) => r.into_inner(),
-            Err(status) => {
-                let reason = format!("cannot open raft pipe: {}", status.message());
-                fail_all(&mut pending, target, &reason);
+        let Some(first) = rx.recv().await else { return };
+        let stream = match connect(&addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                let reason = format!("cannot open raft connection to {addr}: {e}");
+                let _ = first.reply.send(Err(CallError::Unreachable(target, reason.clone())));
                 // Fail what queued meanwhile too, so callers back off instead of waiting.
                 while let Ok(m) = rx.try_recv() {
                     let _ = m.reply.send(Err(CallError::Unreachable(target, reason.clone())));
@@ -131,53 +140,108 @@ async fn run(from: NodeId, target: NodeId, channel: Channel, mut rx: mpsc::Recei
             }
         };
         backoff = Duration::from_millis(50);
+        let (rd, wr) = stream.into_split();
+        let mut wr = BufWriter::with_capacity(256 * 1024, wr);
+        // Replies are matched by a task of their own, so a peer slow to take our requests
+        // never keeps us from taking its replies.
+        let pending: Pending = Arc::new(Mutex::new(Inflight { calls: HashMap::new(), last_progress: Instant::now() }));
+        let mut reader = tokio::spawn(read_replies(target, BufReader::with_capacity(256 * 1024, rd), pending.clone()));
+        let mut watchdog = tokio::time::interval(Duration::from_secs(1));
+        let mut next = Some(first);
+        let mut greeted = false;
         let reason = loop {
-            tokio::select! {
-                msg = rx.recv() => {
-                    let Some(msg) = msg else { return };
-                    let frame = build_frame(0, msg, &mut rx, &mut pending, &mut next_id);
-                    if frame_tx.send(frame).await.is_err() {
-                        break "connection closed".to_string();
-                    }
-                }
-                frame = responses.message() => match frame {
-                    Ok(Some(frame)) => {
-                        for m in frame.messages {
-                            if let Some(reply) = pending.remove(&m.id) {
-                                let result = if m.kind == RaftKind::Error as i32 {
-                                    Err(CallError::Remote(target, String::from_utf8_lossy(&m.body).into_owned()))
-                                } else {
-                                    Ok(m.body)
-                                };
-                                let _ = reply.send(result);
-                            }
+            let msg = match next.take() {
+                Some(m) => m,
+                None => tokio::select! {
+                    msg = rx.recv() => match msg {
+                        Some(m) => m,
+                        None => {
+                            reader.abort();
+                            return;
                         }
+                    },
+                    r = &mut reader => break r.unwrap_or_else(|e| format!("raft reply reader failed: {e}")),
+                    _ = watchdog.tick() => {
+                        let p = pending.lock().unwrap_or_else(|p| p.into_inner());
+                        if !p.calls.is_empty() && p.last_progress.elapsed() > STALL_TIMEOUT {
+                            reader.abort();
+                            break format!("no reply from node-{target} for {STALL_TIMEOUT:?}");
+                        }
+                        continue;
                     }
-                    Ok(None) => break "peer closed the raft pipe".to_string(),
-                    Err(status) => break format!("raft pipe failed: {}", status.message()),
                 },
+            };
+            let frame = build_frame(from, msg, &mut rx, &pending, &mut next_id);
+            let written = async {
+                if !greeted {
+                    wr.write_all(&MAGIC).await?;
+                    greeted = true;
+                }
+                wr.write_all(&frame::encode(&frame)).await?;
+                // Whatever queued meanwhile goes into the same flush (one syscall under load).
+                if rx.is_empty() {
+                    wr.flush().await?;
+                }
+                Ok::<(), std::io::Error>(())
+            };
+            if let Err(e) = written.await {
+                reader.abort();
+                break format!("raft connection to {addr} failed: {e}");
             }
         };
-        tracing::debug!(target_node = target, %reason, "raft pipe lost; reconnecting on next message");
-        fail_all(&mut pending, target, &reason);
+        tracing::debug!(target_node = target, %reason, "raft connection lost; reconnecting on next message");
+        fail_all(&pending, target, &reason);
     }
 }
 
-fn build_frame(
-    from: NodeId,
-    first: Outgoing,
-    rx: &mut mpsc::Receiver<Outgoing>,
-    pending: &mut HashMap<u64, oneshot::Sender<CallResult>>,
-    next_id: &mut u64,
-) -> RaftFrame {
+async fn connect(addr: &str) -> std::io::Result<TcpStream> {
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {CONNECT_TIMEOUT:?}")))??;
+    super::tune_socket(&stream)?;
+    Ok(stream)
+}
+
+/// Hands each reply to its caller until the connection ends; returns why it ended.
+async fn read_replies(target: NodeId, mut rd: BufReader<OwnedReadHalf>, pending: Pending) -> String {
+    loop {
+        match frame::read(&mut rd).await {
+            Ok(Some(frame)) => {
+                let mut p = pending.lock().unwrap_or_else(|p| p.into_inner());
+                p.last_progress = Instant::now();
+                for m in frame.messages {
+                    if let Some(reply) = p.calls.remove(&m.id) {
+                        let result = if m.kind == RaftKind::Error as i32 {
+                            Err(CallError::Remote(target, String::from_utf8_lossy(&m.body).into_owned()))
+                        } else {
+                            Ok(m.body)
+                        };
+                        let _ = reply.send(result);
+                    }
+                }
+            }
+            Ok(None) => return "peer closed the raft connection".to_string(),
+            Err(e) => return format!("raft connection failed: {e}"),
+        }
+    }
+}
+
+/// Takes `first` and whatever else is queued (within the frame limits) into one frame,
+/// registering each message's reply slot before the frame is written: a reply can arrive as
+/// soon as it is.
+fn build_frame(from: NodeId, first: Outgoing, rx: &mut mpsc::Receiver<Outgoing>, pending: &Pending, next_id: &mut u64) -> RaftFrame {
     let mut messages = Vec::new();
     let mut bytes = 0;
+    let mut p = pending.lock().unwrap_or_else(|p| p.into_inner());
+    if p.calls.is_empty() {
+        p.last_progress = Instant::now();
+    }
     let mut next = Some(first);
     while let Some(m) = next.take() {
         let id = *next_id;
         *next_id += 1;
         bytes += m.body.len();
-        pending.insert(id, m.reply);
+        p.calls.insert(id, m.reply);
         messages.push(RaftMessage { id, group: m.group, kind: m.kind as i32, stream: m.stream, body: m.body });
         if messages.len() < FRAME_MESSAGES && bytes < FRAME_BYTES {
             next = rx.try_recv().ok();
@@ -186,8 +250,9 @@ fn build_frame(
     RaftFrame { from_node: from, messages }
 }
 
-fn fail_all(pending: &mut HashMap<u64, oneshot::Sender<CallResult>>, target: NodeId, reason: &str) {
-    for (_, reply) in pending.drain() {
+fn fail_all(pending: &Pending, target: NodeId, reason: &str) {
+    let failed: Vec<_> = pending.lock().unwrap_or_else(|p| p.into_inner()).calls.drain().map(|(_, r)| r).collect();
+    for reply in failed {
         let _ = reply.send(Err(CallError::Unreachable(target, reason.to_string())));
     }
 }

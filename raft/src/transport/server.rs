@@ -1,13 +1,13 @@
-//! Incoming side of the transport: the `RaftTransport` gRPC service.
+//! Incoming side of the transport: peers' Raft connections ([`super::frame`]) and the
+//! `RaftTransport` gRPC service that receives snapshots.
 //!
-//! Each peer's `Pipe` gets one task that reads frames and dispatches every message to its group.
+//! Each peer connection gets one task that reads frames and dispatches every message to its group.
 //! Unary requests (votes, heartbeats) run concurrently; pipelined appends of one sender stream
 //! are fed in order into openraft's `stream_append`, so a follower can have many appends in
 //! flight while they still reach its Raft core in log order.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 
 use basalt_proto::raft::raft_transport_server::RaftTransport;
@@ -15,10 +15,16 @@ use basalt_proto::raft::{RaftFrame, RaftKind, RaftMessage, SnapshotChunk, Snapsh
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::mpsc;
+use tokio::time::Duration;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+
+use super::frame::{self, MAGIC};
 
 use crate::types::GroupId;
 
@@ -55,9 +61,61 @@ impl Registry {
     }
 }
 
-/// The gRPC service; add it to the node's server.
+/// The incoming side: serves peers' Raft connections, and as a gRPC service (add it to the
+/// node's server) their snapshot transfers.
+#[derive(Clone)]
 pub struct TransportService {
     pub(crate) registry: Registry,
+}
+
+/// How long a new connection may take to send [`MAGIC`].
+const MAGIC_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl TransportService {
+    /// Serves one peer's Raft connection until it closes. The caller has seen the first byte
+    /// of [`MAGIC`] (that is how it knew to call this); the rest is checked here.
+    pub async fn serve_connection(&self, stream: TcpStream) {
+        let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+        if let Err(e) = super::tune_socket(&stream) {
+            tracing::debug!(%peer, error = %e, "cannot tune a raft connection's socket");
+        }
+        let (rd, wr) = stream.into_split();
+        let mut rd = BufReader::with_capacity(256 * 1024, rd);
+        let mut magic = [0u8; 8];
+        match tokio::time::timeout(MAGIC_TIMEOUT, rd.read_exact(&mut magic)).await {
+            Ok(Ok(_)) if magic == MAGIC => {}
+            _ => {
+                tracing::debug!(%peer, "closing a connection that did not open with the raft protocol magic");
+                return;
+            }
+        }
+        let (reply_tx, reply_rx) = mpsc::channel::<RaftMessage>(4096);
+        let writer = tokio::spawn(write_replies(BufWriter::with_capacity(256 * 1024, wr), reply_rx));
+        if let Err(e) = serve_pipe(self.registry.clone(), rd, reply_tx).await {
+            tracing::debug!(%peer, error = %e, "raft connection failed");
+        }
+        // Replies of requests still running go out as they finish; the writer task ends when
+        // the last of them has (or at the first failed write).
+        drop(writer);
+    }
+}
+
+/// Sends replies as they complete; whatever is ready leaves in one frame and one flush.
+async fn write_replies(mut wr: BufWriter<OwnedWriteHalf>, mut rx: mpsc::Receiver<RaftMessage>) -> io::Result<()> {
+    while let Some(first) = rx.recv().await {
+        let mut messages = vec![first];
+        while messages.len() < 512 {
+            match rx.try_recv() {
+                Ok(m) => messages.push(m),
+                Err(_) => break,
+            }
+        }
+        wr.write_all(&frame::encode(&RaftFrame { from_node: 0, messages })).await?;
+        if rx.is_empty() {
+            wr.flush().await?;
+        }
+    }
+    wr.shutdown().await
 }
 
 fn reply(id: u64, group: GroupId, result: Result<Bytes, String>) -> RaftMessage {
@@ -121,20 +179,14 @@ impl Pipeline {
     }
 }
 
-async fn serve_pipe(registry: Registry, mut incoming: Streaming<RaftFrame>, replies: mpsc::Sender<RaftMessage>) {
+async fn serve_pipe<R: AsyncRead + Unpin>(registry: Registry, mut incoming: R, replies: mpsc::Sender<RaftMessage>) -> io::Result<()> {
     let mut pipelines: HashMap<(GroupId, u64), Pipeline> = HashMap::new();
-    let mut sweep = tokio::time::interval(PIPELINE_IDLE);
-    loop {
-        let frame = tokio::select! {
-            f = incoming.message() => match f {
-                Ok(Some(frame)) => frame,
-                _ => return,
-            },
-            _ = sweep.tick() => {
-                pipelines.retain(|_, p| p.last_used.elapsed() < PIPELINE_IDLE);
-                continue;
-            }
-        };
+    let mut swept = std::time::Instant::now();
+    while let Some(frame) = frame::read(&mut incoming).await? {
+        if swept.elapsed() >= PIPELINE_IDLE {
+            pipelines.retain(|_, p| p.last_used.elapsed() < PIPELINE_IDLE);
+            swept = std::time::Instant::now();
+        }
         for m in frame.messages {
             let kind = RaftKind::try_from(m.kind).unwrap_or(RaftKind::Unspecified);
             if kind == RaftKind::StreamAppend && m.body.is_empty() {
@@ -172,33 +224,11 @@ async fn serve_pipe(registry: Registry, mut incoming: Streaming<RaftFrame>, repl
             }
         }
     }
+    Ok(())
 }
-
-type FrameStream = Pin<Box<dyn Stream<Item = Result<RaftFrame, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl RaftTransport for TransportService {
-    type PipeStream = FrameStream;
-
-    async fn pipe(&self, request: Request<Streaming<RaftFrame>>) -> Result<Response<Self::PipeStream>, Status> {
-        let incoming = request.into_inner();
-        let (reply_tx, reply_rx) = mpsc::channel::<RaftMessage>(4096);
-        tokio::spawn(serve_pipe(self.registry.clone(), incoming, reply_tx));
-        // Replies leave in frames too: whatever is ready goes out together.
-        let out = futures::stream::unfold(reply_rx, |mut rx| async move {
-            let first = rx.recv().await?;
-            let mut messages = vec![first];
-            while messages.len() < 512 {
-                match rx.try_recv() {
-                    Ok(m) => messages.push(m),
-                    Err(_) => break,
-                }
-            }
-            Some((Ok(RaftFrame { from_node: 0, messages }), rx))
-        });
-        Ok(Response::new(Box::pin(out)))
-    }
-
     async fn install_snapshot(&self, request: Request<Streaming<SnapshotChunk>>) -> Result<Response<SnapshotReply>, Status> {
         let mut stream = request.into_inner();
         let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
