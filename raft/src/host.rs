@@ -121,7 +121,7 @@ impl RaftHost {
 
     /// The gRPC service peers send snapshots to.
     pub fn transport_service(&self) -> RaftTransportServer<TransportService> {
-        RaftTransportServer::new(TransportService { registry: self.registry.clone() })
+        RaftTransportServer::new(self.transport())
             .max_decoding_message_size(basalt_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(basalt_proto::MAX_MESSAGE_BYTES)
     }

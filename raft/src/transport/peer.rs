@@ -46,8 +46,7 @@ pub(crate) struct Outgoing {
     pub(crate) reply: oneshot::Sender<CallResult>,
 }
 
-/// Limits of one frame.
-const FRAME_MESSAGES: usize = 512;
+/// Payload bytes after which a frame takes no more messages.
 const FRAME_BYTES: usize = 8 << 20;
 
 /// Time allowed to open a connection to a peer.
@@ -55,7 +54,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A connection with calls outstanding and nothing received for this long is given up: the
 /// peer is frozen or cut off. Healthy peers answer heartbeats every few hundred milliseconds.
-pub(crate) const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Calls awaiting replies on the current connection.
 struct Inflight {
@@ -148,7 +147,6 @@ async fn run(from: NodeId, target: NodeId, addr: String, mut rx: mpsc::Receiver<
         let mut reader = tokio::spawn(read_replies(target, BufReader::with_capacity(256 * 1024, rd), pending.clone()));
         let mut watchdog = tokio::time::interval(Duration::from_secs(1));
         let mut next = Some(first);
-        let mut greeted = false;
         let reason = loop {
             let msg = match next.take() {
                 Some(m) => m,
@@ -173,10 +171,6 @@ async fn run(from: NodeId, target: NodeId, addr: String, mut rx: mpsc::Receiver<
             };
             let frame = build_frame(from, msg, &mut rx, &pending, &mut next_id);
             let written = async {
-                if !greeted {
-                    wr.write_all(&MAGIC).await?;
-                    greeted = true;
-                }
                 wr.write_all(&frame::encode(&frame)).await?;
                 // Whatever queued meanwhile goes into the same flush (one syscall under load).
                 if rx.is_empty() {
@@ -194,11 +188,13 @@ async fn run(from: NodeId, target: NodeId, addr: String, mut rx: mpsc::Receiver<
     }
 }
 
+/// Opens the connection and says which protocol it speaks.
 async fn connect(addr: &str) -> std::io::Result<TcpStream> {
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {CONNECT_TIMEOUT:?}")))??;
     super::tune_socket(&stream)?;
+    stream.write_all(&MAGIC).await?;
     Ok(stream)
 }
 
@@ -243,7 +239,7 @@ fn build_frame(from: NodeId, first: Outgoing, rx: &mut mpsc::Receiver<Outgoing>,
         bytes += m.body.len();
         p.calls.insert(id, m.reply);
         messages.push(RaftMessage { id, group: m.group, kind: m.kind as i32, stream: m.stream, body: m.body });
-        if messages.len() < FRAME_MESSAGES && bytes < FRAME_BYTES {
+        if messages.len() < frame::MAX_MESSAGES && bytes < FRAME_BYTES {
             next = rx.try_recv().ok();
         }
     }

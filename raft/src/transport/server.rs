@@ -104,7 +104,7 @@ impl TransportService {
 async fn write_replies(mut wr: BufWriter<OwnedWriteHalf>, mut rx: mpsc::Receiver<RaftMessage>) -> io::Result<()> {
     while let Some(first) = rx.recv().await {
         let mut messages = vec![first];
-        while messages.len() < 512 {
+        while messages.len() < frame::MAX_MESSAGES {
             match rx.try_recv() {
                 Ok(m) => messages.push(m),
                 Err(_) => break,
