@@ -6,7 +6,8 @@
 #
 #   benches/macro/run.sh [SECONDS_PER_JOB]        (default 20)
 #
-# Work files go to $BASALT_BENCH_DIR (default ./bench-work). Needs fio (with the nbd engine),
+# Work files go to $BASALT_BENCH_DIR (default ./bench-work); $BASALT_BENCH_PGS sets the dev
+# cluster's placement-group count (default: `basalt dev up`'s). Needs fio (with the nbd engine),
 # qemu-nbd and qemu-img.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -34,7 +35,7 @@ qemu_pid=$!
 qemu_uri="nbd://127.0.0.1:$qport/bench"
 
 # (b) Basalt.
-"$bin/basalt" dev up --dir "$work/dev" --size "$size" > "$work/devup.out" 2> "$work/devup.err" &
+"$bin/basalt" dev up --dir "$work/dev" --size "$size" ${BASALT_BENCH_PGS:+--pgs "$BASALT_BENCH_PGS"} > "$work/devup.out" 2> "$work/devup.err" &
 dev_pid=$!
 for _ in $(seq 1 120); do grep -q '^ready$' "$work/devup.out" 2>/dev/null && break; sleep 1; done
 grep -q '^ready$' "$work/devup.out" || { echo "basalt dev up did not become ready" >&2; cat "$work/devup.err" >&2; exit 1; }

@@ -189,8 +189,10 @@ enum DevCmd {
         /// Size of volume `demo`.
         #[arg(long, default_value = "4GiB")]
         size: String,
-        /// Placement groups.
-        #[arg(long, default_value_t = 32)]
+        /// Placement groups. Two per storage node: on three nodes every PG has a replica on
+        /// every node whatever the count, so more PGs only add Raft groups, each of which
+        /// batches less (see docs/operations.md, "How many placement groups").
+        #[arg(long, default_value_t = 6)]
         pgs: u32,
         /// The basalt-node binary (default: next to basalt, or BASALT_NODE_BIN).
         #[arg(long)]

@@ -255,12 +255,25 @@ pub async fn run_reconciler(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<boo
 /// writes do not pile up in the Raft log (and in RocksDB's memtables).
 pub const CHECKPOINT_BYTES: u64 = 32 << 20;
 
+/// Share of the Raft log's memtable budget (`memory.log_write_buffer`) that the PGs of a node
+/// may fill with un-checkpointed entries together before they are all checkpointed. An entry
+/// purged while its memtable is still in memory is dropped at flush; one that outlives it is
+/// copied into a blob file first (a second write of every payload, ~6% of a node's CPU under
+/// 4 KiB writes spread over 32 PGs). Checkpointing every PG at once costs about one sync: they
+/// share the data file and the index.
+pub const LIVE_LOG_SHARE_OF_MEMTABLES: u64 = 4;
+
+/// How often the checkpointer looks at the PGs. Short enough that a node writing its log at
+/// disk speed does not overshoot [`LIVE_LOG_SHARE_OF_MEMTABLES`] by much between looks.
+const CHECKPOINTER_TICK: Duration = Duration::from_millis(100);
+
 /// Least time between two scrubs of the Raft log's files (a flush and a full compaction of
 /// the log database: too heavy to run for every TRIM).
 pub const LOG_SCRUB_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Checkpoints PGs that applied many bytes, and PGs that went idle with un-checkpointed
-/// entries (so their logs get purged and a restart replays little).
+/// Checkpoints PGs that applied many bytes, every PG with un-checkpointed entries when together
+/// they hold more than their share of the log's memtables, and PGs that went idle with
+/// un-checkpointed entries (so their logs get purged and a restart replays little).
 ///
 /// It also keeps freed data from lingering in the Raft log: when a PG applied a volume delete,
 /// TRIM or write-zeroes, it checkpoints that PG and purges its log through that entry; once the
@@ -268,7 +281,9 @@ pub const LOG_SCRUB_INTERVAL: Duration = Duration::from_secs(5);
 /// every [`LOG_SCRUB_INTERVAL`], covering every PG whose purge completed by then — one PG that
 /// cannot purge yet never holds back the others).
 pub async fn run_checkpointer(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut tick = tokio::time::interval(CHECKPOINTER_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let live_log_budget = ctx.config.memory.log_write_buffer as u64 / LIVE_LOG_SHARE_OF_MEMTABLES;
     let mut last_applied: HashMap<u32, (u64, tokio::time::Instant)> = HashMap::new();
     // Per PG: the purge index whose bytes the last log scrub removed.
     let mut scrubbed: HashMap<u32, u64> = HashMap::new();
@@ -286,6 +301,8 @@ pub async fn run_checkpointer(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<b
         let handles: Vec<PgHandle> = ctx.pgs.groups.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         // PGs purged through their wanted index whose files still need scrubbing.
         let mut owed: Vec<(u32, u64)> = Vec::new();
+        let unsaved = |h: &PgHandle| h.shared.bytes_since_checkpoint.load(std::sync::atomic::Ordering::Relaxed);
+        let over_budget = handles.iter().map(unsaved).sum::<u64>() > live_log_budget;
         for h in handles {
             let st = h.group.status();
             if seen.insert(st.group) {
@@ -297,7 +314,11 @@ pub async fn run_checkpointer(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<b
                 *entry = (st.applied_index, now);
             }
             let idle = now.duration_since(entry.1) > Duration::from_secs(10);
-            let big = h.shared.bytes_since_checkpoint.load(std::sync::atomic::Ordering::Relaxed) > CHECKPOINT_BYTES;
+            let unsaved = unsaved(&h);
+            // The budget gives way to a snapshot being streamed (as the entry-count policy
+            // does): the log after the snapshot's checkpoint must stay for the receiver.
+            let streaming = h.shared.transfers.load(std::sync::atomic::Ordering::Acquire) > 0;
+            let big = unsaved > CHECKPOINT_BYTES || (over_budget && unsaved > 0 && !streaming);
             let wanted = h.shared.purge_wanted.load(std::sync::atomic::Ordering::Relaxed);
             if st.applied_index > st.checkpoint_index && (idle || big || st.checkpoint_index < wanted) {
                 let _ = h.group.checkpoint_now().await;
