@@ -604,6 +604,7 @@ async fn drain_under_load_then_remove_and_a_new_node_takes_its_share() {
     let mut admin = cluster.admin().await.unwrap();
     let err = admin.node_remove(NodeRemoveRequest { id: 4 }).await.unwrap_err();
     assert!(err.message().contains("holds 6 replica"), "{err}");
+    let led_by_4 = cluster.status().await.unwrap().pgs.iter().filter(|p| p.leader == 4).count();
     let drain_started = Instant::now();
     let r = admin.node_drain(NodeDrainRequest { id: 4, undo: false }).await.unwrap().into_inner();
     assert_eq!(r.replicas_left, 6);
@@ -623,6 +624,11 @@ async fn drain_under_load_then_remove_and_a_new_node_takes_its_share() {
     assert!(drained.pgs.iter().all(|p| p.replicas.len() == 3 && !p.replicas.contains(&4)));
     let node4 = drained.nodes.iter().find(|n| n.id == 4).unwrap();
     assert!(node4.draining && node4.replicas == 0, "{node4:?}");
+    // A leaving leader hands its leadership over before the change that removes it, so the
+    // group does not wait out an election timeout.
+    let log4 = std::fs::read_to_string(&cluster.node(4).log).unwrap_or_default();
+    let handed_over = log4.matches("handing leadership over before leaving the group").count();
+    assert!(led_by_4 == 0 || handed_over > 0, "node-4 led {led_by_4} PGs but never handed leadership over\n{}", cluster.logs());
     admin.node_remove(NodeRemoveRequest { id: 4 }).await.unwrap();
 
     // A new node joins (node 5, zone z5): the rebalancer gives it a fair share, one PG at a time.
@@ -634,7 +640,11 @@ async fn drain_under_load_then_remove_and_a_new_node_takes_its_share() {
         .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
     let add_took = add_started.elapsed();
     let ops = workload.finish(&vol).await;
-    println!("drain of node-4 (6 replicas of a volume holding ~9 MiB): {drain_took:?}; node-5 took 6 replicas in {add_took:?}; {} ops", ops.len());
+    let slowest = ops.iter().map(|o| o.end - o.start).max().unwrap_or_default();
+    println!(
+        "drain of node-4 (6 replicas of a volume holding ~9 MiB, {led_by_4} led, {handed_over} hand-over requests): {drain_took:?}; node-5 took 6 replicas in {add_took:?}; {} ops, slowest {slowest:?}",
+        ops.len()
+    );
     assert_clean(&ops, "during drain, remove and add", &cluster);
     assert_fill_intact(&vol, &filled, "after the drain and the rebalance").await;
 }
@@ -673,9 +683,21 @@ async fn fault_a_partitioned_node_loses_its_leaderships_and_rejoins() {
     drop(cut);
     others.unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
     cluster.wait_healthy(3, Duration::from_secs(90)).await.unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    // The meta leader hands leaderships back until every node leads 2 or 3 of the 8 PGs.
+    let rebalanced_from = Instant::now();
+    let leads = |s: &ClusterStatusReply, n: u64| s.pgs.iter().filter(|p| p.leader == n).count();
+    cluster
+        .wait_status("leaderships evened out again", Duration::from_secs(90), |s| (1..=3).all(|n| (2..=3).contains(&leads(s, n))))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    let rebalanced_in = rebalanced_from.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let ops = workload.finish(&vol).await;
-    println!("node-3 (led {led_before} PGs) cut off at {cut_at:?} for ~10 s: I/O resumed after {:?}; {} ops", stall_after(&ops, cut_at), ops.len());
+    println!(
+        "node-3 (led {led_before} PGs) cut off at {cut_at:?} for ~10 s: I/O resumed after {:?}; leaderships even again {rebalanced_in:?} after healthy; {} ops",
+        stall_after(&ops, cut_at),
+        ops.len()
+    );
     assert_clean(&ops, "across a partition", &cluster);
 }
 

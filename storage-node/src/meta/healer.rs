@@ -10,13 +10,16 @@
 //! replica is added before the old one is removed, so no PG drops below two live replicas
 //! because of a move; at most `heal.max_moves` run at once, and every node paces the snapshot
 //! data it sends (`heal.rebuild_rate`).
+//!
+//! In a settled cluster it also evens out how many PGs each node leads, one hand-over at a
+//! time ([`super::leaders`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use basalt_common::{NodeId, PgId};
-use basalt_proto::data::MoveReplicaRequest;
+use basalt_proto::data::{MoveReplicaRequest, TransferLeaderRequest};
 use tokio::sync::watch;
 
 use super::liveness::Liveness;
@@ -202,6 +205,10 @@ fn rebalance_one(state: &ClusterState, health: &Health, counts: &BTreeMap<NodeId
     None
 }
 
+/// Least time between two leadership hand-overs for balance: the leaders' reports (node
+/// heartbeats) must show the last one before the next is planned.
+pub const LEADER_BALANCE_INTERVAL: Duration = Duration::from_secs(5);
+
 /// A move whose new replica makes no progress this long is abandoned and planned again.
 pub const STUCK_AFTER: Duration = Duration::from_secs(300);
 
@@ -213,6 +220,7 @@ pub async fn run(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<bool>) {
     let mut leader_since: Option<Instant> = None;
     // Per move: the new replica's last progress (chunks sent, log index held) and since when.
     let mut stalled: HashMap<PgId, ((u64, u64), Instant)> = HashMap::new();
+    let mut last_hand_over: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -257,6 +265,15 @@ pub async fn run(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<bool>) {
             }
         }
         let budget = (heal.max_moves as usize).saturating_sub(moves.len());
+        // Leaderships are evened out only in a settled cluster: no node lost, nothing moving,
+        // and this meta leader has heard every node's reports for a while.
+        let settled = moves.is_empty() && health.dead.is_empty() && since.elapsed() >= LEADER_BALANCE_INTERVAL;
+        if settled && last_hand_over.is_none_or(|t| t.elapsed() >= LEADER_BALANCE_INTERVAL) {
+            if let Some(t) = super::leaders::plan_transfer(&state, &health, &ctx.liveness.pg_views()) {
+                last_hand_over = Some(Instant::now());
+                hand_over(&ctx, &state, t).await;
+            }
+        }
         for p in plan(&state, &health, budget) {
             let cmd = MetaCommand::BeginMove { pg: p.pg, from: p.from, to: p.to, reason: p.reason, now_unix_ms: super::service::now_ms() };
             match service.propose(meta, cmd).await {
@@ -265,6 +282,25 @@ pub async fn run(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<bool>) {
                 Err(e) => tracing::debug!(pg = %p.pg, error = %e.message(), "starting a replica move failed; will retry"),
             }
         }
+    }
+}
+
+/// Asks `t.from` to hand `t.pg`'s leadership to `t.to`. Failures are logged only: the next
+/// plan, from fresh reports, decides again.
+async fn hand_over(ctx: &NodeCtx, state: &ClusterState, t: super::leaders::Transfer) {
+    let Some(addr) = state.nodes.get(&t.from).map(|n| n.addr.clone()) else { return };
+    let req = TransferLeaderRequest { pg: t.pg.0, to: t.to.0 };
+    let outcome = match ctx.clients.data(&addr) {
+        Ok(mut client) => match tokio::time::timeout(Duration::from_secs(5), client.transfer_leader(req)).await {
+            Ok(Ok(reply)) => reply.into_inner().error.map(|e| e.message),
+            Ok(Err(s)) => Some(s.message().to_string()),
+            Err(_) => Some("no answer within 5s".to_string()),
+        },
+        Err(e) => Some(e.to_string()),
+    };
+    match outcome {
+        None => tracing::info!(pg = %t.pg, from = %t.from, to = %t.to, "leadership handed over for balance"),
+        Some(e) => tracing::debug!(pg = %t.pg, from = %t.from, to = %t.to, error = %e, "a leadership hand-over for balance failed"),
     }
 }
 

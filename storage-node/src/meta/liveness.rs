@@ -37,6 +37,8 @@ pub struct PgView {
     pub applied_index: u64,
     /// Replicas that report following that leader in that term.
     pub live: Vec<u64>,
+    /// Applied index each of `live` reported (the leader's too), by node.
+    pub applied: BTreeMap<u64, u64>,
 }
 
 /// Converts a heartbeat's node description into a registry record.
@@ -89,7 +91,7 @@ impl Liveness {
             for pg in &s.pgs {
                 let v = out.entry(pg.id).or_default();
                 if pg.leader != 0 && pg.term > v.term {
-                    *v = PgView { leader: pg.leader, term: pg.term, applied_index: 0, live: Vec::new() };
+                    *v = PgView { leader: pg.leader, term: pg.term, ..PgView::default() };
                 }
             }
         }
@@ -98,6 +100,7 @@ impl Liveness {
                 if let Some(v) = out.get_mut(&pg.id) {
                     if pg.leader == v.leader && pg.term == v.term && v.leader != 0 {
                         v.live.push(s.node.id);
+                        v.applied.insert(s.node.id, pg.applied_index);
                         if s.node.id == v.leader {
                             v.applied_index = pg.applied_index;
                         }

@@ -8,6 +8,7 @@
 //! - [`healer`]: re-places replicas of dead and draining nodes, rebalances onto new ones.
 
 pub mod healer;
+pub mod leaders;
 pub mod liveness;
 pub mod placement;
 pub mod service;

@@ -20,6 +20,9 @@ pub struct PgHandle {
     pub shared: PgShared,
     /// The Raft group.
     pub group: RaftGroup<PgStateMachine>,
+    /// The replica move for which this node, as leader and leaving replica, began handing
+    /// leadership over, and when (`pg::membership`).
+    pub handover: Arc<std::sync::Mutex<Option<super::membership::Handover>>>,
 }
 
 /// Why a replica could not be retired.
@@ -105,7 +108,7 @@ impl PgManager {
         let mut shared = PgShared::new(pg, self.node, self.store.clone(), self.apply_stats.clone(), self.integrity.clone());
         shared.pacer = self.pacer.clone();
         let group = self.host.start_group(pg.0, PgStateMachine::new(shared.clone())).await?;
-        let handle = PgHandle { shared, group };
+        let handle = PgHandle { shared, group, handover: Arc::default() };
         self.groups.write().unwrap_or_else(|p| p.into_inner()).insert(pg, handle.clone());
         Ok(handle)
     }

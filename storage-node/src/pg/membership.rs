@@ -6,8 +6,12 @@
 //! stopped:
 //! 1. `to` is not a member: add it as a learner. The leader then sends it a snapshot (the PG's
 //!    chunks, paced by the node's rebuild budget) and the log after it.
-//! 2. `to` is a learner within [`CATCH_UP_LAG`] entries of the leader's log: make the voters
-//!    `voters - from + to`. openraft does this through joint consensus, so the group needs a
+//! 2. `to` is a learner within [`CATCH_UP_LAG`] entries of the leader's log. If this leader is
+//!    `from`, it first hands leadership to another voter that stays: a leader that votes
+//!    itself out steps down only once the change commits, and the group then waits out an
+//!    election timeout (seconds without writes) for a new one. Given up after
+//!    [`HANDOVER_WAIT`] (the heir may be down): then `from` promotes `to` itself.
+//!    Otherwise make the voters `voters - from + to`. openraft does this through joint consensus, so the group needs a
 //!    majority of both the old and the new voters at every step and never has fewer than two
 //!    live replicas because of the move.
 //! 3. `to` votes and `from` does not: done. The meta leader then records the new replica set.
@@ -16,6 +20,7 @@
 //! is removed and the meta leader picks another target.
 
 use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
 use basalt_common::NodeId;
 use basalt_raft::{NodeInfo, RaftError};
@@ -26,12 +31,25 @@ use super::manager::PgHandle;
 /// next append, and the joint configuration does not wait long on it.
 pub const CATCH_UP_LAG: u64 = 64;
 
+/// How long a leaving leader keeps trying to hand leadership over before it promotes the new
+/// replica itself (and the group elects a leader after the change).
+pub const HANDOVER_WAIT: Duration = Duration::from_secs(10);
+
+/// A leadership hand-over begun for one move.
+#[derive(Clone, Copy, Debug)]
+pub struct Handover {
+    from: NodeId,
+    to: NodeId,
+    since: Instant,
+}
+
 /// Where a move stands after one step.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MoveStatus {
     /// `to` votes in place of `from`.
     pub done: bool,
-    /// What is happening: "adding learner", "snapshot", "catching up", "promoting", "done".
+    /// What is happening: "adding learner", "snapshot", "catching up", "handing over
+    /// leadership", "promoting", "done".
     pub phase: &'static str,
     /// Chunks of the latest snapshot stream sent so far.
     pub chunks_done: u64,
@@ -92,6 +110,14 @@ pub async fn advance(handle: &PgHandle, from: NodeId, to: NodeId, to_addr: &str)
         status.phase = if status.matched_index == 0 || streaming { "snapshot" } else { "catching up" };
         return Ok(status);
     }
+    if st.leader == Some(from.0) {
+        if let Some(heir) = handover_heir(handle, from, to, &voters, &target) {
+            tracing::info!(pg = group.id(), %from, %to, heir, "handing leadership over before leaving the group");
+            group.transfer_leader(heir).await?;
+            status.phase = "handing over leadership";
+            return Ok(status);
+        }
+    }
     tracing::info!(pg = group.id(), %from, %to, voters = ?target, "promoting the new replica");
     status.phase = "promoting";
     group.set_voters(target.clone()).await?;
@@ -101,6 +127,21 @@ pub async fn advance(handle: &PgHandle, from: NodeId, to: NodeId, to_addr: &str)
         status.done = true;
     }
     Ok(status)
+}
+
+/// The voter to hand leadership to before `from` (this leader) leaves: one that stays, the
+/// furthest replicated. None once this move's hand-over has been tried for [`HANDOVER_WAIT`].
+fn handover_heir(handle: &PgHandle, from: NodeId, to: NodeId, voters: &BTreeSet<u64>, target: &BTreeSet<u64>) -> Option<u64> {
+    let mut slot = handle.handover.lock().unwrap_or_else(|p| p.into_inner());
+    let began = match *slot {
+        Some(h) if h.from == from && h.to == to => h.since,
+        _ => slot.insert(Handover { from, to, since: Instant::now() }).since,
+    };
+    if began.elapsed() >= HANDOVER_WAIT {
+        return None;
+    }
+    let group = &handle.group;
+    voters.iter().copied().filter(|v| *v != from.0 && target.contains(v)).max_by_key(|v| (group.matched_index(*v).unwrap_or(0), std::cmp::Reverse(*v)))
 }
 
 /// Abandons the move of `pg`'s replica to `to`: removes `to` if it is only a learner. A target

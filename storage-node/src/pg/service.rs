@@ -15,7 +15,7 @@ use basalt_proto::data::data_error::Code;
 use basalt_proto::data::data_server::Data;
 use basalt_proto::data::{
     ChunkCheckReply, ChunkCheckRequest, DataError, MoveReplicaReply, MoveReplicaRequest, ReadReply, ReadRequest, ReleaseVolumeReply, ReleaseVolumeRequest, RepairChunkReply,
-    RepairChunkRequest, WriteReply, WriteRequest, ZeroReply, ZeroRequest,
+    RepairChunkRequest, TransferLeaderReply, TransferLeaderRequest, WriteReply, WriteRequest, ZeroReply, ZeroRequest,
 };
 use basalt_raft::RaftError;
 use basalt_scrubber::ChunkVerdict;
@@ -316,6 +316,26 @@ impl Data for DataService {
             }
         };
         Ok(Response::new(reply))
+    }
+
+    async fn transfer_leader(&self, request: Request<TransferLeaderRequest>) -> Result<Response<TransferLeaderReply>, Status> {
+        let req = request.into_inner();
+        let Some(handle) = self.ctx.pgs.get(PgId(req.pg)) else {
+            let error = err(Code::WrongNode, format!("{} holds no replica of pg-{}", self.ctx.config.id, req.pg));
+            return Ok(Response::new(TransferLeaderReply { error: Some(error) }));
+        };
+        let st = handle.group.status();
+        if !st.voters.contains(&req.to) || req.to == self.ctx.config.id.0 {
+            let error = err(Code::Invalid, format!("node {} is not another voter of pg-{} (voters {:?})", req.to, req.pg, st.voters));
+            return Ok(Response::new(TransferLeaderReply { error: Some(error) }));
+        }
+        if !st.is_leader {
+            let e = RaftError::NotLeader { group: req.pg, leader: st.leader, leader_addr: st.leader.and_then(|l| handle.group.member_addr(l)) };
+            return Ok(Response::new(TransferLeaderReply { error: Some(self.raft_error(e)) }));
+        }
+        tracing::info!(pg = req.pg, to = req.to, "handing leadership over (leader balancing)");
+        let error = handle.group.transfer_leader(req.to).await.err().map(|e| self.raft_error(e));
+        Ok(Response::new(TransferLeaderReply { error }))
     }
 
     async fn move_replica(&self, request: Request<MoveReplicaRequest>) -> Result<Response<MoveReplicaReply>, Status> {
