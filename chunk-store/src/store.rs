@@ -992,6 +992,13 @@ impl ChunkStore {
         &self.inner.data.path
     }
 
+    /// How many chunks of `len` bytes at `offset` of `volume` in `shard` hold no slot yet (a
+    /// write there has to allocate them).
+    pub fn unallocated_chunks(&self, shard: u32, volume: VolumeId, offset: u64, len: u64) -> u64 {
+        let map = self.map();
+        pieces(shard, volume, offset, len).iter().filter(|p| !map.chunks.contains_key(&p.key)).count() as u64
+    }
+
     /// Byte offset in the data file of the slot holding `key`, if any (for tools and tests
     /// that need to find a block on disk).
     pub fn locate(&self, key: ChunkKey) -> Option<u64> {

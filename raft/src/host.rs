@@ -12,7 +12,7 @@ use crate::log_store::{LogEngine, LogEngineConfig};
 use crate::state_machine::{SmAdapter, StateMachine};
 use crate::transport::network::NetworkFactory;
 use crate::transport::server::Registry;
-use crate::transport::{Router, TransportService};
+use crate::transport::{Router, SpaceBook, TransportService};
 use crate::types::{GroupId, NodeId};
 
 /// Timing and sizing of every group on the node.
@@ -83,6 +83,7 @@ pub struct RaftHost {
     engine: LogEngine,
     router: Router,
     registry: Registry,
+    space: Arc<SpaceBook>,
     config: Arc<openraft::Config>,
 }
 
@@ -90,10 +91,12 @@ impl RaftHost {
     /// Opens the log database and prepares the transport.
     pub fn open(node_id: NodeId, log: &LogEngineConfig, tuning: &RaftTuning) -> Result<Self, RaftError> {
         let engine = LogEngine::open(log)?;
+        let space = Arc::new(SpaceBook::default());
         Ok(Self {
             node_id,
             engine,
-            router: Router::new(node_id, tuning.peer_queue),
+            router: Router::new(node_id, tuning.peer_queue, space.clone()),
+            space,
             registry: Registry::default(),
             config: Arc::new(tuning.openraft_config()?),
         })
@@ -116,7 +119,12 @@ impl RaftHost {
 
     /// Serves peers' Raft connections (those that open with [`crate::transport::frame::MAGIC`]).
     pub fn transport(&self) -> TransportService {
-        TransportService { registry: self.registry.clone() }
+        TransportService { registry: self.registry.clone(), space: self.space.clone() }
+    }
+
+    /// This node's free space as told to peers, and theirs as heard on Raft frames.
+    pub fn space(&self) -> &Arc<SpaceBook> {
+        &self.space
     }
 
     /// The gRPC service peers send snapshots to.

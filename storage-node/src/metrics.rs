@@ -136,6 +136,12 @@ pub fn render(ctx: &NodeCtx) -> String {
     family("basalt_pg_apply_batches_total", "counter", "State-machine apply calls.", vec![(String::new(), a.batches.load(Ordering::Relaxed))]);
     family("basalt_pg_apply_commands_total", "counter", "Commands applied.", vec![(String::new(), a.commands.load(Ordering::Relaxed))]);
     family("basalt_pg_apply_microseconds_total", "counter", "Time spent applying.", vec![(String::new(), a.micros.load(Ordering::Relaxed))]);
+    family(
+        "basalt_pg_applies_waiting_for_space",
+        "gauge",
+        "PGs whose apply on this node waits for chunk space (admission let through more than fits; see pg::space).",
+        vec![(String::new(), a.waiting_for_space.load(Ordering::Relaxed))],
+    );
     family("basalt_replicas_retired_total", "counter", "Replicas removed from this node after moving elsewhere.", vec![(String::new(), ctx.pgs.retired.load(Ordering::Relaxed))]);
     family("basalt_rebuild_sent_bytes_total", "counter", "Snapshot bytes sent to fill new replicas (paced by heal.rebuild_rate).", vec![(String::new(), ctx.pgs.pacer.bytes.load(Ordering::Relaxed))]);
     let statuses = ctx.pgs.statuses();

@@ -272,6 +272,7 @@ impl Node {
         if config.has(Role::Storage) {
             tasks.push(tokio::spawn(crate::pg::manager::run_reconciler(ctx.clone(), shutdown_rx.clone())));
             tasks.push(tokio::spawn(crate::pg::manager::run_checkpointer(ctx.clone(), shutdown_rx.clone())));
+            tasks.push(tokio::spawn(crate::pg::space::run_publisher(ctx.clone(), shutdown_rx.clone())));
             let scrubber = basalt_scrubber::Scrubber::new(store.clone(), config.overwrite_rate, ctx.scrub.clone())
                 .with_pattern(config.overwrite_pattern, config.overwrite_passes);
             tasks.push(tokio::spawn(scrubber.run(shutdown_rx.clone())));

@@ -104,6 +104,8 @@ pub struct TestCluster {
     /// Nodes by id.
     pub nodes: BTreeMap<u64, TestNode>,
     extra_config: String,
+    /// Extra top-level TOML keys for single nodes (before `extra_config`, which may open tables).
+    node_config: BTreeMap<u64, String>,
 }
 
 /// `n` storage+meta nodes, node i in zone `z{i}` and host `h{i}`.
@@ -134,13 +136,20 @@ impl TestCluster {
 
     /// Like [`TestCluster::start`] with extra TOML appended to every node's config.
     pub async fn start_with(specs: Vec<NodeSpec>, extra_config: &str) -> Result<Self> {
+        Self::start_with_node_config(specs, extra_config, &[]).await
+    }
+
+    /// Like [`TestCluster::start_with`], plus extra top-level TOML keys for single nodes
+    /// (`(id, toml)`), e.g. a smaller `capacity` for one of them.
+    pub async fn start_with_node_config(specs: Vec<NodeSpec>, extra_config: &str, node_config: &[(u64, &str)]) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("basalt-test-").tempdir_in(test_root())?;
         let mut nodes = BTreeMap::new();
         for spec in specs {
             let node = TestNode::new(dir.path(), spec)?;
             nodes.insert(node.spec.id, node);
         }
-        let mut cluster = TestCluster { dir, nodes, extra_config: extra_config.to_string() };
+        let node_config = node_config.iter().map(|(id, toml)| (*id, toml.to_string())).collect();
+        let mut cluster = TestCluster { dir, nodes, extra_config: extra_config.to_string(), node_config };
         cluster.write_configs()?;
         let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
         for id in ids {
@@ -189,8 +198,9 @@ impl TestCluster {
             self.nodes.values().filter(|n| n.spec.roles.contains(&"meta")).map(|n| format!("\"{}\"", n.addr)).collect();
         for n in self.nodes.values() {
             let roles: Vec<String> = n.spec.roles.iter().map(|r| format!("\"{r}\"")).collect();
+            let own = self.node_config.get(&n.spec.id).map(String::as_str).unwrap_or("");
             let text = format!(
-                "id = {}\nlisten = \"{}\"\nmetrics_listen = \"{}\"\ndata_dir = \"{}\"\nlabels = \"{}\"\nroles = [{}]\nseeds = [{}]\n{}{}\n[memory]\nindex_cache = \"16MiB\"\nlog_cache = \"8MiB\"\nwrite_buffer = \"8MiB\"\n",
+                "id = {}\nlisten = \"{}\"\nmetrics_listen = \"{}\"\ndata_dir = \"{}\"\nlabels = \"{}\"\nroles = [{}]\nseeds = [{}]\n{}{}\n{}\n[memory]\nindex_cache = \"16MiB\"\nlog_cache = \"8MiB\"\nwrite_buffer = \"8MiB\"\n",
                 n.spec.id,
                 n.addr,
                 n.metrics_addr,
@@ -199,7 +209,8 @@ impl TestCluster {
                 roles.join(", "),
                 seeds.join(", "),
                 // 4 GiB of chunk space unless the extra config sets its own.
-                if self.extra_config.contains("capacity =") { "" } else { "capacity = \"4GiB\"\n" },
+                if self.extra_config.contains("capacity =") || own.contains("capacity =") { "" } else { "capacity = \"4GiB\"\n" },
+                own,
                 self.extra_config,
             );
             std::fs::write(&n.config, text)?;

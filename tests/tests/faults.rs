@@ -838,6 +838,97 @@ async fn fault_bit_flips_under_load_are_never_served_and_get_repaired() {
     }
 }
 
+/// Node 3 has 64 MiB of chunk space, nodes 1 and 2 have 4 GiB, and every node holds a replica
+/// of every PG. Once node 3 is short of room, writes that need new chunks are refused with
+/// NoSpace by every leader, not acknowledged by leaders with room and then missing on node 3;
+/// every acknowledged write reads back with node 3 leading its PG, and no apply waits for space.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_a_full_replica_refuses_writes_instead_of_diverging() {
+    let cluster = TestCluster::start_with_node_config(simple_spec(3), "", &[(3, "capacity = \"64MiB\"\n")]).await.unwrap();
+    cluster.init(8, "zone").await.unwrap();
+    cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
+    let mut admin = cluster.admin().await.unwrap();
+    admin.volume_create(VolumeCreateRequest { name: "small".into(), size: 256 << 20 }).await.unwrap();
+    let vol = Arc::new(cluster.client().await.unwrap().open_volume("small").await.unwrap());
+    let chunk = |i: u64| {
+        let mut data = vec![(i % 251) as u8; 1 << 20];
+        data[..8].copy_from_slice(&i.to_le_bytes());
+        Bytes::from(data)
+    };
+
+    // 1 MiB writes into fresh chunks, four at a time, until well past node 3's capacity.
+    let mut acked = Vec::new();
+    let mut refused = Vec::new();
+    for batch in (0..128u64).collect::<Vec<_>>().chunks(4) {
+        let writes: Vec<_> = batch
+            .iter()
+            .map(|&i| {
+                let vol = vol.clone();
+                let data = chunk(i);
+                tokio::spawn(async move { (i, vol.write(i << 20, data, false).await) })
+            })
+            .collect();
+        for w in writes {
+            match w.await.unwrap() {
+                (i, Ok(())) => acked.push(i),
+                (i, Err(e)) => {
+                    assert!(matches!(e, basalt_volume_client::ClientError::NoSpace(_)), "write of chunk {i} failed otherwise: {e}");
+                    refused.push((i, e.to_string()));
+                }
+            }
+        }
+    }
+    println!("acknowledged {} MiB, refused {} MiB; first refusal: {:?}", acked.len(), refused.len(), refused.first());
+    assert!(acked.len() >= 40, "only {} MiB acknowledged before writes were refused", acked.len());
+    assert!(
+        refused.len() >= 64,
+        "writes beyond node 3's 64 MiB were acknowledged: {} MiB acked\n{}",
+        acked.len(),
+        metrics_text(&cluster.node(3).metrics_addr).lines().filter(|l| l.contains("space") || l.contains("bytes")).collect::<Vec<_>>().join("\n")
+    );
+    assert!(refused.iter().any(|(_, e)| e.contains("node-3")), "refusals do not name the full replica: {:?}", refused.first());
+
+    // Every PG led by node 3 in turn: what was acknowledged is there too.
+    let layout = cluster.client().await.unwrap().map().layout.unwrap();
+    let id = vol.id();
+    let status = cluster.status().await.unwrap();
+    for pg in &status.pgs {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = cluster.status().await.unwrap();
+            let p = s.pgs.iter().find(|p| p.id == pg.id).unwrap();
+            if p.leader == 3 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "pg-{} never moved its leadership to node 3", pg.id);
+            if p.leader != 0 {
+                let mut data = data_client(&cluster.node(p.leader).addr).await.unwrap();
+                let _ = data.transfer_leader(basalt_proto::data::TransferLeaderRequest { pg: pg.id, to: 3 }).await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        for &i in &acked {
+            if layout.pg_of(id, basalt_common::ExtentIndex((i << 20) / layout.extent_size)).0 != pg.id {
+                continue;
+            }
+            let got = tokio::time::timeout(Duration::from_secs(20), vol.read(i << 20, 1 << 20)).await.expect("read hung").unwrap();
+            assert!(got == chunk(i), "acknowledged chunk {i} of pg-{} reads back different with node 3 leading", pg.id);
+        }
+    }
+    let metrics = metrics_text(&cluster.node(3).metrics_addr);
+    assert!(metrics.contains("basalt_pg_applies_waiting_for_space{node=\"3\"} 0"), "an apply on node 3 waits for space:\n{metrics}");
+}
+
+/// The node's Prometheus text.
+fn metrics_text(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text
+}
+
 /// Used bytes node `id` reported in its last heartbeat.
 fn used_on(s: &ClusterStatusReply, id: u64) -> u64 {
     s.nodes.iter().find(|n| n.id == id).map(|n| n.used_bytes).unwrap_or(0)

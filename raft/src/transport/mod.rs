@@ -6,16 +6,19 @@
 //!   pipelined appends and streamed snapshots.
 //! - [`server`]: incoming connections dispatched to the groups hosted here, and the gRPC
 //!   service that receives snapshots.
+//! - [`space`]: each node's free space, carried on every frame.
 
 pub mod frame;
 pub(crate) mod network;
 pub(crate) mod peer;
 pub(crate) mod server;
+pub mod space;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 pub use server::TransportService;
+pub use space::SpaceBook;
 
 use crate::types::NodeId;
 use peer::{CallError, Peer};
@@ -40,17 +43,20 @@ pub struct Router {
 struct RouterInner {
     node_id: NodeId,
     queue: usize,
+    space: Arc<SpaceBook>,
     peers: Mutex<HashMap<NodeId, Arc<Peer>>>,
     addresses: Mutex<HashMap<NodeId, String>>,
 }
 
 impl Router {
-    /// A router for node `node_id`; `queue` bounds the messages waiting per peer.
-    pub fn new(node_id: NodeId, queue: usize) -> Self {
+    /// A router for node `node_id`; `queue` bounds the messages waiting per peer. Frames
+    /// carry this node's figure from `space` and record the peers' in it.
+    pub fn new(node_id: NodeId, queue: usize, space: Arc<SpaceBook>) -> Self {
         Self {
             inner: Arc::new(RouterInner {
                 node_id,
                 queue,
+                space,
                 peers: Mutex::new(HashMap::new()),
                 addresses: Mutex::new(HashMap::new()),
             }),
@@ -83,7 +89,7 @@ impl Router {
                 return Ok(p.clone());
             }
         }
-        let peer = Arc::new(Peer::new(self.inner.node_id, target, &addr, self.inner.queue)?);
+        let peer = Arc::new(Peer::new(self.inner.node_id, target, &addr, self.inner.queue, self.inner.space.clone())?);
         peers.insert(target, peer.clone());
         Ok(peer)
     }

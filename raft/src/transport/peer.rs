@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 
 use super::frame::{self, MAGIC};
+use super::space::SpaceBook;
 use crate::types::{GroupId, NodeId};
 
 /// Why a call to a peer failed.
@@ -80,7 +81,7 @@ impl Drop for Peer {
 }
 
 impl Peer {
-    pub(crate) fn new(from: NodeId, target: NodeId, addr: &str, queue: usize) -> Result<Self, CallError> {
+    pub(crate) fn new(from: NodeId, target: NodeId, addr: &str, queue: usize, space: Arc<SpaceBook>) -> Result<Self, CallError> {
         // Snapshots keep a gRPC streaming call of their own (flow control suits bulk transfer).
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| CallError::Unreachable(target, format!("bad address {addr:?}: {e}")))?
@@ -92,7 +93,7 @@ impl Peer {
             .initial_connection_window_size(Some(32 << 20));
         let channel = endpoint.connect_lazy();
         let (tx, rx) = mpsc::channel(queue);
-        let task = tokio::spawn(run(from, target, addr.to_string(), rx));
+        let task = tokio::spawn(run(from, target, addr.to_string(), rx, space));
         Ok(Self { target, addr: addr.to_string(), tx, channel, task })
     }
 
@@ -118,7 +119,7 @@ impl Peer {
     }
 }
 
-async fn run(from: NodeId, target: NodeId, addr: String, mut rx: mpsc::Receiver<Outgoing>) {
+async fn run(from: NodeId, target: NodeId, addr: String, mut rx: mpsc::Receiver<Outgoing>, space: Arc<SpaceBook>) {
     let mut next_id: u64 = 1;
     let mut backoff = Duration::from_millis(50);
     loop {
@@ -144,7 +145,7 @@ async fn run(from: NodeId, target: NodeId, addr: String, mut rx: mpsc::Receiver<
         // Replies are matched by a task of their own, so a peer slow to take our requests
         // never keeps us from taking its replies.
         let pending: Pending = Arc::new(Mutex::new(Inflight { calls: HashMap::new(), last_progress: Instant::now() }));
-        let mut reader = tokio::spawn(read_replies(target, BufReader::with_capacity(256 * 1024, rd), pending.clone()));
+        let mut reader = tokio::spawn(read_replies(target, BufReader::with_capacity(256 * 1024, rd), pending.clone(), space.clone()));
         let mut watchdog = tokio::time::interval(Duration::from_secs(1));
         let mut next = Some(first);
         let reason = loop {
@@ -169,7 +170,7 @@ async fn run(from: NodeId, target: NodeId, addr: String, mut rx: mpsc::Receiver<
                     }
                 },
             };
-            let frame = build_frame(from, msg, &mut rx, &pending, &mut next_id);
+            let frame = build_frame(from, space.local(), msg, &mut rx, &pending, &mut next_id);
             let written = async {
                 wr.write_all(&frame::encode(&frame)).await?;
                 // Whatever queued meanwhile goes into the same flush (one syscall under load).
@@ -199,10 +200,11 @@ async fn connect(addr: &str) -> std::io::Result<TcpStream> {
 }
 
 /// Hands each reply to its caller until the connection ends; returns why it ended.
-async fn read_replies(target: NodeId, mut rd: BufReader<OwnedReadHalf>, pending: Pending) -> String {
+async fn read_replies(target: NodeId, mut rd: BufReader<OwnedReadHalf>, pending: Pending, space: Arc<SpaceBook>) -> String {
     loop {
         match frame::read(&mut rd).await {
             Ok(Some(frame)) => {
+                space.heard(target, frame.space_left);
                 let mut p = pending.lock().unwrap_or_else(|p| p.into_inner());
                 p.last_progress = Instant::now();
                 for m in frame.messages {
@@ -225,7 +227,7 @@ async fn read_replies(target: NodeId, mut rd: BufReader<OwnedReadHalf>, pending:
 /// Takes `first` and whatever else is queued (within the frame limits) into one frame,
 /// registering each message's reply slot before the frame is written: a reply can arrive as
 /// soon as it is.
-fn build_frame(from: NodeId, first: Outgoing, rx: &mut mpsc::Receiver<Outgoing>, pending: &Pending, next_id: &mut u64) -> RaftFrame {
+fn build_frame(from: NodeId, space_left: Option<u64>, first: Outgoing, rx: &mut mpsc::Receiver<Outgoing>, pending: &Pending, next_id: &mut u64) -> RaftFrame {
     let mut messages = Vec::new();
     let mut bytes = 0;
     let mut p = pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -243,7 +245,7 @@ fn build_frame(from: NodeId, first: Outgoing, rx: &mut mpsc::Receiver<Outgoing>,
             next = rx.try_recv().ok();
         }
     }
-    RaftFrame { from_node: from, messages }
+    RaftFrame { from_node: from, space_left, messages }
 }
 
 fn fail_all(pending: &Pending, target: NodeId, reason: &str) {

@@ -25,6 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::frame::{self, MAGIC};
+use super::space::SpaceBook;
 
 use crate::types::GroupId;
 
@@ -66,6 +67,7 @@ impl Registry {
 #[derive(Clone)]
 pub struct TransportService {
     pub(crate) registry: Registry,
+    pub(crate) space: Arc<SpaceBook>,
 }
 
 /// How long a new connection may take to send [`MAGIC`].
@@ -90,8 +92,8 @@ impl TransportService {
             }
         }
         let (reply_tx, reply_rx) = mpsc::channel::<RaftMessage>(4096);
-        let writer = tokio::spawn(write_replies(BufWriter::with_capacity(256 * 1024, wr), reply_rx));
-        if let Err(e) = serve_pipe(self.registry.clone(), rd, reply_tx).await {
+        let writer = tokio::spawn(write_replies(BufWriter::with_capacity(256 * 1024, wr), reply_rx, self.space.clone()));
+        if let Err(e) = serve_pipe(self.registry.clone(), self.space.clone(), rd, reply_tx).await {
             tracing::debug!(%peer, error = %e, "raft connection failed");
         }
         // Replies of requests still running go out as they finish; the writer task ends when
@@ -101,7 +103,7 @@ impl TransportService {
 }
 
 /// Sends replies as they complete; whatever is ready leaves in one frame and one flush.
-async fn write_replies(mut wr: BufWriter<OwnedWriteHalf>, mut rx: mpsc::Receiver<RaftMessage>) -> io::Result<()> {
+async fn write_replies(mut wr: BufWriter<OwnedWriteHalf>, mut rx: mpsc::Receiver<RaftMessage>, space: Arc<SpaceBook>) -> io::Result<()> {
     while let Some(first) = rx.recv().await {
         let mut messages = vec![first];
         while messages.len() < frame::MAX_MESSAGES {
@@ -110,7 +112,7 @@ async fn write_replies(mut wr: BufWriter<OwnedWriteHalf>, mut rx: mpsc::Receiver
                 Err(_) => break,
             }
         }
-        wr.write_all(&frame::encode(&RaftFrame { from_node: 0, messages })).await?;
+        wr.write_all(&frame::encode(&RaftFrame { from_node: 0, space_left: space.local(), messages })).await?;
         if rx.is_empty() {
             wr.flush().await?;
         }
@@ -179,10 +181,11 @@ impl Pipeline {
     }
 }
 
-async fn serve_pipe<R: AsyncRead + Unpin>(registry: Registry, mut incoming: R, replies: mpsc::Sender<RaftMessage>) -> io::Result<()> {
+async fn serve_pipe<R: AsyncRead + Unpin>(registry: Registry, space: Arc<SpaceBook>, mut incoming: R, replies: mpsc::Sender<RaftMessage>) -> io::Result<()> {
     let mut pipelines: HashMap<(GroupId, u64), Pipeline> = HashMap::new();
     let mut swept = std::time::Instant::now();
     while let Some(frame) = frame::read(&mut incoming).await? {
+        space.heard(frame.from_node, frame.space_left);
         if swept.elapsed() >= PIPELINE_IDLE {
             pipelines.retain(|_, p| p.last_used.elapsed() < PIPELINE_IDLE);
             swept = std::time::Instant::now();

@@ -6,6 +6,7 @@
 //! - [`repair`]: compares a chunk's replicas and repairs bad copies (integrity scrub).
 //! - [`verifier`]: the integrity scrub's passes over this node's chunks.
 //! - [`pacer`]: the node's byte budget for filling new replicas.
+//! - [`space`]: refuses writes a replica of the PG could not store.
 //! - [`membership`]: moves a replica to another node (on the PG's leader).
 //! - [`manager`]: starts the PGs the cluster map places here, retires those it moved away.
 //! - [`service`]: the data API clients write and read through (gRPC face included).
@@ -18,6 +19,7 @@ pub mod pacer;
 pub mod repair;
 pub mod service;
 pub mod snapshot;
+pub mod space;
 pub mod state_machine;
 pub mod verifier;
 pub mod wire;

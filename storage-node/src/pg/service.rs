@@ -24,6 +24,7 @@ use tonic::{Request, Response, Status};
 use super::command::{PgCommand, PgReply, piece_count, pieces};
 use super::manager::PgHandle;
 use super::repair;
+use super::space::SpaceAdmission;
 use crate::cluster_map::wait_for_version;
 use crate::metrics::Op;
 use crate::node::NodeCtx;
@@ -42,13 +43,15 @@ pub struct DataService {
     /// Write payload admitted and not yet answered, in KiB units: the node's memory for
     /// in-flight data is bounded by configuration, not by how hard clients push.
     inflight: Arc<tokio::sync::Semaphore>,
+    /// Chunk space promised to writes in flight (`pg::space`).
+    space: Arc<SpaceAdmission>,
 }
 
 impl DataService {
     /// A service over the node's PGs.
     pub fn new(ctx: Arc<NodeCtx>) -> Self {
         let kib = (ctx.config.memory.inflight_writes / 1024).max(1);
-        Self { ctx, inflight: Arc::new(tokio::sync::Semaphore::new(kib)) }
+        Self { ctx, inflight: Arc::new(tokio::sync::Semaphore::new(kib)), space: Arc::default() }
     }
 
     fn raft_error(&self, e: RaftError) -> DataError {
@@ -165,6 +168,10 @@ impl DataService {
                     ));
                 }
             }
+            let _space = match self.space.admit(&self.ctx, &handle, req.volume_id, req.offset, len).await {
+                Ok(admitted) => admitted,
+                Err(m) => return Some(err(Code::NoSpace, m)),
+            };
             let cmd =
                 PgCommand::Write { volume: VolumeId(req.volume_id), epoch: req.attach_epoch, offset: req.offset, crcs: req.crcs, data: req.data };
             self.propose(&handle, cmd).await
@@ -243,6 +250,15 @@ impl DataService {
             let handle = match self.route(req.pg, req.volume_id, req.offset, req.length, req.map_version, Some(req.attach_epoch)).await {
                 Ok(h) => h,
                 Err(e) => return Some(e),
+            };
+            // Zeroes that keep their blocks allocated need chunk space like a write.
+            let _space = if req.keep_allocated {
+                match self.space.admit(&self.ctx, &handle, req.volume_id, req.offset, req.length).await {
+                    Ok(admitted) => admitted,
+                    Err(m) => return Some(err(Code::NoSpace, m)),
+                }
+            } else {
+                None
             };
             let cmd = PgCommand::Zero {
                 volume: VolumeId(req.volume_id),

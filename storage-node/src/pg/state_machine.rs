@@ -112,6 +112,9 @@ impl Probe {
 /// Most probes remembered per PG; beyond it the oldest are forgotten (their repairs void).
 const MAX_PROBES: usize = 1024;
 
+/// How often an apply short of chunk space tries again.
+const SPACE_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// How much time applying takes on this node (all PGs share one).
 #[derive(Debug, Default)]
 pub struct ApplyStats {
@@ -121,6 +124,8 @@ pub struct ApplyStats {
     pub commands: std::sync::atomic::AtomicU64,
     /// Time inside apply, microseconds (including waiting for readers to leave).
     pub micros: std::sync::atomic::AtomicU64,
+    /// PGs whose apply is waiting for chunk space (`PgStateMachine::apply_singly`).
+    pub waiting_for_space: std::sync::atomic::AtomicU64,
 }
 
 impl PgShared {
@@ -442,8 +447,14 @@ impl PgStateMachine {
         Ok(())
     }
 
-    /// Applies commands one by one (used when a combined batch ran out of space, so only the
-    /// commands that do not fit fail).
+    /// Applies commands one by one, each waiting until the store has room for it (used when a
+    /// combined batch ran out of space).
+    ///
+    /// A committed entry is never skipped for lack of space: the other replicas apply it, and a
+    /// replica without it would serve older data than was acknowledged once it led the PG.
+    /// Leaders refuse writes a replica could not store (`pg::space`), so this wait means the
+    /// space figures were behind; it ends when the scrubber returns freed slots or other PGs
+    /// on the node free some, or when this replica is retired.
     async fn apply_singly(&mut self, cmds: Vec<Option<(u64, PgCommand)>>) -> io::Result<Vec<PgReply>> {
         let mut replies = Vec::with_capacity(cmds.len());
         for cmd in cmds {
@@ -451,15 +462,30 @@ impl PgStateMachine {
                 replies.push(PgReply::Ok);
                 continue;
             };
-            let mut batch = Batch::new();
-            let reply = match self.stage(&mut batch, index, cmd).await {
-                Ok(r) => match self.flush(&mut batch).await {
-                    Ok(()) => r,
-                    Err(ChunkStoreError::NoSpace { .. }) => PgReply::NoSpace(format!("no space on {}", self.shared.node)),
-                    Err(e) => return Err(Self::io(e)),
-                },
-                Err(e) => self.soft_error(e)?,
+            let mut waited: Option<std::time::Instant> = None;
+            let reply = loop {
+                let mut batch = Batch::new();
+                let result = match self.stage(&mut batch, index, cmd.clone()).await {
+                    Ok(r) => self.flush(&mut batch).await.map(|()| r),
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(r) => break r,
+                    Err(ChunkStoreError::NoSpace { .. }) if !self.shared.retired.load(Ordering::Acquire) => {
+                        if waited.is_none() {
+                            tracing::error!(pg = %self.shared.pg, node = %self.shared.node, index, "no chunk space to apply a committed entry; waiting for space (this replica's apply stalls until then)");
+                            self.shared.apply_stats.waiting_for_space.fetch_add(1, Ordering::Relaxed);
+                            waited = Some(std::time::Instant::now());
+                        }
+                        tokio::time::sleep(SPACE_RETRY).await;
+                    }
+                    Err(e) => break self.soft_error(e)?,
+                }
             };
+            if let Some(since) = waited {
+                self.shared.apply_stats.waiting_for_space.fetch_sub(1, Ordering::Relaxed);
+                tracing::warn!(pg = %self.shared.pg, node = %self.shared.node, index, waited = ?since.elapsed(), "space found; applying again");
+            }
             replies.push(reply);
         }
         Ok(replies)
@@ -592,14 +618,11 @@ impl PgStateMachine {
         }
         match self.flush(&mut batch).await {
             Ok(()) => {}
-            Err(ChunkStoreError::NoSpace { .. }) if decoded.len() > 1 => {
-                // Retry one by one so only the writes that do not fit fail. Re-applying the
-                // ones already staged is harmless: nothing of this batch reached the store.
+            Err(ChunkStoreError::NoSpace { .. }) => {
+                // One by one, each waiting for room. Re-applying the ones already staged is
+                // harmless: nothing of this batch reached the store.
                 let single = self.apply_singly(decoded).await?;
                 return Ok(single.iter().map(PgReply::encode).collect());
-            }
-            Err(ChunkStoreError::NoSpace { .. }) => {
-                return Ok(vec![PgReply::NoSpace(format!("no space on {}", self.shared.node)).encode()]);
             }
             Err(e) => return Err(Self::io(e)),
         }

@@ -1,0 +1,163 @@
+//! Admission of writes that need new chunk space, so no replica is asked to apply an entry it
+//! cannot store.
+//!
+//! A committed entry has to be applied by every replica of its PG: a replica that skipped one
+//! for lack of space would differ from the others and, once it led the PG, serve data older
+//! than what was acknowledged. So the leader decides before proposing, for every replica:
+//! - Each node publishes what it can still allocate ([`allocatable`]: free chunk slots less a
+//!   reserve) on its Raft frames (`basalt_raft::transport::SpaceBook`), every
+//!   [`PUBLISH_EVERY`]; a leader hears its followers' figures with their heartbeat replies.
+//! - A write (or a write-zeroes that keeps its blocks allocated) that needs new chunks is
+//!   admitted only if it fits within the smallest figure among the PG's replicas divided by the
+//!   number of nodes holding replicas (the other nodes' leaders may be filling the same replicas
+//!   at the same time), counting what this node admitted within the last [`FIGURE_LAG`] after
+//!   applying it (a follower applies after its leader, and its figure is refreshed only every
+//!   [`PUBLISH_EVERY`]). It waits up to [`ADMIT_WAIT`] for this node's earlier admissions to
+//!   expire, and is otherwise refused with `NoSpace` (ENOSPC to the NBD client). Writes into
+//!   allocated chunks always go. With plenty of room the share is large and nothing waits.
+//! - The reserve covers a follower lagging more than that. Should a replica still run out, its
+//!   apply waits for space rather than skip the entry (`state_machine`), so the worst case is a
+//!   stalled replica, never a divergent one.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use basalt_chunk_store::StoreStats;
+use basalt_common::CHUNK_SIZE;
+use tokio::sync::Notify;
+
+use super::manager::PgHandle;
+use crate::node::NodeCtx;
+
+/// How often a node refreshes the figure its Raft frames carry.
+pub const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+
+/// A peer's figure older than this is not used (the peer is down or idle; it catches up, and
+/// applies, later).
+pub const PEER_FIGURE_MAX_AGE: Duration = Duration::from_secs(5);
+
+/// How long a write waits for this node's earlier admissions to expire before it is refused.
+pub const ADMIT_WAIT: Duration = Duration::from_secs(5);
+
+/// How long an admission still counts after the leader applied it: time for the followers to
+/// apply it too and for their figures to say so.
+pub const FIGURE_LAG: Duration = Duration::from_secs(1);
+
+/// Chunk space kept back from admission: 1/32 of the store, at least 8 chunks.
+pub fn reserve(stats: &StoreStats) -> u64 {
+    (stats.slots_total * stats.slot_size / 32).max(8 * CHUNK_SIZE)
+}
+
+/// What a node may still promise to new data: free slots less the [`reserve`].
+pub fn allocatable(stats: &StoreStats) -> u64 {
+    stats.free_bytes().saturating_sub(reserve(stats))
+}
+
+/// Publishes this node's [`allocatable`] figure on its Raft frames until shutdown.
+pub async fn run_publisher(ctx: Arc<NodeCtx>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(PUBLISH_EVERY);
+    loop {
+        ctx.host.space().set_local(allocatable(&ctx.store.stats()));
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// This node's admitted, not yet applied, chunk allocations.
+#[derive(Default)]
+pub struct SpaceAdmission {
+    admitted: Mutex<u64>,
+    applied: Notify,
+}
+
+/// Bytes of chunk space held for one write; dropped once the write was applied here, it still
+/// counts for [`FIGURE_LAG`].
+pub struct Admitted {
+    owner: Arc<SpaceAdmission>,
+    bytes: u64,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let (owner, bytes) = (self.owner.clone(), self.bytes);
+        let release = move || {
+            let mut admitted = owner.admitted.lock().unwrap_or_else(|p| p.into_inner());
+            *admitted = admitted.saturating_sub(bytes);
+            drop(admitted);
+            owner.applied.notify_waiters();
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    tokio::time::sleep(FIGURE_LAG).await;
+                    release();
+                });
+            }
+            Err(_) => release(),
+        }
+    }
+}
+
+impl SpaceAdmission {
+    /// Admits a write to `len` bytes at `offset` of `volume` in `handle`'s PG, or says which
+    /// replica has no room. `None` when the write needs no new chunk.
+    pub async fn admit(self: &Arc<Self>, ctx: &NodeCtx, handle: &PgHandle, volume: u64, offset: u64, len: u64) -> Result<Option<Admitted>, String> {
+        let chunks = ctx.store.unallocated_chunks(handle.shared.shard(), basalt_common::VolumeId(volume), offset, len);
+        if chunks == 0 {
+            return Ok(None);
+        }
+        let need = chunks * CHUNK_SIZE;
+        let deadline = tokio::time::Instant::now() + ADMIT_WAIT;
+        loop {
+            let applied = self.applied.notified();
+            let (room, tightest) = self.room(ctx, handle);
+            let holders = {
+                let view = ctx.map.borrow();
+                view.pgs.iter().flatten().collect::<HashSet<_>>().len().max(1) as u64
+            };
+            let share = room / holders;
+            let refusal = || {
+                format!(
+                    "no space for {} MiB of new chunks in pg-{}: node-{tightest} can take {} MiB more (its share for {}'s writes: {} MiB)",
+                    need >> 20,
+                    handle.shared.pg.0,
+                    room >> 20,
+                    ctx.config.id,
+                    share >> 20
+                )
+            };
+            if need > share {
+                return Err(refusal());
+            }
+            {
+                let mut admitted = self.admitted.lock().unwrap_or_else(|p| p.into_inner());
+                if *admitted + need <= share {
+                    *admitted += need;
+                    return Ok(Some(Admitted { owner: self.clone(), bytes: need }));
+                }
+            }
+            if tokio::time::timeout_at(deadline, applied).await.is_err() {
+                return Err(refusal());
+            }
+        }
+    }
+
+    /// The smallest figure among the PG's replicas (voters and learners) and whose it is.
+    fn room(&self, ctx: &NodeCtx, handle: &PgHandle) -> (u64, u64) {
+        let me = ctx.config.id.0;
+        let mut tightest = (allocatable(&ctx.store.stats()), me);
+        let status = handle.group.status();
+        let book = ctx.host.space();
+        for node in status.voters.iter().chain(&status.learners).filter(|n| **n != me) {
+            if let Some(room) = book.peer(*node, PEER_FIGURE_MAX_AGE) {
+                if room < tightest.0 {
+                    tightest = (room, *node);
+                }
+            }
+        }
+        tightest
+    }
+}
