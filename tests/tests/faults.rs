@@ -592,6 +592,60 @@ async fn fault_a_dead_nodes_replicas_are_rebuilt_elsewhere_and_its_return_is_ret
     assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
 }
 
+/// A move's target dies while it is still being filled: node 5 joins, the rebalancer starts
+/// moving a replica onto it (snapshots paced slowly, so the fill takes a while), and node 5 is
+/// killed mid-snapshot. Once it counts as dead the move is abandoned, not left hanging, and
+/// the PG keeps its three old replicas; the workload sees no error. Node 5 comes back, throws
+/// away the half-filled replica and receives replicas afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_a_moves_target_dies_mid_fill_and_the_move_is_abandoned() {
+    let (mut cluster, vol) = four_node_cluster("[heal]\nreplace_down_after_secs = 4\nrebuild_rate = \"256KiB\"\n").await;
+    let filled = fill(&vol).await;
+    let workload = Workload::start(&vol);
+    cluster.add_node(NodeSpec { id: 5, labels: "zone=z5,host=h5".into(), roles: vec!["storage"] }).await.unwrap();
+    let filling = cluster
+        .wait_status("a replica is being filled on node-5", Duration::from_secs(90), |s| {
+            s.pgs.iter().any(|p| p.moving_to == 5 && p.move_phase == "snapshot")
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    let pg = filling.pgs.iter().find(|p| p.moving_to == 5).unwrap().clone();
+    cluster.kill9(5);
+    let killed_at = Instant::now();
+
+    let after = cluster
+        .wait_status("the move to the dead node-5 is abandoned", Duration::from_secs(60), |s| {
+            s.pgs.iter().any(|p| p.id == pg.id && p.moving_to != 5)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    let abandoned_in = killed_at.elapsed();
+    let p = after.pgs.iter().find(|p| p.id == pg.id).unwrap();
+    let (mut before, mut now) = (pg.replicas.clone(), p.replicas.clone());
+    before.sort_unstable();
+    now.sort_unstable();
+    assert_eq!(before, now, "pg-{} changed replicas although its move was abandoned", pg.id);
+    assert!(p.leader != 0 && p.live_replicas.len() == 3, "pg-{} is not whole after the abandoned move: {p:?}", pg.id);
+    // The replicas node 5 had already received are rebuilt elsewhere (it is down for good).
+    cluster
+        .wait_status("node-5's replicas are re-placed", Duration::from_secs(120), |s| replicas_on(s, 5) == 0 && moves(s) == 0)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+
+    // Back again: the half-filled copy goes, and the rebalancer moves replicas onto it again.
+    cluster.restart(5).await.unwrap();
+    cluster
+        .wait_status("node-5 took a replica after returning", Duration::from_secs(180), |s| replicas_on(s, 5) >= 1 && moves(s) == 0)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    let ops = workload.finish(&vol).await;
+    let abandoned = (1..=3).any(|id| std::fs::read_to_string(&cluster.node(id).log).unwrap_or_default().contains("outcome=Cancelled"));
+    assert!(abandoned, "no meta node logged an abandoned move\n{}", cluster.logs());
+    println!("move of pg-{} to node-5 abandoned {abandoned_in:?} after the kill; {} ops", pg.id, ops.len());
+    assert_clean(&ops, "while a move's target died and returned", &cluster);
+    assert_fill_intact(&vol, &filled, "after the abandoned move").await;
+}
+
 /// Membership: draining a node under load moves every replica off it without an I/O error or
 /// a lost write, removal is refused until it is empty, and a new node takes its share.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
