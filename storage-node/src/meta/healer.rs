@@ -81,7 +81,13 @@ pub struct Health {
     pub up: BTreeSet<NodeId>,
     /// Silent longer than the re-placement timeout.
     pub dead: BTreeSet<NodeId>,
+    /// Reported less than 1/[`TARGET_MIN_FREE_SHARE`] of their chunk space free: they take no
+    /// new replicas (a snapshot would not fit, and the PG's writes would be refused for them).
+    pub full: BTreeSet<NodeId>,
 }
+
+/// A node with less than this share (1/N) of its chunk space free is not a move target.
+pub const TARGET_MIN_FREE_SHARE: u64 = 16;
 
 impl Health {
     /// From the leader's liveness records. A node this leader never heard from counts as silent
@@ -91,6 +97,12 @@ impl Health {
         for id in state.nodes.keys() {
             // Silence counts from when this node took over at the earliest: records from an
             // earlier term as leader are stale (heartbeats went to the other leader since).
+            if let Some(r) = liveness.last_report(*id) {
+                let free = r.capacity_bytes.saturating_sub(r.used_bytes).saturating_sub(r.scrub_pending_bytes);
+                if r.capacity_bytes > 0 && free < r.capacity_bytes / TARGET_MIN_FREE_SHARE {
+                    h.full.insert(*id);
+                }
+            }
             let silent = match liveness.state(*id) {
                 ("up", Some(ago)) if ago <= leader_for => {
                     h.up.insert(*id);
@@ -113,14 +125,14 @@ fn weight(state: &ClusterState, n: &NodeId) -> u64 {
     state.nodes.get(n).map(|r| r.capacity_bytes >> 30).unwrap_or(1).max(1)
 }
 
-/// The node that should receive `pg`'s replica now on `from`: an up storage node, not draining,
-/// that passes [`ClusterState::check_move`], with the fewest replicas for its capacity.
+/// The node that should receive `pg`'s replica now on `from`: an up storage node, not draining
+/// nor full, that passes [`ClusterState::check_move`], with the fewest replicas for its capacity.
 fn choose_target(state: &ClusterState, health: &Health, counts: &BTreeMap<NodeId, usize>, pg: PgId, from: NodeId) -> Option<NodeId> {
     let weight = |n: &NodeId| u128::from(weight(state, n));
     state
         .nodes
         .values()
-        .filter(|n| n.is_storage() && health.up.contains(&n.id) && state.check_move(pg, from, n.id).is_ok())
+        .filter(|n| n.is_storage() && health.up.contains(&n.id) && !health.full.contains(&n.id) && state.check_move(pg, from, n.id).is_ok())
         .map(|n| n.id)
         .min_by(|a, b| {
             let la = (counts.get(a).copied().unwrap_or(0) as u128 + 1) * weight(b);
@@ -191,6 +203,9 @@ fn rebalance_one(state: &ClusterState, health: &Health, counts: &BTreeMap<NodeId
     for to in by_excess.iter().rev() {
         if excess(to) > -1.0 {
             break;
+        }
+        if health.full.contains(to) {
+            continue;
         }
         for from in by_excess.iter().take_while(|f| excess(f) >= 1.0) {
             let pg = state
@@ -392,7 +407,7 @@ mod tests {
     }
 
     fn health(up: &[u64], dead: &[u64]) -> Health {
-        Health { up: up.iter().map(|i| NodeId(*i)).collect(), dead: dead.iter().map(|i| NodeId(*i)).collect() }
+        Health { up: up.iter().map(|i| NodeId(*i)).collect(), dead: dead.iter().map(|i| NodeId(*i)).collect(), ..Default::default() }
     }
 
     #[test]
@@ -444,5 +459,23 @@ mod tests {
         let c = s.replica_counts();
         assert_eq!(moved, 6);
         assert!(c.values().all(|n| *n == 6), "{c:?}");
+    }
+
+    #[test]
+    fn a_full_node_receives_no_replicas() {
+        let mut s = cluster(&[(1, "a"), (2, "b"), (3, "c")], 8);
+        s.apply(2, MetaCommand::RegisterNode { node: node(4, "d") });
+        s.apply(3, MetaCommand::RegisterNode { node: node(5, "e") });
+        let mut h = health(&[1, 2, 4, 5], &[3]);
+        h.full.insert(NodeId(4));
+        let p = plan(&s, &h, 8);
+        assert!(!p.is_empty() && p.iter().all(|m| m.to == NodeId(5)), "{p:?}");
+        // Nor does rebalancing fill it.
+        let mut h = health(&[1, 2, 3, 4], &[]);
+        let mut s = cluster(&[(1, "a"), (2, "b"), (3, "c")], 8);
+        s.apply(2, MetaCommand::RegisterNode { node: node(4, "d") });
+        assert!(!plan(&s, &h, 4).is_empty());
+        h.full.insert(NodeId(4));
+        assert!(plan(&s, &h, 4).is_empty(), "a full node was chosen to even out replica counts");
     }
 }

@@ -86,7 +86,7 @@ mod tests {
     }
 
     fn up(ids: &[u64]) -> Health {
-        Health { up: ids.iter().map(|i| NodeId(*i)).collect(), dead: Default::default() }
+        Health { up: ids.iter().map(|i| NodeId(*i)).collect(), ..Default::default() }
     }
 
     /// Every PG led by `leader(pg)`, every replica live and caught up to `applied`.
