@@ -9,7 +9,8 @@
 //! again with another target. A moving
 //! replica is added before the old one is removed, so no PG drops below two live replicas
 //! because of a move; at most `heal.max_moves` run at once, and every node paces the snapshot
-//! data it sends (`heal.rebuild_rate`).
+//! data it sends (`heal.rebuild_rate`). Replacing a dead node's replicas (restoring the third
+//! copy) has a budget of its own: drains and rebalancing never make it wait.
 //!
 //! In a settled cluster it also evens out how many PGs each node leads, one hand-over at a
 //! time ([`super::leaders`]).
@@ -141,21 +142,29 @@ fn choose_target(state: &ClusterState, health: &Health, counts: &BTreeMap<NodeId
         })
 }
 
-/// Moves to start now, at most `budget`: replicas on dead nodes first, then on draining nodes,
-/// then (only when nothing else is moving) one move that evens out replica counts. A PG
-/// without two live replicas besides the leaving one is left alone: it could not commit the
-/// change, and the move would hold a slot.
-pub fn plan(state: &ClusterState, health: &Health, budget: usize) -> Vec<Planned> {
+/// Moves to start now, with `max_moves` in flight at most per kind: replicas on dead nodes
+/// first, counting only replacements of dead nodes already running (restoring redundancy does
+/// not queue behind drains and rebalancing); then replicas on draining nodes and (only when
+/// nothing else is moving) one move that evens out replica counts, counting every move running.
+/// A PG without two live replicas besides the leaving one is left alone: it could not commit
+/// the change, and the move would hold a slot.
+pub fn plan(state: &ClusterState, health: &Health, max_moves: usize) -> Vec<Planned> {
     let mut out: Vec<Planned> = Vec::new();
-    if state.settings.is_none() || budget == 0 {
+    if state.settings.is_none() {
         return out;
     }
+    let running = state.pgs.iter().filter_map(|p| p.moving.as_ref());
+    let (running_all, running_down) = running.fold((0, 0), |(a, d), m| (a + 1, d + usize::from(m.reason == MoveReason::NodeDown)));
     let mut counts = state.replica_counts();
     let live = |replicas: &[NodeId], except: NodeId| replicas.iter().filter(|r| **r != except && health.up.contains(r)).count();
     for reason in [MoveReason::NodeDown, MoveReason::Drain] {
+        let budget = match reason {
+            MoveReason::NodeDown => max_moves.saturating_sub(running_down),
+            _ => max_moves.saturating_sub(running_all),
+        };
         for rec in state.pgs.iter().filter(|p| p.moving.is_none()) {
             if out.len() >= budget {
-                return out;
+                break;
             }
             if out.iter().any(|p| p.pg == rec.id) {
                 continue;
@@ -279,7 +288,6 @@ pub async fn run(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<bool>) {
                 Err(e) => tracing::debug!(%pg, error = %e.message(), "recording the end of a move failed; will retry"),
             }
         }
-        let budget = (heal.max_moves as usize).saturating_sub(moves.len());
         // Leaderships are evened out only in a settled cluster: no node lost, nothing moving,
         // and this meta leader has heard every node's reports for a while.
         let settled = moves.is_empty() && health.dead.is_empty() && since.elapsed() >= LEADER_BALANCE_INTERVAL;
@@ -289,7 +297,7 @@ pub async fn run(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<bool>) {
                 hand_over(&ctx, &state, t).await;
             }
         }
-        for p in plan(&state, &health, budget) {
+        for p in plan(&state, &health, heal.max_moves as usize) {
             let cmd = MetaCommand::BeginMove { pg: p.pg, from: p.from, to: p.to, reason: p.reason, now_unix_ms: super::service::now_ms() };
             match service.propose(meta, cmd).await {
                 Ok(MetaReply::Error(e)) => tracing::warn!(pg = %p.pg, error = %e, "a planned replica move was refused"),
@@ -459,6 +467,29 @@ mod tests {
         let c = s.replica_counts();
         assert_eq!(moved, 6);
         assert!(c.values().all(|n| *n == 6), "{c:?}");
+    }
+
+    #[test]
+    fn replacing_a_dead_node_does_not_wait_behind_a_drain() {
+        let mut s = cluster(&[(1, "a"), (2, "b"), (3, "c"), (4, "d")], 8);
+        s.apply(2, MetaCommand::RegisterNode { node: node(5, "e") });
+        s.apply(3, MetaCommand::DrainNode { node: NodeId(4), drain: true });
+        let drains = plan(&s, &health(&[1, 2, 3, 4, 5], &[]), 4);
+        assert_eq!(drains.len(), 4, "{drains:?}");
+        for (i, m) in drains.iter().enumerate() {
+            s.apply(10 + i as u64, MetaCommand::BeginMove { pg: m.pg, from: m.from, to: m.to, reason: m.reason, now_unix_ms: 0 });
+        }
+        assert!(plan(&s, &health(&[1, 2, 3, 4, 5], &[]), 4).is_empty(), "the drain uses the whole budget");
+        // Node 3 dies with the drain's four moves still running: its replicas are replaced anyway.
+        let h = health(&[1, 2, 4, 5], &[3]);
+        let p = plan(&s, &h, 4);
+        assert!(!p.is_empty() && p.len() <= 4, "{p:?}");
+        assert!(p.iter().all(|m| m.from == NodeId(3) && m.reason == MoveReason::NodeDown), "{p:?}");
+        for (i, m) in p.iter().enumerate() {
+            s.apply(20 + i as u64, MetaCommand::BeginMove { pg: m.pg, from: m.from, to: m.to, reason: m.reason, now_unix_ms: 0 });
+        }
+        let more = plan(&s, &h, 4);
+        assert!(more.len() + p.len() <= 4, "more than max_moves replacements at once: {p:?} then {more:?}");
     }
 
     #[test]
