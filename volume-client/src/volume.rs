@@ -18,9 +18,12 @@ use tokio::sync::Semaphore;
 use crate::cluster::Cluster;
 use crate::error::ClientError;
 
-
 /// Longest wait between two attempts of one request.
 const MAX_BACKOFF: Duration = Duration::from_millis(250);
+
+/// Every this many attempts of one request, the cluster map is fetched again.
+const MAP_REFRESH_EVERY: u32 = 16;
+
 /// An open volume. Cheap to clone; clones share the in-flight limit.
 #[derive(Clone)]
 pub struct Volume {
@@ -139,6 +142,7 @@ impl Volume {
         let deadline = tokio::time::Instant::now() + opts.op_timeout;
         let mut attempts = 0u32;
         let mut rotate = 0usize;
+        let mut hints_followed = 0u32;
         let mut backoff = Duration::from_millis(20);
         let mut last = String::from("no attempt made");
         loop {
@@ -146,18 +150,27 @@ impl Volume {
                 return Err(ClientError::Unavailable { volume: self.id, extent: span.extent.0, pg: span.pg.to_string(), attempts, reason: last });
             }
             attempts += 1;
+            if attempts % MAP_REFRESH_EVERY == 0 {
+                // Many failed attempts: the replicas this map lists may have moved on.
+                let _ = self.cluster.refresh(self.cluster.map().version + 1).await;
+            }
             let map = self.cluster.map();
             let replicas = map.replicas(span.pg).to_vec();
             if replicas.is_empty() {
                 return Err(ClientError::Internal(format!("the cluster map has no replicas for {}", span.pg)));
             }
             let target = match self.cluster.leader_hint(span.pg) {
-                Some(l) if rotate == 0 => l,
-                _ => replicas[rotate % replicas.len()],
+                Some(l) => l,
+                None => replicas[rotate % replicas.len()],
             };
             let Some(addr) = map.addr(target).map(str::to_string) else {
+                // A node this map does not know (it joined since the map was fetched, and now
+                // leads): fetch a newer map before trying again.
                 self.cluster.set_leader_hint(span.pg, None);
                 rotate += 1;
+                let _ = self.cluster.refresh(map.version + 1).await;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
             };
             let outcome = match tokio::time::timeout(opts.attempt_timeout, call(addr.clone(), map.version)).await {
@@ -173,8 +186,18 @@ impl Volume {
                 Attempt::Fail(e) => return Err(e),
                 Attempt::Retry { reason, backoff: wait } => {
                     last = reason;
-                    self.cluster.set_leader_hint(span.pg, None);
-                    rotate += 1;
+                    let hint = self.cluster.leader_hint(span.pg);
+                    let wait = if hint.is_some_and(|h| h != target) {
+                        // The refusal named another leader: go there next. Nodes pointing at
+                        // each other (stale views mid-election) get a backoff after a few hops.
+                        hints_followed += 1;
+                        wait || hints_followed > 2
+                    } else {
+                        // The target failed: it is not the leader we hoped; try the next replica.
+                        self.cluster.set_leader_hint(span.pg, None);
+                        rotate += 1;
+                        wait
+                    };
                     if wait {
                         tokio::time::sleep(backoff).await;
                         // Capped low: during a failover the new leader is usually up within a
