@@ -41,8 +41,10 @@ pub struct GroupStatus {
     pub checkpoint_index: u64,
     /// Highest index purged from this node's log.
     pub purged_index: u64,
-    /// Voting members.
+    /// Voting members (in a joint configuration, those of both halves).
     pub voters: Vec<NodeId>,
+    /// The membership is joint: a voter change is half done.
+    pub joint: bool,
     /// Learners (replicas being filled).
     pub learners: Vec<NodeId>,
     /// Follower, Leader, Candidate, Learner or Shutdown.
@@ -172,6 +174,7 @@ impl<S: StateMachine> RaftGroup<S> {
             checkpoint_index: m.snapshot.map(|l| l.index).unwrap_or(0),
             purged_index: m.purged.map(|l| l.index).unwrap_or(0),
             voters: voters.into_iter().collect(),
+            joint: m.membership_config.membership().get_joint_config().len() > 1,
             learners,
             state: format!("{:?}", m.state),
         }

@@ -646,6 +646,63 @@ async fn fault_a_moves_target_dies_mid_fill_and_the_move_is_abandoned() {
     assert_fill_intact(&vol, &filled, "after the abandoned move").await;
 }
 
+/// A lost meta node is replaced: node 4 (storage and meta role) joins after `cluster init` as a
+/// spare. Meta node 3 is killed for good; past the down timeout node 4 takes its vote in the
+/// meta group (and its replicas). Then node 2 is killed too: meta nodes 1 and 4 are still a
+/// majority, so the cluster still creates volumes, and the data still reads and writes.
+/// Without the replacement, two of the three original meta nodes would be gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_a_lost_meta_node_is_replaced_so_a_second_loss_is_survived() {
+    let mut cluster = TestCluster::start_with(simple_spec(3), "[heal]\nreplace_down_after_secs = 3\n").await.unwrap();
+    cluster.init(8, "zone").await.unwrap();
+    cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
+    let mut admin = cluster.admin().await.unwrap();
+    admin.volume_create(VolumeCreateRequest { name: VOLUME.into(), size: VOLUME_SIZE }).await.unwrap();
+    cluster.add_node(NodeSpec { id: 4, labels: "zone=z4,host=h4".into(), roles: vec!["storage", "meta"] }).await.unwrap();
+    cluster
+        .wait_status("node-4 registered", Duration::from_secs(30), |s| s.nodes.iter().any(|n| n.id == 4 && n.state == "up"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    let before = cluster.status().await.unwrap();
+    let mut members = before.meta_members.clone();
+    members.sort_unstable();
+    assert_eq!(members, vec![1, 2, 3], "a spare meta node must not join the meta group while its members are well");
+
+    let vol = cluster.client().await.unwrap().open_volume(VOLUME).await.unwrap();
+    let filled = fill(&vol).await;
+    let workload = Workload::start(&vol);
+    cluster.kill9(3);
+    let killed_at = Instant::now();
+    cluster
+        .wait_status("node-4 took node-3's place in the meta group and its replicas", Duration::from_secs(120), |s| {
+            let mut m = s.meta_members.clone();
+            m.sort_unstable();
+            m == [1, 2, 4] && healed_without(s, 3)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    let replaced_in = killed_at.elapsed();
+
+    cluster.kill9(2);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let created = match cluster.admin().await {
+            Ok(mut a) => a.volume_create(VolumeCreateRequest { name: "after".into(), size: 1 << 20 }).await.map(|_| ()),
+            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+        };
+        match created {
+            Ok(()) => break,
+            Err(e) if e.code() == tonic::Code::AlreadyExists => break,
+            Err(e) => assert!(Instant::now() < deadline, "with meta nodes 1 and 4 up the cluster cannot create a volume: {e}\n{}", cluster.logs()),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let ops = workload.finish(&vol).await;
+    println!("node-3's meta vote and replicas moved to node-4 {replaced_in:?} after the kill; {} ops", ops.len());
+    assert_clean(&ops, "while meta nodes were lost and replaced", &cluster);
+    assert_fill_intact(&vol, &filled, "with nodes 2 and 3 gone").await;
+}
+
 /// Membership: draining a node under load moves every replica off it without an I/O error or
 /// a lost write, removal is refused until it is empty, and a new node takes its share.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,7 +13,8 @@
 //! copy) has a budget of its own: drains and rebalancing never make it wait.
 //!
 //! In a settled cluster it also evens out how many PGs each node leads, one hand-over at a
-//! time ([`super::leaders`]).
+//! time ([`super::leaders`]), and it replaces a lost meta node by a spare
+//! ([`super::membership`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -297,6 +298,7 @@ pub async fn run(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<bool>) {
                 hand_over(&ctx, &state, t).await;
             }
         }
+        super::membership::step(meta, &state, &health).await;
         for p in plan(&state, &health, heal.max_moves as usize) {
             let cmd = MetaCommand::BeginMove { pg: p.pg, from: p.from, to: p.to, reason: p.reason, now_unix_ms: super::service::now_ms() };
             match service.propose(meta, cmd).await {

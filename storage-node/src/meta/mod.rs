@@ -6,10 +6,13 @@
 //! - [`service`]: the admin gRPC API, forwarding to the meta leader.
 //! - [`liveness`]: the meta leader's view of which nodes are up.
 //! - [`healer`]: re-places replicas of dead and draining nodes, rebalances onto new ones.
+//! - [`leaders`]: evens out how many PGs each node leads.
+//! - [`membership`]: replaces a lost meta node by a spare meta-role node.
 
 pub mod healer;
 pub mod leaders;
 pub mod liveness;
+pub mod membership;
 pub mod placement;
 pub mod service;
 pub mod state;

@@ -1,0 +1,149 @@
+//! Keeps the meta group at full strength: a meta voter silent past
+//! `heal.replace_down_after_secs` (or removed from the cluster) is replaced by a spare, a
+//! registered meta-role node that is up and not in the group. Without this, a second meta node
+//! lost for good would leave the cluster unable to change anything (attach, create, heal).
+//!
+//! The replacement goes like a PG replica move ([`crate::pg::membership`]), run by the healer
+//! on the meta leader one step per tick: the spare joins as a learner (its meta group, started
+//! empty at boot, receives the log or a snapshot), and once within [`CATCH_UP_LAG`] entries it
+//! takes the dead voter's place by joint consensus. Every step is decided from the group's
+//! current membership, so a new meta leader picks up where an old one stopped.
+
+use std::collections::BTreeSet;
+
+use basalt_common::NodeId;
+use basalt_raft::NodeInfo;
+
+use super::healer::Health;
+use super::state::{ClusterState, Role};
+use crate::node::MetaHandle;
+
+/// How close to the leader's log a learner must be before it may vote.
+pub const CATCH_UP_LAG: u64 = 64;
+
+/// A replacement to carry out: `dead` leaves the meta group's voters, `spare` takes its place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Replacement {
+    /// The voter that is gone.
+    pub dead: NodeId,
+    /// Its replacement.
+    pub spare: NodeId,
+}
+
+/// The replacement to work on, if a voter is gone and a spare exists. A learner or voter
+/// already on its way in (an interrupted replacement) is preferred; otherwise a spare in a
+/// failure domain the remaining voters do not use, then the lowest id.
+pub fn plan(state: &ClusterState, health: &Health, voters: &BTreeSet<u64>, learners: &BTreeSet<u64>, joint: bool) -> Option<Replacement> {
+    let gone = |n: &NodeId| health.dead.contains(n) || state.removed.contains(n);
+    let dead = voters.iter().map(|v| NodeId(*v)).find(gone)?;
+    let usable = |n: &NodeId| {
+        health.up.contains(n)
+            && !gone(n)
+            && !state.draining.contains(n)
+            && state.nodes.get(n).is_some_and(|r| r.roles.contains(&Role::Meta))
+    };
+    let staying: Vec<NodeId> = voters.iter().map(|v| NodeId(*v)).filter(|v| !gone(v)).collect();
+    if joint {
+        // Both halves are listed as voters; finishing the change only drops the gone one.
+        return Some(Replacement { dead, spare: staying.first().copied()? });
+    }
+    if let Some(learner) = learners.iter().map(|l| NodeId(*l)).find(usable) {
+        return Some(Replacement { dead, spare: learner });
+    }
+    let level = state.settings.map(|s| s.failure_domain);
+    let domain = |n: &NodeId| match (level, state.nodes.get(n)) {
+        (Some(level), Some(r)) => r.labels.domain(level),
+        _ => String::new(),
+    };
+    let used: BTreeSet<String> = staying.iter().map(domain).collect();
+    state
+        .nodes
+        .keys()
+        .filter(|n| usable(n) && !voters.contains(&n.0))
+        .min_by_key(|n| (used.contains(&domain(n)), n.0))
+        .map(|spare| Replacement { dead, spare: *spare })
+}
+
+/// Takes the next step of replacing a gone meta voter, if any is due. Run on the meta leader.
+pub async fn step(meta: &MetaHandle, state: &ClusterState, health: &Health) {
+    let st = meta.group.status();
+    if !st.is_leader {
+        return;
+    }
+    let voters: BTreeSet<u64> = st.voters.iter().copied().collect();
+    let learners: BTreeSet<u64> = st.learners.iter().copied().collect();
+    let Some(r) = plan(state, health, &voters, &learners, st.joint) else { return };
+    let mut target = voters.clone();
+    target.remove(&r.dead.0);
+    target.insert(r.spare.0);
+    let result = if st.joint {
+        // A joint configuration left behind by an earlier leader: finish it.
+        tracing::info!(dead = %r.dead, voters = ?target, "replacing a lost meta node: finishing a half-done change");
+        meta.group.set_voters(target).await
+    } else if !learners.contains(&r.spare.0) {
+        let Some(addr) = state.nodes.get(&r.spare).map(|n| n.addr.clone()) else { return };
+        tracing::info!(dead = %r.dead, spare = %r.spare, "replacing a lost meta node: adding the spare as a learner");
+        meta.group.add_learner(r.spare.0, NodeInfo { addr }).await
+    } else if meta.group.matched_index(r.spare.0).is_some_and(|m| st.last_log_index.saturating_sub(m) <= CATCH_UP_LAG) {
+        tracing::info!(dead = %r.dead, spare = %r.spare, voters = ?target, "replacing a lost meta node: the spare takes its vote");
+        meta.group.set_voters(target).await
+    } else {
+        return;
+    };
+    if let Err(e) = result {
+        tracing::warn!(dead = %r.dead, spare = %r.spare, error = %e, "a step of replacing a lost meta node failed; will retry");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta::state::{MetaCommand, MetaReply, NodeRecord};
+    use basalt_common::labels::{DomainLevel, Labels};
+    use basalt_common::layout::Layout;
+
+    fn node(id: u64, zone: &str, meta: bool) -> NodeRecord {
+        let mut roles = BTreeSet::from([Role::Storage]);
+        if meta {
+            roles.insert(Role::Meta);
+        }
+        NodeRecord {
+            id: NodeId(id),
+            addr: format!("127.0.0.1:{id}"),
+            labels: format!("zone={zone}").parse::<Labels>().unwrap(),
+            roles,
+            capacity_bytes: 10 << 30,
+            metrics_addr: String::new(),
+        }
+    }
+
+    fn health(up: &[u64], dead: &[u64]) -> Health {
+        Health { up: up.iter().map(|i| NodeId(*i)).collect(), dead: dead.iter().map(|i| NodeId(*i)).collect(), ..Default::default() }
+    }
+
+    fn ids(v: &[u64]) -> BTreeSet<u64> {
+        v.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_dead_meta_voter_is_replaced_by_a_spare_in_a_free_domain() {
+        let mut s = ClusterState::default();
+        let settings = crate::meta::state::ClusterSettings { layout: Layout { extent_size: 4 << 20, pg_count: 8 }, failure_domain: DomainLevel::Zone };
+        let nodes = vec![node(1, "a", true), node(2, "b", true), node(3, "c", true), node(4, "a", true), node(5, "d", true), node(6, "e", false)];
+        assert_eq!(s.apply(1, MetaCommand::InitCluster { cluster_id: "c".into(), settings, nodes }), MetaReply::Done);
+        let voters = ids(&[1, 2, 3]);
+        // Everyone up: nothing to do.
+        assert_eq!(plan(&s, &health(&[1, 2, 3, 4, 5, 6], &[]), &voters, &ids(&[]), false), None);
+        // Node 3 dead: node 5 (zone d) beats node 4 (zone a, shared with voter 1); node 6 has no meta role.
+        let h = health(&[1, 2, 4, 5, 6], &[3]);
+        assert_eq!(plan(&s, &h, &voters, &ids(&[]), false), Some(Replacement { dead: NodeId(3), spare: NodeId(5) }));
+        // A learner already joining is kept, even if another spare looks better.
+        assert_eq!(plan(&s, &h, &voters, &ids(&[4]), false), Some(Replacement { dead: NodeId(3), spare: NodeId(4) }));
+        // A joint configuration {1,2,3} + {1,2,4} is finished by dropping node 3 only.
+        let r = plan(&s, &h, &ids(&[1, 2, 3, 4]), &ids(&[]), true).unwrap();
+        assert_eq!(r.dead, NodeId(3));
+        assert!(ids(&[1, 2, 4]).contains(&r.spare.0), "{r:?}");
+        // No spare up: nothing.
+        assert_eq!(plan(&s, &health(&[1, 2, 6], &[3, 4, 5]), &voters, &ids(&[]), false), None);
+    }
+}
