@@ -43,8 +43,8 @@ pub struct GroupStatus {
     pub purged_index: u64,
     /// Voting members (in a joint configuration, those of both halves).
     pub voters: Vec<NodeId>,
-    /// The membership is joint: a voter change is half done.
-    pub joint: bool,
+    /// When a voter change is half done (joint configuration): the voters it is changing to.
+    pub next_voters: Option<Vec<NodeId>>,
     /// Learners (replicas being filled).
     pub learners: Vec<NodeId>,
     /// Follower, Leader, Candidate, Learner or Shutdown.
@@ -174,7 +174,10 @@ impl<S: StateMachine> RaftGroup<S> {
             checkpoint_index: m.snapshot.map(|l| l.index).unwrap_or(0),
             purged_index: m.purged.map(|l| l.index).unwrap_or(0),
             voters: voters.into_iter().collect(),
-            joint: m.membership_config.membership().get_joint_config().len() > 1,
+            next_voters: {
+                let configs = m.membership_config.membership().get_joint_config();
+                (configs.len() > 1).then(|| configs.last().map(|c| c.iter().copied().collect()).unwrap_or_default())
+            },
             learners,
             state: format!("{:?}", m.state),
         }

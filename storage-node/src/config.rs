@@ -267,7 +267,8 @@ pub struct NodeConfig {
 pub struct HealConfig {
     /// A node silent this long has its replicas re-placed on other nodes.
     pub replace_down_after: std::time::Duration,
-    /// Replica moves in flight at once, cluster-wide.
+    /// Drain and rebalance moves in flight at once, cluster-wide; replacements of dead nodes'
+    /// replicas have a budget of the same size of their own.
     pub max_moves: u32,
     /// Bytes per second this node sends to fill new replicas (0: unlimited).
     pub rebuild_rate: u64,

@@ -42,6 +42,8 @@ pub(crate) struct Inner {
     data_conns: Mutex<HashMap<String, Arc<DataConn>>>,
     leaders: Mutex<HashMap<PgId, NodeId>>,
     refresh: tokio::sync::Mutex<()>,
+    /// Successful map fetches so far (lets a caller skip a fetch another one just made).
+    fetches: std::sync::atomic::AtomicU64,
 }
 
 /// A connection to a Basalt cluster. Cheap to clone.
@@ -82,6 +84,7 @@ impl Cluster {
                 data_conns: Mutex::new(HashMap::new()),
                 leaders: Mutex::new(HashMap::new()),
                 refresh: tokio::sync::Mutex::new(()),
+                fetches: std::sync::atomic::AtomicU64::new(0),
             }),
         };
         cluster.refresh(0).await?;
@@ -132,6 +135,26 @@ impl Cluster {
         if min_version != 0 && current.version >= min_version {
             return Ok(current);
         }
+        self.fetch().await
+    }
+
+    /// How many map fetches have succeeded (for [`Cluster::refresh_unless_fetched`]).
+    pub(crate) fn fetch_count(&self) -> u64 {
+        self.inner.fetches.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Fetches the map unless a fetch succeeded since the caller read `seen` from
+    /// [`Cluster::fetch_count`]: many requests retrying at once cause one fetch, not one each.
+    pub(crate) async fn refresh_unless_fetched(&self, seen: u64) -> Result<(), ClientError> {
+        let _guard = self.inner.refresh.lock().await;
+        if self.fetch_count() != seen {
+            return Ok(());
+        }
+        self.fetch().await.map(|_| ())
+    }
+
+    /// Asks the seeds in turn for the map; call with the refresh lock held.
+    async fn fetch(&self) -> Result<Arc<ClusterView>, ClientError> {
         let mut last = String::new();
         for i in 0..self.inner.seeds.len() * 2 {
             let mut admin = self.admin(i)?;
@@ -140,6 +163,7 @@ impl Cluster {
                 Ok(Ok(resp)) => {
                     let view = Arc::new(ClusterView::from_proto(&resp.into_inner()));
                     *self.inner.map.write().unwrap_or_else(|p| p.into_inner()) = view.clone();
+                    self.inner.fetches.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                     return Ok(view);
                 }
                 Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {

@@ -24,6 +24,9 @@ const MAX_BACKOFF: Duration = Duration::from_millis(250);
 /// Every this many attempts of one request, the cluster map is fetched again.
 const MAP_REFRESH_EVERY: u32 = 16;
 
+/// Longest a request waits for a map fetch before going on with the map it has.
+const MAP_REFRESH_WAIT: Duration = Duration::from_secs(2);
+
 /// An open volume. Cheap to clone; clones share the in-flight limit.
 #[derive(Clone)]
 pub struct Volume {
@@ -152,7 +155,7 @@ impl Volume {
             attempts += 1;
             if attempts % MAP_REFRESH_EVERY == 0 {
                 // Many failed attempts: the replicas this map lists may have moved on.
-                let _ = self.cluster.refresh(self.cluster.map().version + 1).await;
+                self.refresh_map_within(deadline).await;
             }
             let map = self.cluster.map();
             let replicas = map.replicas(span.pg).to_vec();
@@ -168,7 +171,7 @@ impl Volume {
                 // leads): fetch a newer map before trying again.
                 self.cluster.set_leader_hint(span.pg, None);
                 rotate += 1;
-                let _ = self.cluster.refresh(map.version + 1).await;
+                self.refresh_map_within(deadline).await;
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
@@ -208,6 +211,14 @@ impl Volume {
                 }
             }
         }
+    }
+
+    /// Fetches the cluster map again unless another request just did, giving up after
+    /// [`MAP_REFRESH_WAIT`] or at `deadline` (the meta nodes may be the ones in trouble).
+    async fn refresh_map_within(&self, deadline: tokio::time::Instant) {
+        let seen = self.cluster.fetch_count();
+        let wait = MAP_REFRESH_WAIT.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        let _ = tokio::time::timeout(wait, self.cluster.refresh_unless_fetched(seen)).await;
     }
 
     /// Interprets a node's refusal.

@@ -8,7 +8,8 @@
 //! whose target dies while it is still a learner is abandoned (`CancelMove`) and planned
 //! again with another target. A moving
 //! replica is added before the old one is removed, so no PG drops below two live replicas
-//! because of a move; at most `heal.max_moves` run at once, and every node paces the snapshot
+//! because of a move; at most `heal.max_moves` drain and rebalance moves run at once (and as
+//! many replacements of dead nodes' replicas besides), and every node paces the snapshot
 //! data it sends (`heal.rebuild_rate`). Replacing a dead node's replicas (restoring the third
 //! copy) has a budget of its own: drains and rebalancing never make it wait.
 //!

@@ -30,10 +30,10 @@ pub struct Replacement {
     pub spare: NodeId,
 }
 
-/// The replacement to work on, if a voter is gone and a spare exists. A learner or voter
-/// already on its way in (an interrupted replacement) is preferred; otherwise a spare in a
+/// The replacement to work on, if a voter is gone and a spare exists. A learner already on
+/// its way in (an interrupted replacement) is preferred; otherwise a spare in a
 /// failure domain the remaining voters do not use, then the lowest id.
-pub fn plan(state: &ClusterState, health: &Health, voters: &BTreeSet<u64>, learners: &BTreeSet<u64>, joint: bool) -> Option<Replacement> {
+pub fn plan(state: &ClusterState, health: &Health, voters: &BTreeSet<u64>, learners: &BTreeSet<u64>) -> Option<Replacement> {
     let gone = |n: &NodeId| health.dead.contains(n) || state.removed.contains(n);
     let dead = voters.iter().map(|v| NodeId(*v)).find(gone)?;
     let usable = |n: &NodeId| {
@@ -43,10 +43,6 @@ pub fn plan(state: &ClusterState, health: &Health, voters: &BTreeSet<u64>, learn
             && state.nodes.get(n).is_some_and(|r| r.roles.contains(&Role::Meta))
     };
     let staying: Vec<NodeId> = voters.iter().map(|v| NodeId(*v)).filter(|v| !gone(v)).collect();
-    if joint {
-        // Both halves are listed as voters; finishing the change only drops the gone one.
-        return Some(Replacement { dead, spare: staying.first().copied()? });
-    }
     if let Some(learner) = learners.iter().map(|l| NodeId(*l)).find(usable) {
         return Some(Replacement { dead, spare: learner });
     }
@@ -70,17 +66,22 @@ pub async fn step(meta: &MetaHandle, state: &ClusterState, health: &Health) {
     if !st.is_leader {
         return;
     }
+    if let Some(next) = st.next_voters {
+        // A change an earlier leader left half done (joint configuration): finish it first,
+        // whatever has happened since (the lost voter may even be back).
+        tracing::info!(voters = ?next, "meta group: finishing a half-done voter change");
+        if let Err(e) = meta.group.set_voters(next.into_iter().collect()).await {
+            tracing::warn!(error = %e, "finishing a half-done meta voter change failed; will retry");
+        }
+        return;
+    }
     let voters: BTreeSet<u64> = st.voters.iter().copied().collect();
     let learners: BTreeSet<u64> = st.learners.iter().copied().collect();
-    let Some(r) = plan(state, health, &voters, &learners, st.joint) else { return };
+    let Some(r) = plan(state, health, &voters, &learners) else { return };
     let mut target = voters.clone();
     target.remove(&r.dead.0);
     target.insert(r.spare.0);
-    let result = if st.joint {
-        // A joint configuration left behind by an earlier leader: finish it.
-        tracing::info!(dead = %r.dead, voters = ?target, "replacing a lost meta node: finishing a half-done change");
-        meta.group.set_voters(target).await
-    } else if !learners.contains(&r.spare.0) {
+    let result = if !learners.contains(&r.spare.0) {
         let Some(addr) = state.nodes.get(&r.spare).map(|n| n.addr.clone()) else { return };
         tracing::info!(dead = %r.dead, spare = %r.spare, "replacing a lost meta node: adding the spare as a learner");
         meta.group.add_learner(r.spare.0, NodeInfo { addr }).await
@@ -133,17 +134,13 @@ mod tests {
         assert_eq!(s.apply(1, MetaCommand::InitCluster { cluster_id: "c".into(), settings, nodes }), MetaReply::Done);
         let voters = ids(&[1, 2, 3]);
         // Everyone up: nothing to do.
-        assert_eq!(plan(&s, &health(&[1, 2, 3, 4, 5, 6], &[]), &voters, &ids(&[]), false), None);
+        assert_eq!(plan(&s, &health(&[1, 2, 3, 4, 5, 6], &[]), &voters, &ids(&[])), None);
         // Node 3 dead: node 5 (zone d) beats node 4 (zone a, shared with voter 1); node 6 has no meta role.
         let h = health(&[1, 2, 4, 5, 6], &[3]);
-        assert_eq!(plan(&s, &h, &voters, &ids(&[]), false), Some(Replacement { dead: NodeId(3), spare: NodeId(5) }));
+        assert_eq!(plan(&s, &h, &voters, &ids(&[])), Some(Replacement { dead: NodeId(3), spare: NodeId(5) }));
         // A learner already joining is kept, even if another spare looks better.
-        assert_eq!(plan(&s, &h, &voters, &ids(&[4]), false), Some(Replacement { dead: NodeId(3), spare: NodeId(4) }));
-        // A joint configuration {1,2,3} + {1,2,4} is finished by dropping node 3 only.
-        let r = plan(&s, &h, &ids(&[1, 2, 3, 4]), &ids(&[]), true).unwrap();
-        assert_eq!(r.dead, NodeId(3));
-        assert!(ids(&[1, 2, 4]).contains(&r.spare.0), "{r:?}");
+        assert_eq!(plan(&s, &h, &voters, &ids(&[4])), Some(Replacement { dead: NodeId(3), spare: NodeId(4) }));
         // No spare up: nothing.
-        assert_eq!(plan(&s, &health(&[1, 2, 6], &[3, 4, 5]), &voters, &ids(&[]), false), None);
+        assert_eq!(plan(&s, &health(&[1, 2, 6], &[3, 4, 5]), &voters, &ids(&[])), None);
     }
 }

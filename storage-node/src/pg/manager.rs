@@ -305,7 +305,10 @@ pub async fn run_checkpointer(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<b
         // PGs purged through their wanted index whose files still need scrubbing.
         let mut owed: Vec<(u32, u64)> = Vec::new();
         let unsaved = |h: &PgHandle| h.shared.bytes_since_checkpoint.load(std::sync::atomic::Ordering::Relaxed);
-        let over_budget = handles.iter().map(unsaved).sum::<u64>() > live_log_budget;
+        // PGs streaming a snapshot keep their log (below), so they do not count: they would keep
+        // the sum over budget and every other PG checkpointing each tick for a whole rebuild.
+        let streaming = |h: &PgHandle| h.shared.transfers.load(std::sync::atomic::Ordering::Acquire) > 0;
+        let over_budget = handles.iter().filter(|h| !streaming(h)).map(unsaved).sum::<u64>() > live_log_budget;
         for h in handles {
             let st = h.group.status();
             if seen.insert(st.group) {
@@ -320,8 +323,7 @@ pub async fn run_checkpointer(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<b
             let unsaved = unsaved(&h);
             // The budget gives way to a snapshot being streamed (as the entry-count policy
             // does): the log after the snapshot's checkpoint must stay for the receiver.
-            let streaming = h.shared.transfers.load(std::sync::atomic::Ordering::Acquire) > 0;
-            let big = unsaved > CHECKPOINT_BYTES || (over_budget && unsaved > 0 && !streaming);
+            let big = unsaved > CHECKPOINT_BYTES || (over_budget && unsaved > 0 && !streaming(&h));
             let wanted = h.shared.purge_wanted.load(std::sync::atomic::Ordering::Relaxed);
             if st.applied_index > st.checkpoint_index && (idle || big || st.checkpoint_index < wanted) {
                 let _ = h.group.checkpoint_now().await;

@@ -7,6 +7,7 @@
 //! with a code the client acts on (retry elsewhere, refresh the map, give up).
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use basalt_chunk_store::ChunkStoreError;
@@ -80,7 +81,8 @@ impl DataService {
         let mut view = self.ctx.map.borrow().clone();
         if view.version < map_version {
             // The client saw a newer map (a volume just created or grown): catch up first.
-            view = wait_for_version(&self.ctx, map_version, Duration::from_secs(3)).await;
+            // Kept under the client's 3 s stall watchdog, which would retry meanwhile.
+            view = wait_for_version(&self.ctx, map_version, Duration::from_secs(2)).await;
         }
         let Some(layout) = view.layout else {
             return Err(err(Code::Unavailable, format!("{node} has no cluster map yet")));
@@ -136,9 +138,17 @@ impl DataService {
     }
 }
 
+/// The refusal for a mutation whose client connection closed before it was proposed.
+fn dropped(gone: Option<&AtomicBool>) -> Option<DataError> {
+    gone.filter(|g| g.load(std::sync::atomic::Ordering::Acquire))
+        .map(|_| err(Code::Unavailable, "the client's connection closed before this was proposed; not applied"))
+}
+
 impl DataService {
-    /// Validates and proposes a write; the reply carries any refusal.
-    pub async fn serve_write(&self, req: WriteRequest) -> WriteReply {
+    /// Validates and proposes a write; the reply carries any refusal. `gone` is set once the
+    /// client's connection closed: a write not yet proposed by then is dropped (the client
+    /// retries it on another connection, and this copy must not land after the retry).
+    pub async fn serve_write(&self, req: WriteRequest, gone: Option<&AtomicBool>) -> WriteReply {
         let started = Instant::now();
         let len = req.data.len() as u64;
         let error = async {
@@ -172,6 +182,9 @@ impl DataService {
                 Ok(admitted) => admitted,
                 Err(m) => return Some(err(Code::NoSpace, m)),
             };
+            if let Some(e) = dropped(gone) {
+                return Some(e);
+            }
             let cmd =
                 PgCommand::Write { volume: VolumeId(req.volume_id), epoch: req.attach_epoch, offset: req.offset, crcs: req.crcs, data: req.data };
             self.propose(&handle, cmd).await
@@ -243,8 +256,8 @@ impl DataService {
         reply
     }
 
-    /// Validates and proposes a TRIM / WRITE_ZEROES.
-    pub async fn serve_zero(&self, req: ZeroRequest) -> ZeroReply {
+    /// Validates and proposes a TRIM / WRITE_ZEROES (`gone` as for [`DataService::serve_write`]).
+    pub async fn serve_zero(&self, req: ZeroRequest, gone: Option<&AtomicBool>) -> ZeroReply {
         let started = Instant::now();
         let error = async {
             let handle = match self.route(req.pg, req.volume_id, req.offset, req.length, req.map_version, Some(req.attach_epoch)).await {
@@ -260,6 +273,9 @@ impl DataService {
             } else {
                 None
             };
+            if let Some(e) = dropped(gone) {
+                return Some(e);
+            }
             let cmd = PgCommand::Zero {
                 volume: VolumeId(req.volume_id),
                 epoch: req.attach_epoch,
@@ -282,7 +298,7 @@ const MAX_READ_REPAIRS: usize = 4;
 #[tonic::async_trait]
 impl Data for DataService {
     async fn write(&self, request: Request<WriteRequest>) -> Result<Response<WriteReply>, Status> {
-        Ok(Response::new(self.serve_write(request.into_inner()).await))
+        Ok(Response::new(self.serve_write(request.into_inner(), None).await))
     }
 
     async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadReply>, Status> {
@@ -290,7 +306,7 @@ impl Data for DataService {
     }
 
     async fn zero(&self, request: Request<ZeroRequest>) -> Result<Response<ZeroReply>, Status> {
-        Ok(Response::new(self.serve_zero(request.into_inner()).await))
+        Ok(Response::new(self.serve_zero(request.into_inner(), None).await))
     }
 
     async fn release_volume(&self, request: Request<ReleaseVolumeRequest>) -> Result<Response<ReleaseVolumeReply>, Status> {

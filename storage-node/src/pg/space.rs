@@ -8,18 +8,19 @@
 //!   reserve) on its Raft frames (`basalt_raft::transport::SpaceBook`), every
 //!   [`PUBLISH_EVERY`]; a leader hears its followers' figures with their heartbeat replies.
 //! - A write (or a write-zeroes that keeps its blocks allocated) that needs new chunks is
-//!   admitted only if it fits within the smallest figure among the PG's replicas divided by the
-//!   number of nodes holding replicas (the other nodes' leaders may be filling the same replicas
-//!   at the same time), counting what this node admitted within the last [`FIGURE_LAG`] after
-//!   applying it (a follower applies after its leader, and its figure is refreshed only every
-//!   [`PUBLISH_EVERY`]). It waits up to [`ADMIT_WAIT`] for this node's earlier admissions to
-//!   expire, and is otherwise refused with `NoSpace` (ENOSPC to the NBD client). Writes into
-//!   allocated chunks always go. With plenty of room the share is large and nothing waits.
+//!   admitted only if, on every replica of its PG, it fits within that replica's figure divided
+//!   by the number of nodes holding replicas (the other nodes' leaders may be filling the same
+//!   replica at the same time), counting what this node admitted onto that replica until
+//!   [`FIGURE_LAG`] after applying it (a follower applies after its leader, and its figure is
+//!   refreshed only every [`PUBLISH_EVERY`]). It waits up to [`ADMIT_WAIT`] for this node's
+//!   earlier admissions to expire, and is otherwise refused with `NoSpace` (ENOSPC to the NBD
+//!   client). Writes into allocated chunks always go. With plenty of room the share is large
+//!   and nothing waits.
 //! - The reserve covers a follower lagging more than that. Should a replica still run out, its
 //!   apply waits for space rather than skip the entry (`state_machine`), so the worst case is a
 //!   stalled replica, never a divergent one.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,7 +39,9 @@ pub const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 pub const PEER_FIGURE_MAX_AGE: Duration = Duration::from_secs(5);
 
 /// How long a write waits for this node's earlier admissions to expire before it is refused.
-pub const ADMIT_WAIT: Duration = Duration::from_secs(5);
+/// Below the volume client's stall watchdog (3 s), which would otherwise give the connection
+/// up and retry while the first attempt still waits here.
+pub const ADMIT_WAIT: Duration = Duration::from_secs(2);
 
 /// How long an admission still counts after the leader applied it: time for the followers to
 /// apply it too and for their figures to say so.
@@ -66,26 +69,35 @@ pub async fn run_publisher(ctx: Arc<NodeCtx>, mut shutdown: tokio::sync::watch::
     }
 }
 
-/// This node's admitted, not yet applied, chunk allocations.
+/// Chunk space this node's leaders promised to writes, per replica node, until applied (and
+/// [`FIGURE_LAG`] after).
 #[derive(Default)]
 pub struct SpaceAdmission {
-    admitted: Mutex<u64>,
+    admitted: Mutex<HashMap<u64, u64>>,
     applied: Notify,
 }
 
-/// Bytes of chunk space held for one write; dropped once the write was applied here, it still
-/// counts for [`FIGURE_LAG`].
+/// Bytes of chunk space held on each replica of one write's PG; dropped once the write was
+/// applied here, it still counts for [`FIGURE_LAG`].
 pub struct Admitted {
     owner: Arc<SpaceAdmission>,
+    nodes: Vec<u64>,
     bytes: u64,
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        let (owner, bytes) = (self.owner.clone(), self.bytes);
+        let (owner, nodes, bytes) = (self.owner.clone(), std::mem::take(&mut self.nodes), self.bytes);
         let release = move || {
             let mut admitted = owner.admitted.lock().unwrap_or_else(|p| p.into_inner());
-            *admitted = admitted.saturating_sub(bytes);
+            for n in &nodes {
+                if let Some(held) = admitted.get_mut(n) {
+                    *held = held.saturating_sub(bytes);
+                    if *held == 0 {
+                        admitted.remove(n);
+                    }
+                }
+            }
             drop(admitted);
             owner.applied.notify_waiters();
         };
@@ -103,7 +115,8 @@ impl Drop for Admitted {
 
 impl SpaceAdmission {
     /// Admits a write to `len` bytes at `offset` of `volume` in `handle`'s PG, or says which
-    /// replica has no room. `None` when the write needs no new chunk.
+    /// replica has no room. `None` when the write needs no new chunk, or when this node does
+    /// not lead the PG (the proposal is refused with "not the leader" then).
     pub async fn admit(self: &Arc<Self>, ctx: &NodeCtx, handle: &PgHandle, volume: u64, offset: u64, len: u64) -> Result<Option<Admitted>, String> {
         let chunks = ctx.store.unallocated_chunks(handle.shared.shard(), basalt_common::VolumeId(volume), offset, len);
         if chunks == 0 {
@@ -113,51 +126,62 @@ impl SpaceAdmission {
         let deadline = tokio::time::Instant::now() + ADMIT_WAIT;
         loop {
             let applied = self.applied.notified();
-            let (room, tightest) = self.room(ctx, handle);
+            let status = handle.group.status();
+            if !status.is_leader {
+                return Ok(None);
+            }
             let holders = {
                 let view = ctx.map.borrow();
                 view.pgs.iter().flatten().collect::<HashSet<_>>().len().max(1) as u64
             };
-            let share = room / holders;
-            let refusal = || {
-                format!(
-                    "no space for {} MiB of new chunks in pg-{}: node-{tightest} can take {} MiB more (its share for {}'s writes: {} MiB)",
-                    need >> 20,
-                    handle.shared.pg.0,
-                    room >> 20,
-                    ctx.config.id,
-                    share >> 20
-                )
-            };
-            if need > share {
-                return Err(refusal());
-            }
+            let rooms = self.rooms(ctx, &status);
+            // Per replica: what this node's share of its room still allows.
+            let mut waiting = false;
             {
                 let mut admitted = self.admitted.lock().unwrap_or_else(|p| p.into_inner());
-                if *admitted + need <= share {
-                    *admitted += need;
-                    return Ok(Some(Admitted { owner: self.clone(), bytes: need }));
+                for &(node, room) in &rooms {
+                    let share = room / holders;
+                    if need > share {
+                        return Err(format!(
+                            "no space for {} MiB of new chunks in pg-{}: node-{node} can take {} MiB more (its share for {}'s writes: {} MiB)",
+                            need >> 20,
+                            handle.shared.pg.0,
+                            room >> 20,
+                            ctx.config.id,
+                            share >> 20
+                        ));
+                    }
+                    waiting |= admitted.get(&node).copied().unwrap_or(0) + need > share;
+                }
+                if !waiting {
+                    let nodes: Vec<u64> = rooms.iter().map(|(n, _)| *n).collect();
+                    for n in &nodes {
+                        *admitted.entry(*n).or_default() += need;
+                    }
+                    return Ok(Some(Admitted { owner: self.clone(), nodes, bytes: need }));
                 }
             }
             if tokio::time::timeout_at(deadline, applied).await.is_err() {
-                return Err(refusal());
+                return Err(format!(
+                    "no space for {} MiB of new chunks in pg-{}: its replicas' room is taken by writes in flight",
+                    need >> 20,
+                    handle.shared.pg.0
+                ));
             }
         }
     }
 
-    /// The smallest figure among the PG's replicas (voters and learners) and whose it is.
-    fn room(&self, ctx: &NodeCtx, handle: &PgHandle) -> (u64, u64) {
+    /// Each replica's figure (voters and learners; this node's exact, the others' as heard
+    /// within [`PEER_FIGURE_MAX_AGE`]).
+    fn rooms(&self, ctx: &NodeCtx, status: &basalt_raft::GroupStatus) -> Vec<(u64, u64)> {
         let me = ctx.config.id.0;
-        let mut tightest = (allocatable(&ctx.store.stats()), me);
-        let status = handle.group.status();
         let book = ctx.host.space();
+        let mut rooms = vec![(me, allocatable(&ctx.store.stats()))];
         for node in status.voters.iter().chain(&status.learners).filter(|n| **n != me) {
             if let Some(room) = book.peer(*node, PEER_FIGURE_MAX_AGE) {
-                if room < tightest.0 {
-                    tightest = (room, *node);
-                }
+                rooms.push((*node, room));
             }
         }
-        tightest
+        rooms
     }
 }

@@ -455,12 +455,19 @@ impl PgStateMachine {
     /// Leaders refuse writes a replica could not store (`pg::space`), so this wait means the
     /// space figures were behind; it ends when the scrubber returns freed slots or other PGs
     /// on the node free some, or when this replica is retired.
-    async fn apply_singly(&mut self, cmds: Vec<Option<(u64, PgCommand)>>) -> io::Result<Vec<PgReply>> {
+    async fn apply_singly(&mut self, cmds: Vec<(u64, Option<Result<PgCommand, String>>)>) -> io::Result<Vec<PgReply>> {
         let mut replies = Vec::with_capacity(cmds.len());
-        for cmd in cmds {
-            let Some((index, cmd)) = cmd else {
-                replies.push(PgReply::Ok);
-                continue;
+        for (index, cmd) in cmds {
+            let cmd = match cmd {
+                None => {
+                    replies.push(PgReply::Ok);
+                    continue;
+                }
+                Some(Err(e)) => {
+                    replies.push(PgReply::Invalid(e));
+                    continue;
+                }
+                Some(Ok(c)) => c,
             };
             let mut waited: Option<std::time::Instant> = None;
             let reply = loop {
@@ -593,40 +600,43 @@ impl PgStateMachine {
         if cmds.iter().any(|(_, c)| matches!(c, Some(Ok(PgCommand::Zero { .. } | PgCommand::DeleteVolume { .. })))) {
             self.shared.purge_wanted.fetch_max(last_index, Ordering::Relaxed);
         }
+        // Staging changes fencing epochs and tombstones in memory before anything is on disk:
+        // if the batch runs out of space they are put back, and the commands staged again one
+        // by one see the state before the batch.
+        let before = (self.epochs.clone(), self.tombstones.clone());
         let mut batch = Batch::new();
         let mut replies = Vec::with_capacity(cmds.len());
-        let mut decoded = Vec::with_capacity(cmds.len());
-        for (index, cmd) in cmds {
-            match cmd {
-                None => {
-                    replies.push(PgReply::Ok);
-                    decoded.push(None);
-                }
-                Some(Err(e)) => {
-                    replies.push(PgReply::Invalid(e));
-                    decoded.push(None);
-                }
-                Some(Ok(c)) => {
-                    decoded.push(Some((index, c.clone())));
-                    let reply = match self.stage(&mut batch, index, c).await {
-                        Ok(r) => r,
-                        Err(e) => self.soft_error(e)?,
-                    };
-                    replies.push(reply);
-                }
+        let mut short = false;
+        for (index, cmd) in &cmds {
+            let reply = match cmd {
+                None => PgReply::Ok,
+                Some(Err(e)) => PgReply::Invalid(e.clone()),
+                Some(Ok(c)) => match self.stage(&mut batch, *index, c.clone()).await {
+                    Ok(r) => r,
+                    // A partial-block write flushes what is staged so far to read the blocks
+                    // at its edges; that flush found no room.
+                    Err(ChunkStoreError::NoSpace { .. }) => {
+                        short = true;
+                        break;
+                    }
+                    Err(e) => self.soft_error(e)?,
+                },
+            };
+            replies.push(reply);
+        }
+        if !short {
+            match self.flush(&mut batch).await {
+                Ok(()) => return Ok(replies.iter().map(PgReply::encode).collect()),
+                Err(ChunkStoreError::NoSpace { .. }) => {}
+                Err(e) => return Err(Self::io(e)),
             }
         }
-        match self.flush(&mut batch).await {
-            Ok(()) => {}
-            Err(ChunkStoreError::NoSpace { .. }) => {
-                // One by one, each waiting for room. Re-applying the ones already staged is
-                // harmless: nothing of this batch reached the store.
-                let single = self.apply_singly(decoded).await?;
-                return Ok(single.iter().map(PgReply::encode).collect());
-            }
-            Err(e) => return Err(Self::io(e)),
-        }
-        Ok(replies.iter().map(PgReply::encode).collect())
+        // One by one, each waiting for room. Re-applying commands whose part of the batch did
+        // reach the store (before a partial write's flush) is harmless: they are overwrites.
+        (self.epochs, self.tombstones) = before;
+        self.staged_repairs = 0;
+        let single = self.apply_singly(cmds).await?;
+        Ok(single.iter().map(PgReply::encode).collect())
     }
 }
 
@@ -665,5 +675,61 @@ mod probe_tests {
         assert_eq!(p.written_blocks(), vec![3, 63, 64, 65, 250, 251, 252, 253, 254, 255]);
         assert!(p.written(64) && !p.written(4) && !p.written(256));
         assert_eq!(p.index, 7);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
+    use basalt_chunk_store::{Batch, ChunkStore, ChunkStoreConfig, IndexMemory};
+    use basalt_common::{CHUNK_SIZE, NodeId, PgId, VolumeId, crc32c};
+    use basalt_raft::{ApplyItem, StateMachine};
+    use bytes::Bytes;
+
+    use super::{ApplyStats, PgShared, PgStateMachine};
+    use crate::pg::command::{PgCommand, PgReply};
+
+    fn write(volume: u64, epoch: u64, offset: u64) -> PgCommand {
+        let data = Bytes::from(vec![0x5a; 4096]);
+        PgCommand::Write { volume: VolumeId(volume), epoch, offset, crcs: vec![crc32c(&data)], data }
+    }
+
+    /// A batch that runs out of chunk space is applied again one command at a time from the
+    /// state before the batch: a write of epoch 4 followed by one of epoch 5 must not find
+    /// epoch 5 already recorded (and be refused as fenced on this replica only).
+    #[tokio::test]
+    async fn a_batch_short_of_space_is_reapplied_from_the_state_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(&ChunkStoreConfig {
+            data_path: dir.path().join("data"),
+            index_dir: dir.path().join("index"),
+            capacity: 64 << 20,
+            direct_io: true,
+            queue_depth: 16,
+            index_memory: IndexMemory { cache_bytes: 4 << 20, write_buffer_bytes: 4 << 20 },
+        })
+        .unwrap();
+        // Leave exactly one free chunk slot.
+        let mut chunk = 0;
+        while store.stats().free_bytes() > CHUNK_SIZE {
+            let data = Bytes::from(vec![1u8; 4096]);
+            let mut b = Batch::new();
+            b.write(5, VolumeId(9), chunk * CHUNK_SIZE, data.clone(), vec![crc32c(&data)]).unwrap();
+            store.commit(b).await.unwrap();
+            chunk += 1;
+        }
+        let shared = PgShared::new(PgId(5), NodeId(1), store, Arc::new(ApplyStats::default()), Default::default());
+        // Retired: the command that does not fit is answered NoSpace instead of waiting.
+        shared.retired.store(true, Ordering::Release);
+        let mut sm = PgStateMachine::new(shared);
+        let items = vec![
+            ApplyItem { index: 1, command: Some(write(1, 4, 0).encode()) },
+            ApplyItem { index: 2, command: Some(write(1, 5, 8 * CHUNK_SIZE).encode()) },
+        ];
+        let replies: Vec<PgReply> = sm.apply(items).await.unwrap().iter().map(|r| PgReply::decode(r)).collect();
+        assert_eq!(replies[0], PgReply::Ok, "the first write fits and is not fenced: {replies:?}");
+        assert!(matches!(replies[1], PgReply::NoSpace(_)), "{replies:?}");
     }
 }

@@ -6,6 +6,7 @@
 //! requests, and [`CONN_BUDGET`] bytes of request bodies plus read payloads, are held at once.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use basalt_proto::data::data_error::Code;
@@ -68,6 +69,8 @@ pub async fn serve_connection(service: Arc<DataService>, stream: TcpStream, mut 
     let (tx, rx) = mpsc::channel::<Outgoing>(MAX_INFLIGHT);
     // A failed write means the client is gone; its requests still finish, unanswered.
     let writer = tokio::spawn(wire::write_frames(wr, rx));
+    // Set when the connection's reading side ends: writes not yet proposed are then dropped.
+    let gone = Arc::new(AtomicBool::new(false));
     let slots = Arc::new(Semaphore::new(MAX_INFLIGHT));
     let budget = Arc::new(Semaphore::new(BUDGET_KIB as usize));
     let outcome = loop {
@@ -91,9 +94,9 @@ pub async fn serve_connection(service: Arc<DataService>, stream: TcpStream, mut 
             Ok(Err(e)) => break Err(e),
             Err(_) => break Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("frame {} body did not arrive within {BODY_TIMEOUT:?}", header.id))),
         };
-        let (service, tx, budget) = (service.clone(), tx.clone(), budget.clone());
+        let (service, tx, budget, gone) = (service.clone(), tx.clone(), budget.clone(), gone.clone());
         tokio::spawn(async move {
-            let (reply, held) = handle(&service, header, body, body_permit, &budget).await;
+            let (reply, held) = handle(&service, header, body, body_permit, &budget, &gone).await;
             // A closed writer means the client is gone; nothing to tell.
             let _ = tx.send(Outgoing { frame: reply, _slot: slot, _held: held }).await;
         });
@@ -101,6 +104,7 @@ pub async fn serve_connection(service: Arc<DataService>, stream: TcpStream, mut 
     if let Err(e) = outcome {
         tracing::debug!(%peer, error = %e, "data connection ended");
     }
+    gone.store(true, std::sync::atomic::Ordering::Release);
     drop(tx);
     let _ = writer.await;
 }
@@ -118,13 +122,14 @@ async fn handle(
     body: Bytes,
     body_permit: OwnedSemaphorePermit,
     budget: &Arc<Semaphore>,
+    gone: &AtomicBool,
 ) -> (Bytes, Option<OwnedSemaphorePermit>) {
     let id = header.id;
     match Kind::from_u8(header.kind) {
         Some(Kind::Write) => match WriteRequest::decode(body) {
             // The permit covers the payload until the write is answered.
             Ok(req) => {
-                let reply = service.serve_write(req).await;
+                let reply = service.serve_write(req, Some(gone)).await;
                 drop(body_permit);
                 (wire::encode(Kind::WriteReply, id, &reply), None)
             }
@@ -143,7 +148,7 @@ async fn handle(
             Err(e) => (error_frame(id, format!("undecodable read request: {e}")), None),
         },
         Some(Kind::Zero) => match ZeroRequest::decode(body) {
-            Ok(req) => (wire::encode(Kind::ZeroReply, id, &service.serve_zero(req).await), None),
+            Ok(req) => (wire::encode(Kind::ZeroReply, id, &service.serve_zero(req, Some(gone)).await), None),
             Err(e) => (error_frame(id, format!("undecodable zero request: {e}")), None),
         },
         _ => (error_frame(id, format!("unknown request kind {:#04x}", header.kind)), None),
