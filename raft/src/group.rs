@@ -196,6 +196,14 @@ impl<S: StateMachine> RaftGroup<S> {
         m.replication.as_ref()?.get(&node)?.as_ref().map(|l| l.index)
     }
 
+    /// On the leader: how long ago `node` last answered a heartbeat; `None` if it never did or
+    /// this node does not lead.
+    pub fn heard_from(&self, node: NodeId) -> Option<Duration> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        m.heartbeat.as_ref()?.get(&node)?.as_ref().map(|at| openraft::Instant::elapsed(&**at))
+    }
+
     /// The leader this node knows of.
     pub fn leader(&self) -> Option<NodeId> {
         self.raft.metrics().borrow_watched().current_leader

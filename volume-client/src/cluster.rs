@@ -159,7 +159,8 @@ impl Cluster {
         for i in 0..self.inner.seeds.len() * 2 {
             let mut admin = self.admin(i)?;
             let req = GetClusterMapRequest { known_version: 0, wait_ms: 0 };
-            match tokio::time::timeout(Duration::from_secs(10), admin.get_cluster_map(req)).await {
+            // A map request is answered at once; a seed silent for 3 s is cut off or frozen.
+            match tokio::time::timeout(Duration::from_secs(3), admin.get_cluster_map(req)).await {
                 Ok(Ok(resp)) => {
                     let view = Arc::new(ClusterView::from_proto(&resp.into_inner()));
                     *self.inner.map.write().unwrap_or_else(|p| p.into_inner()) = view.clone();

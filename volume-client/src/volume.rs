@@ -24,8 +24,9 @@ const MAX_BACKOFF: Duration = Duration::from_millis(250);
 /// Every this many attempts of one request, the cluster map is fetched again.
 const MAP_REFRESH_EVERY: u32 = 16;
 
-/// Longest a request waits for a map fetch before going on with the map it has.
-const MAP_REFRESH_WAIT: Duration = Duration::from_secs(2);
+/// Longest a background map fetch may take (it holds the client's refresh lock meanwhile;
+/// long enough to get past a few silent seeds).
+const MAP_REFRESH_WAIT: Duration = Duration::from_secs(10);
 
 /// An open volume. Cheap to clone; clones share the in-flight limit.
 #[derive(Clone)]
@@ -146,6 +147,9 @@ impl Volume {
         let mut attempts = 0u32;
         let mut rotate = 0usize;
         let mut hints_followed = 0u32;
+        // Nodes that failed to answer at all during this request (down, frozen, cut off): the
+        // others may still name one as leader until its lease runs out; those hints are ignored.
+        let mut silent: Vec<NodeId> = Vec::new();
         let mut backoff = Duration::from_millis(20);
         let mut last = String::from("no attempt made");
         loop {
@@ -155,7 +159,7 @@ impl Volume {
             attempts += 1;
             if attempts % MAP_REFRESH_EVERY == 0 {
                 // Many failed attempts: the replicas this map lists may have moved on.
-                self.refresh_map_within(deadline).await;
+                self.refresh_map_in_background();
             }
             let map = self.cluster.map();
             let replicas = map.replicas(span.pg).to_vec();
@@ -163,23 +167,29 @@ impl Volume {
                 return Err(ClientError::Internal(format!("the cluster map has no replicas for {}", span.pg)));
             }
             let target = match self.cluster.leader_hint(span.pg) {
-                Some(l) => l,
-                None => replicas[rotate % replicas.len()],
+                Some(l) if !silent.contains(&l) => l,
+                _ => replicas[rotate % replicas.len()],
             };
             let Some(addr) = map.addr(target).map(str::to_string) else {
                 // A node this map does not know (it joined since the map was fetched, and now
                 // leads): fetch a newer map before trying again.
                 self.cluster.set_leader_hint(span.pg, None);
                 rotate += 1;
-                self.refresh_map_within(deadline).await;
+                self.refresh_map_in_background();
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
             };
             let outcome = match tokio::time::timeout(opts.attempt_timeout, call(addr.clone(), map.version)).await {
                 Ok(Ok(a)) => a,
-                Ok(Err(why)) => Attempt::Retry { reason: format!("{target} at {addr}: {why}"), backoff: true },
-                Err(_) => Attempt::Retry { reason: format!("{target} at {addr}: no answer within {:?}", opts.attempt_timeout), backoff: true },
+                Ok(Err(why)) => {
+                    silent.push(target);
+                    Attempt::Retry { reason: format!("{target} at {addr}: {why}"), backoff: true }
+                }
+                Err(_) => {
+                    silent.push(target);
+                    Attempt::Retry { reason: format!("{target} at {addr}: no answer within {:?}", opts.attempt_timeout), backoff: true }
+                }
             };
             match outcome {
                 Attempt::Done(v) => {
@@ -190,7 +200,7 @@ impl Volume {
                 Attempt::Retry { reason, backoff: wait } => {
                     last = reason;
                     let hint = self.cluster.leader_hint(span.pg);
-                    let wait = if hint.is_some_and(|h| h != target) {
+                    let wait = if hint.is_some_and(|h| h != target && !silent.contains(&h)) {
                         // The refusal named another leader: go there next. Nodes pointing at
                         // each other (stale views mid-election) get a backoff after a few hops.
                         hints_followed += 1;
@@ -213,12 +223,15 @@ impl Volume {
         }
     }
 
-    /// Fetches the cluster map again unless another request just did, giving up after
-    /// [`MAP_REFRESH_WAIT`] or at `deadline` (the meta nodes may be the ones in trouble).
-    async fn refresh_map_within(&self, deadline: tokio::time::Instant) {
+    /// Fetches the cluster map again in the background unless another request's fetch
+    /// finishes first; the retrying request goes on meanwhile (a seed may be the node that is
+    /// cut off, and waiting for it would add to the stall) and sees the new map when it lands.
+    fn refresh_map_in_background(&self) {
         let seen = self.cluster.fetch_count();
-        let wait = MAP_REFRESH_WAIT.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
-        let _ = tokio::time::timeout(wait, self.cluster.refresh_unless_fetched(seen)).await;
+        let cluster = self.cluster.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(MAP_REFRESH_WAIT, cluster.refresh_unless_fetched(seen)).await;
+        });
     }
 
     /// Interprets a node's refusal.

@@ -125,12 +125,15 @@ pub async fn advance(handle: &PgHandle, from: NodeId, to: NodeId, to_addr: &str)
     if after == target {
         status.phase = "done";
         status.done = true;
+        // A later move with the same ends gets its own hand-over attempt.
+        *handle.handover.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
     Ok(status)
 }
 
-/// The voter to hand leadership to before `from` (this leader) leaves: one that stays, the
-/// furthest replicated. None once this move's hand-over has been tried for [`HANDOVER_WAIT`].
+/// The voter to hand leadership to before `from` (this leader) leaves: one that stays and
+/// answered a heartbeat within [`HEIR_HEARD_WITHIN`], the furthest replicated. None once this
+/// move's hand-over has been tried for [`HANDOVER_WAIT`].
 fn handover_heir(handle: &PgHandle, from: NodeId, to: NodeId, voters: &BTreeSet<u64>, target: &BTreeSet<u64>) -> Option<u64> {
     let mut slot = handle.handover.lock().unwrap_or_else(|p| p.into_inner());
     let began = match *slot {
@@ -141,8 +144,17 @@ fn handover_heir(handle: &PgHandle, from: NodeId, to: NodeId, voters: &BTreeSet<
         return None;
     }
     let group = &handle.group;
-    voters.iter().copied().filter(|v| *v != from.0 && target.contains(v)).max_by_key(|v| (group.matched_index(*v).unwrap_or(0), std::cmp::Reverse(*v)))
+    let alive = |v: &u64| group.heard_from(*v).is_some_and(|ago| ago <= HEIR_HEARD_WITHIN);
+    voters
+        .iter()
+        .copied()
+        .filter(|v| *v != from.0 && target.contains(v) && alive(v))
+        .max_by_key(|v| (group.matched_index(*v).unwrap_or(0), std::cmp::Reverse(*v)))
 }
+
+/// An heir must have answered a heartbeat this recently (heartbeats go every 500 ms): handing
+/// leadership to a dead node would leave the group without a leader until an election.
+pub const HEIR_HEARD_WITHIN: Duration = Duration::from_secs(2);
 
 /// Abandons the move of `pg`'s replica to `to`: removes `to` if it is only a learner. A target
 /// that already votes (the promotion began) is not removed: the move is finished instead, as
