@@ -395,31 +395,7 @@ async fn drive(ctx: &NodeCtx, state: &ClusterState, pg: PgId, m: &PgMove, cancel
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::state::{ClusterSettings, NodeRecord, Role};
-    use basalt_common::{DomainLevel, Layout};
-
-    fn node(id: u64, zone: &str) -> NodeRecord {
-        NodeRecord {
-            id: NodeId(id),
-            addr: format!("127.0.0.1:{}", 7000 + id),
-            labels: format!("zone={zone},host=h{id}").parse().unwrap(),
-            roles: [Role::Storage].into_iter().collect(),
-            capacity_bytes: 10 << 30,
-            metrics_addr: String::new(),
-        }
-    }
-
-    fn cluster(nodes: &[(u64, &str)], pgs: u32) -> ClusterState {
-        let mut s = ClusterState::default();
-        let settings = ClusterSettings { layout: Layout { extent_size: 4 << 20, pg_count: pgs }, failure_domain: DomainLevel::Zone };
-        let nodes = nodes.iter().map(|(id, z)| node(*id, z)).collect();
-        assert_eq!(s.apply(1, MetaCommand::InitCluster { cluster_id: "c".into(), settings, nodes }), MetaReply::Done);
-        s
-    }
-
-    fn health(up: &[u64], dead: &[u64]) -> Health {
-        Health { up: up.iter().map(|i| NodeId(*i)).collect(), dead: dead.iter().map(|i| NodeId(*i)).collect(), ..Default::default() }
-    }
+    use crate::meta::fixtures::{cluster, health, node};
 
     #[test]
     fn a_dead_nodes_replicas_go_to_the_spare_within_the_budget() {

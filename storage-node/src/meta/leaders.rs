@@ -65,28 +65,15 @@ pub fn plan_transfer(state: &ClusterState, health: &Health, views: &BTreeMap<u32
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::state::{ClusterSettings, MetaCommand, MetaReply, NodeRecord, Role};
-    use basalt_common::{DomainLevel, Layout};
+    use crate::meta::fixtures;
+    use crate::meta::state::{MetaCommand, MetaReply};
 
     fn cluster(nodes: u64, pgs: u32) -> ClusterState {
-        let mut s = ClusterState::default();
-        let settings = ClusterSettings { layout: Layout { extent_size: 4 << 20, pg_count: pgs }, failure_domain: DomainLevel::Zone };
-        let nodes = (1..=nodes)
-            .map(|id| NodeRecord {
-                id: NodeId(id),
-                addr: format!("127.0.0.1:{}", 7000 + id),
-                labels: format!("zone=z{id},host=h{id}").parse().unwrap(),
-                roles: [Role::Storage].into_iter().collect(),
-                capacity_bytes: 10 << 30,
-                metrics_addr: String::new(),
-            })
-            .collect();
-        assert_eq!(s.apply(1, MetaCommand::InitCluster { cluster_id: "c".into(), settings, nodes }), MetaReply::Done);
-        s
+        fixtures::cluster_of((1..=nodes).map(|id| fixtures::node(id, &format!("z{id}"))).collect(), pgs)
     }
 
     fn up(ids: &[u64]) -> Health {
-        Health { up: ids.iter().map(|i| NodeId(*i)).collect(), ..Default::default() }
+        fixtures::health(ids, &[])
     }
 
     /// Every PG led by `leader(pg)`, every replica live and caught up to `applied`.

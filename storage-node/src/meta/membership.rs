@@ -99,27 +99,15 @@ pub async fn step(meta: &MetaHandle, state: &ClusterState, health: &Health) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::state::{MetaCommand, MetaReply, NodeRecord};
-    use basalt_common::labels::{DomainLevel, Labels};
-    use basalt_common::layout::Layout;
+    use crate::meta::fixtures::{cluster_of, health};
+    use crate::meta::state::NodeRecord;
 
     fn node(id: u64, zone: &str, meta: bool) -> NodeRecord {
-        let mut roles = BTreeSet::from([Role::Storage]);
+        let mut n = crate::meta::fixtures::node(id, zone);
         if meta {
-            roles.insert(Role::Meta);
+            n.roles.insert(Role::Meta);
         }
-        NodeRecord {
-            id: NodeId(id),
-            addr: format!("127.0.0.1:{id}"),
-            labels: format!("zone={zone}").parse::<Labels>().unwrap(),
-            roles,
-            capacity_bytes: 10 << 30,
-            metrics_addr: String::new(),
-        }
-    }
-
-    fn health(up: &[u64], dead: &[u64]) -> Health {
-        Health { up: up.iter().map(|i| NodeId(*i)).collect(), dead: dead.iter().map(|i| NodeId(*i)).collect(), ..Default::default() }
+        n
     }
 
     fn ids(v: &[u64]) -> BTreeSet<u64> {
@@ -128,10 +116,8 @@ mod tests {
 
     #[test]
     fn a_dead_meta_voter_is_replaced_by_a_spare_in_a_free_domain() {
-        let mut s = ClusterState::default();
-        let settings = crate::meta::state::ClusterSettings { layout: Layout { extent_size: 4 << 20, pg_count: 8 }, failure_domain: DomainLevel::Zone };
         let nodes = vec![node(1, "a", true), node(2, "b", true), node(3, "c", true), node(4, "a", true), node(5, "d", true), node(6, "e", false)];
-        assert_eq!(s.apply(1, MetaCommand::InitCluster { cluster_id: "c".into(), settings, nodes }), MetaReply::Done);
+        let s = cluster_of(nodes, 8);
         let voters = ids(&[1, 2, 3]);
         // Everyone up: nothing to do.
         assert_eq!(plan(&s, &health(&[1, 2, 3, 4, 5, 6], &[]), &voters, &ids(&[])), None);

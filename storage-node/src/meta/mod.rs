@@ -9,6 +9,8 @@
 //! - [`leaders`]: evens out how many PGs each node leads.
 //! - [`membership`]: replaces a lost meta node by a spare meta-role node.
 
+#[cfg(test)]
+mod fixtures;
 pub mod healer;
 pub mod leaders;
 pub mod liveness;
