@@ -188,7 +188,7 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
         let labels = spec.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
         let metrics_listen = spec.metrics_url.trim_start_matches("http://").trim_end_matches("/metrics").to_string();
         let config = format!(
-            "# Written by `basalt dev up`.\nid = {}\nlisten = \"{}\"\nmetrics_listen = \"{}\"\ndata_dir = \"{}\"\nlabels = \"{}\"\nroles = [{}]\nseeds = [{}]\ncapacity = \"{}\"\n\n[memory]\nindex_cache = \"32MiB\"\nlog_cache = \"16MiB\"\nwrite_buffer = \"32MiB\"\nlog_write_buffer = \"64MiB\"\n",
+            "# Written by `basalt dev up`.\nid = {}\nlisten = \"{}\"\nmetrics_listen = \"{}\"\ndata_dir = \"{}\"\nlabels = \"{}\"\nroles = [{}]\nseeds = [{}]\ncapacity = \"{}\"\n# Writes are refused when the disk under the nodes has less free.\nstate_reserve = \"256MiB\"\n\n[memory]\nindex_cache = \"32MiB\"\nlog_cache = \"16MiB\"\nwrite_buffer = \"32MiB\"\nlog_write_buffer = \"64MiB\"\n",
             spec.id,
             spec.grpc_addr,
             metrics_listen,

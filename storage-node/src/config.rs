@@ -61,6 +61,7 @@ pub struct FileConfig {
     seeds: Option<Vec<String>>,
     capacity: Option<String>,
     direct_io: Option<bool>,
+    state_reserve: Option<String>,
     #[serde(default)]
     memory: MemoryFile,
     #[serde(default)]
@@ -148,6 +149,10 @@ pub struct Flags {
     /// Use O_DIRECT for the data file (true/false).
     #[arg(long)]
     pub direct_io: Option<bool>,
+    /// Free space kept on the state directory's filesystem: writes are refused below it, e.g.
+    /// 1GiB (default: 5% of the filesystem, at least 256MiB, at most 4GiB).
+    #[arg(long)]
+    pub state_reserve: Option<String>,
     /// RocksDB block cache of the chunk index.
     #[arg(long)]
     pub index_cache: Option<String>,
@@ -241,6 +246,9 @@ pub struct NodeConfig {
     pub capacity: u64,
     /// O_DIRECT.
     pub direct_io: bool,
+    /// Free space kept on the state directory's filesystem (`None`: derived from its size, see
+    /// `pg::space::state_reserve`).
+    pub state_reserve: Option<u64>,
     /// Memory limits.
     pub memory: MemoryConfig,
     /// Raft timing.
@@ -347,6 +355,10 @@ impl NodeConfig {
         if capacity < 64 << 20 {
             return Err(invalid("capacity", "must be at least 64MiB"));
         }
+        let state_reserve = match f.state_reserve.or(file.state_reserve) {
+            Some(text) => Some(size("state_reserve", Some(text), 0)?),
+            None => None,
+        };
         let memory = MemoryConfig {
             index_cache: size("memory.index_cache", f.index_cache.or(file.memory.index_cache), 32 << 20)? as usize,
             log_cache: size("memory.log_cache", f.log_cache.or(file.memory.log_cache), 16 << 20)? as usize,
@@ -440,6 +452,7 @@ impl NodeConfig {
             seeds,
             capacity,
             direct_io: f.direct_io.or(file.direct_io).unwrap_or(true),
+            state_reserve,
             memory,
             raft,
             overwrite_rate,
@@ -497,6 +510,7 @@ mod tests {
             ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nlabels=\"planet=mars\"\nroles=[\"meta\"]", "`labels`"),
             ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\ncapacity=\"lots\"\nroles=[\"meta\"]", "`capacity`"),
             ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"storage\"]", "`seeds`"),
+            ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nstate_reserve=\"some\"\nroles=[\"meta\"]", "`state_reserve`"),
             ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[raft]\nheartbeat_ms = 2000", "election_timeout_min_ms"),
             ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[scrub]\noverwrite_rate = \"0\"", "overwrite_rate"),
             ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[scrub]\noverwrite_pattern = \"ones\"", "overwrite_pattern"),

@@ -132,6 +132,19 @@ pub fn render(ctx: &NodeCtx) -> String {
         "Time spent in synced Raft log writes.",
         vec![(String::new(), log.sync_micros.load(Ordering::Relaxed))],
     );
+    family(
+        "basalt_raft_log_waiting_for_space",
+        "gauge",
+        "1 while a Raft log write waits for its filesystem to have space (this node's Raft groups stall).",
+        vec![(String::new(), u64::from(log.waiting_for_space.load(Ordering::Relaxed)))],
+    );
+    let space = ctx.host.space();
+    family(
+        "basalt_state_room_bytes",
+        "gauge",
+        "What the state directory's filesystem can still take beyond the reserve (writes needing more are refused).",
+        vec![(String::new(), space.local_state().unwrap_or(0))],
+    );
     let a = &ctx.pgs.apply_stats;
     family("basalt_pg_apply_batches_total", "counter", "State-machine apply calls.", vec![(String::new(), a.batches.load(Ordering::Relaxed))]);
     family("basalt_pg_apply_commands_total", "counter", "Commands applied.", vec![(String::new(), a.commands.load(Ordering::Relaxed))]);

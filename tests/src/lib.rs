@@ -140,7 +140,8 @@ impl TestCluster {
     }
 
     /// Like [`TestCluster::start_with`], plus extra top-level TOML keys for single nodes
-    /// (`(id, toml)`), e.g. a smaller `capacity` for one of them.
+    /// (`(id, toml)`), e.g. a smaller `capacity` for one of them, or a `data_dir` elsewhere
+    /// (the node's config and log stay in [`TestNode::data_dir`]).
     pub async fn start_with_node_config(specs: Vec<NodeSpec>, extra_config: &str, node_config: &[(u64, &str)]) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("basalt-test-").tempdir_in(test_root())?;
         let mut nodes = BTreeMap::new();
@@ -197,11 +198,12 @@ impl TestCluster {
             let roles: Vec<String> = n.spec.roles.iter().map(|r| format!("\"{r}\"")).collect();
             let own = self.node_config.get(&n.spec.id).map(String::as_str).unwrap_or("");
             let text = format!(
-                "id = {}\nlisten = \"{}\"\nmetrics_listen = \"{}\"\ndata_dir = \"{}\"\nlabels = \"{}\"\nroles = [{}]\nseeds = [{}]\n{}{}\n{}\n[memory]\nindex_cache = \"16MiB\"\nlog_cache = \"8MiB\"\nwrite_buffer = \"8MiB\"\n",
+                "id = {}\nlisten = \"{}\"\nmetrics_listen = \"{}\"\n{}labels = \"{}\"\nroles = [{}]\nseeds = [{}]\n{}{}\n{}\n[memory]\nindex_cache = \"16MiB\"\nlog_cache = \"8MiB\"\nwrite_buffer = \"8MiB\"\n",
                 n.spec.id,
                 n.addr,
                 n.metrics_addr,
-                n.data_dir.display(),
+                // The node's own directory (config, log) unless its own config names another.
+                if own.contains("data_dir =") { String::new() } else { format!("data_dir = \"{}\"\n", n.data_dir.display()) },
                 n.spec.labels,
                 roles.join(", "),
                 seeds.join(", "),

@@ -1030,6 +1030,123 @@ async fn fault_a_full_replica_refuses_writes_instead_of_diverging() {
     assert!(metrics.contains("basalt_pg_applies_waiting_for_space{node=\"3\"} 0"), "an apply on node 3 waits for space:\n{metrics}");
 }
 
+/// A tmpfs of a given size mounted for one test, unmounted when dropped (tests run as root).
+struct Tmpfs {
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::Builder::new().prefix("basalt-tmpfs-").tempdir_in(basalt_tests::test_root()).unwrap();
+        let path = dir.path().join("fs");
+        std::fs::create_dir(&path).unwrap();
+        let status = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(&path).status();
+        assert!(status.is_ok_and(|s| s.success()), "mounting a {size} tmpfs at {} (needs root)", path.display());
+        Tmpfs { path, _dir: dir }
+    }
+
+    /// Bytes still available.
+    fn available(&self) -> u64 {
+        let path = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()).unwrap();
+        let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+        // SAFETY: a NUL-terminated path; `st` is read only after statvfs succeeded.
+        let st = unsafe {
+            assert_eq!(libc::statvfs(path.as_ptr(), st.as_mut_ptr()), 0, "statvfs {}", self.path.display());
+            st.assume_init()
+        };
+        st.f_bavail * st.f_frsize
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// A full disk under the Raft log: node 3's state directory (Raft log, chunk index) lives on
+/// a 512 MiB filesystem that another file fills up while the workload runs. Writes are
+/// refused with NoSpace naming node 3 (ENOSPC over NBD) while reads go on; the node neither
+/// dies nor stops its Raft groups; once the file is deleted, writes are accepted again; and the
+/// history shows nothing acknowledged lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_a_full_state_filesystem_refuses_writes_until_space_is_freed() {
+    let state = Tmpfs::mount("512m");
+    let chunks = tempfile::Builder::new().prefix("basalt-chunks-").tempdir_in(basalt_tests::test_root()).unwrap();
+    let node3 = format!(
+        "data_dir = \"{}\"\ndata_device = \"{}\"\nstate_reserve = \"64MiB\"\n",
+        state.path.join("node-3").display(),
+        chunks.path().join("chunks.dat").display()
+    );
+    let cluster = TestCluster::start_with_node_config(simple_spec(3), "", &[(3, &node3)]).await.unwrap();
+    cluster.init(8, "zone").await.unwrap();
+    cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
+    let mut admin = cluster.admin().await.unwrap();
+    admin.volume_create(VolumeCreateRequest { name: VOLUME.into(), size: VOLUME_SIZE }).await.unwrap();
+    let vol = cluster.client().await.unwrap().open_volume(VOLUME).await.unwrap();
+    let workload = Workload::start(&vol);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Leave 48 MiB: 16 MiB under node 3's reserve.
+    let ballast = state.path.join("ballast");
+    let fill = state.available().saturating_sub(48 << 20);
+    let ok = std::process::Command::new("fallocate").args(["-l", &fill.to_string()]).arg(&ballast).status().is_ok_and(|s| s.success());
+    assert!(ok, "fallocate of {fill} bytes on the tmpfs failed");
+    let full_at = workload.t0.elapsed();
+    let refused_by_node3 = |ops: &[Op]| {
+        ops.iter().any(|o| o.write && matches!(&o.outcome, Outcome::Failed(e) if e.contains("node-3") && e.contains("state directory")))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !refused_by_node3(&workload.history.snapshot()) {
+        assert!(Instant::now() < deadline, "no write refused within 10 s of node 3's state filesystem filling\n{}", cluster.node(3).log_tail());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused_at = workload.t0.elapsed();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let metrics = metrics_text(&cluster.node(3).metrics_addr);
+    assert!(metrics.contains("basalt_raft_log_waiting_for_space{node=\"3\"} 0"), "node 3's Raft log ran out after all:\n{metrics}");
+
+    std::fs::remove_file(&ballast).unwrap();
+    let freed_at = workload.t0.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let resumed_at = loop {
+        let ops = workload.history.snapshot();
+        let first = ops.iter().filter(|o| o.write && o.start > freed_at && matches!(o.outcome, Outcome::Ok(_))).map(|o| o.end).min();
+        if let Some(at) = first {
+            break at;
+        }
+        assert!(Instant::now() < deadline, "writes still refused 10 s after node 3's state filesystem was freed\n{}", cluster.node(3).log_tail());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ops = workload.finish(&vol).await;
+
+    let violations = check(&ops);
+    assert!(violations.is_empty(), "history violations:\n{}\n{}", violations.join("\n"), cluster.logs());
+    let during = |o: &&Op| o.start > refused_at && o.end < freed_at;
+    let writes_during: Vec<&Op> = ops.iter().filter(|o| o.write).filter(during).collect();
+    let acked_during = writes_during.iter().filter(|o| matches!(o.outcome, Outcome::Ok(_))).count();
+    assert!(!writes_during.is_empty() && acked_during == 0, "{acked_during} of {} writes were acknowledged while node 3 was full", writes_during.len());
+    let reads_during: Vec<&Op> = ops.iter().filter(|o| !o.write).filter(during).collect();
+    assert!(
+        reads_during.iter().any(|o| matches!(o.outcome, Outcome::Ok(_))) && reads_during.iter().all(|o| !matches!(o.outcome, Outcome::Failed(_))),
+        "reads failed or stopped while node 3's state filesystem was full: {:?}",
+        failures(&ops).iter().filter(|f| f.starts_with("read")).take(5).collect::<Vec<_>>()
+    );
+    let other: Vec<String> = failures(&ops).into_iter().filter(|f| !(f.contains("node-3") && f.contains("state directory"))).collect();
+    assert!(other.len() <= 1, "failures other than node 3's refusal (one write may race the fill):\n{}", other.join("\n"));
+    let logs = cluster.node(3).log_tail();
+    assert!(cluster.node(3).pid().is_some() && !logs.contains("raft log write failed"), "node 3's Raft log failed:\n{logs}");
+    println!(
+        "filled at {full_at:?}, first refusal at {refused_at:?}, {} writes refused, freed at {freed_at:?}, first write acknowledged at {resumed_at:?} ({:?} after)",
+        writes_during.len(),
+        resumed_at.saturating_sub(freed_at)
+    );
+    // The nodes stop before the tmpfs is unmounted.
+    drop(cluster);
+}
+
 /// The node's Prometheus text.
 fn metrics_text(addr: &str) -> String {
     use std::io::{Read, Write};

@@ -610,6 +610,7 @@ mod tests {
     use super::*;
     use crate::state_machine::SmAdapter;
     use crate::state_machine::test_sm::Counter;
+    use crate::types::Command;
 
     struct Builder;
 
@@ -712,6 +713,103 @@ mod tests {
         let requests = engine.stats().requests.load(Ordering::Relaxed);
         assert_eq!(requests, 64 * 20);
         assert!(batches < requests / 2, "group commit should merge appends: {batches} syncs for {requests} appends");
+    }
+
+    /// A small tmpfs, unmounted when dropped (the tests run as root; `.ci/run` too).
+    struct SmallFs {
+        path: PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    impl SmallFs {
+        fn mount(size: &str) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("fs");
+            std::fs::create_dir(&path).unwrap();
+            let status = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(&path).status();
+            assert!(status.is_ok_and(|s| s.success()), "mounting a {size} tmpfs at {} (needs root)", path.display());
+            SmallFs { path, _dir: dir }
+        }
+    }
+
+    impl Drop for SmallFs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.path).status();
+        }
+    }
+
+    fn payload(index: u64) -> bytes::Bytes {
+        bytes::Bytes::from(vec![(index % 251) as u8; 256 << 10])
+    }
+
+    /// A full filesystem stalls appends instead of failing them (a failed append stops the Raft
+    /// group for good); they go on once space is freed, and every acknowledged entry is there
+    /// after a restart.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_filesystem_stalls_appends_until_space_is_freed() {
+        use std::sync::atomic::AtomicBool;
+        // RocksDB clears its "no space" error itself, polling every 5 s, once the filesystem has
+        // room for its write buffers again (64 MiB here): the ballast frees more than that.
+        let fs = SmallFs::mount("160m");
+        let ballast = fs.path.join("ballast");
+        std::fs::write(&ballast, vec![1u8; 96 << 20]).unwrap();
+        let cfg = LogEngineConfig {
+            dir: fs.path.join("log"),
+            cache_bytes: 8 << 20,
+            write_buffer_bytes: 4 << 20,
+            tail_bytes_per_group: 1 << 20,
+            max_batch_bytes: 4 << 20,
+        };
+        let engine = LogEngine::open(&cfg).unwrap();
+        let durable = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let appender = {
+            let (mut store, durable, stop) = (engine.group(1).unwrap(), durable.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut index = 1;
+                while !stop.load(Ordering::Relaxed) && index < 2000 {
+                    harness::append_durable(&mut store, index, payload(index)).await?;
+                    durable.store(index, Ordering::Relaxed);
+                    index += 1;
+                }
+                io::Result::Ok(())
+            })
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !engine.stats().waiting_for_space.load(Ordering::Relaxed) {
+            assert!(!appender.is_finished(), "appends ended before the filesystem filled: {:?}", appender.await);
+            assert!(std::time::Instant::now() < deadline, "the 160 MiB filesystem never filled");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let stuck_at = durable.load(Ordering::Relaxed);
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        assert!(durable.load(Ordering::Relaxed) <= stuck_at + 1, "appends should wait while the filesystem is full");
+        assert!(!appender.is_finished(), "a full filesystem must not fail the append: {:?}", appender.await);
+
+        std::fs::remove_file(&ballast).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while durable.load(Ordering::Relaxed) < stuck_at + 4 {
+            assert!(!appender.is_finished(), "appends ended after space was freed: {:?}", appender.await);
+            assert!(std::time::Instant::now() < deadline, "appends did not resume within 60 s of space being freed (stuck at {stuck_at})");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(!engine.stats().waiting_for_space.load(Ordering::Relaxed));
+        stop.store(true, Ordering::Relaxed);
+        appender.await.unwrap().unwrap();
+        let last = durable.load(Ordering::Relaxed);
+        engine.close();
+        drop(engine);
+
+        let engine = LogEngine::open(&cfg).unwrap();
+        let mut store = engine.group(1).unwrap();
+        let entries = store.try_get_log_entries(1..=last).await.unwrap();
+        assert_eq!(entries.len() as u64, last, "every acknowledged entry survives");
+        for e in entries {
+            match e.payload {
+                openraft::EntryPayload::Normal(Command(data)) => assert_eq!(data, payload(e.log_id.index), "entry {}", e.log_id.index),
+                other => panic!("entry {} has payload {other:?}", e.log_id.index),
+            }
+        }
     }
 }
 

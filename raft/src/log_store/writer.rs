@@ -6,11 +6,18 @@
 //! all as one synced batch, and only then reports each request durable. While one fsync is in
 //! progress the next batch accumulates, so the fsync rate stays flat as load grows and the
 //! cost per append falls.
+//!
+//! A batch that fails because the filesystem is full is retried every [`NO_SPACE_RETRY`] until
+//! it is written (RocksDB resumes by itself once space is back) instead of being reported
+//! failed: a failed append stops the Raft group for good, and its entries are already promised
+//! to the leader's followers. The node's groups stall meanwhile, like a frozen disk. The storage
+//! node refuses writes well before this (`pg::space`), so it is a last resort.
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use openraft::storage::IOFlushed;
 use rocksdb::{DB, WriteBatch, WriteOptions};
@@ -71,7 +78,12 @@ pub struct WriterStats {
     pub bytes: AtomicU64,
     /// Time spent in synced writes, microseconds.
     pub sync_micros: AtomicU64,
+    /// A batch is waiting for the filesystem to have space again.
+    pub waiting_for_space: AtomicBool,
 }
+
+/// How often a batch refused for lack of space is tried again.
+pub const NO_SPACE_RETRY: Duration = Duration::from_millis(500);
 
 /// What the writer thread receives.
 pub(crate) enum Msg {
@@ -84,22 +96,26 @@ pub(crate) struct Writer {
     pub(crate) tx: mpsc::Sender<Msg>,
     thread: Option<JoinHandle<()>>,
     pub(crate) stats: Arc<WriterStats>,
+    /// Set when stopping: a batch waiting for space gives up (reported failed).
+    stopping: Arc<AtomicBool>,
 }
 
 impl Writer {
     pub(crate) fn start(db: Arc<DB>, max_batch_bytes: usize, queue: usize) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel(queue);
         let stats = Arc::new(WriterStats::default());
-        let thread_stats = stats.clone();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (thread_stats, thread_stopping) = (stats.clone(), stopping.clone());
         let thread = std::thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || run(db, rx, max_batch_bytes, thread_stats))?;
-        Ok(Self { tx, thread: Some(thread), stats })
+            .spawn(move || run(db, rx, max_batch_bytes, thread_stats, thread_stopping))?;
+        Ok(Self { tx, thread: Some(thread), stats, stopping })
     }
 
     /// Writes everything queued so far, then stops the thread.
     pub(crate) fn stop(&mut self) {
         if let Some(t) = self.thread.take() {
+            self.stopping.store(true, Ordering::Release);
             // Not `blocking_send`: this may run inside the runtime (drop of the last handle).
             let mut msg = Msg::Stop;
             while let Err(mpsc::error::TrySendError::Full(m)) = self.tx.try_send(msg) {
@@ -117,7 +133,7 @@ impl Drop for Writer {
     }
 }
 
-fn run(db: Arc<DB>, mut rx: mpsc::Receiver<Msg>, max_batch_bytes: usize, stats: Arc<WriterStats>) {
+fn run(db: Arc<DB>, mut rx: mpsc::Receiver<Msg>, max_batch_bytes: usize, stats: Arc<WriterStats>, stop: Arc<AtomicBool>) {
     let mut opts = WriteOptions::default();
     opts.set_sync(true);
     let mut stopping = false;
@@ -141,23 +157,18 @@ fn run(db: Arc<DB>, mut rx: mpsc::Receiver<Msg>, max_batch_bytes: usize, stats: 
                 Err(_) => break,
             }
         }
-        let mut wb = WriteBatch::default();
-        for req in &reqs {
-            for op in &req.ops {
-                match op {
-                    Op::Put(cf, k, v) => {
-                        let cf = db.cf_handle(cf.name()).expect("column family exists");
-                        wb.put_cf(&cf, k, v);
-                    }
-                    Op::DeleteRange(cf, from, to) => {
-                        let cf = db.cf_handle(cf.name()).expect("column family exists");
-                        wb.delete_range_cf(&cf, from, to);
-                    }
-                }
-            }
-        }
         let started = std::time::Instant::now();
-        let result = db.write_opt(wb, &opts);
+        let mut result = db.write_opt(batch(&db, &reqs), &opts);
+        while result.as_ref().is_err_and(is_no_space) && !stop.load(Ordering::Acquire) {
+            if !stats.waiting_for_space.swap(true, Ordering::Relaxed) {
+                tracing::error!(path = %db.path().display(), "raft log filesystem is full: log writes wait for space (this node's Raft groups stall)");
+            }
+            std::thread::sleep(NO_SPACE_RETRY);
+            result = db.write_opt(batch(&db, &reqs), &opts);
+        }
+        if stats.waiting_for_space.swap(false, Ordering::Relaxed) && result.is_ok() {
+            tracing::info!(path = %db.path().display(), "raft log filesystem has space again: log writes resumed");
+        }
         stats.sync_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.requests.fetch_add(reqs.len() as u64, Ordering::Relaxed);
@@ -181,4 +192,29 @@ fn run(db: Arc<DB>, mut rx: mpsc::Receiver<Msg>, max_batch_bytes: usize, stats: 
             }
         }
     }
+}
+
+/// One write batch of every request's ops (rebuilt for each attempt: a write consumes it).
+fn batch(db: &DB, reqs: &[Request]) -> WriteBatch {
+    let mut wb = WriteBatch::default();
+    for op in reqs.iter().flat_map(|r| &r.ops) {
+        match op {
+            Op::Put(cf, k, v) => {
+                let cf = db.cf_handle(cf.name()).expect("column family exists");
+                wb.put_cf(&cf, k, v);
+            }
+            Op::DeleteRange(cf, from, to) => {
+                let cf = db.cf_handle(cf.name()).expect("column family exists");
+                wb.delete_range_cf(&cf, from, to);
+            }
+        }
+    }
+    wb
+}
+
+/// RocksDB reports a full filesystem only in its message ("IO error: No space left on
+/// device"; the crate has no sub-code for it).
+fn is_no_space(e: &rocksdb::Error) -> bool {
+    let text = e.to_string();
+    text.contains("No space left") || text.contains("NoSpace")
 }

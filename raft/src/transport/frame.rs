@@ -70,6 +70,7 @@ mod tests {
         let frame = RaftFrame {
             from_node: 3,
             space_left: Some(5 << 20),
+            state_space_left: Some(7 << 20),
             messages: vec![RaftMessage { id: 9, group: 4, kind: 2, stream: 7, body: Bytes::from_static(b"entry") }],
         };
         let mut wire = encode(&frame).to_vec();
@@ -81,7 +82,7 @@ mod tests {
 
         let huge = ((MAX_BODY + 1) as u32).to_be_bytes();
         assert_eq!(read(&mut &huge[..]).await.unwrap_err().kind(), io::ErrorKind::InvalidData);
-        let truncated = &encode(&RaftFrame { from_node: 1, space_left: None, messages: vec![] })[..3];
+        let truncated = &encode(&RaftFrame { from_node: 1, space_left: None, state_space_left: None, messages: vec![] })[..3];
         assert_eq!(read(&mut &truncated[..]).await.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
         let garbage = [0, 0, 0, 2, 0xff, 0xff];
         assert_eq!(read(&mut &garbage[..]).await.unwrap_err().kind(), io::ErrorKind::InvalidData);

@@ -170,7 +170,7 @@ async fn run(from: NodeId, target: NodeId, addr: String, mut rx: mpsc::Receiver<
                     }
                 },
             };
-            let frame = build_frame(from, space.local(), msg, &mut rx, &pending, &mut next_id);
+            let frame = build_frame(from, &space, msg, &mut rx, &pending, &mut next_id);
             let written = async {
                 wr.write_all(&frame::encode(&frame)).await?;
                 // Whatever queued meanwhile goes into the same flush (one syscall under load).
@@ -204,7 +204,7 @@ async fn read_replies(target: NodeId, mut rd: BufReader<OwnedReadHalf>, pending:
     loop {
         match frame::read(&mut rd).await {
             Ok(Some(frame)) => {
-                space.heard(target, frame.space_left);
+                space.heard(target, &frame);
                 let mut p = pending.lock().unwrap_or_else(|p| p.into_inner());
                 p.last_progress = Instant::now();
                 for m in frame.messages {
@@ -227,7 +227,7 @@ async fn read_replies(target: NodeId, mut rd: BufReader<OwnedReadHalf>, pending:
 /// Takes `first` and whatever else is queued (within the frame limits) into one frame,
 /// registering each message's reply slot before the frame is written: a reply can arrive as
 /// soon as it is.
-fn build_frame(from: NodeId, space_left: Option<u64>, first: Outgoing, rx: &mut mpsc::Receiver<Outgoing>, pending: &Pending, next_id: &mut u64) -> RaftFrame {
+fn build_frame(from: NodeId, space: &SpaceBook, first: Outgoing, rx: &mut mpsc::Receiver<Outgoing>, pending: &Pending, next_id: &mut u64) -> RaftFrame {
     let mut messages = Vec::new();
     let mut bytes = 0;
     let mut p = pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -245,7 +245,9 @@ fn build_frame(from: NodeId, space_left: Option<u64>, first: Outgoing, rx: &mut 
             next = rx.try_recv().ok();
         }
     }
-    RaftFrame { from_node: from, space_left, messages }
+    let mut frame = RaftFrame { from_node: from, space_left: None, state_space_left: None, messages };
+    space.stamp(&mut frame);
+    frame
 }
 
 fn fail_all(pending: &Pending, target: NodeId, reason: &str) {

@@ -112,7 +112,9 @@ async fn write_replies(mut wr: BufWriter<OwnedWriteHalf>, mut rx: mpsc::Receiver
                 Err(_) => break,
             }
         }
-        wr.write_all(&frame::encode(&RaftFrame { from_node: 0, space_left: space.local(), messages })).await?;
+        let mut reply = RaftFrame { from_node: 0, space_left: None, state_space_left: None, messages };
+        space.stamp(&mut reply);
+        wr.write_all(&frame::encode(&reply)).await?;
         if rx.is_empty() {
             wr.flush().await?;
         }
@@ -185,7 +187,7 @@ async fn serve_pipe<R: AsyncRead + Unpin>(registry: Registry, space: Arc<SpaceBo
     let mut pipelines: HashMap<(GroupId, u64), Pipeline> = HashMap::new();
     let mut swept = std::time::Instant::now();
     while let Some(frame) = frame::read(&mut incoming).await? {
-        space.heard(frame.from_node, frame.space_left);
+        space.heard(frame.from_node, &frame);
         if swept.elapsed() >= PIPELINE_IDLE {
             pipelines.retain(|_, p| p.last_used.elapsed() < PIPELINE_IDLE);
             swept = std::time::Instant::now();

@@ -178,6 +178,9 @@ impl DataService {
                     ));
                 }
             }
+            if let Err(m) = self.space.admit_log(&self.ctx, &handle, len) {
+                return Some(err(Code::NoSpace, m));
+            }
             let _space = match self.space.admit(&self.ctx, &handle, req.volume_id, req.offset, len).await {
                 Ok(admitted) => admitted,
                 Err(m) => return Some(err(Code::NoSpace, m)),

@@ -19,8 +19,16 @@
 //! - The reserve covers a follower lagging more than that. Should a replica still run out, its
 //!   apply waits for space rather than skip the entry (`state_machine`), so the worst case is a
 //!   stalled replica, never a divergent one.
+//! - Every write also passes through the Raft log in the node's state directory (with the chunk
+//!   index). Each node publishes what that filesystem can still take beyond a reserve
+//!   ([`state_reserve`]); a write is refused with `NoSpace` while any replica of its PG has less
+//!   than the write's size there ([`SpaceAdmission::admit_log`]). Other files filling the
+//!   filesystem are seen within [`PUBLISH_EVERY`]; the reserve absorbs what is in flight, and
+//!   writes go again once space is freed. Should the log still run out, its writer retries
+//!   rather than fail the Raft group (`basalt_raft::log_store`).
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -57,17 +65,70 @@ pub fn allocatable(stats: &StoreStats) -> u64 {
     stats.free_bytes().saturating_sub(reserve(stats))
 }
 
-/// Publishes this node's [`allocatable`] figure on its Raft frames until shutdown.
+/// State-directory space kept back from writes: `configured`, or 5% of the filesystem, at least
+/// 256 MiB and at most 4 GiB (RocksDB needs room to flush and compact to free log space).
+pub fn state_reserve(configured: Option<u64>, filesystem_bytes: u64) -> u64 {
+    configured.unwrap_or_else(|| (filesystem_bytes / 20).clamp(256 << 20, 4 << 30))
+}
+
+/// Bytes available to this process, and the size, of the filesystem holding `dir`.
+pub fn filesystem_space(dir: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is NUL-terminated and `st` is written by statvfs before it is read.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    // fsblkcnt_t and c_ulong are u64 on the 64-bit Linux targets Basalt builds for.
+    Ok((st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize))
+}
+
+/// What this node's state directory can still take beyond its reserve (0 when it cannot be
+/// measured: writes stop rather than risk the Raft log).
+fn state_room(dir: &Path, configured_reserve: Option<u64>) -> u64 {
+    match filesystem_space(dir) {
+        Ok((available, size)) => available.saturating_sub(state_reserve(configured_reserve, size)),
+        Err(e) => {
+            tracing::error!(dir = %dir.display(), error = %e, "cannot measure the state directory's free space; refusing writes");
+            0
+        }
+    }
+}
+
+/// Publishes this node's [`allocatable`] figure and its state directory's room on its Raft
+/// frames until shutdown.
 pub async fn run_publisher(ctx: Arc<NodeCtx>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(PUBLISH_EVERY);
+    let mut was_short = false;
     loop {
         ctx.host.space().set_local(allocatable(&ctx.store.stats()));
+        let (dir, reserve) = (ctx.config.data_dir.clone(), ctx.config.state_reserve);
+        if let Ok(room) = tokio::task::spawn_blocking(move || state_room(&dir, reserve)).await {
+            ctx.host.space().set_local_state(room);
+            let short = room < STATE_LOW;
+            if short != was_short {
+                if short {
+                    tracing::warn!(dir = %ctx.config.data_dir.display(), room, "state directory is at its reserve: writes are refused");
+                } else {
+                    tracing::info!(dir = %ctx.config.data_dir.display(), room, "state directory has room again: writes are accepted");
+                }
+                was_short = short;
+            }
+        }
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
     }
 }
+
+/// Below this room in the state directory the node logs that it refuses writes (the largest
+/// single write).
+const STATE_LOW: u64 = 32 << 20;
 
 /// Chunk space this node's leaders promised to writes, per replica node, until applied (and
 /// [`FIGURE_LAG`] after).
@@ -114,6 +175,31 @@ impl Drop for Admitted {
 }
 
 impl SpaceAdmission {
+    /// Admits `bytes` of write payload into the Raft log of `handle`'s PG, or names the replica
+    /// whose state directory has no room beyond its reserve. Nothing to check when this node
+    /// does not lead the PG.
+    pub fn admit_log(&self, ctx: &NodeCtx, handle: &PgHandle, bytes: u64) -> Result<(), String> {
+        let status = handle.group.status();
+        if !status.is_leader {
+            return Ok(());
+        }
+        let me = ctx.config.id.0;
+        let book = ctx.host.space();
+        let rooms = std::iter::once((me, book.local_state())).chain(
+            status.voters.iter().chain(&status.learners).filter(|n| **n != me).map(|n| (*n, book.peer_state(*n, PEER_FIGURE_MAX_AGE))),
+        );
+        for (node, room) in rooms {
+            if let Some(room) = room.filter(|room| *room < bytes) {
+                return Err(format!(
+                    "no space in pg-{}: node-{node}'s state directory (Raft log, chunk index) can take {} KiB more before its reserve; writes resume once space is freed there",
+                    handle.shared.pg.0,
+                    room >> 10
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Admits a write to `len` bytes at `offset` of `volume` in `handle`'s PG, or says which
     /// replica has no room. `None` when the write needs no new chunk, or when this node does
     /// not lead the PG (the proposal is refused with "not the leader" then).
