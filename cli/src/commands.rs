@@ -209,8 +209,10 @@ pub async fn node_list(admin: &Admin, out: Out) -> Result<(), CliError> {
 }
 
 /// `basalt node drain`: records the drain, then follows the node's replica count down to zero
-/// with a progress bar (or percentages when not on a terminal / with `--json`).
-pub async fn node_drain(admin: &Admin, out: Out, id: u64, undo: bool, no_wait: bool) -> Result<(), CliError> {
+/// with a progress bar (or percentages when not on a terminal / with `--json`). Says the drain
+/// is stuck (exit 7, the drain stays recorded) once nothing has left the node and no move has
+/// run in the cluster for `stuck_after`: the healer finds no target for what is left.
+pub async fn node_drain(admin: &Admin, out: Out, id: u64, undo: bool, no_wait: bool, stuck_after: Duration) -> Result<(), CliError> {
     let r = admin.call(|mut c| async move { c.node_drain(NodeDrainRequest { id, undo }).await }).await?;
     if undo || no_wait {
         let what = if undo { "no longer draining" } else { "draining" };
@@ -232,9 +234,10 @@ pub async fn node_drain(admin: &Admin, out: Out, id: u64, undo: bool, no_wait: b
     });
     let started = std::time::Instant::now();
     let mut last_pct = u64::MAX;
+    let (mut last_left, mut progressed_at) = (u64::MAX, std::time::Instant::now());
     loop {
-        let list = admin.call(|mut c| async move { c.node_list(NodeListRequest {}).await }).await?;
-        let Some(n) = list.nodes.iter().find(|n| n.id == id) else {
+        let status = admin.call(|mut c| async move { c.cluster_status(ClusterStatusRequest {}).await }).await?;
+        let Some(n) = status.nodes.iter().find(|n| n.id == id) else {
             return Err(CliError::other(format!("node-{id} disappeared from the cluster while draining")));
         };
         if !n.draining {
@@ -257,6 +260,26 @@ pub async fn node_drain(admin: &Admin, out: Out, id: u64, undo: bool, no_wait: b
         }
         if left == 0 {
             break;
+        }
+        // Progress: a replica left, or some move is running (drain moves queue behind rebuilds).
+        if left != last_left || status.pgs.iter().any(|p| p.moving_to != 0) {
+            (last_left, progressed_at) = (left, std::time::Instant::now());
+        } else if progressed_at.elapsed() >= stuck_after {
+            if let Some(b) = bar {
+                b.abandon();
+            }
+            let down: Vec<String> = status.nodes.iter().filter(|n| n.state != "up").map(|n| format!("node-{}", n.id)).collect();
+            return Err(CliError {
+                code: 7,
+                message: format!(
+                    "node-{id}'s drain is stuck: {left} replica(s) left and no replica has moved for {}s. Each needs a target that is up, not draining, \
+                     has free space and is in a {} the PG's other replicas are not in{}. The drain stays recorded and goes on by itself once such a \
+                     node is available (add one, or bring a down node back); `basalt node drain {id} --undo` cancels it",
+                    stuck_after.as_secs(),
+                    if status.failure_domain.is_empty() { "failure domain".to_string() } else { status.failure_domain.clone() },
+                    if down.is_empty() { String::new() } else { format!(" (down now: {})", down.join(", ")) }
+                ),
+            });
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

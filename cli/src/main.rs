@@ -136,6 +136,10 @@ enum NodeCmd {
         /// Return once the drain is recorded, without following it.
         #[arg(long)]
         no_wait: bool,
+        /// Give up following (exit 7; the drain stays recorded) when no replica has left the
+        /// node and no replica move has run anywhere in the cluster for this many seconds.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+        stuck_after: u64,
     },
     /// Remove a node that holds no replicas (drain it first) from the cluster for good.
     Remove {
@@ -221,7 +225,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Cmd::Cluster(ClusterCmd::Status) => commands::cluster_status(&admin, out).await,
         Cmd::Node(NodeCmd::List) => commands::node_list(&admin, out).await,
-        Cmd::Node(NodeCmd::Drain { id, undo, no_wait }) => commands::node_drain(&admin, out, id, undo, no_wait).await,
+        Cmd::Node(NodeCmd::Drain { id, undo, no_wait, stuck_after }) => {
+            commands::node_drain(&admin, out, id, undo, no_wait, std::time::Duration::from_secs(stuck_after)).await
+        }
         Cmd::Node(NodeCmd::Remove { id }) => commands::node_remove(&admin, out, id).await,
         Cmd::Volume(VolumeCmd::Create { name, size }) => commands::volume_create(&admin, out, name, size).await,
         Cmd::Volume(VolumeCmd::List) => commands::volume_list(&admin, out).await,

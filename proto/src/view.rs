@@ -28,6 +28,9 @@ pub struct NodeView {
     pub id: NodeId,
     /// gRPC address.
     pub addr: String,
+    /// Has the meta role (a member of the meta group or a spare): admin requests and map
+    /// polls can go to it.
+    pub meta: bool,
 }
 
 /// One version of the cluster map.
@@ -67,7 +70,7 @@ impl ClusterView {
             version: map.version,
             cluster_id: map.cluster_id.clone(),
             layout,
-            nodes: map.nodes.iter().map(|n| (NodeId(n.id), NodeView { id: NodeId(n.id), addr: n.addr.clone() })).collect(),
+            nodes: map.nodes.iter().map(|n| (NodeId(n.id), NodeView { id: NodeId(n.id), addr: n.addr.clone(), meta: n.roles.iter().any(|r| r == "meta") })).collect(),
             pgs,
             incoming,
             volumes: map

@@ -13,9 +13,9 @@ use crate::node::NodeCtx;
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Sends heartbeats until shutdown. Before the cluster exists every seed gets them (so whichever
-/// meta node runs `cluster init` knows this node); afterwards one seed, rotating on failure.
+/// meta node runs `cluster init` knows this node); afterwards one meta node
+/// ([`NodeCtx::meta_addrs`]), rotating on failure.
 pub async fn run(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<bool>) {
-    let seeds = ctx.seeds();
     let mut idx = 0usize;
     let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -24,6 +24,7 @@ pub async fn run(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<bool>) {
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
+        let seeds = ctx.meta_addrs();
         if seeds.is_empty() {
             continue;
         }

@@ -25,10 +25,10 @@ pub async fn wait_for_version(ctx: &NodeCtx, version: u64, timeout: Duration) ->
 }
 
 /// Keeps `tx` current: asks a meta node for a map newer than the one held, waiting server-side
-/// for changes (long poll), and rotates over the seeds when one fails.
+/// for changes (long poll), and rotates over the meta nodes ([`NodeCtx::meta_addrs`]) when one
+/// fails. The one that answered is remembered as [`NodeCtx::meta_contact`].
 pub async fn run_watcher(ctx: Arc<NodeCtx>, tx: watch::Sender<Arc<ClusterView>>, mut shutdown: watch::Receiver<bool>) {
-    let seeds = ctx.seeds();
-    if seeds.is_empty() {
+    if ctx.seeds().is_empty() {
         return;
     }
     let mut idx = 0usize;
@@ -38,6 +38,7 @@ pub async fn run_watcher(ctx: Arc<NodeCtx>, tx: watch::Sender<Arc<ClusterView>>,
         if *shutdown.borrow() {
             return;
         }
+        let seeds = ctx.meta_addrs();
         let seed = &seeds[idx % seeds.len()];
         let req = GetClusterMapRequest { known_version: known, wait_ms: 10_000 };
         let result = match ctx.clients.admin(seed) {
@@ -52,6 +53,7 @@ pub async fn run_watcher(ctx: Arc<NodeCtx>, tx: watch::Sender<Arc<ClusterView>>,
         match result {
             Ok(resp) => {
                 backoff = Duration::from_millis(100);
+                *ctx.meta_contact.lock().unwrap_or_else(|p| p.into_inner()) = Some(seed.clone());
                 let map = resp.into_inner();
                 // Versions only grow: an older map (from a lagging meta node) is ignored, since
                 // replicas are retired on what the map says.

@@ -97,6 +97,9 @@ pub struct NodeCtx {
     pub repair_lock: tokio::sync::Mutex<()>,
     /// Progress of replica moves (meaningful on the meta leader).
     pub heal: crate::meta::healer::HealProgress,
+    /// The meta node this node's last map poll succeeded on: where admin requests are
+    /// forwarded first.
+    pub meta_contact: std::sync::Mutex<Option<String>>,
 }
 
 impl NodeCtx {
@@ -108,6 +111,30 @@ impl NodeCtx {
         } else {
             self.config.seeds.clone()
         }
+    }
+
+    /// Meta nodes to try, in order: the configured seeds, then the meta-role nodes of the
+    /// current cluster map (so a node keeps finding the meta group after the seeds it was
+    /// configured with are gone and spares took their place).
+    pub fn meta_addrs(&self) -> Vec<String> {
+        let mut addrs = self.seeds();
+        let map = self.map.borrow();
+        let mut extra: Vec<(u64, &String)> = map.nodes.values().filter(|n| n.meta).map(|n| (n.id.0, &n.addr)).collect();
+        extra.sort_unstable();
+        for (_, addr) in extra {
+            if !addrs.contains(addr) {
+                addrs.push(addr.clone());
+            }
+        }
+        addrs
+    }
+
+    /// Where to forward an admin request: the meta node the last map poll succeeded on, else the
+    /// first of [`NodeCtx::meta_addrs`]; never this node itself.
+    pub fn meta_target(&self) -> Option<String> {
+        let me = self.config.listen.to_string();
+        let contact = self.meta_contact.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        contact.into_iter().chain(self.meta_addrs()).find(|a| *a != me)
     }
 
     /// This node as the registry records it.
@@ -238,6 +265,7 @@ impl Node {
             integrity_control: std::sync::OnceLock::new(),
             repair_lock: tokio::sync::Mutex::new(()),
             heal: Default::default(),
+            meta_contact: Default::default(),
         });
 
         let admin = AdminServer::new(AdminService::new(ctx.clone()))

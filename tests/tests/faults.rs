@@ -648,9 +648,11 @@ async fn fault_a_moves_target_dies_mid_fill_and_the_move_is_abandoned() {
 
 /// A lost meta node is replaced: node 4 (storage and meta role) joins after `cluster init` as a
 /// spare. Meta node 3 is killed for good; past the down timeout node 4 takes its vote in the
-/// meta group (and its replicas). Then node 2 is killed too: meta nodes 1 and 4 are still a
+/// meta group (and its replicas). Then node 1 is killed too: meta nodes 2 and 4 are still a
 /// majority, so the cluster still creates volumes, and the data still reads and writes.
-/// Without the replacement, two of the three original meta nodes would be gone.
+/// Without the replacement, two of the three original meta nodes would be gone. Admin requests
+/// keep working through a storage-only node 5 whose configured seeds were nodes 1-3 (the first
+/// two now dead), and through node 3 when it comes back no longer a member of the meta group.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_a_lost_meta_node_is_replaced_so_a_second_loss_is_survived() {
     let mut cluster = TestCluster::start_with(simple_spec(3), "[heal]\nreplace_down_after_secs = 3\n").await.unwrap();
@@ -658,9 +660,11 @@ async fn fault_a_lost_meta_node_is_replaced_so_a_second_loss_is_survived() {
     cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
     let mut admin = cluster.admin().await.unwrap();
     admin.volume_create(VolumeCreateRequest { name: VOLUME.into(), size: VOLUME_SIZE }).await.unwrap();
+    // Added first, so its seeds are nodes 1-3 only.
+    cluster.add_node(NodeSpec { id: 5, labels: "zone=z5,host=h5".into(), roles: vec!["storage"] }).await.unwrap();
     cluster.add_node(NodeSpec { id: 4, labels: "zone=z4,host=h4".into(), roles: vec!["storage", "meta"] }).await.unwrap();
     cluster
-        .wait_status("node-4 registered", Duration::from_secs(30), |s| s.nodes.iter().any(|n| n.id == 4 && n.state == "up"))
+        .wait_status("nodes 4 and 5 registered", Duration::from_secs(30), |s| [4, 5].iter().all(|id| s.nodes.iter().any(|n| n.id == *id && n.state == "up")))
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
     let before = cluster.status().await.unwrap();
@@ -683,24 +687,33 @@ async fn fault_a_lost_meta_node_is_replaced_so_a_second_loss_is_survived() {
         .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
     let replaced_in = killed_at.elapsed();
 
-    cluster.kill9(2);
-    let deadline = Instant::now() + Duration::from_secs(60);
+    cluster.kill9(1);
+    let through_node5 = create_volume_through(&cluster, 5, "after").await;
+    let ops = workload.finish(&vol).await;
+
+    // Node 3 returns, no longer a member of the meta group: it hears from no meta leader, so it
+    // passes admin requests on to another meta node.
+    cluster.restart(3).await.unwrap();
+    let through_node3 = create_volume_through(&cluster, 3, "returned").await;
+    println!("volume created through storage-only node 5 {through_node5:?} after node 1's kill, through returned node 3 in {through_node3:?}");
+    println!("node-3's meta vote and replicas moved to node-4 {replaced_in:?} after the kill; {} ops", ops.len());
+    assert_clean(&ops, "while meta nodes were lost and replaced", &cluster);
+    assert_fill_intact(&vol, &filled, "after nodes 1 and 3 were lost").await;
+}
+
+/// Creates volume `name` through node `via`'s admin service, retrying for up to 60 s (meta
+/// elections, forwarding); returns how long it took.
+async fn create_volume_through(cluster: &TestCluster, via: u64, name: &str) -> Duration {
+    let started = Instant::now();
+    let mut admin = basalt_tests::admin_client(&cluster.node(via).addr).await.unwrap();
     loop {
-        let created = match cluster.admin().await {
-            Ok(mut a) => a.volume_create(VolumeCreateRequest { name: "after".into(), size: 1 << 20 }).await.map(|_| ()),
-            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
-        };
-        match created {
-            Ok(()) => break,
-            Err(e) if e.code() == tonic::Code::AlreadyExists => break,
-            Err(e) => assert!(Instant::now() < deadline, "with meta nodes 1 and 4 up the cluster cannot create a volume: {e}\n{}", cluster.logs()),
+        match admin.volume_create(VolumeCreateRequest { name: name.into(), size: 1 << 20 }).await {
+            Ok(_) => return started.elapsed(),
+            Err(e) if e.code() == tonic::Code::AlreadyExists => return started.elapsed(),
+            Err(e) => assert!(started.elapsed() < Duration::from_secs(60), "volume {name} cannot be created through node {via}: {e}\n{}", cluster.logs()),
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let ops = workload.finish(&vol).await;
-    println!("node-3's meta vote and replicas moved to node-4 {replaced_in:?} after the kill; {} ops", ops.len());
-    assert_clean(&ops, "while meta nodes were lost and replaced", &cluster);
-    assert_fill_intact(&vol, &filled, "with nodes 2 and 3 gone").await;
 }
 
 /// Membership: draining a node under load moves every replica off it without an I/O error or
@@ -1145,6 +1158,45 @@ async fn fault_a_full_state_filesystem_refuses_writes_until_space_is_freed() {
     );
     // The nodes stop before the tmpfs is unmounted.
     drop(cluster);
+}
+
+/// Runs the `basalt` CLI against the cluster; returns (exit code, stdout, stderr).
+async fn cli(cluster: &TestCluster, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut cmd = std::process::Command::new(basalt_tests::bin("basalt"));
+    cmd.arg("--cluster").arg(cluster.seeds().join(",")).args(args).env_remove("BASALT_CLUSTER");
+    let out = tokio::task::spawn_blocking(move || cmd.output()).await.unwrap().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A drain that cannot finish says so. With node 1 down, node 4's replicas of PGs on nodes
+/// 2, 3 and 4 have no target (a fourth zone that is up): `basalt node drain 4` moves what it
+/// can, then reports the drain stuck (exit 7) naming the down node instead of waiting forever;
+/// the drain stays recorded, and once node 1 is back the same command finishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_with_no_target_up_is_reported_stuck_and_finishes_once_one_returns() {
+    let (mut cluster, _vol) = four_node_cluster("").await;
+    cluster.kill9(1);
+    cluster
+        .wait_status("node-1 seen down", Duration::from_secs(30), |s| s.nodes.iter().any(|n| n.id == 1 && n.state == "down"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    let started = Instant::now();
+    let (code, _, err) = cli(&cluster, &["node", "drain", "4", "--stuck-after", "5"]).await;
+    let stuck_after = started.elapsed();
+    assert_eq!(code, Some(7), "a drain with no target up should be reported stuck: {err}");
+    assert!(err.contains("node-4's drain is stuck") && err.contains("down now: node-1"), "{err}");
+    let s = cluster.status().await.unwrap();
+    let n4 = s.nodes.iter().find(|n| n.id == 4).unwrap();
+    assert!(n4.draining && n4.replicas > 0, "the drain stays recorded with replicas left: {n4:?}");
+
+    cluster.restart(1).await.unwrap();
+    let started = Instant::now();
+    let (code, out, err) = cli(&cluster, &["node", "drain", "4"]).await;
+    assert_eq!(code, Some(0), "with node 1 back the drain finishes: {out}{err}\n{}", cluster.logs());
+    assert!(out.contains("node-4 drained"), "{out}");
+    let s = cluster.status().await.unwrap();
+    assert_eq!(s.nodes.iter().find(|n| n.id == 4).map(|n| n.replicas), Some(0));
+    println!("stuck verdict after {stuck_after:?} ({} replica(s) left); drain finished {:?} after node 1 returned", n4.replicas, started.elapsed());
 }
 
 /// The node's Prometheus text.

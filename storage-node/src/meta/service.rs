@@ -99,9 +99,8 @@ impl AdminService {
             if hops > 0 {
                 return Err(Status::unavailable("request forwarded to a node outside the meta group; retry"));
             }
-            let seeds = self.ctx.seeds();
-            let seed = seeds.first().ok_or_else(|| Status::failed_precondition("this node knows no meta nodes (no seeds configured)"))?;
-            return Ok(Route::Forward(self.ctx.clients.admin(seed)?, hops + 1));
+            let target = self.ctx.meta_target().ok_or_else(|| Status::failed_precondition("this node knows no meta nodes (no seeds configured)"))?;
+            return Ok(Route::Forward(self.ctx.clients.admin(&target)?, hops + 1));
         };
         if meta.group.status().is_leader {
             return Ok(Route::Local(meta));
@@ -131,6 +130,12 @@ impl AdminService {
                     .ok_or_else(|| Status::unavailable(format!("address of meta leader node-{l} unknown")))?;
                 Ok(Route::Forward(self.ctx.clients.admin(&addr)?, hops + 1))
             }
+            // No leader in sight: an election, or this node is no longer a member (replaced
+            // while it was down, it hears from nobody). Another meta node may know the leader.
+            None if hops == 0 => match self.ctx.meta_target() {
+                Some(target) => Ok(Route::Forward(self.ctx.clients.admin(&target)?, hops + 1)),
+                None => Err(Status::unavailable("no meta leader elected yet; retry")),
+            },
             None => Err(Status::unavailable("no meta leader elected yet; retry")),
         }
     }
@@ -287,9 +292,8 @@ impl Admin for AdminService {
             if hops > 0 {
                 return Err(Status::failed_precondition("cluster init reached a node without the meta role"));
             }
-            let seeds = self.ctx.seeds();
-            let seed = seeds.first().ok_or_else(|| Status::failed_precondition("this node knows no meta nodes"))?;
-            return self.ctx.clients.admin(seed)?.cluster_init(forwarded(request.into_inner(), hops + 1)).await;
+            let target = self.ctx.meta_target().ok_or_else(|| Status::failed_precondition("this node knows no meta nodes"))?;
+            return self.ctx.clients.admin(&target)?.cluster_init(forwarded(request.into_inner(), hops + 1)).await;
         };
         if let Some(id) = meta.shared.with(|s| s.cluster_id.clone()) {
             return Err(Status::already_exists(format!("the cluster is already initialized (cluster id {id})")));
