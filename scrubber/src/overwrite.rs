@@ -126,6 +126,9 @@ mod tests {
         assert_eq!(stats.slots_released.load(Ordering::Relaxed), 4);
         assert_eq!(store.stats().free_bytes(), 16 << 20);
         let raw = std::fs::read(&cfg.data_path).unwrap();
-        assert!(!raw.contains(&0x5A), "freed data still on disk after scrubbing");
+        // Byte by byte, not "any 0x5A": the superblock's random 16-byte uuid holds that byte in
+        // about 6% of runs (this assertion failed spuriously once).
+        let left = raw.iter().filter(|b| **b == 0x5A).count();
+        assert!(left <= 16, "freed data still on disk after scrubbing: {left} bytes of it");
     }
 }
