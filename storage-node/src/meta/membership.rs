@@ -60,6 +60,12 @@ pub fn plan(state: &ClusterState, health: &Health, voters: &BTreeSet<u64>, learn
         .map(|spare| Replacement { dead, spare: *spare })
 }
 
+/// A learner of the meta group that is gone (dead past the timeout, or removed): a spare that
+/// died mid-replacement. It holds no vote but the leader keeps replicating to it, so it goes.
+pub fn gone_learner(state: &ClusterState, health: &Health, learners: &BTreeSet<u64>) -> Option<NodeId> {
+    learners.iter().map(|l| NodeId(*l)).find(|n| health.dead.contains(n) || state.removed.contains(n))
+}
+
 /// Takes the next step of replacing a gone meta voter, if any is due. Run on the meta leader.
 pub async fn step(meta: &MetaHandle, state: &ClusterState, health: &Health) {
     let st = meta.group.status();
@@ -77,6 +83,13 @@ pub async fn step(meta: &MetaHandle, state: &ClusterState, health: &Health) {
     }
     let voters: BTreeSet<u64> = st.voters.iter().copied().collect();
     let learners: BTreeSet<u64> = st.learners.iter().copied().collect();
+    if let Some(gone) = gone_learner(state, health, &learners) {
+        tracing::info!(learner = %gone, "meta group: removing a learner that is gone");
+        if let Err(e) = meta.group.remove_learner(gone.0).await {
+            tracing::warn!(learner = %gone, error = %e, "removing a gone meta learner failed; will retry");
+        }
+        return;
+    }
     let Some(r) = plan(state, health, &voters, &learners) else { return };
     let mut target = voters.clone();
     target.remove(&r.dead.0);
@@ -128,5 +141,20 @@ mod tests {
         assert_eq!(plan(&s, &h, &voters, &ids(&[4])), Some(Replacement { dead: NodeId(3), spare: NodeId(4) }));
         // No spare up: nothing.
         assert_eq!(plan(&s, &health(&[1, 2, 6], &[3, 4, 5]), &voters, &ids(&[])), None);
+    }
+
+    #[test]
+    fn a_spare_that_died_while_joining_is_dropped_as_learner() {
+        let nodes = vec![node(1, "a", true), node(2, "b", true), node(3, "c", true), node(4, "d", true), node(5, "e", true)];
+        let mut s = cluster_of(nodes, 8);
+        // Learner 4 up: it stays (it may be on its way in).
+        assert_eq!(gone_learner(&s, &health(&[1, 2, 4, 5], &[3]), &ids(&[4])), None);
+        // Learner 4 dead: it goes, and node 5 can then be planned in node 3's place.
+        let h = health(&[1, 2, 5], &[3, 4]);
+        assert_eq!(gone_learner(&s, &h, &ids(&[4])), Some(NodeId(4)));
+        assert_eq!(plan(&s, &h, &ids(&[1, 2, 3]), &ids(&[])), Some(Replacement { dead: NodeId(3), spare: NodeId(5) }));
+        // Removed from the cluster while a learner: it goes too.
+        s.removed.insert(NodeId(5));
+        assert_eq!(gone_learner(&s, &health(&[1, 2, 3, 5], &[]), &ids(&[5])), Some(NodeId(5)));
     }
 }
