@@ -92,7 +92,7 @@ async fn malformed_io_and_admin_requests_get_clear_errors() {
     let addr = &status.nodes.iter().find(|n| n.id == leader).unwrap().addr;
     let mut data = data_client(addr).await.unwrap();
     let block = Bytes::from(vec![7u8; 4096]);
-    let good = WriteRequest { pg: pg.0, volume_id: vol.id, offset: 0, data: block.clone(), crcs: vec![crc32c(&block)], fua: false, map_version, attach_epoch: 0 };
+    let good = WriteRequest { pg: pg.0, volume_id: vol.id, offset: 0, data: block.clone(), crcs: vec![crc32c(&block)], fua: false, map_version, attach_epoch: 0, session: 0, connection: 0 };
     assert!(data.write(good.clone()).await.unwrap().into_inner().error.is_none());
 
     let expect = |code: Code, e: Option<basalt_proto::data::DataError>, what: &str| {
@@ -134,6 +134,13 @@ async fn malformed_io_and_admin_requests_get_clear_errors() {
     expect(Code::Invalid, data.read(read(100, 4096)).await.unwrap().into_inner().error, "unaligned read");
     expect(Code::Invalid, data.read(read(0, 100)).await.unwrap().into_inner().error, "short read");
     expect(Code::OutOfRange, data.read(read(16 << 20, 4096)).await.unwrap().into_inner().error, "read past the end");
+    // A write from an older connection of a client session, arriving after one from a newer
+    // connection (the client gave the older up and retried there), is refused, not applied.
+    let stale = Bytes::from(vec![9u8; 4096]);
+    let session = |connection: u64, data: &Bytes| WriteRequest { session: 0xb5, connection, data: data.clone(), crcs: vec![crc32c(data)], ..good.clone() };
+    assert!(data.write(session(2, &block)).await.unwrap().into_inner().error.is_none());
+    let m = expect(Code::Unavailable, data.write(session(1, &stale)).await.unwrap().into_inner().error, "write from a superseded connection");
+    assert!(m.contains("superseded"), "{m}");
     // The good data is untouched by all of that.
     let r = data.read(read(0, 4096)).await.unwrap().into_inner();
     assert!(r.error.is_none());

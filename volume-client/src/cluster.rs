@@ -44,6 +44,12 @@ pub(crate) struct Inner {
     refresh: tokio::sync::Mutex<()>,
     /// Successful map fetches so far (lets a caller skip a fetch another one just made).
     fetches: std::sync::atomic::AtomicU64,
+    /// This client's session id, stamped on writes with their connection's number: a node
+    /// then drops writes of a connection this client gave up once a newer one arrived (see
+    /// storage-node `pg::sessions`).
+    session: u64,
+    /// Data connections opened so far (the next one's number).
+    connections: std::sync::atomic::AtomicU64,
 }
 
 /// A connection to a Basalt cluster. Cheap to clone.
@@ -85,6 +91,8 @@ impl Cluster {
                 leaders: Mutex::new(HashMap::new()),
                 refresh: tokio::sync::Mutex::new(()),
                 fetches: std::sync::atomic::AtomicU64::new(0),
+                session: rand::random::<u64>().max(1),
+                connections: std::sync::atomic::AtomicU64::new(0),
             }),
         };
         cluster.refresh(0).await?;
@@ -117,10 +125,18 @@ impl Cluster {
             }
         }
         // Connect outside the lock: a dead node's connect timeout must not hold up the others.
-        // Two callers racing here both connect; the later one's connection is kept.
-        let conn = DataConn::connect(addr, Duration::from_secs(2)).await?;
-        self.inner.data_conns.lock().unwrap_or_else(|p| p.into_inner()).insert(addr.to_string(), conn.clone());
-        Ok(conn)
+        // Two callers racing here both connect; the higher-numbered connection is kept and the
+        // other dropped unused (a node would refuse writes on it once it saw the other).
+        let number = self.inner.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let conn = DataConn::connect(addr, Duration::from_secs(2), self.inner.session, number).await?;
+        let mut conns = self.inner.data_conns.lock().unwrap_or_else(|p| p.into_inner());
+        match conns.get(addr) {
+            Some(other) if !other.is_dead() && other.number > conn.number => Ok(other.clone()),
+            _ => {
+                conns.insert(addr.to_string(), conn.clone());
+                Ok(conn)
+            }
+        }
     }
 
     /// The cached map.

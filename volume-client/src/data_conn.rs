@@ -56,6 +56,10 @@ type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Reply>>>>>;
 /// A connection to one node's data port.
 pub(crate) struct DataConn {
     addr: String,
+    /// The client session this connection belongs to, and its number in it (stamped on
+    /// writes: storage-node `pg::sessions`).
+    pub(crate) session: u64,
+    pub(crate) number: u64,
     tx: mpsc::Sender<Bytes>,
     pending: Pending,
     next_id: AtomicU64,
@@ -87,8 +91,8 @@ impl Drop for Waiting<'_> {
 }
 
 impl DataConn {
-    /// Connects to `addr` and opens the protocol.
-    pub(crate) async fn connect(addr: &str, timeout: Duration) -> Result<Arc<DataConn>, String> {
+    /// Connects to `addr` and opens the protocol, as connection `number` of `session`.
+    pub(crate) async fn connect(addr: &str, timeout: Duration, session: u64, number: u64) -> Result<Arc<DataConn>, String> {
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(format!("cannot connect to {addr}: {e}")),
@@ -114,7 +118,7 @@ impl DataConn {
         tokio::spawn(write_frames(wr, rx, pending.clone(), dead.clone(), addr.to_string()));
         let reader = tokio::spawn(read_replies(rd, pending.clone(), dead.clone(), progress.clone(), addr.to_string()));
         tokio::spawn(watch_for_stall(tx.downgrade(), pending.clone(), dead.clone(), progress.clone(), reader, addr.to_string()));
-        Ok(Arc::new(DataConn { addr: addr.to_string(), tx, pending, next_id: AtomicU64::new(1), dead, progress }))
+        Ok(Arc::new(DataConn { addr: addr.to_string(), session, number, tx, pending, next_id: AtomicU64::new(1), dead, progress }))
     }
 
     /// Whether the connection has failed (a new one is needed).

@@ -313,10 +313,13 @@ impl Volume {
                 fua: true,
                 map_version,
                 attach_epoch: self.epoch(),
+                session: 0,
+                connection: 0,
             };
             let retries = &retries;
             async move {
                 let conn = self.cluster.data_conn(&addr).await?;
+                let req = WriteRequest { session: conn.session, connection: conn.number, ..req };
                 let reply: WriteReply = conn.call(Kind::Write, Kind::WriteReply, &req).await?;
                 Ok(match reply.error {
                     None => Attempt::Done(()),
@@ -424,10 +427,13 @@ impl Volume {
                     keep_allocated,
                     map_version,
                     attach_epoch: self.epoch(),
+                    session: 0,
+                    connection: 0,
                 };
                 let retries = &retries;
                 async move {
                     let conn = self.cluster.data_conn(&addr).await?;
+                    let req = ZeroRequest { session: conn.session, connection: conn.number, ..req };
                     let reply: ZeroReply = conn.call(Kind::Zero, Kind::ZeroReply, &req).await?;
                     Ok(match reply.error {
                         None => Attempt::Done(()),

@@ -10,6 +10,8 @@
 //! - [`membership`]: moves a replica to another node (on the PG's leader).
 //! - [`manager`]: starts the PGs the cluster map places here, retires those it moved away.
 //! - [`service`]: the data API clients write and read through (gRPC face included).
+//! - [`sessions`]: the newest data connection of each client, so a write given up on cannot
+//!   land after its retry.
 //! - [`wire`]: the same API over the framed protocol of [`basalt_proto::wire`].
 
 pub mod command;
@@ -18,6 +20,7 @@ pub mod membership;
 pub mod pacer;
 pub mod repair;
 pub mod service;
+pub mod sessions;
 pub mod snapshot;
 pub mod space;
 pub mod state_machine;

@@ -25,6 +25,7 @@ use tonic::{Request, Response, Status};
 use super::command::{PgCommand, PgReply, piece_count, pieces};
 use super::manager::PgHandle;
 use super::repair;
+use super::sessions::Sessions;
 use super::space::SpaceAdmission;
 use crate::cluster_map::wait_for_version;
 use crate::metrics::Op;
@@ -46,13 +47,15 @@ pub struct DataService {
     inflight: Arc<tokio::sync::Semaphore>,
     /// Chunk space promised to writes in flight (`pg::space`).
     space: Arc<SpaceAdmission>,
+    /// Each client session's newest connection (`pg::sessions`).
+    sessions: Sessions,
 }
 
 impl DataService {
     /// A service over the node's PGs.
     pub fn new(ctx: Arc<NodeCtx>) -> Self {
         let kib = (ctx.config.memory.inflight_writes / 1024).max(1);
-        Self { ctx, inflight: Arc::new(tokio::sync::Semaphore::new(kib)), space: Arc::default() }
+        Self { ctx, inflight: Arc::new(tokio::sync::Semaphore::new(kib)), space: Arc::default(), sessions: Sessions::default() }
     }
 
     fn raft_error(&self, e: RaftError) -> DataError {
@@ -138,10 +141,18 @@ impl DataService {
     }
 }
 
-/// The refusal for a mutation whose client connection closed before it was proposed.
-fn dropped(gone: Option<&AtomicBool>) -> Option<DataError> {
-    gone.filter(|g| g.load(std::sync::atomic::Ordering::Acquire))
-        .map(|_| err(Code::Unavailable, "the client's connection closed before this was proposed; not applied"))
+impl DataService {
+    /// The refusal for a mutation about to be proposed whose connection closed, or is older
+    /// than one its client has written through since (`pg::sessions`): either way the client
+    /// sends it again, and this copy must not land after that one.
+    fn given_up(&self, gone: Option<&AtomicBool>, session: u64, connection: u64) -> Option<DataError> {
+        if gone.is_some_and(|g| g.load(std::sync::atomic::Ordering::Acquire)) {
+            return Some(err(Code::Unavailable, "the client's connection closed before this was proposed; not applied"));
+        }
+        self.sessions.superseded(session, connection).then(|| {
+            err(Code::Unavailable, format!("connection {connection} of client session {session:#x} was superseded by a newer one before this was proposed; not applied"))
+        })
+    }
 }
 
 impl DataService {
@@ -151,6 +162,7 @@ impl DataService {
     pub async fn serve_write(&self, req: WriteRequest, gone: Option<&AtomicBool>) -> WriteReply {
         let started = Instant::now();
         let len = req.data.len() as u64;
+        self.sessions.seen(req.session, req.connection);
         let error = async {
             if len > MAX_IO {
                 return Some(err(Code::OutOfRange, format!("write of {len} bytes exceeds the {MAX_IO}-byte limit")));
@@ -185,7 +197,7 @@ impl DataService {
                 Ok(admitted) => admitted,
                 Err(m) => return Some(err(Code::NoSpace, m)),
             };
-            if let Some(e) = dropped(gone) {
+            if let Some(e) = self.given_up(gone, req.session, req.connection) {
                 return Some(e);
             }
             let cmd =
@@ -262,6 +274,7 @@ impl DataService {
     /// Validates and proposes a TRIM / WRITE_ZEROES (`gone` as for [`DataService::serve_write`]).
     pub async fn serve_zero(&self, req: ZeroRequest, gone: Option<&AtomicBool>) -> ZeroReply {
         let started = Instant::now();
+        self.sessions.seen(req.session, req.connection);
         let error = async {
             let handle = match self.route(req.pg, req.volume_id, req.offset, req.length, req.map_version, Some(req.attach_epoch)).await {
                 Ok(h) => h,
@@ -276,7 +289,7 @@ impl DataService {
             } else {
                 None
             };
-            if let Some(e) = dropped(gone) {
+            if let Some(e) = self.given_up(gone, req.session, req.connection) {
                 return Some(e);
             }
             let cmd = PgCommand::Zero {
