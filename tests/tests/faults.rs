@@ -12,8 +12,9 @@
 //! - reads do not go back in time: a read that starts after another ended returns at least
 //!   the version the earlier one saw.
 //!
-//! Tests named `slow_*` (repeated kills for stall statistics) run with `--profile slow`. Set
-//! `BASALT_TEST_SLOWEST=1` to list the slowest operations around each fault.
+//! Tests named `slow_*` (repeated kills for stall statistics, `BASALT_STALL_KILLS` of them) run
+//! with `--profile slow`. Set `BASALT_TEST_SLOWEST=1` to list the slowest operations around each
+//! fault.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -389,14 +390,17 @@ async fn fault_kills_and_freezes_lose_no_acknowledged_write_and_fail_no_io() {
 async fn slow_fault_repeated_leader_kills_stall_statistics() {
     let (mut cluster, vol) = cluster_with_volume().await;
     let down = Duration::from_secs(10);
-    let faults: Vec<Fault> = (0..8).map(|i| if i % 2 == 0 { Fault::KillPgLeader(down) } else { Fault::KillFollower(down) }).collect();
+    // BASALT_STALL_KILLS PG-leader kills (default 4), each followed by a follower kill.
+    let kills: usize = std::env::var("BASALT_STALL_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(4).max(1);
+    let faults: Vec<Fault> = (0..2 * kills).map(|i| if i % 2 == 0 { Fault::KillPgLeader(down) } else { Fault::KillFollower(down) }).collect();
     let (ops, injected) = run_with_faults(&mut cluster, &vol, &faults).await;
     let summary = report(&ops, &injected);
     let violations = check(&ops);
     assert!(violations.is_empty(), "history violations:\n{}\n{summary}", violations.join("\n"));
     let mut stalls: Vec<Duration> = injected.iter().filter(|(n, _)| n.contains("PG leader")).map(|(_, at)| stall_after(&ops, *at)).collect();
     stalls.sort();
-    println!("{summary}PG-leader kill → I/O resumed: p50 {:?}, max {:?} over {} kills", stalls[stalls.len() / 2], stalls[stalls.len() - 1], stalls.len());
+    let pct = |p: usize| stalls[(stalls.len() * p / 100).min(stalls.len() - 1)];
+    println!("{summary}PG-leader kill → I/O resumed: p50 {:?}, p90 {:?}, p99 {:?}, max {:?} over {} kills", pct(50), pct(90), pct(99), stalls[stalls.len() - 1], stalls.len());
 }
 
 /// A PG leader frozen past its lease wakes up deposed but still thinking it leads. Asked

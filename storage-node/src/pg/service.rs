@@ -153,9 +153,7 @@ impl DataService {
             err(Code::Unavailable, format!("connection {connection} of client session {session:#x} was superseded by a newer one before this was proposed; not applied"))
         })
     }
-}
 
-impl DataService {
     /// Validates and proposes a write; the reply carries any refusal. `gone` is set once the
     /// client's connection closed: a write not yet proposed by then is dropped (the client
     /// retries it on another connection, and this copy must not land after the retry).
