@@ -256,12 +256,15 @@ async fn trim_and_write_zeroes_read_back_as_zeros() {
 /// scrubber overwrites it) writes succeed again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_fails_writes_with_enospc_keeps_data_and_recovers() {
-    // 64 MiB of chunk space per node; every node holds a replica of every PG.
-    let cluster = TestCluster::with_volume_config("full", 256 << 20, "capacity = \"64MiB\"").await.unwrap();
+    // 96 MiB of chunk space per node (88 MiB beyond the reserve); every node holds a replica of
+    // every PG. Admission is conservative near full: a leader may fill only a third of the room
+    // left (three nodes lead PGs onto each replica), so a 4 MiB extent write is refused once
+    // less than 12 MiB is left; 48 MiB stays well clear of that (with 64 MiB it once failed in CI).
+    let cluster = TestCluster::with_volume_config("full", 256 << 20, "capacity = \"96MiB\"").await.unwrap();
     let a = attach(&cluster.seeds().join(","), "full", &[]).unwrap();
     let (ok, out) = qemu_io(&a.uri, &["write -P 0x5a 0 48M".to_string()]);
     assert!(ok, "{out}");
-    let (ok, out) = qemu_io(&a.uri, &["write -P 0x5b 64M 32M".to_string()]);
+    let (ok, out) = qemu_io(&a.uri, &["write -P 0x5b 64M 64M".to_string()]);
     assert!(!ok && out.contains("No space left on device"), "a write past the chunk space must fail with ENOSPC: {out}");
     let (ok, out) = qemu_io(&a.uri, &["read -P 0x5a 0 48M".to_string()]);
     assert!(ok, "acknowledged data must survive a full disk: {out}");
