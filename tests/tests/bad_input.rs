@@ -309,6 +309,10 @@ async fn corrupted_block_is_an_io_error_naming_volume_extent_node() {
     let offset = (4 << 20) + 3 * BLOCK_SIZE;
     v.write(offset, Bytes::from(vec![0xC3u8; 8192]), false).await.unwrap();
     assert_eq!(v.read(offset, 8192).await.unwrap(), Bytes::from(vec![0xC3u8; 8192]));
+    // Let the followers apply the write before they stop: one that had not would apply it again
+    // from its log on restart, rewriting the block intact, and the read below would then be
+    // (rightly) repaired from it. Seen once under a loaded CI run.
+    tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Flip one bit of that block in every replica's data file while the nodes are down.
     let layout = Layout { extent_size: status.extent_size, pg_count: status.pg_count };
