@@ -183,6 +183,19 @@ impl<S: StateMachine> RaftGroup<S> {
         }
     }
 
+    /// On the leader: every replica of the group, voters then learners (this node included);
+    /// `None` when this node does not lead. For per-request checks: unlike
+    /// [`RaftGroup::status`] it copies nothing but the ids.
+    pub fn replicas_if_leader(&self) -> Option<Vec<NodeId>> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        if m.state != ServerState::Leader {
+            return None;
+        }
+        let membership = m.membership_config.membership();
+        Some(membership.voter_ids().chain(membership.learner_ids()).collect())
+    }
+
     /// The address recorded in the group's membership for `node`.
     pub fn member_addr(&self, node: NodeId) -> Option<String> {
         self.raft.metrics().borrow_watched().membership_config.membership().get_node(&node).map(|n| n.addr.clone())

@@ -179,25 +179,17 @@ impl SpaceAdmission {
     /// whose state directory has no room beyond its reserve. Nothing to check when this node
     /// does not lead the PG.
     pub fn admit_log(&self, ctx: &NodeCtx, handle: &PgHandle, bytes: u64) -> Result<(), String> {
-        let status = handle.group.status();
-        if !status.is_leader {
-            return Ok(());
-        }
-        let me = ctx.config.id.0;
+        let Some(replicas) = handle.group.replicas_if_leader() else { return Ok(()) };
         let book = ctx.host.space();
-        let rooms = std::iter::once((me, book.local_state())).chain(
-            status.voters.iter().chain(&status.learners).filter(|n| **n != me).map(|n| (*n, book.peer_state(*n, PEER_FIGURE_MAX_AGE))),
-        );
-        for (node, room) in rooms {
-            if let Some(room) = room.filter(|room| *room < bytes) {
-                return Err(format!(
-                    "no space in pg-{}: node-{node}'s state directory (Raft log, chunk index) can take {} KiB more before its reserve; writes resume once space is freed there",
-                    handle.shared.pg.0,
-                    room >> 10
-                ));
-            }
+        let rooms = figures(ctx, &replicas, book.local_state(), |node| book.peer_state(node, PEER_FIGURE_MAX_AGE));
+        match rooms.into_iter().find(|(_, room)| *room < bytes) {
+            Some((node, room)) => Err(format!(
+                "no space in pg-{}: node-{node}'s state directory (Raft log, chunk index) can take {} KiB more before its reserve; writes resume once space is freed there",
+                handle.shared.pg.0,
+                room >> 10
+            )),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Admits a write to `len` bytes at `offset` of `volume` in `handle`'s PG, or says which
@@ -212,15 +204,13 @@ impl SpaceAdmission {
         let deadline = tokio::time::Instant::now() + ADMIT_WAIT;
         loop {
             let applied = self.applied.notified();
-            let status = handle.group.status();
-            if !status.is_leader {
-                return Ok(None);
-            }
+            let Some(replicas) = handle.group.replicas_if_leader() else { return Ok(None) };
             let holders = {
                 let view = ctx.map.borrow();
                 view.pgs.iter().flatten().collect::<HashSet<_>>().len().max(1) as u64
             };
-            let rooms = self.rooms(ctx, &status);
+            let book = ctx.host.space();
+            let rooms = figures(ctx, &replicas, Some(allocatable(&ctx.store.stats())), |node| book.peer(node, PEER_FIGURE_MAX_AGE));
             // Per replica: what this node's share of its room still allows.
             let mut waiting = false;
             {
@@ -256,18 +246,12 @@ impl SpaceAdmission {
             }
         }
     }
+}
 
-    /// Each replica's figure (voters and learners; this node's exact, the others' as heard
-    /// within [`PEER_FIGURE_MAX_AGE`]).
-    fn rooms(&self, ctx: &NodeCtx, status: &basalt_raft::GroupStatus) -> Vec<(u64, u64)> {
-        let me = ctx.config.id.0;
-        let book = ctx.host.space();
-        let mut rooms = vec![(me, allocatable(&ctx.store.stats()))];
-        for node in status.voters.iter().chain(&status.learners).filter(|n| **n != me) {
-            if let Some(room) = book.peer(*node, PEER_FIGURE_MAX_AGE) {
-                rooms.push((*node, room));
-            }
-        }
-        rooms
-    }
+/// Each replica's figure: this node's `own`, the others' from `peer` (a replica without one,
+/// not heard from lately, is left out).
+fn figures(ctx: &NodeCtx, replicas: &[u64], own: Option<u64>, peer: impl Fn(u64) -> Option<u64>) -> Vec<(u64, u64)> {
+    let me = ctx.config.id.0;
+    let others = replicas.iter().filter(|n| **n != me).filter_map(|n| peer(*n).map(|room| (*n, room)));
+    own.map(|room| (me, room)).into_iter().chain(others).collect()
 }
