@@ -421,6 +421,15 @@ impl TestCluster {
         self.restart(id).await
     }
 
+    /// Runs the `basalt` CLI against this cluster (its seeds in `BASALT_CLUSTER`); returns the
+    /// exit code, stdout and stderr.
+    pub async fn cli(&self, args: &[&str]) -> Result<(Option<i32>, String, String)> {
+        let mut cmd = Command::new(bin("basalt"));
+        cmd.args(args).env("BASALT_CLUSTER", self.seeds().join(","));
+        let out = tokio::task::spawn_blocking(move || cmd.output()).await??;
+        Ok((out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned()))
+    }
+
     /// A copy of binary `name` that any user may run (the build directory may sit in root's
     /// private home), in the cluster directory.
     pub fn shared_bin(&self, name: &str) -> Result<PathBuf> {

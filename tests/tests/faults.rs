@@ -942,12 +942,8 @@ async fn fault_bit_flips_under_load_are_never_served_and_get_repaired() {
     let ops = workload.finish(&vol).await;
     assert_clean(&ops, "with rotten blocks on every replica", &cluster);
     // A local pass on every node finds the copies no read touched (followers') and repairs them.
-    let out = std::process::Command::new(basalt_tests::bin("basalt"))
-        .args(["--json", "scrub", "start"])
-        .env("BASALT_CLUSTER", cluster.seeds().join(","))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "scrub start: {}", String::from_utf8_lossy(&out.stderr));
+    let (code, _, err) = cluster.cli(&["--json", "scrub", "start"]).await.unwrap();
+    assert_eq!(code, Some(0), "scrub start: {err}");
     let mut found = 0;
     for id in 1..=3 {
         let st = cluster.scrub_status(id).await.unwrap();
@@ -1164,14 +1160,6 @@ async fn fault_a_full_state_filesystem_refuses_writes_until_space_is_freed() {
     drop(cluster);
 }
 
-/// Runs the `basalt` CLI against the cluster; returns (exit code, stdout, stderr).
-async fn cli(cluster: &TestCluster, args: &[&str]) -> (Option<i32>, String, String) {
-    let mut cmd = std::process::Command::new(basalt_tests::bin("basalt"));
-    cmd.arg("--cluster").arg(cluster.seeds().join(",")).args(args).env_remove("BASALT_CLUSTER");
-    let out = tokio::task::spawn_blocking(move || cmd.output()).await.unwrap().unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
 /// A drain that cannot finish says so. With node 1 down, node 4's replicas of PGs on nodes
 /// 2, 3 and 4 have no target (a fourth zone that is up): `basalt node drain 4` moves what it
 /// can, then reports the drain stuck (exit 7) naming the down node instead of waiting forever;
@@ -1185,7 +1173,7 @@ async fn a_drain_with_no_target_up_is_reported_stuck_and_finishes_once_one_retur
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
     let started = Instant::now();
-    let (code, _, err) = cli(&cluster, &["node", "drain", "4", "--stuck-after", "5"]).await;
+    let (code, _, err) = cluster.cli(&["node", "drain", "4", "--stuck-after", "5"]).await.unwrap();
     let stuck_after = started.elapsed();
     assert_eq!(code, Some(7), "a drain with no target up should be reported stuck: {err}");
     assert!(err.contains("node-4's drain is stuck") && err.contains("down now: node-1"), "{err}");
@@ -1195,7 +1183,7 @@ async fn a_drain_with_no_target_up_is_reported_stuck_and_finishes_once_one_retur
 
     cluster.restart(1).await.unwrap();
     let started = Instant::now();
-    let (code, out, err) = cli(&cluster, &["node", "drain", "4"]).await;
+    let (code, out, err) = cluster.cli(&["node", "drain", "4"]).await.unwrap();
     assert_eq!(code, Some(0), "with node 1 back the drain finishes: {out}{err}\n{}", cluster.logs());
     assert!(out.contains("node-4 drained"), "{out}");
     let s = cluster.status().await.unwrap();
