@@ -39,7 +39,13 @@ fn bench(c: &mut Criterion) {
         }
         s.checkpoint().await.expect("checkpoint");
     });
-    let raw = std::fs::OpenOptions::new().read(true).write(true).create(true).custom_flags(libc_o_direct()).open(dir.path().join("raw.dat")).expect("raw file");
+    let raw = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .custom_flags(libc_o_direct())
+        .open(dir.path().join("raw.dat"))
+        .expect("raw file");
     raw.set_len(SPAN).expect("size raw file");
 
     let mut g = c.benchmark_group("chunk_store");

@@ -148,7 +148,8 @@ impl DataFile {
             if source.raw_os_error() == Some(libc::EINVAL) {
                 ChunkStoreError::BadFormat {
                     path: path.to_path_buf(),
-                    reason: "the filesystem does not support O_DIRECT (tmpfs?); put the data file on a real filesystem or set direct_io = false".into(),
+                    reason: "the filesystem does not support O_DIRECT (tmpfs?); put the data file on a real filesystem or set direct_io = false"
+                        .into(),
                 }
             } else {
                 io_err(source)

@@ -234,9 +234,7 @@ impl Index {
         db_opts.set_keep_log_file_num(4);
         db_opts.set_max_total_wal_size(4 * mem.write_buffer_bytes as u64 + (16 << 20));
         db_opts.set_write_buffer_manager(&wbm);
-        let cfs = [CF_CHUNKS, CF_BLOCKS, CF_FREE, CF_STATE]
-            .into_iter()
-            .map(|name| ColumnFamilyDescriptor::new(name, cf_opts()));
+        let cfs = [CF_CHUNKS, CF_BLOCKS, CF_FREE, CF_STATE].into_iter().map(|name| ColumnFamilyDescriptor::new(name, cf_opts()));
         let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(err)?;
         Ok(Self { db: Arc::new(db), path: path.to_path_buf() })
     }
@@ -280,10 +278,9 @@ impl Index {
             let key = ChunkKey::decode(&k)
                 .filter(|_| k.len() == 20)
                 .ok_or_else(|| ChunkStoreError::CorruptRecord { key: hex(&k), reason: "chunk key is not 20 bytes".into() })?;
-            let slot = u64::from_le_bytes(v.as_ref().try_into().map_err(|_| ChunkStoreError::CorruptRecord {
-                key: hex(&k),
-                reason: "chunk record is not 8 bytes".into(),
-            })?);
+            let slot = u64::from_le_bytes(
+                v.as_ref().try_into().map_err(|_| ChunkStoreError::CorruptRecord { key: hex(&k), reason: "chunk record is not 8 bytes".into() })?,
+            );
             out.push((key, slot));
         }
         Ok(out)
@@ -325,11 +322,7 @@ impl Index {
             k
         };
         ro.set_iterate_upper_bound(upper);
-        let iter = self.db.iterator_cf_opt(
-            self.cf(CF_BLOCKS),
-            ro,
-            rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
-        );
+        let iter = self.db.iterator_cf_opt(self.cf(CF_BLOCKS), ro, rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward));
         for item in iter {
             let (k, v) = match item {
                 Ok(kv) => kv,
@@ -354,11 +347,7 @@ impl Index {
         ro.set_iterate_upper_bound(upper);
         let start = key.block_key(0);
         let mut out = Vec::new();
-        let iter = self.db.iterator_cf_opt(
-            self.cf(CF_BLOCKS),
-            ro,
-            rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
-        );
+        let iter = self.db.iterator_cf_opt(self.cf(CF_BLOCKS), ro, rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward));
         for item in iter {
             let (k, v) = item.map_err(|e| self.err(e))?;
             if k.len() != 22 {

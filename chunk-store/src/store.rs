@@ -20,8 +20,7 @@ use crate::data_file::DataFile;
 use crate::error::{ChunkStoreError, Result};
 use crate::image::ChunkImage;
 use crate::index::{
-    BlockMeta, CF_BLOCKS, CF_CHUNKS, CF_FREE, CF_STATE, ChunkKey, CryptContext, FreeReason, FreeRecord, Index,
-    IndexMemory, state_key,
+    BlockMeta, CF_BLOCKS, CF_CHUNKS, CF_FREE, CF_STATE, ChunkKey, CryptContext, FreeReason, FreeRecord, Index, IndexMemory, state_key,
 };
 use crate::uring::Uring;
 
@@ -210,21 +209,12 @@ impl Batch {
     pub fn write(&mut self, shard: u32, volume: VolumeId, offset: u64, data: Bytes, crcs: Vec<u32>) -> Result<()> {
         check_range(offset, data.len() as u64)?;
         if crcs.len() as u64 != data.len() as u64 / BLOCK_SIZE {
-            return Err(ChunkStoreError::Invalid(format!(
-                "{} checksums for {} blocks",
-                crcs.len(),
-                data.len() as u64 / BLOCK_SIZE
-            )));
+            return Err(ChunkStoreError::Invalid(format!("{} checksums for {} blocks", crcs.len(), data.len() as u64 / BLOCK_SIZE)));
         }
         for (i, block) in data.chunks(BLOCK_SIZE as usize).enumerate() {
             let actual = crc32c(block);
             if actual != crcs[i] {
-                return Err(ChunkStoreError::BadChecksum {
-                    volume,
-                    offset: offset + i as u64 * BLOCK_SIZE,
-                    expected: crcs[i],
-                    actual,
-                });
+                return Err(ChunkStoreError::BadChecksum { volume, offset: offset + i as u64 * BLOCK_SIZE, expected: crcs[i], actual });
             }
         }
         self.ops.push(Op::Write { shard, volume, offset, data, crcs, crypt: None });
@@ -273,12 +263,7 @@ impl Batch {
         for ((_, meta), block) in image.blocks.iter().zip(image.data.chunks(BLOCK_SIZE as usize)) {
             let actual = crc32c(block);
             if actual != meta.crc {
-                return Err(ChunkStoreError::BadChecksum {
-                    volume: image.volume,
-                    offset: image.chunk * CHUNK_SIZE,
-                    expected: meta.crc,
-                    actual,
-                });
+                return Err(ChunkStoreError::BadChecksum { volume: image.volume, offset: image.chunk * CHUNK_SIZE, expected: meta.crc, actual });
             }
         }
         self.ops.push(Op::PutImage { shard, image });
@@ -309,9 +294,7 @@ impl Batch {
 
 fn check_range(offset: u64, len: u64) -> Result<()> {
     if offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
-        return Err(ChunkStoreError::Invalid(format!(
-            "offset {offset} and length {len} must be multiples of {BLOCK_SIZE}"
-        )));
+        return Err(ChunkStoreError::Invalid(format!("offset {offset} and length {len} must be multiples of {BLOCK_SIZE}")));
     }
     if len == 0 || len > MAX_IO_BYTES {
         return Err(ChunkStoreError::Invalid(format!("length {len} must be between 1 block and {MAX_IO_BYTES} bytes")));
@@ -394,14 +377,8 @@ impl Mapping {
 
     fn range(&self, shard: u32, volume: Option<VolumeId>) -> Vec<(ChunkKey, u64)> {
         let (lo, hi) = match volume {
-            Some(v) => (
-                ChunkKey { shard, volume: v, chunk: 0 },
-                ChunkKey { shard, volume: v, chunk: u64::MAX },
-            ),
-            None => (
-                ChunkKey { shard, volume: VolumeId(0), chunk: 0 },
-                ChunkKey { shard, volume: VolumeId(u64::MAX), chunk: u64::MAX },
-            ),
+            Some(v) => (ChunkKey { shard, volume: v, chunk: 0 }, ChunkKey { shard, volume: v, chunk: u64::MAX }),
+            None => (ChunkKey { shard, volume: VolumeId(0), chunk: 0 }, ChunkKey { shard, volume: VolumeId(u64::MAX), chunk: u64::MAX }),
         };
         self.chunks.range(lo..=hi).map(|(k, s)| (*k, *s)).collect()
     }
@@ -475,8 +452,7 @@ impl ChunkStore {
             map.next_seq = map.next_seq.max(rec.seq + 1);
             map.queue.insert(rec.seq, rec);
         }
-        let uring = Uring::start(config.queue_depth, "chunks")
-            .map_err(|source| ChunkStoreError::Io { path: config.data_path.clone(), source })?;
+        let uring = Uring::start(config.queue_depth, "chunks").map_err(|source| ChunkStoreError::Io { path: config.data_path.clone(), source })?;
         tracing::info!(
             data = %config.data_path.display(),
             slots = slot_count,
@@ -515,9 +491,7 @@ impl ChunkStore {
         T: Send + 'static,
     {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&inner))
-            .await
-            .map_err(|e| ChunkStoreError::Failed(format!("index task panicked: {e}")))?
+        tokio::task::spawn_blocking(move || f(&inner)).await.map_err(|e| ChunkStoreError::Failed(format!("index task panicked: {e}")))?
     }
 
     /// Space accounting.
@@ -544,9 +518,7 @@ impl ChunkStore {
         for op in &batch.ops {
             if let Op::MoveShard { from, .. } = op {
                 let keys: Vec<ChunkKey> = self.map().range(*from, None).into_iter().map(|(k, _)| k).collect();
-                let metas = self
-                    .blocking(move |inner| keys.iter().map(|k| Ok((*k, inner.index.chunk_metas(k)?))).collect())
-                    .await?;
+                let metas = self.blocking(move |inner| keys.iter().map(|k| Ok((*k, inner.index.chunk_metas(k)?))).collect()).await?;
                 moved_metas.push(metas);
             }
         }
@@ -565,26 +537,26 @@ impl ChunkStore {
             let mut map = self.map();
             let mut moved = moved_metas.into_iter();
 
-            let free_chunk = |map: &mut Mapping, wb: &mut WriteBatch, key: ChunkKey, slot: u64, reason: FreeReason, new_free: &mut Vec<FreeRecord>| {
-                map.chunks.remove(&key);
-                let rec = FreeRecord { seq: map.next_seq, slot, reason };
-                map.next_seq += 1;
-                wb.delete_cf(cf_chunks, key.encode());
-                let mut hi = key.encode().to_vec();
-                hi.extend_from_slice(&[0xff, 0xff, 0xff]);
-                wb.delete_range_cf(cf_blocks, key.block_key(0).to_vec(), hi);
-                wb.put_cf(cf_free, rec.seq.to_be_bytes(), rec.encode_value());
-                new_free.push(rec);
-            };
+            let free_chunk =
+                |map: &mut Mapping, wb: &mut WriteBatch, key: ChunkKey, slot: u64, reason: FreeReason, new_free: &mut Vec<FreeRecord>| {
+                    map.chunks.remove(&key);
+                    let rec = FreeRecord { seq: map.next_seq, slot, reason };
+                    map.next_seq += 1;
+                    wb.delete_cf(cf_chunks, key.encode());
+                    let mut hi = key.encode().to_vec();
+                    hi.extend_from_slice(&[0xff, 0xff, 0xff]);
+                    wb.delete_range_cf(cf_blocks, key.block_key(0).to_vec(), hi);
+                    wb.put_cf(cf_free, rec.seq.to_be_bytes(), rec.encode_value());
+                    new_free.push(rec);
+                };
             let slot_for = |map: &mut Mapping, wb: &mut WriteBatch, key: ChunkKey| -> Result<u64> {
                 if let Some(slot) = map.chunks.get(&key) {
                     return Ok(*slot);
                 }
                 // `precheck` guaranteed room; running out here means the accounting is wrong.
-                let slot = map.allocate().ok_or_else(|| ChunkStoreError::Failed(format!(
-                    "allocator ran out of slots mid-batch despite the space check ({} slots)",
-                    map.slot_count
-                )))?;
+                let slot = map.allocate().ok_or_else(|| {
+                    ChunkStoreError::Failed(format!("allocator ran out of slots mid-batch despite the space check ({} slots)", map.slot_count))
+                })?;
                 map.chunks.insert(key, slot);
                 wb.put_cf(cf_chunks, key.encode(), slot.to_le_bytes());
                 Ok(slot)
@@ -594,7 +566,14 @@ impl ChunkStore {
                 match op {
                     Op::Write { shard, volume, offset, data, crcs, crypt } => {
                         for p in pieces(shard, volume, offset, data.len() as u64) {
-                            let slot = match slot_for(&mut map, &mut wb, p.key) { Ok(s) => s, Err(e) => { drop(map); self.fail(&e); return Err(e); } };
+                            let slot = match slot_for(&mut map, &mut wb, p.key) {
+                                Ok(s) => s,
+                                Err(e) => {
+                                    drop(map);
+                                    self.fail(&e);
+                                    return Err(e);
+                                }
+                            };
                             let start = p.buf_offset;
                             let end = start + p.blocks as usize * BLOCK_SIZE as usize;
                             ios.push(PlannedIo {
@@ -614,7 +593,14 @@ impl ChunkStore {
                             let Some(slot) = map.chunks.get(&p.key).copied() else {
                                 if !deallocate {
                                     // Zero-fill that must stay allocated (NBD NO_HOLE): write zeros.
-                                    let slot = match slot_for(&mut map, &mut wb, p.key) { Ok(s) => s, Err(e) => { drop(map); self.fail(&e); return Err(e); } };
+                                    let slot = match slot_for(&mut map, &mut wb, p.key) {
+                                        Ok(s) => s,
+                                        Err(e) => {
+                                            drop(map);
+                                            self.fail(&e);
+                                            return Err(e);
+                                        }
+                                    };
                                     push_zero_fill(&mut ios, &mut wb, cf_blocks, inner, slot, &p);
                                 }
                                 continue;
@@ -649,7 +635,14 @@ impl ChunkStore {
                     }
                     Op::PutImage { shard, image } => {
                         let key = ChunkKey { shard, volume: image.volume, chunk: image.chunk };
-                        let slot = match slot_for(&mut map, &mut wb, key) { Ok(s) => s, Err(e) => { drop(map); self.fail(&e); return Err(e); } };
+                        let slot = match slot_for(&mut map, &mut wb, key) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                drop(map);
+                                self.fail(&e);
+                                return Err(e);
+                            }
+                        };
                         let mut hi = key.encode().to_vec();
                         hi.extend_from_slice(&[0xff, 0xff, 0xff]);
                         wb.delete_range_cf(cf_blocks, key.block_key(0).to_vec(), hi);
@@ -658,15 +651,10 @@ impl ChunkStore {
                         for (i, (block, meta)) in image.blocks.iter().enumerate() {
                             let dst = *block as usize * BLOCK_SIZE as usize;
                             let src = i * BLOCK_SIZE as usize;
-                            buf.as_mut_slice()[dst..dst + BLOCK_SIZE as usize]
-                                .copy_from_slice(&image.data[src..src + BLOCK_SIZE as usize]);
+                            buf.as_mut_slice()[dst..dst + BLOCK_SIZE as usize].copy_from_slice(&image.data[src..src + BLOCK_SIZE as usize]);
                             wb.put_cf(cf_blocks, key.block_key(*block), meta.encode());
                         }
-                        ios.push(PlannedIo {
-                            offset: inner.data.slot_offset(slot),
-                            buf,
-                            span: (slot, 0, BLOCKS_PER_CHUNK as u16),
-                        });
+                        ios.push(PlannedIo { offset: inner.data.slot_offset(slot), buf, span: (slot, 0, BLOCKS_PER_CHUNK as u16) });
                     }
                     Op::MoveShard { to, .. } => {
                         let metas = moved.next().unwrap_or_default();
@@ -793,13 +781,15 @@ impl ChunkStore {
         let blocks = (len / BLOCK_SIZE) as usize;
         let parts: Vec<(Piece, Option<u64>)> = {
             let map = self.map();
-            pieces(shard, volume, offset, len).into_iter().map(|p| {
-                let slot = map.chunks.get(&p.key).copied();
-                (p, slot)
-            }).collect()
+            pieces(shard, volume, offset, len)
+                .into_iter()
+                .map(|p| {
+                    let slot = map.chunks.get(&p.key).copied();
+                    (p, slot)
+                })
+                .collect()
         };
-        let lookups: Vec<(ChunkKey, u16, u16)> =
-            parts.iter().filter(|(_, s)| s.is_some()).map(|(p, _)| (p.key, p.first_block, p.blocks)).collect();
+        let lookups: Vec<(ChunkKey, u16, u16)> = parts.iter().filter(|(_, s)| s.is_some()).map(|(p, _)| (p.key, p.first_block, p.blocks)).collect();
         // Block metadata is nearly always in the memtables or block cache: look there inline and
         // go to a blocking thread only when RocksDB would need the disk.
         let in_memory: Option<Vec<Vec<Option<BlockMeta>>>> =

@@ -75,9 +75,7 @@ impl Uring {
         let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
         let (tx, rx) = mpsc::channel(queue_depth as usize * 2);
         let thread_wake = wake.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("uring-{name}"))
-            .spawn(move || run(ring, rx, thread_wake, queue_depth as usize))?;
+        let thread = std::thread::Builder::new().name(format!("uring-{name}")).spawn(move || run(ring, rx, thread_wake, queue_depth as usize))?;
         Ok(Self { tx: Some(tx), wake, thread: Some(thread) })
     }
 
@@ -192,9 +190,7 @@ fn run(mut ring: IoUring, mut rx: mpsc::Receiver<Request>, wake: Arc<OwnedFd>, d
             return;
         }
         if !wake_armed && !closed {
-            let sqe = opcode::Read::new(types::Fd(wake.as_raw_fd()), wake_buf.as_mut_ptr(), 8)
-                .build()
-                .user_data(WAKE_TOKEN);
+            let sqe = opcode::Read::new(types::Fd(wake.as_raw_fd()), wake_buf.as_mut_ptr(), 8).build().user_data(WAKE_TOKEN);
             // SAFETY: wake_buf outlives the ring (declared before use, dropped after return).
             if unsafe { ring.submission().push(&sqe) }.is_ok() {
                 wake_armed = true;
@@ -266,13 +262,7 @@ mod tests {
     async fn write_read_sync_roundtrip() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&path)
-            .unwrap();
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).custom_flags(libc::O_DIRECT).open(&path).unwrap();
         file.set_len(1 << 20).unwrap();
         let file = Arc::new(file);
         let ring = Uring::start(16, "test").unwrap();

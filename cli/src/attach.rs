@@ -39,7 +39,12 @@ pub async fn open(seeds: &[String], name: &str, read_only: bool, force: bool, ho
 }
 
 /// Starts serving `volume` on `listen`; returns the URI clients use and the server task.
-pub async fn serve(volume: Volume, read_only: bool, listen: &Listen, shutdown: watch::Receiver<bool>) -> Result<(String, tokio::task::JoinHandle<()>), CliError> {
+pub async fn serve(
+    volume: Volume,
+    read_only: bool,
+    listen: &Listen,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(String, tokio::task::JoinHandle<()>), CliError> {
     let name = volume.name().to_string();
     let server = NbdServer::new(vec![Export { volume, read_only }], NbdOptions::default());
     match listen {

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use basalt_common::units::{format_size, parse_size};
 use basalt_proto::admin::{
-    ClusterInitRequest, ClusterStatusRequest, Node, NodeDrainRequest, NodeListRequest, NodeRemoveRequest, PlacementGroup, Volume, VolumeCreateRequest, VolumeDeleteRequest, VolumeListRequest,
-    VolumeResizeRequest, VolumeShowRequest,
+    ClusterInitRequest, ClusterStatusRequest, Node, NodeDrainRequest, NodeListRequest, NodeRemoveRequest, PlacementGroup, Volume,
+    VolumeCreateRequest, VolumeDeleteRequest, VolumeListRequest, VolumeResizeRequest, VolumeShowRequest,
 };
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use serde_json::{Value, json};
@@ -106,11 +106,12 @@ pub async fn cluster_init(admin: &Admin, out: Out, pgs: u32, extent_size: Option
         None => 0,
     };
     let req = ClusterInitRequest { pg_count: pgs, extent_size, failure_domain, meta_addrs: admin.addrs().to_vec() };
-    let reply = admin.call(|mut c| {
-        let req = req.clone();
-        async move { c.cluster_init(req).await }
-    })
-    .await?;
+    let reply = admin
+        .call(|mut c| {
+            let req = req.clone();
+            async move { c.cluster_init(req).await }
+        })
+        .await?;
     out.print(json!({"cluster_id": reply.cluster_id, "pg_count": reply.pg_count}), || {
         format!("cluster {} initialized with {} placement groups", reply.cluster_id, reply.pg_count)
     });
@@ -311,11 +312,12 @@ fn volume_table(vols: &[Volume]) -> String {
 /// `basalt volume create`.
 pub async fn volume_create(admin: &Admin, out: Out, name: String, size: String) -> Result<(), CliError> {
     let size = size_arg(&size)?;
-    let r = admin.call(|mut c| {
-        let name = name.clone();
-        async move { c.volume_create(VolumeCreateRequest { name, size }).await }
-    })
-    .await?;
+    let r = admin
+        .call(|mut c| {
+            let name = name.clone();
+            async move { c.volume_create(VolumeCreateRequest { name, size }).await }
+        })
+        .await?;
     let v = r.volume.unwrap_or_default();
     out.print(volume_json(&v), || format!("created volume {} ({}, id {})", v.name, format_size(v.size), v.id));
     Ok(())
@@ -332,11 +334,12 @@ pub async fn volume_list(admin: &Admin, out: Out) -> Result<(), CliError> {
 
 /// `basalt volume show`.
 pub async fn volume_show(admin: &Admin, out: Out, name: String) -> Result<(), CliError> {
-    let r = admin.call(|mut c| {
-        let name = name.clone();
-        async move { c.volume_show(VolumeShowRequest { name }).await }
-    })
-    .await?;
+    let r = admin
+        .call(|mut c| {
+            let name = name.clone();
+            async move { c.volume_show(VolumeShowRequest { name }).await }
+        })
+        .await?;
     let v = r.volume.unwrap_or_default();
     out.print(volume_json(&v), || volume_table(std::slice::from_ref(&v)));
     Ok(())
@@ -345,11 +348,12 @@ pub async fn volume_show(admin: &Admin, out: Out, name: String) -> Result<(), Cl
 /// `basalt volume resize`.
 pub async fn volume_resize(admin: &Admin, out: Out, name: String, size: String) -> Result<(), CliError> {
     let size = size_arg(&size)?;
-    let r = admin.call(|mut c| {
-        let name = name.clone();
-        async move { c.volume_resize(VolumeResizeRequest { name, size }).await }
-    })
-    .await?;
+    let r = admin
+        .call(|mut c| {
+            let name = name.clone();
+            async move { c.volume_resize(VolumeResizeRequest { name, size }).await }
+        })
+        .await?;
     let v = r.volume.unwrap_or_default();
     out.print(volume_json(&v), || format!("volume {} is now {}", v.name, format_size(v.size)));
     Ok(())
@@ -358,11 +362,12 @@ pub async fn volume_resize(admin: &Admin, out: Out, name: String, size: String) 
 /// `basalt volume delete`: marks the volume deleted, then follows the release of its data
 /// with a progress bar (or percentages when not on a terminal / with `--json`).
 pub async fn volume_delete(admin: &Admin, out: Out, name: String, no_wait: bool) -> Result<(), CliError> {
-    let r = admin.call(|mut c| {
-        let name = name.clone();
-        async move { c.volume_delete(VolumeDeleteRequest { name, wait: false }).await }
-    })
-    .await?;
+    let r = admin
+        .call(|mut c| {
+            let name = name.clone();
+            async move { c.volume_delete(VolumeDeleteRequest { name, wait: false }).await }
+        })
+        .await?;
     let v = r.volume.unwrap_or_default();
     if no_wait {
         out.print(volume_json(&v), || format!("volume {} deleted; its data is being released in the background", v.name));

@@ -150,11 +150,8 @@ impl Drop for Running {
 pub async fn up(opts: DevUp) -> Result<(), CliError> {
     let size = parse_size(&opts.size).map_err(|e| CliError::invalid(e.to_string()))?;
     let bin = node_binary(opts.node_bin)?;
-    let dir = if opts.dir.is_absolute() {
-        opts.dir.clone()
-    } else {
-        std::env::current_dir().map_err(|e| CliError::other(e.to_string()))?.join(&opts.dir)
-    };
+    let dir =
+        if opts.dir.is_absolute() { opts.dir.clone() } else { std::env::current_dir().map_err(|e| CliError::other(e.to_string()))?.join(&opts.dir) };
     std::fs::create_dir_all(&dir).map_err(|e| CliError::other(format!("cannot create {}: {e}", dir.display())))?;
     let json_path = dir.join("cluster.json");
     // A previous run's ports and ids are reused, so its data comes back as it was.
@@ -171,7 +168,8 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
             Some(n) => n.metrics_url.clone(),
             None => format!("http://127.0.0.1:{}/metrics", free_port()?),
         };
-        let (roles, zone) = if id <= 3 { (vec!["storage".to_string(), "meta".to_string()], format!("z{id}")) } else { (vec!["backup".to_string()], "z4".into()) };
+        let (roles, zone) =
+            if id <= 3 { (vec!["storage".to_string(), "meta".to_string()], format!("z{id}")) } else { (vec!["backup".to_string()], "z4".into()) };
         let mut labels = BTreeMap::new();
         labels.insert("zone".to_string(), zone);
         labels.insert("host".to_string(), format!("h{id}"));
@@ -242,11 +240,12 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
     if !info.cluster_initialized {
         say("initializing the cluster");
         let req = ClusterInitRequest { pg_count: opts.pgs, extent_size: 0, failure_domain: "zone".into(), meta_addrs: meta_addrs.clone() };
-        admin.call(|mut c| {
-            let req = req.clone();
-            async move { c.cluster_init(req).await }
-        })
-        .await?;
+        admin
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.cluster_init(req).await }
+            })
+            .await?;
     }
 
     // Every placement group needs a leader and all three replicas before we call it ready.
@@ -265,10 +264,7 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
     };
     say(format!("{} placement groups healthy", status.pgs.len()));
 
-    let exists = admin
-        .call(|mut c| async move { c.volume_show(VolumeShowRequest { name: "demo".into() }).await })
-        .await
-        .ok();
+    let exists = admin.call(|mut c| async move { c.volume_show(VolumeShowRequest { name: "demo".into() }).await }).await.ok();
     match exists {
         Some(r) => say(format!("volume demo exists ({})", format_size(r.volume.map(|v| v.size).unwrap_or(0)))),
         None => {

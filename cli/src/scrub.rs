@@ -296,9 +296,5 @@ pub async fn start(admin: &Admin, out: Out, only: Option<u64>, deep: bool, rate:
 }
 
 fn finish(failures: Vec<String>) -> Result<(), CliError> {
-    if failures.is_empty() {
-        Ok(())
-    } else {
-        Err(CliError::unreachable(format!("the scrub did not start on every node: {}", failures.join("; "))))
-    }
+    if failures.is_empty() { Ok(()) } else { Err(CliError::unreachable(format!("the scrub did not start on every node: {}", failures.join("; ")))) }
 }

@@ -46,10 +46,7 @@ impl FromStr for DomainLevel {
     type Err = LabelError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|l| l.key() == s)
-            .ok_or_else(|| LabelError::UnknownLevel(s.to_string()))
+        Self::ALL.into_iter().find(|l| l.key() == s).ok_or_else(|| LabelError::UnknownLevel(s.to_string()))
     }
 }
 
@@ -121,11 +118,8 @@ impl Labels {
 
 impl fmt::Display for Labels {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let parts: Vec<String> = DomainLevel::ALL
-            .into_iter()
-            .filter(|l| !self.get(*l).is_empty())
-            .map(|l| format!("{}={}", l.key(), self.get(l)))
-            .collect();
+        let parts: Vec<String> =
+            DomainLevel::ALL.into_iter().filter(|l| !self.get(*l).is_empty()).map(|l| format!("{}={}", l.key(), self.get(l))).collect();
         f.write_str(&parts.join(","))
     }
 }
@@ -140,8 +134,7 @@ impl FromStr for Labels {
             let (key, value) = part.split_once('=').ok_or_else(|| LabelError::Malformed(part.to_string()))?;
             let level: DomainLevel = key.trim().parse()?;
             let value = value.trim();
-            let valid = !value.is_empty()
-                && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            let valid = !value.is_empty() && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
             if !valid {
                 return Err(LabelError::BadValue(value.to_string()));
             }

@@ -48,10 +48,7 @@ impl Layout {
     /// Checks the geometry is one Basalt can serve.
     pub fn validate(&self) -> Result<(), String> {
         if !self.extent_size.is_power_of_two() || self.extent_size < CHUNK_SIZE || self.extent_size > (1 << 30) {
-            return Err(format!(
-                "extent size {} must be a power of two between {} and 1 GiB",
-                self.extent_size, CHUNK_SIZE
-            ));
+            return Err(format!("extent size {} must be a power of two between {} and 1 GiB", self.extent_size, CHUNK_SIZE));
         }
         if self.pg_count == 0 || self.pg_count > 65_536 {
             return Err(format!("pg count {} must be between 1 and 65536", self.pg_count));
@@ -74,13 +71,7 @@ impl Layout {
             let index = ExtentIndex(pos / self.extent_size);
             let extent_end = (index.0 + 1) * self.extent_size;
             let piece_end = end.min(extent_end);
-            spans.push(ExtentSpan {
-                extent: index,
-                pg: self.pg_of(volume, index),
-                offset: pos,
-                len: piece_end - pos,
-                buf_offset: pos - offset,
-            });
+            spans.push(ExtentSpan { extent: index, pg: self.pg_of(volume, index), offset: pos, len: piece_end - pos, buf_offset: pos - offset });
             pos = piece_end;
         }
         spans

@@ -26,12 +26,11 @@ fn ephemeral_range() -> (u16, u16) {
 /// take it as its local port ("Address already in use").
 pub fn free_local_port() -> std::io::Result<u16> {
     let (eph_lo, eph_hi) = ephemeral_range();
-    let candidates: Vec<(u16, u16)> = [(10000u16, eph_lo.min(30000)), (eph_hi.saturating_add(1).max(10000), u16::MAX)]
-        .into_iter()
-        .filter(|(lo, hi)| lo < hi)
-        .collect();
+    let candidates: Vec<(u16, u16)> =
+        [(10000u16, eph_lo.min(30000)), (eph_hi.saturating_add(1).max(10000), u16::MAX)].into_iter().filter(|(lo, hi)| lo < hi).collect();
     // Start at a place that differs between processes, so concurrent tools rarely race.
-    let seed = std::process::id() as u64 ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    let seed =
+        std::process::id() as u64 ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
     let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
     let given = given.get_or_insert_with(HashSet::new);
     for (lo, hi) in candidates {

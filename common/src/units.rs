@@ -9,7 +9,9 @@ pub enum SizeError {
     #[error("empty size; give a number with an optional unit, e.g. 10GiB")]
     Empty,
     /// Not a number followed by a known unit.
-    #[error("invalid size {0:?}; use a whole number with an optional unit: B, KiB, MiB, GiB, TiB, PiB (or K/M/G/T/P, also KB/MB/GB/TB/PB meaning powers of 1000)")]
+    #[error(
+        "invalid size {0:?}; use a whole number with an optional unit: B, KiB, MiB, GiB, TiB, PiB (or K/M/G/T/P, also KB/MB/GB/TB/PB meaning powers of 1000)"
+    )]
     Invalid(String),
     /// The value does not fit in 64 bits.
     #[error("size {0:?} is too large")]

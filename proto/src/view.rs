@@ -70,7 +70,11 @@ impl ClusterView {
             version: map.version,
             cluster_id: map.cluster_id.clone(),
             layout,
-            nodes: map.nodes.iter().map(|n| (NodeId(n.id), NodeView { id: NodeId(n.id), addr: n.addr.clone(), meta: n.roles.iter().any(|r| r == "meta") })).collect(),
+            nodes: map
+                .nodes
+                .iter()
+                .map(|n| (NodeId(n.id), NodeView { id: NodeId(n.id), addr: n.addr.clone(), meta: n.roles.iter().any(|r| r == "meta") }))
+                .collect(),
             pgs,
             incoming,
             volumes: map

@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use basalt_proto::raft::RaftKind;
 use bytes::Bytes;
+use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use futures::StreamExt;
+use openraft::async_runtime::WatchReceiver;
 use openraft::error::{ClientWriteError, InitializeError, LinearizableReadError, RaftError as OpenraftError};
 use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
 use openraft::storage::Snapshot;
-use openraft::async_runtime::WatchReceiver;
 use openraft::{ChangeMembers, Raft, ReadPolicy, ServerState};
 
 use crate::error::RaftError;

@@ -139,9 +139,7 @@ impl RaftHost {
     pub async fn start_group<S: StateMachine>(&self, group: GroupId, sm: S) -> Result<RaftGroup<S>, RaftError> {
         let log = self.engine.group(group)?;
         let receiver = sm.receiver();
-        let adapter = SmAdapter::new(sm)
-            .await
-            .map_err(|e| RaftError::Stopped { group, reason: format!("state machine recovery failed: {e}") })?;
+        let adapter = SmAdapter::new(sm).await.map_err(|e| RaftError::Stopped { group, reason: format!("state machine recovery failed: {e}") })?;
         let network = NetworkFactory::<S> { router: self.router.clone(), group, _sm: PhantomData };
         let raft = openraft::Raft::new(self.node_id, self.config.clone(), network, log, adapter)
             .await

@@ -32,4 +32,3 @@ pub use log_store::{LogEngine, LogEngineConfig, SmStore};
 pub use state_machine::{Checkpoint, SnapshotReceiver, SnapshotSink, SnapshotStream, StateMachine};
 pub use transport::Router;
 pub use types::{ApplyItem, CheckpointRecord, GroupId, META_GROUP, NodeId, NodeInfo};
-

@@ -246,11 +246,7 @@ impl<V: Verifier> IntegrityScrubber<V> {
 
     fn save_schedule(&self) {
         let Some(path) = &self.config.state_file else { return };
-        let text = format!(
-            "{} {}\n",
-            self.stats.last_local_unix_ms.load(Ordering::Relaxed),
-            self.stats.last_deep_unix_ms.load(Ordering::Relaxed)
-        );
+        let text = format!("{} {}\n", self.stats.last_local_unix_ms.load(Ordering::Relaxed), self.stats.last_deep_unix_ms.load(Ordering::Relaxed));
         // Write-then-rename so a crash never leaves a torn file.
         let tmp = path.with_extension("tmp");
         if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {

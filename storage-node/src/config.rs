@@ -364,8 +364,7 @@ impl NodeConfig {
             log_cache: size("memory.log_cache", f.log_cache.or(file.memory.log_cache), 16 << 20)? as usize,
             write_buffer: size("memory.write_buffer", f.write_buffer.or(file.memory.write_buffer), 32 << 20)? as usize,
             log_write_buffer: size("memory.log_write_buffer", f.log_write_buffer.or(file.memory.log_write_buffer), 64 << 20)? as usize,
-            raft_tail_per_group: size("memory.raft_tail_per_group", f.raft_tail_per_group.or(file.memory.raft_tail_per_group), 2 << 20)?
-                as usize,
+            raft_tail_per_group: size("memory.raft_tail_per_group", f.raft_tail_per_group.or(file.memory.raft_tail_per_group), 2 << 20)? as usize,
             inflight_writes: size("memory.inflight_writes", f.inflight_writes.or(file.memory.inflight_writes), 64 << 20)? as usize,
         };
         if memory.inflight_writes < 32 << 20 {

@@ -79,7 +79,12 @@ pub fn render(ctx: &NodeCtx) -> String {
             ("state=\"pending_scrub\"".into(), s.slots_pending_scrub),
         ],
     );
-    family("basalt_scrub_pending_bytes", "gauge", "Freed bytes waiting to be overwritten.", vec![(String::new(), s.slots_pending_scrub * s.slot_size)]);
+    family(
+        "basalt_scrub_pending_bytes",
+        "gauge",
+        "Freed bytes waiting to be overwritten.",
+        vec![(String::new(), s.slots_pending_scrub * s.slot_size)],
+    );
     family(
         "basalt_scrub_overwritten_bytes_total",
         "counter",
@@ -104,7 +109,11 @@ pub fn render(ctx: &NodeCtx) -> String {
         ("basalt_scrub_integrity_bytes_total", "Bytes read back and checked by integrity scrub passes.", &integrity.bytes_verified),
         ("basalt_scrub_integrity_passes_total", "Integrity scrub passes finished.", &integrity.passes_completed),
         ("basalt_scrub_corrupt_blocks_total", "Block copies found failing their checksum.", &integrity.corrupt_found),
-        ("basalt_scrub_divergent_blocks_total", "Block copies found differing from the other replicas with a valid checksum.", &integrity.divergent_found),
+        (
+            "basalt_scrub_divergent_blocks_total",
+            "Block copies found differing from the other replicas with a valid checksum.",
+            &integrity.divergent_found,
+        ),
         ("basalt_scrub_repairs_issued_total", "Block repairs this node's checks proposed.", &integrity.repairs_issued),
         ("basalt_scrub_blocks_repaired_total", "Blocks of this node rewritten from a healthy replica.", &integrity.blocks_repaired),
         ("basalt_scrub_unrepairable_blocks_total", "Bad blocks no healthy replica could vouch for.", &integrity.unrepairable),
@@ -119,7 +128,12 @@ pub fn render(ctx: &NodeCtx) -> String {
         vec![(integrity.running().map(|k| format!("kind=\"{}\"", k.as_str())).unwrap_or_default(), u64::from(integrity.running().is_some()))],
     );
     let log = ctx.host.log_engine().stats();
-    family("basalt_raft_log_syncs_total", "counter", "Synced Raft log writes (group commits).", vec![(String::new(), log.batches.load(Ordering::Relaxed))]);
+    family(
+        "basalt_raft_log_syncs_total",
+        "counter",
+        "Synced Raft log writes (group commits).",
+        vec![(String::new(), log.batches.load(Ordering::Relaxed))],
+    );
     family(
         "basalt_raft_log_writes_total",
         "counter",
@@ -155,11 +169,26 @@ pub fn render(ctx: &NodeCtx) -> String {
         "PGs whose apply on this node waits for chunk space (admission let through more than fits; see pg::space).",
         vec![(String::new(), a.waiting_for_space.load(Ordering::Relaxed))],
     );
-    family("basalt_replicas_retired_total", "counter", "Replicas removed from this node after moving elsewhere.", vec![(String::new(), ctx.pgs.retired.load(Ordering::Relaxed))]);
-    family("basalt_rebuild_sent_bytes_total", "counter", "Snapshot bytes sent to fill new replicas (paced by heal.rebuild_rate).", vec![(String::new(), ctx.pgs.pacer.bytes.load(Ordering::Relaxed))]);
+    family(
+        "basalt_replicas_retired_total",
+        "counter",
+        "Replicas removed from this node after moving elsewhere.",
+        vec![(String::new(), ctx.pgs.retired.load(Ordering::Relaxed))],
+    );
+    family(
+        "basalt_rebuild_sent_bytes_total",
+        "counter",
+        "Snapshot bytes sent to fill new replicas (paced by heal.rebuild_rate).",
+        vec![(String::new(), ctx.pgs.pacer.bytes.load(Ordering::Relaxed))],
+    );
     let statuses = ctx.pgs.statuses();
     family("basalt_pgs", "gauge", "Placement groups hosted on this node.", vec![(String::new(), statuses.len() as u64)]);
-    family("basalt_pg_leaders", "gauge", "Placement groups this node leads.", vec![(String::new(), statuses.iter().filter(|s| s.is_leader).count() as u64)]);
+    family(
+        "basalt_pg_leaders",
+        "gauge",
+        "Placement groups this node leads.",
+        vec![(String::new(), statuses.iter().filter(|s| s.is_leader).count() as u64)],
+    );
     out
 }
 
@@ -172,9 +201,7 @@ pub async fn serve(ctx: Arc<NodeCtx>, listener: tokio::net::TcpListener, mut shu
                 let ctx = ctx.clone();
                 async move {
                     let resp = if req.uri().path() == "/metrics" {
-                        Response::builder()
-                            .header("content-type", "text/plain; version=0.0.4")
-                            .body(Full::new(Bytes::from(render(&ctx))))
+                        Response::builder().header("content-type", "text/plain; version=0.0.4").body(Full::new(Bytes::from(render(&ctx))))
                     } else {
                         Response::builder().status(StatusCode::NOT_FOUND).body(Full::new(Bytes::from_static(b"try /metrics\n")))
                     };

@@ -106,11 +106,7 @@ impl NodeCtx {
     /// Meta nodes to talk to: the configured seeds, or this node alone if it is a meta node
     /// configured without any.
     pub fn seeds(&self) -> Vec<String> {
-        if self.config.seeds.is_empty() && self.config.has(Role::Meta) {
-            vec![self.config.listen.to_string()]
-        } else {
-            self.config.seeds.clone()
-        }
+        if self.config.seeds.is_empty() && self.config.has(Role::Meta) { vec![self.config.listen.to_string()] } else { self.config.seeds.clone() }
     }
 
     /// Meta nodes to try, in order: the configured seeds, then the meta-role nodes of the
@@ -210,9 +206,7 @@ impl Node {
     pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
         std::fs::create_dir_all(&config.data_dir).map_err(|source| NodeError::Io { path: config.data_dir.clone(), source })?;
         let lock = lock_dir(&config.data_dir)?;
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| NodeError::Bind { addr: config.listen, source })?;
+        let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|source| NodeError::Bind { addr: config.listen, source })?;
 
         let store_cfg = ChunkStoreConfig {
             data_path: config.data_device.clone(),

@@ -192,8 +192,7 @@ impl TestCluster {
     }
 
     fn write_configs(&self) -> Result<()> {
-        let seeds: Vec<String> =
-            self.nodes.values().filter(|n| n.spec.roles.contains(&"meta")).map(|n| format!("\"{}\"", n.addr)).collect();
+        let seeds: Vec<String> = self.nodes.values().filter(|n| n.spec.roles.contains(&"meta")).map(|n| format!("\"{}\"", n.addr)).collect();
         for n in self.nodes.values() {
             let roles: Vec<String> = n.spec.roles.iter().map(|r| format!("\"{r}\"")).collect();
             let own = self.node_config.get(&n.spec.id).map(String::as_str).unwrap_or("");

@@ -33,7 +33,10 @@ fn invalid_configs_are_refused_with_the_setting_named() {
         assert_eq!(out.status.code(), Some(2), "case {i}: {stderr}");
         assert!(stderr.contains(expect), "case {i}: expected {expect:?} in {stderr}");
     }
-    let out = Command::new(bin("basalt-node")).args(["--id", "1", "--listen", "127.0.0.1:1", "--data-dir", "/tmp/x", "--roles", "meta", "--direct-io", "maybe"]).output().unwrap();
+    let out = Command::new(bin("basalt-node"))
+        .args(["--id", "1", "--listen", "127.0.0.1:1", "--data-dir", "/tmp/x", "--roles", "meta", "--direct-io", "maybe"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2), "bad flag value is a usage error");
 }
 
@@ -52,7 +55,8 @@ async fn second_node_on_a_data_dir_or_port_is_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another basalt-node"), "{}", String::from_utf8_lossy(&out.stderr));
     // Same port, another directory.
     let other = cluster.path().join("other");
-    let out = Command::new(bin("basalt-node")).args(["--id", "9", "--roles", "meta", "--listen", &n.addr]).arg("--data-dir").arg(&other).output().unwrap();
+    let out =
+        Command::new(bin("basalt-node")).args(["--id", "9", "--roles", "meta", "--listen", &n.addr]).arg("--data-dir").arg(&other).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot listen on"), "{}", String::from_utf8_lossy(&out.stderr));
 }
@@ -92,7 +96,18 @@ async fn malformed_io_and_admin_requests_get_clear_errors() {
     let addr = &status.nodes.iter().find(|n| n.id == leader).unwrap().addr;
     let mut data = data_client(addr).await.unwrap();
     let block = Bytes::from(vec![7u8; 4096]);
-    let good = WriteRequest { pg: pg.0, volume_id: vol.id, offset: 0, data: block.clone(), crcs: vec![crc32c(&block)], fua: false, map_version, attach_epoch: 0, session: 0, connection: 0 };
+    let good = WriteRequest {
+        pg: pg.0,
+        volume_id: vol.id,
+        offset: 0,
+        data: block.clone(),
+        crcs: vec![crc32c(&block)],
+        fua: false,
+        map_version,
+        attach_epoch: 0,
+        session: 0,
+        connection: 0,
+    };
     assert!(data.write(good.clone()).await.unwrap().into_inner().error.is_none());
 
     let expect = |code: Code, e: Option<basalt_proto::data::DataError>, what: &str| {
@@ -137,7 +152,8 @@ async fn malformed_io_and_admin_requests_get_clear_errors() {
     // A write from an older connection of a client session, arriving after one from a newer
     // connection (the client gave the older up and retried there), is refused, not applied.
     let stale = Bytes::from(vec![9u8; 4096]);
-    let session = |connection: u64, data: &Bytes| WriteRequest { session: 0xb5, connection, data: data.clone(), crcs: vec![crc32c(data)], ..good.clone() };
+    let session =
+        |connection: u64, data: &Bytes| WriteRequest { session: 0xb5, connection, data: data.clone(), crcs: vec![crc32c(data)], ..good.clone() };
     assert!(data.write(session(2, &block)).await.unwrap().into_inner().error.is_none());
     let m = expect(Code::Unavailable, data.write(session(1, &stale)).await.unwrap().into_inner().error, "write from a superseded connection");
     assert!(m.contains("superseded"), "{m}");

@@ -125,12 +125,7 @@ fn check(ops: &[Op]) -> Vec<String> {
             }
         }
         for (r, v) in &reads {
-            let acked_before = writes
-                .iter()
-                .filter(|w| matches!(w.outcome, Outcome::Ok(_)) && w.end < r.start)
-                .map(|w| w.version)
-                .max()
-                .unwrap_or(0);
+            let acked_before = writes.iter().filter(|w| matches!(w.outcome, Outcome::Ok(_)) && w.end < r.start).map(|w| w.version).max().unwrap_or(0);
             if *v < acked_before {
                 violations.push(format!(
                     "block {b}: read at {:?}..{:?} returned version {v}, but version {acked_before} was acknowledged before it started (lost or stale)",
@@ -247,11 +242,7 @@ fn start_workload(vol: &Volume, history: &Arc<History>, t0: Instant, stop: &Arc<
 /// Time from a fault at `at` until I/O flowed again: the latest completion among the
 /// operations in flight at `at` (or started within 50 ms after it).
 fn stall_after(ops: &[Op], at: Duration) -> Duration {
-    ops.iter()
-        .filter(|o| o.start <= at + Duration::from_millis(50) && o.end >= at)
-        .map(|o| o.end - at)
-        .max()
-        .unwrap_or_default()
+    ops.iter().filter(|o| o.start <= at + Duration::from_millis(50) && o.end >= at).map(|o| o.end - at).max().unwrap_or_default()
 }
 
 fn signal(cluster: &TestCluster, id: u64, sig: i32) {
@@ -308,7 +299,17 @@ impl Fault {
                 cluster.kill9(victim);
                 tokio::time::sleep(*down).await;
                 cluster.restart(victim).await.unwrap();
-                (format!("kill -9 node-{victim} ({})", match self { Fault::KillMetaLeader(_) => "meta leader", Fault::KillPgLeader(_) => "PG leader", _ => "follower" }), at)
+                (
+                    format!(
+                        "kill -9 node-{victim} ({})",
+                        match self {
+                            Fault::KillMetaLeader(_) => "meta leader",
+                            Fault::KillPgLeader(_) => "PG leader",
+                            _ => "follower",
+                        }
+                    ),
+                    at,
+                )
             }
             Fault::Freeze(_, how_long) | Fault::FreezePgLeader(how_long) => {
                 let (id, role) = match self {
@@ -400,7 +401,14 @@ async fn slow_fault_repeated_leader_kills_stall_statistics() {
     let mut stalls: Vec<Duration> = injected.iter().filter(|(n, _)| n.contains("PG leader")).map(|(_, at)| stall_after(&ops, *at)).collect();
     stalls.sort();
     let pct = |p: usize| stalls[(stalls.len() * p / 100).min(stalls.len() - 1)];
-    println!("{summary}PG-leader kill → I/O resumed: p50 {:?}, p90 {:?}, p99 {:?}, max {:?} over {} kills", pct(50), pct(90), pct(99), stalls[stalls.len() - 1], stalls.len());
+    println!(
+        "{summary}PG-leader kill → I/O resumed: p50 {:?}, p90 {:?}, p99 {:?}, max {:?} over {} kills",
+        pct(50),
+        pct(90),
+        pct(99),
+        stalls[stalls.len() - 1],
+        stalls.len()
+    );
 }
 
 /// A PG leader frozen past its lease wakes up deposed but still thinking it leads. Asked
@@ -563,10 +571,7 @@ async fn fault_a_dead_nodes_replicas_are_rebuilt_elsewhere_and_its_return_is_ret
         assert_eq!(r, vec![1, 2, 3], "pg-{}: with node-4 gone, zones z1..z3 hold every PG", p.id);
     }
     let ops = workload.finish(&vol).await;
-    println!(
-        "node-4 killed: first move after {started:?}, all 6 replicas rebuilt {rebuilt_in:?} later; {} ops during the rebuild",
-        ops.len()
-    );
+    println!("node-4 killed: first move after {started:?}, all 6 replicas rebuilt {rebuilt_in:?} later; {} ops during the rebuild", ops.len());
     assert_clean(&ops, "while node-4's replicas were rebuilt", &cluster);
     assert_fill_intact(&vol, &filled, "after the rebuild").await;
 
@@ -618,9 +623,7 @@ async fn fault_a_moves_target_dies_mid_fill_and_the_move_is_abandoned() {
     let killed_at = Instant::now();
 
     let after = cluster
-        .wait_status("the move to the dead node-5 is abandoned", Duration::from_secs(60), |s| {
-            s.pgs.iter().any(|p| p.id == pg.id && p.moving_to != 5)
-        })
+        .wait_status("the move to the dead node-5 is abandoned", Duration::from_secs(60), |s| s.pgs.iter().any(|p| p.id == pg.id && p.moving_to != 5))
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
     let abandoned_in = killed_at.elapsed();
@@ -668,7 +671,9 @@ async fn fault_a_lost_meta_node_is_replaced_so_a_second_loss_is_survived() {
     cluster.add_node(NodeSpec { id: 5, labels: "zone=z5,host=h5".into(), roles: vec!["storage"] }).await.unwrap();
     cluster.add_node(NodeSpec { id: 4, labels: "zone=z4,host=h4".into(), roles: vec!["storage", "meta"] }).await.unwrap();
     cluster
-        .wait_status("nodes 4 and 5 registered", Duration::from_secs(30), |s| [4, 5].iter().all(|id| s.nodes.iter().any(|n| n.id == *id && n.state == "up")))
+        .wait_status("nodes 4 and 5 registered", Duration::from_secs(30), |s| {
+            [4, 5].iter().all(|id| s.nodes.iter().any(|n| n.id == *id && n.state == "up"))
+        })
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
     let before = cluster.status().await.unwrap();
@@ -714,7 +719,9 @@ async fn create_volume_through(cluster: &TestCluster, via: u64, name: &str) -> D
         match admin.volume_create(VolumeCreateRequest { name: name.into(), size: 1 << 20 }).await {
             Ok(_) => return started.elapsed(),
             Err(e) if e.code() == tonic::Code::AlreadyExists => return started.elapsed(),
-            Err(e) => assert!(started.elapsed() < Duration::from_secs(60), "volume {name} cannot be created through node {via}: {e}\n{}", cluster.logs()),
+            Err(e) => {
+                assert!(started.elapsed() < Duration::from_secs(60), "volume {name} cannot be created through node {via}: {e}\n{}", cluster.logs())
+            }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -1107,9 +1114,8 @@ async fn fault_a_full_state_filesystem_refuses_writes_until_space_is_freed() {
     let ok = std::process::Command::new("fallocate").args(["-l", &fill.to_string()]).arg(&ballast).status().is_ok_and(|s| s.success());
     assert!(ok, "fallocate of {fill} bytes on the tmpfs failed");
     let full_at = workload.t0.elapsed();
-    let refused_by_node3 = |ops: &[Op]| {
-        ops.iter().any(|o| o.write && matches!(&o.outcome, Outcome::Failed(e) if e.contains("node-3") && e.contains("state directory")))
-    };
+    let refused_by_node3 =
+        |ops: &[Op]| ops.iter().any(|o| o.write && matches!(&o.outcome, Outcome::Failed(e) if e.contains("node-3") && e.contains("state directory")));
     let deadline = Instant::now() + Duration::from_secs(10);
     while !refused_by_node3(&workload.history.snapshot()) {
         assert!(Instant::now() < deadline, "no write refused within 10 s of node 3's state filesystem filling\n{}", cluster.node(3).log_tail());
@@ -1140,7 +1146,11 @@ async fn fault_a_full_state_filesystem_refuses_writes_until_space_is_freed() {
     let during = |o: &&Op| o.start > refused_at && o.end < freed_at;
     let writes_during: Vec<&Op> = ops.iter().filter(|o| o.write).filter(during).collect();
     let acked_during = writes_during.iter().filter(|o| matches!(o.outcome, Outcome::Ok(_))).count();
-    assert!(!writes_during.is_empty() && acked_during == 0, "{acked_during} of {} writes were acknowledged while node 3 was full", writes_during.len());
+    assert!(
+        !writes_during.is_empty() && acked_during == 0,
+        "{acked_during} of {} writes were acknowledged while node 3 was full",
+        writes_during.len()
+    );
     let reads_during: Vec<&Op> = ops.iter().filter(|o| !o.write).filter(during).collect();
     assert!(
         reads_during.iter().any(|o| matches!(o.outcome, Outcome::Ok(_))) && reads_during.iter().all(|o| !matches!(o.outcome, Outcome::Failed(_))),
@@ -1237,10 +1247,7 @@ async fn slow_rebuild_drain_and_rebalance_throughput() {
 
     let t = Instant::now();
     cluster.add_node(NodeSpec { id: 5, labels: "zone=z5,host=h5".into(), roles: vec!["storage"] }).await.unwrap();
-    let s = cluster
-        .wait_status("node-5 took its share", Duration::from_secs(600), |s| replicas_on(s, 5) == 6 && moves(s) == 0)
-        .await
-        .unwrap();
+    let s = cluster.wait_status("node-5 took its share", Duration::from_secs(600), |s| replicas_on(s, 5) == 6 && moves(s) == 0).await.unwrap();
     let rebalance = t.elapsed();
     let s = cluster.wait_status("node-5 reports its data", Duration::from_secs(10), |x| used_on(x, 5) >= used_on(&s, 5).max(1)).await.unwrap();
     let on5 = used_on(&s, 5);

@@ -43,12 +43,8 @@ fn flip_bit(cluster: &TestCluster, node: u64, offset: u64) {
 
 /// `basalt --json scrub start ARGS`, which follows the pass to its end; the parsed report.
 fn scrub_start(cluster: &TestCluster, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(bin("basalt"))
-        .args(["--json", "scrub", "start"])
-        .args(args)
-        .env("BASALT_CLUSTER", cluster.seeds().join(","))
-        .output()
-        .unwrap();
+    let out =
+        Command::new(bin("basalt")).args(["--json", "scrub", "start"]).args(args).env("BASALT_CLUSTER", cluster.seeds().join(",")).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "scrub start {args:?} failed: {}\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr), cluster.logs());
     serde_json::from_str(&stdout).unwrap()

@@ -170,7 +170,8 @@ async fn nbdinfo_shows_size_flags_and_block_sizes() {
 async fn fio_verify_over_four_connections_at_depth_32() {
     let (_cluster, seeds) = cluster_with_volume("fio", 128 << 20).await;
     let a = attach(&seeds, "fio", &[]).unwrap();
-    let (ok, text) = fio_verify(&a.uri, &["--name=verify", "--bs=4k", "--bsrange=4k-64k", "--iodepth=32", "--numjobs=4", "--size=24M", "--offset_increment=32M"]);
+    let (ok, text) =
+        fio_verify(&a.uri, &["--name=verify", "--bs=4k", "--bsrange=4k-64k", "--iodepth=32", "--numjobs=4", "--size=24M", "--offset_increment=32M"]);
     assert!(ok, "{text}");
     assert!(verified_clean(&text), "{text}");
 }
@@ -182,7 +183,16 @@ fn fio_verify(uri: &str, job: &[&str]) -> (bool, String) {
     // `job` first: it starts with `--name`, so every option after it belongs to that job.
     let out = Command::new("fio")
         .args(job)
-        .args(["--ioengine=nbd", &format!("--uri={uri}"), "--rw=randwrite", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0", "--group_reporting"])
+        .args([
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--verify_state_save=0",
+            "--group_reporting",
+        ])
         .output()
         .expect("fio");
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
@@ -204,7 +214,10 @@ async fn fio_verify_survives_a_pg_leader_kill_and_restart() {
     // Rate-limited so the write phase (2 × 4096 blocks) spans the kill, the failover and the
     // restart.
     let fio = tokio::task::spawn_blocking(move || {
-        fio_verify(&uri, &["--name=verify-across-kill", "--bs=4k", "--iodepth=16", "--numjobs=2", "--size=16M", "--offset_increment=64M", "--rate_iops=300"])
+        fio_verify(
+            &uri,
+            &["--name=verify-across-kill", "--bs=4k", "--iodepth=16", "--numjobs=2", "--size=16M", "--offset_increment=64M", "--rate_iops=300"],
+        )
     });
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (_, leader, _) = cluster.pg_replicas("kill", 0).await.unwrap();
@@ -220,10 +233,7 @@ async fn fio_verify_survives_a_pg_leader_kill_and_restart() {
 
 /// Whether fio's run took less than `d` (from its "run=" summary, in milliseconds).
 fn fio_finished_before(text: &str, d: Duration) -> bool {
-    text.split("run=")
-        .skip(1)
-        .filter_map(|t| t.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u64>().ok())
-        .all(|ms| ms < d.as_millis() as u64)
+    text.split("run=").skip(1).filter_map(|t| t.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u64>().ok()).all(|ms| ms < d.as_millis() as u64)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,10 +49,7 @@ async fn deleted_volume_leaves_no_copy_in_any_file() {
     // The scan sees the data where it lives: data files and the Raft log on every replica.
     let before = scan(&cluster, &marker).await;
     assert!(before.iter().any(|(p, _)| p.ends_with("chunks.dat")), "marker not found in any data file: {before:?}");
-    assert!(
-        before.iter().any(|(p, _)| p.components().any(|c| c.as_os_str() == "raft-log")),
-        "marker not found in any raft log file: {before:?}"
-    );
+    assert!(before.iter().any(|(p, _)| p.components().any(|c| c.as_os_str() == "raft-log")), "marker not found in any raft log file: {before:?}");
 
     let mut admin = cluster.admin().await.unwrap();
     let reply = admin.volume_delete(VolumeDeleteRequest { name: "secret".into(), wait: true }).await.unwrap().into_inner();

@@ -124,7 +124,11 @@ async fn every_pg_spans_three_failure_domains() {
     let specs: Vec<NodeSpec> = zones
         .iter()
         .enumerate()
-        .map(|(i, z)| NodeSpec { id: i as u64 + 1, labels: format!("zone={z},host=h{}", i + 1), roles: if i < 3 { vec!["storage", "meta"] } else { vec!["storage"] } })
+        .map(|(i, z)| NodeSpec {
+            id: i as u64 + 1,
+            labels: format!("zone={z},host=h{}", i + 1),
+            roles: if i < 3 { vec!["storage", "meta"] } else { vec!["storage"] },
+        })
         .collect();
     let cluster = TestCluster::start(specs).await.unwrap();
     // The non-meta nodes must have announced themselves before init.
@@ -153,8 +157,9 @@ async fn every_pg_spans_three_failure_domains() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_without_enough_domains_names_them() {
-    let specs: Vec<NodeSpec> =
-        (1..=3).map(|i| NodeSpec { id: i, labels: format!("zone={},host=h{i}", if i == 3 { "b" } else { "a" }), roles: vec!["storage", "meta"] }).collect();
+    let specs: Vec<NodeSpec> = (1..=3)
+        .map(|i| NodeSpec { id: i, labels: format!("zone={},host=h{i}", if i == 3 { "b" } else { "a" }), roles: vec!["storage", "meta"] })
+        .collect();
     let cluster = TestCluster::start(specs).await.unwrap();
     let err = cluster.init(8, "zone").await.unwrap_err().to_string();
     assert!(err.contains("found 2 domain(s)") && err.contains("zone=a [node-1, node-2]") && err.contains("zone=b [node-3]"), "{err}");

@@ -103,10 +103,7 @@ impl DataConn {
         // connection that looks alive: keepalive probes on an idle one, and a bound on how
         // long sent data may stay unacknowledged.
         let sock = socket2::SockRef::from(&stream);
-        let keepalive = socket2::TcpKeepalive::new()
-            .with_time(Duration::from_secs(5))
-            .with_interval(Duration::from_secs(2))
-            .with_retries(3);
+        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(5)).with_interval(Duration::from_secs(2)).with_retries(3);
         let _ = sock.set_tcp_keepalive(&keepalive);
         let _ = sock.set_tcp_user_timeout(Some(Duration::from_secs(10)));
         let (rd, mut wr) = stream.into_split();

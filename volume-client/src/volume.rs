@@ -46,7 +46,10 @@ pub struct Volume {
 enum Attempt<T> {
     Done(T),
     /// Try again (possibly elsewhere), after `backoff` if set.
-    Retry { reason: String, backoff: bool },
+    Retry {
+        reason: String,
+        backoff: bool,
+    },
     Fail(ClientError),
 }
 
@@ -261,7 +264,10 @@ impl Volume {
             }
             Code::BadChecksum => {
                 if retries.fetch_add(1, Ordering::Relaxed) >= 3 {
-                    return Attempt::Fail(ClientError::Corrupt(format!("{} extent {}: data kept arriving corrupted: {reason}", self.id, span.extent.0)));
+                    return Attempt::Fail(ClientError::Corrupt(format!(
+                        "{} extent {}: data kept arriving corrupted: {reason}",
+                        self.id, span.extent.0
+                    )));
                 }
                 Attempt::Retry { reason, backoff: false }
             }

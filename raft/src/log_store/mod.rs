@@ -238,16 +238,10 @@ impl LogEngine {
         let get = |tag| db.get_cf(&meta, meta_key(group, tag)).map_err(|e| self.storage_err(e));
         let vote: Option<Vote> = get(TAG_VOTE)?.map(|v| decode("vote", group, &v)).transpose().map_err(|e| self.storage_err(e))?;
         // Both are stored as `Option<LogId>` (what openraft hands us).
-        let committed: Option<LogId> = get(TAG_COMMITTED)?
-            .map(|v| decode::<Option<LogId>>("committed", group, &v))
-            .transpose()
-            .map_err(|e| self.storage_err(e))?
-            .flatten();
-        let last_purged: Option<LogId> = get(TAG_PURGED)?
-            .map(|v| decode::<Option<LogId>>("purged", group, &v))
-            .transpose()
-            .map_err(|e| self.storage_err(e))?
-            .flatten();
+        let committed: Option<LogId> =
+            get(TAG_COMMITTED)?.map(|v| decode::<Option<LogId>>("committed", group, &v)).transpose().map_err(|e| self.storage_err(e))?.flatten();
+        let last_purged: Option<LogId> =
+            get(TAG_PURGED)?.map(|v| decode::<Option<LogId>>("purged", group, &v)).transpose().map_err(|e| self.storage_err(e))?.flatten();
         let log_cf = db.cf_handle(Cf::Log.name()).expect("cf exists");
         let mut iter = db.iterator_cf(&log_cf, IteratorMode::From(&entry_key(group, u64::MAX), Direction::Reverse));
         let last_entry: Option<LogId> = match iter.next() {
@@ -430,19 +424,12 @@ impl GroupLogStore {
     async fn submit(&self, ops: Vec<Op>, done: Done, flushed: Option<u64>) -> io::Result<()> {
         let bytes = ops.iter().map(op_bytes).sum();
         let flushed = flushed.map(|i| (self.log.flushed.clone(), i));
-        self.engine
-            .tx
-            .send(Msg::Write(Request { ops, bytes, done, flushed }))
-            .await
-            .map_err(|_| io::Error::other("raft log writer stopped"))
+        self.engine.tx.send(Msg::Write(Request { ops, bytes, done, flushed })).await.map_err(|_| io::Error::other("raft log writer stopped"))
     }
 }
 
 impl RaftLogReader<TypeConfig> for GroupLogStore {
-    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
-        &mut self,
-        range: RB,
-    ) -> Result<Vec<Entry>, io::Error> {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(&mut self, range: RB) -> Result<Vec<Entry>, io::Error> {
         let (start, end) = Self::bounds(&range);
         self.read_range(start, end, usize::MAX).await
     }
@@ -487,20 +474,14 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
         self.log.state().vote = Some(vote.clone());
         let (tx, rx) = oneshot::channel();
-        self.submit(vec![Op::Put(Cf::Meta, meta_key(self.log.group, TAG_VOTE).to_vec(), encode(vote))], Done::Signal(tx), None)
-            .await?;
+        self.submit(vec![Op::Put(Cf::Meta, meta_key(self.log.group, TAG_VOTE).to_vec(), encode(vote))], Done::Signal(tx), None).await?;
         rx.await.map_err(|_| io::Error::other("raft log writer stopped"))?
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
         self.log.state().committed = committed.clone();
         // Not awaited: it rides with the next synced batch, which follows within one append.
-        self.submit(
-            vec![Op::Put(Cf::Meta, meta_key(self.log.group, TAG_COMMITTED).to_vec(), encode(&committed))],
-            Done::Nothing,
-            None,
-        )
-        .await
+        self.submit(vec![Op::Put(Cf::Meta, meta_key(self.log.group, TAG_COMMITTED).to_vec(), encode(&committed))], Done::Nothing, None).await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
@@ -558,11 +539,7 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
             }
         }
         let (tx, rx) = oneshot::channel();
-        let ops = vec![Op::DeleteRange(
-            Cf::Log,
-            entry_key(self.log.group, from).to_vec(),
-            entry_key(self.log.group, u64::MAX).to_vec(),
-        )];
+        let ops = vec![Op::DeleteRange(Cf::Log, entry_key(self.log.group, from).to_vec(), entry_key(self.log.group, u64::MAX).to_vec())];
         self.submit(ops, Done::Signal(tx), None).await?;
         rx.await.map_err(|_| io::Error::other("raft log writer stopped"))??;
         // Every earlier append has completed (the writer is FIFO): lower the durable mark so

@@ -106,9 +106,8 @@ impl Writer {
         let stats = Arc::new(WriterStats::default());
         let stopping = Arc::new(AtomicBool::new(false));
         let (thread_stats, thread_stopping) = (stats.clone(), stopping.clone());
-        let thread = std::thread::Builder::new()
-            .name("raft-log-writer".into())
-            .spawn(move || run(db, rx, max_batch_bytes, thread_stats, thread_stopping))?;
+        let thread =
+            std::thread::Builder::new().name("raft-log-writer".into()).spawn(move || run(db, rx, max_batch_bytes, thread_stats, thread_stopping))?;
         Ok(Self { tx, thread: Some(thread), stats, stopping })
     }
 

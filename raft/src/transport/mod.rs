@@ -27,10 +27,8 @@ use peer::{CallError, Peer};
 /// vanished without a word (a cut cable, a partition) is noticed in ~11 s.
 pub(crate) fn tune_socket(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(std::time::Duration::from_secs(5))
-        .with_interval(std::time::Duration::from_secs(2))
-        .with_retries(3);
+    let keepalive =
+        socket2::TcpKeepalive::new().with_time(std::time::Duration::from_secs(5)).with_interval(std::time::Duration::from_secs(2)).with_retries(3);
     socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
 }
 
@@ -52,15 +50,7 @@ impl Router {
     /// A router for node `node_id`; `queue` bounds the messages waiting per peer. Frames
     /// carry this node's figure from `space` and record the peers' in it.
     pub fn new(node_id: NodeId, queue: usize, space: Arc<SpaceBook>) -> Self {
-        Self {
-            inner: Arc::new(RouterInner {
-                node_id,
-                queue,
-                space,
-                peers: Mutex::new(HashMap::new()),
-                addresses: Mutex::new(HashMap::new()),
-            }),
-        }
+        Self { inner: Arc::new(RouterInner { node_id, queue, space, peers: Mutex::new(HashMap::new()), addresses: Mutex::new(HashMap::new()) }) }
     }
 
     /// This node.
@@ -75,14 +65,7 @@ impl Router {
     }
 
     pub(crate) fn peer(&self, target: NodeId, fallback_addr: &str) -> Result<Arc<Peer>, CallError> {
-        let addr = self
-            .inner
-            .addresses
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&target)
-            .cloned()
-            .unwrap_or_else(|| fallback_addr.to_string());
+        let addr = self.inner.addresses.lock().unwrap_or_else(|p| p.into_inner()).get(&target).cloned().unwrap_or_else(|| fallback_addr.to_string());
         let mut peers = self.inner.peers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(p) = peers.get(&target) {
             if p.addr == addr {

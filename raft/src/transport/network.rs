@@ -12,15 +12,15 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
+use openraft::OptionalSend;
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Timeout, Unreachable};
+use openraft::network::v2::RaftNetworkV2;
 use openraft::network::{RPCOption, RPCTypes, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, TransferLeaderRequest,
-    TransferLeaderResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, TransferLeaderRequest, TransferLeaderResponse, VoteRequest,
+    VoteResponse,
 };
-use openraft::network::v2::RaftNetworkV2;
 use openraft::type_config::alias::SnapshotOf;
-use openraft::OptionalSend;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -143,8 +143,9 @@ impl<S: StateMachine> RaftNetworkV2<TypeConfig> for GroupNetwork<S> {
                 .filter_map(futures::future::ready)
                 .map(|rx| async move {
                     match rx.await {
-                        Ok(Ok(bytes)) => decode::<StreamAppendResult<TypeConfig>>(&bytes)
-                            .map_err(|e| RPCError::Network(NetworkError::from_string(e))),
+                        Ok(Ok(bytes)) => {
+                            decode::<StreamAppendResult<TypeConfig>>(&bytes).map_err(|e| RPCError::Network(NetworkError::from_string(e)))
+                        }
                         Ok(Err(e)) => Err(rpc_err(e)),
                         Err(_) => Err(RPCError::Unreachable(Unreachable::from_string("connection closed"))),
                     }
@@ -216,7 +217,8 @@ impl<S: StateMachine> RaftNetworkV2<TypeConfig> for GroupNetwork<S> {
         let transfer = async {
             let (sent, reply) = tokio::join!(producer, call);
             sent.map_err(|e| StreamingError::Network(NetworkError::from_string(format!("reading snapshot: {e}"))))?;
-            let reply = reply.map_err(|s| StreamingError::Unreachable(Unreachable::from_string(format!("snapshot to node-{}: {}", self.target, s.message()))))?;
+            let reply = reply
+                .map_err(|s| StreamingError::Unreachable(Unreachable::from_string(format!("snapshot to node-{}: {}", self.target, s.message()))))?;
             decode::<SnapshotResponse<TypeConfig>>(&reply.into_inner().body).map_err(|e| StreamingError::Network(NetworkError::from_string(e)))
         };
         tokio::select! {

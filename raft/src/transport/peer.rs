@@ -227,7 +227,14 @@ async fn read_replies(target: NodeId, mut rd: BufReader<OwnedReadHalf>, pending:
 /// Takes `first` and whatever else is queued (within the frame limits) into one frame,
 /// registering each message's reply slot before the frame is written: a reply can arrive as
 /// soon as it is.
-fn build_frame(from: NodeId, space: &SpaceBook, first: Outgoing, rx: &mut mpsc::Receiver<Outgoing>, pending: &Pending, next_id: &mut u64) -> RaftFrame {
+fn build_frame(
+    from: NodeId,
+    space: &SpaceBook,
+    first: Outgoing,
+    rx: &mut mpsc::Receiver<Outgoing>,
+    pending: &Pending,
+    next_id: &mut u64,
+) -> RaftFrame {
     let mut messages = Vec::new();
     let mut bytes = 0;
     let mut p = pending.lock().unwrap_or_else(|p| p.into_inner());

@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use basalt_proto::raft::raft_transport_server::RaftTransport;
 use basalt_proto::raft::{RaftFrame, RaftKind, RaftMessage, SnapshotChunk, SnapshotReply};
 use bytes::Bytes;
+use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -183,7 +183,12 @@ impl Pipeline {
     }
 }
 
-async fn serve_pipe<R: AsyncRead + Unpin>(registry: Registry, space: Arc<SpaceBook>, mut incoming: R, replies: mpsc::Sender<RaftMessage>) -> io::Result<()> {
+async fn serve_pipe<R: AsyncRead + Unpin>(
+    registry: Registry,
+    space: Arc<SpaceBook>,
+    mut incoming: R,
+    replies: mpsc::Sender<RaftMessage>,
+) -> io::Result<()> {
     let mut pipelines: HashMap<(GroupId, u64), Pipeline> = HashMap::new();
     let mut swept = std::time::Instant::now();
     while let Some(frame) = frame::read(&mut incoming).await? {
@@ -206,8 +211,7 @@ async fn serve_pipe<R: AsyncRead + Unpin>(registry: Registry, space: Arc<SpaceBo
             };
             match kind {
                 RaftKind::StreamAppend => {
-                    let pipeline =
-                        pipelines.entry((m.group, m.stream)).or_insert_with(|| Pipeline::start(endpoint, m.group, replies.clone()));
+                    let pipeline = pipelines.entry((m.group, m.stream)).or_insert_with(|| Pipeline::start(endpoint, m.group, replies.clone()));
                     pipeline.last_used = std::time::Instant::now();
                     if !pipeline.admit(m.id) {
                         let _ = replies.send(reply(m.id, m.group, Err("append stream ended".into()))).await;
@@ -237,16 +241,10 @@ impl RaftTransport for TransportService {
     async fn install_snapshot(&self, request: Request<Streaming<SnapshotChunk>>) -> Result<Response<SnapshotReply>, Status> {
         let mut stream = request.into_inner();
         let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
-        let endpoint = self
-            .registry
-            .get(first.group)
-            .ok_or_else(|| Status::not_found(format!("group {} is not hosted here", first.group)))?;
+        let endpoint = self.registry.get(first.group).ok_or_else(|| Status::not_found(format!("group {} is not hosted here", first.group)))?;
         let head = futures::stream::once(async move { Ok::<Bytes, io::Error>(first.data) });
         let rest = stream.map(|r| r.map(|c| c.data).map_err(|s| io::Error::other(s.message().to_string())));
-        let body = endpoint
-            .install_snapshot(first.header, Box::pin(head.chain(rest)))
-            .await
-            .map_err(Status::internal)?;
+        let body = endpoint.install_snapshot(first.header, Box::pin(head.chain(rest))).await.map_err(Status::internal)?;
         Ok(Response::new(SnapshotReply { body }))
     }
 }

@@ -12,8 +12,8 @@
 //! This crate only carries the numbers; the storage node sets them and decides what to refuse.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use basalt_proto::raft::RaftFrame;

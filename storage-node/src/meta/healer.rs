@@ -370,7 +370,8 @@ async fn drive(ctx: &NodeCtx, state: &ClusterState, pg: PgId, m: &PgMove, cancel
                 let r = reply.into_inner();
                 match r.error {
                     None => {
-                        let progress = MoveProgress { phase: r.phase, chunks_done: r.chunks_done, chunks_total: r.chunks_total, matched_index: r.matched_index };
+                        let progress =
+                            MoveProgress { phase: r.phase, chunks_done: r.chunks_done, chunks_total: r.chunks_total, matched_index: r.matched_index };
                         ctx.heal.set(pg, progress);
                         let step = match (r.done, r.cancelled) {
                             (true, true) => Step::Cancelled,

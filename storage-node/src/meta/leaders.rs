@@ -82,7 +82,13 @@ mod tests {
             .iter()
             .map(|p| {
                 let live: Vec<u64> = p.replicas.iter().map(|r| r.0).collect();
-                let view = PgView { leader: leader(&p.replicas).0, term: 2, applied_index: applied, applied: live.iter().map(|n| (*n, applied)).collect(), live };
+                let view = PgView {
+                    leader: leader(&p.replicas).0,
+                    term: 2,
+                    applied_index: applied,
+                    applied: live.iter().map(|n| (*n, applied)).collect(),
+                    live,
+                };
                 (p.id.0, view)
             })
             .collect()

@@ -37,10 +37,7 @@ pub fn plan(state: &ClusterState, health: &Health, voters: &BTreeSet<u64>, learn
     let gone = |n: &NodeId| health.dead.contains(n) || state.removed.contains(n);
     let dead = voters.iter().map(|v| NodeId(*v)).find(gone)?;
     let usable = |n: &NodeId| {
-        health.up.contains(n)
-            && !gone(n)
-            && !state.draining.contains(n)
-            && state.nodes.get(n).is_some_and(|r| r.roles.contains(&Role::Meta))
+        health.up.contains(n) && !gone(n) && !state.draining.contains(n) && state.nodes.get(n).is_some_and(|r| r.roles.contains(&Role::Meta))
     };
     let staying: Vec<NodeId> = voters.iter().map(|v| NodeId(*v)).filter(|v| !gone(v)).collect();
     if let Some(learner) = learners.iter().map(|l| NodeId(*l)).find(usable) {

@@ -170,14 +170,8 @@ mod tests {
     fn skewed_domains_respect_the_rule() {
         // Three racks: one node, one node, four nodes. Each PG needs one replica per rack, so the
         // lone nodes carry every PG and the big rack shares its third evenly.
-        let nodes = vec![
-            cand(1, "rack=a", 1),
-            cand(2, "rack=b", 1),
-            cand(3, "rack=c", 1),
-            cand(4, "rack=c", 1),
-            cand(5, "rack=c", 1),
-            cand(6, "rack=c", 1),
-        ];
+        let nodes =
+            vec![cand(1, "rack=a", 1), cand(2, "rack=b", 1), cand(3, "rack=c", 1), cand(4, "rack=c", 1), cand(5, "rack=c", 1), cand(6, "rack=c", 1)];
         let p = place(64, 3, DomainLevel::Rack, &nodes).unwrap();
         check(&p, &nodes, 3);
         let c = counts(&p);
@@ -208,12 +202,7 @@ mod tests {
 
     #[test]
     fn capacity_weights_shift_load() {
-        let nodes = vec![
-            cand(1, "host=a", 1),
-            cand(2, "host=b", 1),
-            cand(3, "host=c", 1),
-            cand(4, "host=d", 3),
-        ];
+        let nodes = vec![cand(1, "host=a", 1), cand(2, "host=b", 1), cand(3, "host=c", 1), cand(4, "host=d", 3)];
         let p = place(120, 3, DomainLevel::Host, &nodes).unwrap();
         check(&p, &nodes, 3);
         let c = counts(&p);

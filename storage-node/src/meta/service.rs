@@ -10,9 +10,9 @@ use basalt_common::{DomainLevel, Layout, NodeId, PgId, VolumeId};
 use basalt_proto::admin::admin_client::AdminClient;
 use basalt_proto::admin::admin_server::Admin;
 use basalt_proto::admin::{
-    ClusterInitReply, ClusterInitRequest, ClusterMap, ClusterStatusReply, ClusterStatusRequest, GetClusterMapRequest, NodeHeartbeatReply,
-    NodeDrainReply, NodeDrainRequest, NodeHeartbeatRequest, NodeInfoReply, NodeRemoveReply, NodeRemoveRequest, NodeInfoRequest, NodeListReply, NodeListRequest, PlacementGroup, ScrubStartReply, ScrubStartRequest, ScrubStatusReply, ScrubStatusRequest,
-    Volume, VolumeAttachRequest,
+    ClusterInitReply, ClusterInitRequest, ClusterMap, ClusterStatusReply, ClusterStatusRequest, GetClusterMapRequest, NodeDrainReply,
+    NodeDrainRequest, NodeHeartbeatReply, NodeHeartbeatRequest, NodeInfoReply, NodeInfoRequest, NodeListReply, NodeListRequest, NodeRemoveReply,
+    NodeRemoveRequest, PlacementGroup, ScrubStartReply, ScrubStartRequest, ScrubStatusReply, ScrubStatusRequest, Volume, VolumeAttachRequest,
     VolumeCreateRequest, VolumeDeleteReply, VolumeDeleteRequest, VolumeDetachRequest, VolumeListReply, VolumeListRequest, VolumeReply,
     VolumeResizeRequest, VolumeShowRequest,
 };
@@ -124,10 +124,7 @@ impl AdminService {
                 }
             }
             Some(l) => {
-                let addr = meta
-                    .group
-                    .member_addr(l)
-                    .ok_or_else(|| Status::unavailable(format!("address of meta leader node-{l} unknown")))?;
+                let addr = meta.group.member_addr(l).ok_or_else(|| Status::unavailable(format!("address of meta leader node-{l} unknown")))?;
                 Ok(Route::Forward(self.ctx.clients.admin(&addr)?, hops + 1))
             }
             // No leader in sight: an election, or this node is no longer a member (replaced
@@ -623,9 +620,7 @@ pub async fn run_volume_reaper(ctx: Arc<NodeCtx>, mut shutdown: tokio::sync::wat
                 .volumes
                 .values()
                 .filter_map(|v| match &v.state {
-                    VolumeState::Deleting { done } => {
-                        Some((v.id, s.pgs.iter().map(|p| p.id).filter(|p| !done.contains(p)).collect::<Vec<_>>()))
-                    }
+                    VolumeState::Deleting { done } => Some((v.id, s.pgs.iter().map(|p| p.id).filter(|p| !done.contains(p)).collect::<Vec<_>>())),
                     VolumeState::Active => None,
                 })
                 .collect();

@@ -385,11 +385,7 @@ pub fn validate_size(size: u64) -> Result<(), MetaError> {
         )));
     }
     if size > MAX_VOLUME_SIZE {
-        return Err(MetaError::InvalidSize(format!(
-            "volume size {} exceeds the maximum of {}",
-            format_size(size),
-            format_size(MAX_VOLUME_SIZE)
-        )));
+        return Err(MetaError::InvalidSize(format!("volume size {} exceeds the maximum of {}", format_size(size), format_size(MAX_VOLUME_SIZE))));
     }
     Ok(())
 }
@@ -460,8 +456,7 @@ impl ClusterState {
         self.cluster_id = Some(cluster_id);
         self.settings = Some(settings);
         self.nodes = nodes;
-        self.pgs =
-            placement.into_iter().enumerate().map(|(i, replicas)| PgRecord { id: PgId(i as u32), replicas, moving: None }).collect();
+        self.pgs = placement.into_iter().enumerate().map(|(i, replicas)| PgRecord { id: PgId(i as u32), replicas, moving: None }).collect();
         self.next_volume_id = 1;
         MetaReply::Done
     }
@@ -652,9 +647,7 @@ impl ClusterState {
             return MetaReply::Error(MetaError::NoSuchNode(node));
         }
         if self.nodes.get(&node).is_some_and(|n| n.roles.contains(&Role::Meta)) {
-            return MetaReply::Error(MetaError::BadMove(format!(
-                "{node} is a meta node; changing the meta group's membership is not supported yet"
-            )));
+            return MetaReply::Error(MetaError::BadMove(format!("{node} is a meta node; changing the meta group's membership is not supported yet")));
         }
         let held = self.replica_counts().get(&node).copied().unwrap_or(0);
         if held > 0 {
@@ -701,11 +694,14 @@ mod tests {
 
     fn initialized() -> ClusterState {
         let mut s = ClusterState::default();
-        let r = s.apply(1, MetaCommand::InitCluster {
-            cluster_id: "c1".into(),
-            settings: settings(16, DomainLevel::Host),
-            nodes: vec![node(1, "a"), node(2, "b"), node(3, "c")],
-        });
+        let r = s.apply(
+            1,
+            MetaCommand::InitCluster {
+                cluster_id: "c1".into(),
+                settings: settings(16, DomainLevel::Host),
+                nodes: vec![node(1, "a"), node(2, "b"), node(3, "c")],
+            },
+        );
         assert_eq!(r, MetaReply::Done);
         s
     }
@@ -727,20 +723,20 @@ mod tests {
         let mut s = ClusterState::default();
         let mut n2 = node(2, "a");
         n2.labels = node(1, "a").labels;
-        let r = s.apply(1, MetaCommand::InitCluster {
-            cluster_id: "c1".into(),
-            settings: settings(8, DomainLevel::Zone),
-            nodes: vec![node(1, "a"), n2],
-        });
+        let r =
+            s.apply(1, MetaCommand::InitCluster { cluster_id: "c1".into(), settings: settings(8, DomainLevel::Zone), nodes: vec![node(1, "a"), n2] });
         let MetaReply::Error(MetaError::Placement(msg)) = r else { panic!("{r:?}") };
         assert!(msg.contains("zone=z1"), "{msg}");
         assert!(s.cluster_id.is_none());
         assert_eq!(s.version, 0);
-        let r = s.apply(2, MetaCommand::InitCluster {
-            cluster_id: "c2".into(),
-            settings: settings(8, DomainLevel::Zone),
-            nodes: vec![node(1, "a"), node(2, "b"), node(3, "c")],
-        });
+        let r = s.apply(
+            2,
+            MetaCommand::InitCluster {
+                cluster_id: "c2".into(),
+                settings: settings(8, DomainLevel::Zone),
+                nodes: vec![node(1, "a"), node(2, "b"), node(3, "c")],
+            },
+        );
         assert_eq!(r, MetaReply::Done);
         let r = s.apply(3, MetaCommand::InitCluster { cluster_id: "c3".into(), settings: settings(8, DomainLevel::Zone), nodes: vec![] });
         assert_eq!(r, MetaReply::Error(MetaError::AlreadyInitialized("c2".into())));
@@ -749,9 +745,7 @@ mod tests {
     #[test]
     fn volume_lifecycle_and_errors() {
         let mut s = initialized();
-        let MetaReply::Volume(v) = s.apply(2, MetaCommand::CreateVolume { name: "demo".into(), size: 4 << 30, now_unix_ms: 5 }) else {
-            panic!()
-        };
+        let MetaReply::Volume(v) = s.apply(2, MetaCommand::CreateVolume { name: "demo".into(), size: 4 << 30, now_unix_ms: 5 }) else { panic!() };
         assert_eq!(v.id, VolumeId(1));
         assert_eq!(
             s.apply(3, MetaCommand::CreateVolume { name: "demo".into(), size: 4 << 30, now_unix_ms: 5 }),
@@ -773,10 +767,7 @@ mod tests {
             s.apply(7, MetaCommand::CreateVolume { name: "z".into(), size: MAX_VOLUME_SIZE + 4096, now_unix_ms: 5 }),
             MetaReply::Error(MetaError::InvalidSize(_))
         ));
-        assert!(matches!(
-            s.apply(8, MetaCommand::ResizeVolume { name: "demo".into(), size: 1 << 30 }),
-            MetaReply::Error(MetaError::Shrink { .. })
-        ));
+        assert!(matches!(s.apply(8, MetaCommand::ResizeVolume { name: "demo".into(), size: 1 << 30 }), MetaReply::Error(MetaError::Shrink { .. })));
         let MetaReply::Volume(v) = s.apply(9, MetaCommand::ResizeVolume { name: "demo".into(), size: 8 << 30 }) else { panic!() };
         assert_eq!(v.size, 8 << 30);
         assert_eq!(s.version, 9);
@@ -784,9 +775,7 @@ mod tests {
         s.apply(11, MetaCommand::DeleteVolume { name: "demo".into() });
         assert!(s.volume_by_name("demo").is_none());
         // The name is free again while the old volume's data is released; ids are never reused.
-        let MetaReply::Volume(v2) = s.apply(12, MetaCommand::CreateVolume { name: "demo".into(), size: 4096, now_unix_ms: 6 }) else {
-            panic!()
-        };
+        let MetaReply::Volume(v2) = s.apply(12, MetaCommand::CreateVolume { name: "demo".into(), size: 4096, now_unix_ms: 6 }) else { panic!() };
         assert_eq!(v2.id, VolumeId(2));
         for pg in 0..16 {
             s.apply(13 + pg, MetaCommand::VolumePgReleased { volume: VolumeId(1), pg: PgId(pg as u32) });
@@ -845,10 +834,7 @@ mod tests {
         assert_eq!(s.apply(5, begin(1, 4)), MetaReply::Done);
         assert!(matches!(s.apply(6, begin(2, 5)), MetaReply::Error(MetaError::BadMove(_))), "one move per PG at a time");
         assert_eq!(s.replica_counts()[&NodeId(4)], 1, "a move's target counts as holding the replica");
-        assert!(matches!(
-            s.apply(7, MetaCommand::FinishMove { pg, from: NodeId(2), to: NodeId(4) }),
-            MetaReply::Error(MetaError::BadMove(_))
-        ));
+        assert!(matches!(s.apply(7, MetaCommand::FinishMove { pg, from: NodeId(2), to: NodeId(4) }), MetaReply::Error(MetaError::BadMove(_))));
         // An abandoned move leaves the replicas as they were; the move can start again.
         assert!(matches!(s.apply(8, MetaCommand::CancelMove { pg, from: NodeId(1), to: NodeId(5) }), MetaReply::Error(_)));
         assert_eq!(s.apply(8, MetaCommand::CancelMove { pg, from: NodeId(1), to: NodeId(4) }), MetaReply::Done);
@@ -870,10 +856,13 @@ mod tests {
         s.apply(2, MetaCommand::RegisterNode { node: storage_only(4, 4, "d") });
         assert_eq!(s.apply(3, MetaCommand::DrainNode { node: NodeId(4), drain: true }), MetaReply::Done);
         assert!(s.draining.contains(&NodeId(4)));
-        assert!(matches!(
-            s.apply(4, MetaCommand::BeginMove { pg: PgId(0), from: NodeId(1), to: NodeId(4), reason: MoveReason::Rebalance, now_unix_ms: 0 }),
-            MetaReply::Error(MetaError::BadMove(_))
-        ), "nothing moves onto a draining node");
+        assert!(
+            matches!(
+                s.apply(4, MetaCommand::BeginMove { pg: PgId(0), from: NodeId(1), to: NodeId(4), reason: MoveReason::Rebalance, now_unix_ms: 0 }),
+                MetaReply::Error(MetaError::BadMove(_))
+            ),
+            "nothing moves onto a draining node"
+        );
         assert!(matches!(s.apply(5, MetaCommand::RemoveNode { node: NodeId(1) }), MetaReply::Error(MetaError::BadMove(_))), "meta nodes stay");
         assert_eq!(s.apply(6, MetaCommand::DrainNode { node: NodeId(4), drain: false }), MetaReply::Done);
         s.apply(7, MetaCommand::BeginMove { pg: PgId(0), from: NodeId(1), to: NodeId(4), reason: MoveReason::Rebalance, now_unix_ms: 0 });

@@ -345,7 +345,11 @@ pub async fn run_checkpointer(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<b
             let started = std::time::Instant::now();
             match tokio::task::spawn_blocking(move || engine.scrub_purged()).await {
                 Ok(Ok(())) => {
-                    tracing::info!(pgs = owed.len(), took_ms = started.elapsed().as_millis() as u64, "raft log files rewritten without purged entries");
+                    tracing::info!(
+                        pgs = owed.len(),
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "raft log files rewritten without purged entries"
+                    );
                     ctx.scrub.log_scrubs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
                     ctx.scrub.last_log_scrub_unix_ms.store(now_ms, std::sync::atomic::Ordering::Relaxed);

@@ -105,8 +105,13 @@ fn compare(views: &[(NodeId, ReplicaView)], voters: usize) -> Vec<BlockPlan> {
     let n = voters.max(views.len());
     let mut plans = Vec::new();
     for block in blocks {
-        let copies: Vec<(NodeId, u32, bool)> =
-            views.iter().map(|(node, v)| { let (crc, ok) = v.get(&block).copied().unwrap_or((ZERO_BLOCK_CRC, true)); (*node, crc, ok) }).collect();
+        let copies: Vec<(NodeId, u32, bool)> = views
+            .iter()
+            .map(|(node, v)| {
+                let (crc, ok) = v.get(&block).copied().unwrap_or((ZERO_BLOCK_CRC, true));
+                (*node, crc, ok)
+            })
+            .collect();
         let first = copies[0].1;
         if copies.iter().all(|(_, crc, ok)| *ok && *crc == first) {
             continue;
@@ -117,11 +122,8 @@ fn compare(views: &[(NodeId, ReplicaView)], voters: usize) -> Vec<BlockPlan> {
         for (_, crc, _) in &copies {
             *recorded.entry(*crc).or_default() += 1;
         }
-        let keep = recorded
-            .iter()
-            .filter(|(crc, count)| **count * 2 > n && copies.iter().any(|(_, c, ok)| *ok && c == *crc))
-            .map(|(crc, _)| *crc)
-            .next();
+        let keep =
+            recorded.iter().filter(|(crc, count)| **count * 2 > n && copies.iter().any(|(_, c, ok)| *ok && c == *crc)).map(|(crc, _)| *crc).next();
         let intact_values: BTreeSet<u32> = copies.iter().filter(|(_, _, ok)| *ok).map(|(_, crc, _)| *crc).collect();
         let corrupt = copies.iter().filter(|(_, _, ok)| !ok).count() as u64;
         let (sources, bad, divergent) = match keep {
@@ -379,7 +381,10 @@ mod tests {
     fn a_corrupt_copy_is_rewritten_from_the_intact_ones() {
         let good = view(&[(3, 7, true)]);
         let plans = compare(&[(NodeId(1), good.clone()), (NodeId(2), view(&[(3, 7, false)])), (NodeId(3), good)], 3);
-        assert_eq!(plans, vec![BlockPlan { block: 3, keep: Some(7), sources: vec![NodeId(1), NodeId(3)], bad: vec![NodeId(2)], corrupt: 1, divergent: 0 }]);
+        assert_eq!(
+            plans,
+            vec![BlockPlan { block: 3, keep: Some(7), sources: vec![NodeId(1), NodeId(3)], bad: vec![NodeId(2)], corrupt: 1, divergent: 0 }]
+        );
     }
 
     #[test]
@@ -393,7 +398,10 @@ mod tests {
     #[test]
     fn a_divergent_copy_with_a_valid_crc_loses_to_the_majority() {
         let plans = compare(&[(NodeId(1), view(&[(9, 7, true)])), (NodeId(2), view(&[(9, 8, true)])), (NodeId(3), view(&[(9, 7, true)]))], 3);
-        assert_eq!(plans, vec![BlockPlan { block: 9, keep: Some(7), sources: vec![NodeId(1), NodeId(3)], bad: vec![NodeId(2)], corrupt: 0, divergent: 1 }]);
+        assert_eq!(
+            plans,
+            vec![BlockPlan { block: 9, keep: Some(7), sources: vec![NodeId(1), NodeId(3)], bad: vec![NodeId(2)], corrupt: 0, divergent: 1 }]
+        );
     }
 
     #[test]

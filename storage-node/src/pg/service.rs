@@ -15,8 +15,9 @@ use basalt_common::{BLOCK_SIZE, ExtentIndex, PgId, VolumeId, crc32c};
 use basalt_proto::data::data_error::Code;
 use basalt_proto::data::data_server::Data;
 use basalt_proto::data::{
-    ChunkCheckReply, ChunkCheckRequest, DataError, MoveReplicaReply, MoveReplicaRequest, ReadReply, ReadRequest, ReleaseVolumeReply, ReleaseVolumeRequest, RepairChunkReply,
-    RepairChunkRequest, TransferLeaderReply, TransferLeaderRequest, WriteReply, WriteRequest, ZeroReply, ZeroRequest,
+    ChunkCheckReply, ChunkCheckRequest, DataError, MoveReplicaReply, MoveReplicaRequest, ReadReply, ReadRequest, ReleaseVolumeReply,
+    ReleaseVolumeRequest, RepairChunkReply, RepairChunkRequest, TransferLeaderReply, TransferLeaderRequest, WriteReply, WriteRequest, ZeroReply,
+    ZeroRequest,
 };
 use basalt_raft::RaftError;
 use basalt_scrubber::ChunkVerdict;
@@ -62,10 +63,8 @@ impl DataService {
         match e {
             RaftError::NotLeader { leader, ref leader_addr, .. } => {
                 let leader_addr = leader_addr.clone();
-                let addr = leader
-                    .and_then(|l| self.ctx.map.borrow().addr(basalt_common::NodeId(l)).map(str::to_string))
-                    .or(leader_addr)
-                    .unwrap_or_default();
+                let addr =
+                    leader.and_then(|l| self.ctx.map.borrow().addr(basalt_common::NodeId(l)).map(str::to_string)).or(leader_addr).unwrap_or_default();
                 DataError { code: Code::NotLeader as i32, message: e.to_string(), leader: leader.unwrap_or(0), leader_addr: addr }
             }
             RaftError::Unavailable { .. } | RaftError::Stopped { .. } => err(Code::Unavailable, format!("{e} (on {})", self.ctx.config.id)),
@@ -106,10 +105,7 @@ impl DataService {
         }
         let end = offset.checked_add(len).ok_or_else(|| err(Code::OutOfRange, "offset + length overflows"))?;
         if end > vol.size {
-            return Err(err(
-                Code::OutOfRange,
-                format!("range {offset}..{end} is beyond the end of volume {:?} ({} bytes)", vol.name, vol.size),
-            ));
+            return Err(err(Code::OutOfRange, format!("range {offset}..{end} is beyond the end of volume {:?} ({} bytes)", vol.name, vol.size)));
         }
         let first = offset / layout.extent_size;
         if (end - 1) / layout.extent_size != first {
@@ -150,7 +146,10 @@ impl DataService {
             return Some(err(Code::Unavailable, "the client's connection closed before this was proposed; not applied"));
         }
         self.sessions.superseded(session, connection).then(|| {
-            err(Code::Unavailable, format!("connection {connection} of client session {session:#x} was superseded by a newer one before this was proposed; not applied"))
+            err(
+                Code::Unavailable,
+                format!("connection {connection} of client session {session:#x} was superseded by a newer one before this was proposed; not applied"),
+            )
         })
     }
 

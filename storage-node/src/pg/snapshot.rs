@@ -83,11 +83,7 @@ impl PgSnapshot {
 
     /// Replaces the PG's data with this snapshot and records `record`; returns the tombstones
     /// and attachment epochs it carried.
-    pub(crate) async fn install(
-        self,
-        shared: &PgShared,
-        record: &CheckpointRecord,
-    ) -> io::Result<(HashSet<VolumeId>, HashMap<VolumeId, u64>)> {
+    pub(crate) async fn install(self, shared: &PgShared, record: &CheckpointRecord) -> io::Result<(HashSet<VolumeId>, HashMap<VolumeId, u64>)> {
         let staged = match self {
             staged @ PgSnapshot::Staged { .. } => staged,
             outgoing @ PgSnapshot::Outgoing(_) => {

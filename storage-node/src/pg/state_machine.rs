@@ -265,9 +265,7 @@ impl PgStateMachine {
     fn fence(&mut self, batch: &mut Batch, volume: VolumeId, epoch: u64) -> Option<PgReply> {
         let newest = self.epochs.get(&volume).copied().unwrap_or(0);
         if epoch < newest {
-            return Some(PgReply::Fenced(format!(
-                "{volume}: attachment epoch {epoch} was superseded by epoch {newest}; this writer is fenced"
-            )));
+            return Some(PgReply::Fenced(format!("{volume}: attachment epoch {epoch} was superseded by epoch {newest}; this writer is fenced")));
         }
         if epoch > newest {
             self.epochs.insert(volume, epoch);
@@ -282,7 +280,14 @@ impl PgStateMachine {
 
     /// Builds the whole-block write for a write or zero command, reading the partial blocks at
     /// its edges (read-modify-write). `data` is `None` for zeroing.
-    async fn aligned(&self, volume: VolumeId, offset: u64, len: u64, data: Option<&Bytes>, crcs: &[u32]) -> Result<(u64, Bytes, Vec<u32>), ChunkStoreError> {
+    async fn aligned(
+        &self,
+        volume: VolumeId,
+        offset: u64,
+        len: u64,
+        data: Option<&Bytes>,
+        crcs: &[u32],
+    ) -> Result<(u64, Bytes, Vec<u32>), ChunkStoreError> {
         let start = offset / BLOCK_SIZE * BLOCK_SIZE;
         let end = (offset + len).div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
         let mut buf = BytesMut::zeroed((end - start) as usize);
@@ -595,8 +600,7 @@ impl PgStateMachine {
         let bytes: u64 = items.iter().filter_map(|i| i.command.as_ref()).map(|c| c.len() as u64).sum();
         self.shared.bytes_since_checkpoint.fetch_add(bytes, Ordering::Relaxed);
         let last_index = items.last().map(|i| i.index).unwrap_or(0);
-        let cmds: Vec<(u64, Option<Result<PgCommand, String>>)> =
-            items.into_iter().map(|i| (i.index, i.command.map(PgCommand::decode))).collect();
+        let cmds: Vec<(u64, Option<Result<PgCommand, String>>)> = items.into_iter().map(|i| (i.index, i.command.map(PgCommand::decode))).collect();
         if cmds.iter().any(|(_, c)| matches!(c, Some(Ok(PgCommand::Zero { .. } | PgCommand::DeleteVolume { .. })))) {
             self.shared.purge_wanted.fetch_max(last_index, Ordering::Relaxed);
         }

@@ -92,7 +92,12 @@ pub async fn serve_connection(service: Arc<DataService>, stream: TcpStream, mut 
         let body = match tokio::time::timeout(BODY_TIMEOUT, wire::read_body(&mut rd, &header)).await {
             Ok(Ok(b)) => b,
             Ok(Err(e)) => break Err(e),
-            Err(_) => break Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("frame {} body did not arrive within {BODY_TIMEOUT:?}", header.id))),
+            Err(_) => {
+                break Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("frame {} body did not arrive within {BODY_TIMEOUT:?}", header.id),
+                ));
+            }
         };
         let (service, tx, budget, gone) = (service.clone(), tx.clone(), budget.clone(), gone.clone());
         tokio::spawn(async move {
