@@ -1,11 +1,19 @@
 //! `basalt attach` / `basalt detach`: serve a volume over NBD on this host.
+//!
+//! The NBD side has no authentication of its own: a unix socket is guarded by its file mode, a
+//! TCP listener by its address. A listener on a non-loopback address would hand the volume's
+//! data, in plaintext, to whoever reaches it; it is refused unless `--insecure-nbd` says the
+//! network is private (NBD STARTTLS is not served yet), and `--nbd-allow` limits who connects.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use basalt_security::cidr::AllowList;
 use basalt_volume_client::nbd::{Export, NbdOptions, NbdServer};
-use basalt_volume_client::{Cluster, Volume};
+use basalt_volume_client::{ClientError, Cluster, Volume};
 use tokio::sync::watch;
 
+use crate::admin::{Admin, Credentials};
 use crate::exit::CliError;
 
 /// Where to listen.
@@ -16,11 +24,25 @@ pub enum Listen {
     Tcp(String),
 }
 
-fn client_err(e: basalt_volume_client::ClientError) -> CliError {
+/// How to attach.
+pub struct Options {
+    /// Export read-only (no attachment recorded).
+    pub read_only: bool,
+    /// Take over from the current holder.
+    pub force: bool,
+    /// Allow a plaintext NBD listener on a non-loopback address.
+    pub insecure_nbd: bool,
+    /// Who may connect to an NBD TCP listener.
+    pub allow: AllowList,
+}
+
+fn client_err(e: ClientError) -> CliError {
     match e {
-        basalt_volume_client::ClientError::NoSuchVolume(_) => CliError { code: 3, message: e.to_string() },
-        basalt_volume_client::ClientError::Unreachable { .. } => CliError::unreachable(e.to_string()),
-        basalt_volume_client::ClientError::Admin(m) if m.contains("already attached") => CliError { code: 7, message: m },
+        ClientError::NoSuchVolume(_) => CliError { code: 3, message: e.to_string() },
+        ClientError::Unreachable { .. } => CliError::unreachable(e.to_string()),
+        ClientError::Unauthenticated(_) => CliError::unauthenticated(e.to_string()),
+        ClientError::PermissionDenied(_) => CliError { code: 9, message: e.to_string() },
+        ClientError::Admin(m) if m.contains("already attached") => CliError { code: 7, message: m },
         other => CliError::other(other.to_string()),
     }
 }
@@ -32,10 +54,30 @@ pub fn holder() -> String {
 }
 
 /// Connects, attaches (read-write unless `read_only`) and returns the volume.
-pub async fn open(seeds: &[String], name: &str, read_only: bool, force: bool, holder: &str) -> Result<(Cluster, Volume), CliError> {
-    let cluster = Cluster::connect(seeds).await.map_err(client_err)?;
+pub async fn open(
+    seeds: &[String],
+    creds: &Credentials,
+    name: &str,
+    read_only: bool,
+    force: bool,
+    holder: &str,
+) -> Result<(Cluster, Volume), CliError> {
+    let cluster = Cluster::connect_with(seeds, creds.client_options()).await.map_err(client_err)?;
     let volume = if read_only { cluster.open_volume(name).await } else { cluster.attach_volume(name, holder, force).await }.map_err(client_err)?;
     Ok((cluster, volume))
+}
+
+/// Refuses a plaintext NBD TCP listener that is not on loopback, unless the operator said the
+/// network is private.
+pub fn check_nbd_address(addr: &str, insecure_nbd: bool) -> Result<(), CliError> {
+    let parsed: SocketAddr = addr.parse().map_err(|_| CliError::usage(format!("--nbd-listen {addr:?} is not an address like 127.0.0.1:10809")))?;
+    if parsed.ip().is_loopback() || insecure_nbd {
+        return Ok(());
+    }
+    Err(CliError::usage(format!(
+        "refusing to serve NBD in plaintext on {addr}: NBD carries the volume's data unencrypted and unauthenticated to anyone who reaches it. \
+         Listen on loopback or a unix socket (--nbd-socket), or pass --insecure-nbd if that network is private (NBD STARTTLS is not served yet)"
+    )))
 }
 
 /// Starts serving `volume` on `listen`; returns the URI clients use and the server task.
@@ -43,6 +85,7 @@ pub async fn serve(
     volume: Volume,
     read_only: bool,
     listen: &Listen,
+    allow: AllowList,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(String, tokio::task::JoinHandle<()>), CliError> {
     let name = volume.name().to_string();
@@ -51,7 +94,7 @@ pub async fn serve(
         Listen::Tcp(addr) => {
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| CliError::other(format!("cannot listen on {addr}: {e}")))?;
             let local = listener.local_addr().map_err(|e| CliError::other(e.to_string()))?;
-            Ok((format!("nbd://{local}/{name}"), tokio::spawn(server.serve_tcp(listener, shutdown))))
+            Ok((format!("nbd://{local}/{name}"), tokio::spawn(server.serve_tcp(listener, allow, shutdown))))
         }
         Listen::Socket(path) => {
             // Replace a stale socket from an earlier run, never any other kind of file.
@@ -70,11 +113,14 @@ pub async fn serve(
 }
 
 /// `basalt attach`: serves until Ctrl-C or SIGTERM, then detaches.
-pub async fn attach(seeds: &[String], name: &str, listen: Listen, read_only: bool, force: bool) -> Result<(), CliError> {
-    let (cluster, volume) = open(seeds, name, read_only, force, &holder()).await?;
+pub async fn attach(admin: &Admin, name: &str, listen: Listen, opts: Options) -> Result<(), CliError> {
+    if let Listen::Tcp(addr) = &listen {
+        check_nbd_address(addr, opts.insecure_nbd)?;
+    }
+    let (cluster, volume) = open(admin.addrs(), admin.credentials(), name, opts.read_only, opts.force, &holder()).await?;
     let (tx, rx) = watch::channel(false);
-    let (uri, task) = serve(volume.clone(), read_only, &listen, rx).await?;
-    if !read_only {
+    let (uri, task) = serve(volume.clone(), opts.read_only, &listen, opts.allow, rx).await?;
+    if !opts.read_only {
         eprintln!("attached {name} read-write (epoch {})", volume.epoch());
     }
     println!("{uri}");
@@ -85,7 +131,7 @@ pub async fn attach(seeds: &[String], name: &str, listen: Listen, read_only: boo
     if let Listen::Socket(path) = &listen {
         let _ = std::fs::remove_file(path);
     }
-    if !read_only {
+    if !opts.read_only {
         cluster.detach_volume(&volume).await.map_err(client_err)?;
         eprintln!("detached {name}");
     }
@@ -93,14 +139,14 @@ pub async fn attach(seeds: &[String], name: &str, listen: Listen, read_only: boo
 }
 
 /// `basalt detach`: ends whatever attachment the volume has (fencing its holder).
-pub async fn detach(seeds: &[String], name: &str) -> Result<(), CliError> {
-    let cluster = Cluster::connect(seeds).await.map_err(client_err)?;
-    let mut admin = cluster.admin(0).map_err(client_err)?;
+pub async fn detach(admin: &Admin, name: &str) -> Result<(), CliError> {
+    let req = basalt_proto::admin::VolumeDetachRequest { name: name.to_string(), epoch: 0 };
     let reply = admin
-        .volume_detach(basalt_proto::admin::VolumeDetachRequest { name: name.to_string(), epoch: 0 })
-        .await
-        .map_err(|s| CliError::from_status(&s))?
-        .into_inner();
+        .call(|mut c| {
+            let req = req.clone();
+            async move { c.volume_detach(req).await }
+        })
+        .await?;
     let epoch = reply.volume.map(|v| v.attach_epoch).unwrap_or(0);
     println!("detached {name} (epoch now {epoch}; earlier holders are fenced)");
     Ok(())

@@ -59,7 +59,19 @@ pub fn node_json(n: &Node) -> Value {
         "capacity_bytes": n.capacity_bytes, "used_bytes": n.used_bytes,
         "scrub_pending_bytes": n.scrub_pending_bytes, "last_seen_ms_ago": n.last_seen_ms_ago,
         "metrics_addr": n.metrics_addr, "draining": n.draining, "replicas": n.replicas,
+        "cert_not_after": n.cert_not_after,
     })
+}
+
+/// When a node's certificate expires, and how soon.
+fn cert_expiry(n: &Node) -> String {
+    if n.cert_not_after == 0 {
+        return "-".into();
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let days = (n.cert_not_after - now).div_euclid(86_400);
+    let when = basalt_security::identity::format_unix(n.cert_not_after);
+    if n.cert_not_after <= now { format!("{when} (EXPIRED)") } else { format!("{when} ({days}d)") }
 }
 
 fn node_state(n: &Node) -> String {
@@ -99,12 +111,23 @@ fn size_arg(s: &str) -> Result<u64, CliError> {
     parse_size(s).map_err(|e| CliError::invalid(e.to_string()))
 }
 
-/// `basalt cluster init`.
-pub async fn cluster_init(admin: &Admin, out: Out, pgs: u32, extent_size: Option<String>, failure_domain: String) -> Result<(), CliError> {
+/// `basalt cluster init`: writes the first admin token to `token_file` (mode 0600).
+pub async fn cluster_init(
+    admin: &Admin,
+    out: Out,
+    pgs: u32,
+    extent_size: Option<String>,
+    failure_domain: String,
+    token_file: &std::path::Path,
+) -> Result<(), CliError> {
     let extent_size = match extent_size {
         Some(s) => size_arg(&s)?,
         None => 0,
     };
+    // Checked before the cluster is initialized: the token is shown once and must land somewhere.
+    if token_file.exists() {
+        return Err(CliError { code: 4, message: format!("{} already exists; not replacing it (pass --admin-token-file)", token_file.display()) });
+    }
     let req = ClusterInitRequest { pg_count: pgs, extent_size, failure_domain, meta_addrs: admin.addrs().to_vec() };
     let reply = admin
         .call(|mut c| {
@@ -112,9 +135,27 @@ pub async fn cluster_init(admin: &Admin, out: Out, pgs: u32, extent_size: Option
             async move { c.cluster_init(req).await }
         })
         .await?;
-    out.print(json!({"cluster_id": reply.cluster_id, "pg_count": reply.pg_count}), || {
-        format!("cluster {} initialized with {} placement groups", reply.cluster_id, reply.pg_count)
-    });
+    let written = if reply.admin_token.is_empty() {
+        None
+    } else {
+        crate::security::write_secret_file(token_file, &reply.admin_token)?;
+        Some(token_file.canonicalize().unwrap_or_else(|_| token_file.to_path_buf()))
+    };
+    out.print(
+        json!({"cluster_id": reply.cluster_id, "pg_count": reply.pg_count, "admin_token_id": reply.admin_token_id, "admin_token_file": written}),
+        || {
+            let mut text = format!("cluster {} initialized with {} placement groups", reply.cluster_id, reply.pg_count);
+            if let Some(p) = &written {
+                text.push_str(&format!(
+                    "\nthe first admin token ({}) is in {} (mode 0600): export BASALT_TOKEN_FILE={}",
+                    reply.admin_token_id,
+                    p.display(),
+                    p.display()
+                ));
+            }
+            text
+        },
+    );
     Ok(())
 }
 
@@ -190,7 +231,7 @@ pub async fn cluster_status(admin: &Admin, out: Out) -> Result<(), CliError> {
 pub async fn node_list(admin: &Admin, out: Out) -> Result<(), CliError> {
     let r = admin.call(|mut c| async move { c.node_list(NodeListRequest {}).await }).await?;
     out.print(json!(r.nodes.iter().map(node_json).collect::<Vec<_>>()), || {
-        let mut t = table(&["node", "state", "address", "labels", "roles", "replicas", "used", "capacity", "awaiting scrub"]);
+        let mut t = table(&["node", "state", "address", "labels", "roles", "replicas", "used", "capacity", "awaiting scrub", "cert expires"]);
         for n in &r.nodes {
             t.add_row(vec![
                 format!("node-{}", n.id),
@@ -202,6 +243,7 @@ pub async fn node_list(admin: &Admin, out: Out) -> Result<(), CliError> {
                 format_size(n.used_bytes),
                 format_size(n.capacity_bytes),
                 format_size(n.scrub_pending_bytes),
+                cert_expiry(n),
             ]);
         }
         t.to_string()

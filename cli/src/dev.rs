@@ -2,8 +2,12 @@
 //! three storage+meta nodes in three failure domains and one backup node — with a volume, a
 //! `cluster.json` describing it, and a clean stop on Ctrl-C.
 //!
-//! Contract lines go to stdout (`nbd://...` per export once attach exists, then
-//! `BASALT_CLUSTER=...`, then `ready`); progress goes to stderr.
+//! Contract lines go to stdout (`nbd://...` per export, then `BASALT_CLUSTER=...`,
+//! `BASALT_CA=...`, `BASALT_TOKEN_FILE=...`, then `ready`); progress goes to stderr.
+//!
+//! Security is on, as in production: `DIR/tls` holds a cluster CA and each node's certificate,
+//! every link is TLS, listeners accept loopback addresses only, `cluster init` authenticates with
+//! a client certificate and writes the first admin token to `DIR/admin.token` (mode 0600).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,8 +18,46 @@ use basalt_common::units::{format_size, parse_size};
 use basalt_proto::admin::{ClusterInitRequest, ClusterStatusRequest, NodeInfoRequest, VolumeCreateRequest, VolumeShowRequest};
 use serde::{Deserialize, Serialize};
 
-use crate::admin::Admin;
+use basalt_security::certs::{self, Validity};
+use basalt_security::{Dialer, Identity, TlsContext, TlsFiles, Token};
+
+use crate::admin::{Admin, Credentials};
 use crate::exit::CliError;
+
+/// The client certificate `dev up` initializes the cluster with.
+const DEV_CLIENT: &str = "dev-admin";
+
+/// Creates the CA and certificates `dev up` needs in `tls` (keeping those of an earlier run
+/// that are still valid for a month).
+fn ensure_certificates(tls: &Path, node_ids: &[u64]) -> Result<(), CliError> {
+    let err = |e: basalt_security::SecurityError| CliError::other(format!("TLS material in {}: {e}", tls.display()));
+    if !tls.join(certs::CA_CERT).exists() {
+        certs::init_ca(tls, certs::CA_DAYS).map_err(err)?;
+        say(format!("created a cluster CA in {}", tls.display()));
+    }
+    let month_ahead = basalt_security::identity::unix_now() + 30 * 86_400;
+    let wanted = node_ids.iter().map(|id| Identity::Node(*id)).chain([Identity::Client(DEV_CLIENT.into())]);
+    for identity in wanted {
+        let cert = tls.join(format!("{}.pem", certs::file_stem(&identity)));
+        let fresh = certs::summarize_file(&cert).map(|s| s.not_after > month_ahead).unwrap_or(false);
+        if !fresh {
+            certs::issue(tls, &identity, Validity::days(certs::CERT_DAYS), tls, &["127.0.0.1".to_string()]).map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
+/// Credentials from the dev CA, with the client certificate or a token.
+fn dev_credentials(tls: &Path, token: Option<Token>) -> Result<Credentials, CliError> {
+    let stem = certs::file_stem(&Identity::Client(DEV_CLIENT.into()));
+    let files = TlsFiles {
+        ca: tls.join(certs::CA_CERT),
+        cert: token.is_none().then(|| tls.join(format!("{stem}.pem"))),
+        key: token.is_none().then(|| tls.join(format!("{stem}.key"))),
+    };
+    let ctx = TlsContext::load(files).map_err(|e| CliError::other(e.to_string()))?;
+    Ok(Credentials { dialer: Dialer::new(Some(std::sync::Arc::new(ctx))), token })
+}
 
 /// Options of `basalt dev up`.
 pub struct DevUp {
@@ -157,6 +199,9 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
     // A previous run's ports and ids are reused, so its data comes back as it was.
     let previous: Option<DevCluster> = std::fs::read(&json_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
 
+    let tls = dir.join("tls");
+    ensure_certificates(&tls, &[1, 2, 3, 4])?;
+    let token_path = dir.join("admin.token");
     let mut specs: Vec<DevNode> = Vec::new();
     for id in 1..=4u64 {
         let prev = previous.as_ref().and_then(|p| p.nodes.iter().find(|n| n.id == id)).cloned();
@@ -165,8 +210,8 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
             None => format!("127.0.0.1:{}", free_port()?),
         };
         let metrics_url = match &prev {
-            Some(n) => n.metrics_url.clone(),
-            None => format!("http://127.0.0.1:{}/metrics", free_port()?),
+            Some(n) => n.metrics_url.replace("http://", "https://"),
+            None => format!("https://127.0.0.1:{}/metrics", free_port()?),
         };
         let (roles, zone) =
             if id <= 3 { (vec!["storage".to_string(), "meta".to_string()], format!("z{id}")) } else { (vec!["backup".to_string()], "z4".into()) };
@@ -184,9 +229,9 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
     for spec in &specs {
         std::fs::create_dir_all(&spec.data_dir).map_err(|e| CliError::other(format!("cannot create {}: {e}", spec.data_dir.display())))?;
         let labels = spec.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
-        let metrics_listen = spec.metrics_url.trim_start_matches("http://").trim_end_matches("/metrics").to_string();
+        let metrics_listen = spec.metrics_url.trim_start_matches("https://").trim_end_matches("/metrics").to_string();
         let config = format!(
-            "# Written by `basalt dev up`.\nid = {}\nlisten = \"{}\"\nmetrics_listen = \"{}\"\ndata_dir = \"{}\"\nlabels = \"{}\"\nroles = [{}]\nseeds = [{}]\ncapacity = \"{}\"\n# Writes are refused when the disk under the nodes has less free.\nstate_reserve = \"256MiB\"\n\n[memory]\nindex_cache = \"32MiB\"\nlog_cache = \"16MiB\"\nwrite_buffer = \"32MiB\"\nlog_write_buffer = \"64MiB\"\n",
+            "# Written by `basalt dev up`.\nid = {}\nlisten = \"{}\"\nmetrics_listen = \"{}\"\ndata_dir = \"{}\"\nlabels = \"{}\"\nroles = [{}]\nseeds = [{}]\ncapacity = \"{}\"\n# Writes are refused when the disk under the nodes has less free.\nstate_reserve = \"256MiB\"\n\n[memory]\nindex_cache = \"32MiB\"\nlog_cache = \"16MiB\"\nwrite_buffer = \"32MiB\"\nlog_write_buffer = \"64MiB\"\n\n[security]\nca = \"{tls}/ca.pem\"\ncert = \"{tls}/node-{id}.pem\"\nkey = \"{tls}/node-{id}.key\"\n\n# Every listener of this cluster is on loopback.\n[security.allow]\nadmin = [\"127.0.0.0/8\"]\ndata = [\"127.0.0.0/8\"]\nraft = [\"127.0.0.0/8\"]\nmetrics = [\"127.0.0.0/8\"]\n",
             spec.id,
             spec.grpc_addr,
             metrics_listen,
@@ -194,7 +239,9 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
             labels,
             spec.roles.iter().map(|r| format!("\"{r}\"")).collect::<Vec<_>>().join(", "),
             meta_addrs.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", "),
-            capacity
+            capacity,
+            tls = tls.display(),
+            id = spec.id,
         );
         let config_path = spec.data_dir.join("node.toml");
         std::fs::write(&config_path, config).map_err(|e| CliError::other(format!("cannot write {}: {e}", config_path.display())))?;
@@ -218,11 +265,12 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
         running.children.push((node, child));
     }
 
-    // Wait for every node to answer.
+    // Wait for every node to answer (authenticating with the dev client certificate).
+    let cert_creds = dev_credentials(&tls, None)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let nodes: Vec<DevNode> = running.children.iter().map(|(n, _)| n.clone()).collect();
     for node in nodes {
-        let admin = Admin::new(Some(node.grpc_addr.clone()))?;
+        let admin = Admin::new(Some(node.grpc_addr.clone()), cert_creds.clone())?;
         loop {
             running.check_alive()?;
             let ok = tokio::time::timeout(Duration::from_secs(2), admin.call(|mut c| async move { c.node_info(NodeInfoRequest {}).await })).await;
@@ -235,18 +283,27 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    let admin = Admin::new(Some(meta_addrs.join(",")))?;
+    let admin = Admin::new(Some(meta_addrs.join(",")), cert_creds)?;
     let info = admin.call(|mut c| async move { c.node_info(NodeInfoRequest {}).await }).await?;
     if !info.cluster_initialized {
         say("initializing the cluster");
         let req = ClusterInitRequest { pg_count: opts.pgs, extent_size: 0, failure_domain: "zone".into(), meta_addrs: meta_addrs.clone() };
-        admin
+        let reply = admin
             .call(|mut c| {
                 let req = req.clone();
                 async move { c.cluster_init(req).await }
             })
             .await?;
+        // A token file from an earlier cluster in this directory is of no use any more.
+        let _ = std::fs::remove_file(&token_path);
+        crate::security::write_secret_file(&token_path, &reply.admin_token)?;
+        say(format!("wrote the first admin token ({}) to {}", reply.admin_token_id, token_path.display()));
     }
+    let token_text = std::fs::read_to_string(&token_path)
+        .map_err(|e| CliError::other(format!("cannot read {} (the admin token of this cluster): {e}", token_path.display())))?;
+    let token = Token::parse(&token_text).map_err(|e| CliError::other(format!("{}: {e}", token_path.display())))?;
+    let creds = dev_credentials(&tls, Some(token))?;
+    let admin = Admin::new(Some(meta_addrs.join(",")), creds.clone())?;
 
     // Every placement group needs a leader and all three replicas before we call it ready.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
@@ -282,8 +339,11 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
         .map(str::to_string)
         .unwrap_or_else(|| "127.0.0.1:0".to_string());
     let (nbd_tx, nbd_rx) = tokio::sync::watch::channel(false);
-    let (nbd_cluster, nbd_volume) = crate::attach::open(&meta_addrs, "demo", false, true, "basalt dev up").await?;
-    let (uri, nbd_task) = crate::attach::serve(nbd_volume.clone(), false, &crate::attach::Listen::Tcp(nbd_addr), nbd_rx).await?;
+    let (nbd_cluster, nbd_volume) = crate::attach::open(&meta_addrs, &creds, "demo", false, true, "basalt dev up").await?;
+    // Loopback only, like the nodes (`attach` refuses a plaintext NBD listener elsewhere).
+    crate::attach::check_nbd_address(&nbd_addr, false)?;
+    let loopback = basalt_security::cidr::AllowList::parse(&["127.0.0.0/8", "::1/128"]).map_err(|e| CliError::other(e.to_string()))?;
+    let (uri, nbd_task) = crate::attach::serve(nbd_volume.clone(), false, &crate::attach::Listen::Tcp(nbd_addr), loopback, nbd_rx).await?;
     say(format!("serving demo over NBD at {uri}"));
 
     let cluster = DevCluster {
@@ -298,6 +358,8 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
     say(format!("wrote {}", json_path.display()));
     println!("{uri}");
     println!("BASALT_CLUSTER={}", cluster.basalt_cluster);
+    println!("BASALT_CA={}", tls.join(certs::CA_CERT).display());
+    println!("BASALT_TOKEN_FILE={}", token_path.display());
     println!("ready");
 
     // Run until told to stop; report (but survive) nodes that die meanwhile, e.g. killed by a test.

@@ -10,6 +10,9 @@
 //! | 5 | invalid argument (bad size, name, settings) |
 //! | 6 | cluster unreachable or unavailable |
 //! | 7 | not possible in the cluster's current state (not initialized, placement impossible) |
+//! | 8 | unauthenticated: no credentials, or an unknown, revoked or expired token |
+//! | 9 | permission denied: the credentials do not allow this |
+//! | 10 | verification failed: the audit log's hash chain is broken on some node |
 
 use std::fmt;
 
@@ -49,6 +52,10 @@ impl CliError {
     pub fn unreachable(m: impl Into<String>) -> Self {
         Self { code: 6, message: m.into() }
     }
+    /// Exit 8.
+    pub fn unauthenticated(m: impl Into<String>) -> Self {
+        Self { code: 8, message: m.into() }
+    }
 
     /// Maps a gRPC status from the cluster.
     pub fn from_status(s: &tonic::Status) -> Self {
@@ -58,6 +65,8 @@ impl CliError {
             tonic::Code::InvalidArgument => 5,
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => 6,
             tonic::Code::FailedPrecondition => 7,
+            tonic::Code::Unauthenticated => 8,
+            tonic::Code::PermissionDenied => 9,
             _ => 1,
         };
         Self { code, message: s.message().to_string() }

@@ -6,6 +6,7 @@ mod commands;
 mod dev;
 mod exit;
 mod scrub;
+mod security;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,6 +27,21 @@ struct Cli {
     /// Nodes' gRPC addresses (any nodes; meta nodes preferred), comma separated.
     #[arg(long, global = true, env = "BASALT_CLUSTER")]
     cluster: Option<String>,
+    /// The cluster CA certificate (PEM) that nodes are verified against.
+    #[arg(long, global = true, env = "BASALT_CA")]
+    ca: Option<PathBuf>,
+    /// A file holding the bearer token to authenticate with (else the BASALT_TOKEN variable).
+    #[arg(long, global = true, env = "BASALT_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// A client certificate (PEM) issued by the cluster CA (`cluster init` authenticates with one).
+    #[arg(long, global = true, env = "BASALT_CERT")]
+    cert: Option<PathBuf>,
+    /// The client certificate's key.
+    #[arg(long, global = true, env = "BASALT_KEY")]
+    key: Option<PathBuf>,
+    /// Talk plaintext, without a CA: only to a cluster running with security off.
+    #[arg(long, global = true)]
+    insecure: bool,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -33,7 +49,7 @@ struct Cli {
     command: Cmd,
 }
 
-const EXIT_CODES: &str = "Exit codes: 0 ok, 1 failure, 2 usage, 3 not found, 4 already exists, 5 invalid argument, 6 cluster unreachable, 7 not possible in the cluster's state";
+const EXIT_CODES: &str = "Exit codes: 0 ok, 1 failure, 2 usage, 3 not found, 4 already exists, 5 invalid argument, 6 cluster unreachable, 7 not possible in the cluster's state, 8 unauthenticated, 9 permission denied, 10 verification failed";
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -62,6 +78,14 @@ enum Cmd {
         /// Take over a volume attached elsewhere (live migration); the previous holder is fenced.
         #[arg(long)]
         force: bool,
+        /// Serve NBD over TCP on a non-loopback address in plaintext. NBD carries the volume's
+        /// data unencrypted and unauthenticated: only on a network nobody else reaches.
+        #[arg(long)]
+        insecure_nbd: bool,
+        /// Only these source addresses may connect to the NBD TCP listener (CIDR, repeatable;
+        /// default: any that reach it).
+        #[arg(long = "nbd-allow", value_name = "CIDR")]
+        nbd_allow: Vec<String>,
     },
     /// End a volume's read-write attachment, fencing its holder.
     Detach {
@@ -74,6 +98,110 @@ enum Cmd {
     /// A local development cluster.
     #[command(subcommand)]
     Dev(DevCmd),
+    /// The cluster CA and the certificates it issues (no cluster needed).
+    #[command(subcommand)]
+    Cert(CertCmd),
+    /// Bearer tokens: roles, volume grants, expiry, source blocks.
+    #[command(subcommand)]
+    Auth(AuthCmd),
+    /// The audit log: who did what, when, from where, with what outcome.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Subcommand)]
+enum CertCmd {
+    /// Create a cluster CA in DIR (ca.pem, and ca.key readable only by its owner).
+    Init {
+        /// Directory for the CA.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = basalt_security::certs::CA_DAYS)]
+        days: u32,
+    },
+    /// Issue a node's or a client's certificate from the CA in DIR (replacing an earlier one:
+    /// that is how certificates rotate; nodes pick the new files up without a restart).
+    Issue {
+        /// Directory of the CA.
+        #[arg(long)]
+        dir: PathBuf,
+        /// A node's certificate, for node id N.
+        #[arg(long, conflicts_with = "client", required_unless_present = "client")]
+        node: Option<u64>,
+        /// A client's certificate (a-z, 0-9, '-').
+        #[arg(long)]
+        client: Option<String>,
+        /// Where to write NAME.pem and NAME.key (default: the CA directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Validity in days.
+        #[arg(long, default_value_t = basalt_security::certs::CERT_DAYS)]
+        days: u32,
+        /// Further DNS names or IP addresses the certificate names (repeatable).
+        #[arg(long)]
+        san: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuthCmd {
+    /// Tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a token; it is shown once (or written to --out) and stored only as a hash.
+    Create {
+        /// admin, operator, hypervisor, backup or reader.
+        #[arg(long)]
+        role: String,
+        /// Limit the token to this volume (repeatable; default: every volume its role reaches).
+        #[arg(long)]
+        volume: Vec<String>,
+        /// Lifetime, e.g. 30d, 12h (default: no expiry).
+        #[arg(long)]
+        expires: Option<String>,
+        /// Accept the token only from this source block (CIDR, repeatable).
+        #[arg(long)]
+        allow_from: Vec<String>,
+        /// A description for people.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Write the token to this file (mode 0600) instead of printing it.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// List tokens (never the tokens themselves).
+    List,
+    /// Revoke a token: it stops working everywhere, on open connections too, within seconds.
+    Revoke {
+        /// The token's id (as in `auth token list`).
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Records, oldest first.
+    List {
+        /// Only records since then: a time like 2026-12-04T10:00:00Z, or an age like 1h, 7d.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only records whose actor contains this.
+        #[arg(long)]
+        actor: Option<String>,
+        /// Only records whose action contains this.
+        #[arg(long)]
+        action: Option<String>,
+        /// At most this many (the newest).
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+    },
+    /// Check every meta node's copy of the log's hash chain (exit 10 if one is broken).
+    Verify,
 }
 
 #[derive(Subcommand)]
@@ -106,8 +234,13 @@ enum ScrubCmd {
 
 #[derive(Subcommand)]
 enum ClusterCmd {
-    /// Form the meta group over the --cluster nodes and place the placement groups.
+    /// Form the meta group over the --cluster nodes and place the placement groups. Needs a
+    /// client certificate of the cluster CA (--cert/--key); writes the first admin token to
+    /// --admin-token-file.
     Init {
+        /// Where to write the first admin token (mode 0600; an existing file is not replaced).
+        #[arg(long, default_value = "basalt-admin.token")]
+        admin_token_file: PathBuf,
         /// Placement groups (default 32).
         #[arg(long, default_value_t = 32)]
         pgs: u32,
@@ -206,22 +339,33 @@ enum DevCmd {
 
 async fn run(cli: Cli) -> Result<(), CliError> {
     let out = Out { json: cli.json };
-    if let Cmd::Dev(DevCmd::Up { dir, size, pgs, node_bin }) = cli.command {
-        return dev::up(dev::DevUp { dir, size, pgs, node_bin }).await;
-    }
-    let admin = admin::Admin::new(cli.cluster)?;
     match cli.command {
-        Cmd::Attach { volume, nbd_socket, nbd_listen, read_only, force } => {
+        Cmd::Dev(DevCmd::Up { dir, size, pgs, node_bin }) => {
+            return dev::up(dev::DevUp { dir, size, pgs, node_bin }).await;
+        }
+        Cmd::Cert(CertCmd::Init { dir, days }) => return security::cert_init(out, &dir, days),
+        Cmd::Cert(CertCmd::Issue { dir, node, client, out: out_dir, days, san }) => {
+            return security::cert_issue(out, &dir, node, client, out_dir, days, &san);
+        }
+        _ => {}
+    }
+    let flags = admin::CredentialFlags { ca: cli.ca, token_file: cli.token_file, cert: cli.cert, key: cli.key, insecure: cli.insecure };
+    let admin = admin::Admin::new(cli.cluster, admin::Credentials::load(&flags)?)?;
+    match cli.command {
+        Cmd::Attach { volume, nbd_socket, nbd_listen, read_only, force, insecure_nbd, nbd_allow } => {
             let listen = match (nbd_socket, nbd_listen) {
                 (Some(p), _) => attach::Listen::Socket(p),
                 (None, Some(a)) => attach::Listen::Tcp(a),
-                (None, None) => return Err(CliError::usage("give --nbd-socket PATH or --nbd-listen ADDR")),
+                (None, None) => {
+                    return Err(CliError::usage("give --nbd-socket PATH or --nbd-listen ADDR"));
+                }
             };
-            attach::attach(admin.addrs(), &volume, listen, read_only, force).await
+            let allow = basalt_security::cidr::AllowList::parse(&nbd_allow).map_err(|e| CliError::usage(format!("--nbd-allow: {e}")))?;
+            attach::attach(&admin, &volume, listen, attach::Options { read_only, force, insecure_nbd, allow }).await
         }
-        Cmd::Detach { volume } => attach::detach(admin.addrs(), &volume).await,
-        Cmd::Cluster(ClusterCmd::Init { pgs, extent_size, failure_domain }) => {
-            commands::cluster_init(&admin, out, pgs, extent_size, failure_domain).await
+        Cmd::Detach { volume } => attach::detach(&admin, &volume).await,
+        Cmd::Cluster(ClusterCmd::Init { pgs, extent_size, failure_domain, admin_token_file }) => {
+            commands::cluster_init(&admin, out, pgs, extent_size, failure_domain, &admin_token_file).await
         }
         Cmd::Cluster(ClusterCmd::Status) => commands::cluster_status(&admin, out).await,
         Cmd::Node(NodeCmd::List) => commands::node_list(&admin, out).await,
@@ -236,7 +380,14 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Volume(VolumeCmd::Delete { name, no_wait }) => commands::volume_delete(&admin, out, name, no_wait).await,
         Cmd::Scrub(ScrubCmd::Status { node }) => scrub::status(&admin, out, node).await,
         Cmd::Scrub(ScrubCmd::Start { deep, node, rate, no_wait }) => scrub::start(&admin, out, node, deep, rate, no_wait).await,
-        Cmd::Dev(_) => Ok(()),
+        Cmd::Auth(AuthCmd::Token(TokenCmd::Create { role, volume, expires, allow_from, name, out: file })) => {
+            security::token_create(&admin, out, security::NewToken { role, volumes: volume, expires, allow_from, name, file }).await
+        }
+        Cmd::Auth(AuthCmd::Token(TokenCmd::List)) => security::token_list(&admin, out).await,
+        Cmd::Auth(AuthCmd::Token(TokenCmd::Revoke { id })) => security::token_revoke(&admin, out, &id).await,
+        Cmd::Audit(AuditCmd::List { since, actor, action, limit }) => security::audit_list(&admin, out, since, actor, action, limit).await,
+        Cmd::Audit(AuditCmd::Verify) => security::audit_verify(&admin, out).await,
+        Cmd::Dev(_) | Cmd::Cert(_) => Ok(()),
     }
 }
 

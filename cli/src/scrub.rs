@@ -44,8 +44,8 @@ async fn select_nodes(admin: &Admin, only: Option<u64>) -> Result<Vec<Node>, Cli
     Ok(chosen)
 }
 
-async fn ask_status(addr: &str) -> Result<ScrubStatusReply, String> {
-    let mut client = Admin::client(addr).map_err(|e| e.message)?;
+async fn ask_status(admin: &Admin, addr: &str) -> Result<ScrubStatusReply, String> {
+    let mut client = admin.client(addr).map_err(|e| e.message)?;
     match tokio::time::timeout(Duration::from_secs(5), client.scrub_status(ScrubStatusRequest {})).await {
         Ok(Ok(r)) => Ok(r.into_inner()),
         Ok(Err(s)) => Err(s.message().to_string()),
@@ -68,7 +68,7 @@ pub async fn status(admin: &Admin, out: Out, only: Option<u64>) -> Result<(), Cl
     let chosen = select_nodes(admin, only).await?;
     let mut rows: Vec<(u64, Result<ScrubStatusReply, String>)> = Vec::new();
     for n in chosen {
-        let answer = ask_status(&n.addr).await;
+        let answer = ask_status(admin, &n.addr).await;
         rows.push((n.id, answer));
     }
     let as_json = rows
@@ -156,14 +156,14 @@ pub async fn start(admin: &Admin, out: Out, only: Option<u64>, deep: bool, rate:
     let mut followed: Vec<(u64, String, ScrubStatusReply, u64)> = Vec::new();
     let mut failures = Vec::new();
     for n in &chosen {
-        let before = match ask_status(&n.addr).await {
+        let before = match ask_status(admin, &n.addr).await {
             Ok(r) => r,
             Err(e) => {
                 failures.push(format!("node-{}: {e}", n.id));
                 continue;
             }
         };
-        let mut client = Admin::client(&n.addr)?;
+        let mut client = admin.client(&n.addr)?;
         match tokio::time::timeout(Duration::from_secs(5), client.scrub_start(ScrubStartRequest { deep, rate_bytes_per_sec: rate })).await {
             Ok(Ok(r)) => {
                 let r = r.into_inner();
@@ -209,7 +209,7 @@ pub async fn start(admin: &Admin, out: Out, only: Option<u64>, deep: bool, rate:
                 finished += 1;
                 continue;
             }
-            match ask_status(addr).await {
+            match ask_status(admin, addr).await {
                 Ok(r) => {
                     silent_since[i] = None;
                     if r.integrity_ticket_served >= *ticket {

@@ -68,9 +68,42 @@ pub fn format_size(bytes: u64) -> String {
     }
 }
 
+/// Parses a duration as operators type it: `N` seconds or `N` with a unit `s`, `m`
+/// (minutes), `h`, `d` or `w` (`30d`, `12h`). Returns whole seconds.
+pub fn parse_duration(input: &str) -> Result<u64, String> {
+    let s = input.trim();
+    let bad = || format!("invalid duration {input:?}; use a whole number with an optional unit s, m, h, d or w (e.g. 30d)");
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    if digits.is_empty() || digits.len() > 12 {
+        return Err(bad());
+    }
+    let value: u64 = digits.parse().map_err(|_| bad())?;
+    let multiplier = match unit.trim() {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => return Err(bad()),
+    };
+    value.checked_mul(multiplier).ok_or_else(bad)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_parse_with_units_and_bad_ones_are_refused() {
+        assert_eq!(parse_duration("30d"), Ok(30 * 86_400));
+        assert_eq!(parse_duration(" 90 "), Ok(90));
+        assert_eq!(parse_duration("2w"), Ok(14 * 86_400));
+        assert_eq!(parse_duration("5m"), Ok(300));
+        for bad in ["", "d", "-1d", "1.5h", "3y", "99999999999999d", "1dd"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn parses_units() {

@@ -7,14 +7,16 @@
 //! but frames them plainly:
 //!
 //! ```text
-//! connection: the client sends MAGIC (8 bytes), then frames flow both ways
+//! connection: TLS (ALPN basalt-data/2); the client sends MAGIC (8 bytes) and a Hello frame
+//!             with its credentials, the node answers HelloReply; then frames flow both ways
 //! frame:      body_len u32 BE | kind u8 | id u64 BE | body (protobuf, body_len bytes)
 //! ```
 //!
 //! A reply carries its request's `id` and the request's kind with the high bit set; a request
 //! the node cannot decode is answered with [`Kind::Error`] (a `DataError`). A node serves this
-//! protocol and gRPC on one port: a connection whose first byte is `MAGIC[0]` (`B`) speaks this
-//! protocol, anything else (an HTTP/2 preface starts with `P`) goes to gRPC.
+//! protocol, the Raft transport and gRPC on one port: TLS's ALPN says which a connection speaks
+//! (with security off, the first byte: `MAGIC[0]` (`B`) for this protocol, an HTTP/2 preface
+//! (`P`) for gRPC).
 
 use std::io;
 
@@ -23,8 +25,12 @@ use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
 
-/// Sent by the client first on every connection.
-pub const MAGIC: [u8; 8] = *b"BSLTDAT1";
+/// Sent by the client first on every connection. Version 2 opens with a Hello frame; a
+/// version 1 client is refused by name.
+pub const MAGIC: [u8; 8] = *b"BSLTDAT2";
+
+/// The magic of the protocol before credentials (version 1), recognised to refuse it clearly.
+pub const MAGIC_V1: [u8; 8] = *b"BSLTDAT1";
 
 /// Size of a frame header.
 pub const HEADER_LEN: usize = 13;
@@ -42,12 +48,16 @@ pub enum Kind {
     Read = 2,
     /// `ZeroRequest`.
     Zero = 3,
+    /// `Hello`: the connection's credentials (first frame only).
+    Hello = 4,
     /// `WriteReply`.
     WriteReply = 0x81,
     /// `ReadReply`.
     ReadReply = 0x82,
     /// `ZeroReply`.
     ZeroReply = 0x83,
+    /// `HelloReply`.
+    HelloReply = 0x84,
     /// `DataError`: the request with this id could not be understood.
     Error = 0xFF,
 }
@@ -59,9 +69,11 @@ impl Kind {
             1 => Kind::Write,
             2 => Kind::Read,
             3 => Kind::Zero,
+            4 => Kind::Hello,
             0x81 => Kind::WriteReply,
             0x82 => Kind::ReadReply,
             0x83 => Kind::ZeroReply,
+            0x84 => Kind::HelloReply,
             0xFF => Kind::Error,
             _ => return None,
         })

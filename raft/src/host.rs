@@ -88,14 +88,14 @@ pub struct RaftHost {
 }
 
 impl RaftHost {
-    /// Opens the log database and prepares the transport.
-    pub fn open(node_id: NodeId, log: &LogEngineConfig, tuning: &RaftTuning) -> Result<Self, RaftError> {
+    /// Opens the log database and prepares the transport, whose connections `dialer` opens.
+    pub fn open(node_id: NodeId, log: &LogEngineConfig, tuning: &RaftTuning, dialer: basalt_security::Dialer) -> Result<Self, RaftError> {
         let engine = LogEngine::open(log)?;
         let space = Arc::new(SpaceBook::default());
         Ok(Self {
             node_id,
             engine,
-            router: Router::new(node_id, tuning.peer_queue, space.clone()),
+            router: Router::new(node_id, tuning.peer_queue, space.clone(), dialer),
             space,
             registry: Registry::default(),
             config: Arc::new(tuning.openraft_config()?),

@@ -1,4 +1,5 @@
-//! gRPC clients to other nodes, one lazily-connected channel per address.
+//! gRPC clients to other nodes, one lazily-connected channel per address, over mutual TLS
+//! with this node's certificate.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -6,26 +7,29 @@ use std::time::Duration;
 
 use basalt_proto::admin::admin_client::AdminClient;
 use basalt_proto::data::data_client::DataClient;
-use tonic::transport::{Channel, Endpoint};
+use basalt_security::{Dialer, Expect};
+use tonic::transport::Channel;
 
 /// Channels by address, shared by every client of the node.
-#[derive(Default)]
 pub struct Clients {
+    dialer: Dialer,
     channels: Mutex<HashMap<String, Channel>>,
 }
 
 impl Clients {
+    /// Clients whose connections `dialer` opens.
+    pub fn new(dialer: Dialer) -> Self {
+        Self { dialer: dialer.with_connect_timeout(Duration::from_secs(2)), channels: Mutex::new(HashMap::new()) }
+    }
+
     fn channel(&self, addr: &str) -> Result<Channel, tonic::Status> {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| tonic::Status::internal(format!("bad node address {addr:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10));
-        let channel = endpoint.connect_lazy();
+        // Any node of the cluster: addresses come from the map and configuration.
+        let channel = basalt_security::grpc::channel(addr, &self.dialer, Expect::AnyNode, |ep| ep.connect_timeout(Duration::from_secs(2)))
+            .map_err(tonic::Status::internal)?;
         channels.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }

@@ -1,4 +1,5 @@
-//! This node's copy of the cluster map, kept current by long-polling the meta group.
+//! This node's copy of the cluster map, kept current by long-polling the meta group, and of
+//! the token table that comes with it to nodes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,6 +59,10 @@ pub async fn run_watcher(ctx: Arc<NodeCtx>, tx: watch::Sender<Arc<ClusterView>>,
                 // Versions only grow: an older map (from a lagging meta node) is ignored, since
                 // replicas are retired on what the map says.
                 if map.version > known || tx.borrow().cluster_id.is_empty() {
+                    if map.includes_tokens {
+                        let records = map.tokens.iter().filter_map(crate::meta::service::token_from_proto);
+                        ctx.access.set_tokens(map.version, basalt_security::TokenTable::new(records));
+                    }
                     let view = ClusterView::from_proto(&map);
                     for n in view.nodes.values() {
                         ctx.host.router().set_address(n.id.0, &n.addr);

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use basalt_common::units::parse_size;
 use basalt_common::{Labels, NodeId};
+use basalt_security::TlsFiles;
+use basalt_security::cidr::AllowList;
 use clap::Parser;
 use serde::Deserialize;
 use thiserror::Error;
@@ -70,6 +72,39 @@ pub struct FileConfig {
     scrub: ScrubFile,
     #[serde(default)]
     heal: HealFile,
+    #[serde(default)]
+    security: SecurityFile,
+    #[serde(default)]
+    audit: AuditFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecurityFile {
+    off: Option<bool>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    reload_secs: Option<u64>,
+    #[serde(default)]
+    allow: AllowFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AllowFile {
+    admin: Option<Vec<String>>,
+    data: Option<Vec<String>>,
+    raft: Option<Vec<String>>,
+    metrics: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditFile {
+    max_records: Option<u64>,
+    max_age_days: Option<u64>,
+    export_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -204,6 +239,19 @@ pub struct Flags {
     /// Bytes per second this node sends to fill new replicas, e.g. 64MiB (0: unlimited).
     #[arg(long)]
     pub rebuild_rate: Option<String>,
+    /// The cluster CA bundle (default: DATA_DIR/tls/ca.pem).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// This node's certificate (default: DATA_DIR/tls/node-<id>.pem).
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// This node's private key (default: DATA_DIR/tls/node-<id>.key).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Plaintext and no authentication: anyone who reaches a port may do anything. For
+    /// benchmarks that measure what security costs; never for a cluster holding data.
+    #[arg(long)]
+    pub security_off: bool,
 }
 
 /// Memory limits (all bounded by configuration, not load).
@@ -267,6 +315,46 @@ pub struct NodeConfig {
     pub deep_interval: Option<std::time::Duration>,
     /// Self-healing (acted on by the meta leader).
     pub heal: HealConfig,
+    /// TLS, allow-lists.
+    pub security: SecurityConfig,
+    /// Audit log retention (acted on by the meta leader).
+    pub audit: AuditConfig,
+}
+
+/// Who may connect to this node's listeners, and with what.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecurityConfig {
+    /// TLS material; `None`: security is off (plaintext, no authentication).
+    pub tls: Option<TlsFiles>,
+    /// How often certificate and CA files are checked for changes.
+    pub reload: std::time::Duration,
+    /// Source-address allow-lists per listener.
+    pub allow: AllowLists,
+}
+
+/// Source-address allow-lists, one per listener (empty: any address).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AllowLists {
+    /// The admin gRPC API.
+    pub admin: AllowList,
+    /// The framed data protocol.
+    pub data: AllowList,
+    /// The Raft transport (and Raft snapshots, which ride on gRPC: also checked against `admin`).
+    pub raft: AllowList,
+    /// The metrics endpoint.
+    pub metrics: AllowList,
+}
+
+/// Audit log retention: past either bound, the oldest records are exported to JSON lines in
+/// `export_dir` and dropped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// Records kept at most.
+    pub max_records: u64,
+    /// Age kept at most.
+    pub max_age: std::time::Duration,
+    /// Where pruned records are exported.
+    pub export_dir: PathBuf,
 }
 
 /// Self-healing settings. The meta leader's own settings decide re-placement; every node's
@@ -440,6 +528,37 @@ impl NodeConfig {
             heal.max_moves = n;
         }
         heal.rebuild_rate = size("heal.rebuild_rate", f.rebuild_rate.or(file.heal.rebuild_rate), heal.rebuild_rate)?;
+        let security_off = f.security_off || file.security.off.unwrap_or(false);
+        let tls_dir = data_dir.join("tls");
+        let tls = (!security_off).then(|| TlsFiles {
+            ca: f.ca.or(file.security.ca).unwrap_or_else(|| tls_dir.join("ca.pem")),
+            cert: Some(f.cert.or(file.security.cert).unwrap_or_else(|| tls_dir.join(format!("node-{id}.pem")))),
+            key: Some(f.key.or(file.security.key).unwrap_or_else(|| tls_dir.join(format!("node-{id}.key")))),
+        });
+        let reload_secs = file.security.reload_secs.unwrap_or(5);
+        if !(1..=3600).contains(&reload_secs) {
+            return Err(invalid("security.reload_secs", format!("{reload_secs} is outside 1..=3600")));
+        }
+        let list = |key: &'static str, v: Option<Vec<String>>| AllowList::parse(&v.unwrap_or_default()).map_err(|e| invalid(key, e.to_string()));
+        let allow = AllowLists {
+            admin: list("security.allow.admin", file.security.allow.admin)?,
+            data: list("security.allow.data", file.security.allow.data)?,
+            raft: list("security.allow.raft", file.security.allow.raft)?,
+            metrics: list("security.allow.metrics", file.security.allow.metrics)?,
+        };
+        let max_records = file.audit.max_records.unwrap_or(100_000);
+        if !(1_000..=10_000_000).contains(&max_records) {
+            return Err(invalid("audit.max_records", format!("{max_records} is outside 1000..=10000000")));
+        }
+        let max_age_days = file.audit.max_age_days.unwrap_or(365);
+        if !(1..=36_500).contains(&max_age_days) {
+            return Err(invalid("audit.max_age_days", format!("{max_age_days} is outside 1..=36500")));
+        }
+        let audit = AuditConfig {
+            max_records,
+            max_age: std::time::Duration::from_secs(max_age_days * 86_400),
+            export_dir: file.audit.export_dir.unwrap_or_else(|| data_dir.join("audit").join("export")),
+        };
         Ok(Self {
             id: NodeId(id),
             listen,
@@ -461,6 +580,8 @@ impl NodeConfig {
             integrity_interval,
             deep_interval,
             heal,
+            security: SecurityConfig { tls, reload: std::time::Duration::from_secs(reload_secs), allow },
+            audit,
         })
     }
 
@@ -496,6 +617,11 @@ mod tests {
         assert_eq!(cfg.labels.host, "node-4", "missing host label defaults to the node id");
         assert_eq!(cfg.memory.index_cache, 8 << 20);
         assert!(cfg.has(Role::Meta));
+        let tls = cfg.security.tls.expect("security is on by default");
+        assert_eq!(tls.cert, Some(PathBuf::from("/tmp/x/tls/node-4.pem")), "TLS material defaults to DATA_DIR/tls");
+        assert_eq!(tls.ca, PathBuf::from("/tmp/x/tls/ca.pem"));
+        let off = NodeConfig::load(flags(&["--config", path.to_str().unwrap(), "--security-off"])).unwrap();
+        assert_eq!(off.security.tls, None);
     }
 
     #[test]
@@ -519,6 +645,13 @@ mod tests {
             ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[heal]\nreplace_down_after_secs = 0", "replace_down_after_secs"),
             ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[heal]\nmax_moves = 0", "max_moves"),
             ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[heal]\nrebuild_rate = \"fast\"", "rebuild_rate"),
+            (
+                "id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[security.allow]\ndata = [\"10.0.0.1/8\"]",
+                "security.allow.data",
+            ),
+            ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[security]\nreload_secs = 0", "security.reload_secs"),
+            ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[security]\ntls = true", "tls"),
+            ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[audit]\nmax_records = 5", "audit.max_records"),
         ];
         for (i, (text, expect)) in cases.iter().enumerate() {
             let path = dir.path().join(format!("{i}.toml"));

@@ -10,6 +10,7 @@
 //!              volume reaper (meta leader), scrubber, /metrics
 //! ```
 
+pub mod access;
 pub mod agent;
 pub mod clients;
 pub mod cluster_map;

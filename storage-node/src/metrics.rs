@@ -189,21 +189,47 @@ pub fn render(ctx: &NodeCtx) -> String {
         "Placement groups this node leads.",
         vec![(String::new(), statuses.iter().filter(|s| s.is_leader).count() as u64)],
     );
+    for (name, kind, help, samples) in access_families(ctx) {
+        family(name, kind, help, samples);
+    }
     out
 }
 
-/// Serves `/metrics` until shutdown.
+/// Serves `/metrics` until shutdown: HTTPS with security on, to a client certificate of the
+/// cluster CA or a bearer token allowed to read metrics, from addresses in `security.allow.metrics`.
 pub async fn serve(ctx: Arc<NodeCtx>, listener: tokio::net::TcpListener, mut shutdown: watch::Receiver<bool>) {
-    while let Some(stream) = crate::listener::accept(&listener, &mut shutdown, "metrics").await {
+    while let Some((tcp, peer)) = crate::listener::accept(&listener, &mut shutdown, "metrics").await {
+        let access = ctx.access.clone();
+        if !access.admit_metrics(peer.ip()) {
+            access.refuse_connection("metrics", "allow-list", peer, &format!("{} is not in the metrics allow-list", peer.ip()));
+            continue;
+        }
         let ctx = ctx.clone();
         tokio::spawn(async move {
+            let (stream, identity) = match access.tls().cloned() {
+                None => (basalt_security::stream::Stream::Plain(tcp), None),
+                Some(tls) => {
+                    let admit = |p| {
+                        if p == basalt_security::Protocol::Http { Ok(()) } else { Err("this is the metrics port; it speaks HTTP/1.1".to_string()) }
+                    };
+                    match tls.accept(tcp, admit).await {
+                        Ok(a) => (basalt_security::stream::Stream::Tls(Box::new(a.stream)), a.identity),
+                        Err(e) => {
+                            access.refuse_connection("metrics", crate::listener::refusal_reason(&e), peer, &e.to_string());
+                            return;
+                        }
+                    }
+                }
+            };
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let ctx = ctx.clone();
+                let (ctx, identity) = (ctx.clone(), identity.clone());
                 async move {
-                    let resp = if req.uri().path() == "/metrics" {
-                        Response::builder().header("content-type", "text/plain; version=0.0.4").body(Full::new(Bytes::from(render(&ctx))))
-                    } else {
-                        Response::builder().status(StatusCode::NOT_FOUND).body(Full::new(Bytes::from_static(b"try /metrics\n")))
+                    let resp = match authorize_scrape(&ctx, &req, identity, peer).await {
+                        Err((status, why)) => Response::builder().status(status).body(Full::new(Bytes::from(format!("{why}\n")))),
+                        Ok(()) if req.uri().path() == "/metrics" => {
+                            Response::builder().header("content-type", "text/plain; version=0.0.4").body(Full::new(Bytes::from(render(&ctx))))
+                        }
+                        Ok(()) => Response::builder().status(StatusCode::NOT_FOUND).body(Full::new(Bytes::from_static(b"try /metrics\n"))),
                     };
                     resp.map_err(|e| std::io::Error::other(e.to_string()))
                 }
@@ -211,4 +237,75 @@ pub async fn serve(ctx: Arc<NodeCtx>, listener: tokio::net::TcpListener, mut shu
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
         });
     }
+}
+
+/// A scrape is allowed with a certificate of the cluster CA or a token whose role reads metrics.
+async fn authorize_scrape(
+    ctx: &NodeCtx,
+    req: &Request<hyper::body::Incoming>,
+    identity: Option<basalt_security::Identity>,
+    peer: std::net::SocketAddr,
+) -> Result<(), (StatusCode, String)> {
+    use basalt_security::{Action, Identity, Principal};
+    if !ctx.access.enabled() {
+        return Ok(());
+    }
+    let bearer = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let principal = match (bearer, identity) {
+        (Some(token), _) => ctx.access.authenticate_token(token.trim(), peer.ip()).await,
+        (None, Some(Identity::Node(n))) => Ok(Principal::Node(n)),
+        (None, Some(Identity::Client(c))) => Ok(Principal::Client(c)),
+        (None, None) => Err(basalt_security::Denied::unauthenticated("no credentials: present a client certificate or a bearer token")),
+    };
+    let result = principal.and_then(|p| basalt_security::authorize(&p, Action::Metrics, None).map(|()| p));
+    result.map(|_| ()).map_err(|d| {
+        ctx.access.refuse_connection("metrics", "credentials", peer, &d.message);
+        (if d.unauthenticated { StatusCode::UNAUTHORIZED } else { StatusCode::FORBIDDEN }, d.message)
+    })
+}
+
+/// Families describing access control.
+fn access_families(ctx: &NodeCtx) -> Vec<(&'static str, &'static str, &'static str, Vec<(String, u64)>)> {
+    let stats = &ctx.access.stats;
+    let refused = stats.refused.lock().unwrap_or_else(|p| p.into_inner());
+    let mut by_listener: Vec<(String, u64)> = refused.iter().map(|((l, r), n)| (format!("listener=\"{l}\",reason=\"{r}\""), *n)).collect();
+    by_listener.sort();
+    let cert_days =
+        ctx.access.tls().and_then(|t| t.own_certificate()).map(|c| (c.not_after - basalt_security::identity::unix_now()).max(0) as u64).unwrap_or(0);
+    vec![
+        ("basalt_connections_refused_total", "counter", "Connections refused at accept, handshake or authentication.", by_listener),
+        (
+            "basalt_requests_denied_total",
+            "counter",
+            "Requests refused for missing, bad or insufficient credentials.",
+            vec![(String::new(), stats.denied.load(Ordering::Relaxed))],
+        ),
+        (
+            "basalt_audit_events_suppressed_total",
+            "counter",
+            "Refusals recorded only in a summary (rate limit per source).",
+            vec![(String::new(), stats.audit_suppressed.load(Ordering::Relaxed))],
+        ),
+        (
+            "basalt_audit_events_dropped_total",
+            "counter",
+            "Audit events that could not reach the meta group.",
+            vec![(String::new(), stats.audit_dropped.load(Ordering::Relaxed))],
+        ),
+        (
+            "basalt_tls_certificate_expiry_seconds",
+            "gauge",
+            "Seconds until this node's TLS certificate expires (0: none or expired).",
+            vec![(String::new(), cert_days)],
+        ),
+        (
+            "basalt_tls_reloads_total",
+            "counter",
+            "Certificate file reloads (result label).",
+            vec![
+                ("result=\"ok\"".into(), stats.cert_reloads.load(Ordering::Relaxed)),
+                ("result=\"error\"".into(), stats.cert_reload_errors.load(Ordering::Relaxed)),
+            ],
+        ),
+    ]
 }

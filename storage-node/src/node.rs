@@ -17,8 +17,10 @@ use thiserror::Error;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::access::Access;
 use crate::clients::Clients;
 use crate::config::NodeConfig;
+use crate::meta::audit_log::AuditLog;
 use crate::meta::liveness::Liveness;
 use crate::meta::service::AdminService;
 use crate::meta::state::{NodeRecord, Role};
@@ -48,6 +50,9 @@ pub enum NodeError {
     /// Raft could not start.
     #[error("raft: {0}")]
     Raft(#[from] RaftError),
+    /// The TLS material could not be loaded.
+    #[error("TLS: {0} (create it with `basalt cert init` and `basalt cert issue --node N`, or see docs/operations.md)")]
+    Security(#[from] basalt_security::SecurityError),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -65,6 +70,8 @@ pub struct MetaHandle {
     pub group: RaftGroup<MetaStateMachine>,
     /// The replicated state as applied on this node.
     pub shared: MetaShared,
+    /// This node's copy of the audit log.
+    pub audit: Arc<AuditLog>,
 }
 
 /// Everything the services and background tasks of a node share.
@@ -83,6 +90,8 @@ pub struct NodeCtx {
     pub map: watch::Receiver<Arc<ClusterView>>,
     /// Clients to other nodes.
     pub clients: Clients,
+    /// Who may connect and what they may do.
+    pub access: Arc<Access>,
     /// The meta leader's live view of nodes (meaningful on the meta leader).
     pub liveness: Liveness,
     /// Counters and gauges.
@@ -160,6 +169,7 @@ impl NodeCtx {
             last_seen_ms_ago: 0,
             metrics_addr: self.config.metrics_listen.map(|a| a.to_string()).unwrap_or_default(),
             scrub_pending_bytes: stats.slots_pending_scrub * stats.slot_size,
+            cert_not_after: self.access.tls().and_then(|t| t.own_certificate()).map(|c| c.not_after).unwrap_or(0),
             ..Default::default()
         }
     }
@@ -226,13 +236,42 @@ impl Node {
             tail_bytes_per_group: config.memory.raft_tail_per_group,
             max_batch_bytes: 16 << 20,
         };
-        let host = RaftHost::open(config.id.0, &log_cfg, &config.raft)?;
+        let tls = match config.security.tls.clone() {
+            Some(files) => {
+                let tls = tokio::task::spawn_blocking(move || basalt_security::TlsContext::load(files))
+                    .await
+                    .map_err(|e| NodeError::Io { path: config.data_dir.clone(), source: std::io::Error::other(e.to_string()) })??;
+                let own = tls.own_certificate();
+                if own.as_ref().and_then(|c| c.identity.clone()) != Some(basalt_security::Identity::Node(config.id.0)) {
+                    return Err(NodeError::Security(basalt_security::SecurityError::Certificate {
+                        what: config.security.tls.as_ref().and_then(|t| t.cert.clone()).map(|p| p.display().to_string()).unwrap_or_default(),
+                        message: format!(
+                            "names {} but this is node-{}",
+                            own.and_then(|c| c.identity).map(|i| i.to_string()).unwrap_or_else(|| "no Basalt identity".into()),
+                            config.id.0
+                        ),
+                    }));
+                }
+                Some(Arc::new(tls))
+            }
+            None => {
+                tracing::warn!(
+                    "security is OFF (security.off): plaintext, no authentication; anyone who reaches this node's ports may read and write every volume"
+                );
+                None
+            }
+        };
+        let (access, audit_rx) = Access::new(tls, config.security.allow.clone());
+        let access = Arc::new(access);
+        let host = RaftHost::open(config.id.0, &log_cfg, &config.raft, access.dialer())?;
 
         let meta = if config.has(Role::Meta) {
             let shared = MetaShared::default();
-            let sm = MetaStateMachine::new(shared.clone(), host.log_engine().sm_store(META_GROUP));
+            let audit_dir = config.data_dir.join("audit");
+            let audit = Arc::new(AuditLog::open(&audit_dir, &config.audit.export_dir).map_err(|source| NodeError::Io { path: audit_dir, source })?);
+            let sm = MetaStateMachine::new(shared.clone(), host.log_engine().sm_store(META_GROUP), audit.clone());
             let group = host.start_group(META_GROUP, sm).await?;
-            Some(MetaHandle { group, shared })
+            Some(MetaHandle { group, shared, audit })
         } else {
             None
         };
@@ -251,7 +290,8 @@ impl Node {
             meta,
             pgs: pgs.clone(),
             map: map_rx,
-            clients: Clients::default(),
+            clients: Clients::new(access.dialer()),
+            access: access.clone(),
             liveness: Liveness::default(),
             metrics: Metrics::default(),
             scrub: Arc::new(basalt_scrubber::ScrubStats::default()),
@@ -265,7 +305,7 @@ impl Node {
         let admin = AdminServer::new(AdminService::new(ctx.clone()))
             .max_decoding_message_size(basalt_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(basalt_proto::MAX_MESSAGE_BYTES);
-        let data_service = Arc::new(DataService::new(ctx.clone()));
+        let data_service = Arc::new(DataService::new(ctx.clone(), access.clone()));
         let data = DataServer::from_arc(data_service.clone())
             .max_decoding_message_size(basalt_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(basalt_proto::MAX_MESSAGE_BYTES);
@@ -273,7 +313,7 @@ impl Node {
         // Our own accept loop (the listener was bound early to fail fast) splits the port
         // between the framed data protocol, the Raft transport and gRPC; it sets TCP_NODELAY on every connection.
         let (grpc_tx, grpc_rx) = tokio::sync::mpsc::channel(64);
-        let accept = tokio::spawn(crate::listener::run(listener, data_service, host.transport(), grpc_tx, shutdown_rx.clone()));
+        let accept = tokio::spawn(crate::listener::run(listener, access.clone(), data_service, host.transport(), grpc_tx, shutdown_rx.clone()));
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .tcp_nodelay(true)
@@ -289,6 +329,8 @@ impl Node {
         );
 
         let mut tasks = vec![accept];
+        tasks.push(tokio::spawn(crate::access::run_cert_reloader(access.clone(), config.security.reload, shutdown_rx.clone())));
+        tasks.push(tokio::spawn(crate::meta::service::run_audit_shipper(ctx.clone(), audit_rx, shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::cluster_map::run_watcher(ctx.clone(), map_tx, shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::agent::run(ctx.clone(), shutdown_rx.clone())));
         if config.has(Role::Storage) {
@@ -312,6 +354,8 @@ impl Node {
             tasks.push(tokio::spawn(integrity.run(shutdown_rx.clone())));
         }
         if ctx.meta.is_some() {
+            tasks.push(tokio::spawn(crate::meta::service::run_token_feeder(ctx.clone(), shutdown_rx.clone())));
+            tasks.push(tokio::spawn(crate::meta::service::run_audit_pruner(ctx.clone(), shutdown_rx.clone())));
             tasks.push(tokio::spawn(crate::meta::service::run_volume_reaper(ctx.clone(), shutdown_rx.clone())));
             tasks.push(tokio::spawn(crate::meta::healer::run(ctx.clone(), shutdown_rx.clone())));
         }

@@ -2,6 +2,11 @@
 //! stopped, killed (`SIGKILL`, by PID — only processes this harness started) and restarted at
 //! will. Tests talk to them through the real gRPC API and the volume client.
 //!
+//! Security is on, as in production: each cluster gets its own CA, every node a certificate in
+//! its data directory's `tls/`, and the harness a client certificate (`test-admin`) it runs
+//! `cluster init` with; the admin token init returns is what the harness's clients, and the
+//! CLI it runs, authenticate with afterwards.
+//!
 //! The binaries come from the same target directory as the test executable; `cargo nextest run
 //! --workspace` (or `cargo build --workspace`) builds them.
 
@@ -14,8 +19,13 @@ use anyhow::{Context, Result, anyhow, bail};
 use basalt_proto::admin::admin_client::AdminClient;
 use basalt_proto::admin::{ClusterInitRequest, ClusterStatusReply, ClusterStatusRequest, NodeInfoRequest};
 use basalt_proto::data::data_client::DataClient;
-use basalt_volume_client::{ClientOptions, Cluster};
-use tonic::transport::Channel;
+use basalt_security::certs::{self, Validity};
+use basalt_security::grpc::{AuthChannel, Bearer};
+use basalt_security::{Dialer, Expect, Identity, Protocol, TlsContext, TlsFiles, Token};
+use basalt_volume_client::{ClientOptions, ClientSecurity, Cluster};
+
+/// The client certificate the harness initializes clusters with.
+pub const TEST_CLIENT: &str = "test-admin";
 
 /// Directory holding the workspace's binaries (next to the test executable's `deps/`).
 pub fn bin_dir() -> PathBuf {
@@ -106,6 +116,10 @@ pub struct TestCluster {
     extra_config: String,
     /// Extra top-level TOML keys for single nodes (before `extra_config`, which may open tables).
     node_config: BTreeMap<u64, String>,
+    /// The cluster's CA and the harness's client certificate.
+    tls_dir: PathBuf,
+    /// The admin token `cluster init` returned.
+    admin_token: std::sync::Mutex<Option<Token>>,
 }
 
 /// `n` storage+meta nodes, node i in zone `z{i}` and host `h{i}`.
@@ -144,13 +158,18 @@ impl TestCluster {
     /// (the node's config and log stay in [`TestNode::data_dir`]).
     pub async fn start_with_node_config(specs: Vec<NodeSpec>, extra_config: &str, node_config: &[(u64, &str)]) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("basalt-test-").tempdir_in(test_root())?;
+        let tls_dir = dir.path().join("tls");
+        certs::init_ca(&tls_dir, 30)?;
+        certs::issue(&tls_dir, &Identity::Client(TEST_CLIENT.into()), Validity::days(30), &tls_dir, &[])?;
         let mut nodes = BTreeMap::new();
         for spec in specs {
             let node = TestNode::new(dir.path(), spec)?;
+            issue_node_certificate(&tls_dir, &node)?;
             nodes.insert(node.spec.id, node);
         }
         let node_config = node_config.iter().map(|(id, toml)| (*id, toml.to_string())).collect();
-        let mut cluster = TestCluster { dir, nodes, extra_config: extra_config.to_string(), node_config };
+        let mut cluster =
+            TestCluster { dir, nodes, extra_config: extra_config.to_string(), node_config, tls_dir, admin_token: std::sync::Mutex::new(None) };
         cluster.write_configs()?;
         let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
         for id in ids {
@@ -170,10 +189,23 @@ impl TestCluster {
         }
         let id = spec.id;
         let node = TestNode::new(self.dir.path(), spec)?;
+        issue_node_certificate(&self.tls_dir, &node)?;
         self.nodes.insert(id, node);
         self.write_configs()?;
         self.spawn(id)?;
         self.wait_up(id).await
+    }
+
+    /// Starts one more node whose certificate (and trusted CA) come from the CA in `ca_dir`
+    /// instead of this cluster's: another cluster's node. Does not wait for it to answer (this
+    /// cluster's clients could not verify it).
+    pub fn add_foreign_node(&mut self, spec: NodeSpec, ca_dir: &Path) -> Result<()> {
+        let id = spec.id;
+        let node = TestNode::new(self.dir.path(), spec)?;
+        issue_node_certificate(ca_dir, &node)?;
+        self.nodes.insert(id, node);
+        self.write_configs()?;
+        self.spawn(id)
     }
 
     /// Polls the cluster status until `done` holds for it; fails after `timeout`, naming `what`.
@@ -196,11 +228,15 @@ impl TestCluster {
         for n in self.nodes.values() {
             let roles: Vec<String> = n.spec.roles.iter().map(|r| format!("\"{r}\"")).collect();
             let own = self.node_config.get(&n.spec.id).map(String::as_str).unwrap_or("");
+            let tls = n.data_dir.join("tls");
             let text = format!(
-                "id = {}\nlisten = \"{}\"\nmetrics_listen = \"{}\"\n{}labels = \"{}\"\nroles = [{}]\nseeds = [{}]\n{}{}\n{}\n[memory]\nindex_cache = \"16MiB\"\nlog_cache = \"8MiB\"\nwrite_buffer = \"8MiB\"\n",
+                "id = {}\nlisten = \"{}\"\nmetrics_listen = \"{}\"\nsecurity.ca = \"{}\"\nsecurity.cert = \"{}\"\nsecurity.key = \"{}\"\n{}labels = \"{}\"\nroles = [{}]\nseeds = [{}]\n{}{}\n{}\n[memory]\nindex_cache = \"16MiB\"\nlog_cache = \"8MiB\"\nwrite_buffer = \"8MiB\"\n",
                 n.spec.id,
                 n.addr,
                 n.metrics_addr,
+                tls.join(certs::CA_CERT).display(),
+                tls.join(format!("node-{}.pem", n.spec.id)).display(),
+                tls.join(format!("node-{}.key", n.spec.id)).display(),
                 // The node's own directory (config, log) unless its own config names another.
                 if own.contains("data_dir =") { String::new() } else { format!("data_dir = \"{}\"\n", n.data_dir.display()) },
                 n.spec.labels,
@@ -251,13 +287,15 @@ impl TestCluster {
                     bail!("node-{id} exited with {status} during startup:\n{}", node.log_tail());
                 }
             }
-            if let Ok(mut c) = admin_client(&node.addr).await {
+            let addr = node.addr.clone();
+            // The client certificate alone: a node just added may not know the token yet.
+            if let Ok(mut c) = self.admin_with(&addr, None) {
                 if c.node_info(NodeInfoRequest {}).await.is_ok() {
                     return Ok(());
                 }
             }
             if tokio::time::Instant::now() > deadline {
-                bail!("node-{id} did not answer within 30s:\n{}", node.log_tail());
+                bail!("node-{id} did not answer within 30s:\n{}", self.node(id).log_tail());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -273,14 +311,107 @@ impl TestCluster {
         &self.nodes[&id]
     }
 
+    /// The harness's dialer: TLS against the cluster CA, presenting its client certificate.
+    pub fn dialer(&self) -> Result<Dialer> {
+        let stem = certs::file_stem(&Identity::Client(TEST_CLIENT.into()));
+        let files = TlsFiles {
+            ca: self.tls_dir.join(certs::CA_CERT),
+            cert: Some(self.tls_dir.join(format!("{stem}.pem"))),
+            key: Some(self.tls_dir.join(format!("{stem}.key"))),
+        };
+        Ok(Dialer::new(Some(std::sync::Arc::new(TlsContext::load(files)?))))
+    }
+
+    /// A dialer trusting the cluster CA without a client certificate (a client that has only
+    /// a token, like a hypervisor host).
+    pub fn anonymous_dialer(&self) -> Result<Dialer> {
+        let files = TlsFiles { ca: self.tls_dir.join(certs::CA_CERT), cert: None, key: None };
+        Ok(Dialer::new(Some(std::sync::Arc::new(TlsContext::load(files)?))))
+    }
+
+    /// The cluster CA certificate.
+    pub fn ca_path(&self) -> PathBuf {
+        self.tls_dir.join(certs::CA_CERT)
+    }
+
+    /// The CA directory (to issue further certificates from).
+    pub fn tls_dir(&self) -> &Path {
+        &self.tls_dir
+    }
+
+    /// The admin token `cluster init` returned (`None` before init).
+    pub fn admin_token(&self) -> Option<Token> {
+        self.admin_token.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Where the admin token is written for the CLI.
+    pub fn admin_token_file(&self) -> PathBuf {
+        self.dir.path().join("admin.token")
+    }
+
+    /// An admin client to `addr` with the harness's credentials (its client certificate, and
+    /// the admin token once the cluster is initialized).
+    pub fn admin_at(&self, addr: &str) -> Result<AdminClient<AuthChannel>> {
+        self.admin_with(addr, self.admin_token().as_ref())
+    }
+
+    /// An admin client to `addr` sending `token` (and the harness's client certificate).
+    pub fn admin_with(&self, addr: &str, token: Option<&Token>) -> Result<AdminClient<AuthChannel>> {
+        let channel = basalt_security::grpc::channel(addr, &self.dialer()?, Expect::AnyNode, |ep| {
+            ep.connect_timeout(Duration::from_secs(2)).timeout(Duration::from_secs(30))
+        })
+        .map_err(|e| anyhow!(e))?;
+        Ok(AdminClient::with_interceptor(channel, Bearer::new(token))
+            .max_decoding_message_size(basalt_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(basalt_proto::MAX_MESSAGE_BYTES))
+    }
+
     /// An admin client to any running meta node.
-    pub async fn admin(&self) -> Result<AdminClient<Channel>> {
+    pub async fn admin(&self) -> Result<AdminClient<AuthChannel>> {
         for n in self.nodes.values().filter(|n| n.child.is_some() && n.spec.roles.contains(&"meta")) {
-            if let Ok(c) = admin_client(&n.addr).await {
+            let mut c = self.admin_at(&n.addr)?;
+            if c.node_info(NodeInfoRequest {}).await.is_ok() {
                 return Ok(c);
             }
         }
         bail!("no meta node reachable")
+    }
+
+    /// A client of node `addr`'s gRPC data API (block I/O sent straight to one node, with no
+    /// volume-client routing), with the admin token, sized for the largest messages a node takes.
+    pub fn data_client(&self, addr: &str) -> Result<DataClient<AuthChannel>> {
+        let channel = basalt_security::grpc::channel(addr, &self.dialer()?, Expect::AnyNode, |ep| ep).map_err(|e| anyhow!(e))?;
+        Ok(DataClient::with_interceptor(channel, Bearer::new(self.admin_token().as_ref()))
+            .max_decoding_message_size(basalt_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(basalt_proto::MAX_MESSAGE_BYTES))
+    }
+
+    /// A client of node `addr`'s gRPC data API authenticated as a node (a certificate for node
+    /// 9999 of the cluster CA), for the node-to-node calls (leader hand-over, replica checks).
+    pub fn internal_data_client(&self, addr: &str) -> Result<DataClient<tonic::transport::Channel>> {
+        let identity = Identity::Node(9999);
+        let stem = certs::file_stem(&identity);
+        if !self.tls_dir.join(format!("{stem}.pem")).exists() {
+            certs::issue(&self.tls_dir, &identity, Validity::days(30), &self.tls_dir, &[])?;
+        }
+        let files = TlsFiles {
+            ca: self.tls_dir.join(certs::CA_CERT),
+            cert: Some(self.tls_dir.join(format!("{stem}.pem"))),
+            key: Some(self.tls_dir.join(format!("{stem}.key"))),
+        };
+        let dialer = Dialer::new(Some(std::sync::Arc::new(TlsContext::load(files)?)));
+        let channel = basalt_security::grpc::channel(addr, &dialer, Expect::AnyNode, |ep| ep).map_err(|e| anyhow!(e))?;
+        Ok(DataClient::new(channel))
+    }
+
+    /// A TLS connection to node `addr` speaking `protocol`, with the harness's client certificate.
+    pub async fn connect(&self, addr: &str, protocol: Protocol) -> Result<basalt_security::ClientStream> {
+        Ok(self.dialer()?.connect(addr, Expect::AnyNode, protocol).await?)
+    }
+
+    /// Node `id`'s `/metrics` page, over HTTPS with the harness's client certificate.
+    pub async fn metrics(&self, id: u64) -> Result<String> {
+        https_get(&self.dialer()?, &self.node(id).metrics_addr, "/metrics", None).await
     }
 
     /// `cluster init` with `pgs` placement groups, replicas differing at `failure_domain`.
@@ -293,7 +424,13 @@ impl TestCluster {
             let mut admin = self.admin().await?;
             let req = ClusterInitRequest { pg_count: pgs, extent_size: 0, failure_domain: failure_domain.into(), meta_addrs: self.seeds() };
             match admin.cluster_init(req).await {
-                Ok(_) => return Ok(()),
+                Ok(reply) => {
+                    let reply = reply.into_inner();
+                    let token = Token::parse(&reply.admin_token).context("cluster init returned no admin token")?;
+                    std::fs::write(self.admin_token_file(), format!("{}\n", token.expose()))?;
+                    *self.admin_token.lock().unwrap_or_else(|p| p.into_inner()) = Some(token);
+                    return Ok(());
+                }
                 Err(s) if retried && s.code() == tonic::Code::AlreadyExists => return Ok(()),
                 Err(s) if s.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < deadline => {
                     retried = true;
@@ -339,15 +476,22 @@ impl TestCluster {
         }
     }
 
-    /// A volume client connected through the seeds.
+    /// A volume client connected through the seeds, with the admin token.
     pub async fn client(&self) -> Result<Cluster> {
-        let opts = ClientOptions { op_timeout: Duration::from_secs(60), ..Default::default() };
+        self.client_with(self.admin_token()).await
+    }
+
+    /// A volume client connected through the seeds, authenticating with `token` only (no
+    /// client certificate), as a hypervisor host would.
+    pub async fn client_with(&self, token: Option<Token>) -> Result<Cluster> {
+        let security = ClientSecurity { dialer: self.anonymous_dialer()?, token };
+        let opts = ClientOptions { op_timeout: Duration::from_secs(60), security, ..Default::default() };
         Ok(Cluster::connect_with(&self.seeds(), opts).await?)
     }
 
     /// Node `id`'s own scrubber report.
     pub async fn scrub_status(&self, id: u64) -> Result<basalt_proto::admin::ScrubStatusReply> {
-        let mut admin = admin_client(&self.node(id).addr).await?;
+        let mut admin = self.admin_at(&self.node(id).addr)?;
         Ok(admin.scrub_status(basalt_proto::admin::ScrubStatusRequest {}).await?.into_inner())
     }
 
@@ -420,11 +564,33 @@ impl TestCluster {
         self.restart(id).await
     }
 
-    /// Runs the `basalt` CLI against this cluster (its seeds in `BASALT_CLUSTER`); returns the
+    /// The `basalt` CLI set up for this cluster: its seeds in `BASALT_CLUSTER`, its CA in
+    /// `BASALT_CA`, the admin token in `BASALT_TOKEN_FILE` (once initialized).
+    pub fn basalt_cmd(&self) -> Command {
+        self.basalt_command(bin("basalt"))
+    }
+
+    /// Like [`TestCluster::basalt_cmd`] for a copy of the binary at `program`.
+    pub fn basalt_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.env("BASALT_CLUSTER", self.seeds().join(","))
+            .env("BASALT_CA", self.ca_path())
+            .env_remove("BASALT_TOKEN")
+            .env_remove("BASALT_CERT")
+            .env_remove("BASALT_KEY");
+        if self.admin_token().is_some() {
+            cmd.env("BASALT_TOKEN_FILE", self.admin_token_file());
+        } else {
+            cmd.env_remove("BASALT_TOKEN_FILE");
+        }
+        cmd
+    }
+
+    /// Runs the `basalt` CLI against this cluster ([`TestCluster::basalt_cmd`]); returns the
     /// exit code, stdout and stderr.
     pub async fn cli(&self, args: &[&str]) -> Result<(Option<i32>, String, String)> {
-        let mut cmd = Command::new(bin("basalt"));
-        cmd.args(args).env("BASALT_CLUSTER", self.seeds().join(","));
+        let mut cmd = self.basalt_cmd();
+        cmd.args(args);
         let out = tokio::task::spawn_blocking(move || cmd.output()).await??;
         Ok((out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned()))
     }
@@ -482,21 +648,26 @@ pub fn test_root() -> PathBuf {
     std::env::var_os("BASALT_TEST_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir)
 }
 
-/// Connects an admin client.
-pub async fn admin_client(addr: &str) -> Result<AdminClient<Channel>> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(30))
-        .connect()
-        .await?;
-    Ok(AdminClient::new(ch))
+/// GETs `path` from `addr` over HTTPS through `dialer`, with a bearer `token` if given; returns
+/// the whole response, status line and headers included.
+pub async fn https_get(dialer: &Dialer, addr: &str, path: &str, token: Option<&Token>) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = dialer.connect(addr, Expect::AnyNode, Protocol::Http).await?;
+    let auth = token.map(|t| format!("Authorization: Bearer {}\r\n", t.expose())).unwrap_or_default();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: basalt\r\n{auth}Connection: close\r\n\r\n").as_bytes()).await?;
+    s.flush().await?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).await?;
+    Ok(text)
 }
 
-/// Connects a client of a node's gRPC data API (block I/O sent straight to one node, with no
-/// volume-client routing), sized for the largest messages a node accepts.
-pub async fn data_client(addr: &str) -> Result<DataClient<Channel>> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
-    Ok(DataClient::new(ch).max_decoding_message_size(basalt_proto::MAX_MESSAGE_BYTES).max_encoding_message_size(basalt_proto::MAX_MESSAGE_BYTES))
+/// Issues `node`'s certificate into its data directory's `tls/`, with a copy of the CA: the
+/// node reads them from there (also when it runs as another user, see [`TestCluster::run_as`]).
+fn issue_node_certificate(tls_dir: &Path, node: &TestNode) -> Result<()> {
+    let dir = node.data_dir.join("tls");
+    certs::issue(tls_dir, &Identity::Node(node.spec.id), Validity::days(30), &dir, &["127.0.0.1".to_string()])?;
+    std::fs::copy(tls_dir.join(certs::CA_CERT), dir.join(certs::CA_CERT))?;
+    Ok(())
 }
 
 /// A deterministic pseudo-random generator for workloads; tests print the seed they use.
@@ -567,7 +738,9 @@ fn for_each_data_piece(file: &std::fs::File, size: u64, mut f: impl FnMut(u64, &
         while off < end {
             let n = ((end - off) as usize).min(8 << 20);
             let mut buf = vec![0u8; n];
-            let Ok(got) = file.read_at(&mut buf, off as u64) else { break };
+            let Ok(got) = file.read_at(&mut buf, off as u64) else {
+                break;
+            };
             if got == 0 {
                 break;
             }
@@ -586,7 +759,9 @@ pub fn find_marker(root: &Path, marker: &[u8]) -> Vec<(PathBuf, u64)> {
     let mut found = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let path = entry.path();
             let Ok(meta) = entry.metadata() else { continue };
@@ -595,7 +770,9 @@ pub fn find_marker(root: &Path, marker: &[u8]) -> Vec<(PathBuf, u64)> {
                 continue;
             }
             // Files may vanish mid-scan (RocksDB deletes obsolete ones): skip them.
-            let Ok(file) = std::fs::File::open(&path) else { continue };
+            let Ok(file) = std::fs::File::open(&path) else {
+                continue;
+            };
             let mut hits = 0u64;
             let mut carry: Vec<u8> = Vec::new();
             for_each_data_piece(&file, meta.len(), |_, buf, new_region| {

@@ -10,7 +10,8 @@ use basalt_proto::admin::{VolumeCreateRequest, VolumeResizeRequest};
 use basalt_proto::data::data_error::Code;
 use basalt_proto::data::{ReadRequest, WriteRequest};
 use basalt_proto::wire;
-use basalt_tests::{TestCluster, bin, data_client, simple_spec};
+use basalt_security::Protocol;
+use basalt_tests::{TestCluster, bin, simple_spec};
 use basalt_volume_client::ClientError;
 use bytes::Bytes;
 
@@ -94,7 +95,7 @@ async fn malformed_io_and_admin_requests_get_clear_errors() {
     let pg = layout.pg_of(VolumeId(vol.id), ExtentIndex(0));
     let leader = status.pgs.iter().find(|p| p.id == pg.0).unwrap().leader;
     let addr = &status.nodes.iter().find(|n| n.id == leader).unwrap().addr;
-    let mut data = data_client(addr).await.unwrap();
+    let mut data = cluster.data_client(addr).unwrap();
     let block = Bytes::from(vec![7u8; 4096]);
     let good = WriteRequest {
         pg: pg.0,
@@ -178,7 +179,7 @@ async fn cli_exit_codes_mean_something() {
     let seeds = cluster.seeds().join(",");
     let run = |args: &[&str], cluster_env: Option<&str>| {
         let started = std::time::Instant::now();
-        let mut c = Command::new(bin("basalt"));
+        let mut c = cluster.basalt_cmd();
         c.args(args).env_remove("BASALT_CLUSTER");
         if let Some(v) = cluster_env {
             c.env("BASALT_CLUSTER", v);
@@ -206,8 +207,10 @@ async fn cli_exit_codes_mean_something() {
     assert_eq!(code, Some(0));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["size"], 1u64 << 30);
-    let (code, _, err) = run(&["cluster", "init"], s);
+    let token_out = cluster.path().join("second-init.token");
+    let (code, _, err) = run(&["cluster", "init", "--admin-token-file", token_out.to_str().unwrap()], s);
     assert_eq!(code, Some(4), "second init: {err}");
+    assert!(!token_out.exists(), "a refused init writes no token file");
     let (code, _, _) = run(&["volume", "nonsense"], s);
     assert_eq!(code, Some(2));
     let (code, _, err) = run(&["scrub", "status", "--node", "99"], s);
@@ -249,8 +252,10 @@ async fn cli_exit_codes_mean_something() {
 }
 
 /// Reads one reply frame: (kind, id, body).
-async fn wire_reply(s: &mut tokio::net::TcpStream) -> std::io::Result<Option<(u8, u64, Bytes)>> {
-    let Some(h) = wire::read_header(s).await? else { return Ok(None) };
+async fn wire_reply<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> std::io::Result<Option<(u8, u64, Bytes)>> {
+    let Some(h) = wire::read_header(s).await? else {
+        return Ok(None);
+    };
     let body = wire::read_body(s, &h).await?;
     Ok(Some((h.kind, h.id, body)))
 }
@@ -268,10 +273,25 @@ async fn hostile_data_protocol_frames_get_errors_or_a_closed_connection() {
         f
     };
 
+    // A data connection opens with the magic and a Hello carrying the token.
+    let token = cluster.admin_token().unwrap();
+    let open = |hello: basalt_proto::data::Hello| {
+        let cluster = &cluster;
+        let addr = addr.clone();
+        async move {
+            let mut s = cluster.connect(&addr, Protocol::Data).await.unwrap();
+            s.write_all(&wire::MAGIC).await.unwrap();
+            s.write_all(&wire::encode(wire::Kind::Hello, 1, &hello)).await.unwrap();
+            let (kind, id, body) = wire_reply(&mut s).await.unwrap().unwrap();
+            assert_eq!((kind, id), (wire::Kind::HelloReply as u8, 1));
+            (s, <basalt_proto::data::HelloReply as prost::Message>::decode(body).unwrap())
+        }
+    };
+
     // Unknown kind and an undecodable body: each answered with an error frame for its id, and
     // the connection stays usable.
-    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    s.write_all(&wire::MAGIC).await.unwrap();
+    let (mut s, hello) = open(basalt_proto::data::Hello { token: token.expose() }).await;
+    assert!(hello.error.is_none() && hello.principal.starts_with("token:"), "{hello:?}");
     s.write_all(&frame(0x42, 7, b"hello")).await.unwrap();
     let (kind, id, body) = wire_reply(&mut s).await.unwrap().unwrap();
     assert_eq!((kind, id), (wire::Kind::Error as u8, 7));
@@ -296,13 +316,33 @@ async fn hostile_data_protocol_frames_get_errors_or_a_closed_connection() {
     let end = tokio::time::timeout(Duration::from_secs(10), wire_reply(&mut s)).await.expect("oversized frame: connection left open");
     assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
 
-    // Wrong magic, and a connection that vanishes mid-frame: closed, nothing else disturbed.
-    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    s.write_all(b"BOGUSMAG").await.unwrap();
-    let end = tokio::time::timeout(Duration::from_secs(10), wire_reply(&mut s)).await.expect("bad magic: connection left open");
-    assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
-    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    // Wrong magic, the protocol's first version, a first frame that is not a Hello, a Hello
+    // without credentials or with a bad token, plaintext, and a connection that vanishes
+    // mid-frame: refused or closed, nothing else disturbed.
+    for magic in [&b"BOGUSMAG"[..], &wire::MAGIC_V1[..]] {
+        let mut s = cluster.connect(&addr, Protocol::Data).await.unwrap();
+        s.write_all(magic).await.unwrap();
+        let end = tokio::time::timeout(Duration::from_secs(10), wire_reply(&mut s)).await.expect("bad magic: connection left open");
+        assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
+    }
+    let mut s = cluster.connect(&addr, Protocol::Data).await.unwrap();
     s.write_all(&wire::MAGIC).await.unwrap();
+    s.write_all(&wire::encode(wire::Kind::Read, 3, &ReadRequest::default())).await.unwrap();
+    let (kind, id, body) = wire_reply(&mut s).await.unwrap().unwrap();
+    assert_eq!((kind, id), (wire::Kind::HelloReply as u8, 3));
+    let reply = <basalt_proto::data::HelloReply as prost::Message>::decode(body).unwrap();
+    assert_eq!(reply.error.unwrap().code, Code::Unauthenticated as i32);
+    // The harness's client certificate is no data principal on its own: a token is needed.
+    let (_, hello) = open(basalt_proto::data::Hello { token: String::new() }).await;
+    let e = hello.error.expect("a client certificate alone opens no data connection");
+    assert_eq!(e.code, Code::PermissionDenied as i32, "{e:?}");
+    let (_, hello) = open(basalt_proto::data::Hello { token: "bst1_nonsense".into() }).await;
+    assert_eq!(hello.error.unwrap().code, Code::Unauthenticated as i32);
+    let mut plain = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    plain.write_all(&wire::MAGIC).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(10), wire_reply(&mut plain)).await.expect("plaintext: connection left open");
+    assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
+    let (mut s, _) = open(basalt_proto::data::Hello { token: token.expose() }).await;
     s.write_all(&frame(wire::Kind::Write as u8, 1, &[1u8; 100])[..60]).await.unwrap();
     drop(s);
 

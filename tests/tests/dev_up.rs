@@ -4,7 +4,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use basalt_tests::{bin, test_root};
+use basalt_security::{Dialer, TlsContext, TlsFiles, Token};
+use basalt_tests::{bin, https_get, test_root};
 
 fn alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
@@ -42,9 +43,15 @@ fn dev_up_runs_a_cluster_and_stops_cleanly() {
             }
         }
     }
-    let cluster_line = lines.iter().find(|l| l.starts_with("BASALT_CLUSTER=")).expect("BASALT_CLUSTER line");
-    let seeds = cluster_line.trim_start_matches("BASALT_CLUSTER=").to_string();
+    let value = |key: &str| lines.iter().find_map(|l| l.strip_prefix(key)).unwrap_or_else(|| panic!("no {key} line in {lines:?}")).to_string();
+    let seeds = value("BASALT_CLUSTER=");
     assert_eq!(seeds.split(',').count(), 3, "three meta nodes: {seeds}");
+    let ca = value("BASALT_CA=");
+    let token_file = value("BASALT_TOKEN_FILE=");
+    assert!(lines.iter().any(|l| l.starts_with("nbd://127.0.0.1:") && l.ends_with("/demo")), "{lines:?}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777, 0o600, "the admin token file is private");
+    let token = Token::parse(&std::fs::read_to_string(&token_file).unwrap()).unwrap();
 
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("cluster.json")).unwrap()).unwrap();
     let nodes = json["nodes"].as_array().unwrap();
@@ -65,20 +72,35 @@ fn dev_up_runs_a_cluster_and_stops_cleanly() {
     assert_eq!(zones.len(), 4, "each node in its own failure domain");
     assert_eq!(nodes.iter().filter(|n| n["roles"].as_array().unwrap().iter().any(|r| r == "backup")).count(), 1);
 
-    // The volume exists and the CLI finds the cluster through BASALT_CLUSTER.
-    let out = Command::new(bin("basalt")).args(["--json", "volume", "show", "demo"]).env("BASALT_CLUSTER", &seeds).output().unwrap();
+    // The volume exists and the CLI finds the cluster, its CA and the token through the three
+    // printed lines; without the token it is refused.
+    let basalt = |with_token: bool| {
+        let mut c = Command::new(bin("basalt"));
+        c.args(["--json", "volume", "show", "demo"]).env("BASALT_CLUSTER", &seeds).env("BASALT_CA", &ca).env_remove("BASALT_TOKEN");
+        if with_token {
+            c.env("BASALT_TOKEN_FILE", &token_file);
+        } else {
+            c.env_remove("BASALT_TOKEN_FILE");
+        }
+        c.output().unwrap()
+    };
+    let out = basalt(true);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["size"], 256u64 << 20);
+    let out = basalt(false);
+    assert_eq!(out.status.code(), Some(8), "no token: {}", String::from_utf8_lossy(&out.stderr));
 
-    // Metrics are served.
-    let metrics_addr = nodes[0]["metrics_url"].as_str().unwrap().trim_start_matches("http://").trim_end_matches("/metrics").to_string();
-    let mut s = std::net::TcpStream::connect(&metrics_addr).unwrap();
-    use std::io::{Read, Write};
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
+    // Metrics are served over HTTPS, to a token.
+    let metrics_url = nodes[0]["metrics_url"].as_str().unwrap();
+    assert!(metrics_url.starts_with("https://"), "{metrics_url}");
+    let metrics_addr = metrics_url.trim_start_matches("https://").trim_end_matches("/metrics").to_string();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dialer = Dialer::new(Some(std::sync::Arc::new(TlsContext::load(TlsFiles { ca: ca.clone().into(), cert: None, key: None }).unwrap())));
+    let body = runtime.block_on(https_get(&dialer, &metrics_addr, "/metrics", Some(&token))).unwrap();
     assert!(body.contains("basalt_pgs{node=\"1\"} 8"), "{body}");
+    let body = runtime.block_on(https_get(&dialer, &metrics_addr, "/metrics", None)).unwrap();
+    assert!(body.starts_with("HTTP/1.1 401"), "no credentials: {body}");
 
     // Ctrl-C stops everything cleanly.
     // SAFETY: signalling the child we started.

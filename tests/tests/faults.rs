@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use basalt_common::crc32c;
 use basalt_proto::admin::{ClusterStatusReply, NodeDrainRequest, NodeRemoveRequest, VolumeCreateRequest};
-use basalt_tests::{NodeSpec, Rng, TestCluster, data_client, find_block, find_marker, seed, simple_spec};
+use basalt_tests::{NodeSpec, Rng, TestCluster, find_block, find_marker, seed, simple_spec};
 use basalt_volume_client::Volume;
 use bytes::Bytes;
 
@@ -423,7 +423,7 @@ async fn a_deposed_leader_serves_no_stale_read() {
     let client = cluster.client().await.unwrap();
     let map = client.map();
     let volume_id = map.volume_by_name(VOLUME).unwrap().id.0;
-    let mut data = data_client(&cluster.node(old_leader).addr).await.unwrap();
+    let mut data = cluster.data_client(&cluster.node(old_leader).addr).unwrap();
     let read = ReadRequest { pg: pg.0, volume_id, offset: offset_of(0), length: 4096, map_version: map.version };
     // The fast path serves this read from the old leader's lease while it is healthy.
     let r = data.read(read.clone()).await.unwrap().into_inner();
@@ -714,7 +714,7 @@ async fn fault_a_lost_meta_node_is_replaced_so_a_second_loss_is_survived() {
 /// elections, forwarding); returns how long it took.
 async fn create_volume_through(cluster: &TestCluster, via: u64, name: &str) -> Duration {
     let started = Instant::now();
-    let mut admin = basalt_tests::admin_client(&cluster.node(via).addr).await.unwrap();
+    let mut admin = cluster.admin_at(&cluster.node(via).addr).unwrap();
     loop {
         match admin.volume_create(VolumeCreateRequest { name: name.into(), size: 1 << 20 }).await {
             Ok(_) => return started.elapsed(),
@@ -849,7 +849,7 @@ async fn a_stale_attachment_across_a_partition_is_fenced() {
     admin.volume_create(VolumeCreateRequest { name: "fence".into(), size: 16 << 20 }).await.unwrap();
     // Attachment A runs as the isolated user, talking to node 3 only (its side of the cut).
     let listen_a = format!("127.0.0.1:{}", basalt_tests::free_port());
-    let mut a = Command::new(cluster.shared_bin("basalt").unwrap());
+    let mut a = cluster.basalt_command(cluster.shared_bin("basalt").unwrap());
     std::os::unix::process::CommandExt::uid(&mut a, ISOLATED_UID);
     let mut a = a
         .args(["--cluster", &cluster.node(3).addr, "attach", "fence", "--nbd-listen", &listen_a])
@@ -875,7 +875,8 @@ async fn a_stale_attachment_across_a_partition_is_fenced() {
     let cut = basalt_tests::Isolation::start(port_of(&cluster.node(3).addr), ISOLATED_UID).unwrap();
     // On the majority side: take the volume over and write.
     let listen_b = format!("127.0.0.1:{}", basalt_tests::free_port());
-    let mut b = Command::new(basalt_tests::bin("basalt"))
+    let mut b = cluster
+        .basalt_cmd()
         .args(["--cluster", &cluster.node(1).addr, "attach", "fence", "--force", "--nbd-listen", &listen_b])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -1015,7 +1016,7 @@ async fn fault_a_full_replica_refuses_writes_instead_of_diverging() {
         refused.len() >= 64,
         "writes beyond node 3's 64 MiB were acknowledged: {} MiB acked\n{}",
         acked.len(),
-        metrics_text(&cluster.node(3).metrics_addr).lines().filter(|l| l.contains("space") || l.contains("bytes")).collect::<Vec<_>>().join("\n")
+        cluster.metrics(3).await.unwrap().lines().filter(|l| l.contains("space") || l.contains("bytes")).collect::<Vec<_>>().join("\n")
     );
     assert!(refused.iter().any(|(_, e)| e.contains("node-3")), "refusals do not name the full replica: {:?}", refused.first());
 
@@ -1033,7 +1034,7 @@ async fn fault_a_full_replica_refuses_writes_instead_of_diverging() {
             }
             assert!(Instant::now() < deadline, "pg-{} never moved its leadership to node 3", pg.id);
             if p.leader != 0 {
-                let mut data = data_client(&cluster.node(p.leader).addr).await.unwrap();
+                let mut data = cluster.internal_data_client(&cluster.node(p.leader).addr).unwrap();
                 let _ = data.transfer_leader(basalt_proto::data::TransferLeaderRequest { pg: pg.id, to: 3 }).await;
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1046,7 +1047,7 @@ async fn fault_a_full_replica_refuses_writes_instead_of_diverging() {
             assert!(got == chunk(i), "acknowledged chunk {i} of pg-{} reads back different with node 3 leading", pg.id);
         }
     }
-    let metrics = metrics_text(&cluster.node(3).metrics_addr);
+    let metrics = cluster.metrics(3).await.unwrap();
     assert!(metrics.contains("basalt_pg_applies_waiting_for_space{node=\"3\"} 0"), "an apply on node 3 waits for space:\n{metrics}");
 }
 
@@ -1123,7 +1124,7 @@ async fn fault_a_full_state_filesystem_refuses_writes_until_space_is_freed() {
     }
     let refused_at = workload.t0.elapsed();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let metrics = metrics_text(&cluster.node(3).metrics_addr);
+    let metrics = cluster.metrics(3).await.unwrap();
     assert!(metrics.contains("basalt_raft_log_waiting_for_space{node=\"3\"} 0"), "node 3's Raft log ran out after all:\n{metrics}");
 
     std::fs::remove_file(&ballast).unwrap();
@@ -1199,16 +1200,6 @@ async fn a_drain_with_no_target_up_is_reported_stuck_and_finishes_once_one_retur
     let s = cluster.status().await.unwrap();
     assert_eq!(s.nodes.iter().find(|n| n.id == 4).map(|n| n.replicas), Some(0));
     println!("stuck verdict after {stuck_after:?} ({} replica(s) left); drain finished {:?} after node 1 returned", n4.replicas, started.elapsed());
-}
-
-/// The node's Prometheus text.
-fn metrics_text(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text
 }
 
 /// Used bytes node `id` reported in its last heartbeat.

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use basalt_tests::{TestCluster, bin};
+use basalt_tests::TestCluster;
 
 fn guest_dir() -> PathBuf {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-guest");
@@ -25,14 +25,8 @@ fn guest_dir() -> PathBuf {
 async fn qemu_guest_writes_and_reads_its_virtio_disk() {
     let guest = guest_dir();
     let cluster = TestCluster::with_volume("vmdisk", 64 << 20).await.unwrap();
-    let seeds = cluster.seeds().join(",");
 
-    let mut attach = Command::new(bin("basalt"))
-        .args(["attach", "vmdisk", "--nbd-listen", "127.0.0.1:0"])
-        .env("BASALT_CLUSTER", &seeds)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut attach = cluster.basalt_cmd().args(["attach", "vmdisk", "--nbd-listen", "127.0.0.1:0"]).stdout(Stdio::piped()).spawn().unwrap();
     let mut lines = BufReader::new(attach.stdout.take().unwrap()).lines();
     let uri = lines.next().unwrap().unwrap();
     assert!(uri.starts_with("nbd://"), "{uri}");

@@ -3,12 +3,11 @@
 //! differs with a valid checksum is found by a deep scrub and repaired from the majority.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use basalt_chunk_store::{Batch, ChunkStore, ChunkStoreConfig, IndexMemory};
 use basalt_common::crc32c;
-use basalt_tests::{TestCluster, bin, find_block, seed};
+use basalt_tests::{TestCluster, find_block, seed};
 use bytes::Bytes;
 
 /// A 4 KiB block no other block equals.
@@ -43,8 +42,7 @@ fn flip_bit(cluster: &TestCluster, node: u64, offset: u64) {
 
 /// `basalt --json scrub start ARGS`, which follows the pass to its end; the parsed report.
 fn scrub_start(cluster: &TestCluster, args: &[&str]) -> serde_json::Value {
-    let out =
-        Command::new(bin("basalt")).args(["--json", "scrub", "start"]).args(args).env("BASALT_CLUSTER", cluster.seeds().join(",")).output().unwrap();
+    let out = cluster.basalt_cmd().args(["--json", "scrub", "start"]).args(args).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "scrub start {args:?} failed: {}\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr), cluster.logs());
     serde_json::from_str(&stdout).unwrap()

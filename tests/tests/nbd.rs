@@ -6,7 +6,7 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use basalt_tests::{TestCluster, bin};
+use basalt_tests::TestCluster;
 
 /// A running `basalt attach` process.
 struct Attached {
@@ -21,11 +21,11 @@ impl Drop for Attached {
     }
 }
 
-fn attach(seeds: &str, volume: &str, extra: &[&str]) -> Result<Attached, (Option<i32>, String)> {
-    let mut child = Command::new(bin("basalt"))
+fn attach(cluster: &TestCluster, volume: &str, extra: &[&str]) -> Result<Attached, (Option<i32>, String)> {
+    let mut child = cluster
+        .basalt_cmd()
         .args(["attach", volume, "--nbd-listen", "127.0.0.1:0"])
         .args(extra)
-        .env("BASALT_CLUSTER", seeds)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -44,7 +44,9 @@ fn attach(seeds: &str, volume: &str, extra: &[&str]) -> Result<Attached, (Option
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(l) if l.starts_with("nbd://") => uri = Some(l),
-            Ok(l) if l == "ready" => return Ok(Attached { child, uri: uri.expect("uri before ready") }),
+            Ok(l) if l == "ready" => {
+                return Ok(Attached { child, uri: uri.expect("uri before ready") });
+            }
             Ok(_) => {}
             Err(_) => {
                 if let Ok(Some(status)) = child.try_wait() {
@@ -58,10 +60,8 @@ fn attach(seeds: &str, volume: &str, extra: &[&str]) -> Result<Attached, (Option
     }
 }
 
-async fn cluster_with_volume(name: &str, size: u64) -> (TestCluster, String) {
-    let cluster = TestCluster::with_volume(name, size).await.unwrap();
-    let seeds = cluster.seeds().join(",");
-    (cluster, seeds)
+async fn cluster_with_volume(name: &str, size: u64) -> TestCluster {
+    TestCluster::with_volume(name, size).await.unwrap()
 }
 
 /// Runs qemu-io with `-c` commands; returns (success, combined output).
@@ -84,8 +84,8 @@ fn qemu_io_opts(uri: &str, opts: &[&str], cmds: &[String]) -> (bool, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_io_patterns_across_extents_unaligned_and_at_the_end() {
     let size: u64 = 24 << 20;
-    let (_cluster, seeds) = cluster_with_volume("io", size).await;
-    let a = attach(&seeds, "io", &[]).unwrap();
+    let cluster = cluster_with_volume("io", size).await;
+    let a = attach(&cluster, "io", &[]).unwrap();
     let mb4 = 4u64 << 20;
     let cmds = vec![
         // Unaligned, inside one block and across block boundaries.
@@ -119,8 +119,8 @@ async fn qemu_io_patterns_across_extents_unaligned_and_at_the_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_img_convert_roundtrip_keeps_every_byte() {
     let size: u64 = 256 << 20;
-    let (cluster, seeds) = cluster_with_volume("img", size).await;
-    let a = attach(&seeds, "img", &[]).unwrap();
+    let cluster = cluster_with_volume("img", size).await;
+    let a = attach(&cluster, "img", &[]).unwrap();
     let src = cluster.path().join("src.img");
     let back = cluster.path().join("back.img");
     // Random content, with a hole in the middle that the copy must keep as zeros.
@@ -147,8 +147,8 @@ async fn qemu_img_convert_roundtrip_keeps_every_byte() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbdinfo_shows_size_flags_and_block_sizes() {
     let size: u64 = 64 << 20;
-    let (_cluster, seeds) = cluster_with_volume("info", size).await;
-    let a = attach(&seeds, "info", &[]).unwrap();
+    let cluster = cluster_with_volume("info", size).await;
+    let a = attach(&cluster, "info", &[]).unwrap();
     let out = Command::new("nbdinfo").args(["--json", &a.uri]).output().expect("nbdinfo (install libnbd-bin)");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -168,8 +168,8 @@ async fn nbdinfo_shows_size_flags_and_block_sizes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fio_verify_over_four_connections_at_depth_32() {
-    let (_cluster, seeds) = cluster_with_volume("fio", 128 << 20).await;
-    let a = attach(&seeds, "fio", &[]).unwrap();
+    let cluster = cluster_with_volume("fio", 128 << 20).await;
+    let a = attach(&cluster, "fio", &[]).unwrap();
     let (ok, text) =
         fio_verify(&a.uri, &["--name=verify", "--bs=4k", "--bsrange=4k-64k", "--iodepth=32", "--numjobs=4", "--size=24M", "--offset_increment=32M"]);
     assert!(ok, "{text}");
@@ -208,8 +208,8 @@ fn verified_clean(text: &str) -> bool {
 /// side must see neither an I/O error nor a bad block.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fio_verify_survives_a_pg_leader_kill_and_restart() {
-    let (mut cluster, seeds) = cluster_with_volume("kill", 128 << 20).await;
-    let a = attach(&seeds, "kill", &[]).unwrap();
+    let mut cluster = cluster_with_volume("kill", 128 << 20).await;
+    let a = attach(&cluster, "kill", &[]).unwrap();
     let uri = a.uri.clone();
     // Rate-limited so the write phase (2 × 4096 blocks) spans the kill, the failover and the
     // restart.
@@ -238,8 +238,8 @@ fn fio_finished_before(text: &str, d: Duration) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trim_and_write_zeroes_read_back_as_zeros() {
-    let (_cluster, seeds) = cluster_with_volume("zero", 16 << 20).await;
-    let a = attach(&seeds, "zero", &[]).unwrap();
+    let cluster = cluster_with_volume("zero", 16 << 20).await;
+    let a = attach(&cluster, "zero", &[]).unwrap();
     let cmds = vec![
         "write -P 0xcd 0 3M".to_string(),
         // Trim a whole chunk and an unaligned piece; zero with and without deallocation.
@@ -271,7 +271,7 @@ async fn a_full_disk_fails_writes_with_enospc_keeps_data_and_recovers() {
     // left (three nodes lead PGs onto each replica), so a 4 MiB extent write is refused once
     // less than 12 MiB is left; 48 MiB stays well clear of that (with 64 MiB it once failed in CI).
     let cluster = TestCluster::with_volume_config("full", 256 << 20, "capacity = \"96MiB\"").await.unwrap();
-    let a = attach(&cluster.seeds().join(","), "full", &[]).unwrap();
+    let a = attach(&cluster, "full", &[]).unwrap();
     let (ok, out) = qemu_io(&a.uri, &["write -P 0x5a 0 48M".to_string()]);
     assert!(ok, "{out}");
     let (ok, out) = qemu_io(&a.uri, &["write -P 0x5b 64M 64M".to_string()]);
@@ -298,26 +298,26 @@ async fn a_full_disk_fails_writes_with_enospc_keeps_data_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_read_write_attachment_at_a_time_and_takeover_fences() {
-    let (_cluster, seeds) = cluster_with_volume("excl", 8 << 20).await;
-    let first = attach(&seeds, "excl", &[]).unwrap();
+    let cluster = cluster_with_volume("excl", 8 << 20).await;
+    let first = attach(&cluster, "excl", &[]).unwrap();
     let (ok, out) = qemu_io(&first.uri, &["write -P 0x01 0 4096".into()]);
     assert!(ok, "{out}");
 
     // A second read-write attach is refused while the first holds.
-    let Err((code, err)) = attach(&seeds, "excl", &[]) else { panic!("second read-write attach succeeded") };
+    let Err((code, err)) = attach(&cluster, "excl", &[]) else { panic!("second read-write attach succeeded") };
     assert_eq!(code, Some(7), "{err}");
     assert!(err.contains("already attached"), "{err}");
 
     // Read-only attachments coexist; the export says read-only, so QEMU will not open it for
     // writing (the server refuses writes too: see the request parser's tests).
-    let ro = attach(&seeds, "excl", &["--read-only"]).unwrap();
+    let ro = attach(&cluster, "excl", &["--read-only"]).unwrap();
     let (ok, out) = qemu_io_opts(&ro.uri, &["-r"], &["read -P 0x01 0 4096".into()]);
     assert!(ok, "{out}");
     let (ok, out) = qemu_io(&ro.uri, &["write -P 0x02 0 4096".into()]);
     assert!(!ok && out.contains("Permission denied"), "write through a read-only export: {out}");
 
     // A forced takeover (live-migration handover) fences the first holder.
-    let second = attach(&seeds, "excl", &["--force"]).unwrap();
+    let second = attach(&cluster, "excl", &["--force"]).unwrap();
     let (ok, out) = qemu_io(&second.uri, &["write -P 0x03 0 4096".into()]);
     assert!(ok, "{out}");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -347,7 +347,9 @@ fn closed(s: &mut TcpStream) -> bool {
         match s.read(&mut buf) {
             Ok(0) => return true,
             Ok(_) => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                return false;
+            }
             Err(_) => return true,
         }
     }
@@ -400,8 +402,8 @@ fn simple_reply(s: &mut TcpStream) -> (u32, u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_input_gets_errors_or_a_closed_connection_and_others_keep_working() {
     let size = 8u64 << 20;
-    let (_cluster, seeds) = cluster_with_volume("tough", size).await;
-    let a = attach(&seeds, "tough", &[]).unwrap();
+    let cluster = cluster_with_volume("tough", size).await;
+    let a = attach(&cluster, "tough", &[]).unwrap();
 
     // Garbage instead of client flags.
     let mut s = raw(&a.uri);

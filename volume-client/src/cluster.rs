@@ -8,9 +8,11 @@ use basalt_common::{NodeId, PgId};
 use basalt_proto::admin::admin_client::AdminClient;
 use basalt_proto::admin::{GetClusterMapRequest, VolumeAttachRequest, VolumeDetachRequest, VolumeShowRequest};
 use basalt_proto::view::ClusterView;
-use tonic::transport::{Channel, Endpoint};
+use basalt_security::grpc::{AuthChannel, Bearer};
+use basalt_security::{Dialer, Expect, Token};
+use tonic::transport::Channel;
 
-use crate::data_conn::DataConn;
+use crate::data_conn::{ConnectError, DataConn};
 use crate::error::ClientError;
 use crate::volume::Volume;
 
@@ -25,11 +27,30 @@ pub struct ClientOptions {
     pub max_inflight: usize,
     /// Bytes of write payload in flight per volume at most.
     pub max_inflight_bytes: usize,
+    /// How connections are opened (TLS against the cluster CA; plaintext only with the
+    /// cluster's security off) and the credentials sent on them.
+    pub security: ClientSecurity,
+}
+
+/// A client's TLS and credentials.
+#[derive(Clone, Debug, Default)]
+pub struct ClientSecurity {
+    /// Opens connections: TLS verifying the nodes against the cluster CA (`Dialer::new(None)`:
+    /// plaintext, for a cluster running with security off).
+    pub dialer: Dialer,
+    /// The bearer token sent with every request and data connection.
+    pub token: Option<Token>,
 }
 
 impl Default for ClientOptions {
     fn default() -> Self {
-        Self { op_timeout: Duration::from_secs(60), attempt_timeout: Duration::from_secs(10), max_inflight: 128, max_inflight_bytes: 64 << 20 }
+        Self {
+            op_timeout: Duration::from_secs(60),
+            attempt_timeout: Duration::from_secs(10),
+            max_inflight: 128,
+            max_inflight_bytes: 64 << 20,
+            security: ClientSecurity::default(),
+        }
     }
 }
 
@@ -58,15 +79,11 @@ pub struct Cluster {
     pub(crate) inner: Arc<Inner>,
 }
 
-fn channel_for(addr: &str) -> Result<Channel, ClientError> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| ClientError::Invalid(format!("bad address {addr:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(32 << 20))
-        .connect_lazy())
+fn channel_for(addr: &str, dialer: &Dialer) -> Result<Channel, ClientError> {
+    basalt_security::grpc::channel(addr, dialer, Expect::AnyNode, |ep| {
+        ep.connect_timeout(Duration::from_secs(2)).initial_stream_window_size(Some(8 << 20)).initial_connection_window_size(Some(32 << 20))
+    })
+    .map_err(ClientError::Invalid)
 }
 
 impl Cluster {
@@ -104,21 +121,23 @@ impl Cluster {
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let c = channel_for(addr)?;
+        let c = channel_for(addr, &self.inner.options.security.dialer)?;
         channels.insert(addr.to_string(), c.clone());
         Ok(c)
     }
 
-    /// An admin client for one of the seeds (the cluster forwards to the meta leader).
-    pub fn admin(&self, seed_index: usize) -> Result<AdminClient<Channel>, ClientError> {
+    /// An admin client for one of the seeds (the cluster forwards to the meta leader), sending
+    /// this client's token.
+    pub fn admin(&self, seed_index: usize) -> Result<AdminClient<AuthChannel>, ClientError> {
         let seed = &self.inner.seeds[seed_index % self.inner.seeds.len()];
-        Ok(AdminClient::new(self.channel(seed)?)
+        let bearer = Bearer::new(self.inner.options.security.token.as_ref());
+        Ok(AdminClient::with_interceptor(self.channel(seed)?, bearer)
             .max_decoding_message_size(basalt_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(basalt_proto::MAX_MESSAGE_BYTES))
     }
 
     /// The data connection to `addr`, opened (or reopened after a failure) on demand.
-    pub(crate) async fn data_conn(&self, addr: &str) -> Result<Arc<DataConn>, String> {
+    pub(crate) async fn data_conn(&self, addr: &str) -> Result<Arc<DataConn>, ConnectError> {
         if let Some(c) = self.inner.data_conns.lock().unwrap_or_else(|p| p.into_inner()).get(addr) {
             if !c.is_dead() {
                 return Ok(c.clone());
@@ -128,7 +147,8 @@ impl Cluster {
         // Two callers racing here both connect; the higher-numbered connection is kept and the
         // other dropped unused (a node would refuse writes on it once it saw the other).
         let number = self.inner.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        let conn = DataConn::connect(addr, Duration::from_secs(2), self.inner.session, number).await?;
+        let security = &self.inner.options.security;
+        let conn = DataConn::connect(addr, &security.dialer, security.token.as_ref(), self.inner.session, number).await?;
         let mut conns = self.inner.data_conns.lock().unwrap_or_else(|p| p.into_inner());
         match conns.get(addr) {
             Some(other) if !other.is_dead() && other.number > conn.number => Ok(other.clone()),
@@ -183,8 +203,10 @@ impl Cluster {
                     self.inner.fetches.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                     return Ok(view);
                 }
-                Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
-                    return Err(ClientError::Admin(status.message().to_string()));
+                Ok(Err(status))
+                    if matches!(status.code(), tonic::Code::FailedPrecondition | tonic::Code::Unauthenticated | tonic::Code::PermissionDenied) =>
+                {
+                    return Err(ClientError::from_status(&status));
                 }
                 Ok(Err(status)) => last = status.message().to_string(),
                 Err(_) => last = "timed out".into(),
@@ -201,8 +223,10 @@ impl Cluster {
         let mut admin = self.admin(0)?;
         let reply = match admin.volume_show(VolumeShowRequest { name: name.to_string() }).await {
             Ok(r) => r.into_inner(),
-            Err(s) if s.code() == tonic::Code::NotFound => return Err(ClientError::NoSuchVolume(name.to_string())),
-            Err(s) => return Err(ClientError::Admin(s.message().to_string())),
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                return Err(ClientError::NoSuchVolume(name.to_string()));
+            }
+            Err(s) => return Err(ClientError::from_status(&s)),
         };
         let map = self.refresh(reply.map_version).await?;
         let v = map.volume_by_name(name).ok_or_else(|| ClientError::NoSuchVolume(name.to_string()))?;
@@ -216,8 +240,10 @@ impl Cluster {
         let req = VolumeAttachRequest { name: name.to_string(), holder: holder.to_string(), force };
         let reply = match admin.volume_attach(req).await {
             Ok(r) => r.into_inner(),
-            Err(s) if s.code() == tonic::Code::NotFound => return Err(ClientError::NoSuchVolume(name.to_string())),
-            Err(s) => return Err(ClientError::Admin(s.message().to_string())),
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                return Err(ClientError::NoSuchVolume(name.to_string()));
+            }
+            Err(s) => return Err(ClientError::from_status(&s)),
         };
         let v = reply.volume.ok_or_else(|| ClientError::Internal("attach returned no volume".into()))?;
         self.refresh(reply.map_version).await?;
@@ -230,7 +256,7 @@ impl Cluster {
     pub async fn detach_volume(&self, volume: &Volume) -> Result<(), ClientError> {
         let mut admin = self.admin(0)?;
         let req = VolumeDetachRequest { name: volume.name().to_string(), epoch: volume.epoch() };
-        admin.volume_detach(req).await.map_err(|s| ClientError::Admin(s.message().to_string()))?;
+        admin.volume_detach(req).await.map_err(|s| ClientError::from_status(&s))?;
         Ok(())
     }
 

@@ -13,13 +13,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use basalt_proto::data::DataError;
+use basalt_proto::data::{DataError, Hello, HelloReply};
 use basalt_proto::wire::{self, Kind};
+use basalt_security::{ClientStream, Dialer, Expect, Protocol, Token};
 use bytes::Bytes;
 use prost::Message;
-use tokio::io::{AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
 
 /// Frames queued for the writer at most (callers wait beyond: backpressure).
@@ -48,6 +47,14 @@ impl Progress {
     fn idle(&self) -> Duration {
         self.base.elapsed().saturating_sub(Duration::from_millis(self.at_ms.load(Ordering::Relaxed)))
     }
+}
+
+/// Why a data connection could not be opened.
+pub(crate) enum ConnectError {
+    /// The node could not be reached or spoke nonsense: try again or elsewhere.
+    Failed(String),
+    /// The node refused the credentials (an `UNAUTHENTICATED` or `PERMISSION_DENIED` error).
+    Denied(DataError),
 }
 
 /// Callers waiting for replies; `None` once the connection failed.
@@ -91,23 +98,46 @@ impl Drop for Waiting<'_> {
 }
 
 impl DataConn {
-    /// Connects to `addr` and opens the protocol, as connection `number` of `session`.
-    pub(crate) async fn connect(addr: &str, timeout: Duration, session: u64, number: u64) -> Result<Arc<DataConn>, String> {
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(format!("cannot connect to {addr}: {e}")),
-            Err(_) => return Err(format!("cannot connect to {addr}: no answer within {timeout:?}")),
+    /// Connects to `addr` through `dialer` (TLS), opens the protocol and presents `token`, as
+    /// connection `number` of `session`. A refused credential is [`ConnectError::Denied`].
+    pub(crate) async fn connect(
+        addr: &str,
+        dialer: &Dialer,
+        token: Option<&Token>,
+        session: u64,
+        number: u64,
+    ) -> Result<Arc<DataConn>, ConnectError> {
+        let dialer = dialer.clone().with_connect_timeout(Duration::from_secs(2));
+        let stream = dialer.connect(addr, Expect::AnyNode, Protocol::Data).await.map_err(|e| ConnectError::Failed(e.to_string()))?;
+        {
+            // A node that vanishes without closing (power loss, partition) must not leave a
+            // connection that looks alive: keepalive probes on an idle one, and a bound on how
+            // long sent data may stay unacknowledged.
+            let sock = socket2::SockRef::from(stream.tcp());
+            let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(5)).with_interval(Duration::from_secs(2)).with_retries(3);
+            let _ = sock.set_tcp_keepalive(&keepalive);
+            let _ = sock.set_tcp_user_timeout(Some(Duration::from_secs(10)));
+        }
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let opened = async {
+            wr.write_all(&wire::MAGIC).await?;
+            let hello = Hello { token: token.map(|t| t.expose()).unwrap_or_default() };
+            wr.write_all(&wire::encode(Kind::Hello, 0, &hello)).await?;
+            wr.flush().await?;
+            let header = wire::read_header(&mut rd).await?.ok_or_else(|| std::io::Error::other("closed before answering the Hello"))?;
+            let body = wire::read_body(&mut rd, &header).await?;
+            if header.kind != Kind::HelloReply as u8 {
+                return Err(std::io::Error::other(format!("answered the Hello with frame kind {:#04x}", header.kind)));
+            }
+            HelloReply::decode(body).map_err(|e| std::io::Error::other(format!("undecodable Hello reply: {e}")))
         };
-        let _ = stream.set_nodelay(true);
-        // A node that vanishes without closing (power loss, partition) must not leave a
-        // connection that looks alive: keepalive probes on an idle one, and a bound on how
-        // long sent data may stay unacknowledged.
-        let sock = socket2::SockRef::from(&stream);
-        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(5)).with_interval(Duration::from_secs(2)).with_retries(3);
-        let _ = sock.set_tcp_keepalive(&keepalive);
-        let _ = sock.set_tcp_user_timeout(Some(Duration::from_secs(10)));
-        let (rd, mut wr) = stream.into_split();
-        wr.write_all(&wire::MAGIC).await.map_err(|e| format!("cannot open the data protocol with {addr}: {e}"))?;
+        let reply = tokio::time::timeout(Duration::from_secs(5), opened)
+            .await
+            .map_err(|_| ConnectError::Failed(format!("{addr} did not answer the data protocol's Hello within 5s")))?
+            .map_err(|e| ConnectError::Failed(format!("cannot open the data protocol with {addr}: {e}")))?;
+        if let Some(e) = reply.error {
+            return Err(ConnectError::Denied(e));
+        }
         let (tx, rx) = mpsc::channel(QUEUE);
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let dead = Arc::new(AtomicBool::new(false));
@@ -145,7 +175,9 @@ impl DataConn {
         }
         let (got, body) = match done_rx.await {
             Ok(r) => r?,
-            Err(_) => return Err(format!("connection to {} closed before replying", self.addr)),
+            Err(_) => {
+                return Err(format!("connection to {} closed before replying", self.addr));
+            }
         };
         if got == Kind::Error as u8 {
             let e = DataError::decode(body).unwrap_or_default();
@@ -158,7 +190,7 @@ impl DataConn {
     }
 }
 
-async fn write_frames(wr: OwnedWriteHalf, rx: mpsc::Receiver<Bytes>, pending: Pending, dead: Arc<AtomicBool>, addr: String) {
+async fn write_frames(wr: WriteHalf<ClientStream>, rx: mpsc::Receiver<Bytes>, pending: Pending, dead: Arc<AtomicBool>, addr: String) {
     if let Err(e) = wire::write_frames(wr, rx).await {
         fail_all(&pending, &dead, &format!("sending to {addr} failed: {e}"));
     }
@@ -191,7 +223,7 @@ async fn watch_for_stall(
     reader.abort();
 }
 
-async fn read_replies(rd: OwnedReadHalf, pending: Pending, dead: Arc<AtomicBool>, progress: Arc<Progress>, addr: String) {
+async fn read_replies(rd: ReadHalf<ClientStream>, pending: Pending, dead: Arc<AtomicBool>, progress: Arc<Progress>, addr: String) {
     let mut rd = BufReader::with_capacity(256 * 1024, rd);
     let why = loop {
         let header = match wire::read_header(&mut rd).await {

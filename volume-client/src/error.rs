@@ -17,6 +17,12 @@ pub enum ClientError {
     /// The cluster refused an admin request.
     #[error("{0}")]
     Admin(String),
+    /// No valid credentials: no token, or an unknown, revoked or expired one.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// Valid credentials that do not allow this (the role, a volume without a grant).
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// No active volume has that name.
     #[error("no volume named {0:?}")]
     NoSuchVolume(String),
@@ -74,7 +80,17 @@ impl ClientError {
         match self {
             ClientError::OutOfRange { .. } | ClientError::Invalid(_) => libc_einval(),
             ClientError::NoSpace(_) => 28,
+            ClientError::Unauthenticated(_) | ClientError::PermissionDenied(_) => 1,
             _ => 5,
+        }
+    }
+
+    /// An admin call's refusal, keeping credential problems apart.
+    pub fn from_status(s: &tonic::Status) -> ClientError {
+        match s.code() {
+            tonic::Code::Unauthenticated => ClientError::Unauthenticated(s.message().to_string()),
+            tonic::Code::PermissionDenied => ClientError::PermissionDenied(s.message().to_string()),
+            _ => ClientError::Admin(s.message().to_string()),
         }
     }
 }

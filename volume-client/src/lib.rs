@@ -8,6 +8,7 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), basalt_volume_client::ClientError> {
 //! use basalt_volume_client::Cluster;
+//! // A cluster with security on needs `ClientOptions::security` (CA and token): see `connect_with`.
 //! let cluster = Cluster::connect(&["127.0.0.1:7001".to_string()]).await?;
 //! let vol = cluster.open_volume("demo").await?;
 //! vol.write(4096, bytes::Bytes::from_static(b"hello"), false).await?;
@@ -21,6 +22,6 @@ pub mod error;
 pub mod nbd;
 pub mod volume;
 
-pub use cluster::{ClientOptions, Cluster};
+pub use cluster::{ClientOptions, ClientSecurity, Cluster};
 pub use error::ClientError;
 pub use volume::Volume;

@@ -16,6 +16,7 @@ use futures::future::try_join_all;
 use tokio::sync::Semaphore;
 
 use crate::cluster::Cluster;
+use crate::data_conn::{ConnectError, DataConn};
 use crate::error::ClientError;
 
 /// Longest wait between two attempts of one request.
@@ -237,6 +238,16 @@ impl Volume {
         });
     }
 
+    /// The data connection to `addr`; `Err` ends the attempt: a connection failure is retried,
+    /// refused credentials fail the request.
+    async fn connect<T>(&self, span: &ExtentSpan, addr: &str, retries: &AtomicU32) -> Result<Arc<DataConn>, Result<Attempt<T>, String>> {
+        match self.cluster.data_conn(addr).await {
+            Ok(c) => Ok(c),
+            Err(ConnectError::Failed(e)) => Err(Err(e)),
+            Err(ConnectError::Denied(e)) => Err(Ok(self.on_error(span, addr, e, retries).await)),
+        }
+    }
+
     /// Interprets a node's refusal.
     async fn on_error<T>(&self, span: &ExtentSpan, node: &str, e: DataError, retries: &AtomicU32) -> Attempt<T> {
         let code = Code::try_from(e.code).unwrap_or(Code::Internal);
@@ -274,6 +285,8 @@ impl Volume {
             Code::Corrupt => Attempt::Fail(ClientError::Corrupt(format!("{} extent {}: {reason}", self.id, span.extent.0))),
             Code::NoSpace => Attempt::Fail(ClientError::NoSpace(reason)),
             Code::Fenced => Attempt::Fail(ClientError::Fenced(reason)),
+            Code::Unauthenticated => Attempt::Fail(ClientError::Unauthenticated(reason)),
+            Code::PermissionDenied => Attempt::Fail(ClientError::PermissionDenied(reason)),
             Code::OutOfRange => Attempt::Fail(ClientError::OutOfRange {
                 op: "I/O",
                 name: self.name.to_string(),
@@ -324,7 +337,10 @@ impl Volume {
             };
             let retries = &retries;
             async move {
-                let conn = self.cluster.data_conn(&addr).await?;
+                let conn = match self.connect(span, &addr, retries).await {
+                    Ok(c) => c,
+                    Err(attempt) => return attempt,
+                };
                 let req = WriteRequest { session: conn.session, connection: conn.number, ..req };
                 let reply: WriteReply = conn.call(Kind::Write, Kind::WriteReply, &req).await?;
                 Ok(match reply.error {
@@ -368,7 +384,10 @@ impl Volume {
             let req = ReadRequest { pg: span.pg.0, volume_id: self.id.0, offset: span.offset, length: span.len as u32, map_version };
             let retries = &retries;
             async move {
-                let conn = self.cluster.data_conn(&addr).await?;
+                let conn = match self.connect(span, &addr, retries).await {
+                    Ok(c) => c,
+                    Err(attempt) => return attempt,
+                };
                 let reply: ReadReply = conn.call(Kind::Read, Kind::ReadReply, &req).await?;
                 if let Some(e) = reply.error {
                     return Ok(self.on_error(span, &addr, e, retries).await);
@@ -438,7 +457,10 @@ impl Volume {
                 };
                 let retries = &retries;
                 async move {
-                    let conn = self.cluster.data_conn(&addr).await?;
+                    let conn = match self.connect(span, &addr, retries).await {
+                        Ok(c) => c,
+                        Err(attempt) => return attempt,
+                    };
                     let req = ZeroRequest { session: conn.session, connection: conn.number, ..req };
                     let reply: ZeroReply = conn.call(Kind::Zero, Kind::ZeroReply, &req).await?;
                     Ok(match reply.error {

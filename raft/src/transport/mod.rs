@@ -1,6 +1,6 @@
 //! Multi-raft transport: every group on a node shares one connection per peer node.
 //!
-//! - [`frame`]: the framing of a Raft connection (plain TCP, one per node pair).
+//! - [`frame`]: the framing of a Raft connection (mutual TLS, one per node pair).
 //! - [`peer`]: one outgoing connection, batching all groups' messages into frames.
 //! - [`network`]: openraft's per-(group, target) network, routed through the shared peers;
 //!   pipelined appends and streamed snapshots.
@@ -20,12 +20,14 @@ use std::sync::{Arc, Mutex};
 pub use server::TransportService;
 pub use space::SpaceBook;
 
+use basalt_security::Dialer;
+
 use crate::types::NodeId;
 use peer::{CallError, Peer};
 
 /// No delayed ACKs for small messages (votes, acks), and keepalive probes so a peer that
 /// vanished without a word (a cut cable, a partition) is noticed in ~11 s.
-pub(crate) fn tune_socket(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
+pub fn tune_socket(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let keepalive =
         socket2::TcpKeepalive::new().with_time(std::time::Duration::from_secs(5)).with_interval(std::time::Duration::from_secs(2)).with_retries(3);
@@ -42,15 +44,19 @@ struct RouterInner {
     node_id: NodeId,
     queue: usize,
     space: Arc<SpaceBook>,
+    dialer: Dialer,
     peers: Mutex<HashMap<NodeId, Arc<Peer>>>,
     addresses: Mutex<HashMap<NodeId, String>>,
 }
 
 impl Router {
     /// A router for node `node_id`; `queue` bounds the messages waiting per peer. Frames
-    /// carry this node's figure from `space` and record the peers' in it.
-    pub fn new(node_id: NodeId, queue: usize, space: Arc<SpaceBook>) -> Self {
-        Self { inner: Arc::new(RouterInner { node_id, queue, space, peers: Mutex::new(HashMap::new()), addresses: Mutex::new(HashMap::new()) }) }
+    /// carry this node's figure from `space` and record the peers' in it. Connections are
+    /// opened by `dialer` (mutual TLS with this node's certificate).
+    pub fn new(node_id: NodeId, queue: usize, space: Arc<SpaceBook>, dialer: Dialer) -> Self {
+        Self {
+            inner: Arc::new(RouterInner { node_id, queue, space, dialer, peers: Mutex::new(HashMap::new()), addresses: Mutex::new(HashMap::new()) }),
+        }
     }
 
     /// This node.
@@ -72,7 +78,7 @@ impl Router {
                 return Ok(p.clone());
             }
         }
-        let peer = Arc::new(Peer::new(self.inner.node_id, target, &addr, self.inner.queue, self.inner.space.clone())?);
+        let peer = Arc::new(Peer::new(self.inner.node_id, target, &addr, self.inner.queue, self.inner.space.clone(), self.inner.dialer.clone())?);
         peers.insert(target, peer.clone());
         Ok(peer)
     }

@@ -2,7 +2,8 @@
 //!
 //! Messages from all groups queue on one bounded channel; a task drains the queue into frames
 //! (many messages per frame, so a burst of heartbeats for a hundred groups is one write) over a
-//! single long-lived TCP connection ([`super::frame`]), and a reader task matches replies to
+//! single long-lived mutual-TLS connection ([`super::frame`]) that verifies the peer is the node
+//! it should be, and a reader task matches replies to
 //! callers by id. The connection is opened on first use and re-opened after failures with
 //! backoff; callers see failures as `Unreachable` and let openraft back off.
 //!
@@ -14,13 +15,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use basalt_proto::raft::{RaftFrame, RaftKind, RaftMessage};
+use basalt_security::{ClientStream, Dialer, Expect, Protocol};
 use bytes::Bytes;
-use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter, ReadHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::frame::{self, MAGIC};
 use super::space::SpaceBook;
@@ -81,19 +81,18 @@ impl Drop for Peer {
 }
 
 impl Peer {
-    pub(crate) fn new(from: NodeId, target: NodeId, addr: &str, queue: usize, space: Arc<SpaceBook>) -> Result<Self, CallError> {
+    pub(crate) fn new(from: NodeId, target: NodeId, addr: &str, queue: usize, space: Arc<SpaceBook>, dialer: Dialer) -> Result<Self, CallError> {
+        let dialer = dialer.with_connect_timeout(CONNECT_TIMEOUT);
         // Snapshots keep a gRPC streaming call of their own (flow control suits bulk transfer).
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| CallError::Unreachable(target, format!("bad address {addr:?}: {e}")))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(20))
-            .initial_stream_window_size(Some(8 << 20))
-            .initial_connection_window_size(Some(32 << 20));
-        let channel = endpoint.connect_lazy();
+        let channel = basalt_security::grpc::channel(addr, &dialer, Expect::Node(target), |ep| {
+            ep.connect_timeout(CONNECT_TIMEOUT)
+                .keep_alive_timeout(Duration::from_secs(20))
+                .initial_stream_window_size(Some(8 << 20))
+                .initial_connection_window_size(Some(32 << 20))
+        })
+        .map_err(|e| CallError::Unreachable(target, e))?;
         let (tx, rx) = mpsc::channel(queue);
-        let task = tokio::spawn(run(from, target, addr.to_string(), rx, space));
+        let task = tokio::spawn(run(from, target, addr.to_string(), rx, space, dialer));
         Ok(Self { target, addr: addr.to_string(), tx, channel, task })
     }
 
@@ -119,13 +118,13 @@ impl Peer {
     }
 }
 
-async fn run(from: NodeId, target: NodeId, addr: String, mut rx: mpsc::Receiver<Outgoing>, space: Arc<SpaceBook>) {
+async fn run(from: NodeId, target: NodeId, addr: String, mut rx: mpsc::Receiver<Outgoing>, space: Arc<SpaceBook>, dialer: Dialer) {
     let mut next_id: u64 = 1;
     let mut backoff = Duration::from_millis(50);
     loop {
         // Connect only when there is something to send: an idle peer costs nothing.
         let Some(first) = rx.recv().await else { return };
-        let stream = match connect(&addr).await {
+        let stream = match connect(&dialer, target, &addr).await {
             Ok(s) => s,
             Err(e) => {
                 let reason = format!("cannot open raft connection to {addr}: {e}");
@@ -140,7 +139,7 @@ async fn run(from: NodeId, target: NodeId, addr: String, mut rx: mpsc::Receiver<
             }
         };
         backoff = Duration::from_millis(50);
-        let (rd, wr) = stream.into_split();
+        let (rd, wr) = tokio::io::split(stream);
         let mut wr = BufWriter::with_capacity(256 * 1024, wr);
         // Replies are matched by a task of their own, so a peer slow to take our requests
         // never keeps us from taking its replies.
@@ -189,18 +188,17 @@ async fn run(from: NodeId, target: NodeId, addr: String, mut rx: mpsc::Receiver<
     }
 }
 
-/// Opens the connection and says which protocol it speaks.
-async fn connect(addr: &str) -> std::io::Result<TcpStream> {
-    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {CONNECT_TIMEOUT:?}")))??;
-    super::tune_socket(&stream)?;
+/// Opens the connection to node `target` (TLS verifies it is that node) and says which
+/// protocol version it speaks.
+async fn connect(dialer: &Dialer, target: NodeId, addr: &str) -> std::io::Result<ClientStream> {
+    let mut stream = dialer.connect(addr, Expect::Node(target), Protocol::Raft).await?;
+    super::tune_socket(stream.tcp())?;
     stream.write_all(&MAGIC).await?;
     Ok(stream)
 }
 
 /// Hands each reply to its caller until the connection ends; returns why it ended.
-async fn read_replies(target: NodeId, mut rd: BufReader<OwnedReadHalf>, pending: Pending, space: Arc<SpaceBook>) -> String {
+async fn read_replies(target: NodeId, mut rd: BufReader<ReadHalf<ClientStream>>, pending: Pending, space: Arc<SpaceBook>) -> String {
     loop {
         match frame::read(&mut rd).await {
             Ok(Some(frame)) => {

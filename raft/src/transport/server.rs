@@ -16,9 +16,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::mpsc;
 use tokio::time::Duration;
 use tokio_stream::wrappers::ReceiverStream;
@@ -27,7 +25,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::frame::{self, MAGIC};
 use super::space::SpaceBook;
 
-use crate::types::GroupId;
+use crate::types::{GroupId, NodeId};
 
 /// How many appends of one stream may wait at the receiver (at least the sender's window).
 pub(crate) const PIPELINE_QUEUE: usize = 128;
@@ -74,14 +72,15 @@ pub struct TransportService {
 const MAGIC_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl TransportService {
-    /// Serves one peer's Raft connection until it closes. The caller has seen the first byte
-    /// of [`MAGIC`] (that is how it knew to call this); the rest is checked here.
-    pub async fn serve_connection(&self, stream: TcpStream) {
-        let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
-        if let Err(e) = super::tune_socket(&stream) {
-            tracing::debug!(%peer, error = %e, "cannot tune a raft connection's socket");
-        }
-        let (rd, wr) = stream.into_split();
+    /// Serves one peer's Raft connection until it closes. The caller accepted it (TLS with a
+    /// node certificate naming `peer_node`; `None` with security off) and tuned its socket
+    /// ([`super::tune_socket`]); [`MAGIC`] is checked here. Frames claiming to come from another
+    /// node than the certificate names end the connection.
+    pub async fn serve_connection<S>(&self, stream: S, peer: String, peer_node: Option<NodeId>)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let (rd, wr) = tokio::io::split(stream);
         let mut rd = BufReader::with_capacity(256 * 1024, rd);
         let mut magic = [0u8; 8];
         match tokio::time::timeout(MAGIC_TIMEOUT, rd.read_exact(&mut magic)).await {
@@ -93,8 +92,12 @@ impl TransportService {
         }
         let (reply_tx, reply_rx) = mpsc::channel::<RaftMessage>(4096);
         let writer = tokio::spawn(write_replies(BufWriter::with_capacity(256 * 1024, wr), reply_rx, self.space.clone()));
-        if let Err(e) = serve_pipe(self.registry.clone(), self.space.clone(), rd, reply_tx).await {
-            tracing::debug!(%peer, error = %e, "raft connection failed");
+        match serve_pipe(self.registry.clone(), self.space.clone(), rd, reply_tx, peer_node).await {
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                tracing::warn!(%peer, error = %e, "raft connection refused")
+            }
+            Err(e) => tracing::debug!(%peer, error = %e, "raft connection failed"),
+            Ok(()) => {}
         }
         // Replies of requests still running go out as they finish; the writer task ends when
         // the last of them has (or at the first failed write).
@@ -103,7 +106,7 @@ impl TransportService {
 }
 
 /// Sends replies as they complete; whatever is ready leaves in one frame and one flush.
-async fn write_replies(mut wr: BufWriter<OwnedWriteHalf>, mut rx: mpsc::Receiver<RaftMessage>, space: Arc<SpaceBook>) -> io::Result<()> {
+async fn write_replies<W: AsyncWrite + Unpin>(mut wr: BufWriter<W>, mut rx: mpsc::Receiver<RaftMessage>, space: Arc<SpaceBook>) -> io::Result<()> {
     while let Some(first) = rx.recv().await {
         let mut messages = vec![first];
         while messages.len() < frame::MAX_MESSAGES {
@@ -188,10 +191,19 @@ async fn serve_pipe<R: AsyncRead + Unpin>(
     space: Arc<SpaceBook>,
     mut incoming: R,
     replies: mpsc::Sender<RaftMessage>,
+    peer_node: Option<NodeId>,
 ) -> io::Result<()> {
     let mut pipelines: HashMap<(GroupId, u64), Pipeline> = HashMap::new();
     let mut swept = std::time::Instant::now();
     while let Some(frame) = frame::read(&mut incoming).await? {
+        if let Some(node) = peer_node {
+            if frame.from_node != 0 && frame.from_node != node {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("frames claim to come from node-{} but the certificate names node-{node}", frame.from_node),
+                ));
+            }
+        }
         space.heard(frame.from_node, &frame);
         if swept.elapsed() >= PIPELINE_IDLE {
             pipelines.retain(|_, p| p.last_used.elapsed() < PIPELINE_IDLE);

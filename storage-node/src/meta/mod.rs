@@ -9,6 +9,7 @@
 //! - [`leaders`]: evens out how many PGs each node leads.
 //! - [`membership`]: replaces a lost meta node by a spare meta-role node.
 
+pub mod audit_log;
 #[cfg(test)]
 mod fixtures;
 pub mod healer;

@@ -1,6 +1,13 @@
 //! The admin API. Any node answers it: a request that needs the meta group runs on the meta
 //! leader, and other nodes forward it there (at most two hops: a non-meta node forwards to a
 //! meta node, which forwards to the leader), so the CLI and clients can talk to any node.
+//!
+//! The node where a request runs authenticates and authorises it ([`crate::access`]); a node
+//! forwarding it passes the caller's token, address and certificate identity along, which the
+//! next node believes only because a node's certificate vouches for them. Every administrative
+//! change is proposed together with its audit record (`MetaCommand::Audited`), so the change
+//! and its record commit or fail together; refusals and node-local actions reach the audit log
+//! through the node's audit queue ([`run_audit_shipper`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -10,21 +17,28 @@ use basalt_common::{DomainLevel, Layout, NodeId, PgId, VolumeId};
 use basalt_proto::admin::admin_client::AdminClient;
 use basalt_proto::admin::admin_server::Admin;
 use basalt_proto::admin::{
-    ClusterInitReply, ClusterInitRequest, ClusterMap, ClusterStatusReply, ClusterStatusRequest, GetClusterMapRequest, NodeDrainReply,
-    NodeDrainRequest, NodeHeartbeatReply, NodeHeartbeatRequest, NodeInfoReply, NodeInfoRequest, NodeListReply, NodeListRequest, NodeRemoveReply,
-    NodeRemoveRequest, PlacementGroup, ScrubStartReply, ScrubStartRequest, ScrubStatusReply, ScrubStatusRequest, Volume, VolumeAttachRequest,
+    AuditAppendReply, AuditAppendRequest, AuditCheckRequest, AuditListReply, AuditListRequest, AuditNodeVerdict, AuditVerifyReply,
+    AuditVerifyRequest, ClusterInitReply, ClusterInitRequest, ClusterMap, ClusterStatusReply, ClusterStatusRequest, GetClusterMapRequest,
+    NodeDrainReply, NodeDrainRequest, NodeHeartbeatReply, NodeHeartbeatRequest, NodeInfoReply, NodeInfoRequest, NodeListReply, NodeListRequest,
+    NodeRemoveReply, NodeRemoveRequest, PlacementGroup, ScrubStartReply, ScrubStartRequest, ScrubStatusReply, ScrubStatusRequest, TokenCreateReply,
+    TokenCreateRequest, TokenInfo, TokenListReply, TokenListRequest, TokenRevokeReply, TokenRevokeRequest, Volume, VolumeAttachRequest,
     VolumeCreateRequest, VolumeDeleteReply, VolumeDeleteRequest, VolumeDetachRequest, VolumeListReply, VolumeListRequest, VolumeReply,
     VolumeResizeRequest, VolumeShowRequest,
 };
 use basalt_proto::data::ReleaseVolumeRequest;
 use basalt_raft::{NodeInfo, RaftError};
 use basalt_scrubber::{PassKind, StartOutcome};
+use basalt_security::audit::{AuditEvent, Outcome};
+use basalt_security::policy::Role as AccessRole;
+use basalt_security::{Action, Identity, PeerInfo, Principal, Token, TokenId, TokenRecord};
 use bytes::Bytes;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use super::audit_log::Line;
 use super::liveness::record_from_proto;
 use super::state::{ClusterSettings, ClusterState, MetaCommand, MetaError, MetaReply, NodeRecord, Role, VolumeRecord, VolumeState};
+use crate::access::{Access, Caller, FORWARDED_PEER, FORWARDED_SOURCE};
 use crate::node::{MetaHandle, NodeCtx};
 
 const HOPS: &str = "x-basalt-hops";
@@ -41,7 +55,8 @@ fn status_of(e: &MetaError) -> Status {
         }
         MetaError::Placement(_) => Status::failed_precondition(e.to_string()),
         MetaError::AlreadyAttached { .. } => Status::failed_precondition(e.to_string()),
-        MetaError::NoSuchNode(_) => Status::not_found(e.to_string()),
+        MetaError::NoSuchNode(_) | MetaError::NoSuchToken(_) => Status::not_found(e.to_string()),
+        MetaError::TokenExists(_) => Status::already_exists(e.to_string()),
         MetaError::NodeRemoved(_) | MetaError::NodeInUse { .. } | MetaError::BadMove(_) => Status::failed_precondition(e.to_string()),
     }
 }
@@ -75,11 +90,84 @@ enum Route<'a> {
     Forward(AdminClient<Channel>, u32),
 }
 
-fn forwarded<T>(msg: T, hops: u32) -> Request<T> {
+/// A request to forward to another node: `hops` counted, and the caller's credentials and
+/// origin carried along (see [`crate::access::Access::caller`]).
+fn forwarded<T, M>(original: &Request<T>, msg: M, hops: u32) -> Request<M> {
     let mut r = Request::new(msg);
+    let md = original.metadata();
+    let peer = original.extensions().get::<PeerInfo>();
+    let via_node = matches!(peer.and_then(|p| p.identity.as_ref()), Some(Identity::Node(_)));
+    // Origin as the previous hop reported it (only a node is believed), else the peer itself.
+    let (source, identity) = match md.get(FORWARDED_SOURCE).and_then(|v| v.to_str().ok()) {
+        Some(s) if via_node => (s.to_string(), md.get(FORWARDED_PEER).and_then(|v| v.to_str().ok()).and_then(|p| parse_identity(p))),
+        _ => (
+            peer.map(|p| p.addr.to_string()).or_else(|| original.remote_addr().map(|a| a.to_string())).unwrap_or_default(),
+            peer.and_then(|p| p.identity.clone()),
+        ),
+    };
+    Access::forward_metadata(md, &source, r.metadata_mut(), identity.as_ref());
     r.metadata_mut().insert(HOPS, hops.into());
     r
 }
+
+fn parse_identity(s: &str) -> Option<Identity> {
+    match s.strip_prefix("client:") {
+        Some(c) => Some(Identity::Client(c.to_string())),
+        None => s.strip_prefix("node-")?.parse().ok().map(Identity::Node),
+    }
+}
+
+/// A token's record for the wire; the hash only for nodes.
+fn token_proto(t: &TokenRecord, with_hash: bool) -> TokenInfo {
+    TokenInfo {
+        id: t.id.to_string(),
+        role: t.role.as_str().into(),
+        volumes: t.volumes.iter().cloned().collect(),
+        expires_unix_ms: t.expires_unix_ms.unwrap_or(0),
+        allow_from: t.allow_from.iter().map(|c| c.to_string()).collect(),
+        name: t.name.clone(),
+        created_unix_ms: t.created_unix_ms,
+        created_by: t.created_by.clone(),
+        revoked_unix_ms: t.revoked_unix_ms.unwrap_or(0),
+        hash: if with_hash { Bytes::copy_from_slice(&t.hash) } else { Bytes::new() },
+    }
+}
+
+/// Decodes a token record received with the cluster map.
+pub fn token_from_proto(t: &TokenInfo) -> Option<TokenRecord> {
+    let hash: [u8; 32] = t.hash.as_ref().try_into().ok()?;
+    Some(TokenRecord {
+        id: t.id.parse().ok()?,
+        hash,
+        role: t.role.parse().ok()?,
+        volumes: t.volumes.iter().cloned().collect(),
+        expires_unix_ms: (t.expires_unix_ms > 0).then_some(t.expires_unix_ms),
+        allow_from: t.allow_from.iter().filter_map(|c| c.parse().ok()).collect(),
+        name: t.name.clone(),
+        created_unix_ms: t.created_unix_ms,
+        created_by: t.created_by.clone(),
+        revoked_unix_ms: (t.revoked_unix_ms > 0).then_some(t.revoked_unix_ms),
+    })
+}
+
+fn audit_proto(r: &basalt_security::audit::AuditRecord) -> basalt_proto::admin::AuditRecord {
+    let e = &r.event;
+    basalt_proto::admin::AuditRecord {
+        seq: r.seq,
+        time_unix_ms: e.time_unix_ms,
+        actor: e.actor.clone(),
+        source: e.source.clone(),
+        action: e.action.clone(),
+        target: e.target.clone(),
+        outcome: e.outcome.as_str().into(),
+        detail: e.detail.clone(),
+        prev_hash: Bytes::copy_from_slice(&r.prev),
+        hash: Bytes::copy_from_slice(&r.hash),
+    }
+}
+
+/// Longest token lifetime: ten years.
+const MAX_TOKEN_SECS: u64 = 10 * 365 * 86_400;
 
 /// The admin gRPC service.
 pub struct AdminService {
@@ -137,6 +225,12 @@ impl AdminService {
         }
     }
 
+    /// Proposes `cmd` with its audit record: `caller` did `action` on `target`.
+    async fn propose_audited(&self, meta: &MetaHandle, cmd: MetaCommand, caller: &Caller, action: Action, target: &str) -> Result<MetaReply, Status> {
+        let event = caller.event(action.as_str(), target, Outcome::Ok, String::new());
+        self.propose(meta, MetaCommand::Audited { cmd: Box::new(cmd), event }).await
+    }
+
     /// Proposes `cmd` to the meta group (this node must lead it) and decodes the reply.
     pub(crate) async fn propose(&self, meta: &MetaHandle, cmd: MetaCommand) -> Result<MetaReply, Status> {
         let bytes = bincode::serialize(&cmd).map_err(|e| Status::internal(format!("encoding meta command: {e}")))?;
@@ -174,6 +268,7 @@ impl AdminService {
             scrub_pending_bytes: report.as_ref().map(|r| r.scrub_pending_bytes).unwrap_or(0),
             draining: s.draining.contains(&n.id),
             replicas: s.replica_counts().get(&n.id).copied().unwrap_or(0) as u32,
+            cert_not_after: report.as_ref().map(|r| r.cert_not_after).unwrap_or(0),
         }
     }
 
@@ -203,6 +298,8 @@ impl AdminService {
             nodes: s.nodes.values().map(|n| self.node_proto(s, n)).collect(),
             pgs: s.pgs.iter().map(|p| self.pg_proto(p)).collect(),
             volumes: s.volumes.values().map(|v| volume_proto(v, s.pgs.len())).collect(),
+            includes_tokens: false,
+            tokens: Vec::new(),
         }
     }
 
@@ -213,7 +310,7 @@ impl AdminService {
                 Ok(Response::new(VolumeReply { volume: Some(volume_proto(&v, pgs)), map_version: version }))
             }
             MetaReply::Error(e) => Err(status_of(&e)),
-            MetaReply::Done => Err(Status::internal("meta group returned no volume")),
+            MetaReply::Done | MetaReply::Token(_) => Err(Status::internal("meta group returned no volume")),
         }
     }
 
@@ -221,8 +318,15 @@ impl AdminService {
         self.ctx.meta.as_ref().map(|m| m.shared.with(|s| s.version)).unwrap_or(0)
     }
 
-    /// `cluster init` on the meta leader: gathers the known nodes and proposes the cluster.
-    async fn init_on_leader(&self, meta: &MetaHandle, req: ClusterInitRequest, members: Vec<NodeRecord>) -> Result<ClusterInitReply, Status> {
+    /// `cluster init` on the meta leader: gathers the known nodes and proposes the cluster with
+    /// its first admin token (returned once, here, and stored only as a hash).
+    async fn init_on_leader(
+        &self,
+        meta: &MetaHandle,
+        req: ClusterInitRequest,
+        members: Vec<NodeRecord>,
+        caller: &Caller,
+    ) -> Result<ClusterInitReply, Status> {
         let level: DomainLevel = if req.failure_domain.is_empty() {
             DomainLevel::Host
         } else {
@@ -242,27 +346,103 @@ impl AdminService {
         }
         nodes.insert(self.ctx.config.id, self.ctx.self_record());
         let cluster_id = format!("{:016x}", rand::random::<u64>());
-        let cmd = MetaCommand::InitCluster {
+        let token = self.ctx.access.enabled().then(Token::generate);
+        let admin = token.as_ref().map(|t| {
+            let mut r = TokenRecord::new(t, AccessRole::Admin, caller.principal.actor(), now_ms());
+            r.name = "first admin (cluster init)".into();
+            r
+        });
+        let cmd = MetaCommand::InitClusterWithToken {
             cluster_id: cluster_id.clone(),
             settings: ClusterSettings { layout, failure_domain: level },
             nodes: nodes.into_values().collect(),
+            admin,
         };
-        match self.propose(meta, cmd).await? {
-            MetaReply::Done => {
-                tracing::info!(%cluster_id, pgs = layout.pg_count, "cluster initialized");
-                Ok(ClusterInitReply { cluster_id, pg_count: layout.pg_count })
-            }
+        match self.propose_audited(meta, cmd, caller, Action::ClusterInit, &cluster_id).await? {
             MetaReply::Error(e) => Err(status_of(&e)),
-            MetaReply::Volume(_) => Err(Status::internal("unexpected reply to cluster init")),
+            _ => {
+                tracing::info!(%cluster_id, pgs = layout.pg_count, by = %caller.principal, "cluster initialized");
+                Ok(ClusterInitReply {
+                    cluster_id,
+                    pg_count: layout.pg_count,
+                    admin_token_id: token.as_ref().map(|t| t.id().to_string()).unwrap_or_default(),
+                    admin_token: token.map(|t| t.expose()).unwrap_or_default(),
+                })
+            }
         }
+    }
+
+    /// The meta state's tokens as seen by `principal`: a token limited to volumes may grant only
+    /// a subset of them.
+    fn check_grant_subset(caller: &Caller, volumes: &[String]) -> Result<(), Status> {
+        if let Principal::Token(t) = &caller.principal {
+            if !t.volumes.is_empty() && (volumes.is_empty() || volumes.iter().any(|v| !t.volumes.contains(v))) {
+                return Err(Status::permission_denied(format!(
+                    "{} is limited to volumes {:?}; it can only create tokens limited to some of them",
+                    t.actor(),
+                    t.volumes
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// This node's verdict on its own copy of the audit log.
+    async fn check_own_audit(&self) -> AuditNodeVerdict {
+        let node = self.ctx.config.id.0;
+        let Some(meta) = &self.ctx.meta else {
+            return AuditNodeVerdict { node, problem: "not a meta node: it holds no audit log".into(), unreachable: true, ..Default::default() };
+        };
+        let head = meta.shared.with(|s| s.audit.clone());
+        let audit = meta.audit.clone();
+        let lines = match tokio::task::spawn_blocking(move || audit.read()).await {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => {
+                return AuditNodeVerdict { node, problem: format!("cannot read the audit file: {e}"), ..Default::default() };
+            }
+            Err(e) => {
+                return AuditNodeVerdict { node, problem: e.to_string(), ..Default::default() };
+            }
+        };
+        let mut records = Vec::with_capacity(lines.len());
+        for l in lines {
+            match l {
+                Line::Record(r) => records.push(r),
+                Line::Bad { line, why } => {
+                    let seq = records.last().map(|r: &basalt_security::audit::AuditRecord| r.seq + 1).unwrap_or(head.anchor.first_seq.max(1));
+                    return AuditNodeVerdict {
+                        node,
+                        checked: records.len() as u64,
+                        problem: format!("line {line} of the audit file is damaged: {why}"),
+                        problem_seq: seq,
+                        unreachable: false,
+                    };
+                }
+            }
+        }
+        // Records beyond the applied head are not there yet (or not any more): judge up to it.
+        records.retain(|r| r.seq <= head.last_seq());
+        let anchor = basalt_security::audit::ChainAnchor { first_seq: head.anchor.first_seq.max(1), prev: head.anchor.prev };
+        let mut verdict = basalt_security::audit::verify(anchor, &records, Some(head.last_seq()));
+        if verdict.problem.is_none() && head.last_seq() > 0 && verdict.head != head.last {
+            verdict.problem = Some((head.last_seq(), format!("record {} is not the one the meta group sealed", head.last_seq())));
+        }
+        let (problem_seq, problem) = verdict.problem.unwrap_or_default();
+        AuditNodeVerdict { node, checked: verdict.checked, problem, problem_seq, unreachable: false }
     }
 }
 
+/// Runs a request on the meta leader: forwards it there, or (here) authorises `$action` on
+/// `$volume` for its caller and runs `$local`.
 macro_rules! forward_or {
-    ($self:ident, $req:ident, $method:ident, |$meta:ident, $msg:ident| $local:expr) => {{
+    ($self:ident, $req:ident, $method:ident, $action:expr, $volume:expr, |$meta:ident, $caller:ident, $msg:ident| $local:expr) => {{
         match $self.route(&$req).await? {
-            Route::Forward(mut client, hops) => client.$method(forwarded($req.into_inner(), hops)).await,
+            Route::Forward(mut client, hops) => {
+                let fwd = forwarded(&$req, $req.get_ref().clone(), hops);
+                client.$method(fwd).await
+            }
             Route::Local($meta) => {
+                let $caller = $self.ctx.access.authorize(&$req, $action, $volume).await?;
                 let $msg = $req.into_inner();
                 $local
             }
@@ -272,7 +452,8 @@ macro_rules! forward_or {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn node_info(&self, _request: Request<NodeInfoRequest>) -> Result<Response<NodeInfoReply>, Status> {
+    async fn node_info(&self, request: Request<NodeInfoRequest>) -> Result<Response<NodeInfoReply>, Status> {
+        self.ctx.access.authorize(&request, Action::NodeInfo, None).await?;
         let (initialized, cluster_id) = match &self.ctx.meta {
             Some(m) => m.shared.with(|s| (s.cluster_id.is_some(), s.cluster_id.clone().unwrap_or_default())),
             None => {
@@ -284,18 +465,21 @@ impl Admin for AdminService {
     }
 
     async fn cluster_init(&self, request: Request<ClusterInitRequest>) -> Result<Response<ClusterInitReply>, Status> {
+        // Before anything happens, even the meta group's forming.
+        let caller = self.ctx.access.authorize(&request, Action::ClusterInit, None).await?;
         let hops = request.metadata().get(HOPS).and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<u32>().ok()).unwrap_or(0);
         let Some(meta) = &self.ctx.meta else {
             if hops > 0 {
                 return Err(Status::failed_precondition("cluster init reached a node without the meta role"));
             }
             let target = self.ctx.meta_target().ok_or_else(|| Status::failed_precondition("this node knows no meta nodes"))?;
-            return self.ctx.clients.admin(&target)?.cluster_init(forwarded(request.into_inner(), hops + 1)).await;
+            let fwd = forwarded(&request, request.get_ref().clone(), hops + 1);
+            return self.ctx.clients.admin(&target)?.cluster_init(fwd).await;
         };
         if let Some(id) = meta.shared.with(|s| s.cluster_id.clone()) {
             return Err(Status::already_exists(format!("the cluster is already initialized (cluster id {id})")));
         }
-        let req = request.into_inner();
+        let req = request.get_ref().clone();
         // The meta group's members: the given addresses (or this node's seeds).
         let addrs: Vec<String> = if req.meta_addrs.is_empty() { self.ctx.seeds() } else { req.meta_addrs.clone() };
         let mut members: Vec<NodeRecord> = Vec::new();
@@ -328,13 +512,13 @@ impl Admin for AdminService {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         loop {
             if meta.group.status().is_leader {
-                return self.init_on_leader(meta, req, members).await.map(Response::new);
+                return self.init_on_leader(meta, req, members, &caller).await.map(Response::new);
             }
             if let Some(l) = meta.group.leader() {
                 if hops < 2 {
                     if let Some(addr) = meta.group.member_addr(l) {
                         let mut c = self.ctx.clients.admin(&addr)?;
-                        return c.cluster_init(forwarded(req, hops + 1)).await;
+                        return c.cluster_init(forwarded(&request, req, hops + 1)).await;
                     }
                 }
             }
@@ -346,7 +530,7 @@ impl Admin for AdminService {
     }
 
     async fn cluster_status(&self, request: Request<ClusterStatusRequest>) -> Result<Response<ClusterStatusReply>, Status> {
-        forward_or!(self, request, cluster_status, |meta, _msg| {
+        forward_or!(self, request, cluster_status, Action::ClusterStatus, None, |meta, _caller, _msg| {
             let s = self.read(meta).await?;
             let views = self.ctx.liveness.pg_views();
             let settings = s.settings;
@@ -375,18 +559,22 @@ impl Admin for AdminService {
     }
 
     async fn node_list(&self, request: Request<NodeListRequest>) -> Result<Response<NodeListReply>, Status> {
-        forward_or!(self, request, node_list, |meta, _msg| {
+        forward_or!(self, request, node_list, Action::NodeList, None, |meta, _caller, _msg| {
             let s = self.read(meta).await?;
             Ok(Response::new(NodeListReply { nodes: s.nodes.values().map(|n| self.node_proto(&s, n)).collect() }))
         })
     }
 
     async fn node_drain(&self, request: Request<NodeDrainRequest>) -> Result<Response<NodeDrainReply>, Status> {
-        forward_or!(self, request, node_drain, |meta, msg| {
+        forward_or!(self, request, node_drain, Action::NodeDrain, None, |meta, caller, msg| {
             let node = NodeId(msg.id);
-            match self.propose(meta, MetaCommand::DrainNode { node, drain: !msg.undo }).await? {
+            let cmd = MetaCommand::DrainNode { node, drain: !msg.undo };
+            let target = if msg.undo { format!("{node} (undo)") } else { node.to_string() };
+            match self.propose_audited(meta, cmd, &caller, Action::NodeDrain, &target).await? {
                 MetaReply::Error(e) => return Err(status_of(&e)),
-                _ => tracing::info!(%node, drain = !msg.undo, "node drain changed"),
+                _ => {
+                    tracing::info!(%node, drain = !msg.undo, by = %caller.principal, "node drain changed")
+                }
             }
             let s = meta.shared.snapshot();
             let record = s.nodes.get(&node).ok_or_else(|| status_of(&MetaError::NoSuchNode(node)))?;
@@ -396,12 +584,12 @@ impl Admin for AdminService {
     }
 
     async fn node_remove(&self, request: Request<NodeRemoveRequest>) -> Result<Response<NodeRemoveReply>, Status> {
-        forward_or!(self, request, node_remove, |meta, msg| {
+        forward_or!(self, request, node_remove, Action::NodeRemove, None, |meta, caller, msg| {
             let node = NodeId(msg.id);
-            match self.propose(meta, MetaCommand::RemoveNode { node }).await? {
+            match self.propose_audited(meta, MetaCommand::RemoveNode { node }, &caller, Action::NodeRemove, &node.to_string()).await? {
                 MetaReply::Error(e) => Err(status_of(&e)),
                 _ => {
-                    tracing::info!(%node, "node removed from the cluster");
+                    tracing::info!(%node, by = %caller.principal, "node removed from the cluster");
                     Ok(Response::new(NodeRemoveReply {}))
                 }
             }
@@ -411,6 +599,7 @@ impl Admin for AdminService {
     async fn node_heartbeat(&self, request: Request<NodeHeartbeatRequest>) -> Result<Response<NodeHeartbeatReply>, Status> {
         if let Some(meta) = &self.ctx.meta {
             if meta.shared.with(|s| s.cluster_id.is_none()) && !meta.group.status().is_leader {
+                self.ctx.access.authorize(&request, Action::Internal, None).await?;
                 // Before `cluster init`: remember the node so init can place PGs on it.
                 let req = request.into_inner();
                 if let Some(node) = req.node {
@@ -419,11 +608,19 @@ impl Admin for AdminService {
                 return Ok(Response::new(NodeHeartbeatReply { registered: false, map_version: 0 }));
             }
         }
-        forward_or!(self, request, node_heartbeat, |meta, msg| {
-            let Some(node) = msg.node else { return Err(Status::invalid_argument("heartbeat without a node")) };
+        forward_or!(self, request, node_heartbeat, Action::Internal, None, |meta, caller, msg| {
+            let Some(node) = msg.node else {
+                return Err(Status::invalid_argument("heartbeat without a node"));
+            };
             let record = record_from_proto(&node);
             if record.id.0 == 0 || record.addr.is_empty() {
                 return Err(Status::invalid_argument("heartbeat with node id 0 or no address"));
+            }
+            // A node speaks for itself only.
+            if let Principal::Node(n) = caller.principal {
+                if n != record.id.0 {
+                    return Err(Status::permission_denied(format!("node-{n} may not send node-{}'s heartbeat", record.id.0)));
+                }
             }
             if meta.shared.with(|s| s.removed.contains(&record.id)) {
                 return Err(status_of(&MetaError::NodeRemoved(record.id)));
@@ -433,7 +630,9 @@ impl Admin for AdminService {
             if initialized && !known {
                 match self.propose(meta, MetaCommand::RegisterNode { node: record.clone() }).await? {
                     MetaReply::Error(e) => return Err(status_of(&e)),
-                    _ => tracing::info!(node = %record.id, addr = %record.addr, labels = %record.labels, "node registered"),
+                    _ => {
+                        tracing::info!(node = %record.id, addr = %record.addr, labels = %record.labels, "node registered")
+                    }
                 }
             }
             Ok(Response::new(NodeHeartbeatReply { registered: initialized, map_version: self.current_version() }))
@@ -441,24 +640,28 @@ impl Admin for AdminService {
     }
 
     async fn volume_create(&self, request: Request<VolumeCreateRequest>) -> Result<Response<VolumeReply>, Status> {
-        forward_or!(self, request, volume_create, |meta, msg| {
-            let reply = self.propose(meta, MetaCommand::CreateVolume { name: msg.name, size: msg.size, now_unix_ms: now_ms() }).await?;
+        let name = request.get_ref().name.clone();
+        forward_or!(self, request, volume_create, Action::VolumeCreate, Some(&name), |meta, caller, msg| {
+            let cmd = MetaCommand::CreateVolume { name: msg.name.clone(), size: msg.size, now_unix_ms: now_ms() };
+            let reply = self.propose_audited(meta, cmd, &caller, Action::VolumeCreate, &msg.name).await?;
             if let MetaReply::Volume(v) = &reply {
-                tracing::info!(volume = %v.name, id = %v.id, size = v.size, "volume created");
+                tracing::info!(volume = %v.name, id = %v.id, size = v.size, by = %caller.principal, "volume created");
             }
             self.volume_reply(reply, self.current_version())
         })
     }
 
     async fn volume_list(&self, request: Request<VolumeListRequest>) -> Result<Response<VolumeListReply>, Status> {
-        forward_or!(self, request, volume_list, |meta, _msg| {
+        forward_or!(self, request, volume_list, Action::VolumeList, None, |meta, caller, _msg| {
             let s = self.read(meta).await?;
-            Ok(Response::new(VolumeListReply { volumes: s.volumes.values().map(|v| volume_proto(v, s.pgs.len())).collect() }))
+            let volumes = s.volumes.values().filter(|v| caller.principal.sees_volume(&v.name)).map(|v| volume_proto(v, s.pgs.len())).collect();
+            Ok(Response::new(VolumeListReply { volumes }))
         })
     }
 
     async fn volume_show(&self, request: Request<VolumeShowRequest>) -> Result<Response<VolumeReply>, Status> {
-        forward_or!(self, request, volume_show, |meta, msg| {
+        let name = request.get_ref().name.clone();
+        forward_or!(self, request, volume_show, Action::VolumeShow, Some(&name), |meta, _caller, msg| {
             let s = self.read(meta).await?;
             match s.volume_by_name(&msg.name) {
                 Some(v) => Ok(Response::new(VolumeReply { volume: Some(volume_proto(v, s.pgs.len())), map_version: s.version })),
@@ -468,21 +671,25 @@ impl Admin for AdminService {
     }
 
     async fn volume_resize(&self, request: Request<VolumeResizeRequest>) -> Result<Response<VolumeReply>, Status> {
-        forward_or!(self, request, volume_resize, |meta, msg| {
-            let reply = self.propose(meta, MetaCommand::ResizeVolume { name: msg.name, size: msg.size }).await?;
+        let name = request.get_ref().name.clone();
+        forward_or!(self, request, volume_resize, Action::VolumeResize, Some(&name), |meta, caller, msg| {
+            let cmd = MetaCommand::ResizeVolume { name: msg.name.clone(), size: msg.size };
+            let reply = self.propose_audited(meta, cmd, &caller, Action::VolumeResize, &format!("{} to {} bytes", msg.name, msg.size)).await?;
             self.volume_reply(reply, self.current_version())
         })
     }
 
     async fn volume_delete(&self, request: Request<VolumeDeleteRequest>) -> Result<Response<VolumeDeleteReply>, Status> {
-        forward_or!(self, request, volume_delete, |meta, msg| {
-            let reply = self.propose(meta, MetaCommand::DeleteVolume { name: msg.name.clone() }).await?;
+        let name = request.get_ref().name.clone();
+        forward_or!(self, request, volume_delete, Action::VolumeDelete, Some(&name), |meta, caller, msg| {
+            let reply =
+                self.propose_audited(meta, MetaCommand::DeleteVolume { name: msg.name.clone() }, &caller, Action::VolumeDelete, &msg.name).await?;
             let v = match reply {
                 MetaReply::Volume(v) => v,
                 MetaReply::Error(e) => return Err(status_of(&e)),
-                MetaReply::Done => return Err(Status::internal("meta group returned no volume")),
+                _ => return Err(Status::internal("meta group returned no volume")),
             };
-            tracing::info!(volume = %v.name, id = %v.id, "volume deleted; releasing its data");
+            tracing::info!(volume = %v.name, id = %v.id, by = %caller.principal, "volume deleted; releasing its data");
             let total = meta.shared.with(|s| s.pgs.len()) as u32;
             let mut rx = meta.shared.subscribe();
             let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
@@ -501,35 +708,43 @@ impl Admin for AdminService {
     }
 
     async fn volume_attach(&self, request: Request<VolumeAttachRequest>) -> Result<Response<VolumeReply>, Status> {
-        forward_or!(self, request, volume_attach, |meta, msg| {
+        let name = request.get_ref().name.clone();
+        forward_or!(self, request, volume_attach, Action::VolumeAttach, Some(&name), |meta, caller, msg| {
             if msg.holder.is_empty() {
                 return Err(Status::invalid_argument("an attachment needs a holder name"));
             }
-            let reply = self.propose(meta, MetaCommand::AttachVolume { name: msg.name, holder: msg.holder, force: msg.force }).await?;
+            let target = format!("{} by {}{}", msg.name, msg.holder, if msg.force { " (forced)" } else { "" });
+            let cmd = MetaCommand::AttachVolume { name: msg.name, holder: msg.holder, force: msg.force };
+            let reply = self.propose_audited(meta, cmd, &caller, Action::VolumeAttach, &target).await?;
             if let MetaReply::Volume(v) = &reply {
-                tracing::info!(volume = %v.name, epoch = v.attach_epoch, holder = ?v.attached_by, "volume attached");
+                tracing::info!(volume = %v.name, epoch = v.attach_epoch, holder = ?v.attached_by, by = %caller.principal, "volume attached");
             }
             self.volume_reply(reply, self.current_version())
         })
     }
 
     async fn volume_detach(&self, request: Request<VolumeDetachRequest>) -> Result<Response<VolumeReply>, Status> {
-        forward_or!(self, request, volume_detach, |meta, msg| {
-            let reply = self.propose(meta, MetaCommand::DetachVolume { name: msg.name, epoch: msg.epoch }).await?;
+        let name = request.get_ref().name.clone();
+        forward_or!(self, request, volume_detach, Action::VolumeDetach, Some(&name), |meta, caller, msg| {
+            let cmd = MetaCommand::DetachVolume { name: msg.name.clone(), epoch: msg.epoch };
+            let reply = self.propose_audited(meta, cmd, &caller, Action::VolumeDetach, &msg.name).await?;
             if let MetaReply::Volume(v) = &reply {
-                tracing::info!(volume = %v.name, epoch = v.attach_epoch, "volume detached");
+                tracing::info!(volume = %v.name, epoch = v.attach_epoch, by = %caller.principal, "volume detached");
             }
             self.volume_reply(reply, self.current_version())
         })
     }
 
-    async fn scrub_status(&self, _request: Request<ScrubStatusRequest>) -> Result<Response<ScrubStatusReply>, Status> {
+    async fn scrub_status(&self, request: Request<ScrubStatusRequest>) -> Result<Response<ScrubStatusReply>, Status> {
+        self.ctx.access.authorize(&request, Action::ScrubStatus, None).await?;
         use std::sync::atomic::Ordering::Relaxed;
         let store = self.ctx.store.stats();
         let scrub = &self.ctx.scrub;
         let last = scrub.last_log_scrub_unix_ms.load(Relaxed);
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-        let ago = |t: u64| if t == 0 { 0 } else { now_ms.saturating_sub(t).max(1) };
+        let ago = |t: u64| {
+            if t == 0 { 0 } else { now_ms.saturating_sub(t).max(1) }
+        };
         let integrity = &self.ctx.integrity;
         Ok(Response::new(ScrubStatusReply {
             node: self.ctx.config.id.0,
@@ -562,6 +777,7 @@ impl Admin for AdminService {
     }
 
     async fn scrub_start(&self, request: Request<ScrubStartRequest>) -> Result<Response<ScrubStartReply>, Status> {
+        let caller = self.ctx.access.authorize(&request, Action::ScrubStart, None).await?;
         let node = self.ctx.config.id;
         let Some(control) = self.ctx.integrity_control.get() else {
             return Err(Status::failed_precondition(format!("{node} has no storage role: it holds no data to scrub")));
@@ -571,17 +787,20 @@ impl Admin for AdminService {
         let running = control.stats().running().map(|k| k.as_str().to_string()).unwrap_or_default();
         let reply = match control.start(kind, Some(req.rate_bytes_per_sec)) {
             StartOutcome::Queued { ticket } => {
-                tracing::info!(%node, kind = kind.as_str(), ticket, "integrity scrub pass requested");
+                tracing::info!(%node, kind = kind.as_str(), ticket, by = %caller.principal, "integrity scrub pass requested");
                 ScrubStartReply { node: node.0, queued: true, running, ticket, kind: kind.as_str().into() }
             }
             StartOutcome::Joined { ticket, kind } => ScrubStartReply { node: node.0, queued: false, running, ticket, kind: kind.as_str().into() },
-            StartOutcome::Stopped => return Err(Status::unavailable(format!("{node} is shutting down"))),
+            StartOutcome::Stopped => {
+                return Err(Status::unavailable(format!("{node} is shutting down")));
+            }
         };
+        self.ctx.access.record(caller.event(Action::ScrubStart.as_str(), &format!("{node} ({})", reply.kind), Outcome::Ok, String::new()));
         Ok(Response::new(reply))
     }
 
     async fn get_cluster_map(&self, request: Request<GetClusterMapRequest>) -> Result<Response<ClusterMap>, Status> {
-        forward_or!(self, request, get_cluster_map, |meta, msg| {
+        forward_or!(self, request, get_cluster_map, Action::ClusterMap, None, |meta, caller, msg| {
             let mut rx = meta.shared.subscribe();
             let wait = Duration::from_millis(u64::from(msg.wait_ms.min(30_000)));
             let deadline = tokio::time::Instant::now() + wait;
@@ -597,8 +816,319 @@ impl Admin for AdminService {
             if s.cluster_id.is_none() {
                 return Err(status_of(&MetaError::NotInitialized));
             }
-            Ok(Response::new(self.map_proto(&s)))
+            let mut map = self.map_proto(&s);
+            match &caller.principal {
+                // Nodes authenticate without a round trip: they get every token's record.
+                Principal::Node(_) | Principal::Open => {
+                    map.includes_tokens = true;
+                    map.tokens = s.tokens.values().map(|t| token_proto(t, true)).collect();
+                }
+                // A token limited to some volumes sees only those.
+                p => map.volumes.retain(|v| p.sees_volume(&v.name)),
+            }
+            Ok(Response::new(map))
         })
+    }
+
+    async fn token_create(&self, request: Request<TokenCreateRequest>) -> Result<Response<TokenCreateReply>, Status> {
+        forward_or!(self, request, token_create, Action::TokenCreate, None, |meta, caller, msg| {
+            let role: AccessRole = msg.role.parse().map_err(Status::invalid_argument)?;
+            Self::check_grant_subset(&caller, &msg.volumes)?;
+            for v in &msg.volumes {
+                basalt_common::names::validate_name(v).map_err(|e| Status::invalid_argument(format!("--volume {v:?}: {e}")))?;
+            }
+            if msg.expires_in_secs > MAX_TOKEN_SECS {
+                return Err(Status::invalid_argument(format!("a token may live at most {MAX_TOKEN_SECS} seconds (ten years)")));
+            }
+            if msg.name.len() > 64 || msg.name.chars().any(char::is_control) {
+                return Err(Status::invalid_argument("a token's name is at most 64 printable characters"));
+            }
+            let allow_from = msg
+                .allow_from
+                .iter()
+                .map(|c| c.parse().map_err(|e: basalt_security::SecurityError| Status::invalid_argument(format!("--allow-from: {e}"))))
+                .collect::<Result<Vec<_>, _>>()?;
+            let token = Token::generate();
+            let now = now_ms();
+            let mut record = TokenRecord::new(&token, role, caller.principal.actor(), now);
+            record.volumes = msg.volumes.iter().cloned().collect();
+            record.expires_unix_ms = (msg.expires_in_secs > 0).then(|| now + msg.expires_in_secs * 1000);
+            record.allow_from = allow_from;
+            record.name = msg.name.clone();
+            let target = format!("{} (role {role})", token.id());
+            match self.propose_audited(meta, MetaCommand::CreateToken { record }, &caller, Action::TokenCreate, &target).await? {
+                MetaReply::Token(t) => {
+                    tracing::info!(token = %t.id, role = %t.role, by = %caller.principal, "token created");
+                    Ok(Response::new(TokenCreateReply { info: Some(token_proto(&t, false)), token: token.expose() }))
+                }
+                MetaReply::Error(e) => Err(status_of(&e)),
+                _ => Err(Status::internal("meta group returned no token")),
+            }
+        })
+    }
+
+    async fn token_list(&self, request: Request<TokenListRequest>) -> Result<Response<TokenListReply>, Status> {
+        forward_or!(self, request, token_list, Action::TokenList, None, |meta, caller, _msg| {
+            let s = self.read(meta).await?;
+            self.ctx.access.record(caller.event(Action::TokenList.as_str(), "", Outcome::Ok, String::new()));
+            Ok(Response::new(TokenListReply { tokens: s.tokens.values().map(|t| token_proto(t, false)).collect() }))
+        })
+    }
+
+    async fn token_revoke(&self, request: Request<TokenRevokeRequest>) -> Result<Response<TokenRevokeReply>, Status> {
+        forward_or!(self, request, token_revoke, Action::TokenRevoke, None, |meta, caller, msg| {
+            let id: TokenId = msg.id.trim().parse().map_err(|e: basalt_security::SecurityError| Status::invalid_argument(e.to_string()))?;
+            match self
+                .propose_audited(meta, MetaCommand::RevokeToken { id, now_unix_ms: now_ms() }, &caller, Action::TokenRevoke, &id.to_string())
+                .await?
+            {
+                MetaReply::Token(t) => {
+                    tracing::info!(token = %t.id, by = %caller.principal, "token revoked");
+                    Ok(Response::new(TokenRevokeReply { info: Some(token_proto(&t, false)) }))
+                }
+                MetaReply::Error(e) => Err(status_of(&e)),
+                _ => Err(Status::internal("meta group returned no token")),
+            }
+        })
+    }
+
+    async fn audit_list(&self, request: Request<AuditListRequest>) -> Result<Response<AuditListReply>, Status> {
+        forward_or!(self, request, audit_list, Action::AuditList, None, |meta, _caller, msg| {
+            let head = self.read(meta).await?.audit;
+            let audit = meta.audit.clone();
+            let lines = tokio::task::spawn_blocking(move || audit.read())
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::internal(format!("reading the audit log: {e}")))?;
+            let limit = if msg.limit == 0 { 1000 } else { msg.limit.min(100_000) } as usize;
+            let mut records: Vec<_> = lines
+                .into_iter()
+                .filter_map(|l| if let Line::Record(r) = l { Some(r) } else { None })
+                .filter(|r| r.seq <= head.last_seq())
+                .filter(|r| r.event.time_unix_ms >= msg.since_unix_ms)
+                .filter(|r| msg.actor.is_empty() || r.event.actor.contains(&msg.actor))
+                .filter(|r| msg.action.is_empty() || r.event.action.contains(&msg.action))
+                .collect();
+            let skip = records.len().saturating_sub(limit);
+            records.drain(..skip);
+            Ok(Response::new(AuditListReply {
+                records: records.iter().map(audit_proto).collect(),
+                total: head.kept(),
+                first_seq: head.anchor.first_seq.max(1),
+            }))
+        })
+    }
+
+    async fn audit_verify(&self, request: Request<AuditVerifyRequest>) -> Result<Response<AuditVerifyReply>, Status> {
+        forward_or!(self, request, audit_verify, Action::AuditList, None, |meta, caller, _msg| {
+            let head = self.read(meta).await?.audit;
+            let members: Vec<u64> = meta.group.status().voters.clone();
+            let mut nodes = Vec::new();
+            for id in members {
+                let verdict = if id == self.ctx.config.id.0 {
+                    self.check_own_audit().await
+                } else {
+                    match meta.group.member_addr(id).map(|a| self.ctx.clients.admin(&a)) {
+                        Some(Ok(mut c)) => match tokio::time::timeout(Duration::from_secs(30), c.audit_check(AuditCheckRequest {})).await {
+                            Ok(Ok(r)) => r.into_inner(),
+                            Ok(Err(s)) => AuditNodeVerdict { node: id, problem: s.message().to_string(), unreachable: true, ..Default::default() },
+                            Err(_) => AuditNodeVerdict { node: id, problem: "no answer within 30s".into(), unreachable: true, ..Default::default() },
+                        },
+                        _ => AuditNodeVerdict { node: id, problem: "address unknown".into(), unreachable: true, ..Default::default() },
+                    }
+                };
+                nodes.push(verdict);
+            }
+            let bad = nodes.iter().filter(|n| !n.problem.is_empty()).count();
+            let detail = if bad == 0 { String::new() } else { format!("{bad} node(s) report a problem") };
+            self.ctx.access.record(caller.event("audit.verify", "", Outcome::Ok, detail));
+            Ok(Response::new(AuditVerifyReply { nodes, last_seq: head.last_seq() }))
+        })
+    }
+
+    async fn audit_append(&self, request: Request<AuditAppendRequest>) -> Result<Response<AuditAppendReply>, Status> {
+        forward_or!(self, request, audit_append, Action::Internal, None, |meta, _caller, msg| {
+            let events: Vec<AuditEvent> = msg
+                .events
+                .into_iter()
+                .map(|e| AuditEvent {
+                    time_unix_ms: e.time_unix_ms,
+                    actor: e.actor,
+                    source: e.source,
+                    action: e.action,
+                    target: e.target,
+                    outcome: e.outcome.parse().unwrap_or(Outcome::Denied),
+                    detail: e.detail,
+                })
+                .collect();
+            match self.propose(meta, MetaCommand::AppendAudit { events }).await? {
+                MetaReply::Error(e) => Err(status_of(&e)),
+                _ => Ok(Response::new(AuditAppendReply {})),
+            }
+        })
+    }
+
+    async fn audit_check(&self, request: Request<AuditCheckRequest>) -> Result<Response<AuditNodeVerdict>, Status> {
+        self.ctx.access.authorize(&request, Action::Internal, None).await?;
+        Ok(Response::new(self.check_own_audit().await))
+    }
+}
+
+/// Ships this node's queued audit events to the meta leader, batched; retries for a while when
+/// no leader answers, then drops the batch (counted). Also reports refusals the rate limit kept
+/// out of the log one by one, as one summary event.
+pub async fn run_audit_shipper(ctx: Arc<NodeCtx>, mut rx: tokio::sync::mpsc::Receiver<AuditEvent>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let service = AdminService::new(ctx.clone());
+    let mut reported_suppressed = 0u64;
+    let mut summary = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        let mut events = Vec::new();
+        tokio::select! {
+            e = rx.recv() => match e {
+                Some(e) => events.push(e),
+                None => return,
+            },
+            _ = summary.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        while events.len() < 512 {
+            match rx.try_recv() {
+                Ok(e) => events.push(e),
+                Err(_) => break,
+            }
+        }
+        let suppressed = ctx.access.stats.audit_suppressed.load(Relaxed);
+        if suppressed > reported_suppressed {
+            events.push(AuditEvent {
+                time_unix_ms: now_ms(),
+                actor: ctx.config.id.to_string(),
+                source: ctx.config.listen.to_string(),
+                action: "audit.suppressed".into(),
+                target: String::new(),
+                outcome: Outcome::Denied,
+                detail: format!("{} refusal(s) on this node were not recorded one by one (rate limit per source)", suppressed - reported_suppressed),
+            });
+            reported_suppressed = suppressed;
+        }
+        if events.is_empty() {
+            continue;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match service.ship(events.clone()).await {
+                Ok(()) => break,
+                Err(e) if tokio::time::Instant::now() > deadline => {
+                    ctx.access.stats.audit_dropped.fetch_add(events.len() as u64, Relaxed);
+                    tracing::error!(error = %e.message(), count = events.len(), "audit events could not reach the meta group; dropped");
+                    break;
+                }
+                Err(_) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl AdminService {
+    /// Sends audit events to the meta group: proposed here when this node leads it, else to
+    /// the meta node the routing finds.
+    async fn ship(&self, events: Vec<AuditEvent>) -> Result<(), Status> {
+        if let Some(meta) = &self.ctx.meta {
+            if meta.group.status().is_leader {
+                return match self.propose(meta, MetaCommand::AppendAudit { events }).await? {
+                    MetaReply::Error(e) => Err(status_of(&e)),
+                    _ => Ok(()),
+                };
+            }
+        }
+        let events = events
+            .into_iter()
+            .map(|e| basalt_proto::admin::AuditEvent {
+                time_unix_ms: e.time_unix_ms,
+                actor: e.actor,
+                source: e.source,
+                action: e.action,
+                target: e.target,
+                outcome: e.outcome.as_str().into(),
+                detail: e.detail,
+            })
+            .collect();
+        let req = Request::new(AuditAppendRequest { events });
+        match self.route(&req).await? {
+            Route::Forward(mut client, hops) => {
+                let mut fwd = Request::new(req.into_inner());
+                fwd.metadata_mut().insert(HOPS, hops.into());
+                client.audit_append(fwd).await.map(|_| ())
+            }
+            // Became leader meanwhile: the next attempt proposes directly.
+            Route::Local(_) => Err(Status::unavailable("meta leadership changed; retry")),
+        }
+    }
+}
+
+/// On meta nodes: feeds the node's token table from the applied meta state as soon as it
+/// changes (the map poll feeds it too, and on spare meta nodes alone).
+pub async fn run_token_feeder(ctx: Arc<NodeCtx>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let Some(meta) = &ctx.meta else { return };
+    let mut rx = meta.shared.subscribe();
+    let mut last: Option<BTreeMap<TokenId, TokenRecord>> = None;
+    loop {
+        let (version, tokens) = meta.shared.with(|s| (s.version, s.tokens.clone()));
+        if last.as_ref() != Some(&tokens) {
+            ctx.access.set_tokens(version, basalt_security::TokenTable::new(tokens.values().cloned()));
+            last = Some(tokens);
+        }
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// On the meta leader: keeps the audit log within `audit.max_records` and `audit.max_age_days`,
+/// pruning (after export on every meta node) a tenth more than needed at a time.
+pub async fn run_audit_pruner(ctx: Arc<NodeCtx>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let Some(meta) = &ctx.meta else { return };
+    let service = AdminService::new(ctx.clone());
+    let cfg = ctx.config.audit.clone();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+            _ = shutdown.changed() => return,
+        }
+        if !meta.group.status().is_leader {
+            continue;
+        }
+        let head = meta.shared.with(|s| s.audit.clone());
+        let audit = meta.audit.clone();
+        let Ok(Ok(lines)) = tokio::task::spawn_blocking(move || audit.read()).await else {
+            continue;
+        };
+        let records: Vec<_> =
+            lines.into_iter().filter_map(|l| if let Line::Record(r) = l { Some(r) } else { None }).filter(|r| r.seq <= head.last_seq()).collect();
+        let too_old = now_ms().saturating_sub(cfg.max_age.as_millis() as u64);
+        let excess = (records.len() as u64).saturating_sub(cfg.max_records);
+        let by_count = if excess > 0 { excess + cfg.max_records / 10 } else { 0 };
+        let by_age = records.iter().take_while(|r| r.event.time_unix_ms < too_old).count() as u64;
+        let drop = by_count.max(by_age).min(records.len().saturating_sub(1) as u64);
+        if drop == 0 {
+            continue;
+        }
+        let last = &records[drop as usize - 1];
+        let cmd = MetaCommand::PruneAudit { through: last.seq, through_hash: last.hash };
+        match service.propose(meta, cmd).await {
+            Ok(_) => {
+                tracing::info!(through = last.seq, dropped = drop, export = %cfg.export_dir.display(), "audit log pruned after export")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e.message(), "pruning the audit log failed; will retry")
+            }
+        }
     }
 }
 
@@ -640,7 +1170,9 @@ pub async fn run_volume_reaper(ctx: Arc<NodeCtx>, mut shutdown: tokio::sync::wat
                 let addrs: Vec<String> = candidates.iter().filter_map(|n| nodes.get(n).map(|r| r.addr.clone())).collect();
                 async move {
                     for addr in addrs {
-                        let Ok(mut c) = ctx.clients.data(&addr) else { continue };
+                        let Ok(mut c) = ctx.clients.data(&addr) else {
+                            continue;
+                        };
                         let req = ReleaseVolumeRequest { pg: pg.0, volume_id: volume.0 };
                         if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(10), c.release_volume(req)).await {
                             if r.into_inner().error.is_none() {

@@ -9,6 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use basalt_common::names::validate_name;
 use basalt_common::units::format_size;
 use basalt_common::{BLOCK_SIZE, DomainLevel, Labels, Layout, NodeId, PgId, VolumeId};
+use basalt_security::audit::{AuditEvent, AuditRecord, ChainAnchor, ChainHash, Outcome};
+use basalt_security::{TokenId, TokenRecord};
 use serde::{Deserialize, Serialize};
 
 use super::placement::{Candidate, place};
@@ -186,6 +188,50 @@ pub struct ClusterState {
     pub draining: BTreeSet<NodeId>,
     /// Nodes removed from the cluster; they may not register again under the same id.
     pub removed: BTreeSet<NodeId>,
+    /// Bearer tokens (hashes only), revoked ones included until they are pruned.
+    pub tokens: BTreeMap<TokenId, TokenRecord>,
+    /// Where the audit log's hash chain stands (the records are in each meta node's audit file).
+    pub audit: AuditHead,
+    /// What the last applied commands did to the audit log, for the state machine to write to
+    /// the audit file; never serialised.
+    #[serde(skip)]
+    pub audit_effects: Vec<AuditEffect>,
+}
+
+/// The audit log's position: the next sequence number, the last record's hash, and where the
+/// records still kept begin (older ones were exported and pruned).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditHead {
+    /// Sequence number the next record gets (0 before the first: treated as 1).
+    pub next_seq: u64,
+    /// Hash of the last record.
+    pub last: ChainHash,
+    /// First record kept and the hash before it.
+    pub anchor: ChainAnchor,
+}
+
+impl AuditHead {
+    /// Records kept.
+    pub fn kept(&self) -> u64 {
+        self.next_seq.max(1) - self.anchor.first_seq.max(1)
+    }
+
+    /// The last record's sequence number (0: none yet).
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq.max(1) - 1
+    }
+}
+
+/// A change to the audit file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuditEffect {
+    /// New records, in order.
+    Append(Vec<AuditRecord>),
+    /// Export the records up to `through`, then drop them.
+    Prune {
+        /// Last record dropped.
+        through: u64,
+    },
 }
 
 /// A change to the cluster metadata.
@@ -292,6 +338,61 @@ pub enum MetaCommand {
         /// The node.
         node: NodeId,
     },
+    /// Creates the cluster with its first admin token (`None` with security off). Replaces
+    /// `InitCluster`, which stays for logs written before tokens existed.
+    InitClusterWithToken {
+        /// New cluster id.
+        cluster_id: String,
+        /// Settings.
+        settings: ClusterSettings,
+        /// Nodes known at init.
+        nodes: Vec<NodeRecord>,
+        /// The first admin token.
+        admin: Option<TokenRecord>,
+    },
+    /// Adds a token.
+    CreateToken {
+        /// Its record.
+        record: TokenRecord,
+    },
+    /// Revokes a token.
+    RevokeToken {
+        /// Which.
+        id: TokenId,
+        /// Proposer's clock.
+        now_unix_ms: u64,
+    },
+    /// Appends events to the audit log.
+    AppendAudit {
+        /// The events, in order.
+        events: Vec<AuditEvent>,
+    },
+    /// Applies `cmd` and records it, with its outcome, in the audit log: both or neither.
+    Audited {
+        /// The command.
+        cmd: Box<MetaCommand>,
+        /// The event; its outcome becomes `failed` (with the error) if the command is refused.
+        event: AuditEvent,
+    },
+    /// Exports the audit records up to `through` on every meta node and drops them.
+    PruneAudit {
+        /// Last record dropped.
+        through: u64,
+        /// Its hash (read by the proposer from its audit file): the kept chain's anchor.
+        through_hash: ChainHash,
+    },
+}
+
+impl MetaCommand {
+    /// Whether the command can change the cluster map (nodes, PGs, volumes, tokens): audit-only
+    /// commands leave the map's version alone, so nodes polling it are not woken for them.
+    fn changes_map(&self) -> bool {
+        match self {
+            MetaCommand::AppendAudit { .. } | MetaCommand::PruneAudit { .. } => false,
+            MetaCommand::Audited { cmd, .. } => cmd.changes_map(),
+            _ => true,
+        }
+    }
 }
 
 /// Why a command was refused. Carried in the reply, so it must serialise.
@@ -350,6 +451,12 @@ pub enum MetaError {
     /// A move was refused.
     #[error("{0}")]
     BadMove(String),
+    /// No such token.
+    #[error("no token with id {0}")]
+    NoSuchToken(String),
+    /// A token with this id exists (ids are random: a retried proposal).
+    #[error("a token with id {0} already exists")]
+    TokenExists(String),
     /// Another holder has the volume attached read-write.
     #[error("volume {name:?} is already attached read-write by {holder}; detach it first (`basalt detach {name}`) or take it over with --force")]
     AlreadyAttached {
@@ -367,6 +474,8 @@ pub enum MetaReply {
     Done,
     /// The volume affected.
     Volume(VolumeRecord),
+    /// The token affected.
+    Token(TokenRecord),
     /// Refused.
     Error(MetaError),
 }
@@ -407,8 +516,10 @@ impl ClusterState {
 
     /// Applies one command at log index `index`. Deterministic.
     pub fn apply(&mut self, index: u64, cmd: MetaCommand) -> MetaReply {
+        let changes_map = cmd.changes_map();
         let reply = match cmd {
-            MetaCommand::InitCluster { cluster_id, settings, nodes } => self.init(cluster_id, settings, nodes),
+            MetaCommand::InitCluster { cluster_id, settings, nodes } => self.init(cluster_id, settings, nodes, None),
+            MetaCommand::InitClusterWithToken { cluster_id, settings, nodes, admin } => self.init(cluster_id, settings, nodes, admin),
             MetaCommand::RegisterNode { node } => {
                 if self.cluster_id.is_none() {
                     return MetaReply::Error(MetaError::NotInitialized);
@@ -433,14 +544,82 @@ impl ClusterState {
             MetaCommand::CancelMove { pg, from, to } => self.cancel_move(pg, from, to),
             MetaCommand::DrainNode { node, drain } => self.drain_node(node, drain),
             MetaCommand::RemoveNode { node } => self.remove_node(node),
+            MetaCommand::CreateToken { record } => self.create_token(record),
+            MetaCommand::RevokeToken { id, now_unix_ms } => self.revoke_token(id, now_unix_ms),
+            MetaCommand::AppendAudit { events } => {
+                self.append_audit(events);
+                MetaReply::Done
+            }
+            MetaCommand::Audited { cmd, mut event } => {
+                let reply = self.apply(index, *cmd);
+                if let MetaReply::Error(e) = &reply {
+                    event.outcome = Outcome::Failed;
+                    event.detail = e.to_string();
+                }
+                self.append_audit(vec![event]);
+                return reply;
+            }
+            MetaCommand::PruneAudit { through, through_hash } => self.prune_audit(through, through_hash),
         };
-        if !matches!(reply, MetaReply::Error(_)) {
+        if !matches!(reply, MetaReply::Error(_)) && changes_map {
             self.version = index;
         }
         reply
     }
 
-    fn init(&mut self, cluster_id: String, settings: ClusterSettings, nodes: Vec<NodeRecord>) -> MetaReply {
+    /// Seals `events` into the chain (numbering and linking them) for the audit file.
+    fn append_audit(&mut self, events: Vec<AuditEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        let head = &mut self.audit;
+        if head.next_seq == 0 {
+            head.next_seq = 1;
+            head.anchor.first_seq = 1;
+        }
+        let mut records = Vec::with_capacity(events.len());
+        for event in events {
+            let record = AuditRecord::seal(head.next_seq, event, head.last);
+            head.last = record.hash;
+            head.next_seq += 1;
+            records.push(record);
+        }
+        self.audit_effects.push(AuditEffect::Append(records));
+    }
+
+    fn prune_audit(&mut self, through: u64, through_hash: ChainHash) -> MetaReply {
+        let head = &mut self.audit;
+        // Only records still kept, and never the last one (it is the chain's head).
+        if through < head.anchor.first_seq.max(1) || through >= head.last_seq() {
+            return MetaReply::Done;
+        }
+        head.anchor = ChainAnchor { first_seq: through + 1, prev: through_hash };
+        self.audit_effects.push(AuditEffect::Prune { through });
+        MetaReply::Done
+    }
+
+    fn create_token(&mut self, record: TokenRecord) -> MetaReply {
+        if self.cluster_id.is_none() {
+            return MetaReply::Error(MetaError::NotInitialized);
+        }
+        if self.tokens.contains_key(&record.id) {
+            return MetaReply::Error(MetaError::TokenExists(record.id.to_string()));
+        }
+        self.tokens.insert(record.id, record.clone());
+        MetaReply::Token(record)
+    }
+
+    fn revoke_token(&mut self, id: TokenId, now_unix_ms: u64) -> MetaReply {
+        let Some(t) = self.tokens.get_mut(&id) else {
+            return MetaReply::Error(MetaError::NoSuchToken(id.to_string()));
+        };
+        if t.revoked_unix_ms.is_none() {
+            t.revoked_unix_ms = Some(now_unix_ms.max(1));
+        }
+        MetaReply::Token(t.clone())
+    }
+
+    fn init(&mut self, cluster_id: String, settings: ClusterSettings, nodes: Vec<NodeRecord>, admin: Option<TokenRecord>) -> MetaReply {
         if let Some(id) = &self.cluster_id {
             return MetaReply::Error(MetaError::AlreadyInitialized(id.clone()));
         }
@@ -458,6 +637,9 @@ impl ClusterState {
         self.nodes = nodes;
         self.pgs = placement.into_iter().enumerate().map(|(i, replicas)| PgRecord { id: PgId(i as u32), replicas, moving: None }).collect();
         self.next_volume_id = 1;
+        if let Some(t) = admin {
+            self.tokens.insert(t.id, t);
+        }
         MetaReply::Done
     }
 
@@ -549,8 +731,12 @@ impl ClusterState {
     /// not already a replica, and in a failure domain none of the remaining replicas is in.
     pub fn check_move(&self, pg: PgId, from: NodeId, to: NodeId) -> Result<(), MetaError> {
         let bad = |m: String| Err(MetaError::BadMove(m));
-        let Some(settings) = self.settings else { return Err(MetaError::NotInitialized) };
-        let Some(rec) = self.pgs.get(pg.0 as usize) else { return bad(format!("no placement group {pg}")) };
+        let Some(settings) = self.settings else {
+            return Err(MetaError::NotInitialized);
+        };
+        let Some(rec) = self.pgs.get(pg.0 as usize) else {
+            return bad(format!("no placement group {pg}"));
+        };
         if let Some(m) = &rec.moving {
             return bad(format!("{pg} is already moving its replica on {} to {}", m.from, m.to));
         }
@@ -560,7 +746,9 @@ impl ClusterState {
         if rec.replicas.contains(&to) {
             return bad(format!("{to} already holds a replica of {pg}"));
         }
-        let Some(target) = self.nodes.get(&to) else { return Err(MetaError::NoSuchNode(to)) };
+        let Some(target) = self.nodes.get(&to) else {
+            return Err(MetaError::NoSuchNode(to));
+        };
         if !target.is_storage() {
             return bad(format!("{to} does not have the storage role"));
         }
@@ -591,7 +779,9 @@ impl ClusterState {
         };
         match &rec.moving {
             Some(m) if m.from == from && m.to == to => {}
-            _ => return MetaReply::Error(MetaError::BadMove(format!("{pg} has no move of its replica on {from} to {to} in progress"))),
+            _ => {
+                return MetaReply::Error(MetaError::BadMove(format!("{pg} has no move of its replica on {from} to {to} in progress")));
+            }
         }
         // The new replica goes last: the first is only the PG's initial leader.
         rec.replicas.retain(|r| *r != from);
@@ -661,8 +851,12 @@ impl ClusterState {
 
     fn pg_released(&mut self, volume: VolumeId, pg: PgId) -> MetaReply {
         let pg_count = self.pgs.len();
-        let Some(v) = self.volumes.get_mut(&volume) else { return MetaReply::Done };
-        let VolumeState::Deleting { done } = &mut v.state else { return MetaReply::Done };
+        let Some(v) = self.volumes.get_mut(&volume) else {
+            return MetaReply::Done;
+        };
+        let VolumeState::Deleting { done } = &mut v.state else {
+            return MetaReply::Done;
+        };
         done.insert(pg);
         let finished = done.len() >= pg_count;
         let snapshot = v.clone();

@@ -1,12 +1,17 @@
 //! The meta group's state machine: [`ClusterState`] in memory, serialised whole at each
-//! checkpoint into the log database's state-machine records.
+//! checkpoint into the log database's state-machine records, and the audit log's records in
+//! this node's audit file ([`AuditLog`]).
 //!
-//! A snapshot is [`SNAPSHOT_MAGIC`], a format version (u32, little endian) and the bincode of
-//! the checkpoint record and the state. bincode is not self-describing: a field added to
-//! [`ClusterState`] changes the format, so such a change raises [`SNAPSHOT_VERSION`] and keeps a
-//! decoder for the versions before it (`decode_snapshot`). Snapshots written before the
-//! header existed (no magic) are read as version 1.
+//! A snapshot is [`SNAPSHOT_MAGIC`], a format version (u32, little endian) and then, in format 2,
+//! the length (u64, little endian) of the bincode of the checkpoint record and the state, that
+//! bincode, and the audit file's lines up to the state's head (empty in the stored checkpoint,
+//! whose audit records are in the audit file; present in snapshots sent to a new member). In
+//! format 1 (before tokens and the audit log) the bincode is all there is. bincode is not
+//! self-describing: a field added to [`ClusterState`] changes the format, so such a change
+//! raises [`SNAPSHOT_VERSION`] and keeps a decoder for the versions before it
+//! (`decode_snapshot`). Snapshots written before the header existed (no magic) are format 1.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::sync::{Arc, RwLock};
 
@@ -14,7 +19,11 @@ use basalt_raft::{ApplyItem, CheckpointRecord, SmStore, SnapshotReceiver, Snapsh
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use super::state::{ClusterState, MetaCommand, MetaError, MetaReply};
+use basalt_common::{NodeId, VolumeId};
+use serde::Deserialize;
+
+use super::audit_log::AuditLog;
+use super::state::{AuditEffect, ClusterSettings, ClusterState, MetaCommand, MetaError, MetaReply, NodeRecord, PgRecord, VolumeRecord};
 
 const SNAPSHOT_KEY: &str = "snapshot";
 
@@ -58,17 +67,53 @@ impl MetaShared {
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BSLTMETA";
 
 /// The format this binary writes (and the newest it reads).
-pub const SNAPSHOT_VERSION: u32 = 1;
+pub const SNAPSHOT_VERSION: u32 = 2;
 
-fn encode_snapshot(record: &CheckpointRecord, state: &ClusterState) -> Vec<u8> {
-    let mut out = SNAPSHOT_MAGIC.to_vec();
-    out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
+/// [`ClusterState`] as format 1 had it, before tokens and the audit log.
+#[derive(Deserialize)]
+struct ClusterStateV1 {
+    cluster_id: Option<String>,
+    settings: Option<ClusterSettings>,
+    nodes: BTreeMap<NodeId, NodeRecord>,
+    pgs: Vec<PgRecord>,
+    volumes: BTreeMap<VolumeId, VolumeRecord>,
+    next_volume_id: u64,
+    version: u64,
+    draining: BTreeSet<NodeId>,
+    removed: BTreeSet<NodeId>,
+}
+
+impl From<ClusterStateV1> for ClusterState {
+    fn from(v: ClusterStateV1) -> ClusterState {
+        ClusterState {
+            cluster_id: v.cluster_id,
+            settings: v.settings,
+            nodes: v.nodes,
+            pgs: v.pgs,
+            volumes: v.volumes,
+            next_volume_id: v.next_volume_id,
+            version: v.version,
+            draining: v.draining,
+            removed: v.removed,
+            ..ClusterState::default()
+        }
+    }
+}
+
+fn encode_snapshot(record: &CheckpointRecord, state: &ClusterState, audit: &[u8]) -> Vec<u8> {
     // Serialising plain structs and maps into a Vec cannot fail.
-    bincode::serialize_into(&mut out, &(record.encode(), state)).expect("cluster state serialises");
+    let body = bincode::serialize(&(record.encode(), state)).expect("cluster state serialises");
+    let mut out = Vec::with_capacity(SNAPSHOT_MAGIC.len() + 12 + body.len() + audit.len());
+    out.extend_from_slice(SNAPSHOT_MAGIC);
+    out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&body);
+    out.extend_from_slice(audit);
     out
 }
 
-fn decode_snapshot(bytes: &[u8]) -> io::Result<(CheckpointRecord, ClusterState)> {
+/// Decodes a snapshot into its checkpoint record, state and audit lines.
+fn decode_snapshot(bytes: &[u8]) -> io::Result<(CheckpointRecord, ClusterState, &[u8])> {
     let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
     let (version, body) = match bytes.strip_prefix(SNAPSHOT_MAGIC.as_slice()) {
         Some(rest) => {
@@ -78,8 +123,21 @@ fn decode_snapshot(bytes: &[u8]) -> io::Result<(CheckpointRecord, ClusterState)>
         }
         None => (1, bytes),
     };
-    let (record, state): (Vec<u8>, ClusterState) = match version {
-        1 => bincode::deserialize(body).map_err(|e| invalid(format!("corrupt meta snapshot (format 1): {e}")))?,
+    let (record, state, audit): (Vec<u8>, ClusterState, &[u8]) = match version {
+        1 => {
+            let (record, state): (Vec<u8>, ClusterStateV1) =
+                bincode::deserialize(body).map_err(|e| invalid(format!("corrupt meta snapshot (format 1): {e}")))?;
+            (record, state.into(), &[])
+        }
+        2 => {
+            let (len, rest) = body.split_at_checked(8).ok_or_else(|| invalid("meta snapshot truncated in its header".into()))?;
+            let len = u64::from_le_bytes(len.try_into().map_err(|_| invalid("meta snapshot header".into()))?);
+            let len = usize::try_from(len).ok().filter(|l| *l <= rest.len()).ok_or_else(|| invalid("meta snapshot truncated in its state".into()))?;
+            let (state, audit) = rest.split_at(len);
+            let (record, state): (Vec<u8>, ClusterState) =
+                bincode::deserialize(state).map_err(|e| invalid(format!("corrupt meta snapshot (format 2): {e}")))?;
+            (record, state, audit)
+        }
         v => {
             return Err(invalid(format!(
                 "meta snapshot format {v} is newer than this binary reads (up to {SNAPSHOT_VERSION}): run the newer basalt-node"
@@ -87,20 +145,27 @@ fn decode_snapshot(bytes: &[u8]) -> io::Result<(CheckpointRecord, ClusterState)>
         }
     };
     let record = CheckpointRecord::decode(&record).map_err(|e| invalid(e.to_string()))?;
-    Ok((record, state))
+    Ok((record, state, audit))
 }
 
 /// The meta state machine.
 pub struct MetaStateMachine {
     shared: MetaShared,
     store: SmStore,
+    audit: Arc<AuditLog>,
 }
 
 impl MetaStateMachine {
-    /// A state machine publishing into `shared` and checkpointing into `store`.
-    pub fn new(shared: MetaShared, store: SmStore) -> Self {
-        Self { shared, store }
+    /// A state machine publishing into `shared`, checkpointing into `store` and keeping the
+    /// audit log's records in `audit`.
+    pub fn new(shared: MetaShared, store: SmStore, audit: Arc<AuditLog>) -> Self {
+        Self { shared, store, audit }
     }
+}
+
+/// Runs blocking audit-file work off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(io::Error::other)?
 }
 
 /// A serialised meta snapshot.
@@ -116,11 +181,16 @@ impl SnapshotStream for MetaSnapshot {
 pub struct MetaCheckpoint {
     bytes: Vec<u8>,
     store: SmStore,
+    audit: Arc<AuditLog>,
 }
 
 impl basalt_raft::Checkpoint for MetaCheckpoint {
     type Snapshot = MetaSnapshot;
     async fn run(self) -> io::Result<MetaSnapshot> {
+        // The audit records up to the checkpoint must be durable before the log entries that
+        // carried them may be purged.
+        let audit = self.audit.clone();
+        blocking(move || audit.sync()).await?;
         self.store.put(SNAPSHOT_KEY, self.bytes.clone()).await?;
         Ok(MetaSnapshot(Some(Bytes::from(self.bytes))))
     }
@@ -163,8 +233,16 @@ impl StateMachine for MetaStateMachine {
     async fn recover(&mut self) -> io::Result<Option<CheckpointRecord>> {
         let store = self.store.clone();
         let bytes = tokio::task::spawn_blocking(move || store.get_blocking(SNAPSHOT_KEY)).await.map_err(io::Error::other)??;
-        let Some(bytes) = bytes else { return Ok(None) };
-        let (record, state) = decode_snapshot(&bytes)?;
+        let Some(bytes) = bytes else {
+            // No checkpoint: the whole log replays, audit records included.
+            let audit = self.audit.clone();
+            blocking(move || audit.truncate_from(1)).await?;
+            return Ok(None);
+        };
+        let (record, state, _) = decode_snapshot(&bytes)?;
+        // Records after the checkpoint come back as the log replays.
+        let (audit, next) = (self.audit.clone(), state.audit.next_seq.max(1));
+        blocking(move || audit.truncate_from(next)).await?;
         self.shared.replace(state);
         Ok(Some(record))
     }
@@ -182,25 +260,53 @@ impl StateMachine for MetaStateMachine {
             };
             replies.push(Bytes::from(bincode::serialize(&reply).expect("meta reply serialises")));
         }
+        let effects = std::mem::take(&mut state.audit_effects);
+        if !effects.is_empty() {
+            let audit = self.audit.clone();
+            let written = blocking(move || {
+                for effect in effects {
+                    match effect {
+                        AuditEffect::Append(records) => audit.append(&records)?,
+                        AuditEffect::Prune { through } => audit.prune(through)?,
+                    }
+                }
+                Ok(())
+            })
+            .await;
+            // The other meta nodes hold the records; a gap here is what `audit verify` reports.
+            // Stopping the meta group over it would be worse.
+            if let Err(e) = written {
+                tracing::error!(error = %e, "writing the audit file failed; this node's copy of the audit log now has a gap");
+            }
+        }
         self.shared.replace(state);
         Ok(replies)
     }
 
     fn checkpoint(&mut self, record: CheckpointRecord) -> MetaCheckpoint {
-        let bytes = self.shared.with(|s| encode_snapshot(&record, s));
-        MetaCheckpoint { bytes, store: self.store.clone() }
+        let bytes = self.shared.with(|s| encode_snapshot(&record, s, &[]));
+        MetaCheckpoint { bytes, store: self.store.clone(), audit: self.audit.clone() }
     }
 
     async fn open_snapshot(&mut self, _record: &CheckpointRecord) -> io::Result<MetaSnapshot> {
         let store = self.store.clone();
         let bytes = tokio::task::spawn_blocking(move || store.get_blocking(SNAPSHOT_KEY)).await.map_err(io::Error::other)??;
-        Ok(MetaSnapshot(bytes.map(Bytes::from)))
+        let Some(bytes) = bytes else {
+            return Ok(MetaSnapshot(None));
+        };
+        // A new member needs the audit records the checkpoint covers, from this node's file.
+        let (record, state, _) = decode_snapshot(&bytes)?;
+        let (audit, next) = (self.audit.clone(), state.audit.next_seq.max(1));
+        let lines = blocking(move || audit.bytes_before(next)).await?;
+        Ok(MetaSnapshot(Some(Bytes::from(encode_snapshot(&record, &state, &lines)))))
     }
 
     async fn install(&mut self, record: CheckpointRecord, mut snapshot: MetaSnapshot) -> io::Result<()> {
         let bytes = snapshot.next_chunk().await?.ok_or_else(|| io::Error::other("empty meta snapshot"))?;
-        let (_, state) = decode_snapshot(&bytes)?;
-        self.store.put(SNAPSHOT_KEY, encode_snapshot(&record, &state)).await?;
+        let (_, state, lines) = decode_snapshot(&bytes)?;
+        let (audit, lines) = (self.audit.clone(), lines.to_vec());
+        blocking(move || audit.replace(&lines)).await?;
+        self.store.put(SNAPSHOT_KEY, encode_snapshot(&record, &state, &[])).await?;
         self.shared.replace(state);
         Ok(())
     }
@@ -225,15 +331,25 @@ mod tests {
 
     #[test]
     fn snapshots_round_trip_and_older_or_unknown_formats_are_handled() {
-        let state = sample();
+        let mut state = sample();
+        let token = basalt_security::Token::generate();
+        state.tokens.insert(token.id(), basalt_security::TokenRecord::new(&token, basalt_security::Role::Admin, "test".into(), 1));
+        state.audit.next_seq = 3;
         let record = CheckpointRecord::default();
-        let bytes = encode_snapshot(&record, &state);
+        let bytes = encode_snapshot(&record, &state, b"line 1\nline 2\n");
         assert!(bytes.starts_with(SNAPSHOT_MAGIC));
-        assert_eq!(decode_snapshot(&bytes).unwrap(), (record.clone(), state.clone()));
+        let (r, s, audit) = decode_snapshot(&bytes).unwrap();
+        assert_eq!((r, s, audit), (record.clone(), state.clone(), &b"line 1\nline 2\n"[..]));
 
-        // Written before the header existed: bare bincode, read as format 1.
-        let legacy = bincode::serialize(&(record.encode(), &state)).unwrap();
-        assert_eq!(decode_snapshot(&legacy).unwrap().1, state);
+        // Format 1 (before tokens and the audit log), with and without the header.
+        let v1 = sample();
+        let fields = (&v1.cluster_id, &v1.settings, &v1.nodes, &v1.pgs, &v1.volumes, v1.next_volume_id, v1.version, &v1.draining, &v1.removed);
+        let legacy = bincode::serialize(&(record.encode(), fields)).unwrap();
+        assert_eq!(decode_snapshot(&legacy).unwrap().1, v1);
+        let mut headed = SNAPSHOT_MAGIC.to_vec();
+        headed.extend_from_slice(&1u32.to_le_bytes());
+        headed.extend_from_slice(&legacy);
+        assert_eq!(decode_snapshot(&headed).unwrap().1, v1);
 
         // A newer format is refused by name, not misread.
         let mut newer = SNAPSHOT_MAGIC.to_vec();
@@ -244,7 +360,7 @@ mod tests {
 
         // Truncated: an error, never a panic. (There is no checksum: a flipped bit inside
         // the body may decode; the log database's own checksums guard the stored copy.)
-        for cut in [3, 8, 10, 12, bytes.len() / 2] {
+        for cut in [3, 8, 10, 12, 16, 20, bytes.len() / 2] {
             assert!(decode_snapshot(&bytes[..cut]).is_err(), "cut at {cut}");
         }
     }

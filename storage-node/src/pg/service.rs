@@ -2,10 +2,13 @@
 //! leaders, and the internal release of a deleted volume's data.
 //!
 //! Every request is checked against this node's cluster map before it reaches Raft: the PG
-//! must be hosted here, the volume active, the range inside the volume and inside one extent
-//! of that PG, the payload consistent with its checksums. Refusals travel as a [`DataError`]
-//! with a code the client acts on (retry elsewhere, refresh the map, give up).
+//! must be hosted here, the volume active, its requester allowed to read or write it, the range
+//! inside the volume and inside one extent of that PG, the payload consistent with its
+//! checksums. Refusals travel as a [`DataError`] with a code the client acts on (retry
+//! elsewhere, refresh the map, give up). The internal calls (release, checks, repairs, moves,
+//! leader hand-overs) are for nodes only.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -21,6 +24,7 @@ use basalt_proto::data::{
 };
 use basalt_raft::RaftError;
 use basalt_scrubber::ChunkVerdict;
+use basalt_security::{Action, Principal};
 use tonic::{Request, Response, Status};
 
 use super::command::{PgCommand, PgReply, piece_count, pieces};
@@ -28,6 +32,8 @@ use super::manager::PgHandle;
 use super::repair;
 use super::sessions::Sessions;
 use super::space::SpaceAdmission;
+use super::wire::denied_error;
+use crate::access::Access;
 use crate::cluster_map::wait_for_version;
 use crate::metrics::Op;
 use crate::node::NodeCtx;
@@ -40,9 +46,18 @@ pub(crate) fn err(code: Code, message: impl Into<String>) -> DataError {
     DataError { code: code as i32, message: message.into(), leader: 0, leader_addr: String::new() }
 }
 
+/// Who sent a data request: the principal its connection authenticated as, and from where.
+pub struct Requester {
+    /// The principal.
+    pub principal: Principal,
+    /// The connection's peer.
+    pub peer: SocketAddr,
+}
+
 /// The data gRPC service.
 pub struct DataService {
     ctx: Arc<NodeCtx>,
+    access: Arc<Access>,
     /// Write payload admitted and not yet answered, in KiB units: the node's memory for
     /// in-flight data is bounded by configuration, not by how hard clients push.
     inflight: Arc<tokio::sync::Semaphore>,
@@ -53,10 +68,18 @@ pub struct DataService {
 }
 
 impl DataService {
-    /// A service over the node's PGs.
-    pub fn new(ctx: Arc<NodeCtx>) -> Self {
+    /// A service over the node's PGs, admitting what `access` allows.
+    pub fn new(ctx: Arc<NodeCtx>, access: Arc<Access>) -> Self {
         let kib = (ctx.config.memory.inflight_writes / 1024).max(1);
-        Self { ctx, inflight: Arc::new(tokio::sync::Semaphore::new(kib)), space: Arc::default(), sessions: Sessions::default() }
+        Self { ctx, access, inflight: Arc::new(tokio::sync::Semaphore::new(kib)), space: Arc::default(), sessions: Sessions::default() }
+    }
+
+    /// The requester of a gRPC data call (the framed protocol authenticates once per connection).
+    async fn grpc_requester<T>(&self, request: &Request<T>) -> Result<Requester, Status> {
+        // What the caller may do with which volume is decided per request, in `route`.
+        let caller = self.access.authenticate(request, Action::DataRead, None).await?;
+        let peer = request.remote_addr().or_else(|| request.extensions().get::<basalt_security::PeerInfo>().map(|p| p.addr));
+        Ok(Requester { principal: caller.principal, peer: peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))) })
     }
 
     fn raft_error(&self, e: RaftError) -> DataError {
@@ -72,10 +95,20 @@ impl DataService {
         }
     }
 
-    /// Finds the PG and checks the request against the cluster map. `epoch` is the writer's
-    /// attachment epoch (`None` for reads): a writer older than the volume's current attachment
-    /// is fenced here already, before its write reaches the log.
-    async fn route(&self, pg: u32, volume: u64, offset: u64, len: u64, map_version: u64, epoch: Option<u64>) -> Result<PgHandle, DataError> {
+    /// Finds the PG and checks the request against the cluster map and `who` may do it. `epoch`
+    /// is the writer's attachment epoch (`None` for reads): a writer older than the volume's
+    /// current attachment is fenced here already, before its write reaches the log.
+    #[allow(clippy::too_many_arguments)]
+    async fn route(
+        &self,
+        who: &Requester,
+        pg: u32,
+        volume: u64,
+        offset: u64,
+        len: u64,
+        map_version: u64,
+        epoch: Option<u64>,
+    ) -> Result<PgHandle, DataError> {
         let node = self.ctx.config.id;
         let Some(handle) = self.ctx.pgs.get(PgId(pg)) else {
             return Err(err(Code::WrongNode, format!("{node} holds no replica of pg-{pg}")));
@@ -92,6 +125,7 @@ impl DataService {
         let Some(vol) = view.volumes.get(&VolumeId(volume)).filter(|v| v.active) else {
             return Err(err(Code::NoSuchVolume, format!("no active volume with id {volume}")));
         };
+        self.access.check_data(&who.principal, who.peer, epoch.is_some(), &vol.name).map_err(|d| denied_error(&d))?;
         if let Some(epoch) = epoch {
             if epoch < vol.attach_epoch {
                 return Err(err(
@@ -156,7 +190,7 @@ impl DataService {
     /// Validates and proposes a write; the reply carries any refusal. `gone` is set once the
     /// client's connection closed: a write not yet proposed by then is dropped (the client
     /// retries it on another connection, and this copy must not land after the retry).
-    pub async fn serve_write(&self, req: WriteRequest, gone: Option<&AtomicBool>) -> WriteReply {
+    pub async fn serve_write(&self, req: WriteRequest, who: &Requester, gone: Option<&AtomicBool>) -> WriteReply {
         let started = Instant::now();
         let len = req.data.len() as u64;
         self.sessions.seen(req.session, req.connection);
@@ -167,7 +201,7 @@ impl DataService {
             let Ok(_admitted) = self.inflight.acquire_many(len.div_ceil(1024).max(1) as u32).await else {
                 return Some(err(Code::Unavailable, "node is shutting down"));
             };
-            let handle = match self.route(req.pg, req.volume_id, req.offset, len, req.map_version, Some(req.attach_epoch)).await {
+            let handle = match self.route(who, req.pg, req.volume_id, req.offset, len, req.map_version, Some(req.attach_epoch)).await {
                 Ok(h) => h,
                 Err(e) => return Some(e),
             };
@@ -207,7 +241,7 @@ impl DataService {
     }
 
     /// Serves a linearizable read from this PG leader's replica.
-    pub async fn serve_read(&self, req: ReadRequest) -> ReadReply {
+    pub async fn serve_read(&self, req: ReadRequest, who: &Requester) -> ReadReply {
         let started = Instant::now();
         let len = u64::from(req.length);
         let result: Result<(bytes::Bytes, Vec<u32>), DataError> = async {
@@ -217,7 +251,7 @@ impl DataService {
             if len > MAX_IO {
                 return Err(err(Code::OutOfRange, format!("read of {len} bytes exceeds the {MAX_IO}-byte limit")));
             }
-            let handle = self.route(req.pg, req.volume_id, req.offset, len, req.map_version, None).await?;
+            let handle = self.route(who, req.pg, req.volume_id, req.offset, len, req.map_version, None).await?;
             handle.group.read_barrier().await.map_err(|e| self.raft_error(e))?;
             // A bad block on this replica is repaired from the others through the PG, then the
             // read runs again; each round repairs one chunk of the range.
@@ -269,11 +303,11 @@ impl DataService {
     }
 
     /// Validates and proposes a TRIM / WRITE_ZEROES (`gone` as for [`DataService::serve_write`]).
-    pub async fn serve_zero(&self, req: ZeroRequest, gone: Option<&AtomicBool>) -> ZeroReply {
+    pub async fn serve_zero(&self, req: ZeroRequest, who: &Requester, gone: Option<&AtomicBool>) -> ZeroReply {
         let started = Instant::now();
         self.sessions.seen(req.session, req.connection);
         let error = async {
-            let handle = match self.route(req.pg, req.volume_id, req.offset, req.length, req.map_version, Some(req.attach_epoch)).await {
+            let handle = match self.route(who, req.pg, req.volume_id, req.offset, req.length, req.map_version, Some(req.attach_epoch)).await {
                 Ok(h) => h,
                 Err(e) => return Some(e),
             };
@@ -311,18 +345,22 @@ const MAX_READ_REPAIRS: usize = 4;
 #[tonic::async_trait]
 impl Data for DataService {
     async fn write(&self, request: Request<WriteRequest>) -> Result<Response<WriteReply>, Status> {
-        Ok(Response::new(self.serve_write(request.into_inner(), None).await))
+        let who = self.grpc_requester(&request).await?;
+        Ok(Response::new(self.serve_write(request.into_inner(), &who, None).await))
     }
 
     async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadReply>, Status> {
-        Ok(Response::new(self.serve_read(request.into_inner()).await))
+        let who = self.grpc_requester(&request).await?;
+        Ok(Response::new(self.serve_read(request.into_inner(), &who).await))
     }
 
     async fn zero(&self, request: Request<ZeroRequest>) -> Result<Response<ZeroReply>, Status> {
-        Ok(Response::new(self.serve_zero(request.into_inner(), None).await))
+        let who = self.grpc_requester(&request).await?;
+        Ok(Response::new(self.serve_zero(request.into_inner(), &who, None).await))
     }
 
     async fn release_volume(&self, request: Request<ReleaseVolumeRequest>) -> Result<Response<ReleaseVolumeReply>, Status> {
+        self.access.authorize(&request, Action::Internal, None).await?;
         let req = request.into_inner();
         let error = match self.ctx.pgs.get(PgId(req.pg)) {
             None => Some(err(Code::WrongNode, format!("{} holds no replica of pg-{}", self.ctx.config.id, req.pg))),
@@ -332,6 +370,7 @@ impl Data for DataService {
     }
 
     async fn chunk_check(&self, request: Request<ChunkCheckRequest>) -> Result<Response<ChunkCheckReply>, Status> {
+        self.access.authorize(&request, Action::Internal, None).await?;
         Ok(Response::new(match repair::answer_check(&self.ctx, request.into_inner()).await {
             Ok((blocks, data, written)) => ChunkCheckReply { error: None, blocks, data, written_since_probe: written },
             Err(e) => ChunkCheckReply { error: Some(e), ..Default::default() },
@@ -339,6 +378,7 @@ impl Data for DataService {
     }
 
     async fn repair_chunk(&self, request: Request<RepairChunkRequest>) -> Result<Response<RepairChunkReply>, Status> {
+        self.access.authorize(&request, Action::Internal, None).await?;
         let req = request.into_inner();
         let Some(handle) = self.ctx.pgs.get(PgId(req.pg)) else {
             let error = err(Code::WrongNode, format!("{} holds no replica of pg-{}", self.ctx.config.id, req.pg));
@@ -364,6 +404,7 @@ impl Data for DataService {
     }
 
     async fn transfer_leader(&self, request: Request<TransferLeaderRequest>) -> Result<Response<TransferLeaderReply>, Status> {
+        self.access.authorize(&request, Action::Internal, None).await?;
         let req = request.into_inner();
         let Some(handle) = self.ctx.pgs.get(PgId(req.pg)) else {
             let error = err(Code::WrongNode, format!("{} holds no replica of pg-{}", self.ctx.config.id, req.pg));
@@ -384,6 +425,7 @@ impl Data for DataService {
     }
 
     async fn move_replica(&self, request: Request<MoveReplicaRequest>) -> Result<Response<MoveReplicaReply>, Status> {
+        self.access.authorize(&request, Action::Internal, None).await?;
         let req = request.into_inner();
         let Some(handle) = self.ctx.pgs.get(PgId(req.pg)) else {
             let error = err(Code::WrongNode, format!("{} holds no replica of pg-{}", self.ctx.config.id, req.pg));

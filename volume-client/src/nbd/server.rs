@@ -45,6 +45,27 @@ impl Listener for TcpListener {
     }
 }
 
+/// A TCP listener that drops peers outside its allow-list at accept, before they say anything.
+struct Guarded {
+    listener: TcpListener,
+    allow: basalt_security::cidr::AllowList,
+}
+
+impl Listener for Guarded {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_stream(&self) -> io::Result<(Self::Stream, String)> {
+        loop {
+            let (stream, peer) = self.listener.accept_stream().await?;
+            match peer.parse::<std::net::SocketAddr>() {
+                Ok(addr) if !self.allow.allows(addr.ip()) => {
+                    tracing::warn!(%peer, allowed = %self.allow, "refused an NBD connection from outside the allow-list");
+                }
+                _ => return Ok((stream, peer)),
+            }
+        }
+    }
+}
+
 impl Listener for UnixListener {
     type Stream = tokio::net::UnixStream;
     async fn accept_stream(&self) -> io::Result<(Self::Stream, String)> {
@@ -131,8 +152,9 @@ impl NbdServer {
     }
 
     /// Accepts TCP connections until `shutdown` turns true.
-    pub async fn serve_tcp(self, listener: TcpListener, shutdown: watch::Receiver<bool>) {
-        self.serve(listener, shutdown).await
+    /// Peers outside `allow` are dropped at accept.
+    pub async fn serve_tcp(self, listener: TcpListener, allow: basalt_security::cidr::AllowList, shutdown: watch::Receiver<bool>) {
+        self.serve(Guarded { listener, allow }, shutdown).await
     }
 
     /// Accepts connections on a unix socket until `shutdown` turns true.
@@ -190,7 +212,9 @@ impl NbdServer {
                 return;
             }
         };
-        let Some(export) = self.exports.iter().find(|e| e.volume.name() == negotiated.export).cloned() else { return };
+        let Some(export) = self.exports.iter().find(|e| e.volume.name() == negotiated.export).cloned() else {
+            return;
+        };
         tracing::debug!(%peer, export = %negotiated.export, structured = negotiated.structured, "NBD client attached");
         if let Err(e) = self.transmission(stream, export, negotiated.structured, shutdown).await {
             tracing::debug!(%peer, error = %e, "NBD connection closed");
@@ -238,7 +262,9 @@ impl NbdServer {
                     Command::Write | Command::Read => req.length.div_ceil(1024).clamp(1, budget_kib),
                     _ => 1,
                 };
-                let Ok(bytes_permit) = bytes_inflight.clone().acquire_many_owned(kib).await else { return Ok(()) };
+                let Ok(bytes_permit) = bytes_inflight.clone().acquire_many_owned(kib).await else {
+                    return Ok(());
+                };
                 let payload = if req.command == Command::Write {
                     let mut buf = BytesMut::zeroed(req.length as usize);
                     reader.read_exact(&mut buf).await?;
@@ -246,7 +272,9 @@ impl NbdServer {
                 } else {
                     Bytes::new()
                 };
-                let Ok(permit) = inflight.clone().acquire_owned().await else { return Ok(()) };
+                let Ok(permit) = inflight.clone().acquire_owned().await else {
+                    return Ok(());
+                };
                 let tx = tx.clone();
                 let volume = export.volume.clone();
                 tokio::spawn(async move {
@@ -280,6 +308,7 @@ fn errno_of(e: &ClientError) -> u32 {
     match e {
         ClientError::OutOfRange { .. } | ClientError::Invalid(_) => EINVAL,
         ClientError::NoSpace(_) => ENOSPC,
+        ClientError::Unauthenticated(_) | ClientError::PermissionDenied(_) => EPERM,
         _ => EIO,
     }
 }
@@ -289,7 +318,9 @@ async fn execute(volume: &Volume, req: Request, payload: Bytes) -> Reply {
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let result = match req.command {
         Command::Read => match volume.read(req.offset, u64::from(req.length)).await {
-            Ok(data) => return Reply::Data { handle, offset: req.offset, data },
+            Ok(data) => {
+                return Reply::Data { handle, offset: req.offset, data };
+            }
             Err(e) => Err(e),
         },
         Command::Write => volume.write(req.offset, payload, fua).await,
