@@ -7,8 +7,10 @@
 #   benches/macro/run.sh [SECONDS_PER_JOB]        (default 20)
 #
 # Work files go to $BASALT_BENCH_DIR (default ./bench-work); $BASALT_BENCH_PGS sets the dev
-# cluster's placement-group count (default: `basalt dev up`'s). Needs fio (with the nbd engine),
-# qemu-nbd and qemu-img.
+# cluster's placement-group count (default: `basalt dev up`'s). BASALT_BENCH_TLS_AB=1 also runs
+# the same jobs against a second dev cluster with security off (`dev up --security-off`:
+# plaintext, no authentication) and adds its numbers and the on/off ratio: what TLS and
+# authentication cost. Needs fio (with the nbd engine), qemu-nbd and qemu-img.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/env
@@ -23,6 +25,7 @@ region=1G
 cleanup() {
     [ -n "${qemu_pid:-}" ] && kill "$qemu_pid" 2>/dev/null || true
     [ -n "${dev_pid:-}" ] && kill -INT "$dev_pid" 2>/dev/null && wait "$dev_pid" 2>/dev/null || true
+    [ -n "${plain_pid:-}" ] && kill -INT "$plain_pid" 2>/dev/null && wait "$plain_pid" 2>/dev/null || true
     [ -n "${rss_pid:-}" ] && kill "$rss_pid" 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -56,8 +59,19 @@ jobs=(
   "randwrite-4k-qd1 --rw=randwrite --bs=4k --iodepth=1"
   "randread-4k-qd1 --rw=randread --bs=4k --iodepth=1"
 )
-for target in qemu basalt; do
+targets="qemu basalt"
+[ "${BASALT_BENCH_TLS_AB:-0}" = 1 ] && targets="qemu basalt basalt-plain"
+for target in $targets; do
   uri=$qemu_uri; [ "$target" = basalt ] && uri=$basalt_uri
+  if [ "$target" = basalt-plain ]; then
+    # One Basalt cluster at a time: the TLS one stops before the plaintext one starts.
+    kill -INT "$dev_pid"; wait "$dev_pid" 2>/dev/null || true; dev_pid=
+    "$bin/basalt" dev up --security-off --dir "$work/dev-plain" --size "$size" ${BASALT_BENCH_PGS:+--pgs "$BASALT_BENCH_PGS"} > "$work/plain.out" 2> "$work/plain.err" &
+    plain_pid=$!
+    for _ in $(seq 1 120); do grep -q '^ready$' "$work/plain.out" 2>/dev/null && break; sleep 1; done
+    grep -q '^ready$' "$work/plain.out" || { echo "basalt dev up --security-off did not become ready" >&2; cat "$work/plain.err" >&2; exit 1; }
+    uri=$(grep '^nbd://' "$work/plain.out" | head -1)
+  fi
   # Write the whole region once first, so reads hit stored data on both sides (a thin Basalt
   # volume answers unwritten blocks with zeros without touching a disk).
   echo "prefilling $region of $target" >&2
@@ -72,9 +86,10 @@ for target in qemu basalt; do
   done
 done
 
-python3 - "$work" <<'PY'
+python3 - "$work" "${BASALT_BENCH_TLS_AB:-0}" <<'PY'
 import json, sys, os
 work = sys.argv[1]
+ab = sys.argv[2] == "1"
 names = ["randwrite-4k-qd32", "randread-4k-qd32", "seqwrite-1M-qd8", "seqread-1M-qd8", "randwrite-4k-qd1", "randread-4k-qd1"]
 def stats(path):
     text = open(path).read()
@@ -89,6 +104,13 @@ for n in names:
     q = stats(os.path.join(work, f"qemu-{n}.json")); b = stats(os.path.join(work, f"basalt-{n}.json"))
     ratio = b[0] / q[0] if q[0] else 0
     print(f"{n:<18} | {q[0]:>13.0f} {q[1]:>7.1f} {q[2]:>8.0f} {q[3]:>8.0f} | {b[0]:>11.0f} {b[1]:>7.1f} {b[2]:>8.0f} {b[3]:>8.0f} | {ratio:>5.2f}")
+if ab:
+    print()
+    hdr = f"{'workload':<18} | {'security on IOPS':>16} {'p50 µs':>8} | {'security off IOPS':>17} {'p50 µs':>8} | {'on/off':>6}"
+    print(hdr); print("-" * len(hdr))
+    for n in names:
+        b = stats(os.path.join(work, f"basalt-{n}.json")); p = stats(os.path.join(work, f"basalt-plain-{n}.json"))
+        print(f"{n:<18} | {b[0]:>16.0f} {b[2]:>8.0f} | {p[0]:>17.0f} {p[2]:>8.0f} | {b[0] / p[0] if p[0] else 0:>6.2f}")
 rss = [int(x) for x in open(os.path.join(work, "rss.log")).read().split() if x.strip()]
 if rss:
     print(f"\npeak basalt-node RSS during the run: {max(rss)/1024:.0f} MiB")

@@ -47,8 +47,12 @@ fn ensure_certificates(tls: &Path, node_ids: &[u64]) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Credentials from the dev CA, with the client certificate or a token.
-fn dev_credentials(tls: &Path, token: Option<Token>) -> Result<Credentials, CliError> {
+/// Credentials from the dev CA, with the client certificate or a token (plaintext, with
+/// security off).
+fn dev_credentials(tls: &Path, token: Option<Token>, security_off: bool) -> Result<Credentials, CliError> {
+    if security_off {
+        return Ok(Credentials { dialer: Dialer::new(None), token: None });
+    }
     let stem = certs::file_stem(&Identity::Client(DEV_CLIENT.into()));
     let files = TlsFiles {
         ca: tls.join(certs::CA_CERT),
@@ -69,6 +73,8 @@ pub struct DevUp {
     pub pgs: u32,
     /// The node binary (default: next to this one).
     pub node_bin: Option<PathBuf>,
+    /// Run the nodes with security off (plaintext, no authentication).
+    pub security_off: bool,
 }
 
 /// One node in `cluster.json`.
@@ -200,7 +206,10 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
     let previous: Option<DevCluster> = std::fs::read(&json_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
 
     let tls = dir.join("tls");
-    ensure_certificates(&tls, &[1, 2, 3, 4])?;
+    if !opts.security_off {
+        ensure_certificates(&tls, &[1, 2, 3, 4])?;
+    }
+    let scheme = if opts.security_off { "http" } else { "https" };
     let token_path = dir.join("admin.token");
     let mut specs: Vec<DevNode> = Vec::new();
     for id in 1..=4u64 {
@@ -210,8 +219,8 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
             None => format!("127.0.0.1:{}", free_port()?),
         };
         let metrics_url = match &prev {
-            Some(n) => n.metrics_url.replace("http://", "https://"),
-            None => format!("https://127.0.0.1:{}/metrics", free_port()?),
+            Some(n) => format!("{scheme}://{}", n.metrics_url.split("://").nth(1).unwrap_or_default()),
+            None => format!("{scheme}://127.0.0.1:{}/metrics", free_port()?),
         };
         let (roles, zone) =
             if id <= 3 { (vec!["storage".to_string(), "meta".to_string()], format!("z{id}")) } else { (vec!["backup".to_string()], "z4".into()) };
@@ -229,9 +238,9 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
     for spec in &specs {
         std::fs::create_dir_all(&spec.data_dir).map_err(|e| CliError::other(format!("cannot create {}: {e}", spec.data_dir.display())))?;
         let labels = spec.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
-        let metrics_listen = spec.metrics_url.trim_start_matches("https://").trim_end_matches("/metrics").to_string();
+        let metrics_listen = spec.metrics_url.split("://").nth(1).unwrap_or_default().trim_end_matches("/metrics").to_string();
         let config = format!(
-            "# Written by `basalt dev up`.\nid = {}\nlisten = \"{}\"\nmetrics_listen = \"{}\"\ndata_dir = \"{}\"\nlabels = \"{}\"\nroles = [{}]\nseeds = [{}]\ncapacity = \"{}\"\n# Writes are refused when the disk under the nodes has less free.\nstate_reserve = \"256MiB\"\n\n[memory]\nindex_cache = \"32MiB\"\nlog_cache = \"16MiB\"\nwrite_buffer = \"32MiB\"\nlog_write_buffer = \"64MiB\"\n\n[security]\nca = \"{tls}/ca.pem\"\ncert = \"{tls}/node-{id}.pem\"\nkey = \"{tls}/node-{id}.key\"\n\n# Every listener of this cluster is on loopback.\n[security.allow]\nadmin = [\"127.0.0.0/8\"]\ndata = [\"127.0.0.0/8\"]\nraft = [\"127.0.0.0/8\"]\nmetrics = [\"127.0.0.0/8\"]\n",
+            "# Written by `basalt dev up`.\nid = {}\nlisten = \"{}\"\nmetrics_listen = \"{}\"\ndata_dir = \"{}\"\nlabels = \"{}\"\nroles = [{}]\nseeds = [{}]\ncapacity = \"{}\"\n# Writes are refused when the disk under the nodes has less free.\nstate_reserve = \"256MiB\"\n\n[memory]\nindex_cache = \"32MiB\"\nlog_cache = \"16MiB\"\nwrite_buffer = \"32MiB\"\nlog_write_buffer = \"64MiB\"\n\n{security}\n# Every listener of this cluster is on loopback.\n[security.allow]\nadmin = [\"127.0.0.0/8\"]\ndata = [\"127.0.0.0/8\"]\nraft = [\"127.0.0.0/8\"]\nmetrics = [\"127.0.0.0/8\"]\n",
             spec.id,
             spec.grpc_addr,
             metrics_listen,
@@ -240,8 +249,16 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
             spec.roles.iter().map(|r| format!("\"{r}\"")).collect::<Vec<_>>().join(", "),
             meta_addrs.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", "),
             capacity,
-            tls = tls.display(),
-            id = spec.id,
+            security = if opts.security_off {
+                "# Plaintext, no authentication: `basalt dev up --security-off`, for measuring what security costs.\n[security]\noff = true\n"
+                    .to_string()
+            } else {
+                format!(
+                    "[security]\nca = \"{tls}/ca.pem\"\ncert = \"{tls}/node-{id}.pem\"\nkey = \"{tls}/node-{id}.key\"\n",
+                    tls = tls.display(),
+                    id = spec.id
+                )
+            },
         );
         let config_path = spec.data_dir.join("node.toml");
         std::fs::write(&config_path, config).map_err(|e| CliError::other(format!("cannot write {}: {e}", config_path.display())))?;
@@ -266,7 +283,10 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
     }
 
     // Wait for every node to answer (authenticating with the dev client certificate).
-    let cert_creds = dev_credentials(&tls, None)?;
+    if opts.security_off {
+        say("SECURITY IS OFF: plaintext, no authentication (--security-off)");
+    }
+    let cert_creds = dev_credentials(&tls, None, opts.security_off)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let nodes: Vec<DevNode> = running.children.iter().map(|(n, _)| n.clone()).collect();
     for node in nodes {
@@ -296,13 +316,19 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
             .await?;
         // A token file from an earlier cluster in this directory is of no use any more.
         let _ = std::fs::remove_file(&token_path);
-        crate::security::write_secret_file(&token_path, &reply.admin_token)?;
-        say(format!("wrote the first admin token ({}) to {}", reply.admin_token_id, token_path.display()));
+        if !reply.admin_token.is_empty() {
+            crate::security::write_secret_file(&token_path, &reply.admin_token)?;
+            say(format!("wrote the first admin token ({}) to {}", reply.admin_token_id, token_path.display()));
+        }
     }
-    let token_text = std::fs::read_to_string(&token_path)
-        .map_err(|e| CliError::other(format!("cannot read {} (the admin token of this cluster): {e}", token_path.display())))?;
-    let token = Token::parse(&token_text).map_err(|e| CliError::other(format!("{}: {e}", token_path.display())))?;
-    let creds = dev_credentials(&tls, Some(token))?;
+    let token = if opts.security_off {
+        None
+    } else {
+        let text = std::fs::read_to_string(&token_path)
+            .map_err(|e| CliError::other(format!("cannot read {} (the admin token of this cluster): {e}", token_path.display())))?;
+        Some(Token::parse(&text).map_err(|e| CliError::other(format!("{}: {e}", token_path.display())))?)
+    };
+    let creds = dev_credentials(&tls, token, opts.security_off)?;
     let admin = Admin::new(Some(meta_addrs.join(",")), creds.clone())?;
 
     // Every placement group needs a leader and all three replicas before we call it ready.
@@ -358,8 +384,10 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
     say(format!("wrote {}", json_path.display()));
     println!("{uri}");
     println!("BASALT_CLUSTER={}", cluster.basalt_cluster);
-    println!("BASALT_CA={}", tls.join(certs::CA_CERT).display());
-    println!("BASALT_TOKEN_FILE={}", token_path.display());
+    if !opts.security_off {
+        println!("BASALT_CA={}", tls.join(certs::CA_CERT).display());
+        println!("BASALT_TOKEN_FILE={}", token_path.display());
+    }
     println!("ready");
 
     // Run until told to stop; report (but survive) nodes that die meanwhile, e.g. killed by a test.

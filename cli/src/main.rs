@@ -334,14 +334,18 @@ enum DevCmd {
         /// The basalt-node binary (default: next to basalt, or BASALT_NODE_BIN).
         #[arg(long)]
         node_bin: Option<PathBuf>,
+        /// Plaintext and no authentication (nodes run with `security.off`): only to measure
+        /// what security costs (benches/macro/run.sh), never for data that matters.
+        #[arg(long)]
+        security_off: bool,
     },
 }
 
 async fn run(cli: Cli) -> Result<(), CliError> {
     let out = Out { json: cli.json };
     match cli.command {
-        Cmd::Dev(DevCmd::Up { dir, size, pgs, node_bin }) => {
-            return dev::up(dev::DevUp { dir, size, pgs, node_bin }).await;
+        Cmd::Dev(DevCmd::Up { dir, size, pgs, node_bin, security_off }) => {
+            return dev::up(dev::DevUp { dir, size, pgs, node_bin, security_off }).await;
         }
         Cmd::Cert(CertCmd::Init { dir, days }) => return security::cert_init(out, &dir, days),
         Cmd::Cert(CertCmd::Issue { dir, node, client, out: out_dir, days, san }) => {

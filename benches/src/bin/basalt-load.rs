@@ -4,12 +4,16 @@
 //! ```sh
 //! basalt-load --cluster $BASALT_CLUSTER --volume demo --pattern randwrite --bs 4KiB --depth 32 --seconds 20
 //! ```
+//!
+//! It finds the cluster's CA and its token where the CLI does (`BASALT_CA`, `BASALT_TOKEN_FILE`);
+//! without a CA it talks plaintext, to a cluster running with security off.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use basalt_common::units::{format_size, parse_size};
-use basalt_volume_client::{ClientOptions, Cluster};
+use basalt_security::{Dialer, TlsContext, TlsFiles, Token};
+use basalt_volume_client::{ClientOptions, ClientSecurity, Cluster};
 use bytes::Bytes;
 use clap::Parser;
 
@@ -36,6 +40,12 @@ struct Args {
     /// Bytes of the volume to use (default: all of it).
     #[arg(long)]
     span: Option<String>,
+    /// The cluster CA (absent: plaintext, for a cluster with security off).
+    #[arg(long, env = "BASALT_CA")]
+    ca: Option<std::path::PathBuf>,
+    /// A file holding the token.
+    #[arg(long, env = "BASALT_TOKEN_FILE")]
+    token_file: Option<std::path::PathBuf>,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -47,7 +57,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let bs = parse_size(&args.bs)?;
     let seeds: Vec<String> = args.cluster.split(',').map(str::to_string).collect();
-    let cluster = Cluster::connect_with(&seeds, ClientOptions { max_inflight: args.depth.max(1) * 2, ..Default::default() }).await?;
+    let tls = match &args.ca {
+        Some(ca) => Some(Arc::new(TlsContext::load(TlsFiles { ca: ca.clone(), cert: None, key: None })?)),
+        None => None,
+    };
+    let token = match &args.token_file {
+        Some(p) => Some(Token::parse(&std::fs::read_to_string(p)?)?),
+        None => None,
+    };
+    let security = ClientSecurity { dialer: Dialer::new(tls), token };
+    let cluster = Cluster::connect_with(&seeds, ClientOptions { max_inflight: args.depth.max(1) * 2, security, ..Default::default() }).await?;
     let vol = cluster.open_volume(&args.volume).await?;
     let span = match &args.span {
         Some(s) => parse_size(s)?.min(vol.size()),
