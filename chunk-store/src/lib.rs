@@ -5,11 +5,11 @@
 //! each (checked on write and on every read), and queues freed slots for overwriting before
 //! they can hold anyone else's data.
 //!
-//! - [`uring`]: the dedicated io_uring thread all data I/O goes through (O_DIRECT).
-//! - [`data_file`]: the superblock and slot geometry of the data file or raw device.
-//! - [`index`]: the RocksDB index of chunks, per-block metadata, scrub queue and shard state.
-//! - [`store`]: the operations ([`ChunkStore`]).
-//! - [`image`]: the chunk images a PG streams to a new replica.
+//! - [`uring`][]: the dedicated io_uring thread all data I/O goes through (O_DIRECT).
+//! - [`data_file`][]: the superblock and slot geometry of the data file or raw device.
+//! - [`index`][]: the RocksDB index of chunks, per-block metadata, scrub queue and shard state.
+//! - [`store`][]: the operations ([`ChunkStore`]).
+//! - [`image`][]: the chunk images a PG streams to a new replica.
 
 pub mod aligned;
 pub mod data_file;

@@ -25,6 +25,9 @@ use crate::index::{
 use crate::uring::Uring;
 
 const BLOCKS_PER_CHUNK: u64 = CHUNK_SIZE / BLOCK_SIZE;
+
+/// A chunk and the metadata of its written blocks (what moves with a shard).
+type ChunkMetas = (ChunkKey, Vec<(u16, BlockMeta)>);
 /// Largest single read or write the store accepts.
 pub const MAX_IO_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -293,7 +296,7 @@ impl Batch {
 }
 
 fn check_range(offset: u64, len: u64) -> Result<()> {
-    if offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
+    if !offset.is_multiple_of(BLOCK_SIZE) || !len.is_multiple_of(BLOCK_SIZE) {
         return Err(ChunkStoreError::Invalid(format!("offset {offset} and length {len} must be multiples of {BLOCK_SIZE}")));
     }
     if len == 0 || len > MAX_IO_BYTES {
@@ -514,7 +517,7 @@ impl ChunkStore {
             return Ok(());
         }
         // Metadata that moves with a shard must be read before the batch changes anything.
-        let mut moved_metas: Vec<Vec<(ChunkKey, Vec<(u16, BlockMeta)>)>> = Vec::new();
+        let mut moved_metas: Vec<Vec<ChunkMetas>> = Vec::new();
         for op in &batch.ops {
             if let Op::MoveShard { from, .. } = op {
                 let keys: Vec<ChunkKey> = self.map().range(*from, None).into_iter().map(|(k, _)| k).collect();
@@ -731,10 +734,8 @@ impl ChunkStore {
                 Op::DropShard { shard } => {
                     dropped.insert(*shard);
                 }
-                Op::MoveShard { from, to } => {
-                    if !dropped.contains(to) && !map.range(*to, None).is_empty() {
-                        return Err(ChunkStoreError::Invalid(format!("cannot move shard {from} onto non-empty shard {to}")));
-                    }
+                Op::MoveShard { from, to } if !dropped.contains(to) && !map.range(*to, None).is_empty() => {
+                    return Err(ChunkStoreError::Invalid(format!("cannot move shard {from} onto non-empty shard {to}")));
                 }
                 _ => {}
             }

@@ -143,7 +143,7 @@ impl Admin {
                     error_chain(&s)
                 )));
             }
-            if i % self.addrs.len() == 0 {
+            if i.is_multiple_of(self.addrs.len()) {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         }

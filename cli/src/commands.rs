@@ -93,7 +93,7 @@ fn move_json(p: &PlacementGroup) -> Value {
 /// How far a move is: the snapshot's share of chunks sent (a move with no chunks to send is
 /// at 0% until it is done).
 fn move_percent(p: &PlacementGroup) -> u64 {
-    if p.move_chunks_total == 0 { 0 } else { (p.move_chunks_done * 100 / p.move_chunks_total).min(100) }
+    (p.move_chunks_done * 100).checked_div(p.move_chunks_total).map_or(0, |pct| pct.min(100))
 }
 
 fn volume_json(v: &Volume) -> Value {
@@ -288,7 +288,7 @@ pub async fn node_drain(admin: &Admin, out: Out, id: u64, undo: bool, no_wait: b
         }
         let left = u64::from(n.replicas);
         let done = total.saturating_sub(left);
-        let pct = if total == 0 { 100 } else { done * 100 / total };
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
         match &bar {
             Some(b) => b.set_position(done),
             None if pct != last_pct => {

@@ -399,11 +399,10 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
             _ = term.recv() => break,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
                 for (node, child) in &mut running.children {
-                    if let Ok(Some(status)) = child.try_wait() {
-                        if reported.insert(node.id) {
+                    if let Ok(Some(status)) = child.try_wait()
+                        && reported.insert(node.id) {
                             say(format!("node-{} exited ({status}); see {}", node.id, node.log.display()));
                         }
-                    }
                 }
             }
         }

@@ -119,10 +119,10 @@ pub async fn token_create(admin: &Admin, out: Out, t: NewToken) -> Result<(), Cl
     };
     // Refuse bad blocks before asking the cluster (it checks again).
     basalt_security::cidr::AllowList::parse(&t.allow_from).map_err(|e| CliError::invalid(format!("--allow-from: {e}")))?;
-    if let Some(path) = &t.file {
-        if path.exists() {
-            return Err(CliError { code: 4, message: format!("{} already exists; not replacing it (pick another path)", path.display()) });
-        }
+    if let Some(path) = &t.file
+        && path.exists()
+    {
+        return Err(CliError { code: 4, message: format!("{} already exists; not replacing it (pick another path)", path.display()) });
     }
     let req = TokenCreateRequest { role: t.role, volumes: t.volumes, expires_in_secs, allow_from: t.allow_from, name: t.name };
     let reply = admin

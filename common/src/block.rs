@@ -20,7 +20,7 @@ pub fn crc32c(data: &[u8]) -> u32 {
 
 /// True if `value` is a multiple of the block size.
 pub fn is_block_aligned(value: u64) -> bool {
-    value % BLOCK_SIZE == 0
+    value.is_multiple_of(BLOCK_SIZE)
 }
 
 #[cfg(test)]

@@ -1,9 +1,9 @@
 //! Basalt's wire protocol, generated from `proto/*.proto` by tonic.
 //!
-//! - [`raft`]: node-to-node Raft transport (one pipe per node pair, batched frames).
-//! - [`admin`]: the admin API (cluster, nodes, volumes, cluster map) every node serves.
-//! - [`data`]: block I/O from volume clients to placement-group leaders.
-//! - [`wire`]: the same block-I/O messages framed directly on TCP (the fast path).
+//! - [`raft`][]: node-to-node Raft transport (one pipe per node pair, batched frames).
+//! - [`admin`][]: the admin API (cluster, nodes, volumes, cluster map) every node serves.
+//! - [`data`][]: block I/O from volume clients to placement-group leaders.
+//! - [`wire`][]: the same block-I/O messages framed directly on TCP (the fast path).
 
 #![allow(missing_docs, clippy::all)]
 

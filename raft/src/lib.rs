@@ -11,11 +11,11 @@
 //!                                   └──► SmAdapter ──► StateMachine::apply / checkpoint / install
 //! ```
 //!
-//! - [`log_store`]: RocksDB log store shared by all groups, with group commit.
-//! - [`transport`]: batched multi-raft transport, pipelined appends, streamed snapshots.
-//! - [`state_machine`]: the [`StateMachine`] trait and its openraft adapter.
-//! - [`group`]: [`RaftGroup`].
-//! - [`host`]: [`RaftHost`] and [`RaftTuning`].
+//! - [`log_store`][]: RocksDB log store shared by all groups, with group commit.
+//! - [`transport`][]: batched multi-raft transport, pipelined appends, streamed snapshots.
+//! - [`state_machine`][]: the [`StateMachine`] trait and its openraft adapter.
+//! - [`group`][]: [`RaftGroup`].
+//! - [`host`][]: [`RaftHost`] and [`RaftTuning`].
 
 pub mod error;
 pub mod group;

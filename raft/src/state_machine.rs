@@ -107,14 +107,14 @@ impl<S: StateMachine> SmAdapter<S> {
     pub(crate) async fn new(mut sm: S) -> io::Result<Self> {
         let record = sm.recover().await?;
         let (last_applied, membership, current) = match record {
-            Some(r) => (r.meta.last_log_id.clone(), r.meta.last_membership.clone(), Some(r.meta)),
+            Some(r) => (r.meta.last_log_id, r.meta.last_membership.clone(), Some(r.meta)),
             None => (None, StoredMembership::default(), None),
         };
         Ok(Self { sm, last_applied, membership, current: Arc::new(Mutex::new(current)) })
     }
 
     fn builder(&mut self) -> CheckpointBuilder<S> {
-        let record = CheckpointRecord::new(self.last_applied.clone(), self.membership.clone());
+        let record = CheckpointRecord::new(self.last_applied, self.membership.clone());
         CheckpointBuilder { checkpoint: Some(self.sm.checkpoint(record.clone())), record, current: self.current.clone() }
     }
 }
@@ -146,7 +146,7 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for SmAdapter<S> {
     type SnapshotBuilder = CheckpointBuilder<S>;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
-        Ok((self.last_applied.clone(), self.membership.clone()))
+        Ok((self.last_applied, self.membership.clone()))
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
@@ -178,9 +178,9 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for SmAdapter<S> {
             }
             for ((entry, responder), reply) in batch.into_iter().zip(replies) {
                 if let EntryPayload::Membership(m) = &entry.payload {
-                    self.membership = StoredMembership::new(Some(entry.log_id.clone()), m.clone());
+                    self.membership = StoredMembership::new(Some(entry.log_id), m.clone());
                 }
-                self.last_applied = Some(entry.log_id.clone());
+                self.last_applied = Some(entry.log_id);
                 if let Some(r) = responder {
                     r.send(Reply(reply));
                 }
@@ -202,7 +202,7 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for SmAdapter<S> {
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: S::Snapshot) -> Result<(), io::Error> {
         self.sm.install(CheckpointRecord { meta: meta.clone() }, snapshot).await?;
-        self.last_applied = meta.last_log_id.clone();
+        self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(meta.clone());
         Ok(())

@@ -232,10 +232,10 @@ pub fn verify<'a>(anchor: ChainAnchor, records: impl IntoIterator<Item = &'a Aud
         expect_seq += 1;
         checked += 1;
     }
-    if let Some(last) = expect_last {
-        if expect_seq <= last {
-            return Verdict { checked, problem: Some((expect_seq, format!("records {expect_seq}..{last} are missing at the end"))), head: prev };
-        }
+    if let Some(last) = expect_last
+        && expect_seq <= last
+    {
+        return Verdict { checked, problem: Some((expect_seq, format!("records {expect_seq}..{last} are missing at the end"))), head: prev };
     }
     Verdict { checked, problem: None, head: prev }
 }
@@ -251,7 +251,7 @@ mod tests {
             source: "127.0.0.1:5000".into(),
             action: "volume.create".into(),
             target: format!("vm{i}"),
-            outcome: if i % 2 == 0 { Outcome::Ok } else { Outcome::Denied },
+            outcome: if i.is_multiple_of(2) { Outcome::Ok } else { Outcome::Denied },
             detail: "line\nbreak \"quoted\"".into(),
         }
     }

@@ -107,12 +107,11 @@ impl CertSummary {
         let mut identity = None;
         if let Ok(Some(san)) = cert.subject_alternative_name() {
             for name in &san.value.general_names {
-                if let GeneralName::DNSName(dns) = name {
-                    if let Some(id) = Identity::from_dns_name(dns) {
-                        if identity.replace(id).is_some() {
-                            return Err(SecurityError::Certificate { what: what.to_string(), message: "names more than one Basalt identity".into() });
-                        }
-                    }
+                if let GeneralName::DNSName(dns) = name
+                    && let Some(id) = Identity::from_dns_name(dns)
+                    && identity.replace(id).is_some()
+                {
+                    return Err(SecurityError::Certificate { what: what.to_string(), message: "names more than one Basalt identity".into() });
                 }
             }
         }

@@ -1,15 +1,15 @@
 //! Basalt's security: who may connect, who may do what, and the record of what they did.
 //!
-//! - [`identity`]: the identities Basalt certificates name (`node-<id>`, `client:<name>`).
-//! - [`certs`]: the cluster CA and the certificates it issues (`basalt cert init|issue`).
-//! - [`tls`]: TLS 1.3 configurations (rustls, *ring*), the accepting side that reads the
+//! - [`identity`][]: the identities Basalt certificates name (`node-<id>`, `client:<name>`).
+//! - [`certs`][]: the cluster CA and the certificates it issues (`basalt cert init|issue`).
+//! - [`tls`][]: TLS 1.3 configurations (rustls, *ring*), the accepting side that reads the
 //!   ClientHello before deciding, the connecting side that verifies nodes, reloading.
-//! - [`stream`]: plaintext-or-TLS streams and the dialer every client of a node uses.
-//! - [`grpc`]: tonic channels over the dialer; bearer tokens in metadata.
-//! - [`token`]: bearer tokens (format, generation, hashing).
-//! - [`policy`]: roles, actions, token records, principals, the authorization decision.
-//! - [`cidr`]: IP allow-lists.
-//! - [`audit`]: audit records and their hash chain.
+//! - [`stream`][]: plaintext-or-TLS streams and the dialer every client of a node uses.
+//! - [`grpc`][]: tonic channels over the dialer; bearer tokens in metadata.
+//! - [`token`][]: bearer tokens (format, generation, hashing).
+//! - [`policy`][]: roles, actions, token records, principals, the authorization decision.
+//! - [`cidr`][]: IP allow-lists.
+//! - [`audit`][]: audit records and their hash chain.
 
 pub mod audit;
 pub mod certs;

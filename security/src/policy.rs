@@ -222,10 +222,10 @@ impl TokenRecord {
         if let Some(at) = self.revoked_unix_ms {
             return Err(Denied::unauthenticated(format!("token {} was revoked at {}", self.id, format_unix((at / 1000) as i64))));
         }
-        if let Some(at) = self.expires_unix_ms {
-            if now_ms >= at {
-                return Err(Denied::unauthenticated(format!("token {} expired at {}", self.id, format_unix((at / 1000) as i64))));
-            }
+        if let Some(at) = self.expires_unix_ms
+            && now_ms >= at
+        {
+            return Err(Denied::unauthenticated(format!("token {} expired at {}", self.id, format_unix((at / 1000) as i64))));
         }
         if !self.allow_from.is_empty() && !self.allow_from.iter().any(|c| c.contains(source)) {
             return Err(Denied::permission(format!("token {} may not be used from {source}", self.id)));
@@ -342,10 +342,11 @@ pub fn authorize(principal: &Principal, action: Action, volume: Option<&str>) ->
         };
         return Err(Denied::permission(format!("{what} may not {}", action.as_str())));
     }
-    if let (Principal::Token(t), Some(v)) = (principal, volume) {
-        if !t.volumes.is_empty() && !t.volumes.contains(v) {
-            return Err(Denied::permission(format!("{} has no grant for volume {v}", t.actor())));
-        }
+    if let (Principal::Token(t), Some(v)) = (principal, volume)
+        && !t.volumes.is_empty()
+        && !t.volumes.contains(v)
+    {
+        return Err(Denied::permission(format!("{} has no grant for volume {v}", t.actor())));
     }
     Ok(())
 }

@@ -120,7 +120,7 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// Hex (either case) to bytes; `None` if it is not an even number of hex digits.
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);

@@ -264,8 +264,11 @@ async fn authorize_scrape(
     })
 }
 
+/// A metric family: name, type, help, samples (labels, value).
+type Family = (&'static str, &'static str, &'static str, Vec<(String, u64)>);
+
 /// Families describing access control.
-fn access_families(ctx: &NodeCtx) -> Vec<(&'static str, &'static str, &'static str, Vec<(String, u64)>)> {
+fn access_families(ctx: &NodeCtx) -> Vec<Family> {
     let stats = &ctx.access.stats;
     let refused = stats.refused.lock().unwrap_or_else(|p| p.into_inner());
     let mut by_listener: Vec<(String, u64)> = refused.iter().map(|((l, r), n)| (format!("listener=\"{l}\",reason=\"{r}\""), *n)).collect();

@@ -282,17 +282,17 @@ impl TestCluster {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             let node = self.nodes.get_mut(&id).ok_or_else(|| anyhow!("no node {id}"))?;
-            if let Some(child) = node.child.as_mut() {
-                if let Some(status) = child.try_wait()? {
-                    bail!("node-{id} exited with {status} during startup:\n{}", node.log_tail());
-                }
+            if let Some(child) = node.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("node-{id} exited with {status} during startup:\n{}", node.log_tail());
             }
             let addr = node.addr.clone();
             // The client certificate alone: a node just added may not know the token yet.
-            if let Ok(mut c) = self.admin_with(&addr, None) {
-                if c.node_info(NodeInfoRequest {}).await.is_ok() {
-                    return Ok(());
-                }
+            if let Ok(mut c) = self.admin_with(&addr, None)
+                && c.node_info(NodeInfoRequest {}).await.is_ok()
+            {
+                return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
                 bail!("node-{id} did not answer within 30s:\n{}", self.node(id).log_tail());
@@ -519,11 +519,11 @@ impl TestCluster {
 
     /// `kill -9` node `id` (a process this harness started).
     pub fn kill9(&mut self, id: u64) {
-        if let Some(node) = self.nodes.get_mut(&id) {
-            if let Some(mut child) = node.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+        if let Some(node) = self.nodes.get_mut(&id)
+            && let Some(mut child) = node.child.take()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 

@@ -426,7 +426,7 @@ async fn a_deposed_leader_serves_no_stale_read() {
     let mut data = cluster.data_client(&cluster.node(old_leader).addr).unwrap();
     let read = ReadRequest { pg: pg.0, volume_id, offset: offset_of(0), length: 4096, map_version: map.version };
     // The fast path serves this read from the old leader's lease while it is healthy.
-    let r = data.read(read.clone()).await.unwrap().into_inner();
+    let r = data.read(read).await.unwrap().into_inner();
     assert!(r.error.is_none(), "{:?}", r.error);
     assert_eq!(decode(0, &r.data), Ok(1));
 
@@ -440,7 +440,7 @@ async fn a_deposed_leader_serves_no_stale_read() {
     let mut answers = Vec::new();
     let until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < until {
-        match tokio::time::timeout(Duration::from_secs(10), data.read(read.clone())).await {
+        match tokio::time::timeout(Duration::from_secs(10), data.read(read)).await {
             Ok(Ok(r)) => match r.into_inner() {
                 r if r.error.is_none() => answers.push(decode(0, &r.data).map(|v| format!("version {v}")).unwrap_or_else(|e| e)),
                 r => answers.push(format!("refused: {}", r.error.map(|e| e.message).unwrap_or_default())),

@@ -138,10 +138,10 @@ impl Cluster {
 
     /// The data connection to `addr`, opened (or reopened after a failure) on demand.
     pub(crate) async fn data_conn(&self, addr: &str) -> Result<Arc<DataConn>, ConnectError> {
-        if let Some(c) = self.inner.data_conns.lock().unwrap_or_else(|p| p.into_inner()).get(addr) {
-            if !c.is_dead() {
-                return Ok(c.clone());
-            }
+        if let Some(c) = self.inner.data_conns.lock().unwrap_or_else(|p| p.into_inner()).get(addr)
+            && !c.is_dead()
+        {
+            return Ok(c.clone());
         }
         // Connect outside the lock: a dead node's connect timeout must not hold up the others.
         // Two callers racing here both connect; the higher-numbered connection is kept and the

@@ -161,7 +161,7 @@ impl Volume {
                 return Err(ClientError::Unavailable { volume: self.id, extent: span.extent.0, pg: span.pg.to_string(), attempts, reason: last });
             }
             attempts += 1;
-            if attempts % MAP_REFRESH_EVERY == 0 {
+            if attempts.is_multiple_of(MAP_REFRESH_EVERY) {
                 // Many failed attempts: the replicas this map lists may have moved on.
                 self.refresh_map_in_background();
             }

@@ -253,8 +253,8 @@ impl LogEngine {
             _ => None,
         };
         let last_log = match (&last_entry, &last_purged) {
-            (Some(e), _) => Some(e.clone()),
-            (None, p) => p.clone(),
+            (Some(e), _) => Some(*e),
+            (None, p) => *p,
         };
         let flushed = last_log.as_ref().map(|l| l.index).unwrap_or(0);
         let log = Arc::new(GroupLog {
@@ -435,7 +435,7 @@ impl RaftLogReader<TypeConfig> for GroupLogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
-        Ok(self.log.state().vote.clone())
+        Ok(self.log.state().vote)
     }
 
     async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, io::Error> {
@@ -464,7 +464,7 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let st = self.log.state();
-        Ok(LogState { last_purged_log_id: st.last_purged.clone(), last_log_id: st.last_log.clone() })
+        Ok(LogState { last_purged_log_id: st.last_purged, last_log_id: st.last_log })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -472,20 +472,20 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
-        self.log.state().vote = Some(vote.clone());
+        self.log.state().vote = Some(*vote);
         let (tx, rx) = oneshot::channel();
         self.submit(vec![Op::Put(Cf::Meta, meta_key(self.log.group, TAG_VOTE).to_vec(), encode(vote))], Done::Signal(tx), None).await?;
         rx.await.map_err(|_| io::Error::other("raft log writer stopped"))?
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        self.log.state().committed = committed.clone();
+        self.log.state().committed = committed;
         // Not awaited: it rides with the next synced batch, which follows within one append.
         self.submit(vec![Op::Put(Cf::Meta, meta_key(self.log.group, TAG_COMMITTED).to_vec(), encode(&committed))], Done::Nothing, None).await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        Ok(self.log.state().committed.clone())
+        Ok(self.log.state().committed)
     }
 
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
@@ -502,7 +502,7 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
                 let index = entry.log_id.index;
                 let size = value.len();
                 ops.push(Op::Put(Cf::Log, entry_key(self.log.group, index).to_vec(), value));
-                st.last_log = Some(entry.log_id.clone());
+                st.last_log = Some(entry.log_id);
                 if let Some((_, old)) = st.tail.insert(index, (entry, size)) {
                     st.tail_bytes -= old;
                 }
@@ -534,7 +534,7 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
             if from < current_end {
                 st.last_log = match last_log_id {
                     Some(l) => Some(l),
-                    None => st.last_purged.clone(),
+                    None => st.last_purged,
                 };
             }
         }
@@ -559,9 +559,9 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
                 }
             }
             if st.last_log.as_ref().map(|l| l.index).unwrap_or(0) < upto || st.last_log.is_none() {
-                st.last_log = Some(log_id.clone());
+                st.last_log = Some(log_id);
             }
-            st.last_purged = Some(log_id.clone());
+            st.last_purged = Some(log_id);
         }
         let (tx, rx) = oneshot::channel();
         let ops = vec![

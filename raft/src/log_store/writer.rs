@@ -177,10 +177,10 @@ fn run(db: Arc<DB>, mut rx: mpsc::Receiver<Msg>, max_batch_bytes: usize, stats: 
         }
         for req in reqs {
             let res = result.as_ref().map(|_| ()).map_err(|e| io::Error::other(e.to_string()));
-            if res.is_ok() {
-                if let Some((flushed, index)) = &req.flushed {
-                    flushed.fetch_max(*index, Ordering::Release);
-                }
+            if res.is_ok()
+                && let Some((flushed, index)) = &req.flushed
+            {
+                flushed.fetch_max(*index, Ordering::Release);
             }
             match req.done {
                 Done::Flushed(cb) => cb.io_completed(res),

@@ -1,12 +1,12 @@
 //! Multi-raft transport: every group on a node shares one connection per peer node.
 //!
-//! - [`frame`]: the framing of a Raft connection (mutual TLS, one per node pair).
-//! - [`peer`]: one outgoing connection, batching all groups' messages into frames.
-//! - [`network`]: openraft's per-(group, target) network, routed through the shared peers;
+//! - [`frame`][]: the framing of a Raft connection (mutual TLS, one per node pair).
+//! - [`peer`][]: one outgoing connection, batching all groups' messages into frames.
+//! - [`network`][]: openraft's per-(group, target) network, routed through the shared peers;
 //!   pipelined appends and streamed snapshots.
-//! - [`server`]: incoming connections dispatched to the groups hosted here, and the gRPC
+//! - [`server`][]: incoming connections dispatched to the groups hosted here, and the gRPC
 //!   service that receives snapshots.
-//! - [`space`]: each node's free space, carried on every frame.
+//! - [`space`][]: each node's free space, carried on every frame.
 
 pub mod frame;
 pub(crate) mod network;
@@ -73,10 +73,10 @@ impl Router {
     pub(crate) fn peer(&self, target: NodeId, fallback_addr: &str) -> Result<Arc<Peer>, CallError> {
         let addr = self.inner.addresses.lock().unwrap_or_else(|p| p.into_inner()).get(&target).cloned().unwrap_or_else(|| fallback_addr.to_string());
         let mut peers = self.inner.peers.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(p) = peers.get(&target) {
-            if p.addr == addr {
-                return Ok(p.clone());
-            }
+        if let Some(p) = peers.get(&target)
+            && p.addr == addr
+        {
+            return Ok(p.clone());
         }
         let peer = Arc::new(Peer::new(self.inner.node_id, target, &addr, self.inner.queue, self.inner.space.clone(), self.inner.dialer.clone())?);
         peers.insert(target, peer.clone());

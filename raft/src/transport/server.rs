@@ -196,13 +196,14 @@ async fn serve_pipe<R: AsyncRead + Unpin>(
     let mut pipelines: HashMap<(GroupId, u64), Pipeline> = HashMap::new();
     let mut swept = std::time::Instant::now();
     while let Some(frame) = frame::read(&mut incoming).await? {
-        if let Some(node) = peer_node {
-            if frame.from_node != 0 && frame.from_node != node {
-                return Err(io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    format!("frames claim to come from node-{} but the certificate names node-{node}", frame.from_node),
-                ));
-            }
+        if let Some(node) = peer_node
+            && frame.from_node != 0
+            && frame.from_node != node
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("frames claim to come from node-{} but the certificate names node-{node}", frame.from_node),
+            ));
         }
         space.heard(frame.from_node, &frame);
         if swept.elapsed() >= PIPELINE_IDLE {

@@ -187,10 +187,12 @@ pub fn plan(state: &ClusterState, health: &Health, max_moves: usize) -> Vec<Plan
         }
     }
     let moving = state.pgs.iter().any(|p| p.moving.is_some());
-    if out.is_empty() && !moving && health.dead.is_empty() {
-        if let Some(p) = rebalance_one(state, health, &counts) {
-            out.push(p);
-        }
+    if out.is_empty()
+        && !moving
+        && health.dead.is_empty()
+        && let Some(p) = rebalance_one(state, health, &counts)
+    {
+        out.push(p);
     }
     out
 }
@@ -293,11 +295,12 @@ pub async fn run(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<bool>) {
         // Leaderships are evened out only in a settled cluster: no node lost, nothing moving,
         // and this meta leader has heard every node's reports for a while.
         let settled = moves.is_empty() && health.dead.is_empty() && since.elapsed() >= LEADER_BALANCE_INTERVAL;
-        if settled && last_hand_over.is_none_or(|t| t.elapsed() >= LEADER_BALANCE_INTERVAL) {
-            if let Some(t) = super::leaders::plan_transfer(&state, &health, &ctx.liveness.pg_views()) {
-                last_hand_over = Some(Instant::now());
-                hand_over(&ctx, &state, t).await;
-            }
+        if settled
+            && last_hand_over.is_none_or(|t| t.elapsed() >= LEADER_BALANCE_INTERVAL)
+            && let Some(t) = super::leaders::plan_transfer(&state, &health, &ctx.liveness.pg_views())
+        {
+            last_hand_over = Some(Instant::now());
+            hand_over(&ctx, &state, t).await;
         }
         super::membership::step(meta, &state, &health).await;
         for p in plan(&state, &health, heal.max_moves as usize) {

@@ -97,13 +97,15 @@ impl Liveness {
         }
         for s in seen.values().filter(|s| s.at.elapsed() < DOWN_AFTER) {
             for pg in &s.pgs {
-                if let Some(v) = out.get_mut(&pg.id) {
-                    if pg.leader == v.leader && pg.term == v.term && v.leader != 0 {
-                        v.live.push(s.node.id);
-                        v.applied.insert(s.node.id, pg.applied_index);
-                        if s.node.id == v.leader {
-                            v.applied_index = pg.applied_index;
-                        }
+                if let Some(v) = out.get_mut(&pg.id)
+                    && pg.leader == v.leader
+                    && pg.term == v.term
+                    && v.leader != 0
+                {
+                    v.live.push(s.node.id);
+                    v.applied.insert(s.node.id, pg.applied_index);
+                    if s.node.id == v.leader {
+                        v.applied_index = pg.applied_index;
                     }
                 }
             }

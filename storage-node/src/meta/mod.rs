@@ -1,13 +1,13 @@
 //! The meta group: cluster metadata replicated on the meta-role nodes.
 //!
-//! - [`state`]: the metadata and its commands (pure).
-//! - [`placement`]: which nodes hold each PG (pure).
-//! - [`state_machine`]: the Raft state machine around [`state::ClusterState`].
-//! - [`service`]: the admin gRPC API, forwarding to the meta leader.
-//! - [`liveness`]: the meta leader's view of which nodes are up.
-//! - [`healer`]: re-places replicas of dead and draining nodes, rebalances onto new ones.
-//! - [`leaders`]: evens out how many PGs each node leads.
-//! - [`membership`]: replaces a lost meta node by a spare meta-role node.
+//! - [`state`][]: the metadata and its commands (pure).
+//! - [`placement`][]: which nodes hold each PG (pure).
+//! - [`state_machine`][]: the Raft state machine around [`state::ClusterState`].
+//! - [`service`][]: the admin gRPC API, forwarding to the meta leader.
+//! - [`liveness`][]: the meta leader's view of which nodes are up.
+//! - [`healer`][]: re-places replicas of dead and draining nodes, rebalances onto new ones.
+//! - [`leaders`][]: evens out how many PGs each node leads.
+//! - [`membership`][]: replaces a lost meta node by a spare meta-role node.
 
 pub mod audit_log;
 #[cfg(test)]

@@ -99,7 +99,7 @@ fn forwarded<T, M>(original: &Request<T>, msg: M, hops: u32) -> Request<M> {
     let via_node = matches!(peer.and_then(|p| p.identity.as_ref()), Some(Identity::Node(_)));
     // Origin as the previous hop reported it (only a node is believed), else the peer itself.
     let (source, identity) = match md.get(FORWARDED_SOURCE).and_then(|v| v.to_str().ok()) {
-        Some(s) if via_node => (s.to_string(), md.get(FORWARDED_PEER).and_then(|v| v.to_str().ok()).and_then(|p| parse_identity(p))),
+        Some(s) if via_node => (s.to_string(), md.get(FORWARDED_PEER).and_then(|v| v.to_str().ok()).and_then(parse_identity)),
         _ => (
             peer.map(|p| p.addr.to_string()).or_else(|| original.remote_addr().map(|a| a.to_string())).unwrap_or_default(),
             peer.and_then(|p| p.identity.clone()),
@@ -375,14 +375,15 @@ impl AdminService {
     /// The meta state's tokens as seen by `principal`: a token limited to volumes may grant only
     /// a subset of them.
     fn check_grant_subset(caller: &Caller, volumes: &[String]) -> Result<(), Status> {
-        if let Principal::Token(t) = &caller.principal {
-            if !t.volumes.is_empty() && (volumes.is_empty() || volumes.iter().any(|v| !t.volumes.contains(v))) {
-                return Err(Status::permission_denied(format!(
-                    "{} is limited to volumes {:?}; it can only create tokens limited to some of them",
-                    t.actor(),
-                    t.volumes
-                )));
-            }
+        if let Principal::Token(t) = &caller.principal
+            && !t.volumes.is_empty()
+            && (volumes.is_empty() || volumes.iter().any(|v| !t.volumes.contains(v)))
+        {
+            return Err(Status::permission_denied(format!(
+                "{} is limited to volumes {:?}; it can only create tokens limited to some of them",
+                t.actor(),
+                t.volumes
+            )));
         }
         Ok(())
     }
@@ -514,13 +515,12 @@ impl Admin for AdminService {
             if meta.group.status().is_leader {
                 return self.init_on_leader(meta, req, members, &caller).await.map(Response::new);
             }
-            if let Some(l) = meta.group.leader() {
-                if hops < 2 {
-                    if let Some(addr) = meta.group.member_addr(l) {
-                        let mut c = self.ctx.clients.admin(&addr)?;
-                        return c.cluster_init(forwarded(&request, req, hops + 1)).await;
-                    }
-                }
+            if let Some(l) = meta.group.leader()
+                && hops < 2
+                && let Some(addr) = meta.group.member_addr(l)
+            {
+                let mut c = self.ctx.clients.admin(&addr)?;
+                return c.cluster_init(forwarded(&request, req, hops + 1)).await;
             }
             if tokio::time::Instant::now() > deadline {
                 return Err(Status::unavailable("the meta group elected no leader within 15s; are the other meta nodes running?"));
@@ -597,16 +597,17 @@ impl Admin for AdminService {
     }
 
     async fn node_heartbeat(&self, request: Request<NodeHeartbeatRequest>) -> Result<Response<NodeHeartbeatReply>, Status> {
-        if let Some(meta) = &self.ctx.meta {
-            if meta.shared.with(|s| s.cluster_id.is_none()) && !meta.group.status().is_leader {
-                self.ctx.access.authorize(&request, Action::Internal, None).await?;
-                // Before `cluster init`: remember the node so init can place PGs on it.
-                let req = request.into_inner();
-                if let Some(node) = req.node {
-                    self.ctx.liveness.record(node, req.pgs);
-                }
-                return Ok(Response::new(NodeHeartbeatReply { registered: false, map_version: 0 }));
+        if let Some(meta) = &self.ctx.meta
+            && meta.shared.with(|s| s.cluster_id.is_none())
+            && !meta.group.status().is_leader
+        {
+            self.ctx.access.authorize(&request, Action::Internal, None).await?;
+            // Before `cluster init`: remember the node so init can place PGs on it.
+            let req = request.into_inner();
+            if let Some(node) = req.node {
+                self.ctx.liveness.record(node, req.pgs);
             }
+            return Ok(Response::new(NodeHeartbeatReply { registered: false, map_version: 0 }));
         }
         forward_or!(self, request, node_heartbeat, Action::Internal, None, |meta, caller, msg| {
             let Some(node) = msg.node else {
@@ -617,10 +618,10 @@ impl Admin for AdminService {
                 return Err(Status::invalid_argument("heartbeat with node id 0 or no address"));
             }
             // A node speaks for itself only.
-            if let Principal::Node(n) = caller.principal {
-                if n != record.id.0 {
-                    return Err(Status::permission_denied(format!("node-{n} may not send node-{}'s heartbeat", record.id.0)));
-                }
+            if let Principal::Node(n) = caller.principal
+                && n != record.id.0
+            {
+                return Err(Status::permission_denied(format!("node-{n} may not send node-{}'s heartbeat", record.id.0)));
             }
             if meta.shared.with(|s| s.removed.contains(&record.id)) {
                 return Err(status_of(&MetaError::NodeRemoved(record.id)));
@@ -1038,13 +1039,13 @@ impl AdminService {
     /// Sends audit events to the meta group: proposed here when this node leads it, else to
     /// the meta node the routing finds.
     async fn ship(&self, events: Vec<AuditEvent>) -> Result<(), Status> {
-        if let Some(meta) = &self.ctx.meta {
-            if meta.group.status().is_leader {
-                return match self.propose(meta, MetaCommand::AppendAudit { events }).await? {
-                    MetaReply::Error(e) => Err(status_of(&e)),
-                    _ => Ok(()),
-                };
-            }
+        if let Some(meta) = &self.ctx.meta
+            && meta.group.status().is_leader
+        {
+            return match self.propose(meta, MetaCommand::AppendAudit { events }).await? {
+                MetaReply::Error(e) => Err(status_of(&e)),
+                _ => Ok(()),
+            };
         }
         let events = events
             .into_iter()
@@ -1145,7 +1146,9 @@ pub async fn run_volume_reaper(ctx: Arc<NodeCtx>, mut shutdown: tokio::sync::wat
         if !meta.group.status().is_leader {
             continue;
         }
-        let (pending, pgs): (Vec<(VolumeId, Vec<PgId>)>, Vec<Vec<NodeId>>) = meta.shared.with(|s| {
+        // Deleting volumes with the PGs yet to release them, and every PG's replicas.
+        type Work = (Vec<(VolumeId, Vec<PgId>)>, Vec<Vec<NodeId>>);
+        let (pending, pgs): Work = meta.shared.with(|s| {
             let pending = s
                 .volumes
                 .values()
@@ -1174,10 +1177,10 @@ pub async fn run_volume_reaper(ctx: Arc<NodeCtx>, mut shutdown: tokio::sync::wat
                             continue;
                         };
                         let req = ReleaseVolumeRequest { pg: pg.0, volume_id: volume.0 };
-                        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(10), c.release_volume(req)).await {
-                            if r.into_inner().error.is_none() {
-                                return Some(pg);
-                            }
+                        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(10), c.release_volume(req)).await
+                            && r.into_inner().error.is_none()
+                        {
+                            return Some(pg);
                         }
                     }
                     None

@@ -485,7 +485,7 @@ pub fn validate_size(size: u64) -> Result<(), MetaError> {
     if size == 0 {
         return Err(MetaError::InvalidSize("volume size must be greater than zero".into()));
     }
-    if size % BLOCK_SIZE != 0 {
+    if !size.is_multiple_of(BLOCK_SIZE) {
         let down = size / BLOCK_SIZE * BLOCK_SIZE;
         return Err(MetaError::InvalidSize(format!(
             "volume size {size} is not a multiple of {BLOCK_SIZE} bytes; use {} or {}",
@@ -692,10 +692,10 @@ impl ClusterState {
             return MetaReply::Error(MetaError::NoSuchVolume(name.to_string()));
         };
         let v = self.volumes.get_mut(&id).expect("found above");
-        if let Some(current) = &v.attached_by {
-            if !force {
-                return MetaReply::Error(MetaError::AlreadyAttached { name: name.to_string(), holder: current.clone() });
-            }
+        if let Some(current) = &v.attached_by
+            && !force
+        {
+            return MetaReply::Error(MetaError::AlreadyAttached { name: name.to_string(), holder: current.clone() });
         }
         v.attach_epoch += 1;
         v.attached_by = Some(holder);
@@ -708,10 +708,8 @@ impl ClusterState {
         };
         let v = self.volumes.get_mut(&id).expect("found above");
         // A holder that was already superseded must not end its successor's attachment.
-        if epoch == 0 || epoch == v.attach_epoch {
-            if v.attached_by.take().is_some() {
-                v.attach_epoch += 1;
-            }
+        if (epoch == 0 || epoch == v.attach_epoch) && v.attached_by.take().is_some() {
+            v.attach_epoch += 1;
         }
         MetaReply::Volume(v.clone())
     }

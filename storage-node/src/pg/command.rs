@@ -208,7 +208,7 @@ impl PgCommand {
                 let probe_index = b.get_u64_le();
                 let offset = b.get_u64_le();
                 let crc = b.get_u32_le();
-                if offset % BLOCK_SIZE != 0 {
+                if !offset.is_multiple_of(BLOCK_SIZE) {
                     return Err(format!("repair offset {offset} is not block aligned"));
                 }
                 Ok(PgCommand::Repair { volume, probe_index, offset, crc, data: b })

@@ -139,10 +139,10 @@ impl PgManager {
             // after the PG's own Raft group committed the change, so a replica absent from it
             // was replaced and its group goes on without it. A retirement that failed half-way
             // is finished first even if the PG came back here: it restarts empty below.
-            if retiring || ((pg.0 as usize) < view.pgs.len() && !view.hosts(pg, self.node)) {
-                if let Err(e) = self.retire(pg).await {
-                    tracing::error!(%pg, error = %e, "cannot retire a replica moved off this node; will retry");
-                }
+            if (retiring || ((pg.0 as usize) < view.pgs.len() && !view.hosts(pg, self.node)))
+                && let Err(e) = self.retire(pg).await
+            {
+                tracing::error!(%pg, error = %e, "cannot retire a replica moved off this node; will retry");
             }
         }
         for (i, replicas) in view.pgs.iter().enumerate() {
@@ -328,10 +328,11 @@ pub async fn run_checkpointer(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<b
             if st.applied_index > st.checkpoint_index && (idle || big || st.checkpoint_index < wanted) {
                 let _ = h.group.checkpoint_now().await;
             }
-            if wanted > st.purged_index && st.checkpoint_index >= wanted {
-                if let Err(e) = h.group.purge_through(wanted).await {
-                    tracing::debug!(pg = st.group, error = %e, "purging the log after a delete failed");
-                }
+            if wanted > st.purged_index
+                && st.checkpoint_index >= wanted
+                && let Err(e) = h.group.purge_through(wanted).await
+            {
+                tracing::debug!(pg = st.group, error = %e, "purging the log after a delete failed");
             }
             if wanted > 0 && st.purged_index >= wanted && scrubbed.get(&st.group).copied().unwrap_or(0) < wanted {
                 owed.push((st.group, wanted));

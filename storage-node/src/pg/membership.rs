@@ -110,13 +110,13 @@ pub async fn advance(handle: &PgHandle, from: NodeId, to: NodeId, to_addr: &str)
         status.phase = if status.matched_index == 0 || streaming { "snapshot" } else { "catching up" };
         return Ok(status);
     }
-    if st.leader == Some(from.0) {
-        if let Some(heir) = handover_heir(handle, from, to, &voters, &target) {
-            tracing::info!(pg = group.id(), %from, %to, heir, "handing leadership over before leaving the group");
-            group.transfer_leader(heir).await?;
-            status.phase = "handing over leadership";
-            return Ok(status);
-        }
+    if st.leader == Some(from.0)
+        && let Some(heir) = handover_heir(handle, from, to, &voters, &target)
+    {
+        tracing::info!(pg = group.id(), %from, %to, heir, "handing leadership over before leaving the group");
+        group.transfer_leader(heir).await?;
+        status.phase = "handing over leadership";
+        return Ok(status);
     }
     tracing::info!(pg = group.id(), %from, %to, voters = ?target, "promoting the new replica");
     status.phase = "promoting";

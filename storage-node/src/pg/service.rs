@@ -126,13 +126,13 @@ impl DataService {
             return Err(err(Code::NoSuchVolume, format!("no active volume with id {volume}")));
         };
         self.access.check_data(&who.principal, who.peer, epoch.is_some(), &vol.name).map_err(|d| denied_error(&d))?;
-        if let Some(epoch) = epoch {
-            if epoch < vol.attach_epoch {
-                return Err(err(
-                    Code::Fenced,
-                    format!("volume {:?} was attached again (epoch {}); writes of epoch {epoch} are refused", vol.name, vol.attach_epoch),
-                ));
-            }
+        if let Some(epoch) = epoch
+            && epoch < vol.attach_epoch
+        {
+            return Err(err(
+                Code::Fenced,
+                format!("volume {:?} was attached again (epoch {}); writes of epoch {epoch} are refused", vol.name, vol.attach_epoch),
+            ));
         }
         if len == 0 {
             return Err(err(Code::Invalid, "zero-length request"));
@@ -245,7 +245,7 @@ impl DataService {
         let started = Instant::now();
         let len = u64::from(req.length);
         let result: Result<(bytes::Bytes, Vec<u32>), DataError> = async {
-            if req.offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
+            if !req.offset.is_multiple_of(BLOCK_SIZE) || len % BLOCK_SIZE != 0 {
                 return Err(err(Code::Invalid, format!("reads must be 4 KiB aligned (offset {}, length {len})", req.offset)));
             }
             if len > MAX_IO {

@@ -345,7 +345,7 @@ impl PgStateMachine {
                         )));
                     }
                 }
-                if offset % BLOCK_SIZE == 0 && data.len() as u64 % BLOCK_SIZE == 0 {
+                if offset % BLOCK_SIZE == 0 && (data.len() as u64).is_multiple_of(BLOCK_SIZE) {
                     batch.write(shard, volume, offset, data, crcs)?;
                 } else {
                     self.flush(batch).await?;
@@ -398,10 +398,11 @@ impl PgStateMachine {
                     return Ok(PgReply::NoSuchVolume);
                 }
                 let mut probes = self.shared.probes();
-                if probes.len() >= MAX_PROBES && !probes.contains_key(&(volume, chunk)) {
-                    if let Some(oldest) = probes.iter().min_by_key(|(_, p)| p.index).map(|(k, _)| *k) {
-                        probes.remove(&oldest);
-                    }
+                if probes.len() >= MAX_PROBES
+                    && !probes.contains_key(&(volume, chunk))
+                    && let Some(oldest) = probes.iter().min_by_key(|(_, p)| p.index).map(|(k, _)| *k)
+                {
+                    probes.remove(&oldest);
                 }
                 probes.insert((volume, chunk), Probe::new(index));
                 Ok(PgReply::Index(index))
@@ -412,7 +413,7 @@ impl PgStateMachine {
                 }
                 let chunk = offset / CHUNK_SIZE;
                 let block = ((offset % CHUNK_SIZE) / BLOCK_SIZE) as u16;
-                if !self.shared.probe_at(volume, chunk, probe_index).is_some_and(|p| !p.written(block)) {
+                if self.shared.probe_at(volume, chunk, probe_index).is_none_or(|p| p.written(block)) {
                     // The block was written since the comparison (or this replica restarted):
                     // what the repair carries may be older than what is here now.
                     return Ok(PgReply::Ok);

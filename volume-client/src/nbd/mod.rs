@@ -5,10 +5,10 @@
 //! `STRUCTURED_REPLY`; commands READ, WRITE, FLUSH, TRIM, WRITE_ZEROES (with `NO_HOLE`) and DISC,
 //! with FUA; several connections per export; pipelined requests answered out of order.
 //!
-//! - [`proto`]: constants.
-//! - [`handshake`]: option negotiation.
-//! - [`request`]: request parsing and validation (pure; fuzzed).
-//! - [`server`]: listeners, connections, transmission.
+//! - [`proto`][]: constants.
+//! - [`handshake`][]: option negotiation.
+//! - [`request`][]: request parsing and validation (pure; fuzzed).
+//! - [`server`][]: listeners, connections, transmission.
 
 pub mod handshake;
 pub mod proto;
