@@ -68,7 +68,7 @@ fn cert_expiry(n: &Node) -> String {
     if n.cert_not_after == 0 {
         return "-".into();
     }
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let now = basalt_security::identity::unix_now();
     let days = (n.cert_not_after - now).div_euclid(86_400);
     let when = basalt_security::identity::format_unix(n.cert_not_after);
     if n.cert_not_after <= now { format!("{when} (EXPIRED)") } else { format!("{when} ({days}d)") }

@@ -85,6 +85,10 @@ fn token_json(t: &TokenInfo) -> Value {
     })
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
 fn when(ms: u64, none: &str) -> String {
     if ms == 0 { none.into() } else { format_unix((ms / 1000) as i64) }
 }
@@ -158,8 +162,8 @@ pub async fn token_list(admin: &Admin, out: Out) -> Result<(), CliError> {
     let reply = admin.call(|mut c| async move { c.token_list(TokenListRequest {}).await }).await?;
     out.print(json!({"tokens": reply.tokens.iter().map(token_json).collect::<Vec<_>>()}), || {
         let mut t = table(&["ID", "ROLE", "VOLUMES", "NAME", "CREATED", "BY", "EXPIRES", "ALLOW FROM", "STATE"]);
+        let now = now_ms();
         for k in &reply.tokens {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
             let state = if k.revoked_unix_ms != 0 {
                 format!("revoked {}", when(k.revoked_unix_ms, ""))
             } else if k.expires_unix_ms != 0 && k.expires_unix_ms <= now {
@@ -200,7 +204,7 @@ pub async fn token_revoke(admin: &Admin, out: Out, id: &str) -> Result<(), CliEr
 
 /// Parses `--since`: an RFC 3339 time, or an age (`1h`: an hour ago).
 fn since_ms(s: &str) -> Result<u64, CliError> {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let now = now_ms();
     if let Ok(secs) = parse_duration(s) {
         return Ok(now.saturating_sub(secs.saturating_mul(1000)));
     }

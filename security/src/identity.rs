@@ -60,6 +60,20 @@ impl Identity {
     }
 }
 
+/// Parses what `Display` writes: `node-<id>` or `client:<name>`.
+impl std::str::FromStr for Identity {
+    type Err = SecurityError;
+    fn from_str(s: &str) -> Result<Identity, SecurityError> {
+        let bad = || SecurityError::Invalid(format!("{s:?} is not node-<id> or client:<name>"));
+        if let Some(name) = s.strip_prefix("client:") {
+            valid_client_name(name)?;
+            return Ok(Identity::Client(name.to_string()));
+        }
+        let id = s.strip_prefix("node-").ok_or_else(bad)?;
+        Identity::from_dns_name(&format!("node-{id}.{DOMAIN}")).ok_or_else(bad)
+    }
+}
+
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -161,6 +175,12 @@ mod tests {
     fn dns_names_round_trip_and_near_misses_are_refused() {
         for id in [Identity::Node(1), Identity::Node(4096), Identity::Client("prometheus".into()), Identity::Client("ops-1".into())] {
             assert_eq!(Identity::from_dns_name(&id.dns_name()), Some(id.clone()), "{id}");
+        }
+        for id in [Identity::Node(3), Identity::Client("ops".into())] {
+            assert_eq!(id.to_string().parse::<Identity>().unwrap(), id);
+        }
+        for bad in ["node-", "node-03", "client:", "client:Ops", "token:1", "node-1.basalt"] {
+            assert!(bad.parse::<Identity>().is_err(), "{bad:?}");
         }
         for bad in [
             "node-0.basalt",

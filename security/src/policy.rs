@@ -309,6 +309,16 @@ impl Principal {
     }
 }
 
+/// A certificate's identity as a principal.
+impl From<crate::identity::Identity> for Principal {
+    fn from(identity: crate::identity::Identity) -> Principal {
+        match identity {
+            crate::identity::Identity::Node(n) => Principal::Node(n),
+            crate::identity::Identity::Client(c) => Principal::Client(c),
+        }
+    }
+}
+
 impl fmt::Display for Principal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.actor())

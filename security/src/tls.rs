@@ -36,6 +36,7 @@ use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 
 use crate::error::SecurityError;
 use crate::identity::{CertSummary, Identity, unix_now};
+use crate::stream::{BufferedTcp, buffered};
 
 /// What a connection speaks, as named in ALPN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -163,7 +164,7 @@ impl std::fmt::Debug for TlsContext {
 /// A connection accepted by [`TlsContext::accept`].
 pub struct Accepted {
     /// The TLS stream.
-    pub stream: tokio_rustls::server::TlsStream<TcpStream>,
+    pub stream: tokio_rustls::server::TlsStream<BufferedTcp>,
     /// What the client asked to speak.
     pub protocol: Protocol,
     /// Who the client's certificate names, if it presented one.
@@ -241,7 +242,7 @@ impl TlsContext {
             Ok(Ok(_)) => return Err(AcceptError::Handshake("closed before the handshake".into())),
             Ok(Err(e)) => return Err(AcceptError::Handshake(e.to_string())),
         }
-        let start = match tokio::time::timeout_at(deadline, LazyConfigAcceptor::new(Acceptor::default(), tcp)).await {
+        let start = match tokio::time::timeout_at(deadline, LazyConfigAcceptor::new(Acceptor::default(), buffered(tcp))).await {
             Err(_) => return Err(AcceptError::Timeout),
             Ok(Err(e)) => return Err(AcceptError::Handshake(e.to_string())),
             Ok(Ok(s)) => s,
@@ -273,14 +274,14 @@ impl TlsContext {
     }
 
     /// Opens a TLS connection to `addr` speaking `protocol`, to the node `expect` names.
-    pub async fn connect(&self, tcp: TcpStream, expect: Expect, protocol: Protocol) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    pub async fn connect(&self, tcp: TcpStream, expect: Expect, protocol: Protocol) -> io::Result<tokio_rustls::client::TlsStream<BufferedTcp>> {
         let name = match expect {
             Expect::Node(id) => Identity::Node(id).dns_name(),
             Expect::AnyNode => ANY_NODE.to_string(),
         };
         let name = ServerName::try_from(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let config = self.current().clients[protocol as usize].clone();
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsConnector::from(config).connect(name, tcp))
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsConnector::from(config).connect(name, buffered(tcp)))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}")))?
     }

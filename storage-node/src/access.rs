@@ -40,6 +40,45 @@ const UNKNOWN_TOKEN_WAIT: Duration = Duration::from_secs(2);
 /// Audit events queued for the meta leader at most; more are dropped (and counted).
 const AUDIT_QUEUE: usize = 4096;
 
+/// Where a request comes from: its peer, or — when the peer is a node that forwarded it, the
+/// only kind of peer believed — the origin that node reported.
+#[derive(Clone, Debug)]
+pub struct Origin {
+    /// The caller's address.
+    pub source: String,
+    /// The caller's certificate identity, if it presented a certificate.
+    pub identity: Option<Identity>,
+    /// Whether a node forwarded the request.
+    pub forwarded: bool,
+}
+
+impl Origin {
+    /// The origin of `request`.
+    pub fn of<T>(request: &Request<T>) -> Origin {
+        let peer = request.extensions().get::<PeerInfo>();
+        let md = request.metadata();
+        let via_node = matches!(peer.and_then(|p| p.identity.as_ref()), Some(Identity::Node(_)));
+        match meta_str(md, FORWARDED_SOURCE) {
+            Some(source) if via_node => Origin { source, identity: meta_str(md, FORWARDED_PEER).and_then(|p| p.parse().ok()), forwarded: true },
+            _ => Origin {
+                source: peer.map(|p| p.addr).or_else(|| request.remote_addr()).map(|a| a.to_string()).unwrap_or_else(|| "unknown".into()),
+                identity: peer.and_then(|p| p.identity.clone()),
+                forwarded: false,
+            },
+        }
+    }
+
+    /// The caller's IP address (unspecified if the source does not parse).
+    pub fn ip(&self) -> IpAddr {
+        source_ip(&self.source)
+    }
+}
+
+/// The IP address of a `host:port` or bare address source (unspecified if neither).
+fn source_ip(source: &str) -> IpAddr {
+    source.parse::<SocketAddr>().map(|a| a.ip()).or_else(|_| source.parse::<IpAddr>()).unwrap_or(IpAddr::from([0, 0, 0, 0]))
+}
+
 /// Who is calling, and from where.
 #[derive(Clone, Debug)]
 pub struct Caller {
@@ -225,7 +264,7 @@ impl Access {
     /// Records a refused request, rate-limited per source like refused connections.
     fn record_denial(&self, actor: String, source: &str, action: Action, target: &str, denied: &Denied) {
         self.stats.denied.fetch_add(1, Ordering::Relaxed);
-        let ip = source.parse::<SocketAddr>().map(|a| a.ip()).or_else(|_| source.parse::<IpAddr>()).unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let ip = source_ip(source);
         if !self.limiter.lock().unwrap_or_else(|p| p.into_inner()).allow(ip) {
             self.stats.audit_suppressed.fetch_add(1, Ordering::Relaxed);
             return;
@@ -265,38 +304,20 @@ impl Access {
         self.tokens.borrow().1.recheck(principal, ip, crate::meta::service::now_ms())
     }
 
-    /// Who is calling a gRPC method. A node that forwarded the request reported the original
-    /// caller's address and, for certificate callers, identity; only nodes are believed.
+    /// Who is calling a gRPC method: its bearer token, else its certificate ([`Origin`]).
     pub async fn caller<T>(&self, request: &Request<T>) -> Result<Caller, (Denied, String)> {
-        let peer = request.extensions().get::<PeerInfo>().cloned();
-        let addr = peer.as_ref().map(|p| p.addr).or_else(|| request.remote_addr());
-        let peer_addr = addr.map(|a| a.to_string()).unwrap_or_else(|| "unknown".into());
+        let origin = Origin::of(request);
         if !self.enabled() {
-            return Ok(Caller { principal: Principal::Open, source: peer_addr });
+            return Ok(Caller { principal: Principal::Open, source: origin.source });
         }
-        let identity = peer.and_then(|p| p.identity);
-        let md = request.metadata();
-        let via_node = matches!(identity, Some(Identity::Node(_)));
-        let forwarded_source = via_node.then(|| meta_str(md, FORWARDED_SOURCE)).flatten();
-        let source = forwarded_source.clone().unwrap_or(peer_addr);
-        let ip = source.parse::<SocketAddr>().map(|a| a.ip()).ok().or(addr.map(|a| a.ip())).unwrap_or(IpAddr::from([0, 0, 0, 0]));
-        let principal = match basalt_security::grpc::bearer(md) {
+        let principal = match basalt_security::grpc::bearer(request.metadata()) {
             Err(m) => Err(Denied::unauthenticated(m)),
-            Ok(Some(token)) => self.authenticate_token(token, ip).await,
-            Ok(None) if forwarded_source.is_some() => match meta_str(md, FORWARDED_PEER).as_deref().and_then(parse_identity) {
-                Some(Identity::Node(n)) => Ok(Principal::Node(n)),
-                Some(Identity::Client(c)) => Ok(Principal::Client(c)),
-                None => Err(no_credentials()),
-            },
-            Ok(None) => match identity {
-                Some(Identity::Node(n)) => Ok(Principal::Node(n)),
-                Some(Identity::Client(c)) => Ok(Principal::Client(c)),
-                None => Err(no_credentials()),
-            },
+            Ok(Some(token)) => self.authenticate_token(token, origin.ip()).await,
+            Ok(None) => origin.identity.clone().map(Principal::from).ok_or_else(no_credentials),
         };
         match principal {
-            Ok(principal) => Ok(Caller { principal, source }),
-            Err(d) => Err((d, source)),
+            Ok(principal) => Ok(Caller { principal, source: origin.source }),
+            Err(d) => Err((d, origin.source)),
         }
     }
 
@@ -337,15 +358,17 @@ impl Access {
         result
     }
 
-    /// Copies the caller's credentials and origin onto a request being forwarded to another node.
-    pub fn forward_metadata(from: &MetadataMap, caller_source: &str, to: &mut MetadataMap, peer_identity: Option<&Identity>) {
-        if let Some(v) = from.get(basalt_security::grpc::AUTHORIZATION) {
+    /// Copies `request`'s credentials and [`Origin`] onto `to`, a request being forwarded to
+    /// another node.
+    pub fn forward_metadata<T>(request: &Request<T>, to: &mut MetadataMap) {
+        let origin = Origin::of(request);
+        if let Some(v) = request.metadata().get(basalt_security::grpc::AUTHORIZATION) {
             to.insert(basalt_security::grpc::AUTHORIZATION, v.clone());
         }
-        if let Ok(v) = caller_source.parse() {
+        if let Ok(v) = origin.source.parse() {
             to.insert(FORWARDED_SOURCE, v);
         }
-        if let Some(Ok(v)) = peer_identity.map(|i| i.to_string().parse()) {
+        if let Some(Ok(v)) = origin.identity.map(|i| i.to_string().parse()) {
             to.insert(FORWARDED_PEER, v);
         }
     }
@@ -357,15 +380,6 @@ fn no_credentials() -> Denied {
 
 fn meta_str(md: &MetadataMap, key: &str) -> Option<String> {
     md.get(key).and_then(|v| v.to_str().ok()).map(str::to_string)
-}
-
-/// Parses an identity as [`Identity`]'s `Display` writes it.
-fn parse_identity(s: &str) -> Option<Identity> {
-    if let Some(c) = s.strip_prefix("client:") {
-        return Some(Identity::Client(c.to_string()));
-    }
-    let id = s.strip_prefix("node-")?.parse().ok()?;
-    Some(Identity::Node(id))
 }
 
 /// Re-reads the node's certificate and CA files when they change, until shutdown.

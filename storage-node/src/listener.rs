@@ -82,7 +82,7 @@ pub async fn run(
                     match a.protocol {
                         Protocol::Data => crate::pg::wire::serve_connection(data, access, Stream::Tls(Box::new(a.stream)), info, shutdown).await,
                         Protocol::Raft => {
-                            if let Err(e) = basalt_raft::transport::tune_socket(a.stream.get_ref().0) {
+                            if let Err(e) = basalt_raft::transport::tune_socket(a.stream.get_ref().0.get_ref()) {
                                 tracing::debug!(%peer, error = %e, "cannot tune a raft connection's socket");
                             }
                             let node = a.identity.as_ref().and_then(|i| i.node());

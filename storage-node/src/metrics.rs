@@ -246,15 +246,14 @@ async fn authorize_scrape(
     identity: Option<basalt_security::Identity>,
     peer: std::net::SocketAddr,
 ) -> Result<(), (StatusCode, String)> {
-    use basalt_security::{Action, Identity, Principal};
+    use basalt_security::{Action, Principal};
     if !ctx.access.enabled() {
         return Ok(());
     }
     let bearer = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     let principal = match (bearer, identity) {
         (Some(token), _) => ctx.access.authenticate_token(token.trim(), peer.ip()).await,
-        (None, Some(Identity::Node(n))) => Ok(Principal::Node(n)),
-        (None, Some(Identity::Client(c))) => Ok(Principal::Client(c)),
+        (None, Some(identity)) => Ok(Principal::from(identity)),
         (None, None) => Err(basalt_security::Denied::unauthenticated("no credentials: present a client certificate or a bearer token")),
     };
     let result = principal.and_then(|p| basalt_security::authorize(&p, Action::Metrics, None).map(|()| p));

@@ -177,6 +177,20 @@ impl AuditLog {
     }
 }
 
+/// Where to prune `records` (the kept chain, oldest first) to keep at most `max_records` and
+/// none older than `oldest_allowed_ms`: the last record to drop and its hash (the kept chain's
+/// new anchor). Over the count it drops a tenth more than needed, so pruning (which rewrites the
+/// file on every meta node) happens once per tenth of the limit, not once per record; the
+/// newest record always stays.
+pub fn prune_point(records: &[AuditRecord], max_records: u64, oldest_allowed_ms: u64) -> Option<(u64, basalt_security::audit::ChainHash)> {
+    let excess = (records.len() as u64).saturating_sub(max_records);
+    let by_count = if excess > 0 { excess + max_records / 10 } else { 0 };
+    let by_age = records.iter().take_while(|r| r.event.time_unix_ms < oldest_allowed_ms).count() as u64;
+    let drop = by_count.max(by_age).min(records.len().saturating_sub(1) as u64);
+    let last = records.get(usize::try_from(drop).ok()?.checked_sub(1)?)?;
+    Some((last.seq, last.hash))
+}
+
 /// The sequence number of a record line, read without trusting the rest of it.
 fn seq_of(line: &str) -> Option<u64> {
     #[derive(serde::Deserialize)]
@@ -231,6 +245,21 @@ mod tests {
         let lines_before = |seq| String::from_utf8(log.bytes_before(seq).unwrap()).unwrap().lines().count();
         assert_eq!(lines_before(4), 3, "unparseable lines travel too");
         assert_eq!(lines_before(3), 2);
+    }
+
+    #[test]
+    fn retention_prunes_by_count_with_slack_and_by_age_and_keeps_the_newest() {
+        let r = records(1, 20); // times 1..=20
+        assert_eq!(prune_point(&r, 100, 0), None, "under both bounds");
+        // 20 kept, at most 10: drop 10 plus a tenth of the limit (1).
+        assert_eq!(prune_point(&r, 10, 0).map(|p| p.0), Some(11));
+        assert_eq!(prune_point(&r, 10, 0).map(|p| p.1), Some(r[10].hash));
+        // Older than time 6: records 1..=5.
+        assert_eq!(prune_point(&r, 100, 6).map(|p| p.0), Some(5));
+        // Everything too old: all but the newest.
+        assert_eq!(prune_point(&r, 100, u64::MAX).map(|p| p.0), Some(19));
+        assert_eq!(prune_point(&r[..1], 0, u64::MAX), None, "the last record always stays");
+        assert_eq!(prune_point(&[], 0, u64::MAX), None);
     }
 
     #[test]

@@ -30,7 +30,7 @@ use basalt_raft::{NodeInfo, RaftError};
 use basalt_scrubber::{PassKind, StartOutcome};
 use basalt_security::audit::{AuditEvent, Outcome};
 use basalt_security::policy::Role as AccessRole;
-use basalt_security::{Action, Identity, PeerInfo, Principal, Token, TokenId, TokenRecord};
+use basalt_security::{Action, Principal, Token, TokenId, TokenRecord};
 use bytes::Bytes;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -38,7 +38,7 @@ use tonic::{Request, Response, Status};
 use super::audit_log::Line;
 use super::liveness::record_from_proto;
 use super::state::{ClusterSettings, ClusterState, MetaCommand, MetaError, MetaReply, NodeRecord, Role, VolumeRecord, VolumeState};
-use crate::access::{Access, Caller, FORWARDED_PEER, FORWARDED_SOURCE};
+use crate::access::{Access, Caller};
 use crate::node::{MetaHandle, NodeCtx};
 
 const HOPS: &str = "x-basalt-hops";
@@ -94,27 +94,9 @@ enum Route<'a> {
 /// origin carried along (see [`crate::access::Access::caller`]).
 fn forwarded<T, M>(original: &Request<T>, msg: M, hops: u32) -> Request<M> {
     let mut r = Request::new(msg);
-    let md = original.metadata();
-    let peer = original.extensions().get::<PeerInfo>();
-    let via_node = matches!(peer.and_then(|p| p.identity.as_ref()), Some(Identity::Node(_)));
-    // Origin as the previous hop reported it (only a node is believed), else the peer itself.
-    let (source, identity) = match md.get(FORWARDED_SOURCE).and_then(|v| v.to_str().ok()) {
-        Some(s) if via_node => (s.to_string(), md.get(FORWARDED_PEER).and_then(|v| v.to_str().ok()).and_then(parse_identity)),
-        _ => (
-            peer.map(|p| p.addr.to_string()).or_else(|| original.remote_addr().map(|a| a.to_string())).unwrap_or_default(),
-            peer.and_then(|p| p.identity.clone()),
-        ),
-    };
-    Access::forward_metadata(md, &source, r.metadata_mut(), identity.as_ref());
+    Access::forward_metadata(original, r.metadata_mut());
     r.metadata_mut().insert(HOPS, hops.into());
     r
-}
-
-fn parse_identity(s: &str) -> Option<Identity> {
-    match s.strip_prefix("client:") {
-        Some(c) => Some(Identity::Client(c.to_string())),
-        None => s.strip_prefix("node-")?.parse().ok().map(Identity::Node),
-    }
 }
 
 /// A token's record for the wire; the hash only for nodes.
@@ -1097,6 +1079,8 @@ pub async fn run_audit_pruner(ctx: Arc<NodeCtx>, mut shutdown: tokio::sync::watc
     let Some(meta) = &ctx.meta else { return };
     let service = AdminService::new(ctx.clone());
     let cfg = ctx.config.audit.clone();
+    // The count is known from the head; ages only from the file, read every ten minutes.
+    let mut last_age_check = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(60)) => {}
@@ -1106,26 +1090,20 @@ pub async fn run_audit_pruner(ctx: Arc<NodeCtx>, mut shutdown: tokio::sync::watc
             continue;
         }
         let head = meta.shared.with(|s| s.audit.clone());
+        if head.kept() <= cfg.max_records && last_age_check.elapsed() < Duration::from_secs(600) {
+            continue;
+        }
+        last_age_check = tokio::time::Instant::now();
         let audit = meta.audit.clone();
         let Ok(Ok(lines)) = tokio::task::spawn_blocking(move || audit.read()).await else {
             continue;
         };
         let records: Vec<_> =
             lines.into_iter().filter_map(|l| if let Line::Record(r) = l { Some(r) } else { None }).filter(|r| r.seq <= head.last_seq()).collect();
-        let too_old = now_ms().saturating_sub(cfg.max_age.as_millis() as u64);
-        let excess = (records.len() as u64).saturating_sub(cfg.max_records);
-        let by_count = if excess > 0 { excess + cfg.max_records / 10 } else { 0 };
-        let by_age = records.iter().take_while(|r| r.event.time_unix_ms < too_old).count() as u64;
-        let drop = by_count.max(by_age).min(records.len().saturating_sub(1) as u64);
-        if drop == 0 {
-            continue;
-        }
-        let last = &records[drop as usize - 1];
-        let cmd = MetaCommand::PruneAudit { through: last.seq, through_hash: last.hash };
-        match service.propose(meta, cmd).await {
-            Ok(_) => {
-                tracing::info!(through = last.seq, dropped = drop, export = %cfg.export_dir.display(), "audit log pruned after export")
-            }
+        let oldest_allowed = now_ms().saturating_sub(cfg.max_age.as_millis() as u64);
+        let Some((through, through_hash)) = super::audit_log::prune_point(&records, cfg.max_records, oldest_allowed) else { continue };
+        match service.propose(meta, MetaCommand::PruneAudit { through, through_hash }).await {
+            Ok(_) => tracing::info!(through, export = %cfg.export_dir.display(), "audit log pruned after export"),
             Err(e) => {
                 tracing::warn!(error = %e.message(), "pruning the audit log failed; will retry")
             }

@@ -188,7 +188,7 @@ pub struct ClusterState {
     pub draining: BTreeSet<NodeId>,
     /// Nodes removed from the cluster; they may not register again under the same id.
     pub removed: BTreeSet<NodeId>,
-    /// Bearer tokens (hashes only), revoked ones included until they are pruned.
+    /// Bearer tokens (hashes only); revoked ones stay, marked, for listings and the audit trail.
     pub tokens: BTreeMap<TokenId, TokenRecord>,
     /// Where the audit log's hash chain stands (the records are in each meta node's audit file).
     pub audit: AuditHead,
@@ -1068,5 +1068,71 @@ mod tests {
         assert!(!s.nodes.contains_key(&NodeId(4)) && !s.draining.contains(&NodeId(4)));
         assert_eq!(s.apply(14, MetaCommand::RegisterNode { node: storage_only(4, 4, "d") }), MetaReply::Error(MetaError::NodeRemoved(NodeId(4))));
         assert_eq!(s.apply(15, MetaCommand::RemoveNode { node: NodeId(9) }), MetaReply::Error(MetaError::NoSuchNode(NodeId(9))));
+    }
+
+    fn event(action: &str, target: &str) -> AuditEvent {
+        AuditEvent {
+            time_unix_ms: 1,
+            actor: "token:00".into(),
+            source: "127.0.0.1:1".into(),
+            action: action.into(),
+            target: target.into(),
+            outcome: Outcome::Ok,
+            detail: String::new(),
+        }
+    }
+
+    fn sealed(s: &mut ClusterState) -> Vec<AuditRecord> {
+        std::mem::take(&mut s.audit_effects).into_iter().flat_map(|e| if let AuditEffect::Append(r) = e { r } else { Vec::new() }).collect()
+    }
+
+    #[test]
+    fn audited_commands_record_their_outcome_and_chain_without_bumping_the_map() {
+        let mut s = initialized();
+        let version = s.version;
+        s.apply(2, MetaCommand::AppendAudit { events: vec![event("connect.data", ""), event("volume.show", "x")] });
+        assert_eq!(s.version, version, "audit-only commands leave the map version alone");
+        let ok = MetaCommand::CreateVolume { name: "v".into(), size: 4096, now_unix_ms: 1 };
+        assert!(matches!(s.apply(3, MetaCommand::Audited { cmd: Box::new(ok), event: event("volume.create", "v") }), MetaReply::Volume(_)));
+        assert_eq!(s.version, 3, "an audited change bumps it like the change alone");
+        let dup = MetaCommand::CreateVolume { name: "v".into(), size: 4096, now_unix_ms: 1 };
+        assert!(matches!(s.apply(4, MetaCommand::Audited { cmd: Box::new(dup), event: event("volume.create", "v") }), MetaReply::Error(_)));
+        let records = sealed(&mut s);
+        assert_eq!(records.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert_eq!(records[2].event.outcome, Outcome::Ok);
+        assert_eq!(records[3].event.outcome, Outcome::Failed, "a refused change is recorded as failed, with why");
+        assert!(records[3].event.detail.contains("already exists"), "{:?}", records[3].event);
+        let v = basalt_security::audit::verify(ChainAnchor::default(), &records, Some(s.audit.last_seq()));
+        assert_eq!((v.problem, v.head), (None, s.audit.last));
+
+        // Pruning moves the anchor to the record after the last one dropped, never past the head.
+        let through = records[1].clone();
+        s.apply(5, MetaCommand::PruneAudit { through: through.seq, through_hash: through.hash });
+        assert_eq!(s.audit.anchor, ChainAnchor { first_seq: 3, prev: through.hash });
+        assert_eq!(s.audit.kept(), 2);
+        let v = basalt_security::audit::verify(s.audit.anchor, &records[2..], Some(s.audit.last_seq()));
+        assert_eq!(v.problem, None);
+        let before = s.audit.clone();
+        s.apply(6, MetaCommand::PruneAudit { through: 4, through_hash: records[3].hash });
+        s.apply(7, MetaCommand::PruneAudit { through: 1, through_hash: records[0].hash });
+        assert_eq!(s.audit, before, "the newest record and what is already pruned stay as they are");
+    }
+
+    #[test]
+    fn tokens_are_created_once_and_revoked_for_good() {
+        let mut s = ClusterState::default();
+        let token = basalt_security::Token::generate();
+        let record = TokenRecord::new(&token, basalt_security::Role::Hypervisor, "test".into(), 1);
+        assert_eq!(s.apply(1, MetaCommand::CreateToken { record: record.clone() }), MetaReply::Error(MetaError::NotInitialized));
+        let mut s = initialized();
+        assert!(matches!(s.apply(2, MetaCommand::CreateToken { record: record.clone() }), MetaReply::Token(_)));
+        assert!(matches!(s.apply(3, MetaCommand::CreateToken { record: record.clone() }), MetaReply::Error(MetaError::TokenExists(_))));
+        let MetaReply::Token(t) = s.apply(4, MetaCommand::RevokeToken { id: token.id(), now_unix_ms: 50 }) else { panic!() };
+        assert_eq!(t.revoked_unix_ms, Some(50));
+        let MetaReply::Token(t) = s.apply(5, MetaCommand::RevokeToken { id: token.id(), now_unix_ms: 90 }) else { panic!() };
+        assert_eq!(t.revoked_unix_ms, Some(50), "the first revocation's time stays");
+        let other = basalt_security::Token::generate().id();
+        assert_eq!(s.apply(6, MetaCommand::RevokeToken { id: other, now_unix_ms: 1 }), MetaReply::Error(MetaError::NoSuchToken(other.to_string())));
+        assert_eq!(s.version, 5);
     }
 }

@@ -17,7 +17,7 @@ use std::time::Duration;
 use basalt_proto::data::data_error::Code;
 use basalt_proto::data::{DataError, Hello, HelloReply, ReadRequest, WriteRequest, ZeroRequest};
 use basalt_proto::wire::{self, Header, Kind};
-use basalt_security::{Denied, Identity, PeerInfo, Principal, ServerStream};
+use basalt_security::{Denied, PeerInfo, Principal, ServerStream};
 use bytes::Bytes;
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
@@ -87,11 +87,10 @@ async fn hello<R: tokio::io::AsyncRead + Unpin>(access: &Access, rd: &mut R, pee
     } else if !hello.token.is_empty() {
         access.authenticate_token(&hello.token, peer.addr.ip()).await
     } else {
-        match &peer.identity {
-            Some(Identity::Node(n)) => Ok(Principal::Node(*n)),
-            Some(Identity::Client(c)) => Ok(Principal::Client(c.clone())),
-            None => Err(Denied::unauthenticated("no credentials: the Hello carried no token and the connection no certificate")),
-        }
+        peer.identity
+            .clone()
+            .map(Principal::from)
+            .ok_or_else(|| Denied::unauthenticated("no credentials: the Hello carried no token and the connection no certificate"))
     };
     // A principal that may read no volume at all has no business on a data connection.
     let principal = principal.and_then(|p| basalt_security::authorize(&p, basalt_security::Action::DataRead, None).map(|()| p));
