@@ -12,10 +12,13 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
     match Token::parse(text) {
-        Ok(t) => assert_eq!(Token::parse(&t.expose()).as_ref(), Ok(&t)),
+        Ok(t) => assert_eq!(Token::parse(&t.expose()).ok(), Some(t)),
         Err(e) => {
-            let trimmed = text.trim();
-            assert!(trimmed.len() < 24 || !e.to_string().contains(trimmed), "an error repeats the input: {e}");
+            // A secret is a long run of hex digits: none may appear in the message.
+            let message = e.to_string();
+            for run in text.split(|c: char| !c.is_ascii_hexdigit()).filter(|r| r.len() >= 16) {
+                assert!(!message.contains(run), "an error repeats part of the input: {message}");
+            }
         }
     }
     // A table holding one known token: whatever is presented is accepted only if it is that one.
