@@ -85,6 +85,8 @@ pub struct RaftHost {
     registry: Registry,
     space: Arc<SpaceBook>,
     config: Arc<openraft::Config>,
+    /// Security is on: peers must present node certificates.
+    require_node: bool,
 }
 
 impl RaftHost {
@@ -92,7 +94,9 @@ impl RaftHost {
     pub fn open(node_id: NodeId, log: &LogEngineConfig, tuning: &RaftTuning, dialer: basalt_security::Dialer) -> Result<Self, RaftError> {
         let engine = LogEngine::open(log)?;
         let space = Arc::new(SpaceBook::default());
+        let require_node = dialer.tls().is_some();
         Ok(Self {
+            require_node,
             node_id,
             engine,
             router: Router::new(node_id, tuning.peer_queue, space.clone(), dialer),
@@ -119,7 +123,7 @@ impl RaftHost {
 
     /// Serves peers' Raft connections (those that open with [`crate::transport::frame::MAGIC`]).
     pub fn transport(&self) -> TransportService {
-        TransportService { registry: self.registry.clone(), space: self.space.clone() }
+        TransportService { registry: self.registry.clone(), space: self.space.clone(), require_node: self.require_node }
     }
 
     /// This node's free space as told to peers, and theirs as heard on Raft frames.

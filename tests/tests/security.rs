@@ -242,6 +242,15 @@ async fn credentials_are_checked_and_every_refusal_is_audited() {
     for t in [&hv_a_token, &revoked_token] {
         assert!(!text.contains(&t.expose()), "a token appears in the audit log");
     }
+    // Even an admin token cannot feed a replica a Raft snapshot: that takes a node certificate.
+    let channel = basalt_security::grpc::channel(&cluster.node(1).addr, &cluster.dialer().unwrap(), Expect::AnyNode, |ep| ep).unwrap();
+    let mut raft = basalt_proto::raft::raft_transport_client::RaftTransportClient::with_interceptor(
+        channel,
+        basalt_security::grpc::Bearer::new(cluster.admin_token().as_ref()),
+    );
+    let chunk = basalt_proto::raft::SnapshotChunk { group: 0, header: Bytes::new(), data: Bytes::new(), from_node: 1 };
+    let e = raft.install_snapshot(futures::stream::iter(vec![chunk])).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
     // Nothing is listed about tokens but their hashes' owners: `token list` shows no secret.
     let (code, out, _) = cluster.cli(&["--json", "auth", "token", "list"]).await.unwrap();
     assert_eq!(code, Some(0));

@@ -66,6 +66,8 @@ impl Registry {
 pub struct TransportService {
     pub(crate) registry: Registry,
     pub(crate) space: Arc<SpaceBook>,
+    /// Snapshots are taken only from peers with a node certificate (false with security off).
+    pub(crate) require_node: bool,
 }
 
 /// How long a new connection may take to send [`MAGIC`].
@@ -252,6 +254,13 @@ async fn serve_pipe<R: AsyncRead + Unpin>(
 #[tonic::async_trait]
 impl RaftTransport for TransportService {
     async fn install_snapshot(&self, request: Request<Streaming<SnapshotChunk>>) -> Result<Response<SnapshotReply>, Status> {
+        // The gRPC port also serves clients; only another node may replace a replica's state.
+        let peer = request.extensions().get::<basalt_security::PeerInfo>();
+        if self.require_node && !matches!(peer.and_then(|p| p.identity.as_ref()), Some(basalt_security::Identity::Node(_))) {
+            let who = peer.map(|p| p.addr.to_string()).unwrap_or_else(|| "?".into());
+            tracing::warn!(peer = %who, "refused a Raft snapshot from a peer without a node certificate");
+            return Err(Status::permission_denied("Raft snapshots are taken from nodes only (a node certificate of the cluster CA)"));
+        }
         let mut stream = request.into_inner();
         let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
         let endpoint = self.registry.get(first.group).ok_or_else(|| Status::not_found(format!("group {} is not hosted here", first.group)))?;
