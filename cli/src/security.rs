@@ -234,10 +234,11 @@ pub async fn audit_list(
         .records
         .iter()
         .map(|r| {
+            let e = r.event.clone().unwrap_or_default();
             json!({
-                "seq": r.seq, "time_unix_ms": r.time_unix_ms, "time": when(r.time_unix_ms, ""),
-                "actor": r.actor, "source": r.source, "action": r.action, "target": r.target,
-                "outcome": r.outcome, "detail": r.detail,
+                "seq": r.seq, "time_unix_ms": e.time_unix_ms, "time": when(e.time_unix_ms, ""),
+                "actor": e.actor, "source": e.source, "action": e.action, "target": e.target,
+                "outcome": e.outcome, "detail": e.detail,
                 "hash": basalt_security::token::hex(&r.hash),
             })
         })
@@ -245,16 +246,8 @@ pub async fn audit_list(
     out.print(json!({"records": records, "kept": reply.total, "first_seq": reply.first_seq}), || {
         let mut t = table(&["SEQ", "TIME", "ACTOR", "SOURCE", "ACTION", "TARGET", "OUTCOME", "DETAIL"]);
         for r in &reply.records {
-            t.add_row(vec![
-                r.seq.to_string(),
-                when(r.time_unix_ms, ""),
-                r.actor.clone(),
-                r.source.clone(),
-                r.action.clone(),
-                r.target.clone(),
-                r.outcome.clone(),
-                r.detail.clone(),
-            ]);
+            let e = r.event.clone().unwrap_or_default();
+            t.add_row(vec![r.seq.to_string(), when(e.time_unix_ms, ""), e.actor, e.source, e.action, e.target, e.outcome, e.detail]);
         }
         format!("{t}\n{} shown; {} kept from record {} (older ones exported and pruned)", reply.records.len(), reply.total, reply.first_seq)
     });

@@ -26,6 +26,15 @@ async fn plaintext_is_closed(addr: &str, first: &[u8]) -> bool {
     matches!(tokio::time::timeout(Duration::from_secs(15), s.read(&mut buf)).await, Ok(Ok(0)) | Ok(Err(_)))
 }
 
+/// Whether a TLS connection attempt was refused: its handshake failed, or — TLS 1.3 reports a
+/// refused client certificate only then — the first read after sending `first` finds it closed.
+async fn refused<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(attempt: std::io::Result<S>, first: &[u8]) -> bool {
+    let Ok(mut s) = attempt else { return true };
+    let _ = s.write_all(first).await;
+    let mut buf = [0u8; 16];
+    matches!(tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await, Ok(Ok(0)) | Ok(Err(_)))
+}
+
 /// Waits until `log` holds a line containing every one of `needles`.
 async fn wait_for_log(log: &std::path::Path, needles: &[&str], what: &str) {
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -113,26 +122,15 @@ async fn plaintext_and_foreign_ca_peers_are_refused_on_every_port() {
         TlsContext::load(TlsFiles { ca: cluster.ca_path(), cert: Some(files.cert), key: Some(files.key) }).unwrap(),
     )));
     for (addr, protocol) in [(&node, Protocol::Raft), (&node, Protocol::Grpc), (&metrics, Protocol::Http)] {
-        // TLS 1.3 reports a refused client certificate on the first read.
-        let refused = match mixed.connect(addr, Expect::AnyNode, protocol).await {
-            Err(_) => true,
-            Ok(mut s) => {
-                let _ = s.write_all(b"x").await;
-                let mut buf = [0u8; 16];
-                matches!(tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await, Ok(Ok(0)) | Ok(Err(_)))
-            }
-        };
-        assert!(refused, "{protocol:?} to {addr} accepted a certificate of another CA");
+        assert!(
+            refused(mixed.connect(addr, Expect::AnyNode, protocol).await, b"x").await,
+            "{protocol:?} to {addr} accepted a certificate of another CA"
+        );
     }
     wait_for_log(&cluster.node(1).log, &["refused a connection", "UnknownIssuer"], "foreign certificate").await;
     // A client certificate of our CA is no node: the Raft transport refuses it.
-    let ours = cluster.connect(&node, Protocol::Raft).await;
-    if let Ok(mut s) = ours {
-        let _ = s.write_all(b"RAFTBSL1").await;
-        let mut buf = [0u8; 16];
-        let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
-        assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "the Raft transport served a client certificate: {r:?}");
-    }
+    let ours = cluster.connect(&node, Protocol::Raft).await.map_err(std::io::Error::other);
+    assert!(refused(ours, b"RAFTBSL1").await, "the Raft transport served a client certificate");
     wait_for_log(&cluster.node(1).log, &["refused a connection", "node certificates only"], "client certificate on Raft").await;
     let text = cluster.metrics(1).await.unwrap();
     let refused: u64 =
@@ -504,15 +502,8 @@ async fn certificates_rotate_without_a_restart_and_expired_ones_are_refused() {
     config.alpn_protocols = vec![b"h2".to_vec()];
     let tcp = tokio::net::TcpStream::connect(&cluster.node(1).addr).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("node-1.basalt").unwrap();
-    let refused = match tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await {
-        Err(_) => true,
-        Ok(mut s) => {
-            let _ = s.write_all(b"x").await;
-            let mut buf = [0u8; 16];
-            matches!(tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await, Ok(Ok(0)) | Ok(Err(_)))
-        }
-    };
-    assert!(refused, "an expired client certificate was accepted");
+    let attempt = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await;
+    assert!(refused(attempt, b"x").await, "an expired client certificate was accepted");
     wait_for_log(&cluster.node(1).log, &["refused a connection", "xpired"], "expired client certificate").await;
     // Nothing else was disturbed: the cluster still serves.
     let mut admin = cluster.admin().await.unwrap();

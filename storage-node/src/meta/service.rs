@@ -132,17 +132,35 @@ pub fn token_from_proto(t: &TokenInfo) -> Option<TokenRecord> {
     })
 }
 
+fn event_proto(e: AuditEvent) -> basalt_proto::admin::AuditEvent {
+    basalt_proto::admin::AuditEvent {
+        time_unix_ms: e.time_unix_ms,
+        actor: e.actor,
+        source: e.source,
+        action: e.action,
+        target: e.target,
+        outcome: e.outcome.as_str().into(),
+        detail: e.detail,
+    }
+}
+
+/// An event a node shipped; an outcome this build does not know counts as a refusal.
+fn event_from_proto(e: basalt_proto::admin::AuditEvent) -> AuditEvent {
+    AuditEvent {
+        time_unix_ms: e.time_unix_ms,
+        actor: e.actor,
+        source: e.source,
+        action: e.action,
+        target: e.target,
+        outcome: e.outcome.parse().unwrap_or(Outcome::Denied),
+        detail: e.detail,
+    }
+}
+
 fn audit_proto(r: &basalt_security::audit::AuditRecord) -> basalt_proto::admin::AuditRecord {
-    let e = &r.event;
     basalt_proto::admin::AuditRecord {
         seq: r.seq,
-        time_unix_ms: e.time_unix_ms,
-        actor: e.actor.clone(),
-        source: e.source.clone(),
-        action: e.action.clone(),
-        target: e.target.clone(),
-        outcome: e.outcome.as_str().into(),
-        detail: e.detail.clone(),
+        event: Some(event_proto(r.event.clone())),
         prev_hash: Bytes::copy_from_slice(&r.prev),
         hash: Bytes::copy_from_slice(&r.hash),
     }
@@ -931,19 +949,7 @@ impl Admin for AdminService {
 
     async fn audit_append(&self, request: Request<AuditAppendRequest>) -> Result<Response<AuditAppendReply>, Status> {
         forward_or!(self, request, audit_append, Action::Internal, None, |meta, _caller, msg| {
-            let events: Vec<AuditEvent> = msg
-                .events
-                .into_iter()
-                .map(|e| AuditEvent {
-                    time_unix_ms: e.time_unix_ms,
-                    actor: e.actor,
-                    source: e.source,
-                    action: e.action,
-                    target: e.target,
-                    outcome: e.outcome.parse().unwrap_or(Outcome::Denied),
-                    detail: e.detail,
-                })
-                .collect();
+            let events: Vec<AuditEvent> = msg.events.into_iter().map(event_from_proto).collect();
             match self.propose(meta, MetaCommand::AppendAudit { events }).await? {
                 MetaReply::Error(e) => Err(status_of(&e)),
                 _ => Ok(Response::new(AuditAppendReply {})),
@@ -1029,18 +1035,7 @@ impl AdminService {
                 _ => Ok(()),
             };
         }
-        let events = events
-            .into_iter()
-            .map(|e| basalt_proto::admin::AuditEvent {
-                time_unix_ms: e.time_unix_ms,
-                actor: e.actor,
-                source: e.source,
-                action: e.action,
-                target: e.target,
-                outcome: e.outcome.as_str().into(),
-                detail: e.detail,
-            })
-            .collect();
+        let events = events.into_iter().map(event_proto).collect();
         let req = Request::new(AuditAppendRequest { events });
         match self.route(&req).await? {
             Route::Forward(mut client, hops) => {
