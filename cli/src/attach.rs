@@ -1,14 +1,16 @@
 //! `basalt attach` / `basalt detach`: serve a volume over NBD on this host.
 //!
-//! The NBD side has no authentication of its own: a unix socket is guarded by its file mode, a
-//! TCP listener by its address. A listener on a non-loopback address would hand the volume's
-//! data, in plaintext, to whoever reaches it; it is refused unless `--insecure-nbd` says the
-//! network is private (NBD STARTTLS is not served yet), and `--nbd-allow` limits who connects.
+//! Without TLS the NBD side has no authentication of its own: a unix socket is guarded by its
+//! file mode, a TCP listener by its address. A plaintext listener on a non-loopback address
+//! would hand the volume's data to whoever reaches it; it is refused unless it requires NBD
+//! STARTTLS (`--nbd-tls-dir`: clients present a certificate from that directory's CA) or
+//! `--insecure-nbd` says the network is private. `--nbd-allow` limits who connects.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use basalt_security::cidr::AllowList;
+use basalt_volume_client::nbd::refusals::{RefusalLog, run_reporter};
 use basalt_volume_client::nbd::{Export, NbdOptions, NbdServer};
 use basalt_volume_client::{ClientError, Cluster, Volume};
 use tokio::sync::watch;
@@ -30,6 +32,8 @@ pub struct Options {
     pub read_only: bool,
     /// Take over from the current holder.
     pub force: bool,
+    /// Require NBD STARTTLS with the certificates in this directory.
+    pub tls_dir: Option<PathBuf>,
     /// Allow a plaintext NBD listener on a non-loopback address.
     pub insecure_nbd: bool,
     /// Who may connect to an NBD TCP listener.
@@ -69,15 +73,21 @@ pub async fn open(
 
 /// Refuses a plaintext NBD TCP listener that is not on loopback, unless the operator said the
 /// network is private.
-pub fn check_nbd_address(addr: &str, insecure_nbd: bool) -> Result<(), CliError> {
+pub fn check_nbd_address(addr: &str, tls: bool, insecure_nbd: bool) -> Result<(), CliError> {
     let parsed: SocketAddr = addr.parse().map_err(|_| CliError::usage(format!("--nbd-listen {addr:?} is not an address like 127.0.0.1:10809")))?;
-    if parsed.ip().is_loopback() || insecure_nbd {
+    if parsed.ip().is_loopback() || tls || insecure_nbd {
         return Ok(());
     }
     Err(CliError::usage(format!(
         "refusing to serve NBD in plaintext on {addr}: NBD carries the volume's data unencrypted and unauthenticated to anyone who reaches it. \
-         Listen on loopback or a unix socket (--nbd-socket), or pass --insecure-nbd if that network is private (NBD STARTTLS is not served yet)"
+         Require TLS (--nbd-tls-dir DIR, see `basalt cert nbd`), listen on loopback or a unix socket (--nbd-socket), \
+         or pass --insecure-nbd if that network is private"
     )))
+}
+
+/// The NBD TLS configuration from `dir`, or a usage error naming what is wrong with it.
+pub fn load_nbd_tls(dir: &std::path::Path) -> Result<std::sync::Arc<rustls::ServerConfig>, CliError> {
+    basalt_security::nbd_tls::server_config(dir).map_err(|e| CliError::invalid(format!("--nbd-tls-dir {}: {e}", dir.display())))
 }
 
 /// Starts serving `volume` on `listen`; returns the URI clients use and the server task.
@@ -85,16 +95,26 @@ pub async fn serve(
     volume: Volume,
     read_only: bool,
     listen: &Listen,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     allow: AllowList,
+    refusals: Option<std::sync::Arc<RefusalLog>>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(String, tokio::task::JoinHandle<()>), CliError> {
     let name = volume.name().to_string();
-    let server = NbdServer::new(vec![Export { volume, read_only }], NbdOptions::default());
+    let mut server = NbdServer::new(vec![Export { volume, read_only }], NbdOptions::default());
+    // QEMU's and libnbd's URI scheme for TLS is nbds.
+    let scheme = if tls.is_some() { "nbds" } else { "nbd" };
+    if let Some(config) = tls {
+        server = server.with_tls(config);
+    }
+    if let Some(log) = refusals {
+        server = server.with_refusal_log(log);
+    }
     match listen {
         Listen::Tcp(addr) => {
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| CliError::other(format!("cannot listen on {addr}: {e}")))?;
             let local = listener.local_addr().map_err(|e| CliError::other(e.to_string()))?;
-            Ok((format!("nbd://{local}/{name}"), tokio::spawn(server.serve_tcp(listener, allow, shutdown))))
+            Ok((format!("{scheme}://{local}/{name}"), tokio::spawn(server.serve_tcp(listener, allow, shutdown))))
         }
         Listen::Socket(path) => {
             // Replace a stale socket from an earlier run, never any other kind of file.
@@ -107,7 +127,7 @@ pub async fn serve(
                 }
             }
             let listener = tokio::net::UnixListener::bind(path).map_err(|e| CliError::other(format!("cannot listen on {}: {e}", path.display())))?;
-            Ok((format!("nbd+unix:///{name}?socket={}", path.display()), tokio::spawn(server.serve_unix(listener, shutdown))))
+            Ok((format!("{scheme}+unix:///{name}?socket={}", path.display()), tokio::spawn(server.serve_unix(listener, shutdown))))
         }
     }
 }
@@ -115,11 +135,15 @@ pub async fn serve(
 /// `basalt attach`: serves until Ctrl-C or SIGTERM, then detaches.
 pub async fn attach(admin: &Admin, name: &str, listen: Listen, opts: Options) -> Result<(), CliError> {
     if let Listen::Tcp(addr) = &listen {
-        check_nbd_address(addr, opts.insecure_nbd)?;
+        check_nbd_address(addr, opts.tls_dir.is_some(), opts.insecure_nbd)?;
     }
+    // Certificates are checked before the volume is attached: a bad directory attaches nothing.
+    let tls = opts.tls_dir.as_deref().map(load_nbd_tls).transpose()?;
     let (cluster, volume) = open(admin.addrs(), admin.credentials(), name, opts.read_only, opts.force, &holder()).await?;
     let (tx, rx) = watch::channel(false);
-    let (uri, task) = serve(volume.clone(), opts.read_only, &listen, opts.allow, rx).await?;
+    let (log, refusals) = RefusalLog::new();
+    tokio::spawn(run_reporter(cluster.clone(), name.to_string(), log.clone(), refusals, rx.clone()));
+    let (uri, task) = serve(volume.clone(), opts.read_only, &listen, tls, opts.allow, Some(log), rx).await?;
     if !opts.read_only {
         eprintln!("attached {name} read-write (epoch {})", volume.epoch());
     }
@@ -164,5 +188,21 @@ pub async fn wait_for_stop() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plaintext_nbd_off_loopback_needs_tls_or_an_explicit_opt_out() {
+        assert!(check_nbd_address("127.0.0.1:10809", false, false).is_ok());
+        assert!(check_nbd_address("[::1]:10809", false, false).is_ok());
+        let e = check_nbd_address("0.0.0.0:10809", false, false).unwrap_err();
+        assert!(e.message.contains("--nbd-tls-dir"), "{}", e.message);
+        assert!(check_nbd_address("10.1.2.3:10809", true, false).is_ok(), "TLS required");
+        assert!(check_nbd_address("10.1.2.3:10809", false, true).is_ok(), "--insecure-nbd");
+        assert!(check_nbd_address("nonsense", true, true).is_err());
     }
 }

@@ -367,9 +367,18 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
     let (nbd_tx, nbd_rx) = tokio::sync::watch::channel(false);
     let (nbd_cluster, nbd_volume) = crate::attach::open(&meta_addrs, &creds, "demo", false, true, "basalt dev up").await?;
     // Loopback only, like the nodes (`attach` refuses a plaintext NBD listener elsewhere).
-    crate::attach::check_nbd_address(&nbd_addr, false)?;
+    crate::attach::check_nbd_address(&nbd_addr, false, false)?;
     let loopback = basalt_security::cidr::AllowList::parse(&["127.0.0.0/8", "::1/128"]).map_err(|e| CliError::other(e.to_string()))?;
-    let (uri, nbd_task) = crate::attach::serve(nbd_volume.clone(), false, &crate::attach::Listen::Tcp(nbd_addr), loopback, nbd_rx).await?;
+    let (refusal_log, refusals) = basalt_volume_client::nbd::refusals::RefusalLog::new();
+    tokio::spawn(basalt_volume_client::nbd::refusals::run_reporter(
+        nbd_cluster.clone(),
+        "demo".into(),
+        refusal_log.clone(),
+        refusals,
+        nbd_rx.clone(),
+    ));
+    let listen = crate::attach::Listen::Tcp(nbd_addr);
+    let (uri, nbd_task) = crate::attach::serve(nbd_volume.clone(), false, &listen, None, loopback, Some(refusal_log), nbd_rx).await?;
     say(format!("serving demo over NBD at {uri}"));
 
     let cluster = DevCluster {

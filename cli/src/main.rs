@@ -78,9 +78,13 @@ enum Cmd {
         /// Take over a volume attached elsewhere (live migration); the previous holder is fenced.
         #[arg(long)]
         force: bool,
+        /// Require NBD STARTTLS on every connection with the certificates in DIR (QEMU's x509
+        /// layout, made by `basalt cert nbd`); clients must present a certificate from DIR's CA.
+        #[arg(long, value_name = "DIR")]
+        nbd_tls_dir: Option<PathBuf>,
         /// Serve NBD over TCP on a non-loopback address in plaintext. NBD carries the volume's
         /// data unencrypted and unauthenticated: only on a network nobody else reaches.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "nbd_tls_dir")]
         insecure_nbd: bool,
         /// Only these source addresses may connect to the NBD TCP listener (CIDR, repeatable;
         /// default: any that reach it).
@@ -141,6 +145,20 @@ enum CertCmd {
         /// Further DNS names or IP addresses the certificate names (repeatable).
         #[arg(long)]
         san: Vec<String>,
+    },
+    /// Create a certificate directory for NBD STARTTLS in QEMU's x509 layout (its own CA, a
+    /// server certificate for `basalt attach --nbd-tls-dir`, a client certificate for QEMU's
+    /// `tls-creds-x509` or nbdinfo's `tls-certificates`). Replace the whole directory to rotate.
+    Nbd {
+        /// Directory to create the files in (none of them may exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// Address or DNS name clients dial the NBD listener by (repeatable; QEMU checks it).
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = basalt_security::certs::CERT_DAYS)]
+        days: u32,
     },
 }
 
@@ -351,12 +369,13 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Cert(CertCmd::Issue { dir, node, client, out: out_dir, days, san }) => {
             return security::cert_issue(out, &dir, node, client, out_dir, days, &san);
         }
+        Cmd::Cert(CertCmd::Nbd { out: dir, hosts, days }) => return security::cert_nbd(out, &dir, &hosts, days),
         _ => {}
     }
     let flags = admin::CredentialFlags { ca: cli.ca, token_file: cli.token_file, cert: cli.cert, key: cli.key, insecure: cli.insecure };
     let admin = admin::Admin::new(cli.cluster, admin::Credentials::load(&flags)?)?;
     match cli.command {
-        Cmd::Attach { volume, nbd_socket, nbd_listen, read_only, force, insecure_nbd, nbd_allow } => {
+        Cmd::Attach { volume, nbd_socket, nbd_listen, read_only, force, nbd_tls_dir, insecure_nbd, nbd_allow } => {
             let listen = match (nbd_socket, nbd_listen) {
                 (Some(p), _) => attach::Listen::Socket(p),
                 (None, Some(a)) => attach::Listen::Tcp(a),
@@ -365,7 +384,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 }
             };
             let allow = basalt_security::cidr::AllowList::parse(&nbd_allow).map_err(|e| CliError::usage(format!("--nbd-allow: {e}")))?;
-            attach::attach(&admin, &volume, listen, attach::Options { read_only, force, insecure_nbd, allow }).await
+            attach::attach(&admin, &volume, listen, attach::Options { read_only, force, tls_dir: nbd_tls_dir, insecure_nbd, allow }).await
         }
         Cmd::Detach { volume } => attach::detach(&admin, &volume).await,
         Cmd::Cluster(ClusterCmd::Init { pgs, extent_size, failure_domain, admin_token_file }) => {

@@ -77,6 +77,26 @@ pub fn cert_issue(
     Ok(())
 }
 
+/// `basalt cert nbd`.
+pub fn cert_nbd(out: Out, dir: &Path, hosts: &[String], days: u32) -> Result<(), CliError> {
+    if days == 0 {
+        return Err(CliError::invalid("--days must be at least 1"));
+    }
+    let issued = basalt_security::nbd_tls::create(dir, hosts, Validity::days(days)).map_err(sec_err)?;
+    out.print(json!({"dir": issued.dir, "hosts": hosts, "not_after": issued.not_after}), || {
+        format!(
+            "created NBD TLS certificates in {} for {} (valid until {}): `basalt attach --nbd-tls-dir {}` serves with them; \
+             QEMU reads the client side with -object tls-creds-x509,id=tls0,endpoint=client,dir={}",
+            issued.dir.display(),
+            hosts.join(", "),
+            format_unix(issued.not_after),
+            issued.dir.display(),
+            issued.dir.display()
+        )
+    });
+    Ok(())
+}
+
 fn token_json(t: &TokenInfo) -> Value {
     json!({
         "id": t.id, "role": t.role, "volumes": t.volumes, "expires_unix_ms": t.expires_unix_ms,

@@ -55,11 +55,11 @@ impl Validity {
     }
 }
 
-fn gen_err(e: rcgen::Error) -> SecurityError {
+pub(crate) fn gen_err(e: rcgen::Error) -> SecurityError {
     SecurityError::Generate(e.to_string())
 }
 
-fn random_serial() -> SerialNumber {
+pub(crate) fn random_serial() -> SerialNumber {
     let mut bytes: [u8; 16] = rand::random();
     // Positive, and never a leading zero byte that DER would strip.
     bytes[0] = (bytes[0] & 0x7f) | 0x40;

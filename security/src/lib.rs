@@ -4,6 +4,8 @@
 //! - [`certs`][]: the cluster CA and the certificates it issues (`basalt cert init|issue`).
 //! - [`tls`][]: TLS 1.3 configurations (rustls, *ring*), the accepting side that reads the
 //!   ClientHello before deciding, the connecting side that verifies nodes, reloading.
+//! - [`nbd_tls`][]: the certificate directory for NBD STARTTLS (QEMU's x509 layout) and its
+//!   server configuration.
 //! - [`stream`][]: plaintext-or-TLS streams and the dialer every client of a node uses.
 //! - [`grpc`][]: tonic channels over the dialer; bearer tokens in metadata.
 //! - [`token`][]: bearer tokens (format, generation, hashing).
@@ -17,6 +19,7 @@ pub mod cidr;
 pub mod error;
 pub mod grpc;
 pub mod identity;
+pub mod nbd_tls;
 pub mod policy;
 pub mod stream;
 pub mod tls;

@@ -65,9 +65,9 @@ impl Role {
                     | AuditList
             ),
             Role::Hypervisor => {
-                matches!(action, NodeInfo | ClusterMap | VolumeList | VolumeShow | VolumeAttach | VolumeDetach | DataRead | DataWrite)
+                matches!(action, NodeInfo | ClusterMap | VolumeList | VolumeShow | VolumeAttach | VolumeDetach | DataRead | DataWrite | AuditReport)
             }
-            Role::Backup => matches!(action, NodeInfo | ClusterMap | VolumeList | VolumeShow | DataRead),
+            Role::Backup => matches!(action, NodeInfo | ClusterMap | VolumeList | VolumeShow | DataRead | AuditReport),
             Role::Reader => matches!(action, NodeInfo | ClusterStatus | NodeList | ScrubStatus | Metrics),
         }
     }
@@ -138,6 +138,9 @@ pub enum Action {
     TokenRevoke,
     /// Reading and verifying the audit log.
     AuditList,
+    /// Recording connections an attach process refused to one of its exports (NBD allow-list,
+    /// TLS): the record names the reporter as actor.
+    AuditReport,
     /// Node-to-node calls: heartbeats, Raft snapshots, replica checks, audit records.
     Internal,
 }
@@ -170,6 +173,7 @@ impl Action {
             TokenList => "auth.token.list",
             TokenRevoke => "auth.token.revoke",
             AuditList => "audit.list",
+            AuditReport => "audit.report",
             Internal => "internal",
         }
     }
@@ -438,6 +442,9 @@ mod tests {
         let e = authorize(&hv, Action::DataWrite, Some("vm2")).unwrap_err();
         assert!(!e.unauthenticated && e.message.contains("no grant for volume vm2"), "{e}");
         assert!(authorize(&hv, Action::NodeDrain, None).is_err());
+        assert!(authorize(&hv, Action::AuditReport, Some("vm1")).is_ok(), "reports refusals on its own exports");
+        assert!(authorize(&hv, Action::AuditReport, Some("vm2")).is_err(), "and only those");
+        assert!(authorize(&op, Action::AuditReport, Some("vm1")).is_err());
         let backup = tok(Role::Backup, &[]);
         assert!(authorize(&backup, Action::DataRead, Some("x")).is_ok());
         assert!(authorize(&backup, Action::DataWrite, Some("x")).is_err());

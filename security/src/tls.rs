@@ -116,7 +116,7 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, SecurityE
     Ok(certs)
 }
 
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, SecurityError> {
+pub(crate) fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, SecurityError> {
     let bytes = std::fs::read(path).map_err(|e| SecurityError::io(path, e))?;
     PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| SecurityError::Pem { path: path.to_path_buf(), message: format!("holds no private key: {e}") })
 }

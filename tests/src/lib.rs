@@ -595,6 +595,32 @@ impl TestCluster {
         Ok((out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned()))
     }
 
+    /// `basalt --json audit list` records.
+    pub async fn audit_records(&self) -> Vec<serde_json::Value> {
+        let (code, out, err) = self.cli(&["--json", "audit", "list", "--limit", "100000"]).await.expect("run basalt audit list");
+        assert_eq!(code, Some(0), "audit list: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("audit list --json is JSON");
+        v["records"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Waits (up to 20 s) until the audit log holds a record matching `pred`; panics naming
+    /// `what` and the last records otherwise.
+    pub async fn wait_for_audit(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let records = self.audit_records().await;
+            if let Some(r) = records.iter().find(|r| pred(r)) {
+                return r.clone();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no audit record for {what}; last records: {:#?}",
+                &records[records.len().saturating_sub(10)..]
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
     /// A copy of binary `name` that any user may run (the build directory may sit in root's
     /// private home), in the cluster directory.
     pub fn shared_bin(&self, name: &str) -> Result<PathBuf> {

@@ -22,14 +22,12 @@ impl Drop for Attached {
 }
 
 fn attach(cluster: &TestCluster, volume: &str, extra: &[&str]) -> Result<Attached, (Option<i32>, String)> {
-    let mut child = cluster
-        .basalt_cmd()
-        .args(["attach", volume, "--nbd-listen", "127.0.0.1:0"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn basalt attach");
+    let mut cmd = cluster.basalt_cmd();
+    cmd.args(["attach", volume]);
+    if !extra.contains(&"--nbd-listen") {
+        cmd.args(["--nbd-listen", "127.0.0.1:0"]);
+    }
+    let mut child = cmd.args(extra).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn basalt attach");
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -43,7 +41,7 @@ fn attach(cluster: &TestCluster, volume: &str, extra: &[&str]) -> Result<Attache
     let mut uri = None;
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(l) if l.starts_with("nbd://") => uri = Some(l),
+            Ok(l) if l.starts_with("nbd://") || l.starts_with("nbds://") => uri = Some(l),
             Ok(l) if l == "ready" => {
                 return Ok(Attached { child, uri: uri.expect("uri before ready") });
             }
@@ -79,6 +77,84 @@ fn qemu_io_opts(uri: &str, opts: &[&str], cmds: &[String]) -> (bool, String) {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let ok = out.status.success() && !text.contains("Pattern verification failed") && !text.contains("failed:");
     (ok, text)
+}
+
+/// `host:port` of an `nbd://` or `nbds://` URI.
+fn host_port(uri: &str) -> (String, String) {
+    let rest = uri.split("://").nth(1).expect("a URI");
+    let addr = rest.split('/').next().expect("an address");
+    let (h, p) = addr.rsplit_once(':').expect("host:port");
+    (h.to_string(), p.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_and_the_allow_list_guard_the_tcp_listener_and_refusals_are_audited() {
+    let cluster = cluster_with_volume("sec", 16 << 20).await;
+    let tls = cluster.path().join("nbd-tls");
+    let (code, _, err) = cluster.cli(&["cert", "nbd", "--out", tls.to_str().unwrap(), "--host", "127.0.0.1"]).await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    let tls_dir = tls.to_str().unwrap();
+
+    // A plaintext listener off loopback is refused, naming the ways out; a bad TLS directory
+    // fails before anything is attached.
+    let (code, msg) = attach(&cluster, "sec", &["--nbd-listen", "0.0.0.0:0"]).err().expect("refused");
+    assert_eq!(code, Some(2), "{msg}");
+    assert!(msg.contains("--nbd-tls-dir") && msg.contains("--insecure-nbd"), "{msg}");
+    let missing = cluster.path().join("no-such-dir");
+    let (code, msg) = attach(&cluster, "sec", &["--nbd-tls-dir", missing.to_str().unwrap()]).err().expect("refused");
+    assert_ne!(code, Some(0));
+    assert!(msg.contains("ca-cert.pem"), "names the missing file: {msg}");
+
+    // With TLS required: an nbds:// URI; QEMU and nbdinfo with the client certificate work,
+    // a plaintext client is told TLS is required, a client without a certificate is refused.
+    let a = attach(&cluster, "sec", &["--nbd-tls-dir", tls_dir]).expect("attach with TLS (nothing was attached by the refused runs)");
+    assert!(a.uri.starts_with("nbds://127.0.0.1:"), "{}", a.uri);
+    let (host, port) = host_port(&a.uri);
+    let object = format!("tls-creds-x509,id=tls0,endpoint=client,dir={tls_dir}");
+    let opts = format!("driver=nbd,host={host},port={port},export=sec,tls-creds=tls0");
+    let run = |dir_object: &str| {
+        let out = Command::new("qemu-io")
+            .args(["--object", dir_object, "--image-opts", &opts, "-c", "write -P 0x5c 4096 64k", "-c", "read -P 0x5c 4096 64k"])
+            .output()
+            .expect("qemu-io");
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+    let (ok, out) = run(&object);
+    assert!(ok && !out.contains("Pattern verification failed"), "QEMU over TLS: {out}");
+    let (ok, out) = qemu_io(&format!("nbd://{host}:{port}/sec"), &["read 0 4k".into()]);
+    assert!(!ok && out.contains("TLS"), "a plaintext client is told TLS is required: {out}");
+    let info = Command::new("nbdinfo").arg(format!("{}?tls-certificates={tls_dir}", a.uri)).output().expect("nbdinfo");
+    let text = String::from_utf8_lossy(&info.stdout);
+    assert!(
+        info.status.success() && text.contains("with TLS") && text.contains("16777216"),
+        "nbdinfo over TLS: {text}{}",
+        String::from_utf8_lossy(&info.stderr)
+    );
+    let nocert = cluster.path().join("nbd-nocert");
+    std::fs::create_dir_all(&nocert).unwrap();
+    std::fs::copy(tls.join("ca-cert.pem"), nocert.join("ca-cert.pem")).unwrap();
+    let (ok, out) = run(&format!("tls-creds-x509,id=tls0,endpoint=client,dir={}", nocert.display()));
+    assert!(!ok, "a client without a certificate is refused: {out}");
+    let r = cluster
+        .wait_for_audit("the refused TLS handshake", |r| {
+            r["action"] == "connect.nbd" && r["detail"].as_str().is_some_and(|d| d.contains("TLS handshake"))
+        })
+        .await;
+    assert_eq!(r["target"], "sec");
+    assert_eq!(r["outcome"], "denied");
+    assert!(r["actor"].as_str().unwrap().starts_with("token:"), "the attach process's principal reports it: {r}");
+    assert!(r["source"].as_str().unwrap().starts_with("127.0.0.1:"), "{r}");
+    drop(a);
+
+    // An allow-list that leaves loopback out: the connection is dropped at accept, and recorded.
+    let a = attach(&cluster, "sec", &["--force", "--nbd-allow", "10.0.0.0/8"]).expect("attach");
+    let (ok, out) = qemu_io(&a.uri, &["read 0 4k".into()]);
+    assert!(!ok, "outside the allow-list: {out}");
+    let r = cluster
+        .wait_for_audit("the allow-list refusal", |r| r["action"] == "connect.nbd" && r["detail"].as_str().is_some_and(|d| d.contains("allow-list")))
+        .await;
+    assert_eq!(r["target"], "sec");
+    assert!(r["detail"].as_str().unwrap().contains("10.0.0.0/8"), "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

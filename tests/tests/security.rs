@@ -69,27 +69,6 @@ async fn cert_expiry(cluster: &TestCluster, id: u64) -> i64 {
     nodes.iter().find(|n| n["id"] == id).unwrap()["cert_not_after"].as_i64().unwrap()
 }
 
-/// `basalt --json audit list` records.
-async fn audit_records(cluster: &TestCluster) -> Vec<serde_json::Value> {
-    let (code, out, err) = cluster.cli(&["--json", "audit", "list", "--limit", "100000"]).await.unwrap();
-    assert_eq!(code, Some(0), "audit list: {err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["records"].as_array().unwrap().clone()
-}
-
-/// Waits until the audit log holds a record matching `pred`.
-async fn wait_for_audit(cluster: &TestCluster, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let records = audit_records(cluster).await;
-        if let Some(r) = records.iter().find(|r| pred(r)) {
-            return r.clone();
-        }
-        assert!(Instant::now() < deadline, "no audit record for {what}; last records: {:#?}", &records[records.len().saturating_sub(10)..]);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_and_foreign_ca_peers_are_refused_on_every_port() {
     let mut cluster = TestCluster::with_volume("v", 16 << 20).await.unwrap();
@@ -213,7 +192,7 @@ async fn credentials_are_checked_and_every_refusal_is_audited() {
     assert!(client.map().volume_by_name("b").is_none(), "a token limited to volume a sees volume b in the map");
 
     // Every refusal is in the audit log, with the actor, the source and the reason.
-    let records = audit_records(&cluster).await;
+    let records = cluster.audit_records().await;
     let denied: Vec<&serde_json::Value> = records.iter().filter(|r| r["outcome"] == "denied").collect();
     for (file, args, _, part) in &cases {
         let found =
@@ -287,10 +266,11 @@ async fn a_token_revoked_while_its_data_connection_is_open_loses_access_within_s
     assert!(matches!(e, ClientError::Unauthenticated(_)), "{e}");
     assert!(e.to_string().contains("revoked"), "{e}");
     assert!(took < Duration::from_secs(5), "access lasted {took:?} after revocation");
-    wait_for_audit(&cluster, "the refused write", |r| {
-        r["action"] == "data.write" && r["outcome"] == "denied" && r["actor"].as_str().unwrap_or("").contains(&token.id().to_string())
-    })
-    .await;
+    cluster
+        .wait_for_audit("the refused write", |r| {
+            r["action"] == "data.write" && r["outcome"] == "denied" && r["actor"].as_str().unwrap_or("").contains(&token.id().to_string())
+        })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -313,10 +293,11 @@ async fn allow_list_refusals_are_counted_and_audited() {
             .sum::<u64>();
     }
     assert!(counted > 0, "allow-list refusals are counted");
-    let r = wait_for_audit(&cluster, "an allow-list refusal", |r| {
-        r["outcome"] == "denied" && r["detail"].as_str().unwrap_or("").contains("not in the data allow-list")
-    })
-    .await;
+    let r = cluster
+        .wait_for_audit("an allow-list refusal", |r| {
+            r["outcome"] == "denied" && r["detail"].as_str().unwrap_or("").contains("not in the data allow-list")
+        })
+        .await;
     assert!(r["source"].as_str().unwrap().starts_with("127.0.0.1:"), "{r}");
     assert_eq!(r["action"], "connect.port");
     // A flood is not recorded one by one: two hundred refused connections leave a burst of
@@ -326,13 +307,13 @@ async fn allow_list_refusals_are_counted_and_audited() {
     let refused_one_by_one =
         |records: &[serde_json::Value]| records.iter().filter(|r| r["detail"].as_str().unwrap_or("").contains("not in the data allow-list")).count();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = refused_one_by_one(&audit_records(&cluster).await);
+    let before = refused_one_by_one(&cluster.audit_records().await);
     for _ in 0..200 {
         let _ = dialer.connect(&addr, Expect::AnyNode, Protocol::Data).await;
     }
-    let summary = wait_for_audit(&cluster, "the suppressed refusals", |r| r["action"] == "audit.suppressed").await;
+    let summary = cluster.wait_for_audit("the suppressed refusals", |r| r["action"] == "audit.suppressed").await;
     println!("{summary}");
-    let one_by_one = refused_one_by_one(&audit_records(&cluster).await) - before;
+    let one_by_one = refused_one_by_one(&cluster.audit_records().await) - before;
     println!("{one_by_one} of 200 refused connections recorded one by one");
     assert!(one_by_one < 100, "{one_by_one} refusals recorded one by one out of 200 (rate limit)");
     // NodeInfo still answers: other protocols are unaffected.
@@ -364,7 +345,7 @@ async fn the_audit_log_survives_a_lost_meta_leader_and_verify_finds_edits_and_de
         assert!(Instant::now() < deadline, "no volume created after the meta leader's loss: {err}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let records = audit_records(&cluster).await;
+    let records = cluster.audit_records().await;
     for i in 0..6 {
         assert!(records.iter().any(|r| r["action"] == "volume.create" && r["target"] == format!("x{i}")), "record of x{i} lost with the leader");
     }

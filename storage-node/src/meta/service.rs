@@ -17,13 +17,13 @@ use basalt_common::{DomainLevel, Layout, NodeId, PgId, VolumeId};
 use basalt_proto::admin::admin_client::AdminClient;
 use basalt_proto::admin::admin_server::Admin;
 use basalt_proto::admin::{
-    AuditAppendReply, AuditAppendRequest, AuditCheckRequest, AuditListReply, AuditListRequest, AuditNodeVerdict, AuditVerifyReply,
-    AuditVerifyRequest, ClusterInitReply, ClusterInitRequest, ClusterMap, ClusterStatusReply, ClusterStatusRequest, GetClusterMapRequest,
-    NodeDrainReply, NodeDrainRequest, NodeHeartbeatReply, NodeHeartbeatRequest, NodeInfoReply, NodeInfoRequest, NodeListReply, NodeListRequest,
-    NodeRemoveReply, NodeRemoveRequest, PlacementGroup, ScrubStartReply, ScrubStartRequest, ScrubStatusReply, ScrubStatusRequest, TokenCreateReply,
-    TokenCreateRequest, TokenInfo, TokenListReply, TokenListRequest, TokenRevokeReply, TokenRevokeRequest, Volume, VolumeAttachRequest,
-    VolumeCreateRequest, VolumeDeleteReply, VolumeDeleteRequest, VolumeDetachRequest, VolumeListReply, VolumeListRequest, VolumeReply,
-    VolumeResizeRequest, VolumeShowRequest,
+    AuditAppendReply, AuditAppendRequest, AuditCheckRequest, AuditListReply, AuditListRequest, AuditNodeVerdict, AuditReportRequest,
+    AuditVerifyReply, AuditVerifyRequest, ClusterInitReply, ClusterInitRequest, ClusterMap, ClusterStatusReply, ClusterStatusRequest,
+    GetClusterMapRequest, NodeDrainReply, NodeDrainRequest, NodeHeartbeatReply, NodeHeartbeatRequest, NodeInfoReply, NodeInfoRequest, NodeListReply,
+    NodeListRequest, NodeRemoveReply, NodeRemoveRequest, PlacementGroup, ScrubStartReply, ScrubStartRequest, ScrubStatusReply, ScrubStatusRequest,
+    TokenCreateReply, TokenCreateRequest, TokenInfo, TokenListReply, TokenListRequest, TokenRevokeReply, TokenRevokeRequest, Volume,
+    VolumeAttachRequest, VolumeCreateRequest, VolumeDeleteReply, VolumeDeleteRequest, VolumeDetachRequest, VolumeListReply, VolumeListRequest,
+    VolumeReply, VolumeResizeRequest, VolumeShowRequest,
 };
 use basalt_proto::data::ReleaseVolumeRequest;
 use basalt_raft::{NodeInfo, RaftError};
@@ -435,6 +435,9 @@ impl AdminService {
 
 /// Runs a request on the meta leader: forwards it there, or (here) authorises `$action` on
 /// `$volume` for its caller and runs `$local`.
+/// Most refusals one `AuditReport` may carry.
+const MAX_REPORTED: usize = 256;
+
 macro_rules! forward_or {
     ($self:ident, $req:ident, $method:ident, $action:expr, $volume:expr, |$meta:ident, $caller:ident, $msg:ident| $local:expr) => {{
         match $self.route(&$req).await? {
@@ -950,6 +953,43 @@ impl Admin for AdminService {
     async fn audit_append(&self, request: Request<AuditAppendRequest>) -> Result<Response<AuditAppendReply>, Status> {
         forward_or!(self, request, audit_append, Action::Internal, None, |meta, _caller, msg| {
             let events: Vec<AuditEvent> = msg.events.into_iter().map(event_from_proto).collect();
+            match self.propose(meta, MetaCommand::AppendAudit { events }).await? {
+                MetaReply::Error(e) => Err(status_of(&e)),
+                _ => Ok(Response::new(AuditAppendReply {})),
+            }
+        })
+    }
+
+    async fn audit_report(&self, request: Request<AuditReportRequest>) -> Result<Response<AuditAppendReply>, Status> {
+        let volume = request.get_ref().volume.clone();
+        forward_or!(self, request, audit_report, Action::AuditReport, Some(&volume), |meta, caller, msg| {
+            if msg.refused.len() > MAX_REPORTED {
+                return Err(Status::invalid_argument(format!("at most {MAX_REPORTED} refusals per report, not {}", msg.refused.len())));
+            }
+            // The reporter is the actor and the NBD listener's refusal is the action: a
+            // reporter can add only records that name itself, about its own exports.
+            let clip = |s: &str| s.chars().take(256).collect::<String>();
+            let mut events: Vec<AuditEvent> = msg
+                .refused
+                .iter()
+                .map(|r| {
+                    let mut e = caller.event(
+                        "connect.nbd",
+                        &volume,
+                        Outcome::Denied,
+                        format!("refused by the attach process at {}: {}", caller.source, clip(&r.reason)),
+                    );
+                    e.source = clip(&r.source);
+                    e
+                })
+                .collect();
+            if msg.suppressed > 0 {
+                let detail = format!("{} more refused NBD connection(s) not recorded one by one (rate limit per source)", msg.suppressed);
+                events.push(caller.event("connect.nbd", &volume, Outcome::Denied, detail));
+            }
+            if events.is_empty() {
+                return Ok(Response::new(AuditAppendReply {}));
+            }
             match self.propose(meta, MetaCommand::AppendAudit { events }).await? {
                 MetaReply::Error(e) => Err(status_of(&e)),
                 _ => Ok(Response::new(AuditAppendReply {})),

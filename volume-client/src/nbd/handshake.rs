@@ -66,6 +66,10 @@ pub enum HandshakeError {
     /// The client broke the protocol; the connection is closed.
     #[error("protocol violation during handshake: {0}")]
     Protocol(String),
+    /// The TLS handshake after NBD_OPT_STARTTLS failed (a client certificate missing or
+    /// from another CA, say); the connection is closed (§ FORCEDTLS mode).
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
     /// The client sent NBD_OPT_ABORT.
     #[error("client aborted the negotiation")]
     Aborted,
@@ -113,8 +117,41 @@ fn find<'a>(exports: &'a [ExportInfo], name: &str) -> Option<&'a ExportInfo> {
     if name.is_empty() { exports.first() } else { exports.iter().find(|e| e.name == name) }
 }
 
-/// Runs the server side of the handshake on `s`.
-pub async fn negotiate<S>(s: &mut S, exports: &[ExportInfo]) -> Result<Negotiated, HandshakeError>
+/// What a listener does with NBD_OPT_STARTTLS (§ TLS support, server-side requirements).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsMode {
+    /// NOTLS mode: STARTTLS is refused with NBD_REP_ERR_POLICY.
+    Off,
+    /// FORCEDTLS mode: every option but STARTTLS and ABORT is refused with
+    /// NBD_REP_ERR_TLS_REQD until TLS is up.
+    Forced,
+}
+
+/// How the plaintext part of a negotiation ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// An export was chosen; transmission follows on the same stream.
+    Export(Negotiated),
+    /// NBD_OPT_STARTTLS was acknowledged: the caller runs the TLS handshake and continues
+    /// with [`negotiate_over_tls`].
+    StartTls {
+        /// The client asked for no zero padding in the greeting (carries over into TLS).
+        no_zeroes: bool,
+    },
+}
+
+/// Where a negotiation is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Plaintext, in the given mode.
+    Plain(TlsMode),
+    /// Inside TLS.
+    Tls,
+}
+
+/// Runs the server side of the handshake on `s`: the greeting, then options until an export
+/// is chosen or (in [`TlsMode::Forced`]) TLS is started.
+pub async fn negotiate<S>(s: &mut S, exports: &[ExportInfo], tls: TlsMode) -> Result<Outcome, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -129,7 +166,29 @@ where
     if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
         return Err(HandshakeError::Protocol(format!("unknown client flags {client_flags:#x}")));
     }
-    let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+    if tls == TlsMode::Forced && client_flags & FLAG_C_FIXED_NEWSTYLE == 0 {
+        // TLS needs fixed newstyle (§ Certificates, authentication and authorisation).
+        return Err(HandshakeError::Protocol("the client does not speak fixed newstyle, which TLS requires".into()));
+    }
+    options(s, exports, client_flags & FLAG_C_NO_ZEROES != 0, Phase::Plain(tls)).await
+}
+
+/// Continues option haggling inside TLS after [`Outcome::StartTls`]. Nothing negotiated
+/// before TLS carries over (in FORCEDTLS mode nothing could be).
+pub async fn negotiate_over_tls<S>(s: &mut S, exports: &[ExportInfo], no_zeroes: bool) -> Result<Negotiated, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match options(s, exports, no_zeroes, Phase::Tls).await? {
+        Outcome::Export(n) => Ok(n),
+        Outcome::StartTls { .. } => Err(HandshakeError::Protocol("STARTTLS inside TLS".into())),
+    }
+}
+
+async fn options<S>(s: &mut S, exports: &[ExportInfo], no_zeroes: bool, phase: Phase) -> Result<Outcome, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut structured = false;
 
     for _ in 0..MAX_OPTIONS {
@@ -144,6 +203,27 @@ where
         }
         let mut data = vec![0u8; len as usize];
         s.read_exact(&mut data).await?;
+
+        if phase == Phase::Plain(TlsMode::Forced) {
+            match option {
+                OPT_STARTTLS if data.is_empty() => {
+                    reply(s, option, REP_ACK, &[]).await?;
+                    s.flush().await?;
+                    return Ok(Outcome::StartTls { no_zeroes });
+                }
+                OPT_STARTTLS => error(s, option, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data").await?,
+                OPT_ABORT => {
+                    let _ = reply(s, option, REP_ACK, &[]).await;
+                    let _ = s.flush().await;
+                    return Err(HandshakeError::Aborted);
+                }
+                // It cannot be answered with an error: terminate (§ FORCEDTLS mode).
+                OPT_EXPORT_NAME => return Err(HandshakeError::Protocol("NBD_OPT_EXPORT_NAME before TLS on a listener that requires TLS".into())),
+                _ => error(s, option, REP_ERR_TLS_REQD, "this server requires TLS: send NBD_OPT_STARTTLS first").await?,
+            }
+            s.flush().await?;
+            continue;
+        }
 
         match option {
             OPT_EXPORT_NAME => {
@@ -160,7 +240,7 @@ where
                 }
                 s.write_all(&b).await?;
                 s.flush().await?;
-                return Ok(Negotiated { export: export.name.clone(), structured });
+                return Ok(Outcome::Export(Negotiated { export: export.name.clone(), structured }));
             }
             OPT_ABORT => {
                 let _ = reply(s, option, REP_ACK, &[]).await;
@@ -233,10 +313,11 @@ where
                 reply(s, option, REP_ACK, &[]).await?;
                 s.flush().await?;
                 if option == OPT_GO {
-                    return Ok(Negotiated { export: export.name.clone(), structured });
+                    return Ok(Outcome::Export(Negotiated { export: export.name.clone(), structured }));
                 }
                 continue;
             }
+            OPT_STARTTLS if phase == Phase::Tls => error(s, option, REP_ERR_INVALID, "TLS is already on").await?,
             OPT_STARTTLS => error(s, option, REP_ERR_POLICY, "TLS is not offered on this listener").await?,
             _ => error(s, option, REP_ERR_UNSUP, &format!("option {option} is not supported")).await?,
         }
@@ -279,11 +360,22 @@ mod tests {
     }
 
     async fn run(input: Vec<u8>) -> (Result<Negotiated, HandshakeError>, Vec<u8>) {
+        let (r, out) = run_mode(input, TlsMode::Off).await;
+        (
+            r.map(|o| match o {
+                Outcome::Export(n) => n,
+                other => panic!("{other:?}"),
+            }),
+            out,
+        )
+    }
+
+    async fn run_mode(input: Vec<u8>, mode: TlsMode) -> (Result<Outcome, HandshakeError>, Vec<u8>) {
         let (mut client, mut server) = tokio::io::duplex(1 << 20);
         client.write_all(&input).await.unwrap();
         client.shutdown().await.unwrap();
         let exports = vec![export()];
-        let result = negotiate(&mut server, &exports).await;
+        let result = negotiate(&mut server, &exports, mode).await;
         drop(server);
         let mut out = Vec::new();
         client.read_to_end(&mut out).await.unwrap();
@@ -349,5 +441,53 @@ mod tests {
         let mut b = 0u32.to_be_bytes().to_vec();
         b.extend_from_slice(&IHAVEOPT.to_be_bytes()[..5]);
         assert!(matches!(run(b).await.0, Err(HandshakeError::Io(_))));
+    }
+
+    #[tokio::test]
+    async fn forced_tls_refuses_everything_but_starttls() {
+        let mut b = FLAG_C_FIXED_NEWSTYLE.to_be_bytes().to_vec();
+        option(&mut b, OPT_STRUCTURED_REPLY, &[]);
+        option(&mut b, OPT_GO, &go_data("demo", &[]));
+        option(&mut b, OPT_STARTTLS, b"x");
+        option(&mut b, OPT_STARTTLS, &[]);
+        let (r, out) = run_mode(b, TlsMode::Forced).await;
+        assert_eq!(r.unwrap(), Outcome::StartTls { no_zeroes: false });
+        assert_eq!(reply_types(&out), vec![REP_ERR_TLS_REQD, REP_ERR_TLS_REQD, REP_ERR_INVALID, REP_ACK]);
+
+        // EXPORT_NAME cannot be refused with an error: the connection ends.
+        let mut b = FLAG_C_FIXED_NEWSTYLE.to_be_bytes().to_vec();
+        option(&mut b, OPT_EXPORT_NAME, b"demo");
+        let (r, out) = run_mode(b, TlsMode::Forced).await;
+        assert!(matches!(r, Err(HandshakeError::Protocol(_))));
+        assert_eq!(out.len(), 18, "nothing but the greeting was sent");
+
+        // TLS needs fixed newstyle.
+        let (r, _) = run_mode(0u32.to_be_bytes().to_vec(), TlsMode::Forced).await;
+        assert!(matches!(r, Err(HandshakeError::Protocol(_))));
+
+        // Without TLS on offer, STARTTLS is refused by policy and negotiation goes on.
+        let mut b = FLAG_C_FIXED_NEWSTYLE.to_be_bytes().to_vec();
+        option(&mut b, OPT_STARTTLS, &[]);
+        option(&mut b, OPT_GO, &go_data("demo", &[]));
+        let (r, out) = run(b).await;
+        assert!(r.is_ok());
+        assert_eq!(reply_types(&out)[0], REP_ERR_POLICY);
+    }
+
+    #[tokio::test]
+    async fn inside_tls_a_second_starttls_is_invalid() {
+        let mut b = Vec::new();
+        option(&mut b, OPT_STARTTLS, &[]);
+        option(&mut b, OPT_EXPORT_NAME, b"demo");
+        let (mut client, mut server) = tokio::io::duplex(1 << 20);
+        client.write_all(&b).await.unwrap();
+        client.shutdown().await.unwrap();
+        let n = negotiate_over_tls(&mut server, &[export()], true).await.unwrap();
+        assert_eq!(n.export, "demo");
+        drop(server);
+        let mut out = vec![0u8; 18];
+        client.read_to_end(&mut out).await.unwrap();
+        assert_eq!(reply_types(&out), vec![REP_ERR_INVALID]);
+        assert_eq!(out.len(), 18 + 20 + "TLS is already on".len() + 10, "no zero padding after NO_ZEROES");
     }
 }

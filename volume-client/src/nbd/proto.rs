@@ -53,7 +53,7 @@ pub const OPT_EXPORT_NAME: u32 = 1;
 pub const OPT_ABORT: u32 = 2;
 /// List exports.
 pub const OPT_LIST: u32 = 3;
-/// STARTTLS (not supported here).
+/// Upgrade the connection to TLS (§ TLS support).
 pub const OPT_STARTTLS: u32 = 5;
 /// Query export information.
 pub const OPT_INFO: u32 = 6;
@@ -79,6 +79,8 @@ pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 /// Syntactically invalid option.
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+/// TLS must be initiated first (§ FORCEDTLS mode).
+pub const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
 /// No such export.
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 /// Server shutting down.

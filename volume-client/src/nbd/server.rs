@@ -18,8 +18,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Semaphore, mpsc, watch};
 
-use super::handshake::{ExportInfo, HandshakeError, negotiate};
+use super::handshake::{ExportInfo, HandshakeError, Negotiated, Outcome, TlsMode, negotiate, negotiate_over_tls};
 use super::proto::*;
+use super::refusals::RefusalLog;
 use super::request::{Command, Limits, Request, RequestError, parse_request};
 use crate::error::ClientError;
 use crate::volume::Volume;
@@ -49,6 +50,7 @@ impl Listener for TcpListener {
 struct Guarded {
     listener: TcpListener,
     allow: basalt_security::cidr::AllowList,
+    refusals: Option<Arc<RefusalLog>>,
 }
 
 impl Listener for Guarded {
@@ -58,7 +60,11 @@ impl Listener for Guarded {
             let (stream, peer) = self.listener.accept_stream().await?;
             match peer.parse::<std::net::SocketAddr>() {
                 Ok(addr) if !self.allow.allows(addr.ip()) => {
-                    tracing::warn!(%peer, allowed = %self.allow, "refused an NBD connection from outside the allow-list");
+                    let reason = format!("outside the allow-list ({})", self.allow);
+                    match &self.refusals {
+                        Some(log) => log.record(&peer, reason),
+                        None => tracing::warn!(%peer, %reason, "refused an NBD connection"),
+                    }
                 }
                 _ => return Ok((stream, peer)),
             }
@@ -126,6 +132,16 @@ pub struct NbdServer {
     exports: Arc<Vec<Export>>,
     options: NbdOptions,
     connections: Arc<Semaphore>,
+    /// With TLS, every connection must upgrade with NBD_OPT_STARTTLS before anything else.
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Where refused connections are recorded (for the audit log).
+    refusals: Option<Arc<RefusalLog>>,
+}
+
+/// A connection after negotiation: on the stream it arrived on, or inside TLS.
+enum Negotiation<S> {
+    Plain(S, Negotiated),
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::io::BufReader<S>>>, Negotiated),
 }
 
 enum Reply {
@@ -138,7 +154,42 @@ impl NbdServer {
     /// A server for `exports`.
     pub fn new(exports: Vec<Export>, options: NbdOptions) -> Self {
         let connections = Arc::new(Semaphore::new(options.max_connections));
-        Self { exports: Arc::new(exports), options, connections }
+        Self { exports: Arc::new(exports), options, connections, tls: None, refusals: None }
+    }
+
+    /// Records refused connections (allow-list, TLS handshake) in `log`.
+    pub fn with_refusal_log(mut self, log: Arc<RefusalLog>) -> Self {
+        self.refusals = Some(log);
+        self
+    }
+
+    /// Requires TLS on every connection (FORCEDTLS mode, § TLS support), with `config`
+    /// (see `basalt_security::nbd_tls`).
+    pub fn with_tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
+        self.tls = Some(tokio_rustls::TlsAcceptor::from(config));
+        self
+    }
+
+    /// The handshake, with the TLS upgrade in the middle of it when this server requires TLS.
+    async fn handshake<S>(&self, mut stream: S, infos: &[ExportInfo]) -> Result<Negotiation<S>, HandshakeError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mode = if self.tls.is_some() { TlsMode::Forced } else { TlsMode::Off };
+        match negotiate(&mut stream, infos, mode).await? {
+            Outcome::Export(n) => Ok(Negotiation::Plain(stream, n)),
+            Outcome::StartTls { no_zeroes } => {
+                let Some(acceptor) = &self.tls else {
+                    return Err(HandshakeError::Protocol("STARTTLS accepted without TLS configured".into()));
+                };
+                // rustls reads at most one record per call: a buffer beneath it saves system
+                // calls on large writes.
+                let buffered = tokio::io::BufReader::with_capacity(64 * 1024, stream);
+                let mut tls = acceptor.accept(buffered).await.map_err(|e| HandshakeError::Tls(e.to_string()))?;
+                let n = negotiate_over_tls(&mut tls, infos, no_zeroes).await?;
+                Ok(Negotiation::Tls(Box::new(tls), n))
+            }
+        }
     }
 
     /// After shutdown: waits (bounded) for every connection to finish the requests it has in
@@ -154,7 +205,8 @@ impl NbdServer {
     /// Accepts TCP connections until `shutdown` turns true.
     /// Peers outside `allow` are dropped at accept.
     pub async fn serve_tcp(self, listener: TcpListener, allow: basalt_security::cidr::AllowList, shutdown: watch::Receiver<bool>) {
-        self.serve(Guarded { listener, allow }, shutdown).await
+        let refusals = self.refusals.clone();
+        self.serve(Guarded { listener, allow, refusals }, shutdown).await
     }
 
     /// Accepts connections on a unix socket until `shutdown` turns true.
@@ -195,14 +247,21 @@ impl NbdServer {
     }
 
     /// Runs one connection: handshake, then transmission until the client disconnects.
-    pub async fn serve_connection<S>(&self, mut stream: S, peer: String, shutdown: watch::Receiver<bool>)
+    pub async fn serve_connection<S>(&self, stream: S, peer: String, shutdown: watch::Receiver<bool>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let infos: Vec<ExportInfo> = self.exports.iter().map(Export::info).collect();
-        let negotiated = match tokio::time::timeout(self.options.handshake_timeout, negotiate(&mut stream, &infos)).await {
+        let negotiation = match tokio::time::timeout(self.options.handshake_timeout, self.handshake(stream, &infos)).await {
             Ok(Ok(n)) => n,
             Ok(Err(HandshakeError::Aborted)) => return,
+            Ok(Err(e @ HandshakeError::Tls(_))) => {
+                match &self.refusals {
+                    Some(log) => log.record(&peer, e.to_string()),
+                    None => tracing::warn!(%peer, error = %e, "refused an NBD connection"),
+                }
+                return;
+            }
             Ok(Err(e)) => {
                 tracing::info!(%peer, error = %e, "NBD handshake failed");
                 return;
@@ -212,11 +271,18 @@ impl NbdServer {
                 return;
             }
         };
+        let negotiated = match &negotiation {
+            Negotiation::Plain(_, n) | Negotiation::Tls(_, n) => n.clone(),
+        };
         let Some(export) = self.exports.iter().find(|e| e.volume.name() == negotiated.export).cloned() else {
             return;
         };
-        tracing::debug!(%peer, export = %negotiated.export, structured = negotiated.structured, "NBD client attached");
-        if let Err(e) = self.transmission(stream, export, negotiated.structured, shutdown).await {
+        tracing::debug!(%peer, export = %negotiated.export, structured = negotiated.structured, tls = self.tls.is_some(), "NBD client attached");
+        let result = match negotiation {
+            Negotiation::Plain(stream, _) => self.transmission(stream, export, negotiated.structured, shutdown).await,
+            Negotiation::Tls(stream, _) => self.transmission(stream, export, negotiated.structured, shutdown).await,
+        };
+        if let Err(e) = result {
             tracing::debug!(%peer, error = %e, "NBD connection closed");
         }
     }
