@@ -67,14 +67,7 @@ impl ChunkKey {
     }
 }
 
-/// Encryption context of a block of an encrypted volume (AES-256-GCM), kept beside the data.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CryptContext {
-    /// The 12-byte nonce used for this block's last write.
-    pub nonce: [u8; 12],
-    /// The 16-byte authentication tag.
-    pub tag: [u8; 16],
-}
+pub use basalt_common::CryptContext;
 
 /// Per-block metadata: the block's crc32c (of what is stored, i.e. ciphertext when encrypted)
 /// and room for the encryption context.

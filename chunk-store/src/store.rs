@@ -107,6 +107,8 @@ pub struct BlockCheck {
     pub stored_crc: u32,
     /// The crc32c of what the data file holds now.
     pub actual_crc: u32,
+    /// The block's encryption context (encrypted volumes), as the index holds it.
+    pub crypt: Option<CryptContext>,
 }
 
 impl BlockCheck {
@@ -932,7 +934,7 @@ impl ChunkStore {
             .iter()
             .map(|(block, meta)| {
                 let at = *block as usize * BLOCK_SIZE as usize;
-                BlockCheck { block: *block, stored_crc: meta.crc, actual_crc: crc32c(&data[at..at + BLOCK_SIZE as usize]) }
+                BlockCheck { block: *block, stored_crc: meta.crc, actual_crc: crc32c(&data[at..at + BLOCK_SIZE as usize]), crypt: meta.crypt }
             })
             .collect();
         Ok(Some(ChunkCheck { key, blocks, data }))

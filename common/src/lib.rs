@@ -12,7 +12,7 @@ pub mod names;
 pub mod ports;
 pub mod units;
 
-pub use block::{BLOCK_SIZE, CHUNK_SIZE, ZERO_BLOCK_CRC, crc32c};
+pub use block::{BLOCK_SIZE, CHUNK_SIZE, CryptContext, ZERO_BLOCK_CRC, crc32c};
 pub use ids::{ChunkIndex, ExtentIndex, NodeId, PgId, VolumeId};
 pub use labels::{DomainLevel, Labels};
 pub use layout::Layout;

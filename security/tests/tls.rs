@@ -70,6 +70,10 @@ async fn serve(tls: Arc<TlsContext>) -> (String, tokio::sync::mpsc::UnboundedRec
 
 async fn echo(dialer: &Dialer, addr: &str, expect: Expect, protocol: Protocol) -> std::io::Result<()> {
     let mut s = dialer.connect(addr, expect, protocol).await?;
+    if let basalt_security::stream::Stream::Tls(t) = &s {
+        let suite = t.get_ref().1.negotiated_cipher_suite().map(|c| c.suite());
+        assert_eq!(suite, Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256), "AES-128-GCM is preferred on Basalt links");
+    }
     s.write_all(b"hello").await?;
     s.flush().await?;
     let mut buf = [0u8; 5];

@@ -495,6 +495,43 @@ impl TestCluster {
         Ok(admin.scrub_status(basalt_proto::admin::ScrubStatusRequest {}).await?.into_inner())
     }
 
+    /// Node `node`'s chunk data file.
+    pub fn data_file(&self, node: u64) -> PathBuf {
+        self.node(node).data_dir.join("chunks.dat")
+    }
+
+    /// Where `block` sits in `node`'s data file; panics unless it is there exactly once.
+    pub fn locate_block(&self, node: u64, block: &[u8]) -> u64 {
+        let at = find_block(&self.data_file(node), block).expect("read the data file");
+        assert_eq!(at.len(), 1, "expected the block once in node-{node}'s data file, found it at {at:?}");
+        at[0]
+    }
+
+    /// Flips one bit of the byte at `offset` of `node`'s data file, behind the node's back.
+    pub fn flip_bit(&self, node: u64, offset: u64) {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(self.data_file(node)).expect("open the data file");
+        let mut byte = [0u8];
+        f.read_exact_at(&mut byte, offset).expect("read a byte");
+        byte[0] ^= 0x08;
+        f.write_all_at(&byte, offset).expect("write it back flipped");
+        f.sync_all().expect("sync the data file");
+    }
+
+    /// Waits (up to 20 s) until `node` has rewritten exactly `n` blocks from healthy replicas.
+    pub async fn wait_repaired(&self, node: u64, n: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let st = self.scrub_status(node).await.expect("scrub status");
+            if st.blocks_repaired >= n {
+                assert_eq!(st.blocks_repaired, n, "node-{node} repaired more blocks than were bad");
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "node-{node} repaired {} of {n} blocks:\n{}", st.blocks_repaired, self.logs());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// (PG, leader, followers) of the extent holding `offset` of volume `name`, once the PG
     /// has a leader (waits up to 30 s).
     pub async fn pg_replicas(&self, name: &str, offset: u64) -> Result<(basalt_common::PgId, u64, Vec<u64>)> {

@@ -108,6 +108,7 @@ async fn malformed_io_and_admin_requests_get_clear_errors() {
         attach_epoch: 0,
         session: 0,
         connection: 0,
+        crypt: Bytes::new(),
     };
     assert!(data.write(good.clone()).await.unwrap().into_inner().error.is_none());
 
@@ -146,6 +147,25 @@ async fn malformed_io_and_admin_requests_get_clear_errors() {
     );
     assert!(m.contains("extent boundary"), "{m}");
     expect(Code::OutOfRange, data.write(w(&|r| r.data = Bytes::from(vec![0u8; 40 << 20]))).await.unwrap().into_inner().error, "too large");
+    // Encryption contexts: one per whole block, never zeros, never for part of a block.
+    let ctx = Bytes::from(vec![3u8; 28]);
+    let m = expect(Code::Invalid, data.write(w(&|r| r.crypt = Bytes::from(vec![3u8; 27]))).await.unwrap().into_inner().error, "short context");
+    assert!(m.contains("encryption context"), "{m}");
+    expect(Code::Invalid, data.write(w(&|r| r.crypt = Bytes::from(vec![0u8; 28]))).await.unwrap().into_inner().error, "all-zero context");
+    let part = Bytes::from(vec![1u8; 100]);
+    expect(
+        Code::Invalid,
+        data.write(w(&|r| {
+            r.data = part.clone();
+            r.crcs = vec![crc32c(&part)];
+            r.crypt = ctx.clone();
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .error,
+        "sealed partial block",
+    );
     let read = |offset: u64, length: u32| ReadRequest { pg: pg.0, volume_id: vol.id, offset, length, map_version };
     expect(Code::Invalid, data.read(read(100, 4096)).await.unwrap().into_inner().error, "unaligned read");
     expect(Code::Invalid, data.read(read(0, 100)).await.unwrap().into_inner().error, "short read");

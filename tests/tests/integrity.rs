@@ -2,7 +2,6 @@
 //! around and repaired (on a client read and by a scrub pass), and a replica whose block
 //! differs with a valid checksum is found by a deep scrub and repaired from the majority.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use basalt_chunk_store::{Batch, ChunkStore, ChunkStoreConfig, IndexMemory};
@@ -18,28 +17,6 @@ fn unique_block(tag: &str) -> Bytes {
     Bytes::from(b)
 }
 
-fn data_file(cluster: &TestCluster, node: u64) -> PathBuf {
-    cluster.node(node).data_dir.join("chunks.dat")
-}
-
-/// Where `block` sits in `node`'s data file (exactly one place).
-fn locate(cluster: &TestCluster, node: u64, block: &[u8]) -> u64 {
-    let at = find_block(&data_file(cluster, node), block).unwrap();
-    assert_eq!(at.len(), 1, "expected the block once in node-{node}'s data file, found it at {at:?}");
-    at[0]
-}
-
-/// Flips one bit of the byte at `offset` of `node`'s data file, behind the node's back.
-fn flip_bit(cluster: &TestCluster, node: u64, offset: u64) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(data_file(cluster, node)).unwrap();
-    let mut byte = [0u8];
-    f.read_exact_at(&mut byte, offset).unwrap();
-    byte[0] ^= 0x08;
-    f.write_all_at(&byte, offset).unwrap();
-    f.sync_all().unwrap();
-}
-
 /// `basalt --json scrub start ARGS`, which follows the pass to its end; the parsed report.
 fn scrub_start(cluster: &TestCluster, args: &[&str]) -> serde_json::Value {
     let out = cluster.basalt_cmd().args(["--json", "scrub", "start"]).args(args).output().unwrap();
@@ -51,20 +28,6 @@ fn scrub_start(cluster: &TestCluster, args: &[&str]) -> serde_json::Value {
 /// Sum of `field` over the report's nodes.
 fn total(report: &serde_json::Value, field: &str) -> u64 {
     report["nodes"].as_array().unwrap().iter().map(|n| n[field].as_u64().unwrap()).sum()
-}
-
-/// Waits until `node` has rewritten `n` blocks from healthy replicas.
-async fn wait_repaired(cluster: &TestCluster, node: u64, n: u64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let st = cluster.scrub_status(node).await.unwrap();
-        if st.blocks_repaired >= n {
-            assert_eq!(st.blocks_repaired, n, "node-{node} repaired more blocks than were bad");
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "node-{node} repaired {} of {n} blocks:\n{}", st.blocks_repaired, cluster.logs());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,25 +50,25 @@ async fn flipped_bits_are_read_around_and_repaired_on_read_and_by_a_scrub() {
 
     // Rot on the PG leader, which serves reads: the client still gets the right bytes, and
     // the leader's copy is rewritten from a follower's.
-    let at = locate(&cluster, leader, &leader_block);
-    flip_bit(&cluster, leader, at + 1000);
-    assert!(find_block(&data_file(&cluster, leader), &leader_block).unwrap().is_empty());
+    let at = cluster.locate_block(leader, &leader_block);
+    cluster.flip_bit(leader, at + 1000);
+    assert!(find_block(&cluster.data_file(leader), &leader_block).unwrap().is_empty());
     let got = vol.read(64 << 10, 4096).await.unwrap();
     assert_eq!(got, leader_block, "the read returned the wrong bytes");
-    wait_repaired(&cluster, leader, 1).await;
-    assert_eq!(locate(&cluster, leader, &leader_block), at, "the block is back in place on the leader");
+    cluster.wait_repaired(leader, 1).await;
+    assert_eq!(cluster.locate_block(leader, &leader_block), at, "the block is back in place on the leader");
     let st = cluster.scrub_status(leader).await.unwrap();
     assert_eq!((st.corrupt_found, st.repairs_issued), (1, 1), "{st:?}");
 
     // Rot on a follower: nothing reads it, so the scrub must find it.
-    let at = locate(&cluster, follower, &follower_block);
-    flip_bit(&cluster, follower, at + 7);
+    let at = cluster.locate_block(follower, &follower_block);
+    cluster.flip_bit(follower, at + 7);
     let report = scrub_start(&cluster, &["--node", &follower.to_string()]);
     assert_eq!(total(&report, "corrupt_found"), 1, "{report}");
     assert_eq!(total(&report, "repairs_issued"), 1, "{report}");
     assert_eq!(total(&report, "unrepairable"), 0, "{report}");
-    wait_repaired(&cluster, follower, 1).await;
-    assert_eq!(locate(&cluster, follower, &follower_block), at, "the block is back in place on the follower");
+    cluster.wait_repaired(follower, 1).await;
+    assert_eq!(cluster.locate_block(follower, &follower_block), at, "the block is back in place on the follower");
 
     // Everything reads back; a second pass finds nothing left to repair.
     assert_eq!(vol.read((1 << 20) + (8 << 10), 4096).await.unwrap(), follower_block);
@@ -154,7 +117,7 @@ async fn a_deep_scrub_repairs_a_replica_that_diverged_with_a_valid_checksum() {
     }
     cluster.restart(odd).await.unwrap();
     cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
-    let at = locate(&cluster, odd, &stale);
+    let at = cluster.locate_block(odd, &stale);
     // The divergent copy passes its own checksum: a local pass cannot see it.
     let local = scrub_start(&cluster, &["--node", &odd.to_string()]);
     assert_eq!(total(&local, "corrupt_found"), 0, "{local}");
@@ -163,9 +126,9 @@ async fn a_deep_scrub_repairs_a_replica_that_diverged_with_a_valid_checksum() {
     assert_eq!(total(&deep, "divergent_found"), 1, "{deep}");
     assert_eq!(total(&deep, "repairs_issued"), 1, "{deep}");
     assert_eq!(total(&deep, "unrepairable"), 0, "{deep}");
-    wait_repaired(&cluster, odd, 1).await;
-    assert!(find_block(&data_file(&cluster, odd), &stale).unwrap().is_empty(), "the divergent block is still on node-{odd}");
-    assert_eq!(locate(&cluster, odd, &good), at, "the majority's block replaced it in place");
+    cluster.wait_repaired(odd, 1).await;
+    assert!(find_block(&cluster.data_file(odd), &stale).unwrap().is_empty(), "the divergent block is still on node-{odd}");
+    assert_eq!(cluster.locate_block(odd, &good), at, "the majority's block replaced it in place");
     assert_eq!(vol.read(offset, 4096).await.unwrap(), good);
 
     let again = scrub_start(&cluster, &["--deep"]);

@@ -69,9 +69,19 @@ pub enum ClientError {
         /// The last error.
         reason: String,
     },
+    /// An encrypted volume's key or block could not be used (wrong KEK, corrupt wrapped key,
+    /// a block that does not authenticate): never returned as data.
+    #[error("encryption: {0}")]
+    Crypt(String),
     /// Anything else the node reported.
     #[error("{0}")]
     Internal(String),
+}
+
+impl From<crate::crypt::CryptError> for ClientError {
+    fn from(e: crate::crypt::CryptError) -> Self {
+        ClientError::Crypt(e.to_string())
+    }
 }
 
 impl ClientError {

@@ -17,6 +17,7 @@
 //! ```
 
 pub mod cluster;
+pub mod crypt;
 mod data_conn;
 pub mod error;
 pub mod nbd;

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use basalt_common::layout::ExtentSpan;
-use basalt_common::{BLOCK_SIZE, NodeId, VolumeId, crc32c};
+use basalt_common::{BLOCK_SIZE, CryptContext, NodeId, VolumeId, crc32c};
 use basalt_proto::data::data_error::Code;
 use basalt_proto::data::{DataError, ReadReply, ReadRequest, WriteReply, WriteRequest, ZeroReply, ZeroRequest};
 use basalt_proto::wire::Kind;
@@ -16,6 +16,7 @@ use futures::future::try_join_all;
 use tokio::sync::Semaphore;
 
 use crate::cluster::Cluster;
+use crate::crypt::VolumeCipher;
 use crate::data_conn::{ConnectError, DataConn};
 use crate::error::ClientError;
 
@@ -41,6 +42,55 @@ pub struct Volume {
     inflight: Arc<Semaphore>,
     /// Write payload in flight, in KiB.
     inflight_kib: Arc<Semaphore>,
+    /// Encrypted volumes: seals blocks before they leave and opens them on arrival.
+    cipher: Option<Arc<VolumeCipher>>,
+    /// Encrypted volumes: a partial-block write reads, opens, merges and seals its edge blocks
+    /// here (nodes cannot); it holds its blocks' stripes exclusively meanwhile, whole-block
+    /// writes hold theirs shared, so no write lands between its read and its write.
+    stripes: Arc<Stripes>,
+}
+
+/// Stripes of block-range locks (see [`Volume`]'s `stripes`).
+struct Stripes {
+    locks: Vec<tokio::sync::RwLock<()>>,
+}
+
+/// Blocks per stripe (1 MiB: one chunk).
+const STRIPE_BLOCKS: u64 = 256;
+
+impl Stripes {
+    fn new() -> Stripes {
+        Stripes { locks: (0..64).map(|_| tokio::sync::RwLock::new(())).collect() }
+    }
+
+    /// The stripes covering blocks `[first, end)`, ascending (everyone takes them in this
+    /// order, so two writers never wait on each other in a cycle).
+    fn of(&self, first: u64, end: u64) -> Vec<usize> {
+        let n = self.locks.len() as u64;
+        let (a, b) = (first / STRIPE_BLOCKS, end.saturating_sub(1) / STRIPE_BLOCKS);
+        if b - a + 1 >= n {
+            return (0..n as usize).collect();
+        }
+        let mut v: Vec<usize> = (a..=b).map(|s| (s % n) as usize).collect();
+        v.sort_unstable();
+        v
+    }
+
+    async fn shared(&self, first: u64, end: u64) -> Vec<tokio::sync::RwLockReadGuard<'_, ()>> {
+        let mut guards = Vec::new();
+        for i in self.of(first, end) {
+            guards.push(self.locks[i].read().await);
+        }
+        guards
+    }
+
+    async fn exclusive(&self, first: u64, end: u64) -> Vec<tokio::sync::RwLockWriteGuard<'_, ()>> {
+        let mut guards = Vec::new();
+        for i in self.of(first, end) {
+            guards.push(self.locks[i].write().await);
+        }
+        guards
+    }
 }
 
 /// What one attempt at a PG produced.
@@ -80,7 +130,21 @@ impl Volume {
             epoch: Arc::new(AtomicU64::new(0)),
             inflight: Arc::new(Semaphore::new(permits)),
             inflight_kib: Arc::new(Semaphore::new(kib)),
+            cipher: None,
+            stripes: Arc::new(Stripes::new()),
         }
+    }
+
+    /// Seals and opens this volume's blocks with `cipher` (an encrypted volume; see
+    /// [`crate::crypt`]).
+    pub fn with_cipher(mut self, cipher: VolumeCipher) -> Volume {
+        self.cipher = Some(Arc::new(cipher));
+        self
+    }
+
+    /// True if blocks are sealed here.
+    pub fn is_encrypted(&self) -> bool {
+        self.cipher.is_some()
     }
 
     fn inflight_kib_total(&self) -> u32 {
@@ -310,17 +374,62 @@ impl Volume {
         let _permit = self.inflight.acquire().await.map_err(|_| ClientError::Internal("client closed".into()))?;
         let kib = (data.len().div_ceil(1024) as u32).min(self.inflight_kib_total());
         let _bytes = self.inflight_kib.acquire_many(kib).await.map_err(|_| ClientError::Internal("client closed".into()))?;
+        if let Some(cipher) = &self.cipher {
+            return self.write_sealed(cipher, offset, data).await;
+        }
         let spans = self.spans(offset, data.len() as u64)?;
         try_join_all(spans.iter().map(|span| {
             let piece = data.slice(span.buf_offset as usize..(span.buf_offset + span.len) as usize);
             let crcs = piece_crcs(span.offset, &piece);
-            self.write_span(span, piece, crcs)
+            self.write_span(span, piece, crcs, Bytes::new())
         }))
         .await?;
         Ok(())
     }
 
-    async fn write_span(&self, span: &ExtentSpan, data: Bytes, crcs: Vec<u32>) -> Result<(), ClientError> {
+    /// An encrypted volume's write: whole blocks, sealed here. A partial block is read, opened
+    /// and merged first (the nodes hold only ciphertext and cannot).
+    async fn write_sealed(&self, cipher: &VolumeCipher, offset: u64, data: Bytes) -> Result<(), ClientError> {
+        let bs = BLOCK_SIZE;
+        let end = offset + data.len() as u64;
+        let (start, stop) = (offset / bs * bs, end.div_ceil(bs) * bs);
+        let (first, last) = (start / bs, stop / bs);
+        let partial = start != offset || stop != end;
+        let _exclusive = if partial { Some(self.stripes.exclusive(first, last).await) } else { None };
+        let _shared = if partial { None } else { Some(self.stripes.shared(first, last).await) };
+        // The one copy of the payload: sealing works in place.
+        let mut buf = BytesMut::zeroed((stop - start) as usize);
+        if start != offset {
+            buf[..bs as usize].copy_from_slice(&self.read_opened(cipher, start, bs).await?);
+        }
+        // The tail block, unless it is the head block just read.
+        if stop != end && !(start != offset && stop - bs == start) {
+            let at = (stop - bs - start) as usize;
+            buf[at..].copy_from_slice(&self.read_opened(cipher, stop - bs, bs).await?);
+        }
+        buf[(offset - start) as usize..(end - start) as usize].copy_from_slice(&data);
+        let contexts = cipher.seal(self.epoch(), first, &mut buf)?;
+        let buf = buf.freeze();
+        let spans = self.spans(start, stop - start)?;
+        try_join_all(spans.iter().map(|span| {
+            let piece = buf.slice(span.buf_offset as usize..(span.buf_offset + span.len) as usize);
+            let crcs = piece_crcs(span.offset, &piece);
+            let b0 = (span.buf_offset / bs) as usize;
+            let crypt = CryptContext::encode_all(&contexts[b0..b0 + (span.len / bs) as usize].iter().copied().map(Some).collect::<Vec<_>>());
+            self.write_span(span, piece, crcs, crypt.into())
+        }))
+        .await?;
+        Ok(())
+    }
+
+    /// Whole blocks read and opened (for a partial-block write's merge).
+    async fn read_opened(&self, cipher: &VolumeCipher, start: u64, len: u64) -> Result<Bytes, ClientError> {
+        let spans = self.spans(start, len)?;
+        let parts = try_join_all(spans.iter().map(|s| self.read_span(s))).await?;
+        self.assemble_opened(Some(cipher), start, len, parts)
+    }
+
+    async fn write_span(&self, span: &ExtentSpan, data: Bytes, crcs: Vec<u32>, crypt: Bytes) -> Result<(), ClientError> {
         let retries = AtomicU32::new(0);
         self.with_leader(span, |addr, map_version| {
             let req = WriteRequest {
@@ -334,6 +443,7 @@ impl Volume {
                 attach_epoch: self.epoch(),
                 session: 0,
                 connection: 0,
+                crypt: crypt.clone(),
             };
             let retries = &retries;
             async move {
@@ -365,20 +475,51 @@ impl Volume {
         let end = (offset + len).div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
         let spans = self.spans(start, end - start)?;
         let parts = try_join_all(spans.iter().map(|s| self.read_span(s))).await?;
-        let data = if parts.len() == 1 {
-            parts.into_iter().next().unwrap_or_default()
-        } else {
-            let mut buf = BytesMut::with_capacity((end - start) as usize);
-            for p in parts {
-                buf.extend_from_slice(&p);
-            }
-            buf.freeze()
-        };
+        let data = self.assemble_opened(self.cipher.as_deref(), start, end - start, parts)?;
         let rel = (offset - start) as usize;
         Ok(data.slice(rel..rel + len as usize))
     }
 
-    async fn read_span(&self, span: &ExtentSpan) -> Result<Bytes, ClientError> {
+    /// Joins the spans of a read of whole blocks at `start`, opening them if the volume is
+    /// encrypted. Sealed blocks without a cipher are refused, never returned as data.
+    fn assemble_opened(&self, cipher: Option<&VolumeCipher>, start: u64, len: u64, parts: Vec<(Bytes, Bytes)>) -> Result<Bytes, ClientError> {
+        let sealed = parts.iter().any(|(_, c)| !c.is_empty());
+        let Some(cipher) = cipher else {
+            if sealed {
+                return Err(ClientError::Crypt(format!(
+                    "volume {} ({}) holds encrypted blocks: open it with its key-encryption key (--kek-file)",
+                    self.name, self.id
+                )));
+            }
+            if parts.len() == 1 {
+                return Ok(parts.into_iter().next().map(|(d, _)| d).unwrap_or_default());
+            }
+            let mut buf = BytesMut::with_capacity(len as usize);
+            for (d, _) in parts {
+                buf.extend_from_slice(&d);
+            }
+            return Ok(buf.freeze());
+        };
+        let mut buf = BytesMut::with_capacity(len as usize);
+        let mut contexts = Vec::with_capacity((len / BLOCK_SIZE) as usize);
+        for (d, c) in parts {
+            let blocks = d.len() / BLOCK_SIZE as usize;
+            if c.is_empty() {
+                contexts.extend(std::iter::repeat_n(None, blocks));
+            } else {
+                contexts.extend(
+                    CryptContext::decode_all(&c, blocks)
+                        .ok_or_else(|| ClientError::Internal(format!("{}: malformed encryption contexts in a read reply", self.id)))?,
+                );
+            }
+            buf.extend_from_slice(&d);
+        }
+        cipher.open(start / BLOCK_SIZE, &mut buf, &contexts)?;
+        Ok(buf.freeze())
+    }
+
+    /// One span's blocks as stored, and their encryption contexts as sent (empty if none).
+    async fn read_span(&self, span: &ExtentSpan) -> Result<(Bytes, Bytes), ClientError> {
         let retries = AtomicU32::new(0);
         self.with_leader(span, |addr, map_version| {
             let req = ReadRequest { pg: span.pg.0, volume_id: self.id.0, offset: span.offset, length: span.len as u32, map_version };
@@ -411,7 +552,7 @@ impl Volume {
                         return Ok(Attempt::Retry { reason: msg, backoff: false });
                     }
                 }
-                Ok(Attempt::Done(reply.data))
+                Ok(Attempt::Done((reply.data, reply.crypt)))
             }
         })
         .await
@@ -439,6 +580,28 @@ impl Volume {
             return Ok(());
         }
         self.check_range("zero", offset, len).await?;
+        if self.cipher.is_some() {
+            // Nodes cannot zero part of a sealed block: partial blocks are written here as
+            // sealed zeros, whole blocks zeroed by the nodes (and read back as zeros).
+            let bs = BLOCK_SIZE;
+            let end = offset + len;
+            let (inner, inner_end) = (offset.div_ceil(bs) * bs, end / bs * bs);
+            if inner >= inner_end {
+                return self.write(offset, Bytes::from(vec![0u8; len as usize]), false).await;
+            }
+            if offset < inner {
+                self.write(offset, Bytes::from(vec![0u8; (inner - offset) as usize]), false).await?;
+            }
+            if inner_end < end {
+                self.write(inner_end, Bytes::from(vec![0u8; (end - inner_end) as usize]), false).await?;
+            }
+            let _shared = self.stripes.shared(inner / bs, inner_end / bs).await;
+            return self.zero_blocks(inner, inner_end - inner, keep_allocated).await;
+        }
+        self.zero_blocks(offset, len, keep_allocated).await
+    }
+
+    async fn zero_blocks(&self, offset: u64, len: u64, keep_allocated: bool) -> Result<(), ClientError> {
         let _permit = self.inflight.acquire().await.map_err(|_| ClientError::Internal("client closed".into()))?;
         let spans = self.spans(offset, len)?;
         try_join_all(spans.iter().map(|span| async move {

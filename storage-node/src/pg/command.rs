@@ -10,7 +10,12 @@
 //! DeleteVolume: [3][volume u64]
 //! Probe:        [4][volume u64][chunk u64]
 //! Repair:       [5][volume u64][probe_index u64][offset u64][crc u32][data: 4096 bytes]
+//! Sealed write: [6][volume u64][epoch u64][offset u64][n u32][n × crc u32][n × crypt 28 bytes][data]
+//! Sealed repair:[7][volume u64][probe_index u64][offset u64][crc u32][crypt 28 bytes][data: 4096 bytes]
 //! ```
+//! Sealed writes and repairs are those of encrypted volumes: whole blocks of ciphertext, each
+//! with its encryption context (nonce, tag: `basalt_common::CryptContext`), stored beside the
+//! block so its reader can open it. Nodes never hold a key; the crcs cover the ciphertext.
 //! All integers little-endian. A write's crcs cover `data` cut at 4 KiB volume boundaries.
 //! `epoch` is the writer's attachment epoch: once a PG has applied a command of epoch `e` for a
 //! volume, it refuses that volume's commands with a lower epoch (fencing).
@@ -19,7 +24,7 @@
 //! position at which every replica's copy of a chunk is compared; a repair rewrites one block
 //! on the replicas whose copy is bad, and only if nothing wrote the chunk since that probe.
 
-use basalt_common::{BLOCK_SIZE, VolumeId};
+use basalt_common::{BLOCK_SIZE, CryptContext, VolumeId};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// A command in a PG's log.
@@ -35,6 +40,8 @@ pub enum PgCommand {
         offset: u64,
         /// crc32c per piece (see module docs).
         crcs: Vec<u32>,
+        /// Encryption context per block (encrypted volumes: whole blocks only).
+        crypt: Option<Vec<CryptContext>>,
         /// The bytes.
         data: Bytes,
     },
@@ -74,6 +81,8 @@ pub enum PgCommand {
         offset: u64,
         /// crc32c of `data`, the value every healthy replica holds.
         crc: u32,
+        /// The block's encryption context on the healthy replica (encrypted volumes).
+        crypt: Option<CryptContext>,
         /// The block (4 KiB).
         data: Bytes,
     },
@@ -107,15 +116,20 @@ impl PgCommand {
     /// Encodes the command.
     pub fn encode(&self) -> Bytes {
         match self {
-            PgCommand::Write { volume, epoch, offset, crcs, data } => {
-                let mut b = BytesMut::with_capacity(29 + crcs.len() * 4 + data.len());
-                b.put_u8(1);
+            PgCommand::Write { volume, epoch, offset, crcs, crypt, data } => {
+                let sealed = crypt.as_ref().map_or(0, |c| c.len() * CryptContext::LEN);
+                let mut b = BytesMut::with_capacity(29 + crcs.len() * 4 + sealed + data.len());
+                b.put_u8(if crypt.is_some() { 6 } else { 1 });
                 b.put_u64_le(volume.0);
                 b.put_u64_le(*epoch);
                 b.put_u64_le(*offset);
                 b.put_u32_le(crcs.len() as u32);
                 for c in crcs {
                     b.put_u32_le(*c);
+                }
+                for c in crypt.iter().flatten() {
+                    b.put_slice(&c.nonce);
+                    b.put_slice(&c.tag);
                 }
                 b.put_slice(data);
                 b.freeze()
@@ -143,13 +157,17 @@ impl PgCommand {
                 b.put_u64_le(*chunk);
                 b.freeze()
             }
-            PgCommand::Repair { volume, probe_index, offset, crc, data } => {
-                let mut b = BytesMut::with_capacity(29 + data.len());
-                b.put_u8(5);
+            PgCommand::Repair { volume, probe_index, offset, crc, crypt, data } => {
+                let mut b = BytesMut::with_capacity(29 + CryptContext::LEN + data.len());
+                b.put_u8(if crypt.is_some() { 7 } else { 5 });
                 b.put_u64_le(volume.0);
                 b.put_u64_le(*probe_index);
                 b.put_u64_le(*offset);
                 b.put_u32_le(*crc);
+                if let Some(c) = crypt {
+                    b.put_slice(&c.nonce);
+                    b.put_slice(&c.tag);
+                }
                 b.put_slice(data);
                 b.freeze()
             }
@@ -164,7 +182,7 @@ impl PgCommand {
         let tag = b.get_u8();
         let volume = VolumeId(b.get_u64_le());
         match tag {
-            1 => {
+            1 | 6 => {
                 if b.remaining() < 20 {
                     return Err("truncated write header".into());
                 }
@@ -175,6 +193,15 @@ impl PgCommand {
                     return Err("truncated checksum list".into());
                 }
                 let crcs: Vec<u32> = (0..n).map(|_| b.get_u32_le()).collect();
+                let crypt = if tag == 6 {
+                    if b.remaining() < n.saturating_mul(CryptContext::LEN) {
+                        return Err("truncated encryption contexts".into());
+                    }
+                    let contexts = CryptContext::decode_all(&b.split_to(n * CryptContext::LEN), n).ok_or("malformed encryption contexts")?;
+                    Some(contexts.into_iter().collect::<Option<Vec<_>>>().ok_or("a sealed block without an encryption context")?)
+                } else {
+                    None
+                };
                 let data = b;
                 if data.is_empty() || offset.checked_add(data.len() as u64).is_none() {
                     return Err("empty or overflowing write".into());
@@ -182,7 +209,10 @@ impl PgCommand {
                 if piece_count(offset, data.len() as u64) != n {
                     return Err(format!("{n} checksums for a write that has {} pieces", piece_count(offset, data.len() as u64)));
                 }
-                Ok(PgCommand::Write { volume, epoch, offset, crcs, data })
+                if crypt.is_some() && !(offset.is_multiple_of(BLOCK_SIZE) && (data.len() as u64).is_multiple_of(BLOCK_SIZE)) {
+                    return Err(format!("sealed write at {offset} of {} bytes is not whole blocks", data.len()));
+                }
+                Ok(PgCommand::Write { volume, epoch, offset, crcs, crypt, data })
             }
             2 => {
                 if b.remaining() != 25 {
@@ -201,8 +231,9 @@ impl PgCommand {
             3 => Err("trailing bytes after delete-volume".into()),
             4 if b.remaining() == 8 => Ok(PgCommand::Probe { volume, chunk: b.get_u64_le() }),
             4 => Err("bad probe command length".into()),
-            5 => {
-                if b.remaining() != 20 + BLOCK_SIZE as usize {
+            5 | 7 => {
+                let sealed = if tag == 7 { CryptContext::LEN } else { 0 };
+                if b.remaining() != 20 + sealed + BLOCK_SIZE as usize {
                     return Err("bad repair command length".into());
                 }
                 let probe_index = b.get_u64_le();
@@ -211,7 +242,12 @@ impl PgCommand {
                 if !offset.is_multiple_of(BLOCK_SIZE) {
                     return Err(format!("repair offset {offset} is not block aligned"));
                 }
-                Ok(PgCommand::Repair { volume, probe_index, offset, crc, data: b })
+                let crypt = if tag == 7 {
+                    Some(CryptContext::get(&b.split_to(CryptContext::LEN)).ok_or("a sealed repair without an encryption context")?)
+                } else {
+                    None
+                };
+                Ok(PgCommand::Repair { volume, probe_index, offset, crc, crypt, data: b })
             }
             other => Err(format!("unknown command tag {other}")),
         }
@@ -295,11 +331,27 @@ mod tests {
     #[test]
     fn roundtrip_and_rejects_garbage() {
         let cmds = [
-            PgCommand::Write { volume: VolumeId(3), epoch: 2, offset: 4000, crcs: vec![1, 2], data: Bytes::from(vec![9u8; 200]) },
+            PgCommand::Write { volume: VolumeId(3), epoch: 2, offset: 4000, crcs: vec![1, 2], crypt: None, data: Bytes::from(vec![9u8; 200]) },
+            PgCommand::Write {
+                volume: VolumeId(3),
+                epoch: 2,
+                offset: 8192,
+                crcs: vec![1, 2],
+                crypt: Some(vec![CryptContext { nonce: [1; 12], tag: [2; 16] }, CryptContext { nonce: [3; 12], tag: [4; 16] }]),
+                data: Bytes::from(vec![9u8; 8192]),
+            },
             PgCommand::Zero { volume: VolumeId(3), epoch: 2, offset: 0, len: 4096, keep_allocated: true },
             PgCommand::DeleteVolume { volume: VolumeId(3) },
             PgCommand::Probe { volume: VolumeId(3), chunk: 7 },
-            PgCommand::Repair { volume: VolumeId(3), probe_index: 9, offset: 8192, crc: 5, data: Bytes::from(vec![1u8; 4096]) },
+            PgCommand::Repair { volume: VolumeId(3), probe_index: 9, offset: 8192, crc: 5, crypt: None, data: Bytes::from(vec![1u8; 4096]) },
+            PgCommand::Repair {
+                volume: VolumeId(3),
+                probe_index: 9,
+                offset: 8192,
+                crc: 5,
+                crypt: Some(CryptContext { nonce: [5; 12], tag: [6; 16] }),
+                data: Bytes::from(vec![1u8; 4096]),
+            },
         ];
         for c in cmds {
             assert_eq!(PgCommand::decode(c.encode()).unwrap(), c);
@@ -310,10 +362,24 @@ mod tests {
                 }
             }
         }
-        let bad = PgCommand::Write { volume: VolumeId(1), epoch: 0, offset: 0, crcs: vec![1], data: Bytes::from(vec![0u8; 8192]) };
+        let bad = PgCommand::Write { volume: VolumeId(1), epoch: 0, offset: 0, crcs: vec![1], crypt: None, data: Bytes::from(vec![0u8; 8192]) };
         assert!(PgCommand::decode(bad.encode()).is_err(), "checksum count must match pieces");
+        let ctx = CryptContext { nonce: [1; 12], tag: [1; 16] };
+        let partial =
+            PgCommand::Write { volume: VolumeId(1), epoch: 1, offset: 100, crcs: vec![1], crypt: Some(vec![ctx]), data: Bytes::from(vec![0u8; 50]) };
+        assert!(PgCommand::decode(partial.encode()).is_err(), "sealed writes are whole blocks");
+        let none = PgCommand::Write {
+            volume: VolumeId(1),
+            epoch: 1,
+            offset: 0,
+            crcs: vec![1],
+            crypt: Some(vec![CryptContext { nonce: [0; 12], tag: [0; 16] }]),
+            data: Bytes::from(vec![0u8; 4096]),
+        };
+        assert!(PgCommand::decode(none.encode()).is_err(), "every sealed block has a context");
         assert!(PgCommand::decode(Bytes::from_static(&[9, 0, 0, 0, 0, 0, 0, 0, 0])).is_err());
-        let unaligned = PgCommand::Repair { volume: VolumeId(1), probe_index: 1, offset: 100, crc: 0, data: Bytes::from(vec![0u8; 4096]) };
+        let unaligned =
+            PgCommand::Repair { volume: VolumeId(1), probe_index: 1, offset: 100, crc: 0, crypt: None, data: Bytes::from(vec![0u8; 4096]) };
         assert!(PgCommand::decode(unaligned.encode()).is_err(), "repairs are whole blocks");
         for r in [
             PgReply::Ok,

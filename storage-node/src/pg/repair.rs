@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use basalt_chunk_store::ChunkCheck;
-use basalt_common::{BLOCK_SIZE, CHUNK_SIZE, NodeId, VolumeId, ZERO_BLOCK_CRC, crc32c};
+use basalt_common::{BLOCK_SIZE, CHUNK_SIZE, CryptContext, NodeId, VolumeId, ZERO_BLOCK_CRC, crc32c};
 use basalt_proto::data::data_error::Code;
 use basalt_proto::data::{ChunkCheckRequest, DataError};
 use basalt_scrubber::ChunkVerdict;
@@ -150,7 +150,7 @@ impl NodeCtx {
 
 /// A replica's answer at a probe: its view of the blocks not written since, the fetched
 /// blocks' data, and the blocks written since.
-type RemoteCopy = (ReplicaView, Vec<Bytes>, Vec<u16>);
+type RemoteCopy = (ReplicaView, Vec<(Bytes, Option<CryptContext>)>, Vec<u16>);
 
 /// Asks replica `node` for its copy of the chunk at the probe; `Ok(None)` if it no longer
 /// knows the probe.
@@ -184,18 +184,27 @@ async fn remote_check(
         return Err(format!("{node}: {}", e.message));
     }
     let mut view = ReplicaView::new();
+    let mut crypts = BTreeMap::new();
     for b in reply.blocks {
         let block = u16::try_from(b.block)
             .ok()
             .filter(|b| u64::from(*b) < CHUNK_SIZE / BLOCK_SIZE)
             .ok_or_else(|| format!("{node} reported block {} of a {}-block chunk", b.block, CHUNK_SIZE / BLOCK_SIZE))?;
         view.insert(block, (b.stored_crc, b.intact));
+        if !b.crypt.is_empty() {
+            let c = CryptContext::get(&b.crypt).ok_or_else(|| format!("{node} reported a malformed encryption context for block {block}"))?;
+            crypts.insert(block, c);
+        }
     }
     let want = fetch.len() * BLOCK_SIZE as usize;
     if reply.data.len() != want {
         return Err(format!("{node} returned {} bytes for {} blocks", reply.data.len(), fetch.len()));
     }
-    let blocks = (0..fetch.len()).map(|i| reply.data.slice(i * BLOCK_SIZE as usize..(i + 1) * BLOCK_SIZE as usize)).collect();
+    let blocks = fetch
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (reply.data.slice(i * BLOCK_SIZE as usize..(i + 1) * BLOCK_SIZE as usize), crypts.get(b).copied()))
+        .collect();
     let written = reply.written_since_probe.iter().filter_map(|b| u16::try_from(*b).ok()).collect();
     Ok(Some((view, blocks, written)))
 }
@@ -265,12 +274,12 @@ pub async fn check_and_repair(ctx: &NodeCtx, handle: &PgHandle, volume: VolumeId
             tracing::error!(pg, %volume, chunk, block = plan.block, copies = ?copies, "no replica can vouch for this block; left as is");
             continue;
         };
-        let Some(data) = fetch_intact(ctx, handle, &local, &plan, keep, volume, chunk, probe).await? else {
+        let Some((data, crypt)) = fetch_intact(ctx, handle, &local, &plan, keep, volume, chunk, probe).await? else {
             // Written on the source since the probe: that write replaces the bad copies too.
             continue;
         };
         let offset = chunk * CHUNK_SIZE + u64::from(plan.block) * BLOCK_SIZE;
-        let cmd = PgCommand::Repair { volume, probe_index: probe, offset, crc: keep, data };
+        let cmd = PgCommand::Repair { volume, probe_index: probe, offset, crc: keep, crypt, data };
         let reply = handle.group.propose(cmd.encode()).await.map_err(|e| raft_error("repair", e))?;
         match PgReply::decode(&reply) {
             PgReply::Ok | PgReply::NoSuchVolume => {}
@@ -282,9 +291,9 @@ pub async fn check_and_repair(ctx: &NodeCtx, handle: &PgHandle, volume: VolumeId
     Ok(verdict)
 }
 
-/// An intact copy of the plan's block with crc `keep`: this node's own if it has one, else a
-/// source replica's (checked again on arrival); `None` if the block was written since the
-/// probe meanwhile.
+/// An intact copy of the plan's block with crc `keep` and its encryption context (encrypted
+/// volumes): this node's own if it has one, else a source replica's (checked again on
+/// arrival); `None` if the block was written since the probe meanwhile.
 #[allow(clippy::too_many_arguments)]
 async fn fetch_intact(
     ctx: &NodeCtx,
@@ -295,19 +304,20 @@ async fn fetch_intact(
     volume: VolumeId,
     chunk: u64,
     probe: u64,
-) -> Result<Option<Bytes>, RepairError> {
+) -> Result<Option<(Bytes, Option<CryptContext>)>, RepairError> {
     let pg = handle.shared.pg.0;
     if plan.sources.contains(&ctx.config.id) {
-        return Ok(Some(local.block_data(plan.block)));
+        let crypt = local.blocks.iter().find(|b| b.block == plan.block).and_then(|b| b.crypt);
+        return Ok(Some((local.block_data(plan.block), crypt)));
     }
     let mut why = Vec::new();
     for source in &plan.sources {
         match remote_check(ctx, handle, *source, volume, chunk, probe, vec![plan.block]).await {
             Ok(Some((_, _, written))) if written.contains(&plan.block) => return Ok(None),
             Ok(Some((_, mut blocks, _))) => {
-                let data = blocks.pop().unwrap_or_default();
+                let (data, crypt) = blocks.pop().unwrap_or_default();
                 if crc32c(&data) == keep {
-                    return Ok(Some(data));
+                    return Ok(Some((data, crypt)));
                 }
                 why.push(format!("{source}: copy arrived with the wrong crc"));
             }
@@ -351,7 +361,12 @@ pub async fn answer_check(ctx: &NodeCtx, req: ChunkCheckRequest) -> Result<(Vec<
             let blocks = check
                 .blocks
                 .iter()
-                .map(|b| basalt_proto::data::BlockState { block: u32::from(b.block), stored_crc: b.stored_crc, intact: b.is_intact() })
+                .map(|b| basalt_proto::data::BlockState {
+                    block: u32::from(b.block),
+                    stored_crc: b.stored_crc,
+                    intact: b.is_intact(),
+                    crypt: b.crypt.map(|c| CryptContext::encode_all(&[Some(c)]).into()).unwrap_or_default(),
+                })
                 .collect();
             let mut data = bytes::BytesMut::with_capacity(req.fetch_blocks.len() * BLOCK_SIZE as usize);
             for b in &req.fetch_blocks {

@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use basalt_chunk_store::ChunkStoreError;
-use basalt_common::{BLOCK_SIZE, ExtentIndex, PgId, VolumeId, crc32c};
+use basalt_common::{BLOCK_SIZE, CryptContext, ExtentIndex, PgId, VolumeId, crc32c};
 use basalt_proto::data::data_error::Code;
 use basalt_proto::data::data_server::Data;
 use basalt_proto::data::{
@@ -231,8 +231,32 @@ impl DataService {
             if let Some(e) = self.given_up(gone, req.session, req.connection) {
                 return Some(e);
             }
-            let cmd =
-                PgCommand::Write { volume: VolumeId(req.volume_id), epoch: req.attach_epoch, offset: req.offset, crcs: req.crcs, data: req.data };
+            let crypt = if req.crypt.is_empty() {
+                None
+            } else {
+                let blocks = req.crcs.len();
+                let whole = req.offset.is_multiple_of(BLOCK_SIZE) && len.is_multiple_of(BLOCK_SIZE);
+                match CryptContext::decode_all(&req.crypt, blocks).and_then(|c| c.into_iter().collect::<Option<Vec<_>>>()) {
+                    Some(c) if whole => Some(c),
+                    _ => {
+                        return Some(err(
+                            Code::Invalid,
+                            format!(
+                                "an encrypted write needs whole blocks and one encryption context per block ({blocks} blocks, {} context bytes)",
+                                req.crypt.len()
+                            ),
+                        ));
+                    }
+                }
+            };
+            let cmd = PgCommand::Write {
+                volume: VolumeId(req.volume_id),
+                epoch: req.attach_epoch,
+                offset: req.offset,
+                crcs: req.crcs,
+                crypt,
+                data: req.data,
+            };
             self.propose(&handle, cmd).await
         }
         .await;
@@ -244,7 +268,7 @@ impl DataService {
     pub async fn serve_read(&self, req: ReadRequest, who: &Requester) -> ReadReply {
         let started = Instant::now();
         let len = u64::from(req.length);
-        let result: Result<(bytes::Bytes, Vec<u32>), DataError> = async {
+        let result: Result<(bytes::Bytes, Vec<u32>, Vec<u8>), DataError> = async {
             if !req.offset.is_multiple_of(BLOCK_SIZE) || len % BLOCK_SIZE != 0 {
                 return Err(err(Code::Invalid, format!("reads must be 4 KiB aligned (offset {}, length {len})", req.offset)));
             }
@@ -258,7 +282,11 @@ impl DataService {
             let mut rounds = 0;
             loop {
                 match handle.shared.read(VolumeId(req.volume_id), req.offset, len).await {
-                    Ok(r) => return Ok((r.data, r.crcs)),
+                    Ok(r) => {
+                        // Contexts go out only when some block has one (encrypted volumes).
+                        let crypt = if r.crypt.iter().any(Option::is_some) { CryptContext::encode_all(&r.crypt) } else { Vec::new() };
+                        return Ok((r.data, r.crcs, crypt));
+                    }
                     Err(_) if handle.shared.retired.load(std::sync::atomic::Ordering::Acquire) => {
                         // The replica moved elsewhere while the read waited: the client asks
                         // the PG's current replicas instead.
@@ -295,8 +323,8 @@ impl DataService {
         }
         .await;
         let reply = match result {
-            Ok((data, crcs)) => ReadReply { error: None, data, crcs },
-            Err(e) => ReadReply { error: Some(e), data: bytes::Bytes::new(), crcs: Vec::new() },
+            Ok((data, crcs, crypt)) => ReadReply { error: None, data, crcs, crypt: crypt.into() },
+            Err(e) => ReadReply { error: Some(e), data: bytes::Bytes::new(), crcs: Vec::new(), crypt: Default::default() },
         };
         self.done(Op::Read, len, started, &reply.error);
         reply

@@ -328,7 +328,7 @@ impl PgStateMachine {
     async fn stage(&mut self, batch: &mut Batch, index: u64, cmd: PgCommand) -> Result<PgReply, ChunkStoreError> {
         let shard = self.shared.shard();
         match cmd {
-            PgCommand::Write { volume, epoch, offset, crcs, data } => {
+            PgCommand::Write { volume, epoch, offset, crcs, crypt, data } => {
                 self.shared.touch(volume, offset, data.len() as u64);
                 if self.tombstones.contains(&volume) {
                     return Ok(PgReply::NoSuchVolume);
@@ -345,7 +345,10 @@ impl PgStateMachine {
                         )));
                     }
                 }
-                if offset % BLOCK_SIZE == 0 && (data.len() as u64).is_multiple_of(BLOCK_SIZE) {
+                if let Some(crypt) = crypt {
+                    // Whole blocks (checked at decode): ciphertext and contexts as sent.
+                    batch.write_encrypted(shard, volume, offset, data, crcs, crypt)?;
+                } else if offset % BLOCK_SIZE == 0 && (data.len() as u64).is_multiple_of(BLOCK_SIZE) {
                     batch.write(shard, volume, offset, data, crcs)?;
                 } else {
                     self.flush(batch).await?;
@@ -407,7 +410,7 @@ impl PgStateMachine {
                 probes.insert((volume, chunk), Probe::new(index));
                 Ok(PgReply::Index(index))
             }
-            PgCommand::Repair { volume, probe_index, offset, crc, data } => {
+            PgCommand::Repair { volume, probe_index, offset, crc, crypt, data } => {
                 if self.tombstones.contains(&volume) {
                     return Ok(PgReply::NoSuchVolume);
                 }
@@ -429,7 +432,10 @@ impl PgStateMachine {
                     None => crc != ZERO_BLOCK_CRC,
                 };
                 if bad {
-                    batch.write(shard, volume, offset, data, vec![crc])?;
+                    match crypt {
+                        Some(c) => batch.write_encrypted(shard, volume, offset, data, vec![crc], vec![c])?,
+                        None => batch.write(shard, volume, offset, data, vec![crc])?,
+                    }
                     self.staged_repairs += 1;
                     tracing::warn!(
                         pg = %self.shared.pg, node = %self.shared.node, %volume, chunk, block,
@@ -698,7 +704,7 @@ mod tests {
 
     fn write(volume: u64, epoch: u64, offset: u64) -> PgCommand {
         let data = Bytes::from(vec![0x5a; 4096]);
-        PgCommand::Write { volume: VolumeId(volume), epoch, offset, crcs: vec![crc32c(&data)], data }
+        PgCommand::Write { volume: VolumeId(volume), epoch, offset, crcs: vec![crc32c(&data)], crypt: None, data }
     }
 
     /// A batch that runs out of chunk space is applied again one command at a time from the
