@@ -10,7 +10,9 @@
 # cluster's placement-group count (default: `basalt dev up`'s). BASALT_BENCH_TLS_AB=1 also runs
 # the same jobs against a second dev cluster with security off (`dev up --security-off`:
 # plaintext, no authentication) and adds its numbers and the on/off ratio: what TLS and
-# authentication cost. Needs fio (with the nbd engine), qemu-nbd and qemu-img.
+# authentication cost. BASALT_BENCH_ENCRYPT_AB=1 also runs them against an encrypted volume of
+# the same cluster (`volume create --encrypt`, served by `basalt attach --kek-file`) and adds the
+# encrypted/plain ratio. Needs fio (with the nbd engine), qemu-nbd and qemu-img.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/env
@@ -26,6 +28,7 @@ cleanup() {
     [ -n "${qemu_pid:-}" ] && kill "$qemu_pid" 2>/dev/null || true
     [ -n "${dev_pid:-}" ] && kill -INT "$dev_pid" 2>/dev/null && wait "$dev_pid" 2>/dev/null || true
     [ -n "${plain_pid:-}" ] && kill -INT "$plain_pid" 2>/dev/null && wait "$plain_pid" 2>/dev/null || true
+    [ -n "${enc_pid:-}" ] && kill -INT "$enc_pid" 2>/dev/null && wait "$enc_pid" 2>/dev/null || true
     [ -n "${rss_pid:-}" ] && kill "$rss_pid" 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -60,11 +63,24 @@ jobs=(
   "randread-4k-qd1 --rw=randread --bs=4k --iodepth=1"
 )
 targets="qemu basalt"
-[ "${BASALT_BENCH_TLS_AB:-0}" = 1 ] && targets="qemu basalt basalt-plain"
+[ "${BASALT_BENCH_ENCRYPT_AB:-0}" = 1 ] && targets="$targets basalt-enc"
+[ "${BASALT_BENCH_TLS_AB:-0}" = 1 ] && targets="$targets basalt-plain"
 for target in $targets; do
   uri=$qemu_uri; [ "$target" = basalt ] && uri=$basalt_uri
+  if [ "$target" = basalt-enc ]; then
+    # An encrypted volume of the same size in the same cluster, served by its own attach.
+    export $(grep -E '^BASALT_(CLUSTER|CA|TOKEN_FILE)=' "$work/devup.out" | xargs)
+    (umask 077; head -c 32 /dev/urandom > "$work/enc.kek")
+    "$bin/basalt" volume create enc --size "$size" --encrypt --kek-file "$work/enc.kek" >&2
+    "$bin/basalt" attach enc --nbd-listen 127.0.0.1:0 --kek-file "$work/enc.kek" > "$work/enc.out" 2> "$work/enc.err" &
+    enc_pid=$!
+    for _ in $(seq 1 60); do grep -q '^ready$' "$work/enc.out" 2>/dev/null && break; sleep 1; done
+    grep -q '^ready$' "$work/enc.out" || { echo "basalt attach enc did not become ready" >&2; cat "$work/enc.err" >&2; exit 1; }
+    uri=$(grep '^nbd://' "$work/enc.out" | head -1)
+  fi
   if [ "$target" = basalt-plain ]; then
     # One Basalt cluster at a time: the TLS one stops before the plaintext one starts.
+    if [ -n "${enc_pid:-}" ]; then kill -INT "$enc_pid"; wait "$enc_pid" 2>/dev/null || true; enc_pid=; fi
     kill -INT "$dev_pid"; wait "$dev_pid" 2>/dev/null || true; dev_pid=
     "$bin/basalt" dev up --security-off --dir "$work/dev-plain" --size "$size" ${BASALT_BENCH_PGS:+--pgs "$BASALT_BENCH_PGS"} > "$work/plain.out" 2> "$work/plain.err" &
     plain_pid=$!
@@ -86,10 +102,11 @@ for target in $targets; do
   done
 done
 
-python3 - "$work" "${BASALT_BENCH_TLS_AB:-0}" <<'PY'
+python3 - "$work" "${BASALT_BENCH_TLS_AB:-0}" "${BASALT_BENCH_ENCRYPT_AB:-0}" <<'PY'
 import json, sys, os
 work = sys.argv[1]
 ab = sys.argv[2] == "1"
+enc = sys.argv[3] == "1"
 names = ["randwrite-4k-qd32", "randread-4k-qd32", "seqwrite-1M-qd8", "seqread-1M-qd8", "randwrite-4k-qd1", "randread-4k-qd1"]
 def stats(path):
     text = open(path).read()
@@ -111,6 +128,13 @@ if ab:
     for n in names:
         b = stats(os.path.join(work, f"basalt-{n}.json")); p = stats(os.path.join(work, f"basalt-plain-{n}.json"))
         print(f"{n:<18} | {b[0]:>16.0f} {b[2]:>8.0f} | {p[0]:>17.0f} {p[2]:>8.0f} | {b[0] / p[0] if p[0] else 0:>6.2f}")
+if enc:
+    print()
+    hdr = f"{'workload':<18} | {'encrypted IOPS':>14} {'p50 µs':>8} | {'plain IOPS':>10} {'p50 µs':>8} | {'enc/plain':>9}"
+    print(hdr); print("-" * len(hdr))
+    for n in names:
+        b = stats(os.path.join(work, f"basalt-{n}.json")); e = stats(os.path.join(work, f"basalt-enc-{n}.json"))
+        print(f"{n:<18} | {e[0]:>14.0f} {e[2]:>8.0f} | {b[0]:>10.0f} {b[2]:>8.0f} | {e[0] / b[0] if b[0] else 0:>9.2f}")
 rss = [int(x) for x in open(os.path.join(work, "rss.log")).read().split() if x.strip()]
 if rss:
     print(f"\npeak basalt-node RSS during the run: {max(rss)/1024:.0f} MiB")

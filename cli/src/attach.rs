@@ -32,6 +32,8 @@ pub struct Options {
     pub read_only: bool,
     /// Take over from the current holder.
     pub force: bool,
+    /// Key-encryption key of an encrypted volume.
+    pub kek_file: Option<PathBuf>,
     /// Require NBD STARTTLS with the certificates in this directory.
     pub tls_dir: Option<PathBuf>,
     /// Allow a plaintext NBD listener on a non-loopback address.
@@ -47,6 +49,7 @@ fn client_err(e: ClientError) -> CliError {
         ClientError::Unauthenticated(_) => CliError::unauthenticated(e.to_string()),
         ClientError::PermissionDenied(_) => CliError { code: 9, message: e.to_string() },
         ClientError::Admin(m) if m.contains("already attached") => CliError { code: 7, message: m },
+        ClientError::Crypt(m) => CliError::invalid(m),
         other => CliError::other(other.to_string()),
     }
 }
@@ -57,7 +60,10 @@ pub fn holder() -> String {
     format!("{host}:{}", std::process::id())
 }
 
-/// Connects, attaches (read-write unless `read_only`) and returns the volume.
+/// Connects, attaches (read-write unless `read_only`) and returns the volume. An encrypted
+/// volume needs its key-encryption key: the data key is opened with it *before* the
+/// attachment is taken, so a wrong or missing KEK fences nobody and writes nothing.
+#[allow(clippy::too_many_arguments)]
 pub async fn open(
     seeds: &[String],
     creds: &Credentials,
@@ -65,10 +71,32 @@ pub async fn open(
     read_only: bool,
     force: bool,
     holder: &str,
+    kek_file: Option<&std::path::Path>,
 ) -> Result<(Cluster, Volume), CliError> {
     let cluster = Cluster::connect_with(seeds, creds.client_options()).await.map_err(client_err)?;
+    let encrypted = match cluster.map().volume_by_name(name) {
+        Some(v) => v.encrypted,
+        None => return Err(client_err(ClientError::NoSuchVolume(name.to_string()))),
+    };
+    let cipher = match (encrypted, kek_file) {
+        (true, None) => {
+            return Err(CliError::invalid(format!("volume {name} is encrypted: give its key-encryption key with --kek-file")));
+        }
+        (false, Some(_)) => return Err(CliError::invalid(format!("volume {name} is not encrypted; --kek-file is for encrypted volumes"))),
+        (true, Some(path)) => {
+            let kek = basalt_volume_client::crypt::Kek::from_file(path).map_err(|e| CliError::invalid(e.to_string()))?;
+            Some(cluster.volume_cipher(name, &kek).await.map_err(client_err)?)
+        }
+        (false, None) => None,
+    };
     let volume = if read_only { cluster.open_volume(name).await } else { cluster.attach_volume(name, holder, force).await }.map_err(client_err)?;
-    Ok((cluster, volume))
+    Ok((
+        cluster,
+        match cipher {
+            Some(c) => volume.with_cipher(c),
+            None => volume,
+        },
+    ))
 }
 
 /// Refuses a plaintext NBD TCP listener that is not on loopback, unless the operator said the
@@ -139,7 +167,7 @@ pub async fn attach(admin: &Admin, name: &str, listen: Listen, opts: Options) ->
     }
     // Certificates are checked before the volume is attached: a bad directory attaches nothing.
     let tls = opts.tls_dir.as_deref().map(load_nbd_tls).transpose()?;
-    let (cluster, volume) = open(admin.addrs(), admin.credentials(), name, opts.read_only, opts.force, &holder()).await?;
+    let (cluster, volume) = open(admin.addrs(), admin.credentials(), name, opts.read_only, opts.force, &holder(), opts.kek_file.as_deref()).await?;
     let (tx, rx) = watch::channel(false);
     let (log, refusals) = RefusalLog::new();
     tokio::spawn(run_reporter(cluster.clone(), name.to_string(), log.clone(), refusals, rx.clone()));

@@ -100,6 +100,7 @@ fn volume_json(v: &Volume) -> Value {
     json!({
         "id": v.id, "name": v.name, "size": v.size, "state": v.state,
         "created_unix_ms": v.created_unix_ms, "pgs_released": v.pgs_released, "pgs_total": v.pgs_total,
+        "encrypted": v.encrypted, "key_version": v.key_version,
     })
 }
 
@@ -344,24 +345,38 @@ pub async fn node_remove(admin: &Admin, out: Out, id: u64) -> Result<(), CliErro
 }
 
 fn volume_table(vols: &[Volume]) -> String {
-    let mut t = table(&["name", "id", "size", "state"]);
+    let mut t = table(&["name", "id", "size", "state", "encryption"]);
     for v in vols {
-        t.add_row(vec![v.name.clone(), v.id.to_string(), format_size(v.size), volume_state(v)]);
+        let enc = if v.encrypted { format!("AES-256-GCM, key v{}", v.key_version) } else { "none".into() };
+        t.add_row(vec![v.name.clone(), v.id.to_string(), format_size(v.size), volume_state(v), enc]);
     }
     t.to_string()
 }
 
 /// `basalt volume create`.
-pub async fn volume_create(admin: &Admin, out: Out, name: String, size: String) -> Result<(), CliError> {
+/// `basalt volume create`; with a KEK file, an encrypted volume: its data key is made here and
+/// only its wrapped form leaves this host.
+pub async fn volume_create(admin: &Admin, out: Out, name: String, size: String, kek_file: Option<std::path::PathBuf>) -> Result<(), CliError> {
     let size = size_arg(&size)?;
+    let wrapped_key = match &kek_file {
+        Some(path) => {
+            let kek = basalt_volume_client::crypt::Kek::from_file(path).map_err(|e| CliError::invalid(e.to_string()))?;
+            let (_, wrapped) = basalt_volume_client::crypt::DataKey::generate(1, &kek, &name).map_err(|e| CliError::other(e.to_string()))?;
+            bytes::Bytes::copy_from_slice(wrapped.as_bytes())
+        }
+        None => bytes::Bytes::new(),
+    };
     let r = admin
         .call(|mut c| {
-            let name = name.clone();
-            async move { c.volume_create(VolumeCreateRequest { name, size }).await }
+            let (name, wrapped_key) = (name.clone(), wrapped_key.clone());
+            async move { c.volume_create(VolumeCreateRequest { name, size, wrapped_key }).await }
         })
         .await?;
     let v = r.volume.unwrap_or_default();
-    out.print(volume_json(&v), || format!("created volume {} ({}, id {})", v.name, format_size(v.size), v.id));
+    out.print(volume_json(&v), || {
+        let enc = if v.encrypted { ", encrypted: attach it with the same --kek-file" } else { "" };
+        format!("created volume {} ({}, id {}{enc})", v.name, format_size(v.size), v.id)
+    });
     Ok(())
 }
 

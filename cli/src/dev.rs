@@ -351,7 +351,11 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
     match exists {
         Some(r) => say(format!("volume demo exists ({})", format_size(r.volume.map(|v| v.size).unwrap_or(0)))),
         None => {
-            admin.call(|mut c| async move { c.volume_create(VolumeCreateRequest { name: "demo".into(), size }).await }).await?;
+            admin
+                .call(
+                    |mut c| async move { c.volume_create(VolumeCreateRequest { name: "demo".into(), size, wrapped_key: Default::default() }).await },
+                )
+                .await?;
             say(format!("created volume demo ({})", format_size(size)));
         }
     }
@@ -365,7 +369,7 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
         .map(str::to_string)
         .unwrap_or_else(|| "127.0.0.1:0".to_string());
     let (nbd_tx, nbd_rx) = tokio::sync::watch::channel(false);
-    let (nbd_cluster, nbd_volume) = crate::attach::open(&meta_addrs, &creds, "demo", false, true, "basalt dev up").await?;
+    let (nbd_cluster, nbd_volume) = crate::attach::open(&meta_addrs, &creds, "demo", false, true, "basalt dev up", None).await?;
     // Loopback only, like the nodes (`attach` refuses a plaintext NBD listener elsewhere).
     crate::attach::check_nbd_address(&nbd_addr, false, false)?;
     let loopback = basalt_security::cidr::AllowList::parse(&["127.0.0.0/8", "::1/128"]).map_err(|e| CliError::other(e.to_string()))?;

@@ -78,6 +78,9 @@ enum Cmd {
         /// Take over a volume attached elsewhere (live migration); the previous holder is fenced.
         #[arg(long)]
         force: bool,
+        /// Key-encryption key of an encrypted volume (the file given at `volume create`).
+        #[arg(long, value_name = "FILE")]
+        kek_file: Option<PathBuf>,
         /// Require NBD STARTTLS on every connection with the certificates in DIR (QEMU's x509
         /// layout, made by `basalt cert nbd`); clients must present a certificate from DIR's CA.
         #[arg(long, value_name = "DIR")]
@@ -308,6 +311,13 @@ enum VolumeCmd {
         /// Size, e.g. 10GiB.
         #[arg(long)]
         size: String,
+        /// Encrypt the volume's blocks on the attaching host (AES-256-GCM); needs --kek-file.
+        #[arg(long, requires = "kek_file")]
+        encrypt: bool,
+        /// Key-encryption key (a file of exactly 32 random bytes) that wraps the volume's data
+        /// key; every attach needs the same file. Lose it and the volume's data is lost.
+        #[arg(long, value_name = "FILE")]
+        kek_file: Option<PathBuf>,
     },
     /// List volumes.
     List,
@@ -375,7 +385,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     let flags = admin::CredentialFlags { ca: cli.ca, token_file: cli.token_file, cert: cli.cert, key: cli.key, insecure: cli.insecure };
     let admin = admin::Admin::new(cli.cluster, admin::Credentials::load(&flags)?)?;
     match cli.command {
-        Cmd::Attach { volume, nbd_socket, nbd_listen, read_only, force, nbd_tls_dir, insecure_nbd, nbd_allow } => {
+        Cmd::Attach { volume, nbd_socket, nbd_listen, read_only, force, kek_file, nbd_tls_dir, insecure_nbd, nbd_allow } => {
             let listen = match (nbd_socket, nbd_listen) {
                 (Some(p), _) => attach::Listen::Socket(p),
                 (None, Some(a)) => attach::Listen::Tcp(a),
@@ -384,7 +394,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 }
             };
             let allow = basalt_security::cidr::AllowList::parse(&nbd_allow).map_err(|e| CliError::usage(format!("--nbd-allow: {e}")))?;
-            attach::attach(&admin, &volume, listen, attach::Options { read_only, force, tls_dir: nbd_tls_dir, insecure_nbd, allow }).await
+            attach::attach(&admin, &volume, listen, attach::Options { read_only, force, kek_file, tls_dir: nbd_tls_dir, insecure_nbd, allow }).await
         }
         Cmd::Detach { volume } => attach::detach(&admin, &volume).await,
         Cmd::Cluster(ClusterCmd::Init { pgs, extent_size, failure_domain, admin_token_file }) => {
@@ -396,7 +406,12 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             commands::node_drain(&admin, out, id, undo, no_wait, std::time::Duration::from_secs(stuck_after)).await
         }
         Cmd::Node(NodeCmd::Remove { id }) => commands::node_remove(&admin, out, id).await,
-        Cmd::Volume(VolumeCmd::Create { name, size }) => commands::volume_create(&admin, out, name, size).await,
+        Cmd::Volume(VolumeCmd::Create { name, size, encrypt, kek_file }) => {
+            if kek_file.is_some() && !encrypt {
+                return Err(CliError::usage("--kek-file is for an encrypted volume: add --encrypt"));
+            }
+            commands::volume_create(&admin, out, name, size, kek_file).await
+        }
         Cmd::Volume(VolumeCmd::List) => commands::volume_list(&admin, out).await,
         Cmd::Volume(VolumeCmd::Show { name }) => commands::volume_show(&admin, out, name).await,
         Cmd::Volume(VolumeCmd::Resize { name, size }) => commands::volume_resize(&admin, out, name, size).await,

@@ -19,6 +19,8 @@ pub struct VolumeView {
     pub active: bool,
     /// Current attachment fencing epoch.
     pub attach_epoch: u64,
+    /// Blocks are sealed by the client (nodes refuse unsealed writes to it).
+    pub encrypted: bool,
 }
 
 /// A node as routing needs it.
@@ -89,6 +91,7 @@ impl ClusterView {
                             size: v.size,
                             active: v.state == "active",
                             attach_epoch: v.attach_epoch,
+                            encrypted: v.encrypted,
                         },
                     )
                 })

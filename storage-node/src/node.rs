@@ -21,6 +21,7 @@ use crate::access::Access;
 use crate::clients::Clients;
 use crate::config::NodeConfig;
 use crate::meta::audit_log::AuditLog;
+use crate::meta::key_store::KeyStore;
 use crate::meta::liveness::Liveness;
 use crate::meta::service::AdminService;
 use crate::meta::state::{NodeRecord, Role};
@@ -47,6 +48,9 @@ pub enum NodeError {
     /// The chunk store could not open.
     #[error("chunk store: {0}")]
     Store(#[from] ChunkStoreError),
+    /// The key store could not open.
+    #[error("{0}")]
+    Keys(#[from] crate::meta::key_store::KeyStoreError),
     /// Raft could not start.
     #[error("raft: {0}")]
     Raft(#[from] RaftError),
@@ -72,6 +76,8 @@ pub struct MetaHandle {
     pub shared: MetaShared,
     /// This node's copy of the audit log.
     pub audit: Arc<AuditLog>,
+    /// This node's copies of encrypted volumes' wrapped keys.
+    pub keys: Arc<KeyStore>,
 }
 
 /// Everything the services and background tasks of a node share.
@@ -269,9 +275,11 @@ impl Node {
             let shared = MetaShared::default();
             let audit_dir = config.data_dir.join("audit");
             let audit = Arc::new(AuditLog::open(&audit_dir, &config.audit.export_dir).map_err(|source| NodeError::Io { path: audit_dir, source })?);
-            let sm = MetaStateMachine::new(shared.clone(), host.log_engine().sm_store(META_GROUP), audit.clone());
+            let keys_dir = config.data_dir.join("keys");
+            let keys = Arc::new(KeyStore::open(&keys_dir)?);
+            let sm = MetaStateMachine::new(shared.clone(), host.log_engine().sm_store(META_GROUP), audit.clone(), keys.clone());
             let group = host.start_group(META_GROUP, sm).await?;
-            Some(MetaHandle { group, shared, audit })
+            Some(MetaHandle { group, shared, audit, keys })
         } else {
             None
         };
@@ -356,6 +364,7 @@ impl Node {
         if ctx.meta.is_some() {
             tasks.push(tokio::spawn(crate::meta::service::run_token_feeder(ctx.clone(), shutdown_rx.clone())));
             tasks.push(tokio::spawn(crate::meta::service::run_audit_pruner(ctx.clone(), shutdown_rx.clone())));
+            tasks.push(tokio::spawn(crate::meta::keys::run_key_sweeper(ctx.clone(), shutdown_rx.clone())));
             tasks.push(tokio::spawn(crate::meta::service::run_volume_reaper(ctx.clone(), shutdown_rx.clone())));
             tasks.push(tokio::spawn(crate::meta::healer::run(ctx.clone(), shutdown_rx.clone())));
         }

@@ -127,7 +127,62 @@ pub fn simple_spec(n: u64) -> Vec<NodeSpec> {
     (1..=n).map(|i| NodeSpec { id: i, labels: format!("zone=z{i},host=h{i}"), roles: vec!["storage", "meta"] }).collect()
 }
 
+/// A running `basalt attach` process.
+pub struct Attached {
+    /// The process.
+    pub child: Child,
+    /// The URI it printed.
+    pub uri: String,
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl TestCluster {
+    /// Starts `basalt attach VOLUME` with `extra` arguments (on `--nbd-listen 127.0.0.1:0` unless
+    /// they name a listener) and waits for `ready`; the exit code and stderr if it fails.
+    pub fn attach_nbd(&self, volume: &str, extra: &[&str]) -> std::result::Result<Attached, (Option<i32>, String)> {
+        let cluster = self;
+        let mut cmd = cluster.basalt_cmd();
+        cmd.args(["attach", volume]);
+        if !extra.contains(&"--nbd-listen") {
+            cmd.args(["--nbd-listen", "127.0.0.1:0"]);
+        }
+        let mut child = cmd.args(extra).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn basalt attach");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut uri = None;
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(l) if l.starts_with("nbd://") || l.starts_with("nbds://") => uri = Some(l),
+                Ok(l) if l == "ready" => {
+                    return Ok(Attached { child, uri: uri.expect("uri before ready") });
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        let mut err = String::new();
+                        let _ = child.stderr.take().map(|mut s| std::io::Read::read_to_string(&mut s, &mut err));
+                        return Err((status.code(), err));
+                    }
+                    assert!(std::time::Instant::now() < deadline, "basalt attach did not become ready");
+                }
+            }
+        }
+    }
+
     /// Three storage+meta nodes in three zones, 8 PGs, healthy, with volume `name` created.
     pub async fn with_volume(name: &str, size: u64) -> Result<Self> {
         Self::with_volume_config(name, size, "").await
@@ -135,11 +190,17 @@ impl TestCluster {
 
     /// Like [`TestCluster::with_volume`] with extra TOML in every node's config.
     pub async fn with_volume_config(name: &str, size: u64, extra_config: &str) -> Result<Self> {
-        let cluster = Self::start_with(simple_spec(3), extra_config).await?;
+        Self::with_volume_in(&test_root(), name, size, extra_config).await
+    }
+
+    /// Like [`TestCluster::with_volume_config`], the cluster's directory under `root` (a
+    /// filesystem a test inspects raw, say).
+    pub async fn with_volume_in(root: &Path, name: &str, size: u64, extra_config: &str) -> Result<Self> {
+        let cluster = Self::start_in(root, simple_spec(3), extra_config, &[]).await?;
         cluster.init(8, "zone").await?;
         cluster.wait_healthy(3, Duration::from_secs(60)).await?;
         let mut admin = cluster.admin().await?;
-        admin.volume_create(basalt_proto::admin::VolumeCreateRequest { name: name.into(), size }).await?;
+        admin.volume_create(basalt_proto::admin::VolumeCreateRequest { name: name.into(), size, wrapped_key: Default::default() }).await?;
         Ok(cluster)
     }
 
@@ -157,7 +218,11 @@ impl TestCluster {
     /// (`(id, toml)`), e.g. a smaller `capacity` for one of them, or a `data_dir` elsewhere
     /// (the node's config and log stay in [`TestNode::data_dir`]).
     pub async fn start_with_node_config(specs: Vec<NodeSpec>, extra_config: &str, node_config: &[(u64, &str)]) -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("basalt-test-").tempdir_in(test_root())?;
+        Self::start_in(&test_root(), specs, extra_config, node_config).await
+    }
+
+    async fn start_in(root: &Path, specs: Vec<NodeSpec>, extra_config: &str, node_config: &[(u64, &str)]) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("basalt-test-").tempdir_in(root)?;
         let tls_dir = dir.path().join("tls");
         certs::init_ca(&tls_dir, 30)?;
         certs::issue(&tls_dir, &Identity::Client(TEST_CLIENT.into()), Validity::days(30), &tls_dir, &[])?;
@@ -854,6 +919,52 @@ pub fn find_marker(root: &Path, marker: &[u8]) -> Vec<(PathBuf, u64)> {
     }
     found.sort();
     found
+}
+
+/// A fresh ext4 filesystem on a loop-mounted image file, for tests that search the raw device
+/// (free blocks included) for bytes that must be gone. Unmounted on drop.
+pub struct Ext4Image {
+    /// Holds the image file alone (scan this directory to scan the raw device).
+    pub image_dir: tempfile::TempDir,
+    /// Where the filesystem is mounted.
+    pub mount: PathBuf,
+    _mount_parent: tempfile::TempDir,
+}
+
+impl Ext4Image {
+    /// Creates a sparse image of `size` bytes, makes ext4 on it and mounts it (needs root).
+    pub fn mount(size: u64) -> Result<Ext4Image> {
+        let image_dir = tempfile::Builder::new().prefix("basalt-image-").tempdir_in(test_root())?;
+        let parent = tempfile::Builder::new().prefix("basalt-mnt-").tempdir_in(test_root())?;
+        let image = image_dir.path().join("ext4.img");
+        std::fs::File::create(&image)?.set_len(size)?;
+        let run = |cmd: &mut Command| -> Result<()> {
+            let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+            if !out.status.success() {
+                bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(())
+        };
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image))?;
+        let mount = parent.path().join("fs");
+        std::fs::create_dir(&mount)?;
+        run(Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&mount))
+            .context("mounting a loop image (this test needs root and loop devices)")?;
+        Ok(Ext4Image { image_dir, mount, _mount_parent: parent })
+    }
+
+    /// Flushes every filesystem's dirty data to its device, so the image holds what the
+    /// mounted filesystem holds.
+    pub fn sync(&self) {
+        // SAFETY: sync(2) takes no arguments and cannot fail.
+        unsafe { libc::sync() };
+    }
+}
+
+impl Drop for Ext4Image {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mount).output();
+    }
 }
 
 /// Byte offsets in the data file `path` of every 4 KiB-aligned block equal to `block`.

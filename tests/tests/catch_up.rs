@@ -25,7 +25,13 @@ async fn lagging_replica_catches_up_exactly() {
     cluster.init(4, "zone").await.unwrap();
     let status = cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
     let mut admin = cluster.admin().await.unwrap();
-    let vol = admin.volume_create(VolumeCreateRequest { name: "v".into(), size: SIZE }).await.unwrap().into_inner().volume.unwrap();
+    let vol = admin
+        .volume_create(VolumeCreateRequest { name: "v".into(), size: SIZE, wrapped_key: Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
     let client = cluster.client().await.unwrap();
     let v = client.open_volume("v").await.unwrap();
     let mut model = vec![0u8; SIZE as usize];

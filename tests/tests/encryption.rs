@@ -15,9 +15,24 @@ fn marked(marker: &[u8], len: usize) -> Bytes {
     Bytes::from(block.repeat(len.div_ceil(4096)))
 }
 
-fn cipher(volume: &Volume, kek: &Kek) -> VolumeCipher {
-    let (key, _) = DataKey::generate(1, kek, volume.name()).unwrap();
+/// A cipher for `volume` with a fresh data key of its own (not the volume's).
+fn stranger_cipher(volume: &Volume) -> VolumeCipher {
+    let (key, _) = DataKey::generate(1, &Kek::from_bytes(rand::random()), volume.name()).unwrap();
     VolumeCipher::new(volume.id(), vec![key], 1).unwrap()
+}
+
+/// Creates encrypted volume `name` (16 MiB) with a fresh KEK through the CLI and attaches it
+/// read-write with its cipher.
+async fn encrypted_volume(cluster: &TestCluster, name: &str) -> Volume {
+    let kek: [u8; 32] = rand::random();
+    let path = cluster.path().join(format!("{name}.kek"));
+    std::fs::write(&path, kek).unwrap();
+    let (code, _, err) =
+        cluster.cli(&["volume", "create", name, "--size", "16MiB", "--encrypt", "--kek-file", path.to_str().unwrap()]).await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    let client = cluster.client().await.unwrap();
+    let cipher = client.volume_cipher(name, &Kek::from_bytes(kek)).await.unwrap();
+    client.attach_volume(name, "test", false).await.unwrap().with_cipher(cipher)
 }
 
 /// The stored bytes and encryption contexts of the block at `offset`, as its PG leader sends
@@ -38,13 +53,9 @@ async fn scan(cluster: &TestCluster, marker: &[u8]) -> Vec<(std::path::PathBuf, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sealed_blocks_reach_no_disk_in_plaintext_and_read_back_through_the_key() {
-    let cluster = TestCluster::with_volume("enc", 16 << 20).await.unwrap();
-    let (code, _, err) = cluster.cli(&["volume", "create", "plain", "--size", "16MiB"]).await.unwrap();
-    assert_eq!(code, Some(0), "{err}");
+    let cluster = TestCluster::with_volume("plain", 16 << 20).await.unwrap();
     let client = cluster.client().await.unwrap();
-    let kek = Kek::from_bytes(rand::random());
-    let attached = client.attach_volume("enc", "test", false).await.unwrap();
-    let enc = attached.clone().with_cipher(cipher(&attached, &kek));
+    let enc = encrypted_volume(&cluster, "enc").await;
     assert!(enc.is_encrypted());
     let plain = client.attach_volume("plain", "test", false).await.unwrap();
 
@@ -70,6 +81,23 @@ async fn sealed_blocks_reach_no_disk_in_plaintext_and_read_back_through_the_key(
     assert_eq!(enc.read((300 << 10) + 120, 100).await.unwrap(), Bytes::from(vec![0u8; 100]), "the rest of that block reads as zeros");
     assert_eq!(enc.read((400 << 10) + 3000, 5000).await.unwrap(), across);
 
+    // A plaintext write to the encrypted volume (a client without its key) is refused, and a
+    // sealed one to a plain volume.
+    match client.attach_volume("enc", "intruder", true).await.unwrap().write(0, Bytes::from(vec![1u8; 4096]), false).await {
+        Err(ClientError::Internal(m)) => assert!(m.contains("is encrypted"), "{m}"),
+        other => panic!("plaintext write to an encrypted volume: {other:?}"),
+    }
+    let enc = {
+        // Take the attachment back for the rest (the intruder fenced it).
+        let cipher =
+            client.volume_cipher("enc", &Kek::from_bytes(std::fs::read(cluster.path().join("enc.kek")).unwrap().try_into().unwrap())).await.unwrap();
+        client.attach_volume("enc", "test", true).await.unwrap().with_cipher(cipher)
+    };
+    match plain.clone().with_cipher(stranger_cipher(&plain)).write(0, Bytes::from(vec![1u8; 4096]), false).await {
+        Err(ClientError::Internal(m)) => assert!(m.contains("not encrypted"), "{m}"),
+        other => panic!("sealed write to a plain volume: {other:?}"),
+    }
+
     // Nothing on any node's disk holds the secret; the unencrypted volume's marker is there.
     assert!(scan(&cluster, &secret).await.is_empty(), "the plaintext of an encrypted volume reached a disk");
     let found = scan(&cluster, &visible).await;
@@ -81,7 +109,7 @@ async fn sealed_blocks_reach_no_disk_in_plaintext_and_read_back_through_the_key(
         Err(ClientError::Crypt(m)) => assert!(m.contains("--kek-file"), "{m}"),
         other => panic!("read without the key: {other:?}"),
     }
-    let stranger = keyless.clone().with_cipher(cipher(&attached, &kek));
+    let stranger = keyless.clone().with_cipher(stranger_cipher(&keyless));
     match stranger.read(0, 4096).await {
         Err(ClientError::Crypt(m)) => assert!(m.contains("does not authenticate"), "{m}"),
         other => panic!("read with another data key: {other:?}"),
@@ -99,11 +127,8 @@ async fn sealed_blocks_reach_no_disk_in_plaintext_and_read_back_through_the_key(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_repair_sealed_blocks_without_a_key() {
-    let cluster = TestCluster::with_volume("enc", 16 << 20).await.unwrap();
-    let client = cluster.client().await.unwrap();
-    let kek = Kek::from_bytes(rand::random());
-    let attached = client.attach_volume("enc", "test", false).await.unwrap();
-    let enc = attached.clone().with_cipher(cipher(&attached, &kek));
+    let cluster = TestCluster::with_volume("plain", 16 << 20).await.unwrap();
+    let enc = encrypted_volume(&cluster, "enc").await;
     let data = marked(format!("BASALT-REPAIR-{:016x}|", seed()).as_bytes(), 64 << 10);
     enc.write(0, data.clone(), false).await.unwrap();
     let (_, leader, followers) = cluster.pg_replicas("enc", 0).await.unwrap();
@@ -127,4 +152,137 @@ async fn nodes_repair_sealed_blocks_without_a_key() {
     cluster.wait_repaired(follower, 1).await;
     assert!(!find_block(&cluster.data_file(follower), &stored).unwrap().is_empty(), "repaired on the follower");
     assert_eq!(enc.read(0, 64 << 10).await.unwrap(), data);
+}
+
+/// The wrapped key in the first used slot of node `id`'s key store (format 1 layout, see
+/// storage-node `meta::key_store`).
+fn stored_wrapped_key(cluster: &TestCluster, id: u64) -> Vec<u8> {
+    let bytes = std::fs::read(cluster.node(id).data_dir.join("keys/wrapped.keys")).unwrap();
+    let slot = bytes.chunks(256).find(|s| s.iter().any(|b| *b != 0)).expect("a stored key");
+    assert_eq!(&slot[..4], b"BKY1");
+    let len = u16::from_le_bytes([slot[24], slot[25]]) as usize;
+    slot[26..26 + len].to_vec()
+}
+
+/// Flips a bit inside the stored copy of `wrapped` on nodes `ids`, in place (rewriting the
+/// whole file would leave the old blocks, other keys included, in the device's free space).
+fn damage_key(cluster: &TestCluster, ids: &[u64], wrapped: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    for id in ids {
+        let path = cluster.node(*id).data_dir.join("keys/wrapped.keys");
+        let bytes = std::fs::read(&path).unwrap();
+        let at = bytes.windows(wrapped.len()).position(|w| w == wrapped).expect("the key is stored here") + 40;
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[bytes[at] ^ 0x10], at as u64).unwrap();
+        f.sync_all().unwrap();
+    }
+}
+
+fn write_file(dir: &std::path::Path, name: &str, bytes: &[u8]) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_needs_the_kek_and_delete_shreds_the_key_from_the_device() {
+    let image = basalt_tests::Ext4Image::mount(3 << 30).expect("a loop-mounted ext4 image");
+    let cluster = TestCluster::with_volume_in(&image.mount, "plain", 16 << 20, "capacity = \"256MiB\"\n").await.unwrap();
+    let kek_bytes: [u8; 32] = rand::random();
+    let dir = cluster.path().to_path_buf();
+    let good = write_file(&dir, "kek", &kek_bytes);
+    let wrong = write_file(&dir, "wrong.kek", &rand::random::<[u8; 32]>());
+    let short = write_file(&dir, "short.kek", &[1u8; 31]);
+
+    // Creation: the KEK is required and must be 32 bytes; the volume says it is encrypted.
+    for (args, code, says) in [
+        (vec!["volume", "create", "x", "--size", "16MiB", "--encrypt"], 2, "--kek-file"),
+        (vec!["volume", "create", "x", "--size", "16MiB", "--encrypt", "--kek-file", &short], 5, "holds 31 bytes"),
+        (vec!["volume", "create", "x", "--size", "16MiB", "--kek-file", &good], 2, "--encrypt"),
+    ] {
+        let (c, _, err) = cluster.cli(&args).await.unwrap();
+        assert_eq!(c, Some(code), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    for name in ["enc", "enc2"] {
+        let (c, _, err) = cluster.cli(&["volume", "create", name, "--size", "16MiB", "--encrypt", "--kek-file", &good]).await.unwrap();
+        assert_eq!(c, Some(0), "{err}");
+    }
+    let (_, out, _) = cluster.cli(&["--json", "volume", "show", "enc"]).await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((v["encrypted"].as_bool(), v["key_version"].as_u64()), (Some(true), Some(1)), "{v}");
+
+    // Attaching needs the right KEK; refused attempts attach nothing (no --force needed after).
+    let (code, msg) = cluster.attach_nbd("enc", &[]).err().expect("refused without a KEK");
+    assert_eq!(code, Some(5), "{msg}");
+    assert!(msg.contains("is encrypted"), "{msg}");
+    let (code, msg) = cluster.attach_nbd("enc", &["--kek-file", &wrong]).err().expect("refused with the wrong KEK");
+    assert_eq!(code, Some(5), "{msg}");
+    assert!(msg.contains("wrong --kek-file"), "{msg}");
+    let (code, msg) = cluster.attach_nbd("plain", &["--kek-file", &good]).err().expect("a KEK for a plain volume is a mistake");
+    assert_eq!(code, Some(5), "{msg}");
+    let attached = cluster.attach_nbd("enc", &["--kek-file", &good]).expect("attach with the KEK");
+
+    // Data through NBD: back in the clear through the attach, nowhere in the clear on the
+    // nodes' files or the raw device.
+    let marker = format!("BASALT-SHRED-{:016x}|", seed()).into_bytes();
+    let data = marked(&marker, 1 << 20);
+    // Scratch files off the image: the test must not put plaintext on the device itself.
+    let scratch = tempfile::tempdir().unwrap();
+    let src = write_file(scratch.path(), "marker.raw", &data);
+    let copy = std::process::Command::new("nbdcopy").args([&src, &attached.uri]).output().unwrap();
+    assert!(copy.status.success(), "nbdcopy: {}", String::from_utf8_lossy(&copy.stderr));
+    let back = scratch.path().join("back.raw");
+    let copy = std::process::Command::new("nbdcopy").arg(&attached.uri).arg(&back).output().unwrap();
+    assert!(copy.status.success(), "nbdcopy: {}", String::from_utf8_lossy(&copy.stderr));
+    assert_eq!(&std::fs::read(&back).unwrap()[..data.len()], &data[..], "read back through the KEK");
+    drop(attached);
+    image.sync();
+    let in_files: Vec<_> = scan(&cluster, &marker).await;
+    assert!(in_files.is_empty(), "plaintext in {in_files:?}");
+    let raw = image.image_dir.path().to_path_buf();
+    let m = marker.clone();
+    assert!(tokio::task::spawn_blocking(move || find_marker(&raw, &m)).await.unwrap().is_empty(), "plaintext on the raw device");
+
+    // The wrapped key lives in the three meta nodes' key stores and nowhere else.
+    let wrapped = stored_wrapped_key(&cluster, 1);
+    let homes = scan(&cluster, &wrapped).await;
+    assert_eq!(homes.len(), 3, "{homes:?}");
+    assert!(homes.iter().all(|(p, n)| p.ends_with("keys/wrapped.keys") && *n == 1), "{homes:?}");
+
+    // A damaged copy is healed from another meta node; with every copy damaged the attach
+    // fails saying so, and writes nothing.
+    let wrapped2 = {
+        let (_, out, _) = cluster.cli(&["--json", "volume", "show", "enc2"]).await.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["encrypted"], true, "{v}");
+        let all = std::fs::read(cluster.node(1).data_dir.join("keys/wrapped.keys")).unwrap();
+        all.chunks(256).filter(|s| s.iter().any(|b| *b != 0)).map(|s| s[26..26 + 73].to_vec()).find(|w| *w != wrapped).unwrap()
+    };
+    damage_key(&cluster, &[1, 2], &wrapped2);
+    let a = cluster.attach_nbd("enc2", &["--kek-file", &good]).expect("one intact copy is enough");
+    drop(a);
+    let intact: Vec<u64> = (1..=3)
+        .filter(|id| std::fs::read(cluster.node(*id).data_dir.join("keys/wrapped.keys")).unwrap().windows(73).any(|w| w == wrapped2))
+        .collect();
+    damage_key(&cluster, &intact, &wrapped2);
+    let (code, msg) = cluster.attach_nbd("enc2", &["--kek-file", &good, "--force"]).err().expect("every copy damaged");
+    assert_eq!(code, Some(5), "{msg}");
+    assert!(msg.contains("corrupt"), "{msg}");
+
+    // Deleting shreds the key: gone from every file and from the raw device, and the
+    // ciphertext left for the scrubber opens with nothing the cluster holds.
+    let (c, _, err) = cluster.cli(&["volume", "delete", "enc"]).await.unwrap();
+    assert_eq!(c, Some(0), "{err}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !scan(&cluster, &wrapped).await.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the wrapped key is still in {:?}", scan(&cluster, &wrapped).await);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    image.sync();
+    let (raw, w) = (image.image_dir.path().to_path_buf(), wrapped.clone());
+    let left = tokio::task::spawn_blocking(move || find_marker(&raw, &w)).await.unwrap();
+    assert!(left.is_empty(), "the wrapped key is still on the raw device: {left:?}");
+    let (code, msg) = cluster.attach_nbd("enc", &["--kek-file", &good]).err().expect("deleted");
+    assert_eq!(code, Some(3), "{msg}");
 }

@@ -1,61 +1,15 @@
 //! NBD attach, proven with real clients: qemu-io, qemu-img, nbdinfo and fio's nbd engine against
 //! `basalt attach` on a real cluster; plus hostile input on the raw socket.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use basalt_tests::TestCluster;
-
-/// A running `basalt attach` process.
-struct Attached {
-    child: Child,
-    uri: String,
-}
-
-impl Drop for Attached {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use basalt_tests::{Attached, TestCluster};
 
 fn attach(cluster: &TestCluster, volume: &str, extra: &[&str]) -> Result<Attached, (Option<i32>, String)> {
-    let mut cmd = cluster.basalt_cmd();
-    cmd.args(["attach", volume]);
-    if !extra.contains(&"--nbd-listen") {
-        cmd.args(["--nbd-listen", "127.0.0.1:0"]);
-    }
-    let mut child = cmd.args(extra).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn basalt attach");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut uri = None;
-    loop {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(l) if l.starts_with("nbd://") || l.starts_with("nbds://") => uri = Some(l),
-            Ok(l) if l == "ready" => {
-                return Ok(Attached { child, uri: uri.expect("uri before ready") });
-            }
-            Ok(_) => {}
-            Err(_) => {
-                if let Ok(Some(status)) = child.try_wait() {
-                    let mut err = String::new();
-                    let _ = child.stderr.take().map(|mut s| s.read_to_string(&mut err));
-                    return Err((status.code(), err));
-                }
-                assert!(Instant::now() < deadline, "basalt attach did not become ready");
-            }
-        }
-    }
+    cluster.attach_nbd(volume, extra)
 }
 
 async fn cluster_with_volume(name: &str, size: u64) -> TestCluster {

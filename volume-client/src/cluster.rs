@@ -252,6 +252,30 @@ impl Cluster {
         Ok(vol)
     }
 
+    /// The cipher of encrypted volume `name`: its wrapped data keys, fetched from the meta
+    /// group and opened with `kek` here (nothing leaves this host unwrapped).
+    pub async fn volume_cipher(&self, name: &str, kek: &crate::crypt::Kek) -> Result<crate::crypt::VolumeCipher, ClientError> {
+        use crate::crypt::{VolumeCipher, WrappedKey};
+        let mut admin = self.admin(0)?;
+        let reply = match admin.volume_key(basalt_proto::admin::VolumeKeyRequest { name: name.to_string() }).await {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == tonic::Code::NotFound => return Err(ClientError::NoSuchVolume(name.to_string())),
+            Err(s) if s.code() == tonic::Code::FailedPrecondition || s.code() == tonic::Code::DataLoss => {
+                return Err(ClientError::Crypt(s.message().to_string()));
+            }
+            Err(s) => return Err(ClientError::from_status(&s)),
+        };
+        let mut keys = Vec::with_capacity(reply.keys.len());
+        for k in &reply.keys {
+            let wrapped = WrappedKey::parse(name, &k.wrapped)?;
+            if wrapped.version() != k.version {
+                return Err(ClientError::Crypt(format!("volume {name}'s stored key v{} says it is v{}", k.version, wrapped.version())));
+            }
+            keys.push(wrapped.unwrap_with(kek, name)?);
+        }
+        Ok(VolumeCipher::new(basalt_common::VolumeId(reply.volume_id), keys, reply.current_version)?)
+    }
+
     /// Ends the attachment `volume` holds (no-op if it was already superseded).
     pub async fn detach_volume(&self, volume: &Volume) -> Result<(), ClientError> {
         let mut admin = self.admin(0)?;

@@ -8,11 +8,16 @@
 //! - [`healer`][]: re-places replicas of dead and draining nodes, rebalances onto new ones.
 //! - [`leaders`][]: evens out how many PGs each node leads.
 //! - [`membership`][]: replaces a lost meta node by a spare meta-role node.
+//! - [`audit_log`][]: this meta node's copy of the audit log.
+//! - [`key_store`][]: this meta node's copies of encrypted volumes' wrapped keys, erasable.
+//! - [`keys`][]: those keys across the meta nodes (stored on a majority, fetched, healed).
 
 pub mod audit_log;
 #[cfg(test)]
 mod fixtures;
 pub mod healer;
+pub mod key_store;
+pub mod keys;
 pub mod leaders;
 pub mod liveness;
 pub mod membership;

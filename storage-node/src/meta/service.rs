@@ -19,11 +19,12 @@ use basalt_proto::admin::admin_server::Admin;
 use basalt_proto::admin::{
     AuditAppendReply, AuditAppendRequest, AuditCheckRequest, AuditListReply, AuditListRequest, AuditNodeVerdict, AuditReportRequest,
     AuditVerifyReply, AuditVerifyRequest, ClusterInitReply, ClusterInitRequest, ClusterMap, ClusterStatusReply, ClusterStatusRequest,
-    GetClusterMapRequest, NodeDrainReply, NodeDrainRequest, NodeHeartbeatReply, NodeHeartbeatRequest, NodeInfoReply, NodeInfoRequest, NodeListReply,
-    NodeListRequest, NodeRemoveReply, NodeRemoveRequest, PlacementGroup, ScrubStartReply, ScrubStartRequest, ScrubStatusReply, ScrubStatusRequest,
-    TokenCreateReply, TokenCreateRequest, TokenInfo, TokenListReply, TokenListRequest, TokenRevokeReply, TokenRevokeRequest, Volume,
-    VolumeAttachRequest, VolumeCreateRequest, VolumeDeleteReply, VolumeDeleteRequest, VolumeDetachRequest, VolumeListReply, VolumeListRequest,
-    VolumeReply, VolumeResizeRequest, VolumeShowRequest,
+    GetClusterMapRequest, KeyGetReply, KeyGetRequest, KeyPutReply, KeyPutRequest, NodeDrainReply, NodeDrainRequest, NodeHeartbeatReply,
+    NodeHeartbeatRequest, NodeInfoReply, NodeInfoRequest, NodeListReply, NodeListRequest, NodeRemoveReply, NodeRemoveRequest, PlacementGroup,
+    ScrubStartReply, ScrubStartRequest, ScrubStatusReply, ScrubStatusRequest, TokenCreateReply, TokenCreateRequest, TokenInfo, TokenListReply,
+    TokenListRequest, TokenRevokeReply, TokenRevokeRequest, VersionedKey, Volume, VolumeAttachRequest, VolumeCreateRequest, VolumeDeleteReply,
+    VolumeDeleteRequest, VolumeDetachRequest, VolumeKeyReply, VolumeKeyRequest, VolumeListReply, VolumeListRequest, VolumeReply, VolumeResizeRequest,
+    VolumeShowRequest,
 };
 use basalt_proto::data::ReleaseVolumeRequest;
 use basalt_raft::{NodeInfo, RaftError};
@@ -37,7 +38,7 @@ use tonic::{Request, Response, Status};
 
 use super::audit_log::Line;
 use super::liveness::record_from_proto;
-use super::state::{ClusterSettings, ClusterState, MetaCommand, MetaError, MetaReply, NodeRecord, Role, VolumeRecord, VolumeState};
+use super::state::{ClusterSettings, ClusterState, MetaCommand, MetaError, MetaReply, NodeRecord, Role, VolumeKeys, VolumeRecord, VolumeState};
 use crate::access::{Access, Caller};
 use crate::node::{MetaHandle, NodeCtx};
 
@@ -67,7 +68,7 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// Converts a volume record for the wire.
-pub fn volume_proto(v: &VolumeRecord, pg_total: usize) -> Volume {
+pub fn volume_proto(v: &VolumeRecord, pg_total: usize, keys: Option<&VolumeKeys>) -> Volume {
     let (state, released) = match &v.state {
         VolumeState::Active => ("active", 0),
         VolumeState::Deleting { done } => ("deleting", done.len()),
@@ -82,6 +83,8 @@ pub fn volume_proto(v: &VolumeRecord, pg_total: usize) -> Volume {
         pgs_total: pg_total as u32,
         attach_epoch: v.attach_epoch,
         attached_by: v.attached_by.clone().unwrap_or_default(),
+        encrypted: keys.is_some(),
+        key_version: keys.map_or(0, |k| k.current),
     }
 }
 
@@ -297,7 +300,7 @@ impl AdminService {
             extent_size: layout.map(|l| l.extent_size).unwrap_or(0),
             nodes: s.nodes.values().map(|n| self.node_proto(s, n)).collect(),
             pgs: s.pgs.iter().map(|p| self.pg_proto(p)).collect(),
-            volumes: s.volumes.values().map(|v| volume_proto(v, s.pgs.len())).collect(),
+            volumes: s.volumes.values().map(|v| volume_proto(v, s.pgs.len(), s.volume_keys.get(&v.id))).collect(),
             includes_tokens: false,
             tokens: Vec::new(),
         }
@@ -306,8 +309,9 @@ impl AdminService {
     fn volume_reply(&self, reply: MetaReply, version: u64) -> Result<Response<basalt_proto::admin::VolumeReply>, Status> {
         match reply {
             MetaReply::Volume(v) => {
-                let pgs = self.ctx.meta.as_ref().map(|m| m.shared.with(|s| s.pgs.len())).unwrap_or(0);
-                Ok(Response::new(VolumeReply { volume: Some(volume_proto(&v, pgs)), map_version: version }))
+                let (pgs, keys) =
+                    self.ctx.meta.as_ref().map(|m| m.shared.with(|s| (s.pgs.len(), s.volume_keys.get(&v.id).cloned()))).unwrap_or_default();
+                Ok(Response::new(VolumeReply { volume: Some(volume_proto(&v, pgs, keys.as_ref())), map_version: version }))
             }
             MetaReply::Error(e) => Err(status_of(&e)),
             MetaReply::Done | MetaReply::Token(_) => Err(Status::internal("meta group returned no volume")),
@@ -646,7 +650,13 @@ impl Admin for AdminService {
     async fn volume_create(&self, request: Request<VolumeCreateRequest>) -> Result<Response<VolumeReply>, Status> {
         let name = request.get_ref().name.clone();
         forward_or!(self, request, volume_create, Action::VolumeCreate, Some(&name), |meta, caller, msg| {
-            let cmd = MetaCommand::CreateVolume { name: msg.name.clone(), size: msg.size, now_unix_ms: now_ms() };
+            let cmd = if msg.wrapped_key.is_empty() {
+                MetaCommand::CreateVolume { name: msg.name.clone(), size: msg.size, now_unix_ms: now_ms() }
+            } else {
+                // The key is on a majority of the meta nodes before the volume exists.
+                let keys = super::keys::store_new(&self.ctx, meta, &msg.wrapped_key).await?;
+                MetaCommand::CreateEncryptedVolume { name: msg.name.clone(), size: msg.size, now_unix_ms: now_ms(), keys }
+            };
             let reply = self.propose_audited(meta, cmd, &caller, Action::VolumeCreate, &msg.name).await?;
             if let MetaReply::Volume(v) = &reply {
                 tracing::info!(volume = %v.name, id = %v.id, size = v.size, by = %caller.principal, "volume created");
@@ -655,10 +665,48 @@ impl Admin for AdminService {
         })
     }
 
+    async fn volume_key(&self, request: Request<VolumeKeyRequest>) -> Result<Response<VolumeKeyReply>, Status> {
+        let name = request.get_ref().name.clone();
+        forward_or!(self, request, volume_key, Action::DataRead, Some(&name), |meta, caller, msg| {
+            let s = self.read(meta).await?;
+            let v = s.volume_by_name(&msg.name).ok_or_else(|| status_of(&MetaError::NoSuchVolume(msg.name.clone())))?;
+            let keys =
+                s.volume_keys.get(&v.id).cloned().ok_or_else(|| Status::failed_precondition(format!("volume {} is not encrypted", msg.name)))?;
+            let mut out = Vec::new();
+            for version in keys.digests.keys() {
+                let wrapped = super::keys::fetch(&self.ctx, meta, &msg.name, &keys, *version).await?;
+                out.push(VersionedKey { version: *version, wrapped: wrapped.into() });
+            }
+            tracing::debug!(volume = %msg.name, by = %caller.principal, "handed out a volume's wrapped keys");
+            Ok(Response::new(VolumeKeyReply { volume_id: v.id.0, current_version: keys.current, keys: out }))
+        })
+    }
+
+    async fn key_put(&self, request: Request<KeyPutRequest>) -> Result<Response<KeyPutReply>, Status> {
+        self.ctx.access.authorize(&request, Action::Internal, None).await?;
+        let meta = self.ctx.meta.as_ref().ok_or_else(|| Status::failed_precondition("not a meta node"))?;
+        let r = request.into_inner();
+        super::keys::put(&meta.keys, r.key_id, r.version, r.wrapped.to_vec()).await?;
+        Ok(Response::new(KeyPutReply {}))
+    }
+
+    async fn key_get(&self, request: Request<KeyGetRequest>) -> Result<Response<KeyGetReply>, Status> {
+        self.ctx.access.authorize(&request, Action::Internal, None).await?;
+        let meta = self.ctx.meta.as_ref().ok_or_else(|| Status::failed_precondition("not a meta node"))?;
+        let r = request.into_inner();
+        let wrapped = super::keys::local(&meta.keys, r.key_id, r.version).await?;
+        Ok(Response::new(KeyGetReply { wrapped: wrapped.into() }))
+    }
+
     async fn volume_list(&self, request: Request<VolumeListRequest>) -> Result<Response<VolumeListReply>, Status> {
         forward_or!(self, request, volume_list, Action::VolumeList, None, |meta, caller, _msg| {
             let s = self.read(meta).await?;
-            let volumes = s.volumes.values().filter(|v| caller.principal.sees_volume(&v.name)).map(|v| volume_proto(v, s.pgs.len())).collect();
+            let volumes = s
+                .volumes
+                .values()
+                .filter(|v| caller.principal.sees_volume(&v.name))
+                .map(|v| volume_proto(v, s.pgs.len(), s.volume_keys.get(&v.id)))
+                .collect();
             Ok(Response::new(VolumeListReply { volumes }))
         })
     }
@@ -668,7 +716,9 @@ impl Admin for AdminService {
         forward_or!(self, request, volume_show, Action::VolumeShow, Some(&name), |meta, _caller, msg| {
             let s = self.read(meta).await?;
             match s.volume_by_name(&msg.name) {
-                Some(v) => Ok(Response::new(VolumeReply { volume: Some(volume_proto(v, s.pgs.len())), map_version: s.version })),
+                Some(v) => {
+                    Ok(Response::new(VolumeReply { volume: Some(volume_proto(v, s.pgs.len(), s.volume_keys.get(&v.id))), map_version: s.version }))
+                }
                 None => Err(status_of(&MetaError::NoSuchVolume(msg.name))),
             }
         })
@@ -704,7 +754,11 @@ impl Admin for AdminService {
                     Some(_) => 0,
                 });
                 if !msg.wait || done >= total || tokio::time::Instant::now() > deadline {
-                    return Ok(Response::new(VolumeDeleteReply { volume: Some(volume_proto(&v, total as usize)), pgs_done: done, pgs_total: total }));
+                    return Ok(Response::new(VolumeDeleteReply {
+                        volume: Some(volume_proto(&v, total as usize, None)),
+                        pgs_done: done,
+                        pgs_total: total,
+                    }));
                 }
                 let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
             }

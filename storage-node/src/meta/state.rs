@@ -192,10 +192,37 @@ pub struct ClusterState {
     pub tokens: BTreeMap<TokenId, TokenRecord>,
     /// Where the audit log's hash chain stands (the records are in each meta node's audit file).
     pub audit: AuditHead,
+    /// Encrypted volumes' keys (references and digests; the wrapped keys are in each meta
+    /// node's key store). Added in snapshot format 3.
+    pub volume_keys: BTreeMap<VolumeId, VolumeKeys>,
     /// What the last applied commands did to the audit log, for the state machine to write to
     /// the audit file; never serialised.
     #[serde(skip)]
     pub audit_effects: Vec<AuditEffect>,
+    /// Wrapped keys the last applied commands destroyed, for the state machine to erase from
+    /// this node's key store; never serialised.
+    #[serde(skip)]
+    pub key_effects: Vec<KeyEffect>,
+}
+
+/// An encrypted volume's keys as the meta group knows them: never a key, only where the
+/// wrapped keys are kept (each meta node's key store, `super::key_store`, which can really
+/// be erased) and what they must hash to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeKeys {
+    /// The volume's key id in the key stores.
+    pub key_id: u64,
+    /// The version new blocks are sealed with.
+    pub current: u32,
+    /// SHA-256 of each live version's wrapped key.
+    pub digests: BTreeMap<u32, [u8; 32]>,
+}
+
+/// A key-store change an applied command calls for on every meta node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyEffect {
+    /// Overwrite every version of this key (its volume was deleted).
+    Erase(u64),
 }
 
 /// The audit log's position: the next sequence number, the last record's hash, and where the
@@ -381,6 +408,17 @@ pub enum MetaCommand {
         /// Its hash (read by the proposer from its audit file): the kept chain's anchor.
         through_hash: ChainHash,
     },
+    /// Creates an encrypted volume whose wrapped key the meta nodes' key stores already hold.
+    CreateEncryptedVolume {
+        /// Name.
+        name: String,
+        /// Size in bytes.
+        size: u64,
+        /// Proposer's clock.
+        now_unix_ms: u64,
+        /// Its keys.
+        keys: VolumeKeys,
+    },
 }
 
 impl MetaCommand {
@@ -533,7 +571,8 @@ impl ClusterState {
                 self.nodes.insert(node.id, node);
                 MetaReply::Done
             }
-            MetaCommand::CreateVolume { name, size, now_unix_ms } => self.create_volume(name, size, now_unix_ms),
+            MetaCommand::CreateVolume { name, size, now_unix_ms } => self.create_volume(name, size, now_unix_ms, None),
+            MetaCommand::CreateEncryptedVolume { name, size, now_unix_ms, keys } => self.create_volume(name, size, now_unix_ms, Some(keys)),
             MetaCommand::ResizeVolume { name, size } => self.resize_volume(&name, size),
             MetaCommand::DeleteVolume { name } => self.delete_volume(&name),
             MetaCommand::AttachVolume { name, holder, force } => self.attach(&name, holder, force),
@@ -643,7 +682,7 @@ impl ClusterState {
         MetaReply::Done
     }
 
-    fn create_volume(&mut self, name: String, size: u64, now_unix_ms: u64) -> MetaReply {
+    fn create_volume(&mut self, name: String, size: u64, now_unix_ms: u64, keys: Option<VolumeKeys>) -> MetaReply {
         if self.cluster_id.is_none() {
             return MetaReply::Error(MetaError::NotInitialized);
         }
@@ -658,8 +697,19 @@ impl ClusterState {
         }
         let id = VolumeId(self.next_volume_id.max(1));
         self.next_volume_id = id.0 + 1;
+        if let Some(keys) = &keys
+            && (keys.current == 0 || !keys.digests.contains_key(&keys.current))
+        {
+            return MetaReply::Error(MetaError::InvalidSettings(format!(
+                "encrypted volume {name}: no digest for its current key version {}",
+                keys.current
+            )));
+        }
         let v = VolumeRecord { id, name, size, created_unix_ms: now_unix_ms, state: VolumeState::Active, attach_epoch: 0, attached_by: None };
         self.volumes.insert(id, v.clone());
+        if let Some(keys) = keys {
+            self.volume_keys.insert(id, keys);
+        }
         MetaReply::Volume(v)
     }
 
@@ -684,7 +734,13 @@ impl ClusterState {
         };
         let v = self.volumes.get_mut(&id).expect("found above");
         v.state = VolumeState::Deleting { done: BTreeSet::new() };
-        MetaReply::Volume(v.clone())
+        let v = v.clone();
+        // Crypto-shredding: the key goes first, on every meta node as it applies this; the
+        // blocks left behind open with nothing the cluster holds.
+        if let Some(keys) = self.volume_keys.remove(&id) {
+            self.key_effects.push(KeyEffect::Erase(keys.key_id));
+        }
+        MetaReply::Volume(v)
     }
 
     fn attach(&mut self, name: &str, holder: String, force: bool) -> MetaReply {
@@ -974,6 +1030,26 @@ mod tests {
         }
         assert!(!s.volumes.contains_key(&VolumeId(1)));
         assert!(s.volumes.contains_key(&VolumeId(2)));
+    }
+
+    #[test]
+    fn encrypted_volumes_keep_key_references_and_deletion_destroys_the_key() {
+        let mut s = initialized();
+        let keys = VolumeKeys { key_id: 5, current: 1, digests: [(1, [1u8; 32])].into() };
+        let bad = VolumeKeys { key_id: 6, current: 2, digests: [(1, [1u8; 32])].into() };
+        assert!(matches!(
+            s.apply(2, MetaCommand::CreateEncryptedVolume { name: "x".into(), size: 4096, now_unix_ms: 1, keys: bad }),
+            MetaReply::Error(MetaError::InvalidSettings(_))
+        ));
+        let MetaReply::Volume(v) = s.apply(3, MetaCommand::CreateEncryptedVolume { name: "e".into(), size: 4096, now_unix_ms: 1, keys: keys.clone() })
+        else {
+            panic!()
+        };
+        assert_eq!(s.volume_keys.get(&v.id), Some(&keys));
+        assert!(s.key_effects.is_empty());
+        s.apply(4, MetaCommand::DeleteVolume { name: "e".into() });
+        assert!(s.volume_keys.is_empty(), "no reference outlives the volume");
+        assert_eq!(s.key_effects, vec![KeyEffect::Erase(5)], "every meta node erases the key as it applies the deletion");
     }
 
     #[test]

@@ -2,14 +2,18 @@
 //! checkpoint into the log database's state-machine records, and the audit log's records in
 //! this node's audit file ([`AuditLog`]).
 //!
-//! A snapshot is [`SNAPSHOT_MAGIC`], a format version (u32, little endian) and then, in format 2,
+//! A snapshot is [`SNAPSHOT_MAGIC`], a format version (u32, little endian) and then, in formats 2 and 3,
 //! the length (u64, little endian) of the bincode of the checkpoint record and the state, that
 //! bincode, and the audit file's lines up to the state's head (empty in the stored checkpoint,
 //! whose audit records are in the audit file; present in snapshots sent to a new member). In
 //! format 1 (before tokens and the audit log) the bincode is all there is. bincode is not
 //! self-describing: a field added to [`ClusterState`] changes the format, so such a change
 //! raises [`SNAPSHOT_VERSION`] and keeps a decoder for the versions before it
-//! (`decode_snapshot`). Snapshots written before the header existed (no magic) are format 1.
+//! (`decode_snapshot`). Snapshots written before the header existed (no magic) are format 1;
+//! format 3 added encrypted volumes' key references (`volume_keys`).
+//!
+//! Applying a volume's deletion erases its wrapped key from this node's [`KeyStore`] before
+//! the apply completes (crypto-shredding; the keys themselves never enter a snapshot or log).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -23,7 +27,11 @@ use basalt_common::{NodeId, VolumeId};
 use serde::Deserialize;
 
 use super::audit_log::AuditLog;
-use super::state::{AuditEffect, ClusterSettings, ClusterState, MetaCommand, MetaError, MetaReply, NodeRecord, PgRecord, VolumeRecord};
+use super::key_store::KeyStore;
+use super::state::{
+    AuditEffect, AuditHead, ClusterSettings, ClusterState, KeyEffect, MetaCommand, MetaError, MetaReply, NodeRecord, PgRecord, VolumeRecord,
+};
+use basalt_security::{TokenId, TokenRecord};
 
 const SNAPSHOT_KEY: &str = "snapshot";
 
@@ -67,7 +75,7 @@ impl MetaShared {
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BSLTMETA";
 
 /// The format this binary writes (and the newest it reads).
-pub const SNAPSHOT_VERSION: u32 = 2;
+pub const SNAPSHOT_VERSION: u32 = 3;
 
 /// [`ClusterState`] as format 1 had it, before tokens and the audit log.
 #[derive(Deserialize)]
@@ -95,6 +103,41 @@ impl From<ClusterStateV1> for ClusterState {
             version: v.version,
             draining: v.draining,
             removed: v.removed,
+            ..ClusterState::default()
+        }
+    }
+}
+
+/// [`ClusterState`] as format 2 had it, before encrypted volumes.
+#[derive(Deserialize)]
+struct ClusterStateV2 {
+    cluster_id: Option<String>,
+    settings: Option<ClusterSettings>,
+    nodes: BTreeMap<NodeId, NodeRecord>,
+    pgs: Vec<PgRecord>,
+    volumes: BTreeMap<VolumeId, VolumeRecord>,
+    next_volume_id: u64,
+    version: u64,
+    draining: BTreeSet<NodeId>,
+    removed: BTreeSet<NodeId>,
+    tokens: BTreeMap<TokenId, TokenRecord>,
+    audit: AuditHead,
+}
+
+impl From<ClusterStateV2> for ClusterState {
+    fn from(v: ClusterStateV2) -> ClusterState {
+        ClusterState {
+            cluster_id: v.cluster_id,
+            settings: v.settings,
+            nodes: v.nodes,
+            pgs: v.pgs,
+            volumes: v.volumes,
+            next_volume_id: v.next_volume_id,
+            version: v.version,
+            draining: v.draining,
+            removed: v.removed,
+            tokens: v.tokens,
+            audit: v.audit,
             ..ClusterState::default()
         }
     }
@@ -129,13 +172,18 @@ fn decode_snapshot(bytes: &[u8]) -> io::Result<(CheckpointRecord, ClusterState, 
                 bincode::deserialize(body).map_err(|e| invalid(format!("corrupt meta snapshot (format 1): {e}")))?;
             (record, state.into(), &[])
         }
-        2 => {
+        2 | 3 => {
             let (len, rest) = body.split_at_checked(8).ok_or_else(|| invalid("meta snapshot truncated in its header".into()))?;
             let len = u64::from_le_bytes(len.try_into().map_err(|_| invalid("meta snapshot header".into()))?);
             let len = usize::try_from(len).ok().filter(|l| *l <= rest.len()).ok_or_else(|| invalid("meta snapshot truncated in its state".into()))?;
             let (state, audit) = rest.split_at(len);
-            let (record, state): (Vec<u8>, ClusterState) =
-                bincode::deserialize(state).map_err(|e| invalid(format!("corrupt meta snapshot (format 2): {e}")))?;
+            let (record, state): (Vec<u8>, ClusterState) = if version == 2 {
+                let (record, state): (Vec<u8>, ClusterStateV2) =
+                    bincode::deserialize(state).map_err(|e| invalid(format!("corrupt meta snapshot (format 2): {e}")))?;
+                (record, state.into())
+            } else {
+                bincode::deserialize(state).map_err(|e| invalid(format!("corrupt meta snapshot (format 3): {e}")))?
+            };
             (record, state, audit)
         }
         v => {
@@ -153,14 +201,36 @@ pub struct MetaStateMachine {
     shared: MetaShared,
     store: SmStore,
     audit: Arc<AuditLog>,
+    keys: Arc<KeyStore>,
 }
 
 impl MetaStateMachine {
-    /// A state machine publishing into `shared`, checkpointing into `store` and keeping the
-    /// audit log's records in `audit`.
-    pub fn new(shared: MetaShared, store: SmStore, audit: Arc<AuditLog>) -> Self {
-        Self { shared, store, audit }
+    /// A state machine publishing into `shared`, checkpointing into `store`, keeping the
+    /// audit log's records in `audit` and erasing destroyed keys from `keys`.
+    pub fn new(shared: MetaShared, store: SmStore, audit: Arc<AuditLog>, keys: Arc<KeyStore>) -> Self {
+        Self { shared, store, audit, keys }
     }
+
+    /// Erases what the applied commands destroyed. A failure is loud but does not stop the
+    /// meta group: the key-store sweep erases every key no volume references.
+    async fn erase_keys(&self, effects: Vec<KeyEffect>) {
+        let keys = self.keys.clone();
+        let done = blocking(move || {
+            for KeyEffect::Erase(key_id) in effects {
+                let n = keys.erase(key_id).map_err(io::Error::other)?;
+                tracing::info!(key_id = format!("{key_id:016x}"), slots = n, "erased a deleted volume's wrapped key");
+            }
+            Ok(())
+        })
+        .await;
+        if let Err(e) = done {
+            tracing::error!(error = %e, "erasing a deleted volume's wrapped key failed; the key-store sweep will retry");
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// Runs blocking audit-file work off the async threads.
@@ -260,6 +330,10 @@ impl StateMachine for MetaStateMachine {
             };
             replies.push(Bytes::from(bincode::serialize(&reply).expect("meta reply serialises")));
         }
+        let keys = std::mem::take(&mut state.key_effects);
+        if !keys.is_empty() {
+            self.erase_keys(keys).await;
+        }
         let effects = std::mem::take(&mut state.audit_effects);
         if !effects.is_empty() {
             let audit = self.audit.clone();
@@ -307,6 +381,13 @@ impl StateMachine for MetaStateMachine {
         let (audit, lines) = (self.audit.clone(), lines.to_vec());
         blocking(move || audit.replace(&lines)).await?;
         self.store.put(SNAPSHOT_KEY, encode_snapshot(&record, &state, &[])).await?;
+        // Deletions this node missed are not in a snapshot: keys no volume references go.
+        let (keys, referenced) = (self.keys.clone(), state.volume_keys.values().map(|k| k.key_id).collect());
+        match blocking(move || super::key_store::sweep(&keys, &referenced, now_ms()).map_err(io::Error::other)).await {
+            Ok(erased) if !erased.is_empty() => tracing::info!(count = erased.len(), "erased wrapped keys of volumes deleted meanwhile"),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "sweeping the key store after a snapshot failed"),
+        }
         self.shared.replace(state);
         Ok(())
     }
@@ -335,6 +416,8 @@ mod tests {
         let token = basalt_security::Token::generate();
         state.tokens.insert(token.id(), basalt_security::TokenRecord::new(&token, basalt_security::Role::Admin, "test".into(), 1));
         state.audit.next_seq = 3;
+        let keys = crate::meta::state::VolumeKeys { key_id: 77, current: 1, digests: [(1, [9u8; 32])].into() };
+        state.volume_keys.insert(VolumeId(1), keys);
         let record = CheckpointRecord::default();
         let bytes = encode_snapshot(&record, &state, b"line 1\nline 2\n");
         assert!(bytes.starts_with(SNAPSHOT_MAGIC));
@@ -350,6 +433,32 @@ mod tests {
         headed.extend_from_slice(&1u32.to_le_bytes());
         headed.extend_from_slice(&legacy);
         assert_eq!(decode_snapshot(&headed).unwrap().1, v1);
+
+        // Format 2 (before encrypted volumes).
+        let v2 = {
+            let mut s = state.clone();
+            s.volume_keys.clear();
+            s
+        };
+        let fields = (
+            &v2.cluster_id,
+            &v2.settings,
+            &v2.nodes,
+            &v2.pgs,
+            &v2.volumes,
+            v2.next_volume_id,
+            v2.version,
+            &v2.draining,
+            &v2.removed,
+            &v2.tokens,
+            &v2.audit,
+        );
+        let body = bincode::serialize(&(record.encode(), fields)).unwrap();
+        let mut two = SNAPSHOT_MAGIC.to_vec();
+        two.extend_from_slice(&2u32.to_le_bytes());
+        two.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        two.extend_from_slice(&body);
+        assert_eq!(decode_snapshot(&two).unwrap().1, v2);
 
         // A newer format is refused by name, not misread.
         let mut newer = SNAPSHOT_MAGIC.to_vec();

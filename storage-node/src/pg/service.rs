@@ -231,6 +231,17 @@ impl DataService {
             if let Some(e) = self.given_up(gone, req.session, req.connection) {
                 return Some(e);
             }
+            // An encrypted volume takes only sealed blocks, and only it does: a client without
+            // the key must not store plaintext in it.
+            let encrypted = self.ctx.map.borrow().volumes.get(&VolumeId(req.volume_id)).is_some_and(|v| v.encrypted);
+            if encrypted == req.crypt.is_empty() {
+                let why = if encrypted {
+                    "is encrypted: its blocks must be sealed by the client (attach with --kek-file)"
+                } else {
+                    "is not encrypted: sealed blocks are refused"
+                };
+                return Some(err(Code::Invalid, format!("volume {} {why}", req.volume_id)));
+            }
             let crypt = if req.crypt.is_empty() {
                 None
             } else {

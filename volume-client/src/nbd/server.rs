@@ -119,7 +119,10 @@ impl Export {
             description: format!("Basalt volume {} ({})", self.volume.name(), self.volume.id()),
             size: self.volume.size(),
             read_only: self.read_only,
-            min_block: 1,
+            // An encrypted volume is sealed in whole blocks: clients that honour the minimum
+            // (QEMU does) merge partial writes themselves instead of making this side read,
+            // open and reseal a block; smaller requests still work.
+            min_block: if self.volume.is_encrypted() { 4096 } else { 1 },
             preferred_block: 4096,
             max_block: MAX_REQUEST,
         }
