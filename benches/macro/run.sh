@@ -6,7 +6,8 @@
 #
 #   benches/macro/run.sh [SECONDS_PER_JOB]        (default 20)
 #
-# Work files go to $BASALT_BENCH_DIR (default ./bench-work); $BASALT_BENCH_PGS sets the dev
+# Work files go to $BASALT_BENCH_DIR (default ./bench-work; the clusters' data is removed at the
+# end unless BASALT_BENCH_KEEP=1); $BASALT_BENCH_PGS sets the dev
 # cluster's placement-group count (default: `basalt dev up`'s). BASALT_BENCH_TLS_AB=1 also runs
 # the same jobs against a second dev cluster with security off (`dev up --security-off`:
 # plaintext, no authentication) and adds its numbers and the on/off ratio: what TLS and
@@ -30,6 +31,11 @@ cleanup() {
     [ -n "${plain_pid:-}" ] && kill -INT "$plain_pid" 2>/dev/null && wait "$plain_pid" 2>/dev/null || true
     [ -n "${enc_pid:-}" ] && kill -INT "$enc_pid" 2>/dev/null && wait "$enc_pid" 2>/dev/null || true
     [ -n "${rss_pid:-}" ] && kill "$rss_pid" 2>/dev/null || true
+    # The clusters' data and the baseline image are gigabytes: gone unless asked to keep them
+    # (the fio results and logs stay).
+    if [ "${BASALT_BENCH_KEEP:-0}" != 1 ]; then
+        rm -rf "$work/dev" "$work/dev-plain" "$work/base.img"
+    fi
 }
 trap cleanup EXIT
 

@@ -170,6 +170,7 @@ pub async fn cluster_status(admin: &Admin, out: Out) -> Result<(), CliError> {
         "initialized": s.initialized, "cluster_id": s.cluster_id, "meta_leader": s.meta_leader,
         "meta_members": s.meta_members, "pg_count": s.pg_count, "extent_size": s.extent_size,
         "failure_domain": s.failure_domain, "volumes": s.volumes, "map_version": s.map_version,
+        "encryption_default": s.encryption_default,
         "pgs_healthy": healthy, "pgs_degraded": degraded, "pgs_without_leader": leaderless,
         "nodes": s.nodes.iter().map(node_json).collect::<Vec<_>>(),
         "pgs": s.pgs.iter().map(|p| json!({
@@ -179,7 +180,7 @@ pub async fn cluster_status(admin: &Admin, out: Out) -> Result<(), CliError> {
     });
     out.print(value, || {
         let mut text = format!(
-            "cluster {}  meta leader node-{} (members {:?})\nplacement groups: {} ({} healthy, {} degraded, {} without leader), extent size {}, replicas differ by {}\nvolumes: {}\n",
+            "cluster {}  meta leader node-{} (members {:?})\nplacement groups: {} ({} healthy, {} degraded, {} without leader), extent size {}, replicas differ by {}\nvolumes: {} (new ones {})\n",
             s.cluster_id,
             s.meta_leader,
             s.meta_members,
@@ -189,7 +190,8 @@ pub async fn cluster_status(admin: &Admin, out: Out) -> Result<(), CliError> {
             leaderless,
             format_size(s.extent_size),
             s.failure_domain,
-            s.volumes
+            s.volumes,
+            if s.encryption_default { "encrypted by default" } else { "unencrypted unless --encrypt" }
         );
         let mut t = table(&["node", "state", "address", "labels", "roles", "used / capacity", "replicas", "PG leaders"]);
         for n in &s.nodes {
@@ -356,7 +358,14 @@ fn volume_table(vols: &[Volume]) -> String {
 /// `basalt volume create`.
 /// `basalt volume create`; with a KEK file, an encrypted volume: its data key is made here and
 /// only its wrapped form leaves this host.
-pub async fn volume_create(admin: &Admin, out: Out, name: String, size: String, kek_file: Option<std::path::PathBuf>) -> Result<(), CliError> {
+pub async fn volume_create(
+    admin: &Admin,
+    out: Out,
+    name: String,
+    size: String,
+    kek_file: Option<std::path::PathBuf>,
+    unencrypted: bool,
+) -> Result<(), CliError> {
     let size = size_arg(&size)?;
     let wrapped_key = match &kek_file {
         Some(path) => {
@@ -369,13 +378,68 @@ pub async fn volume_create(admin: &Admin, out: Out, name: String, size: String, 
     let r = admin
         .call(|mut c| {
             let (name, wrapped_key) = (name.clone(), wrapped_key.clone());
-            async move { c.volume_create(VolumeCreateRequest { name, size, wrapped_key }).await }
+            async move { c.volume_create(VolumeCreateRequest { name, size, wrapped_key, unencrypted }).await }
         })
         .await?;
     let v = r.volume.unwrap_or_default();
     out.print(volume_json(&v), || {
         let enc = if v.encrypted { ", encrypted: attach it with the same --kek-file" } else { "" };
         format!("created volume {} ({}, id {}{enc})", v.name, format_size(v.size), v.id)
+    });
+    Ok(())
+}
+
+/// `basalt cluster configure`.
+pub async fn cluster_configure(admin: &Admin, out: Out, encryption_default: Option<bool>) -> Result<(), CliError> {
+    let Some(on) = encryption_default else {
+        return Err(CliError::usage("nothing to change: give --encryption-default on|off"));
+    };
+    let req = basalt_proto::admin::ClusterConfigureRequest { set_encryption_default: true, encryption_default: on };
+    let r = admin.call(|mut c| async move { c.cluster_configure(req).await }).await?;
+    out.print(json!({"encryption_default": r.encryption_default}), || {
+        if r.encryption_default {
+            "new volumes are encrypted by default (volume create needs --encrypt --kek-file FILE, or --no-encrypt)".to_string()
+        } else {
+            "new volumes are unencrypted unless created with --encrypt".to_string()
+        }
+    });
+    Ok(())
+}
+
+/// `basalt volume rekey`: the wrapped keys are fetched, opened with the old KEK and wrapped
+/// under the new one here; the cluster swaps them in and erases the old ones.
+pub async fn volume_rekey(admin: &Admin, out: Out, name: String, old: &std::path::Path, new: &std::path::Path) -> Result<(), CliError> {
+    use basalt_volume_client::crypt::{Kek, WrappedKey, rewrap};
+    let crypt_err = |e: basalt_volume_client::crypt::CryptError| CliError::invalid(e.to_string());
+    let (old_kek, new_kek) = (Kek::from_file(old).map_err(crypt_err)?, Kek::from_file(new).map_err(crypt_err)?);
+    if old_kek.fingerprint() == new_kek.fingerprint() {
+        return Err(CliError::invalid("--new-kek-file holds the same key as --kek-file"));
+    }
+    let current = admin
+        .call(|mut c| {
+            let name = name.clone();
+            async move { c.volume_key(basalt_proto::admin::VolumeKeyRequest { name }).await }
+        })
+        .await?;
+    let mut keys = Vec::with_capacity(current.keys.len());
+    for k in &current.keys {
+        let wrapped = WrappedKey::parse(&name, &k.wrapped).map_err(crypt_err)?;
+        let again = rewrap(&wrapped, &old_kek, &new_kek, &name).map_err(crypt_err)?;
+        keys.push(basalt_proto::admin::VersionedKey { version: k.version, wrapped: bytes::Bytes::copy_from_slice(again.as_bytes()) });
+    }
+    let r = admin
+        .call(|mut c| {
+            let (name, keys) = (name.clone(), keys.clone());
+            async move { c.volume_rekey(basalt_proto::admin::VolumeRekeyRequest { name, keys }).await }
+        })
+        .await?;
+    let v = r.volume.unwrap_or_default();
+    out.print(volume_json(&v), || {
+        format!(
+            "rewrapped volume {}'s keys under the new KEK; the old wrapped keys are erased. Attach it with --kek-file {} from now on",
+            v.name,
+            new.display()
+        )
     });
     Ok(())
 }

@@ -352,9 +352,9 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
         Some(r) => say(format!("volume demo exists ({})", format_size(r.volume.map(|v| v.size).unwrap_or(0)))),
         None => {
             admin
-                .call(
-                    |mut c| async move { c.volume_create(VolumeCreateRequest { name: "demo".into(), size, wrapped_key: Default::default() }).await },
-                )
+                .call(|mut c| async move {
+                    c.volume_create(VolumeCreateRequest { name: "demo".into(), size, wrapped_key: Default::default(), unencrypted: false }).await
+                })
                 .await?;
             say(format!("created volume demo ({})", format_size(size)));
         }

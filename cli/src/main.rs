@@ -274,6 +274,21 @@ enum ClusterCmd {
     },
     /// Meta leader, nodes, placement-group health.
     Status,
+    /// Change cluster-wide settings (an audited admin action).
+    Configure {
+        /// Whether new volumes must be encrypted (on: `volume create` needs --encrypt
+        /// --kek-file, or an explicit --no-encrypt).
+        #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+        encryption_default: Option<bool>,
+    },
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("{other:?}: say on or off")),
+    }
 }
 
 #[derive(Subcommand)]
@@ -314,10 +329,25 @@ enum VolumeCmd {
         /// Encrypt the volume's blocks on the attaching host (AES-256-GCM); needs --kek-file.
         #[arg(long, requires = "kek_file")]
         encrypt: bool,
+        /// Leave the volume unencrypted on a cluster that encrypts new volumes by default.
+        #[arg(long, conflicts_with = "encrypt")]
+        no_encrypt: bool,
         /// Key-encryption key (a file of exactly 32 random bytes) that wraps the volume's data
         /// key; every attach needs the same file. Lose it and the volume's data is lost.
         #[arg(long, value_name = "FILE")]
         kek_file: Option<PathBuf>,
+    },
+    /// Rewrap an encrypted volume's data keys under a new key-encryption key (instant; the data
+    /// is not rewritten). Attachments keep working; later attaches need the new KEK file.
+    Rekey {
+        /// Name.
+        name: String,
+        /// The current key-encryption key.
+        #[arg(long, value_name = "FILE")]
+        kek_file: PathBuf,
+        /// The new key-encryption key (32 random bytes).
+        #[arg(long, value_name = "FILE")]
+        new_kek_file: PathBuf,
     },
     /// List volumes.
     List,
@@ -401,17 +431,19 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             commands::cluster_init(&admin, out, pgs, extent_size, failure_domain, &admin_token_file).await
         }
         Cmd::Cluster(ClusterCmd::Status) => commands::cluster_status(&admin, out).await,
+        Cmd::Cluster(ClusterCmd::Configure { encryption_default }) => commands::cluster_configure(&admin, out, encryption_default).await,
         Cmd::Node(NodeCmd::List) => commands::node_list(&admin, out).await,
         Cmd::Node(NodeCmd::Drain { id, undo, no_wait, stuck_after }) => {
             commands::node_drain(&admin, out, id, undo, no_wait, std::time::Duration::from_secs(stuck_after)).await
         }
         Cmd::Node(NodeCmd::Remove { id }) => commands::node_remove(&admin, out, id).await,
-        Cmd::Volume(VolumeCmd::Create { name, size, encrypt, kek_file }) => {
+        Cmd::Volume(VolumeCmd::Create { name, size, encrypt, no_encrypt, kek_file }) => {
             if kek_file.is_some() && !encrypt {
                 return Err(CliError::usage("--kek-file is for an encrypted volume: add --encrypt"));
             }
-            commands::volume_create(&admin, out, name, size, kek_file).await
+            commands::volume_create(&admin, out, name, size, kek_file, no_encrypt).await
         }
+        Cmd::Volume(VolumeCmd::Rekey { name, kek_file, new_kek_file }) => commands::volume_rekey(&admin, out, name, &kek_file, &new_kek_file).await,
         Cmd::Volume(VolumeCmd::List) => commands::volume_list(&admin, out).await,
         Cmd::Volume(VolumeCmd::Show { name }) => commands::volume_show(&admin, out, name).await,
         Cmd::Volume(VolumeCmd::Resize { name, size }) => commands::volume_resize(&admin, out, name, size).await,

@@ -116,12 +116,16 @@ pub enum Action {
     NodeRemove,
     /// Starting an integrity pass.
     ScrubStart,
+    /// Changing cluster-wide settings.
+    ClusterConfigure,
     /// Creating a volume.
     VolumeCreate,
     /// Growing a volume.
     VolumeResize,
     /// Deleting a volume.
     VolumeDelete,
+    /// Rewrapping an encrypted volume's keys under another key-encryption key.
+    VolumeRekey,
     /// Taking a volume's read-write attachment.
     VolumeAttach,
     /// Ending a volume's attachment.
@@ -162,9 +166,11 @@ impl Action {
             NodeDrain => "node.drain",
             NodeRemove => "node.remove",
             ScrubStart => "scrub.start",
+            ClusterConfigure => "cluster.configure",
             VolumeCreate => "volume.create",
             VolumeResize => "volume.resize",
             VolumeDelete => "volume.delete",
+            VolumeRekey => "volume.rekey",
             VolumeAttach => "volume.attach",
             VolumeDetach => "volume.detach",
             DataRead => "data.read",
@@ -434,7 +440,7 @@ mod tests {
         let op = tok(Role::Operator, &[]);
         assert!(authorize(&op, Action::NodeDrain, None).is_ok());
         assert!(authorize(&op, Action::VolumeShow, Some("v")).is_ok());
-        for a in [Action::DataRead, Action::VolumeCreate, Action::TokenCreate, Action::VolumeAttach] {
+        for a in [Action::DataRead, Action::VolumeCreate, Action::TokenCreate, Action::VolumeAttach, Action::VolumeRekey, Action::ClusterConfigure] {
             assert!(authorize(&op, a, Some("v")).is_err(), "{a:?}");
         }
         let hv = tok(Role::Hypervisor, &["vm1"]);

@@ -200,7 +200,9 @@ impl TestCluster {
         cluster.init(8, "zone").await?;
         cluster.wait_healthy(3, Duration::from_secs(60)).await?;
         let mut admin = cluster.admin().await?;
-        admin.volume_create(basalt_proto::admin::VolumeCreateRequest { name: name.into(), size, wrapped_key: Default::default() }).await?;
+        admin
+            .volume_create(basalt_proto::admin::VolumeCreateRequest { name: name.into(), size, wrapped_key: Default::default(), unencrypted: false })
+            .await?;
         Ok(cluster)
     }
 

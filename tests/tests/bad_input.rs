@@ -68,8 +68,11 @@ async fn malformed_io_and_admin_requests_get_clear_errors() {
     cluster.init(8, "zone").await.unwrap();
     let status = cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
     let mut admin = cluster.admin().await.unwrap();
-    let created =
-        admin.volume_create(VolumeCreateRequest { name: "v".into(), size: 16 << 20, wrapped_key: Default::default() }).await.unwrap().into_inner();
+    let created = admin
+        .volume_create(VolumeCreateRequest { name: "v".into(), size: 16 << 20, wrapped_key: Default::default(), unencrypted: false })
+        .await
+        .unwrap()
+        .into_inner();
     let vol = created.volume.unwrap();
     // Requests carry the map version they were made against, so a node that has not seen the
     // new volume yet catches up instead of refusing.
@@ -77,14 +80,17 @@ async fn malformed_io_and_admin_requests_get_clear_errors() {
 
     // Admin: duplicates, zero, huge and unaligned sizes, shrinking, bad names.
     let code = |r: Result<tonic::Response<basalt_proto::admin::VolumeReply>, tonic::Status>| r.unwrap_err();
-    let e = code(admin.volume_create(VolumeCreateRequest { name: "v".into(), size: 4096, wrapped_key: Default::default() }).await);
+    let e =
+        code(admin.volume_create(VolumeCreateRequest { name: "v".into(), size: 4096, wrapped_key: Default::default(), unencrypted: false }).await);
     assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e}");
     for size in [0u64, 1000, u64::MAX - 4095] {
-        let e = code(admin.volume_create(VolumeCreateRequest { name: "w".into(), size, wrapped_key: Default::default() }).await);
+        let e = code(admin.volume_create(VolumeCreateRequest { name: "w".into(), size, wrapped_key: Default::default(), unencrypted: false }).await);
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "size {size}: {e}");
     }
     for name in ["", "has space", "-dash", &"x".repeat(64), "slash/name"] {
-        let e = code(admin.volume_create(VolumeCreateRequest { name: name.into(), size: 4096, wrapped_key: Default::default() }).await);
+        let e = code(
+            admin.volume_create(VolumeCreateRequest { name: name.into(), size: 4096, wrapped_key: Default::default(), unencrypted: false }).await,
+        );
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "name {name:?}: {e}");
     }
     let e = code(admin.volume_resize(VolumeResizeRequest { name: "v".into(), size: 4096 }).await);
@@ -380,7 +386,7 @@ async fn corrupted_block_is_an_io_error_naming_volume_extent_node() {
     let status = cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
     let mut admin = cluster.admin().await.unwrap();
     let vol = admin
-        .volume_create(VolumeCreateRequest { name: "rot".into(), size: 16 << 20, wrapped_key: Default::default() })
+        .volume_create(VolumeCreateRequest { name: "rot".into(), size: 16 << 20, wrapped_key: Default::default(), unencrypted: false })
         .await
         .unwrap()
         .into_inner()

@@ -123,6 +123,17 @@ async fn sealed_blocks_reach_no_disk_in_plaintext_and_read_back_through_the_key(
     assert_ne!(c1, c2, "a rewrite of the same data must not repeat its ciphertext");
     assert_ne!(ctx1, ctx2);
     assert_eq!(enc.read(128 << 10, 4096).await.unwrap(), big.slice(128 << 10..(128 << 10) + 4096));
+
+    // A cluster that encrypts by default refuses an unencrypted volume unless asked plainly.
+    let (c, _, err) = cluster.cli(&["cluster", "configure", "--encryption-default", "on"]).await.unwrap();
+    assert_eq!(c, Some(0), "{err}");
+    let (_, out, _) = cluster.cli(&["--json", "cluster", "status"]).await.unwrap();
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["encryption_default"], true);
+    let (c, _, err) = cluster.cli(&["volume", "create", "loose", "--size", "16MiB"]).await.unwrap();
+    assert!(c == Some(7) && err.contains("--no-encrypt"), "{c:?} {err}");
+    let (c, _, err) = cluster.cli(&["volume", "create", "loose", "--size", "16MiB", "--no-encrypt"]).await.unwrap();
+    assert_eq!(c, Some(0), "{err}");
+    cluster.wait_for_audit("the settings change", |r| r["action"] == "cluster.configure" && r["target"] == "encryption default on").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,14 +165,30 @@ async fn nodes_repair_sealed_blocks_without_a_key() {
     assert_eq!(enc.read(0, 64 << 10).await.unwrap(), data);
 }
 
-/// The wrapped key in the first used slot of node `id`'s key store (format 1 layout, see
-/// storage-node `meta::key_store`).
-fn stored_wrapped_key(cluster: &TestCluster, id: u64) -> Vec<u8> {
+/// The wrapped key of volume `name` under `kek` in node `id`'s key store (slots of format 1,
+/// see storage-node `meta::key_store`; the wrapping binds the volume name).
+fn stored_key(cluster: &TestCluster, id: u64, kek: &[u8; 32], name: &str) -> Vec<u8> {
     let bytes = std::fs::read(cluster.node(id).data_dir.join("keys/wrapped.keys")).unwrap();
-    let slot = bytes.chunks(256).find(|s| s.iter().any(|b| *b != 0)).expect("a stored key");
-    assert_eq!(&slot[..4], b"BKY1");
-    let len = u16::from_le_bytes([slot[24], slot[25]]) as usize;
-    slot[26..26 + len].to_vec()
+    let kek = Kek::from_bytes(*kek);
+    bytes
+        .chunks(256)
+        .filter(|s| s.starts_with(b"BKY1"))
+        .map(|s| s[26..26 + u16::from_le_bytes([s[24], s[25]]) as usize].to_vec())
+        .find(|w| basalt_volume_client::crypt::WrappedKey::parse(name, w).is_ok_and(|k| k.unwrap_with(&kek, name).is_ok()))
+        .unwrap_or_else(|| panic!("no key of {name} in node-{id}'s key store"))
+}
+
+/// Polls (10 s) until no file under the cluster holds `bytes`.
+async fn wait_gone(cluster: &TestCluster, bytes: &[u8], what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let left = scan(cluster, bytes).await;
+        if left.is_empty() {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what} is still in {left:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 /// Flips a bit inside the stored copy of `wrapped` on nodes `ids`, in place (rewriting the
@@ -245,20 +272,35 @@ async fn attach_needs_the_kek_and_delete_shreds_the_key_from_the_device() {
     assert!(tokio::task::spawn_blocking(move || find_marker(&raw, &m)).await.unwrap().is_empty(), "plaintext on the raw device");
 
     // The wrapped key lives in the three meta nodes' key stores and nowhere else.
-    let wrapped = stored_wrapped_key(&cluster, 1);
+    let wrapped = stored_key(&cluster, 1, &kek_bytes, "enc");
     let homes = scan(&cluster, &wrapped).await;
     assert_eq!(homes.len(), 3, "{homes:?}");
     assert!(homes.iter().all(|(p, n)| p.ends_with("keys/wrapped.keys") && *n == 1), "{homes:?}");
 
+    // Rekey: the same data key under a new KEK; the old wrapped key is erased everywhere, the
+    // old KEK no longer opens the volume, the new one opens its data.
+    let new_bytes: [u8; 32] = rand::random();
+    let new_kek = write_file(&dir, "new.kek", &new_bytes);
+    let (c, _, err) = cluster.cli(&["volume", "rekey", "enc", "--kek-file", &wrong, "--new-kek-file", &new_kek]).await.unwrap();
+    assert!(c == Some(5) && err.contains("wrong --kek-file"), "{c:?} {err}");
+    let (c, _, err) = cluster.cli(&["volume", "rekey", "enc", "--kek-file", &good, "--new-kek-file", &new_kek]).await.unwrap();
+    assert_eq!(c, Some(0), "{err}");
+    wait_gone(&cluster, &wrapped, "the wrapped key a rekey replaced").await;
+    let rewrapped = stored_key(&cluster, 2, &new_bytes, "enc");
+    let (code, msg) = cluster.attach_nbd("enc", &["--kek-file", &good]).err().expect("the old KEK no longer opens it");
+    assert!(code == Some(5) && msg.contains("wrong --kek-file"), "{code:?} {msg}");
+    let attached = cluster.attach_nbd("enc", &["--kek-file", &new_kek, "--force"]).expect("the new KEK opens it");
+    let copy = std::process::Command::new("nbdcopy").arg(&attached.uri).arg(&back).output().unwrap();
+    assert!(copy.status.success(), "nbdcopy: {}", String::from_utf8_lossy(&copy.stderr));
+    assert_eq!(&std::fs::read(&back).unwrap()[..data.len()], &data[..], "the same data after the rekey");
+    drop(attached);
+
     // A damaged copy is healed from another meta node; with every copy damaged the attach
     // fails saying so, and writes nothing.
-    let wrapped2 = {
-        let (_, out, _) = cluster.cli(&["--json", "volume", "show", "enc2"]).await.unwrap();
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        assert_eq!(v["encrypted"], true, "{v}");
-        let all = std::fs::read(cluster.node(1).data_dir.join("keys/wrapped.keys")).unwrap();
-        all.chunks(256).filter(|s| s.iter().any(|b| *b != 0)).map(|s| s[26..26 + 73].to_vec()).find(|w| *w != wrapped).unwrap()
-    };
+    let (_, out, _) = cluster.cli(&["--json", "volume", "show", "enc2"]).await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["encrypted"], true, "{v}");
+    let wrapped2 = stored_key(&cluster, 1, &kek_bytes, "enc2");
     damage_key(&cluster, &[1, 2], &wrapped2);
     let a = cluster.attach_nbd("enc2", &["--kek-file", &good]).expect("one intact copy is enough");
     drop(a);
@@ -274,15 +316,13 @@ async fn attach_needs_the_kek_and_delete_shreds_the_key_from_the_device() {
     // ciphertext left for the scrubber opens with nothing the cluster holds.
     let (c, _, err) = cluster.cli(&["volume", "delete", "enc"]).await.unwrap();
     assert_eq!(c, Some(0), "{err}");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !scan(&cluster, &wrapped).await.is_empty() {
-        assert!(std::time::Instant::now() < deadline, "the wrapped key is still in {:?}", scan(&cluster, &wrapped).await);
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    wait_gone(&cluster, &rewrapped, "the deleted volume's wrapped key").await;
     image.sync();
-    let (raw, w) = (image.image_dir.path().to_path_buf(), wrapped.clone());
-    let left = tokio::task::spawn_blocking(move || find_marker(&raw, &w)).await.unwrap();
-    assert!(left.is_empty(), "the wrapped key is still on the raw device: {left:?}");
-    let (code, msg) = cluster.attach_nbd("enc", &["--kek-file", &good]).err().expect("deleted");
+    for (what, key) in [("the deleted volume's wrapped key", &rewrapped), ("the key its rekey replaced", &wrapped)] {
+        let (raw, w) = (image.image_dir.path().to_path_buf(), key.clone());
+        let left = tokio::task::spawn_blocking(move || find_marker(&raw, &w)).await.unwrap();
+        assert!(left.is_empty(), "{what} is still on the raw device: {left:?}");
+    }
+    let (code, msg) = cluster.attach_nbd("enc", &["--kek-file", &new_kek]).err().expect("deleted");
     assert_eq!(code, Some(3), "{msg}");
 }

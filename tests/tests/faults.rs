@@ -335,7 +335,10 @@ async fn cluster_with_volume() -> (TestCluster, Volume) {
     cluster.init(8, "zone").await.unwrap();
     cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
     let mut admin = cluster.admin().await.unwrap();
-    admin.volume_create(VolumeCreateRequest { name: VOLUME.into(), size: VOLUME_SIZE, wrapped_key: Default::default() }).await.unwrap();
+    admin
+        .volume_create(VolumeCreateRequest { name: VOLUME.into(), size: VOLUME_SIZE, wrapped_key: Default::default(), unencrypted: false })
+        .await
+        .unwrap();
     let client = cluster.client().await.unwrap();
     let vol = client.open_volume(VOLUME).await.unwrap();
     (cluster, vol)
@@ -471,7 +474,10 @@ async fn four_node_cluster(extra_config: &str) -> (TestCluster, Volume) {
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
     let mut admin = cluster.admin().await.unwrap();
-    admin.volume_create(VolumeCreateRequest { name: VOLUME.into(), size: VOLUME_SIZE, wrapped_key: Default::default() }).await.unwrap();
+    admin
+        .volume_create(VolumeCreateRequest { name: VOLUME.into(), size: VOLUME_SIZE, wrapped_key: Default::default(), unencrypted: false })
+        .await
+        .unwrap();
     let vol = cluster.client().await.unwrap().open_volume(VOLUME).await.unwrap();
     (cluster, vol)
 }
@@ -666,7 +672,10 @@ async fn fault_a_lost_meta_node_is_replaced_so_a_second_loss_is_survived() {
     cluster.init(8, "zone").await.unwrap();
     cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
     let mut admin = cluster.admin().await.unwrap();
-    admin.volume_create(VolumeCreateRequest { name: VOLUME.into(), size: VOLUME_SIZE, wrapped_key: Default::default() }).await.unwrap();
+    admin
+        .volume_create(VolumeCreateRequest { name: VOLUME.into(), size: VOLUME_SIZE, wrapped_key: Default::default(), unencrypted: false })
+        .await
+        .unwrap();
     // Added first, so its seeds are nodes 1-3 only.
     cluster.add_node(NodeSpec { id: 5, labels: "zone=z5,host=h5".into(), roles: vec!["storage"] }).await.unwrap();
     cluster.add_node(NodeSpec { id: 4, labels: "zone=z4,host=h4".into(), roles: vec!["storage", "meta"] }).await.unwrap();
@@ -716,7 +725,8 @@ async fn create_volume_through(cluster: &TestCluster, via: u64, name: &str) -> D
     let started = Instant::now();
     let mut admin = cluster.admin_at(&cluster.node(via).addr).unwrap();
     loop {
-        match admin.volume_create(VolumeCreateRequest { name: name.into(), size: 1 << 20, wrapped_key: Default::default() }).await {
+        match admin.volume_create(VolumeCreateRequest { name: name.into(), size: 1 << 20, wrapped_key: Default::default(), unencrypted: false }).await
+        {
             Ok(_) => return started.elapsed(),
             Err(e) if e.code() == tonic::Code::AlreadyExists => return started.elapsed(),
             Err(e) => {
@@ -802,7 +812,10 @@ async fn fault_a_partitioned_node_loses_its_leaderships_and_rejoins() {
     cluster.init(8, "zone").await.unwrap();
     cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
     let mut admin = cluster.admin().await.unwrap();
-    admin.volume_create(VolumeCreateRequest { name: VOLUME.into(), size: VOLUME_SIZE, wrapped_key: Default::default() }).await.unwrap();
+    admin
+        .volume_create(VolumeCreateRequest { name: VOLUME.into(), size: VOLUME_SIZE, wrapped_key: Default::default(), unencrypted: false })
+        .await
+        .unwrap();
     let vol = cluster.client().await.unwrap().open_volume(VOLUME).await.unwrap();
     let led = cluster.wait_status("node-3 leads a PG", Duration::from_secs(30), |s| s.pgs.iter().any(|p| p.leader == 3)).await.unwrap();
     let led_before = led.pgs.iter().filter(|p| p.leader == 3).count();
@@ -846,7 +859,10 @@ async fn a_stale_attachment_across_a_partition_is_fenced() {
     cluster.init(8, "zone").await.unwrap();
     cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
     let mut admin = cluster.admin().await.unwrap();
-    admin.volume_create(VolumeCreateRequest { name: "fence".into(), size: 16 << 20, wrapped_key: Default::default() }).await.unwrap();
+    admin
+        .volume_create(VolumeCreateRequest { name: "fence".into(), size: 16 << 20, wrapped_key: Default::default(), unencrypted: false })
+        .await
+        .unwrap();
     // Attachment A runs as the isolated user, talking to node 3 only (its side of the cut).
     let listen_a = format!("127.0.0.1:{}", basalt_tests::free_port());
     let mut a = cluster.basalt_command(cluster.shared_bin("basalt").unwrap());
@@ -980,7 +996,10 @@ async fn fault_a_full_replica_refuses_writes_instead_of_diverging() {
     cluster.init(8, "zone").await.unwrap();
     cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
     let mut admin = cluster.admin().await.unwrap();
-    admin.volume_create(VolumeCreateRequest { name: "small".into(), size: 256 << 20, wrapped_key: Default::default() }).await.unwrap();
+    admin
+        .volume_create(VolumeCreateRequest { name: "small".into(), size: 256 << 20, wrapped_key: Default::default(), unencrypted: false })
+        .await
+        .unwrap();
     let vol = Arc::new(cluster.client().await.unwrap().open_volume("small").await.unwrap());
     let chunk = |i: u64| {
         let mut data = vec![(i % 251) as u8; 1 << 20];
@@ -1104,7 +1123,10 @@ async fn fault_a_full_state_filesystem_refuses_writes_until_space_is_freed() {
     cluster.init(8, "zone").await.unwrap();
     cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
     let mut admin = cluster.admin().await.unwrap();
-    admin.volume_create(VolumeCreateRequest { name: VOLUME.into(), size: VOLUME_SIZE, wrapped_key: Default::default() }).await.unwrap();
+    admin
+        .volume_create(VolumeCreateRequest { name: VOLUME.into(), size: VOLUME_SIZE, wrapped_key: Default::default(), unencrypted: false })
+        .await
+        .unwrap();
     let vol = cluster.client().await.unwrap().open_volume(VOLUME).await.unwrap();
     let workload = Workload::start(&vol);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -1216,7 +1238,10 @@ async fn slow_rebuild_drain_and_rebalance_throughput() {
     let mib: u64 = std::env::var("BASALT_REBUILD_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(192);
     let (mut cluster, _hist) = four_node_cluster("[heal]\nreplace_down_after_secs = 3\n").await;
     let mut admin = cluster.admin().await.unwrap();
-    admin.volume_create(VolumeCreateRequest { name: "bulk".into(), size: (mib + 64) << 20, wrapped_key: Default::default() }).await.unwrap();
+    admin
+        .volume_create(VolumeCreateRequest { name: "bulk".into(), size: (mib + 64) << 20, wrapped_key: Default::default(), unencrypted: false })
+        .await
+        .unwrap();
     let bulk = cluster.client().await.unwrap().open_volume("bulk").await.unwrap();
     let piece = Bytes::from(Rng::new(seed()).bytes(1 << 20));
     futures::stream::iter(0..mib)

@@ -144,7 +144,12 @@ async fn freed_space_is_not_reused_before_it_is_overwritten() {
     let mut admin = cluster.admin().await.unwrap();
     admin.volume_delete(VolumeDeleteRequest { name: "old".into(), wait: true }).await.unwrap();
     admin
-        .volume_create(basalt_proto::admin::VolumeCreateRequest { name: "new".into(), size: 16 << 20, wrapped_key: Default::default() })
+        .volume_create(basalt_proto::admin::VolumeCreateRequest {
+            name: "new".into(),
+            size: 16 << 20,
+            wrapped_key: Default::default(),
+            unencrypted: false,
+        })
         .await
         .unwrap();
     let mut queued = 0;

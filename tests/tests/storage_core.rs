@@ -72,7 +72,10 @@ async fn random_io_survives_restarts_and_kill9() {
     cluster.init(16, "zone").await.unwrap();
     cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
     let mut admin = cluster.admin().await.unwrap();
-    admin.volume_create(VolumeCreateRequest { name: "vol".into(), size: VOLUME_SIZE, wrapped_key: Default::default() }).await.unwrap();
+    admin
+        .volume_create(VolumeCreateRequest { name: "vol".into(), size: VOLUME_SIZE, wrapped_key: Default::default(), unencrypted: false })
+        .await
+        .unwrap();
 
     let client = cluster.client().await.unwrap();
     let vol = client.open_volume("vol").await.unwrap();
@@ -174,7 +177,10 @@ async fn deleted_volume_releases_space_and_refuses_io() {
     cluster.init(8, "zone").await.unwrap();
     cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
     let mut admin = cluster.admin().await.unwrap();
-    admin.volume_create(VolumeCreateRequest { name: "gone".into(), size: 16 << 20, wrapped_key: Default::default() }).await.unwrap();
+    admin
+        .volume_create(VolumeCreateRequest { name: "gone".into(), size: 16 << 20, wrapped_key: Default::default(), unencrypted: false })
+        .await
+        .unwrap();
     let client = cluster.client().await.unwrap();
     let vol = client.open_volume("gone").await.unwrap();
     vol.write(0, Bytes::from(vec![0xEEu8; 16 << 20]), false).await.unwrap();

@@ -64,23 +64,47 @@ pub fn check_wrapped(wrapped: &[u8], version: u32) -> Result<(), Status> {
 /// that a majority of the meta group holds it; the references to record with the volume.
 pub async fn store_new(ctx: &NodeCtx, meta: &MetaHandle, wrapped: &[u8]) -> Result<VolumeKeys, Status> {
     check_wrapped(wrapped, 1)?;
+    let (key_id, digests) = store_copies(ctx, meta, &[(1, wrapped.to_vec())]).await?;
+    Ok(VolumeKeys { key_id, current: 1, digests })
+}
+
+/// Stores `versions` (each checked) under a fresh key id on this node and on enough other meta
+/// nodes that a majority of the meta group holds them: what a rekey records in place of the
+/// volume's current copies, which are erased once it applies. The same data keys keep their
+/// versions; the volume's current version is unchanged.
+pub async fn store_rewrapped(ctx: &NodeCtx, meta: &MetaHandle, current: u32, versions: &[(u32, Vec<u8>)]) -> Result<VolumeKeys, Status> {
+    for (v, w) in versions {
+        check_wrapped(w, *v)?;
+    }
+    let (key_id, digests) = store_copies(ctx, meta, versions).await?;
+    Ok(VolumeKeys { key_id, current, digests })
+}
+
+async fn store_copies(
+    ctx: &NodeCtx,
+    meta: &MetaHandle,
+    versions: &[(u32, Vec<u8>)],
+) -> Result<(u64, std::collections::BTreeMap<u32, [u8; 32]>), Status> {
     let key_id = rand::random::<u64>().max(1);
-    let (keys, bytes, now) = (meta.keys.clone(), wrapped.to_vec(), now_ms());
-    blocking(move || keys.put(key_id, 1, &bytes, now)).await?;
+    let (keys, copies, now) = (meta.keys.clone(), versions.to_vec(), now_ms());
+    blocking(move || copies.iter().try_for_each(|(v, w)| keys.put(key_id, *v, w, now))).await?;
     let voters = meta.group.status().voters.clone();
     let needed = voters.len() / 2 + 1;
     let me = ctx.config.id.0;
     let puts = voters.iter().filter(|id| **id != me).map(|id| {
         let addr = meta.group.member_addr(*id);
-        let req = KeyPutRequest { key_id, version: 1, wrapped: wrapped.to_vec().into() };
         async move {
             let addr = addr.ok_or_else(|| format!("node-{id}: address unknown"))?;
             let mut client = ctx.clients.admin(&addr).map_err(|e| format!("node-{id}: {}", e.message()))?;
-            match tokio::time::timeout(PEER_TIMEOUT, client.key_put(req)).await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(s)) => Err(format!("node-{id}: {}", s.message())),
-                Err(_) => Err(format!("node-{id}: no answer within {PEER_TIMEOUT:?}")),
+            for (version, wrapped) in versions {
+                let req = KeyPutRequest { key_id, version: *version, wrapped: wrapped.clone().into() };
+                match tokio::time::timeout(PEER_TIMEOUT, client.key_put(req)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(s)) => return Err(format!("node-{id}: {}", s.message())),
+                    Err(_) => return Err(format!("node-{id}: no answer within {PEER_TIMEOUT:?}")),
+                }
             }
+            Ok(())
         }
     });
     let results = futures::future::join_all(puts).await;
@@ -89,15 +113,15 @@ pub async fn store_new(ctx: &NodeCtx, meta: &MetaHandle, wrapped: &[u8]) -> Resu
         // The copies made are orphans the key-store sweep erases.
         let why: Vec<String> = results.into_iter().filter_map(Result::err).collect();
         return Err(Status::unavailable(format!(
-            "the volume's key could be stored on only {stored} of {} meta nodes ({needed} needed): {}",
+            "the volume's keys could be stored on only {stored} of {} meta nodes ({needed} needed): {}",
             voters.len(),
             why.join("; ")
         )));
     }
     for e in results.into_iter().filter_map(Result::err) {
-        tracing::warn!(error = %e, "a meta node did not take a copy of a new volume's key; it fetches one when asked");
+        tracing::warn!(error = %e, "a meta node did not take a copy of a volume's key; it fetches one when asked");
     }
-    Ok(VolumeKeys { key_id, current: 1, digests: [(1, digest(wrapped))].into() })
+    Ok((key_id, versions.iter().map(|(v, w)| (*v, digest(w))).collect()))
 }
 
 /// Version `version` of a volume's wrapped key: this node's copy if it matches its digest,

@@ -18,13 +18,13 @@ use basalt_proto::admin::admin_client::AdminClient;
 use basalt_proto::admin::admin_server::Admin;
 use basalt_proto::admin::{
     AuditAppendReply, AuditAppendRequest, AuditCheckRequest, AuditListReply, AuditListRequest, AuditNodeVerdict, AuditReportRequest,
-    AuditVerifyReply, AuditVerifyRequest, ClusterInitReply, ClusterInitRequest, ClusterMap, ClusterStatusReply, ClusterStatusRequest,
-    GetClusterMapRequest, KeyGetReply, KeyGetRequest, KeyPutReply, KeyPutRequest, NodeDrainReply, NodeDrainRequest, NodeHeartbeatReply,
-    NodeHeartbeatRequest, NodeInfoReply, NodeInfoRequest, NodeListReply, NodeListRequest, NodeRemoveReply, NodeRemoveRequest, PlacementGroup,
-    ScrubStartReply, ScrubStartRequest, ScrubStatusReply, ScrubStatusRequest, TokenCreateReply, TokenCreateRequest, TokenInfo, TokenListReply,
-    TokenListRequest, TokenRevokeReply, TokenRevokeRequest, VersionedKey, Volume, VolumeAttachRequest, VolumeCreateRequest, VolumeDeleteReply,
-    VolumeDeleteRequest, VolumeDetachRequest, VolumeKeyReply, VolumeKeyRequest, VolumeListReply, VolumeListRequest, VolumeReply, VolumeResizeRequest,
-    VolumeShowRequest,
+    AuditVerifyReply, AuditVerifyRequest, ClusterConfigureRequest, ClusterInitReply, ClusterInitRequest, ClusterMap, ClusterStatusReply,
+    ClusterStatusRequest, GetClusterMapRequest, KeyGetReply, KeyGetRequest, KeyPutReply, KeyPutRequest, NodeDrainReply, NodeDrainRequest,
+    NodeHeartbeatReply, NodeHeartbeatRequest, NodeInfoReply, NodeInfoRequest, NodeListReply, NodeListRequest, NodeRemoveReply, NodeRemoveRequest,
+    PlacementGroup, ScrubStartReply, ScrubStartRequest, ScrubStatusReply, ScrubStatusRequest, TokenCreateReply, TokenCreateRequest, TokenInfo,
+    TokenListReply, TokenListRequest, TokenRevokeReply, TokenRevokeRequest, VersionedKey, Volume, VolumeAttachRequest, VolumeCreateRequest,
+    VolumeDeleteReply, VolumeDeleteRequest, VolumeDetachRequest, VolumeKeyReply, VolumeKeyRequest, VolumeListReply, VolumeListRequest,
+    VolumeRekeyRequest, VolumeReply, VolumeResizeRequest, VolumeShowRequest,
 };
 use basalt_proto::data::ReleaseVolumeRequest;
 use basalt_raft::{NodeInfo, RaftError};
@@ -232,6 +232,34 @@ impl AdminService {
     async fn propose_audited(&self, meta: &MetaHandle, cmd: MetaCommand, caller: &Caller, action: Action, target: &str) -> Result<MetaReply, Status> {
         let event = caller.event(action.as_str(), target, Outcome::Ok, String::new());
         self.propose(meta, MetaCommand::Audited { cmd: Box::new(cmd), event }).await
+    }
+
+    /// The cluster status as `s` (this meta leader's state) has it.
+    fn status_reply(&self, meta: &MetaHandle, s: &ClusterState) -> ClusterStatusReply {
+        let views = self.ctx.liveness.pg_views();
+        let settings = s.settings;
+        let st = meta.group.status();
+        ClusterStatusReply {
+            initialized: s.cluster_id.is_some(),
+            cluster_id: s.cluster_id.clone().unwrap_or_default(),
+            meta_leader: st.leader.unwrap_or(0),
+            meta_members: st.voters.clone(),
+            pg_count: settings.map(|x| x.layout.pg_count).unwrap_or(0),
+            extent_size: settings.map(|x| x.layout.extent_size).unwrap_or(0),
+            failure_domain: settings.map(|x| x.failure_domain.to_string()).unwrap_or_default(),
+            nodes: s.nodes.values().map(|n| self.node_proto(s, n)).collect(),
+            pgs: s
+                .pgs
+                .iter()
+                .map(|p| {
+                    let v = views.get(&p.id.0).cloned().unwrap_or_default();
+                    PlacementGroup { leader: v.leader, term: v.term, applied_index: v.applied_index, live_replicas: v.live, ..self.pg_proto(p) }
+                })
+                .collect(),
+            volumes: s.volumes.len() as u64,
+            map_version: s.version,
+            encryption_default: s.encrypt_by_default,
+        }
     }
 
     /// Proposes `cmd` to the meta group (this node must lead it) and decodes the reply.
@@ -539,29 +567,24 @@ impl Admin for AdminService {
     async fn cluster_status(&self, request: Request<ClusterStatusRequest>) -> Result<Response<ClusterStatusReply>, Status> {
         forward_or!(self, request, cluster_status, Action::ClusterStatus, None, |meta, _caller, _msg| {
             let s = self.read(meta).await?;
-            let views = self.ctx.liveness.pg_views();
-            let settings = s.settings;
-            let st = meta.group.status();
-            Ok(Response::new(ClusterStatusReply {
-                initialized: s.cluster_id.is_some(),
-                cluster_id: s.cluster_id.clone().unwrap_or_default(),
-                meta_leader: st.leader.unwrap_or(0),
-                meta_members: st.voters.clone(),
-                pg_count: settings.map(|x| x.layout.pg_count).unwrap_or(0),
-                extent_size: settings.map(|x| x.layout.extent_size).unwrap_or(0),
-                failure_domain: settings.map(|x| x.failure_domain.to_string()).unwrap_or_default(),
-                nodes: s.nodes.values().map(|n| self.node_proto(&s, n)).collect(),
-                pgs: s
-                    .pgs
-                    .iter()
-                    .map(|p| {
-                        let v = views.get(&p.id.0).cloned().unwrap_or_default();
-                        PlacementGroup { leader: v.leader, term: v.term, applied_index: v.applied_index, live_replicas: v.live, ..self.pg_proto(p) }
-                    })
-                    .collect(),
-                volumes: s.volumes.len() as u64,
-                map_version: s.version,
-            }))
+            Ok(Response::new(self.status_reply(meta, &s)))
+        })
+    }
+
+    async fn cluster_configure(&self, request: Request<ClusterConfigureRequest>) -> Result<Response<ClusterStatusReply>, Status> {
+        forward_or!(self, request, cluster_configure, Action::ClusterConfigure, None, |meta, caller, msg| {
+            if msg.set_encryption_default {
+                let on = msg.encryption_default;
+                let target = format!("encryption default {}", if on { "on" } else { "off" });
+                if let MetaReply::Error(e) =
+                    self.propose_audited(meta, MetaCommand::SetEncryptByDefault { on }, &caller, Action::ClusterConfigure, &target).await?
+                {
+                    return Err(status_of(&e));
+                }
+                tracing::info!(by = %caller.principal, "{target}");
+            }
+            let s = self.read(meta).await?;
+            Ok(Response::new(self.status_reply(meta, &s)))
         })
     }
 
@@ -650,6 +673,15 @@ impl Admin for AdminService {
     async fn volume_create(&self, request: Request<VolumeCreateRequest>) -> Result<Response<VolumeReply>, Status> {
         let name = request.get_ref().name.clone();
         forward_or!(self, request, volume_create, Action::VolumeCreate, Some(&name), |meta, caller, msg| {
+            if !msg.wrapped_key.is_empty() && msg.unencrypted {
+                return Err(Status::invalid_argument("a volume is either encrypted (a wrapped key) or explicitly unencrypted, not both"));
+            }
+            if msg.wrapped_key.is_empty() && !msg.unencrypted && self.read(meta).await?.encrypt_by_default {
+                return Err(Status::failed_precondition(format!(
+                    "this cluster encrypts new volumes by default: create {} with --encrypt --kek-file FILE, or pass --no-encrypt to opt out",
+                    msg.name
+                )));
+            }
             let cmd = if msg.wrapped_key.is_empty() {
                 MetaCommand::CreateVolume { name: msg.name.clone(), size: msg.size, now_unix_ms: now_ms() }
             } else {
@@ -679,6 +711,32 @@ impl Admin for AdminService {
             }
             tracing::debug!(volume = %msg.name, by = %caller.principal, "handed out a volume's wrapped keys");
             Ok(Response::new(VolumeKeyReply { volume_id: v.id.0, current_version: keys.current, keys: out }))
+        })
+    }
+
+    async fn volume_rekey(&self, request: Request<VolumeRekeyRequest>) -> Result<Response<VolumeReply>, Status> {
+        let name = request.get_ref().name.clone();
+        forward_or!(self, request, volume_rekey, Action::VolumeRekey, Some(&name), |meta, caller, msg| {
+            let s = self.read(meta).await?;
+            let v = s.volume_by_name(&msg.name).ok_or_else(|| status_of(&MetaError::NoSuchVolume(msg.name.clone())))?;
+            let old =
+                s.volume_keys.get(&v.id).cloned().ok_or_else(|| Status::failed_precondition(format!("volume {} is not encrypted", msg.name)))?;
+            let versions: Vec<(u32, Vec<u8>)> = msg.keys.iter().map(|k| (k.version, k.wrapped.to_vec())).collect();
+            if versions.iter().map(|(v, _)| *v).ne(old.digests.keys().copied()) {
+                return Err(Status::invalid_argument(format!(
+                    "a rekey of volume {} must rewrap exactly its key versions {:?}, in order",
+                    msg.name,
+                    old.digests.keys().collect::<Vec<_>>()
+                )));
+            }
+            // New copies first, on a majority; the old ones go when the change applies.
+            let keys = super::keys::store_rewrapped(&self.ctx, meta, old.current, &versions).await?;
+            let cmd = MetaCommand::RekeyVolume { name: msg.name.clone(), replaces: old.key_id, keys };
+            let reply = self.propose_audited(meta, cmd, &caller, Action::VolumeRekey, &msg.name).await?;
+            if let MetaReply::Volume(v) = &reply {
+                tracing::info!(volume = %v.name, by = %caller.principal, "volume keys rewrapped; the old wrapped keys are erased");
+            }
+            self.volume_reply(reply, self.current_version())
         })
     }
 

@@ -195,6 +195,9 @@ pub struct ClusterState {
     /// Encrypted volumes' keys (references and digests; the wrapped keys are in each meta
     /// node's key store). Added in snapshot format 3.
     pub volume_keys: BTreeMap<VolumeId, VolumeKeys>,
+    /// New volumes must be encrypted unless created explicitly unencrypted. Added in snapshot
+    /// format 3.
+    pub encrypt_by_default: bool,
     /// What the last applied commands did to the audit log, for the state machine to write to
     /// the audit file; never serialised.
     #[serde(skip)]
@@ -408,6 +411,21 @@ pub enum MetaCommand {
         /// Its hash (read by the proposer from its audit file): the kept chain's anchor.
         through_hash: ChainHash,
     },
+    /// Points an encrypted volume at new copies of its keys (rewrapped under another KEK, stored
+    /// under `keys.key_id`); the copies under `replaces` are erased on every meta node.
+    RekeyVolume {
+        /// The volume.
+        name: String,
+        /// The key id the volume must still have (a concurrent rekey wins, this one fails).
+        replaces: u64,
+        /// The new references.
+        keys: VolumeKeys,
+    },
+    /// Sets whether new volumes are encrypted by default.
+    SetEncryptByDefault {
+        /// On or off.
+        on: bool,
+    },
     /// Creates an encrypted volume whose wrapped key the meta nodes' key stores already hold.
     CreateEncryptedVolume {
         /// Name.
@@ -573,6 +591,14 @@ impl ClusterState {
             }
             MetaCommand::CreateVolume { name, size, now_unix_ms } => self.create_volume(name, size, now_unix_ms, None),
             MetaCommand::CreateEncryptedVolume { name, size, now_unix_ms, keys } => self.create_volume(name, size, now_unix_ms, Some(keys)),
+            MetaCommand::RekeyVolume { name, replaces, keys } => self.rekey_volume(&name, replaces, keys),
+            MetaCommand::SetEncryptByDefault { on } => {
+                if self.cluster_id.is_none() {
+                    return MetaReply::Error(MetaError::NotInitialized);
+                }
+                self.encrypt_by_default = on;
+                MetaReply::Done
+            }
             MetaCommand::ResizeVolume { name, size } => self.resize_volume(&name, size),
             MetaCommand::DeleteVolume { name } => self.delete_volume(&name),
             MetaCommand::AttachVolume { name, holder, force } => self.attach(&name, holder, force),
@@ -710,6 +736,27 @@ impl ClusterState {
         if let Some(keys) = keys {
             self.volume_keys.insert(id, keys);
         }
+        MetaReply::Volume(v)
+    }
+
+    fn rekey_volume(&mut self, name: &str, replaces: u64, keys: VolumeKeys) -> MetaReply {
+        let Some(v) = self.volume_by_name(name).cloned() else {
+            return MetaReply::Error(MetaError::NoSuchVolume(name.to_string()));
+        };
+        let Some(current) = self.volume_keys.get(&v.id) else {
+            return MetaReply::Error(MetaError::InvalidSettings(format!("volume {name} is not encrypted")));
+        };
+        if current.key_id != replaces {
+            return MetaReply::Error(MetaError::InvalidSettings(format!("volume {name}'s keys changed meanwhile (another rekey); try again")));
+        }
+        if keys.current != current.current || keys.digests.keys().ne(current.digests.keys()) {
+            return MetaReply::Error(MetaError::InvalidSettings(format!(
+                "a rekey of volume {name} must rewrap exactly its key versions {:?}",
+                current.digests.keys()
+            )));
+        }
+        self.key_effects.push(KeyEffect::Erase(replaces));
+        self.volume_keys.insert(v.id, keys);
         MetaReply::Volume(v)
     }
 
@@ -1041,15 +1088,25 @@ mod tests {
             s.apply(2, MetaCommand::CreateEncryptedVolume { name: "x".into(), size: 4096, now_unix_ms: 1, keys: bad }),
             MetaReply::Error(MetaError::InvalidSettings(_))
         ));
-        let MetaReply::Volume(v) = s.apply(3, MetaCommand::CreateEncryptedVolume { name: "e".into(), size: 4096, now_unix_ms: 1, keys: keys.clone() })
+        let MetaReply::Volume(v) =
+            s.apply(3, MetaCommand::CreateEncryptedVolume { name: "e".into(), size: 4096, now_unix_ms: 1, keys: keys.clone() })
         else {
             panic!()
         };
         assert_eq!(s.volume_keys.get(&v.id), Some(&keys));
         assert!(s.key_effects.is_empty());
-        s.apply(4, MetaCommand::DeleteVolume { name: "e".into() });
+        // A rekey swaps the references and destroys the old copies; a stale or partial one fails.
+        let rewrapped = VolumeKeys { key_id: 8, current: 1, digests: [(1, [2u8; 32])].into() };
+        let stale = MetaCommand::RekeyVolume { name: "e".into(), replaces: 4, keys: rewrapped.clone() };
+        assert!(matches!(s.apply(4, stale), MetaReply::Error(MetaError::InvalidSettings(_))));
+        let partial = VolumeKeys { key_id: 8, current: 1, digests: [(1, [2u8; 32]), (2, [3u8; 32])].into() };
+        assert!(matches!(s.apply(5, MetaCommand::RekeyVolume { name: "e".into(), replaces: 5, keys: partial }), MetaReply::Error(_)));
+        assert!(matches!(s.apply(6, MetaCommand::RekeyVolume { name: "e".into(), replaces: 5, keys: rewrapped.clone() }), MetaReply::Volume(_)));
+        assert_eq!(s.volume_keys.get(&v.id), Some(&rewrapped));
+        assert_eq!(std::mem::take(&mut s.key_effects), vec![KeyEffect::Erase(5)]);
+        s.apply(7, MetaCommand::DeleteVolume { name: "e".into() });
         assert!(s.volume_keys.is_empty(), "no reference outlives the volume");
-        assert_eq!(s.key_effects, vec![KeyEffect::Erase(5)], "every meta node erases the key as it applies the deletion");
+        assert_eq!(s.key_effects, vec![KeyEffect::Erase(8)], "every meta node erases the key as it applies the deletion");
     }
 
     #[test]
