@@ -154,25 +154,39 @@ async fn malformed_io_and_admin_requests_get_clear_errors() {
     );
     assert!(m.contains("extent boundary"), "{m}");
     expect(Code::OutOfRange, data.write(w(&|r| r.data = Bytes::from(vec![0u8; 40 << 20]))).await.unwrap().into_inner().error, "too large");
-    // Encryption contexts: one per whole block, never zeros, never for part of a block.
+    // Sealed blocks go to encrypted volumes only, plaintext to the others; a sealed write has
+    // one non-zero encryption context per whole block.
     let ctx = Bytes::from(vec![3u8; 28]);
-    let m = expect(Code::Invalid, data.write(w(&|r| r.crypt = Bytes::from(vec![3u8; 27]))).await.unwrap().into_inner().error, "short context");
-    assert!(m.contains("encryption context"), "{m}");
-    expect(Code::Invalid, data.write(w(&|r| r.crypt = Bytes::from(vec![0u8; 28]))).await.unwrap().into_inner().error, "all-zero context");
-    let part = Bytes::from(vec![1u8; 100]);
-    expect(
-        Code::Invalid,
-        data.write(w(&|r| {
-            r.data = part.clone();
-            r.crcs = vec![crc32c(&part)];
-            r.crypt = ctx.clone();
-        }))
+    let m = expect(Code::Invalid, data.write(w(&|r| r.crypt = ctx.clone())).await.unwrap().into_inner().error, "sealed write to a plain volume");
+    assert!(m.contains("not encrypted"), "{m}");
+    let kek = basalt_volume_client::crypt::Kek::from_bytes([7u8; 32]);
+    let (_, wrapped) = basalt_volume_client::crypt::DataKey::generate(1, &kek, "sealed").unwrap();
+    let wrapped_key = Bytes::copy_from_slice(wrapped.as_bytes());
+    let sealed = admin
+        .volume_create(VolumeCreateRequest { name: "sealed".into(), size: 16 << 20, wrapped_key, unencrypted: false })
         .await
         .unwrap()
-        .into_inner()
-        .error,
-        "sealed partial block",
-    );
+        .into_inner();
+    let (spg, sleader, _) = cluster.pg_replicas("sealed", 0).await.unwrap();
+    let mut sdata = cluster.data_client(&cluster.node(sleader).addr).unwrap();
+    let sw = |f: &dyn Fn(&mut WriteRequest)| {
+        let mut r = WriteRequest { pg: spg.0, volume_id: sealed.volume.as_ref().unwrap().id, map_version: sealed.map_version, ..good.clone() };
+        f(&mut r);
+        r
+    };
+    let m = expect(Code::Invalid, sdata.write(sw(&|_| {})).await.unwrap().into_inner().error, "plaintext write to an encrypted volume");
+    assert!(m.contains("is encrypted"), "{m}");
+    let m = expect(Code::Invalid, sdata.write(sw(&|r| r.crypt = Bytes::from(vec![3u8; 27]))).await.unwrap().into_inner().error, "short context");
+    assert!(m.contains("encryption context"), "{m}");
+    expect(Code::Invalid, sdata.write(sw(&|r| r.crypt = Bytes::from(vec![0u8; 28]))).await.unwrap().into_inner().error, "all-zero context");
+    let part = Bytes::from(vec![1u8; 100]);
+    let partial = |r: &mut WriteRequest| {
+        r.data = part.clone();
+        r.crcs = vec![crc32c(&part)];
+        r.crypt = ctx.clone();
+    };
+    expect(Code::Invalid, sdata.write(sw(&partial)).await.unwrap().into_inner().error, "sealed partial block");
+    assert!(sdata.write(sw(&|r| r.crypt = ctx.clone())).await.unwrap().into_inner().error.is_none(), "a well-formed sealed write");
     let read = |offset: u64, length: u32| ReadRequest { pg: pg.0, volume_id: vol.id, offset, length, map_version };
     expect(Code::Invalid, data.read(read(100, 4096)).await.unwrap().into_inner().error, "unaligned read");
     expect(Code::Invalid, data.read(read(0, 100)).await.unwrap().into_inner().error, "short read");

@@ -465,11 +465,11 @@ impl AdminService {
     }
 }
 
-/// Runs a request on the meta leader: forwards it there, or (here) authorises `$action` on
-/// `$volume` for its caller and runs `$local`.
 /// Most refusals one `AuditReport` may carry.
 const MAX_REPORTED: usize = 256;
 
+/// Runs a request on the meta leader: forwards it there, or (here) authorises `$action` on
+/// `$volume` for its caller and runs `$local`.
 macro_rules! forward_or {
     ($self:ident, $req:ident, $method:ident, $action:expr, $volume:expr, |$meta:ident, $caller:ident, $msg:ident| $local:expr) => {{
         match $self.route(&$req).await? {
@@ -709,7 +709,8 @@ impl Admin for AdminService {
                 let wrapped = super::keys::fetch(&self.ctx, meta, &msg.name, &keys, *version).await?;
                 out.push(VersionedKey { version: *version, wrapped: wrapped.into() });
             }
-            tracing::debug!(volume = %msg.name, by = %caller.principal, "handed out a volume's wrapped keys");
+            // Handing out a key (wrapped) is a privileged access: recorded, like attaching.
+            self.ctx.access.record(caller.event("volume.key", &msg.name, Outcome::Ok, format!("{} wrapped key version(s)", out.len())));
             Ok(Response::new(VolumeKeyReply { volume_id: v.id.0, current_version: keys.current, keys: out }))
         })
     }
