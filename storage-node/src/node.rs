@@ -364,7 +364,7 @@ impl Node {
         if ctx.meta.is_some() {
             tasks.push(tokio::spawn(crate::meta::service::run_token_feeder(ctx.clone(), shutdown_rx.clone())));
             tasks.push(tokio::spawn(crate::meta::service::run_audit_pruner(ctx.clone(), shutdown_rx.clone())));
-            tasks.push(tokio::spawn(crate::meta::keys::run_key_sweeper(ctx.clone(), shutdown_rx.clone())));
+            tasks.push(tokio::spawn(crate::meta::keys::run_key_keeper(ctx.clone(), shutdown_rx.clone())));
             tasks.push(tokio::spawn(crate::meta::service::run_volume_reaper(ctx.clone(), shutdown_rx.clone())));
             tasks.push(tokio::spawn(crate::meta::healer::run(ctx.clone(), shutdown_rx.clone())));
         }

@@ -326,3 +326,27 @@ async fn attach_needs_the_kek_and_delete_shreds_the_key_from_the_device() {
     let (code, msg) = cluster.attach_nbd("enc", &["--kek-file", &new_kek]).err().expect("deleted");
     assert_eq!(code, Some(3), "{msg}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_meta_node_down_at_creation_gets_its_copy_of_the_key() {
+    let mut cluster = TestCluster::with_volume("plain", 16 << 20).await.unwrap();
+    cluster.kill9(3);
+    let kek: [u8; 32] = rand::random();
+    let path = write_file(cluster.path(), "late.kek", &kek);
+    // Two of three meta nodes are a majority: creation goes ahead.
+    let (c, _, err) = cluster.cli(&["volume", "create", "late", "--size", "16MiB", "--encrypt", "--kek-file", &path]).await.unwrap();
+    assert_eq!(c, Some(0), "{err}");
+    let wrapped = stored_key(&cluster, 1, &kek, "late");
+    let store_3 = cluster.node(3).data_dir.join("keys/wrapped.keys");
+    let on_3 = || std::fs::read(&store_3).unwrap_or_default().windows(wrapped.len()).any(|w| w == wrapped);
+    assert!(!on_3(), "node-3 was down");
+    cluster.restart(3).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    while !on_3() {
+        assert!(std::time::Instant::now() < deadline, "node-3 never got its copy of the key:\n{}", cluster.logs());
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    // With the two others' copies damaged, node-3's copy alone opens the volume.
+    damage_key(&cluster, &[1, 2], &wrapped);
+    assert!(cluster.attach_nbd("late", &["--kek-file", &path]).is_ok(), "node-3's copy serves the key");
+}

@@ -152,6 +152,13 @@ pub async fn fetch(ctx: &NodeCtx, meta: &MetaHandle, volume: &str, keys: &Volume
                     }
                     Err(e) => tracing::error!(volume, error = %e.message(), "could not store a healed volume key"),
                 }
+                // The volume may have been deleted while the copy travelled: a deletion erases
+                // after it publishes the state, so one of the two erasures catches the copy.
+                if !meta.shared.with(|s| s.volume_keys.values().any(|k| k.key_id == key_id)) {
+                    let store = meta.keys.clone();
+                    let _ = blocking(move || store.erase(key_id)).await;
+                    return Err(Status::not_found(format!("volume {volume} was deleted")));
+                }
                 return Ok(wrapped);
             }
             Ok(Ok(_)) => problems.push(format!("node-{id}: its copy does not match the recorded digest")),
@@ -178,16 +185,40 @@ pub async fn put(store: &std::sync::Arc<KeyStore>, key_id: u64, version: u32, wr
     blocking(move || store.put(key_id, version, &wrapped, now)).await
 }
 
-/// On meta nodes: every ten minutes, erases key-store copies no volume references any more
-/// (creations that failed after storing their key; deletions applied while the store could not
-/// be written). Deletions erase their key as they apply; this is the safety net.
-pub async fn run_key_sweeper(ctx: std::sync::Arc<NodeCtx>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+/// How often a meta node checks that it holds a good copy of every key the meta state names.
+const REPAIR_EVERY: Duration = Duration::from_secs(10);
+/// How often it erases copies no volume references.
+const SWEEP_EVERY: Duration = Duration::from_secs(600);
+
+/// On meta nodes, keeps the key store in step with the meta state: every [`REPAIR_EVERY`], a
+/// key this node lacks or holds damaged (it was down when the volume was created — creation
+/// needs only a majority — or its disk rotted) is copied from another meta node, checked
+/// against its digest, so every meta node holds every key, as it holds every other piece of
+/// metadata; every [`SWEEP_EVERY`], copies no volume references any more are erased (creations
+/// that failed after storing their key; deletions applied while the store could not be
+/// written). Deletions erase their key as they apply; the sweep is the safety net.
+pub async fn run_key_keeper(ctx: std::sync::Arc<NodeCtx>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let Some(meta) = &ctx.meta else { return };
+    let mut last_sweep = tokio::time::Instant::now();
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(600)) => {}
+            _ = tokio::time::sleep(REPAIR_EVERY) => {}
             _ = shutdown.changed() => return,
         }
+        let wanted: Vec<(String, VolumeKeys)> =
+            meta.shared.with(|s| s.volume_keys.iter().filter_map(|(id, k)| s.volumes.get(id).map(|v| (v.name.clone(), k.clone()))).collect());
+        for (name, keys) in &wanted {
+            for version in keys.digests.keys() {
+                // `fetch` checks this node's copy first and replaces a missing or bad one.
+                if let Err(e) = fetch(&ctx, meta, name, keys, *version).await {
+                    tracing::warn!(volume = %name, version, error = %e.message(), "could not get a good copy of a volume key; retrying");
+                }
+            }
+        }
+        if last_sweep.elapsed() < SWEEP_EVERY {
+            continue;
+        }
+        last_sweep = tokio::time::Instant::now();
         let referenced: std::collections::BTreeSet<u64> = meta.shared.with(|s| s.volume_keys.values().map(|k| k.key_id).collect());
         let store = meta.keys.clone();
         match blocking(move || super::key_store::sweep(&store, &referenced, now_ms())).await {

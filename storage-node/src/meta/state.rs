@@ -782,7 +782,7 @@ impl ClusterState {
         let v = self.volumes.get_mut(&id).expect("found above");
         v.state = VolumeState::Deleting { done: BTreeSet::new() };
         let v = v.clone();
-        // Crypto-shredding: the key goes first, on every meta node as it applies this; the
+        // Crypto-shredding: the key goes with this apply, on every meta node; the
         // blocks left behind open with nothing the cluster holds.
         if let Some(keys) = self.volume_keys.remove(&id) {
             self.key_effects.push(KeyEffect::Erase(keys.key_id));

@@ -331,9 +331,6 @@ impl StateMachine for MetaStateMachine {
             replies.push(Bytes::from(bincode::serialize(&reply).expect("meta reply serialises")));
         }
         let keys = std::mem::take(&mut state.key_effects);
-        if !keys.is_empty() {
-            self.erase_keys(keys).await;
-        }
         let effects = std::mem::take(&mut state.audit_effects);
         if !effects.is_empty() {
             let audit = self.audit.clone();
@@ -354,6 +351,12 @@ impl StateMachine for MetaStateMachine {
             }
         }
         self.shared.replace(state);
+        // After the state that no longer names them is published, so a copy healed from a
+        // peer meanwhile (key keeper) is either erased here or sees the key unreferenced and
+        // erases it itself.
+        if !keys.is_empty() {
+            self.erase_keys(keys).await;
+        }
         Ok(replies)
     }
 
