@@ -46,11 +46,17 @@ qemu-nbd -f raw -x bench -b 127.0.0.1 -p "$qport" --persistent --shared=16 "$wor
 qemu_pid=$!
 qemu_uri="nbd://127.0.0.1:$qport/bench"
 
+# Waits (up to $3 seconds) for the process writing $1 to print `ready`; fails showing its
+# stderr ($2) otherwise.
+wait_ready() {
+  for _ in $(seq 1 "$3"); do grep -q '^ready$' "$1" 2>/dev/null && return 0; sleep 1; done
+  echo "$1: not ready after $3 s" >&2; cat "$2" >&2; exit 1
+}
+
 # (b) Basalt.
 "$bin/basalt" dev up --dir "$work/dev" --size "$size" ${BASALT_BENCH_PGS:+--pgs "$BASALT_BENCH_PGS"} > "$work/devup.out" 2> "$work/devup.err" &
 dev_pid=$!
-for _ in $(seq 1 120); do grep -q '^ready$' "$work/devup.out" 2>/dev/null && break; sleep 1; done
-grep -q '^ready$' "$work/devup.out" || { echo "basalt dev up did not become ready" >&2; cat "$work/devup.err" >&2; exit 1; }
+wait_ready "$work/devup.out" "$work/devup.err" 120
 basalt_uri=$(grep '^nbd://' "$work/devup.out" | head -1)
 
 # Peak RSS of the Basalt nodes while the jobs run.
@@ -80,8 +86,7 @@ for target in $targets; do
     "$bin/basalt" volume create enc --size "$size" --encrypt --kek-file "$work/enc.kek" >&2
     "$bin/basalt" attach enc --nbd-listen 127.0.0.1:0 --kek-file "$work/enc.kek" > "$work/enc.out" 2> "$work/enc.err" &
     enc_pid=$!
-    for _ in $(seq 1 60); do grep -q '^ready$' "$work/enc.out" 2>/dev/null && break; sleep 1; done
-    grep -q '^ready$' "$work/enc.out" || { echo "basalt attach enc did not become ready" >&2; cat "$work/enc.err" >&2; exit 1; }
+    wait_ready "$work/enc.out" "$work/enc.err" 60
     uri=$(grep '^nbd://' "$work/enc.out" | head -1)
   fi
   if [ "$target" = basalt-plain ]; then
@@ -90,8 +95,7 @@ for target in $targets; do
     kill -INT "$dev_pid"; wait "$dev_pid" 2>/dev/null || true; dev_pid=
     "$bin/basalt" dev up --security-off --dir "$work/dev-plain" --size "$size" ${BASALT_BENCH_PGS:+--pgs "$BASALT_BENCH_PGS"} > "$work/plain.out" 2> "$work/plain.err" &
     plain_pid=$!
-    for _ in $(seq 1 120); do grep -q '^ready$' "$work/plain.out" 2>/dev/null && break; sleep 1; done
-    grep -q '^ready$' "$work/plain.out" || { echo "basalt dev up --security-off did not become ready" >&2; cat "$work/plain.err" >&2; exit 1; }
+    wait_ready "$work/plain.out" "$work/plain.err" 120
     uri=$(grep '^nbd://' "$work/plain.out" | head -1)
   fi
   # Write the whole region once first, so reads hit stored data on both sides (a thin Basalt

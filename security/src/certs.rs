@@ -82,6 +82,22 @@ pub fn write_atomically(path: &Path, contents: &[u8], private: bool) -> Result<(
     std::fs::rename(&tmp, path).map_err(|e| SecurityError::io(path, e))
 }
 
+/// The parameters of a self-signed CA that may sign end-entity certificates only, named
+/// `name` and a random suffix (which tells two CAs apart in messages).
+pub(crate) fn ca_params(name: &str, validity: Validity) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("{name} {:08x}", rand::random::<u32>()));
+    dn.push(DnType::OrganizationName, "Basalt");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.serial_number = Some(random_serial());
+    params.not_before = validity.from;
+    params.not_after = validity.until;
+    params
+}
+
 /// Creates a new CA in `dir` (created if missing); refuses to replace an existing one.
 pub fn init_ca(dir: &Path, days: u32) -> Result<CertFiles, SecurityError> {
     std::fs::create_dir_all(dir).map_err(|e| SecurityError::io(dir, e))?;
@@ -92,19 +108,8 @@ pub fn init_ca(dir: &Path, days: u32) -> Result<CertFiles, SecurityError> {
         }
     }
     let key = KeyPair::generate().map_err(gen_err)?;
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    // A random suffix tells two clusters' CAs apart in messages.
-    dn.push(DnType::CommonName, format!("Basalt cluster CA {:08x}", rand::random::<u32>()));
-    dn.push(DnType::OrganizationName, "Basalt");
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    params.serial_number = Some(random_serial());
     let validity = Validity::days(days);
-    params.not_before = validity.from;
-    params.not_after = validity.until;
-    let cert = params.self_signed(&key).map_err(gen_err)?;
+    let cert = ca_params("Basalt cluster CA", validity).self_signed(&key).map_err(gen_err)?;
     write_atomically(&key_path, key.serialize_pem().as_bytes(), true)?;
     write_atomically(&cert_path, cert.pem().as_bytes(), false)?;
     Ok(CertFiles { cert: cert_path, key: key_path, not_after: validity.until.unix_timestamp() })

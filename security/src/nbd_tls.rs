@@ -14,13 +14,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-};
+use rcgen::{CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
 use rustls::RootCertStore;
 use rustls::server::{ServerConfig, WebPkiClientVerifier};
 
-use crate::certs::{Validity, gen_err, random_serial, write_atomically};
+use crate::certs::{Validity, ca_params, gen_err, random_serial, write_atomically};
 use crate::error::SecurityError;
 use crate::identity::{CertSummary, unix_now};
 use crate::tls::{provider, read_certs, read_key};
@@ -89,16 +87,7 @@ pub fn create(dir: &Path, hosts: &[String], validity: Validity) -> Result<NbdTls
     }
 
     let ca_key = KeyPair::generate().map_err(gen_err)?;
-    let mut ca = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, format!("Basalt NBD CA {:08x}", rand::random::<u32>()));
-    dn.push(DnType::OrganizationName, "Basalt");
-    ca.distinguished_name = dn;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    ca.serial_number = Some(random_serial());
-    ca.not_before = validity.from;
-    ca.not_after = validity.until;
+    let ca = ca_params("Basalt NBD CA", validity);
     let ca_cert = ca.self_signed(&ca_key).map_err(gen_err)?;
     let ca_pem = ca_cert.pem();
     let issuer = Issuer::new(ca, ca_key);

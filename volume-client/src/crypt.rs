@@ -218,6 +218,12 @@ impl WrappedKey {
 
     /// Opens it with `kek`.
     pub fn unwrap_with(&self, kek: &Kek, volume: &str) -> Result<DataKey, CryptError> {
+        let key = self.open(kek, volume)?;
+        Ok(DataKey::from_bytes(self.version(), &key))
+    }
+
+    /// The raw data key, opened with `kek` (which must be the one that wrapped it).
+    fn open(&self, kek: &Kek, volume: &str) -> Result<Zeroizing<[u8; KEY_LEN]>, CryptError> {
         let version = self.version();
         if kek.fingerprint() != self.kek_fingerprint() {
             return Err(CryptError::WrongKek {
@@ -236,7 +242,7 @@ impl WrappedKey {
             version,
             reason: "it does not authenticate under the key-encryption key that wrapped it (by fingerprint)".into(),
         })?;
-        Ok(DataKey::from_bytes(version, &key))
+        Ok(key)
     }
 }
 
@@ -264,7 +270,7 @@ impl DataKey {
             return Err(CryptError::Exhausted(format!("key version {version} is outside 1..=65535")));
         }
         let key = Zeroizing::new(rand::random::<[u8; KEY_LEN]>());
-        let wrapped = wrap(kek, volume, version, &key);
+        let wrapped = wrap(kek, volume, version, &key)?;
         Ok((DataKey::from_bytes(version, &key), wrapped))
     }
 
@@ -274,13 +280,13 @@ impl DataKey {
     }
 }
 
-fn wrap(kek: &Kek, volume: &str, version: u32, key: &[u8; KEY_LEN]) -> WrappedKey {
+fn wrap(kek: &Kek, volume: &str, version: u32, key: &[u8; KEY_LEN]) -> Result<WrappedKey, CryptError> {
     let nonce: [u8; 12] = rand::random();
     let mut sealed = Zeroizing::new(*key);
     let tag = kek
         .cipher()
         .encrypt_in_place_detached(Nonce::from_slice(&nonce), &wrap_aad(volume, version), sealed.as_mut_slice())
-        .expect("AES-GCM seals 32 bytes");
+        .map_err(|_| CryptError::CorruptKey { volume: volume.to_string(), version, reason: "AES-GCM refused to wrap it".into() })?;
     let mut out = Vec::with_capacity(WRAPPED_LEN);
     out.push(WRAPPED_FORMAT);
     out.extend_from_slice(&version.to_be_bytes());
@@ -288,31 +294,14 @@ fn wrap(kek: &Kek, volume: &str, version: u32, key: &[u8; KEY_LEN]) -> WrappedKe
     out.extend_from_slice(&nonce);
     out.extend_from_slice(sealed.as_slice());
     out.extend_from_slice(tag.as_slice());
-    WrappedKey(out)
+    Ok(WrappedKey(out))
 }
 
 /// Wraps the data key `wrapped` holds again under `new` (the data key and its blocks are
 /// unchanged): what `volume rekey` without `--reencrypt` does.
 pub fn rewrap(wrapped: &WrappedKey, old: &Kek, new: &Kek, volume: &str) -> Result<WrappedKey, CryptError> {
-    let version = wrapped.version();
-    if old.fingerprint() != wrapped.kek_fingerprint() {
-        return Err(CryptError::WrongKek {
-            volume: volume.to_string(),
-            version,
-            given: old.fingerprint_hex(),
-            wanted: hex(&wrapped.kek_fingerprint()),
-        });
-    }
-    let nonce = Nonce::from_slice(&wrapped.0[13..25]);
-    let mut key = Zeroizing::new([0u8; KEY_LEN]);
-    key.copy_from_slice(&wrapped.0[25..25 + KEY_LEN]);
-    let tag = Tag::from_slice(&wrapped.0[25 + KEY_LEN..]);
-    old.cipher().decrypt_in_place_detached(nonce, &wrap_aad(volume, version), key.as_mut_slice(), tag).map_err(|_| CryptError::CorruptKey {
-        volume: volume.to_string(),
-        version,
-        reason: "it does not authenticate under the key-encryption key that wrapped it (by fingerprint)".into(),
-    })?;
-    Ok(wrap(new, volume, version, &key))
+    let key = wrapped.open(old, volume)?;
+    wrap(new, volume, wrapped.version(), &key)
 }
 
 fn block_aad(volume: VolumeId, block: u64, version: u32) -> [u8; 21] {

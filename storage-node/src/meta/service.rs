@@ -465,6 +465,13 @@ impl AdminService {
     }
 }
 
+/// The id and key references of encrypted volume `name`.
+fn encrypted_volume(s: &ClusterState, name: &str) -> Result<(VolumeId, VolumeKeys), Status> {
+    let v = s.volume_by_name(name).ok_or_else(|| status_of(&MetaError::NoSuchVolume(name.to_string())))?;
+    let keys = s.volume_keys.get(&v.id).cloned().ok_or_else(|| Status::failed_precondition(format!("volume {name} is not encrypted")))?;
+    Ok((v.id, keys))
+}
+
 /// Most refusals one `AuditReport` may carry.
 const MAX_REPORTED: usize = 256;
 
@@ -700,10 +707,7 @@ impl Admin for AdminService {
     async fn volume_key(&self, request: Request<VolumeKeyRequest>) -> Result<Response<VolumeKeyReply>, Status> {
         let name = request.get_ref().name.clone();
         forward_or!(self, request, volume_key, Action::DataRead, Some(&name), |meta, caller, msg| {
-            let s = self.read(meta).await?;
-            let v = s.volume_by_name(&msg.name).ok_or_else(|| status_of(&MetaError::NoSuchVolume(msg.name.clone())))?;
-            let keys =
-                s.volume_keys.get(&v.id).cloned().ok_or_else(|| Status::failed_precondition(format!("volume {} is not encrypted", msg.name)))?;
+            let (id, keys) = encrypted_volume(&self.read(meta).await?, &msg.name)?;
             let mut out = Vec::new();
             for version in keys.digests.keys() {
                 let wrapped = super::keys::fetch(&self.ctx, meta, &msg.name, &keys, *version).await?;
@@ -711,17 +715,14 @@ impl Admin for AdminService {
             }
             // Handing out a key (wrapped) is a privileged access: recorded, like attaching.
             self.ctx.access.record(caller.event("volume.key", &msg.name, Outcome::Ok, format!("{} wrapped key version(s)", out.len())));
-            Ok(Response::new(VolumeKeyReply { volume_id: v.id.0, current_version: keys.current, keys: out }))
+            Ok(Response::new(VolumeKeyReply { volume_id: id.0, current_version: keys.current, keys: out }))
         })
     }
 
     async fn volume_rekey(&self, request: Request<VolumeRekeyRequest>) -> Result<Response<VolumeReply>, Status> {
         let name = request.get_ref().name.clone();
         forward_or!(self, request, volume_rekey, Action::VolumeRekey, Some(&name), |meta, caller, msg| {
-            let s = self.read(meta).await?;
-            let v = s.volume_by_name(&msg.name).ok_or_else(|| status_of(&MetaError::NoSuchVolume(msg.name.clone())))?;
-            let old =
-                s.volume_keys.get(&v.id).cloned().ok_or_else(|| Status::failed_precondition(format!("volume {} is not encrypted", msg.name)))?;
+            let (_, old) = encrypted_volume(&self.read(meta).await?, &msg.name)?;
             let versions: Vec<(u32, Vec<u8>)> = msg.keys.iter().map(|k| (k.version, k.wrapped.to_vec())).collect();
             if versions.iter().map(|(v, _)| *v).ne(old.digests.keys().copied()) {
                 return Err(Status::invalid_argument(format!(
