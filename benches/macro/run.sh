@@ -131,20 +131,18 @@ for n in names:
     q = stats(os.path.join(work, f"qemu-{n}.json")); b = stats(os.path.join(work, f"basalt-{n}.json"))
     ratio = b[0] / q[0] if q[0] else 0
     print(f"{n:<18} | {q[0]:>13.0f} {q[1]:>7.1f} {q[2]:>8.0f} {q[3]:>8.0f} | {b[0]:>11.0f} {b[1]:>7.1f} {b[2]:>8.0f} {b[3]:>8.0f} | {ratio:>5.2f}")
+def ratio_table(cols, a, b, label):
+    """IOPS and p50 of runs `a` and `b` (file prefixes) side by side, and a/b."""
+    print()
+    hdr = f"{'workload':<18} | {cols[0] + ' IOPS':>17} {'p50 µs':>8} | {cols[1] + ' IOPS':>17} {'p50 µs':>8} | {label:>9}"
+    print(hdr); print("-" * len(hdr))
+    for n in names:
+        x = stats(os.path.join(work, f"{a}-{n}.json")); y = stats(os.path.join(work, f"{b}-{n}.json"))
+        print(f"{n:<18} | {x[0]:>17.0f} {x[2]:>8.0f} | {y[0]:>17.0f} {y[2]:>8.0f} | {x[0] / y[0] if y[0] else 0:>9.2f}")
 if ab:
-    print()
-    hdr = f"{'workload':<18} | {'security on IOPS':>16} {'p50 µs':>8} | {'security off IOPS':>17} {'p50 µs':>8} | {'on/off':>6}"
-    print(hdr); print("-" * len(hdr))
-    for n in names:
-        b = stats(os.path.join(work, f"basalt-{n}.json")); p = stats(os.path.join(work, f"basalt-plain-{n}.json"))
-        print(f"{n:<18} | {b[0]:>16.0f} {b[2]:>8.0f} | {p[0]:>17.0f} {p[2]:>8.0f} | {b[0] / p[0] if p[0] else 0:>6.2f}")
+    ratio_table(("security on", "security off"), "basalt", "basalt-plain", "on/off")
 if enc:
-    print()
-    hdr = f"{'workload':<18} | {'encrypted IOPS':>14} {'p50 µs':>8} | {'plain IOPS':>10} {'p50 µs':>8} | {'enc/plain':>9}"
-    print(hdr); print("-" * len(hdr))
-    for n in names:
-        b = stats(os.path.join(work, f"basalt-{n}.json")); e = stats(os.path.join(work, f"basalt-enc-{n}.json"))
-        print(f"{n:<18} | {e[0]:>14.0f} {e[2]:>8.0f} | {b[0]:>10.0f} {b[2]:>8.0f} | {e[0] / b[0] if b[0] else 0:>9.2f}")
+    ratio_table(("encrypted", "plain"), "basalt-enc", "basalt", "enc/plain")
 rss = [int(x) for x in open(os.path.join(work, "rss.log")).read().split() if x.strip()]
 if rss:
     print(f"\npeak basalt-node RSS during the run: {max(rss)/1024:.0f} MiB")
