@@ -8,10 +8,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use basalt_security::cidr::AllowList;
+use basalt_volume_client::crypt::Kek;
 use basalt_volume_client::nbd::refusals::{RefusalLog, run_reporter};
 use basalt_volume_client::nbd::{Export, NbdOptions, NbdServer};
+use basalt_volume_client::reencrypt::{KekSource, KeyEvent, Reloader, keep_keys};
 use basalt_volume_client::{ClientError, Cluster, Volume};
 use tokio::sync::watch;
 
@@ -171,6 +174,18 @@ pub async fn attach(admin: &Admin, name: &str, listen: Listen, opts: Options) ->
     let (tx, rx) = watch::channel(false);
     let (log, refusals) = RefusalLog::new();
     tokio::spawn(run_reporter(cluster.clone(), name.to_string(), log.clone(), refusals, rx.clone()));
+    let volume = match &opts.kek_file {
+        Some(path) => {
+            // Follows key rotations; a read-write holder also moves the blocks of a re-encryption.
+            let initial = Kek::from_file(path).map_err(|e| CliError::invalid(e.to_string()))?;
+            let source = KekSource { path: path.clone(), initial };
+            let reloader = Arc::new(Reloader::new(cluster.clone(), &volume, source).map_err(client_err)?);
+            let volume = volume.with_key_reloader(reloader.clone());
+            tokio::spawn(keep_keys(cluster.clone(), volume.clone(), reloader, !opts.read_only, key_event_printer(name), rx.clone()));
+            volume
+        }
+        None => volume,
+    };
     let (uri, task) = serve(volume.clone(), opts.read_only, &listen, tls, opts.allow, Some(log), rx).await?;
     if !opts.read_only {
         eprintln!("attached {name} read-write (epoch {})", volume.epoch());
@@ -188,6 +203,24 @@ pub async fn attach(admin: &Admin, name: &str, listen: Listen, opts: Options) ->
         eprintln!("detached {name}");
     }
     Ok(())
+}
+
+/// Prints what the key keeper does to stderr (re-encryption progress every 10%).
+fn key_event_printer(name: &str) -> impl FnMut(KeyEvent) + Send + use<> {
+    let name = name.to_string();
+    let mut shown = u64::MAX;
+    move |e| match e {
+        KeyEvent::Sealing(v) => eprintln!("{name}: new writes are sealed with key version {v}"),
+        KeyEvent::Moving(p) => {
+            let tenth = p.percent() / 10;
+            if tenth != shown {
+                shown = tenth;
+                eprintln!("{name}: re-encrypting: {}% ({} blocks moved by this process)", p.percent(), p.moved);
+            }
+        }
+        KeyEvent::Done(v) => eprintln!("{name}: re-encrypted to key version {v}; older data keys erased"),
+        KeyEvent::Problem(m) => eprintln!("{name}: {m}"),
+    }
 }
 
 /// `basalt detach`: ends whatever attachment the volume has (fencing its holder).

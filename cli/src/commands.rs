@@ -96,11 +96,12 @@ fn move_percent(p: &PlacementGroup) -> u64 {
     (p.move_chunks_done * 100).checked_div(p.move_chunks_total).map_or(0, |pct| pct.min(100))
 }
 
-fn volume_json(v: &Volume) -> Value {
+pub(crate) fn volume_json(v: &Volume) -> Value {
     json!({
         "id": v.id, "name": v.name, "size": v.size, "state": v.state,
         "created_unix_ms": v.created_unix_ms, "pgs_released": v.pgs_released, "pgs_total": v.pgs_total,
         "encrypted": v.encrypted, "key_version": v.key_version,
+        "reencrypting": v.reencrypting, "reencrypt_next_block": v.reencrypt_next_block,
     })
 }
 
@@ -108,7 +109,7 @@ fn volume_state(v: &Volume) -> String {
     if v.state == "deleting" { format!("deleting ({}/{} PGs released)", v.pgs_released, v.pgs_total) } else { v.state.clone() }
 }
 
-fn size_arg(s: &str) -> Result<u64, CliError> {
+pub(crate) fn size_arg(s: &str) -> Result<u64, CliError> {
     parse_size(s).map_err(|e| CliError::invalid(e.to_string()))
 }
 
@@ -349,7 +350,11 @@ pub async fn node_remove(admin: &Admin, out: Out, id: u64) -> Result<(), CliErro
 fn volume_table(vols: &[Volume]) -> String {
     let mut t = table(&["name", "id", "size", "state", "encryption"]);
     for v in vols {
-        let enc = if v.encrypted { format!("AES-256-GCM, key v{}", v.key_version) } else { "none".into() };
+        let enc = match (v.encrypted, v.reencrypting) {
+            (false, _) => "none".into(),
+            (true, false) => format!("AES-256-GCM, key v{}", v.key_version),
+            (true, true) => format!("AES-256-GCM, key v{}, re-encrypting: {}%", v.key_version, crate::rekey::percent(v)),
+        };
         t.add_row(vec![v.name.clone(), v.id.to_string(), format_size(v.size), volume_state(v), enc]);
     }
     t.to_string()
@@ -402,44 +407,6 @@ pub async fn cluster_configure(admin: &Admin, out: Out, encryption_default: Opti
         } else {
             "new volumes are unencrypted unless created with --encrypt".to_string()
         }
-    });
-    Ok(())
-}
-
-/// `basalt volume rekey`: the wrapped keys are fetched, opened with the old KEK and wrapped
-/// under the new one here; the cluster swaps them in and erases the old ones.
-pub async fn volume_rekey(admin: &Admin, out: Out, name: String, old: &std::path::Path, new: &std::path::Path) -> Result<(), CliError> {
-    use basalt_volume_client::crypt::{Kek, WrappedKey, rewrap};
-    let crypt_err = |e: basalt_volume_client::crypt::CryptError| CliError::invalid(e.to_string());
-    let (old_kek, new_kek) = (Kek::from_file(old).map_err(crypt_err)?, Kek::from_file(new).map_err(crypt_err)?);
-    if old_kek.fingerprint() == new_kek.fingerprint() {
-        return Err(CliError::invalid("--new-kek-file holds the same key as --kek-file"));
-    }
-    let current = admin
-        .call(|mut c| {
-            let name = name.clone();
-            async move { c.volume_key(basalt_proto::admin::VolumeKeyRequest { name }).await }
-        })
-        .await?;
-    let mut keys = Vec::with_capacity(current.keys.len());
-    for k in &current.keys {
-        let wrapped = WrappedKey::parse(&name, &k.wrapped).map_err(crypt_err)?;
-        let again = rewrap(&wrapped, &old_kek, &new_kek, &name).map_err(crypt_err)?;
-        keys.push(basalt_proto::admin::VersionedKey { version: k.version, wrapped: bytes::Bytes::copy_from_slice(again.as_bytes()) });
-    }
-    let r = admin
-        .call(|mut c| {
-            let (name, keys) = (name.clone(), keys.clone());
-            async move { c.volume_rekey(basalt_proto::admin::VolumeRekeyRequest { name, keys }).await }
-        })
-        .await?;
-    let v = r.volume.unwrap_or_default();
-    out.print(volume_json(&v), || {
-        format!(
-            "rewrapped volume {}'s keys under the new KEK; the old wrapped keys are erased. Attach it with --kek-file {} from now on",
-            v.name,
-            new.display()
-        )
     });
     Ok(())
 }

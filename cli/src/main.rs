@@ -5,6 +5,7 @@ mod attach;
 mod commands;
 mod dev;
 mod exit;
+mod rekey;
 mod scrub;
 mod security;
 
@@ -338,16 +339,26 @@ enum VolumeCmd {
         kek_file: Option<PathBuf>,
     },
     /// Rewrap an encrypted volume's data keys under a new key-encryption key (instant; the data
-    /// is not rewritten). Attachments keep working; later attaches need the new KEK file.
+    /// is not rewritten), or with --reencrypt also move every block to a new data key while the
+    /// volume stays attached and in use. Attachments keep working; later attaches need the new
+    /// KEK file.
     Rekey {
         /// Name.
         name: String,
         /// The current key-encryption key.
         #[arg(long, value_name = "FILE")]
         kek_file: PathBuf,
-        /// The new key-encryption key (32 random bytes).
-        #[arg(long, value_name = "FILE")]
-        new_kek_file: PathBuf,
+        /// The new key-encryption key (32 random bytes); with --reencrypt, default: the same.
+        #[arg(long, value_name = "FILE", required_unless_present = "reencrypt")]
+        new_kek_file: Option<PathBuf>,
+        /// Also seal every block again under a new data key (in the background: the attach
+        /// process moves them; with nothing attached, this command does). The older data keys
+        /// are erased when it finishes. Run the same command again to follow or resume it.
+        #[arg(long)]
+        reencrypt: bool,
+        /// Most bytes a second the re-encryption reads, e.g. 64MiB (default 32MiB).
+        #[arg(long, value_name = "SIZE", requires = "reencrypt")]
+        max_rate: Option<String>,
     },
     /// List volumes.
     List,
@@ -443,7 +454,11 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             }
             commands::volume_create(&admin, out, name, size, kek_file, no_encrypt).await
         }
-        Cmd::Volume(VolumeCmd::Rekey { name, kek_file, new_kek_file }) => commands::volume_rekey(&admin, out, name, &kek_file, &new_kek_file).await,
+        Cmd::Volume(VolumeCmd::Rekey { name, kek_file, new_kek_file, reencrypt, max_rate }) => {
+            let rate = max_rate.as_deref().map(commands::size_arg).transpose()?.unwrap_or(0);
+            let req = rekey::Rekey { name, kek_file: &kek_file, new_kek_file: new_kek_file.as_deref(), reencrypt, rate };
+            rekey::volume_rekey(&admin, out, req).await
+        }
         Cmd::Volume(VolumeCmd::List) => commands::volume_list(&admin, out).await,
         Cmd::Volume(VolumeCmd::Show { name }) => commands::volume_show(&admin, out, name).await,
         Cmd::Volume(VolumeCmd::Resize { name, size }) => commands::volume_resize(&admin, out, name, size).await,

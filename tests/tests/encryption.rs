@@ -350,3 +350,208 @@ async fn a_meta_node_down_at_creation_gets_its_copy_of_the_key() {
     damage_key(&cluster, &[1, 2], &wrapped);
     assert!(cluster.attach_nbd("late", &["--kek-file", &path]).is_ok(), "node-3's copy serves the key");
 }
+
+/// fio's nbd engine with crc32c verify headers (`jobs`: each `--name`, its region and whether
+/// it writes, verifies or both); whether fio exited 0 with no error and no bad block, and its
+/// output. The shared options come first: fio applies options before the first `--name` to
+/// every job, those after it to that job only.
+fn fio(uri: &str, jobs: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("fio")
+        .args(["--ioengine=nbd", &format!("--uri={uri}"), "--bs=4k", "--iodepth=16", "--rw=randwrite", "--verify=crc32c"])
+        .args(["--verify_fatal=1", "--verify_state_save=0", "--group_reporting"])
+        .args(jobs)
+        .current_dir(std::env::temp_dir())
+        .output()
+        .expect("fio");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success() && !text.contains("verify: bad") && text.contains("err= 0"), text)
+}
+
+/// The fio jobs of the re-encryption test: each writes (or, with `verify_only`, checks) its
+/// own region with its own deterministic pattern.
+fn region(name: &str, offset_mib: u64, size_mib: u64) -> Vec<String> {
+    vec![format!("--name={name}"), format!("--offset={offset_mib}M"), format!("--size={size_mib}M")]
+}
+
+async fn shown(cluster: &TestCluster, name: &str) -> serde_json::Value {
+    let (code, out, err) = cluster.cli(&["--json", "volume", "show", name]).await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+/// `volume rekey --reencrypt` while the volume is attached and fio writes and verifies through
+/// NBD, with the attach process and a node killed (-9) midway: fio never sees an error or a bad
+/// block, the rotation finishes (the restarted attach process resumes it), and afterwards the
+/// old data key opens no block, the new one opens every block, and the old wrapped key is in
+/// no node's files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reencryption_while_in_use_survives_killing_the_attach_process_and_a_node() {
+    let mut cluster = TestCluster::with_volume("plain", 16 << 20).await.unwrap();
+    let dir = cluster.path().to_path_buf();
+    let old_bytes: [u8; 32] = rand::random();
+    let attach_kek = write_file(&dir, "attach.kek", &old_bytes);
+    let old_kek = write_file(&dir, "old.kek", &old_bytes);
+    let (c, _, err) = cluster.cli(&["volume", "create", "rot", "--size", "64MiB", "--encrypt", "--kek-file", &attach_kek]).await.unwrap();
+    assert_eq!(c, Some(0), "{err}");
+    let client = cluster.client().await.unwrap();
+    let (_, old_keys, _) = client.volume_keys("rot", &[&Kek::from_bytes(old_bytes)]).await.unwrap();
+    let old_wrapped = stored_key(&cluster, 1, &old_bytes, "rot");
+    let attached = cluster.attach_nbd("rot", &["--kek-file", &attach_kek]).expect("attach");
+
+    // Region A is written under key version 1.
+    let a = region("a", 0, 16);
+    let (ok, text) = fio(&attached.uri, &[a.as_slice(), &["--do_verify=1".into()]].concat().iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{text}");
+
+    // A second host reads the volume (read-only), through the same KEK file.
+    let reader = cluster.attach_nbd("rot", &["--kek-file", &attach_kek, "--read-only"]).expect("read-only attach");
+
+    // The operator installs the new KEK where the attach process reads it, then rotates
+    // (slowly, so the kills land midway: 64 MiB at 2 MiB/s).
+    let new_bytes: [u8; 32] = rand::random();
+    let staged = write_file(&dir, "attach.kek.new", &new_bytes);
+    std::fs::rename(&staged, &attach_kek).unwrap();
+    // Bad requests change nothing: a wrong old KEK, a plain volume, a rate without --reencrypt.
+    let wrong = write_file(&dir, "wrong.kek", &rand::random::<[u8; 32]>());
+    for (args, code, says) in [
+        (vec!["volume", "rekey", "rot", "--kek-file", &wrong, "--reencrypt"], 5, "wrong --kek-file"),
+        (vec!["volume", "rekey", "plain", "--kek-file", &old_kek, "--reencrypt"], 5, "not encrypted"),
+        (vec!["volume", "rekey", "rot", "--kek-file", &old_kek, "--new-kek-file", &attach_kek, "--max-rate", "1MiB"], 2, "--reencrypt"),
+        (vec!["volume", "rekey", "rot", "--kek-file", &old_kek], 2, "--new-kek-file"),
+    ] {
+        let (c, _, err) = cluster.cli(&args).await.unwrap();
+        assert!(c == Some(code) && err.contains(says), "{args:?}: {c:?} {err}");
+    }
+    assert_eq!(shown(&cluster, "rot").await["key_version"].as_u64(), Some(1));
+    let mut rekey = cluster.basalt_cmd();
+    rekey.args(["--json", "volume", "rekey", "rot", "--kek-file", &old_kek, "--new-kek-file", &attach_kek, "--reencrypt", "--max-rate", "2MiB"]);
+    let rekey = rekey.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+
+    // Region B is written and verified while the blocks move.
+    let b = region("b", 24, 16);
+    let uri = attached.uri.clone();
+    let args: Vec<String> = [b.as_slice(), &["--do_verify=1".into()]].concat();
+    let (ok, text) = tokio::task::spawn_blocking(move || fio(&uri, &args.iter().map(String::as_str).collect::<Vec<_>>())).await.unwrap();
+    assert!(ok, "fio during the re-encryption: {text}");
+    // The attach process has moved some blocks, not all, when it is killed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut attached = attached;
+    loop {
+        let v = shown(&cluster, "rot").await;
+        assert_eq!((v["key_version"].as_u64(), v["reencrypting"].as_bool()), (Some(2), Some(true)), "{v}");
+        let next = v["reencrypt_next_block"].as_u64().unwrap();
+        if next > 0 {
+            assert!(next < (64 << 20) / 4096, "the walk is midway: {v}");
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = attached.child.kill();
+            let mut err = String::new();
+            let _ = attached.child.stderr.take().map(|mut s| std::io::Read::read_to_string(&mut s, &mut err));
+            panic!("the attach process moved no block: {v}\nits stderr: {err}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+
+    // kill -9 of the attach process; the same command line (and --force, since the dead
+    // process still holds the attachment) resumes the walk with the new KEK.
+    drop(attached);
+    let attached = cluster.attach_nbd("rot", &["--kek-file", &attach_kek, "--force"]).expect("attach again");
+    // kill -9 of a node while fio checks A and B and writes region C.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    cluster.kill9(2);
+    let uri = attached.uri.clone();
+    let jobs: Vec<String> = [
+        a.as_slice(),
+        &["--verify_only=1".into()],
+        b.as_slice(),
+        &["--verify_only=1".into()],
+        region("c", 44, 16).as_slice(),
+        &["--do_verify=1".into()],
+    ]
+    .concat();
+    let (ok, text) = tokio::task::spawn_blocking(move || fio(&uri, &jobs.iter().map(String::as_str).collect::<Vec<_>>())).await.unwrap();
+    assert!(ok, "fio across the kills: {text}\n{}", cluster.logs());
+    cluster.restart(2).await.unwrap();
+
+    // The rotation finishes; the rekey command followed it to the end.
+    let output = tokio::task::spawn_blocking(move || rekey.wait_with_output()).await.unwrap().unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "rekey: {err}\n{}", cluster.logs());
+    assert!(err.contains("\"progress_percent\":100"), "progress shown as percentages: {err}");
+    let v = shown(&cluster, "rot").await;
+    assert_eq!((v["key_version"].as_u64(), v["reencrypting"].as_bool()), (Some(2), Some(false)), "{v}");
+
+    // Every block fio wrote is intact, through the attach process that resumed the walk.
+    let uri = attached.uri.clone();
+    let jobs: Vec<String> = [a.as_slice(), &["--verify_only=1".into()], b.as_slice(), &["--verify_only=1".into()]].concat();
+    let (ok, text) = tokio::task::spawn_blocking(move || fio(&uri, &jobs.iter().map(String::as_str).collect::<Vec<_>>())).await.unwrap();
+    assert!(ok, "fio after the re-encryption: {text}");
+    // The reader, started before the rotation, reads the moved blocks too.
+    let scratch = tempfile::tempdir().unwrap();
+    let (via_reader, via_holder) = (scratch.path().join("reader.raw"), scratch.path().join("holder.raw"));
+    for (uri, file) in [(&reader.uri, &via_reader), (&attached.uri, &via_holder)] {
+        let copy = std::process::Command::new("nbdcopy").arg(uri).arg(file).output().unwrap();
+        assert!(copy.status.success(), "nbdcopy from {uri}: {}", String::from_utf8_lossy(&copy.stderr));
+    }
+    let (r, h) = (std::fs::read(&via_reader).unwrap(), std::fs::read(&via_holder).unwrap());
+    assert!(r == h && r[..16 << 20].iter().any(|b| *b != 0), "the reader sees what the holder sees");
+    drop((attached, reader));
+
+    // The new key alone opens the whole volume (no block is left under version 1); the old
+    // data key opens nothing that holds data.
+    let (id, new_keys, current) = client.volume_keys("rot", &[&Kek::from_bytes(new_bytes)]).await.unwrap();
+    assert_eq!((current, new_keys.iter().map(|k| k.version()).collect::<Vec<_>>()), (2, vec![2]), "only the new version is left");
+    let new_only = client.open_volume("rot").await.unwrap().with_cipher(VolumeCipher::new(id, new_keys, 2).unwrap());
+    let old_only = client.open_volume("rot").await.unwrap().with_cipher(VolumeCipher::new(id, old_keys, 1).unwrap());
+    for mib in 0..64u64 {
+        new_only.read(mib << 20, 1 << 20).await.unwrap_or_else(|e| panic!("the new key opens MiB {mib}: {e}"));
+    }
+    for mib in [0u64, 8, 30, 50] {
+        let e = old_only.read(mib << 20, 1 << 20).await.expect_err("the old data key opens nothing");
+        assert!(e.to_string().contains("key version 2"), "{e}");
+    }
+    // The old wrapped key (and its rewrapped copy) are erased from every node.
+    wait_gone(&cluster, &old_wrapped, "the wrapped key of version 1").await;
+    let kek = Kek::from_bytes(new_bytes);
+    for id in 1..=3u64 {
+        let bytes = std::fs::read(cluster.node(id).data_dir.join("keys/wrapped.keys")).unwrap();
+        let versions: Vec<u32> = bytes
+            .chunks(256)
+            .filter(|s| s.starts_with(b"BKY1"))
+            .filter_map(|s| basalt_volume_client::crypt::WrappedKey::parse("rot", &s[26..26 + u16::from_le_bytes([s[24], s[25]]) as usize]).ok())
+            .filter(|w| w.unwrap_with(&kek, "rot").is_ok())
+            .map(|w| w.version())
+            .collect();
+        assert_eq!(versions, vec![2], "node-{id} keeps only the new version");
+    }
+}
+
+/// With nothing attached, `volume rekey --reencrypt` (keeping the KEK) attaches and moves the
+/// blocks itself, showing progress, and detaches; afterwards only the new data key is left and
+/// it opens the data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unattached_volume_is_reencrypted_by_the_rekey_command_itself() {
+    let cluster = TestCluster::with_volume("plain", 16 << 20).await.unwrap();
+    let enc = encrypted_volume(&cluster, "idle").await;
+    let data = marked(b"BEFORE-ROTATION|", 3 << 20);
+    enc.write(1 << 20, data.clone(), false).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    client.detach_volume(&enc).await.unwrap();
+    let kek = cluster.path().join("idle.kek");
+    let (c, out, err) =
+        cluster.cli(&["--json", "volume", "rekey", "idle", "--kek-file", kek.to_str().unwrap(), "--reencrypt", "--max-rate", "64MiB"]).await.unwrap();
+    assert_eq!(c, Some(0), "{err}");
+    assert!(err.contains("\"progress_percent\":100"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((v["key_version"].as_u64(), v["reencrypting"].as_bool(), v["attached_by"].as_str()), (Some(2), Some(false), None), "{v}");
+    let (id, keys, current) = client.volume_keys("idle", &[&Kek::from_bytes(std::fs::read(&kek).unwrap().try_into().unwrap())]).await.unwrap();
+    assert_eq!((current, keys.len()), (2, 1));
+    let vol = client.open_volume("idle").await.unwrap().with_cipher(VolumeCipher::new(id, keys, 2).unwrap());
+    assert_eq!(vol.read(1 << 20, 3 << 20).await.unwrap(), data);
+    // As stored: a moved block carries version 2 in its nonce; an unwritten one has no context.
+    let (_, moved) = raw_block(&cluster, &vol, 1 << 20).await;
+    assert_eq!(&moved[..2], &[0, 2], "{moved:?}");
+    let (_, unwritten) = raw_block(&cluster, &vol, 0).await;
+    assert!(unwritten.iter().all(|b| *b == 0), "unwritten blocks stay unwritten: {unwritten:?}");
+}

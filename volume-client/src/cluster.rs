@@ -255,25 +255,68 @@ impl Cluster {
     /// The cipher of encrypted volume `name`: its wrapped data keys, fetched from the meta
     /// group and opened with `kek` here (nothing leaves this host unwrapped).
     pub async fn volume_cipher(&self, name: &str, kek: &crate::crypt::Kek) -> Result<crate::crypt::VolumeCipher, ClientError> {
-        use crate::crypt::{VolumeCipher, WrappedKey};
-        let mut admin = self.admin(0)?;
-        let reply = match admin.volume_key(basalt_proto::admin::VolumeKeyRequest { name: name.to_string() }).await {
-            Ok(r) => r.into_inner(),
+        let (id, keys, current) = self.volume_keys(name, &[kek]).await?;
+        Ok(crate::crypt::VolumeCipher::new(id, keys, current)?)
+    }
+
+    /// Encrypted volume `name`'s data keys, each opened with whichever of `keks` wrapped it
+    /// (by fingerprint), and the version new blocks are sealed with.
+    pub async fn volume_keys(
+        &self,
+        name: &str,
+        keks: &[&crate::crypt::Kek],
+    ) -> Result<(basalt_common::VolumeId, Vec<crate::crypt::DataKey>, u32), ClientError> {
+        use crate::crypt::WrappedKey;
+        let req = basalt_proto::admin::VolumeKeyRequest { name: name.to_string() };
+        let reply = match self
+            .admin_call(|mut c| {
+                let req = req.clone();
+                async move { c.volume_key(req).await }
+            })
+            .await
+        {
+            Ok(r) => r,
             Err(s) if s.code() == tonic::Code::NotFound => return Err(ClientError::NoSuchVolume(name.to_string())),
             Err(s) if s.code() == tonic::Code::FailedPrecondition || s.code() == tonic::Code::DataLoss => {
                 return Err(ClientError::Crypt(s.message().to_string()));
             }
             Err(s) => return Err(ClientError::from_status(&s)),
         };
+        let first = keks.first().ok_or_else(|| ClientError::Crypt(format!("volume {name}: no key-encryption key given")))?;
         let mut keys = Vec::with_capacity(reply.keys.len());
         for k in &reply.keys {
             let wrapped = WrappedKey::parse(name, &k.wrapped)?;
             if wrapped.version() != k.version {
                 return Err(ClientError::Crypt(format!("volume {name}'s stored key v{} says it is v{}", k.version, wrapped.version())));
             }
+            let kek = keks.iter().find(|kek| kek.fingerprint() == wrapped.kek_fingerprint()).unwrap_or(first);
             keys.push(wrapped.unwrap_with(kek, name)?);
         }
-        Ok(VolumeCipher::new(basalt_common::VolumeId(reply.volume_id), keys, reply.current_version)?)
+        Ok((basalt_common::VolumeId(reply.volume_id), keys, reply.current_version))
+    }
+
+    /// Runs an admin call against the seeds in turn until one answers: a seed that is down,
+    /// silent or without a meta leader is skipped; a refusal is returned as it is.
+    pub async fn admin_call<T, F, Fut>(&self, mut call: F) -> Result<T, tonic::Status>
+    where
+        F: FnMut(AdminClient<AuthChannel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut last = tonic::Status::unavailable("no seed answered");
+        let seeds = self.inner.seeds.len();
+        for i in 0..seeds * 2 {
+            let admin = self.admin(i).map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            match tokio::time::timeout(Duration::from_secs(10), call(admin)).await {
+                Ok(Ok(r)) => return Ok(r.into_inner()),
+                Ok(Err(s)) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown) => last = s,
+                Ok(Err(s)) => return Err(s),
+                Err(_) => last = tonic::Status::deadline_exceeded(format!("{} did not answer within 10 s", self.inner.seeds[i % seeds])),
+            }
+            if i + 1 >= seeds {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        Err(last)
     }
 
     /// Ends the attachment `volume` holds (no-op if it was already superseded).

@@ -27,7 +27,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
@@ -313,15 +314,21 @@ fn block_aad(volume: VolumeId, block: u64, version: u32) -> [u8; 21] {
     aad
 }
 
-/// Seals and opens one volume's blocks.
+/// Seals and opens one volume's blocks. Key versions can be added while it is in use (a
+/// re-encryption makes a new version current).
 #[derive(Debug)]
 pub struct VolumeCipher {
     volume: VolumeId,
-    keys: BTreeMap<u32, Arc<DataKey>>,
+    keys: RwLock<BTreeMap<u32, Arc<DataKey>>>,
     /// The version new blocks are sealed with.
-    current: u32,
+    current: AtomicU32,
     /// Blocks sealed by this process so far (the nonce counter).
     counter: AtomicU64,
+}
+
+/// The key version a block was sealed with (it leads the nonce).
+pub fn block_version(ctx: &CryptContext) -> u32 {
+    u32::from(u16::from_be_bytes([ctx.nonce[0], ctx.nonce[1]]))
 }
 
 impl VolumeCipher {
@@ -331,12 +338,51 @@ impl VolumeCipher {
         if !keys.contains_key(&current) {
             return Err(CryptError::Exhausted(format!("{volume}: no data key of the current version {current}")));
         }
-        Ok(VolumeCipher { volume, keys, current, counter: AtomicU64::new(0) })
+        Ok(VolumeCipher { volume, keys: RwLock::new(keys), current: AtomicU32::new(current), counter: AtomicU64::new(0) })
     }
 
     /// The version new blocks are sealed with.
     pub fn current_version(&self) -> u32 {
-        self.current
+        self.current.load(Ordering::Acquire)
+    }
+
+    /// True if it holds key version `version`.
+    pub fn holds(&self, version: u32) -> bool {
+        self.keys_read().contains_key(&version)
+    }
+
+    /// The key versions held.
+    pub fn versions(&self) -> Vec<u32> {
+        self.keys_read().keys().copied().collect()
+    }
+
+    /// Adds key versions (known ones are kept) and seals with `current` from now on; a block
+    /// being sealed meanwhile may still get the previous version.
+    pub fn update(&self, keys: Vec<DataKey>, current: u32) -> Result<(), CryptError> {
+        let mut held = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        for k in keys {
+            held.entry(k.version).or_insert_with(|| Arc::new(k));
+        }
+        if !held.contains_key(&current) {
+            return Err(CryptError::Exhausted(format!("{}: no data key of the current version {current}", self.volume)));
+        }
+        self.current.store(current, Ordering::Release);
+        Ok(())
+    }
+
+    /// Forgets every key version but the current one (a re-encryption finished: no block
+    /// needs them).
+    pub fn retire_older(&self) {
+        let current = self.current_version();
+        self.keys.write().unwrap_or_else(|p| p.into_inner()).retain(|v, _| *v == current);
+    }
+
+    fn keys_read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u32, Arc<DataKey>>> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn key(&self, version: u32) -> Option<Arc<DataKey>> {
+        self.keys_read().get(&version).cloned()
     }
 
     /// Seals whole blocks in place; `first_block` is the volume block index of `data`'s first
@@ -352,26 +398,27 @@ impl VolumeCipher {
                 self.volume
             ))
         })?;
-        let key = &self.keys[&self.current];
+        let current = self.current_version();
+        let key = self.key(current).ok_or_else(|| CryptError::Exhausted(format!("{}: no data key of the current version {current}", self.volume)))?;
         let n = (data.len() / bs) as u64;
         let start = self.counter.fetch_add(n, Ordering::Relaxed);
         if start.saturating_add(n) > MAX_COUNTER {
             return Err(CryptError::Exhausted(format!(
-                "{}: this attachment sealed 2^48 blocks under key version {}; attach again (a new epoch) or rotate the key",
-                self.volume, self.current
+                "{}: this attachment sealed 2^48 blocks under key version {current}; attach again (a new epoch) or rotate the key",
+                self.volume
             )));
         }
         let mut out = Vec::with_capacity(n as usize);
         for (i, block) in data.chunks_mut(bs).enumerate() {
             let count = start + i as u64;
             let mut nonce = [0u8; 12];
-            nonce[0..2].copy_from_slice(&(self.current as u16).to_be_bytes());
+            nonce[0..2].copy_from_slice(&(current as u16).to_be_bytes());
             nonce[2..6].copy_from_slice(&epoch.to_be_bytes());
             nonce[6..12].copy_from_slice(&count.to_be_bytes()[2..8]);
             let index = first_block + i as u64;
             let tag = key
                 .cipher
-                .encrypt_in_place_detached(Nonce::from_slice(&nonce), &block_aad(self.volume, index, self.current), block)
+                .encrypt_in_place_detached(Nonce::from_slice(&nonce), &block_aad(self.volume, index, current), block)
                 .map_err(|_| CryptError::Block { volume: self.volume, block: index, reason: "AES-GCM refused to seal".into() })?;
             let mut t = [0u8; 16];
             t.copy_from_slice(tag.as_slice());
@@ -384,6 +431,7 @@ impl VolumeCipher {
     /// zeroed); it stays zeros.
     pub fn open(&self, first_block: u64, data: &mut [u8], contexts: &[Option<CryptContext>]) -> Result<(), CryptError> {
         let bs = BLOCK_SIZE as usize;
+        let mut last: Option<(u32, Arc<DataKey>)> = None;
         for (i, block) in data.chunks_mut(bs).enumerate() {
             let index = first_block + i as u64;
             let fail = |reason: String| CryptError::Block { volume: self.volume, block: index, reason };
@@ -393,8 +441,16 @@ impl VolumeCipher {
                 }
                 continue;
             };
-            let version = u32::from(u16::from_be_bytes([ctx.nonce[0], ctx.nonce[1]]));
-            let key = self.keys.get(&version).ok_or_else(|| fail(format!("sealed with key version {version}, which this client does not hold")))?;
+            let version = block_version(&ctx);
+            // One lookup per run of blocks of the same version.
+            let key = match &last {
+                Some((v, k)) if *v == version => k.clone(),
+                _ => {
+                    let k = self.key(version).ok_or_else(|| fail(format!("sealed with key version {version}, which this client does not hold")))?;
+                    last = Some((version, k.clone()));
+                    k
+                }
+            };
             key.cipher
                 .decrypt_in_place_detached(Nonce::from_slice(&ctx.nonce), &block_aad(self.volume, index, version), block, Tag::from_slice(&ctx.tag))
                 .map_err(|_| fail(format!("does not authenticate under key version {version} (altered, or not this block's)")))?;
@@ -518,5 +574,29 @@ mod tests {
         let mut b2 = b.clone();
         assert!(old.open(1, &mut b2, &[Some(cb[0])]).unwrap_err().to_string().contains("key version 2"));
         assert!(VolumeCipher::new(VolumeId(1), vec![], 1).is_err());
+    }
+
+    #[test]
+    fn a_cipher_takes_new_versions_while_in_use_and_drops_the_old_ones() {
+        let (k1, w1) = DataKey::generate(1, &kek(1), "v").unwrap();
+        let (k2, _) = DataKey::generate(2, &kek(2), "v").unwrap();
+        let c = VolumeCipher::new(VolumeId(1), vec![k1], 1).unwrap();
+        let mut a = vec![5u8; 4096];
+        let ca = c.seal(1, 0, &mut a).unwrap();
+        assert!(c.update(vec![], 2).is_err(), "no key for the version");
+        c.update(vec![w1.unwrap_with(&kek(1), "v").unwrap(), k2], 2).unwrap();
+        assert_eq!((c.current_version(), c.versions()), (2, vec![1, 2]));
+        let mut b = vec![6u8; 4096];
+        let cb = c.seal(1, 1, &mut b).unwrap();
+        assert_eq!(block_version(&cb[0]), 2);
+        let mut a2 = a.clone();
+        c.open(0, &mut a2, &[Some(ca[0])]).unwrap();
+        c.retire_older();
+        assert_eq!(c.versions(), vec![2]);
+        let mut a3 = a.clone();
+        assert!(c.open(0, &mut a3, &[Some(ca[0])]).unwrap_err().to_string().contains("key version 1"));
+        let mut b2 = b.clone();
+        c.open(1, &mut b2, &[Some(cb[0])]).unwrap();
+        assert_eq!(b2, vec![6u8; 4096]);
     }
 }

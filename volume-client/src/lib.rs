@@ -21,6 +21,7 @@ pub mod crypt;
 mod data_conn;
 pub mod error;
 pub mod nbd;
+pub mod reencrypt;
 pub mod volume;
 
 pub use cluster::{ClientOptions, ClientSecurity, Cluster};

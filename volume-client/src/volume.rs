@@ -48,6 +48,17 @@ pub struct Volume {
     /// here (nodes cannot); it holds its blocks' stripes exclusively meanwhile, whole-block
     /// writes hold theirs shared, so no write lands between its read and its write.
     stripes: Arc<Stripes>,
+    /// Encrypted volumes: fetches the keys again when a block arrives sealed under a version
+    /// this process does not hold yet (a re-encryption another process started).
+    reloader: Option<Arc<dyn KeyReloader>>,
+}
+
+/// Loads an encrypted volume's newer key versions into its cipher (see
+/// [`crate::reencrypt::Reloader`]).
+pub trait KeyReloader: Send + Sync {
+    /// Fetches the volume's keys (unless `version` is held by now) and adds the versions the
+    /// cipher lacks.
+    fn reload(&self, version: u32) -> futures::future::BoxFuture<'_, Result<(), ClientError>>;
 }
 
 /// Stripes of block-range locks (see [`Volume`]'s `stripes`).
@@ -132,6 +143,7 @@ impl Volume {
             inflight_kib: Arc::new(Semaphore::new(kib)),
             cipher: None,
             stripes: Arc::new(Stripes::new()),
+            reloader: None,
         }
     }
 
@@ -140,6 +152,33 @@ impl Volume {
     pub fn with_cipher(mut self, cipher: VolumeCipher) -> Volume {
         self.cipher = Some(Arc::new(cipher));
         self
+    }
+
+    /// Fetches the keys again through `reloader` when a block arrives sealed under a key version
+    /// the cipher does not hold.
+    pub fn with_key_reloader(mut self, reloader: Arc<dyn KeyReloader>) -> Volume {
+        self.reloader = Some(reloader);
+        self
+    }
+
+    /// Before opening `parts`: if a block is sealed under a version the cipher lacks, the keys
+    /// are fetched again (once; what still does not open is then an error of its own).
+    async fn ensure_keys(&self, parts: &[(Bytes, Bytes)]) -> Result<(), ClientError> {
+        let (Some(cipher), Some(reloader)) = (&self.cipher, &self.reloader) else { return Ok(()) };
+        let mut known = None;
+        for (_, crypt) in parts {
+            for ctx in crypt.chunks(CryptContext::LEN).filter_map(CryptContext::get) {
+                let v = crate::crypt::block_version(&ctx);
+                if known == Some(v) {
+                    continue;
+                }
+                if !cipher.holds(v) {
+                    return reloader.reload(v).await;
+                }
+                known = Some(v);
+            }
+        }
+        Ok(())
     }
 
     /// True if blocks are sealed here.
@@ -422,10 +461,66 @@ impl Volume {
         Ok(())
     }
 
+    /// Moves blocks `[first, first + count)` sealed under an older key version to the current
+    /// one (a re-encryption): reads them, opens them, seals them again and writes back only
+    /// those, holding their stripes exclusively meanwhile so no write lands between the read
+    /// and the write-back. Unwritten blocks stay unwritten. Returns how many blocks moved.
+    pub async fn reseal(&self, first: u64, count: u64) -> Result<u64, ClientError> {
+        let Some(cipher) = &self.cipher else {
+            return Err(ClientError::Crypt(format!("volume {} is not encrypted: nothing to re-encrypt", self.name)));
+        };
+        let bs = BLOCK_SIZE;
+        self.check_range("re-encrypt", first * bs, count * bs).await?;
+        let _exclusive = self.stripes.exclusive(first, first + count).await;
+        let _permit = self.inflight.acquire().await.map_err(|_| ClientError::Internal("client closed".into()))?;
+        let spans = self.spans(first * bs, count * bs)?;
+        let parts = try_join_all(spans.iter().map(|s| self.read_span(s))).await?;
+        let current = cipher.current_version();
+        let mut writes = Vec::new();
+        for (span, (data, crypt)) in spans.iter().zip(parts) {
+            if crypt.is_empty() {
+                continue;
+            }
+            let blocks = data.len() / bs as usize;
+            let contexts = CryptContext::decode_all(&crypt, blocks)
+                .ok_or_else(|| ClientError::Internal(format!("{}: malformed encryption contexts in a read reply", self.id)))?;
+            let stale = |i: usize| contexts[i].is_some_and(|c| crate::crypt::block_version(&c) != current);
+            let mut i = 0;
+            while i < blocks {
+                if !stale(i) {
+                    i += 1;
+                    continue;
+                }
+                let run = i;
+                while i < blocks && stale(i) {
+                    i += 1;
+                }
+                let (offset, len) = (span.offset + run as u64 * bs, (i - run) as u64 * bs);
+                let mut buf = BytesMut::from(&data[run * bs as usize..i * bs as usize]);
+                cipher.open(offset / bs, &mut buf, &contexts[run..i])?;
+                let sealed = cipher.seal(self.epoch(), offset / bs, &mut buf)?;
+                let buf = buf.freeze();
+                let crcs = piece_crcs(offset, &buf);
+                let crypt = CryptContext::encode_all(&sealed.into_iter().map(Some).collect::<Vec<_>>());
+                let piece = ExtentSpan { offset, len, buf_offset: 0, ..*span };
+                writes.push((piece, buf, crcs, Bytes::from(crypt)));
+            }
+        }
+        let moved = writes.iter().map(|(p, ..)| p.len / bs).sum();
+        try_join_all(writes.into_iter().map(|(piece, buf, crcs, crypt)| async move { self.write_span(&piece, buf, crcs, crypt).await })).await?;
+        Ok(moved)
+    }
+
+    /// The cipher, if the volume is encrypted.
+    pub fn cipher(&self) -> Option<&Arc<VolumeCipher>> {
+        self.cipher.as_ref()
+    }
+
     /// Whole blocks read and opened (for a partial-block write's merge).
     async fn read_opened(&self, cipher: &VolumeCipher, start: u64, len: u64) -> Result<Bytes, ClientError> {
         let spans = self.spans(start, len)?;
         let parts = try_join_all(spans.iter().map(|s| self.read_span(s))).await?;
+        self.ensure_keys(&parts).await?;
         self.assemble_opened(Some(cipher), start, len, parts)
     }
 
@@ -475,6 +570,7 @@ impl Volume {
         let end = (offset + len).div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
         let spans = self.spans(start, end - start)?;
         let parts = try_join_all(spans.iter().map(|s| self.read_span(s))).await?;
+        self.ensure_keys(&parts).await?;
         let data = self.assemble_opened(self.cipher.as_deref(), start, end - start, parts)?;
         let rel = (offset - start) as usize;
         Ok(data.slice(rel..rel + len as usize))

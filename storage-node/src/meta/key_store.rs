@@ -277,17 +277,31 @@ impl KeyStore {
 /// stored on the meta nodes before the meta group records the volume.
 pub const ORPHAN_GRACE_MS: u64 = 10 * 60 * 1000;
 
-/// Erases every key in `store` that no volume references (`referenced` key ids) and that is
-/// older than [`ORPHAN_GRACE_MS`]: keys of volumes deleted while this node was away (it got a
-/// snapshot instead of the deletion), or of creations that failed. Returns the keys erased.
-pub fn sweep(store: &KeyStore, referenced: &BTreeSet<u64>, now_unix_ms: u64) -> Result<Vec<u64>, KeyStoreError> {
-    let mut erased = BTreeSet::new();
+/// What the meta state references: each key id in use and its live versions.
+pub type Referenced = BTreeMap<u64, BTreeSet<u32>>;
+
+/// The keys `state` references.
+pub fn referenced(state: &super::state::ClusterState) -> Referenced {
+    state.volume_keys.values().map(|k| (k.key_id, k.digests.keys().copied().collect())).collect()
+}
+
+/// Erases every key in `store` that no volume references (`referenced`) and that is older
+/// than [`ORPHAN_GRACE_MS`] (keys of volumes deleted while this node was away — it got a
+/// snapshot instead of the deletion — or of creations that failed), and at once every version
+/// a referenced key no longer has (a re-encryption finished while this node was away).
+/// Returns the slots erased, as (key id, version).
+pub fn sweep(store: &KeyStore, referenced: &Referenced, now_unix_ms: u64) -> Result<Vec<(u64, u32)>, KeyStoreError> {
+    let mut erased = Vec::new();
     for s in store.entries() {
-        if !referenced.contains(&s.key_id) && now_unix_ms.saturating_sub(s.created_unix_ms) >= ORPHAN_GRACE_MS && erased.insert(s.key_id) {
-            store.erase(s.key_id)?;
+        let doomed = match referenced.get(&s.key_id) {
+            Some(versions) => !versions.contains(&s.version),
+            None => now_unix_ms.saturating_sub(s.created_unix_ms) >= ORPHAN_GRACE_MS,
+        };
+        if doomed && store.erase_version(s.key_id, s.version)? {
+            erased.push((s.key_id, s.version));
         }
     }
-    Ok(erased.into_iter().collect())
+    Ok(erased)
 }
 
 #[cfg(test)]
@@ -333,10 +347,14 @@ mod tests {
         ks.put(1, 1, &[1u8; 73], 0).unwrap();
         ks.put(2, 1, &[2u8; 73], 0).unwrap();
         ks.put(3, 1, &[3u8; 73], ORPHAN_GRACE_MS).unwrap();
-        let referenced: BTreeSet<u64> = [1].into();
-        assert_eq!(sweep(&ks, &referenced, ORPHAN_GRACE_MS).unwrap(), vec![2], "3 is young, 1 is in use");
-        assert_eq!(ks.entries().iter().map(|s| s.key_id).collect::<Vec<_>>(), vec![1, 3]);
-        assert_eq!(sweep(&ks, &referenced, 2 * ORPHAN_GRACE_MS).unwrap(), vec![3]);
+        ks.put(1, 2, &[4u8; 73], ORPHAN_GRACE_MS).unwrap();
+        let mut referenced: Referenced = [(1, [1, 2].into())].into();
+        assert_eq!(sweep(&ks, &referenced, ORPHAN_GRACE_MS).unwrap(), vec![(2, 1)], "3 is young, 1 is in use");
+        assert_eq!(ks.entries().iter().map(|s| (s.key_id, s.version)).collect::<Vec<_>>(), vec![(1, 1), (1, 2), (3, 1)]);
+        // A version the state dropped (a finished re-encryption) goes at once, young or not.
+        referenced.insert(1, [2].into());
+        assert_eq!(sweep(&ks, &referenced, ORPHAN_GRACE_MS).unwrap(), vec![(1, 1)]);
+        assert_eq!(sweep(&ks, &referenced, 2 * ORPHAN_GRACE_MS).unwrap(), vec![(3, 1)]);
     }
 
     #[test]

@@ -219,7 +219,7 @@ pub async fn run_key_keeper(ctx: std::sync::Arc<NodeCtx>, mut shutdown: tokio::s
             continue;
         }
         last_sweep = tokio::time::Instant::now();
-        let referenced: std::collections::BTreeSet<u64> = meta.shared.with(|s| s.volume_keys.values().map(|k| k.key_id).collect());
+        let referenced = meta.shared.with(super::key_store::referenced);
         let store = meta.keys.clone();
         match blocking(move || super::key_store::sweep(&store, &referenced, now_ms())).await {
             Ok(erased) if !erased.is_empty() => tracing::info!(count = erased.len(), "erased wrapped keys no volume references"),

@@ -24,7 +24,7 @@ use basalt_proto::admin::{
     PlacementGroup, ScrubStartReply, ScrubStartRequest, ScrubStatusReply, ScrubStatusRequest, TokenCreateReply, TokenCreateRequest, TokenInfo,
     TokenListReply, TokenListRequest, TokenRevokeReply, TokenRevokeRequest, VersionedKey, Volume, VolumeAttachRequest, VolumeCreateRequest,
     VolumeDeleteReply, VolumeDeleteRequest, VolumeDetachRequest, VolumeKeyReply, VolumeKeyRequest, VolumeListReply, VolumeListRequest,
-    VolumeRekeyRequest, VolumeReply, VolumeResizeRequest, VolumeShowRequest,
+    VolumeReencryptProgressRequest, VolumeRekeyRequest, VolumeReply, VolumeResizeRequest, VolumeShowRequest,
 };
 use basalt_proto::data::ReleaseVolumeRequest;
 use basalt_raft::{NodeInfo, RaftError};
@@ -38,7 +38,9 @@ use tonic::{Request, Response, Status};
 
 use super::audit_log::Line;
 use super::liveness::record_from_proto;
-use super::state::{ClusterSettings, ClusterState, MetaCommand, MetaError, MetaReply, NodeRecord, Role, VolumeKeys, VolumeRecord, VolumeState};
+use super::state::{
+    ClusterSettings, ClusterState, MetaCommand, MetaError, MetaReply, NodeRecord, Reencrypt, Role, VolumeKeys, VolumeRecord, VolumeState,
+};
 use crate::access::{Access, Caller};
 use crate::node::{MetaHandle, NodeCtx};
 
@@ -68,7 +70,7 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// Converts a volume record for the wire.
-pub fn volume_proto(v: &VolumeRecord, pg_total: usize, keys: Option<&VolumeKeys>) -> Volume {
+pub fn volume_proto(v: &VolumeRecord, pg_total: usize, keys: Option<&VolumeKeys>, reencrypt: Option<&Reencrypt>) -> Volume {
     let (state, released) = match &v.state {
         VolumeState::Active => ("active", 0),
         VolumeState::Deleting { done } => ("deleting", done.len()),
@@ -85,7 +87,15 @@ pub fn volume_proto(v: &VolumeRecord, pg_total: usize, keys: Option<&VolumeKeys>
         attached_by: v.attached_by.clone().unwrap_or_default(),
         encrypted: keys.is_some(),
         key_version: keys.map_or(0, |k| k.current),
+        reencrypting: reencrypt.is_some(),
+        reencrypt_next_block: reencrypt.map_or(0, |r| r.next_block),
+        reencrypt_rate: reencrypt.map_or(0, |r| r.rate),
     }
+}
+
+/// `v` for the wire, as `s` has it.
+fn volume_in(s: &ClusterState, v: &VolumeRecord) -> Volume {
+    volume_proto(v, s.pgs.len(), s.volume_keys.get(&v.id), s.reencrypts.get(&v.id))
 }
 
 enum Route<'a> {
@@ -328,7 +338,7 @@ impl AdminService {
             extent_size: layout.map(|l| l.extent_size).unwrap_or(0),
             nodes: s.nodes.values().map(|n| self.node_proto(s, n)).collect(),
             pgs: s.pgs.iter().map(|p| self.pg_proto(p)).collect(),
-            volumes: s.volumes.values().map(|v| volume_proto(v, s.pgs.len(), s.volume_keys.get(&v.id))).collect(),
+            volumes: s.volumes.values().map(|v| volume_in(s, v)).collect(),
             includes_tokens: false,
             tokens: Vec::new(),
         }
@@ -337,9 +347,11 @@ impl AdminService {
     fn volume_reply(&self, reply: MetaReply, version: u64) -> Result<Response<basalt_proto::admin::VolumeReply>, Status> {
         match reply {
             MetaReply::Volume(v) => {
-                let (pgs, keys) =
-                    self.ctx.meta.as_ref().map(|m| m.shared.with(|s| (s.pgs.len(), s.volume_keys.get(&v.id).cloned()))).unwrap_or_default();
-                Ok(Response::new(VolumeReply { volume: Some(volume_proto(&v, pgs, keys.as_ref())), map_version: version }))
+                let volume = match self.ctx.meta.as_ref() {
+                    Some(m) => m.shared.with(|s| volume_in(s, &v)),
+                    None => volume_proto(&v, 0, None, None),
+                };
+                Ok(Response::new(VolumeReply { volume: Some(volume), map_version: version }))
             }
             MetaReply::Error(e) => Err(status_of(&e)),
             MetaReply::Done | MetaReply::Token(_) => Err(Status::internal("meta group returned no volume")),
@@ -471,6 +483,10 @@ fn encrypted_volume(s: &ClusterState, name: &str) -> Result<(VolumeId, VolumeKey
     let keys = s.volume_keys.get(&v.id).cloned().ok_or_else(|| Status::failed_precondition(format!("volume {name} is not encrypted")))?;
     Ok((v.id, keys))
 }
+
+/// Bytes a second a re-encryption scans unless its rekey says otherwise: a tenth of what one
+/// node's disk does sequentially, so the guest keeps the rest.
+pub const DEFAULT_REENCRYPT_RATE: u64 = 32 << 20;
 
 /// Most refusals one `AuditReport` may carry.
 const MAX_REPORTED: usize = 256;
@@ -722,22 +738,77 @@ impl Admin for AdminService {
     async fn volume_rekey(&self, request: Request<VolumeRekeyRequest>) -> Result<Response<VolumeReply>, Status> {
         let name = request.get_ref().name.clone();
         forward_or!(self, request, volume_rekey, Action::VolumeRekey, Some(&name), |meta, caller, msg| {
-            let (_, old) = encrypted_volume(&self.read(meta).await?, &msg.name)?;
+            let state = self.read(meta).await?;
+            let (id, old) = encrypted_volume(&state, &msg.name)?;
             let versions: Vec<(u32, Vec<u8>)> = msg.keys.iter().map(|k| (k.version, k.wrapped.to_vec())).collect();
-            if versions.iter().map(|(v, _)| *v).ne(old.digests.keys().copied()) {
-                return Err(Status::invalid_argument(format!(
-                    "a rekey of volume {} must rewrap exactly its key versions {:?}, in order",
-                    msg.name,
-                    old.digests.keys().collect::<Vec<_>>()
+            let existing: Vec<u32> = old.digests.keys().copied().collect();
+            if !msg.reencrypt {
+                if versions.iter().map(|(v, _)| *v).ne(existing.iter().copied()) {
+                    return Err(Status::invalid_argument(format!(
+                        "a rekey of volume {} must rewrap exactly its key versions {existing:?}, in order",
+                        msg.name
+                    )));
+                }
+                // New copies first, on a majority; the old ones go when the change applies.
+                let keys = super::keys::store_rewrapped(&self.ctx, meta, old.current, &versions).await?;
+                let cmd = MetaCommand::RekeyVolume { name: msg.name.clone(), replaces: old.key_id, keys };
+                let reply = self.propose_audited(meta, cmd, &caller, Action::VolumeRekey, &msg.name).await?;
+                if let MetaReply::Volume(v) = &reply {
+                    tracing::info!(volume = %v.name, by = %caller.principal, "volume keys rewrapped; the old wrapped keys are erased");
+                }
+                return self.volume_reply(reply, self.current_version());
+            }
+            if let Some(r) = state.reencrypts.get(&id) {
+                return Err(Status::failed_precondition(format!(
+                    "volume {} is already being re-encrypted to key version {}; run the same rekey --reencrypt again to follow or resume it",
+                    msg.name, r.to_version
                 )));
             }
-            // New copies first, on a majority; the old ones go when the change applies.
-            let keys = super::keys::store_rewrapped(&self.ctx, meta, old.current, &versions).await?;
-            let cmd = MetaCommand::RekeyVolume { name: msg.name.clone(), replaces: old.key_id, keys };
-            let reply = self.propose_audited(meta, cmd, &caller, Action::VolumeRekey, &msg.name).await?;
-            if let MetaReply::Volume(v) = &reply {
-                tracing::info!(volume = %v.name, by = %caller.principal, "volume keys rewrapped; the old wrapped keys are erased");
+            // The new version is the next one; the nonce has 16 bits for it.
+            let next = existing.last().copied().unwrap_or(0) + 1;
+            if next > u32::from(u16::MAX) {
+                return Err(Status::failed_precondition(format!("volume {} has used every key version (65535)", msg.name)));
             }
+            let want: Vec<u32> = existing.iter().copied().chain([next]).collect();
+            if versions.iter().map(|(v, _)| *v).ne(want.iter().copied()) {
+                return Err(Status::invalid_argument(format!(
+                    "a re-encryption of volume {} must rewrap its key versions {existing:?} and add version {next}, in order",
+                    msg.name
+                )));
+            }
+            let keys = super::keys::store_rewrapped(&self.ctx, meta, next, &versions).await?;
+            let rate = if msg.reencrypt_rate == 0 { DEFAULT_REENCRYPT_RATE } else { msg.reencrypt_rate };
+            let cmd = MetaCommand::StartReencrypt { name: msg.name.clone(), replaces: old.key_id, keys, now_unix_ms: now_ms(), rate };
+            let target = format!("{} (re-encryption to key version {next})", msg.name);
+            let reply = self.propose_audited(meta, cmd, &caller, Action::VolumeRekey, &target).await?;
+            if let MetaReply::Volume(v) = &reply {
+                tracing::info!(volume = %v.name, version = next, by = %caller.principal, "volume re-encryption started; the old wrapped keys are erased");
+            }
+            self.volume_reply(reply, self.current_version())
+        })
+    }
+
+    async fn volume_reencrypt_progress(&self, request: Request<VolumeReencryptProgressRequest>) -> Result<Response<VolumeReply>, Status> {
+        let name = request.get_ref().name.clone();
+        // The holder reports: whoever may attach the volume (the epoch names the current holder).
+        forward_or!(self, request, volume_reencrypt_progress, Action::VolumeAttach, Some(&name), |meta, caller, msg| {
+            let cmd = MetaCommand::ReencryptProgress {
+                name: msg.name.clone(),
+                epoch: msg.attach_epoch,
+                to_version: msg.key_version,
+                next_block: msg.next_block,
+                done: msg.done,
+            };
+            let reply = if msg.done {
+                let target = format!("{} (re-encryption to key version {} finished; older versions erased)", msg.name, msg.key_version);
+                let reply = self.propose_audited(meta, cmd, &caller, Action::VolumeRekey, &target).await?;
+                if let MetaReply::Volume(v) = &reply {
+                    tracing::info!(volume = %v.name, version = msg.key_version, "volume re-encrypted; older key versions erased");
+                }
+                reply
+            } else {
+                self.propose(meta, cmd).await?
+            };
             self.volume_reply(reply, self.current_version())
         })
     }
@@ -761,12 +832,7 @@ impl Admin for AdminService {
     async fn volume_list(&self, request: Request<VolumeListRequest>) -> Result<Response<VolumeListReply>, Status> {
         forward_or!(self, request, volume_list, Action::VolumeList, None, |meta, caller, _msg| {
             let s = self.read(meta).await?;
-            let volumes = s
-                .volumes
-                .values()
-                .filter(|v| caller.principal.sees_volume(&v.name))
-                .map(|v| volume_proto(v, s.pgs.len(), s.volume_keys.get(&v.id)))
-                .collect();
+            let volumes = s.volumes.values().filter(|v| caller.principal.sees_volume(&v.name)).map(|v| volume_in(&s, v)).collect();
             Ok(Response::new(VolumeListReply { volumes }))
         })
     }
@@ -776,9 +842,7 @@ impl Admin for AdminService {
         forward_or!(self, request, volume_show, Action::VolumeShow, Some(&name), |meta, _caller, msg| {
             let s = self.read(meta).await?;
             match s.volume_by_name(&msg.name) {
-                Some(v) => {
-                    Ok(Response::new(VolumeReply { volume: Some(volume_proto(v, s.pgs.len(), s.volume_keys.get(&v.id))), map_version: s.version }))
-                }
+                Some(v) => Ok(Response::new(VolumeReply { volume: Some(volume_in(&s, v)), map_version: s.version })),
                 None => Err(status_of(&MetaError::NoSuchVolume(msg.name))),
             }
         })
@@ -815,7 +879,7 @@ impl Admin for AdminService {
                 });
                 if !msg.wait || done >= total || tokio::time::Instant::now() > deadline {
                     return Ok(Response::new(VolumeDeleteReply {
-                        volume: Some(volume_proto(&v, total as usize, None)),
+                        volume: Some(volume_proto(&v, total as usize, None, None)),
                         pgs_done: done,
                         pgs_total: total,
                     }));

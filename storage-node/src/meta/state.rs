@@ -198,6 +198,9 @@ pub struct ClusterState {
     /// New volumes must be encrypted unless created explicitly unencrypted. Added in snapshot
     /// format 3.
     pub encrypt_by_default: bool,
+    /// Re-encryptions in progress: encrypted volumes whose blocks are being moved to their
+    /// current key version. Added in snapshot format 4.
+    pub reencrypts: BTreeMap<VolumeId, Reencrypt>,
     /// What the last applied commands did to the audit log, for the state machine to write to
     /// the audit file; never serialised.
     #[serde(skip)]
@@ -221,11 +224,29 @@ pub struct VolumeKeys {
     pub digests: BTreeMap<u32, [u8; 32]>,
 }
 
+/// A re-encryption in progress: the volume's read-write holder reads every block sealed under
+/// an older key version, opens it and seals it again under `to_version` (the volume's current
+/// version, which every new write already uses); when it has passed the end, the older
+/// versions are erased.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reencrypt {
+    /// The version blocks are moved to.
+    pub to_version: u32,
+    /// Every block before this one is done (sealed under `to_version`, or unwritten).
+    pub next_block: u64,
+    /// When it started.
+    pub started_unix_ms: u64,
+    /// The most bytes a second the holder scans.
+    pub rate: u64,
+}
+
 /// A key-store change an applied command calls for on every meta node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KeyEffect {
-    /// Overwrite every version of this key (its volume was deleted).
+    /// Overwrite every version of this key (its volume was deleted, or its keys rewrapped).
     Erase(u64),
+    /// Overwrite one version of this key (a re-encryption moved every block off it).
+    EraseVersion(u64, u32),
 }
 
 /// The audit log's position: the next sequence number, the last record's hash, and where the
@@ -421,6 +442,35 @@ pub enum MetaCommand {
         /// The new references.
         keys: VolumeKeys,
     },
+    /// Starts a re-encryption: like [`MetaCommand::RekeyVolume`], but `keys` also holds a new
+    /// data key version (`keys.current`, above every existing one) that new blocks are sealed
+    /// with from now on, and the holder moves the existing blocks to it.
+    StartReencrypt {
+        /// The volume.
+        name: String,
+        /// The key id the volume must still have.
+        replaces: u64,
+        /// The new references: every existing version rewrapped, and the new one.
+        keys: VolumeKeys,
+        /// Proposer's clock.
+        now_unix_ms: u64,
+        /// The most bytes a second the holder scans.
+        rate: u64,
+    },
+    /// Records a re-encryption's progress, from the volume's current read-write holder; `done`
+    /// ends it and erases every older key version.
+    ReencryptProgress {
+        /// The volume.
+        name: String,
+        /// The reporting holder's attachment epoch.
+        epoch: u64,
+        /// The version blocks are moved to.
+        to_version: u32,
+        /// Every block before this one is done.
+        next_block: u64,
+        /// It passed the end of the volume.
+        done: bool,
+    },
     /// Sets whether new volumes are encrypted by default.
     SetEncryptByDefault {
         /// On or off.
@@ -444,7 +494,8 @@ impl MetaCommand {
     /// commands leave the map's version alone, so nodes polling it are not woken for them.
     fn changes_map(&self) -> bool {
         match self {
-            MetaCommand::AppendAudit { .. } | MetaCommand::PruneAudit { .. } => false,
+            // Progress is asked for by whoever shows it; nodes need not be woken for it.
+            MetaCommand::AppendAudit { .. } | MetaCommand::PruneAudit { .. } | MetaCommand::ReencryptProgress { .. } => false,
             MetaCommand::Audited { cmd, .. } => cmd.changes_map(),
             _ => true,
         }
@@ -592,6 +643,10 @@ impl ClusterState {
             MetaCommand::CreateVolume { name, size, now_unix_ms } => self.create_volume(name, size, now_unix_ms, None),
             MetaCommand::CreateEncryptedVolume { name, size, now_unix_ms, keys } => self.create_volume(name, size, now_unix_ms, Some(keys)),
             MetaCommand::RekeyVolume { name, replaces, keys } => self.rekey_volume(&name, replaces, keys),
+            MetaCommand::StartReencrypt { name, replaces, keys, now_unix_ms, rate } => self.start_reencrypt(&name, replaces, keys, now_unix_ms, rate),
+            MetaCommand::ReencryptProgress { name, epoch, to_version, next_block, done } => {
+                self.reencrypt_progress(&name, epoch, to_version, next_block, done)
+            }
             MetaCommand::SetEncryptByDefault { on } => {
                 if self.cluster_id.is_none() {
                     return MetaReply::Error(MetaError::NotInitialized);
@@ -760,6 +815,64 @@ impl ClusterState {
         MetaReply::Volume(v)
     }
 
+    fn start_reencrypt(&mut self, name: &str, replaces: u64, keys: VolumeKeys, now_unix_ms: u64, rate: u64) -> MetaReply {
+        let Some(v) = self.volume_by_name(name).cloned() else {
+            return MetaReply::Error(MetaError::NoSuchVolume(name.to_string()));
+        };
+        let Some(old) = self.volume_keys.get(&v.id) else {
+            return MetaReply::Error(MetaError::InvalidSettings(format!("volume {name} is not encrypted")));
+        };
+        if let Some(r) = self.reencrypts.get(&v.id) {
+            return MetaReply::Error(MetaError::InvalidSettings(format!(
+                "volume {name} is already being re-encrypted to key version {}; it resumes wherever the volume is attached (or run the rekey again to resume it)",
+                r.to_version
+            )));
+        }
+        if old.key_id != replaces {
+            return MetaReply::Error(MetaError::InvalidSettings(format!("volume {name}'s keys changed meanwhile (another rekey); try again")));
+        }
+        let Some(&newest) = old.digests.keys().next_back() else {
+            return MetaReply::Error(MetaError::InvalidSettings(format!("volume {name} has no key versions")));
+        };
+        let existing_kept = old.digests.keys().all(|k| keys.digests.contains_key(k));
+        if keys.current <= newest || !existing_kept || keys.digests.len() != old.digests.len() + 1 || !keys.digests.contains_key(&keys.current) {
+            return MetaReply::Error(MetaError::InvalidSettings(format!(
+                "a re-encryption of volume {name} must rewrap its key versions {:?} and add one newer version",
+                old.digests.keys().collect::<Vec<_>>()
+            )));
+        }
+        self.key_effects.push(KeyEffect::Erase(replaces));
+        self.reencrypts.insert(v.id, Reencrypt { to_version: keys.current, next_block: 0, started_unix_ms: now_unix_ms, rate });
+        self.volume_keys.insert(v.id, keys);
+        MetaReply::Volume(v)
+    }
+
+    fn reencrypt_progress(&mut self, name: &str, epoch: u64, to_version: u32, next_block: u64, done: bool) -> MetaReply {
+        let Some(v) = self.volume_by_name(name).cloned() else {
+            return MetaReply::Error(MetaError::NoSuchVolume(name.to_string()));
+        };
+        if v.attached_by.is_none() || v.attach_epoch != epoch {
+            return MetaReply::Error(MetaError::InvalidSettings(format!(
+                "volume {name} is held by attachment epoch {} now, not {epoch}: this holder no longer moves its blocks",
+                v.attach_epoch
+            )));
+        }
+        let Some(r) = self.reencrypts.get_mut(&v.id).filter(|r| r.to_version == to_version) else {
+            return MetaReply::Error(MetaError::InvalidSettings(format!("volume {name} is not being re-encrypted to key version {to_version}")));
+        };
+        // A holder that restarted from an older report only repeats work: the mark never moves back.
+        r.next_block = r.next_block.max(next_block);
+        if done && let Some(keys) = self.volume_keys.get_mut(&v.id) {
+            let older: Vec<u32> = keys.digests.keys().copied().filter(|k| *k != to_version).collect();
+            for version in older {
+                keys.digests.remove(&version);
+                self.key_effects.push(KeyEffect::EraseVersion(keys.key_id, version));
+            }
+            self.reencrypts.remove(&v.id);
+        }
+        MetaReply::Volume(v)
+    }
+
     fn resize_volume(&mut self, name: &str, size: u64) -> MetaReply {
         if let Err(e) = validate_size(size) {
             return MetaReply::Error(e);
@@ -787,6 +900,7 @@ impl ClusterState {
         if let Some(keys) = self.volume_keys.remove(&id) {
             self.key_effects.push(KeyEffect::Erase(keys.key_id));
         }
+        self.reencrypts.remove(&id);
         MetaReply::Volume(v)
     }
 
@@ -1107,6 +1221,48 @@ mod tests {
         s.apply(7, MetaCommand::DeleteVolume { name: "e".into() });
         assert!(s.volume_keys.is_empty(), "no reference outlives the volume");
         assert_eq!(s.key_effects, vec![KeyEffect::Erase(8)], "every meta node erases the key as it applies the deletion");
+    }
+
+    #[test]
+    fn a_reencryption_adds_a_version_takes_progress_from_the_holder_only_and_erases_the_old_versions() {
+        let mut s = initialized();
+        let keys = VolumeKeys { key_id: 5, current: 1, digests: [(1, [1u8; 32])].into() };
+        let MetaReply::Volume(v) = s.apply(2, MetaCommand::CreateEncryptedVolume { name: "e".into(), size: 1 << 20, now_unix_ms: 1, keys }) else {
+            panic!()
+        };
+        let start = |keys: VolumeKeys| MetaCommand::StartReencrypt { name: "e".into(), replaces: 5, keys, now_unix_ms: 2, rate: 9 };
+        // The new version must be above every existing one and every existing one rewrapped.
+        for bad in [
+            VolumeKeys { key_id: 6, current: 1, digests: [(1, [2u8; 32])].into() },
+            VolumeKeys { key_id: 6, current: 2, digests: [(2, [3u8; 32])].into() },
+            VolumeKeys { key_id: 6, current: 3, digests: [(1, [2u8; 32]), (2, [3u8; 32])].into() },
+        ] {
+            assert!(matches!(s.apply(3, start(bad)), MetaReply::Error(MetaError::InvalidSettings(_))));
+        }
+        let two = VolumeKeys { key_id: 6, current: 2, digests: [(1, [2u8; 32]), (2, [3u8; 32])].into() };
+        assert!(matches!(s.apply(4, start(two.clone())), MetaReply::Volume(_)));
+        assert_eq!(std::mem::take(&mut s.key_effects), vec![KeyEffect::Erase(5)]);
+        assert_eq!(s.reencrypts.get(&v.id), Some(&Reencrypt { to_version: 2, next_block: 0, started_unix_ms: 2, rate: 9 }));
+        let again = VolumeKeys { key_id: 7, ..two.clone() };
+        assert!(matches!(
+            s.apply(5, MetaCommand::StartReencrypt { name: "e".into(), replaces: 6, keys: again, now_unix_ms: 2, rate: 9 }),
+            MetaReply::Error(_)
+        ));
+        // Progress only from the current holder, never backwards.
+        let progress = |epoch, next_block, done| MetaCommand::ReencryptProgress { name: "e".into(), epoch, to_version: 2, next_block, done };
+        assert!(matches!(s.apply(6, progress(0, 10, false)), MetaReply::Error(_)), "not attached");
+        s.apply(7, MetaCommand::AttachVolume { name: "e".into(), holder: "h".into(), force: false });
+        assert!(matches!(s.apply(8, progress(1, 100, false)), MetaReply::Volume(_)));
+        s.apply(9, progress(1, 50, false));
+        assert_eq!(s.reencrypts[&v.id].next_block, 100);
+        s.apply(10, MetaCommand::AttachVolume { name: "e".into(), holder: "h2".into(), force: true });
+        assert!(matches!(s.apply(11, progress(1, 200, true)), MetaReply::Error(_)), "a superseded holder is refused");
+        assert!(s.key_effects.is_empty());
+        // Done: the older version's reference and copies go; the new one stays.
+        assert!(matches!(s.apply(12, progress(2, 256, true)), MetaReply::Volume(_)));
+        assert!(s.reencrypts.is_empty());
+        assert_eq!(s.volume_keys[&v.id].digests.keys().copied().collect::<Vec<_>>(), vec![2]);
+        assert_eq!(s.key_effects, vec![KeyEffect::EraseVersion(6, 1)]);
     }
 
     #[test]

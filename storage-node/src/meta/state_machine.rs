@@ -10,7 +10,8 @@
 //! self-describing: a field added to [`ClusterState`] changes the format, so such a change
 //! raises [`SNAPSHOT_VERSION`] and keeps a decoder for the versions before it
 //! (`decode_snapshot`). Snapshots written before the header existed (no magic) are format 1;
-//! format 3 added encrypted volumes' key references (`volume_keys`).
+//! format 3 added encrypted volumes' key references (`volume_keys`), format 4 re-encryptions in
+//! progress (`reencrypts`).
 //!
 //! Applying a volume's deletion erases its wrapped key from this node's [`KeyStore`] before
 //! the apply completes (crypto-shredding; the keys themselves never enter a snapshot or log).
@@ -29,7 +30,8 @@ use serde::Deserialize;
 use super::audit_log::AuditLog;
 use super::key_store::KeyStore;
 use super::state::{
-    AuditEffect, AuditHead, ClusterSettings, ClusterState, KeyEffect, MetaCommand, MetaError, MetaReply, NodeRecord, PgRecord, VolumeRecord,
+    AuditEffect, AuditHead, ClusterSettings, ClusterState, KeyEffect, MetaCommand, MetaError, MetaReply, NodeRecord, PgRecord, VolumeKeys,
+    VolumeRecord,
 };
 use basalt_security::{TokenId, TokenRecord};
 
@@ -75,7 +77,7 @@ impl MetaShared {
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BSLTMETA";
 
 /// The format this binary writes (and the newest it reads).
-pub const SNAPSHOT_VERSION: u32 = 3;
+pub const SNAPSHOT_VERSION: u32 = 4;
 
 /// [`ClusterState`] as format 1 had it, before tokens and the audit log.
 #[derive(Deserialize)]
@@ -143,6 +145,45 @@ impl From<ClusterStateV2> for ClusterState {
     }
 }
 
+/// [`ClusterState`] as format 3 had it, before re-encryptions.
+#[derive(Deserialize)]
+struct ClusterStateV3 {
+    cluster_id: Option<String>,
+    settings: Option<ClusterSettings>,
+    nodes: BTreeMap<NodeId, NodeRecord>,
+    pgs: Vec<PgRecord>,
+    volumes: BTreeMap<VolumeId, VolumeRecord>,
+    next_volume_id: u64,
+    version: u64,
+    draining: BTreeSet<NodeId>,
+    removed: BTreeSet<NodeId>,
+    tokens: BTreeMap<TokenId, TokenRecord>,
+    audit: AuditHead,
+    volume_keys: BTreeMap<VolumeId, VolumeKeys>,
+    encrypt_by_default: bool,
+}
+
+impl From<ClusterStateV3> for ClusterState {
+    fn from(v: ClusterStateV3) -> ClusterState {
+        ClusterState {
+            cluster_id: v.cluster_id,
+            settings: v.settings,
+            nodes: v.nodes,
+            pgs: v.pgs,
+            volumes: v.volumes,
+            next_volume_id: v.next_volume_id,
+            version: v.version,
+            draining: v.draining,
+            removed: v.removed,
+            tokens: v.tokens,
+            audit: v.audit,
+            volume_keys: v.volume_keys,
+            encrypt_by_default: v.encrypt_by_default,
+            ..ClusterState::default()
+        }
+    }
+}
+
 fn encode_snapshot(record: &CheckpointRecord, state: &ClusterState, audit: &[u8]) -> Vec<u8> {
     // Serialising plain structs and maps into a Vec cannot fail.
     let body = bincode::serialize(&(record.encode(), state)).expect("cluster state serialises");
@@ -172,17 +213,22 @@ fn decode_snapshot(bytes: &[u8]) -> io::Result<(CheckpointRecord, ClusterState, 
                 bincode::deserialize(body).map_err(|e| invalid(format!("corrupt meta snapshot (format 1): {e}")))?;
             (record, state.into(), &[])
         }
-        2 | 3 => {
+        2..=4 => {
             let (len, rest) = body.split_at_checked(8).ok_or_else(|| invalid("meta snapshot truncated in its header".into()))?;
             let len = u64::from_le_bytes(len.try_into().map_err(|_| invalid("meta snapshot header".into()))?);
             let len = usize::try_from(len).ok().filter(|l| *l <= rest.len()).ok_or_else(|| invalid("meta snapshot truncated in its state".into()))?;
             let (state, audit) = rest.split_at(len);
-            let (record, state): (Vec<u8>, ClusterState) = if version == 2 {
-                let (record, state): (Vec<u8>, ClusterStateV2) =
-                    bincode::deserialize(state).map_err(|e| invalid(format!("corrupt meta snapshot (format 2): {e}")))?;
-                (record, state.into())
-            } else {
-                bincode::deserialize(state).map_err(|e| invalid(format!("corrupt meta snapshot (format 3): {e}")))?
+            let corrupt = |e: bincode::Error| invalid(format!("corrupt meta snapshot (format {version}): {e}"));
+            let (record, state): (Vec<u8>, ClusterState) = match version {
+                2 => {
+                    let (record, state): (Vec<u8>, ClusterStateV2) = bincode::deserialize(state).map_err(corrupt)?;
+                    (record, state.into())
+                }
+                3 => {
+                    let (record, state): (Vec<u8>, ClusterStateV3) = bincode::deserialize(state).map_err(corrupt)?;
+                    (record, state.into())
+                }
+                _ => bincode::deserialize(state).map_err(corrupt)?,
             };
             (record, state, audit)
         }
@@ -216,15 +262,23 @@ impl MetaStateMachine {
     async fn erase_keys(&self, effects: Vec<KeyEffect>) {
         let keys = self.keys.clone();
         let done = blocking(move || {
-            for KeyEffect::Erase(key_id) in effects {
-                let n = keys.erase(key_id).map_err(io::Error::other)?;
-                tracing::info!(key_id = format!("{key_id:016x}"), slots = n, "erased a deleted volume's wrapped key");
+            for effect in effects {
+                match effect {
+                    KeyEffect::Erase(key_id) => {
+                        let n = keys.erase(key_id).map_err(io::Error::other)?;
+                        tracing::info!(key_id = format!("{key_id:016x}"), slots = n, "erased a volume's wrapped keys");
+                    }
+                    KeyEffect::EraseVersion(key_id, version) => {
+                        keys.erase_version(key_id, version).map_err(io::Error::other)?;
+                        tracing::info!(key_id = format!("{key_id:016x}"), version, "erased a data key version no block uses any more");
+                    }
+                }
             }
             Ok(())
         })
         .await;
         if let Err(e) = done {
-            tracing::error!(error = %e, "erasing a deleted volume's wrapped key failed; the key-store sweep will retry");
+            tracing::error!(error = %e, "erasing a wrapped key failed; the key-store sweep will retry");
         }
     }
 }
@@ -385,7 +439,7 @@ impl StateMachine for MetaStateMachine {
         blocking(move || audit.replace(&lines)).await?;
         self.store.put(SNAPSHOT_KEY, encode_snapshot(&record, &state, &[])).await?;
         // Deletions this node missed are not in a snapshot: keys no volume references go.
-        let (keys, referenced) = (self.keys.clone(), state.volume_keys.values().map(|k| k.key_id).collect());
+        let (keys, referenced) = (self.keys.clone(), super::key_store::referenced(&state));
         match blocking(move || super::key_store::sweep(&keys, &referenced, now_ms()).map_err(io::Error::other)).await {
             Ok(erased) if !erased.is_empty() => tracing::info!(count = erased.len(), "erased wrapped keys of volumes deleted meanwhile"),
             Ok(_) => {}
@@ -421,6 +475,7 @@ mod tests {
         state.audit.next_seq = 3;
         let keys = crate::meta::state::VolumeKeys { key_id: 77, current: 1, digests: [(1, [9u8; 32])].into() };
         state.volume_keys.insert(VolumeId(1), keys);
+        state.reencrypts.insert(VolumeId(1), crate::meta::state::Reencrypt { to_version: 2, next_block: 5, started_unix_ms: 6, rate: 7 });
         let record = CheckpointRecord::default();
         let bytes = encode_snapshot(&record, &state, b"line 1\nline 2\n");
         assert!(bytes.starts_with(SNAPSHOT_MAGIC));
@@ -441,6 +496,7 @@ mod tests {
         let v2 = {
             let mut s = state.clone();
             s.volume_keys.clear();
+            s.reencrypts.clear();
             s
         };
         let fields = (
@@ -462,6 +518,34 @@ mod tests {
         two.extend_from_slice(&(body.len() as u64).to_le_bytes());
         two.extend_from_slice(&body);
         assert_eq!(decode_snapshot(&two).unwrap().1, v2);
+
+        // Format 3 (before re-encryptions).
+        let v3 = {
+            let mut s = state.clone();
+            s.reencrypts.clear();
+            s
+        };
+        let fields = (
+            &v3.cluster_id,
+            &v3.settings,
+            &v3.nodes,
+            &v3.pgs,
+            &v3.volumes,
+            v3.next_volume_id,
+            v3.version,
+            &v3.draining,
+            &v3.removed,
+            &v3.tokens,
+            &v3.audit,
+            &v3.volume_keys,
+            v3.encrypt_by_default,
+        );
+        let body = bincode::serialize(&(record.encode(), fields)).unwrap();
+        let mut three = SNAPSHOT_MAGIC.to_vec();
+        three.extend_from_slice(&3u32.to_le_bytes());
+        three.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        three.extend_from_slice(&body);
+        assert_eq!(decode_snapshot(&three).unwrap().1, v3);
 
         // A newer format is refused by name, not misread.
         let mut newer = SNAPSHOT_MAGIC.to_vec();
