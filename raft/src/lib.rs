@@ -16,6 +16,7 @@
 //! - [`state_machine`][]: the [`StateMachine`] trait and its openraft adapter.
 //! - [`group`][]: [`RaftGroup`].
 //! - [`host`][]: [`RaftHost`] and [`RaftTuning`].
+//! - [`wal`][]: write-ahead segments, the format of the coming own log engine (not wired yet).
 
 pub mod error;
 pub mod group;
@@ -24,6 +25,7 @@ pub mod log_store;
 pub mod state_machine;
 pub mod transport;
 pub mod types;
+pub mod wal;
 
 pub use error::RaftError;
 pub use group::{GroupStatus, RaftGroup};
