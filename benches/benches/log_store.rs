@@ -1,6 +1,10 @@
 //! Raft log store: appends of 4 KiB entries, each waited on until durable, from 1 group and
 //! from 64 groups at once. With group commit the 64-group case shares fsyncs, so its cost per
 //! append falls far below the single-group case; the report prints syncs per append.
+//!
+//! Beside it, in the same run: the write-ahead segments of the coming own log engine
+//! (`basalt_raft::wal`), one 4 KiB record per synced batch and 64 per batch, and the floor under
+//! both, one 4 KiB `pwrite` + `fdatasync` on a preallocated file.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -56,6 +60,39 @@ fn bench(c: &mut Criterion) {
         let (syncs, appends) = (after.0 - before.0, after.1 - before.1);
         println!("{groups} group(s): {appends} appends in {syncs} syncs = {:.3} syncs per append", syncs as f64 / appends.max(1) as f64);
     }
+    g.finish();
+
+    let mut g = c.benchmark_group("wal_append_4k");
+    g.measurement_time(Duration::from_secs(5));
+    for per_batch in [1u32, 64] {
+        let cfg = basalt_raft::wal::WalConfig { dir: dir.path().join(format!("wal{per_batch}")), segment_bytes: 64 << 20 };
+        let (mut wal, _) = basalt_raft::wal::Wal::open(cfg).expect("open wal");
+        let records: Vec<_> = (0..per_batch).map(|group| basalt_raft::wal::Record { kind: 1, group, payload: &payload }).collect();
+        g.throughput(Throughput::Elements(u64::from(per_batch)));
+        g.bench_function(format!("{per_batch}_records_per_batch"), |b| {
+            b.iter(|| {
+                let pos = wal.append(&records).expect("append");
+                // Keep a few segments: release what is two behind.
+                if pos.records[0].offset < 8192 {
+                    wal.release_before(pos.segment.saturating_sub(1)).expect("release");
+                }
+            })
+        });
+    }
+    // The floor: one aligned 4 KiB write and fdatasync on a preallocated (written) file.
+    let path = dir.path().join("raw.img");
+    std::fs::write(&path, vec![0u8; 64 << 20]).expect("preallocate");
+    let file = std::fs::OpenOptions::new().write(true).open(&path).expect("open");
+    let mut at = 0u64;
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("raw_pwrite_fdatasync", |b| {
+        b.iter(|| {
+            use std::os::unix::fs::FileExt;
+            file.write_all_at(&payload, at).expect("write");
+            file.sync_data().expect("sync");
+            at = (at + 4096) % (64 << 20);
+        })
+    });
     g.finish();
 }
 

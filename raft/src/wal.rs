@@ -84,6 +84,9 @@ pub enum WalError {
         /// What is wrong.
         reason: String,
     },
+    /// A record of a segment that was released was asked for.
+    #[error("write-ahead segment {0} was released; its records are gone")]
+    Released(u64),
     /// The configuration cannot work.
     #[error("write-ahead log: {0}")]
     Config(String),
@@ -125,15 +128,31 @@ pub struct Recovered {
     pub group: u32,
     /// Its bytes.
     pub payload: Vec<u8>,
+    /// Where its bytes are (to read them again later).
+    pub at: Location,
 }
 
 /// Where a batch went.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Position {
     /// Segment id.
     pub segment: u64,
     /// Batch sequence number.
     pub lsn: u64,
+    /// Where each record's payload is, in the order given.
+    pub records: Vec<Location>,
+}
+
+/// Where one record's payload lies: the log engine keeps these for entries it does not hold
+/// in memory and reads them back with [`Wal::read`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Location {
+    /// Segment id.
+    pub segment: u64,
+    /// Byte offset of the payload in the segment file.
+    pub offset: u64,
+    /// Payload length.
+    pub len: u32,
 }
 
 /// Sizing.
@@ -201,8 +220,8 @@ fn le_u64(b: &[u8]) -> u64 {
     u64::from_le_bytes(a)
 }
 
-/// The padded bytes of one batch.
-fn encode_batch(segment: u64, lsn: u64, records: &[Record<'_>]) -> Vec<u8> {
+/// The padded bytes of one batch, and where each payload starts within it.
+fn encode_batch(segment: u64, lsn: u64, records: &[Record<'_>]) -> (Vec<u8>, Vec<usize>) {
     let body: usize = records.iter().map(|r| RECORD_HEADER + r.payload.len()).sum();
     let len = (BATCH_HEADER + body).div_ceil(BLOCK as usize) * BLOCK as usize;
     let mut out = Vec::with_capacity(len);
@@ -213,17 +232,19 @@ fn encode_batch(segment: u64, lsn: u64, records: &[Record<'_>]) -> Vec<u8> {
     out.extend_from_slice(&lsn.to_le_bytes());
     out.extend_from_slice(&(body as u32).to_le_bytes());
     out.extend_from_slice(&[0; 4]);
+    let mut starts = Vec::with_capacity(records.len());
     for r in records {
         out.push(r.kind);
         out.extend_from_slice(&r.group.to_le_bytes());
         out.extend_from_slice(&(r.payload.len() as u32).to_le_bytes());
+        starts.push(out.len());
         out.extend_from_slice(r.payload);
     }
     let mut crc = crc32c::crc32c(&out[..28]);
     crc = crc32c::crc32c_append(crc, &out[BATCH_HEADER..]);
     out[28..32].copy_from_slice(&crc.to_le_bytes());
     out.resize(len, 0);
-    out
+    (out, starts)
 }
 
 /// What one segment holds: its records, where appends would continue, and whether it ended on
@@ -282,7 +303,8 @@ fn scan_segment(path: &Path, file: &File, id: u64, len: u64, mut lsn: Option<u64
             if start + n > bytes.len() {
                 return stop(records, at, format!("a record's {n} bytes run past its batch"));
             }
-            batch.push(Recovered { segment: id, lsn: batch_lsn, kind, group, payload: bytes[start..start + n].to_vec() });
+            let at = Location { segment: id, offset: at + start as u64, len: n as u32 };
+            batch.push(Recovered { segment: id, lsn: batch_lsn, kind, group, payload: bytes[start..start + n].to_vec(), at });
             pos = start + n;
         }
         records.extend(batch);
@@ -387,23 +409,38 @@ impl Wal {
     /// Appends `records` as one batch: one write and one `fdatasync`; durable when it returns.
     pub fn append(&mut self, records: &[Record<'_>]) -> Result<Position, WalError> {
         let lsn = self.next_lsn;
-        let segment = self.active().id;
-        let mut bytes = encode_batch(segment, lsn, records);
+        let (mut bytes, mut starts) = encode_batch(self.active().id, lsn, records);
         let len = bytes.len() as u64;
         if len > self.cfg.segment_bytes - BLOCK {
             return Err(WalError::TooLarge { len, segment: self.cfg.segment_bytes });
         }
         if self.offset + len > self.cfg.segment_bytes {
             self.roll()?;
-            bytes = encode_batch(self.active().id, lsn, records);
+            (bytes, starts) = encode_batch(self.active().id, lsn, records);
         }
         let active = self.active();
         active.file.write_all_at(&bytes, self.offset).map_err(io_err(&active.path))?;
         active.file.sync_data().map_err(io_err(&active.path))?;
-        let pos = Position { segment: active.id, lsn };
+        let at = self.offset;
+        let records = starts
+            .iter()
+            .zip(records)
+            .map(|(start, r)| Location { segment: active.id, offset: at + *start as u64, len: r.payload.len() as u32 })
+            .collect();
+        let pos = Position { segment: active.id, lsn, records };
         self.offset += len;
         self.next_lsn += 1;
         Ok(pos)
+    }
+
+    /// Reads a record's payload again (its segment must not have been released).
+    pub fn read(&self, at: Location) -> Result<Vec<u8>, WalError> {
+        let Some(seg) = self.segments.iter().find(|s| s.id == at.segment) else {
+            return Err(WalError::Released(at.segment));
+        };
+        let mut out = vec![0u8; at.len as usize];
+        seg.file.read_exact_at(&mut out, at.offset).map_err(io_err(&seg.path))?;
+        Ok(out)
     }
 
     fn active(&self) -> &Segment {
@@ -491,8 +528,14 @@ mod tests {
             assert_eq!((pair[1].kind, pair[1].group, pair[1].payload.as_slice()), (2, i as u32 + 100, &b"vote"[..]));
             assert_eq!(pair[0].lsn, i as u64 + 1);
         }
+        // Every payload can be read again where the scan (or the append) says it is.
+        for r in &got {
+            assert_eq!(wal.read(r.at).unwrap(), r.payload);
+        }
         // Appends continue the sequence after a reopen.
-        assert_eq!(wal.append(&[rec(3, 0, b"after")]).unwrap().lsn, 21);
+        let pos = wal.append(&[rec(3, 0, b"after"), rec(4, 1, b"and more")]).unwrap();
+        assert_eq!(pos.lsn, 21);
+        assert_eq!(wal.read(pos.records[1]).unwrap(), b"and more");
         assert!(matches!(wal.append(&[rec(1, 0, &vec![0u8; 64 * 1024])]), Err(WalError::TooLarge { .. })));
     }
 
@@ -556,7 +599,10 @@ mod tests {
             wal.append(&[rec(1, 1, &secret)]).unwrap();
         }
         let ids = wal.segment_ids();
+        let first = wal.append(&[rec(1, 1, b"x")]).unwrap().records[0];
+        let old = Location { segment: ids[0], ..first };
         assert_eq!(wal.release_before(ids[2]).unwrap(), 2);
+        assert!(wal.read(old).is_err(), "a released segment's records are gone");
         assert_eq!(wal.segment_ids(), vec![ids[2]]);
         let holds_secret = |dir: &Path| {
             std::fs::read_dir(dir)
