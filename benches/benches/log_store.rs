@@ -15,14 +15,8 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 fn engine(dir: &std::path::Path) -> LogEngine {
-    LogEngine::open(&LogEngineConfig {
-        dir: dir.join("log"),
-        cache_bytes: 16 << 20,
-        write_buffer_bytes: 64 << 20,
-        tail_bytes_per_group: 1 << 20,
-        max_batch_bytes: 16 << 20,
-    })
-    .expect("open log")
+    LogEngine::open(&LogEngineConfig { dir: dir.join("log"), segment_bytes: 64 << 20, tail_bytes_per_group: 1 << 20, max_batch_bytes: 16 << 20 })
+        .expect("open log")
 }
 
 fn bench(c: &mut Criterion) {

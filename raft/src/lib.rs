@@ -5,18 +5,18 @@
 //! bump touches only it.
 //!
 //! ```text
-//!  propose ──► RaftGroup ──► openraft core ──► GroupLogStore ──► writer thread ─► RocksDB (1 sync / batch, all groups)
+//!  propose ──► RaftGroup ──► openraft core ──► GroupLogStore ──► writer thread ─► WAL segments (1 write + 1 sync / batch, all groups)
 //!                                   │                                              
 //!                                   ├──► GroupNetwork ──► Router/Peer ══ one TCP connection per node pair ══► TransportService ──► peer's group
 //!                                   └──► SmAdapter ──► StateMachine::apply / checkpoint / install
 //! ```
 //!
-//! - [`log_store`][]: RocksDB log store shared by all groups, with group commit.
+//! - [`log_store`][]: the log store shared by all groups, with group commit, over [`wal`].
 //! - [`transport`][]: batched multi-raft transport, pipelined appends, streamed snapshots.
 //! - [`state_machine`][]: the [`StateMachine`] trait and its openraft adapter.
 //! - [`group`][]: [`RaftGroup`].
 //! - [`host`][]: [`RaftHost`] and [`RaftTuning`].
-//! - [`wal`][]: write-ahead segments, the format of the coming own log engine (not wired yet).
+//! - [`wal`][]: write-ahead segments: the log's on-disk format.
 
 pub mod error;
 pub mod group;

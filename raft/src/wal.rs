@@ -1,6 +1,4 @@
-//! Write-ahead segments: the on-disk format of the node's own Raft log engine (issue "data
-//! path v2", step 1). Not wired into the log store yet; the RocksDB store in
-//! [`crate::log_store`] still holds every group's log.
+//! Write-ahead segments: the on-disk format of the node's Raft log ([`crate::log_store`]).
 //!
 //! A node keeps one sequence of preallocated segment files for all its groups. The caller (the
 //! log engine's writer thread) gathers the records of many groups and appends them as one
@@ -31,11 +29,12 @@
 //! with zeros and synced before they are reused or left: deleted data does not stay on the
 //! device in log segments (what the scrubber does for data files).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use thiserror::Error;
 
@@ -98,6 +97,13 @@ pub enum WalError {
         /// Segment size.
         segment: u64,
     },
+}
+
+impl WalError {
+    /// True if the filesystem was full.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, WalError::Io { source, .. } if source.raw_os_error() == Some(28) || source.kind() == io::ErrorKind::StorageFull)
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> WalError + '_ {
@@ -167,7 +173,34 @@ pub struct WalConfig {
 struct Segment {
     id: u64,
     path: PathBuf,
-    file: File,
+    file: Arc<File>,
+}
+
+/// The open segment files by id, shared with readers.
+type SegmentFiles = Arc<RwLock<BTreeMap<u64, (PathBuf, Arc<File>)>>>;
+
+/// Reads records back while the writer appends ([`Wal::reader`]).
+#[derive(Clone, Default)]
+pub struct WalReader {
+    files: SegmentFiles,
+}
+
+impl WalReader {
+    /// Reads a record's payload again (its segment must not have been released).
+    pub fn read(&self, at: Location) -> Result<Vec<u8>, WalError> {
+        let (path, file) = self.files.read().unwrap_or_else(|p| p.into_inner()).get(&at.segment).cloned().ok_or(WalError::Released(at.segment))?;
+        let mut out = vec![0u8; at.len as usize];
+        file.read_exact_at(&mut out, at.offset).map_err(io_err(&path))?;
+        Ok(out)
+    }
+
+    fn add(&self, s: &Segment) {
+        self.files.write().unwrap_or_else(|p| p.into_inner()).insert(s.id, (s.path.clone(), s.file.clone()));
+    }
+
+    fn remove(&self, id: u64) {
+        self.files.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    }
 }
 
 /// The write-ahead segments of one node.
@@ -181,6 +214,7 @@ pub struct Wal {
     /// Zeroed segment files ready for reuse.
     free: Vec<PathBuf>,
     next_free: u64,
+    reader: WalReader,
 }
 
 fn segment_name(id: u64) -> String {
@@ -397,9 +431,11 @@ impl Wal {
             lsn = scan.records.last().map(|r| r.lsn).or(lsn);
             offset = scan.end;
             records.extend(scan.records);
-            segments.push_back(Segment { id, path, file });
+            segments.push_back(Segment { id, path, file: Arc::new(file) });
         }
-        let mut wal = Wal { cfg, segments, offset, next_lsn: lsn.map_or(1, |l| l + 1), free, next_free };
+        let reader = WalReader::default();
+        segments.iter().for_each(|s| reader.add(s));
+        let mut wal = Wal { cfg, segments, offset, next_lsn: lsn.map_or(1, |l| l + 1), free, next_free, reader };
         if wal.segments.is_empty() {
             wal.roll()?;
         }
@@ -435,16 +471,26 @@ impl Wal {
 
     /// Reads a record's payload again (its segment must not have been released).
     pub fn read(&self, at: Location) -> Result<Vec<u8>, WalError> {
-        let Some(seg) = self.segments.iter().find(|s| s.id == at.segment) else {
-            return Err(WalError::Released(at.segment));
-        };
-        let mut out = vec![0u8; at.len as usize];
-        seg.file.read_exact_at(&mut out, at.offset).map_err(io_err(&seg.path))?;
-        Ok(out)
+        self.reader.read(at)
+    }
+
+    /// A handle that reads records while this log appends.
+    pub fn reader(&self) -> WalReader {
+        self.reader.clone()
+    }
+
+    /// The segment appends go to now.
+    pub fn active_segment(&self) -> u64 {
+        self.active().id
     }
 
     fn active(&self) -> &Segment {
         self.segments.back().expect("a WAL always has an active segment")
+    }
+
+    /// Starts a new segment now (the next batch goes there).
+    pub fn roll_now(&mut self) -> Result<(), WalError> {
+        self.roll()
     }
 
     /// Starts a new segment: a zeroed one from the free pool, or a new file written with zeros.
@@ -461,7 +507,9 @@ impl Wal {
         file.write_all_at(&segment_header(id), 0).map_err(io_err(&path))?;
         file.sync_data().map_err(io_err(&path))?;
         sync_dir(&self.cfg.dir)?;
-        self.segments.push_back(Segment { id, path, file });
+        let segment = Segment { id, path, file: Arc::new(file) };
+        self.reader.add(&segment);
+        self.segments.push_back(segment);
         self.offset = BLOCK;
         Ok(())
     }
@@ -477,6 +525,7 @@ impl Wal {
         let mut released = 0;
         while self.segments.len() > 1 && self.segments.front().is_some_and(|s| s.id < segment) {
             let Some(old) = self.segments.pop_front() else { break };
+            self.reader.remove(old.id);
             drop(old.file);
             let n = self.next_free;
             self.next_free += 1;

@@ -237,8 +237,7 @@ impl Node {
             .map_err(|e| NodeError::Io { path: config.data_dir.clone(), source: std::io::Error::other(e.to_string()) })??;
         let log_cfg = LogEngineConfig {
             dir: config.data_dir.join("raft-log"),
-            cache_bytes: config.memory.log_cache,
-            write_buffer_bytes: config.memory.log_write_buffer,
+            segment_bytes: basalt_raft::log_store::DEFAULT_SEGMENT_BYTES,
             tail_bytes_per_group: config.memory.raft_tail_per_group,
             max_batch_bytes: 16 << 20,
         };

@@ -57,6 +57,38 @@ async fn deleted_volume_leaves_no_copy_in_any_file() {
     wait_until_gone(&cluster, &marker, "after deleting the volume").await;
 }
 
+/// Deleted means gone at the device, not only in files: the nodes run on a loop-mounted ext4
+/// image, and after a 64 MiB marker volume is deleted and scrubbed, a byte-by-byte search of the
+/// whole image — free blocks included, as whoever holds the disk would read it — finds no copy
+/// (data file, Raft log segments, indexes, free space).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_volume_leaves_no_copy_on_the_device() {
+    let image = basalt_tests::Ext4Image::mount(3 << 30).expect("a loop-mounted ext4 image");
+    let cluster = TestCluster::with_volume_in(&image.mount, "secret", 64 << 20, "capacity = \"256MiB\"\n").await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let vol = client.open_volume("secret").await.unwrap();
+    let marker = format!("BASALT-DEVICE-MARKER-{:016x}|", seed()).into_bytes();
+    for i in 0..16u64 {
+        vol.write(i * (4 << 20), marked(&marker, 4 << 20), false).await.unwrap();
+    }
+    image.sync();
+    let raw = image.image_dir.path().to_path_buf();
+    let on_device = |m: Vec<u8>| {
+        let raw = raw.clone();
+        tokio::task::spawn_blocking(move || find_marker(&raw, &m))
+    };
+    let before = on_device(marker.clone()).await.unwrap();
+    assert!(!before.is_empty(), "the marker is on the device before the delete");
+
+    let mut admin = cluster.admin().await.unwrap();
+    let reply = admin.volume_delete(VolumeDeleteRequest { name: "secret".into(), wait: true }).await.unwrap().into_inner();
+    assert_eq!(reply.pgs_done, reply.pgs_total);
+    wait_until_gone(&cluster, &marker, "after deleting the volume").await;
+    image.sync();
+    let left = on_device(marker.clone()).await.unwrap();
+    assert!(left.is_empty(), "{} copies of the marker are still on the device, e.g. {:?}", left.len(), &left[..left.len().min(5)]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trimmed_range_leaves_no_copy_and_the_rest_stays() {
     let cluster = TestCluster::with_volume("disk", 16 << 20).await.unwrap();

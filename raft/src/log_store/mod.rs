@@ -1,17 +1,19 @@
-//! The Raft log store: one RocksDB per node holds every group's log, vote and commit index,
-//! and a dedicated writer thread commits appends from all groups together (see [`writer`]).
+//! The Raft log store: one write-ahead log per node ([`crate::wal`]) holds every group's
+//! entries, vote, commit index, purge point and state-machine records, and a dedicated writer
+//! thread appends the records of all groups together, one write and one `fdatasync` per batch
+//! (see [`writer`]).
 //!
-//! Layout (keys big-endian so a group's entries are contiguous and ordered):
+//! The index of what is on disk ([`writer::GroupDisk`]: where each live entry is, the latest
+//! vote, commit index, purge point and state-machine records of each group) is in memory,
+//! rebuilt at open by reading the log. Appended entries also stay in a per-group in-memory tail
+//! until they are both durable and beyond the tail's byte budget, so replication reads recent
+//! entries without touching the disk and entries are readable the moment `append` returns, as
+//! openraft requires. Older entries are read back from their segment.
 //!
-//! | CF     | key                      | value                                  |
-//! |--------|--------------------------|----------------------------------------|
-//! | `log`  | group u32, index u64     | bincode entry                          |
-//! | `meta` | group u32, tag u8        | bincode vote / committed / last purged |
-//! | `sm`   | group u32, name          | state-machine owned records            |
-//!
-//! Appended entries stay in a per-group in-memory tail until they are both durable and beyond
-//! the tail's byte budget, so replication reads recent entries without touching RocksDB and
-//! entries are readable the moment `append` returns, as openraft requires.
+//! Record payloads (format 1 of the log's records, inside the WAL's versioned batches):
+//! entries are `index u64 LE | bincode(Entry)`; the vote, commit index and purge point are
+//! bincode; see [`writer::Op`]. A log directory holding the RocksDB log of earlier versions is
+//! refused by name.
 
 pub(crate) mod writer;
 
@@ -25,59 +27,32 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{OptionalSend, RaftTypeConfig};
-use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions};
 use tokio::sync::oneshot;
 
 use crate::error::RaftError;
 use crate::types::{Entry, GroupId, LogId, TypeConfig, Vote};
+use crate::wal::{Wal, WalConfig, WalReader};
 pub use writer::WriterStats;
-use writer::{Cf, Done, Msg, Op, Request, Writer};
+use writer::{Done, Index, Msg, Op, Request, Writer};
 
 /// Payload bytes one replication message carries at most (a single larger entry still goes).
 const MAX_REPLICATION_BYTES: usize = 4 << 20;
 
-/// Share of the oldest blob files that ordinary compactions garbage-collect (RocksDB's
-/// default); [`LogEngine::scrub_purged`] raises it to all of them for one compaction.
-const BLOB_GC_AGE_CUTOFF: &str = "0.25";
-
-const TAG_VOTE: u8 = 1;
-const TAG_COMMITTED: u8 = 2;
-const TAG_PURGED: u8 = 3;
-
-/// Sizing of the log database.
+/// Sizing of the log.
 #[derive(Clone, Debug)]
 pub struct LogEngineConfig {
-    /// Directory of the RocksDB instance.
+    /// Directory of the segment files.
     pub dir: PathBuf,
-    /// Block cache.
-    pub cache_bytes: usize,
-    /// All memtables of the log database together (RocksDB's write buffer manager enforces it).
-    pub write_buffer_bytes: usize,
+    /// Bytes per segment file (preallocated).
+    pub segment_bytes: u64,
     /// Per-group budget for recent entries kept in memory.
     pub tail_bytes_per_group: usize,
     /// Upper bound of one group-commit batch.
     pub max_batch_bytes: usize,
 }
 
-fn entry_key(group: GroupId, index: u64) -> [u8; 12] {
-    let mut k = [0u8; 12];
-    k[0..4].copy_from_slice(&group.to_be_bytes());
-    k[4..12].copy_from_slice(&index.to_be_bytes());
-    k
-}
-
-fn meta_key(group: GroupId, tag: u8) -> [u8; 5] {
-    let mut k = [0u8; 5];
-    k[0..4].copy_from_slice(&group.to_be_bytes());
-    k[4] = tag;
-    k
-}
-
-fn sm_key(group: GroupId, name: &str) -> Vec<u8> {
-    let mut k = group.to_be_bytes().to_vec();
-    k.extend_from_slice(name.as_bytes());
-    k
-}
+/// Default segment size: large enough that rolling over (one extra checkpoint batch) is rare.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 
 fn decode<T: serde::de::DeserializeOwned>(what: &str, group: GroupId, bytes: &[u8]) -> io::Result<T> {
     bincode::deserialize(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("group {group}: corrupt {what}: {e}")))
@@ -111,7 +86,8 @@ impl GroupLog {
 }
 
 struct EngineInner {
-    db: Arc<DB>,
+    index: Index,
+    reader: WalReader,
     path: PathBuf,
     writer: Mutex<Writer>,
     tx: tokio::sync::mpsc::Sender<Msg>,
@@ -120,54 +96,45 @@ struct EngineInner {
     tail_budget: usize,
 }
 
-/// The node's log database. Cheap to clone.
+impl EngineInner {
+    fn index(&self) -> MutexGuard<'_, HashMap<GroupId, writer::GroupDisk>> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The node's Raft log. Cheap to clone.
 #[derive(Clone)]
 pub struct LogEngine {
     inner: Arc<EngineInner>,
 }
 
 impl LogEngine {
-    /// Opens (creating if needed) the log database and starts the group-commit writer.
+    /// Opens (creating if needed) the log, rebuilds its index and starts the group-commit writer.
     pub fn open(cfg: &LogEngineConfig) -> Result<Self, RaftError> {
-        let err = |e: rocksdb::Error| RaftError::Storage { path: cfg.dir.display().to_string(), reason: e.to_string() };
-        let cache = Cache::new_lru_cache(cfg.cache_bytes);
-        let wbm = rocksdb::WriteBufferManager::new_write_buffer_manager(cfg.write_buffer_bytes, true);
-        let cf_opts = |write_buffer: usize| {
-            let mut bb = BlockBasedOptions::default();
-            bb.set_block_cache(&cache);
-            let mut o = Options::default();
-            o.set_block_based_table_factory(&bb);
-            o.set_write_buffer_size(write_buffer);
-            o.set_max_write_buffer_number(3);
-            o
-        };
-        let mut db_opts = Options::default();
-        db_opts.create_if_missing(true);
-        db_opts.create_missing_column_families(true);
-        db_opts.set_max_background_jobs(2);
-        db_opts.set_keep_log_file_num(4);
-        db_opts.set_max_open_files(256);
-        db_opts.set_write_buffer_manager(&wbm);
-        // Entry payloads (block data) live in blob files: written once when a memtable is
-        // flushed, never rewritten by compactions, dropped when every entry in a file is purged.
-        let mut log_opts = cf_opts((cfg.write_buffer_bytes / 2).max(1 << 20));
-        log_opts.set_enable_blob_files(true);
-        log_opts.set_min_blob_size(1024);
-        log_opts.set_enable_blob_gc(true);
-        log_opts.set_blob_file_size(64 << 20);
-        let cfs = vec![
-            ColumnFamilyDescriptor::new(Cf::Log.name(), log_opts),
-            ColumnFamilyDescriptor::new(Cf::Meta.name(), cf_opts(2 << 20)),
-            ColumnFamilyDescriptor::new(Cf::Sm.name(), cf_opts(2 << 20)),
-        ];
-        let db = Arc::new(DB::open_cf_descriptors(&db_opts, &cfg.dir, cfs).map_err(err)?);
-        let writer = Writer::start(db.clone(), cfg.max_batch_bytes, 1024)
-            .map_err(|e| RaftError::Storage { path: cfg.dir.display().to_string(), reason: e.to_string() })?;
+        let storage = |reason: String| RaftError::Storage { path: cfg.dir.display().to_string(), reason };
+        if cfg.dir.join("CURRENT").exists() {
+            return Err(storage(
+                "this directory holds a RocksDB Raft log written by a basalt-node before the write-ahead log (WAL format 1), which this binary \
+                 does not read. Drain the node with the version that wrote it (`basalt node drain`), then start this version on an empty data directory"
+                    .into(),
+            ));
+        }
+        let (wal, records) = Wal::open(WalConfig { dir: cfg.dir.clone(), segment_bytes: cfg.segment_bytes }).map_err(|e| storage(e.to_string()))?;
+        let index: Index = Arc::default();
+        {
+            let mut map = index.lock().unwrap_or_else(|p| p.into_inner());
+            for r in &records {
+                writer::apply(&mut map, r.group, r.kind, &r.payload, r.at).map_err(|e| storage(e.to_string()))?;
+            }
+        }
+        let reader = wal.reader();
+        let writer = Writer::start(wal, index.clone(), cfg.max_batch_bytes, 1024).map_err(|e| storage(e.to_string()))?;
         let tx = writer.tx.clone();
         let stats = writer.stats.clone();
         Ok(Self {
             inner: Arc::new(EngineInner {
-                db,
+                index,
+                reader,
                 path: cfg.dir.clone(),
                 writer: Mutex::new(writer),
                 tx,
@@ -183,26 +150,14 @@ impl LogEngine {
         &self.inner.path
     }
 
-    /// Removes the bytes of purged entries from every file under the log directory, so data
-    /// a client deleted does not outlive its log entries: flushes every memtable (the WAL files
-    /// that held the entries become obsolete and RocksDB deletes them), then compacts the log
-    /// column family with blob garbage collection over all blob files (files that held purged
-    /// payloads are rewritten without them, or deleted). Heavy and blocking: call it from a
-    /// blocking thread, and rarely.
+    /// Removes the bytes of purged entries from every file of the log, so data a client
+    /// deleted does not outlive its log entries: the writer starts a fresh segment, writes the
+    /// live entries of the older ones into it, and overwrites the older ones with zeros.
+    /// Blocking: call it from a blocking thread, and rarely.
     pub fn scrub_purged(&self) -> Result<(), RaftError> {
-        let db = &self.inner.db;
-        let cf = |c: Cf| db.cf_handle(c.name()).expect("cf exists");
-        for c in [Cf::Log, Cf::Meta, Cf::Sm] {
-            db.flush_cf(&cf(c)).map_err(|e| self.storage_err(e))?;
-        }
-        let log = cf(Cf::Log);
-        // Every blob file is eligible for garbage collection during this one compaction.
-        db.set_options_cf(&log, &[("blob_garbage_collection_age_cutoff", "1.0")]).map_err(|e| self.storage_err(e))?;
-        let mut opts = rocksdb::CompactOptions::default();
-        opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
-        db.compact_range_cf_opt(&log, None::<&[u8]>, None::<&[u8]>, &opts);
-        db.set_options_cf(&log, &[("blob_garbage_collection_age_cutoff", BLOB_GC_AGE_CUTOFF)]).map_err(|e| self.storage_err(e))?;
-        Ok(())
+        let (tx, rx) = oneshot::channel();
+        self.inner.tx.blocking_send(Msg::Compact(tx)).map_err(|_| self.storage_err("raft log writer stopped"))?;
+        rx.blocking_recv().map_err(|_| self.storage_err("raft log writer stopped"))?.map_err(|e| self.storage_err(e))
     }
 
     /// Group-commit counters.
@@ -212,50 +167,40 @@ impl LogEngine {
 
     /// Groups that have any Raft state on disk (to restart them after a node restart).
     pub fn groups_on_disk(&self) -> Result<Vec<GroupId>, RaftError> {
-        let cf = self.inner.db.cf_handle(Cf::Meta.name()).expect("cf exists");
-        let mut out = Vec::new();
-        for item in self.inner.db.iterator_cf(&cf, IteratorMode::Start) {
-            let (k, _) = item.map_err(|e| self.storage_err(e))?;
-            if k.len() == 5 && k[4] == TAG_VOTE {
-                out.push(u32::from_be_bytes(k[0..4].try_into().expect("4 bytes")));
-            }
-        }
-        Ok(out)
+        Ok(self.inner.index().iter().filter(|(_, g)| g.vote.is_some()).map(|(id, _)| *id).collect())
     }
 
     fn storage_err(&self, e: impl std::fmt::Display) -> RaftError {
         RaftError::Storage { path: self.inner.path.display().to_string(), reason: e.to_string() }
     }
 
-    /// The log store of one group (loaded from disk the first time).
+    /// The log store of one group (loaded from the index the first time).
     pub fn group(&self, group: GroupId) -> Result<GroupLogStore, RaftError> {
         let mut groups = self.inner.groups.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(g) = groups.get(&group) {
             return Ok(GroupLogStore { engine: self.inner.clone(), log: g.clone() });
         }
-        let db = &self.inner.db;
-        let meta = db.cf_handle(Cf::Meta.name()).expect("cf exists");
-        let get = |tag| db.get_cf(&meta, meta_key(group, tag)).map_err(|e| self.storage_err(e));
-        let vote: Option<Vote> = get(TAG_VOTE)?.map(|v| decode("vote", group, &v)).transpose().map_err(|e| self.storage_err(e))?;
+        let (vote, committed, purged, last) = {
+            let index = self.inner.index();
+            match index.get(&group) {
+                Some(g) => (g.vote.clone(), g.committed.clone(), g.purged.clone(), g.entries.last_key_value().map(|(_, l)| *l)),
+                None => (None, None, None, None),
+            }
+        };
+        let err = |e: io::Error| self.storage_err(e);
+        let vote: Option<Vote> = vote.map(|v| decode("vote", group, &v)).transpose().map_err(err)?;
         // Both are stored as `Option<LogId>` (what openraft hands us).
-        let committed: Option<LogId> =
-            get(TAG_COMMITTED)?.map(|v| decode::<Option<LogId>>("committed", group, &v)).transpose().map_err(|e| self.storage_err(e))?.flatten();
-        let last_purged: Option<LogId> =
-            get(TAG_PURGED)?.map(|v| decode::<Option<LogId>>("purged", group, &v)).transpose().map_err(|e| self.storage_err(e))?.flatten();
-        let log_cf = db.cf_handle(Cf::Log.name()).expect("cf exists");
-        let mut iter = db.iterator_cf(&log_cf, IteratorMode::From(&entry_key(group, u64::MAX), Direction::Reverse));
-        let last_entry: Option<LogId> = match iter.next() {
-            Some(Ok((k, v))) if k.len() == 12 && k[0..4] == group.to_be_bytes() => {
-                let e: Entry = decode("entry", group, &v).map_err(|e| self.storage_err(e))?;
+        let committed: Option<LogId> = committed.map(|v| decode::<Option<LogId>>("committed", group, &v)).transpose().map_err(err)?.flatten();
+        let last_purged: Option<LogId> = purged.map(|(_, v)| decode::<Option<LogId>>("purged", group, &v)).transpose().map_err(err)?.flatten();
+        let last_entry: Option<LogId> = match last {
+            Some(at) => {
+                let bytes = self.inner.reader.read(at).map_err(|e| self.storage_err(e))?;
+                let e: Entry = decode("entry", group, &bytes).map_err(err)?;
                 Some(e.log_id)
             }
-            Some(Err(e)) => return Err(self.storage_err(e)),
-            _ => None,
+            None => None,
         };
-        let last_log = match (&last_entry, &last_purged) {
-            (Some(e), _) => Some(*e),
-            (None, p) => *p,
-        };
+        let last_log = last_entry.or(last_purged);
         let flushed = last_log.as_ref().map(|l| l.index).unwrap_or(0);
         let log = Arc::new(GroupLog {
             group,
@@ -266,18 +211,10 @@ impl LogEngine {
         Ok(GroupLogStore { engine: self.inner.clone(), log })
     }
 
-    /// Deletes everything a group has in the log database (its replica left this node).
+    /// Deletes everything a group has in the log (its replica left this node).
     pub async fn remove_group(&self, group: GroupId) -> Result<(), RaftError> {
         self.inner.groups.lock().unwrap_or_else(|p| p.into_inner()).remove(&group);
-        let lo = group.to_be_bytes().to_vec();
-        let hi = (u64::from(group) + 1).to_be_bytes()[4..8].to_vec();
-        let hi = if group == u32::MAX { vec![0xff; 13] } else { hi };
-        let ops = vec![
-            Op::DeleteRange(Cf::Log, lo.clone(), hi.clone()),
-            Op::DeleteRange(Cf::Meta, lo.clone(), hi.clone()),
-            Op::DeleteRange(Cf::Sm, lo, hi),
-        ];
-        submit_wait(&self.inner, ops).await.map_err(|e| self.storage_err(e))
+        submit_wait(&self.inner, group, vec![Op::remove()]).await.map_err(|e| self.storage_err(e))
     }
 
     /// Small durable records for state machines that keep their state in memory (the meta
@@ -292,22 +229,15 @@ impl LogEngine {
     }
 }
 
-async fn submit_wait(engine: &EngineInner, ops: Vec<Op>) -> io::Result<()> {
+async fn submit_wait(engine: &EngineInner, group: GroupId, ops: Vec<Op>) -> io::Result<()> {
     let (tx, rx) = oneshot::channel();
-    let bytes = ops.iter().map(op_bytes).sum();
+    let bytes = ops.iter().map(|o| o.payload.len()).sum();
     engine
         .tx
-        .send(Msg::Write(Request { ops, bytes, done: Done::Signal(tx), flushed: None }))
+        .send(Msg::Write(Request { group, ops, bytes, done: Done::Signal(tx), flushed: None }))
         .await
         .map_err(|_| io::Error::other("raft log writer stopped"))?;
     rx.await.map_err(|_| io::Error::other("raft log writer stopped"))?
-}
-
-fn op_bytes(op: &Op) -> usize {
-    match op {
-        Op::Put(_, k, v) => k.len() + v.len(),
-        Op::DeleteRange(_, a, b) => a.len() + b.len(),
-    }
 }
 
 /// Durable small records of one group's state machine.
@@ -318,19 +248,18 @@ pub struct SmStore {
 }
 
 impl SmStore {
-    /// Reads a record (blocking RocksDB read: call from a blocking context or at startup).
+    /// Reads a record (from memory: the log's index holds every state-machine record).
     pub fn get_blocking(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
-        let cf = self.engine.db.cf_handle(Cf::Sm.name()).expect("cf exists");
-        self.engine.db.get_cf(&cf, sm_key(self.group, name)).map_err(io::Error::other)
+        Ok(self.engine.index().get(&self.group).and_then(|g| g.sm.get(name).cloned()))
     }
 
     /// Writes a record and waits until it is durable.
     pub async fn put(&self, name: &str, value: Vec<u8>) -> io::Result<()> {
-        submit_wait(&self.engine, vec![Op::Put(Cf::Sm, sm_key(self.group, name), value)]).await
+        submit_wait(&self.engine, self.group, vec![Op::sm(name, &value)]).await
     }
 }
 
-/// One group's view of the log database; implements openraft's log storage traits.
+/// One group's view of the log; implements openraft's log storage traits.
 #[derive(Clone)]
 pub struct GroupLogStore {
     engine: Arc<EngineInner>,
@@ -352,30 +281,42 @@ impl GroupLogStore {
         (start, end)
     }
 
-    fn read_db(&self, start: u64, end: u64, limit: usize) -> io::Result<Vec<Entry>> {
-        let db = &self.engine.db;
-        let cf = db.cf_handle(Cf::Log.name()).expect("cf exists");
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(entry_key(self.log.group, end).to_vec());
-        let mut out = Vec::new();
-        let mut expect = start;
-        for item in db.iterator_cf_opt(&cf, ro, IteratorMode::From(&entry_key(self.log.group, start), Direction::Forward)) {
-            let (k, v) = item.map_err(io::Error::other)?;
-            let index = u64::from_be_bytes(k[4..12].try_into().map_err(|_| io::Error::other("bad log key"))?);
-            if index != expect && !out.is_empty() {
-                return Err(io::Error::other(format!("group {}: hole in raft log at index {expect}", self.log.group)));
+    /// Entries `[start, end)` from their segments (blocking reads), at most `limit`.
+    fn read_disk(&self, start: u64, end: u64, limit: usize) -> io::Result<Vec<Entry>> {
+        // A segment released between the lookup and the read (its entries were purged or moved
+        // by a compaction meanwhile): look again.
+        for _ in 0..3 {
+            let locations: Vec<(u64, crate::wal::Location)> = self
+                .engine
+                .index()
+                .get(&self.log.group)
+                .map(|g| g.entries.range(start..end).take(limit).map(|(i, l)| (*i, *l)).collect())
+                .unwrap_or_default();
+            let mut out = Vec::with_capacity(locations.len());
+            let mut expect = start;
+            let mut released = false;
+            for (index, at) in locations {
+                if index != expect && !out.is_empty() {
+                    return Err(io::Error::other(format!("group {}: hole in raft log at index {expect}", self.log.group)));
+                }
+                expect = index + 1;
+                match self.engine.reader.read(at) {
+                    Ok(bytes) => out.push(decode("entry", self.log.group, &bytes)?),
+                    Err(crate::wal::WalError::Released(_)) => {
+                        released = true;
+                        break;
+                    }
+                    Err(e) => return Err(io::Error::other(e.to_string())),
+                }
             }
-            expect = index + 1;
-            out.push(decode("entry", self.log.group, &v)?);
-            if out.len() >= limit {
-                break;
+            if !released {
+                return Ok(out);
             }
         }
-        Ok(out)
+        Err(io::Error::other(format!("group {}: raft log segments kept being released under a read", self.log.group)))
     }
 
-    /// Reads `[start, end)`, at most `limit` entries; with `byte_limit`, stops once that many
-    /// payload bytes are collected (always returning at least one entry).
+    /// Reads `[start, end)`, at most `limit` entries.
     async fn read_range(&mut self, start: u64, end: u64, limit: usize) -> io::Result<Vec<Entry>> {
         if start >= end {
             return Ok(Vec::new());
@@ -393,14 +334,14 @@ impl GroupLogStore {
                 None => (Vec::new(), None),
             }
         };
-        let db_end = tail_first.map(|f| f.min(end)).unwrap_or(end);
+        let disk_end = tail_first.map(|f| f.min(end)).unwrap_or(end);
         let this = self.clone();
-        let mut out = tokio::task::spawn_blocking(move || this.read_db(start, db_end, limit))
+        let mut out = tokio::task::spawn_blocking(move || this.read_disk(start, disk_end, limit))
             .await
             .map_err(|e| io::Error::other(format!("log read task failed: {e}")))??;
-        // The tail continues the database range only if the database had every entry up to it;
-        // entries missing at the start of the range were purged, which the caller tolerates.
-        let reaches_tail = out.last().map(|e| e.log_id.index + 1 == db_end).unwrap_or(true);
+        // The tail continues the disk range only if the disk had every entry up to it; entries
+        // missing at the start of the range were purged, which the caller tolerates.
+        let reaches_tail = out.last().map(|e| e.log_id.index + 1 == disk_end).unwrap_or(true);
         if reaches_tail && out.len() < limit {
             let room = limit - out.len();
             out.extend(cached.into_iter().take(room));
@@ -422,9 +363,10 @@ impl GroupLogStore {
     }
 
     async fn submit(&self, ops: Vec<Op>, done: Done, flushed: Option<u64>) -> io::Result<()> {
-        let bytes = ops.iter().map(op_bytes).sum();
+        let bytes = ops.iter().map(|o| o.payload.len()).sum();
         let flushed = flushed.map(|i| (self.log.flushed.clone(), i));
-        self.engine.tx.send(Msg::Write(Request { ops, bytes, done, flushed })).await.map_err(|_| io::Error::other("raft log writer stopped"))
+        let req = Request { group: self.log.group, ops, bytes, done, flushed };
+        self.engine.tx.send(Msg::Write(req)).await.map_err(|_| io::Error::other("raft log writer stopped"))
     }
 }
 
@@ -474,14 +416,14 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
         self.log.state().vote = Some(*vote);
         let (tx, rx) = oneshot::channel();
-        self.submit(vec![Op::Put(Cf::Meta, meta_key(self.log.group, TAG_VOTE).to_vec(), encode(vote))], Done::Signal(tx), None).await?;
+        self.submit(vec![Op::vote(encode(vote))], Done::Signal(tx), None).await?;
         rx.await.map_err(|_| io::Error::other("raft log writer stopped"))?
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
         self.log.state().committed = committed;
         // Not awaited: it rides with the next synced batch, which follows within one append.
-        self.submit(vec![Op::Put(Cf::Meta, meta_key(self.log.group, TAG_COMMITTED).to_vec(), encode(&committed))], Done::Nothing, None).await
+        self.submit(vec![Op::committed(encode(&committed))], Done::Nothing, None).await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
@@ -501,7 +443,7 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
                 let value = encode(&entry);
                 let index = entry.log_id.index;
                 let size = value.len();
-                ops.push(Op::Put(Cf::Log, entry_key(self.log.group, index).to_vec(), value));
+                ops.push(Op::entry(index, &value));
                 st.last_log = Some(entry.log_id);
                 if let Some((_, old)) = st.tail.insert(index, (entry, size)) {
                     st.tail_bytes -= old;
@@ -539,7 +481,7 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
             }
         }
         let (tx, rx) = oneshot::channel();
-        let ops = vec![Op::DeleteRange(Cf::Log, entry_key(self.log.group, from).to_vec(), entry_key(self.log.group, u64::MAX).to_vec())];
+        let ops = vec![Op::truncate(from)];
         self.submit(ops, Done::Signal(tx), None).await?;
         rx.await.map_err(|_| io::Error::other("raft log writer stopped"))??;
         // Every earlier append has completed (the writer is FIFO): lower the durable mark so
@@ -564,10 +506,7 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
             st.last_purged = Some(log_id);
         }
         let (tx, rx) = oneshot::channel();
-        let ops = vec![
-            Op::DeleteRange(Cf::Log, entry_key(self.log.group, 0).to_vec(), entry_key(self.log.group, upto + 1).to_vec()),
-            Op::Put(Cf::Meta, meta_key(self.log.group, TAG_PURGED).to_vec(), encode(&Some(log_id))),
-        ];
+        let ops = vec![Op::purge(upto, &encode(&Some(log_id)))];
         self.submit(ops, Done::Signal(tx), None).await?;
         rx.await.map_err(|_| io::Error::other("raft log writer stopped"))?
     }
@@ -603,8 +542,7 @@ mod tests {
             let dir = tempfile::tempdir().expect("temp dir");
             let engine = LogEngine::open(&LogEngineConfig {
                 dir: dir.path().join("log"),
-                cache_bytes: 8 << 20,
-                write_buffer_bytes: 4 << 20,
+                segment_bytes: 8 << 20,
                 tail_bytes_per_group: 1 << 20,
                 max_batch_bytes: 4 << 20,
             })
@@ -626,13 +564,7 @@ mod tests {
     async fn restart_keeps_log_vote_and_purge_point() {
         use openraft::testing::{blank_ent, log_id};
         let dir = tempfile::tempdir().unwrap();
-        let cfg = LogEngineConfig {
-            dir: dir.path().join("log"),
-            cache_bytes: 8 << 20,
-            write_buffer_bytes: 4 << 20,
-            tail_bytes_per_group: 1024,
-            max_batch_bytes: 4 << 20,
-        };
+        let cfg = LogEngineConfig { dir: dir.path().join("log"), segment_bytes: 8 << 20, tail_bytes_per_group: 1024, max_batch_bytes: 4 << 20 };
         {
             let engine = LogEngine::open(&cfg).unwrap();
             let mut a = engine.group(1).unwrap();
@@ -668,8 +600,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let engine = LogEngine::open(&LogEngineConfig {
             dir: dir.path().join("log"),
-            cache_bytes: 8 << 20,
-            write_buffer_bytes: 4 << 20,
+            segment_bytes: 8 << 20,
             tail_bytes_per_group: 1 << 20,
             max_batch_bytes: 4 << 20,
         })
@@ -690,6 +621,84 @@ mod tests {
         let requests = engine.stats().requests.load(Ordering::Relaxed);
         assert_eq!(requests, 64 * 20);
         assert!(batches < requests / 2, "group commit should merge appends: {batches} syncs for {requests} appends");
+    }
+
+    fn small_segments(dir: &Path) -> LogEngineConfig {
+        LogEngineConfig { dir: dir.join("log"), segment_bytes: 1 << 20, tail_bytes_per_group: 64 << 10, max_batch_bytes: 4 << 20 }
+    }
+
+    fn marked(index: u64) -> bytes::Bytes {
+        bytes::Bytes::from(format!("PURGED-MARKER-{index:08}|").repeat(400))
+    }
+
+    fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| std::fs::read(p).unwrap().windows(needle.len()).any(|w| w == needle))
+            .collect()
+    }
+
+    /// Purged entries' segments are released (overwritten, reused) as the log moves on, and a
+    /// scrub moves the live entries out of the older segments so no byte of a purged entry is
+    /// left in any file; the state read back after a restart is the same.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn purged_entries_leave_no_bytes_behind_and_segments_are_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = small_segments(dir.path());
+        let engine = LogEngine::open(&cfg).unwrap();
+        let (mut a, mut b) = (engine.group(1).unwrap(), engine.group(2).unwrap());
+        a.save_vote(&Vote::new(3, 1)).await.unwrap();
+        engine.sm_store(1).put("snapshot", b"state".to_vec()).await.unwrap();
+        // Group 2 keeps one early entry live the whole time (it pins the oldest segment until
+        // the scrub moves it).
+        harness::append_durable(&mut b, 1, bytes::Bytes::from_static(b"kept")).await.unwrap();
+        for i in 1..=400u64 {
+            harness::append_durable(&mut a, i, marked(i)).await.unwrap();
+            if i % 50 == 0 {
+                a.purge(openraft::testing::log_id::<TypeConfig>(1, 1, i - 10)).await.unwrap();
+            }
+        }
+        let log_dir = cfg.dir.clone();
+        assert!(!files_holding(&log_dir, b"PURGED-MARKER-00000005").is_empty(), "group 2's entry pins the first segment");
+        let files = std::fs::read_dir(&log_dir).unwrap().count();
+        let engine2 = engine.clone();
+        tokio::task::spawn_blocking(move || engine2.scrub_purged()).await.unwrap().unwrap();
+        for i in [1u64, 5, 200, 390] {
+            let needle = format!("PURGED-MARKER-{i:08}");
+            assert!(files_holding(&log_dir, needle.as_bytes()).is_empty(), "purged entry {i} is still in a file");
+        }
+        assert!(!files_holding(&log_dir, b"PURGED-MARKER-00000395").is_empty(), "live entries stay");
+        assert!(engine.stats().segments_released.load(Ordering::Relaxed) > 0);
+        assert!(std::fs::read_dir(&log_dir).unwrap().count() <= files + 1, "released segments are reused, not multiplied");
+        engine.close();
+        drop((a, b, engine));
+
+        let engine = LogEngine::open(&cfg).unwrap();
+        let mut a = engine.group(1).unwrap();
+        let st = a.get_log_state().await.unwrap();
+        assert_eq!((st.last_purged_log_id.unwrap().index, st.last_log_id.unwrap().index), (390, 400));
+        assert_eq!(a.read_vote().await.unwrap(), Some(Vote::new(3, 1)));
+        let entries = a.try_get_log_entries(391..=400).await.unwrap();
+        assert_eq!(entries.len(), 10);
+        assert!(matches!(&entries[0].payload, openraft::EntryPayload::Normal(Command(d)) if *d == marked(391)));
+        assert_eq!(engine.sm_store(1).get_blocking("snapshot").unwrap(), Some(b"state".to_vec()));
+        let mut b = engine.group(2).unwrap();
+        assert!(matches!(&b.try_get_log_entries(..).await.unwrap()[0].payload, openraft::EntryPayload::Normal(Command(d)) if &d[..] == b"kept"));
+        let mut groups = engine.groups_on_disk().unwrap();
+        groups.sort();
+        assert_eq!(groups, vec![1]);
+    }
+
+    /// A directory holding the RocksDB log of an earlier version is refused by name.
+    #[test]
+    fn an_old_rocksdb_log_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = small_segments(dir.path());
+        std::fs::create_dir_all(&cfg.dir).unwrap();
+        std::fs::write(cfg.dir.join("CURRENT"), b"MANIFEST-000005\n").unwrap();
+        let e = LogEngine::open(&cfg).err().expect("refused");
+        assert!(e.to_string().contains("RocksDB Raft log") && e.to_string().contains("node drain"), "{e}");
     }
 
     /// A small tmpfs, unmounted when dropped (the tests run as root; `.ci/run` too).
@@ -725,18 +734,12 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_full_filesystem_stalls_appends_until_space_is_freed() {
         use std::sync::atomic::AtomicBool;
-        // RocksDB clears its "no space" error itself, polling every 5 s, once the filesystem has
-        // room for its write buffers again (64 MiB here): the ballast frees more than that.
+        // The log fills what the ballast leaves; a new segment cannot be made until the ballast
+        // goes.
         let fs = SmallFs::mount("160m");
         let ballast = fs.path.join("ballast");
         std::fs::write(&ballast, vec![1u8; 96 << 20]).unwrap();
-        let cfg = LogEngineConfig {
-            dir: fs.path.join("log"),
-            cache_bytes: 8 << 20,
-            write_buffer_bytes: 4 << 20,
-            tail_bytes_per_group: 1 << 20,
-            max_batch_bytes: 4 << 20,
-        };
+        let cfg = LogEngineConfig { dir: fs.path.join("log"), segment_bytes: 8 << 20, tail_bytes_per_group: 1 << 20, max_batch_bytes: 4 << 20 };
         let engine = LogEngine::open(&cfg).unwrap();
         let durable = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));

@@ -1,55 +1,155 @@
-//! Group commit: one thread turns every group's pending log writes into one RocksDB write batch
-//! and one fsync.
+//! Group commit: one thread turns every group's pending log records into one write-ahead batch
+//! ([`crate::wal`]): one write and one `fdatasync`, whatever the number of groups.
 //!
-//! Appends from many placement groups arrive on a bounded channel. The thread blocks for the
-//! first request, then drains whatever else is already queued (up to a byte budget), writes it
-//! all as one synced batch, and only then reports each request durable. While one fsync is in
-//! progress the next batch accumulates, so the fsync rate stays flat as load grows and the
-//! cost per append falls.
+//! Requests from many placement groups arrive on a bounded channel. The thread blocks for the
+//! first, then drains whatever else is already queued (up to a byte budget), appends it all as
+//! one batch, records where each record landed in the [`Index`], and only then reports each
+//! request durable. While one sync is in progress the next batch accumulates, so the sync rate
+//! stays flat as load grows and the cost per append falls.
 //!
-//! A batch that fails because the filesystem is full is retried every [`NO_SPACE_RETRY`] until
-//! it is written (RocksDB resumes by itself once space is back) instead of being reported
-//! failed: a failed append stops the Raft group for good, and its entries are already promised
-//! to the leader's followers. The node's groups stall meanwhile, like a frozen disk. The storage
-//! node refuses writes well before this (`pg::space`), so it is a last resort.
+//! Segments are released (overwritten with zeros, then reused) once nothing in them is needed:
+//! no live entry of any group lies in them, and every group's metadata (vote, commit index,
+//! purge point, state-machine records) has been written again since — a checkpoint of all of it
+//! opens every new segment.
+//!
+//! A batch that fails because the filesystem is full (a new segment could not be made) is
+//! retried every [`NO_SPACE_RETRY`] until it is written instead of being reported failed: a
+//! failed append stops the Raft group for good, and its entries are already promised to the
+//! leader's followers. The node's groups stall meanwhile, like a frozen disk. The storage node
+//! refuses writes well before this (`pg::space`), so it is a last resort.
 
+use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use openraft::storage::IOFlushed;
-use rocksdb::{DB, WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::types::TypeConfig;
+use crate::types::{GroupId, TypeConfig};
+use crate::wal::{Location, Record, Wal, WalError};
 
-/// Column families of the log database.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Cf {
-    Log,
-    Meta,
-    Sm,
+/// Record kinds in the write-ahead log (the payload layouts are in [`Op`]'s constructors).
+pub(crate) const KIND_ENTRY: u8 = 1;
+pub(crate) const KIND_VOTE: u8 = 2;
+pub(crate) const KIND_COMMITTED: u8 = 3;
+pub(crate) const KIND_PURGE: u8 = 4;
+pub(crate) const KIND_TRUNCATE: u8 = 5;
+pub(crate) const KIND_SM: u8 = 6;
+pub(crate) const KIND_REMOVE: u8 = 7;
+
+/// One record to write for a group.
+pub(crate) struct Op {
+    pub(crate) kind: u8,
+    pub(crate) payload: Vec<u8>,
 }
 
-impl Cf {
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            Cf::Log => "log",
-            Cf::Meta => "meta",
-            Cf::Sm => "sm",
-        }
+impl Op {
+    /// An entry: index u64 LE, then the encoded entry.
+    pub(crate) fn entry(index: u64, encoded: &[u8]) -> Op {
+        let mut payload = Vec::with_capacity(8 + encoded.len());
+        payload.extend_from_slice(&index.to_le_bytes());
+        payload.extend_from_slice(encoded);
+        Op { kind: KIND_ENTRY, payload }
+    }
+
+    /// The vote (encoded).
+    pub(crate) fn vote(encoded: Vec<u8>) -> Op {
+        Op { kind: KIND_VOTE, payload: encoded }
+    }
+
+    /// The commit index (encoded `Option<LogId>`).
+    pub(crate) fn committed(encoded: Vec<u8>) -> Op {
+        Op { kind: KIND_COMMITTED, payload: encoded }
+    }
+
+    /// Entries up to `upto` are gone: upto u64 LE, then the encoded purged `Option<LogId>`.
+    pub(crate) fn purge(upto: u64, encoded: &[u8]) -> Op {
+        let mut payload = upto.to_le_bytes().to_vec();
+        payload.extend_from_slice(encoded);
+        Op { kind: KIND_PURGE, payload }
+    }
+
+    /// Entries from `from` on are gone: from u64 LE.
+    pub(crate) fn truncate(from: u64) -> Op {
+        Op { kind: KIND_TRUNCATE, payload: from.to_le_bytes().to_vec() }
+    }
+
+    /// A state-machine record: name length u16 LE, name, value.
+    pub(crate) fn sm(name: &str, value: &[u8]) -> Op {
+        let mut payload = (name.len() as u16).to_le_bytes().to_vec();
+        payload.extend_from_slice(name.as_bytes());
+        payload.extend_from_slice(value);
+        Op { kind: KIND_SM, payload }
+    }
+
+    /// Everything of the group is gone.
+    pub(crate) fn remove() -> Op {
+        Op { kind: KIND_REMOVE, payload: Vec::new() }
     }
 }
 
-/// One mutation.
-pub(crate) enum Op {
-    Put(Cf, Vec<u8>, Vec<u8>),
-    DeleteRange(Cf, Vec<u8>, Vec<u8>),
+/// What the log holds of one group, as written (entries by where they are on disk).
+#[derive(Default)]
+pub(crate) struct GroupDisk {
+    /// Live entries: where each entry's encoded bytes are.
+    pub(crate) entries: BTreeMap<u64, Location>,
+    pub(crate) vote: Option<Vec<u8>>,
+    pub(crate) committed: Option<Vec<u8>>,
+    /// Purge point (index) and its encoded `Option<LogId>`.
+    pub(crate) purged: Option<(u64, Vec<u8>)>,
+    pub(crate) sm: BTreeMap<String, Vec<u8>>,
 }
 
-/// What to tell the requester once its ops are durable.
+/// Every group's state as written; shared by the writer (which updates it once a batch is
+/// durable) and the readers.
+pub(crate) type Index = Arc<Mutex<HashMap<GroupId, GroupDisk>>>;
+
+fn bad(group: GroupId, what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("raft log: group {group}: {what}"))
+}
+
+fn le_u64(b: &[u8]) -> Option<u64> {
+    b.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes)
+}
+
+/// Applies one record (read back at open, or just written at `at`) to the index.
+pub(crate) fn apply(index: &mut HashMap<GroupId, GroupDisk>, group: GroupId, kind: u8, payload: &[u8], at: Location) -> io::Result<()> {
+    if kind == KIND_REMOVE {
+        index.remove(&group);
+        return Ok(());
+    }
+    let g = index.entry(group).or_default();
+    match kind {
+        KIND_ENTRY => {
+            let i = le_u64(payload).ok_or_else(|| bad(group, "an entry record without an index"))?;
+            g.entries.insert(i, Location { offset: at.offset + 8, len: at.len - 8, ..at });
+        }
+        KIND_VOTE => g.vote = Some(payload.to_vec()),
+        KIND_COMMITTED => g.committed = Some(payload.to_vec()),
+        KIND_PURGE => {
+            let upto = le_u64(payload).ok_or_else(|| bad(group, "a purge record without an index"))?;
+            g.entries = g.entries.split_off(&upto.saturating_add(1));
+            g.purged = Some((upto, payload[8..].to_vec()));
+        }
+        KIND_TRUNCATE => {
+            let from = le_u64(payload).ok_or_else(|| bad(group, "a truncate record without an index"))?;
+            g.entries.split_off(&from);
+        }
+        KIND_SM => {
+            let n = payload.get(..2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize).ok_or_else(|| bad(group, "a short state-machine record"))?;
+            let name = payload.get(2..2 + n).ok_or_else(|| bad(group, "a short state-machine record"))?;
+            let name = String::from_utf8(name.to_vec()).map_err(|_| bad(group, "a state-machine record name is not UTF-8"))?;
+            g.sm.insert(name, payload[2 + n..].to_vec());
+        }
+        other => return Err(bad(group, &format!("record kind {other} is unknown to this binary: run the newer basalt-node"))),
+    }
+    Ok(())
+}
+
+/// What to tell the requester once its records are durable.
 pub(crate) enum Done {
     /// openraft's append callback.
     Flushed(IOFlushed<TypeConfig>),
@@ -60,6 +160,7 @@ pub(crate) enum Done {
 }
 
 pub(crate) struct Request {
+    pub(crate) group: GroupId,
     pub(crate) ops: Vec<Op>,
     pub(crate) bytes: usize,
     pub(crate) done: Done,
@@ -70,9 +171,9 @@ pub(crate) struct Request {
 /// Counters that show group commit at work.
 #[derive(Debug, Default)]
 pub struct WriterStats {
-    /// Synced RocksDB writes.
+    /// Synced batches.
     pub batches: AtomicU64,
-    /// Requests those writes carried.
+    /// Requests those batches carried.
     pub requests: AtomicU64,
     /// Payload bytes written.
     pub bytes: AtomicU64,
@@ -80,6 +181,8 @@ pub struct WriterStats {
     pub sync_micros: AtomicU64,
     /// A batch is waiting for the filesystem to have space again.
     pub waiting_for_space: AtomicBool,
+    /// Segments released (overwritten with zeros for reuse).
+    pub segments_released: AtomicU64,
 }
 
 /// How often a batch refused for lack of space is tried again.
@@ -88,6 +191,8 @@ pub const NO_SPACE_RETRY: Duration = Duration::from_millis(500);
 /// What the writer thread receives.
 pub(crate) enum Msg {
     Write(Request),
+    /// Move every live entry out of the older segments and release them all.
+    Compact(oneshot::Sender<io::Result<()>>),
     /// Finish what came before, then exit (dropping the queue, so later senders fail fast).
     Stop,
 }
@@ -101,13 +206,15 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    pub(crate) fn start(db: Arc<DB>, max_batch_bytes: usize, queue: usize) -> io::Result<Self> {
+    pub(crate) fn start(wal: Wal, index: Index, max_batch_bytes: usize, queue: usize) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel(queue);
         let stats = Arc::new(WriterStats::default());
         let stopping = Arc::new(AtomicBool::new(false));
-        let (thread_stats, thread_stopping) = (stats.clone(), stopping.clone());
-        let thread =
-            std::thread::Builder::new().name("raft-log-writer".into()).spawn(move || run(db, rx, max_batch_bytes, thread_stats, thread_stopping))?;
+        let mut state = State { wal, index, stats: stats.clone(), stop: stopping.clone(), checkpoint_segment: 0, max_batch_bytes };
+        // Every group's metadata is written again at the head of the log: segments before it
+        // hold nothing but entries from now on.
+        state.checkpoint().map_err(|e| io::Error::other(e.to_string()))?;
+        let thread = std::thread::Builder::new().name("raft-log-writer".into()).spawn(move || run(state, rx))?;
         Ok(Self { tx, thread: Some(thread), stats, stopping })
     }
 
@@ -132,22 +239,142 @@ impl Drop for Writer {
     }
 }
 
-fn run(db: Arc<DB>, mut rx: mpsc::Receiver<Msg>, max_batch_bytes: usize, stats: Arc<WriterStats>, stop: Arc<AtomicBool>) {
-    let mut opts = WriteOptions::default();
-    opts.set_sync(true);
+struct State {
+    wal: Wal,
+    index: Index,
+    stats: Arc<WriterStats>,
+    stop: Arc<AtomicBool>,
+    /// The segment the last checkpoint of every group's metadata went to.
+    checkpoint_segment: u64,
+    max_batch_bytes: usize,
+}
+
+impl State {
+    fn index(&self) -> std::sync::MutexGuard<'_, HashMap<GroupId, GroupDisk>> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends `records` (group, op), retrying while the filesystem is full, and applies them to
+    /// the index once durable.
+    fn write(&mut self, records: &[(GroupId, &Op)]) -> Result<(), WalError> {
+        let batch: Vec<Record<'_>> = records.iter().map(|(g, op)| Record { kind: op.kind, group: *g, payload: &op.payload }).collect();
+        let mut result = self.wal.append(&batch);
+        while result.as_ref().is_err_and(WalError::is_no_space) && !self.stop.load(Ordering::Acquire) {
+            if !self.stats.waiting_for_space.swap(true, Ordering::Relaxed) {
+                tracing::error!("raft log filesystem is full: log writes wait for space (this node's Raft groups stall)");
+            }
+            std::thread::sleep(NO_SPACE_RETRY);
+            result = self.wal.append(&batch);
+        }
+        if self.stats.waiting_for_space.swap(false, Ordering::Relaxed) && result.is_ok() {
+            tracing::info!("raft log filesystem has space again: log writes resumed");
+        }
+        let pos = result?;
+        let mut index = self.index();
+        for ((group, op), at) in records.iter().zip(pos.records) {
+            // Records were checked as they were made; a failure here is a bug worth a log line.
+            if let Err(e) = apply(&mut index, *group, op.kind, &op.payload, at) {
+                tracing::error!(error = %e, "raft log index update failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes every group's metadata again (vote, commit index, purge point, state-machine
+    /// records), so no older segment is needed for it.
+    fn checkpoint(&mut self) -> Result<(), WalError> {
+        let ops: Vec<(GroupId, Op)> = {
+            let index = self.index();
+            let mut ops = Vec::new();
+            for (group, g) in index.iter() {
+                if let Some(v) = &g.vote {
+                    ops.push((*group, Op::vote(v.clone())));
+                }
+                if let Some(c) = &g.committed {
+                    ops.push((*group, Op::committed(c.clone())));
+                }
+                if let Some((upto, p)) = &g.purged {
+                    ops.push((*group, Op::purge(*upto, p)));
+                }
+                for (name, value) in &g.sm {
+                    ops.push((*group, Op::sm(name, value)));
+                }
+            }
+            ops
+        };
+        let segment = self.wal.active_segment();
+        let refs: Vec<(GroupId, &Op)> = ops.iter().map(|(g, o)| (*g, o)).collect();
+        self.write(&refs)?;
+        // If the checkpoint itself rolled over, it is whole in the segment it ended in.
+        self.checkpoint_segment = self.wal.active_segment().max(segment);
+        Ok(())
+    }
+
+    /// After a batch: a checkpoint if a new segment began, then releases what nothing needs.
+    fn maintain(&mut self) -> Result<(), WalError> {
+        if self.wal.active_segment() != self.checkpoint_segment {
+            self.checkpoint()?;
+        }
+        let oldest_entry = self.index().values().filter_map(|g| g.entries.values().next().map(|l| l.segment)).min();
+        let needed = oldest_entry.unwrap_or(u64::MAX).min(self.checkpoint_segment);
+        let released = self.wal.release_before(needed)?;
+        self.stats.segments_released.fetch_add(released as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Moves every live entry out of the segments before a fresh one and releases them all:
+    /// no byte of a purged entry is left anywhere in the log's files.
+    fn compact(&mut self) -> Result<(), WalError> {
+        self.wal.roll_now()?;
+        self.checkpoint()?;
+        let fresh = self.checkpoint_segment;
+        let reader = self.wal.reader();
+        let live: Vec<(GroupId, u64, Location)> =
+            self.index().iter().flat_map(|(g, d)| d.entries.iter().filter(|(_, l)| l.segment < fresh).map(move |(i, l)| (*g, *i, *l))).collect();
+        let mut pending: Vec<(GroupId, Op)> = Vec::new();
+        let mut bytes = 0;
+        for (group, i, at) in live {
+            let encoded = reader.read(at)?;
+            bytes += encoded.len();
+            pending.push((group, Op::entry(i, &encoded)));
+            if bytes >= self.max_batch_bytes {
+                let refs: Vec<(GroupId, &Op)> = pending.iter().map(|(g, o)| (*g, o)).collect();
+                self.write(&refs)?;
+                pending.clear();
+                bytes = 0;
+            }
+        }
+        if !pending.is_empty() {
+            let refs: Vec<(GroupId, &Op)> = pending.iter().map(|(g, o)| (*g, o)).collect();
+            self.write(&refs)?;
+        }
+        self.maintain()
+    }
+}
+
+fn run(mut state: State, mut rx: mpsc::Receiver<Msg>) {
     let mut stopping = false;
     while !stopping {
         let first = match rx.blocking_recv() {
             Some(Msg::Write(r)) => r,
+            Some(Msg::Compact(tx)) => {
+                let _ = tx.send(state.compact().map_err(|e| io::Error::other(e.to_string())));
+                continue;
+            }
             Some(Msg::Stop) | None => break,
         };
         let mut bytes = first.bytes;
         let mut reqs = vec![first];
-        while bytes < max_batch_bytes {
+        let mut compact = None;
+        while bytes < state.max_batch_bytes {
             match rx.try_recv() {
                 Ok(Msg::Write(r)) => {
                     bytes += r.bytes;
                     reqs.push(r);
+                }
+                Ok(Msg::Compact(tx)) => {
+                    compact = Some(tx);
+                    break;
                 }
                 Ok(Msg::Stop) => {
                     stopping = true;
@@ -157,21 +384,13 @@ fn run(db: Arc<DB>, mut rx: mpsc::Receiver<Msg>, max_batch_bytes: usize, stats: 
             }
         }
         let started = std::time::Instant::now();
-        let mut result = db.write_opt(batch(&db, &reqs), &opts);
-        while result.as_ref().is_err_and(is_no_space) && !stop.load(Ordering::Acquire) {
-            if !stats.waiting_for_space.swap(true, Ordering::Relaxed) {
-                tracing::error!(path = %db.path().display(), "raft log filesystem is full: log writes wait for space (this node's Raft groups stall)");
-            }
-            std::thread::sleep(NO_SPACE_RETRY);
-            result = db.write_opt(batch(&db, &reqs), &opts);
-        }
-        if stats.waiting_for_space.swap(false, Ordering::Relaxed) && result.is_ok() {
-            tracing::info!(path = %db.path().display(), "raft log filesystem has space again: log writes resumed");
-        }
-        stats.sync_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        stats.batches.fetch_add(1, Ordering::Relaxed);
-        stats.requests.fetch_add(reqs.len() as u64, Ordering::Relaxed);
-        stats.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        let records: Vec<(GroupId, &Op)> = reqs.iter().flat_map(|r| r.ops.iter().map(move |op| (r.group, op))).collect();
+        let result = state.write(&records);
+        drop(records);
+        state.stats.sync_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        state.stats.batches.fetch_add(1, Ordering::Relaxed);
+        state.stats.requests.fetch_add(reqs.len() as u64, Ordering::Relaxed);
+        state.stats.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
         if let Err(e) = &result {
             tracing::error!(error = %e, "raft log write failed");
         }
@@ -190,30 +409,13 @@ fn run(db: Arc<DB>, mut rx: mpsc::Receiver<Msg>, max_batch_bytes: usize, stats: 
                 Done::Nothing => {}
             }
         }
-    }
-}
-
-/// One write batch of every request's ops (rebuilt for each attempt: a write consumes it).
-fn batch(db: &DB, reqs: &[Request]) -> WriteBatch {
-    let mut wb = WriteBatch::default();
-    for op in reqs.iter().flat_map(|r| &r.ops) {
-        match op {
-            Op::Put(cf, k, v) => {
-                let cf = db.cf_handle(cf.name()).expect("column family exists");
-                wb.put_cf(&cf, k, v);
-            }
-            Op::DeleteRange(cf, from, to) => {
-                let cf = db.cf_handle(cf.name()).expect("column family exists");
-                wb.delete_range_cf(&cf, from, to);
-            }
+        if result.is_ok()
+            && let Err(e) = state.maintain()
+        {
+            tracing::error!(error = %e, "raft log segment maintenance failed");
+        }
+        if let Some(tx) = compact {
+            let _ = tx.send(state.compact().map_err(|e| io::Error::other(e.to_string())));
         }
     }
-    wb
-}
-
-/// RocksDB reports a full filesystem only in its message ("IO error: No space left on
-/// device"; the crate has no sub-code for it).
-fn is_no_space(e: &rocksdb::Error) -> bool {
-    let text = e.to_string();
-    text.contains("No space left") || text.contains("NoSpace")
 }
