@@ -11,7 +11,8 @@
 //! - [`store`][]: the operations ([`ChunkStore`]).
 //! - [`image`][]: the chunk images a PG streams to a new replica.
 
-pub mod aligned;
+/// O_DIRECT buffers (in `basalt-common`, shared with the Raft log).
+pub use basalt_common::aligned;
 pub mod data_file;
 pub mod error;
 pub mod image;

@@ -1,9 +1,11 @@
 //! Types every Basalt crate shares.
 //!
 //! Kept deliberately small and free of I/O: identifiers, the block/extent/chunk geometry,
-//! size parsing, name validation and failure-domain labels. Anything that needs a runtime
-//! lives in the crate that owns it.
+//! size parsing, name validation, failure-domain labels, and the 4 KiB-aligned buffer both
+//! O_DIRECT writers (the chunk store and the Raft log) use. Anything that needs a runtime lives
+//! in the crate that owns it.
 
+pub mod aligned;
 pub mod block;
 pub mod ids;
 pub mod labels;

@@ -36,6 +36,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use basalt_common::aligned::AlignedBuf;
 use thiserror::Error;
 
 /// Format of segment headers and batches this binary writes and reads.
@@ -215,6 +216,8 @@ pub struct Wal {
     free: Vec<PathBuf>,
     next_free: u64,
     reader: WalReader,
+    /// The active segment opened with O_DIRECT (see [`open_direct`]).
+    direct: Option<File>,
 }
 
 fn segment_name(id: u64) -> String {
@@ -254,31 +257,42 @@ fn le_u64(b: &[u8]) -> u64 {
     u64::from_le_bytes(a)
 }
 
-/// The padded bytes of one batch, and where each payload starts within it.
-fn encode_batch(segment: u64, lsn: u64, records: &[Record<'_>]) -> (Vec<u8>, Vec<usize>) {
+/// The padded bytes of one batch (in an aligned buffer, ready for an O_DIRECT write), and
+/// where each payload starts within it.
+fn encode_batch(segment: u64, lsn: u64, records: &[Record<'_>]) -> (AlignedBuf, Vec<usize>) {
     let body: usize = records.iter().map(|r| RECORD_HEADER + r.payload.len()).sum();
-    let len = (BATCH_HEADER + body).div_ceil(BLOCK as usize) * BLOCK as usize;
-    let mut out = Vec::with_capacity(len);
-    out.extend_from_slice(BATCH_MAGIC);
-    out.push(WAL_FORMAT as u8);
-    out.extend_from_slice(&[0; 3]);
-    out.extend_from_slice(&segment.to_le_bytes());
-    out.extend_from_slice(&lsn.to_le_bytes());
-    out.extend_from_slice(&(body as u32).to_le_bytes());
-    out.extend_from_slice(&[0; 4]);
+    let mut buf = AlignedBuf::zeroed(BATCH_HEADER + body);
+    let out = buf.as_mut_slice();
+    out[0..4].copy_from_slice(BATCH_MAGIC);
+    out[4] = WAL_FORMAT as u8;
+    out[8..16].copy_from_slice(&segment.to_le_bytes());
+    out[16..24].copy_from_slice(&lsn.to_le_bytes());
+    out[24..28].copy_from_slice(&(body as u32).to_le_bytes());
     let mut starts = Vec::with_capacity(records.len());
+    let mut pos = BATCH_HEADER;
     for r in records {
-        out.push(r.kind);
-        out.extend_from_slice(&r.group.to_le_bytes());
-        out.extend_from_slice(&(r.payload.len() as u32).to_le_bytes());
-        starts.push(out.len());
-        out.extend_from_slice(r.payload);
+        out[pos] = r.kind;
+        out[pos + 1..pos + 5].copy_from_slice(&r.group.to_le_bytes());
+        out[pos + 5..pos + 9].copy_from_slice(&(r.payload.len() as u32).to_le_bytes());
+        pos += RECORD_HEADER;
+        starts.push(pos);
+        out[pos..pos + r.payload.len()].copy_from_slice(r.payload);
+        pos += r.payload.len();
     }
-    let mut crc = crc32c::crc32c(&out[..28]);
-    crc = crc32c::crc32c_append(crc, &out[BATCH_HEADER..]);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&out[..28]), &out[BATCH_HEADER..pos]);
     out[28..32].copy_from_slice(&crc.to_le_bytes());
-    out.resize(len, 0);
-    (out, starts)
+    (buf, starts)
+}
+
+/// The active segment opened for O_DIRECT appends, or `None` where the filesystem has no
+/// O_DIRECT (tmpfs): appends then go through the page cache, still followed by fdatasync.
+fn open_direct(path: &Path) -> Result<Option<File>, WalError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
+        Err(e) => Err(WalError::Io { path: path.to_path_buf(), source: e }),
+    }
 }
 
 /// What one segment holds: its records, where appends would continue, and whether it ended on
@@ -435,7 +449,11 @@ impl Wal {
         }
         let reader = WalReader::default();
         segments.iter().for_each(|s| reader.add(s));
-        let mut wal = Wal { cfg, segments, offset, next_lsn: lsn.map_or(1, |l| l + 1), free, next_free, reader };
+        let direct = match segments.back() {
+            Some(s) => open_direct(&s.path)?,
+            None => None,
+        };
+        let mut wal = Wal { cfg, segments, offset, next_lsn: lsn.map_or(1, |l| l + 1), free, next_free, reader, direct };
         if wal.segments.is_empty() {
             wal.roll()?;
         }
@@ -455,8 +473,9 @@ impl Wal {
             (bytes, starts) = encode_batch(self.active().id, lsn, records);
         }
         let active = self.active();
-        active.file.write_all_at(&bytes, self.offset).map_err(io_err(&active.path))?;
-        active.file.sync_data().map_err(io_err(&active.path))?;
+        let file: &File = self.direct.as_ref().unwrap_or(&active.file);
+        file.write_all_at(bytes.as_slice(), self.offset).map_err(io_err(&active.path))?;
+        file.sync_data().map_err(io_err(&active.path))?;
         let at = self.offset;
         let records = starts
             .iter()
@@ -507,6 +526,7 @@ impl Wal {
         file.write_all_at(&segment_header(id), 0).map_err(io_err(&path))?;
         file.sync_data().map_err(io_err(&path))?;
         sync_dir(&self.cfg.dir)?;
+        self.direct = open_direct(&path)?;
         let segment = Segment { id, path, file: Arc::new(file) };
         self.reader.add(&segment);
         self.segments.push_back(segment);

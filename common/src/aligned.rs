@@ -63,11 +63,13 @@ impl AlignedBuf {
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 
-    pub(crate) fn as_mut_ptr(&mut self) -> *mut u8 {
+    /// Start of the buffer, for I/O submission.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
         self.ptr.as_ptr()
     }
 
-    pub(crate) fn as_ptr(&self) -> *const u8 {
+    /// Start of the buffer, for I/O submission.
+    pub fn as_ptr(&self) -> *const u8 {
         self.ptr.as_ptr()
     }
 }
