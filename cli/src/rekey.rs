@@ -78,10 +78,8 @@ pub async fn volume_rekey(admin: &Admin, out: Out, req: Rekey<'_>) -> Result<(),
         let old_kek = Kek::from_file(req.kek_file).map_err(crypt_err)?;
         let keys = rewrapped(admin, &req.name, &old_kek, &kek, true).await?;
         let v = propose(admin, &req.name, keys, true, req.rate).await?;
-        eprintln!(
-            "volume {}: new writes are sealed with key version {}; moving the existing blocks to it (the old KEK no longer opens the volume)",
-            v.name, v.key_version
-        );
+        let kek_note = if old_kek.fingerprint() == kek.fingerprint() { "" } else { " (the old KEK no longer opens the volume)" };
+        eprintln!("volume {}: new writes are sealed with key version {}; moving the existing blocks to it{kek_note}", v.name, v.key_version);
     }
     let done = follow(admin, out, &req.name, &kek).await?;
     out.print(volume_json(&done), || {
