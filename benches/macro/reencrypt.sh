@@ -9,6 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/env
+. benches/macro/common.sh
 secs="${1:-20}"
 pgs="${BASALT_BENCH_PGS:-64}"
 work="${BASALT_BENCH_DIR:-$PWD/bench-work}/reencrypt"
@@ -22,11 +23,6 @@ cleanup() {
     [ "${BASALT_BENCH_KEEP:-0}" = 1 ] || rm -rf "$work/dev"
 }
 trap cleanup EXIT
-
-wait_ready() {
-  for _ in $(seq 1 "$3"); do grep -q '^ready$' "$1" 2>/dev/null && return 0; sleep 1; done
-  echo "$1: not ready after $3 s" >&2; cat "$2" >&2; exit 1
-}
 
 "$bin/basalt" dev up --dir "$work/dev" --size 64MiB --pgs "$pgs" > "$work/devup.out" 2> "$work/devup.err" &
 dev_pid=$!

@@ -23,6 +23,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/env
+. benches/macro/common.sh
 secs="${1:-20}"
 pgs="${BASALT_BENCH_PGS:-64}"
 work="${BASALT_BENCH_DIR:-$PWD/bench-work}"
@@ -60,13 +61,6 @@ dport=$(free_port)
 qemu-nbd -f raw -x bench -b 127.0.0.1 -p "$dport" --persistent --shared=16 "$work/default.img" &
 qdef_pid=$!
 qdef_uri="nbd://127.0.0.1:$dport/bench"
-
-# Waits (up to $3 seconds) for the process writing $1 to print `ready`; fails showing its
-# stderr ($2) otherwise.
-wait_ready() {
-  for _ in $(seq 1 "$3"); do grep -q '^ready$' "$1" 2>/dev/null && return 0; sleep 1; done
-  echo "$1: not ready after $3 s" >&2; cat "$2" >&2; exit 1
-}
 
 # (b) Basalt.
 "$bin/basalt" dev up --dir "$work/dev" --size "$size" --pgs "$pgs" > "$work/devup.out" 2> "$work/devup.err" &

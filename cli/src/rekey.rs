@@ -70,18 +70,17 @@ pub async fn volume_rekey(admin: &Admin, out: Out, req: Rekey<'_>) -> Result<(),
     if !shown.encrypted {
         return Err(CliError::invalid(format!("volume {} is not encrypted", req.name)));
     }
-    let kek = new_kek.unwrap_or(old_kek);
+    // `kek_file` opens the keys now; every version (and the new one) ends up under `kek`.
+    let kek = new_kek.as_ref().unwrap_or(&old_kek);
     if shown.reencrypting {
         eprintln!("volume {} is being re-encrypted to key version {} ({}% done): following it", req.name, shown.key_version, percent(&shown));
     } else {
-        // `kek_file` opens the keys now; every version (and the new one) ends up under `kek`.
-        let old_kek = Kek::from_file(req.kek_file).map_err(crypt_err)?;
-        let keys = rewrapped(admin, &req.name, &old_kek, &kek, true).await?;
+        let keys = rewrapped(admin, &req.name, &old_kek, kek, true).await?;
         let v = propose(admin, &req.name, keys, true, req.rate).await?;
         let kek_note = if old_kek.fingerprint() == kek.fingerprint() { "" } else { " (the old KEK no longer opens the volume)" };
         eprintln!("volume {}: new writes are sealed with key version {}; moving the existing blocks to it{kek_note}", v.name, v.key_version);
     }
-    let done = follow(admin, out, &req.name, &kek).await?;
+    let done = follow(admin, out, &req.name, kek).await?;
     out.print(volume_json(&done), || {
         format!("re-encrypted volume {} to key version {}; the older data keys are erased from every meta node", done.name, done.key_version)
     });

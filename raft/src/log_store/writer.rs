@@ -280,6 +280,12 @@ impl State {
         Ok(())
     }
 
+    /// [`State::write`] of records this thread made itself.
+    fn write_owned(&mut self, records: &[(GroupId, Op)]) -> Result<(), WalError> {
+        let refs: Vec<(GroupId, &Op)> = records.iter().map(|(g, o)| (*g, o)).collect();
+        self.write(&refs)
+    }
+
     /// Writes every group's metadata again (vote, commit index, purge point, state-machine
     /// records), so no older segment is needed for it.
     fn checkpoint(&mut self) -> Result<(), WalError> {
@@ -303,8 +309,7 @@ impl State {
             ops
         };
         let segment = self.wal.active_segment();
-        let refs: Vec<(GroupId, &Op)> = ops.iter().map(|(g, o)| (*g, o)).collect();
-        self.write(&refs)?;
+        self.write_owned(&ops)?;
         // If the checkpoint itself rolled over, it is whole in the segment it ended in.
         self.checkpoint_segment = self.wal.active_segment().max(segment);
         Ok(())
@@ -338,15 +343,13 @@ impl State {
             bytes += encoded.len();
             pending.push((group, Op::entry(i, &encoded)));
             if bytes >= self.max_batch_bytes {
-                let refs: Vec<(GroupId, &Op)> = pending.iter().map(|(g, o)| (*g, o)).collect();
-                self.write(&refs)?;
+                self.write_owned(&pending)?;
                 pending.clear();
                 bytes = 0;
             }
         }
         if !pending.is_empty() {
-            let refs: Vec<(GroupId, &Op)> = pending.iter().map(|(g, o)| (*g, o)).collect();
-            self.write(&refs)?;
+            self.write_owned(&pending)?;
         }
         self.maintain()
     }

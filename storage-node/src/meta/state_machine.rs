@@ -110,77 +110,36 @@ impl From<ClusterStateV1> for ClusterState {
     }
 }
 
-/// [`ClusterState`] as format 2 had it, before encrypted volumes.
+// Each older format is the one before it with fields appended; bincode writes a nested struct
+// as its fields in order, so each legacy struct is the previous one plus what its format added.
+
+/// [`ClusterState`] as format 2 had it, before encrypted volumes: format 1, then tokens and the
+/// audit log's head.
 #[derive(Deserialize)]
 struct ClusterStateV2 {
-    cluster_id: Option<String>,
-    settings: Option<ClusterSettings>,
-    nodes: BTreeMap<NodeId, NodeRecord>,
-    pgs: Vec<PgRecord>,
-    volumes: BTreeMap<VolumeId, VolumeRecord>,
-    next_volume_id: u64,
-    version: u64,
-    draining: BTreeSet<NodeId>,
-    removed: BTreeSet<NodeId>,
+    v1: ClusterStateV1,
     tokens: BTreeMap<TokenId, TokenRecord>,
     audit: AuditHead,
 }
 
 impl From<ClusterStateV2> for ClusterState {
     fn from(v: ClusterStateV2) -> ClusterState {
-        ClusterState {
-            cluster_id: v.cluster_id,
-            settings: v.settings,
-            nodes: v.nodes,
-            pgs: v.pgs,
-            volumes: v.volumes,
-            next_volume_id: v.next_volume_id,
-            version: v.version,
-            draining: v.draining,
-            removed: v.removed,
-            tokens: v.tokens,
-            audit: v.audit,
-            ..ClusterState::default()
-        }
+        ClusterState { tokens: v.tokens, audit: v.audit, ..v.v1.into() }
     }
 }
 
-/// [`ClusterState`] as format 3 had it, before re-encryptions.
+/// [`ClusterState`] as format 3 had it, before re-encryptions: format 2, then encrypted volumes'
+/// keys and the encryption default.
 #[derive(Deserialize)]
 struct ClusterStateV3 {
-    cluster_id: Option<String>,
-    settings: Option<ClusterSettings>,
-    nodes: BTreeMap<NodeId, NodeRecord>,
-    pgs: Vec<PgRecord>,
-    volumes: BTreeMap<VolumeId, VolumeRecord>,
-    next_volume_id: u64,
-    version: u64,
-    draining: BTreeSet<NodeId>,
-    removed: BTreeSet<NodeId>,
-    tokens: BTreeMap<TokenId, TokenRecord>,
-    audit: AuditHead,
+    v2: ClusterStateV2,
     volume_keys: BTreeMap<VolumeId, VolumeKeys>,
     encrypt_by_default: bool,
 }
 
 impl From<ClusterStateV3> for ClusterState {
     fn from(v: ClusterStateV3) -> ClusterState {
-        ClusterState {
-            cluster_id: v.cluster_id,
-            settings: v.settings,
-            nodes: v.nodes,
-            pgs: v.pgs,
-            volumes: v.volumes,
-            next_volume_id: v.next_volume_id,
-            version: v.version,
-            draining: v.draining,
-            removed: v.removed,
-            tokens: v.tokens,
-            audit: v.audit,
-            volume_keys: v.volume_keys,
-            encrypt_by_default: v.encrypt_by_default,
-            ..ClusterState::default()
-        }
+        ClusterState { volume_keys: v.volume_keys, encrypt_by_default: v.encrypt_by_default, ..v.v2.into() }
     }
 }
 
