@@ -52,7 +52,7 @@ impl Default for RaftTuning {
 }
 
 impl RaftTuning {
-    fn openraft_config(&self) -> Result<openraft::Config, RaftError> {
+    pub(crate) fn openraft_config(&self) -> Result<openraft::Config, RaftError> {
         let cfg = openraft::Config {
             cluster_name: "basalt".into(),
             heartbeat_interval: self.heartbeat_ms,
@@ -70,6 +70,12 @@ impl RaftTuning {
             // Replicate an entry as soon as it is handed to the log store, so the leader's fsync
             // and the followers' overlap instead of running one after the other.
             broadcast_submitted_on_append: Some(true),
+            // A restarted leader must win an election again. With openraft's default (restore
+            // leadership from the stored vote) a leader killed before its own log flushed came
+            // back leading the same term without the entries its followers had committed: it
+            // served reads missing acknowledged writes and re-used their log ids for new entries,
+            // so replicas diverged (found by the simulation, `crate::sim`, seed 1).
+            enable_leader_restore: Some(false),
             ..Default::default()
         };
         cfg.validate().map_err(|e| RaftError::Membership { group: 0, reason: format!("invalid raft tuning: {e}") })

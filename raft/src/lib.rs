@@ -17,11 +17,18 @@
 //! - [`group`][]: [`RaftGroup`].
 //! - [`host`][]: [`RaftHost`] and [`RaftTuning`].
 //! - [`wal`][]: write-ahead segments: the log's on-disk format.
+//! - [`log_store::memory`][]: the in-memory log engine (same contract, simulated syncs).
+//! - [`runtime`][]: tokio as openraft's runtime, with election timeouts that can be seeded.
+//! - `sim` (feature `sim`, on in this crate's tests): the deterministic simulation of a
+//!   group's three replicas under faults, with a history checker.
 
 pub mod error;
 pub mod group;
 pub mod host;
 pub mod log_store;
+pub mod runtime;
+#[cfg(feature = "sim")]
+pub mod sim;
 pub mod state_machine;
 pub mod transport;
 pub mod types;
@@ -30,7 +37,7 @@ pub mod wal;
 pub use error::RaftError;
 pub use group::{GroupStatus, RaftGroup};
 pub use host::{RaftHost, RaftTuning};
-pub use log_store::{LogEngine, LogEngineConfig, SmStore};
+pub use log_store::{LogEngine, LogEngineConfig, RaftLogEngine, SmStore};
 pub use state_machine::{Checkpoint, SnapshotReceiver, SnapshotSink, SnapshotStream, StateMachine};
 pub use transport::Router;
 pub use types::{ApplyItem, CheckpointRecord, GroupId, META_GROUP, NodeId, NodeInfo};

@@ -52,6 +52,7 @@ openraft::declare_raft_types!(
         R = Reply,
         NodeId = NodeId,
         Node = NodeInfo,
+        AsyncRuntime = crate::runtime::BasaltRuntime,
 );
 
 pub(crate) type LogId = LogIdOf<TypeConfig>;

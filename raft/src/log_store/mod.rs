@@ -15,6 +15,7 @@
 //! bincode; see [`writer::Op`]. A log directory holding the RocksDB log of earlier versions is
 //! refused by name.
 
+pub mod memory;
 pub(crate) mod writer;
 
 use std::collections::{BTreeMap, HashMap};
@@ -49,6 +50,24 @@ pub struct LogEngineConfig {
     pub tail_bytes_per_group: usize,
     /// Upper bound of one group-commit batch.
     pub max_batch_bytes: usize,
+}
+
+/// A node's Raft log engine as the groups it hosts see it: one openraft log store per group.
+/// [`LogEngine`] (segment files on disk) and [`memory::MemLogEngine`] (the simulation's) are
+/// the two implementations.
+pub trait RaftLogEngine: Clone + Send + Sync + 'static {
+    /// One group's log.
+    type Group: RaftLogStorage<TypeConfig>;
+    /// The log of `group` (created empty if new).
+    fn group(&self, group: GroupId) -> Result<Self::Group, RaftError>;
+}
+
+impl RaftLogEngine for LogEngine {
+    type Group = GroupLogStore;
+
+    fn group(&self, group: GroupId) -> Result<GroupLogStore, RaftError> {
+        LogEngine::group(self, group)
+    }
 }
 
 /// Default segment size: large enough that rolling over (one extra checkpoint batch) is rare.
