@@ -258,33 +258,13 @@ impl Cluster {
         }
     }
 
-    /// Proposes `command` through whichever node leads, retrying until the deadline.
-    async fn propose(&self, command: bytes::Bytes) -> bool {
-        let deadline = Instant::now() + OP_DEADLINE;
-        let mut target = self.leader_hint.load(Ordering::Relaxed);
-        while Instant::now() < deadline {
-            let Some((group, _)) = self.running(target) else {
-                target = next_node(target);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            };
-            match tokio::time::timeout(Duration::from_millis(500), group.propose(command.clone())).await {
-                Ok(Ok(_)) => {
-                    self.leader_hint.store(target, Ordering::Relaxed);
-                    return true;
-                }
-                Ok(Err(RaftError::NotLeader { leader: Some(l), .. })) if l != target => target = l,
-                _ => {
-                    target = next_node(target);
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        }
-        false
-    }
-
-    /// A linearizable read of `block` (the highest sequence number applied to it), from the leader.
-    async fn read(&self, block: u32) -> Option<u64> {
+    /// Runs `op` on whichever node leads: follows "not the leader" hints, moves on from nodes
+    /// that are down or fail, until the operation's deadline. `None` if no node answered in time.
+    async fn on_leader<T, F, Fut>(&self, mut op: F) -> Option<T>
+    where
+        F: FnMut(RaftGroup<Registers>, Arc<Mutex<State>>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RaftError>>,
+    {
         let deadline = Instant::now() + OP_DEADLINE;
         let mut target = self.leader_hint.load(Ordering::Relaxed);
         while Instant::now() < deadline {
@@ -293,9 +273,10 @@ impl Cluster {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             };
-            match tokio::time::timeout(Duration::from_millis(500), group.read_barrier()).await {
-                Ok(Ok(())) => {
-                    return Some(lock(&state).get(&block).and_then(|s| s.last().copied()).unwrap_or(0));
+            match tokio::time::timeout(Duration::from_millis(500), op(group, state)).await {
+                Ok(Ok(value)) => {
+                    self.leader_hint.store(target, Ordering::Relaxed);
+                    return Some(value);
                 }
                 Ok(Err(RaftError::NotLeader { leader: Some(l), .. })) if l != target => target = l,
                 _ => {
@@ -305,6 +286,25 @@ impl Cluster {
             }
         }
         None
+    }
+
+    /// Proposes `command`; whether it was acknowledged.
+    async fn propose(&self, command: bytes::Bytes) -> bool {
+        self.on_leader(|group, _| {
+            let command = command.clone();
+            async move { group.propose(command).await.map(drop) }
+        })
+        .await
+        .is_some()
+    }
+
+    /// A linearizable read of `block` (the highest sequence number applied to it), from the leader.
+    async fn read(&self, block: u32) -> Option<u64> {
+        self.on_leader(|group, state| async move {
+            group.read_barrier().await?;
+            Ok(lock(&state).get(&block).and_then(|s| s.last().copied()).unwrap_or(0))
+        })
+        .await
     }
 
     async fn writer(self: Arc<Self>, w: usize, stop: Arc<AtomicBool>) {
