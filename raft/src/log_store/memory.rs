@@ -158,13 +158,9 @@ impl MemLogEngine {
     /// that incarnation's handles fail from now on. Starts the flusher task (needs a tokio
     /// runtime).
     pub fn open(disk: &MemLogDisk, config: MemLogConfig) -> Self {
-        let incarnation = {
-            let mut st = disk.lock();
-            st.incarnation += 1;
-            st.pending.clear();
-            st.live = st.durable.clone();
-            st.incarnation
-        };
+        // Booting starts where a power loss leaves the device.
+        disk.power_off();
+        let incarnation = disk.lock().incarnation;
         let rng = Mutex::new(StdRng::seed_from_u64(config.seed ^ incarnation.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
         let inner = Arc::new(EngineInner { disk: disk.clone(), incarnation, config, rng, wake: Notify::new() });
         tokio::spawn(flusher(inner.clone()));
