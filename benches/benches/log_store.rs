@@ -15,8 +15,14 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 fn engine(dir: &std::path::Path) -> LogEngine {
-    LogEngine::open(&LogEngineConfig { dir: dir.join("log"), segment_bytes: 64 << 20, tail_bytes_per_group: 1 << 20, max_batch_bytes: 16 << 20 })
-        .expect("open log")
+    LogEngine::open(&LogEngineConfig {
+        dir: dir.join("log"),
+        segment_bytes: 64 << 20,
+        tail_bytes_per_group: 1 << 20,
+        max_batch_bytes: 16 << 20,
+        size_target: u64::MAX,
+    })
+    .expect("open log")
 }
 
 fn bench(c: &mut Criterion) {

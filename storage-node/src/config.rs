@@ -134,6 +134,7 @@ struct RaftFile {
     election_timeout_max_ms: Option<u64>,
     checkpoint_every_entries: Option<u64>,
     keep_entries_after_checkpoint: Option<u64>,
+    log_size_target: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -221,6 +222,10 @@ pub struct Flags {
     /// Log entries kept after a checkpoint, so a briefly absent replica catches up from the log.
     #[arg(long)]
     pub keep_entries_after_checkpoint: Option<u64>,
+    /// Size of Raft log segment files the node keeps to, e.g. 1GiB: placement groups whose
+    /// kept entries hold older segments are checkpointed and purged.
+    #[arg(long)]
+    pub log_size_target: Option<String>,
     /// Rate at which freed space is overwritten, per second, e.g. 64MiB.
     #[arg(long)]
     pub overwrite_rate: Option<String>,
@@ -271,6 +276,12 @@ pub struct MemoryConfig {
     pub inflight_writes: usize,
 }
 
+/// Default `raft.log_size_target`: 16 segments. Without a target, the entries each placement
+/// group keeps after a checkpoint (`keep_entries_after_checkpoint`, counted in entries) held
+/// 64 × 1 MiB per group under large writes: gigabytes of log at 64 groups, every segment made
+/// and zeroed on the way.
+pub const DEFAULT_LOG_SIZE_TARGET: u64 = 1 << 30;
+
 /// A validated node configuration.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -301,6 +312,8 @@ pub struct NodeConfig {
     pub memory: MemoryConfig,
     /// Raft timing.
     pub raft: basalt_raft::RaftTuning,
+    /// Bytes of Raft log segments the node keeps to (`raft.log_size_target`).
+    pub log_size_target: u64,
     /// Scrub overwrite rate, bytes per second.
     pub overwrite_rate: u64,
     /// What freed space is overwritten with.
@@ -489,6 +502,10 @@ impl NodeConfig {
         if raft.checkpoint_every_entries == 0 {
             return Err(invalid("raft.checkpoint_every_entries", "must be greater than 0"));
         }
+        let log_size_target = size("raft.log_size_target", f.log_size_target.or(file.raft.log_size_target), DEFAULT_LOG_SIZE_TARGET)?;
+        if log_size_target < 2 * basalt_raft::log_store::DEFAULT_SEGMENT_BYTES {
+            return Err(invalid("raft.log_size_target", "must be at least two log segments (128MiB)"));
+        }
         let overwrite_rate = size("scrub.overwrite_rate", f.overwrite_rate.or(file.scrub.overwrite_rate), 64 << 20)?;
         if overwrite_rate == 0 {
             return Err(invalid("scrub.overwrite_rate", "must be greater than 0 (freed space must eventually be overwritten)"));
@@ -573,6 +590,7 @@ impl NodeConfig {
             state_reserve,
             memory,
             raft,
+            log_size_target,
             overwrite_rate,
             overwrite_pattern,
             overwrite_passes,

@@ -147,6 +147,24 @@ pub fn render(ctx: &NodeCtx) -> String {
         vec![(String::new(), log.sync_micros.load(Ordering::Relaxed))],
     );
     family(
+        "basalt_raft_log_size_bytes",
+        "gauge",
+        "Bytes of Raft log segment files in use (kept near raft.log_size_target).",
+        vec![(String::new(), ctx.host.log_engine().size_on_disk())],
+    );
+    family(
+        "basalt_raft_log_segments_released_total",
+        "counter",
+        "Raft log segments released (overwritten with zeros, kept for reuse).",
+        vec![(String::new(), log.segments_released.load(Ordering::Relaxed))],
+    );
+    family(
+        "basalt_raft_log_entries_carried_forward_total",
+        "counter",
+        "Live entries written again at the Raft log's head so its oldest segment could be released.",
+        vec![(String::new(), log.entries_carried_forward.load(Ordering::Relaxed))],
+    );
+    family(
         "basalt_raft_log_waiting_for_space",
         "gauge",
         "1 while a Raft log write waits for its filesystem to have space (this node's Raft groups stall).",

@@ -240,6 +240,7 @@ impl Node {
             segment_bytes: basalt_raft::log_store::DEFAULT_SEGMENT_BYTES,
             tail_bytes_per_group: config.memory.raft_tail_per_group,
             max_batch_bytes: 16 << 20,
+            size_target: config.log_size_target,
         };
         let tls = match config.security.tls.clone() {
             Some(files) => {

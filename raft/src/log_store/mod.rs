@@ -50,6 +50,10 @@ pub struct LogEngineConfig {
     pub tail_bytes_per_group: usize,
     /// Upper bound of one group-commit batch.
     pub max_batch_bytes: usize,
+    /// Size of segment files the log keeps to: past it, the writer carries the few live entries
+    /// of the oldest segment forward ([`writer`]) and [`LogEngine::groups_over_target`] names
+    /// the groups whose entries must be purged.
+    pub size_target: u64,
 }
 
 /// A node's Raft log engine as the groups it hosts see it: one openraft log store per group.
@@ -113,6 +117,8 @@ struct EngineInner {
     stats: Arc<WriterStats>,
     groups: Mutex<HashMap<GroupId, Arc<GroupLog>>>,
     tail_budget: usize,
+    segment_bytes: u64,
+    size_target: u64,
 }
 
 impl EngineInner {
@@ -147,7 +153,7 @@ impl LogEngine {
             }
         }
         let reader = wal.reader();
-        let writer = Writer::start(wal, index.clone(), cfg.max_batch_bytes, 1024).map_err(|e| storage(e.to_string()))?;
+        let writer = Writer::start(wal, index.clone(), cfg.max_batch_bytes, cfg.size_target, 1024).map_err(|e| storage(e.to_string()))?;
         let tx = writer.tx.clone();
         let stats = writer.stats.clone();
         Ok(Self {
@@ -160,6 +166,8 @@ impl LogEngine {
                 stats,
                 groups: Mutex::new(HashMap::new()),
                 tail_budget: cfg.tail_bytes_per_group,
+                segment_bytes: cfg.segment_bytes,
+                size_target: cfg.size_target,
             }),
         })
     }
@@ -182,6 +190,24 @@ impl LogEngine {
     /// Group-commit counters.
     pub fn stats(&self) -> &WriterStats {
         &self.inner.stats
+    }
+
+    /// Bytes of segment files the log spans now (from its oldest segment to the active one).
+    pub fn size_on_disk(&self) -> u64 {
+        let (oldest, active) = (self.inner.stats.oldest_segment.load(Ordering::Relaxed), self.inner.stats.active_segment.load(Ordering::Relaxed));
+        (active.saturating_sub(oldest) + 1) * self.inner.segment_bytes
+    }
+
+    /// Groups whose live entries hold the log above its size target: each has an entry in one of
+    /// the oldest segments beyond the newest target's worth. A segment is released only once no
+    /// group has a live entry in it, so one group's kept entries hold the log for all; purging
+    /// these groups' logs (after a checkpoint) brings it back under the target.
+    pub fn groups_over_target(&self) -> Vec<GroupId> {
+        let keep = (self.inner.size_target / self.inner.segment_bytes).max(2);
+        let Some(first_kept) = self.inner.stats.active_segment.load(Ordering::Relaxed).checked_sub(keep - 1) else {
+            return Vec::new();
+        };
+        self.inner.index().iter().filter(|(_, g)| g.entries.values().next().is_some_and(|l| l.segment < first_kept)).map(|(id, _)| *id).collect()
     }
 
     /// Groups that have any Raft state on disk (to restart them after a node restart).
@@ -459,10 +485,10 @@ impl RaftLogStorage<TypeConfig> for GroupLogStore {
         {
             let mut st = self.log.state();
             for entry in entries {
-                let value = encode(&entry);
                 let index = entry.log_id.index;
-                let size = value.len();
-                ops.push(Op::entry(index, &value));
+                let op = Op::entry_of(index, &entry);
+                let size = op.payload.len() - 8;
+                ops.push(op);
                 st.last_log = Some(entry.log_id);
                 if let Some((_, old)) = st.tail.insert(index, (entry, size)) {
                     st.tail_bytes -= old;
@@ -564,6 +590,7 @@ mod tests {
                 segment_bytes: 8 << 20,
                 tail_bytes_per_group: 1 << 20,
                 max_batch_bytes: 4 << 20,
+                size_target: u64::MAX,
             })
             .expect("open log engine");
             let store = engine.group(7).expect("group store");
@@ -583,7 +610,13 @@ mod tests {
     async fn restart_keeps_log_vote_and_purge_point() {
         use openraft::testing::{blank_ent, log_id};
         let dir = tempfile::tempdir().unwrap();
-        let cfg = LogEngineConfig { dir: dir.path().join("log"), segment_bytes: 8 << 20, tail_bytes_per_group: 1024, max_batch_bytes: 4 << 20 };
+        let cfg = LogEngineConfig {
+            dir: dir.path().join("log"),
+            segment_bytes: 8 << 20,
+            tail_bytes_per_group: 1024,
+            max_batch_bytes: 4 << 20,
+            size_target: u64::MAX,
+        };
         {
             let engine = LogEngine::open(&cfg).unwrap();
             let mut a = engine.group(1).unwrap();
@@ -622,6 +655,7 @@ mod tests {
             segment_bytes: 8 << 20,
             tail_bytes_per_group: 1 << 20,
             max_batch_bytes: 4 << 20,
+            size_target: u64::MAX,
         })
         .unwrap();
         let mut tasks = Vec::new();
@@ -643,7 +677,13 @@ mod tests {
     }
 
     fn small_segments(dir: &Path) -> LogEngineConfig {
-        LogEngineConfig { dir: dir.join("log"), segment_bytes: 1 << 20, tail_bytes_per_group: 64 << 10, max_batch_bytes: 4 << 20 }
+        LogEngineConfig {
+            dir: dir.join("log"),
+            segment_bytes: 1 << 20,
+            tail_bytes_per_group: 64 << 10,
+            max_batch_bytes: 4 << 20,
+            size_target: u64::MAX,
+        }
     }
 
     fn marked(index: u64) -> bytes::Bytes {
@@ -709,6 +749,52 @@ mod tests {
         assert_eq!(groups, vec![1]);
     }
 
+    /// Past its size target the log stays bounded: the few entries an idle group keeps in the
+    /// oldest segment are carried forward to the head (so that segment and the later ones can
+    /// be released), a busy group whose kept entries hold old segments is named by
+    /// `groups_over_target` until it purges, and every live entry reads back after a restart.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_log_keeps_to_its_size_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = LogEngineConfig { size_target: 4 << 20, ..small_segments(dir.path()) };
+        let engine = LogEngine::open(&cfg).unwrap();
+        let (mut busy, mut idle) = (engine.group(1).unwrap(), engine.group(2).unwrap());
+        harness::append_durable(&mut idle, 1, bytes::Bytes::from_static(b"kept")).await.unwrap();
+        // ~20 segments' worth of entries, with no purge: the busy group holds the log.
+        for i in 1..=2000u64 {
+            harness::append_durable(&mut busy, i, marked(i)).await.unwrap();
+            if i == 1000 {
+                // The idle group's entries span segments: they must move together.
+                harness::append_durable(&mut idle, 2, bytes::Bytes::from_static(b"kept too")).await.unwrap();
+            }
+        }
+        assert!(engine.groups_over_target().contains(&1), "the busy group's entries hold segments beyond the target");
+        // It purges (what the node's checkpointer does for the groups named).
+        busy.purge(openraft::testing::log_id::<TypeConfig>(1, 1, 1990)).await.unwrap();
+        for i in 2001..=2100u64 {
+            harness::append_durable(&mut busy, i, marked(i)).await.unwrap();
+        }
+        assert!(engine.groups_over_target().is_empty());
+        assert!(engine.size_on_disk() <= cfg.size_target + cfg.segment_bytes, "log spans {} bytes", engine.size_on_disk());
+        assert!(engine.stats().entries_carried_forward.load(Ordering::Relaxed) >= 1, "the idle group's entry was moved");
+        let segment_files =
+            std::fs::read_dir(&cfg.dir).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("wal-")).count();
+        assert!(segment_files as u64 <= (cfg.size_target / cfg.segment_bytes) + 1, "{segment_files} segments");
+        engine.close();
+        drop((busy, idle, engine));
+
+        let engine = LogEngine::open(&cfg).unwrap();
+        let mut idle = engine.group(2).unwrap();
+        let kept = idle.try_get_log_entries(..).await.unwrap();
+        assert_eq!(kept.len(), 2);
+        assert!(matches!(&kept[0].payload, openraft::EntryPayload::Normal(Command(d)) if &d[..] == b"kept"));
+        assert!(matches!(&kept[1].payload, openraft::EntryPayload::Normal(Command(d)) if &d[..] == b"kept too"));
+        let mut busy = engine.group(1).unwrap();
+        let entries = busy.try_get_log_entries(1991..=2100).await.unwrap();
+        assert_eq!(entries.len(), 110);
+        assert!(matches!(&entries[109].payload, openraft::EntryPayload::Normal(Command(d)) if *d == marked(2100)));
+    }
+
     /// A directory holding the RocksDB log of an earlier version is refused by name.
     #[test]
     fn an_old_rocksdb_log_is_refused_by_name() {
@@ -758,7 +844,13 @@ mod tests {
         let fs = SmallFs::mount("160m");
         let ballast = fs.path.join("ballast");
         std::fs::write(&ballast, vec![1u8; 96 << 20]).unwrap();
-        let cfg = LogEngineConfig { dir: fs.path.join("log"), segment_bytes: 8 << 20, tail_bytes_per_group: 1 << 20, max_batch_bytes: 4 << 20 };
+        let cfg = LogEngineConfig {
+            dir: fs.path.join("log"),
+            segment_bytes: 8 << 20,
+            tail_bytes_per_group: 1 << 20,
+            max_batch_bytes: 4 << 20,
+            size_target: u64::MAX,
+        };
         let engine = LogEngine::open(&cfg).unwrap();
         let durable = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));

@@ -55,6 +55,16 @@ impl Op {
         Op { kind: KIND_ENTRY, payload }
     }
 
+    /// An entry encoded straight into the record (one copy of its payload fewer than
+    /// [`Op::entry`]).
+    pub(crate) fn entry_of<T: serde::Serialize>(index: u64, entry: &T) -> Op {
+        let len = bincode::serialized_size(entry).unwrap_or(0) as usize;
+        let mut payload = Vec::with_capacity(8 + len);
+        payload.extend_from_slice(&index.to_le_bytes());
+        bincode::serialize_into(&mut payload, entry).expect("raft types serialise");
+        Op { kind: KIND_ENTRY, payload }
+    }
+
     /// The vote (encoded).
     pub(crate) fn vote(encoded: Vec<u8>) -> Op {
         Op { kind: KIND_VOTE, payload: encoded }
@@ -183,6 +193,12 @@ pub struct WriterStats {
     pub waiting_for_space: AtomicBool,
     /// Segments released (overwritten with zeros for reuse).
     pub segments_released: AtomicU64,
+    /// Id of the segment appends go to.
+    pub active_segment: AtomicU64,
+    /// Id of the oldest segment still in the log.
+    pub oldest_segment: AtomicU64,
+    /// Entries written again at the log's head to release the oldest segment.
+    pub entries_carried_forward: AtomicU64,
 }
 
 /// How often a batch refused for lack of space is tried again.
@@ -206,14 +222,14 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    pub(crate) fn start(wal: Wal, index: Index, max_batch_bytes: usize, queue: usize) -> io::Result<Self> {
+    pub(crate) fn start(wal: Wal, index: Index, max_batch_bytes: usize, size_target: u64, queue: usize) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel(queue);
         let stats = Arc::new(WriterStats::default());
         let stopping = Arc::new(AtomicBool::new(false));
-        let mut state = State { wal, index, stats: stats.clone(), stop: stopping.clone(), checkpoint_segment: 0, max_batch_bytes };
+        let mut state = State { wal, index, stats: stats.clone(), stop: stopping.clone(), checkpoint_segment: 0, max_batch_bytes, size_target };
         // Every group's metadata is written again at the head of the log: segments before it
         // hold nothing but entries from now on.
-        state.checkpoint().map_err(|e| io::Error::other(e.to_string()))?;
+        state.checkpoint().and_then(|_| state.maintain()).map_err(|e| io::Error::other(e.to_string()))?;
         let thread = std::thread::Builder::new().name("raft-log-writer".into()).spawn(move || run(state, rx))?;
         Ok(Self { tx, thread: Some(thread), stats, stopping })
     }
@@ -247,6 +263,8 @@ struct State {
     /// The segment the last checkpoint of every group's metadata went to.
     checkpoint_segment: u64,
     max_batch_bytes: usize,
+    /// Past this many bytes of segments, [`State::carry_forward`] runs.
+    size_target: u64,
 }
 
 impl State {
@@ -320,11 +338,65 @@ impl State {
         if self.wal.active_segment() != self.checkpoint_segment {
             self.checkpoint()?;
         }
-        let oldest_entry = self.index().values().filter_map(|g| g.entries.values().next().map(|l| l.segment)).min();
-        let needed = oldest_entry.unwrap_or(u64::MAX).min(self.checkpoint_segment);
-        let released = self.wal.release_before(needed)?;
+        let needed = self.needed_segment();
+        let mut released = self.wal.release_before(needed)?;
+        if self.wal.size_on_disk() > self.size_target && self.carry_forward()? {
+            released += self.wal.release_before(self.needed_segment())?;
+        }
         self.stats.segments_released.fetch_add(released as u64, Ordering::Relaxed);
+        self.stats.oldest_segment.store(self.wal.oldest_segment(), Ordering::Relaxed);
+        self.stats.active_segment.store(self.wal.active_segment(), Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The oldest segment something still needs: a live entry, or the last metadata checkpoint.
+    /// A group's entries lie in segment order by index (appends come in index order, and
+    /// [`State::carry_forward`] and [`State::compact`] move a group's entries all together), so
+    /// its first entry is in its oldest segment.
+    fn needed_segment(&self) -> u64 {
+        let oldest_entry = self.index().values().filter_map(|g| g.entries.values().next().map(|l| l.segment)).min();
+        oldest_entry.unwrap_or(u64::MAX).min(self.checkpoint_segment)
+    }
+
+    /// With the log past its size target: if the groups with entries in the oldest segment
+    /// have few live entries in all (at most a sixteenth of a segment), writes those groups'
+    /// entries again at the head of the log so the segment can be released. Those are the
+    /// entries idle groups keep after their last checkpoint (and the meta group's), which would
+    /// otherwise hold that segment and every later one for good. Busy groups have more; the
+    /// node checkpoints and purges them instead (`LogEngine::groups_over_target`). A group's
+    /// entries move all together, so they stay in segment order. Returns whether it moved any.
+    fn carry_forward(&mut self) -> Result<bool, WalError> {
+        let oldest = self.wal.oldest_segment();
+        if oldest == self.wal.active_segment() {
+            return Ok(false);
+        }
+        let limit = self.max_batch_bytes.min(self.wal.segment_bytes() as usize / 16);
+        let live: Vec<(GroupId, u64, Location)> = {
+            let index = self.index();
+            let mut live = Vec::new();
+            let mut bytes = 0;
+            for (group, disk) in index.iter().filter(|(_, d)| d.entries.values().next().is_some_and(|l| l.segment == oldest)) {
+                for (i, at) in &disk.entries {
+                    bytes += at.len as usize;
+                    if bytes > limit {
+                        return Ok(false);
+                    }
+                    live.push((*group, *i, *at));
+                }
+            }
+            live
+        };
+        if live.is_empty() {
+            return Ok(false);
+        }
+        let reader = self.wal.reader();
+        let mut ops = Vec::with_capacity(live.len());
+        for (group, i, at) in live {
+            ops.push((group, Op::entry(i, &reader.read(at)?)));
+        }
+        self.write_owned(&ops)?;
+        self.stats.entries_carried_forward.fetch_add(ops.len() as u64, Ordering::Relaxed);
+        Ok(true)
     }
 
     /// Moves every live entry out of the segments before a fresh one and releases them all:
@@ -351,7 +423,10 @@ impl State {
         if !pending.is_empty() {
             self.write_owned(&pending)?;
         }
-        self.maintain()
+        self.maintain()?;
+        // The scrub's promise is that the purged bytes are gone from the files: wait for the
+        // released segments' zeros.
+        self.wal.wait_recycled()
     }
 }
 

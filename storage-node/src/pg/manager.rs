@@ -276,7 +276,9 @@ pub const LOG_SCRUB_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Checkpoints PGs that applied many bytes, every PG with un-checkpointed entries when together
 /// they hold more than their share of the log's memtables, and PGs that went idle with
-/// un-checkpointed entries (so their logs get purged and a restart replays little).
+/// un-checkpointed entries (so their logs get purged and a restart replays little). PGs whose
+/// entries keep the log's files above `raft.log_size_target` are checkpointed and purged
+/// through the checkpoint.
 ///
 /// It also keeps freed data from lingering in the Raft log: when a PG applied a volume delete,
 /// TRIM or write-zeroes, it checkpoints that PG and purges its log through that entry; once the
@@ -309,6 +311,10 @@ pub async fn run_checkpointer(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<b
         // the sum over budget and every other PG checkpointing each tick for a whole rebuild.
         let streaming = |h: &PgHandle| h.shared.transfers.load(std::sync::atomic::Ordering::Acquire) > 0;
         let over_budget = handles.iter().filter(|h| !streaming(h)).map(unsaved).sum::<u64>() > live_log_budget;
+        // Groups whose kept entries hold the log's files above their target: checkpointed and
+        // purged through the checkpoint (the cushion kept for a briefly absent follower gives
+        // way; such a follower gets a snapshot instead).
+        let over_target: HashSet<u32> = ctx.host.log_engine().groups_over_target().into_iter().collect();
         for h in handles {
             let st = h.group.status();
             if seen.insert(st.group) {
@@ -323,10 +329,18 @@ pub async fn run_checkpointer(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<b
             let unsaved = unsaved(&h);
             // The budget gives way to a snapshot being streamed (as the entry-count policy
             // does): the log after the snapshot's checkpoint must stay for the receiver.
-            let big = unsaved > CHECKPOINT_BYTES || (over_budget && unsaved > 0 && !streaming(&h));
+            let holds_log = over_target.contains(&st.group) && !streaming(&h);
+            let big = unsaved > CHECKPOINT_BYTES || (over_budget && unsaved > 0 && !streaming(&h)) || holds_log;
             let wanted = h.shared.purge_wanted.load(std::sync::atomic::Ordering::Relaxed);
             if st.applied_index > st.checkpoint_index && (idle || big || st.checkpoint_index < wanted) {
                 let _ = h.group.checkpoint_now().await;
+            }
+            // A checkpoint asked for above lands later: a later tick purges through it.
+            if holds_log
+                && st.checkpoint_index > st.purged_index
+                && let Err(e) = h.group.purge_through(st.checkpoint_index).await
+            {
+                tracing::debug!(pg = st.group, error = %e, "purging the log to keep it under its size target failed");
             }
             if wanted > st.purged_index
                 && st.checkpoint_index >= wanted
