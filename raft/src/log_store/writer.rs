@@ -389,25 +389,16 @@ impl State {
         if live.is_empty() {
             return Ok(false);
         }
-        let reader = self.wal.reader();
-        let mut ops = Vec::with_capacity(live.len());
-        for (group, i, at) in live {
-            ops.push((group, Op::entry(i, &reader.read(at)?)));
-        }
-        self.write_owned(&ops)?;
-        self.stats.entries_carried_forward.fetch_add(ops.len() as u64, Ordering::Relaxed);
+        let moved = live.len() as u64;
+        self.rewrite(live)?;
+        self.stats.entries_carried_forward.fetch_add(moved, Ordering::Relaxed);
         Ok(true)
     }
 
-    /// Moves every live entry out of the segments before a fresh one and releases them all:
-    /// no byte of a purged entry is left anywhere in the log's files.
-    fn compact(&mut self) -> Result<(), WalError> {
-        self.wal.roll_now()?;
-        self.checkpoint()?;
-        let fresh = self.checkpoint_segment;
+    /// Writes `live` entries again at the head of the log, in batches of at most
+    /// `max_batch_bytes` (the index then points at the new copies).
+    fn rewrite(&mut self, live: Vec<(GroupId, u64, Location)>) -> Result<(), WalError> {
         let reader = self.wal.reader();
-        let live: Vec<(GroupId, u64, Location)> =
-            self.index().iter().flat_map(|(g, d)| d.entries.iter().filter(|(_, l)| l.segment < fresh).map(move |(i, l)| (*g, *i, *l))).collect();
         let mut pending: Vec<(GroupId, Op)> = Vec::new();
         let mut bytes = 0;
         for (group, i, at) in live {
@@ -423,6 +414,18 @@ impl State {
         if !pending.is_empty() {
             self.write_owned(&pending)?;
         }
+        Ok(())
+    }
+
+    /// Moves every live entry out of the segments before a fresh one and releases them all:
+    /// no byte of a purged entry is left anywhere in the log's files.
+    fn compact(&mut self) -> Result<(), WalError> {
+        self.wal.roll_now()?;
+        self.checkpoint()?;
+        let fresh = self.checkpoint_segment;
+        let live: Vec<(GroupId, u64, Location)> =
+            self.index().iter().flat_map(|(g, d)| d.entries.iter().filter(|(_, l)| l.segment < fresh).map(move |(i, l)| (*g, *i, *l))).collect();
+        self.rewrite(live)?;
         self.maintain()?;
         // The scrub's promise is that the purged bytes are gone from the files: wait for the
         // released segments' zeros.
