@@ -395,10 +395,10 @@ enum DevCmd {
         /// Size of volume `demo`.
         #[arg(long, default_value = "4GiB")]
         size: String,
-        /// Placement groups. Two per storage node: on three nodes every PG has a replica on
-        /// every node whatever the count, so more PGs only add Raft groups, each of which
-        /// batches less (see docs/operations.md, "How many placement groups").
-        #[arg(long, default_value_t = 6)]
+        /// Placement groups. 64, a production-like count (a real cluster has tens to hundreds
+        /// per node), so what the dev cluster shows is what a provider's cluster costs; see
+        /// docs/operations.md, "How many placement groups".
+        #[arg(long, default_value_t = 64)]
         pgs: u32,
         /// The basalt-node binary (default: next to basalt, or BASALT_NODE_BIN).
         #[arg(long)]

@@ -22,6 +22,21 @@ use crate::transport::network::{decode, encode};
 use crate::transport::server::GroupEndpoint;
 use crate::types::{CheckpointRecord, GroupId, NodeId, NodeInfo, SnapshotMeta, TypeConfig, Vote};
 
+/// How far a group's log has been applied, checkpointed and purged on this node: the part of
+/// [`GroupStatus`] the checkpointer looks at for every group ten times a second, read without
+/// copying the group's membership.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogProgress {
+    /// The group.
+    pub group: GroupId,
+    /// Index of the last applied entry (0: none).
+    pub applied_index: u64,
+    /// Index the last checkpoint (snapshot) covers (0: none).
+    pub checkpoint_index: u64,
+    /// Index through which the log is purged (0: none).
+    pub purged_index: u64,
+}
+
 /// What a group looks like from this node right now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GroupStatus {
@@ -180,6 +195,18 @@ impl<S: StateMachine> RaftGroup<S> {
             },
             learners,
             state: format!("{:?}", m.state),
+        }
+    }
+
+    /// The group's [`LogProgress`], without the copies [`RaftGroup::status`] makes.
+    pub fn progress(&self) -> LogProgress {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        LogProgress {
+            group: self.group,
+            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            checkpoint_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+            purged_index: m.purged.map(|l| l.index).unwrap_or(0),
         }
     }
 

@@ -35,7 +35,7 @@ pub mod types;
 pub mod wal;
 
 pub use error::RaftError;
-pub use group::{GroupStatus, RaftGroup};
+pub use group::{GroupStatus, LogProgress, RaftGroup};
 pub use host::{RaftHost, RaftTuning};
 pub use log_store::{LogEngine, LogEngineConfig, RaftLogEngine, SmStore};
 pub use state_machine::{Checkpoint, SnapshotReceiver, SnapshotSink, SnapshotStream, StateMachine};

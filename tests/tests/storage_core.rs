@@ -158,6 +158,28 @@ async fn every_pg_spans_three_failure_domains() {
     }
 }
 
+/// At rest, every placement group keeps its leader and term: heartbeats (sent as one unary
+/// call each, on ticks coalesced onto a shared grid) reach the followers before any election
+/// timeout, with 64 groups per node as a provider would run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_cluster_keeps_its_leaders() {
+    let cluster = TestCluster::start(simple_spec(3)).await.unwrap();
+    cluster.init(64, "zone").await.unwrap();
+    cluster.wait_healthy(3, Duration::from_secs(90)).await.unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    // Let the reports the status is built from catch up with the first elections.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let leaders =
+        |s: &basalt_proto::admin::ClusterStatusReply| -> HashMap<u32, (u64, u64)> { s.pgs.iter().map(|p| (p.id, (p.leader, p.term))).collect() };
+    let before = leaders(&cluster.status().await.unwrap());
+    assert_eq!(before.len(), 64);
+    assert!(before.values().all(|(leader, _)| *leader != 0), "{before:?}");
+    // More than twice the longest election timeout (3 s).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let after = leaders(&cluster.status().await.unwrap());
+    let changed: Vec<_> = before.iter().filter(|(pg, v)| after.get(pg) != Some(v)).map(|(pg, v)| (pg, v, after.get(pg))).collect();
+    assert!(changed.is_empty(), "leader or term changed on an idle cluster (pg, before, after): {changed:?}\n{}", cluster.logs());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_without_enough_domains_names_them() {
     let specs: Vec<NodeSpec> = (1..=3)

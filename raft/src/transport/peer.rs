@@ -169,6 +169,13 @@ async fn run(from: NodeId, target: NodeId, addr: String, mut rx: mpsc::Receiver<
                     }
                 },
             };
+            if rx.is_empty() {
+                // Let the tasks already runnable go first: groups whose ticks ended together
+                // queue their heartbeats (and concurrent writes their appends) behind this one,
+                // and all leave in one frame, one write and one wake-up of the peer. Without
+                // it this task, woken by the first message, runs straight after its sender.
+                tokio::task::yield_now().await;
+            }
             let frame = build_frame(from, &space, msg, &mut rx, &pending, &mut next_id);
             let written = async {
                 wr.write_all(&frame::encode(&frame)).await?;

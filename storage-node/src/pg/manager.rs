@@ -216,7 +216,7 @@ impl PgManager {
     pub async fn shutdown(&self) {
         let handles: Vec<PgHandle> = self.groups.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         for h in &handles {
-            let st = h.group.status();
+            let st = h.group.progress();
             if st.applied_index > st.checkpoint_index {
                 let _ = h.group.checkpoint_now().await;
             }
@@ -225,7 +225,7 @@ impl PgManager {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while tokio::time::Instant::now() < deadline
             && handles.iter().any(|h| {
-                let st = h.group.status();
+                let st = h.group.progress();
                 st.applied_index > st.checkpoint_index
             })
         {
@@ -316,7 +316,7 @@ pub async fn run_checkpointer(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<b
         // way; such a follower gets a snapshot instead).
         let over_target: HashSet<u32> = ctx.host.log_engine().groups_over_target().into_iter().collect();
         for h in handles {
-            let st = h.group.status();
+            let st = h.group.progress();
             if seen.insert(st.group) {
                 h.shared.purge_wanted.fetch_max(st.checkpoint_index, std::sync::atomic::Ordering::Relaxed);
             }
