@@ -10,6 +10,8 @@
 //! - [`index`][]: the RocksDB index of chunks, per-block metadata, scrub queue and shard state.
 //! - [`store`][]: the operations ([`ChunkStore`]).
 //! - [`image`][]: the chunk images a PG streams to a new replica.
+//! - [`versions`][]: a chunk's versions across snapshot epochs (copy-on-write rules; not yet
+//!   used by the store).
 
 /// O_DIRECT buffers (in `basalt-common`, shared with the Raft log).
 pub use basalt_common::aligned;
@@ -19,6 +21,7 @@ pub mod image;
 pub mod index;
 pub mod store;
 pub mod uring;
+pub mod versions;
 
 pub use error::{ChunkStoreError, Result};
 pub use image::ChunkImage;
