@@ -28,6 +28,12 @@ pub(crate) const CF_FREE: &str = "free";
 pub(crate) const CF_STATE: &str = "state";
 const UUID_KEY: &[u8] = b"superblock-uuid";
 
+/// Reads of up to this many blocks look up each block's metadata with a point read; longer
+/// ones walk an iterator. Building and seeking an iterator (a merge over the memtables and
+/// every level) took ~10% of a node's CPU under 4 KiB random reads, where a point read is one
+/// memtable probe and, past it, one bloom-filtered lookup per level.
+const POINT_LOOKUPS_UP_TO: u16 = 8;
+
 /// A chunk's identity: which shard (placement group) holds it, for which volume, which chunk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ChunkKey {
@@ -301,11 +307,26 @@ impl Index {
         self.block_metas_from(key, first, count, rocksdb::ReadTier::BlockCache)
     }
 
+    /// Looks up `count` blocks' metadata from `first`: point reads for a few blocks, an
+    /// iterator for more (see [`POINT_LOOKUPS_UP_TO`]). `None`: `tier` would need disk I/O.
     fn block_metas_from(&self, key: &ChunkKey, first: u16, count: u16, tier: rocksdb::ReadTier) -> Result<Option<Vec<Option<BlockMeta>>>> {
         let mut out = vec![None; count as usize];
         let start = key.block_key(first);
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_read_tier(tier);
+        if count <= POINT_LOOKUPS_UP_TO {
+            for (i, slot) in out.iter_mut().enumerate() {
+                let Some(block) = u16::try_from(first as usize + i).ok() else { break };
+                let k = key.block_key(block);
+                match self.db.get_pinned_cf_opt(self.cf(CF_BLOCKS), k, &ro) {
+                    Ok(Some(v)) => *slot = Some(BlockMeta::decode(&k, &v)?),
+                    Ok(None) => {}
+                    Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => return Ok(None),
+                    Err(e) => return Err(self.err(e)),
+                }
+            }
+            return Ok(Some(out));
+        }
         let end = first as u32 + count as u32;
         let upper: Vec<u8> = if end <= u16::MAX as u32 {
             key.block_key(end as u16).to_vec()
