@@ -311,7 +311,6 @@ impl Index {
     /// iterator for more (see [`POINT_LOOKUPS_UP_TO`]). `None`: `tier` would need disk I/O.
     fn block_metas_from(&self, key: &ChunkKey, first: u16, count: u16, tier: rocksdb::ReadTier) -> Result<Option<Vec<Option<BlockMeta>>>> {
         let mut out = vec![None; count as usize];
-        let start = key.block_key(first);
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_read_tier(tier);
         if count <= POINT_LOOKUPS_UP_TO {
@@ -327,6 +326,7 @@ impl Index {
             }
             return Ok(Some(out));
         }
+        let start = key.block_key(first);
         let end = first as u32 + count as u32;
         let upper: Vec<u8> = if end <= u16::MAX as u32 {
             key.block_key(end as u16).to_vec()

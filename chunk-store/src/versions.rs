@@ -107,26 +107,15 @@ impl ChunkVersions {
     /// snapshots (any order): a version stays while it is the head or what some live snapshot
     /// resolves to. Returns the dropped versions, whose slots go to the overwrite queue.
     pub fn release(&mut self, live_snapshots: &[Epoch]) -> Vec<Version> {
-        let keep: Vec<bool> = self
-            .newest_first
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                // Version i is what epochs in [v.epoch, newer.epoch) resolve to.
-                let until = if i == 0 { Epoch::MAX } else { self.newest_first[i - 1].epoch };
-                i == 0 || live_snapshots.iter().any(|&s| s >= v.epoch && s < until)
-            })
-            .collect();
         let mut dropped = Vec::new();
-        let mut i = 0;
-        self.newest_first.retain(|v| {
-            let k = keep[i];
-            i += 1;
-            if !k {
-                dropped.push(*v);
-            }
-            k
-        });
+        // Each version is what epochs in [its epoch, the next newer version's) resolve to.
+        let mut until = Epoch::MAX;
+        let all = std::mem::take(&mut self.newest_first);
+        for (i, v) in all.into_iter().enumerate() {
+            let needed = i == 0 || live_snapshots.iter().any(|&s| s >= v.epoch && s < until);
+            until = v.epoch;
+            if needed { self.newest_first.push(v) } else { dropped.push(v) }
+        }
         dropped
     }
 
