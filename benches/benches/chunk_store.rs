@@ -34,7 +34,7 @@ fn bench(c: &mut Criterion) {
             let data = Bytes::from(vec![1u8; CHUNK_SIZE as usize]);
             let crcs = data.chunks(4096).map(crc32c).collect();
             let mut b = Batch::new();
-            b.write(0, VolumeId(1), chunk * CHUNK_SIZE, data, crcs).expect("write");
+            b.write(0, VolumeId(1), 1, chunk * CHUNK_SIZE, data, crcs).expect("write");
             s.commit(b).await.expect("commit");
         }
         s.checkpoint().await.expect("checkpoint");
@@ -59,7 +59,7 @@ fn bench(c: &mut Criterion) {
                 n = n.wrapping_add(7919);
                 let offset = (n * size as u64) % (SPAN - size as u64) / size as u64 * size as u64;
                 let mut batch = Batch::new();
-                batch.write(0, VolumeId(1), offset, data.clone(), crcs.clone()).expect("write");
+                batch.write(0, VolumeId(1), 1, offset, data.clone(), crcs.clone()).expect("write");
                 rt.block_on(s.commit(batch)).expect("commit");
             })
         });

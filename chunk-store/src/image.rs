@@ -1,5 +1,12 @@
-//! A self-contained copy of one chunk (its written blocks, their metadata and data), the unit in
-//! which a placement group's state is streamed to a new or lagging replica.
+//! A self-contained copy of one chunk version (its written blocks, their metadata and data), the
+//! unit in which a placement group's state is streamed to a new or lagging replica.
+//!
+//! ```text
+//! format 2 (tag 0xC2): [tag][volume u64][chunk u64][epoch u64][flags u8: 1 = hole][n u32]
+//!                      n × ([block u16][crc u32][crypt flag u8][nonce 12, tag 16 if flag]) [data]
+//! format 1 (tag 0xC1): the same without epoch and flags; read as epoch 1, not a hole
+//! ```
+//! All integers little-endian.
 
 use basalt_common::{BLOCK_SIZE, VolumeId};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -14,13 +21,19 @@ pub struct ChunkImage {
     pub volume: VolumeId,
     /// Chunk index.
     pub chunk: u64,
+    /// The version's snapshot epoch.
+    pub epoch: u64,
+    /// The version holds no data: the chunk was trimmed whole in this epoch (no blocks).
+    pub hole: bool,
     /// Written blocks in ascending order, with their metadata.
     pub blocks: Vec<(u16, BlockMeta)>,
     /// The data of `blocks`, 4 KiB each, concatenated in the same order.
     pub data: Bytes,
 }
 
-const TAG: u8 = 0xC1;
+const TAG: u8 = 0xC2;
+const TAG_V1: u8 = 0xC1;
+const FLAG_HOLE: u8 = 1;
 
 impl ChunkImage {
     /// Appends the wire encoding to `out`.
@@ -28,6 +41,8 @@ impl ChunkImage {
         out.put_u8(TAG);
         out.put_u64_le(self.volume.0);
         out.put_u64_le(self.chunk);
+        out.put_u64_le(self.epoch);
+        out.put_u8(if self.hole { FLAG_HOLE } else { 0 });
         out.put_u32_le(self.blocks.len() as u32);
         for (block, meta) in &self.blocks {
             out.put_u16_le(*block);
@@ -48,12 +63,32 @@ impl ChunkImage {
     /// truncated or hostile stream is an error, not a panic.
     pub fn decode_from(buf: &mut Bytes) -> Result<Self> {
         let bad = |what: &str| ChunkStoreError::Invalid(format!("malformed chunk image: {what}"));
-        if buf.remaining() < 21 || buf.get_u8() != TAG {
+        if buf.remaining() < 21 {
             return Err(bad("missing header"));
+        }
+        let tag = buf.get_u8();
+        if tag != TAG && tag != TAG_V1 {
+            return Err(bad(&format!("unknown image format tag {tag:#04x}")));
         }
         let volume = VolumeId(buf.get_u64_le());
         let chunk = buf.get_u64_le();
+        let (epoch, hole) = if tag == TAG {
+            if buf.remaining() < 13 {
+                return Err(bad("missing header"));
+            }
+            let epoch = buf.get_u64_le();
+            let flags = buf.get_u8();
+            if flags & !FLAG_HOLE != 0 {
+                return Err(bad("unknown flags"));
+            }
+            (epoch, flags & FLAG_HOLE != 0)
+        } else {
+            (1, false)
+        };
         let count = buf.get_u32_le() as usize;
+        if hole && count != 0 {
+            return Err(bad("a hole with blocks"));
+        }
         if count > (basalt_common::CHUNK_SIZE / BLOCK_SIZE) as usize {
             return Err(bad("too many blocks"));
         }
@@ -90,7 +125,7 @@ impl ChunkImage {
             return Err(bad("truncated data"));
         }
         let data = buf.split_to(data_len);
-        Ok(Self { volume, chunk, blocks, data })
+        Ok(Self { volume, chunk, epoch, hole, blocks, data })
     }
 }
 
@@ -103,6 +138,8 @@ mod tests {
         let img = ChunkImage {
             volume: VolumeId(9),
             chunk: 3,
+            epoch: 4,
+            hole: false,
             blocks: vec![
                 (1, BlockMeta { crc: 5, crypt: None }),
                 (7, BlockMeta { crc: 6, crypt: Some(CryptContext { nonce: [1; 12], tag: [2; 16] }) }),
@@ -119,5 +156,16 @@ mod tests {
             let mut t = full.slice(..cut);
             assert!(ChunkImage::decode_from(&mut t).is_err(), "cut at {cut}");
         }
+        // Format 1 (before snapshots) reads as epoch 1.
+        let mut v1 = BytesMut::new();
+        v1.put_u8(TAG_V1);
+        v1.put_u64_le(9);
+        v1.put_u64_le(3);
+        v1.put_u32_le(0);
+        let old = ChunkImage::decode_from(&mut v1.freeze()).unwrap();
+        assert_eq!((old.epoch, old.hole, old.blocks.len()), (1, false, 0));
+        let mut unknown = full.to_vec();
+        unknown[0] = 0xC3;
+        assert!(ChunkImage::decode_from(&mut Bytes::from(unknown)).unwrap_err().to_string().contains("0xc3"));
     }
 }

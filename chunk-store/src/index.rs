@@ -4,11 +4,15 @@
 //!
 //! | CF       | key                                   | value                         |
 //! |----------|---------------------------------------|-------------------------------|
-//! | `chunks` | shard u32, volume u64, chunk u64       | slot u64                      |
-//! | `blocks` | shard u32, volume u64, chunk u64, block u16 | [`BlockMeta`]            |
+//! | `chunks` | shard u32, volume u64, chunk u64, epoch u64 | slot u64 ([`HOLE`]: reads as zeros) |
+//! | `blocks` | shard u32, volume u64, chunk u64, epoch u64, block u16 | [`BlockMeta`]    |
 //! | `free`   | sequence u64                          | [`FreeRecord`] (scrub queue)  |
 //! | `state`  | shard u32, name bytes                 | opaque bytes owned by the shard's user |
-//! | `default`| `superblock-uuid`                     | the data file's uuid          |
+//! | `default`| `superblock-uuid`, `format-version`   | the data file's uuid, [`FORMAT_VERSION`] (u32 LE) |
+//!
+//! A chunk has one record per *version*: the snapshot epoch it was first written in (see
+//! [`crate::versions`]). Format 1 (before snapshots) keyed chunks without the epoch; such an
+//! index is rewritten to format 2 at open, every chunk as epoch 1 ([`Index::migrate`]).
 //!
 //! Writes go to the WAL without a sync: the Raft log above us is the durable record and is
 //! replayed from the last checkpoint after a crash, and every operation here is an idempotent
@@ -27,6 +31,24 @@ pub(crate) const CF_BLOCKS: &str = "blocks";
 pub(crate) const CF_FREE: &str = "free";
 pub(crate) const CF_STATE: &str = "state";
 const UUID_KEY: &[u8] = b"superblock-uuid";
+const FORMAT_KEY: &[u8] = b"format-version";
+
+/// The index format this binary writes, and the newest it reads. 1: chunk keys without an
+/// epoch (before snapshots); 2: chunk keys end with the version's epoch.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The slot value of a version that holds no data (a chunk trimmed whole after a snapshot
+/// froze its older version): it reads as zeros.
+pub const HOLE: u64 = u64::MAX;
+
+/// Length of an encoded chunk key, and of a block key (chunk key + block u16).
+const KEY_LEN: usize = 28;
+const BLOCK_KEY_LEN: usize = 30;
+/// Format 1's key lengths (no epoch), recognised only to migrate them.
+const V1_KEY_LEN: usize = 20;
+const V1_BLOCK_KEY_LEN: usize = 22;
+/// Records rewritten per RocksDB batch while migrating.
+const MIGRATE_BATCH: usize = 65_536;
 
 /// Reads of up to this many blocks look up each block's metadata with a point read; longer
 /// ones walk an iterator. Building and seeking an iterator (a merge over the memtables and
@@ -34,7 +56,9 @@ const UUID_KEY: &[u8] = b"superblock-uuid";
 /// memtable probe and, past it, one bloom-filtered lookup per level.
 const POINT_LOOKUPS_UP_TO: u16 = 8;
 
-/// A chunk's identity: which shard (placement group) holds it, for which volume, which chunk.
+/// One version of a chunk: which shard (placement group) holds it, for which volume, which
+/// chunk, and the snapshot epoch the version was first written in. Keys sort by chunk and
+/// then by epoch, so a chunk's versions are adjacent, oldest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ChunkKey {
     /// The shard (a PG id, or a staging area for one).
@@ -43,33 +67,42 @@ pub struct ChunkKey {
     pub volume: VolumeId,
     /// Chunk index within the volume.
     pub chunk: u64,
+    /// The epoch the version was first written in (1 for a volume without snapshots).
+    pub epoch: u64,
 }
 
 impl ChunkKey {
-    pub(crate) fn encode(&self) -> [u8; 20] {
-        let mut k = [0u8; 20];
+    pub(crate) fn encode(&self) -> [u8; KEY_LEN] {
+        let mut k = [0u8; KEY_LEN];
         k[0..4].copy_from_slice(&self.shard.to_be_bytes());
         k[4..12].copy_from_slice(&self.volume.0.to_be_bytes());
         k[12..20].copy_from_slice(&self.chunk.to_be_bytes());
+        k[20..28].copy_from_slice(&self.epoch.to_be_bytes());
         k
     }
 
     pub(crate) fn decode(k: &[u8]) -> Option<Self> {
-        if k.len() < 20 {
+        if k.len() < KEY_LEN {
             return None;
         }
         Some(Self {
             shard: u32::from_be_bytes(k[0..4].try_into().ok()?),
             volume: VolumeId(u64::from_be_bytes(k[4..12].try_into().ok()?)),
             chunk: u64::from_be_bytes(k[12..20].try_into().ok()?),
+            epoch: u64::from_be_bytes(k[20..28].try_into().ok()?),
         })
     }
 
-    pub(crate) fn block_key(&self, block: u16) -> [u8; 22] {
-        let mut k = [0u8; 22];
-        k[0..20].copy_from_slice(&self.encode());
-        k[20..22].copy_from_slice(&block.to_be_bytes());
+    pub(crate) fn block_key(&self, block: u16) -> [u8; BLOCK_KEY_LEN] {
+        let mut k = [0u8; BLOCK_KEY_LEN];
+        k[0..KEY_LEN].copy_from_slice(&self.encode());
+        k[KEY_LEN..].copy_from_slice(&block.to_be_bytes());
         k
+    }
+
+    /// The same chunk at another epoch.
+    pub fn at(self, epoch: u64) -> Self {
+        Self { epoch, ..self }
     }
 }
 
@@ -138,6 +171,8 @@ pub enum FreeReason {
     Trimmed = 2,
     /// The replica moved to another node, or a snapshot install replaced it.
     ReplicaRemoved = 3,
+    /// A snapshot was deleted and no other one reads this version.
+    SnapshotDeleted = 4,
 }
 
 impl FreeReason {
@@ -146,6 +181,7 @@ impl FreeReason {
             1 => Some(Self::VolumeDeleted),
             2 => Some(Self::Trimmed),
             3 => Some(Self::ReplicaRemoved),
+            4 => Some(Self::SnapshotDeleted),
             _ => None,
         }
     }
@@ -269,14 +305,69 @@ impl Index {
         }
     }
 
+    /// Checks the index's format, migrating format 1 to the current one; a new index is
+    /// stamped with [`FORMAT_VERSION`]. A newer format is refused by name.
+    pub(crate) fn check_format(&self) -> Result<()> {
+        let bad = |reason: String| ChunkStoreError::BadFormat { path: self.path.clone(), reason };
+        let version = match self.db.get(FORMAT_KEY).map_err(|e| self.err(e))? {
+            Some(v) => u32::from_le_bytes(v.as_slice().try_into().map_err(|_| bad("the index's format-version record is not 4 bytes".into()))?),
+            // Format 1 carried no version record; an empty index is simply new.
+            None => 1,
+        };
+        match version {
+            FORMAT_VERSION => Ok(()),
+            1 => {
+                self.migrate()?;
+                let mut wo = WriteOptions::default();
+                wo.set_sync(true);
+                self.db.put_opt(FORMAT_KEY, FORMAT_VERSION.to_le_bytes(), &wo).map_err(|e| self.err(e))
+            }
+            v => Err(bad(format!("chunk index format {v} is newer than this binary reads (up to {FORMAT_VERSION}): run the newer basalt-node"))),
+        }
+    }
+
+    /// Rewrites format 1's chunk and block keys (no epoch) as epoch 1, in batches. A crash
+    /// part way leaves both kinds; running again finishes the job (only old-length keys are
+    /// rewritten, and each batch deletes what it rewrote).
+    fn migrate(&self) -> Result<()> {
+        let mut moved = 0usize;
+        for (cf, old_len, at) in [(CF_CHUNKS, V1_KEY_LEN, V1_KEY_LEN), (CF_BLOCKS, V1_BLOCK_KEY_LEN, V1_KEY_LEN)] {
+            let mut wb = WriteBatch::default();
+            let mut pending = 0;
+            for item in self.db.iterator_cf(self.cf(cf), rocksdb::IteratorMode::Start) {
+                let (k, v) = item.map_err(|e| self.err(e))?;
+                if k.len() != old_len {
+                    continue;
+                }
+                let mut new_key = Vec::with_capacity(k.len() + 8);
+                new_key.extend_from_slice(&k[..at]);
+                new_key.extend_from_slice(&1u64.to_be_bytes());
+                new_key.extend_from_slice(&k[at..]);
+                wb.put_cf(self.cf(cf), new_key, v);
+                wb.delete_cf(self.cf(cf), k);
+                pending += 1;
+                if pending == MIGRATE_BATCH {
+                    self.write(std::mem::take(&mut wb))?;
+                    moved += pending;
+                    pending = 0;
+                }
+            }
+            self.write(wb)?;
+            moved += pending;
+        }
+        self.sync_wal()?;
+        tracing::info!(index = %self.path.display(), records = moved, "migrated the chunk index from format 1 (every chunk is now a version at epoch 1)");
+        Ok(())
+    }
+
     /// All chunk records.
     pub(crate) fn load_chunks(&self) -> Result<Vec<(ChunkKey, u64)>> {
         let mut out = Vec::new();
         for item in self.db.iterator_cf(self.cf(CF_CHUNKS), rocksdb::IteratorMode::Start) {
             let (k, v) = item.map_err(|e| self.err(e))?;
             let key = ChunkKey::decode(&k)
-                .filter(|_| k.len() == 20)
-                .ok_or_else(|| ChunkStoreError::CorruptRecord { key: hex(&k), reason: "chunk key is not 20 bytes".into() })?;
+                .filter(|_| k.len() == KEY_LEN)
+                .ok_or_else(|| ChunkStoreError::CorruptRecord { key: hex(&k), reason: format!("chunk key is not {KEY_LEN} bytes") })?;
             let slot = u64::from_le_bytes(
                 v.as_ref().try_into().map_err(|_| ChunkStoreError::CorruptRecord { key: hex(&k), reason: "chunk record is not 8 bytes".into() })?,
             );
@@ -343,10 +434,10 @@ impl Index {
                 Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => return Ok(None),
                 Err(e) => return Err(self.err(e)),
             };
-            if k.len() != 22 {
-                return Err(ChunkStoreError::CorruptRecord { key: hex(&k), reason: "block key is not 22 bytes".into() });
+            if k.len() != BLOCK_KEY_LEN {
+                return Err(ChunkStoreError::CorruptRecord { key: hex(&k), reason: format!("block key is not {BLOCK_KEY_LEN} bytes") });
             }
-            let block = u16::from_be_bytes([k[20], k[21]]);
+            let block = u16::from_be_bytes([k[KEY_LEN], k[KEY_LEN + 1]]);
             let idx = (block - first) as usize;
             out[idx] = Some(BlockMeta::decode(&k, &v)?);
         }
@@ -364,10 +455,10 @@ impl Index {
         let iter = self.db.iterator_cf_opt(self.cf(CF_BLOCKS), ro, rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward));
         for item in iter {
             let (k, v) = item.map_err(|e| self.err(e))?;
-            if k.len() != 22 {
-                return Err(ChunkStoreError::CorruptRecord { key: hex(&k), reason: "block key is not 22 bytes".into() });
+            if k.len() != BLOCK_KEY_LEN {
+                return Err(ChunkStoreError::CorruptRecord { key: hex(&k), reason: format!("block key is not {BLOCK_KEY_LEN} bytes") });
             }
-            out.push((u16::from_be_bytes([k[20], k[21]]), BlockMeta::decode(&k, &v)?));
+            out.push((u16::from_be_bytes([k[KEY_LEN], k[KEY_LEN + 1]]), BlockMeta::decode(&k, &v)?));
         }
         Ok(out)
     }
@@ -417,5 +508,41 @@ impl Index {
 
     pub(crate) fn sync_wal(&self) -> Result<()> {
         self.db.flush_wal(true).map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path) -> Index {
+        Index::open(dir, IndexMemory { cache_bytes: 1 << 20, write_buffer_bytes: 1 << 20 }).unwrap()
+    }
+
+    /// A format-1 index (chunk keys without an epoch, no version record) is rewritten at open
+    /// with every chunk at epoch 1; a newer format is refused by name.
+    #[test]
+    fn format_1_is_migrated_and_a_newer_format_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = ChunkKey { shard: 3, volume: VolumeId(9), chunk: 17, epoch: 1 };
+        let meta = BlockMeta { crc: 0xfeed, crypt: None };
+        {
+            let index = open(dir.path());
+            let mut wb = WriteBatch::default();
+            wb.put_cf(index.cf(CF_CHUNKS), &key.encode()[..V1_KEY_LEN], 42u64.to_le_bytes());
+            let mut block = key.encode()[..V1_KEY_LEN].to_vec();
+            block.extend_from_slice(&5u16.to_be_bytes());
+            wb.put_cf(index.cf(CF_BLOCKS), block, meta.encode());
+            index.write(wb).unwrap();
+            index.check_format().unwrap();
+            assert_eq!(index.load_chunks().unwrap(), vec![(key, 42)]);
+            assert_eq!(index.chunk_metas(&key).unwrap(), vec![(5, meta)]);
+            // Opening again finds format 2 and changes nothing.
+            index.check_format().unwrap();
+            assert_eq!(index.load_chunks().unwrap(), vec![(key, 42)]);
+            index.db.put(FORMAT_KEY, 7u32.to_le_bytes()).unwrap();
+        }
+        let err = open(dir.path()).check_format().unwrap_err().to_string();
+        assert!(err.contains("format 7") && err.contains("up to 2"), "{err}");
     }
 }

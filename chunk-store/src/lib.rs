@@ -10,8 +10,8 @@
 //! - [`index`][]: the RocksDB index of chunks, per-block metadata, scrub queue and shard state.
 //! - [`store`][]: the operations ([`ChunkStore`]).
 //! - [`image`][]: the chunk images a PG streams to a new replica.
-//! - [`versions`][]: a chunk's versions across snapshot epochs (copy-on-write rules; not yet
-//!   used by the store).
+//! - [`versions`][]: a chunk's versions across snapshot epochs (the copy-on-write rules the
+//!   store follows).
 
 /// O_DIRECT buffers (in `basalt-common`, shared with the Raft log).
 pub use basalt_common::aligned;
@@ -25,5 +25,6 @@ pub mod versions;
 
 pub use error::{ChunkStoreError, Result};
 pub use image::ChunkImage;
-pub use index::{BlockMeta, ChunkKey, CryptContext, FreeReason, FreeRecord, IndexMemory};
+pub use index::{BlockMeta, ChunkKey, CryptContext, FORMAT_VERSION, FreeReason, FreeRecord, IndexMemory};
 pub use store::{Batch, BlockCheck, BlockRead, ChunkCheck, ChunkStore, ChunkStoreConfig, FillPattern, MAX_IO_BYTES, Scrubbed, StoreStats};
+pub use versions::Epoch;

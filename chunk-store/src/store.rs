@@ -1,13 +1,19 @@
 //! The chunk store proper: maps (shard, volume, chunk) to slots of the data file, reads and
 //! writes 4 KiB blocks with their crc32c, and keeps freed slots out of use until overwritten.
 //!
+//! Snapshots: a chunk has a version per snapshot epoch it was written in ([`crate::versions`]
+//! holds the rules). A write carries its volume's write epoch; the first write of a newer
+//! epoch copies the chunk's newest version into a new slot (data first, index second, and the
+//! old slot is only read, so a crash and replay copy again from the same bytes) and writes
+//! there. Reads at an epoch see the newest version no newer than it.
+//!
 //! Concurrency: one [`ChunkStore`] serves every shard (placement group) on the node. Callers
 //! serialise mutations of a shard (a PG's state machine applies in order) and keep reads of a
 //! shard from racing its mutations; the store itself only guards its shared allocation state
 //! with a short mutex, never held across I/O. Disk I/O goes through the io_uring thread;
 //! RocksDB calls that may touch disk run on tokio's blocking pool.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -20,9 +26,10 @@ use crate::data_file::DataFile;
 use crate::error::{ChunkStoreError, Result};
 use crate::image::ChunkImage;
 use crate::index::{
-    BlockMeta, CF_BLOCKS, CF_CHUNKS, CF_FREE, CF_STATE, ChunkKey, CryptContext, FreeReason, FreeRecord, Index, IndexMemory, state_key,
+    BlockMeta, CF_BLOCKS, CF_CHUNKS, CF_FREE, CF_STATE, ChunkKey, CryptContext, FreeReason, FreeRecord, HOLE, Index, IndexMemory, state_key,
 };
 use crate::uring::Uring;
+use crate::versions::{ChunkVersions, Epoch, Version, WritePlan};
 
 const BLOCKS_PER_CHUNK: u64 = CHUNK_SIZE / BLOCK_SIZE;
 
@@ -181,9 +188,10 @@ pub struct Scrubbed {
 }
 
 enum Op {
-    Write { shard: u32, volume: VolumeId, offset: u64, data: Bytes, crcs: Vec<u32>, crypt: Option<Vec<CryptContext>> },
-    Zero { shard: u32, volume: VolumeId, offset: u64, len: u64, deallocate: bool },
+    Write { shard: u32, volume: VolumeId, epoch: Epoch, offset: u64, data: Bytes, crcs: Vec<u32>, crypt: Option<Vec<CryptContext>> },
+    Zero { shard: u32, volume: VolumeId, epoch: Epoch, offset: u64, len: u64, deallocate: bool },
     DeleteVolume { shard: u32, volume: VolumeId },
+    ReleaseVersions { shard: u32, volume: VolumeId, live: Vec<Epoch> },
     PutImage { shard: u32, image: ChunkImage },
     DropShard { shard: u32 },
     MoveShard { from: u32, to: u32 },
@@ -209,9 +217,11 @@ impl Batch {
         self.ops.is_empty()
     }
 
-    /// Writes whole blocks at `offset` (block aligned; `data` a multiple of 4 KiB), with one
-    /// crc32c per block which the store verifies before accepting the data.
-    pub fn write(&mut self, shard: u32, volume: VolumeId, offset: u64, data: Bytes, crcs: Vec<u32>) -> Result<()> {
+    /// Writes whole blocks at `offset` (block aligned; `data` a multiple of 4 KiB) in the
+    /// volume's write epoch `epoch`, with one crc32c per block which the store verifies before
+    /// accepting the data. A chunk whose newest version is older than `epoch` is copied first;
+    /// one newer than `epoch` makes the commit fail (callers refuse such writes before).
+    pub fn write(&mut self, shard: u32, volume: VolumeId, epoch: Epoch, offset: u64, data: Bytes, crcs: Vec<u32>) -> Result<()> {
         check_range(offset, data.len() as u64)?;
         if crcs.len() as u64 != data.len() as u64 / BLOCK_SIZE {
             return Err(ChunkStoreError::Invalid(format!("{} checksums for {} blocks", crcs.len(), data.len() as u64 / BLOCK_SIZE)));
@@ -222,15 +232,17 @@ impl Batch {
                 return Err(ChunkStoreError::BadChecksum { volume, offset: offset + i as u64 * BLOCK_SIZE, expected: crcs[i], actual });
             }
         }
-        self.ops.push(Op::Write { shard, volume, offset, data, crcs, crypt: None });
+        self.ops.push(Op::Write { shard, volume, epoch, offset, data, crcs, crypt: None });
         Ok(())
     }
 
     /// Like [`Batch::write`] for an encrypted volume: also stores each block's nonce and tag.
+    #[allow(clippy::too_many_arguments)]
     pub fn write_encrypted(
         &mut self,
         shard: u32,
         volume: VolumeId,
+        epoch: Epoch,
         offset: u64,
         data: Bytes,
         crcs: Vec<u32>,
@@ -239,25 +251,33 @@ impl Batch {
         if crypt.len() != crcs.len() {
             return Err(ChunkStoreError::Invalid("one encryption context per block is required".into()));
         }
-        self.write(shard, volume, offset, data, crcs)?;
+        self.write(shard, volume, epoch, offset, data, crcs)?;
         if let Some(Op::Write { crypt: c, .. }) = self.ops.last_mut() {
             *c = Some(crypt);
         }
         Ok(())
     }
 
-    /// Makes a block-aligned range read as zeros. Whole chunks are released to the scrub queue
-    /// when `deallocate`; other blocks are overwritten with zeros on disk right away, so freed
-    /// data never lingers in a slot that stays allocated.
-    pub fn zero(&mut self, shard: u32, volume: VolumeId, offset: u64, len: u64, deallocate: bool) -> Result<()> {
+    /// Makes a block-aligned range read as zeros in write epoch `epoch`. Whole chunks are
+    /// released to the scrub queue when `deallocate` (or, where a snapshot holds an older
+    /// version, become a hole in this epoch); other blocks are overwritten with zeros on disk
+    /// right away, so freed data never lingers in a slot that stays allocated.
+    pub fn zero(&mut self, shard: u32, volume: VolumeId, epoch: Epoch, offset: u64, len: u64, deallocate: bool) -> Result<()> {
         check_range(offset, len)?;
-        self.ops.push(Op::Zero { shard, volume, offset, len, deallocate });
+        self.ops.push(Op::Zero { shard, volume, epoch, offset, len, deallocate });
         Ok(())
     }
 
-    /// Releases every chunk of `volume` in `shard` to the scrub queue.
+    /// Releases every chunk (every version) of `volume` in `shard` to the scrub queue.
     pub fn delete_volume(&mut self, shard: u32, volume: VolumeId) {
         self.ops.push(Op::DeleteVolume { shard, volume });
+    }
+
+    /// Releases the versions of `volume`'s chunks in `shard` that neither are a chunk's newest
+    /// version nor what one of the `live` snapshot epochs resolves to (a snapshot was
+    /// deleted). Their slots go to the scrub queue. Idempotent.
+    pub fn release_versions(&mut self, shard: u32, volume: VolumeId, live: Vec<Epoch>) {
+        self.ops.push(Op::ReleaseVersions { shard, volume, live });
     }
 
     /// Stores a chunk image (snapshot transfer) into `shard`, replacing that chunk.
@@ -317,7 +337,8 @@ struct Piece {
     buf_offset: usize,
 }
 
-fn pieces(shard: u32, volume: VolumeId, offset: u64, len: u64) -> Vec<Piece> {
+/// The pieces of a range, their keys at `epoch`.
+fn pieces(shard: u32, volume: VolumeId, epoch: Epoch, offset: u64, len: u64) -> Vec<Piece> {
     let mut out = Vec::new();
     let mut pos = offset;
     let end = offset + len;
@@ -326,7 +347,7 @@ fn pieces(shard: u32, volume: VolumeId, offset: u64, len: u64) -> Vec<Piece> {
         let chunk_end = (chunk + 1) * CHUNK_SIZE;
         let piece_end = end.min(chunk_end);
         out.push(Piece {
-            key: ChunkKey { shard, volume, chunk },
+            key: ChunkKey { shard, volume, chunk, epoch },
             first_block: ((pos - chunk * CHUNK_SIZE) / BLOCK_SIZE) as u16,
             blocks: ((piece_end - pos) / BLOCK_SIZE) as u16,
             buf_offset: (pos - offset) as usize,
@@ -380,12 +401,40 @@ impl Mapping {
         None
     }
 
+    /// Every version of every chunk of `shard` (of `volume` only, if given), in key order.
     fn range(&self, shard: u32, volume: Option<VolumeId>) -> Vec<(ChunkKey, u64)> {
         let (lo, hi) = match volume {
-            Some(v) => (ChunkKey { shard, volume: v, chunk: 0 }, ChunkKey { shard, volume: v, chunk: u64::MAX }),
-            None => (ChunkKey { shard, volume: VolumeId(0), chunk: 0 }, ChunkKey { shard, volume: VolumeId(u64::MAX), chunk: u64::MAX }),
+            Some(v) => (ChunkKey { shard, volume: v, chunk: 0, epoch: 0 }, ChunkKey { shard, volume: v, chunk: u64::MAX, epoch: u64::MAX }),
+            None => (
+                ChunkKey { shard, volume: VolumeId(0), chunk: 0, epoch: 0 },
+                ChunkKey { shard, volume: VolumeId(u64::MAX), chunk: u64::MAX, epoch: u64::MAX },
+            ),
         };
         self.chunks.range(lo..=hi).map(|(k, s)| (*k, *s)).collect()
+    }
+
+    /// The newest version of `key`'s chunk at or before `at` (`key.epoch` is ignored).
+    fn resolve(&self, key: ChunkKey, at: Epoch) -> Option<(ChunkKey, u64)> {
+        self.chunks.range(key.at(0)..=key.at(at)).next_back().map(|(k, s)| (*k, *s))
+    }
+
+    /// The newest version of `key`'s chunk.
+    fn head(&self, key: ChunkKey) -> Option<(ChunkKey, u64)> {
+        self.resolve(key, Epoch::MAX)
+    }
+
+    /// Whether `key`'s chunk has a version older than `key.epoch`.
+    fn has_older(&self, key: ChunkKey) -> bool {
+        key.epoch > 0 && self.chunks.range(key.at(0)..key).next().is_some()
+    }
+
+    /// Whether a write to `key` (at its epoch) needs a slot it does not have: a new chunk, a
+    /// copy of an older version, or data where a hole is.
+    fn needs_slot(&self, key: ChunkKey) -> bool {
+        match self.head(key) {
+            None => true,
+            Some((h, slot)) => h.epoch != key.epoch || slot == HOLE,
+        }
     }
 }
 
@@ -417,6 +466,263 @@ struct PlannedIo {
     span: (u64, u16, u16),
 }
 
+/// A version a write copies before it writes: its block metadata and bytes (block 0 through
+/// the last written one; `None` when no block is written).
+struct CopySource {
+    metas: Vec<(u16, BlockMeta)>,
+    buf: Option<AlignedBuf>,
+}
+
+/// Turns a batch's ops into disk writes and one index batch, updating the in-memory map as it
+/// goes (under the map lock: no I/O here).
+struct Planner<'a> {
+    inner: &'a Inner,
+    map: &'a mut Mapping,
+    wb: &'a mut WriteBatch,
+    ios: &'a mut Vec<PlannedIo>,
+    new_free: &'a mut Vec<FreeRecord>,
+    copies: &'a mut HashMap<ChunkKey, CopySource>,
+    cf_chunks: &'a rocksdb::ColumnFamily,
+    cf_blocks: &'a rocksdb::ColumnFamily,
+}
+
+impl Planner<'_> {
+    fn op(&mut self, op: Op, moved: &mut impl Iterator<Item = Vec<ChunkMetas>>) -> Result<()> {
+        match op {
+            Op::Write { shard, volume, epoch, offset, data, crcs, crypt } => {
+                for p in pieces(shard, volume, epoch, offset, data.len() as u64) {
+                    let slot = self.slot_for(p.key)?;
+                    let start = p.buf_offset;
+                    let end = start + p.blocks as usize * BLOCK_SIZE as usize;
+                    self.ios.push(PlannedIo {
+                        offset: self.inner.data.slot_offset(slot) + p.first_block as u64 * BLOCK_SIZE,
+                        buf: AlignedBuf::from_slice(&data[start..end]),
+                        span: (slot, p.first_block, p.blocks),
+                    });
+                    for b in 0..p.blocks {
+                        let idx = p.buf_offset / BLOCK_SIZE as usize + b as usize;
+                        let meta = BlockMeta { crc: crcs[idx], crypt: crypt.as_ref().map(|c| c[idx]) };
+                        self.wb.put_cf(self.cf_blocks, p.key.block_key(p.first_block + b), meta.encode());
+                    }
+                }
+            }
+            Op::Zero { shard, volume, epoch, offset, len, deallocate } => {
+                for p in pieces(shard, volume, epoch, offset, len) {
+                    self.zero_piece(&p, deallocate)?;
+                }
+            }
+            Op::DeleteVolume { shard, volume } => {
+                for (key, slot) in self.map.range(shard, Some(volume)) {
+                    self.drop_version(key, slot, FreeReason::VolumeDeleted);
+                }
+            }
+            Op::ReleaseVersions { shard, volume, live } => {
+                let all = self.map.range(shard, Some(volume));
+                for chunk in all.chunk_by(|a, b| a.0.chunk == b.0.chunk) {
+                    let versions = ChunkVersions::from_oldest(chunk.iter().map(|(k, slot)| Version { epoch: k.epoch, slot: *slot }))
+                        .ok_or_else(|| ChunkStoreError::Failed(format!("{volume} chunk {} has versions out of order", chunk[0].0.chunk)))?;
+                    let mut versions = versions;
+                    for v in versions.release(&live) {
+                        self.drop_version(chunk[0].0.at(v.epoch), v.slot, FreeReason::SnapshotDeleted);
+                    }
+                    // A hole left alone reads as zeros without its record.
+                    if let [only] = versions.all()
+                        && only.slot == HOLE
+                    {
+                        self.drop_version(chunk[0].0.at(only.epoch), HOLE, FreeReason::SnapshotDeleted);
+                    }
+                }
+            }
+            Op::DropShard { shard } => {
+                for (key, slot) in self.map.range(shard, None) {
+                    self.drop_version(key, slot, FreeReason::ReplicaRemoved);
+                }
+            }
+            Op::PutImage { shard, image } => {
+                let key = ChunkKey { shard, volume: image.volume, chunk: image.chunk, epoch: image.epoch };
+                if image.hole {
+                    if let Some(slot) = self.map.chunks.get(&key).copied() {
+                        self.drop_version(key, slot, FreeReason::ReplicaRemoved);
+                    }
+                    self.set_version(key, HOLE);
+                    return Ok(());
+                }
+                let slot = match self.map.chunks.get(&key).copied() {
+                    Some(slot) if slot != HOLE => slot,
+                    _ => {
+                        let slot = self.allocate()?;
+                        self.set_version(key, slot);
+                        slot
+                    }
+                };
+                let mut hi = key.encode().to_vec();
+                hi.extend_from_slice(&[0xff, 0xff, 0xff]);
+                self.wb.delete_range_cf(self.cf_blocks, key.block_key(0).to_vec(), hi);
+                // Overwrite the whole slot: blocks absent from the image become zeros.
+                let mut buf = AlignedBuf::zeroed(CHUNK_SIZE as usize);
+                for (i, (block, meta)) in image.blocks.iter().enumerate() {
+                    let dst = *block as usize * BLOCK_SIZE as usize;
+                    let src = i * BLOCK_SIZE as usize;
+                    buf.as_mut_slice()[dst..dst + BLOCK_SIZE as usize].copy_from_slice(&image.data[src..src + BLOCK_SIZE as usize]);
+                    self.wb.put_cf(self.cf_blocks, key.block_key(*block), meta.encode());
+                }
+                self.ios.push(PlannedIo { offset: self.inner.data.slot_offset(slot), buf, span: (slot, 0, BLOCKS_PER_CHUNK as u16) });
+            }
+            Op::MoveShard { to, .. } => {
+                let metas = moved.next().unwrap_or_default();
+                for (key, blocks) in metas {
+                    let Some(slot) = self.map.chunks.remove(&key) else { continue };
+                    let new_key = ChunkKey { shard: to, ..key };
+                    self.map.chunks.insert(new_key, slot);
+                    self.wb.delete_cf(self.cf_chunks, key.encode());
+                    self.wb.put_cf(self.cf_chunks, new_key.encode(), slot.to_le_bytes());
+                    for (block, meta) in blocks {
+                        self.wb.delete_cf(self.cf_blocks, key.block_key(block));
+                        self.wb.put_cf(self.cf_blocks, new_key.block_key(block), meta.encode());
+                    }
+                }
+            }
+            Op::PutState { shard, name, value } => self.wb.put_cf(self.inner.index.cf(CF_STATE), state_key(shard, &name), value),
+            Op::DeleteState { shard, name } => self.wb.delete_cf(self.inner.index.cf(CF_STATE), state_key(shard, &name)),
+        }
+        Ok(())
+    }
+
+    /// Zeroes one chunk's part of a range at `p.key.epoch`.
+    fn zero_piece(&mut self, p: &Piece, deallocate: bool) -> Result<()> {
+        let whole = u64::from(p.blocks) == BLOCKS_PER_CHUNK;
+        let head = self.map.head(p.key);
+        if !deallocate {
+            // Zero-fill that must stay allocated (NBD NO_HOLE): write zeros.
+            let slot = self.slot_for(p.key)?;
+            self.push_zero_fill(slot, p);
+            return Ok(());
+        }
+        match head {
+            // Nothing stored, or a hole: reads as zeros already.
+            None => {}
+            Some((_, HOLE)) => {}
+            Some((h, slot)) if h.epoch == p.key.epoch => {
+                if !whole {
+                    self.zero_blocks(slot, p);
+                } else if self.map.has_older(h) {
+                    // A snapshot holds an older version: this epoch's version becomes a hole.
+                    self.drop_version(h, slot, FreeReason::Trimmed);
+                    self.set_version(h, HOLE);
+                } else {
+                    self.drop_version(h, slot, FreeReason::Trimmed);
+                }
+            }
+            Some((h, _)) if h.epoch > p.key.epoch => return Err(stale(p.key, h.epoch)),
+            // The newest version is frozen by an older epoch.
+            Some(_) if whole => self.set_version(p.key, HOLE),
+            Some(_) => {
+                let slot = self.slot_for(p.key)?;
+                self.zero_blocks(slot, p);
+            }
+        }
+        Ok(())
+    }
+
+    /// The slot a write to `key` (at its epoch) goes to, following [`crate::versions::plan`]:
+    /// in place, a fresh slot, or a fresh slot holding a copy of the older newest version.
+    fn slot_for(&mut self, key: ChunkKey) -> Result<u64> {
+        let head = self.map.head(key);
+        let plan = crate::versions::plan(head.map(|(k, slot)| Version { epoch: k.epoch, slot }), key.epoch)
+            .map_err(|_| stale(key, head.map_or(0, |(k, _)| k.epoch)))?;
+        match plan {
+            WritePlan::InPlace(slot) if slot != HOLE => Ok(slot),
+            // A hole of this epoch, or no version yet: a fresh slot (unwritten blocks read as
+            // zeros; the slot was overwritten before it became free).
+            WritePlan::InPlace(_) | WritePlan::Fresh | WritePlan::CopyFrom(HOLE) => {
+                let slot = self.allocate()?;
+                self.set_version(key, slot);
+                Ok(slot)
+            }
+            WritePlan::CopyFrom(_) => {
+                let from = head.map(|(k, _)| k).ok_or_else(|| ChunkStoreError::Failed("a copy without a source".into()))?;
+                let source = self
+                    .copies
+                    .remove(&from)
+                    .ok_or_else(|| ChunkStoreError::Failed(format!("{from:?} was not read before the batch that copies it")))?;
+                let slot = self.allocate()?;
+                self.set_version(key, slot);
+                if let Some(buf) = source.buf {
+                    let blocks = (buf.len() / BLOCK_SIZE as usize) as u16;
+                    self.ios.push(PlannedIo { offset: self.inner.data.slot_offset(slot), buf, span: (slot, 0, blocks) });
+                }
+                for (block, meta) in source.metas {
+                    self.wb.put_cf(self.cf_blocks, key.block_key(block), meta.encode());
+                }
+                Ok(slot)
+            }
+        }
+    }
+
+    fn allocate(&mut self) -> Result<u64> {
+        // `precheck` guaranteed room; running out here means the accounting is wrong.
+        self.map.allocate().ok_or_else(|| {
+            ChunkStoreError::Failed(format!("allocator ran out of slots mid-batch despite the space check ({} slots)", self.map.slot_count))
+        })
+    }
+
+    /// Records version `key` at `slot` (or [`HOLE`]).
+    fn set_version(&mut self, key: ChunkKey, slot: u64) {
+        self.map.chunks.insert(key, slot);
+        self.wb.put_cf(self.cf_chunks, key.encode(), slot.to_le_bytes());
+    }
+
+    /// Removes version `key`: its records go, its slot (unless a hole) joins the scrub queue.
+    fn drop_version(&mut self, key: ChunkKey, slot: u64, reason: FreeReason) {
+        self.map.chunks.remove(&key);
+        self.wb.delete_cf(self.cf_chunks, key.encode());
+        if slot == HOLE {
+            return;
+        }
+        let rec = FreeRecord { seq: self.map.next_seq, slot, reason };
+        self.map.next_seq += 1;
+        let mut hi = key.encode().to_vec();
+        hi.extend_from_slice(&[0xff, 0xff, 0xff]);
+        self.wb.delete_range_cf(self.cf_blocks, key.block_key(0).to_vec(), hi);
+        self.wb.put_cf(self.inner.index.cf(CF_FREE), rec.seq.to_be_bytes(), rec.encode_value());
+        self.new_free.push(rec);
+    }
+
+    /// Overwrites `p`'s blocks of `slot` with zeros and forgets them (they read as zeros).
+    fn zero_blocks(&mut self, slot: u64, p: &Piece) {
+        self.ios.push(PlannedIo {
+            offset: self.inner.data.slot_offset(slot) + p.first_block as u64 * BLOCK_SIZE,
+            buf: AlignedBuf::zeroed(p.blocks as usize * BLOCK_SIZE as usize),
+            span: (slot, p.first_block, p.blocks),
+        });
+        self.wb.delete_range_cf(
+            self.cf_blocks,
+            p.key.block_key(p.first_block).to_vec(),
+            end_block_key(&p.key, p.first_block as u32 + p.blocks as u32),
+        );
+    }
+
+    /// Writes zeros over `p`'s blocks of `slot`, which stay allocated and written.
+    fn push_zero_fill(&mut self, slot: u64, p: &Piece) {
+        self.ios.push(PlannedIo {
+            offset: self.inner.data.slot_offset(slot) + p.first_block as u64 * BLOCK_SIZE,
+            buf: AlignedBuf::zeroed(p.blocks as usize * BLOCK_SIZE as usize),
+            span: (slot, p.first_block, p.blocks),
+        });
+        let meta = BlockMeta { crc: ZERO_BLOCK_CRC, crypt: None }.encode();
+        for b in 0..p.blocks {
+            self.wb.put_cf(self.cf_blocks, p.key.block_key(p.first_block + b), &meta);
+        }
+    }
+}
+
+fn stale(key: ChunkKey, head: Epoch) -> ChunkStoreError {
+    ChunkStoreError::Invalid(format!(
+        "a write to {} chunk {} at epoch {} arrived after one at epoch {head}: it was issued before a snapshot and is refused",
+        key.volume, key.chunk, key.epoch
+    ))
+}
+
 impl ChunkStore {
     /// Opens (formatting if new) the data file and index, and rebuilds the allocation map.
     /// Blocking: call at startup or from a blocking thread.
@@ -427,6 +733,7 @@ impl ChunkStore {
         let data = DataFile::open(&config.data_path, config.capacity, config.direct_io)?;
         let index = Index::open(&config.index_dir, config.index_memory)?;
         index.bind_uuid(&data.superblock.uuid, &config.data_path)?;
+        index.check_format()?;
 
         let slot_count = data.superblock.slot_count;
         let mut map = Mapping {
@@ -440,6 +747,10 @@ impl ChunkStore {
         };
         let bad_slot = |what: String| ChunkStoreError::BadFormat { path: config.index_dir.clone(), reason: what };
         for (key, slot) in index.load_chunks()? {
+            if slot == HOLE {
+                map.chunks.insert(key, slot);
+                continue;
+            }
             if slot >= slot_count {
                 return Err(bad_slot(format!("chunk {key:?} points at slot {slot} beyond the data file's {slot_count} slots")));
             }
@@ -504,7 +815,7 @@ impl ChunkStore {
         let map = self.map();
         StoreStats {
             slots_total: map.slot_count,
-            slots_mapped: map.chunks.len() as u64,
+            slots_mapped: map.used_count - map.queue.len() as u64,
             slots_pending_scrub: map.queue.len() as u64,
             slot_size: CHUNK_SIZE,
         }
@@ -529,156 +840,30 @@ impl ChunkStore {
         }
 
         self.precheck(&batch)?;
+        let mut copies = self.read_copy_sources(&batch).await?;
 
         let mut wb = WriteBatch::default();
         let mut ios: Vec<PlannedIo> = Vec::new();
         let mut new_free: Vec<FreeRecord> = Vec::new();
-        {
-            let inner = &self.inner;
-            let cf_chunks = inner.index.cf(CF_CHUNKS);
-            let cf_blocks = inner.index.cf(CF_BLOCKS);
-            let cf_free = inner.index.cf(CF_FREE);
-            let cf_state = inner.index.cf(CF_STATE);
+        let planned = {
             let mut map = self.map();
-            let mut moved = moved_metas.into_iter();
-
-            let free_chunk =
-                |map: &mut Mapping, wb: &mut WriteBatch, key: ChunkKey, slot: u64, reason: FreeReason, new_free: &mut Vec<FreeRecord>| {
-                    map.chunks.remove(&key);
-                    let rec = FreeRecord { seq: map.next_seq, slot, reason };
-                    map.next_seq += 1;
-                    wb.delete_cf(cf_chunks, key.encode());
-                    let mut hi = key.encode().to_vec();
-                    hi.extend_from_slice(&[0xff, 0xff, 0xff]);
-                    wb.delete_range_cf(cf_blocks, key.block_key(0).to_vec(), hi);
-                    wb.put_cf(cf_free, rec.seq.to_be_bytes(), rec.encode_value());
-                    new_free.push(rec);
-                };
-            let slot_for = |map: &mut Mapping, wb: &mut WriteBatch, key: ChunkKey| -> Result<u64> {
-                if let Some(slot) = map.chunks.get(&key) {
-                    return Ok(*slot);
-                }
-                // `precheck` guaranteed room; running out here means the accounting is wrong.
-                let slot = map.allocate().ok_or_else(|| {
-                    ChunkStoreError::Failed(format!("allocator ran out of slots mid-batch despite the space check ({} slots)", map.slot_count))
-                })?;
-                map.chunks.insert(key, slot);
-                wb.put_cf(cf_chunks, key.encode(), slot.to_le_bytes());
-                Ok(slot)
+            let mut plan = Planner {
+                inner: &self.inner,
+                map: &mut map,
+                wb: &mut wb,
+                ios: &mut ios,
+                new_free: &mut new_free,
+                copies: &mut copies,
+                cf_chunks: self.inner.index.cf(CF_CHUNKS),
+                cf_blocks: self.inner.index.cf(CF_BLOCKS),
             };
-
-            for op in batch.ops {
-                match op {
-                    Op::Write { shard, volume, offset, data, crcs, crypt } => {
-                        for p in pieces(shard, volume, offset, data.len() as u64) {
-                            let slot = match slot_for(&mut map, &mut wb, p.key) {
-                                Ok(s) => s,
-                                Err(e) => {
-                                    drop(map);
-                                    self.fail(&e);
-                                    return Err(e);
-                                }
-                            };
-                            let start = p.buf_offset;
-                            let end = start + p.blocks as usize * BLOCK_SIZE as usize;
-                            ios.push(PlannedIo {
-                                offset: inner.data.slot_offset(slot) + p.first_block as u64 * BLOCK_SIZE,
-                                buf: AlignedBuf::from_slice(&data[start..end]),
-                                span: (slot, p.first_block, p.blocks),
-                            });
-                            for b in 0..p.blocks {
-                                let idx = p.buf_offset / BLOCK_SIZE as usize + b as usize;
-                                let meta = BlockMeta { crc: crcs[idx], crypt: crypt.as_ref().map(|c| c[idx]) };
-                                wb.put_cf(cf_blocks, p.key.block_key(p.first_block + b), meta.encode());
-                            }
-                        }
-                    }
-                    Op::Zero { shard, volume, offset, len, deallocate } => {
-                        for p in pieces(shard, volume, offset, len) {
-                            let Some(slot) = map.chunks.get(&p.key).copied() else {
-                                if !deallocate {
-                                    // Zero-fill that must stay allocated (NBD NO_HOLE): write zeros.
-                                    let slot = match slot_for(&mut map, &mut wb, p.key) {
-                                        Ok(s) => s,
-                                        Err(e) => {
-                                            drop(map);
-                                            self.fail(&e);
-                                            return Err(e);
-                                        }
-                                    };
-                                    push_zero_fill(&mut ios, &mut wb, cf_blocks, inner, slot, &p);
-                                }
-                                continue;
-                            };
-                            if deallocate && p.blocks as u64 == BLOCKS_PER_CHUNK {
-                                free_chunk(&mut map, &mut wb, p.key, slot, FreeReason::Trimmed, &mut new_free);
-                            } else if deallocate {
-                                ios.push(PlannedIo {
-                                    offset: inner.data.slot_offset(slot) + p.first_block as u64 * BLOCK_SIZE,
-                                    buf: AlignedBuf::zeroed(p.blocks as usize * BLOCK_SIZE as usize),
-                                    span: (slot, p.first_block, p.blocks),
-                                });
-                                wb.delete_range_cf(
-                                    cf_blocks,
-                                    p.key.block_key(p.first_block).to_vec(),
-                                    end_block_key(&p.key, p.first_block as u32 + p.blocks as u32),
-                                );
-                            } else {
-                                push_zero_fill(&mut ios, &mut wb, cf_blocks, inner, slot, &p);
-                            }
-                        }
-                    }
-                    Op::DeleteVolume { shard, volume } => {
-                        for (key, slot) in map.range(shard, Some(volume)) {
-                            free_chunk(&mut map, &mut wb, key, slot, FreeReason::VolumeDeleted, &mut new_free);
-                        }
-                    }
-                    Op::DropShard { shard } => {
-                        for (key, slot) in map.range(shard, None) {
-                            free_chunk(&mut map, &mut wb, key, slot, FreeReason::ReplicaRemoved, &mut new_free);
-                        }
-                    }
-                    Op::PutImage { shard, image } => {
-                        let key = ChunkKey { shard, volume: image.volume, chunk: image.chunk };
-                        let slot = match slot_for(&mut map, &mut wb, key) {
-                            Ok(s) => s,
-                            Err(e) => {
-                                drop(map);
-                                self.fail(&e);
-                                return Err(e);
-                            }
-                        };
-                        let mut hi = key.encode().to_vec();
-                        hi.extend_from_slice(&[0xff, 0xff, 0xff]);
-                        wb.delete_range_cf(cf_blocks, key.block_key(0).to_vec(), hi);
-                        // Overwrite the whole slot: blocks absent from the image become zeros.
-                        let mut buf = AlignedBuf::zeroed(CHUNK_SIZE as usize);
-                        for (i, (block, meta)) in image.blocks.iter().enumerate() {
-                            let dst = *block as usize * BLOCK_SIZE as usize;
-                            let src = i * BLOCK_SIZE as usize;
-                            buf.as_mut_slice()[dst..dst + BLOCK_SIZE as usize].copy_from_slice(&image.data[src..src + BLOCK_SIZE as usize]);
-                            wb.put_cf(cf_blocks, key.block_key(*block), meta.encode());
-                        }
-                        ios.push(PlannedIo { offset: inner.data.slot_offset(slot), buf, span: (slot, 0, BLOCKS_PER_CHUNK as u16) });
-                    }
-                    Op::MoveShard { to, .. } => {
-                        let metas = moved.next().unwrap_or_default();
-                        for (key, blocks) in metas {
-                            let Some(slot) = map.chunks.remove(&key) else { continue };
-                            let new_key = ChunkKey { shard: to, ..key };
-                            map.chunks.insert(new_key, slot);
-                            wb.delete_cf(cf_chunks, key.encode());
-                            wb.put_cf(cf_chunks, new_key.encode(), slot.to_le_bytes());
-                            for (block, meta) in blocks {
-                                wb.delete_cf(cf_blocks, key.block_key(block));
-                                wb.put_cf(cf_blocks, new_key.block_key(block), meta.encode());
-                            }
-                        }
-                    }
-                    Op::PutState { shard, name, value } => wb.put_cf(cf_state, state_key(shard, &name), value),
-                    Op::DeleteState { shard, name } => wb.delete_cf(cf_state, state_key(shard, &name)),
-                }
-            }
+            let mut moved = moved_metas.into_iter();
+            batch.ops.into_iter().try_for_each(|op| plan.op(op, &mut moved))
+        };
+        if let Err(e) = planned {
+            // Memory may be ahead of disk now (slots taken, versions recorded).
+            self.fail(&e);
+            return Err(e);
         }
 
         // Data first, index second: after a crash the index never points at data that was not
@@ -706,33 +891,95 @@ impl ChunkStore {
         Ok(())
     }
 
+    /// Reads the versions the batch's writes will copy (a chunk's newest version, older than
+    /// the write's epoch): their block metadata and bytes, keyed by the version read.
+    async fn read_copy_sources(&self, batch: &Batch) -> Result<HashMap<ChunkKey, CopySource>> {
+        let mut wanted: Vec<ChunkKey> = Vec::new();
+        {
+            let map = self.map();
+            for op in &batch.ops {
+                let (shard, volume, epoch, offset, len) = match op {
+                    Op::Write { shard, volume, epoch, offset, data, .. } => (*shard, *volume, *epoch, *offset, data.len() as u64),
+                    Op::Zero { shard, volume, epoch, offset, len, .. } => (*shard, *volume, *epoch, *offset, *len),
+                    _ => continue,
+                };
+                for p in pieces(shard, volume, epoch, offset, len) {
+                    if let Some((head, slot)) = map.head(p.key)
+                        && head.epoch < epoch
+                        && slot != HOLE
+                        && !wanted.contains(&head)
+                    {
+                        wanted.push(head);
+                    }
+                }
+            }
+        }
+        let mut out = HashMap::with_capacity(wanted.len());
+        for key in wanted {
+            if let Some((metas, buf)) = self.read_written(key).await? {
+                out.insert(key, CopySource { metas, buf });
+            }
+        }
+        Ok(out)
+    }
+
     /// Rejects a batch that cannot complete before anything changes: not enough free slots for
-    /// the chunks it would allocate, or a shard move onto a shard that is not emptied first.
+    /// the chunks it would allocate, a shard move onto a shard that is not emptied first, or
+    /// writes of one volume at two epochs (a copy is read before the batch's writes land, so
+    /// callers commit what they staged before the first write of a newer epoch).
     fn precheck(&self, batch: &Batch) -> Result<()> {
         let map = self.map();
-        let frees = batch.ops.iter().any(|op| matches!(op, Op::DeleteVolume { .. } | Op::DropShard { .. } | Op::Zero { deallocate: true, .. }));
+        let frees = batch
+            .ops
+            .iter()
+            .any(|op| matches!(op, Op::DeleteVolume { .. } | Op::DropShard { .. } | Op::Zero { deallocate: true, .. } | Op::ReleaseVersions { .. }));
         let mut needed: HashSet<ChunkKey> = HashSet::new();
         let mut dropped: HashSet<u32> = HashSet::new();
+        let mut epochs: HashMap<(u32, VolumeId), Epoch> = HashMap::new();
+        let mut one_epoch = |shard: u32, volume: VolumeId, epoch: Epoch| match epochs.insert((shard, volume), epoch) {
+            Some(other) if other != epoch => {
+                Err(ChunkStoreError::Invalid(format!("one batch writes {volume} in shard {shard} at epochs {other} and {epoch}")))
+            }
+            _ => Ok(()),
+        };
         let count = |key: ChunkKey, needed: &mut HashSet<ChunkKey>| {
             // A chunk freed earlier in the batch needs a new slot, so with frees in the batch
             // count every chunk written (conservative).
-            if frees || !map.chunks.contains_key(&key) {
+            if frees || map.needs_slot(key) {
                 needed.insert(key);
             }
         };
+        // Refused here, before anything changes, so a stale write does not stop the store.
+        let not_stale = |key: ChunkKey| match map.head(key) {
+            Some((h, _)) if h.epoch > key.epoch => Err(stale(key, h.epoch)),
+            _ => Ok(()),
+        };
         for op in &batch.ops {
             match op {
-                Op::Write { shard, volume, offset, data, .. } => {
-                    for p in pieces(*shard, *volume, *offset, data.len() as u64) {
+                Op::Write { shard, volume, epoch, offset, data, .. } => {
+                    one_epoch(*shard, *volume, *epoch)?;
+                    for p in pieces(*shard, *volume, *epoch, *offset, data.len() as u64) {
+                        not_stale(p.key)?;
                         count(p.key, &mut needed);
                     }
                 }
-                Op::Zero { shard, volume, offset, len, deallocate: false } => {
-                    for p in pieces(*shard, *volume, *offset, *len) {
-                        count(p.key, &mut needed);
+                Op::Zero { shard, volume, epoch, offset, len, deallocate } => {
+                    one_epoch(*shard, *volume, *epoch)?;
+                    for p in pieces(*shard, *volume, *epoch, *offset, *len) {
+                        not_stale(p.key)?;
+                        // Deallocating needs a slot only to copy a frozen version partly zeroed.
+                        let frozen = map.head(p.key).is_some_and(|(h, slot)| h.epoch < p.key.epoch && slot != HOLE);
+                        if !*deallocate || (frozen && u64::from(p.blocks) < BLOCKS_PER_CHUNK) {
+                            count(p.key, &mut needed);
+                        }
                     }
                 }
-                Op::PutImage { shard, image } => count(ChunkKey { shard: *shard, volume: image.volume, chunk: image.chunk }, &mut needed),
+                Op::PutImage { shard, image } => {
+                    let key = ChunkKey { shard: *shard, volume: image.volume, chunk: image.chunk, epoch: image.epoch };
+                    if !image.hole && (frees || map.chunks.get(&key).is_none_or(|s| *s == HOLE)) {
+                        needed.insert(key);
+                    }
+                }
                 Op::DropShard { shard } => {
                     dropped.insert(*shard);
                 }
@@ -776,19 +1023,29 @@ impl ChunkStore {
         Ok(())
     }
 
-    /// Reads a block-aligned range, verifying every written block's crc32c. Unwritten blocks
-    /// read as zeros. A mismatch is an error naming volume, chunk and block; bad data is never
-    /// returned.
+    /// Reads a block-aligned range of the volume as it is now (each chunk's newest version),
+    /// verifying every written block's crc32c. Unwritten blocks read as zeros. A mismatch is
+    /// an error naming volume, chunk and block; bad data is never returned.
     pub async fn read(&self, shard: u32, volume: VolumeId, offset: u64, len: u64) -> Result<BlockRead> {
+        self.read_at(shard, volume, Epoch::MAX, offset, len).await
+    }
+
+    /// Like [`ChunkStore::read`], as the volume was at snapshot epoch `at`: each chunk's
+    /// newest version no newer than `at`.
+    pub async fn read_at(&self, shard: u32, volume: VolumeId, at: Epoch, offset: u64, len: u64) -> Result<BlockRead> {
         check_range(offset, len)?;
         let blocks = (len / BLOCK_SIZE) as usize;
         let parts: Vec<(Piece, Option<u64>)> = {
             let map = self.map();
-            pieces(shard, volume, offset, len)
+            pieces(shard, volume, at, offset, len)
                 .into_iter()
-                .map(|p| {
-                    let slot = map.chunks.get(&p.key).copied();
-                    (p, slot)
+                .map(|mut p| {
+                    let found = map.resolve(p.key, at).filter(|(_, slot)| *slot != HOLE);
+                    // The metadata lookups below are by the version found.
+                    if let Some((k, _)) = found {
+                        p.key = k;
+                    }
+                    (p, found.map(|(_, slot)| slot))
                 })
                 .collect()
         };
@@ -867,9 +1124,26 @@ impl ChunkStore {
         self.blocking(move |inner| inner.index.scan_state(shard, &prefix)).await
     }
 
-    /// The chunks a shard holds, in key order.
+    /// The chunk versions a shard holds, in key order (a chunk's versions oldest first).
     pub fn list_chunks(&self, shard: u32) -> Vec<ChunkKey> {
         self.map().range(shard, None).into_iter().map(|(k, _)| k).collect()
+    }
+
+    /// The newest version of a chunk (`chunk.epoch` is ignored), if the shard holds any.
+    pub fn head_key(&self, chunk: ChunkKey) -> Option<ChunkKey> {
+        self.map().head(chunk).map(|(k, _)| k)
+    }
+
+    /// Slots held per epoch by `volume`'s chunk versions in `shard` (holes hold none): what
+    /// each snapshot keeps alive, and the head's share.
+    pub fn slots_by_epoch(&self, shard: u32, volume: VolumeId) -> BTreeMap<Epoch, u64> {
+        let mut out = BTreeMap::new();
+        for (k, slot) in self.map().range(shard, Some(volume)) {
+            if slot != HOLE {
+                *out.entry(k.epoch).or_default() += 1;
+            }
+        }
+        out
     }
 
     /// Shards that hold at least one chunk.
@@ -887,6 +1161,9 @@ impl ChunkStore {
         let Some(slot) = self.map().chunks.get(&key).copied() else {
             return Ok(None);
         };
+        if slot == HOLE {
+            return Ok(Some((Vec::new(), None)));
+        }
         let metas = self.blocking(move |inner| inner.index.chunk_metas(&key)).await?;
         let Some(last) = metas.last().map(|(b, _)| *b) else {
             return Ok(Some((metas, None)));
@@ -900,13 +1177,14 @@ impl ChunkStore {
         Ok(Some((metas, Some(buf))))
     }
 
-    /// A verified copy of one chunk, or `None` if the shard does not hold it.
+    /// A verified copy of one chunk version, or `None` if the shard does not hold it.
     pub async fn read_image(&self, key: ChunkKey) -> Result<Option<ChunkImage>> {
+        let hole = self.map().chunks.get(&key) == Some(&HOLE);
         let Some((metas, buf)) = self.read_written(key).await? else {
             return Ok(None);
         };
         let Some(buf) = buf else {
-            return Ok(Some(ChunkImage { volume: key.volume, chunk: key.chunk, blocks: Vec::new(), data: Bytes::new() }));
+            return Ok(Some(ChunkImage { volume: key.volume, chunk: key.chunk, epoch: key.epoch, hole, blocks: Vec::new(), data: Bytes::new() }));
         };
         let mut data = Vec::with_capacity(metas.len() * BLOCK_SIZE as usize);
         for (block, meta) in &metas {
@@ -918,7 +1196,7 @@ impl ChunkStore {
             }
             data.extend_from_slice(bytes);
         }
-        Ok(Some(ChunkImage { volume: key.volume, chunk: key.chunk, blocks: metas, data: Bytes::from(data) }))
+        Ok(Some(ChunkImage { volume: key.volume, chunk: key.chunk, epoch: key.epoch, hole: false, blocks: metas, data: Bytes::from(data) }))
     }
 
     /// Reads every written block of one chunk and checks it against its stored crc32c, without
@@ -985,17 +1263,17 @@ impl ChunkStore {
         &self.inner.data.path
     }
 
-    /// How many chunks of `len` bytes at `offset` of `volume` in `shard` hold no slot yet (a
-    /// write there has to allocate them).
-    pub fn unallocated_chunks(&self, shard: u32, volume: VolumeId, offset: u64, len: u64) -> u64 {
+    /// How many chunks of `len` bytes at `offset` of `volume` in `shard` a write at `epoch`
+    /// has to allocate a slot for (new chunks, and copies of versions a snapshot froze).
+    pub fn unallocated_chunks(&self, shard: u32, volume: VolumeId, epoch: Epoch, offset: u64, len: u64) -> u64 {
         let map = self.map();
-        pieces(shard, volume, offset, len).iter().filter(|p| !map.chunks.contains_key(&p.key)).count() as u64
+        pieces(shard, volume, epoch, offset, len).iter().filter(|p| map.needs_slot(p.key)).count() as u64
     }
 
-    /// Byte offset in the data file of the slot holding `key`, if any (for tools and tests
-    /// that need to find a block on disk).
+    /// Byte offset in the data file of the slot holding version `key`, if any (for tools and
+    /// tests that need to find a block on disk).
     pub fn locate(&self, key: ChunkKey) -> Option<u64> {
-        self.map().chunks.get(&key).map(|slot| self.inner.data.slot_offset(*slot))
+        self.map().chunks.get(&key).filter(|slot| **slot != HOLE).map(|slot| self.inner.data.slot_offset(*slot))
     }
 }
 
@@ -1006,17 +1284,5 @@ fn end_block_key(key: &ChunkKey, end: u32) -> Vec<u8> {
         let mut k = key.encode().to_vec();
         k.extend_from_slice(&[0xff, 0xff, 0xff]);
         k
-    }
-}
-
-fn push_zero_fill(ios: &mut Vec<PlannedIo>, wb: &mut WriteBatch, cf_blocks: &rocksdb::ColumnFamily, inner: &Inner, slot: u64, p: &Piece) {
-    ios.push(PlannedIo {
-        offset: inner.data.slot_offset(slot) + p.first_block as u64 * BLOCK_SIZE,
-        buf: AlignedBuf::zeroed(p.blocks as usize * BLOCK_SIZE as usize),
-        span: (slot, p.first_block, p.blocks),
-    });
-    let meta = BlockMeta { crc: ZERO_BLOCK_CRC, crypt: None }.encode();
-    for b in 0..p.blocks {
-        wb.put_cf(cf_blocks, p.key.block_key(p.first_block + b), &meta);
     }
 }

@@ -7,8 +7,7 @@
 //! head into a new slot first, so the older version stays as the snapshot saw it. A read at
 //! epoch `e` sees the newest version no newer than `e`. This module holds only those rules,
 //! on plain values, so they are tested on their own; the store keeps a [`ChunkVersions`] per
-//! chunk and does the I/O they call for. Not yet wired into the store (the index keys gain the
-//! epoch with it).
+//! chunk (as the adjacent keys of its versions) and does the I/O they call for.
 
 use std::fmt;
 
@@ -51,6 +50,17 @@ pub enum VersionError {
     },
 }
 
+/// What a write at `epoch` must do to a chunk whose newest version is `head`
+/// ([`ChunkVersions::plan_write`] on the head alone, for callers that keep versions elsewhere).
+pub fn plan(head: Option<Version>, epoch: Epoch) -> Result<WritePlan, VersionError> {
+    match head {
+        None => Ok(WritePlan::Fresh),
+        Some(h) if h.epoch == epoch => Ok(WritePlan::InPlace(h.slot)),
+        Some(h) if h.epoch < epoch => Ok(WritePlan::CopyFrom(h.slot)),
+        Some(h) => Err(VersionError::StaleEpoch { epoch, head: h.epoch }),
+    }
+}
+
 /// A chunk's versions, newest first (epochs strictly decreasing).
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct ChunkVersions {
@@ -69,6 +79,16 @@ impl ChunkVersions {
         self.newest_first.first().copied()
     }
 
+    /// The versions given oldest first (as the index sorts them); `None` if two share an
+    /// epoch or they are out of order.
+    pub fn from_oldest(oldest_first: impl IntoIterator<Item = Version>) -> Option<Self> {
+        let mut v = ChunkVersions::default();
+        for version in oldest_first {
+            v.push(version).ok()?;
+        }
+        Some(v)
+    }
+
     /// Every version, newest first.
     pub fn all(&self) -> &[Version] {
         &self.newest_first
@@ -84,12 +104,7 @@ impl ChunkVersions {
     /// snapshot that froze it was deleted since: the replica learns of deletions only through
     /// [`ChunkVersions::release`], and copying is the safe side (the next release frees it).
     pub fn plan_write(&self, epoch: Epoch) -> Result<WritePlan, VersionError> {
-        match self.head() {
-            None => Ok(WritePlan::Fresh),
-            Some(h) if h.epoch == epoch => Ok(WritePlan::InPlace(h.slot)),
-            Some(h) if h.epoch < epoch => Ok(WritePlan::CopyFrom(h.slot)),
-            Some(h) => Err(VersionError::StaleEpoch { epoch, head: h.epoch }),
-        }
+        plan(self.head(), epoch)
     }
 
     /// Records the new slot a [`WritePlan::Fresh`] or [`WritePlan::CopyFrom`] write took.

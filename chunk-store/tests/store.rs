@@ -26,7 +26,7 @@ fn crcs(data: &[u8]) -> Vec<u32> {
 async fn write(store: &ChunkStore, shard: u32, vol: u64, offset: u64, data: Bytes) {
     let mut b = Batch::new();
     let c = crcs(&data);
-    b.write(shard, VolumeId(vol), offset, data, c).unwrap();
+    b.write(shard, VolumeId(vol), 1, offset, data, c).unwrap();
     store.commit(b).await.unwrap();
 }
 
@@ -56,10 +56,10 @@ async fn rejects_bad_input() {
     let store = ChunkStore::open(&config(dir.path(), 16 << 20)).unwrap();
     let mut b = Batch::new();
     let data = pattern(2, 4096);
-    assert!(matches!(b.write(1, VolumeId(1), 100, data.clone(), crcs(&data)), Err(ChunkStoreError::Invalid(_))));
-    assert!(matches!(b.write(1, VolumeId(1), 0, data.slice(..100), vec![0]), Err(ChunkStoreError::Invalid(_))));
-    assert!(matches!(b.write(1, VolumeId(1), 0, data.clone(), vec![1]), Err(ChunkStoreError::BadChecksum { .. })));
-    assert!(matches!(b.write(1, VolumeId(1), 0, data.clone(), vec![]), Err(ChunkStoreError::Invalid(_))));
+    assert!(matches!(b.write(1, VolumeId(1), 1, 100, data.clone(), crcs(&data)), Err(ChunkStoreError::Invalid(_))));
+    assert!(matches!(b.write(1, VolumeId(1), 1, 0, data.slice(..100), vec![0]), Err(ChunkStoreError::Invalid(_))));
+    assert!(matches!(b.write(1, VolumeId(1), 1, 0, data.clone(), vec![1]), Err(ChunkStoreError::BadChecksum { .. })));
+    assert!(matches!(b.write(1, VolumeId(1), 1, 0, data.clone(), vec![]), Err(ChunkStoreError::Invalid(_))));
     assert!(matches!(store.read(1, VolumeId(1), 0, 0).await, Err(ChunkStoreError::Invalid(_))));
     assert!(matches!(store.read(1, VolumeId(1), 512, 4096).await, Err(ChunkStoreError::Invalid(_))));
     assert!(matches!(store.read(1, VolumeId(1), u64::MAX - 4095, 4096).await, Err(ChunkStoreError::Invalid(_))));
@@ -72,7 +72,7 @@ async fn detects_bit_rot_and_names_the_block() {
     let store = ChunkStore::open(&cfg).unwrap();
     write(&store, 3, 5, 2 * 4096, pattern(3, 4096)).await;
     store.checkpoint().await.unwrap();
-    let offset = store.locate(ChunkKey { shard: 3, volume: VolumeId(5), chunk: 0 }).unwrap() + 2 * 4096 + 17;
+    let offset = store.locate(ChunkKey { shard: 3, volume: VolumeId(5), chunk: 0, epoch: 1 }).unwrap() + 2 * 4096 + 17;
     drop(store);
 
     let mut bytes = std::fs::read(&cfg.data_path).unwrap();
@@ -86,7 +86,7 @@ async fn detects_bit_rot_and_names_the_block() {
     assert!(msg.contains("vol-5") && msg.contains("chunk 0") && msg.contains("block 2"), "{msg}");
 
     // The integrity check reports every written block and singles out the flipped one.
-    let key = ChunkKey { shard: 3, volume: VolumeId(5), chunk: 0 };
+    let key = ChunkKey { shard: 3, volume: VolumeId(5), chunk: 0, epoch: 1 };
     let check = store.check_chunk(key).await.unwrap().expect("chunk is held");
     assert_eq!(check.blocks.iter().map(|b| b.block).collect::<Vec<_>>(), vec![2]);
     let bad: Vec<_> = check.corrupt().collect();
@@ -95,7 +95,7 @@ async fn detects_bit_rot_and_names_the_block() {
     assert_eq!(bad[0].stored_crc, crc32c(&pattern(3, 4096)));
     assert_ne!(bad[0].actual_crc, bad[0].stored_crc);
     assert_eq!(check.block_data(0), Bytes::from(vec![0u8; 4096]), "unwritten block reads as zeros");
-    assert!(store.check_chunk(ChunkKey { shard: 3, volume: VolumeId(5), chunk: 9 }).await.unwrap().is_none());
+    assert!(store.check_chunk(ChunkKey { shard: 3, volume: VolumeId(5), chunk: 9, epoch: 1 }).await.unwrap().is_none());
 
     // Rewriting the block heals it.
     write(&store, 3, 5, 2 * 4096, pattern(3, 4096)).await;
@@ -152,9 +152,9 @@ async fn survives_reopen_and_zero_overwrites_on_disk() {
 
     // Trim two blocks in the middle of an allocated chunk: they read as zeros and the old
     // bytes are gone from the slot on disk.
-    let slot_off = store.locate(ChunkKey { shard: 1, volume: VolumeId(1), chunk: 0 }).unwrap();
+    let slot_off = store.locate(ChunkKey { shard: 1, volume: VolumeId(1), chunk: 0, epoch: 1 }).unwrap();
     let mut b = Batch::new();
-    b.zero(1, VolumeId(1), 2 * 4096, 2 * 4096, true).unwrap();
+    b.zero(1, VolumeId(1), 1, 2 * 4096, 2 * 4096, true).unwrap();
     store.commit(b).await.unwrap();
     store.checkpoint().await.unwrap();
     let r = store.read(1, VolumeId(1), 0, 8 * 4096).await.unwrap();
@@ -177,7 +177,7 @@ async fn freed_slots_are_scrubbed_before_reuse_and_queue_survives_restart() {
     // Full: a new chunk does not fit, and the failed batch changed nothing.
     let mut b = Batch::new();
     let d = Bytes::from(vec![1u8; 4096]);
-    b.write(1, VolumeId(2), 0, d.clone(), crcs(&d)).unwrap();
+    b.write(1, VolumeId(2), 1, 0, d.clone(), crcs(&d)).unwrap();
     assert!(matches!(store.commit(b).await, Err(ChunkStoreError::NoSpace { .. })));
     assert_eq!(store.read(1, VolumeId(1), 0, 4096).await.unwrap().data[0], 0xAB);
 
@@ -187,7 +187,7 @@ async fn freed_slots_are_scrubbed_before_reuse_and_queue_survives_restart() {
     assert_eq!(store.scrub_queue().len(), 4);
     assert_eq!(store.stats().free_bytes(), 0, "freed slots are not reusable before scrubbing");
     let mut b = Batch::new();
-    b.write(1, VolumeId(2), 0, d.clone(), crcs(&d)).unwrap();
+    b.write(1, VolumeId(2), 1, 0, d.clone(), crcs(&d)).unwrap();
     assert!(matches!(store.commit(b).await, Err(ChunkStoreError::NoSpace { .. })));
 
     // Scrub one, then "crash" (drop without checkpoint) and reopen: the rest are still queued.
@@ -240,7 +240,7 @@ async fn batch_with_overlapping_writes_keeps_the_last() {
     let mut b = Batch::new();
     for i in 0..8u8 {
         let d = Bytes::from(vec![i; 8192]);
-        b.write(1, VolumeId(1), 4096, d.clone(), crcs(&d)).unwrap();
+        b.write(1, VolumeId(1), 1, 4096, d.clone(), crcs(&d)).unwrap();
     }
     store.commit(b).await.unwrap();
     assert!(store.read(1, VolumeId(1), 4096, 8192).await.unwrap().data.iter().all(|b| *b == 7));

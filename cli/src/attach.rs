@@ -1,4 +1,6 @@
-//! `basalt attach` / `basalt detach`: serve a volume over NBD on this host.
+//! `basalt attach` / `basalt detach`: serve a volume over NBD on this host. `VOLUME@SNAPSHOT`
+//! serves a snapshot (read-only). A read-write attachment also cuts the snapshots asked of it
+//! (`basalt_volume_client::snapshot_cut`).
 //!
 //! Without TLS the NBD side has no authentication of its own: a unix socket is guarded by its
 //! file mode, a TCP listener by its address. A plaintext listener on a non-loopback address
@@ -15,6 +17,7 @@ use basalt_volume_client::crypt::Kek;
 use basalt_volume_client::nbd::refusals::{RefusalLog, run_reporter};
 use basalt_volume_client::nbd::{Export, NbdOptions, NbdServer};
 use basalt_volume_client::reencrypt::{KekSource, KeyEvent, Reloader, keep_keys};
+use basalt_volume_client::snapshot_cut::{CutEvent, run_snapshot_cutter};
 use basalt_volume_client::{ClientError, Cluster, Volume};
 use tokio::sync::watch;
 
@@ -47,7 +50,7 @@ pub struct Options {
 
 fn client_err(e: ClientError) -> CliError {
     match e {
-        ClientError::NoSuchVolume(_) => CliError { code: 3, message: e.to_string() },
+        ClientError::NoSuchVolume(_) | ClientError::NoSuchSnapshot { .. } => CliError { code: 3, message: e.to_string() },
         ClientError::Unreachable { .. } => CliError::unreachable(e.to_string()),
         ClientError::Unauthenticated(_) => CliError::unauthenticated(e.to_string()),
         ClientError::PermissionDenied(_) => CliError { code: 9, message: e.to_string() },
@@ -76,6 +79,18 @@ pub async fn open(
     holder: &str,
     kek_file: Option<&std::path::Path>,
 ) -> Result<(Cluster, Volume), CliError> {
+    let (name, snapshot) = if name.contains('@') {
+        let (volume, snap) = crate::snapshot::parse_ref(name)?;
+        (volume, Some(snap))
+    } else {
+        (name, None)
+    };
+    if snapshot.is_some() && !read_only {
+        return Err(CliError::usage(format!(
+            "{name}@{} is a snapshot, which is read-only: attach it with --read-only",
+            snapshot.unwrap_or_default()
+        )));
+    }
     let cluster = Cluster::connect_with(seeds, creds.client_options()).await.map_err(client_err)?;
     let encrypted = match cluster.map().volume_by_name(name) {
         Some(v) => v.encrypted,
@@ -92,7 +107,12 @@ pub async fn open(
         }
         (false, None) => None,
     };
-    let volume = if read_only { cluster.open_volume(name).await } else { cluster.attach_volume(name, holder, force).await }.map_err(client_err)?;
+    let volume = match snapshot {
+        Some(snap) => cluster.open_snapshot(name, snap).await,
+        None if read_only => cluster.open_volume(name).await,
+        None => cluster.attach_volume(name, holder, force).await,
+    }
+    .map_err(client_err)?;
     Ok((
         cluster,
         match cipher {
@@ -131,7 +151,7 @@ pub async fn serve(
     refusals: Option<std::sync::Arc<RefusalLog>>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(String, tokio::task::JoinHandle<()>), CliError> {
-    let name = volume.name().to_string();
+    let name = volume.export_name();
     let mut server = NbdServer::new(vec![Export { volume, read_only }], NbdOptions::default());
     // QEMU's and libnbd's URI scheme for TLS is nbds.
     let scheme = if tls.is_some() { "nbds" } else { "nbd" };
@@ -186,6 +206,14 @@ pub async fn attach(admin: &Admin, name: &str, listen: Listen, opts: Options) ->
         }
         None => volume,
     };
+    if !opts.read_only {
+        let name = name.to_string();
+        let report = move |e: CutEvent| match e {
+            CutEvent::Cut { name: snap, write_epoch } => eprintln!("{name}: snapshot {snap} cut (writes now at epoch {write_epoch})"),
+            CutEvent::Failed { name: snap, reason } => eprintln!("{name}: snapshot {snap} not cut: {reason}"),
+        };
+        tokio::spawn(run_snapshot_cutter(cluster.clone(), volume.clone(), report, rx.clone()));
+    }
     let (uri, task) = serve(volume.clone(), opts.read_only, &listen, tls, opts.allow, Some(log), rx).await?;
     if !opts.read_only {
         eprintln!("attached {name} read-write (epoch {})", volume.epoch());

@@ -102,6 +102,8 @@ pub(crate) fn volume_json(v: &Volume) -> Value {
         "created_unix_ms": v.created_unix_ms, "pgs_released": v.pgs_released, "pgs_total": v.pgs_total,
         "encrypted": v.encrypted, "key_version": v.key_version,
         "reencrypting": v.reencrypting, "reencrypt_next_block": v.reencrypt_next_block,
+        "write_epoch": v.write_epoch, "snapshots": v.snapshots.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
+        "attached_by": v.attached_by,
     })
 }
 
@@ -348,14 +350,14 @@ pub async fn node_remove(admin: &Admin, out: Out, id: u64) -> Result<(), CliErro
 }
 
 fn volume_table(vols: &[Volume]) -> String {
-    let mut t = table(&["name", "id", "size", "state", "encryption"]);
+    let mut t = table(&["name", "id", "size", "state", "encryption", "snapshots"]);
     for v in vols {
         let enc = match (v.encrypted, v.reencrypting) {
             (false, _) => "none".into(),
             (true, false) => format!("AES-256-GCM, key v{}", v.key_version),
             (true, true) => format!("AES-256-GCM, key v{}, re-encrypting: {}%", v.key_version, crate::rekey::percent(v)),
         };
-        t.add_row(vec![v.name.clone(), v.id.to_string(), format_size(v.size), volume_state(v), enc]);
+        t.add_row(vec![v.name.clone(), v.id.to_string(), format_size(v.size), volume_state(v), enc, v.snapshots.len().to_string()]);
     }
     t.to_string()
 }

@@ -8,6 +8,7 @@ mod exit;
 mod rekey;
 mod scrub;
 mod security;
+mod snapshot;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -65,7 +66,7 @@ enum Cmd {
     Volume(VolumeCmd),
     /// Serve a volume over NBD on this host (one read-write attachment per volume).
     Attach {
-        /// Volume name.
+        /// Volume name, or VOLUME@SNAPSHOT to serve a snapshot (with --read-only).
         volume: String,
         /// Listen on this unix socket.
         #[arg(long, conflicts_with = "nbd_listen", required_unless_present = "nbd_listen")]
@@ -103,6 +104,9 @@ enum Cmd {
     /// Scrubbing: freed space overwritten before reuse, stored blocks verified and repaired.
     #[command(subcommand)]
     Scrub(ScrubCmd),
+    /// Snapshots: read-only, stable images of a volume, crash-consistent under live writes.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
     /// A local development cluster.
     #[command(subcommand)]
     Dev(DevCmd),
@@ -224,6 +228,30 @@ enum AuditCmd {
     },
     /// Check every meta node's copy of the log's hash chain (exit 10 if one is broken).
     Verify,
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    /// Take a snapshot (copies nothing: one metadata round, whatever the volume's size). An
+    /// attached volume's read-write holder cuts it between writes.
+    Create {
+        /// Volume.
+        volume: String,
+        /// Snapshot name: letters, digits, '.', '_', '-'.
+        name: String,
+    },
+    /// List snapshots, of one volume or all.
+    List {
+        /// Only this volume's.
+        volume: Option<String>,
+    },
+    /// Delete a snapshot; the blocks only it held are released and overwritten.
+    Delete {
+        /// Volume.
+        volume: String,
+        /// Snapshot name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -464,6 +492,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Volume(VolumeCmd::Resize { name, size }) => commands::volume_resize(&admin, out, name, size).await,
         Cmd::Volume(VolumeCmd::Delete { name, no_wait }) => commands::volume_delete(&admin, out, name, no_wait).await,
         Cmd::Scrub(ScrubCmd::Status { node }) => scrub::status(&admin, out, node).await,
+        Cmd::Snapshot(SnapshotCmd::Create { volume, name }) => snapshot::create(&admin, out, volume, name).await,
+        Cmd::Snapshot(SnapshotCmd::List { volume }) => snapshot::list(&admin, out, volume).await,
+        Cmd::Snapshot(SnapshotCmd::Delete { volume, name }) => snapshot::delete(&admin, out, volume, name).await,
         Cmd::Scrub(ScrubCmd::Start { deep, node, rate, no_wait }) => scrub::start(&admin, out, node, deep, rate, no_wait).await,
         Cmd::Auth(AuthCmd::Token(TokenCmd::Create { role, volume, expires, allow_from, name, out: file })) => {
             security::token_create(&admin, out, security::NewToken { role, volumes: volume, expires, allow_from, name, file }).await

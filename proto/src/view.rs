@@ -21,6 +21,19 @@ pub struct VolumeView {
     pub attach_epoch: u64,
     /// Blocks are sealed by the client (nodes refuse unsealed writes to it).
     pub encrypted: bool,
+    /// The snapshot write epoch writes carry now.
+    pub write_epoch: u64,
+    /// Live snapshots (name, epoch), oldest first.
+    pub snapshots: Vec<(String, u64)>,
+    /// A snapshot the read-write holder is asked to cut.
+    pub snapshot_pending: Option<String>,
+}
+
+impl VolumeView {
+    /// The epoch of live snapshot `name`.
+    pub fn snapshot_epoch(&self, name: &str) -> Option<u64> {
+        self.snapshots.iter().find(|(n, _)| n == name).map(|(_, e)| *e)
+    }
 }
 
 /// A node as routing needs it.
@@ -92,6 +105,9 @@ impl ClusterView {
                             active: v.state == "active",
                             attach_epoch: v.attach_epoch,
                             encrypted: v.encrypted,
+                            write_epoch: v.write_epoch.max(1),
+                            snapshots: v.snapshots.iter().map(|s| (s.name.clone(), s.epoch)).collect(),
+                            snapshot_pending: (!v.snapshot_pending.is_empty()).then(|| v.snapshot_pending.clone()),
                         },
                     )
                 })

@@ -7,7 +7,7 @@
 //! but frames them plainly:
 //!
 //! ```text
-//! connection: TLS (ALPN basalt-data/2); the client sends MAGIC (8 bytes) and a Hello frame
+//! connection: TLS (ALPN basalt-data/3); the client sends MAGIC (8 bytes) and a Hello frame
 //!             with its credentials, the node answers HelloReply; then frames flow both ways
 //! frame:      body_len u32 BE | kind u8 | id u64 BE | body (protobuf, body_len bytes)
 //! ```
@@ -25,9 +25,12 @@ use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
 
-/// Sent by the client first on every connection. Version 2 opens with a Hello frame; a
-/// version 1 client is refused by name.
-pub const MAGIC: [u8; 8] = *b"BSLTDAT2";
+/// Sent by the client first on every connection. Version 2 opened with a Hello frame; version
+/// 3 writes carry the volume's snapshot write epoch. Older clients are refused by name.
+pub const MAGIC: [u8; 8] = *b"BSLTDAT3";
+
+/// The magic of version 2 (before snapshots), recognised to refuse it clearly.
+pub const MAGIC_V2: [u8; 8] = *b"BSLTDAT2";
 
 /// The magic of the protocol before credentials (version 1), recognised to refuse it clearly.
 pub const MAGIC_V1: [u8; 8] = *b"BSLTDAT1";
@@ -155,7 +158,7 @@ mod tests {
 
     #[tokio::test]
     async fn frames_round_trip() {
-        let req = ReadRequest { pg: 3, volume_id: 7, offset: 4096, length: 8192, map_version: 2 };
+        let req = ReadRequest { pg: 3, volume_id: 7, offset: 4096, length: 8192, map_version: 2, snapshot_epoch: 0 };
         let mut wire = encode(Kind::Read, 42, &req).to_vec();
         wire.extend_from_slice(&encode(Kind::Error, 43, &DataError::default()));
         let mut r = &wire[..];

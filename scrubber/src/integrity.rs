@@ -422,11 +422,11 @@ mod tests {
         for c in 0..4u64 {
             let data = Bytes::from(vec![c as u8 + 1; 64 * BLOCK_SIZE as usize]);
             let crcs = data.chunks(4096).map(crc32c).collect();
-            b.write(1, VolumeId(1), c << 20, data, crcs).unwrap();
+            b.write(1, VolumeId(1), 1, c << 20, data, crcs).unwrap();
         }
         store.commit(b).await.unwrap();
         store.checkpoint().await.unwrap();
-        let at = store.locate(ChunkKey { shard: 1, volume: VolumeId(1), chunk: 2 }).unwrap() + 5 * BLOCK_SIZE + 100;
+        let at = store.locate(ChunkKey { shard: 1, volume: VolumeId(1), chunk: 2, epoch: 1 }).unwrap() + 5 * BLOCK_SIZE + 100;
         {
             use std::os::unix::fs::FileExt;
             let f = std::fs::OpenOptions::new().write(true).open(&cfg.data_path).unwrap();

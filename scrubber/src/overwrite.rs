@@ -102,7 +102,7 @@ mod tests {
         for c in 0..4u64 {
             let data = Bytes::from(vec![0x5Au8; CHUNK_SIZE as usize]);
             let crcs = data.chunks(4096).map(crc32c).collect();
-            b.write(1, VolumeId(1), c * CHUNK_SIZE, data, crcs).unwrap();
+            b.write(1, VolumeId(1), 1, c * CHUNK_SIZE, data, crcs).unwrap();
         }
         store.commit(b).await.unwrap();
         let mut b = Batch::new();

@@ -63,11 +63,15 @@ impl Role {
                     | NodeRemove
                     | ScrubStart
                     | AuditList
+                    | SnapshotList
             ),
             Role::Hypervisor => {
                 matches!(action, NodeInfo | ClusterMap | VolumeList | VolumeShow | VolumeAttach | VolumeDetach | DataRead | DataWrite | AuditReport)
             }
-            Role::Backup => matches!(action, NodeInfo | ClusterMap | VolumeList | VolumeShow | DataRead | AuditReport),
+            Role::Backup => matches!(
+                action,
+                NodeInfo | ClusterMap | VolumeList | VolumeShow | DataRead | AuditReport | SnapshotCreate | SnapshotList | SnapshotDelete
+            ),
             Role::Reader => matches!(action, NodeInfo | ClusterStatus | NodeList | ScrubStatus | Metrics),
         }
     }
@@ -130,6 +134,12 @@ pub enum Action {
     VolumeAttach,
     /// Ending a volume's attachment.
     VolumeDetach,
+    /// Taking a snapshot of a volume.
+    SnapshotCreate,
+    /// Listing a volume's snapshots.
+    SnapshotList,
+    /// Deleting a snapshot.
+    SnapshotDelete,
     /// Reading blocks.
     DataRead,
     /// Writing, trimming and zeroing blocks.
@@ -173,6 +183,9 @@ impl Action {
             VolumeRekey => "volume.rekey",
             VolumeAttach => "volume.attach",
             VolumeDetach => "volume.detach",
+            SnapshotCreate => "snapshot.create",
+            SnapshotList => "snapshot.list",
+            SnapshotDelete => "snapshot.delete",
             DataRead => "data.read",
             DataWrite => "data.write",
             TokenCreate => "auth.token.create",

@@ -56,8 +56,8 @@ impl Protocol {
     /// version finds no common protocol and is refused at the handshake.
     pub fn alpn(self) -> &'static [u8] {
         match self {
-            Protocol::Data => b"basalt-data/2",
-            Protocol::Raft => b"basalt-raft/1",
+            Protocol::Data => b"basalt-data/3",
+            Protocol::Raft => b"basalt-raft/2",
             Protocol::Grpc => b"h2",
             Protocol::Http => b"http/1.1",
         }

@@ -116,6 +116,7 @@ async fn malformed_io_and_admin_requests_get_clear_errors() {
         session: 0,
         connection: 0,
         crypt: Bytes::new(),
+        write_epoch: 1,
     };
     assert!(data.write(good.clone()).await.unwrap().into_inner().error.is_none());
 
@@ -130,6 +131,8 @@ async fn malformed_io_and_admin_requests_get_clear_errors() {
         r
     };
     expect(Code::Invalid, data.write(w(&|r| r.crcs = vec![])).await.unwrap().into_inner().error, "missing checksums");
+    let m = expect(Code::Invalid, data.write(w(&|r| r.write_epoch = 0)).await.unwrap().into_inner().error, "no snapshot write epoch");
+    assert!(m.contains("write_epoch"), "{m}");
     expect(Code::BadChecksum, data.write(w(&|r| r.crcs = vec![1])).await.unwrap().into_inner().error, "wrong checksum");
     expect(Code::OutOfRange, data.write(w(&|r| r.offset = (16 << 20) - 100)).await.unwrap().into_inner().error, "past the end");
     expect(Code::OutOfRange, data.write(w(&|r| r.offset = u64::MAX - 10)).await.unwrap().into_inner().error, "overflowing offset");
@@ -187,7 +190,7 @@ async fn malformed_io_and_admin_requests_get_clear_errors() {
     };
     expect(Code::Invalid, sdata.write(sw(&partial)).await.unwrap().into_inner().error, "sealed partial block");
     assert!(sdata.write(sw(&|r| r.crypt = ctx.clone())).await.unwrap().into_inner().error.is_none(), "a well-formed sealed write");
-    let read = |offset: u64, length: u32| ReadRequest { pg: pg.0, volume_id: vol.id, offset, length, map_version };
+    let read = |offset: u64, length: u32| ReadRequest { pg: pg.0, volume_id: vol.id, offset, length, map_version, snapshot_epoch: 0 };
     expect(Code::Invalid, data.read(read(100, 4096)).await.unwrap().into_inner().error, "unaligned read");
     expect(Code::Invalid, data.read(read(0, 100)).await.unwrap().into_inner().error, "short read");
     expect(Code::OutOfRange, data.read(read(16 << 20, 4096)).await.unwrap().into_inner().error, "read past the end");
@@ -342,7 +345,7 @@ async fn hostile_data_protocol_frames_get_errors_or_a_closed_connection() {
     let (kind, id, _) = wire_reply(&mut s).await.unwrap().unwrap();
     assert_eq!((kind, id), (wire::Kind::Error as u8, 8));
     // A well-formed read of a volume that does not exist: a refusal inside the reply.
-    let req = ReadRequest { pg: 0, volume_id: 999_999, offset: 0, length: 4096, map_version: 0 };
+    let req = ReadRequest { pg: 0, volume_id: 999_999, offset: 0, length: 4096, map_version: 0, snapshot_epoch: 0 };
     s.write_all(&wire::encode(wire::Kind::Read, 9, &req)).await.unwrap();
     let (kind, id, body) = wire_reply(&mut s).await.unwrap().unwrap();
     assert_eq!((kind, id), (wire::Kind::ReadReply as u8, 9));
@@ -360,7 +363,7 @@ async fn hostile_data_protocol_frames_get_errors_or_a_closed_connection() {
     // Wrong magic, the protocol's first version, a first frame that is not a Hello, a Hello
     // without credentials or with a bad token, plaintext, and a connection that vanishes
     // mid-frame: refused or closed, nothing else disturbed.
-    for magic in [&b"BOGUSMAG"[..], &wire::MAGIC_V1[..]] {
+    for magic in [&b"BOGUSMAG"[..], &wire::MAGIC_V1[..], &wire::MAGIC_V2[..]] {
         let mut s = cluster.connect(&addr, Protocol::Data).await.unwrap();
         s.write_all(magic).await.unwrap();
         let end = tokio::time::timeout(Duration::from_secs(10), wire_reply(&mut s)).await.expect("bad magic: connection left open");
@@ -435,7 +438,7 @@ async fn corrupted_block_is_an_io_error_naming_volume_extent_node() {
         };
         let store = ChunkStore::open(&cfg).unwrap();
         let chunk = offset / basalt_common::CHUNK_SIZE;
-        let slot = store.locate(ChunkKey { shard: pg.0, volume: VolumeId(vol.id), chunk }).expect("chunk on every replica");
+        let slot = store.locate(ChunkKey { shard: pg.0, volume: VolumeId(vol.id), chunk, epoch: 1 }).expect("chunk on every replica");
         drop(store);
         let at = slot + (offset % basalt_common::CHUNK_SIZE) + 100;
         use std::os::unix::fs::FileExt;

@@ -41,7 +41,11 @@ async fn raw_block(cluster: &TestCluster, volume: &Volume, offset: u64) -> (Byte
     let (pg, leader, _) = cluster.pg_replicas(volume.name(), offset).await.unwrap();
     let mut data = cluster.data_client(&cluster.node(leader).addr).unwrap();
     let map_version = cluster.client().await.unwrap().map().version;
-    let reply = data.read(ReadRequest { pg: pg.0, volume_id: volume.id().0, offset, length: 4096, map_version }).await.unwrap().into_inner();
+    let reply = data
+        .read(ReadRequest { pg: pg.0, volume_id: volume.id().0, offset, length: 4096, map_version, snapshot_epoch: 0 })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(reply.error.is_none(), "{:?}", reply.error);
     (reply.data, reply.crypt)
 }

@@ -427,7 +427,7 @@ async fn a_deposed_leader_serves_no_stale_read() {
     let map = client.map();
     let volume_id = map.volume_by_name(VOLUME).unwrap().id.0;
     let mut data = cluster.data_client(&cluster.node(old_leader).addr).unwrap();
-    let read = ReadRequest { pg: pg.0, volume_id, offset: offset_of(0), length: 4096, map_version: map.version };
+    let read = ReadRequest { pg: pg.0, volume_id, offset: offset_of(0), length: 4096, map_version: map.version, snapshot_epoch: 0 };
     // The fast path serves this read from the old leader's lease while it is healthy.
     let r = data.read(read).await.unwrap().into_inner();
     assert!(r.error.is_none(), "{:?}", r.error);

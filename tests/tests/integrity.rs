@@ -111,7 +111,7 @@ async fn a_deep_scrub_repairs_a_replica_that_diverged_with_a_valid_checksum() {
         };
         let store = tokio::task::spawn_blocking(move || ChunkStore::open(&cfg)).await.unwrap().unwrap();
         let mut b = Batch::new();
-        b.write(pg.0, vol.id(), offset, stale.clone(), vec![crc32c(&stale)]).unwrap();
+        b.write(pg.0, vol.id(), 1, offset, stale.clone(), vec![crc32c(&stale)]).unwrap();
         store.commit(b).await.unwrap();
         store.checkpoint().await.unwrap();
     }

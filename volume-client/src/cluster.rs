@@ -249,7 +249,36 @@ impl Cluster {
         self.refresh(reply.map_version).await?;
         let vol = Volume::new(self.clone(), basalt_common::VolumeId(v.id), v.name, v.size);
         vol.set_epoch(v.attach_epoch);
+        vol.set_write_epoch(v.write_epoch.max(1));
         Ok(vol)
+    }
+
+    /// Opens snapshot `snapshot` of volume `name` (read-only: writes through the handle are
+    /// refused).
+    pub async fn open_snapshot(&self, name: &str, snapshot: &str) -> Result<Volume, ClientError> {
+        let map = self.refresh(0).await?;
+        let v = map.volume_by_name(name).ok_or_else(|| ClientError::NoSuchVolume(name.to_string()))?;
+        let epoch =
+            v.snapshot_epoch(snapshot).ok_or_else(|| ClientError::NoSuchSnapshot { volume: name.to_string(), snapshot: snapshot.to_string() })?;
+        Ok(Volume::new(self.clone(), v.id, v.name.clone(), v.size).at_snapshot(snapshot, epoch))
+    }
+
+    /// Waits up to `wait` for a map newer than `known` and caches it; returns the newest map
+    /// (the cached one if nothing changed or no seed answered in time).
+    pub async fn watch_map(&self, known: u64, wait: Duration) -> Arc<ClusterView> {
+        let req = GetClusterMapRequest { known_version: known, wait_ms: wait.as_millis().min(30_000) as u32 };
+        for i in 0..self.inner.seeds.len() {
+            let Ok(mut admin) = self.admin(i) else { continue };
+            if let Ok(Ok(resp)) = tokio::time::timeout(wait + Duration::from_secs(3), admin.get_cluster_map(req)).await {
+                let view = Arc::new(ClusterView::from_proto(&resp.into_inner()));
+                let mut cached = self.inner.map.write().unwrap_or_else(|p| p.into_inner());
+                if view.version >= cached.version {
+                    *cached = view;
+                }
+                return cached.clone();
+            }
+        }
+        self.map()
     }
 
     /// The cipher of encrypted volume `name`: its wrapped data keys, fetched from the meta

@@ -26,6 +26,14 @@ pub enum ClientError {
     /// No active volume has that name.
     #[error("no volume named {0:?}")]
     NoSuchVolume(String),
+    /// The volume has no live snapshot of that name.
+    #[error("volume {volume:?} has no snapshot named {snapshot:?}")]
+    NoSuchSnapshot {
+        /// Volume.
+        volume: String,
+        /// Snapshot.
+        snapshot: String,
+    },
     /// The volume disappeared (deleted) while in use.
     #[error("volume {0} was deleted")]
     VolumeDeleted(VolumeId),

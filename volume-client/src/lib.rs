@@ -22,6 +22,7 @@ mod data_conn;
 pub mod error;
 pub mod nbd;
 pub mod reencrypt;
+pub mod snapshot_cut;
 pub mod volume;
 
 pub use cluster::{ClientOptions, ClientSecurity, Cluster};

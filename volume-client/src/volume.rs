@@ -20,6 +20,10 @@ use crate::crypt::VolumeCipher;
 use crate::data_conn::{ConnectError, DataConn};
 use crate::error::ClientError;
 
+/// How long a snapshot cut waits for the writes in flight (below the meta group's wait for
+/// the cut, so a stuck drain gives up first).
+const CUT_DRAIN_WAIT: Duration = Duration::from_secs(8);
+
 /// Longest wait between two attempts of one request.
 const MAX_BACKOFF: Duration = Duration::from_millis(250);
 
@@ -39,6 +43,12 @@ pub struct Volume {
     size: Arc<AtomicU64>,
     /// Attachment epoch sent with writes (0: not attached read-write).
     epoch: Arc<AtomicU64>,
+    /// The volume's snapshot write epoch this handle's writes carry, moved on by the snapshot
+    /// cuts this holder makes ([`Volume::cut_snapshot`]); 0: follow the cluster map (a handle
+    /// without an attachment).
+    write_epoch: Arc<AtomicU64>,
+    /// Set on a handle that reads a snapshot: its name and epoch. Such a handle never writes.
+    snapshot: Option<(Arc<str>, u64)>,
     inflight: Arc<Semaphore>,
     /// Write payload in flight, in KiB.
     inflight_kib: Arc<Semaphore>,
@@ -139,12 +149,103 @@ impl Volume {
             name: name.into(),
             size: Arc::new(AtomicU64::new(size)),
             epoch: Arc::new(AtomicU64::new(0)),
+            write_epoch: Arc::new(AtomicU64::new(0)),
+            snapshot: None,
             inflight: Arc::new(Semaphore::new(permits)),
             inflight_kib: Arc::new(Semaphore::new(kib)),
             cipher: None,
             stripes: Arc::new(Stripes::new()),
             reloader: None,
         }
+    }
+
+    /// Reads the volume as snapshot `name` (at `epoch`) froze it; writes are refused.
+    pub(crate) fn at_snapshot(mut self, name: &str, epoch: u64) -> Volume {
+        self.snapshot = Some((name.into(), epoch));
+        self
+    }
+
+    /// The name clients know this handle by: the volume's, or `VOLUME@SNAPSHOT` for a snapshot.
+    pub fn export_name(&self) -> String {
+        match &self.snapshot {
+            Some((snap, _)) => format!("{}@{snap}", self.name),
+            None => self.name.to_string(),
+        }
+    }
+
+    /// The snapshot this handle reads (name, epoch), if it reads one.
+    pub fn snapshot(&self) -> Option<(&str, u64)> {
+        self.snapshot.as_ref().map(|(n, e)| (&**n, *e))
+    }
+
+    /// Sets the snapshot write epoch this handle's writes carry (the attachment's, from the
+    /// meta group).
+    pub fn set_write_epoch(&self, epoch: u64) {
+        self.write_epoch.store(epoch, Ordering::Release);
+    }
+
+    /// The snapshot write epoch writes carry now.
+    pub fn write_epoch(&self) -> u64 {
+        match self.write_epoch.load(Ordering::Acquire) {
+            0 => self.cluster.map().volumes.get(&self.id).map_or(1, |v| v.write_epoch.max(1)),
+            e => e,
+        }
+    }
+
+    /// Refuses writes through a snapshot handle.
+    fn check_writable(&self) -> Result<(), ClientError> {
+        match &self.snapshot {
+            Some((name, _)) => Err(ClientError::Invalid(format!("{}@{name} is a snapshot: it is read-only", self.name))),
+            None => Ok(()),
+        }
+    }
+
+    /// Cuts snapshot `name`, which the meta group asked of this read-write holder: holds new
+    /// I/O back, waits for what is in flight (every permit of the in-flight limit: each
+    /// write, zero and re-encryption holds one), has the meta group freeze the current write
+    /// epoch, and goes on with the next. Every write acknowledged before is in the snapshot;
+    /// none issued after. The guest sees one drain and one meta round of added latency.
+    pub async fn cut_snapshot(&self, name: &str) -> Result<u64, ClientError> {
+        let permits = self.cluster.inner.options.max_inflight as u32;
+        let _all = tokio::time::timeout(CUT_DRAIN_WAIT, self.inflight.acquire_many(permits))
+            .await
+            .map_err(|_| {
+                ClientError::Admin(format!(
+                    "snapshot {name} of {}: writes in flight did not finish within {} s; not cut",
+                    self.name,
+                    CUT_DRAIN_WAIT.as_secs()
+                ))
+            })?
+            .map_err(|_| ClientError::Internal("client closed".into()))?;
+        let req = basalt_proto::admin::SnapshotCutRequest { volume: self.name.to_string(), name: name.to_string(), attach_epoch: self.epoch() };
+        let cut = self
+            .cluster
+            .admin_call(|mut c| {
+                let req = req.clone();
+                async move { c.snapshot_cut(req).await }
+            })
+            .await;
+        let epoch = match cut {
+            Ok(reply) => {
+                reply.volume.map(|v| v.write_epoch).filter(|e| *e > 0).ok_or_else(|| ClientError::Internal("snapshot cut returned no volume".into()))
+            }
+            Err(status) => Err(ClientError::from_status(&status)),
+        };
+        // Whatever the answer said, the map has the truth: a cut that committed while its
+        // answer was lost moved the epoch on, and writes of the old one would be refused.
+        let epoch = match epoch {
+            Ok(e) => Ok(e),
+            Err(e) => match self.cluster.refresh(0).await {
+                Ok(map) => {
+                    let current = map.volumes.get(&self.id).map_or(1, |v| v.write_epoch);
+                    self.set_write_epoch(current.max(self.write_epoch()));
+                    Err(e)
+                }
+                Err(_) => Err(e),
+            },
+        }?;
+        self.set_write_epoch(epoch);
+        Ok(epoch)
     }
 
     /// Seals and opens this volume's blocks with `cipher` (an encrypted volume; see
@@ -409,18 +510,21 @@ impl Volume {
         if data.is_empty() {
             return Ok(());
         }
+        self.check_writable()?;
         self.check_range("write", offset, data.len() as u64).await?;
         let _permit = self.inflight.acquire().await.map_err(|_| ClientError::Internal("client closed".into()))?;
+        // Read under the permit: a snapshot cut holds every permit while it moves the epoch.
+        let write_epoch = self.write_epoch();
         let kib = (data.len().div_ceil(1024) as u32).min(self.inflight_kib_total());
         let _bytes = self.inflight_kib.acquire_many(kib).await.map_err(|_| ClientError::Internal("client closed".into()))?;
         if let Some(cipher) = &self.cipher {
-            return self.write_sealed(cipher, offset, data).await;
+            return self.write_sealed(cipher, offset, data, write_epoch).await;
         }
         let spans = self.spans(offset, data.len() as u64)?;
         try_join_all(spans.iter().map(|span| {
             let piece = data.slice(span.buf_offset as usize..(span.buf_offset + span.len) as usize);
             let crcs = piece_crcs(span.offset, &piece);
-            self.write_span(span, piece, crcs, Bytes::new())
+            self.write_span(span, piece, crcs, Bytes::new(), write_epoch)
         }))
         .await?;
         Ok(())
@@ -428,7 +532,7 @@ impl Volume {
 
     /// An encrypted volume's write: whole blocks, sealed here. A partial block is read, opened
     /// and merged first (the nodes hold only ciphertext and cannot).
-    async fn write_sealed(&self, cipher: &VolumeCipher, offset: u64, data: Bytes) -> Result<(), ClientError> {
+    async fn write_sealed(&self, cipher: &VolumeCipher, offset: u64, data: Bytes, write_epoch: u64) -> Result<(), ClientError> {
         let bs = BLOCK_SIZE;
         let end = offset + data.len() as u64;
         let (start, stop) = (offset / bs * bs, end.div_ceil(bs) * bs);
@@ -455,7 +559,7 @@ impl Volume {
             let crcs = piece_crcs(span.offset, &piece);
             let b0 = (span.buf_offset / bs) as usize;
             let crypt = CryptContext::encode_all(&contexts[b0..b0 + (span.len / bs) as usize].iter().copied().map(Some).collect::<Vec<_>>());
-            self.write_span(span, piece, crcs, crypt.into())
+            self.write_span(span, piece, crcs, crypt.into(), write_epoch)
         }))
         .await?;
         Ok(())
@@ -470,9 +574,13 @@ impl Volume {
             return Err(ClientError::Crypt(format!("volume {} is not encrypted: nothing to re-encrypt", self.name)));
         };
         let bs = BLOCK_SIZE;
+        self.check_writable()?;
         self.check_range("re-encrypt", first * bs, count * bs).await?;
-        let _exclusive = self.stripes.exclusive(first, first + count).await;
+        // The permit before the stripes, as writes take them: a snapshot cut waiting for every
+        // permit must not sit between a writer holding one and the stripes it waits for.
         let _permit = self.inflight.acquire().await.map_err(|_| ClientError::Internal("client closed".into()))?;
+        let write_epoch = self.write_epoch();
+        let _exclusive = self.stripes.exclusive(first, first + count).await;
         let spans = self.spans(first * bs, count * bs)?;
         let parts = try_join_all(spans.iter().map(|s| self.read_span(s))).await?;
         let current = cipher.current_version();
@@ -507,7 +615,8 @@ impl Volume {
             }
         }
         let moved = writes.iter().map(|(p, ..)| p.len / bs).sum();
-        try_join_all(writes.into_iter().map(|(piece, buf, crcs, crypt)| async move { self.write_span(&piece, buf, crcs, crypt).await })).await?;
+        try_join_all(writes.into_iter().map(|(piece, buf, crcs, crypt)| async move { self.write_span(&piece, buf, crcs, crypt, write_epoch).await }))
+            .await?;
         Ok(moved)
     }
 
@@ -524,7 +633,7 @@ impl Volume {
         self.assemble_opened(Some(cipher), start, len, parts)
     }
 
-    async fn write_span(&self, span: &ExtentSpan, data: Bytes, crcs: Vec<u32>, crypt: Bytes) -> Result<(), ClientError> {
+    async fn write_span(&self, span: &ExtentSpan, data: Bytes, crcs: Vec<u32>, crypt: Bytes, write_epoch: u64) -> Result<(), ClientError> {
         let retries = AtomicU32::new(0);
         self.with_leader(span, |addr, map_version| {
             let req = WriteRequest {
@@ -539,6 +648,7 @@ impl Volume {
                 session: 0,
                 connection: 0,
                 crypt: crypt.clone(),
+                write_epoch,
             };
             let retries = &retries;
             async move {
@@ -618,7 +728,14 @@ impl Volume {
     async fn read_span(&self, span: &ExtentSpan) -> Result<(Bytes, Bytes), ClientError> {
         let retries = AtomicU32::new(0);
         self.with_leader(span, |addr, map_version| {
-            let req = ReadRequest { pg: span.pg.0, volume_id: self.id.0, offset: span.offset, length: span.len as u32, map_version };
+            let req = ReadRequest {
+                pg: span.pg.0,
+                volume_id: self.id.0,
+                offset: span.offset,
+                length: span.len as u32,
+                map_version,
+                snapshot_epoch: self.snapshot.as_ref().map_or(0, |(_, e)| *e),
+            };
             let retries = &retries;
             async move {
                 let conn = match self.connect(span, &addr, retries).await {
@@ -675,6 +792,7 @@ impl Volume {
         if len == 0 {
             return Ok(());
         }
+        self.check_writable()?;
         self.check_range("zero", offset, len).await?;
         if self.cipher.is_some() {
             // Nodes cannot zero part of a sealed block: partial blocks are written here as
@@ -699,6 +817,7 @@ impl Volume {
 
     async fn zero_blocks(&self, offset: u64, len: u64, keep_allocated: bool) -> Result<(), ClientError> {
         let _permit = self.inflight.acquire().await.map_err(|_| ClientError::Internal("client closed".into()))?;
+        let write_epoch = self.write_epoch();
         let spans = self.spans(offset, len)?;
         try_join_all(spans.iter().map(|span| async move {
             let retries = AtomicU32::new(0);
@@ -713,6 +832,7 @@ impl Volume {
                     attach_epoch: self.epoch(),
                     session: 0,
                     connection: 0,
+                    write_epoch,
                 };
                 let retries = &retries;
                 async move {

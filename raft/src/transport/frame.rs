@@ -21,8 +21,12 @@ use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Sent first by the node that opens a Raft connection. Its first byte differs from the data
-/// protocol's (`B`) and from an HTTP/2 preface (`P`).
-pub const MAGIC: [u8; 8] = *b"RAFTBSL1";
+/// protocol's (`B`) and from an HTTP/2 preface (`P`). Version 2: placement-group commands
+/// carry snapshot write epochs (a version-1 node would not apply them).
+pub const MAGIC: [u8; 8] = *b"RAFTBSL2";
+
+/// Version 1's magic, recognised only to refuse such a peer by name.
+pub const MAGIC_V1: [u8; 8] = *b"RAFTBSL1";
 
 /// Most messages either side puts in one frame.
 pub(crate) const MAX_MESSAGES: usize = 512;

@@ -87,6 +87,10 @@ impl TransportService {
         let mut magic = [0u8; 8];
         match tokio::time::timeout(MAGIC_TIMEOUT, rd.read_exact(&mut magic)).await {
             Ok(Ok(_)) if magic == MAGIC => {}
+            Ok(Ok(_)) if magic == super::frame::MAGIC_V1 => {
+                tracing::warn!(%peer, "refusing a raft connection from a node speaking raft protocol version 1 (before snapshots); upgrade it");
+                return;
+            }
             _ => {
                 tracing::debug!(%peer, "closing a connection that did not open with the raft protocol magic");
                 return;

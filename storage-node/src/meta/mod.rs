@@ -23,5 +23,6 @@ pub mod liveness;
 pub mod membership;
 pub mod placement;
 pub mod service;
+pub mod snapshots;
 pub mod state;
 pub mod state_machine;

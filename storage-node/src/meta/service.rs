@@ -21,10 +21,11 @@ use basalt_proto::admin::{
     AuditVerifyReply, AuditVerifyRequest, ClusterConfigureRequest, ClusterInitReply, ClusterInitRequest, ClusterMap, ClusterStatusReply,
     ClusterStatusRequest, GetClusterMapRequest, KeyGetReply, KeyGetRequest, KeyPutReply, KeyPutRequest, NodeDrainReply, NodeDrainRequest,
     NodeHeartbeatReply, NodeHeartbeatRequest, NodeInfoReply, NodeInfoRequest, NodeListReply, NodeListRequest, NodeRemoveReply, NodeRemoveRequest,
-    PlacementGroup, ScrubStartReply, ScrubStartRequest, ScrubStatusReply, ScrubStatusRequest, TokenCreateReply, TokenCreateRequest, TokenInfo,
-    TokenListReply, TokenListRequest, TokenRevokeReply, TokenRevokeRequest, VersionedKey, Volume, VolumeAttachRequest, VolumeCreateRequest,
-    VolumeDeleteReply, VolumeDeleteRequest, VolumeDetachRequest, VolumeKeyReply, VolumeKeyRequest, VolumeListReply, VolumeListRequest,
-    VolumeReencryptProgressRequest, VolumeRekeyRequest, VolumeReply, VolumeResizeRequest, VolumeShowRequest,
+    PlacementGroup, ScrubStartReply, ScrubStartRequest, ScrubStatusReply, ScrubStatusRequest, SnapshotCreateRequest, SnapshotCutRequest,
+    SnapshotDeleteRequest, SnapshotListReply, SnapshotListRequest, SnapshotReply, TokenCreateReply, TokenCreateRequest, TokenInfo, TokenListReply,
+    TokenListRequest, TokenRevokeReply, TokenRevokeRequest, VersionedKey, Volume, VolumeAttachRequest, VolumeCreateRequest, VolumeDeleteReply,
+    VolumeDeleteRequest, VolumeDetachRequest, VolumeKeyReply, VolumeKeyRequest, VolumeListReply, VolumeListRequest, VolumeReencryptProgressRequest,
+    VolumeRekeyRequest, VolumeReply, VolumeResizeRequest, VolumeShowRequest,
 };
 use basalt_proto::data::ReleaseVolumeRequest;
 use basalt_raft::{NodeInfo, RaftError};
@@ -38,6 +39,7 @@ use tonic::{Request, Response, Status};
 
 use super::audit_log::Line;
 use super::liveness::record_from_proto;
+use super::snapshots::VolumeSnapshots;
 use super::state::{
     ClusterSettings, ClusterState, MetaCommand, MetaError, MetaReply, NodeRecord, Reencrypt, Role, VolumeKeys, VolumeRecord, VolumeState,
 };
@@ -61,8 +63,15 @@ fn status_of(e: &MetaError) -> Status {
         MetaError::NoSuchNode(_) | MetaError::NoSuchToken(_) => Status::not_found(e.to_string()),
         MetaError::TokenExists(_) => Status::already_exists(e.to_string()),
         MetaError::NodeRemoved(_) | MetaError::NodeInUse { .. } | MetaError::BadMove(_) => Status::failed_precondition(e.to_string()),
+        MetaError::SnapshotExists { .. } => Status::already_exists(e.to_string()),
+        MetaError::NoSuchSnapshot { .. } => Status::not_found(e.to_string()),
+        MetaError::SnapshotPending { .. } => Status::failed_precondition(e.to_string()),
     }
 }
+
+/// How long `snapshot create` waits for the read-write holder to cut the snapshot before it
+/// gives the snapshot up (the holder drains its writes in flight first).
+const SNAPSHOT_CUT_WAIT: Duration = Duration::from_secs(10);
 
 /// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it).
 pub(crate) fn now_ms() -> u64 {
@@ -70,7 +79,13 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// Converts a volume record for the wire.
-pub fn volume_proto(v: &VolumeRecord, pg_total: usize, keys: Option<&VolumeKeys>, reencrypt: Option<&Reencrypt>) -> Volume {
+pub fn volume_proto(
+    v: &VolumeRecord,
+    pg_total: usize,
+    keys: Option<&VolumeKeys>,
+    reencrypt: Option<&Reencrypt>,
+    snaps: Option<&VolumeSnapshots>,
+) -> Volume {
     let (state, released) = match &v.state {
         VolumeState::Active => ("active", 0),
         VolumeState::Deleting { done } => ("deleting", done.len()),
@@ -90,12 +105,19 @@ pub fn volume_proto(v: &VolumeRecord, pg_total: usize, keys: Option<&VolumeKeys>
         reencrypting: reencrypt.is_some(),
         reencrypt_next_block: reencrypt.map_or(0, |r| r.next_block),
         reencrypt_rate: reencrypt.map_or(0, |r| r.rate),
+        write_epoch: snaps.map_or(1, |s| s.write_epoch),
+        snapshots: snaps.map(|s| s.by_age().into_iter().map(|(name, r)| snapshot_proto(name, r)).collect()).unwrap_or_default(),
+        snapshot_pending: snaps.and_then(|s| s.pending.as_ref()).map(|p| p.name.clone()).unwrap_or_default(),
     }
+}
+
+fn snapshot_proto(name: &str, r: &super::snapshots::SnapshotRecord) -> basalt_proto::admin::Snapshot {
+    basalt_proto::admin::Snapshot { name: name.to_string(), epoch: r.epoch, created_unix_ms: r.created_unix_ms }
 }
 
 /// `v` for the wire, as `s` has it.
 fn volume_in(s: &ClusterState, v: &VolumeRecord) -> Volume {
-    volume_proto(v, s.pgs.len(), s.volume_keys.get(&v.id), s.reencrypts.get(&v.id))
+    volume_proto(v, s.pgs.len(), s.volume_keys.get(&v.id), s.reencrypts.get(&v.id), s.snapshots.get(&v.id))
 }
 
 enum Route<'a> {
@@ -349,12 +371,64 @@ impl AdminService {
             MetaReply::Volume(v) => {
                 let volume = match self.ctx.meta.as_ref() {
                     Some(m) => m.shared.with(|s| volume_in(s, &v)),
-                    None => volume_proto(&v, 0, None, None),
+                    None => volume_proto(&v, 0, None, None, None),
                 };
                 Ok(Response::new(VolumeReply { volume: Some(volume), map_version: version }))
             }
             MetaReply::Error(e) => Err(status_of(&e)),
             MetaReply::Done | MetaReply::Token(_) => Err(Status::internal("meta group returned no volume")),
+        }
+    }
+
+    /// The reply to a snapshot command: the volume and snapshot `name` as the state has them.
+    fn snapshot_reply(&self, meta: &MetaHandle, volume: &str, name: &str) -> Result<Response<SnapshotReply>, Status> {
+        meta.shared.with(|s| {
+            let v = s.volume_by_name(volume).ok_or_else(|| status_of(&MetaError::NoSuchVolume(volume.to_string())))?;
+            let snapshot = s.snapshots.get(&v.id).and_then(|x| x.snapshots.get(name)).map(|r| snapshot_proto(name, r));
+            Ok(Response::new(SnapshotReply { volume: Some(volume_in(s, v)), snapshot, map_version: s.version }))
+        })
+    }
+
+    /// After a snapshot was asked of the volume's holder: waits until it is cut, or gives it
+    /// up after [`SNAPSHOT_CUT_WAIT`] (refusing the command with the holder's name).
+    async fn await_cut(&self, meta: &MetaHandle, volume: &str, name: &str) -> Result<(), Status> {
+        let mut rx = meta.shared.subscribe();
+        let deadline = tokio::time::Instant::now() + SNAPSHOT_CUT_WAIT;
+        loop {
+            // (taken, still pending, holder)
+            let (taken, pending, holder) = meta.shared.with(|s| match s.volume_by_name(volume) {
+                None => (false, false, None),
+                Some(v) => {
+                    let snaps = s.snapshots.get(&v.id);
+                    let taken = snaps.is_some_and(|x| x.snapshots.contains_key(name));
+                    let pending = snaps.and_then(|x| x.pending.as_ref()).is_some_and(|p| p.name == name);
+                    (taken, pending, v.attached_by.clone())
+                }
+            });
+            if taken {
+                return Ok(());
+            }
+            if !pending {
+                return Err(Status::aborted(format!(
+                    "snapshot {name:?} of volume {volume:?} was given up before its holder cut it; nothing was taken"
+                )));
+            }
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                self.propose(meta, MetaCommand::CancelSnapshot { volume: volume.to_string(), name: name.to_string() }).await?;
+                // The cut may have landed just before the cancel.
+                let taken = meta
+                    .shared
+                    .with(|s| s.volume_by_name(volume).and_then(|v| s.snapshots.get(&v.id)).is_some_and(|x| x.snapshots.contains_key(name)));
+                if taken {
+                    return Ok(());
+                }
+                // Not DeadlineExceeded: clients retry that, and this is an answer.
+                return Err(Status::failed_precondition(format!(
+                    "volume {volume:?} is attached read-write by {}, which did not cut snapshot {name:?} within {} s (its writes may be stuck); nothing was taken",
+                    holder.unwrap_or_default(),
+                    SNAPSHOT_CUT_WAIT.as_secs()
+                )));
+            }
         }
     }
 
@@ -829,6 +903,72 @@ impl Admin for AdminService {
         Ok(Response::new(KeyGetReply { wrapped: wrapped.into() }))
     }
 
+    async fn snapshot_create(&self, request: Request<SnapshotCreateRequest>) -> Result<Response<SnapshotReply>, Status> {
+        let volume = request.get_ref().volume.clone();
+        forward_or!(self, request, snapshot_create, Action::SnapshotCreate, Some(&volume), |meta, caller, msg| {
+            let target = format!("{}@{}", msg.volume, msg.name);
+            let cmd = MetaCommand::CreateSnapshot { volume: msg.volume.clone(), name: msg.name.clone(), now_unix_ms: now_ms() };
+            if let MetaReply::Error(e) = self.propose_audited(meta, cmd, &caller, Action::SnapshotCreate, &target).await? {
+                return Err(status_of(&e));
+            }
+            self.await_cut(meta, &msg.volume, &msg.name).await?;
+            tracing::info!(snapshot = %target, by = %caller.principal, "snapshot taken");
+            self.snapshot_reply(meta, &msg.volume, &msg.name)
+        })
+    }
+
+    async fn snapshot_cut(&self, request: Request<SnapshotCutRequest>) -> Result<Response<SnapshotReply>, Status> {
+        let volume = request.get_ref().volume.clone();
+        forward_or!(self, request, snapshot_cut, Action::VolumeAttach, Some(&volume), |meta, _caller, msg| {
+            let cmd = MetaCommand::CutSnapshot {
+                volume: msg.volume.clone(),
+                name: msg.name.clone(),
+                attach_epoch: msg.attach_epoch,
+                now_unix_ms: now_ms(),
+            };
+            if let MetaReply::Error(e) = self.propose(meta, cmd).await? {
+                return Err(status_of(&e));
+            }
+            self.snapshot_reply(meta, &msg.volume, &msg.name)
+        })
+    }
+
+    async fn snapshot_list(&self, request: Request<SnapshotListRequest>) -> Result<Response<SnapshotListReply>, Status> {
+        let volume = request.get_ref().volume.clone();
+        let scope = (!volume.is_empty()).then_some(volume.as_str());
+        forward_or!(self, request, snapshot_list, Action::SnapshotList, scope, |meta, caller, msg| {
+            let s = self.read(meta).await?;
+            if !msg.volume.is_empty() && s.volume_by_name(&msg.volume).is_none() {
+                return Err(status_of(&MetaError::NoSuchVolume(msg.volume.clone())));
+            }
+            let volumes = s
+                .volumes
+                .values()
+                .filter(|v| v.state == VolumeState::Active && (msg.volume.is_empty() || v.name == msg.volume))
+                .filter(|v| caller.principal.sees_volume(&v.name))
+                .map(|v| volume_in(&s, v))
+                .collect();
+            Ok(Response::new(SnapshotListReply { volumes }))
+        })
+    }
+
+    async fn snapshot_delete(&self, request: Request<SnapshotDeleteRequest>) -> Result<Response<SnapshotReply>, Status> {
+        let volume = request.get_ref().volume.clone();
+        forward_or!(self, request, snapshot_delete, Action::SnapshotDelete, Some(&volume), |meta, caller, msg| {
+            let target = format!("{}@{}", msg.volume, msg.name);
+            let deleted = self.snapshot_reply(meta, &msg.volume, &msg.name)?;
+            let cmd = MetaCommand::DeleteSnapshot { volume: msg.volume.clone(), name: msg.name.clone() };
+            if let MetaReply::Error(e) = self.propose_audited(meta, cmd, &caller, Action::SnapshotDelete, &target).await? {
+                return Err(status_of(&e));
+            }
+            tracing::info!(snapshot = %target, by = %caller.principal, "snapshot deleted; its placement groups release what only it held");
+            let mut reply = deleted.into_inner();
+            reply.volume = self.snapshot_reply(meta, &msg.volume, &msg.name)?.into_inner().volume;
+            reply.map_version = self.current_version();
+            Ok(Response::new(reply))
+        })
+    }
+
     async fn volume_list(&self, request: Request<VolumeListRequest>) -> Result<Response<VolumeListReply>, Status> {
         forward_or!(self, request, volume_list, Action::VolumeList, None, |meta, caller, _msg| {
             let s = self.read(meta).await?;
@@ -879,7 +1019,7 @@ impl Admin for AdminService {
                 });
                 if !msg.wait || done >= total || tokio::time::Instant::now() > deadline {
                     return Ok(Response::new(VolumeDeleteReply {
-                        volume: Some(volume_proto(&v, total as usize, None, None)),
+                        volume: Some(volume_proto(&v, total as usize, None, None, None)),
                         pgs_done: done,
                         pgs_total: total,
                     }));
@@ -1325,7 +1465,8 @@ pub async fn run_audit_pruner(ctx: Arc<NodeCtx>, mut shutdown: tokio::sync::watc
 }
 
 /// On the meta leader: asks every PG to release the data of deleted volumes and records each
-/// PG's completion, until the volume record can go.
+/// PG's completion, until the volume record can go; likewise the chunk versions that only
+/// deleted snapshots held.
 pub async fn run_volume_reaper(ctx: Arc<NodeCtx>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let Some(meta) = &ctx.meta else { return };
     let service = AdminService::new(ctx.clone());
@@ -1350,24 +1491,62 @@ pub async fn run_volume_reaper(ctx: Arc<NodeCtx>, mut shutdown: tokio::sync::wat
                 .collect();
             (pending, s.pgs.iter().map(|p| p.replicas.clone()).collect())
         });
-        if pending.is_empty() {
+        // Volumes whose deleted snapshots' versions some PGs have yet to release.
+        type Releases = Vec<(VolumeId, u64, Vec<u64>, Vec<PgId>)>;
+        let releases: Releases = meta.shared.with(|s| {
+            s.snapshots
+                .iter()
+                .filter(|(_, x)| !x.release_todo.is_empty())
+                .map(|(id, x)| (*id, x.release_generation, x.live_epochs(), x.release_todo.iter().copied().collect()))
+                .collect()
+        });
+        if pending.is_empty() && releases.is_empty() {
             continue;
         }
         let views = ctx.liveness.pg_views();
         let nodes = meta.shared.with(|s| s.nodes.clone());
-        for (volume, todo) in pending {
+        let addrs_of = |pg: PgId| -> Vec<String> {
+            let leader = views.get(&pg.0).map(|v| NodeId(v.leader)).filter(|l| l.0 != 0);
+            let mut candidates: Vec<NodeId> = leader.into_iter().collect();
+            candidates.extend(pgs.get(pg.0 as usize).cloned().unwrap_or_default());
+            candidates.iter().filter_map(|n| nodes.get(n).map(|r| r.addr.clone())).collect()
+        };
+        for (volume, generation, live, todo) in releases {
             let calls = todo.into_iter().map(|pg| {
                 let ctx = ctx.clone();
-                let leader = views.get(&pg.0).map(|v| NodeId(v.leader)).filter(|l| l.0 != 0);
-                let mut candidates: Vec<NodeId> = leader.into_iter().collect();
-                candidates.extend(pgs.get(pg.0 as usize).cloned().unwrap_or_default());
-                let addrs: Vec<String> = candidates.iter().filter_map(|n| nodes.get(n).map(|r| r.addr.clone())).collect();
+                let addrs = addrs_of(pg);
+                let live = live.clone();
                 async move {
                     for addr in addrs {
                         let Ok(mut c) = ctx.clients.data(&addr) else {
                             continue;
                         };
-                        let req = ReleaseVolumeRequest { pg: pg.0, volume_id: volume.0 };
+                        let req = ReleaseVolumeRequest { pg: pg.0, volume_id: volume.0, versions_only: true, live_epochs: live.clone() };
+                        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(10), c.release_volume(req)).await
+                            && r.into_inner().error.is_none()
+                        {
+                            return Some(pg);
+                        }
+                    }
+                    None
+                }
+            });
+            for pg in futures::future::join_all(calls).await.into_iter().flatten() {
+                if let Err(e) = service.propose(meta, MetaCommand::SnapshotsReleased { volume, pg, generation }).await {
+                    tracing::debug!(%volume, %pg, error = %e.message(), "recording a snapshot release failed; will retry");
+                }
+            }
+        }
+        for (volume, todo) in pending {
+            let calls = todo.into_iter().map(|pg| {
+                let ctx = ctx.clone();
+                let addrs = addrs_of(pg);
+                async move {
+                    for addr in addrs {
+                        let Ok(mut c) = ctx.clients.data(&addr) else {
+                            continue;
+                        };
+                        let req = ReleaseVolumeRequest { pg: pg.0, volume_id: volume.0, ..Default::default() };
                         if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(10), c.release_volume(req)).await
                             && r.into_inner().error.is_none()
                         {

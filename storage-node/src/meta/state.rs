@@ -201,6 +201,9 @@ pub struct ClusterState {
     /// Re-encryptions in progress: encrypted volumes whose blocks are being moved to their
     /// current key version. Added in snapshot format 4.
     pub reencrypts: BTreeMap<VolumeId, Reencrypt>,
+    /// Volumes' write epochs and snapshots (a volume without an entry: write epoch 1, none).
+    /// Added in snapshot format 5.
+    pub snapshots: BTreeMap<VolumeId, super::snapshots::VolumeSnapshots>,
     /// What the last applied commands did to the audit log, for the state machine to write to
     /// the audit file; never serialised.
     #[serde(skip)]
@@ -487,6 +490,50 @@ pub enum MetaCommand {
         /// Its keys.
         keys: VolumeKeys,
     },
+    /// Takes a snapshot (frozen at once if nobody holds the volume read-write, else asked of
+    /// the holder).
+    CreateSnapshot {
+        /// Volume name.
+        volume: String,
+        /// Snapshot name.
+        name: String,
+        /// Proposer's clock.
+        now_unix_ms: u64,
+    },
+    /// The holder cut the pending snapshot: freeze it at the current write epoch.
+    CutSnapshot {
+        /// Volume name.
+        volume: String,
+        /// Snapshot name.
+        name: String,
+        /// The holder's attachment epoch.
+        attach_epoch: u64,
+        /// Proposer's clock.
+        now_unix_ms: u64,
+    },
+    /// Gives up a pending snapshot.
+    CancelSnapshot {
+        /// Volume name.
+        volume: String,
+        /// Snapshot name.
+        name: String,
+    },
+    /// Deletes a snapshot.
+    DeleteSnapshot {
+        /// Volume name.
+        volume: String,
+        /// Snapshot name.
+        name: String,
+    },
+    /// One PG released the versions of a volume's deleted snapshots.
+    SnapshotsReleased {
+        /// The volume.
+        volume: VolumeId,
+        /// The PG.
+        pg: PgId,
+        /// The release generation it acted on.
+        generation: u64,
+    },
 }
 
 impl MetaCommand {
@@ -571,6 +618,30 @@ pub enum MetaError {
         name: String,
         /// Current holder.
         holder: String,
+    },
+    /// A snapshot with this name exists.
+    #[error("volume {volume:?} already has a snapshot named {name:?}")]
+    SnapshotExists {
+        /// Volume.
+        volume: String,
+        /// Snapshot.
+        name: String,
+    },
+    /// No such snapshot.
+    #[error("volume {volume:?} has no snapshot named {name:?}")]
+    NoSuchSnapshot {
+        /// Volume.
+        volume: String,
+        /// Snapshot.
+        name: String,
+    },
+    /// Another snapshot is being cut.
+    #[error("snapshot {name:?} of volume {volume:?} is being taken; try again when it is done")]
+    SnapshotPending {
+        /// Volume.
+        volume: String,
+        /// The pending snapshot.
+        name: String,
     },
 }
 
@@ -680,6 +751,11 @@ impl ClusterState {
                 return reply;
             }
             MetaCommand::PruneAudit { through, through_hash } => self.prune_audit(through, through_hash),
+            MetaCommand::CreateSnapshot { volume, name, now_unix_ms } => self.create_snapshot(&volume, name, now_unix_ms),
+            MetaCommand::CutSnapshot { volume, name, attach_epoch, now_unix_ms } => self.cut_snapshot(&volume, name, attach_epoch, now_unix_ms),
+            MetaCommand::CancelSnapshot { volume, name } => self.cancel_snapshot(&volume, &name),
+            MetaCommand::DeleteSnapshot { volume, name } => self.delete_snapshot(&volume, &name),
+            MetaCommand::SnapshotsReleased { volume, pg, generation } => self.snapshots_released(volume, pg, generation),
         };
         if !matches!(reply, MetaReply::Error(_)) && changes_map {
             self.version = index;
@@ -901,6 +977,8 @@ impl ClusterState {
             self.key_effects.push(KeyEffect::Erase(keys.key_id));
         }
         self.reencrypts.remove(&id);
+        // Deleting the volume releases every version of every chunk.
+        self.snapshots.remove(&id);
         MetaReply::Volume(v)
     }
 
@@ -1083,7 +1161,7 @@ impl ClusterState {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn node(id: u64, host: &str) -> NodeRecord {
@@ -1101,7 +1179,7 @@ mod tests {
         ClusterSettings { layout: Layout { extent_size: 4 << 20, pg_count: pgs }, failure_domain: level }
     }
 
-    fn initialized() -> ClusterState {
+    pub(crate) fn initialized() -> ClusterState {
         let mut s = ClusterState::default();
         let r = s.apply(
             1,

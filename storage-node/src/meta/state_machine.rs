@@ -11,7 +11,7 @@
 //! raises [`SNAPSHOT_VERSION`] and keeps a decoder for the versions before it
 //! (`decode_snapshot`). Snapshots written before the header existed (no magic) are format 1;
 //! format 3 added encrypted volumes' key references (`volume_keys`), format 4 re-encryptions in
-//! progress (`reencrypts`).
+//! progress (`reencrypts`), format 5 volumes' snapshots and write epochs (`snapshots`).
 //!
 //! Applying a volume's deletion erases its wrapped key from this node's [`KeyStore`] before
 //! the apply completes (crypto-shredding; the keys themselves never enter a snapshot or log).
@@ -77,7 +77,7 @@ impl MetaShared {
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BSLTMETA";
 
 /// The format this binary writes (and the newest it reads).
-pub const SNAPSHOT_VERSION: u32 = 4;
+pub const SNAPSHOT_VERSION: u32 = 5;
 
 /// [`ClusterState`] as format 1 had it, before tokens and the audit log.
 #[derive(Deserialize)]
@@ -143,6 +143,19 @@ impl From<ClusterStateV3> for ClusterState {
     }
 }
 
+/// [`ClusterState`] as format 4 had it, before snapshots: format 3, then re-encryptions.
+#[derive(Deserialize)]
+struct ClusterStateV4 {
+    v3: ClusterStateV3,
+    reencrypts: BTreeMap<VolumeId, crate::meta::state::Reencrypt>,
+}
+
+impl From<ClusterStateV4> for ClusterState {
+    fn from(v: ClusterStateV4) -> ClusterState {
+        ClusterState { reencrypts: v.reencrypts, ..v.v3.into() }
+    }
+}
+
 fn encode_snapshot(record: &CheckpointRecord, state: &ClusterState, audit: &[u8]) -> Vec<u8> {
     // Serialising plain structs and maps into a Vec cannot fail.
     let body = bincode::serialize(&(record.encode(), state)).expect("cluster state serialises");
@@ -172,7 +185,7 @@ fn decode_snapshot(bytes: &[u8]) -> io::Result<(CheckpointRecord, ClusterState, 
                 bincode::deserialize(body).map_err(|e| invalid(format!("corrupt meta snapshot (format 1): {e}")))?;
             (record, state.into(), &[])
         }
-        2..=4 => {
+        2..=5 => {
             let (len, rest) = body.split_at_checked(8).ok_or_else(|| invalid("meta snapshot truncated in its header".into()))?;
             let len = u64::from_le_bytes(len.try_into().map_err(|_| invalid("meta snapshot header".into()))?);
             let len = usize::try_from(len).ok().filter(|l| *l <= rest.len()).ok_or_else(|| invalid("meta snapshot truncated in its state".into()))?;
@@ -185,6 +198,10 @@ fn decode_snapshot(bytes: &[u8]) -> io::Result<(CheckpointRecord, ClusterState, 
                 }
                 3 => {
                     let (record, state): (Vec<u8>, ClusterStateV3) = bincode::deserialize(state).map_err(corrupt)?;
+                    (record, state.into())
+                }
+                4 => {
+                    let (record, state): (Vec<u8>, ClusterStateV4) = bincode::deserialize(state).map_err(corrupt)?;
                     (record, state.into())
                 }
                 _ => bincode::deserialize(state).map_err(corrupt)?,
@@ -435,6 +452,9 @@ mod tests {
         let keys = crate::meta::state::VolumeKeys { key_id: 77, current: 1, digests: [(1, [9u8; 32])].into() };
         state.volume_keys.insert(VolumeId(1), keys);
         state.reencrypts.insert(VolumeId(1), crate::meta::state::Reencrypt { to_version: 2, next_block: 5, started_unix_ms: 6, rate: 7 });
+        let mut snaps = crate::meta::snapshots::VolumeSnapshots { write_epoch: 4, ..Default::default() };
+        snaps.snapshots.insert("s".into(), crate::meta::snapshots::SnapshotRecord { epoch: 3, created_unix_ms: 8 });
+        state.snapshots.insert(VolumeId(1), snaps);
         let record = CheckpointRecord::default();
         let bytes = encode_snapshot(&record, &state, b"line 1\nline 2\n");
         assert!(bytes.starts_with(SNAPSHOT_MAGIC));
@@ -456,6 +476,7 @@ mod tests {
             let mut s = state.clone();
             s.volume_keys.clear();
             s.reencrypts.clear();
+            s.snapshots.clear();
             s
         };
         let fields = (
@@ -482,6 +503,7 @@ mod tests {
         let v3 = {
             let mut s = state.clone();
             s.reencrypts.clear();
+            s.snapshots.clear();
             s
         };
         let fields = (
@@ -505,6 +527,35 @@ mod tests {
         three.extend_from_slice(&(body.len() as u64).to_le_bytes());
         three.extend_from_slice(&body);
         assert_eq!(decode_snapshot(&three).unwrap().1, v3);
+
+        // Format 4 (before snapshots).
+        let v4 = {
+            let mut s = state.clone();
+            s.snapshots.clear();
+            s
+        };
+        let fields = (
+            &v4.cluster_id,
+            &v4.settings,
+            &v4.nodes,
+            &v4.pgs,
+            &v4.volumes,
+            v4.next_volume_id,
+            v4.version,
+            &v4.draining,
+            &v4.removed,
+            &v4.tokens,
+            &v4.audit,
+            &v4.volume_keys,
+            v4.encrypt_by_default,
+            &v4.reencrypts,
+        );
+        let body = bincode::serialize(&(record.encode(), fields)).unwrap();
+        let mut four = SNAPSHOT_MAGIC.to_vec();
+        four.extend_from_slice(&4u32.to_le_bytes());
+        four.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        four.extend_from_slice(&body);
+        assert_eq!(decode_snapshot(&four).unwrap().1, v4);
 
         // A newer format is refused by name, not misread.
         let mut newer = SNAPSHOT_MAGIC.to_vec();

@@ -5,20 +5,26 @@
 //! reply, not a panic.
 //!
 //! ```text
-//! Write:        [1][volume u64][epoch u64][offset u64][n u32][n × crc u32][data]
-//! Zero:         [2][volume u64][epoch u64][offset u64][len u64][keep_allocated u8]
+//! Write:        [8][volume u64][epoch u64][write_epoch u64][offset u64][n u32][n × crc u32][data]
+//! Sealed write: [9][volume u64][epoch u64][write_epoch u64][offset u64][n u32][n × crc u32][n × crypt 28 bytes][data]
+//! Zero:         [10][volume u64][epoch u64][write_epoch u64][offset u64][len u64][keep_allocated u8]
 //! DeleteVolume: [3][volume u64]
 //! Probe:        [4][volume u64][chunk u64]
 //! Repair:       [5][volume u64][probe_index u64][offset u64][crc u32][data: 4096 bytes]
-//! Sealed write: [6][volume u64][epoch u64][offset u64][n u32][n × crc u32][n × crypt 28 bytes][data]
 //! Sealed repair:[7][volume u64][probe_index u64][offset u64][crc u32][crypt 28 bytes][data: 4096 bytes]
+//! ReleaseVersions: [11][volume u64][n u32][n × live snapshot epoch u64]
 //! ```
+//! Tags 1 (write), 6 (sealed write) and 2 (zero) are the same without `write_epoch`, from logs
+//! written before snapshots; they decode with write epoch 1 and are no longer written.
 //! Sealed writes and repairs are those of encrypted volumes: whole blocks of ciphertext, each
 //! with its encryption context (nonce, tag: `basalt_common::CryptContext`), stored beside the
 //! block so its reader can open it. Nodes never hold a key; the crcs cover the ciphertext.
 //! All integers little-endian. A write's crcs cover `data` cut at 4 KiB volume boundaries.
 //! `epoch` is the writer's attachment epoch: once a PG has applied a command of epoch `e` for a
-//! volume, it refuses that volume's commands with a lower epoch (fencing).
+//! volume, it refuses that volume's commands with a lower epoch (fencing). `write_epoch` is the
+//! volume's snapshot write epoch the writer held (`basalt_chunk_store::versions`): a chunk whose
+//! newest version is older is copied first, and once a PG applied a write of epoch `w` it
+//! refuses the volume's writes of a lower one (they were issued before a snapshot cut).
 //!
 //! Probe and Repair are the integrity scrub's (see [`super::repair`]): a probe marks a log
 //! position at which every replica's copy of a chunk is compared; a repair rewrites one block
@@ -36,6 +42,8 @@ pub enum PgCommand {
         volume: VolumeId,
         /// Writer's attachment epoch.
         epoch: u64,
+        /// The volume's snapshot write epoch the writer held.
+        write_epoch: u64,
         /// Byte offset.
         offset: u64,
         /// crc32c per piece (see module docs).
@@ -51,6 +59,8 @@ pub enum PgCommand {
         volume: VolumeId,
         /// Writer's attachment epoch.
         epoch: u64,
+        /// The volume's snapshot write epoch the writer held.
+        write_epoch: u64,
         /// Byte offset.
         offset: u64,
         /// Length.
@@ -86,7 +96,18 @@ pub enum PgCommand {
         /// The block (4 KiB).
         data: Bytes,
     },
+    /// Releases the chunk versions of `volume` that are neither a chunk's newest version nor
+    /// what a live snapshot reads (a snapshot was deleted). Idempotent.
+    ReleaseVersions {
+        /// Volume.
+        volume: VolumeId,
+        /// The write epochs of the volume's live snapshots.
+        live: Vec<u64>,
+    },
 }
+
+/// Most live snapshot epochs one release names (a volume's snapshot limit is far below it).
+pub const MAX_RELEASE_EPOCHS: usize = 65_536;
 
 /// How `data` at `offset` is cut into checksummed pieces: at every 4 KiB boundary of the volume.
 pub fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
@@ -116,12 +137,13 @@ impl PgCommand {
     /// Encodes the command.
     pub fn encode(&self) -> Bytes {
         match self {
-            PgCommand::Write { volume, epoch, offset, crcs, crypt, data } => {
+            PgCommand::Write { volume, epoch, write_epoch, offset, crcs, crypt, data } => {
                 let sealed = crypt.as_ref().map_or(0, |c| c.len() * CryptContext::LEN);
-                let mut b = BytesMut::with_capacity(29 + crcs.len() * 4 + sealed + data.len());
-                b.put_u8(if crypt.is_some() { 6 } else { 1 });
+                let mut b = BytesMut::with_capacity(37 + crcs.len() * 4 + sealed + data.len());
+                b.put_u8(if crypt.is_some() { 9 } else { 8 });
                 b.put_u64_le(volume.0);
                 b.put_u64_le(*epoch);
+                b.put_u64_le(*write_epoch);
                 b.put_u64_le(*offset);
                 b.put_u32_le(crcs.len() as u32);
                 for c in crcs {
@@ -134,11 +156,12 @@ impl PgCommand {
                 b.put_slice(data);
                 b.freeze()
             }
-            PgCommand::Zero { volume, epoch, offset, len, keep_allocated } => {
-                let mut b = BytesMut::with_capacity(34);
-                b.put_u8(2);
+            PgCommand::Zero { volume, epoch, write_epoch, offset, len, keep_allocated } => {
+                let mut b = BytesMut::with_capacity(42);
+                b.put_u8(10);
                 b.put_u64_le(volume.0);
                 b.put_u64_le(*epoch);
+                b.put_u64_le(*write_epoch);
                 b.put_u64_le(*offset);
                 b.put_u64_le(*len);
                 b.put_u8(u8::from(*keep_allocated));
@@ -171,6 +194,16 @@ impl PgCommand {
                 b.put_slice(data);
                 b.freeze()
             }
+            PgCommand::ReleaseVersions { volume, live } => {
+                let mut b = BytesMut::with_capacity(13 + live.len() * 8);
+                b.put_u8(11);
+                b.put_u64_le(volume.0);
+                b.put_u32_le(live.len() as u32);
+                for e in live {
+                    b.put_u64_le(*e);
+                }
+                b.freeze()
+            }
         }
     }
 
@@ -182,18 +215,20 @@ impl PgCommand {
         let tag = b.get_u8();
         let volume = VolumeId(b.get_u64_le());
         match tag {
-            1 | 6 => {
-                if b.remaining() < 20 {
+            1 | 6 | 8 | 9 => {
+                let versioned = tag >= 8;
+                if b.remaining() < if versioned { 28 } else { 20 } {
                     return Err("truncated write header".into());
                 }
                 let epoch = b.get_u64_le();
+                let write_epoch = if versioned { b.get_u64_le() } else { 1 };
                 let offset = b.get_u64_le();
                 let n = b.get_u32_le() as usize;
                 if b.remaining() < n.saturating_mul(4) {
                     return Err("truncated checksum list".into());
                 }
                 let crcs: Vec<u32> = (0..n).map(|_| b.get_u32_le()).collect();
-                let crypt = if tag == 6 {
+                let crypt = if tag == 6 || tag == 9 {
                     if b.remaining() < n.saturating_mul(CryptContext::LEN) {
                         return Err("truncated encryption contexts".into());
                     }
@@ -212,20 +247,28 @@ impl PgCommand {
                 if crypt.is_some() && !(offset.is_multiple_of(BLOCK_SIZE) && (data.len() as u64).is_multiple_of(BLOCK_SIZE)) {
                     return Err(format!("sealed write at {offset} of {} bytes is not whole blocks", data.len()));
                 }
-                Ok(PgCommand::Write { volume, epoch, offset, crcs, crypt, data })
+                if write_epoch == 0 {
+                    return Err("a write without a write epoch".into());
+                }
+                Ok(PgCommand::Write { volume, epoch, write_epoch, offset, crcs, crypt, data })
             }
-            2 => {
-                if b.remaining() != 25 {
+            2 | 10 => {
+                let versioned = tag == 10;
+                if b.remaining() != if versioned { 33 } else { 25 } {
                     return Err("bad zero command length".into());
                 }
                 let epoch = b.get_u64_le();
+                let write_epoch = if versioned { b.get_u64_le() } else { 1 };
+                if write_epoch == 0 {
+                    return Err("a zero command without a write epoch".into());
+                }
                 let offset = b.get_u64_le();
                 let len = b.get_u64_le();
                 let keep_allocated = b.get_u8() != 0;
                 if len == 0 || offset.checked_add(len).is_none() {
                     return Err("empty or overflowing zero range".into());
                 }
-                Ok(PgCommand::Zero { volume, epoch, offset, len, keep_allocated })
+                Ok(PgCommand::Zero { volume, epoch, write_epoch, offset, len, keep_allocated })
             }
             3 if b.remaining() == 0 => Ok(PgCommand::DeleteVolume { volume }),
             3 => Err("trailing bytes after delete-volume".into()),
@@ -248,6 +291,16 @@ impl PgCommand {
                     None
                 };
                 Ok(PgCommand::Repair { volume, probe_index, offset, crc, crypt, data: b })
+            }
+            11 => {
+                if b.remaining() < 4 {
+                    return Err("truncated release command".into());
+                }
+                let n = b.get_u32_le() as usize;
+                if n > MAX_RELEASE_EPOCHS || b.remaining() != n * 8 {
+                    return Err(format!("bad release command: {n} epochs in {} bytes", b.remaining()));
+                }
+                Ok(PgCommand::ReleaseVersions { volume, live: (0..n).map(|_| b.get_u64_le()).collect() })
             }
             other => Err(format!("unknown command tag {other}")),
         }
@@ -318,6 +371,10 @@ impl PgReply {
 mod tests {
     use super::*;
 
+    fn crc32c_of_zero_block() -> u32 {
+        basalt_common::crc32c(&[0u8; 4096])
+    }
+
     #[test]
     fn pieces_cut_at_block_boundaries() {
         let p: Vec<_> = pieces(4000, 200).collect();
@@ -331,17 +388,28 @@ mod tests {
     #[test]
     fn roundtrip_and_rejects_garbage() {
         let cmds = [
-            PgCommand::Write { volume: VolumeId(3), epoch: 2, offset: 4000, crcs: vec![1, 2], crypt: None, data: Bytes::from(vec![9u8; 200]) },
             PgCommand::Write {
                 volume: VolumeId(3),
                 epoch: 2,
+                write_epoch: 3,
+                offset: 4000,
+                crcs: vec![1, 2],
+                crypt: None,
+                data: Bytes::from(vec![9u8; 200]),
+            },
+            PgCommand::Write {
+                volume: VolumeId(3),
+                epoch: 2,
+                write_epoch: 1,
                 offset: 8192,
                 crcs: vec![1, 2],
                 crypt: Some(vec![CryptContext { nonce: [1; 12], tag: [2; 16] }, CryptContext { nonce: [3; 12], tag: [4; 16] }]),
                 data: Bytes::from(vec![9u8; 8192]),
             },
-            PgCommand::Zero { volume: VolumeId(3), epoch: 2, offset: 0, len: 4096, keep_allocated: true },
+            PgCommand::Zero { volume: VolumeId(3), epoch: 2, write_epoch: 3, offset: 0, len: 4096, keep_allocated: true },
             PgCommand::DeleteVolume { volume: VolumeId(3) },
+            PgCommand::ReleaseVersions { volume: VolumeId(3), live: vec![2, 5, 9] },
+            PgCommand::ReleaseVersions { volume: VolumeId(3), live: vec![] },
             PgCommand::Probe { volume: VolumeId(3), chunk: 7 },
             PgCommand::Repair { volume: VolumeId(3), probe_index: 9, offset: 8192, crc: 5, crypt: None, data: Bytes::from(vec![1u8; 4096]) },
             PgCommand::Repair {
@@ -362,22 +430,62 @@ mod tests {
                 }
             }
         }
-        let bad = PgCommand::Write { volume: VolumeId(1), epoch: 0, offset: 0, crcs: vec![1], crypt: None, data: Bytes::from(vec![0u8; 8192]) };
+        let bad = PgCommand::Write {
+            volume: VolumeId(1),
+            epoch: 0,
+            write_epoch: 1,
+            offset: 0,
+            crcs: vec![1],
+            crypt: None,
+            data: Bytes::from(vec![0u8; 8192]),
+        };
         assert!(PgCommand::decode(bad.encode()).is_err(), "checksum count must match pieces");
         let ctx = CryptContext { nonce: [1; 12], tag: [1; 16] };
-        let partial =
-            PgCommand::Write { volume: VolumeId(1), epoch: 1, offset: 100, crcs: vec![1], crypt: Some(vec![ctx]), data: Bytes::from(vec![0u8; 50]) };
+        let partial = PgCommand::Write {
+            volume: VolumeId(1),
+            epoch: 1,
+            write_epoch: 1,
+            offset: 100,
+            crcs: vec![1],
+            crypt: Some(vec![ctx]),
+            data: Bytes::from(vec![0u8; 50]),
+        };
         assert!(PgCommand::decode(partial.encode()).is_err(), "sealed writes are whole blocks");
         let none = PgCommand::Write {
             volume: VolumeId(1),
             epoch: 1,
+            write_epoch: 1,
             offset: 0,
             crcs: vec![1],
             crypt: Some(vec![CryptContext { nonce: [0; 12], tag: [0; 16] }]),
             data: Bytes::from(vec![0u8; 4096]),
         };
         assert!(PgCommand::decode(none.encode()).is_err(), "every sealed block has a context");
-        assert!(PgCommand::decode(Bytes::from_static(&[9, 0, 0, 0, 0, 0, 0, 0, 0])).is_err());
+        assert!(PgCommand::decode(Bytes::from_static(&[99, 0, 0, 0, 0, 0, 0, 0, 0])).is_err());
+        // Commands from logs written before snapshots decode at write epoch 1.
+        let mut old = vec![1u8];
+        old.extend_from_slice(&3u64.to_le_bytes());
+        old.extend_from_slice(&2u64.to_le_bytes());
+        old.extend_from_slice(&0u64.to_le_bytes());
+        old.extend_from_slice(&1u32.to_le_bytes());
+        old.extend_from_slice(&crc32c_of_zero_block().to_le_bytes());
+        old.extend_from_slice(&[0u8; 4096]);
+        match PgCommand::decode(Bytes::from(old)).unwrap() {
+            PgCommand::Write { epoch: 2, write_epoch: 1, offset: 0, .. } => {}
+            other => panic!("{other:?}"),
+        }
+        let mut zero = vec![2u8];
+        for v in [3u64, 2, 4096, 4096] {
+            zero.extend_from_slice(&v.to_le_bytes());
+        }
+        zero.push(0);
+        assert!(matches!(PgCommand::decode(Bytes::from(zero)).unwrap(), PgCommand::Zero { write_epoch: 1, len: 4096, .. }));
+        let no_epoch = PgCommand::Zero { volume: VolumeId(1), epoch: 1, write_epoch: 0, offset: 0, len: 4096, keep_allocated: false };
+        assert!(PgCommand::decode(no_epoch.encode()).is_err(), "write epoch 0 is not one");
+        let mut huge = vec![11u8];
+        huge.extend_from_slice(&3u64.to_le_bytes());
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(PgCommand::decode(Bytes::from(huge)).is_err(), "a release naming more epochs than it carries");
         let unaligned =
             PgCommand::Repair { volume: VolumeId(1), probe_index: 1, offset: 100, crc: 0, crypt: None, data: Bytes::from(vec![0u8; 4096]) };
         assert!(PgCommand::decode(unaligned.encode()).is_err(), "repairs are whole blocks");

@@ -152,6 +152,39 @@ impl DataService {
         Ok(handle)
     }
 
+    /// Checks a write's snapshot write epoch against the map: 0 is no epoch (an old client);
+    /// one below the volume's current epoch was issued before a snapshot cut (the holder
+    /// drains its writes before it cuts, so only a fenced writer's could arrive now).
+    fn check_write_epoch(&self, volume: u64, write_epoch: u64) -> Result<(), DataError> {
+        if write_epoch == 0 {
+            return Err(err(Code::Invalid, "a write must carry the volume's snapshot write epoch (write_epoch); this client is too old"));
+        }
+        let current = self.ctx.map.borrow().volumes.get(&VolumeId(volume)).map_or(1, |v| v.write_epoch);
+        if write_epoch < current {
+            return Err(err(
+                Code::Fenced,
+                format!(
+                    "volume {volume}: a write of snapshot epoch {write_epoch} arrived after the volume moved on to epoch {current}; it predates a snapshot and is refused"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The epoch a read sees: the volume as it is now (`snapshot_epoch` 0), or a live
+    /// snapshot's (a deleted one's versions may be gone already).
+    fn read_epoch(&self, volume: u64, snapshot_epoch: u64) -> Result<basalt_chunk_store::Epoch, DataError> {
+        if snapshot_epoch == 0 {
+            return Ok(basalt_chunk_store::Epoch::MAX);
+        }
+        let view = self.ctx.map.borrow();
+        let live = view.volumes.get(&VolumeId(volume)).is_some_and(|v| v.snapshots.iter().any(|(_, e)| *e == snapshot_epoch));
+        if !live {
+            return Err(err(Code::NoSuchVolume, format!("volume {volume} has no live snapshot at epoch {snapshot_epoch}")));
+        }
+        Ok(snapshot_epoch)
+    }
+
     async fn propose(&self, handle: &PgHandle, cmd: PgCommand) -> Option<DataError> {
         match handle.group.propose(cmd.encode()).await {
             Ok(reply) => match PgReply::decode(&reply) {
@@ -205,6 +238,9 @@ impl DataService {
                 Ok(h) => h,
                 Err(e) => return Some(e),
             };
+            if let Err(e) = self.check_write_epoch(req.volume_id, req.write_epoch) {
+                return Some(e);
+            }
             if req.crcs.len() != piece_count(req.offset, len) {
                 return Some(err(
                     Code::Invalid,
@@ -224,7 +260,7 @@ impl DataService {
             if let Err(m) = self.space.admit_log(&self.ctx, &handle, len) {
                 return Some(err(Code::NoSpace, m));
             }
-            let _space = match self.space.admit(&self.ctx, &handle, req.volume_id, req.offset, len).await {
+            let _space = match self.space.admit(&self.ctx, &handle, req.volume_id, req.write_epoch, req.offset, len).await {
                 Ok(admitted) => admitted,
                 Err(m) => return Some(err(Code::NoSpace, m)),
             };
@@ -263,6 +299,7 @@ impl DataService {
             let cmd = PgCommand::Write {
                 volume: VolumeId(req.volume_id),
                 epoch: req.attach_epoch,
+                write_epoch: req.write_epoch,
                 offset: req.offset,
                 crcs: req.crcs,
                 crypt,
@@ -287,12 +324,13 @@ impl DataService {
                 return Err(err(Code::OutOfRange, format!("read of {len} bytes exceeds the {MAX_IO}-byte limit")));
             }
             let handle = self.route(who, req.pg, req.volume_id, req.offset, len, req.map_version, None).await?;
+            let at = self.read_epoch(req.volume_id, req.snapshot_epoch)?;
             handle.group.read_barrier().await.map_err(|e| self.raft_error(e))?;
             // A bad block on this replica is repaired from the others through the PG, then the
             // read runs again; each round repairs one chunk of the range.
             let mut rounds = 0;
             loop {
-                match handle.shared.read(VolumeId(req.volume_id), req.offset, len).await {
+                match handle.shared.read(VolumeId(req.volume_id), at, req.offset, len).await {
                     Ok(r) => {
                         // Contexts go out only when some block has one (encrypted volumes).
                         let crypt = if r.crypt.iter().any(Option::is_some) { CryptContext::encode_all(&r.crypt) } else { Vec::new() };
@@ -350,9 +388,12 @@ impl DataService {
                 Ok(h) => h,
                 Err(e) => return Some(e),
             };
+            if let Err(e) = self.check_write_epoch(req.volume_id, req.write_epoch) {
+                return Some(e);
+            }
             // Zeroes that keep their blocks allocated need chunk space like a write.
             let _space = if req.keep_allocated {
-                match self.space.admit(&self.ctx, &handle, req.volume_id, req.offset, req.length).await {
+                match self.space.admit(&self.ctx, &handle, req.volume_id, req.write_epoch, req.offset, req.length).await {
                     Ok(admitted) => admitted,
                     Err(m) => return Some(err(Code::NoSpace, m)),
                 }
@@ -365,6 +406,7 @@ impl DataService {
             let cmd = PgCommand::Zero {
                 volume: VolumeId(req.volume_id),
                 epoch: req.attach_epoch,
+                write_epoch: req.write_epoch,
                 offset: req.offset,
                 len: req.length,
                 keep_allocated: req.keep_allocated,
@@ -403,6 +445,9 @@ impl Data for DataService {
         let req = request.into_inner();
         let error = match self.ctx.pgs.get(PgId(req.pg)) {
             None => Some(err(Code::WrongNode, format!("{} holds no replica of pg-{}", self.ctx.config.id, req.pg))),
+            Some(handle) if req.versions_only => {
+                self.propose(&handle, PgCommand::ReleaseVersions { volume: VolumeId(req.volume_id), live: req.live_epochs }).await
+            }
             Some(handle) => self.propose(&handle, PgCommand::DeleteVolume { volume: VolumeId(req.volume_id) }).await,
         };
         Ok(Response::new(ReleaseVolumeReply { error }))

@@ -9,7 +9,8 @@
 //! Stream format: length-prefixed records, `[len u32 LE][record]`:
 //! - `[0x01][n u32][n × volume u64]`: the PG's deleted-volume tombstones (first record);
 //! - `[0x02][n u32][n × (volume u64, epoch u64)]`: the highest attachment epoch per volume;
-//! - a [`ChunkImage`] (tag `0xC1`): one chunk's written blocks.
+//! - `[0x03][n u32][n × (volume u64, epoch u64)]`: the highest snapshot write epoch per volume;
+//! - a [`ChunkImage`] (tag `0xC2`): one chunk version's written blocks.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -27,8 +28,23 @@ use super::state_machine::{APPLIED_KEY, PgShared};
 pub(crate) const TOMBSTONE_PREFIX: &[u8] = b"tomb/";
 /// Shard-state key prefix of per-volume attachment epochs.
 pub(crate) const EPOCH_PREFIX: &[u8] = b"epoch/";
+/// Shard-state key prefix of per-volume snapshot write epochs.
+pub(crate) const WRITE_EPOCH_PREFIX: &[u8] = b"wepoch/";
 const RECORD_TOMBSTONES: u8 = 0x01;
 const RECORD_EPOCHS: u8 = 0x02;
+const RECORD_WRITE_EPOCHS: u8 = 0x03;
+
+/// What a PG refuses by, besides its data: deleted volumes, and per volume the newest
+/// attachment epoch and snapshot write epoch applied.
+#[derive(Debug, Default)]
+pub struct Fences {
+    /// Deleted volumes.
+    pub tombstones: HashSet<VolumeId>,
+    /// Highest attachment epoch per volume.
+    pub epochs: HashMap<VolumeId, u64>,
+    /// Highest snapshot write epoch per volume.
+    pub write_epochs: HashMap<VolumeId, u64>,
+}
 /// Bytes gathered into one transfer chunk.
 const CHUNK_TARGET: usize = 2 << 20;
 
@@ -60,10 +76,8 @@ pub enum PgSnapshot {
     Outgoing(Box<Outgoing>),
     /// A complete transfer held in the staging shard.
     Staged {
-        /// Deleted volumes the sender knew of.
-        tombstones: HashSet<VolumeId>,
-        /// Highest attachment epoch per volume.
-        epochs: HashMap<VolumeId, u64>,
+        /// What the sender refused by.
+        fences: Fences,
         /// Holds the PG's staging area until installed or dropped.
         _staging: OwnedMutexGuard<()>,
     },
@@ -81,9 +95,9 @@ impl PgSnapshot {
         PgSnapshot::Outgoing(Box::new(Outgoing { shared, keys: None, guard: None }))
     }
 
-    /// Replaces the PG's data with this snapshot and records `record`; returns the tombstones
-    /// and attachment epochs it carried.
-    pub(crate) async fn install(self, shared: &PgShared, record: &CheckpointRecord) -> io::Result<(HashSet<VolumeId>, HashMap<VolumeId, u64>)> {
+    /// Replaces the PG's data with this snapshot and records `record`; returns the fences
+    /// (tombstones, epochs) it carried.
+    pub(crate) async fn install(self, shared: &PgShared, record: &CheckpointRecord) -> io::Result<Fences> {
         let staged = match self {
             staged @ PgSnapshot::Staged { .. } => staged,
             outgoing @ PgSnapshot::Outgoing(_) => {
@@ -97,7 +111,7 @@ impl PgSnapshot {
                 sink.finish().await?
             }
         };
-        let PgSnapshot::Staged { tombstones, epochs, _staging } = staged else {
+        let PgSnapshot::Staged { fences, _staging } = staged else {
             return Err(io::Error::other("snapshot was not staged"));
         };
         let _guard = shared.lock.write().await;
@@ -112,22 +126,27 @@ impl PgSnapshot {
         for (name, _) in store.scan_state(shard, TOMBSTONE_PREFIX).await.map_err(io_err)? {
             b.delete_state(shard, &name);
         }
-        for v in &tombstones {
+        for v in &fences.tombstones {
             let mut key = TOMBSTONE_PREFIX.to_vec();
             key.extend_from_slice(&v.0.to_be_bytes());
             b.put_state(shard, &key, Vec::new());
         }
-        for (name, _) in store.scan_state(shard, EPOCH_PREFIX).await.map_err(io_err)? {
-            b.delete_state(shard, &name);
+        for prefix in [EPOCH_PREFIX, WRITE_EPOCH_PREFIX] {
+            for (name, _) in store.scan_state(shard, prefix).await.map_err(io_err)? {
+                b.delete_state(shard, &name);
+            }
         }
-        for (v, e) in &epochs {
+        for (v, e) in &fences.epochs {
             b.put_state(shard, &super::state_machine::epoch_key(*v), e.to_le_bytes().to_vec());
+        }
+        for (v, e) in &fences.write_epochs {
+            b.put_state(shard, &super::state_machine::write_epoch_key(*v), e.to_le_bytes().to_vec());
         }
         b.put_state(shard, APPLIED_KEY, record.encode());
         store.commit(b).await.map_err(io_err)?;
         store.checkpoint().await.map_err(io_err)?;
         tracing::info!(pg = %shared.pg, applied = record.applied_index(), chunks = store.list_chunks(shard).len(), "installed snapshot");
-        Ok((tombstones, epochs))
+        Ok(fences)
     }
 }
 
@@ -154,17 +173,19 @@ impl SnapshotStream for PgSnapshot {
                 rec.put_u64_le(id);
             }
             frame(&mut out, &rec);
-            let epochs = o.shared.store.scan_state(shard, EPOCH_PREFIX).await.map_err(io_err)?;
-            let mut rec = BytesMut::new();
-            rec.put_u8(RECORD_EPOCHS);
-            rec.put_u32_le(epochs.len() as u32);
-            for (name, value) in &epochs {
-                let id = name.get(EPOCH_PREFIX.len()..).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
-                let epoch = value.as_slice().try_into().map(u64::from_le_bytes).unwrap_or(0);
-                rec.put_u64_le(id);
-                rec.put_u64_le(epoch);
+            for (prefix, tag) in [(EPOCH_PREFIX, RECORD_EPOCHS), (WRITE_EPOCH_PREFIX, RECORD_WRITE_EPOCHS)] {
+                let epochs = o.shared.store.scan_state(shard, prefix).await.map_err(io_err)?;
+                let mut rec = BytesMut::new();
+                rec.put_u8(tag);
+                rec.put_u32_le(epochs.len() as u32);
+                for (name, value) in &epochs {
+                    let id = name.get(prefix.len()..).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
+                    let epoch = value.as_slice().try_into().map(u64::from_le_bytes).unwrap_or(0);
+                    rec.put_u64_le(id);
+                    rec.put_u64_le(epoch);
+                }
+                frame(&mut out, &rec);
             }
-            frame(&mut out, &rec);
             let keys = o.shared.store.list_chunks(shard);
             o.shared.transfer.chunks_total.store(keys.len() as u64, Ordering::Relaxed);
             o.shared.transfer.chunks_sent.store(0, Ordering::Relaxed);
@@ -204,8 +225,7 @@ pub struct PgReceiver {
 pub struct PgSink {
     shared: PgShared,
     buf: BytesMut,
-    tombstones: HashSet<VolumeId>,
-    epochs: HashMap<VolumeId, u64>,
+    fences: Fences,
     guard: OwnedMutexGuard<()>,
 }
 
@@ -222,7 +242,7 @@ impl SnapshotReceiver for PgReceiver {
             self.shared.store.commit(b).await.map_err(io_err)?;
         }
         tracing::info!(pg = %self.shared.pg, at = record.applied_index(), "receiving snapshot");
-        Ok(PgSink { shared: self.shared.clone(), buf: BytesMut::new(), tombstones: HashSet::new(), epochs: HashMap::new(), guard })
+        Ok(PgSink { shared: self.shared.clone(), buf: BytesMut::new(), fences: Fences::default(), guard })
     }
 }
 
@@ -255,9 +275,9 @@ impl SnapshotSink for PgSink {
                     if rec.remaining() != n * 8 {
                         return Err(io::Error::new(io::ErrorKind::InvalidData, "bad tombstone record length"));
                     }
-                    self.tombstones = (0..n).map(|_| VolumeId(rec.get_u64_le())).collect();
+                    self.fences.tombstones = (0..n).map(|_| VolumeId(rec.get_u64_le())).collect();
                 }
-                Some(&RECORD_EPOCHS) => {
+                Some(&(tag @ RECORD_EPOCHS | tag @ RECORD_WRITE_EPOCHS)) => {
                     rec.advance(1);
                     if rec.remaining() < 4 {
                         return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated epoch record"));
@@ -266,7 +286,12 @@ impl SnapshotSink for PgSink {
                     if rec.remaining() != n * 16 {
                         return Err(io::Error::new(io::ErrorKind::InvalidData, "bad epoch record length"));
                     }
-                    self.epochs = (0..n).map(|_| (VolumeId(rec.get_u64_le()), rec.get_u64_le())).collect();
+                    let epochs = (0..n).map(|_| (VolumeId(rec.get_u64_le()), rec.get_u64_le())).collect();
+                    if tag == RECORD_EPOCHS {
+                        self.fences.epochs = epochs;
+                    } else {
+                        self.fences.write_epochs = epochs;
+                    }
                 }
                 _ => {
                     let image = ChunkImage::decode_from(&mut rec).map_err(io_err)?;
@@ -284,7 +309,7 @@ impl SnapshotSink for PgSink {
         if !self.buf.is_empty() {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "snapshot stream ended mid-record"));
         }
-        Ok(PgSnapshot::Staged { tombstones: self.tombstones, epochs: self.epochs, _staging: self.guard })
+        Ok(PgSnapshot::Staged { fences: self.fences, _staging: self.guard })
     }
 }
 
@@ -316,7 +341,7 @@ mod tests {
         let data = Bytes::from(vec![byte; len]);
         let crcs = data.chunks(4096).map(crc32c).collect();
         let mut b = Batch::new();
-        b.write(shard, VolumeId(vol), offset, data, crcs).unwrap();
+        b.write(shard, VolumeId(vol), 1, offset, data, crcs).unwrap();
         s.commit(b).await.unwrap();
     }
 
@@ -334,6 +359,12 @@ mod tests {
         let mut b = Batch::new();
         b.put_state(5, b"tomb/\0\0\0\0\0\0\0\x09", Vec::new());
         b.put_state(5, &crate::pg::state_machine::epoch_key(VolumeId(1)), 4u64.to_le_bytes().to_vec());
+        b.put_state(5, &crate::pg::state_machine::write_epoch_key(VolumeId(1)), 3u64.to_le_bytes().to_vec());
+        sa.commit(b).await.unwrap();
+        // A snapshot froze epoch 1 of volume 1's first chunk, then epoch 3 changed it.
+        let frozen = Bytes::from(vec![0xF1u8; 4096]);
+        let mut b = Batch::new();
+        b.write(5, VolumeId(1), 3, 0, frozen.clone(), vec![crc32c(&frozen)]).unwrap();
         sa.commit(b).await.unwrap();
         // The follower has stale data the snapshot must remove, and data of another PG it must keep.
         write(&sb, 5, 7, 0, 0xEE, 4096).await;
@@ -350,12 +381,15 @@ mod tests {
         }
         assert_eq!(leader.transfers.load(std::sync::atomic::Ordering::Acquire), 0, "finished stream releases its guard");
         let staged = sink.finish().await.unwrap();
-        let (tombstones, epochs) = staged.install(&follower, &record).await.unwrap();
-        assert!(tombstones.contains(&VolumeId(9)));
-        assert_eq!(epochs.get(&VolumeId(1)), Some(&4));
+        let fences = staged.install(&follower, &record).await.unwrap();
+        assert!(fences.tombstones.contains(&VolumeId(9)));
+        assert_eq!(fences.epochs.get(&VolumeId(1)), Some(&4));
+        assert_eq!(fences.write_epochs.get(&VolumeId(1)), Some(&3));
 
+        let a = sb.read_at(5, VolumeId(1), 1, 0, 3 << 20).await.unwrap();
+        assert!(a.data.iter().all(|b| *b == 0xA1), "the frozen version came along");
         let a = sb.read(5, VolumeId(1), 0, 3 << 20).await.unwrap();
-        assert!(a.data.iter().all(|b| *b == 0xA1));
+        assert!(a.data[..4096].iter().all(|b| *b == 0xF1) && a.data[4096..].iter().all(|b| *b == 0xA1));
         assert!(sb.read(5, VolumeId(2), 8 << 20, 4096).await.unwrap().data.iter().all(|b| *b == 0xA2));
         assert!(sb.read(5, VolumeId(7), 0, 4096).await.unwrap().data.iter().all(|b| *b == 0), "stale chunk removed");
         assert!(sb.read(6, VolumeId(7), 0, 4096).await.unwrap().data.iter().all(|b| *b == 0x66), "other PG untouched");

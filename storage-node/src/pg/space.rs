@@ -192,11 +192,20 @@ impl SpaceAdmission {
         }
     }
 
-    /// Admits a write to `len` bytes at `offset` of `volume` in `handle`'s PG, or says which
+    /// Admits a write to `len` bytes at `offset` of `volume` at snapshot epoch `write_epoch` (a
+    /// copy of a chunk a snapshot froze needs a slot too) in `handle`'s PG, or says which
     /// replica has no room. `None` when the write needs no new chunk, or when this node does
     /// not lead the PG (the proposal is refused with "not the leader" then).
-    pub async fn admit(self: &Arc<Self>, ctx: &NodeCtx, handle: &PgHandle, volume: u64, offset: u64, len: u64) -> Result<Option<Admitted>, String> {
-        let chunks = ctx.store.unallocated_chunks(handle.shared.shard(), basalt_common::VolumeId(volume), offset, len);
+    pub async fn admit(
+        self: &Arc<Self>,
+        ctx: &NodeCtx,
+        handle: &PgHandle,
+        volume: u64,
+        write_epoch: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Admitted>, String> {
+        let chunks = ctx.store.unallocated_chunks(handle.shared.shard(), basalt_common::VolumeId(volume), write_epoch, offset, len);
         if chunks == 0 {
             return Ok(None);
         }

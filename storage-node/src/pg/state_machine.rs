@@ -11,7 +11,7 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use basalt_chunk_store::{Batch, ChunkCheck, ChunkKey, ChunkStore, ChunkStoreError};
+use basalt_chunk_store::{Batch, ChunkCheck, ChunkKey, ChunkStore, ChunkStoreError, Epoch};
 use basalt_common::{BLOCK_SIZE, CHUNK_SIZE, NodeId, PgId, VolumeId, ZERO_BLOCK_CRC, crc32c};
 use basalt_raft::{ApplyItem, CheckpointRecord, StateMachine};
 use basalt_scrubber::IntegrityStats;
@@ -19,7 +19,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::RwLock;
 
 use super::command::{PgCommand, PgReply, pieces};
-use super::snapshot::{EPOCH_PREFIX, PgReceiver, PgSnapshot, TOMBSTONE_PREFIX};
+use super::snapshot::{EPOCH_PREFIX, Fences, PgReceiver, PgSnapshot, TOMBSTONE_PREFIX, WRITE_EPOCH_PREFIX};
 
 /// Shard-state key of the last checkpoint record.
 pub(crate) const APPLIED_KEY: &[u8] = b"applied";
@@ -171,7 +171,9 @@ impl PgShared {
             Some(p) if !self.retired.load(Ordering::Acquire) => p,
             _ => return Ok(None),
         };
-        let key = ChunkKey { shard: self.shard(), volume, chunk };
+        // The newest version: the one writes change and replicas compare.
+        let chunk_key = ChunkKey { shard: self.shard(), volume, chunk, epoch: 0 };
+        let key = self.store.head_key(chunk_key).unwrap_or(chunk_key);
         let mut check = self.store.check_chunk(key).await?.unwrap_or(ChunkCheck { key, blocks: Vec::new(), data: Bytes::new() });
         check.blocks.retain(|b| !probe.written(b.block));
         Ok(Some((check, probe.written_blocks())))
@@ -225,15 +227,16 @@ impl PgShared {
         self.pg.0 | 0x8000_0000
     }
 
-    /// Reads block-aligned `[offset, offset+len)` of `volume`, verified.
+    /// Reads block-aligned `[offset, offset+len)` of `volume` as of snapshot epoch `at` (the
+    /// volume as it is now: `Epoch::MAX`), verified.
     /// Fails if the replica is being retired (checked under the lock, which retiring takes
     /// before it drops the data).
-    pub async fn read(&self, volume: VolumeId, offset: u64, len: u64) -> Result<basalt_chunk_store::BlockRead, ChunkStoreError> {
+    pub async fn read(&self, volume: VolumeId, at: Epoch, offset: u64, len: u64) -> Result<basalt_chunk_store::BlockRead, ChunkStoreError> {
         let _guard = self.lock.read().await;
         if self.retired.load(Ordering::Acquire) {
             return Err(ChunkStoreError::Failed(format!("{} no longer holds a replica of {}", self.node, self.pg)));
         }
-        self.store.read(self.shard(), volume, offset, len).await
+        self.store.read_at(self.shard(), volume, at, offset, len).await
     }
 }
 
@@ -245,6 +248,9 @@ pub struct PgStateMachine {
     tombstones: HashSet<VolumeId>,
     /// Highest attachment epoch applied per volume: commands of lower epochs are refused.
     epochs: HashMap<VolumeId, u64>,
+    /// Highest snapshot write epoch applied per volume (1 where absent): writes of lower ones
+    /// were issued before a snapshot cut and are refused.
+    write_epochs: HashMap<VolumeId, Epoch>,
 }
 
 /// Shard-state key of a volume's highest applied attachment epoch.
@@ -254,10 +260,43 @@ pub(crate) fn epoch_key(volume: VolumeId) -> Vec<u8> {
     key
 }
 
+/// Shard-state key of a volume's highest applied snapshot write epoch.
+pub(crate) fn write_epoch_key(volume: VolumeId) -> Vec<u8> {
+    let mut key = WRITE_EPOCH_PREFIX.to_vec();
+    key.extend_from_slice(&volume.0.to_be_bytes());
+    key
+}
+
 impl PgStateMachine {
     /// A state machine over `shared`.
     pub fn new(shared: PgShared) -> Self {
-        Self { shared, staged_repairs: 0, tombstones: HashSet::new(), epochs: HashMap::new() }
+        Self { shared, staged_repairs: 0, tombstones: HashSet::new(), epochs: HashMap::new(), write_epochs: HashMap::new() }
+    }
+
+    /// Applies the snapshot rule to a write of `volume` at `write_epoch`: refused if a write of
+    /// a newer epoch applied (it was issued before the snapshot cut that one came after);
+    /// otherwise recorded as the newest. The first write of a newer epoch commits what is
+    /// staged first: the store copies chunks from versions read before a batch's writes land.
+    async fn snapshot_fence(&mut self, batch: &mut Batch, volume: VolumeId, write_epoch: Epoch) -> Result<Option<PgReply>, ChunkStoreError> {
+        let newest = self.write_epochs.get(&volume).copied().unwrap_or(1);
+        if write_epoch < newest {
+            return Ok(Some(PgReply::Fenced(format!(
+                "{volume}: a write issued under snapshot epoch {write_epoch} arrived after writes of epoch {newest}: it predates a snapshot and is refused"
+            ))));
+        }
+        if write_epoch > newest {
+            self.flush(batch).await?;
+            self.write_epochs.insert(volume, write_epoch);
+            batch.put_state(self.shared.shard(), &write_epoch_key(volume), write_epoch.to_le_bytes().to_vec());
+        }
+        Ok(None)
+    }
+
+    /// The write epoch the newest version of `volume`'s `chunk` was written in (for repairs,
+    /// which rewrite that version in place).
+    fn head_epoch(&self, volume: VolumeId, chunk: u64) -> Epoch {
+        let key = ChunkKey { shard: self.shared.shard(), volume, chunk, epoch: 0 };
+        self.shared.store.head_key(key).map_or_else(|| self.write_epochs.get(&volume).copied().unwrap_or(1), |k| k.epoch)
     }
 
     /// Applies the fencing rule to a command of `volume` at `epoch`: refused if a newer
@@ -328,12 +367,15 @@ impl PgStateMachine {
     async fn stage(&mut self, batch: &mut Batch, index: u64, cmd: PgCommand) -> Result<PgReply, ChunkStoreError> {
         let shard = self.shared.shard();
         match cmd {
-            PgCommand::Write { volume, epoch, offset, crcs, crypt, data } => {
+            PgCommand::Write { volume, epoch, write_epoch, offset, crcs, crypt, data } => {
                 self.shared.touch(volume, offset, data.len() as u64);
                 if self.tombstones.contains(&volume) {
                     return Ok(PgReply::NoSuchVolume);
                 }
                 if let Some(refused) = self.fence(batch, volume, epoch) {
+                    return Ok(refused);
+                }
+                if let Some(refused) = self.snapshot_fence(batch, volume, write_epoch).await? {
                     return Ok(refused);
                 }
                 for ((p_off, p_len), crc) in pieces(offset, data.len() as u64).zip(&crcs) {
@@ -347,22 +389,25 @@ impl PgStateMachine {
                 }
                 if let Some(crypt) = crypt {
                     // Whole blocks (checked at decode): ciphertext and contexts as sent.
-                    batch.write_encrypted(shard, volume, offset, data, crcs, crypt)?;
+                    batch.write_encrypted(shard, volume, write_epoch, offset, data, crcs, crypt)?;
                 } else if offset % BLOCK_SIZE == 0 && (data.len() as u64).is_multiple_of(BLOCK_SIZE) {
-                    batch.write(shard, volume, offset, data, crcs)?;
+                    batch.write(shard, volume, write_epoch, offset, data, crcs)?;
                 } else {
                     self.flush(batch).await?;
                     let (start, buf, block_crcs) = self.aligned(volume, offset, data.len() as u64, Some(&data), &crcs).await?;
-                    batch.write(shard, volume, start, buf, block_crcs)?;
+                    batch.write(shard, volume, write_epoch, start, buf, block_crcs)?;
                 }
                 Ok(PgReply::Ok)
             }
-            PgCommand::Zero { volume, epoch, offset, len, keep_allocated } => {
+            PgCommand::Zero { volume, epoch, write_epoch, offset, len, keep_allocated } => {
                 self.shared.touch(volume, offset, len);
                 if self.tombstones.contains(&volume) {
                     return Ok(PgReply::NoSuchVolume);
                 }
                 if let Some(refused) = self.fence(batch, volume, epoch) {
+                    return Ok(refused);
+                }
+                if let Some(refused) = self.snapshot_fence(batch, volume, write_epoch).await? {
                     return Ok(refused);
                 }
                 let start = offset.div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
@@ -372,7 +417,7 @@ impl PgStateMachine {
                     let mut pos = start;
                     while pos < end {
                         let n = (end - pos).min(basalt_chunk_store::MAX_IO_BYTES);
-                        batch.zero(shard, volume, pos, n, !keep_allocated)?;
+                        batch.zero(shard, volume, write_epoch, pos, n, !keep_allocated)?;
                         pos += n;
                     }
                 }
@@ -382,7 +427,7 @@ impl PgStateMachine {
                     if l > 0 && (o % BLOCK_SIZE != 0 || l % BLOCK_SIZE != 0) {
                         self.flush(batch).await?;
                         let (s, buf, crcs) = self.aligned(volume, o, l, None, &[]).await?;
-                        batch.write(shard, volume, s, buf, crcs)?;
+                        batch.write(shard, volume, write_epoch, s, buf, crcs)?;
                     }
                 }
                 Ok(PgReply::Ok)
@@ -394,6 +439,13 @@ impl PgStateMachine {
                 batch.put_state(shard, &key, Vec::new());
                 self.tombstones.insert(volume);
                 self.shared.probes().retain(|(v, _), _| *v != volume);
+                Ok(PgReply::Ok)
+            }
+            PgCommand::ReleaseVersions { volume, live } => {
+                if self.tombstones.contains(&volume) {
+                    return Ok(PgReply::NoSuchVolume);
+                }
+                batch.release_versions(shard, volume, live);
                 Ok(PgReply::Ok)
             }
             PgCommand::Probe { volume, chunk } => {
@@ -425,7 +477,8 @@ impl PgStateMachine {
                     return Ok(PgReply::Invalid(format!("repair of {volume} at offset {offset} carries data that does not match its crc")));
                 }
                 self.flush(batch).await?;
-                let check = self.shared.store.check_chunk(ChunkKey { shard, volume, chunk }).await?;
+                let write_epoch = self.head_epoch(volume, chunk);
+                let check = self.shared.store.check_chunk(ChunkKey { shard, volume, chunk, epoch: write_epoch }).await?;
                 let here = check.as_ref().and_then(|c| c.blocks.iter().find(|b| b.block == block).copied());
                 let bad = match here {
                     Some(b) => !b.is_intact() || b.stored_crc != crc,
@@ -433,10 +486,13 @@ impl PgStateMachine {
                 };
                 if bad {
                     match crypt {
-                        Some(c) => batch.write_encrypted(shard, volume, offset, data, vec![crc], vec![c])?,
-                        None => batch.write(shard, volume, offset, data, vec![crc])?,
+                        Some(c) => batch.write_encrypted(shard, volume, write_epoch, offset, data, vec![crc], vec![c])?,
+                        None => batch.write(shard, volume, write_epoch, offset, data, vec![crc])?,
                     }
                     self.staged_repairs += 1;
+                    // On its own: the chunk's newest version may be older than the volume's
+                    // write epoch, and a batch writes one epoch per volume.
+                    self.flush(batch).await?;
                     tracing::warn!(
                         pg = %self.shared.pg, node = %self.shared.node, %volume, chunk, block,
                         stored_crc = here.map(|b| b.stored_crc), actual_crc = here.map(|b| b.actual_crc), repaired_crc = crc,
@@ -555,11 +611,13 @@ impl StateMachine for PgStateMachine {
                 self.tombstones.insert(VolumeId(id));
             }
         }
-        for (name, value) in store.scan_state(shard, EPOCH_PREFIX).await.map_err(Self::io)? {
-            let id = name[EPOCH_PREFIX.len()..].try_into().map(u64::from_be_bytes);
-            let epoch = value.as_slice().try_into().map(u64::from_le_bytes);
-            if let (Ok(id), Ok(epoch)) = (id, epoch) {
-                self.epochs.insert(VolumeId(id), epoch);
+        for (prefix, map) in [(EPOCH_PREFIX, &mut self.epochs), (WRITE_EPOCH_PREFIX, &mut self.write_epochs)] {
+            for (name, value) in store.scan_state(shard, prefix).await.map_err(Self::io)? {
+                let id = name[prefix.len()..].try_into().map(u64::from_be_bytes);
+                let epoch = value.as_slice().try_into().map(u64::from_le_bytes);
+                if let (Ok(id), Ok(epoch)) = (id, epoch) {
+                    map.insert(VolumeId(id), epoch);
+                }
             }
         }
         Ok(record)
@@ -589,9 +647,10 @@ impl StateMachine for PgStateMachine {
     }
 
     async fn install(&mut self, record: CheckpointRecord, snapshot: PgSnapshot) -> io::Result<()> {
-        let (tombstones, epochs) = snapshot.install(&self.shared, &record).await?;
+        let Fences { tombstones, epochs, write_epochs } = snapshot.install(&self.shared, &record).await?;
         self.tombstones = tombstones;
         self.epochs = epochs;
+        self.write_epochs = write_epochs;
         Ok(())
     }
 
@@ -608,13 +667,16 @@ impl PgStateMachine {
         self.shared.bytes_since_checkpoint.fetch_add(bytes, Ordering::Relaxed);
         let last_index = items.last().map(|i| i.index).unwrap_or(0);
         let cmds: Vec<(u64, Option<Result<PgCommand, String>>)> = items.into_iter().map(|i| (i.index, i.command.map(PgCommand::decode))).collect();
-        if cmds.iter().any(|(_, c)| matches!(c, Some(Ok(PgCommand::Zero { .. } | PgCommand::DeleteVolume { .. })))) {
+        if cmds
+            .iter()
+            .any(|(_, c)| matches!(c, Some(Ok(PgCommand::Zero { .. } | PgCommand::DeleteVolume { .. } | PgCommand::ReleaseVersions { .. }))))
+        {
             self.shared.purge_wanted.fetch_max(last_index, Ordering::Relaxed);
         }
         // Staging changes fencing epochs and tombstones in memory before anything is on disk:
         // if the batch runs out of space they are put back, and the commands staged again one
         // by one see the state before the batch.
-        let before = (self.epochs.clone(), self.tombstones.clone());
+        let before = (self.epochs.clone(), self.tombstones.clone(), self.write_epochs.clone());
         let mut batch = Batch::new();
         let mut replies = Vec::with_capacity(cmds.len());
         let mut short = false;
@@ -644,7 +706,7 @@ impl PgStateMachine {
         }
         // One by one, each waiting for room. Re-applying commands whose part of the batch did
         // reach the store (before a partial write's flush) is harmless: they are overwrites.
-        (self.epochs, self.tombstones) = before;
+        (self.epochs, self.tombstones, self.write_epochs) = before;
         self.staged_repairs = 0;
         let single = self.apply_singly(cmds).await?;
         Ok(single.iter().map(PgReply::encode).collect())
@@ -704,7 +766,7 @@ mod tests {
 
     fn write(volume: u64, epoch: u64, offset: u64) -> PgCommand {
         let data = Bytes::from(vec![0x5a; 4096]);
-        PgCommand::Write { volume: VolumeId(volume), epoch, offset, crcs: vec![crc32c(&data)], crypt: None, data }
+        PgCommand::Write { volume: VolumeId(volume), epoch, write_epoch: 1, offset, crcs: vec![crc32c(&data)], crypt: None, data }
     }
 
     /// A batch that runs out of chunk space is applied again one command at a time from the
@@ -727,7 +789,7 @@ mod tests {
         while store.stats().free_bytes() > CHUNK_SIZE {
             let data = Bytes::from(vec![1u8; 4096]);
             let mut b = Batch::new();
-            b.write(5, VolumeId(9), chunk * CHUNK_SIZE, data.clone(), vec![crc32c(&data)]).unwrap();
+            b.write(5, VolumeId(9), 1, chunk * CHUNK_SIZE, data.clone(), vec![crc32c(&data)]).unwrap();
             store.commit(b).await.unwrap();
             chunk += 1;
         }

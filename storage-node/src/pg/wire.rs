@@ -98,7 +98,7 @@ async fn hello<R: tokio::io::AsyncRead + Unpin>(access: &Access, rd: &mut R, pee
 }
 
 /// Serves one client connection until it closes or the node shuts down. The caller accepted it
-/// (TLS, ALPN `basalt-data/2`; or, with security off, saw the first byte of [`wire::MAGIC`]);
+/// (TLS, ALPN `basalt-data/3`; or, with security off, saw the first byte of [`wire::MAGIC`]);
 /// the magic and the Hello are checked here.
 pub async fn serve_connection(
     service: Arc<DataService>,
@@ -114,6 +114,10 @@ pub async fn serve_connection(
         Ok(Ok(_)) if magic == wire::MAGIC => {}
         Ok(Ok(_)) if magic == wire::MAGIC_V1 => {
             access.refuse_connection("data", "version", peer.addr, "a client of data protocol version 1 (before credentials); upgrade it");
+            return;
+        }
+        Ok(Ok(_)) if magic == wire::MAGIC_V2 => {
+            access.refuse_connection("data", "version", peer.addr, "a client of data protocol version 2 (before snapshots); upgrade it");
             return;
         }
         _ => {

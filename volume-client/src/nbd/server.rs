@@ -115,8 +115,11 @@ pub struct Export {
 impl Export {
     fn info(&self) -> ExportInfo {
         ExportInfo {
-            name: self.volume.name().to_string(),
-            description: format!("Basalt volume {} ({})", self.volume.name(), self.volume.id()),
+            name: self.volume.export_name(),
+            description: match self.volume.snapshot() {
+                Some((snap, _)) => format!("Basalt volume {} ({}), snapshot {snap} (read-only)", self.volume.name(), self.volume.id()),
+                None => format!("Basalt volume {} ({})", self.volume.name(), self.volume.id()),
+            },
             size: self.volume.size(),
             read_only: self.read_only,
             // An encrypted volume is sealed in whole blocks: clients that honour the minimum
@@ -277,7 +280,7 @@ impl NbdServer {
         let negotiated = match &negotiation {
             Negotiation::Plain(_, n) | Negotiation::Tls(_, n) => n.clone(),
         };
-        let Some(export) = self.exports.iter().find(|e| e.volume.name() == negotiated.export).cloned() else {
+        let Some(export) = self.exports.iter().find(|e| e.volume.export_name() == negotiated.export).cloned() else {
             return;
         };
         tracing::debug!(%peer, export = %negotiated.export, structured = negotiated.structured, tls = self.tls.is_some(), "NBD client attached");

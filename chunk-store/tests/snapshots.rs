@@ -1,0 +1,162 @@
+//! Snapshot epochs in the chunk store: copy-on-write, reads at an epoch, holes, releasing
+//! versions, persistence and chunk images, against a real data file, io_uring and RocksDB.
+
+use basalt_chunk_store::{Batch, ChunkKey, ChunkStore, ChunkStoreConfig, ChunkStoreError, FreeReason, IndexMemory};
+use basalt_common::{BLOCK_SIZE, CHUNK_SIZE, VolumeId, crc32c};
+use bytes::Bytes;
+
+fn config(dir: &std::path::Path) -> ChunkStoreConfig {
+    ChunkStoreConfig {
+        data_path: dir.join("chunks.dat"),
+        index_dir: dir.join("chunk-index"),
+        capacity: 64 << 20,
+        direct_io: true,
+        queue_depth: 64,
+        index_memory: IndexMemory { cache_bytes: 8 << 20, write_buffer_bytes: 4 << 20 },
+    }
+}
+
+fn fill(byte: u8, len: u64) -> Bytes {
+    Bytes::from(vec![byte; len as usize])
+}
+
+async fn write(store: &ChunkStore, epoch: u64, offset: u64, data: Bytes) -> Result<(), ChunkStoreError> {
+    let mut b = Batch::new();
+    let crcs = data.chunks(BLOCK_SIZE as usize).map(crc32c).collect();
+    b.write(1, VolumeId(7), epoch, offset, data, crcs)?;
+    store.commit(b).await
+}
+
+async fn zero(store: &ChunkStore, epoch: u64, offset: u64, len: u64) {
+    let mut b = Batch::new();
+    b.zero(1, VolumeId(7), epoch, offset, len, true).unwrap();
+    store.commit(b).await.unwrap();
+}
+
+async fn read_at(store: &ChunkStore, epoch: u64, offset: u64, len: u64) -> Bytes {
+    store.read_at(1, VolumeId(7), epoch, offset, len).await.unwrap().data
+}
+
+fn all(data: &[u8], byte: u8) -> bool {
+    data.iter().all(|b| *b == byte)
+}
+
+const KEY: ChunkKey = ChunkKey { shard: 1, volume: VolumeId(7), chunk: 0, epoch: 0 };
+
+/// The first write of a newer epoch copies the chunk, so the older epoch keeps what it saw,
+/// blocks the new write did not touch included; later writes of the epoch go in place.
+#[tokio::test]
+async fn a_newer_epoch_copies_the_chunk_once_and_the_older_one_stays_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open(&config(dir.path())).unwrap();
+    write(&store, 1, 0, fill(0xA1, 64 << 10)).await.unwrap();
+    assert_eq!(store.stats().slots_mapped, 1);
+
+    write(&store, 2, 4096, fill(0xB2, 4096)).await.unwrap();
+    assert_eq!(store.stats().slots_mapped, 2, "one copy");
+    write(&store, 2, 8192, fill(0xB3, 4096)).await.unwrap();
+    assert_eq!(store.stats().slots_mapped, 2, "in place within the epoch");
+
+    let old = read_at(&store, 1, 0, 64 << 10).await;
+    assert!(all(&old, 0xA1), "epoch 1 unchanged");
+    let head = store.read(1, VolumeId(7), 0, 64 << 10).await.unwrap().data;
+    assert!(all(&head[..4096], 0xA1), "copied block");
+    assert!(all(&head[4096..8192], 0xB2) && all(&head[8192..12288], 0xB3));
+    assert!(all(&head[12288..], 0xA1), "copied blocks past the writes");
+    assert!(all(&read_at(&store, 0, 0, 4096).await, 0), "nothing at epoch 0");
+    assert_eq!(store.head_key(KEY).map(|k| k.epoch), Some(2));
+    assert_eq!(store.slots_by_epoch(1, VolumeId(7)).into_iter().collect::<Vec<_>>(), vec![(1, 1), (2, 1)]);
+
+    // A write issued before the snapshot that arrives after it is refused without stopping
+    // the store; one batch mixing epochs of a volume too.
+    assert!(matches!(write(&store, 1, 0, fill(9, 4096)).await, Err(ChunkStoreError::Invalid(m)) if m.contains("epoch 1")));
+    let mut b = Batch::new();
+    b.write(1, VolumeId(7), 2, 0, fill(1, 4096), vec![crc32c(&[1u8; 4096])]).unwrap();
+    b.write(1, VolumeId(7), 3, 1 << 20, fill(1, 4096), vec![crc32c(&[1u8; 4096])]).unwrap();
+    assert!(matches!(store.commit(b).await, Err(ChunkStoreError::Invalid(_))));
+    write(&store, 2, 0, fill(0xB1, 4096)).await.expect("the store still takes writes");
+    assert!(all(&read_at(&store, 1, 0, 4096).await, 0xA1));
+}
+
+/// Trimming a whole chunk that a snapshot holds leaves a hole in the new epoch; trimming part
+/// of it copies first. Releasing versions frees what no live snapshot reads, through the scrub
+/// queue, and everything survives a reopen.
+#[tokio::test]
+async fn holes_release_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = ChunkStore::open(&config(dir.path())).unwrap();
+        write(&store, 1, 0, fill(0xA1, 2 << 20)).await.unwrap();
+        // Epoch 2: chunk 0 trimmed whole, chunk 1 trimmed in part.
+        zero(&store, 2, 0, CHUNK_SIZE).await;
+        zero(&store, 2, CHUNK_SIZE, 8192).await;
+        assert!(all(&store.read(1, VolumeId(7), 0, 2 << 20).await.unwrap().data[..CHUNK_SIZE as usize + 8192], 0));
+        assert!(all(&store.read(1, VolumeId(7), CHUNK_SIZE + 8192, 4096).await.unwrap().data, 0xA1));
+        assert!(all(&read_at(&store, 1, 0, 2 << 20).await, 0xA1), "the snapshot at epoch 1 is whole");
+        assert_eq!(store.stats().slots_mapped, 3, "two originals and one copy; a hole holds no slot");
+        assert_eq!(store.locate(KEY.at(2)), None, "a hole has no slot");
+        // A write into the hole takes a slot again.
+        write(&store, 2, 4096, fill(0xC3, 4096)).await.unwrap();
+        let head = store.read(1, VolumeId(7), 0, 8192).await.unwrap().data;
+        assert!(all(&head[..4096], 0) && all(&head[4096..], 0xC3));
+        zero(&store, 2, 0, CHUNK_SIZE).await;
+    }
+    let store = ChunkStore::open(&config(dir.path())).unwrap();
+    assert!(all(&read_at(&store, 1, 0, 2 << 20).await, 0xA1), "versions survive a reopen");
+    assert!(all(&store.read(1, VolumeId(7), 0, CHUNK_SIZE).await.unwrap().data, 0), "and so does the hole");
+
+    // The snapshot at epoch 1 is deleted: its versions go to the scrub queue.
+    let queued = store.scrub_queue().len();
+    let mut b = Batch::new();
+    b.release_versions(1, VolumeId(7), vec![]);
+    store.commit(b).await.unwrap();
+    let freed: Vec<_> = store.scrub_queue().into_iter().skip(queued).collect();
+    assert_eq!(freed.len(), 2, "both epoch-1 versions: {freed:?}");
+    assert!(freed.iter().all(|r| r.reason == FreeReason::SnapshotDeleted));
+    assert_eq!(store.list_chunks(1), vec![ChunkKey { chunk: 1, ..KEY.at(2) }], "the lone hole went too");
+    assert!(all(&store.read(1, VolumeId(7), 0, CHUNK_SIZE + 8192).await.unwrap().data, 0));
+    assert!(all(&store.read(1, VolumeId(7), CHUNK_SIZE + 8192, 4096).await.unwrap().data, 0xA1));
+    // Releasing again frees nothing.
+    let mut b = Batch::new();
+    b.release_versions(1, VolumeId(7), vec![]);
+    store.commit(b).await.unwrap();
+    assert_eq!(store.scrub_queue().len(), queued + 2);
+}
+
+/// Release keeps what each live snapshot resolves to.
+#[tokio::test]
+async fn release_keeps_what_live_snapshots_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open(&config(dir.path())).unwrap();
+    // Snapshots froze epochs 1, 2 and 3; the head is epoch 4.
+    for (epoch, byte) in [(1, 0x11), (2, 0x22), (3, 0x33), (4, 0x44)] {
+        write(&store, epoch, 0, fill(byte, 4096)).await.unwrap();
+    }
+    let mut b = Batch::new();
+    b.release_versions(1, VolumeId(7), vec![1, 3]);
+    store.commit(b).await.unwrap();
+    assert_eq!(store.list_chunks(1).iter().map(|k| k.epoch).collect::<Vec<_>>(), vec![1, 3, 4]);
+    for (epoch, byte) in [(1, 0x11), (3, 0x33), (4, 0x44)] {
+        assert!(all(&read_at(&store, epoch, 0, 4096).await, byte), "epoch {epoch}");
+    }
+}
+
+/// A chunk image carries its version: an older version streamed into another shard reads back
+/// at its epoch there, and a hole stays a hole.
+#[tokio::test]
+async fn images_carry_versions_and_holes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open(&config(dir.path())).unwrap();
+    write(&store, 1, 0, fill(0xA1, 8192)).await.unwrap();
+    zero(&store, 2, 0, CHUNK_SIZE).await;
+    let mut b = Batch::new();
+    for key in store.list_chunks(1) {
+        let image = store.read_image(key).await.unwrap().unwrap();
+        assert_eq!((image.epoch, image.hole), (key.epoch, key.epoch == 2));
+        b.put_image(9, image).unwrap();
+    }
+    store.commit(b).await.unwrap();
+    assert!(all(&store.read_at(9, VolumeId(7), 1, 0, 8192).await.unwrap().data, 0xA1));
+    assert!(all(&store.read(9, VolumeId(7), 0, 8192).await.unwrap().data, 0));
+    assert_eq!(store.list_chunks(9).iter().map(|k| k.epoch).collect::<Vec<_>>(), vec![1, 2]);
+}
