@@ -43,7 +43,7 @@ fn decode(block: u64, data: &[u8]) -> u64 {
         return 0;
     }
     let seq = u64::from_le_bytes(data[8..16].try_into().unwrap());
-    assert_eq!(&data[..], &content(block, seq)[..], "block {block} holds neither zeros nor a write of ours");
+    assert_eq!(data, &content(block, seq)[..], "block {block} holds neither zeros nor a write of ours");
     seq
 }
 
