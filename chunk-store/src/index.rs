@@ -173,6 +173,8 @@ pub enum FreeReason {
     ReplicaRemoved = 3,
     /// A snapshot was deleted and no other one reads this version.
     SnapshotDeleted = 4,
+    /// The volume was rolled back to a snapshot and this version is what it undid.
+    RolledBack = 5,
 }
 
 impl FreeReason {
@@ -182,6 +184,7 @@ impl FreeReason {
             2 => Some(Self::Trimmed),
             3 => Some(Self::ReplicaRemoved),
             4 => Some(Self::SnapshotDeleted),
+            5 => Some(Self::RolledBack),
             _ => None,
         }
     }

@@ -192,6 +192,7 @@ enum Op {
     Zero { shard: u32, volume: VolumeId, epoch: Epoch, offset: u64, len: u64, deallocate: bool },
     DeleteVolume { shard: u32, volume: VolumeId },
     ReleaseVersions { shard: u32, volume: VolumeId, live: Vec<Epoch> },
+    Rollback { shard: u32, volume: VolumeId, to: Epoch, at: Epoch },
     PutImage { shard: u32, image: ChunkImage },
     DropShard { shard: u32 },
     MoveShard { from: u32, to: u32 },
@@ -293,6 +294,14 @@ impl Batch {
         }
         self.ops.push(Op::PutImage { shard, image });
         Ok(())
+    }
+
+    /// Returns `volume`'s chunks in `shard` to snapshot epoch `to`: each chunk whose newest
+    /// version is newer gets a version at write epoch `at` (replacing one already there)
+    /// holding a copy of what `to` reads, or a hole. Older versions stay (other snapshots may
+    /// read them). Idempotent.
+    pub fn rollback(&mut self, shard: u32, volume: VolumeId, to: Epoch, at: Epoch) {
+        self.ops.push(Op::Rollback { shard, volume, to, at });
     }
 
     /// Releases every chunk of `shard` to the scrub queue.
@@ -428,6 +437,18 @@ impl Mapping {
         key.epoch > 0 && self.chunks.range(key.at(0)..key).next().is_some()
     }
 
+    /// For each chunk of `volume` in `shard` changed since epoch `to` (its newest version is
+    /// newer): its newest version and slot, and the version `to` reads (`None`: zeros).
+    fn rollback_plan(&self, shard: u32, volume: VolumeId, to: Epoch) -> Vec<((ChunkKey, u64), Option<ChunkKey>)> {
+        let all = self.range(shard, Some(volume));
+        all.chunk_by(|a, b| a.0.chunk == b.0.chunk)
+            .filter_map(|versions| {
+                let head = *versions.last()?;
+                (head.0.epoch > to).then(|| (head, self.resolve(head.0, to).filter(|(_, slot)| *slot != HOLE).map(|(k, _)| k)))
+            })
+            .collect()
+    }
+
     /// Whether a write to `key` (at its epoch) needs a slot it does not have: a new chunk, a
     /// copy of an older version, or data where a hole is.
     fn needs_slot(&self, key: ChunkKey) -> bool {
@@ -530,6 +551,25 @@ impl Planner<'_> {
                         && only.slot == HOLE
                     {
                         self.drop_version(chunk[0].0.at(only.epoch), HOLE, FreeReason::SnapshotDeleted);
+                    }
+                }
+            }
+            Op::Rollback { shard, volume, to, at } => {
+                for ((head, head_slot), src) in self.map.rollback_plan(shard, volume, to) {
+                    let target = head.at(at);
+                    // A version of this epoch (written since the last snapshot) is replaced.
+                    if head.epoch == at {
+                        self.drop_version(head, head_slot, FreeReason::RolledBack);
+                    }
+                    match src {
+                        Some(src) => {
+                            let slot = self.allocate()?;
+                            self.set_version(target, slot);
+                            self.copy_into(target, slot, src)?;
+                        }
+                        // The snapshot read zeros here: a hole hides the newer versions.
+                        None if self.map.has_older(target) => self.set_version(target, HOLE),
+                        None => {}
                     }
                 }
             }
@@ -641,22 +681,26 @@ impl Planner<'_> {
             }
             WritePlan::CopyFrom(_) => {
                 let from = head.map(|(k, _)| k).ok_or_else(|| ChunkStoreError::Failed("a copy without a source".into()))?;
-                let source = self
-                    .copies
-                    .remove(&from)
-                    .ok_or_else(|| ChunkStoreError::Failed(format!("{from:?} was not read before the batch that copies it")))?;
                 let slot = self.allocate()?;
                 self.set_version(key, slot);
-                if let Some(buf) = source.buf {
-                    let blocks = (buf.len() / BLOCK_SIZE as usize) as u16;
-                    self.ios.push(PlannedIo { offset: self.inner.data.slot_offset(slot), buf, span: (slot, 0, blocks) });
-                }
-                for (block, meta) in source.metas {
-                    self.wb.put_cf(self.cf_blocks, key.block_key(block), meta.encode());
-                }
+                self.copy_into(key, slot, from)?;
                 Ok(slot)
             }
         }
+    }
+
+    /// Fills version `key`'s new `slot` with a copy of version `from` (read before the batch).
+    fn copy_into(&mut self, key: ChunkKey, slot: u64, from: ChunkKey) -> Result<()> {
+        let source =
+            self.copies.remove(&from).ok_or_else(|| ChunkStoreError::Failed(format!("{from:?} was not read before the batch that copies it")))?;
+        if let Some(buf) = source.buf {
+            let blocks = (buf.len() / BLOCK_SIZE as usize) as u16;
+            self.ios.push(PlannedIo { offset: self.inner.data.slot_offset(slot), buf, span: (slot, 0, blocks) });
+        }
+        for (block, meta) in source.metas {
+            self.wb.put_cf(self.cf_blocks, key.block_key(block), meta.encode());
+        }
+        Ok(())
     }
 
     fn allocate(&mut self) -> Result<u64> {
@@ -892,12 +936,17 @@ impl ChunkStore {
     }
 
     /// Reads the versions the batch's writes will copy (a chunk's newest version, older than
-    /// the write's epoch): their block metadata and bytes, keyed by the version read.
+    /// the write's epoch; what a rollback returns a chunk to): their block metadata and bytes,
+    /// keyed by the version read.
     async fn read_copy_sources(&self, batch: &Batch) -> Result<HashMap<ChunkKey, CopySource>> {
         let mut wanted: Vec<ChunkKey> = Vec::new();
         {
             let map = self.map();
             for op in &batch.ops {
+                if let Op::Rollback { shard, volume, to, .. } = op {
+                    wanted.extend(map.rollback_plan(*shard, *volume, *to).into_iter().filter_map(|(_, src)| src));
+                    continue;
+                }
                 let (shard, volume, epoch, offset, len) = match op {
                     Op::Write { shard, volume, epoch, offset, data, .. } => (*shard, *volume, *epoch, *offset, data.len() as u64),
                     Op::Zero { shard, volume, epoch, offset, len, .. } => (*shard, *volume, *epoch, *offset, *len),
@@ -929,10 +978,12 @@ impl ChunkStore {
     /// callers commit what they staged before the first write of a newer epoch).
     fn precheck(&self, batch: &Batch) -> Result<()> {
         let map = self.map();
-        let frees = batch
-            .ops
-            .iter()
-            .any(|op| matches!(op, Op::DeleteVolume { .. } | Op::DropShard { .. } | Op::Zero { deallocate: true, .. } | Op::ReleaseVersions { .. }));
+        let frees = batch.ops.iter().any(|op| {
+            matches!(
+                op,
+                Op::DeleteVolume { .. } | Op::DropShard { .. } | Op::Zero { deallocate: true, .. } | Op::ReleaseVersions { .. } | Op::Rollback { .. }
+            )
+        });
         let mut needed: HashSet<ChunkKey> = HashSet::new();
         let mut dropped: HashSet<u32> = HashSet::new();
         let mut epochs: HashMap<(u32, VolumeId), Epoch> = HashMap::new();
@@ -978,6 +1029,15 @@ impl ChunkStore {
                     let key = ChunkKey { shard: *shard, volume: image.volume, chunk: image.chunk, epoch: image.epoch };
                     if !image.hole && (frees || map.chunks.get(&key).is_none_or(|s| *s == HOLE)) {
                         needed.insert(key);
+                    }
+                }
+                Op::Rollback { shard, volume, to, at } => {
+                    one_epoch(*shard, *volume, *at)?;
+                    for ((head, _), src) in map.rollback_plan(*shard, *volume, *to) {
+                        not_stale(head.at(*at))?;
+                        if src.is_some() {
+                            needed.insert(head.at(*at));
+                        }
                     }
                 }
                 Op::DropShard { shard } => {

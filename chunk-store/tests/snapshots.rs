@@ -160,3 +160,42 @@ async fn images_carry_versions_and_holes() {
     assert!(all(&store.read(9, VolumeId(7), 0, 8192).await.unwrap().data, 0));
     assert_eq!(store.list_chunks(9).iter().map(|k| k.epoch).collect::<Vec<_>>(), vec![1, 2]);
 }
+
+/// A rollback gives each chunk changed since the snapshot a version at the current epoch that
+/// holds what the snapshot reads (a copy, or a hole), replacing one written in that epoch; the
+/// snapshot and newer ones stay as they were, and rolling back again changes nothing.
+#[tokio::test]
+async fn rollback_returns_changed_chunks_to_the_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open(&config(dir.path())).unwrap();
+    let c = |n: u64| n * CHUNK_SIZE;
+    // Epoch 1 (then frozen by a snapshot): chunks 0 and 1.
+    write(&store, 1, c(0), fill(0xA1, 64 << 10)).await.unwrap();
+    write(&store, 1, c(1), fill(0xA1, 64 << 10)).await.unwrap();
+    // Epoch 2 (frozen too): part of chunk 0, and a new chunk 2.
+    write(&store, 2, c(0) + 4096, fill(0xB2, 4096)).await.unwrap();
+    write(&store, 2, c(2), fill(0xB2, 4096)).await.unwrap();
+    // Epoch 3, the current one: chunk 0 trimmed whole, chunk 1 rewritten, a new chunk 3.
+    zero(&store, 3, c(0), CHUNK_SIZE).await;
+    write(&store, 3, c(1), fill(0xC3, 4096)).await.unwrap();
+    write(&store, 3, c(3), fill(0xC3, 4096)).await.unwrap();
+    let epoch2 = read_at(&store, 2, 0, c(4)).await;
+
+    for round in 0..2 {
+        let mut b = Batch::new();
+        b.rollback(1, VolumeId(7), 1, 3);
+        store.commit(b).await.unwrap();
+        let head = store.read(1, VolumeId(7), 0, c(4)).await.unwrap().data;
+        assert_eq!(head, read_at(&store, 1, 0, c(4)).await, "round {round}: the volume reads as the snapshot did");
+        assert!(all(&head[..64 << 10], 0xA1) && all(&head[c(1) as usize..c(1) as usize + (64 << 10)], 0xA1));
+        assert!(all(&head[c(2) as usize..], 0), "chunks written after the snapshot read as zeros");
+        assert_eq!(read_at(&store, 2, 0, c(4)).await, epoch2, "round {round}: the newer snapshot is untouched");
+        let versions: Vec<(u64, u64)> = store.list_chunks(1).iter().map(|k| (k.chunk, k.epoch)).collect();
+        assert_eq!(versions, vec![(0, 1), (0, 2), (0, 3), (1, 1), (1, 3), (2, 2), (2, 3)], "round {round}: chunk 3 is gone, chunk 2 has a hole");
+        assert_eq!(store.locate(ChunkKey { chunk: 2, ..KEY.at(3) }), None);
+    }
+    // Writes go on at the current epoch, in place.
+    write(&store, 3, c(1), fill(0xD3, 4096)).await.unwrap();
+    assert!(all(&store.read(1, VolumeId(7), c(1), 4096).await.unwrap().data, 0xD3));
+    assert!(all(&read_at(&store, 1, c(1), 4096).await, 0xA1));
+}

@@ -366,6 +366,18 @@ enum VolumeCmd {
         #[arg(long, value_name = "FILE")]
         kek_file: Option<PathBuf>,
     },
+    /// Return a volume to a snapshot (refused while it is attached read-write): every chunk
+    /// changed since is copied back from the snapshot on each replica, then the volume can be
+    /// attached again. The snapshot, and any newer ones, stay.
+    Rollback {
+        /// Volume.
+        name: String,
+        /// Snapshot.
+        snapshot: String,
+        /// Return once the rollback is recorded, without following it.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Rewrap an encrypted volume's data keys under a new key-encryption key (instant; the data
     /// is not rewritten), or with --reencrypt also move every block to a new data key while the
     /// volume stays attached and in use. Attachments keep working; later attaches need the new
@@ -488,6 +500,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             rekey::volume_rekey(&admin, out, req).await
         }
         Cmd::Volume(VolumeCmd::List) => commands::volume_list(&admin, out).await,
+        Cmd::Volume(VolumeCmd::Rollback { name, snapshot, no_wait }) => snapshot::rollback(&admin, out, name, snapshot, no_wait).await,
         Cmd::Volume(VolumeCmd::Show { name }) => commands::volume_show(&admin, out, name).await,
         Cmd::Volume(VolumeCmd::Resize { name, size }) => commands::volume_resize(&admin, out, name, size).await,
         Cmd::Volume(VolumeCmd::Delete { name, no_wait }) => commands::volume_delete(&admin, out, name, no_wait).await,

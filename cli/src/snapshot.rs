@@ -3,7 +3,12 @@
 //! backups"). A snapshot of an attached volume is cut by its read-write holder, so it is
 //! crash-consistent; serve one with `basalt attach VOLUME@SNAPSHOT --read-only`.
 
-use basalt_proto::admin::{Snapshot, SnapshotCreateRequest, SnapshotDeleteRequest, SnapshotListRequest, Volume};
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use basalt_proto::admin::{
+    Snapshot, SnapshotCreateRequest, SnapshotDeleteRequest, SnapshotListRequest, Volume, VolumeRollbackRequest, VolumeShowRequest,
+};
 use serde_json::{Value, json};
 
 use crate::admin::Admin;
@@ -79,6 +84,75 @@ pub async fn delete(admin: &Admin, out: Out, volume: String, name: String) -> Re
     out.print(snapshot_json(&v, &s), || {
         format!("snapshot {}@{} deleted; the blocks only it held are released and overwritten in the background", v.name, s.name)
     });
+    Ok(())
+}
+
+/// `basalt volume rollback VOLUME SNAPSHOT`: returns a detached volume to a snapshot, then
+/// follows the placement groups applying it with a progress bar (or percentages).
+pub async fn rollback(admin: &Admin, out: Out, volume: String, snapshot: String, no_wait: bool) -> Result<(), CliError> {
+    let r = admin
+        .call(|mut c| {
+            let req = VolumeRollbackRequest { volume: volume.clone(), snapshot: snapshot.clone() };
+            async move { c.volume_rollback(req).await }
+        })
+        .await?;
+    let v = r.volume.unwrap_or_default();
+    let total = u64::from(v.pgs_total.max(1));
+    let value = json!({ "volume": volume, "snapshot": snapshot });
+    if no_wait {
+        out.print(value, || format!("rolling {volume} back to {snapshot} in the background; it can be attached once that is done"));
+        return Ok(());
+    }
+    let tty = std::io::stderr().is_terminal() && !out.json;
+    let bar = tty.then(|| {
+        let b = indicatif::ProgressBar::new(total);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("rolling {msg} back [{bar:30}] {pos}/{len} placement groups")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_message(format!("{volume} to {snapshot}"));
+        b
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    let mut last_pct = u64::MAX;
+    loop {
+        let shown = admin
+            .call(|mut c| {
+                let name = volume.clone();
+                async move { c.volume_show(VolumeShowRequest { name }).await }
+            })
+            .await?
+            .volume
+            .unwrap_or_default();
+        let left = if shown.rolling_back_to.is_empty() { 0 } else { u64::from(shown.rollback_pgs_left) };
+        let done = total.saturating_sub(left);
+        let pct = done * 100 / total;
+        match &bar {
+            Some(b) => b.set_position(done),
+            None if pct != last_pct => {
+                if out.json {
+                    eprintln!("{}", json!({"volume": volume, "progress_percent": pct}));
+                } else {
+                    eprintln!("rolling {volume} back to {snapshot}: {pct}%");
+                }
+                last_pct = pct;
+            }
+            None => {}
+        }
+        if left == 0 {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(CliError::other(format!(
+                "rolling {volume} back to {snapshot} is still in progress after 10 minutes ({left} placement groups left); run this command again to follow it"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    out.print(value, || format!("rolled {volume} back to snapshot {snapshot}"));
     Ok(())
 }
 

@@ -140,6 +140,8 @@ pub enum Action {
     SnapshotList,
     /// Deleting a snapshot.
     SnapshotDelete,
+    /// Returning a volume to a snapshot.
+    VolumeRollback,
     /// Reading blocks.
     DataRead,
     /// Writing, trimming and zeroing blocks.
@@ -186,6 +188,7 @@ impl Action {
             SnapshotCreate => "snapshot.create",
             SnapshotList => "snapshot.list",
             SnapshotDelete => "snapshot.delete",
+            VolumeRollback => "volume.rollback",
             DataRead => "data.read",
             DataWrite => "data.write",
             TokenCreate => "auth.token.create",

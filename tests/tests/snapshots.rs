@@ -321,3 +321,40 @@ async fn snapshots_while_fio_writes_over_nbd_cost_the_guest_nothing() {
         assert!(dump(&format!("f{i}"), "b") == *before, "snapshot f{i} changed after the volume was overwritten");
     }
 }
+
+/// `volume rollback` returns a detached volume to a snapshot (refused while attached or for an
+/// unknown snapshot); the snapshot stays, and the volume can be attached and written again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_returns_a_detached_volume_to_a_snapshot() {
+    let cluster = TestCluster::with_volume("rb", 16 << 20).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let vol = client.attach_volume("rb", "first", false).await.unwrap();
+    let a: Vec<u8> = (0..4 << 20).map(|i: u32| (i / 4096) as u8 ^ 0x5a).collect();
+    vol.write(0, Bytes::from(a.clone()), false).await.unwrap();
+    client.detach_volume(&vol).await.unwrap();
+    let (code, _, err) = cluster.cli(&["snapshot", "create", "rb", "good"]).await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    let vol = client.attach_volume("rb", "second", false).await.unwrap();
+    vol.write(0, Bytes::from(vec![0xEEu8; 2 << 20]), false).await.unwrap();
+    vol.trim(2 << 20, 1 << 20).await.unwrap();
+    vol.write(8 << 20, Bytes::from(vec![0xEEu8; 4096]), false).await.unwrap();
+
+    let (code, _, err) = cluster.cli(&["volume", "rollback", "rb", "good"]).await.unwrap();
+    assert_eq!(code, Some(7), "refused while attached: {err}");
+    assert!(err.contains("detach"), "{err}");
+    client.detach_volume(&vol).await.unwrap();
+    let (code, _, err) = cluster.cli(&["volume", "rollback", "rb", "nope"]).await.unwrap();
+    assert_eq!(code, Some(3), "an unknown snapshot: {err}");
+    let (code, out, err) = cluster.cli(&["volume", "rollback", "rb", "good"]).await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("rolled rb back to snapshot good"), "{out}");
+
+    let vol = client.attach_volume("rb", "third", false).await.unwrap();
+    assert_eq!(&vol.read(0, 4 << 20).await.unwrap()[..], &a[..], "the snapshot's bytes");
+    assert!(vol.read(4 << 20, 12 << 20).await.unwrap().iter().all(|b| *b == 0), "written after the snapshot: gone");
+    let snap = client.open_snapshot("rb", "good").await.unwrap();
+    assert_eq!(&snap.read(0, 4 << 20).await.unwrap()[..], &a[..], "the snapshot stays");
+    vol.write(0, Bytes::from(vec![0x11u8; 4096]), false).await.unwrap();
+    assert!(vol.read(0, 4096).await.unwrap().iter().all(|b| *b == 0x11));
+    assert_eq!(&snap.read(0, 4096).await.unwrap()[..], &a[..4096]);
+}

@@ -25,7 +25,7 @@ use basalt_proto::admin::{
     SnapshotDeleteRequest, SnapshotListReply, SnapshotListRequest, SnapshotReply, TokenCreateReply, TokenCreateRequest, TokenInfo, TokenListReply,
     TokenListRequest, TokenRevokeReply, TokenRevokeRequest, VersionedKey, Volume, VolumeAttachRequest, VolumeCreateRequest, VolumeDeleteReply,
     VolumeDeleteRequest, VolumeDetachRequest, VolumeKeyReply, VolumeKeyRequest, VolumeListReply, VolumeListRequest, VolumeReencryptProgressRequest,
-    VolumeRekeyRequest, VolumeReply, VolumeResizeRequest, VolumeShowRequest,
+    VolumeRekeyRequest, VolumeReply, VolumeResizeRequest, VolumeRollbackRequest, VolumeShowRequest,
 };
 use basalt_proto::data::ReleaseVolumeRequest;
 use basalt_raft::{NodeInfo, RaftError};
@@ -65,7 +65,9 @@ fn status_of(e: &MetaError) -> Status {
         MetaError::NodeRemoved(_) | MetaError::NodeInUse { .. } | MetaError::BadMove(_) => Status::failed_precondition(e.to_string()),
         MetaError::SnapshotExists { .. } => Status::already_exists(e.to_string()),
         MetaError::NoSuchSnapshot { .. } => Status::not_found(e.to_string()),
-        MetaError::SnapshotPending { .. } => Status::failed_precondition(e.to_string()),
+        MetaError::SnapshotPending { .. } | MetaError::RollingBack { .. } | MetaError::AttachedForRollback { .. } => {
+            Status::failed_precondition(e.to_string())
+        }
     }
 }
 
@@ -108,6 +110,8 @@ pub fn volume_proto(
         write_epoch: snaps.map_or(1, |s| s.write_epoch),
         snapshots: snaps.map(|s| s.by_age().into_iter().map(|(name, r)| snapshot_proto(name, r)).collect()).unwrap_or_default(),
         snapshot_pending: snaps.and_then(|s| s.pending.as_ref()).map(|p| p.name.clone()).unwrap_or_default(),
+        rolling_back_to: snaps.and_then(|s| s.rollback.as_ref()).map(|r| r.snapshot.clone()).unwrap_or_default(),
+        rollback_pgs_left: snaps.and_then(|s| s.rollback.as_ref()).map_or(0, |r| r.todo.len() as u32),
     }
 }
 
@@ -969,6 +973,19 @@ impl Admin for AdminService {
         })
     }
 
+    async fn volume_rollback(&self, request: Request<VolumeRollbackRequest>) -> Result<Response<SnapshotReply>, Status> {
+        let volume = request.get_ref().volume.clone();
+        forward_or!(self, request, volume_rollback, Action::VolumeRollback, Some(&volume), |meta, caller, msg| {
+            let target = format!("{} to {}", msg.volume, msg.snapshot);
+            let cmd = MetaCommand::RollbackVolume { volume: msg.volume.clone(), snapshot: msg.snapshot.clone() };
+            if let MetaReply::Error(e) = self.propose_audited(meta, cmd, &caller, Action::VolumeRollback, &target).await? {
+                return Err(status_of(&e));
+            }
+            tracing::info!(volume = %msg.volume, snapshot = %msg.snapshot, by = %caller.principal, "volume rollback started");
+            self.snapshot_reply(meta, &msg.volume, &msg.snapshot)
+        })
+    }
+
     async fn volume_list(&self, request: Request<VolumeListRequest>) -> Result<Response<VolumeListReply>, Status> {
         forward_or!(self, request, volume_list, Action::VolumeList, None, |meta, caller, _msg| {
             let s = self.read(meta).await?;
@@ -1491,6 +1508,14 @@ pub async fn run_volume_reaper(ctx: Arc<NodeCtx>, mut shutdown: tokio::sync::wat
                 .collect();
             (pending, s.pgs.iter().map(|p| p.replicas.clone()).collect())
         });
+        // Volumes being rolled back, with the PGs yet to apply it.
+        type Rollbacks = Vec<(VolumeId, u64, u64, Vec<PgId>)>;
+        let rollbacks: Rollbacks = meta.shared.with(|s| {
+            s.snapshots
+                .iter()
+                .filter_map(|(id, x)| x.rollback.as_ref().map(|r| (*id, r.to_epoch, r.at_epoch, r.todo.iter().copied().collect())))
+                .collect()
+        });
         // Volumes whose deleted snapshots' versions some PGs have yet to release.
         type Releases = Vec<(VolumeId, u64, Vec<u64>, Vec<PgId>)>;
         let releases: Releases = meta.shared.with(|s| {
@@ -1500,7 +1525,7 @@ pub async fn run_volume_reaper(ctx: Arc<NodeCtx>, mut shutdown: tokio::sync::wat
                 .map(|(id, x)| (*id, x.release_generation, x.live_epochs(), x.release_todo.iter().copied().collect()))
                 .collect()
         });
-        if pending.is_empty() && releases.is_empty() {
+        if pending.is_empty() && releases.is_empty() && rollbacks.is_empty() {
             continue;
         }
         let views = ctx.liveness.pg_views();
@@ -1511,6 +1536,32 @@ pub async fn run_volume_reaper(ctx: Arc<NodeCtx>, mut shutdown: tokio::sync::wat
             candidates.extend(pgs.get(pg.0 as usize).cloned().unwrap_or_default());
             candidates.iter().filter_map(|n| nodes.get(n).map(|r| r.addr.clone())).collect()
         };
+        for (volume, to, at, todo) in rollbacks {
+            let calls = todo.into_iter().map(|pg| {
+                let ctx = ctx.clone();
+                let addrs = addrs_of(pg);
+                async move {
+                    for addr in addrs {
+                        let Ok(mut c) = ctx.clients.data(&addr) else {
+                            continue;
+                        };
+                        let req = ReleaseVolumeRequest { pg: pg.0, volume_id: volume.0, rollback_to: to, rollback_at: at, ..Default::default() };
+                        // A PG copies each changed chunk: give it time.
+                        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(60), c.release_volume(req)).await
+                            && r.into_inner().error.is_none()
+                        {
+                            return Some(pg);
+                        }
+                    }
+                    None
+                }
+            });
+            for pg in futures::future::join_all(calls).await.into_iter().flatten() {
+                if let Err(e) = service.propose(meta, MetaCommand::RolledBack { volume, pg, at_epoch: at }).await {
+                    tracing::debug!(%volume, %pg, error = %e.message(), "recording a rollback failed; will retry");
+                }
+            }
+        }
         for (volume, generation, live, todo) in releases {
             let calls = todo.into_iter().map(|pg| {
                 let ctx = ctx.clone();
@@ -1521,7 +1572,13 @@ pub async fn run_volume_reaper(ctx: Arc<NodeCtx>, mut shutdown: tokio::sync::wat
                         let Ok(mut c) = ctx.clients.data(&addr) else {
                             continue;
                         };
-                        let req = ReleaseVolumeRequest { pg: pg.0, volume_id: volume.0, versions_only: true, live_epochs: live.clone() };
+                        let req = ReleaseVolumeRequest {
+                            pg: pg.0,
+                            volume_id: volume.0,
+                            versions_only: true,
+                            live_epochs: live.clone(),
+                            ..Default::default()
+                        };
                         if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(10), c.release_volume(req)).await
                             && r.into_inner().error.is_none()
                         {

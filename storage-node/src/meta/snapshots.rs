@@ -7,6 +7,11 @@
 //! has a read-write holder, the meta group only records the request ([`PendingSnapshot`]):
 //! the holder drains its writes and cuts it ([`super::state::MetaCommand::CutSnapshot`]), so
 //! the snapshot holds exactly the writes acknowledged before the cut.
+//!
+//! A rollback returns a detached volume to a snapshot: each PG makes, for every chunk changed
+//! since the snapshot, a version at the current write epoch holding a local copy of what the
+//! snapshot reads ([`Rollback`]); the volume cannot be attached or snapshotted until every PG
+//! has done so.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -39,6 +44,19 @@ pub struct PendingSnapshot {
     pub attach_epoch: u64,
 }
 
+/// A rollback under way: PGs still to apply it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollback {
+    /// The snapshot rolled back to.
+    pub snapshot: String,
+    /// Its epoch: what the volume reads as afterwards.
+    pub to_epoch: u64,
+    /// The write epoch the rolled-back chunks are written at.
+    pub at_epoch: u64,
+    /// PGs that have not applied it yet.
+    pub todo: BTreeSet<PgId>,
+}
+
 /// A volume's snapshot state. A volume without one has write epoch 1 and no snapshots.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeSnapshots {
@@ -52,11 +70,13 @@ pub struct VolumeSnapshots {
     pub release_generation: u64,
     /// PGs that have not yet released the versions no live snapshot reads.
     pub release_todo: BTreeSet<PgId>,
+    /// A rollback under way.
+    pub rollback: Option<Rollback>,
 }
 
 impl Default for VolumeSnapshots {
     fn default() -> Self {
-        Self { write_epoch: 1, snapshots: BTreeMap::new(), pending: None, release_generation: 0, release_todo: BTreeSet::new() }
+        Self { write_epoch: 1, snapshots: BTreeMap::new(), pending: None, release_generation: 0, release_todo: BTreeSet::new(), rollback: None }
     }
 }
 
@@ -105,6 +125,9 @@ impl ClusterState {
             return MetaReply::Error(MetaError::InvalidSettings(format!(
                 "volume {volume:?} has {MAX_SNAPSHOTS_PER_VOLUME} snapshots, the most it may keep; delete one first"
             )));
+        }
+        if let Some(r) = &snaps.rollback {
+            return MetaReply::Error(MetaError::RollingBack { volume: volume.to_string(), snapshot: r.snapshot.clone() });
         }
         match (&v.attached_by, &snaps.pending) {
             (_, Some(p)) if p.name == name => {}
@@ -168,6 +191,44 @@ impl ClusterState {
         MetaReply::Volume(v)
     }
 
+    /// Starts rolling `volume` back to snapshot `name`: refused while it is attached read-write
+    /// or a snapshot is being cut; asking again for the same rollback is not an error.
+    pub(super) fn rollback_volume(&mut self, volume: &str, name: &str) -> MetaReply {
+        let Some(v) = self.volume_by_name(volume).cloned() else {
+            return MetaReply::Error(MetaError::NoSuchVolume(volume.to_string()));
+        };
+        if let Some(holder) = &v.attached_by {
+            return MetaReply::Error(MetaError::AttachedForRollback { volume: volume.to_string(), holder: holder.clone() });
+        }
+        let pgs: BTreeSet<PgId> = self.pgs.iter().map(|p| p.id).collect();
+        let Some(snaps) = self.snapshots.get_mut(&v.id) else {
+            return MetaReply::Error(MetaError::NoSuchSnapshot { volume: volume.to_string(), name: name.to_string() });
+        };
+        let Some(to_epoch) = snaps.snapshots.get(name).map(|s| s.epoch) else {
+            return MetaReply::Error(MetaError::NoSuchSnapshot { volume: volume.to_string(), name: name.to_string() });
+        };
+        match &snaps.rollback {
+            Some(r) if r.snapshot == name => {}
+            Some(r) => return MetaReply::Error(MetaError::RollingBack { volume: volume.to_string(), snapshot: r.snapshot.clone() }),
+            None => snaps.rollback = Some(Rollback { snapshot: name.to_string(), to_epoch, at_epoch: snaps.write_epoch, todo: pgs }),
+        }
+        MetaReply::Volume(v)
+    }
+
+    /// PG `pg` applied the rollback of `volume` at write epoch `at_epoch`.
+    pub(super) fn rolled_back(&mut self, volume: VolumeId, pg: PgId, at_epoch: u64) -> MetaReply {
+        if let Some(snaps) = self.snapshots.get_mut(&volume)
+            && let Some(r) = &mut snaps.rollback
+            && r.at_epoch == at_epoch
+        {
+            r.todo.remove(&pg);
+            if r.todo.is_empty() {
+                snaps.rollback = None;
+            }
+        }
+        MetaReply::Done
+    }
+
     /// PG `pg` released `volume`'s unneeded versions as of release `generation`.
     pub(super) fn snapshots_released(&mut self, volume: VolumeId, pg: PgId, generation: u64) -> MetaReply {
         if let Some(snaps) = self.snapshots.get_mut(&volume)
@@ -224,6 +285,38 @@ mod tests {
         // Deleting the volume drops its snapshots.
         apply(&mut s, MetaCommand::DeleteVolume { name: "v".into() });
         assert!(!s.snapshots.contains_key(&id));
+    }
+
+    #[test]
+    fn a_rollback_waits_for_every_pg_and_blocks_attach_and_snapshots_meanwhile() {
+        let mut s = initialized();
+        apply(&mut s, MetaCommand::CreateVolume { name: "v".into(), size: 1 << 30, now_unix_ms: 1 });
+        let id = s.volume_by_name("v").unwrap().id;
+        create(&mut s, "s1");
+        create(&mut s, "s2");
+        let rollback = |s: &mut ClusterState, name: &str| apply(s, MetaCommand::RollbackVolume { volume: "v".into(), snapshot: name.into() });
+        apply(&mut s, MetaCommand::AttachVolume { name: "v".into(), holder: "h".into(), force: false });
+        assert!(matches!(rollback(&mut s, "s1"), MetaReply::Error(MetaError::AttachedForRollback { .. })), "refused while attached");
+        apply(&mut s, MetaCommand::DetachVolume { name: "v".into(), epoch: 0 });
+        assert!(matches!(rollback(&mut s, "nope"), MetaReply::Error(MetaError::NoSuchSnapshot { .. })));
+        assert!(matches!(rollback(&mut s, "s1"), MetaReply::Volume(_)));
+        assert!(matches!(rollback(&mut s, "s1"), MetaReply::Volume(_)), "asking again is fine");
+        assert!(matches!(rollback(&mut s, "s2"), MetaReply::Error(MetaError::RollingBack { .. })));
+        let r = s.snapshots_of(id).rollback.unwrap();
+        assert_eq!((r.to_epoch, r.at_epoch, r.todo.len()), (1, 3, s.pgs.len()));
+        assert!(matches!(
+            apply(&mut s, MetaCommand::AttachVolume { name: "v".into(), holder: "h".into(), force: true }),
+            MetaReply::Error(MetaError::RollingBack { .. })
+        ));
+        assert!(matches!(create(&mut s, "s3"), MetaReply::Error(MetaError::RollingBack { .. })));
+        let pgs: Vec<PgId> = s.pgs.iter().map(|p| p.id).collect();
+        apply(&mut s, MetaCommand::RolledBack { volume: id, pg: pgs[0], at_epoch: 2 });
+        assert_eq!(s.snapshots_of(id).rollback.unwrap().todo.len(), pgs.len(), "an older rollback's report does not count");
+        for pg in pgs {
+            apply(&mut s, MetaCommand::RolledBack { volume: id, pg, at_epoch: 3 });
+        }
+        assert_eq!(s.snapshots_of(id).rollback, None);
+        assert!(matches!(apply(&mut s, MetaCommand::AttachVolume { name: "v".into(), holder: "h".into(), force: false }), MetaReply::Volume(_)));
     }
 
     #[test]

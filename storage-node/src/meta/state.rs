@@ -534,6 +534,22 @@ pub enum MetaCommand {
         /// The release generation it acted on.
         generation: u64,
     },
+    /// Starts rolling a detached volume back to a snapshot.
+    RollbackVolume {
+        /// Volume name.
+        volume: String,
+        /// Snapshot name.
+        snapshot: String,
+    },
+    /// One PG applied a volume's rollback.
+    RolledBack {
+        /// The volume.
+        volume: VolumeId,
+        /// The PG.
+        pg: PgId,
+        /// The rollback's write epoch.
+        at_epoch: u64,
+    },
 }
 
 impl MetaCommand {
@@ -642,6 +658,24 @@ pub enum MetaError {
         volume: String,
         /// The pending snapshot.
         name: String,
+    },
+    /// A rollback is under way.
+    #[error(
+        "volume {volume:?} is being rolled back to snapshot {snapshot:?}; wait until it is done (`basalt volume rollback {volume} {snapshot}` follows it)"
+    )]
+    RollingBack {
+        /// Volume.
+        volume: String,
+        /// The snapshot.
+        snapshot: String,
+    },
+    /// A rollback of an attached volume.
+    #[error("volume {volume:?} is attached read-write by {holder}; detach it before rolling it back (`basalt detach {volume}`)")]
+    AttachedForRollback {
+        /// Volume.
+        volume: String,
+        /// Its holder.
+        holder: String,
     },
 }
 
@@ -756,6 +790,8 @@ impl ClusterState {
             MetaCommand::CancelSnapshot { volume, name } => self.cancel_snapshot(&volume, &name),
             MetaCommand::DeleteSnapshot { volume, name } => self.delete_snapshot(&volume, &name),
             MetaCommand::SnapshotsReleased { volume, pg, generation } => self.snapshots_released(volume, pg, generation),
+            MetaCommand::RollbackVolume { volume, snapshot } => self.rollback_volume(&volume, &snapshot),
+            MetaCommand::RolledBack { volume, pg, at_epoch } => self.rolled_back(volume, pg, at_epoch),
         };
         if !matches!(reply, MetaReply::Error(_)) && changes_map {
             self.version = index;
@@ -986,6 +1022,9 @@ impl ClusterState {
         let Some(id) = self.volume_by_name(name).map(|v| v.id) else {
             return MetaReply::Error(MetaError::NoSuchVolume(name.to_string()));
         };
+        if let Some(r) = self.snapshots.get(&id).and_then(|s| s.rollback.as_ref()) {
+            return MetaReply::Error(MetaError::RollingBack { volume: name.to_string(), snapshot: r.snapshot.clone() });
+        }
         let v = self.volumes.get_mut(&id).expect("found above");
         if let Some(current) = &v.attached_by
             && !force

@@ -13,6 +13,7 @@
 //! Repair:       [5][volume u64][probe_index u64][offset u64][crc u32][data: 4096 bytes]
 //! Sealed repair:[7][volume u64][probe_index u64][offset u64][crc u32][crypt 28 bytes][data: 4096 bytes]
 //! ReleaseVersions: [11][volume u64][n u32][n × live snapshot epoch u64]
+//! Rollback:     [12][volume u64][to u64][at u64]
 //! ```
 //! Tags 1 (write), 6 (sealed write) and 2 (zero) are the same without `write_epoch`, from logs
 //! written before snapshots; they decode with write epoch 1 and are no longer written.
@@ -104,6 +105,16 @@ pub enum PgCommand {
         /// The write epochs of the volume's live snapshots.
         live: Vec<u64>,
     },
+    /// Returns the volume to snapshot epoch `to`: each chunk changed since gets a version at
+    /// write epoch `at` holding what `to` reads (a local copy, or a hole).
+    Rollback {
+        /// Volume.
+        volume: VolumeId,
+        /// The snapshot's epoch.
+        to: u64,
+        /// The volume's write epoch.
+        at: u64,
+    },
 }
 
 /// Most live snapshot epochs one release names (a volume's snapshot limit is far below it).
@@ -192,6 +203,14 @@ impl PgCommand {
                     b.put_slice(&c.tag);
                 }
                 b.put_slice(data);
+                b.freeze()
+            }
+            PgCommand::Rollback { volume, to, at } => {
+                let mut b = BytesMut::with_capacity(25);
+                b.put_u8(12);
+                b.put_u64_le(volume.0);
+                b.put_u64_le(*to);
+                b.put_u64_le(*at);
                 b.freeze()
             }
             PgCommand::ReleaseVersions { volume, live } => {
@@ -302,6 +321,14 @@ impl PgCommand {
                 }
                 Ok(PgCommand::ReleaseVersions { volume, live: (0..n).map(|_| b.get_u64_le()).collect() })
             }
+            12 if b.remaining() == 16 => {
+                let (to, at) = (b.get_u64_le(), b.get_u64_le());
+                if to >= at {
+                    return Err(format!("rollback to epoch {to} at epoch {at}: a rollback writes at an epoch after its snapshot's"));
+                }
+                Ok(PgCommand::Rollback { volume, to, at })
+            }
+            12 => Err("bad rollback command length".into()),
             other => Err(format!("unknown command tag {other}")),
         }
     }
@@ -410,6 +437,7 @@ mod tests {
             PgCommand::DeleteVolume { volume: VolumeId(3) },
             PgCommand::ReleaseVersions { volume: VolumeId(3), live: vec![2, 5, 9] },
             PgCommand::ReleaseVersions { volume: VolumeId(3), live: vec![] },
+            PgCommand::Rollback { volume: VolumeId(3), to: 2, at: 5 },
             PgCommand::Probe { volume: VolumeId(3), chunk: 7 },
             PgCommand::Repair { volume: VolumeId(3), probe_index: 9, offset: 8192, crc: 5, crypt: None, data: Bytes::from(vec![1u8; 4096]) },
             PgCommand::Repair {
@@ -486,6 +514,7 @@ mod tests {
         huge.extend_from_slice(&3u64.to_le_bytes());
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(PgCommand::decode(Bytes::from(huge)).is_err(), "a release naming more epochs than it carries");
+        assert!(PgCommand::decode(PgCommand::Rollback { volume: VolumeId(3), to: 5, at: 5 }.encode()).is_err(), "a rollback at its own epoch");
         let unaligned =
             PgCommand::Repair { volume: VolumeId(1), probe_index: 1, offset: 100, crc: 0, crypt: None, data: Bytes::from(vec![0u8; 4096]) };
         assert!(PgCommand::decode(unaligned.encode()).is_err(), "repairs are whole blocks");

@@ -445,6 +445,10 @@ impl Data for DataService {
         let req = request.into_inner();
         let error = match self.ctx.pgs.get(PgId(req.pg)) {
             None => Some(err(Code::WrongNode, format!("{} holds no replica of pg-{}", self.ctx.config.id, req.pg))),
+            Some(handle) if req.rollback_at != 0 => {
+                let cmd = PgCommand::Rollback { volume: VolumeId(req.volume_id), to: req.rollback_to, at: req.rollback_at };
+                self.propose(&handle, cmd).await
+            }
             Some(handle) if req.versions_only => {
                 self.propose(&handle, PgCommand::ReleaseVersions { volume: VolumeId(req.volume_id), live: req.live_epochs }).await
             }

@@ -448,6 +448,19 @@ impl PgStateMachine {
                 batch.release_versions(shard, volume, live);
                 Ok(PgReply::Ok)
             }
+            PgCommand::Rollback { volume, to, at } => {
+                if self.tombstones.contains(&volume) {
+                    return Ok(PgReply::NoSuchVolume);
+                }
+                if let Some(refused) = self.snapshot_fence(batch, volume, at).await? {
+                    return Ok(refused);
+                }
+                batch.rollback(shard, volume, to, at);
+                // On its own: it copies chunks, read before the batch's writes land.
+                self.flush(batch).await?;
+                self.shared.probes().retain(|(v, _), _| *v != volume);
+                Ok(PgReply::Ok)
+            }
             PgCommand::Probe { volume, chunk } => {
                 if self.tombstones.contains(&volume) {
                     return Ok(PgReply::NoSuchVolume);
@@ -667,10 +680,11 @@ impl PgStateMachine {
         self.shared.bytes_since_checkpoint.fetch_add(bytes, Ordering::Relaxed);
         let last_index = items.last().map(|i| i.index).unwrap_or(0);
         let cmds: Vec<(u64, Option<Result<PgCommand, String>>)> = items.into_iter().map(|i| (i.index, i.command.map(PgCommand::decode))).collect();
-        if cmds
-            .iter()
-            .any(|(_, c)| matches!(c, Some(Ok(PgCommand::Zero { .. } | PgCommand::DeleteVolume { .. } | PgCommand::ReleaseVersions { .. }))))
-        {
+        // Commands that free data: the log entries before them may hold the freed bytes.
+        let frees = |c: &PgCommand| {
+            matches!(c, PgCommand::Zero { .. } | PgCommand::DeleteVolume { .. } | PgCommand::ReleaseVersions { .. } | PgCommand::Rollback { .. })
+        };
+        if cmds.iter().any(|(_, c)| matches!(c, Some(Ok(c)) if frees(c))) {
             self.shared.purge_wanted.fetch_max(last_index, Ordering::Relaxed);
         }
         // Staging changes fencing epochs and tombstones in memory before anything is on disk:
