@@ -55,9 +55,10 @@ snap small idle-1g "idle,1GiB-written"
 randwrite none "$small" 1G "$secs"
 for i in $(seq 1 10); do
   randwrite "between-$i" "$small" 1G 2 &
+  load=$!
   sleep 1
   snap small "s$i" "under-load,1GiB-written"
-  wait
+  wait "$load"
 done
 randwrite ten-first "$small" 1G "$secs"
 randwrite ten-steady "$small" 1G "$secs"

@@ -178,6 +178,17 @@ impl StoreStats {
     }
 }
 
+/// How a volume's slots in one shard are held ([`ChunkStore::snapshot_usage`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotUsage {
+    /// Slots of chunks' newest versions: the volume as it is now.
+    pub head_slots: u64,
+    /// Slots of older versions, which only snapshots read (or nobody, until the next release).
+    pub snapshot_slots: u64,
+    /// Per live snapshot epoch: slots only that snapshot reads (what deleting it frees).
+    pub exclusive_slots: BTreeMap<Epoch, u64>,
+}
+
 /// A chunk slot was overwritten and returned to the allocator.
 #[derive(Clone, Copy, Debug)]
 pub struct Scrubbed {
@@ -1194,8 +1205,7 @@ impl ChunkStore {
         self.map().head(chunk).map(|(k, _)| k)
     }
 
-    /// Slots held per epoch by `volume`'s chunk versions in `shard` (holes hold none): what
-    /// each snapshot keeps alive, and the head's share.
+    /// Slots held per epoch by `volume`'s chunk versions in `shard` (holes hold none).
     pub fn slots_by_epoch(&self, shard: u32, volume: VolumeId) -> BTreeMap<Epoch, u64> {
         let mut out = BTreeMap::new();
         for (k, slot) in self.map().range(shard, Some(volume)) {
@@ -1204,6 +1214,33 @@ impl ChunkStore {
             }
         }
         out
+    }
+
+    /// How `volume`'s slots in `shard` are held, given its live snapshots' epochs (any
+    /// order): see [`SnapshotUsage`].
+    pub fn snapshot_usage(&self, shard: u32, volume: VolumeId, live: &[Epoch]) -> SnapshotUsage {
+        let mut usage = SnapshotUsage::default();
+        let all = self.map().range(shard, Some(volume));
+        for chunk in all.chunk_by(|a, b| a.0.chunk == b.0.chunk) {
+            let n = chunk.len();
+            for (i, (key, slot)) in chunk.iter().enumerate() {
+                if *slot == HOLE {
+                    continue;
+                }
+                if i + 1 == n {
+                    usage.head_slots += 1;
+                    continue;
+                }
+                // Read by the snapshots from its epoch up to the next version's.
+                let until = chunk[i + 1].0.epoch;
+                let mut readers = live.iter().filter(|e| **e >= key.epoch && **e < until);
+                usage.snapshot_slots += 1;
+                if let (Some(only), None) = (readers.next(), readers.next()) {
+                    *usage.exclusive_slots.entry(*only).or_default() += 1;
+                }
+            }
+        }
+        usage
     }
 
     /// Shards that hold at least one chunk.

@@ -132,6 +132,13 @@ async fn release_keeps_what_live_snapshots_read() {
     for (epoch, byte) in [(1, 0x11), (2, 0x22), (3, 0x33), (4, 0x44)] {
         write(&store, epoch, 0, fill(byte, 4096)).await.unwrap();
     }
+    // Before any release: each older version is read by exactly one snapshot.
+    let usage = store.snapshot_usage(1, VolumeId(7), &[1, 2, 3]);
+    assert_eq!((usage.head_slots, usage.snapshot_slots), (1, 3));
+    assert_eq!(usage.exclusive_slots.into_iter().collect::<Vec<_>>(), vec![(1, 1), (2, 1), (3, 1)]);
+    // Snapshot 2 deleted: its version is read by nobody until the release frees it.
+    let usage = store.snapshot_usage(1, VolumeId(7), &[1, 3]);
+    assert_eq!((usage.snapshot_slots, usage.exclusive_slots.len()), (3, 2));
     let mut b = Batch::new();
     b.release_versions(1, VolumeId(7), vec![1, 3]);
     store.commit(b).await.unwrap();

@@ -103,7 +103,8 @@ pub(crate) fn volume_json(v: &Volume) -> Value {
         "encrypted": v.encrypted, "key_version": v.key_version,
         "reencrypting": v.reencrypting, "reencrypt_next_block": v.reencrypt_next_block,
         "write_epoch": v.write_epoch, "snapshots": v.snapshots.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
-        "attached_by": v.attached_by,
+        "attached_by": v.attached_by, "head_bytes": v.head_bytes, "snapshot_bytes": v.snapshot_bytes,
+        "usage_partial": v.usage_partial,
     })
 }
 
@@ -427,11 +428,21 @@ pub async fn volume_show(admin: &Admin, out: Out, name: String) -> Result<(), Cl
     let r = admin
         .call(|mut c| {
             let name = name.clone();
-            async move { c.volume_show(VolumeShowRequest { name }).await }
+            async move { c.volume_show(VolumeShowRequest { name, usage: true }).await }
         })
         .await?;
     let v = r.volume.unwrap_or_default();
-    out.print(volume_json(&v), || volume_table(std::slice::from_ref(&v)));
+    out.print(volume_json(&v), || {
+        let mut text = volume_table(std::slice::from_ref(&v));
+        let partial = if v.usage_partial { " (partial: a node did not answer)" } else { "" };
+        text.push_str(&format!(
+            "\nspace (one replica's): {} for the volume as it is, {} kept by {} snapshot(s){partial}",
+            format_size(v.head_bytes),
+            format_size(v.snapshot_bytes),
+            v.snapshots.len()
+        ));
+        text
+    });
     Ok(())
 }
 

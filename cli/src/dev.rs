@@ -347,7 +347,7 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
     };
     say(format!("{} placement groups healthy", status.pgs.len()));
 
-    let exists = admin.call(|mut c| async move { c.volume_show(VolumeShowRequest { name: "demo".into() }).await }).await.ok();
+    let exists = admin.call(|mut c| async move { c.volume_show(VolumeShowRequest { name: "demo".into(), usage: false }).await }).await.ok();
     match exists {
         Some(r) => say(format!("volume demo exists ({})", format_size(r.volume.map(|v| v.size).unwrap_or(0)))),
         None => {

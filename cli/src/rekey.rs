@@ -91,7 +91,7 @@ async fn show(admin: &Admin, name: &str) -> Result<Volume, CliError> {
     let r = admin
         .call(|mut c| {
             let name = name.to_string();
-            async move { c.volume_show(VolumeShowRequest { name }).await }
+            async move { c.volume_show(VolumeShowRequest { name, usage: false }).await }
         })
         .await?;
     r.volume.ok_or_else(|| CliError::other("the cluster returned no volume"))

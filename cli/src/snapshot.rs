@@ -6,6 +6,7 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
+use basalt_common::units::format_size;
 use basalt_proto::admin::{
     Snapshot, SnapshotCreateRequest, SnapshotDeleteRequest, SnapshotListRequest, Volume, VolumeRollbackRequest, VolumeShowRequest,
 };
@@ -16,7 +17,10 @@ use crate::commands::{Out, table};
 use crate::exit::CliError;
 
 fn snapshot_json(v: &Volume, s: &Snapshot) -> Value {
-    json!({ "volume": v.name, "name": s.name, "epoch": s.epoch, "created_unix_ms": s.created_unix_ms })
+    json!({
+        "volume": v.name, "name": s.name, "epoch": s.epoch, "created_unix_ms": s.created_unix_ms,
+        "exclusive_bytes": s.exclusive_bytes, "usage_partial": v.usage_partial,
+    })
 }
 
 fn created(s: &Snapshot) -> String {
@@ -62,11 +66,22 @@ pub async fn list(admin: &Admin, out: Out, volume: Option<String>) -> Result<(),
         .await?;
     let rows: Vec<(&Volume, &Snapshot)> = r.volumes.iter().flat_map(|v| v.snapshots.iter().map(move |s| (v, s))).collect();
     out.print(Value::Array(rows.iter().map(|(v, s)| snapshot_json(v, s)).collect()), || {
-        let mut t = table(&["volume", "snapshot", "epoch", "created"]);
+        let mut t = table(&["volume", "snapshot", "epoch", "created", "held only by it"]);
         for (v, s) in &rows {
-            t.add_row(vec![v.name.clone(), s.name.clone(), s.epoch.to_string(), created(s)]);
+            let partial = if v.usage_partial { " (partial: a node did not answer)" } else { "" };
+            t.add_row(vec![v.name.clone(), s.name.clone(), s.epoch.to_string(), created(s), format!("{}{partial}", format_size(s.exclusive_bytes))]);
         }
-        t.to_string()
+        let mut text = t.to_string();
+        for v in r.volumes.iter().filter(|v| !v.snapshots.is_empty()) {
+            text.push_str(&format!(
+                "\n{}: {} for the volume as it is, {} more kept by its {} snapshot(s) (one replica's bytes)",
+                v.name,
+                format_size(v.head_bytes),
+                format_size(v.snapshot_bytes),
+                v.snapshots.len()
+            ));
+        }
+        text
     });
     Ok(())
 }
@@ -119,7 +134,7 @@ pub async fn rollback(admin: &Admin, out: Out, volume: String, snapshot: String,
         let shown = admin
             .call(|mut c| {
                 let name = volume.clone();
-                async move { c.volume_show(VolumeShowRequest { name }).await }
+                async move { c.volume_show(VolumeShowRequest { name, usage: false }).await }
             })
             .await?
             .volume

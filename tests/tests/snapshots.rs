@@ -174,6 +174,18 @@ async fn snapshots_under_live_writes_are_crash_consistent_stable_and_released() 
     assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
     assert!(matches!(client.open_snapshot("snap", "nope").await, Err(ClientError::NoSuchSnapshot { .. })));
 
+    // The listing says what the snapshots hold: the writers touched every chunk in every
+    // epoch, so each snapshot keeps a copy of each chunk it read differently from the next.
+    let listed = admin.snapshot_list(SnapshotListRequest { volume: "snap".into() }).await.unwrap().into_inner();
+    let v = &listed.volumes[0];
+    assert!(!v.usage_partial, "every PG counted");
+    assert_eq!(v.head_bytes, 64 << 20, "64 chunks written, one replica's bytes");
+    let exclusive: u64 = v.snapshots.iter().map(|s| s.exclusive_bytes).sum();
+    assert!(v.snapshot_bytes > 0 && exclusive > 0 && exclusive <= v.snapshot_bytes, "{v:?}");
+    let (code, out, err) = cluster.cli(&["volume", "show", "snap"]).await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("kept by 6 snapshot(s)"), "{out}");
+
     // Deleting every snapshot releases the copies only they held, through the scrub queue.
     let held = node_used_bytes(&cluster).await;
     for (name, ..) in &taken {

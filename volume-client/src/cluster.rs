@@ -221,7 +221,7 @@ impl Cluster {
     /// Opens the volume called `name`.
     pub async fn open_volume(&self, name: &str) -> Result<Volume, ClientError> {
         let mut admin = self.admin(0)?;
-        let reply = match admin.volume_show(VolumeShowRequest { name: name.to_string() }).await {
+        let reply = match admin.volume_show(VolumeShowRequest { name: name.to_string(), usage: false }).await {
             Ok(r) => r.into_inner(),
             Err(s) if s.code() == tonic::Code::NotFound => {
                 return Err(ClientError::NoSuchVolume(name.to_string()));

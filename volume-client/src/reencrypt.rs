@@ -243,7 +243,7 @@ pub async fn keep_keys(
             _ = tokio::time::sleep(POLL) => {}
             _ = shutdown.changed() => return,
         }
-        let req = VolumeShowRequest { name: volume.name().to_string() };
+        let req = VolumeShowRequest { name: volume.name().to_string(), usage: false };
         let shown = match cluster
             .admin_call(|mut c| {
                 let req = req.clone();

@@ -112,11 +112,15 @@ pub fn volume_proto(
         snapshot_pending: snaps.and_then(|s| s.pending.as_ref()).map(|p| p.name.clone()).unwrap_or_default(),
         rolling_back_to: snaps.and_then(|s| s.rollback.as_ref()).map(|r| r.snapshot.clone()).unwrap_or_default(),
         rollback_pgs_left: snaps.and_then(|s| s.rollback.as_ref()).map_or(0, |r| r.todo.len() as u32),
+        // Filled on request (`fill_usage`): it asks the storage nodes.
+        head_bytes: 0,
+        snapshot_bytes: 0,
+        usage_partial: false,
     }
 }
 
 fn snapshot_proto(name: &str, r: &super::snapshots::SnapshotRecord) -> basalt_proto::admin::Snapshot {
-    basalt_proto::admin::Snapshot { name: name.to_string(), epoch: r.epoch, created_unix_ms: r.created_unix_ms }
+    basalt_proto::admin::Snapshot { name: name.to_string(), epoch: r.epoch, created_unix_ms: r.created_unix_ms, exclusive_bytes: 0 }
 }
 
 /// `v` for the wire, as `s` has it.
@@ -391,6 +395,42 @@ impl AdminService {
             let snapshot = s.snapshots.get(&v.id).and_then(|x| x.snapshots.get(name)).map(|r| snapshot_proto(name, r));
             Ok(Response::new(SnapshotReply { volume: Some(volume_in(s, v)), snapshot, map_version: s.version }))
         })
+    }
+
+    /// Asks the storage nodes how `v`'s space is held (each PG counted on its first replica,
+    /// with 3 s to answer) and fills it into `out`: head and snapshot bytes, each snapshot's
+    /// exclusive bytes, and whether some PG went uncounted.
+    async fn fill_usage(&self, s: &ClusterState, v: &VolumeRecord, out: &mut Volume) {
+        let live = s.snapshots.get(&v.id).map(|x| x.live_epochs()).unwrap_or_default();
+        let mut by_node: BTreeMap<NodeId, Vec<u32>> = BTreeMap::new();
+        for pg in &s.pgs {
+            if let Some(first) = pg.replicas.first() {
+                by_node.entry(*first).or_default().push(pg.id.0);
+            }
+        }
+        let calls = by_node.into_iter().filter_map(|(node, pgs)| {
+            let addr = s.nodes.get(&node)?.addr.clone();
+            let req = basalt_proto::data::VolumeUsageRequest { volume_id: v.id.0, live_epochs: live.clone(), pgs };
+            let ctx = self.ctx.clone();
+            Some(async move {
+                let mut client = ctx.clients.data(&addr).ok()?;
+                tokio::time::timeout(Duration::from_secs(3), client.volume_usage(req)).await.ok()?.ok().map(|r| r.into_inner())
+            })
+        });
+        let mut counted = 0usize;
+        let mut exclusive: BTreeMap<u64, u64> = BTreeMap::new();
+        for reply in futures::future::join_all(calls).await.into_iter().flatten() {
+            out.head_bytes += reply.head_bytes;
+            out.snapshot_bytes += reply.snapshot_bytes;
+            counted += reply.pgs_counted.len();
+            for e in reply.exclusive {
+                *exclusive.entry(e.epoch).or_default() += e.bytes;
+            }
+        }
+        out.usage_partial = counted < s.pgs.len();
+        for snap in &mut out.snapshots {
+            snap.exclusive_bytes = exclusive.get(&snap.epoch).copied().unwrap_or(0);
+        }
     }
 
     /// After a snapshot was asked of the volume's holder: waits until it is cut, or gives it
@@ -945,13 +985,18 @@ impl Admin for AdminService {
             if !msg.volume.is_empty() && s.volume_by_name(&msg.volume).is_none() {
                 return Err(status_of(&MetaError::NoSuchVolume(msg.volume.clone())));
             }
-            let volumes = s
-                .volumes
-                .values()
-                .filter(|v| v.state == VolumeState::Active && (msg.volume.is_empty() || v.name == msg.volume))
-                .filter(|v| caller.principal.sees_volume(&v.name))
-                .map(|v| volume_in(&s, v))
-                .collect();
+            let mut volumes = Vec::new();
+            for v in s.volumes.values() {
+                if v.state != VolumeState::Active || !(msg.volume.is_empty() || v.name == msg.volume) || !caller.principal.sees_volume(&v.name) {
+                    continue;
+                }
+                let mut volume = volume_in(&s, v);
+                // Only volumes with snapshots cost the nodes a question.
+                if !volume.snapshots.is_empty() {
+                    self.fill_usage(&s, v, &mut volume).await;
+                }
+                volumes.push(volume);
+            }
             Ok(Response::new(SnapshotListReply { volumes }))
         })
     }
@@ -999,7 +1044,13 @@ impl Admin for AdminService {
         forward_or!(self, request, volume_show, Action::VolumeShow, Some(&name), |meta, _caller, msg| {
             let s = self.read(meta).await?;
             match s.volume_by_name(&msg.name) {
-                Some(v) => Ok(Response::new(VolumeReply { volume: Some(volume_in(&s, v)), map_version: s.version })),
+                Some(v) => {
+                    let mut volume = volume_in(&s, v);
+                    if msg.usage {
+                        self.fill_usage(&s, v, &mut volume).await;
+                    }
+                    Ok(Response::new(VolumeReply { volume: Some(volume), map_version: s.version }))
+                }
                 None => Err(status_of(&MetaError::NoSuchVolume(msg.name))),
             }
         })

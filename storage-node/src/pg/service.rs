@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use basalt_chunk_store::ChunkStoreError;
-use basalt_common::{BLOCK_SIZE, CryptContext, ExtentIndex, PgId, VolumeId, crc32c};
+use basalt_common::{BLOCK_SIZE, CHUNK_SIZE, CryptContext, ExtentIndex, PgId, VolumeId, crc32c};
 use basalt_proto::data::data_error::Code;
 use basalt_proto::data::data_server::Data;
 use basalt_proto::data::{
@@ -22,6 +22,7 @@ use basalt_proto::data::{
     ReleaseVolumeRequest, RepairChunkReply, RepairChunkRequest, TransferLeaderReply, TransferLeaderRequest, WriteReply, WriteRequest, ZeroReply,
     ZeroRequest,
 };
+use basalt_proto::data::{EpochBytes, VolumeUsageReply, VolumeUsageRequest};
 use basalt_raft::RaftError;
 use basalt_scrubber::ChunkVerdict;
 use basalt_security::{Action, Principal};
@@ -488,6 +489,27 @@ impl Data for DataService {
                 RepairChunkReply { error: Some(error), ..Default::default() }
             }
         };
+        Ok(Response::new(reply))
+    }
+
+    async fn volume_usage(&self, request: Request<VolumeUsageRequest>) -> Result<Response<VolumeUsageReply>, Status> {
+        self.access.authorize(&request, Action::Internal, None).await?;
+        let req = request.into_inner();
+        let mut reply = VolumeUsageReply::default();
+        let mut exclusive: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
+        for pg in req.pgs {
+            if self.ctx.pgs.get(PgId(pg)).is_none() {
+                continue;
+            }
+            let usage = self.ctx.store.snapshot_usage(pg, VolumeId(req.volume_id), &req.live_epochs);
+            reply.head_bytes += usage.head_slots * CHUNK_SIZE;
+            reply.snapshot_bytes += usage.snapshot_slots * CHUNK_SIZE;
+            for (epoch, slots) in usage.exclusive_slots {
+                *exclusive.entry(epoch).or_default() += slots * CHUNK_SIZE;
+            }
+            reply.pgs_counted.push(pg);
+        }
+        reply.exclusive = exclusive.into_iter().map(|(epoch, bytes)| EpochBytes { epoch, bytes }).collect();
         Ok(Response::new(reply))
     }
 
