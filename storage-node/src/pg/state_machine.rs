@@ -612,11 +612,22 @@ impl StateMachine for PgStateMachine {
             Some(bytes) => Some(CheckpointRecord::decode(&bytes).map_err(|e| io::Error::other(e.to_string()))?),
             None => None,
         };
-        if record.is_none() && !store.list_chunks(shard).is_empty() {
-            // Data without a checkpoint record belongs to an earlier incarnation of this replica.
-            tracing::warn!(pg = %self.shared.pg, "discarding chunks left by an earlier replica of this PG");
+        if record.is_none() {
+            // Data and fences without a checkpoint record belong to an earlier incarnation of
+            // this replica (or to applies a crash cut short before the first checkpoint): the
+            // log is applied again from its start. Fences kept from those applies would refuse
+            // the replayed writes that come before them (an older attachment's, or a snapshot
+            // epoch's), and the replica would lose them.
             let mut b = Batch::new();
-            b.drop_shard(shard);
+            if !store.list_chunks(shard).is_empty() {
+                tracing::warn!(pg = %self.shared.pg, "discarding chunks left by an earlier replica of this PG");
+                b.drop_shard(shard);
+            }
+            for prefix in [TOMBSTONE_PREFIX, EPOCH_PREFIX, WRITE_EPOCH_PREFIX] {
+                for (name, _) in store.scan_state(shard, prefix).await.map_err(Self::io)? {
+                    b.delete_state(shard, &name);
+                }
+            }
             store.commit(b).await.map_err(Self::io)?;
         }
         for (name, _) in store.scan_state(shard, TOMBSTONE_PREFIX).await.map_err(Self::io)? {
