@@ -27,6 +27,6 @@ pub use error::{ChunkStoreError, Result};
 pub use image::ChunkImage;
 pub use index::{BlockMeta, ChunkKey, CryptContext, FORMAT_VERSION, FreeReason, FreeRecord, IndexMemory};
 pub use store::{
-    Batch, BlockCheck, BlockRead, ChunkCheck, ChunkStore, ChunkStoreConfig, FillPattern, MAX_IO_BYTES, Scrubbed, SnapshotUsage, StoreStats,
+    Batch, BlockCheck, BlockRead, ChunkCheck, ChunkStore, ChunkStoreConfig, FillPattern, Lineage, MAX_IO_BYTES, Scrubbed, SnapshotUsage, StoreStats,
 };
 pub use versions::Epoch;

@@ -7,6 +7,13 @@
 //! old slot is only read, so a crash and replay copy again from the same bytes) and writes
 //! there. Reads at an epoch see the newest version no newer than it.
 //!
+//! Clones: a clone is a volume of its own that reads its parent's chunks as a snapshot of the
+//! parent saw them until it writes its own. Its ops name its [`Lineage`] (ancestors and the
+//! epoch each is read at, nearest first; the clone's chunks live in the same shard as its
+//! ancestors'): a chunk the clone never wrote resolves through the lineage, its first write
+//! copies what the lineage reads (as a snapshot's first write copies the older version), and
+//! a trim of it leaves a hole so the ancestors stop showing through.
+//!
 //! Concurrency: one [`ChunkStore`] serves every shard (placement group) on the node. Callers
 //! serialise mutations of a shard (a PG's state machine applies in order) and keep reads of a
 //! shard from racing its mutations; the store itself only guards its shared allocation state
@@ -32,6 +39,10 @@ use crate::uring::Uring;
 use crate::versions::{ChunkVersions, Epoch, Version, WritePlan};
 
 const BLOCKS_PER_CHUNK: u64 = CHUNK_SIZE / BLOCK_SIZE;
+
+/// A clone's ancestors, nearest first: each volume and the snapshot epoch it is read at.
+/// Empty for a volume that is not a clone.
+pub type Lineage = [(VolumeId, Epoch)];
 
 /// A chunk and the metadata of its written blocks (what moves with a shard).
 type ChunkMetas = (ChunkKey, Vec<(u16, BlockMeta)>);
@@ -216,6 +227,8 @@ enum Op {
 #[derive(Default)]
 pub struct Batch {
     ops: Vec<Op>,
+    /// The lineages of the clones the batch touches, by (shard, volume).
+    lineages: HashMap<(u32, VolumeId), Vec<(VolumeId, Epoch)>>,
 }
 
 impl Batch {
@@ -227,6 +240,21 @@ impl Batch {
     /// True if nothing was added.
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
+    }
+
+    /// Names `volume` (in `shard`) a clone with `lineage`: every op of the batch on it reads
+    /// through its ancestors where it holds no version of its own. A volume's lineage never
+    /// changes, so callers name it with each batch that touches the clone.
+    pub fn set_lineage(&mut self, shard: u32, volume: VolumeId, lineage: Vec<(VolumeId, Epoch)>) {
+        if lineage.is_empty() {
+            self.lineages.remove(&(shard, volume));
+        } else {
+            self.lineages.insert((shard, volume), lineage);
+        }
+    }
+
+    fn lineage(&self, shard: u32, volume: VolumeId) -> &Lineage {
+        self.lineages.get(&(shard, volume)).map_or(&[], Vec::as_slice)
     }
 
     /// Writes whole blocks at `offset` (block aligned; `data` a multiple of 4 KiB) in the
@@ -443,6 +471,27 @@ impl Mapping {
         self.resolve(key, Epoch::MAX)
     }
 
+    /// What a clone with `lineage` reads for `key`'s chunk where it holds no version: the
+    /// nearest ancestor's version at its epoch, `None` for zeros (none, or a hole).
+    fn inherited(&self, key: ChunkKey, lineage: &Lineage) -> Option<(ChunkKey, u64)> {
+        for (volume, epoch) in lineage {
+            if let Some(found) = self.resolve(ChunkKey { volume: *volume, ..key }, *epoch) {
+                return (found.1 != HOLE).then_some(found);
+            }
+        }
+        None
+    }
+
+    /// What reads of `key`'s chunk at `at` see: its own newest version no newer than `at`, or
+    /// what it inherits; `None` for zeros.
+    fn resolve_through(&self, key: ChunkKey, at: Epoch, lineage: &Lineage) -> Option<(ChunkKey, u64)> {
+        match self.resolve(key, at) {
+            Some((_, HOLE)) => None,
+            Some(found) => Some(found),
+            None => self.inherited(key, lineage),
+        }
+    }
+
     /// Whether `key`'s chunk has a version older than `key.epoch`.
     fn has_older(&self, key: ChunkKey) -> bool {
         key.epoch > 0 && self.chunks.range(key.at(0)..key).next().is_some()
@@ -450,12 +499,12 @@ impl Mapping {
 
     /// For each chunk of `volume` in `shard` changed since epoch `to` (its newest version is
     /// newer): its newest version and slot, and the version `to` reads (`None`: zeros).
-    fn rollback_plan(&self, shard: u32, volume: VolumeId, to: Epoch) -> Vec<((ChunkKey, u64), Option<ChunkKey>)> {
+    fn rollback_plan(&self, shard: u32, volume: VolumeId, to: Epoch, lineage: &Lineage) -> Vec<((ChunkKey, u64), Option<ChunkKey>)> {
         let all = self.range(shard, Some(volume));
         all.chunk_by(|a, b| a.0.chunk == b.0.chunk)
             .filter_map(|versions| {
                 let head = *versions.last()?;
-                (head.0.epoch > to).then(|| (head, self.resolve(head.0, to).filter(|(_, slot)| *slot != HOLE).map(|(k, _)| k)))
+                (head.0.epoch > to).then(|| (head, self.resolve_through(head.0, to, lineage).map(|(k, _)| k)))
             })
             .collect()
     }
@@ -503,6 +552,8 @@ struct PlannedIo {
 struct CopySource {
     metas: Vec<(u16, BlockMeta)>,
     buf: Option<AlignedBuf>,
+    /// Copies the batch makes of it.
+    uses: usize,
 }
 
 /// Turns a batch's ops into disk writes and one index batch, updating the in-memory map as it
@@ -514,11 +565,16 @@ struct Planner<'a> {
     ios: &'a mut Vec<PlannedIo>,
     new_free: &'a mut Vec<FreeRecord>,
     copies: &'a mut HashMap<ChunkKey, CopySource>,
+    lineages: &'a HashMap<(u32, VolumeId), Vec<(VolumeId, Epoch)>>,
     cf_chunks: &'a rocksdb::ColumnFamily,
     cf_blocks: &'a rocksdb::ColumnFamily,
 }
 
-impl Planner<'_> {
+impl<'a> Planner<'a> {
+    fn lineage(&self, shard: u32, volume: VolumeId) -> &'a Lineage {
+        self.lineages.get(&(shard, volume)).map_or(&[], Vec::as_slice)
+    }
+
     fn op(&mut self, op: Op, moved: &mut impl Iterator<Item = Vec<ChunkMetas>>) -> Result<()> {
         match op {
             Op::Write { shard, volume, epoch, offset, data, crcs, crypt } => {
@@ -549,6 +605,7 @@ impl Planner<'_> {
                 }
             }
             Op::ReleaseVersions { shard, volume, live } => {
+                let lineage = self.lineage(shard, volume);
                 let all = self.map.range(shard, Some(volume));
                 for chunk in all.chunk_by(|a, b| a.0.chunk == b.0.chunk) {
                     let versions = ChunkVersions::from_oldest(chunk.iter().map(|(k, slot)| Version { epoch: k.epoch, slot: *slot }))
@@ -557,16 +614,19 @@ impl Planner<'_> {
                     for v in versions.release(&live) {
                         self.drop_version(chunk[0].0.at(v.epoch), v.slot, FreeReason::SnapshotDeleted);
                     }
-                    // A hole left alone reads as zeros without its record.
+                    // A hole left alone reads as zeros without its record (unless it hides what
+                    // a clone would inherit).
                     if let [only] = versions.all()
                         && only.slot == HOLE
+                        && self.map.inherited(chunk[0].0, lineage).is_none()
                     {
                         self.drop_version(chunk[0].0.at(only.epoch), HOLE, FreeReason::SnapshotDeleted);
                     }
                 }
             }
             Op::Rollback { shard, volume, to, at } => {
-                for ((head, head_slot), src) in self.map.rollback_plan(shard, volume, to) {
+                let lineage = self.lineage(shard, volume);
+                for ((head, head_slot), src) in self.map.rollback_plan(shard, volume, to, lineage) {
                     let target = head.at(at);
                     // A version of this epoch (written since the last snapshot) is replaced.
                     if head.epoch == at {
@@ -578,8 +638,9 @@ impl Planner<'_> {
                             self.set_version(target, slot);
                             self.copy_into(target, slot, src)?;
                         }
-                        // The snapshot read zeros here: a hole hides the newer versions.
-                        None if self.map.has_older(target) => self.set_version(target, HOLE),
+                        // The snapshot read zeros here: a hole hides the newer versions (and
+                        // what a clone would inherit).
+                        None if self.map.has_older(target) || self.map.inherited(target, lineage).is_some() => self.set_version(target, HOLE),
                         None => {}
                     }
                 }
@@ -643,6 +704,7 @@ impl Planner<'_> {
     fn zero_piece(&mut self, p: &Piece, deallocate: bool) -> Result<()> {
         let whole = u64::from(p.blocks) == BLOCKS_PER_CHUNK;
         let head = self.map.head(p.key);
+        let lineage = self.lineage(p.key.shard, p.key.volume);
         if !deallocate {
             // Zero-fill that must stay allocated (NBD NO_HOLE): write zeros.
             let slot = self.slot_for(p.key)?;
@@ -650,14 +712,25 @@ impl Planner<'_> {
             return Ok(());
         }
         match head {
+            // A clone's chunk it never wrote: a hole hides what it inherits; part of it is
+            // copied and zeroed.
+            None if self.map.inherited(p.key, lineage).is_some() => {
+                if whole {
+                    self.set_version(p.key, HOLE);
+                } else {
+                    let slot = self.slot_for(p.key)?;
+                    self.zero_blocks(slot, p);
+                }
+            }
             // Nothing stored, or a hole: reads as zeros already.
             None => {}
             Some((_, HOLE)) => {}
             Some((h, slot)) if h.epoch == p.key.epoch => {
                 if !whole {
                     self.zero_blocks(slot, p);
-                } else if self.map.has_older(h) {
-                    // A snapshot holds an older version: this epoch's version becomes a hole.
+                } else if self.map.has_older(h) || self.map.inherited(h, lineage).is_some() {
+                    // A snapshot holds an older version (or a clone's ancestor one): this
+                    // epoch's version becomes a hole.
                     self.drop_version(h, slot, FreeReason::Trimmed);
                     self.set_version(h, HOLE);
                 } else {
@@ -679,6 +752,15 @@ impl Planner<'_> {
     /// in place, a fresh slot, or a fresh slot holding a copy of the older newest version.
     fn slot_for(&mut self, key: ChunkKey) -> Result<u64> {
         let head = self.map.head(key);
+        if head.is_none()
+            && let Some((from, _)) = self.map.inherited(key, self.lineage(key.shard, key.volume))
+        {
+            // A clone's first write to a chunk it inherits: a copy of the ancestor's version.
+            let slot = self.allocate()?;
+            self.set_version(key, slot);
+            self.copy_into(key, slot, from)?;
+            return Ok(slot);
+        }
         let plan = crate::versions::plan(head.map(|(k, slot)| Version { epoch: k.epoch, slot }), key.epoch)
             .map_err(|_| stale(key, head.map_or(0, |(k, _)| k.epoch)))?;
         match plan {
@@ -703,13 +785,21 @@ impl Planner<'_> {
     /// Fills version `key`'s new `slot` with a copy of version `from` (read before the batch).
     fn copy_into(&mut self, key: ChunkKey, slot: u64, from: ChunkKey) -> Result<()> {
         let source =
-            self.copies.remove(&from).ok_or_else(|| ChunkStoreError::Failed(format!("{from:?} was not read before the batch that copies it")))?;
-        if let Some(buf) = source.buf {
+            self.copies.get_mut(&from).ok_or_else(|| ChunkStoreError::Failed(format!("{from:?} was not read before the batch that copies it")))?;
+        source.uses -= 1;
+        // The last (nearly always the only) copy takes the buffer; clones of one parent
+        // copying the same version in one batch get their own.
+        let buf = match (&source.buf, source.uses) {
+            (Some(_), 0) => source.buf.take(),
+            (Some(b), _) => Some(AlignedBuf::from_slice(b.as_slice())),
+            (None, _) => None,
+        };
+        if let Some(buf) = buf {
             let blocks = (buf.len() / BLOCK_SIZE as usize) as u16;
             self.ios.push(PlannedIo { offset: self.inner.data.slot_offset(slot), buf, span: (slot, 0, blocks) });
         }
-        for (block, meta) in source.metas {
-            self.wb.put_cf(self.cf_blocks, key.block_key(block), meta.encode());
+        for (block, meta) in &source.metas {
+            self.wb.put_cf(self.cf_blocks, key.block_key(*block), meta.encode());
         }
         Ok(())
     }
@@ -879,7 +969,7 @@ impl ChunkStore {
     /// Applies a batch. Either every op takes effect or the store stops (fail-stop: an I/O
     /// error mid-batch leaves memory ahead of disk, so further writes are refused until a
     /// restart recovers from the index and the Raft log).
-    pub async fn commit(&self, batch: Batch) -> Result<()> {
+    pub async fn commit(&self, mut batch: Batch) -> Result<()> {
         self.check_failed()?;
         if batch.ops.is_empty() {
             return Ok(());
@@ -909,11 +999,13 @@ impl ChunkStore {
                 ios: &mut ios,
                 new_free: &mut new_free,
                 copies: &mut copies,
+                lineages: &batch.lineages,
                 cf_chunks: self.inner.index.cf(CF_CHUNKS),
                 cf_blocks: self.inner.index.cf(CF_BLOCKS),
             };
             let mut moved = moved_metas.into_iter();
-            batch.ops.into_iter().try_for_each(|op| plan.op(op, &mut moved))
+            let ops = std::mem::take(&mut batch.ops);
+            ops.into_iter().try_for_each(|op| plan.op(op, &mut moved))
         };
         if let Err(e) = planned {
             // Memory may be ahead of disk now (slots taken, versions recorded).
@@ -950,12 +1042,15 @@ impl ChunkStore {
     /// the write's epoch; what a rollback returns a chunk to): their block metadata and bytes,
     /// keyed by the version read.
     async fn read_copy_sources(&self, batch: &Batch) -> Result<HashMap<ChunkKey, CopySource>> {
-        let mut wanted: Vec<ChunkKey> = Vec::new();
+        // (the version made, the version copied), one per version made.
+        let mut wanted: Vec<(ChunkKey, ChunkKey)> = Vec::new();
+        let mut made: HashSet<ChunkKey> = HashSet::new();
         {
             let map = self.map();
             for op in &batch.ops {
-                if let Op::Rollback { shard, volume, to, .. } = op {
-                    wanted.extend(map.rollback_plan(*shard, *volume, *to).into_iter().filter_map(|(_, src)| src));
+                if let Op::Rollback { shard, volume, to, at } = op {
+                    let plan = map.rollback_plan(*shard, *volume, *to, batch.lineage(*shard, *volume));
+                    wanted.extend(plan.into_iter().filter_map(|((head, _), src)| src.map(|src| (head.at(*at), src))));
                     continue;
                 }
                 let (shard, volume, epoch, offset, len) = match op {
@@ -963,21 +1058,32 @@ impl ChunkStore {
                     Op::Zero { shard, volume, epoch, offset, len, .. } => (*shard, *volume, *epoch, *offset, *len),
                     _ => continue,
                 };
+                let lineage = batch.lineage(shard, volume);
                 for p in pieces(shard, volume, epoch, offset, len) {
-                    if let Some((head, slot)) = map.head(p.key)
-                        && head.epoch < epoch
-                        && slot != HOLE
-                        && !wanted.contains(&head)
+                    let source = match map.head(p.key) {
+                        Some((head, slot)) if head.epoch < epoch && slot != HOLE => Some(head),
+                        None => map.inherited(p.key, lineage).map(|(k, _)| k),
+                        _ => None,
+                    };
+                    // A chunk written twice in the batch is copied by the first write only.
+                    if let Some(source) = source
+                        && made.insert(p.key)
                     {
-                        wanted.push(head);
+                        wanted.push((p.key, source));
                     }
                 }
             }
         }
-        let mut out = HashMap::with_capacity(wanted.len());
-        for key in wanted {
+        // A source copied into two versions (clones of one parent writing a chunk first in
+        // one batch) is read once and used twice.
+        let mut out: HashMap<ChunkKey, CopySource> = HashMap::with_capacity(wanted.len());
+        for (_, key) in wanted {
+            if let Some(source) = out.get_mut(&key) {
+                source.uses += 1;
+                continue;
+            }
             if let Some((metas, buf)) = self.read_written(key).await? {
-                out.insert(key, CopySource { metas, buf });
+                out.insert(key, CopySource { metas, buf, uses: 1 });
             }
         }
         Ok(out)
@@ -1029,8 +1135,12 @@ impl ChunkStore {
                     one_epoch(*shard, *volume, *epoch)?;
                     for p in pieces(*shard, *volume, *epoch, *offset, *len) {
                         not_stale(p.key)?;
-                        // Deallocating needs a slot only to copy a frozen version partly zeroed.
-                        let frozen = map.head(p.key).is_some_and(|(h, slot)| h.epoch < p.key.epoch && slot != HOLE);
+                        // Deallocating needs a slot only to copy a frozen (or inherited) version
+                        // partly zeroed.
+                        let frozen = match map.head(p.key) {
+                            Some((h, slot)) => h.epoch < p.key.epoch && slot != HOLE,
+                            None => map.inherited(p.key, batch.lineage(*shard, *volume)).is_some(),
+                        };
                         if !*deallocate || (frozen && u64::from(p.blocks) < BLOCKS_PER_CHUNK) {
                             count(p.key, &mut needed);
                         }
@@ -1044,7 +1154,7 @@ impl ChunkStore {
                 }
                 Op::Rollback { shard, volume, to, at } => {
                     one_epoch(*shard, *volume, *at)?;
-                    for ((head, _), src) in map.rollback_plan(*shard, *volume, *to) {
+                    for ((head, _), src) in map.rollback_plan(*shard, *volume, *to, batch.lineage(*shard, *volume)) {
                         not_stale(head.at(*at))?;
                         if src.is_some() {
                             needed.insert(head.at(*at));
@@ -1104,6 +1214,12 @@ impl ChunkStore {
     /// Like [`ChunkStore::read`], as the volume was at snapshot epoch `at`: each chunk's
     /// newest version no newer than `at`.
     pub async fn read_at(&self, shard: u32, volume: VolumeId, at: Epoch, offset: u64, len: u64) -> Result<BlockRead> {
+        self.read_through(shard, volume, &[], at, offset, len).await
+    }
+
+    /// Like [`ChunkStore::read_at`] for a clone with `lineage`: a chunk it holds no version
+    /// of reads as its nearest ancestor's at that ancestor's epoch.
+    pub async fn read_through(&self, shard: u32, volume: VolumeId, lineage: &Lineage, at: Epoch, offset: u64, len: u64) -> Result<BlockRead> {
         check_range(offset, len)?;
         let blocks = (len / BLOCK_SIZE) as usize;
         let parts: Vec<(Piece, Option<u64>)> = {
@@ -1111,7 +1227,7 @@ impl ChunkStore {
             pieces(shard, volume, at, offset, len)
                 .into_iter()
                 .map(|mut p| {
-                    let found = map.resolve(p.key, at).filter(|(_, slot)| *slot != HOLE);
+                    let found = map.resolve_through(p.key, at, lineage);
                     // The metadata lookups below are by the version found.
                     if let Some((k, _)) = found {
                         p.key = k;

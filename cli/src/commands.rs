@@ -104,12 +104,18 @@ pub(crate) fn volume_json(v: &Volume) -> Value {
         "reencrypting": v.reencrypting, "reencrypt_next_block": v.reencrypt_next_block,
         "write_epoch": v.write_epoch, "snapshots": v.snapshots.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
         "attached_by": v.attached_by, "head_bytes": v.head_bytes, "snapshot_bytes": v.snapshot_bytes,
-        "usage_partial": v.usage_partial,
+        "usage_partial": v.usage_partial, "clone_of": v.clone_of, "kept_for_clones": v.kept_for_clones,
     })
 }
 
 fn volume_state(v: &Volume) -> String {
-    if v.state == "deleting" { format!("deleting ({}/{} PGs released)", v.pgs_released, v.pgs_total) } else { v.state.clone() }
+    if v.kept_for_clones {
+        "deleted (kept while clones read it)".into()
+    } else if v.state == "deleting" {
+        format!("deleting ({}/{} PGs released)", v.pgs_released, v.pgs_total)
+    } else {
+        v.state.clone()
+    }
 }
 
 pub(crate) fn size_arg(s: &str) -> Result<u64, CliError> {
@@ -441,6 +447,9 @@ pub async fn volume_show(admin: &Admin, out: Out, name: String) -> Result<(), Cl
             format_size(v.snapshot_bytes),
             v.snapshots.len()
         ));
+        if !v.clone_of.is_empty() {
+            text.push_str(&format!("\na clone of {}: reads it where it has not written", v.clone_of));
+        }
         text
     });
     Ok(())
@@ -472,6 +481,10 @@ pub async fn volume_delete(admin: &Admin, out: Out, name: String, no_wait: bool)
     let v = r.volume.unwrap_or_default();
     if no_wait {
         out.print(volume_json(&v), || format!("volume {} deleted; its data is being released in the background", v.name));
+        return Ok(());
+    }
+    if v.kept_for_clones {
+        out.print(volume_json(&v), || format!("volume {} deleted; its data stays until no clone of it reads it", v.name));
         return Ok(());
     }
     let total = u64::from(r.pgs_total.max(1));

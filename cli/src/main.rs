@@ -366,6 +366,14 @@ enum VolumeCmd {
         #[arg(long, value_name = "FILE")]
         kek_file: Option<PathBuf>,
     },
+    /// Create a writable volume from a snapshot, at once: it shares the snapshot's data and
+    /// copies a chunk only when it first writes to it. Attach it like any volume.
+    Clone {
+        /// The snapshot, as VOLUME@SNAPSHOT.
+        source: String,
+        /// The new volume's name.
+        name: String,
+    },
     /// Return a volume to a snapshot (refused while it is attached read-write): every chunk
     /// changed since is copied back from the snapshot on each replica, then the volume can be
     /// attached again. The snapshot, and any newer ones, stay.
@@ -501,6 +509,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Cmd::Volume(VolumeCmd::List) => commands::volume_list(&admin, out).await,
         Cmd::Volume(VolumeCmd::Rollback { name, snapshot, no_wait }) => snapshot::rollback(&admin, out, name, snapshot, no_wait).await,
+        Cmd::Volume(VolumeCmd::Clone { source, name }) => snapshot::clone(&admin, out, source, name).await,
         Cmd::Volume(VolumeCmd::Show { name }) => commands::volume_show(&admin, out, name).await,
         Cmd::Volume(VolumeCmd::Resize { name, size }) => commands::volume_resize(&admin, out, name, size).await,
         Cmd::Volume(VolumeCmd::Delete { name, no_wait }) => commands::volume_delete(&admin, out, name, no_wait).await,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use basalt_common::units::format_size;
 use basalt_proto::admin::{
-    Snapshot, SnapshotCreateRequest, SnapshotDeleteRequest, SnapshotListRequest, Volume, VolumeRollbackRequest, VolumeShowRequest,
+    Snapshot, SnapshotCreateRequest, SnapshotDeleteRequest, SnapshotListRequest, Volume, VolumeCloneRequest, VolumeRollbackRequest, VolumeShowRequest,
 };
 use serde_json::{Value, json};
 
@@ -53,6 +53,24 @@ pub async fn create(admin: &Admin, out: Out, volume: String, name: String) -> Re
         let how = if v.attached_by.is_empty() { "" } else { ", cut by its read-write holder" };
         format!("snapshot {}@{} taken (epoch {}{how}) in {} ms", v.name, s.name, s.epoch, took.as_millis())
     });
+    Ok(())
+}
+
+/// `basalt volume clone VOLUME@SNAPSHOT NAME`.
+pub async fn clone(admin: &Admin, out: Out, source: String, name: String) -> Result<(), CliError> {
+    let (volume, snapshot) = parse_ref(&source)?;
+    let started = std::time::Instant::now();
+    let r = admin
+        .call(|mut c| {
+            let req = VolumeCloneRequest { source: volume.to_string(), snapshot: snapshot.to_string(), name: name.clone() };
+            async move { c.volume_clone(req).await }
+        })
+        .await?;
+    let v = r.volume.ok_or_else(|| CliError::other("the cluster answered without the volume"))?;
+    let took = started.elapsed();
+    let mut value = crate::commands::volume_json(&v);
+    value["took_ms"] = json!(took.as_millis() as u64);
+    out.print(value, || format!("volume {} created as a clone of {source} ({}) in {} ms", v.name, format_size(v.size), took.as_millis()));
     Ok(())
 }
 

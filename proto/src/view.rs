@@ -27,6 +27,11 @@ pub struct VolumeView {
     pub snapshots: Vec<(String, u64)>,
     /// A snapshot the read-write holder is asked to cut.
     pub snapshot_pending: Option<String>,
+    /// A clone's ancestors and the snapshot epoch it reads each at, nearest first (empty: not
+    /// a clone).
+    pub lineage: Vec<(VolumeId, u64)>,
+    /// The volume whose extent placement this one follows (its own id unless a clone).
+    pub placement: VolumeId,
 }
 
 impl VolumeView {
@@ -108,6 +113,8 @@ impl ClusterView {
                             write_epoch: v.write_epoch.max(1),
                             snapshots: v.snapshots.iter().map(|s| (s.name.clone(), s.epoch)).collect(),
                             snapshot_pending: (!v.snapshot_pending.is_empty()).then(|| v.snapshot_pending.clone()),
+                            lineage: v.lineage.iter().map(|a| (VolumeId(a.volume_id), a.epoch)).collect(),
+                            placement: VolumeId(if v.placement_id == 0 { v.id } else { v.placement_id }),
                         },
                     )
                 })

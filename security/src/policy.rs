@@ -142,6 +142,9 @@ pub enum Action {
     SnapshotDelete,
     /// Returning a volume to a snapshot.
     VolumeRollback,
+    /// Making a writable volume from a snapshot (authorized on the source volume; the clone's
+    /// name must be one the principal may see too).
+    VolumeClone,
     /// Reading blocks.
     DataRead,
     /// Writing, trimming and zeroing blocks.
@@ -189,6 +192,7 @@ impl Action {
             SnapshotList => "snapshot.list",
             SnapshotDelete => "snapshot.delete",
             VolumeRollback => "volume.rollback",
+            VolumeClone => "volume.clone",
             DataRead => "data.read",
             DataWrite => "data.write",
             TokenCreate => "auth.token.create",

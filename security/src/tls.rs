@@ -57,7 +57,7 @@ impl Protocol {
     pub fn alpn(self) -> &'static [u8] {
         match self {
             Protocol::Data => b"basalt-data/3",
-            Protocol::Raft => b"basalt-raft/2",
+            Protocol::Raft => b"basalt-raft/3",
             Protocol::Grpc => b"h2",
             Protocol::Http => b"http/1.1",
         }

@@ -230,7 +230,7 @@ impl Cluster {
         };
         let map = self.refresh(reply.map_version).await?;
         let v = map.volume_by_name(name).ok_or_else(|| ClientError::NoSuchVolume(name.to_string()))?;
-        Ok(Volume::new(self.clone(), v.id, v.name.clone(), v.size))
+        Ok(Volume::new(self.clone(), v.id, v.placement, v.name.clone(), v.size))
     }
 
     /// Attaches the volume read-write for `holder` and opens it with the new fencing epoch.
@@ -247,7 +247,8 @@ impl Cluster {
         };
         let v = reply.volume.ok_or_else(|| ClientError::Internal("attach returned no volume".into()))?;
         self.refresh(reply.map_version).await?;
-        let vol = Volume::new(self.clone(), basalt_common::VolumeId(v.id), v.name, v.size);
+        let placement = basalt_common::VolumeId(if v.placement_id == 0 { v.id } else { v.placement_id });
+        let vol = Volume::new(self.clone(), basalt_common::VolumeId(v.id), placement, v.name, v.size);
         vol.set_epoch(v.attach_epoch);
         vol.set_write_epoch(v.write_epoch.max(1));
         Ok(vol)
@@ -260,7 +261,7 @@ impl Cluster {
         let v = map.volume_by_name(name).ok_or_else(|| ClientError::NoSuchVolume(name.to_string()))?;
         let epoch =
             v.snapshot_epoch(snapshot).ok_or_else(|| ClientError::NoSuchSnapshot { volume: name.to_string(), snapshot: snapshot.to_string() })?;
-        Ok(Volume::new(self.clone(), v.id, v.name.clone(), v.size).at_snapshot(snapshot, epoch))
+        Ok(Volume::new(self.clone(), v.id, v.placement, v.name.clone(), v.size).at_snapshot(snapshot, epoch))
     }
 
     /// Waits up to `wait` for a map newer than `known` and caches it; returns the newest map

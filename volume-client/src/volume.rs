@@ -39,6 +39,9 @@ const MAP_REFRESH_WAIT: Duration = Duration::from_secs(10);
 pub struct Volume {
     cluster: Cluster,
     id: VolumeId,
+    /// The volume whose extent placement this one follows (a clone's root ancestor; else
+    /// `id`): PGs hold a clone's chunks beside the ones it inherits.
+    placement: VolumeId,
     name: Arc<str>,
     size: Arc<AtomicU64>,
     /// Attachment epoch sent with writes (0: not attached read-write).
@@ -140,12 +143,13 @@ pub fn piece_crcs(offset: u64, data: &[u8]) -> Vec<u32> {
 }
 
 impl Volume {
-    pub(crate) fn new(cluster: Cluster, id: VolumeId, name: String, size: u64) -> Self {
+    pub(crate) fn new(cluster: Cluster, id: VolumeId, placement: VolumeId, name: String, size: u64) -> Self {
         let permits = cluster.inner.options.max_inflight;
         let kib = (cluster.inner.options.max_inflight_bytes / 1024).max(1);
         Self {
             cluster,
             id,
+            placement,
             name: name.into(),
             size: Arc::new(AtomicU64::new(size)),
             epoch: Arc::new(AtomicU64::new(0)),
@@ -339,7 +343,7 @@ impl Volume {
 
     fn spans(&self, offset: u64, len: u64) -> Result<Vec<ExtentSpan>, ClientError> {
         let layout = self.cluster.map().layout.ok_or_else(|| ClientError::Admin("the cluster is not initialized".into()))?;
-        Ok(layout.split(self.id, offset, len))
+        Ok(layout.split(self.placement, offset, len))
     }
 
     /// Runs `call` against the leader of `span`'s PG, retrying across leader changes, map

@@ -22,11 +22,15 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Sent first by the node that opens a Raft connection. Its first byte differs from the data
 /// protocol's (`B`) and from an HTTP/2 preface (`P`). Version 2: placement-group commands
-/// carry snapshot write epochs (a version-1 node would not apply them).
-pub const MAGIC: [u8; 8] = *b"RAFTBSL2";
+/// carry snapshot write epochs; version 3: clones' commands carry their lineage (an older
+/// node would not apply them).
+pub const MAGIC: [u8; 8] = *b"RAFTBSL3";
 
 /// Version 1's magic, recognised only to refuse such a peer by name.
 pub const MAGIC_V1: [u8; 8] = *b"RAFTBSL1";
+
+/// Version 2's magic (before clones), likewise.
+pub const MAGIC_V2: [u8; 8] = *b"RAFTBSL2";
 
 /// Most messages either side puts in one frame.
 pub(crate) const MAX_MESSAGES: usize = 512;

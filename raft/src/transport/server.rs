@@ -91,6 +91,10 @@ impl TransportService {
                 tracing::warn!(%peer, "refusing a raft connection from a node speaking raft protocol version 1 (before snapshots); upgrade it");
                 return;
             }
+            Ok(Ok(_)) if magic == super::frame::MAGIC_V2 => {
+                tracing::warn!(%peer, "refusing a raft connection from a node speaking raft protocol version 2 (before clones); upgrade it");
+                return;
+            }
             _ => {
                 tracing::debug!(%peer, "closing a connection that did not open with the raft protocol magic");
                 return;

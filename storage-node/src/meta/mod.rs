@@ -1,6 +1,7 @@
 //! The meta group: cluster metadata replicated on the meta-role nodes.
 //!
-//! - [`state`][]: the metadata and its commands (pure).
+//! - [`state`][]: the metadata and its commands (pure); [`snapshots`][] and [`clones`][] its
+//!   snapshot and clone parts.
 //! - [`placement`][]: which nodes hold each PG (pure).
 //! - [`state_machine`][]: the Raft state machine around [`state::ClusterState`].
 //! - [`service`][]: the admin gRPC API, forwarding to the meta leader.
@@ -13,6 +14,7 @@
 //! - [`keys`][]: those keys across the meta nodes (stored on a majority, fetched, healed).
 
 pub mod audit_log;
+pub mod clones;
 #[cfg(test)]
 mod fixtures;
 pub mod healer;

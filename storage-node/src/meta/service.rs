@@ -17,15 +17,15 @@ use basalt_common::{DomainLevel, Layout, NodeId, PgId, VolumeId};
 use basalt_proto::admin::admin_client::AdminClient;
 use basalt_proto::admin::admin_server::Admin;
 use basalt_proto::admin::{
-    AuditAppendReply, AuditAppendRequest, AuditCheckRequest, AuditListReply, AuditListRequest, AuditNodeVerdict, AuditReportRequest,
+    Ancestor, AuditAppendReply, AuditAppendRequest, AuditCheckRequest, AuditListReply, AuditListRequest, AuditNodeVerdict, AuditReportRequest,
     AuditVerifyReply, AuditVerifyRequest, ClusterConfigureRequest, ClusterInitReply, ClusterInitRequest, ClusterMap, ClusterStatusReply,
     ClusterStatusRequest, GetClusterMapRequest, KeyGetReply, KeyGetRequest, KeyPutReply, KeyPutRequest, NodeDrainReply, NodeDrainRequest,
     NodeHeartbeatReply, NodeHeartbeatRequest, NodeInfoReply, NodeInfoRequest, NodeListReply, NodeListRequest, NodeRemoveReply, NodeRemoveRequest,
     PlacementGroup, ScrubStartReply, ScrubStartRequest, ScrubStatusReply, ScrubStatusRequest, SnapshotCreateRequest, SnapshotCutRequest,
     SnapshotDeleteRequest, SnapshotListReply, SnapshotListRequest, SnapshotReply, TokenCreateReply, TokenCreateRequest, TokenInfo, TokenListReply,
-    TokenListRequest, TokenRevokeReply, TokenRevokeRequest, VersionedKey, Volume, VolumeAttachRequest, VolumeCreateRequest, VolumeDeleteReply,
-    VolumeDeleteRequest, VolumeDetachRequest, VolumeKeyReply, VolumeKeyRequest, VolumeListReply, VolumeListRequest, VolumeReencryptProgressRequest,
-    VolumeRekeyRequest, VolumeReply, VolumeResizeRequest, VolumeRollbackRequest, VolumeShowRequest,
+    TokenListRequest, TokenRevokeReply, TokenRevokeRequest, VersionedKey, Volume, VolumeAttachRequest, VolumeCloneRequest, VolumeCreateRequest,
+    VolumeDeleteReply, VolumeDeleteRequest, VolumeDetachRequest, VolumeKeyReply, VolumeKeyRequest, VolumeListReply, VolumeListRequest,
+    VolumeReencryptProgressRequest, VolumeRekeyRequest, VolumeReply, VolumeResizeRequest, VolumeRollbackRequest, VolumeShowRequest,
 };
 use basalt_proto::data::ReleaseVolumeRequest;
 use basalt_raft::{NodeInfo, RaftError};
@@ -116,6 +116,11 @@ pub fn volume_proto(
         head_bytes: 0,
         snapshot_bytes: 0,
         usage_partial: false,
+        // Clone origin and placement: `volume_in` fills them from the state.
+        clone_of: String::new(),
+        lineage: Vec::new(),
+        placement_id: 0,
+        kept_for_clones: false,
     }
 }
 
@@ -125,7 +130,15 @@ fn snapshot_proto(name: &str, r: &super::snapshots::SnapshotRecord) -> basalt_pr
 
 /// `v` for the wire, as `s` has it.
 fn volume_in(s: &ClusterState, v: &VolumeRecord) -> Volume {
-    volume_proto(v, s.pgs.len(), s.volume_keys.get(&v.id), s.reencrypts.get(&v.id), s.snapshots.get(&v.id))
+    let mut out = volume_proto(v, s.pgs.len(), s.volume_keys.get(&v.id), s.reencrypts.get(&v.id), s.snapshots.get(&v.id));
+    out.placement_id = v.id.0;
+    if let Some(origin) = s.clones.get(&v.id) {
+        out.clone_of = format!("{}@{}", origin.parent_name, origin.snapshot);
+        out.lineage = origin.lineage.iter().map(|(volume, epoch)| Ancestor { volume_id: volume.0, epoch: *epoch }).collect();
+        out.placement_id = origin.placement.0;
+    }
+    out.kept_for_clones = matches!(v.state, VolumeState::Deleting { .. }) && s.read_by_clones(v.id);
+    out
 }
 
 enum Route<'a> {
@@ -1031,6 +1044,27 @@ impl Admin for AdminService {
         })
     }
 
+    async fn volume_clone(&self, request: Request<VolumeCloneRequest>) -> Result<Response<VolumeReply>, Status> {
+        let source = request.get_ref().source.clone();
+        forward_or!(self, request, volume_clone, Action::VolumeClone, Some(&source), |meta, caller, msg| {
+            if !caller.principal.sees_volume(&msg.name) {
+                return Err(Status::permission_denied(format!("{} may not create a volume named {:?}", caller.principal, msg.name)));
+            }
+            let target = format!("{}@{} as {}", msg.source, msg.snapshot, msg.name);
+            let cmd = MetaCommand::CloneVolume {
+                source: msg.source.clone(),
+                snapshot: msg.snapshot.clone(),
+                name: msg.name.clone(),
+                now_unix_ms: now_ms(),
+            };
+            let reply = self.propose_audited(meta, cmd, &caller, Action::VolumeClone, &target).await?;
+            if let MetaReply::Volume(v) = &reply {
+                tracing::info!(volume = %v.name, id = %v.id, source = %msg.source, snapshot = %msg.snapshot, by = %caller.principal, "volume cloned");
+            }
+            self.volume_reply(reply, self.current_version())
+        })
+    }
+
     async fn volume_list(&self, request: Request<VolumeListRequest>) -> Result<Response<VolumeListReply>, Status> {
         forward_or!(self, request, volume_list, Action::VolumeList, None, |meta, caller, _msg| {
             let s = self.read(meta).await?;
@@ -1080,17 +1114,15 @@ impl Admin for AdminService {
             let mut rx = meta.shared.subscribe();
             let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
             loop {
-                let done = meta.shared.with(|s| match s.volumes.get(&v.id) {
-                    None => total,
-                    Some(VolumeRecord { state: VolumeState::Deleting { done }, .. }) => done.len() as u32,
-                    Some(_) => 0,
+                let (done, kept) = meta.shared.with(|s| match s.volumes.get(&v.id) {
+                    None => (total, false),
+                    Some(VolumeRecord { state: VolumeState::Deleting { done }, .. }) => (done.len() as u32, s.read_by_clones(v.id)),
+                    Some(_) => (0, false),
                 });
-                if !msg.wait || done >= total || tokio::time::Instant::now() > deadline {
-                    return Ok(Response::new(VolumeDeleteReply {
-                        volume: Some(volume_proto(&v, total as usize, None, None, None)),
-                        pgs_done: done,
-                        pgs_total: total,
-                    }));
+                if !msg.wait || done >= total || kept || tokio::time::Instant::now() > deadline {
+                    let mut volume = volume_proto(&v, total as usize, None, None, None);
+                    volume.kept_for_clones = kept;
+                    return Ok(Response::new(VolumeDeleteReply { volume: Some(volume), pgs_done: done, pgs_total: total }));
                 }
                 let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
             }
@@ -1553,6 +1585,8 @@ pub async fn run_volume_reaper(ctx: Arc<NodeCtx>, mut shutdown: tokio::sync::wat
                 .volumes
                 .values()
                 .filter_map(|v| match &v.state {
+                    // A deleted volume some clone still reads keeps its data until none does.
+                    VolumeState::Deleting { .. } if s.read_by_clones(v.id) => None,
                     VolumeState::Deleting { done } => Some((v.id, s.pgs.iter().map(|p| p.id).filter(|p| !done.contains(p)).collect::<Vec<_>>())),
                     VolumeState::Active => None,
                 })
@@ -1573,7 +1607,7 @@ pub async fn run_volume_reaper(ctx: Arc<NodeCtx>, mut shutdown: tokio::sync::wat
             s.snapshots
                 .iter()
                 .filter(|(_, x)| !x.release_todo.is_empty())
-                .map(|(id, x)| (*id, x.release_generation, x.live_epochs(), x.release_todo.iter().copied().collect()))
+                .map(|(id, x)| (*id, x.release_generation, s.kept_epochs(*id), x.release_todo.iter().copied().collect()))
                 .collect()
         });
         if pending.is_empty() && releases.is_empty() && rollbacks.is_empty() {

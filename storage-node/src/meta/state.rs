@@ -204,6 +204,8 @@ pub struct ClusterState {
     /// Volumes' write epochs and snapshots (a volume without an entry: write epoch 1, none).
     /// Added in snapshot format 5.
     pub snapshots: BTreeMap<VolumeId, super::snapshots::VolumeSnapshots>,
+    /// Clones: where each came from and what it reads through. Added in snapshot format 6.
+    pub clones: BTreeMap<VolumeId, super::clones::CloneOrigin>,
     /// What the last applied commands did to the audit log, for the state machine to write to
     /// the audit file; never serialised.
     #[serde(skip)]
@@ -550,6 +552,17 @@ pub enum MetaCommand {
         /// The rollback's write epoch.
         at_epoch: u64,
     },
+    /// Creates volume `name` as a clone of `source`'s snapshot `snapshot`.
+    CloneVolume {
+        /// The volume cloned.
+        source: String,
+        /// Its snapshot the clone starts as.
+        snapshot: String,
+        /// The clone's name.
+        name: String,
+        /// Creation time (proposer's clock).
+        now_unix_ms: u64,
+    },
 }
 
 impl MetaCommand {
@@ -791,6 +804,7 @@ impl ClusterState {
             MetaCommand::DeleteSnapshot { volume, name } => self.delete_snapshot(&volume, &name),
             MetaCommand::SnapshotsReleased { volume, pg, generation } => self.snapshots_released(volume, pg, generation),
             MetaCommand::RollbackVolume { volume, snapshot } => self.rollback_volume(&volume, &snapshot),
+            MetaCommand::CloneVolume { source, snapshot, name, now_unix_ms } => self.clone_volume(&source, &snapshot, name, now_unix_ms),
             MetaCommand::RolledBack { volume, pg, at_epoch } => self.rolled_back(volume, pg, at_epoch),
         };
         if !matches!(reply, MetaReply::Error(_)) && changes_map {
@@ -875,7 +889,7 @@ impl ClusterState {
         MetaReply::Done
     }
 
-    fn create_volume(&mut self, name: String, size: u64, now_unix_ms: u64, keys: Option<VolumeKeys>) -> MetaReply {
+    pub(super) fn create_volume(&mut self, name: String, size: u64, now_unix_ms: u64, keys: Option<VolumeKeys>) -> MetaReply {
         if self.cluster_id.is_none() {
             return MetaReply::Error(MetaError::NotInitialized);
         }
@@ -1194,6 +1208,7 @@ impl ClusterState {
         let snapshot = v.clone();
         if finished {
             self.volumes.remove(&volume);
+            self.clone_gone(volume);
         }
         MetaReply::Volume(snapshot)
     }

@@ -11,7 +11,7 @@
 //! raises [`SNAPSHOT_VERSION`] and keeps a decoder for the versions before it
 //! (`decode_snapshot`). Snapshots written before the header existed (no magic) are format 1;
 //! format 3 added encrypted volumes' key references (`volume_keys`), format 4 re-encryptions in
-//! progress (`reencrypts`), format 5 volumes' snapshots and write epochs (`snapshots`).
+//! progress (`reencrypts`), format 5 volumes' snapshots and write epochs (`snapshots`), format 6 clones (`clones`).
 //!
 //! Applying a volume's deletion erases its wrapped key from this node's [`KeyStore`] before
 //! the apply completes (crypto-shredding; the keys themselves never enter a snapshot or log).
@@ -77,7 +77,7 @@ impl MetaShared {
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BSLTMETA";
 
 /// The format this binary writes (and the newest it reads).
-pub const SNAPSHOT_VERSION: u32 = 5;
+pub const SNAPSHOT_VERSION: u32 = 6;
 
 /// [`ClusterState`] as format 1 had it, before tokens and the audit log.
 #[derive(Deserialize)]
@@ -156,6 +156,19 @@ impl From<ClusterStateV4> for ClusterState {
     }
 }
 
+/// [`ClusterState`] as format 5 had it, before clones: format 4, then snapshots.
+#[derive(Deserialize)]
+struct ClusterStateV5 {
+    v4: ClusterStateV4,
+    snapshots: BTreeMap<VolumeId, crate::meta::snapshots::VolumeSnapshots>,
+}
+
+impl From<ClusterStateV5> for ClusterState {
+    fn from(v: ClusterStateV5) -> ClusterState {
+        ClusterState { snapshots: v.snapshots, ..v.v4.into() }
+    }
+}
+
 fn encode_snapshot(record: &CheckpointRecord, state: &ClusterState, audit: &[u8]) -> Vec<u8> {
     // Serialising plain structs and maps into a Vec cannot fail.
     let body = bincode::serialize(&(record.encode(), state)).expect("cluster state serialises");
@@ -185,7 +198,7 @@ fn decode_snapshot(bytes: &[u8]) -> io::Result<(CheckpointRecord, ClusterState, 
                 bincode::deserialize(body).map_err(|e| invalid(format!("corrupt meta snapshot (format 1): {e}")))?;
             (record, state.into(), &[])
         }
-        2..=5 => {
+        2..=6 => {
             let (len, rest) = body.split_at_checked(8).ok_or_else(|| invalid("meta snapshot truncated in its header".into()))?;
             let len = u64::from_le_bytes(len.try_into().map_err(|_| invalid("meta snapshot header".into()))?);
             let len = usize::try_from(len).ok().filter(|l| *l <= rest.len()).ok_or_else(|| invalid("meta snapshot truncated in its state".into()))?;
@@ -202,6 +215,10 @@ fn decode_snapshot(bytes: &[u8]) -> io::Result<(CheckpointRecord, ClusterState, 
                 }
                 4 => {
                     let (record, state): (Vec<u8>, ClusterStateV4) = bincode::deserialize(state).map_err(corrupt)?;
+                    (record, state.into())
+                }
+                5 => {
+                    let (record, state): (Vec<u8>, ClusterStateV5) = bincode::deserialize(state).map_err(corrupt)?;
                     (record, state.into())
                 }
                 _ => bincode::deserialize(state).map_err(corrupt)?,
@@ -455,6 +472,14 @@ mod tests {
         let mut snaps = crate::meta::snapshots::VolumeSnapshots { write_epoch: 4, ..Default::default() };
         snaps.snapshots.insert("s".into(), crate::meta::snapshots::SnapshotRecord { epoch: 3, created_unix_ms: 8 });
         state.snapshots.insert(VolumeId(1), snaps);
+        let origin = crate::meta::clones::CloneOrigin {
+            parent: VolumeId(1),
+            parent_name: "p".into(),
+            snapshot: "s".into(),
+            lineage: vec![(VolumeId(1), 3)],
+            placement: VolumeId(1),
+        };
+        state.clones.insert(VolumeId(2), origin);
         let record = CheckpointRecord::default();
         let bytes = encode_snapshot(&record, &state, b"line 1\nline 2\n");
         assert!(bytes.starts_with(SNAPSHOT_MAGIC));
@@ -477,6 +502,7 @@ mod tests {
             s.volume_keys.clear();
             s.reencrypts.clear();
             s.snapshots.clear();
+            s.clones.clear();
             s
         };
         let fields = (
@@ -504,6 +530,7 @@ mod tests {
             let mut s = state.clone();
             s.reencrypts.clear();
             s.snapshots.clear();
+            s.clones.clear();
             s
         };
         let fields = (
@@ -532,6 +559,7 @@ mod tests {
         let v4 = {
             let mut s = state.clone();
             s.snapshots.clear();
+            s.clones.clear();
             s
         };
         let fields = (
@@ -556,6 +584,36 @@ mod tests {
         four.extend_from_slice(&(body.len() as u64).to_le_bytes());
         four.extend_from_slice(&body);
         assert_eq!(decode_snapshot(&four).unwrap().1, v4);
+
+        // Format 5 (before clones).
+        let v5 = {
+            let mut s = state.clone();
+            s.clones.clear();
+            s
+        };
+        let fields = (
+            (
+                &v5.cluster_id,
+                &v5.settings,
+                &v5.nodes,
+                &v5.pgs,
+                &v5.volumes,
+                v5.next_volume_id,
+                v5.version,
+                &v5.draining,
+                &v5.removed,
+                &v5.tokens,
+                &v5.audit,
+                &v5.volume_keys,
+            ),
+            (v5.encrypt_by_default, &v5.reencrypts, &v5.snapshots),
+        );
+        let body = bincode::serialize(&(record.encode(), fields)).unwrap();
+        let mut five = SNAPSHOT_MAGIC.to_vec();
+        five.extend_from_slice(&5u32.to_le_bytes());
+        five.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        five.extend_from_slice(&body);
+        assert_eq!(decode_snapshot(&five).unwrap().1, v5);
 
         // A newer format is refused by name, not misread.
         let mut newer = SNAPSHOT_MAGIC.to_vec();

@@ -14,6 +14,7 @@
 //! Sealed repair:[7][volume u64][probe_index u64][offset u64][crc u32][crypt 28 bytes][data: 4096 bytes]
 //! ReleaseVersions: [11][volume u64][n u32][n × live snapshot epoch u64]
 //! Rollback:     [12][volume u64][to u64][at u64]
+//! Of a clone:   [13][volume u64][n u8][n × (ancestor u64, epoch u64)][write, zero, rollback or release]
 //! ```
 //! Tags 1 (write), 6 (sealed write) and 2 (zero) are the same without `write_epoch`, from logs
 //! written before snapshots; they decode with write epoch 1 and are no longer written.
@@ -26,6 +27,11 @@
 //! volume's snapshot write epoch the writer held (`basalt_chunk_store::versions`): a chunk whose
 //! newest version is older is copied first, and once a PG applied a write of epoch `w` it
 //! refuses the volume's writes of a lower one (they were issued before a snapshot cut).
+//!
+//! A clone's writes, zeroes, rollbacks and releases come wrapped in tag 13 with its lineage
+//! (`basalt_chunk_store::Lineage`: the ancestors it reads where it wrote nothing, nearest
+//! first), which never changes over the clone's life; the wrapped command names the same
+//! volume.
 //!
 //! Probe and Repair are the integrity scrub's (see [`super::repair`]): a probe marks a log
 //! position at which every replica's copy of a chunk is compared; a repair rewrites one block
@@ -115,7 +121,18 @@ pub enum PgCommand {
         /// The volume's write epoch.
         at: u64,
     },
+    /// A command on a clone, with the clone's lineage.
+    OfClone {
+        /// Ancestors and the snapshot epoch each is read at, nearest first (1 to
+        /// [`MAX_LINEAGE`]).
+        lineage: Vec<(VolumeId, u64)>,
+        /// A write, zero, rollback or release of the clone.
+        command: Box<PgCommand>,
+    },
 }
+
+/// Most ancestors a clone has (a clone of a clone of ...).
+pub const MAX_LINEAGE: usize = 16;
 
 /// Most live snapshot epochs one release names (a volume's snapshot limit is far below it).
 pub const MAX_RELEASE_EPOCHS: usize = 65_536;
@@ -147,10 +164,18 @@ pub fn piece_count(offset: u64, len: u64) -> usize {
 impl PgCommand {
     /// Encodes the command.
     pub fn encode(&self) -> Bytes {
+        let mut b = BytesMut::new();
+        self.encode_into(&mut b);
+        b.freeze()
+    }
+
+    /// Appends the command's encoding to `b` (a clone's wrapper writes its header first, so
+    /// the payload is copied once).
+    fn encode_into(&self, b: &mut BytesMut) {
         match self {
             PgCommand::Write { volume, epoch, write_epoch, offset, crcs, crypt, data } => {
                 let sealed = crypt.as_ref().map_or(0, |c| c.len() * CryptContext::LEN);
-                let mut b = BytesMut::with_capacity(37 + crcs.len() * 4 + sealed + data.len());
+                b.reserve(37 + crcs.len() * 4 + sealed + data.len());
                 b.put_u8(if crypt.is_some() { 9 } else { 8 });
                 b.put_u64_le(volume.0);
                 b.put_u64_le(*epoch);
@@ -165,10 +190,9 @@ impl PgCommand {
                     b.put_slice(&c.tag);
                 }
                 b.put_slice(data);
-                b.freeze()
             }
             PgCommand::Zero { volume, epoch, write_epoch, offset, len, keep_allocated } => {
-                let mut b = BytesMut::with_capacity(42);
+                b.reserve(42);
                 b.put_u8(10);
                 b.put_u64_le(volume.0);
                 b.put_u64_le(*epoch);
@@ -176,23 +200,20 @@ impl PgCommand {
                 b.put_u64_le(*offset);
                 b.put_u64_le(*len);
                 b.put_u8(u8::from(*keep_allocated));
-                b.freeze()
             }
             PgCommand::DeleteVolume { volume } => {
-                let mut b = BytesMut::with_capacity(9);
+                b.reserve(9);
                 b.put_u8(3);
                 b.put_u64_le(volume.0);
-                b.freeze()
             }
             PgCommand::Probe { volume, chunk } => {
-                let mut b = BytesMut::with_capacity(17);
+                b.reserve(17);
                 b.put_u8(4);
                 b.put_u64_le(volume.0);
                 b.put_u64_le(*chunk);
-                b.freeze()
             }
             PgCommand::Repair { volume, probe_index, offset, crc, crypt, data } => {
-                let mut b = BytesMut::with_capacity(29 + CryptContext::LEN + data.len());
+                b.reserve(29 + CryptContext::LEN + data.len());
                 b.put_u8(if crypt.is_some() { 7 } else { 5 });
                 b.put_u64_le(volume.0);
                 b.put_u64_le(*probe_index);
@@ -203,27 +224,58 @@ impl PgCommand {
                     b.put_slice(&c.tag);
                 }
                 b.put_slice(data);
-                b.freeze()
             }
             PgCommand::Rollback { volume, to, at } => {
-                let mut b = BytesMut::with_capacity(25);
+                b.reserve(25);
                 b.put_u8(12);
                 b.put_u64_le(volume.0);
                 b.put_u64_le(*to);
                 b.put_u64_le(*at);
-                b.freeze()
+            }
+            PgCommand::OfClone { lineage, command } => {
+                b.reserve(10 + lineage.len() * 16);
+                b.put_u8(13);
+                b.put_u64_le(command.volume().0);
+                b.put_u8(lineage.len() as u8);
+                for (volume, epoch) in lineage {
+                    b.put_u64_le(volume.0);
+                    b.put_u64_le(*epoch);
+                }
+                command.encode_into(b);
             }
             PgCommand::ReleaseVersions { volume, live } => {
-                let mut b = BytesMut::with_capacity(13 + live.len() * 8);
+                b.reserve(13 + live.len() * 8);
                 b.put_u8(11);
                 b.put_u64_le(volume.0);
                 b.put_u32_le(live.len() as u32);
                 for e in live {
                     b.put_u64_le(*e);
                 }
-                b.freeze()
             }
         }
+    }
+
+    /// The volume the command is about.
+    pub fn volume(&self) -> VolumeId {
+        match self {
+            PgCommand::Write { volume, .. }
+            | PgCommand::Zero { volume, .. }
+            | PgCommand::DeleteVolume { volume }
+            | PgCommand::Probe { volume, .. }
+            | PgCommand::Repair { volume, .. }
+            | PgCommand::ReleaseVersions { volume, .. }
+            | PgCommand::Rollback { volume, .. } => *volume,
+            PgCommand::OfClone { command, .. } => command.volume(),
+        }
+    }
+
+    /// Wraps a write, zero, rollback or release of a clone with its lineage (a volume that
+    /// is not a clone, empty `lineage`: the command as it is).
+    pub fn of_clone(self, lineage: &[(VolumeId, u64)]) -> PgCommand {
+        if lineage.is_empty() {
+            return self;
+        }
+        PgCommand::OfClone { lineage: lineage.to_vec(), command: Box::new(self) }
     }
 
     /// Decodes a command, validating lengths and checksum counts.
@@ -329,6 +381,32 @@ impl PgCommand {
                 Ok(PgCommand::Rollback { volume, to, at })
             }
             12 => Err("bad rollback command length".into()),
+            13 => {
+                if b.remaining() < 1 {
+                    return Err("truncated clone command".into());
+                }
+                let n = b.get_u8() as usize;
+                if n == 0 || n > MAX_LINEAGE || b.remaining() < n * 16 {
+                    return Err(format!("bad clone command: a lineage of {n} ancestors"));
+                }
+                let lineage: Vec<(VolumeId, u64)> = (0..n).map(|_| (VolumeId(b.get_u64_le()), b.get_u64_le())).collect();
+                if lineage.iter().any(|(v, e)| *v == volume || *e == 0) {
+                    return Err(format!("bad clone command: {volume} with lineage {lineage:?}"));
+                }
+                // Checked before decoding it: nested wrappers would recurse without bound.
+                if b.first() == Some(&13) {
+                    return Err("bad clone command: a clone command inside another".into());
+                }
+                let command = PgCommand::decode(b)?;
+                if !matches!(
+                    command,
+                    PgCommand::Write { .. } | PgCommand::Zero { .. } | PgCommand::Rollback { .. } | PgCommand::ReleaseVersions { .. }
+                ) || command.volume() != volume
+                {
+                    return Err(format!("bad clone command for {volume}: it wraps a command of another kind or volume"));
+                }
+                Ok(PgCommand::OfClone { lineage, command: Box::new(command) })
+            }
             other => Err(format!("unknown command tag {other}")),
         }
     }
@@ -439,6 +517,18 @@ mod tests {
             PgCommand::ReleaseVersions { volume: VolumeId(3), live: vec![] },
             PgCommand::Rollback { volume: VolumeId(3), to: 2, at: 5 },
             PgCommand::Probe { volume: VolumeId(3), chunk: 7 },
+            PgCommand::Zero { volume: VolumeId(3), epoch: 2, write_epoch: 3, offset: 0, len: 4096, keep_allocated: false }
+                .of_clone(&[(VolumeId(2), 4), (VolumeId(1), 7)]),
+            PgCommand::Write {
+                volume: VolumeId(3),
+                epoch: 1,
+                write_epoch: 1,
+                offset: 0,
+                crcs: vec![5],
+                crypt: None,
+                data: Bytes::from(vec![1u8; 9]),
+            }
+            .of_clone(&[(VolumeId(2), 4)]),
             PgCommand::Repair { volume: VolumeId(3), probe_index: 9, offset: 8192, crc: 5, crypt: None, data: Bytes::from(vec![1u8; 4096]) },
             PgCommand::Repair {
                 volume: VolumeId(3),
@@ -518,6 +608,29 @@ mod tests {
         let unaligned =
             PgCommand::Repair { volume: VolumeId(1), probe_index: 1, offset: 100, crc: 0, crypt: None, data: Bytes::from(vec![0u8; 4096]) };
         assert!(PgCommand::decode(unaligned.encode()).is_err(), "repairs are whole blocks");
+        // Clone wrappers: a known kind of the same volume, a sane lineage, never nested.
+        let zero = PgCommand::Zero { volume: VolumeId(3), epoch: 2, write_epoch: 3, offset: 0, len: 4096, keep_allocated: false };
+        assert_eq!(zero.clone().of_clone(&[]), zero, "not a clone: no wrapper");
+        let bad_clones = [
+            PgCommand::OfClone { lineage: vec![(VolumeId(2), 4)], command: Box::new(PgCommand::Probe { volume: VolumeId(3), chunk: 0 }) },
+            PgCommand::OfClone { lineage: vec![(VolumeId(2), 4)], command: Box::new(PgCommand::DeleteVolume { volume: VolumeId(3) }) },
+            PgCommand::OfClone { lineage: vec![(VolumeId(3), 4)], command: Box::new(zero.clone()) },
+            PgCommand::OfClone { lineage: vec![(VolumeId(2), 0)], command: Box::new(zero.clone()) },
+            PgCommand::OfClone { lineage: vec![], command: Box::new(zero.clone()) },
+            PgCommand::OfClone { lineage: vec![(VolumeId(2), 1); MAX_LINEAGE + 1], command: Box::new(zero.clone()) },
+            zero.clone().of_clone(&[(VolumeId(2), 4)]).of_clone(&[(VolumeId(2), 4)]),
+        ];
+        for bad in bad_clones {
+            assert!(PgCommand::decode(bad.encode()).is_err(), "{bad:?}");
+        }
+        let mut other_volume = zero.clone().of_clone(&[(VolumeId(2), 4)]).encode().to_vec();
+        other_volume[1] = 9;
+        assert!(PgCommand::decode(Bytes::from(other_volume)).is_err(), "a wrapper naming another volume");
+        let mut deep = Vec::new();
+        for _ in 0..10_000 {
+            deep.extend_from_slice(&[13, 3, 0, 0, 0, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0]);
+        }
+        assert!(PgCommand::decode(Bytes::from(deep)).is_err(), "deep nesting is refused, not recursed into");
         for r in [
             PgReply::Ok,
             PgReply::NoSuchVolume,

@@ -109,7 +109,7 @@ impl DataService {
         len: u64,
         map_version: u64,
         epoch: Option<u64>,
-    ) -> Result<PgHandle, DataError> {
+    ) -> Result<(PgHandle, Vec<(VolumeId, u64)>), DataError> {
         let node = self.ctx.config.id;
         let Some(handle) = self.ctx.pgs.get(PgId(pg)) else {
             return Err(err(Code::WrongNode, format!("{node} holds no replica of pg-{pg}")));
@@ -146,11 +146,12 @@ impl DataService {
         if (end - 1) / layout.extent_size != first {
             return Err(err(Code::Invalid, format!("range {offset}..{end} crosses an extent boundary; split it per extent")));
         }
-        let owner = layout.pg_of(vol.id, ExtentIndex(first));
+        // A clone's extents are placed like its root ancestor's, so what it inherits is local.
+        let owner = layout.pg_of(vol.placement, ExtentIndex(first));
         if owner.0 != pg {
             return Err(err(Code::Invalid, format!("extent {first} of volume {volume} belongs to {owner}, not pg-{pg}")));
         }
-        Ok(handle)
+        Ok((handle, vol.lineage.clone()))
     }
 
     /// Checks a write's snapshot write epoch against the map: 0 is no epoch (an old client);
@@ -235,7 +236,7 @@ impl DataService {
             let Ok(_admitted) = self.inflight.acquire_many(len.div_ceil(1024).max(1) as u32).await else {
                 return Some(err(Code::Unavailable, "node is shutting down"));
             };
-            let handle = match self.route(who, req.pg, req.volume_id, req.offset, len, req.map_version, Some(req.attach_epoch)).await {
+            let (handle, lineage) = match self.route(who, req.pg, req.volume_id, req.offset, len, req.map_version, Some(req.attach_epoch)).await {
                 Ok(h) => h,
                 Err(e) => return Some(e),
             };
@@ -306,7 +307,7 @@ impl DataService {
                 crypt,
                 data: req.data,
             };
-            self.propose(&handle, cmd).await
+            self.propose(&handle, cmd.of_clone(&lineage)).await
         }
         .await;
         self.done(Op::Write, len, started, &error);
@@ -324,14 +325,14 @@ impl DataService {
             if len > MAX_IO {
                 return Err(err(Code::OutOfRange, format!("read of {len} bytes exceeds the {MAX_IO}-byte limit")));
             }
-            let handle = self.route(who, req.pg, req.volume_id, req.offset, len, req.map_version, None).await?;
+            let (handle, lineage) = self.route(who, req.pg, req.volume_id, req.offset, len, req.map_version, None).await?;
             let at = self.read_epoch(req.volume_id, req.snapshot_epoch)?;
             handle.group.read_barrier().await.map_err(|e| self.raft_error(e))?;
             // A bad block on this replica is repaired from the others through the PG, then the
             // read runs again; each round repairs one chunk of the range.
             let mut rounds = 0;
             loop {
-                match handle.shared.read(VolumeId(req.volume_id), at, req.offset, len).await {
+                match handle.shared.read(VolumeId(req.volume_id), &lineage, at, req.offset, len).await {
                     Ok(r) => {
                         // Contexts go out only when some block has one (encrypted volumes).
                         let crypt = if r.crypt.iter().any(Option::is_some) { CryptContext::encode_all(&r.crypt) } else { Vec::new() };
@@ -385,10 +386,11 @@ impl DataService {
         let started = Instant::now();
         self.sessions.seen(req.session, req.connection);
         let error = async {
-            let handle = match self.route(who, req.pg, req.volume_id, req.offset, req.length, req.map_version, Some(req.attach_epoch)).await {
-                Ok(h) => h,
-                Err(e) => return Some(e),
-            };
+            let (handle, lineage) =
+                match self.route(who, req.pg, req.volume_id, req.offset, req.length, req.map_version, Some(req.attach_epoch)).await {
+                    Ok(h) => h,
+                    Err(e) => return Some(e),
+                };
             if let Err(e) = self.check_write_epoch(req.volume_id, req.write_epoch) {
                 return Some(e);
             }
@@ -412,7 +414,7 @@ impl DataService {
                 len: req.length,
                 keep_allocated: req.keep_allocated,
             };
-            self.propose(&handle, cmd).await
+            self.propose(&handle, cmd.of_clone(&lineage)).await
         }
         .await;
         self.done(Op::Zero, req.length, started, &error);
@@ -444,14 +446,18 @@ impl Data for DataService {
     async fn release_volume(&self, request: Request<ReleaseVolumeRequest>) -> Result<Response<ReleaseVolumeReply>, Status> {
         self.access.authorize(&request, Action::Internal, None).await?;
         let req = request.into_inner();
+        // A clone's rollback and release read through its lineage (the map keeps a deleted
+        // volume's entry until every PG released it).
+        let lineage = self.ctx.map.borrow().volumes.get(&VolumeId(req.volume_id)).map(|v| v.lineage.clone()).unwrap_or_default();
         let error = match self.ctx.pgs.get(PgId(req.pg)) {
             None => Some(err(Code::WrongNode, format!("{} holds no replica of pg-{}", self.ctx.config.id, req.pg))),
             Some(handle) if req.rollback_at != 0 => {
                 let cmd = PgCommand::Rollback { volume: VolumeId(req.volume_id), to: req.rollback_to, at: req.rollback_at };
-                self.propose(&handle, cmd).await
+                self.propose(&handle, cmd.of_clone(&lineage)).await
             }
             Some(handle) if req.versions_only => {
-                self.propose(&handle, PgCommand::ReleaseVersions { volume: VolumeId(req.volume_id), live: req.live_epochs }).await
+                let cmd = PgCommand::ReleaseVersions { volume: VolumeId(req.volume_id), live: req.live_epochs };
+                self.propose(&handle, cmd.of_clone(&lineage)).await
             }
             Some(handle) => self.propose(&handle, PgCommand::DeleteVolume { volume: VolumeId(req.volume_id) }).await,
         };

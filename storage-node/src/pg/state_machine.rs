@@ -11,7 +11,7 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use basalt_chunk_store::{Batch, ChunkCheck, ChunkKey, ChunkStore, ChunkStoreError, Epoch};
+use basalt_chunk_store::{Batch, ChunkCheck, ChunkKey, ChunkStore, ChunkStoreError, Epoch, Lineage};
 use basalt_common::{BLOCK_SIZE, CHUNK_SIZE, NodeId, PgId, VolumeId, ZERO_BLOCK_CRC, crc32c};
 use basalt_raft::{ApplyItem, CheckpointRecord, StateMachine};
 use basalt_scrubber::IntegrityStats;
@@ -227,16 +227,23 @@ impl PgShared {
         self.pg.0 | 0x8000_0000
     }
 
-    /// Reads block-aligned `[offset, offset+len)` of `volume` as of snapshot epoch `at` (the
-    /// volume as it is now: `Epoch::MAX`), verified.
-    /// Fails if the replica is being retired (checked under the lock, which retiring takes
-    /// before it drops the data).
-    pub async fn read(&self, volume: VolumeId, at: Epoch, offset: u64, len: u64) -> Result<basalt_chunk_store::BlockRead, ChunkStoreError> {
+    /// Reads block-aligned `[offset, offset+len)` of `volume` (a clone with `lineage`, or
+    /// none: empty) as of snapshot epoch `at` (the volume as it is now: `Epoch::MAX`),
+    /// verified. Fails if the replica is being retired (checked under the lock, which
+    /// retiring takes before it drops the data).
+    pub async fn read(
+        &self,
+        volume: VolumeId,
+        lineage: &Lineage,
+        at: Epoch,
+        offset: u64,
+        len: u64,
+    ) -> Result<basalt_chunk_store::BlockRead, ChunkStoreError> {
         let _guard = self.lock.read().await;
         if self.retired.load(Ordering::Acquire) {
             return Err(ChunkStoreError::Failed(format!("{} no longer holds a replica of {}", self.node, self.pg)));
         }
-        self.store.read_at(self.shard(), volume, at, offset, len).await
+        self.store.read_through(self.shard(), volume, lineage, at, offset, len).await
     }
 }
 
@@ -322,6 +329,7 @@ impl PgStateMachine {
     async fn aligned(
         &self,
         volume: VolumeId,
+        lineage: &Lineage,
         offset: u64,
         len: u64,
         data: Option<&Bytes>,
@@ -333,11 +341,11 @@ impl PgStateMachine {
         let head_partial = offset != start;
         let tail_partial = offset + len != end;
         if head_partial {
-            let old = self.shared.store.read(self.shared.shard(), volume, start, BLOCK_SIZE).await?;
+            let old = self.shared.store.read_through(self.shared.shard(), volume, lineage, Epoch::MAX, start, BLOCK_SIZE).await?;
             buf[..BLOCK_SIZE as usize].copy_from_slice(&old.data);
         }
         if tail_partial && (end - BLOCK_SIZE != start || !head_partial) {
-            let old = self.shared.store.read(self.shared.shard(), volume, end - BLOCK_SIZE, BLOCK_SIZE).await?;
+            let old = self.shared.store.read_through(self.shared.shard(), volume, lineage, Epoch::MAX, end - BLOCK_SIZE, BLOCK_SIZE).await?;
             let at = (end - BLOCK_SIZE - start) as usize;
             buf[at..].copy_from_slice(&old.data);
         }
@@ -366,6 +374,17 @@ impl PgStateMachine {
     /// see what earlier commands wrote.
     async fn stage(&mut self, batch: &mut Batch, index: u64, cmd: PgCommand) -> Result<PgReply, ChunkStoreError> {
         let shard = self.shared.shard();
+        // A clone's command: the store reads through its lineage. Named again after every
+        // flush (a flush starts a new batch).
+        let (cmd, lineage) = match cmd {
+            PgCommand::OfClone { lineage, command } => (*command, lineage),
+            cmd => (cmd, Vec::new()),
+        };
+        let name_clone = |batch: &mut Batch, volume: VolumeId| {
+            if !lineage.is_empty() {
+                batch.set_lineage(shard, volume, lineage.clone());
+            }
+        };
         match cmd {
             PgCommand::Write { volume, epoch, write_epoch, offset, crcs, crypt, data } => {
                 self.shared.touch(volume, offset, data.len() as u64);
@@ -389,12 +408,15 @@ impl PgStateMachine {
                 }
                 if let Some(crypt) = crypt {
                     // Whole blocks (checked at decode): ciphertext and contexts as sent.
+                    name_clone(batch, volume);
                     batch.write_encrypted(shard, volume, write_epoch, offset, data, crcs, crypt)?;
                 } else if offset % BLOCK_SIZE == 0 && (data.len() as u64).is_multiple_of(BLOCK_SIZE) {
+                    name_clone(batch, volume);
                     batch.write(shard, volume, write_epoch, offset, data, crcs)?;
                 } else {
                     self.flush(batch).await?;
-                    let (start, buf, block_crcs) = self.aligned(volume, offset, data.len() as u64, Some(&data), &crcs).await?;
+                    let (start, buf, block_crcs) = self.aligned(volume, &lineage, offset, data.len() as u64, Some(&data), &crcs).await?;
+                    name_clone(batch, volume);
                     batch.write(shard, volume, write_epoch, start, buf, block_crcs)?;
                 }
                 Ok(PgReply::Ok)
@@ -417,6 +439,7 @@ impl PgStateMachine {
                     let mut pos = start;
                     while pos < end {
                         let n = (end - pos).min(basalt_chunk_store::MAX_IO_BYTES);
+                        name_clone(batch, volume);
                         batch.zero(shard, volume, write_epoch, pos, n, !keep_allocated)?;
                         pos += n;
                     }
@@ -426,7 +449,8 @@ impl PgStateMachine {
                 for (o, l) in edges {
                     if l > 0 && (o % BLOCK_SIZE != 0 || l % BLOCK_SIZE != 0) {
                         self.flush(batch).await?;
-                        let (s, buf, crcs) = self.aligned(volume, o, l, None, &[]).await?;
+                        let (s, buf, crcs) = self.aligned(volume, &lineage, o, l, None, &[]).await?;
+                        name_clone(batch, volume);
                         batch.write(shard, volume, write_epoch, s, buf, crcs)?;
                     }
                 }
@@ -445,6 +469,7 @@ impl PgStateMachine {
                 if self.tombstones.contains(&volume) {
                     return Ok(PgReply::NoSuchVolume);
                 }
+                name_clone(batch, volume);
                 batch.release_versions(shard, volume, live);
                 Ok(PgReply::Ok)
             }
@@ -455,12 +480,14 @@ impl PgStateMachine {
                 if let Some(refused) = self.snapshot_fence(batch, volume, at).await? {
                     return Ok(refused);
                 }
+                name_clone(batch, volume);
                 batch.rollback(shard, volume, to, at);
                 // On its own: it copies chunks, read before the batch's writes land.
                 self.flush(batch).await?;
                 self.shared.probes().retain(|(v, _), _| *v != volume);
                 Ok(PgReply::Ok)
             }
+            PgCommand::OfClone { .. } => Ok(PgReply::Invalid("a clone command inside another".into())),
             PgCommand::Probe { volume, chunk } => {
                 if self.tombstones.contains(&volume) {
                     return Ok(PgReply::NoSuchVolume);
@@ -692,9 +719,15 @@ impl PgStateMachine {
         let last_index = items.last().map(|i| i.index).unwrap_or(0);
         let cmds: Vec<(u64, Option<Result<PgCommand, String>>)> = items.into_iter().map(|i| (i.index, i.command.map(PgCommand::decode))).collect();
         // Commands that free data: the log entries before them may hold the freed bytes.
-        let frees = |c: &PgCommand| {
-            matches!(c, PgCommand::Zero { .. } | PgCommand::DeleteVolume { .. } | PgCommand::ReleaseVersions { .. } | PgCommand::Rollback { .. })
-        };
+        fn frees(c: &PgCommand) -> bool {
+            match c {
+                PgCommand::OfClone { command, .. } => frees(command),
+                c => matches!(
+                    c,
+                    PgCommand::Zero { .. } | PgCommand::DeleteVolume { .. } | PgCommand::ReleaseVersions { .. } | PgCommand::Rollback { .. }
+                ),
+            }
+        }
         if cmds.iter().any(|(_, c)| matches!(c, Some(Ok(c)) if frees(c))) {
             self.shared.purge_wanted.fetch_max(last_index, Ordering::Relaxed);
         }
