@@ -786,13 +786,18 @@ impl<'a> Planner<'a> {
     fn copy_into(&mut self, key: ChunkKey, slot: u64, from: ChunkKey) -> Result<()> {
         let source =
             self.copies.get_mut(&from).ok_or_else(|| ChunkStoreError::Failed(format!("{from:?} was not read before the batch that copies it")))?;
-        source.uses -= 1;
+        source.uses = source.uses.saturating_sub(1);
         // The last (nearly always the only) copy takes the buffer; clones of one parent
         // copying the same version in one batch get their own.
-        let buf = match (&source.buf, source.uses) {
-            (Some(_), 0) => source.buf.take(),
-            (Some(b), _) => Some(AlignedBuf::from_slice(b.as_slice())),
-            (None, _) => None,
+        let buf = match &source.buf {
+            Some(b) if source.uses > 0 => Some(AlignedBuf::from_slice(b.as_slice())),
+            Some(_) => source.buf.take(),
+            // Taken by a copy the plan did not count: refused rather than copying metadata
+            // without its blocks.
+            None if !source.metas.is_empty() => {
+                return Err(ChunkStoreError::Failed(format!("{from:?} was copied more often than the batch planned")));
+            }
+            None => None,
         };
         if let Some(buf) = buf {
             let blocks = (buf.len() / BLOCK_SIZE as usize) as u16;
