@@ -1622,87 +1622,65 @@ pub async fn run_volume_reaper(ctx: Arc<NodeCtx>, mut shutdown: tokio::sync::wat
             candidates.iter().filter_map(|n| nodes.get(n).map(|r| r.addr.clone())).collect()
         };
         for (volume, to, at, todo) in rollbacks {
-            let calls = todo.into_iter().map(|pg| {
-                let ctx = ctx.clone();
-                let addrs = addrs_of(pg);
-                async move {
-                    for addr in addrs {
-                        let Ok(mut c) = ctx.clients.data(&addr) else {
-                            continue;
-                        };
-                        let req = ReleaseVolumeRequest { pg: pg.0, volume_id: volume.0, rollback_to: to, rollback_at: at, ..Default::default() };
-                        // A PG copies each changed chunk: give it time.
-                        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(60), c.release_volume(req)).await
-                            && r.into_inner().error.is_none()
-                        {
-                            return Some(pg);
-                        }
-                    }
-                    None
-                }
-            });
-            for pg in futures::future::join_all(calls).await.into_iter().flatten() {
+            let req = |pg: PgId| ReleaseVolumeRequest { pg: pg.0, volume_id: volume.0, rollback_to: to, rollback_at: at, ..Default::default() };
+            // A PG copies each changed chunk: give it time.
+            for pg in ask_pgs(&ctx, &addrs_of, todo, Duration::from_secs(60), req).await {
                 if let Err(e) = service.propose(meta, MetaCommand::RolledBack { volume, pg, at_epoch: at }).await {
                     tracing::debug!(%volume, %pg, error = %e.message(), "recording a rollback failed; will retry");
                 }
             }
         }
         for (volume, generation, live, todo) in releases {
-            let calls = todo.into_iter().map(|pg| {
-                let ctx = ctx.clone();
-                let addrs = addrs_of(pg);
-                let live = live.clone();
-                async move {
-                    for addr in addrs {
-                        let Ok(mut c) = ctx.clients.data(&addr) else {
-                            continue;
-                        };
-                        let req = ReleaseVolumeRequest {
-                            pg: pg.0,
-                            volume_id: volume.0,
-                            versions_only: true,
-                            live_epochs: live.clone(),
-                            ..Default::default()
-                        };
-                        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(10), c.release_volume(req)).await
-                            && r.into_inner().error.is_none()
-                        {
-                            return Some(pg);
-                        }
-                    }
-                    None
-                }
-            });
-            for pg in futures::future::join_all(calls).await.into_iter().flatten() {
+            let req = |pg: PgId| ReleaseVolumeRequest {
+                pg: pg.0,
+                volume_id: volume.0,
+                versions_only: true,
+                live_epochs: live.clone(),
+                ..Default::default()
+            };
+            for pg in ask_pgs(&ctx, &addrs_of, todo, Duration::from_secs(10), req).await {
                 if let Err(e) = service.propose(meta, MetaCommand::SnapshotsReleased { volume, pg, generation }).await {
                     tracing::debug!(%volume, %pg, error = %e.message(), "recording a snapshot release failed; will retry");
                 }
             }
         }
         for (volume, todo) in pending {
-            let calls = todo.into_iter().map(|pg| {
-                let ctx = ctx.clone();
-                let addrs = addrs_of(pg);
-                async move {
-                    for addr in addrs {
-                        let Ok(mut c) = ctx.clients.data(&addr) else {
-                            continue;
-                        };
-                        let req = ReleaseVolumeRequest { pg: pg.0, volume_id: volume.0, ..Default::default() };
-                        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(10), c.release_volume(req)).await
-                            && r.into_inner().error.is_none()
-                        {
-                            return Some(pg);
-                        }
-                    }
-                    None
-                }
-            });
-            for pg in futures::future::join_all(calls).await.into_iter().flatten() {
+            let req = |pg: PgId| ReleaseVolumeRequest { pg: pg.0, volume_id: volume.0, ..Default::default() };
+            for pg in ask_pgs(&ctx, &addrs_of, todo, Duration::from_secs(10), req).await {
                 if let Err(e) = service.propose(meta, MetaCommand::VolumePgReleased { volume, pg }).await {
                     tracing::debug!(%volume, %pg, error = %e.message(), "recording release failed; will retry");
                 }
             }
         }
     }
+}
+
+/// Sends each PG of `todo` its `ReleaseVolumeRequest` (a release, a snapshot release or a
+/// rollback), trying the PG's leader first and then its replicas, each call bounded by
+/// `timeout`; returns the PGs that applied it.
+async fn ask_pgs(
+    ctx: &Arc<NodeCtx>,
+    addrs_of: &impl Fn(PgId) -> Vec<String>,
+    todo: Vec<PgId>,
+    timeout: Duration,
+    req: impl Fn(PgId) -> ReleaseVolumeRequest,
+) -> Vec<PgId> {
+    let calls = todo.into_iter().map(|pg| {
+        let addrs = addrs_of(pg);
+        let req = req(pg);
+        async move {
+            for addr in addrs {
+                let Ok(mut c) = ctx.clients.data(&addr) else {
+                    continue;
+                };
+                if let Ok(Ok(r)) = tokio::time::timeout(timeout, c.release_volume(req.clone())).await
+                    && r.into_inner().error.is_none()
+                {
+                    return Some(pg);
+                }
+            }
+            None
+        }
+    });
+    futures::future::join_all(calls).await.into_iter().flatten().collect()
 }
