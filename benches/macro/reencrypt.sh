@@ -24,10 +24,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$bin/basalt" dev up --dir "$work/dev" --size 64MiB --pgs "$pgs" > "$work/devup.out" 2> "$work/devup.err" &
-dev_pid=$!
-wait_ready "$work/devup.out" "$work/devup.err" 120
-export $(grep -E '^BASALT_(CLUSTER|CA|TOKEN_FILE)=' "$work/devup.out" | xargs)
+dev_up 64MiB
 (umask 077; head -c 32 /dev/urandom > "$work/enc.kek")
 "$bin/basalt" volume create enc --size 1GiB --encrypt --kek-file "$work/enc.kek" >&2
 "$bin/basalt" attach enc --nbd-listen 127.0.0.1:0 --kek-file "$work/enc.kek" > "$work/attach.out" 2> "$work/attach.err" &

@@ -28,10 +28,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$bin/basalt" dev up --dir "$work/dev" --size 64MiB --pgs "$pgs" > "$work/devup.out" 2> "$work/devup.err" &
-dev_pid=$!
-wait_ready "$work/devup.out" "$work/devup.err" 120
-export $(grep -E '^BASALT_(CLUSTER|CA|TOKEN_FILE)=' "$work/devup.out" | xargs)
+dev_up 64MiB
 
 attach() { # NAME SIZE -> sets $uri
   "$bin/basalt" volume create "$1" --size "$2" >&2
