@@ -20,7 +20,7 @@
 //! with a short mutex, never held across I/O. Disk I/O goes through the io_uring thread;
 //! RocksDB calls that may touch disk run on tokio's blocking pool.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -1324,6 +1324,25 @@ impl ChunkStore {
     /// The newest version of a chunk (`chunk.epoch` is ignored), if the shard holds any.
     pub fn head_key(&self, chunk: ChunkKey) -> Option<ChunkKey> {
         self.map().head(chunk).map(|(k, _)| k)
+    }
+
+    /// The chunks of `volume` (a clone: with `lineage`) that hold data as seen at `at`, in
+    /// chunk order, each with the version it resolves to (possibly an ancestor's). An
+    /// incremental backup compares these with the previous backup's: a version is never
+    /// rewritten once a snapshot froze it, so an equal key means equal data.
+    pub fn resolved_chunks(&self, shard: u32, volume: VolumeId, lineage: &Lineage, at: Epoch) -> Vec<(u64, ChunkKey)> {
+        let map = self.map();
+        let mut chunks: BTreeSet<u64> = BTreeSet::new();
+        for owner in std::iter::once(volume).chain(lineage.iter().map(|(v, _)| *v)) {
+            chunks.extend(map.range(shard, Some(owner)).into_iter().map(|(k, _)| k.chunk));
+        }
+        chunks
+            .into_iter()
+            .filter_map(|chunk| {
+                let key = ChunkKey { shard, volume, chunk, epoch: at };
+                map.resolve_through(key, at, lineage).map(|(found, _)| (chunk, found))
+            })
+            .collect()
     }
 
     /// Slots held per epoch by `volume`'s chunk versions in `shard` (holes hold none).

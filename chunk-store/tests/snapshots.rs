@@ -302,3 +302,30 @@ async fn clones_read_through_their_lineage_and_copy_on_first_write() {
     expect_c(&read_clone(&store, C, &clone_of_p, u64::MAX, 0, c(4)).await);
     assert!(all(&read_at(&store, 1, 0, c(3)).await[..k64], 0xA1), "the parent's snapshot after a reopen");
 }
+
+/// What an incremental backup compares: the chunks holding data at an epoch, each with the
+/// version it resolves to (an ancestor's for a clone); holes and unwritten chunks are left out.
+#[tokio::test]
+async fn resolved_chunks_name_the_version_each_chunk_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open(&config(dir.path())).unwrap();
+    let c = |n: u64| n * CHUNK_SIZE;
+    let key = |volume: u64, chunk: u64, epoch: u64| ChunkKey { shard: 1, volume: VolumeId(volume), chunk, epoch };
+    for n in 0..3 {
+        write(&store, 1, c(n), fill(0xA1, 4096)).await.unwrap();
+    }
+    write(&store, 2, c(1), fill(0xB2, 4096)).await.unwrap();
+    zero(&store, 2, c(2), CHUNK_SIZE).await;
+    assert_eq!(store.resolved_chunks(1, VolumeId(7), &[], 1), vec![(0, key(7, 0, 1)), (1, key(7, 1, 1)), (2, key(7, 2, 1))]);
+    assert_eq!(store.resolved_chunks(1, VolumeId(7), &[], 2), vec![(0, key(7, 0, 1)), (1, key(7, 1, 2))], "the trimmed chunk holds nothing");
+
+    // A clone of epoch 1 that wrote chunk 3 and trimmed chunk 0.
+    let lineage = [(VolumeId(7), 1)];
+    write_clone(&store, 9, &lineage, 1, c(3), fill(0xC3, 4096)).await;
+    let mut b = Batch::new();
+    b.set_lineage(1, VolumeId(9), lineage.to_vec());
+    b.zero(1, VolumeId(9), 1, c(0), CHUNK_SIZE, true).unwrap();
+    store.commit(b).await.unwrap();
+    assert_eq!(store.resolved_chunks(1, VolumeId(9), &lineage, u64::MAX), vec![(1, key(7, 1, 1)), (2, key(7, 2, 1)), (3, key(9, 3, 1))]);
+    assert!(store.resolved_chunks(2, VolumeId(7), &[], 2).is_empty(), "another shard holds none of it");
+}

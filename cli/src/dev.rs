@@ -381,6 +381,18 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
         refusals,
         nbd_rx.clone(),
     ));
+    // The read-write holder cuts snapshots (and so backups) of demo between its writes.
+    tokio::spawn(basalt_volume_client::snapshot_cut::run_snapshot_cutter(
+        nbd_cluster.clone(),
+        nbd_volume.clone(),
+        |e| match e {
+            basalt_volume_client::snapshot_cut::CutEvent::Cut { name, write_epoch } => {
+                say(format!("demo: snapshot {name} cut (writes now at epoch {write_epoch})"))
+            }
+            basalt_volume_client::snapshot_cut::CutEvent::Failed { name, reason } => say(format!("demo: snapshot {name} not cut: {reason}")),
+        },
+        nbd_rx.clone(),
+    ));
     let listen = crate::attach::Listen::Tcp(nbd_addr);
     let (uri, nbd_task) = crate::attach::serve(nbd_volume.clone(), false, &listen, None, loopback, Some(refusal_log), nbd_rx).await?;
     say(format!("serving demo over NBD at {uri}"));

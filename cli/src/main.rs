@@ -2,6 +2,7 @@
 
 mod admin;
 mod attach;
+mod backup;
 mod commands;
 mod dev;
 mod exit;
@@ -107,6 +108,9 @@ enum Cmd {
     /// Snapshots: read-only, stable images of a volume, crash-consistent under live writes.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
+    /// Backups: snapshots copied to backup-role nodes, incrementally.
+    #[command(subcommand)]
+    Backup(BackupCmd),
     /// A local development cluster.
     #[command(subcommand)]
     Dev(DevCmd),
@@ -228,6 +232,57 @@ enum AuditCmd {
     },
     /// Check every meta node's copy of the log's hash chain (exit 10 if one is broken).
     Verify,
+}
+
+#[derive(Subcommand)]
+enum BackupCmd {
+    /// Copy a snapshot to the backup nodes (taking one if none is named); only chunks changed
+    /// since the volume's previous backup are read and stored.
+    Create {
+        /// Volume.
+        volume: String,
+        /// Back up this snapshot instead of taking a new one.
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Return once the backup is started, without following it.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List backups, of one volume or all.
+    List {
+        /// Only this volume's.
+        volume: Option<String>,
+        /// Only backups being copied, with their progress.
+        #[arg(long)]
+        running: bool,
+    },
+    /// One backup: size, changed and stored bytes, duration, snapshot, nodes.
+    Show {
+        /// Backup id.
+        id: u64,
+    },
+    /// Read every piece of the backup back on each node keeping it and check it (exit 10 if
+    /// one is damaged).
+    Verify {
+        /// Backup id.
+        id: u64,
+    },
+    /// Delete a backup; the pieces no other backup holds are overwritten.
+    Delete {
+        /// Backup id.
+        id: u64,
+    },
+    /// Restore a backup into a new volume (run again to resume an interrupted restore).
+    Restore {
+        /// Backup id.
+        id: u64,
+        /// The new volume's name.
+        #[arg(long)]
+        to: String,
+        /// Return once the restore is started, without following it.
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -514,6 +569,12 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Volume(VolumeCmd::Resize { name, size }) => commands::volume_resize(&admin, out, name, size).await,
         Cmd::Volume(VolumeCmd::Delete { name, no_wait }) => commands::volume_delete(&admin, out, name, no_wait).await,
         Cmd::Scrub(ScrubCmd::Status { node }) => scrub::status(&admin, out, node).await,
+        Cmd::Backup(BackupCmd::Create { volume, snapshot, no_wait }) => backup::create(&admin, out, volume, snapshot, no_wait).await,
+        Cmd::Backup(BackupCmd::List { volume, running }) => backup::list(&admin, out, volume, running).await,
+        Cmd::Backup(BackupCmd::Show { id }) => backup::show(&admin, out, id).await,
+        Cmd::Backup(BackupCmd::Verify { id }) => backup::verify(&admin, out, id).await,
+        Cmd::Backup(BackupCmd::Delete { id }) => backup::delete(&admin, out, id).await,
+        Cmd::Backup(BackupCmd::Restore { id, to, no_wait }) => backup::restore(&admin, out, id, to, no_wait).await,
         Cmd::Snapshot(SnapshotCmd::Create { volume, name }) => snapshot::create(&admin, out, volume, name).await,
         Cmd::Snapshot(SnapshotCmd::List { volume }) => snapshot::list(&admin, out, volume).await,
         Cmd::Snapshot(SnapshotCmd::Delete { volume, name }) => snapshot::delete(&admin, out, volume, name).await,

@@ -64,13 +64,27 @@ impl Role {
                     | ScrubStart
                     | AuditList
                     | SnapshotList
+                    | BackupList
             ),
             Role::Hypervisor => {
                 matches!(action, NodeInfo | ClusterMap | VolumeList | VolumeShow | VolumeAttach | VolumeDetach | DataRead | DataWrite | AuditReport)
             }
             Role::Backup => matches!(
                 action,
-                NodeInfo | ClusterMap | VolumeList | VolumeShow | DataRead | AuditReport | SnapshotCreate | SnapshotList | SnapshotDelete
+                NodeInfo
+                    | ClusterMap
+                    | VolumeList
+                    | VolumeShow
+                    | DataRead
+                    | AuditReport
+                    | SnapshotCreate
+                    | SnapshotList
+                    | SnapshotDelete
+                    | BackupCreate
+                    | BackupList
+                    | BackupVerify
+                    | BackupDelete
+                    | BackupRestore
             ),
             Role::Reader => matches!(action, NodeInfo | ClusterStatus | NodeList | ScrubStatus | Metrics),
         }
@@ -145,6 +159,16 @@ pub enum Action {
     /// Making a writable volume from a snapshot (authorized on the source volume; the clone's
     /// name must be one the principal may see too).
     VolumeClone,
+    /// Copying a volume's snapshot to the backup tier.
+    BackupCreate,
+    /// Listing and showing backups.
+    BackupList,
+    /// Reading a backup back and checking every piece.
+    BackupVerify,
+    /// Deleting a backup.
+    BackupDelete,
+    /// Restoring a backup into a new volume.
+    BackupRestore,
     /// Reading blocks.
     DataRead,
     /// Writing, trimming and zeroing blocks.
@@ -193,6 +217,11 @@ impl Action {
             SnapshotDelete => "snapshot.delete",
             VolumeRollback => "volume.rollback",
             VolumeClone => "volume.clone",
+            BackupCreate => "backup.create",
+            BackupList => "backup.list",
+            BackupVerify => "backup.verify",
+            BackupDelete => "backup.delete",
+            BackupRestore => "backup.restore",
             DataRead => "data.read",
             DataWrite => "data.write",
             TokenCreate => "auth.token.create",
@@ -359,9 +388,14 @@ impl fmt::Display for Principal {
 pub fn authorize(principal: &Principal, action: Action, volume: Option<&str>) -> Result<(), Denied> {
     let allowed = match principal {
         Principal::Open => true,
+        // Nodes read and write blocks for the backup tier (a backup node copies snapshots out and
+        // restores backups into new volumes); a node is a cluster member by its certificate.
         Principal::Node(_) => matches!(
             action,
             Action::Internal
+                | Action::DataRead
+                | Action::DataWrite
+                | Action::BackupList
                 | Action::NodeInfo
                 | Action::ClusterMap
                 | Action::ClusterStatus

@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use basalt_proto::admin::admin_client::AdminClient;
+use basalt_proto::admin::backup_node_client::BackupNodeClient;
 use basalt_proto::data::data_client::DataClient;
 use basalt_security::{Dialer, Expect};
 use tonic::transport::Channel;
@@ -37,6 +38,13 @@ impl Clients {
     /// Admin client for `addr`.
     pub fn admin(&self, addr: &str) -> Result<AdminClient<Channel>, tonic::Status> {
         Ok(AdminClient::new(self.channel(addr)?)
+            .max_decoding_message_size(basalt_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(basalt_proto::MAX_MESSAGE_BYTES))
+    }
+
+    /// Backup-node client for `addr`.
+    pub fn backup(&self, addr: &str) -> Result<BackupNodeClient<Channel>, tonic::Status> {
+        Ok(BackupNodeClient::new(self.channel(addr)?)
             .max_decoding_message_size(basalt_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(basalt_proto::MAX_MESSAGE_BYTES))
     }

@@ -6,12 +6,14 @@
 //!  gRPC ──► meta::service (admin API, forwards to the meta leader) ──► meta group (Raft) ──► meta::state
 //!       ──► pg::service (data API) ──► pg::manager ──► PG groups (Raft) ──► pg::state_machine ──► chunk store
 //!       ──► raft transport (peers)
+//!       ──► backup_node (backup-role nodes: copies and restores, `basalt_backup` store)
 //!  background: cluster_map watcher, agent (heartbeats), PG reconciler and checkpointer,
 //!              volume reaper (meta leader), scrubber, /metrics
 //! ```
 
 pub mod access;
 pub mod agent;
+pub mod backup_node;
 pub mod clients;
 pub mod cluster_map;
 pub mod config;

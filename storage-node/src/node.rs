@@ -57,6 +57,9 @@ pub enum NodeError {
     /// The TLS material could not be loaded.
     #[error("TLS: {0} (create it with `basalt cert init` and `basalt cert issue --node N`, or see docs/operations.md)")]
     Security(#[from] basalt_security::SecurityError),
+    /// The backup store could not open.
+    #[error("backup store: {0}")]
+    Backup(String),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -317,6 +320,19 @@ impl Node {
         let data = DataServer::from_arc(data_service.clone())
             .max_decoding_message_size(basalt_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(basalt_proto::MAX_MESSAGE_BYTES);
+        let backup_node = if config.has(Role::Backup) {
+            let dir = config.data_dir.join("backups");
+            let service = crate::backup_node::BackupNodeService::open(config.id, dir.clone(), ctx.meta_addrs(), access.clone())
+                .map_err(|e| NodeError::Backup(e.to_string()))?;
+            Some(service)
+        } else {
+            None
+        };
+        let backup_server = backup_node.clone().map(|s| {
+            basalt_proto::admin::backup_node_server::BackupNodeServer::new(crate::backup_node::BackupNodeApi(s))
+                .max_decoding_message_size(basalt_proto::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(basalt_proto::MAX_MESSAGE_BYTES)
+        });
         let mut srv_shutdown = shutdown_rx.clone();
         // Our own accept loop (the listener was bound early to fail fast) splits the port
         // between the framed data protocol, the Raft transport and gRPC; it sets TCP_NODELAY on every connection.
@@ -331,6 +347,7 @@ impl Node {
                 .add_service(admin)
                 .add_service(data)
                 .add_service(host.transport_service())
+                .add_optional_service(backup_server)
                 .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(grpc_rx), async move {
                     let _ = srv_shutdown.changed().await;
                 }),
@@ -341,6 +358,9 @@ impl Node {
         tasks.push(tokio::spawn(crate::meta::service::run_audit_shipper(ctx.clone(), audit_rx, shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::cluster_map::run_watcher(ctx.clone(), map_tx, shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::agent::run(ctx.clone(), shutdown_rx.clone())));
+        if let Some(b) = backup_node {
+            tasks.push(tokio::spawn(b.run_sweeper(shutdown_rx.clone())));
+        }
         if config.has(Role::Storage) {
             tasks.push(tokio::spawn(crate::pg::manager::run_reconciler(ctx.clone(), shutdown_rx.clone())));
             tasks.push(tokio::spawn(crate::pg::manager::run_checkpointer(ctx.clone(), shutdown_rx.clone())));

@@ -264,6 +264,19 @@ impl Cluster {
         Ok(Volume::new(self.clone(), v.id, v.placement, v.name.clone(), v.size).at_snapshot(snapshot, epoch))
     }
 
+    /// Opens volume `name` as the holder of its read-write attachment at `attach_epoch`,
+    /// from the cluster map alone (a holder resuming its own attachment, such as a backup
+    /// node's restore): writes carry that epoch and are fenced once the volume is attached
+    /// again.
+    pub async fn open_attached(&self, name: &str, attach_epoch: u64) -> Result<Volume, ClientError> {
+        let map = self.refresh(0).await?;
+        let v = map.volume_by_name(name).ok_or_else(|| ClientError::NoSuchVolume(name.to_string()))?;
+        let vol = Volume::new(self.clone(), v.id, v.placement, v.name.clone(), v.size);
+        vol.set_epoch(attach_epoch);
+        vol.set_write_epoch(v.write_epoch.max(1));
+        Ok(vol)
+    }
+
     /// Waits up to `wait` for a map newer than `known` and caches it; returns the newest map
     /// (the cached one if nothing changed or no seed answered in time).
     pub async fn watch_map(&self, known: u64, wait: Duration) -> Arc<ClusterView> {

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use basalt_common::layout::ExtentSpan;
 use basalt_common::{BLOCK_SIZE, CryptContext, NodeId, VolumeId, crc32c};
+use basalt_proto::data::data_client::DataClient;
 use basalt_proto::data::data_error::Code;
-use basalt_proto::data::{DataError, ReadReply, ReadRequest, WriteReply, WriteRequest, ZeroReply, ZeroRequest};
+use basalt_proto::data::{ChunkVersionsRequest, DataError, ReadReply, ReadRequest, WriteReply, WriteRequest, ZeroReply, ZeroRequest};
 use basalt_proto::wire::Kind;
 use bytes::{Bytes, BytesMut};
 use futures::future::try_join_all;
@@ -688,6 +689,60 @@ impl Volume {
         let data = self.assemble_opened(self.cipher.as_deref(), start, end - start, parts)?;
         let rel = (offset - start) as usize;
         Ok(data.slice(rel..rel + len as usize))
+    }
+
+    /// The chunks of the snapshot this handle reads that hold data, each with the version it
+    /// resolves to — `(chunk index, owner volume, epoch)`, in chunk order — asked of the leader
+    /// of every PG the volume's extents live in. A version is never rewritten once a snapshot
+    /// froze it, so an incremental backup reads only chunks whose version it has not copied.
+    /// Refused on a handle of the volume's head, whose versions move.
+    pub async fn chunk_versions(&self) -> Result<Vec<(u64, VolumeId, u64)>, ClientError> {
+        let Some((_, epoch)) = self.snapshot.clone() else {
+            return Err(ClientError::Invalid(format!("chunk versions are listed for snapshots; {} is the volume's head", self.name)));
+        };
+        let layout = self.cluster.map().layout.ok_or_else(|| ClientError::Admin("the cluster is not initialized".into()))?;
+        let mut by_pg: std::collections::BTreeMap<basalt_common::PgId, ExtentSpan> = std::collections::BTreeMap::new();
+        for extent in 0..self.size().div_ceil(layout.extent_size) {
+            for span in layout.split(self.placement, extent * layout.extent_size, BLOCK_SIZE) {
+                by_pg.entry(span.pg).or_insert(span);
+            }
+        }
+        let token = self.cluster.inner.options.security.token.clone();
+        let lists = try_join_all(by_pg.values().map(|span| {
+            let token = token.clone();
+            async move {
+                let retries = AtomicU32::new(0);
+                self.with_leader(span, |addr, map_version| {
+                    let req = ChunkVersionsRequest { pg: span.pg.0, volume_id: self.id.0, snapshot_epoch: epoch, map_version };
+                    let (retries, token) = (&retries, token.clone());
+                    async move {
+                        let channel = self.cluster.channel(&addr).map_err(|e| e.to_string())?;
+                        let mut client = DataClient::with_interceptor(channel, basalt_security::grpc::Bearer::new(token.as_ref()))
+                            .max_decoding_message_size(basalt_proto::MAX_MESSAGE_BYTES);
+                        let reply = match client.chunk_versions(req).await {
+                            Ok(r) => r.into_inner(),
+                            Err(s) if s.code() == tonic::Code::Unauthenticated => {
+                                return Ok(Attempt::Fail(ClientError::Unauthenticated(s.message().to_string())));
+                            }
+                            Err(s) if s.code() == tonic::Code::PermissionDenied => {
+                                return Ok(Attempt::Fail(ClientError::PermissionDenied(s.message().to_string())));
+                            }
+                            Err(s) => return Err(s.message().to_string()),
+                        };
+                        if let Some(e) = reply.error {
+                            return Ok(self.on_error(span, &addr, e, retries).await);
+                        }
+                        Ok(Attempt::Done(reply.chunks))
+                    }
+                })
+                .await
+            }
+        }))
+        .await?;
+        let mut out: Vec<(u64, VolumeId, u64)> = lists.into_iter().flatten().map(|c| (c.chunk, VolumeId(c.owner), c.epoch)).collect();
+        out.sort_unstable();
+        out.dedup_by_key(|c| c.0);
+        Ok(out)
     }
 
     /// Joins the spans of a read of whole blocks at `start`, opening them if the volume is

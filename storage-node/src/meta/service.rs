@@ -18,14 +18,16 @@ use basalt_proto::admin::admin_client::AdminClient;
 use basalt_proto::admin::admin_server::Admin;
 use basalt_proto::admin::{
     Ancestor, AuditAppendReply, AuditAppendRequest, AuditCheckRequest, AuditListReply, AuditListRequest, AuditNodeVerdict, AuditReportRequest,
-    AuditVerifyReply, AuditVerifyRequest, ClusterConfigureRequest, ClusterInitReply, ClusterInitRequest, ClusterMap, ClusterStatusReply,
-    ClusterStatusRequest, GetClusterMapRequest, KeyGetReply, KeyGetRequest, KeyPutReply, KeyPutRequest, NodeDrainReply, NodeDrainRequest,
-    NodeHeartbeatReply, NodeHeartbeatRequest, NodeInfoReply, NodeInfoRequest, NodeListReply, NodeListRequest, NodeRemoveReply, NodeRemoveRequest,
-    PlacementGroup, ScrubStartReply, ScrubStartRequest, ScrubStatusReply, ScrubStatusRequest, SnapshotCreateRequest, SnapshotCutRequest,
-    SnapshotDeleteRequest, SnapshotListReply, SnapshotListRequest, SnapshotReply, TokenCreateReply, TokenCreateRequest, TokenInfo, TokenListReply,
-    TokenListRequest, TokenRevokeReply, TokenRevokeRequest, VersionedKey, Volume, VolumeAttachRequest, VolumeCloneRequest, VolumeCreateRequest,
-    VolumeDeleteReply, VolumeDeleteRequest, VolumeDetachRequest, VolumeKeyReply, VolumeKeyRequest, VolumeListReply, VolumeListRequest,
-    VolumeReencryptProgressRequest, VolumeRekeyRequest, VolumeReply, VolumeResizeRequest, VolumeRollbackRequest, VolumeShowRequest,
+    AuditVerifyReply, AuditVerifyRequest, BackupCreateRequest, BackupListReply, BackupListRequest, BackupReply, BackupReportReply,
+    BackupReportRequest, BackupRestoreRequest, BackupShowRequest, BackupVerifyReply, ClusterConfigureRequest, ClusterInitReply, ClusterInitRequest,
+    ClusterMap, ClusterStatusReply, ClusterStatusRequest, GetClusterMapRequest, KeyGetReply, KeyGetRequest, KeyPutReply, KeyPutRequest,
+    NodeDrainReply, NodeDrainRequest, NodeHeartbeatReply, NodeHeartbeatRequest, NodeInfoReply, NodeInfoRequest, NodeListReply, NodeListRequest,
+    NodeRemoveReply, NodeRemoveRequest, PlacementGroup, RestoreStatusReply, RestoreStatusRequest, ScrubStartReply, ScrubStartRequest,
+    ScrubStatusReply, ScrubStatusRequest, SnapshotCreateRequest, SnapshotCutRequest, SnapshotDeleteRequest, SnapshotListReply, SnapshotListRequest,
+    SnapshotReply, TokenCreateReply, TokenCreateRequest, TokenInfo, TokenListReply, TokenListRequest, TokenRevokeReply, TokenRevokeRequest,
+    VersionedKey, Volume, VolumeAttachRequest, VolumeCloneRequest, VolumeCreateRequest, VolumeDeleteReply, VolumeDeleteRequest, VolumeDetachRequest,
+    VolumeKeyReply, VolumeKeyRequest, VolumeListReply, VolumeListRequest, VolumeReencryptProgressRequest, VolumeRekeyRequest, VolumeReply,
+    VolumeResizeRequest, VolumeRollbackRequest, VolumeShowRequest,
 };
 use basalt_proto::data::ReleaseVolumeRequest;
 use basalt_raft::{NodeInfo, RaftError};
@@ -50,7 +52,7 @@ const HOPS: &str = "x-basalt-hops";
 /// Default placement groups for a new cluster.
 pub const DEFAULT_PG_COUNT: u32 = 32;
 
-fn status_of(e: &MetaError) -> Status {
+pub(super) fn status_of(e: &MetaError) -> Status {
     match e {
         MetaError::NotInitialized => Status::failed_precondition(e.to_string()),
         MetaError::AlreadyInitialized(_) | MetaError::VolumeExists(_) => Status::already_exists(e.to_string()),
@@ -68,6 +70,8 @@ fn status_of(e: &MetaError) -> Status {
         MetaError::SnapshotPending { .. } | MetaError::RollingBack { .. } | MetaError::AttachedForRollback { .. } => {
             Status::failed_precondition(e.to_string())
         }
+        MetaError::NoSuchBackup(_) => Status::not_found(e.to_string()),
+        MetaError::Backup(_) | MetaError::Restoring { .. } => Status::failed_precondition(e.to_string()),
     }
 }
 
@@ -129,7 +133,7 @@ fn snapshot_proto(name: &str, r: &super::snapshots::SnapshotRecord) -> basalt_pr
 }
 
 /// `v` for the wire, as `s` has it.
-fn volume_in(s: &ClusterState, v: &VolumeRecord) -> Volume {
+pub(super) fn volume_in(s: &ClusterState, v: &VolumeRecord) -> Volume {
     let mut out = volume_proto(v, s.pgs.len(), s.volume_keys.get(&v.id), s.reencrypts.get(&v.id), s.snapshots.get(&v.id));
     out.placement_id = v.id.0;
     if let Some(origin) = s.clones.get(&v.id) {
@@ -227,7 +231,7 @@ const MAX_TOKEN_SECS: u64 = 10 * 365 * 86_400;
 
 /// The admin gRPC service.
 pub struct AdminService {
-    ctx: Arc<NodeCtx>,
+    pub(super) ctx: Arc<NodeCtx>,
 }
 
 impl AdminService {
@@ -282,7 +286,14 @@ impl AdminService {
     }
 
     /// Proposes `cmd` with its audit record: `caller` did `action` on `target`.
-    async fn propose_audited(&self, meta: &MetaHandle, cmd: MetaCommand, caller: &Caller, action: Action, target: &str) -> Result<MetaReply, Status> {
+    pub(super) async fn propose_audited(
+        &self,
+        meta: &MetaHandle,
+        cmd: MetaCommand,
+        caller: &Caller,
+        action: Action,
+        target: &str,
+    ) -> Result<MetaReply, Status> {
         let event = caller.event(action.as_str(), target, Outcome::Ok, String::new());
         self.propose(meta, MetaCommand::Audited { cmd: Box::new(cmd), event }).await
     }
@@ -326,7 +337,7 @@ impl AdminService {
     }
 
     /// Reads the state after confirming leadership (linearizable).
-    async fn read(&self, meta: &MetaHandle) -> Result<ClusterState, Status> {
+    pub(super) async fn read(&self, meta: &MetaHandle) -> Result<ClusterState, Status> {
         meta.group.read_barrier().await.map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(meta.shared.snapshot())
     }
@@ -397,7 +408,7 @@ impl AdminService {
                 Ok(Response::new(VolumeReply { volume: Some(volume), map_version: version }))
             }
             MetaReply::Error(e) => Err(status_of(&e)),
-            MetaReply::Done | MetaReply::Token(_) => Err(Status::internal("meta group returned no volume")),
+            MetaReply::Done | MetaReply::Token(_) | MetaReply::Backup(_) => Err(Status::internal("meta group returned no volume")),
         }
     }
 
@@ -448,7 +459,7 @@ impl AdminService {
 
     /// After a snapshot was asked of the volume's holder: waits until it is cut, or gives it
     /// up after [`SNAPSHOT_CUT_WAIT`] (refusing the command with the holder's name).
-    async fn await_cut(&self, meta: &MetaHandle, volume: &str, name: &str) -> Result<(), Status> {
+    pub(super) async fn await_cut(&self, meta: &MetaHandle, volume: &str, name: &str) -> Result<(), Status> {
         let mut rx = meta.shared.subscribe();
         let deadline = tokio::time::Instant::now() + SNAPSHOT_CUT_WAIT;
         loop {
@@ -1413,6 +1424,49 @@ impl Admin for AdminService {
                 _ => Ok(Response::new(AuditAppendReply {})),
             }
         })
+    }
+
+    async fn backup_create(&self, request: Request<BackupCreateRequest>) -> Result<Response<BackupReply>, Status> {
+        let volume = request.get_ref().volume.clone();
+        forward_or!(self, request, backup_create, Action::BackupCreate, Some(&volume), |meta, caller, msg| {
+            self.create_backup(meta, &caller, msg).await
+        })
+    }
+
+    async fn backup_list(&self, request: Request<BackupListRequest>) -> Result<Response<BackupListReply>, Status> {
+        let volume = request.get_ref().volume.clone();
+        let scope = (!volume.is_empty()).then_some(volume.as_str());
+        forward_or!(self, request, backup_list, Action::BackupList, scope, |meta, caller, msg| self.list_backups(meta, &caller, msg).await)
+    }
+
+    async fn backup_show(&self, request: Request<BackupShowRequest>) -> Result<Response<BackupReply>, Status> {
+        forward_or!(self, request, backup_show, Action::BackupList, None, |meta, caller, msg| self.show_backup(meta, &caller, msg.id).await)
+    }
+
+    async fn backup_delete(&self, request: Request<BackupShowRequest>) -> Result<Response<BackupReply>, Status> {
+        forward_or!(self, request, backup_delete, Action::BackupDelete, None, |meta, caller, msg| self.delete_backup(meta, &caller, msg.id).await)
+    }
+
+    async fn backup_verify(&self, request: Request<BackupShowRequest>) -> Result<Response<BackupVerifyReply>, Status> {
+        forward_or!(self, request, backup_verify, Action::BackupVerify, None, |meta, caller, msg| self.verify_backup(meta, &caller, msg.id).await)
+    }
+
+    async fn backup_restore(&self, request: Request<BackupRestoreRequest>) -> Result<Response<RestoreStatusReply>, Status> {
+        let to = request.get_ref().to.clone();
+        forward_or!(self, request, backup_restore, Action::BackupRestore, Some(&to), |meta, caller, msg| {
+            self.restore_backup(meta, &caller, msg).await
+        })
+    }
+
+    async fn restore_status(&self, request: Request<RestoreStatusRequest>) -> Result<Response<RestoreStatusReply>, Status> {
+        let volume = request.get_ref().volume.clone();
+        forward_or!(self, request, restore_status, Action::BackupList, Some(&volume), |meta, _caller, msg| {
+            self.show_restore(meta, &msg.volume).await
+        })
+    }
+
+    async fn backup_report(&self, request: Request<BackupReportRequest>) -> Result<Response<BackupReportReply>, Status> {
+        forward_or!(self, request, backup_report, Action::Internal, None, |meta, _caller, msg| self.backup_reported(meta, msg).await)
     }
 
     async fn audit_check(&self, request: Request<AuditCheckRequest>) -> Result<Response<AuditNodeVerdict>, Status> {

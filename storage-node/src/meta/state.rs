@@ -206,6 +206,8 @@ pub struct ClusterState {
     pub snapshots: BTreeMap<VolumeId, super::snapshots::VolumeSnapshots>,
     /// Clones: where each came from and what it reads through. Added in snapshot format 6.
     pub clones: BTreeMap<VolumeId, super::clones::CloneOrigin>,
+    /// The backup catalog and the restores under way. Added in snapshot format 7.
+    pub backups: super::backups::Backups,
     /// What the last applied commands did to the audit log, for the state machine to write to
     /// the audit file; never serialised.
     #[serde(skip)]
@@ -563,6 +565,57 @@ pub enum MetaCommand {
         /// Creation time (proposer's clock).
         now_unix_ms: u64,
     },
+    /// Records a new backup of a volume's snapshot, to be copied to `nodes`.
+    BeginBackup {
+        /// The volume.
+        volume: String,
+        /// Its snapshot.
+        snapshot: String,
+        /// The backup nodes to keep it.
+        nodes: Vec<NodeId>,
+        /// The snapshot was taken for it.
+        auto_snapshot: bool,
+        /// When it was asked for (proposer's clock).
+        now_unix_ms: u64,
+    },
+    /// A backup node finished (or failed) its copy of a backup.
+    BackupCopied {
+        /// The backup.
+        id: u64,
+        /// The node.
+        node: NodeId,
+        /// What it moved and stored, or why it failed.
+        outcome: Result<super::backups::CopyStats, String>,
+        /// When (proposer's clock).
+        now_unix_ms: u64,
+    },
+    /// Deletes a backup from the catalog.
+    DeleteBackup {
+        /// The backup.
+        id: u64,
+    },
+    /// Creates a volume from a backup, held by the restore `node` runs.
+    BeginRestore {
+        /// The backup.
+        backup: u64,
+        /// The new volume's name.
+        name: String,
+        /// The backup node that writes it.
+        node: NodeId,
+        /// When (proposer's clock).
+        now_unix_ms: u64,
+    },
+    /// How far a restore got; `done` ends it (and detaches the volume) unless `error`.
+    RestoreProgress {
+        /// The volume being restored.
+        volume: VolumeId,
+        /// Every chunk before it is written.
+        next_chunk: u64,
+        /// The restore finished.
+        done: bool,
+        /// Why it stopped.
+        error: Option<String>,
+    },
 }
 
 impl MetaCommand {
@@ -572,6 +625,7 @@ impl MetaCommand {
         match self {
             // Progress is asked for by whoever shows it; nodes need not be woken for it.
             MetaCommand::AppendAudit { .. } | MetaCommand::PruneAudit { .. } | MetaCommand::ReencryptProgress { .. } => false,
+            MetaCommand::RestoreProgress { done, .. } => *done,
             MetaCommand::Audited { cmd, .. } => cmd.changes_map(),
             _ => true,
         }
@@ -682,6 +736,22 @@ pub enum MetaError {
         /// The snapshot.
         snapshot: String,
     },
+    /// No such backup.
+    #[error("no backup with id {0}")]
+    NoSuchBackup(u64),
+    /// A backup or restore refused.
+    #[error("{0}")]
+    Backup(String),
+    /// The volume is being restored.
+    #[error(
+        "volume {volume:?} is being restored from backup {backup}; it can be attached once the restore is done (`basalt backup restore {backup} --to {volume}` follows it)"
+    )]
+    Restoring {
+        /// Volume.
+        volume: String,
+        /// The backup.
+        backup: u64,
+    },
     /// A rollback of an attached volume.
     #[error("volume {volume:?} is attached read-write by {holder}; detach it before rolling it back (`basalt detach {volume}`)")]
     AttachedForRollback {
@@ -701,6 +771,8 @@ pub enum MetaReply {
     Volume(VolumeRecord),
     /// The token affected.
     Token(TokenRecord),
+    /// The backup affected.
+    Backup(super::backups::BackupRecord),
     /// Refused.
     Error(MetaError),
 }
@@ -806,6 +878,13 @@ impl ClusterState {
             MetaCommand::RollbackVolume { volume, snapshot } => self.rollback_volume(&volume, &snapshot),
             MetaCommand::CloneVolume { source, snapshot, name, now_unix_ms } => self.clone_volume(&source, &snapshot, name, now_unix_ms),
             MetaCommand::RolledBack { volume, pg, at_epoch } => self.rolled_back(volume, pg, at_epoch),
+            MetaCommand::BeginBackup { volume, snapshot, nodes, auto_snapshot, now_unix_ms } => {
+                self.begin_backup(&volume, &snapshot, nodes, auto_snapshot, now_unix_ms)
+            }
+            MetaCommand::BackupCopied { id, node, outcome, now_unix_ms } => self.backup_copied(id, node, outcome, now_unix_ms),
+            MetaCommand::DeleteBackup { id } => self.delete_backup(id),
+            MetaCommand::BeginRestore { backup, name, node, now_unix_ms } => self.begin_restore(backup, name, node, now_unix_ms),
+            MetaCommand::RestoreProgress { volume, next_chunk, done, error } => self.restore_progress(volume, next_chunk, done, error),
         };
         if !matches!(reply, MetaReply::Error(_)) && changes_map {
             self.version = index;
@@ -1029,6 +1108,7 @@ impl ClusterState {
         self.reencrypts.remove(&id);
         // Deleting the volume releases every version of every chunk.
         self.snapshots.remove(&id);
+        self.restore_gone(id);
         MetaReply::Volume(v)
     }
 
@@ -1038,6 +1118,9 @@ impl ClusterState {
         };
         if let Some(r) = self.snapshots.get(&id).and_then(|s| s.rollback.as_ref()) {
             return MetaReply::Error(MetaError::RollingBack { volume: name.to_string(), snapshot: r.snapshot.clone() });
+        }
+        if let Some(r) = self.backups.restores.get(&id) {
+            return MetaReply::Error(MetaError::Restoring { volume: name.to_string(), backup: r.backup });
         }
         let v = self.volumes.get_mut(&id).expect("found above");
         if let Some(current) = &v.attached_by

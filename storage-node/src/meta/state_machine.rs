@@ -11,7 +11,7 @@
 //! raises [`SNAPSHOT_VERSION`] and keeps a decoder for the versions before it
 //! (`decode_snapshot`). Snapshots written before the header existed (no magic) are format 1;
 //! format 3 added encrypted volumes' key references (`volume_keys`), format 4 re-encryptions in
-//! progress (`reencrypts`), format 5 volumes' snapshots and write epochs (`snapshots`), format 6 clones (`clones`).
+//! progress (`reencrypts`), format 5 volumes' snapshots and write epochs (`snapshots`), format 6 clones (`clones`), format 7 the backup catalog (`backups`).
 //!
 //! Applying a volume's deletion erases its wrapped key from this node's [`KeyStore`] before
 //! the apply completes (crypto-shredding; the keys themselves never enter a snapshot or log).
@@ -77,7 +77,7 @@ impl MetaShared {
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BSLTMETA";
 
 /// The format this binary writes (and the newest it reads).
-pub const SNAPSHOT_VERSION: u32 = 6;
+pub const SNAPSHOT_VERSION: u32 = 7;
 
 /// [`ClusterState`] as format 1 had it, before tokens and the audit log.
 #[derive(Deserialize)]
@@ -169,6 +169,19 @@ impl From<ClusterStateV5> for ClusterState {
     }
 }
 
+/// [`ClusterState`] as format 6 had it, before backups: format 5, then clones.
+#[derive(Deserialize)]
+struct ClusterStateV6 {
+    v5: ClusterStateV5,
+    clones: BTreeMap<VolumeId, crate::meta::clones::CloneOrigin>,
+}
+
+impl From<ClusterStateV6> for ClusterState {
+    fn from(v: ClusterStateV6) -> ClusterState {
+        ClusterState { clones: v.clones, ..v.v5.into() }
+    }
+}
+
 fn encode_snapshot(record: &CheckpointRecord, state: &ClusterState, audit: &[u8]) -> Vec<u8> {
     // Serialising plain structs and maps into a Vec cannot fail.
     let body = bincode::serialize(&(record.encode(), state)).expect("cluster state serialises");
@@ -198,7 +211,7 @@ fn decode_snapshot(bytes: &[u8]) -> io::Result<(CheckpointRecord, ClusterState, 
                 bincode::deserialize(body).map_err(|e| invalid(format!("corrupt meta snapshot (format 1): {e}")))?;
             (record, state.into(), &[])
         }
-        2..=6 => {
+        2..=7 => {
             let (len, rest) = body.split_at_checked(8).ok_or_else(|| invalid("meta snapshot truncated in its header".into()))?;
             let len = u64::from_le_bytes(len.try_into().map_err(|_| invalid("meta snapshot header".into()))?);
             let len = usize::try_from(len).ok().filter(|l| *l <= rest.len()).ok_or_else(|| invalid("meta snapshot truncated in its state".into()))?;
@@ -219,6 +232,10 @@ fn decode_snapshot(bytes: &[u8]) -> io::Result<(CheckpointRecord, ClusterState, 
                 }
                 5 => {
                     let (record, state): (Vec<u8>, ClusterStateV5) = bincode::deserialize(state).map_err(corrupt)?;
+                    (record, state.into())
+                }
+                6 => {
+                    let (record, state): (Vec<u8>, ClusterStateV6) = bincode::deserialize(state).map_err(corrupt)?;
                     (record, state.into())
                 }
                 _ => bincode::deserialize(state).map_err(corrupt)?,
@@ -480,6 +497,22 @@ mod tests {
             placement: VolumeId(1),
         };
         state.clones.insert(VolumeId(2), origin);
+        state.backups.next_id = 5;
+        let backup = crate::meta::backups::BackupRecord {
+            id: 4,
+            volume: VolumeId(1),
+            volume_name: "p".into(),
+            snapshot: "s".into(),
+            epoch: 3,
+            size: 1 << 20,
+            nodes: vec![basalt_common::NodeId(9)],
+            copies: BTreeMap::new(),
+            state: crate::meta::backups::BackupState::Running,
+            created_unix_ms: 1,
+            finished_unix_ms: 0,
+            auto_snapshot: true,
+        };
+        state.backups.records.insert(4, backup);
         let record = CheckpointRecord::default();
         let bytes = encode_snapshot(&record, &state, b"line 1\nline 2\n");
         assert!(bytes.starts_with(SNAPSHOT_MAGIC));
@@ -503,6 +536,7 @@ mod tests {
             s.reencrypts.clear();
             s.snapshots.clear();
             s.clones.clear();
+            s.backups = Default::default();
             s
         };
         let fields = (
@@ -531,6 +565,7 @@ mod tests {
             s.reencrypts.clear();
             s.snapshots.clear();
             s.clones.clear();
+            s.backups = Default::default();
             s
         };
         let fields = (
@@ -560,6 +595,7 @@ mod tests {
             let mut s = state.clone();
             s.snapshots.clear();
             s.clones.clear();
+            s.backups = Default::default();
             s
         };
         let fields = (
@@ -589,6 +625,7 @@ mod tests {
         let v5 = {
             let mut s = state.clone();
             s.clones.clear();
+            s.backups = Default::default();
             s
         };
         let fields = (
@@ -614,6 +651,32 @@ mod tests {
         five.extend_from_slice(&(body.len() as u64).to_le_bytes());
         five.extend_from_slice(&body);
         assert_eq!(decode_snapshot(&five).unwrap().1, v5);
+
+        // Format 6 (before backups).
+        let v6 = ClusterState { backups: Default::default(), ..state.clone() };
+        let fields = (
+            (
+                &v6.cluster_id,
+                &v6.settings,
+                &v6.nodes,
+                &v6.pgs,
+                &v6.volumes,
+                v6.next_volume_id,
+                v6.version,
+                &v6.draining,
+                &v6.removed,
+                &v6.tokens,
+                &v6.audit,
+                &v6.volume_keys,
+            ),
+            (v6.encrypt_by_default, &v6.reencrypts, &v6.snapshots, &v6.clones),
+        );
+        let body = bincode::serialize(&(record.encode(), fields)).unwrap();
+        let mut six = SNAPSHOT_MAGIC.to_vec();
+        six.extend_from_slice(&6u32.to_le_bytes());
+        six.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        six.extend_from_slice(&body);
+        assert_eq!(decode_snapshot(&six).unwrap().1, v6);
 
         // A newer format is refused by name, not misread.
         let mut newer = SNAPSHOT_MAGIC.to_vec();

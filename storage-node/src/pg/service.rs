@@ -22,7 +22,7 @@ use basalt_proto::data::{
     ReleaseVolumeRequest, RepairChunkReply, RepairChunkRequest, TransferLeaderReply, TransferLeaderRequest, WriteReply, WriteRequest, ZeroReply,
     ZeroRequest,
 };
-use basalt_proto::data::{EpochBytes, VolumeUsageReply, VolumeUsageRequest};
+use basalt_proto::data::{ChunkVersion, ChunkVersionsReply, ChunkVersionsRequest, EpochBytes, VolumeUsageReply, VolumeUsageRequest};
 use basalt_raft::RaftError;
 use basalt_scrubber::ChunkVerdict;
 use basalt_security::{Action, Principal};
@@ -517,6 +517,38 @@ impl Data for DataService {
         }
         reply.exclusive = exclusive.into_iter().map(|(epoch, bytes)| EpochBytes { epoch, bytes }).collect();
         Ok(Response::new(reply))
+    }
+
+    async fn chunk_versions(&self, request: Request<ChunkVersionsRequest>) -> Result<Response<ChunkVersionsReply>, Status> {
+        let who = self.grpc_requester(&request).await?;
+        let req = request.into_inner();
+        let node = self.ctx.config.id;
+        let result: Result<Vec<ChunkVersion>, DataError> = async {
+            let Some(handle) = self.ctx.pgs.get(PgId(req.pg)) else {
+                return Err(err(Code::WrongNode, format!("{node} holds no replica of pg-{}", req.pg)));
+            };
+            if req.snapshot_epoch == 0 {
+                return Err(err(Code::Invalid, "chunk versions are listed for a snapshot (snapshot_epoch 0 is the moving head)"));
+            }
+            let mut view = self.ctx.map.borrow().clone();
+            if view.version < req.map_version {
+                view = wait_for_version(&self.ctx, req.map_version, Duration::from_secs(2)).await;
+            }
+            let Some(vol) = view.volumes.get(&VolumeId(req.volume_id)).filter(|v| v.active) else {
+                return Err(err(Code::NoSuchVolume, format!("no active volume with id {}", req.volume_id)));
+            };
+            self.access.check_data(&who.principal, who.peer, false, &vol.name).map_err(|d| denied_error(&d))?;
+            let at = self.read_epoch(req.volume_id, req.snapshot_epoch)?;
+            // Linearizable like a read: every write acknowledged before the snapshot is applied here.
+            handle.group.read_barrier().await.map_err(|e| self.raft_error(e))?;
+            let chunks = self.ctx.store.resolved_chunks(req.pg, VolumeId(req.volume_id), &vol.lineage, at);
+            Ok(chunks.into_iter().map(|(chunk, version)| ChunkVersion { chunk, owner: version.volume.0, epoch: version.epoch }).collect())
+        }
+        .await;
+        Ok(Response::new(match result {
+            Ok(chunks) => ChunkVersionsReply { error: None, chunks },
+            Err(error) => ChunkVersionsReply { error: Some(error), chunks: Vec::new() },
+        }))
     }
 
     async fn transfer_leader(&self, request: Request<TransferLeaderRequest>) -> Result<Response<TransferLeaderReply>, Status> {

@@ -1,0 +1,216 @@
+//! A backup node's two jobs: copying a snapshot into the store (incrementally) and restoring
+//! a backup into a new volume. Chunk reads and writes run a few at a time, so a copy keeps
+//! several PG leaders busy; store calls go to blocking threads.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use basalt_common::CHUNK_SIZE;
+use basalt_volume_client::{ClientError, Volume};
+use futures::TryStreamExt;
+
+use crate::error::{BackupError, Result};
+use crate::format::{Manifest, ManifestChunk, PieceId};
+use crate::store::BackupStore;
+
+/// Chunks read or written at once by one job.
+const PARALLEL_CHUNKS: usize = 8;
+
+/// How often a restore records how far it got.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
+
+/// A job's progress, shared with whoever shows it.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Chunks done.
+    pub done: AtomicU64,
+    /// Chunks in all.
+    pub total: AtomicU64,
+    /// Bytes moved (read from the cluster for a copy, written for a restore).
+    pub bytes: AtomicU64,
+}
+
+/// What a finished copy moved and stored.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CopyOutcome {
+    /// Bytes of chunks with data.
+    pub data_bytes: u64,
+    /// Bytes read from the cluster (changed chunks).
+    pub changed_bytes: u64,
+    /// Bytes of new pieces written.
+    pub stored_bytes: u64,
+    /// The backup it is incremental to (0: none).
+    pub parent: u64,
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| BackupError::Task(e.to_string()))?
+}
+
+/// What a copy asks for: backup `backup` of `volume`'s snapshot at `epoch`.
+#[derive(Clone, Debug)]
+pub struct CopyJob {
+    /// The backup's id.
+    pub backup: u64,
+    /// The volume's id and name.
+    pub volume_id: u64,
+    /// See `volume_id`.
+    pub volume: String,
+    /// The snapshot and its epoch.
+    pub snapshot: String,
+    /// See `snapshot`.
+    pub epoch: u64,
+}
+
+/// Copies the snapshot `snap` (a handle opened on it) into `store` as backup `job.backup`:
+/// only chunks whose version this node's previous backup of the volume did not copy are read.
+/// The manifest is written last; on an error, the references taken are dropped.
+pub async fn copy(snap: &Volume, store: Arc<BackupStore>, job: &CopyJob, progress: &Progress) -> Result<CopyOutcome> {
+    let cluster_err = |source: ClientError| BackupError::Cluster { volume: job.volume.clone(), source };
+    if snap.snapshot().map(|(_, e)| e) != Some(job.epoch) {
+        return Err(BackupError::Changed(format!("snapshot {}@{} is not at epoch {} any more", job.volume, job.snapshot, job.epoch)));
+    }
+    let versions = snap.chunk_versions().await.map_err(cluster_err)?;
+    let parent = {
+        let store = store.clone();
+        let (volume, epoch) = (job.volume_id, job.epoch);
+        blocking(move || store.parent_of(volume, epoch)).await?
+    };
+    let known: HashMap<(u64, u64, u64), PieceId> =
+        parent.iter().flat_map(|m| m.chunks.iter().map(|c| ((c.chunk, c.owner, c.epoch), c.piece))).collect();
+    progress.total.store(versions.len() as u64, Ordering::Relaxed);
+    let size = snap.size();
+    let changed = AtomicU64::new(0);
+    let stored = AtomicU64::new(0);
+    let held: std::sync::Mutex<Vec<PieceId>> = std::sync::Mutex::new(Vec::new());
+    let result: Result<Vec<ManifestChunk>> = futures::stream::iter(versions.into_iter().map(Ok))
+        .map_ok(|(chunk, owner, epoch)| {
+            let (store, known, changed, stored, held) = (store.clone(), &known, &changed, &stored, &held);
+            async move {
+                let offset = chunk * CHUNK_SIZE;
+                let len = CHUNK_SIZE.min(size.saturating_sub(offset));
+                let reused = match known.get(&(chunk, owner.0, epoch)) {
+                    Some(p) => {
+                        let (store, p) = (store.clone(), *p);
+                        blocking(move || Ok(store.hold(&p).then_some(p))).await?
+                    }
+                    None => None,
+                };
+                let piece = match reused {
+                    Some(p) => p,
+                    None => {
+                        let data = snap.read(offset, len).await.map_err(|source| BackupError::Cluster { volume: job.volume.clone(), source })?;
+                        changed.fetch_add(len, Ordering::Relaxed);
+                        progress.bytes.fetch_add(len, Ordering::Relaxed);
+                        let (id, written) = blocking(move || store.put(&data)).await?;
+                        stored.fetch_add(written, Ordering::Relaxed);
+                        id
+                    }
+                };
+                held.lock().unwrap_or_else(|p| p.into_inner()).push(piece);
+                progress.done.fetch_add(1, Ordering::Relaxed);
+                Ok(ManifestChunk { chunk, owner: owner.0, epoch, piece, len: len as u32 })
+            }
+        })
+        .try_buffered(PARALLEL_CHUNKS)
+        .try_collect()
+        .await;
+    let chunks = match result {
+        Ok(c) => c,
+        Err(e) => {
+            let held = std::mem::take(&mut *held.lock().unwrap_or_else(|p| p.into_inner()));
+            let store = store.clone();
+            if let Err(release) = blocking(move || store.release(held)).await {
+                tracing::warn!(backup = job.backup, error = %release, "could not drop a failed copy's pieces; they go when the node restarts");
+            }
+            return Err(e);
+        }
+    };
+    let data_bytes = chunks.iter().map(|c| u64::from(c.len)).sum();
+    let manifest = Manifest {
+        backup: job.backup,
+        volume: job.volume_id,
+        volume_name: job.volume.clone(),
+        snapshot: job.snapshot.clone(),
+        epoch: job.epoch,
+        size,
+        chunks,
+    };
+    {
+        let store = store.clone();
+        blocking(move || store.commit(&manifest)).await?;
+    }
+    Ok(CopyOutcome { data_bytes, changed_bytes: changed.into_inner(), stored_bytes: stored.into_inner(), parent: parent.map_or(0, |m| m.backup) })
+}
+
+/// Writes backup `manifest` into `volume` (a new volume this restore holds), from chunk
+/// `from_chunk` on, in chunk order. `checkpoint` is called with the first chunk not yet
+/// written at least every [`CHECKPOINT_EVERY`] (where a restarted restore goes on). A damaged
+/// piece stops the restore, naming it.
+pub async fn restore<F, Fut>(
+    volume: &Volume,
+    store: Arc<BackupStore>,
+    manifest: &Manifest,
+    from_chunk: u64,
+    progress: &Progress,
+    mut checkpoint: F,
+) -> Result<()>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let todo: Vec<ManifestChunk> = manifest.chunks.iter().filter(|c| c.chunk >= from_chunk).cloned().collect();
+    progress.total.store(manifest.chunks.len() as u64, Ordering::Relaxed);
+    progress.done.store((manifest.chunks.len() - todo.len()) as u64, Ordering::Relaxed);
+    let name = volume.name().to_string();
+    let mut written = futures::stream::iter(todo.into_iter().map(Ok))
+        .map_ok(|c| {
+            let (store, name) = (store.clone(), name.clone());
+            async move {
+                let piece = c.piece;
+                let data = blocking(move || store.read(&piece)).await?;
+                if data.len() != c.len as usize {
+                    return Err(BackupError::Piece {
+                        piece: piece.to_hex(),
+                        why: format!("holds {} bytes, chunk {} needs {}", data.len(), c.chunk, c.len),
+                    });
+                }
+                volume.write(c.chunk * CHUNK_SIZE, data, false).await.map_err(|source| BackupError::Cluster { volume: name, source })?;
+                progress.bytes.fetch_add(u64::from(c.len), Ordering::Relaxed);
+                progress.done.fetch_add(1, Ordering::Relaxed);
+                Ok(c.chunk)
+            }
+        })
+        .try_buffered(PARALLEL_CHUNKS);
+    let mut last_checkpoint = Instant::now();
+    while let Some(chunk) = written.try_next().await? {
+        if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+            // Completions come in chunk order: everything up to this one is written.
+            checkpoint(chunk + 1).await;
+            last_checkpoint = Instant::now();
+        }
+    }
+    drop(written);
+    volume.flush().await.map_err(|source| BackupError::Cluster { volume: volume.name().to_string(), source })?;
+    Ok(())
+}
+
+/// Reads every piece of `manifest` back and checks it; returns the pieces, bytes and one line
+/// per bad piece.
+pub fn verify(store: &BackupStore, manifest: &Manifest) -> (u64, u64, Vec<String>) {
+    let mut bad = Vec::new();
+    let mut bytes = 0u64;
+    let mut seen = std::collections::HashSet::new();
+    for c in &manifest.chunks {
+        if !seen.insert(c.piece) {
+            continue;
+        }
+        match store.read(&c.piece) {
+            Ok(d) => bytes += d.len() as u64,
+            Err(e) => bad.push(format!("chunk {} (offset {}): {e}", c.chunk, c.chunk * CHUNK_SIZE)),
+        }
+    }
+    (seen.len() as u64, bytes, bad)
+}

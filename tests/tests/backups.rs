@@ -1,0 +1,266 @@
+//! Backups against real `basalt-node` processes (three storage+meta nodes and a backup node):
+//! `basalt backup create` copies a snapshot to the backup node, a second backup reads and
+//! stores only what changed, `backup restore` gives back the same bytes (also after the
+//! volume is deleted), a damaged piece is named by `backup verify` and by a restore, deleted
+//! backups leave no trace on the backup node, and a backup node killed -9 mid-copy or
+//! mid-restore leaves nothing half-made listed as complete.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use basalt_tests::{NodeSpec, TestCluster, simple_spec};
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+const MIB: u64 = 1 << 20;
+const BACKUP_NODE: u64 = 4;
+
+async fn cluster_with_backup_node() -> TestCluster {
+    let mut specs = simple_spec(3);
+    specs.push(NodeSpec { id: BACKUP_NODE, labels: "zone=z4,host=h4".into(), roles: vec!["backup"] });
+    let cluster = TestCluster::start(specs).await.unwrap();
+    cluster.init(8, "zone").await.unwrap();
+    cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
+    cluster
+}
+
+async fn create_volume(cluster: &TestCluster, name: &str, size: u64) {
+    let (code, _, err) = cluster.cli(&["volume", "create", name, "--size", &size.to_string()]).await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+}
+
+/// Runs the CLI with `--json`, expects exit 0, returns the JSON.
+async fn json(cluster: &TestCluster, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let (code, out, err) = cluster.cli(&all).await.unwrap();
+    assert_eq!(code, Some(0), "{args:?}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+}
+
+/// Chunk `i`'s bytes in generation `gen`: every 4 KiB block distinct (nothing deduplicates
+/// by accident), compressible like real data is only in part.
+fn chunk(i: u64, generation: u8) -> Vec<u8> {
+    let mut out = vec![0u8; MIB as usize];
+    let mut state = (i << 8 | u64::from(generation)).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    for (n, word) in out.chunks_mut(8).enumerate() {
+        // splitmix64 for the first half of each block, a constant run for the second.
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let v = if (n * 8) % 4096 < 2048 { z } else { u64::from_le_bytes([(n * 8 / 4096) as u8 ^ i as u8; 8]) };
+        word.copy_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if std::fs::read(&p).is_ok_and(|data| data.windows(needle.len()).any(|w| w == needle)) {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
+async fn read_all(cluster: &TestCluster, name: &str, size: u64) -> Vec<u8> {
+    let client = cluster.client().await.unwrap();
+    let v = client.open_volume(name).await.unwrap();
+    let mut out = Vec::with_capacity(size as usize);
+    for off in (0..size).step_by(16 * MIB as usize) {
+        out.extend_from_slice(&v.read(off, (16 * MIB).min(size - off)).await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_copy_only_changed_chunks_restore_the_same_bytes_and_leave_no_trace_when_deleted() {
+    let cluster = cluster_with_backup_node().await;
+    const SIZE: u64 = 256 * MIB;
+    const WRITTEN: u64 = 100;
+    create_volume(&cluster, "v", SIZE).await;
+    let client = cluster.client().await.unwrap();
+    let vol = client.attach_volume("v", "writer", false).await.unwrap();
+    let mut image = vec![0u8; SIZE as usize];
+    for i in 0..WRITTEN {
+        let mut data = chunk(i, 0);
+        if i == 7 {
+            data[100..124].copy_from_slice(b"BACKUP-MARKER-7f3a9c21e5");
+        }
+        image[(i * MIB) as usize..((i + 1) * MIB) as usize].copy_from_slice(&data);
+        vol.write(i * MIB, Bytes::from(data), false).await.unwrap();
+    }
+    client.detach_volume(&vol).await.unwrap();
+
+    // Bad input: each a clear error with its exit code.
+    for (args, want, what) in [
+        (vec!["backup", "create", "nope"], 3, "an unknown volume"),
+        (vec!["backup", "create", "v", "--snapshot", "nope"], 3, "an unknown snapshot"),
+        (vec!["backup", "show", "99"], 3, "an unknown backup"),
+        (vec!["backup", "restore", "99", "--to", "x"], 3, "restoring an unknown backup"),
+        (vec!["backup", "delete", "99"], 3, "deleting an unknown backup"),
+        (vec!["backup", "show", "one"], 2, "a backup id that is no number"),
+    ] {
+        let (code, _, err) = cluster.cli(&args).await.unwrap();
+        assert_eq!(code, Some(want), "{what}: {err}");
+        assert!(!err.trim().is_empty(), "{what}: says why");
+    }
+
+    // The first backup reads every chunk with data; its snapshot goes once it is copied.
+    let first = json(&cluster, &["backup", "create", "v"]).await;
+    assert_eq!(first["state"], "complete", "{first}");
+    let copy = &first["copies"][0];
+    assert_eq!(copy["node"], BACKUP_NODE, "{first}");
+    assert_eq!(copy["changed_bytes"], WRITTEN * MIB, "{first}");
+    assert_eq!(copy["data_bytes"], WRITTEN * MIB, "{first}");
+    assert_eq!(copy["incremental_to"], 0, "{first}");
+    let stored_first = copy["stored_bytes"].as_u64().unwrap();
+    assert!(stored_first > WRITTEN * MIB / 4 && stored_first < WRITTEN * MIB, "compressed, not empty: {stored_first}");
+    let snaps = json(&cluster, &["snapshot", "list", "v"]).await;
+    assert_eq!(snaps.as_array().map(Vec::len), Some(0), "the snapshot taken for the backup is deleted: {snaps}");
+    let backups_dir = cluster.node(BACKUP_NODE).data_dir.join("backups");
+    assert!(!files_containing(&backups_dir, b"BACKUP-MARKER-7f3a9c21e5").is_empty(), "the marker is stored on the backup node");
+
+    // 1% of the written chunks change: the second backup reads and stores about that much.
+    let vol = client.attach_volume("v", "writer", false).await.unwrap();
+    let data = chunk(50, 1);
+    image[(50 * MIB) as usize..(51 * MIB) as usize].copy_from_slice(&data);
+    vol.write(50 * MIB, Bytes::from(data), false).await.unwrap();
+    client.detach_volume(&vol).await.unwrap();
+    let (code, _, err) = cluster.cli(&["snapshot", "create", "v", "mine"]).await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    let second = json(&cluster, &["backup", "create", "v", "--snapshot", "mine"]).await;
+    let copy = &second["copies"][0];
+    let id2 = second["id"].as_u64().unwrap();
+    assert_eq!(copy["incremental_to"], first["id"], "{second}");
+    assert_eq!(copy["changed_bytes"], MIB, "one chunk of {WRITTEN} read: {second}");
+    assert_eq!(copy["data_bytes"], WRITTEN * MIB, "{second}");
+    let stored = copy["stored_bytes"].as_u64().unwrap();
+    assert!(stored > 0 && stored <= MIB + 4096, "about 1% stored: {stored} bytes (first backup {stored_first})");
+    eprintln!("backup figures: first {} read, {stored_first} stored; second {} read, {stored} stored", WRITTEN * MIB, MIB);
+    let snaps = json(&cluster, &["snapshot", "list", "v"]).await;
+    assert_eq!(snaps.as_array().map(Vec::len), Some(1), "a named snapshot stays: {snaps}");
+    let listed = json(&cluster, &["backup", "list", "v"]).await;
+    assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");
+    let verified = json(&cluster, &["backup", "verify", &id2.to_string()]).await;
+    assert_eq!(verified["ok"], true, "{verified}");
+
+    // The backup outlives its volume; the restore gives back the snapshot's bytes.
+    let (code, _, err) = cluster.cli(&["volume", "delete", "v"]).await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    let shown = json(&cluster, &["backup", "show", &id2.to_string()]).await;
+    assert_eq!(shown["volume_deleted"], true, "{shown}");
+    let restored = json(&cluster, &["backup", "restore", &id2.to_string(), "--to", "r"]).await;
+    assert_eq!((restored["restoring"].as_bool(), restored["size"].as_u64()), (Some(false), Some(SIZE)), "{restored}");
+    let back = read_all(&cluster, "r", SIZE).await;
+    assert_eq!(Sha256::digest(&back), Sha256::digest(&image), "sha256 of the restored volume equals the snapshot's");
+    let (code, _, err) = cluster.cli(&["backup", "restore", &id2.to_string(), "--to", "r"]).await.unwrap();
+    assert_eq!(code, Some(4), "restoring onto an existing volume is refused: {err}");
+    // The restored volume is an ordinary one: attachable.
+    let r = client.attach_volume("r", "after-restore", false).await.unwrap();
+    client.detach_volume(&r).await.unwrap();
+
+    // A damaged piece: `backup verify` names it (exit 10), and so does a restore.
+    let pieces = files_containing(&backups_dir, b"BACKUP-MARKER-7f3a9c21e5");
+    let piece = pieces.iter().find(|p| p.to_string_lossy().contains("/pieces/")).expect("the marker's piece").clone();
+    let name = piece.file_name().unwrap().to_string_lossy().to_string();
+    let mut raw = std::fs::read(&piece).unwrap();
+    let at = raw.len() - 10;
+    raw[at] ^= 0x40;
+    std::fs::write(&piece, raw).unwrap();
+    let (code, _, err) = cluster.cli(&["backup", "verify", &id2.to_string()]).await.unwrap();
+    assert_eq!(code, Some(10), "{err}");
+    assert!(err.contains(&name), "verify names the damaged piece: {err}");
+    let (code, _, err) = cluster.cli(&["backup", "restore", &id2.to_string(), "--to", "r2"]).await.unwrap();
+    assert_ne!(code, Some(0), "a restore from a damaged piece fails");
+    assert!(err.contains(&name), "the restore names the damaged piece: {err}");
+    let (code, _, err) = cluster.cli(&["backup", "delete", &id2.to_string()]).await.unwrap();
+    assert_eq!(code, Some(7), "a backup being restored is not deleted: {err}");
+    let (code, _, err) = cluster.cli(&["volume", "delete", "r2"]).await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+
+    // Deleted backups leave nothing on the backup node.
+    for id in [first["id"].as_u64().unwrap(), id2] {
+        let (code, _, err) = cluster.cli(&["backup", "delete", &id.to_string()]).await.unwrap();
+        assert_eq!(code, Some(0), "{err}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !files_containing(&backups_dir, b"BACKUP-MARKER-7f3a9c21e5").is_empty() {
+        assert!(Instant::now() < deadline, "the marker is still on the backup node");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let left = json(&cluster, &["backup", "list"]).await;
+    assert_eq!(left.as_array().map(Vec::len), Some(0), "{left}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_node_killed_mid_copy_or_mid_restore_leaves_nothing_half_made() {
+    let mut cluster = cluster_with_backup_node().await;
+    const SIZE: u64 = 192 * MIB;
+    create_volume(&cluster, "v", SIZE).await;
+    let client = cluster.client().await.unwrap();
+    let vol = client.attach_volume("v", "writer", false).await.unwrap();
+    let mut image = vec![0u8; SIZE as usize];
+    for i in 0..SIZE / MIB {
+        let data = chunk(i, 3);
+        image[(i * MIB) as usize..((i + 1) * MIB) as usize].copy_from_slice(&data);
+        vol.write(i * MIB, Bytes::from(data), false).await.unwrap();
+    }
+    client.detach_volume(&vol).await.unwrap();
+
+    // Killed as soon as the copy has begun: it either finished first (and is whole) or is
+    // reported failed once the node is back, and a new backup then completes.
+    let started = json(&cluster, &["backup", "create", "v", "--no-wait"]).await;
+    let id = started["id"].as_u64().unwrap();
+    cluster.kill9(BACKUP_NODE);
+    cluster.restart(BACKUP_NODE).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let outcome = loop {
+        let b = json(&cluster, &["backup", "show", &id.to_string()]).await;
+        if b["state"] != "running" {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "backup {id} still running a minute after its node restarted: {b}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    eprintln!("backup killed mid-copy ended {}: {}", outcome["state"], outcome["error"]);
+    let whole = match outcome["state"].as_str() {
+        Some("failed") => {
+            assert!(outcome["error"].as_str().unwrap_or_default().contains("restarted"), "a clear reason: {outcome}");
+            let again = json(&cluster, &["backup", "create", "v"]).await;
+            assert_eq!(again["state"], "complete", "the retry completes: {again}");
+            again["id"].as_u64().unwrap()
+        }
+        _ => {
+            assert_eq!(outcome["state"], "complete", "{outcome}");
+            id
+        }
+    };
+    let verified = json(&cluster, &["backup", "verify", &whole.to_string()]).await;
+    assert_eq!(verified["ok"], true, "{verified}");
+
+    // Killed mid-restore: the restarted node resumes it from its last checkpoint.
+    let started = json(&cluster, &["backup", "restore", &whole.to_string(), "--to", "r", "--no-wait"]).await;
+    assert_eq!(started["restoring"], true, "{started}");
+    let (code, _, err) = cluster.cli(&["attach", "r", "--nbd-socket", "/tmp/basalt-never.sock"]).await.unwrap();
+    assert_ne!(code, Some(0), "a volume being restored is not attachable");
+    assert!(err.contains("being restored"), "{err}");
+    cluster.kill9(BACKUP_NODE);
+    let mid = json(&cluster, &["backup", "list"]).await;
+    eprintln!("restore killed at: {}", mid);
+    cluster.restart(BACKUP_NODE).await.unwrap();
+    let done = json(&cluster, &["backup", "restore", &whole.to_string(), "--to", "r"]).await;
+    assert_eq!(done["restoring"], false, "{done}");
+    let back = read_all(&cluster, "r", SIZE).await;
+    assert_eq!(Sha256::digest(&back), Sha256::digest(&image), "the resumed restore gives back the backup's bytes");
+}
