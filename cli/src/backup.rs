@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use basalt_common::units::format_size;
 use basalt_proto::admin::{
-    Backup, BackupCreateRequest, BackupListRequest, BackupRestoreRequest, BackupShowRequest, JobProgress, RestoreStatusRequest,
+    Backup, BackupCreateRequest, BackupListRequest, BackupPinRequest, BackupRestoreRequest, BackupShowRequest, JobProgress, RestoreStatusRequest,
 };
 use serde_json::{Value, json};
 
@@ -35,6 +35,7 @@ fn backup_json(b: &Backup) -> Value {
         "id": b.id, "volume": b.volume, "volume_id": b.volume_id, "snapshot": b.snapshot, "epoch": b.epoch, "size": b.size,
         "state": b.state, "error": b.error, "nodes": b.nodes, "created_unix_ms": b.created_unix_ms,
         "finished_unix_ms": b.finished_unix_ms, "volume_deleted": b.volume_deleted, "auto_snapshot": b.auto_snapshot,
+        "schedule": b.schedule, "pinned": b.pinned, "volume_deleted_unix_ms": b.volume_deleted_unix_ms,
         "copies": b.copies.iter().map(|c| json!({
             "node": c.node, "data_bytes": c.data_bytes, "changed_bytes": c.changed_bytes, "stored_bytes": c.stored_bytes,
             "incremental_to": c.parent, "duration_ms": c.duration_ms,
@@ -222,6 +223,19 @@ pub async fn verify(admin: &Admin, out: Out, id: u64) -> Result<(), CliError> {
 pub async fn delete(admin: &Admin, out: Out, id: u64) -> Result<(), CliError> {
     let b = admin.call(|mut c| async move { c.backup_delete(BackupShowRequest { id }).await }).await?.backup.unwrap_or_default();
     out.print(backup_json(&b), || format!("backup {id} deleted; its nodes overwrite the pieces no other backup holds"));
+    Ok(())
+}
+
+/// `basalt backup pin ID [--unpin]`.
+pub async fn pin(admin: &Admin, out: Out, id: u64, unpin: bool) -> Result<(), CliError> {
+    let b = admin.call(|mut c| async move { c.backup_pin(BackupPinRequest { id, pinned: !unpin }).await }).await?.backup.unwrap_or_default();
+    out.print(backup_json(&b), || {
+        if unpin {
+            format!("backup {id} unpinned: it expires with its volume's retention again")
+        } else {
+            format!("backup {id} pinned: kept after its volume's deletion until unpinned")
+        }
+    });
     Ok(())
 }
 

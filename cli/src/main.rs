@@ -7,6 +7,7 @@ mod commands;
 mod dev;
 mod exit;
 mod rekey;
+mod schedule;
 mod scrub;
 mod security;
 mod snapshot;
@@ -111,6 +112,9 @@ enum Cmd {
     /// Backups: snapshots copied to backup-role nodes, incrementally.
     #[command(subcommand)]
     Backup(BackupCmd),
+    /// Backup schedules, run by the meta leader.
+    #[command(subcommand)]
+    Schedule(ScheduleCmd),
     /// A local development cluster.
     #[command(subcommand)]
     Dev(DevCmd),
@@ -272,6 +276,15 @@ enum BackupCmd {
         /// Backup id.
         id: u64,
     },
+    /// Keep a backup after its volume's deletion (past backup.retain_after_delete) until
+    /// unpinned.
+    Pin {
+        /// Backup id.
+        id: u64,
+        /// Let it expire again.
+        #[arg(long)]
+        unpin: bool,
+    },
     /// Restore a backup into a new volume (run again to resume an interrupted restore).
     Restore {
         /// Backup id.
@@ -282,6 +295,41 @@ enum BackupCmd {
         /// Return once the restore is started, without following it.
         #[arg(long)]
         no_wait: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ScheduleCmd {
+    /// Back up volumes every interval; each run snapshots, backs up, then prunes the
+    /// schedule's backups to --keep per volume and --max-age.
+    Create {
+        /// Schedule name.
+        name: String,
+        /// A volume (repeatable).
+        #[arg(long = "volume")]
+        volumes: Vec<String>,
+        /// Every volume, including ones created later.
+        #[arg(long)]
+        all: bool,
+        /// Interval: 90s, 30m, 6h, 1d, 1w.
+        #[arg(long)]
+        every: String,
+        /// Align the runs to this time of day (UTC, HH:MM).
+        #[arg(long)]
+        at: Option<String>,
+        /// Backups kept per volume.
+        #[arg(long)]
+        keep: u32,
+        /// Backups older than this are pruned.
+        #[arg(long)]
+        max_age: String,
+    },
+    /// List schedules: interval, retention, last and next run.
+    List,
+    /// Delete a schedule (its backups stay).
+    Delete {
+        /// Schedule name.
+        name: String,
     },
 }
 
@@ -574,6 +622,12 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Backup(BackupCmd::Show { id }) => backup::show(&admin, out, id).await,
         Cmd::Backup(BackupCmd::Verify { id }) => backup::verify(&admin, out, id).await,
         Cmd::Backup(BackupCmd::Delete { id }) => backup::delete(&admin, out, id).await,
+        Cmd::Backup(BackupCmd::Pin { id, unpin }) => backup::pin(&admin, out, id, unpin).await,
+        Cmd::Schedule(ScheduleCmd::Create { name, volumes, all, every, at, keep, max_age }) => {
+            schedule::create(&admin, out, schedule::NewSchedule { name, volumes, all, every, at, keep, max_age }).await
+        }
+        Cmd::Schedule(ScheduleCmd::List) => schedule::list(&admin, out).await,
+        Cmd::Schedule(ScheduleCmd::Delete { name }) => schedule::delete(&admin, out, name).await,
         Cmd::Backup(BackupCmd::Restore { id, to, no_wait }) => backup::restore(&admin, out, id, to, no_wait).await,
         Cmd::Snapshot(SnapshotCmd::Create { volume, name }) => snapshot::create(&admin, out, volume, name).await,
         Cmd::Snapshot(SnapshotCmd::List { volume }) => snapshot::list(&admin, out, volume).await,

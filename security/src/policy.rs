@@ -169,6 +169,8 @@ pub enum Action {
     BackupDelete,
     /// Restoring a backup into a new volume.
     BackupRestore,
+    /// Keeping a backup past its volume's deletion.
+    BackupPin,
     /// Reading blocks.
     DataRead,
     /// Writing, trimming and zeroing blocks.
@@ -222,6 +224,7 @@ impl Action {
             BackupVerify => "backup.verify",
             BackupDelete => "backup.delete",
             BackupRestore => "backup.restore",
+            BackupPin => "backup.pin",
             DataRead => "data.read",
             DataWrite => "data.write",
             TokenCreate => "auth.token.create",

@@ -73,6 +73,8 @@ pub struct FileConfig {
     #[serde(default)]
     heal: HealFile,
     #[serde(default)]
+    backup: BackupFile,
+    #[serde(default)]
     security: SecurityFile,
     #[serde(default)]
     audit: AuditFile,
@@ -113,6 +115,13 @@ struct HealFile {
     replace_down_after_secs: Option<u64>,
     max_moves: Option<u32>,
     rebuild_rate: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackupFile {
+    copies: Option<u32>,
+    retain_after_delete: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -328,6 +337,8 @@ pub struct NodeConfig {
     pub deep_interval: Option<std::time::Duration>,
     /// Self-healing (acted on by the meta leader).
     pub heal: HealConfig,
+    /// The backup tier's settings (the meta leader's decide).
+    pub backup: BackupConfig,
     /// TLS, allow-lists.
     pub security: SecurityConfig,
     /// Audit log retention (acted on by the meta leader).
@@ -381,6 +392,24 @@ pub struct HealConfig {
     pub max_moves: u32,
     /// Bytes per second this node sends to fill new replicas (0: unlimited).
     pub rebuild_rate: u64,
+}
+
+/// Backup settings. The meta leader's own settings decide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackupConfig {
+    /// Backup nodes each backup is kept on (fewer if fewer are up).
+    pub copies: u32,
+    /// A deleted volume's backups expire this long after the deletion, unless pinned.
+    pub retain_after_delete: std::time::Duration,
+}
+
+/// The longest a deleted volume's backups are kept: four weeks, what providers promise.
+pub const MAX_RETAIN_AFTER_DELETE: std::time::Duration = std::time::Duration::from_secs(28 * 86_400);
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        Self { copies: 2, retain_after_delete: MAX_RETAIN_AFTER_DELETE }
+    }
 }
 
 impl Default for HealConfig {
@@ -545,6 +574,24 @@ impl NodeConfig {
             heal.max_moves = n;
         }
         heal.rebuild_rate = size("heal.rebuild_rate", f.rebuild_rate.or(file.heal.rebuild_rate), heal.rebuild_rate)?;
+        let mut backup = BackupConfig::default();
+        if let Some(n) = file.backup.copies {
+            if !(1..=8).contains(&n) {
+                return Err(invalid("backup.copies", format!("{n} is outside 1..=8")));
+            }
+            backup.copies = n;
+        }
+        if let Some(d) = file.backup.retain_after_delete {
+            let secs = basalt_common::units::parse_duration(&d).map_err(|e| invalid("backup.retain_after_delete", e))?;
+            let d = std::time::Duration::from_secs(secs);
+            if secs == 0 || d > MAX_RETAIN_AFTER_DELETE {
+                return Err(invalid(
+                    "backup.retain_after_delete",
+                    format!("{secs} s is outside 1 s..=28 days (a deleted volume's backups are never kept longer)"),
+                ));
+            }
+            backup.retain_after_delete = d;
+        }
         let security_off = f.security_off || file.security.off.unwrap_or(false);
         let tls_dir = data_dir.join("tls");
         let tls = (!security_off).then(|| TlsFiles {
@@ -598,6 +645,7 @@ impl NodeConfig {
             integrity_interval,
             deep_interval,
             heal,
+            backup,
             security: SecurityConfig { tls, reload: std::time::Duration::from_secs(reload_secs), allow },
             audit,
         })
@@ -670,6 +718,12 @@ mod tests {
             ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[security]\nreload_secs = 0", "security.reload_secs"),
             ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[security]\ntls = true", "tls"),
             ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[audit]\nmax_records = 5", "audit.max_records"),
+            ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[backup]\ncopies = 0", "backup.copies"),
+            ("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[backup]\nretain_after_delete = \"29d\"", "never kept longer"),
+            (
+                "id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nroles=[\"meta\"]\n[backup]\nretain_after_delete = \"soon\"",
+                "backup.retain_after_delete",
+            ),
         ];
         for (i, (text, expect)) in cases.iter().enumerate() {
             let path = dir.path().join(format!("{i}.toml"));

@@ -358,6 +358,9 @@ impl Node {
         tasks.push(tokio::spawn(crate::meta::service::run_audit_shipper(ctx.clone(), audit_rx, shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::cluster_map::run_watcher(ctx.clone(), map_tx, shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::agent::run(ctx.clone(), shutdown_rx.clone())));
+        if config.has(Role::Meta) {
+            tasks.push(tokio::spawn(crate::meta::backup_admin::run_scheduler(AdminService::new(ctx.clone()), shutdown_rx.clone())));
+        }
         if let Some(b) = backup_node {
             tasks.push(tokio::spawn(b.run_sweeper(shutdown_rx.clone())));
         }

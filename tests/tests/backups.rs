@@ -264,3 +264,102 @@ async fn a_backup_node_killed_mid_copy_or_mid_restore_leaves_nothing_half_made()
     let back = read_all(&cluster, "r", SIZE).await;
     assert_eq!(Sha256::digest(&back), Sha256::digest(&image), "the resumed restore gives back the backup's bytes");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedules_keep_their_newest_backups_and_a_deleted_volumes_backups_expire_without_a_trace() {
+    let mut specs = simple_spec(3);
+    specs.push(NodeSpec { id: BACKUP_NODE, labels: "zone=z4,host=h4".into(), roles: vec!["backup"] });
+    let cluster = TestCluster::start_with(specs, "[backup]\nretain_after_delete = \"3s\"\n").await.unwrap();
+    cluster.init(8, "zone").await.unwrap();
+    cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
+    create_volume(&cluster, "s", 16 * MIB).await;
+    let client = cluster.client().await.unwrap();
+    let vol = client.attach_volume("s", "writer", false).await.unwrap();
+    let mut data = chunk(2, 9);
+    data[4000..4024].copy_from_slice(b"SCHEDULE-MARKER-58e1c0d2");
+    vol.write(2 * MIB, Bytes::from(data), false).await.unwrap();
+    client.detach_volume(&vol).await.unwrap();
+
+    // Impossible or malformed schedules: each a clear error.
+    for (args, want, what) in [
+        (vec!["--every", "0", "--keep", "3", "--max-age", "1h", "--volume", "s"], 5, "a zero interval"),
+        (vec!["--every", "1h", "--keep", "3", "--max-age", "10m", "--volume", "s"], 5, "pruned before the next run"),
+        (vec!["--every", "1d", "--at", "25:00", "--keep", "3", "--max-age", "7d", "--volume", "s"], 5, "no such time of day"),
+        (vec!["--every", "1h", "--keep", "0", "--max-age", "1d", "--volume", "s"], 5, "keeping nothing"),
+        (vec!["--every", "soon", "--keep", "3", "--max-age", "1d", "--volume", "s"], 5, "an interval that is no duration"),
+        (vec!["--every", "1h", "--keep", "3", "--max-age", "1d"], 2, "neither volumes nor --all"),
+        (vec!["--every", "1h", "--keep", "3", "--max-age", "1d", "--volume", "nope"], 3, "an unknown volume"),
+    ] {
+        let mut full = vec!["schedule", "create", "bad"];
+        full.extend_from_slice(&args);
+        let (code, _, err) = cluster.cli(&full).await.unwrap();
+        assert_eq!(code, Some(want), "{what}: {err}");
+        assert!(!err.trim().is_empty(), "{what}: says why");
+    }
+    let (code, _, err) = cluster.cli(&["schedule", "delete", "nope"]).await.unwrap();
+    assert_eq!(code, Some(3), "{err}");
+
+    // Every 2 s, keep 3: after six runs, the three newest backups are left.
+    let args = ["schedule", "create", "often", "--volume", "s", "--every", "2s", "--keep", "3", "--max-age", "1h"];
+    let created = json(&cluster, &args).await;
+    assert_eq!(created["keep"], 3, "{created}");
+    let (code, _, err) = cluster.cli(&args).await.unwrap();
+    assert_eq!(code, Some(4), "a duplicate name: {err}");
+    // Seen while the schedule runs: six runs or more, three backups kept, the newest ones.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let kept = loop {
+        let list = json(&cluster, &["backup", "list", "s"]).await;
+        let list = list.as_array().unwrap().clone();
+        let ids: Vec<u64> = list.iter().filter_map(|b| b["id"].as_u64()).collect();
+        let newest = ids.iter().copied().max().unwrap_or(0);
+        if newest >= 6 && list.len() == 3 && list.iter().all(|b| b["state"] == "complete") {
+            assert_eq!(ids, vec![newest - 2, newest - 1, newest], "the three newest are kept: {list:?}");
+            break list;
+        }
+        assert!(Instant::now() < deadline, "six scheduled runs pruned to three within 90 s: {list:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (code, _, err) = cluster.cli(&["schedule", "delete", "often"]).await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(kept[2]["copies"][0]["changed_bytes"], 0, "nothing changed between runs, nothing read: {kept:?}");
+    assert!(kept.iter().all(|b| b["schedule"] == "often"), "{kept:?}");
+    let backups_dir = cluster.node(BACKUP_NODE).data_dir.join("backups");
+    assert!(!files_containing(&backups_dir, b"SCHEDULE-MARKER-58e1c0d2").is_empty(), "the marker is stored on the backup node");
+
+    // The volume is deleted: its backups expire after retain_after_delete (3 s here), except a
+    // pinned one, which goes once unpinned; then the marker is in no file on the backup node.
+    let pinned = kept[0]["id"].as_u64().unwrap().to_string();
+    let shown = json(&cluster, &["backup", "pin", &pinned]).await;
+    assert_eq!(shown["pinned"], true, "{shown}");
+    let (code, _, err) = cluster.cli(&["volume", "delete", "s"]).await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    let wait_for = |n: usize| {
+        let cluster = &cluster;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let list = json(cluster, &["backup", "list"]).await;
+                if list.as_array().map(Vec::len) == Some(n) {
+                    return list;
+                }
+                assert!(Instant::now() < deadline, "expected {n} backup(s) left: {list}");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    };
+    let left = wait_for(1).await;
+    assert_eq!(left[0]["id"].as_u64().map(|i| i.to_string()), Some(pinned.clone()), "the pinned one stays: {left}");
+    assert!(left[0]["volume_deleted_unix_ms"].as_u64().unwrap_or(0) > 0, "{left}");
+    json(&cluster, &["backup", "pin", &pinned, "--unpin"]).await;
+    wait_for(0).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !files_containing(&backups_dir, b"SCHEDULE-MARKER-58e1c0d2").is_empty() {
+        assert!(Instant::now() < deadline, "the expired backups' marker is still on the backup node");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let audit = cluster.audit_records().await;
+    assert!(
+        audit.iter().any(|r| r["action"] == "backup.delete" && r["detail"].as_str().unwrap_or_default().contains("was deleted more than")),
+        "expiry is in the audit log"
+    );
+}

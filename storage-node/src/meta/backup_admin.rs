@@ -8,19 +8,16 @@ use basalt_common::NodeId;
 use basalt_proto::admin::{
     Backup, BackupCreateRequest, BackupListReply, BackupListRequest, BackupReply, BackupReportReply, BackupReportRequest, BackupRestoreRequest,
     BackupVerifyReply, CopyBackStats, CopyBackupRequest, CopyRef, JobProgress, ProgressRequest, RestoreStatusReply, RunRestoreRequest,
-    VerifyCopyReply,
+    Schedule as ScheduleMsg, ScheduleListReply, ScheduleReply, VerifyCopyReply,
 };
-use basalt_security::Action;
+use basalt_security::{Action, Principal};
 use tonic::{Response, Status};
 
-use super::backups::{BackupRecord, BackupState, CopyStats, Restore, describe};
+use super::backups::{BackupRecord, BackupState, CopyStats, Restore, Schedule, describe, retention};
 use super::service::{AdminService, now_ms, status_of, volume_in};
 use super::state::{ClusterState, MetaCommand, MetaError, MetaReply, Role, VolumeState};
 use crate::access::Caller;
 use crate::node::MetaHandle;
-
-/// Backup nodes a backup is kept on (fewer if fewer are up).
-pub const BACKUP_COPIES: usize = 2;
 
 /// How long the leader waits for a backup node to take a job.
 const DISPATCH_WAIT: Duration = Duration::from_secs(5);
@@ -61,6 +58,56 @@ fn backup_proto(s: &ClusterState, b: &BackupRecord) -> Backup {
         progress: None,
         volume_deleted: !s.volumes.get(&b.volume).is_some_and(|v| v.state == VolumeState::Active),
         auto_snapshot: b.auto_snapshot,
+        schedule: b.schedule.clone().unwrap_or_default(),
+        pinned: b.pinned,
+        volume_deleted_unix_ms: b.volume_deleted_unix_ms,
+    }
+}
+
+fn schedule_proto(s: &ClusterState, sc: &Schedule) -> ScheduleMsg {
+    ScheduleMsg {
+        name: sc.name.clone(),
+        volumes: sc.volumes.clone(),
+        all: sc.all,
+        every_secs: sc.every_secs,
+        at: sc.at_minute.map(|m| format!("{:02}:{:02}", m / 60, m % 60)).unwrap_or_default(),
+        keep: sc.keep,
+        max_age_secs: sc.max_age_secs,
+        created_unix_ms: sc.created_unix_ms,
+        last_run_unix_ms: sc.last_run_unix_ms,
+        next_run_unix_ms: sc.next_due(),
+        backups: s.backups.records.values().filter(|b| b.schedule.as_deref() == Some(&sc.name)).count() as u32,
+    }
+}
+
+/// Parses `HH:MM` (UTC) into minutes past midnight.
+fn parse_at(at: &str) -> Result<Option<u32>, Status> {
+    if at.is_empty() {
+        return Ok(None);
+    }
+    let bad = || Status::invalid_argument(format!("--at {at:?} is not a time of day HH:MM (UTC, 00:00 to 23:59)"));
+    let (h, m) = at.split_once(':').ok_or_else(bad)?;
+    let (h, m): (u32, u32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+    if h > 23 || m > 59 || at.len() != 5 {
+        return Err(bad());
+    }
+    Ok(Some(h * 60 + m))
+}
+
+/// How often the meta leader looks at schedules and retention.
+const SCHEDULER_TICK: Duration = Duration::from_secs(1);
+
+/// Runs schedules and retention while this node leads the meta group (see `scheduler_pass`).
+pub async fn run_scheduler(service: AdminService, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let service = std::sync::Arc::new(service);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(SCHEDULER_TICK) => {}
+            _ = shutdown.changed() => return,
+        }
+        if let Err(e) = service.clone().scheduler_pass().await {
+            tracing::debug!(error = %e.message(), "backup scheduler pass deferred");
+        }
     }
 }
 
@@ -116,7 +163,13 @@ impl AdminService {
 
     /// `backup create`: a snapshot (unless one is named), the catalog entry, and the copy
     /// handed to each backup node.
-    pub(super) async fn create_backup(&self, meta: &MetaHandle, caller: &Caller, msg: BackupCreateRequest) -> Result<Response<BackupReply>, Status> {
+    pub(super) async fn create_backup(
+        &self,
+        meta: &MetaHandle,
+        caller: &Caller,
+        msg: BackupCreateRequest,
+        schedule: Option<String>,
+    ) -> Result<Response<BackupReply>, Status> {
         let s = self.read(meta).await?;
         if s.volume_by_name(&msg.volume).is_none() {
             return Err(status_of(&MetaError::NoSuchVolume(msg.volume.clone())));
@@ -127,7 +180,7 @@ impl AdminService {
                 "no backup-role node is up: backups are kept on backup nodes (start one with roles = [\"backup\"])",
             ));
         }
-        let nodes: Vec<NodeId> = up.into_iter().take(BACKUP_COPIES).collect();
+        let nodes: Vec<NodeId> = up.into_iter().take(self.ctx.config.backup.copies as usize).collect();
         let (snapshot, auto) = if msg.snapshot.is_empty() {
             let name = format!("backup-{}", now_ms());
             let cmd = MetaCommand::CreateSnapshot { volume: msg.volume.clone(), name: name.clone(), now_unix_ms: now_ms() };
@@ -140,7 +193,7 @@ impl AdminService {
             (msg.snapshot.clone(), false)
         };
         let target = format!("{}@{snapshot}", msg.volume);
-        let cmd = MetaCommand::BeginBackup { volume: msg.volume.clone(), snapshot, nodes, auto_snapshot: auto, now_unix_ms: now_ms() };
+        let cmd = MetaCommand::BeginBackup { volume: msg.volume.clone(), snapshot, nodes, auto_snapshot: auto, schedule, now_unix_ms: now_ms() };
         let record = match self.propose_audited(meta, cmd, caller, Action::BackupCreate, &target).await? {
             MetaReply::Backup(b) => b,
             MetaReply::Error(e) => return Err(status_of(&e)),
@@ -225,12 +278,22 @@ impl AdminService {
     pub(super) async fn delete_backup(&self, meta: &MetaHandle, caller: &Caller, id: u64) -> Result<Response<BackupReply>, Status> {
         let s = self.read(meta).await?;
         self.record(&s, caller, id)?;
-        let b = match self.propose_audited(meta, MetaCommand::DeleteBackup { id }, caller, Action::BackupDelete, &format!("backup {id}")).await? {
+        let b = self.drop_backup(meta, caller, id, "").await?;
+        let s = meta.shared.snapshot();
+        Ok(Response::new(BackupReply { backup: Some(backup_proto(&s, &b)) }))
+    }
+
+    /// Deletes backup `id` from the catalog (audited, `why` in the record's detail) and asks
+    /// its nodes to erase their copies.
+    async fn drop_backup(&self, meta: &MetaHandle, caller: &Caller, id: u64, why: &str) -> Result<BackupRecord, Status> {
+        let cmd = MetaCommand::DeleteBackup { id };
+        let event = caller.event(Action::BackupDelete.as_str(), &format!("backup {id}"), basalt_security::audit::Outcome::Ok, why.to_string());
+        let b = match self.propose(meta, MetaCommand::Audited { cmd: Box::new(cmd), event }).await? {
             MetaReply::Backup(b) => b,
             MetaReply::Error(e) => return Err(status_of(&e)),
             other => return Err(Status::internal(format!("unexpected meta reply {other:?}"))),
         };
-        tracing::info!(backup = id, by = %caller.principal, "backup deleted; its nodes erase what only it held");
+        tracing::info!(backup = id, by = %caller.principal, why, "backup deleted; its nodes erase what only it held");
         let s = meta.shared.snapshot();
         for node in &b.nodes {
             if let Ok(addr) = self.node_addr(&s, *node)
@@ -240,7 +303,119 @@ impl AdminService {
                 let _ = tokio::time::timeout(DISPATCH_WAIT, c.drop_copy(CopyRef { id })).await;
             }
         }
+        Ok(b)
+    }
+
+    /// `backup pin ID [--unpin]`.
+    pub(super) async fn pin(&self, meta: &MetaHandle, caller: &Caller, id: u64, pinned: bool) -> Result<Response<BackupReply>, Status> {
+        let target = format!("backup {id}");
+        let b = match self.propose_audited(meta, MetaCommand::PinBackup { id, pinned }, caller, Action::BackupPin, &target).await? {
+            MetaReply::Backup(b) => b,
+            MetaReply::Error(e) => return Err(status_of(&e)),
+            other => return Err(Status::internal(format!("unexpected meta reply {other:?}"))),
+        };
+        let s = meta.shared.snapshot();
         Ok(Response::new(BackupReply { backup: Some(backup_proto(&s, &b)) }))
+    }
+
+    /// `schedule create`.
+    pub(super) async fn create_schedule(&self, meta: &MetaHandle, caller: &Caller, msg: ScheduleMsg) -> Result<Response<ScheduleReply>, Status> {
+        let schedule = Schedule {
+            name: msg.name.clone(),
+            volumes: msg.volumes.clone(),
+            all: msg.all,
+            every_secs: msg.every_secs,
+            at_minute: parse_at(&msg.at)?,
+            keep: msg.keep,
+            max_age_secs: msg.max_age_secs,
+            created_unix_ms: now_ms(),
+            last_run_unix_ms: 0,
+        };
+        let s = self.read(meta).await?;
+        for v in &schedule.volumes {
+            if s.volume_by_name(v).is_none() {
+                return Err(status_of(&MetaError::NoSuchVolume(v.clone())));
+            }
+        }
+        let target = format!("schedule {}", msg.name);
+        if let MetaReply::Error(e) =
+            self.propose_audited(meta, MetaCommand::CreateSchedule { schedule }, caller, Action::BackupCreate, &target).await?
+        {
+            return Err(status_of(&e));
+        }
+        let s = meta.shared.snapshot();
+        let sc = s.backups.schedules.get(&msg.name).ok_or_else(|| Status::internal("the schedule vanished"))?;
+        Ok(Response::new(ScheduleReply { schedule: Some(schedule_proto(&s, sc)) }))
+    }
+
+    /// `schedule list`.
+    pub(super) async fn list_schedules(&self, meta: &MetaHandle) -> Result<Response<ScheduleListReply>, Status> {
+        let s = self.read(meta).await?;
+        Ok(Response::new(ScheduleListReply { schedules: s.backups.schedules.values().map(|sc| schedule_proto(&s, sc)).collect() }))
+    }
+
+    /// `schedule delete`.
+    pub(super) async fn delete_schedule(&self, meta: &MetaHandle, caller: &Caller, name: &str) -> Result<Response<ScheduleReply>, Status> {
+        let s = self.read(meta).await?;
+        let sc = s.backups.schedules.get(name).map(|sc| schedule_proto(&s, sc));
+        let target = format!("schedule {name}");
+        let cmd = MetaCommand::DeleteSchedule { name: name.to_string() };
+        if let MetaReply::Error(e) = self.propose_audited(meta, cmd, caller, Action::BackupDelete, &target).await? {
+            return Err(status_of(&e));
+        }
+        Ok(Response::new(ScheduleReply { schedule: sc }))
+    }
+
+    /// One pass of the scheduler on the meta leader: due schedules run (a backup of each of
+    /// their volumes; a schedule whose previous run still has a backup copying waits), then
+    /// retention deletes what schedules prune and what expired after its volume's deletion.
+    async fn scheduler_pass(self: std::sync::Arc<Self>) -> Result<(), Status> {
+        let Some(meta) = self.ctx.meta.as_ref() else { return Ok(()) };
+        if !meta.group.status().is_leader {
+            return Ok(());
+        }
+        let s = meta.shared.snapshot();
+        let now = now_ms();
+        let caller = Caller { principal: Principal::Node(self.ctx.config.id.0), source: "backup scheduler".into() };
+        for sc in s.backups.schedules.values() {
+            if now < sc.next_due() {
+                continue;
+            }
+            let busy = s.backups.records.values().any(|b| b.schedule.as_deref() == Some(&sc.name) && b.state == BackupState::Running);
+            if busy {
+                continue;
+            }
+            // Recorded first: a leader change mid-run does not run it again.
+            self.propose(meta, MetaCommand::ScheduleRan { name: sc.name.clone(), now_unix_ms: now }).await?;
+            let volumes: Vec<String> = if sc.all {
+                s.volumes
+                    .values()
+                    .filter(|v| v.state == VolumeState::Active && !s.volume_keys.contains_key(&v.id) && !s.backups.restores.contains_key(&v.id))
+                    .map(|v| v.name.clone())
+                    .collect()
+            } else {
+                sc.volumes.clone()
+            };
+            tracing::info!(schedule = %sc.name, volumes = volumes.len(), "schedule run");
+            let (me, name, caller) = (self.clone(), sc.name.clone(), caller.clone());
+            tokio::spawn(async move {
+                let Some(meta) = me.ctx.meta.as_ref() else { return };
+                for volume in volumes {
+                    let req = BackupCreateRequest { volume: volume.clone(), snapshot: String::new() };
+                    if let Err(e) = me.create_backup(meta, &caller, req, Some(name.clone())).await {
+                        tracing::warn!(schedule = %name, volume, error = %e.message(), "scheduled backup not taken");
+                    }
+                }
+            });
+        }
+        let (delete, orphaned) = retention(&s, now, self.ctx.config.backup.retain_after_delete.as_millis() as u64);
+        if !orphaned.is_empty() {
+            self.propose(meta, MetaCommand::BackupsOrphaned { ids: orphaned, now_unix_ms: now }).await?;
+        }
+        for (id, why) in delete {
+            self.drop_backup(meta, &caller, id, &why).await?;
+        }
+        Ok(())
     }
 
     /// `backup verify`: every node keeping the backup reads each of its pieces back.

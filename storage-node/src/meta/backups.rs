@@ -68,6 +68,13 @@ pub struct BackupRecord {
     pub finished_unix_ms: u64,
     /// The snapshot was taken for this backup (and is deleted once the copies are done).
     pub auto_snapshot: bool,
+    /// The schedule that took it.
+    pub schedule: Option<String>,
+    /// Kept past its volume's deletion until unpinned (an admin's decision).
+    pub pinned: bool,
+    /// When the meta leader saw its volume deleted (0: not deleted); it expires
+    /// `backup.retain_after_delete` later unless pinned.
+    pub volume_deleted_unix_ms: u64,
 }
 
 /// A restore under way: a new volume being filled from a backup by a backup node, attached
@@ -95,6 +102,90 @@ pub struct Backups {
     pub next_id: u64,
     /// Restores under way, by the volume being written.
     pub restores: BTreeMap<VolumeId, Restore>,
+    /// Backup schedules, by name.
+    pub schedules: BTreeMap<String, Schedule>,
+}
+
+/// Most backups a schedule keeps per volume.
+pub const MAX_KEEP: u32 = 10_000;
+
+/// Shortest schedule interval.
+pub const MIN_EVERY_SECS: u64 = 1;
+
+/// Longest schedule interval (a year).
+pub const MAX_EVERY_SECS: u64 = 366 * 86_400;
+
+const DAY_MS: u64 = 86_400_000;
+
+/// A backup schedule: every `every_secs` (aligned to `at_minute` past midnight UTC if set),
+/// a backup of each of its volumes; its backups are pruned to `keep` per volume and to
+/// `max_age_secs`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Schedule {
+    /// Name.
+    pub name: String,
+    /// The volumes, by name (`all`: every volume, including ones created later).
+    pub volumes: Vec<String>,
+    /// See `volumes`.
+    pub all: bool,
+    /// The interval.
+    pub every_secs: u64,
+    /// Minutes past midnight UTC the runs are aligned to.
+    pub at_minute: Option<u32>,
+    /// Backups kept per volume.
+    pub keep: u32,
+    /// Backups older than this are pruned.
+    pub max_age_secs: u64,
+    /// When it was created.
+    pub created_unix_ms: u64,
+    /// When its last run started (0: never).
+    pub last_run_unix_ms: u64,
+}
+
+impl Schedule {
+    /// Checks the schedule's settings; `Err` says what is impossible.
+    pub fn validate(&self) -> Result<(), String> {
+        validate_name(&self.name).map_err(|e| e.to_string())?;
+        if !(MIN_EVERY_SECS..=MAX_EVERY_SECS).contains(&self.every_secs) {
+            return Err(format!("an interval of {} s is outside {MIN_EVERY_SECS} s..=366 days", self.every_secs));
+        }
+        if self.at_minute.is_some_and(|m| m >= 24 * 60) {
+            return Err("--at must be a time of day, HH:MM from 00:00 to 23:59".into());
+        }
+        if !(1..=MAX_KEEP).contains(&self.keep) {
+            return Err(format!("--keep {} is outside 1..={MAX_KEEP}", self.keep));
+        }
+        if self.max_age_secs < self.every_secs {
+            return Err(format!(
+                "--max-age ({} s) is shorter than the interval ({} s): every backup would be pruned before the next one is taken",
+                self.max_age_secs, self.every_secs
+            ));
+        }
+        if self.volumes.is_empty() != self.all {
+            return Err("name the volumes (--volume V, repeatable) or --all, not both or neither".into());
+        }
+        Ok(())
+    }
+
+    /// When the next run is due (Unix ms): right after creation (or the first `--at` time
+    /// after it), then every interval after the last run (on the `--at` grid). However long
+    /// the leader was away, a due run happens once: the next one counts from it.
+    pub fn next_due(&self) -> u64 {
+        let every = self.every_secs * 1000;
+        let Some(minute) = self.at_minute else {
+            return if self.last_run_unix_ms == 0 { self.created_unix_ms } else { self.last_run_unix_ms + every };
+        };
+        let day = self.created_unix_ms / DAY_MS * DAY_MS;
+        let mut anchor = day + u64::from(minute) * 60_000;
+        if anchor < self.created_unix_ms {
+            anchor += DAY_MS;
+        }
+        if self.last_run_unix_ms < anchor {
+            return anchor;
+        }
+        // The first grid point after the last run.
+        anchor + ((self.last_run_unix_ms - anchor) / every + 1) * every
+    }
 }
 
 /// The attachment holder of a volume being restored from `backup`.
@@ -107,8 +198,70 @@ fn refused(message: String) -> MetaReply {
 }
 
 impl ClusterState {
+    /// Adds schedule `schedule`.
+    pub(super) fn create_schedule(&mut self, schedule: Schedule) -> MetaReply {
+        if let Err(e) = schedule.validate() {
+            return MetaReply::Error(MetaError::InvalidSettings(e));
+        }
+        if self.backups.schedules.contains_key(&schedule.name) {
+            return MetaReply::Error(MetaError::ScheduleExists(schedule.name));
+        }
+        self.backups.schedules.insert(schedule.name.clone(), schedule);
+        MetaReply::Done
+    }
+
+    /// Removes schedule `name` (its backups stay, pruned no more).
+    pub(super) fn delete_schedule(&mut self, name: &str) -> MetaReply {
+        match self.backups.schedules.remove(name) {
+            Some(_) => MetaReply::Done,
+            None => MetaReply::Error(MetaError::NoSuchSchedule(name.to_string())),
+        }
+    }
+
+    /// Schedule `name`'s run started at `now_unix_ms`.
+    pub(super) fn schedule_ran(&mut self, name: &str, now_unix_ms: u64) -> MetaReply {
+        match self.backups.schedules.get_mut(name) {
+            Some(s) => {
+                s.last_run_unix_ms = s.last_run_unix_ms.max(now_unix_ms);
+                MetaReply::Done
+            }
+            None => MetaReply::Error(MetaError::NoSuchSchedule(name.to_string())),
+        }
+    }
+
+    /// Pins (or unpins) backup `id`.
+    pub(super) fn pin_backup(&mut self, id: u64, pinned: bool) -> MetaReply {
+        match self.backups.records.get_mut(&id) {
+            Some(b) => {
+                b.pinned = pinned;
+                MetaReply::Backup(b.clone())
+            }
+            None => MetaReply::Error(MetaError::NoSuchBackup(id)),
+        }
+    }
+
+    /// The meta leader saw the volumes of backups `ids` deleted at `now_unix_ms`.
+    pub(super) fn backups_orphaned(&mut self, ids: &[u64], now_unix_ms: u64) -> MetaReply {
+        for id in ids {
+            if let Some(b) = self.backups.records.get_mut(id)
+                && b.volume_deleted_unix_ms == 0
+            {
+                b.volume_deleted_unix_ms = now_unix_ms;
+            }
+        }
+        MetaReply::Done
+    }
+
     /// Records a new running backup of `volume`'s snapshot `snapshot`, kept on `nodes`.
-    pub(super) fn begin_backup(&mut self, volume: &str, snapshot: &str, nodes: Vec<NodeId>, auto_snapshot: bool, now_unix_ms: u64) -> MetaReply {
+    pub(super) fn begin_backup(
+        &mut self,
+        volume: &str,
+        snapshot: &str,
+        nodes: Vec<NodeId>,
+        auto_snapshot: bool,
+        schedule: Option<String>,
+        now_unix_ms: u64,
+    ) -> MetaReply {
         let Some(v) = self.volume_by_name(volume).cloned() else {
             return MetaReply::Error(MetaError::NoSuchVolume(volume.to_string()));
         };
@@ -139,6 +292,9 @@ impl ClusterState {
             created_unix_ms: now_unix_ms,
             finished_unix_ms: 0,
             auto_snapshot,
+            schedule,
+            pinned: false,
+            volume_deleted_unix_ms: 0,
         };
         self.backups.records.insert(id, record.clone());
         MetaReply::Backup(record)
@@ -250,6 +406,60 @@ pub fn describe(state: &BackupState) -> String {
     }
 }
 
+/// What a leader's pass over the catalog should do: backups to delete (by schedule pruning or
+/// expiry after their volume's deletion), backups whose volume it sees deleted for the first
+/// time. Pure, so the rules are tested on their own.
+pub fn retention(s: &ClusterState, now_unix_ms: u64, retain_after_delete_ms: u64) -> (Vec<(u64, String)>, Vec<u64>) {
+    let mut delete = Vec::new();
+    let mut orphaned = Vec::new();
+    let restoring: std::collections::BTreeSet<u64> = s.backups.restores.values().map(|r| r.backup).collect();
+    for b in s.backups.records.values() {
+        let volume_active = s.volumes.get(&b.volume).is_some_and(|v| v.state == super::state::VolumeState::Active);
+        if volume_active || b.state == BackupState::Running {
+            continue;
+        }
+        if b.volume_deleted_unix_ms == 0 {
+            orphaned.push(b.id);
+        } else if !b.pinned && now_unix_ms >= b.volume_deleted_unix_ms + retain_after_delete_ms && !restoring.contains(&b.id) {
+            delete.push((b.id, format!("its volume {} was deleted more than {} s ago", b.volume_name, retain_after_delete_ms / 1000)));
+        }
+    }
+    for sched in s.backups.schedules.values() {
+        let mut by_volume: BTreeMap<VolumeId, Vec<&BackupRecord>> = BTreeMap::new();
+        for b in s.backups.records.values().filter(|b| b.schedule.as_deref() == Some(&sched.name) && b.state != BackupState::Running) {
+            by_volume.entry(b.volume).or_default().push(b);
+        }
+        for list in by_volume.values_mut() {
+            list.sort_by_key(|b| std::cmp::Reverse((b.created_unix_ms, b.id)));
+            let mut complete = 0u32;
+            for b in list.iter() {
+                if restoring.contains(&b.id) || delete.iter().any(|(id, _)| *id == b.id) {
+                    continue;
+                }
+                let why = match &b.state {
+                    // A failed run is dropped once a later one completed.
+                    BackupState::Failed(_) if complete > 0 => Some(format!("schedule {}: a later backup completed", sched.name)),
+                    BackupState::Failed(_) => None,
+                    _ => {
+                        complete += 1;
+                        if complete > sched.keep {
+                            Some(format!("schedule {} keeps {}", sched.name, sched.keep))
+                        } else if now_unix_ms.saturating_sub(b.created_unix_ms) > sched.max_age_secs * 1000 {
+                            Some(format!("schedule {} keeps backups for {} s", sched.name, sched.max_age_secs))
+                        } else {
+                            None
+                        }
+                    }
+                };
+                if let Some(why) = why {
+                    delete.push((b.id, why));
+                }
+            }
+        }
+    }
+    (delete, orphaned)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::state::{MetaCommand, NodeRecord, Role, tests::initialized};
@@ -270,13 +480,115 @@ mod tests {
     }
 
     #[test]
+    fn schedules_run_once_per_interval_on_their_grid_and_refuse_impossible_settings() {
+        let base = Schedule {
+            name: "nightly".into(),
+            volumes: vec!["v".into()],
+            all: false,
+            every_secs: 3600,
+            at_minute: None,
+            keep: 3,
+            max_age_secs: 86_400,
+            created_unix_ms: 10 * DAY_MS + 5_000,
+            last_run_unix_ms: 0,
+        };
+        assert_eq!(base.validate(), Ok(()));
+        assert_eq!(base.next_due(), base.created_unix_ms, "the first run right away");
+        let ran = Schedule { last_run_unix_ms: base.created_unix_ms + 10 * DAY_MS, ..base.clone() };
+        assert_eq!(ran.next_due(), ran.last_run_unix_ms + 3_600_000, "an outage of days: one run, then every hour from it");
+        let at = Schedule { at_minute: Some(2 * 60 + 30), every_secs: 86_400, ..base.clone() };
+        assert_eq!(at.next_due(), 10 * DAY_MS + 150 * 60_000, "the first 02:30 after creation");
+        let at_ran = Schedule { last_run_unix_ms: 13 * DAY_MS + 160 * 60_000, ..at.clone() };
+        assert_eq!(at_ran.next_due(), 14 * DAY_MS + 150 * 60_000, "a late run keeps the grid");
+        for (bad, what) in [
+            (Schedule { every_secs: 0, ..base.clone() }, "a zero interval"),
+            (Schedule { every_secs: 400 * 86_400, max_age_secs: 500 * 86_400, ..base.clone() }, "more than a year"),
+            (Schedule { at_minute: Some(24 * 60), ..base.clone() }, "no such time of day"),
+            (Schedule { keep: 0, ..base.clone() }, "keeping nothing"),
+            (Schedule { max_age_secs: 60, ..base.clone() }, "pruned before the next run"),
+            (Schedule { volumes: vec![], ..base.clone() }, "no volumes"),
+            (Schedule { all: true, ..base.clone() }, "volumes and --all"),
+            (Schedule { name: "bad name".into(), ..base.clone() }, "a bad name"),
+        ] {
+            assert!(bad.validate().is_err(), "{what}");
+        }
+    }
+
+    #[test]
+    fn retention_prunes_by_count_and_age_and_expires_deleted_volumes_backups_unless_pinned() {
+        let mut s = initialized();
+        let b = with_backup_node(&mut s);
+        apply(&mut s, MetaCommand::CreateVolume { name: "v".into(), size: 1 << 20, now_unix_ms: 1 });
+        let sched = Schedule {
+            name: "hourly".into(),
+            volumes: vec!["v".into()],
+            all: false,
+            every_secs: 10,
+            at_minute: None,
+            keep: 2,
+            max_age_secs: 100,
+            created_unix_ms: 1,
+            last_run_unix_ms: 0,
+        };
+        assert_eq!(apply(&mut s, MetaCommand::CreateSchedule { schedule: sched.clone() }), MetaReply::Done);
+        assert!(matches!(apply(&mut s, MetaCommand::CreateSchedule { schedule: sched }), MetaReply::Error(MetaError::ScheduleExists(_))));
+        let mut ids = Vec::new();
+        for (i, failed) in [(0u64, false), (1, true), (2, false), (3, false)] {
+            let name = format!("s{i}");
+            apply(&mut s, MetaCommand::CreateSnapshot { volume: "v".into(), name: name.clone(), now_unix_ms: 2 });
+            let cmd = MetaCommand::BeginBackup {
+                volume: "v".into(),
+                snapshot: name,
+                nodes: vec![b],
+                auto_snapshot: true,
+                schedule: Some("hourly".into()),
+                now_unix_ms: 1000 + i * 10_000,
+            };
+            let MetaReply::Backup(r) = apply(&mut s, cmd) else { panic!("begin") };
+            let outcome = if failed { Err("x".to_string()) } else { Ok(CopyStats::default()) };
+            apply(&mut s, MetaCommand::BackupCopied { id: r.id, node: b, outcome, now_unix_ms: 2000 + i * 10_000 });
+            ids.push(r.id);
+        }
+        let (delete, orphaned) = retention(&s, 40_000, 1000);
+        let deleted: Vec<u64> = delete.iter().map(|(id, _)| *id).collect();
+        assert_eq!(deleted, vec![ids[1], ids[0]], "the failed run (a later one completed) and the oldest beyond keep 2: {delete:?}");
+        assert!(orphaned.is_empty());
+        let (delete, _) = retention(&s, 1000 + 2 * 10_000 + 100_001, 1000);
+        assert!(delete.iter().any(|(id, why)| *id == ids[2] && why.contains("100 s")), "too old: {delete:?}");
+
+        // The volume goes: its backups are seen orphaned, then expire unless pinned.
+        apply(&mut s, MetaCommand::DeleteVolume { name: "v".into() });
+        apply(&mut s, MetaCommand::DeleteSchedule { name: "hourly".into() });
+        let (delete, orphaned) = retention(&s, 50_000, 1000);
+        assert!(delete.is_empty());
+        assert_eq!(orphaned.len(), 4);
+        apply(&mut s, MetaCommand::BackupsOrphaned { ids: orphaned, now_unix_ms: 50_000 });
+        apply(&mut s, MetaCommand::PinBackup { id: ids[3], pinned: true });
+        assert!(retention(&s, 50_999, 1000).0.is_empty(), "not yet");
+        let (delete, _) = retention(&s, 51_000, 1000);
+        let mut deleted: Vec<u64> = delete.iter().map(|(id, _)| *id).collect();
+        deleted.sort_unstable();
+        assert_eq!(deleted, vec![ids[0], ids[1], ids[2]], "expired, the pinned one kept");
+    }
+
+    #[test]
     fn backups_complete_only_when_every_copy_is_written_and_restores_hold_their_volume() {
         let mut s = initialized();
         let b = with_backup_node(&mut s);
         apply(&mut s, MetaCommand::CreateVolume { name: "v".into(), size: 1 << 30, now_unix_ms: 1 });
         apply(&mut s, MetaCommand::CreateSnapshot { volume: "v".into(), name: "s".into(), now_unix_ms: 2 });
         let begin = |s: &mut ClusterState, volume: &str, snapshot: &str, nodes: Vec<NodeId>| {
-            apply(s, MetaCommand::BeginBackup { volume: volume.into(), snapshot: snapshot.into(), nodes, auto_snapshot: false, now_unix_ms: 3 })
+            apply(
+                s,
+                MetaCommand::BeginBackup {
+                    volume: volume.into(),
+                    snapshot: snapshot.into(),
+                    nodes,
+                    auto_snapshot: false,
+                    schedule: None,
+                    now_unix_ms: 3,
+                },
+            )
         };
         assert!(matches!(begin(&mut s, "nope", "s", vec![b]), MetaReply::Error(MetaError::NoSuchVolume(_))));
         assert!(matches!(begin(&mut s, "v", "nope", vec![b]), MetaReply::Error(MetaError::NoSuchSnapshot { .. })));

@@ -14,7 +14,7 @@
 //! - [`keys`][]: those keys across the meta nodes (stored on a majority, fetched, healed).
 
 pub mod audit_log;
-mod backup_admin;
+pub mod backup_admin;
 pub mod backups;
 pub mod clones;
 #[cfg(test)]

@@ -18,16 +18,17 @@ use basalt_proto::admin::admin_client::AdminClient;
 use basalt_proto::admin::admin_server::Admin;
 use basalt_proto::admin::{
     Ancestor, AuditAppendReply, AuditAppendRequest, AuditCheckRequest, AuditListReply, AuditListRequest, AuditNodeVerdict, AuditReportRequest,
-    AuditVerifyReply, AuditVerifyRequest, BackupCreateRequest, BackupListReply, BackupListRequest, BackupReply, BackupReportReply,
+    AuditVerifyReply, AuditVerifyRequest, BackupCreateRequest, BackupListReply, BackupListRequest, BackupPinRequest, BackupReply, BackupReportReply,
     BackupReportRequest, BackupRestoreRequest, BackupShowRequest, BackupVerifyReply, ClusterConfigureRequest, ClusterInitReply, ClusterInitRequest,
     ClusterMap, ClusterStatusReply, ClusterStatusRequest, GetClusterMapRequest, KeyGetReply, KeyGetRequest, KeyPutReply, KeyPutRequest,
     NodeDrainReply, NodeDrainRequest, NodeHeartbeatReply, NodeHeartbeatRequest, NodeInfoReply, NodeInfoRequest, NodeListReply, NodeListRequest,
-    NodeRemoveReply, NodeRemoveRequest, PlacementGroup, RestoreStatusReply, RestoreStatusRequest, ScrubStartReply, ScrubStartRequest,
-    ScrubStatusReply, ScrubStatusRequest, SnapshotCreateRequest, SnapshotCutRequest, SnapshotDeleteRequest, SnapshotListReply, SnapshotListRequest,
-    SnapshotReply, TokenCreateReply, TokenCreateRequest, TokenInfo, TokenListReply, TokenListRequest, TokenRevokeReply, TokenRevokeRequest,
-    VersionedKey, Volume, VolumeAttachRequest, VolumeCloneRequest, VolumeCreateRequest, VolumeDeleteReply, VolumeDeleteRequest, VolumeDetachRequest,
-    VolumeKeyReply, VolumeKeyRequest, VolumeListReply, VolumeListRequest, VolumeReencryptProgressRequest, VolumeRekeyRequest, VolumeReply,
-    VolumeResizeRequest, VolumeRollbackRequest, VolumeShowRequest,
+    NodeRemoveReply, NodeRemoveRequest, PlacementGroup, RestoreStatusReply, RestoreStatusRequest, ScheduleCreateRequest, ScheduleDeleteRequest,
+    ScheduleListReply, ScheduleListRequest, ScheduleReply, ScrubStartReply, ScrubStartRequest, ScrubStatusReply, ScrubStatusRequest,
+    SnapshotCreateRequest, SnapshotCutRequest, SnapshotDeleteRequest, SnapshotListReply, SnapshotListRequest, SnapshotReply, TokenCreateReply,
+    TokenCreateRequest, TokenInfo, TokenListReply, TokenListRequest, TokenRevokeReply, TokenRevokeRequest, VersionedKey, Volume, VolumeAttachRequest,
+    VolumeCloneRequest, VolumeCreateRequest, VolumeDeleteReply, VolumeDeleteRequest, VolumeDetachRequest, VolumeKeyReply, VolumeKeyRequest,
+    VolumeListReply, VolumeListRequest, VolumeReencryptProgressRequest, VolumeRekeyRequest, VolumeReply, VolumeResizeRequest, VolumeRollbackRequest,
+    VolumeShowRequest,
 };
 use basalt_proto::data::ReleaseVolumeRequest;
 use basalt_raft::{NodeInfo, RaftError};
@@ -70,7 +71,8 @@ pub(super) fn status_of(e: &MetaError) -> Status {
         MetaError::SnapshotPending { .. } | MetaError::RollingBack { .. } | MetaError::AttachedForRollback { .. } => {
             Status::failed_precondition(e.to_string())
         }
-        MetaError::NoSuchBackup(_) => Status::not_found(e.to_string()),
+        MetaError::NoSuchBackup(_) | MetaError::NoSuchSchedule(_) => Status::not_found(e.to_string()),
+        MetaError::ScheduleExists(_) => Status::already_exists(e.to_string()),
         MetaError::Backup(_) | MetaError::Restoring { .. } => Status::failed_precondition(e.to_string()),
     }
 }
@@ -1429,7 +1431,7 @@ impl Admin for AdminService {
     async fn backup_create(&self, request: Request<BackupCreateRequest>) -> Result<Response<BackupReply>, Status> {
         let volume = request.get_ref().volume.clone();
         forward_or!(self, request, backup_create, Action::BackupCreate, Some(&volume), |meta, caller, msg| {
-            self.create_backup(meta, &caller, msg).await
+            self.create_backup(meta, &caller, msg, None).await
         })
     }
 
@@ -1463,6 +1465,34 @@ impl Admin for AdminService {
         forward_or!(self, request, restore_status, Action::BackupList, Some(&volume), |meta, _caller, msg| {
             self.show_restore(meta, &msg.volume).await
         })
+    }
+
+    async fn backup_pin(&self, request: Request<BackupPinRequest>) -> Result<Response<BackupReply>, Status> {
+        forward_or!(self, request, backup_pin, Action::BackupPin, None, |meta, caller, msg| self.pin(meta, &caller, msg.id, msg.pinned).await)
+    }
+
+    async fn schedule_create(&self, request: Request<ScheduleCreateRequest>) -> Result<Response<ScheduleReply>, Status> {
+        forward_or!(self, request, schedule_create, Action::BackupCreate, None, |meta, caller, msg| {
+            let schedule = msg.schedule.ok_or_else(|| Status::invalid_argument("no schedule given"))?;
+            for v in &schedule.volumes {
+                self.ctx.access.check(&caller, Action::BackupCreate, Some(v))?;
+            }
+            // A schedule of every volume is for callers that see every volume.
+            if schedule.all && matches!(&caller.principal, basalt_security::Principal::Token(t) if !t.volumes.is_empty()) {
+                return Err(Status::permission_denied("a schedule of --all volumes needs a token without volume grants"));
+            }
+            self.create_schedule(meta, &caller, schedule).await
+        })
+    }
+
+    async fn schedule_list(&self, request: Request<ScheduleListRequest>) -> Result<Response<ScheduleListReply>, Status> {
+        forward_or!(self, request, schedule_list, Action::BackupList, None, |meta, _caller, _msg| self.list_schedules(meta).await)
+    }
+
+    async fn schedule_delete(&self, request: Request<ScheduleDeleteRequest>) -> Result<Response<ScheduleReply>, Status> {
+        forward_or!(self, request, schedule_delete, Action::BackupDelete, None, |meta, caller, msg| self
+            .delete_schedule(meta, &caller, &msg.name)
+            .await)
     }
 
     async fn backup_report(&self, request: Request<BackupReportRequest>) -> Result<Response<BackupReportReply>, Status> {

@@ -575,6 +575,8 @@ pub enum MetaCommand {
         nodes: Vec<NodeId>,
         /// The snapshot was taken for it.
         auto_snapshot: bool,
+        /// The schedule taking it.
+        schedule: Option<String>,
         /// When it was asked for (proposer's clock).
         now_unix_ms: u64,
     },
@@ -593,6 +595,37 @@ pub enum MetaCommand {
     DeleteBackup {
         /// The backup.
         id: u64,
+    },
+    /// Adds a backup schedule.
+    CreateSchedule {
+        /// The schedule.
+        schedule: super::backups::Schedule,
+    },
+    /// Removes a backup schedule.
+    DeleteSchedule {
+        /// Its name.
+        name: String,
+    },
+    /// A schedule's run started.
+    ScheduleRan {
+        /// Its name.
+        name: String,
+        /// When (the leader's clock).
+        now_unix_ms: u64,
+    },
+    /// Keeps a backup past its volume's deletion, or lets it expire.
+    PinBackup {
+        /// The backup.
+        id: u64,
+        /// Pinned or not.
+        pinned: bool,
+    },
+    /// The leader saw these backups' volumes deleted.
+    BackupsOrphaned {
+        /// The backups.
+        ids: Vec<u64>,
+        /// When (the leader's clock).
+        now_unix_ms: u64,
     },
     /// Creates a volume from a backup, held by the restore `node` runs.
     BeginRestore {
@@ -626,6 +659,7 @@ impl MetaCommand {
             // Progress is asked for by whoever shows it; nodes need not be woken for it.
             MetaCommand::AppendAudit { .. } | MetaCommand::PruneAudit { .. } | MetaCommand::ReencryptProgress { .. } => false,
             MetaCommand::RestoreProgress { done, .. } => *done,
+            MetaCommand::ScheduleRan { .. } | MetaCommand::BackupsOrphaned { .. } => false,
             MetaCommand::Audited { cmd, .. } => cmd.changes_map(),
             _ => true,
         }
@@ -739,6 +773,12 @@ pub enum MetaError {
     /// No such backup.
     #[error("no backup with id {0}")]
     NoSuchBackup(u64),
+    /// No such schedule.
+    #[error("no schedule named {0:?}")]
+    NoSuchSchedule(String),
+    /// A schedule with this name exists.
+    #[error("a schedule named {0:?} already exists")]
+    ScheduleExists(String),
     /// A backup or restore refused.
     #[error("{0}")]
     Backup(String),
@@ -878,9 +918,14 @@ impl ClusterState {
             MetaCommand::RollbackVolume { volume, snapshot } => self.rollback_volume(&volume, &snapshot),
             MetaCommand::CloneVolume { source, snapshot, name, now_unix_ms } => self.clone_volume(&source, &snapshot, name, now_unix_ms),
             MetaCommand::RolledBack { volume, pg, at_epoch } => self.rolled_back(volume, pg, at_epoch),
-            MetaCommand::BeginBackup { volume, snapshot, nodes, auto_snapshot, now_unix_ms } => {
-                self.begin_backup(&volume, &snapshot, nodes, auto_snapshot, now_unix_ms)
+            MetaCommand::BeginBackup { volume, snapshot, nodes, auto_snapshot, schedule, now_unix_ms } => {
+                self.begin_backup(&volume, &snapshot, nodes, auto_snapshot, schedule, now_unix_ms)
             }
+            MetaCommand::CreateSchedule { schedule } => self.create_schedule(schedule),
+            MetaCommand::DeleteSchedule { name } => self.delete_schedule(&name),
+            MetaCommand::ScheduleRan { name, now_unix_ms } => self.schedule_ran(&name, now_unix_ms),
+            MetaCommand::PinBackup { id, pinned } => self.pin_backup(id, pinned),
+            MetaCommand::BackupsOrphaned { ids, now_unix_ms } => self.backups_orphaned(&ids, now_unix_ms),
             MetaCommand::BackupCopied { id, node, outcome, now_unix_ms } => self.backup_copied(id, node, outcome, now_unix_ms),
             MetaCommand::DeleteBackup { id } => self.delete_backup(id),
             MetaCommand::BeginRestore { backup, name, node, now_unix_ms } => self.begin_restore(backup, name, node, now_unix_ms),

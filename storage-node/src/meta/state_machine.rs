@@ -511,6 +511,9 @@ mod tests {
             created_unix_ms: 1,
             finished_unix_ms: 0,
             auto_snapshot: true,
+            schedule: Some("nightly".into()),
+            pinned: true,
+            volume_deleted_unix_ms: 3,
         };
         state.backups.records.insert(4, backup);
         let record = CheckpointRecord::default();
