@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::access::Access;
+use crate::metrics::BackupMetrics;
 
 /// How often the store is squared with the catalog.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -50,12 +52,12 @@ pub struct BackupNodeService {
     cluster: tokio::sync::OnceCell<Cluster>,
     copies: Mutex<HashMap<u64, Arc<Job>>>,
     restores: Mutex<HashMap<u64, Arc<Job>>>,
+    metrics: Arc<BackupMetrics>,
 }
 
 fn progress_of(job: Option<&Arc<Job>>) -> JobProgress {
     let Some(job) = job else { return JobProgress::default() };
     let p = &job.progress;
-    use std::sync::atomic::Ordering::Relaxed;
     JobProgress {
         running: true,
         done: p.done.load(Relaxed),
@@ -72,9 +74,18 @@ fn internal(e: BackupError) -> Status {
 impl BackupNodeService {
     /// Opens the store in `dir`. `seeds` are meta nodes' addresses; `access` authenticates the
     /// meta leader's calls and provides this node's certificate for its own.
-    pub fn open(id: NodeId, dir: PathBuf, seeds: Vec<String>, access: Arc<Access>) -> Result<Arc<Self>, BackupError> {
+    pub fn open(id: NodeId, dir: PathBuf, seeds: Vec<String>, access: Arc<Access>, metrics: Arc<BackupMetrics>) -> Result<Arc<Self>, BackupError> {
         let store = Arc::new(BackupStore::open(&dir)?);
-        Ok(Arc::new(Self { id, access, store, seeds, cluster: tokio::sync::OnceCell::new(), copies: Mutex::default(), restores: Mutex::default() }))
+        Ok(Arc::new(Self {
+            id,
+            access,
+            store,
+            seeds,
+            cluster: tokio::sync::OnceCell::new(),
+            copies: Mutex::default(),
+            restores: Mutex::default(),
+            metrics,
+        }))
     }
 
     async fn cluster(&self) -> Result<&Cluster, String> {
@@ -141,8 +152,12 @@ impl BackupNodeService {
             }
             .await;
             let mut report = BackupReportRequest { node: me.id.0, backup: req.id, ..Default::default() };
+            let m = &me.metrics;
+            m.bytes_read.fetch_add(running.progress.bytes.load(Relaxed), Relaxed);
             match outcome {
                 Ok(o) => {
+                    m.copies_ok.fetch_add(1, Relaxed);
+                    m.bytes_stored.fetch_add(o.stored_bytes, Relaxed);
                     tracing::info!(backup = req.id, volume = %req.volume, data = o.data_bytes, changed = o.changed_bytes, stored = o.stored_bytes, parent = o.parent, "backup copy written");
                     report.stats = Some(CopyBackStats {
                         node: me.id.0,
@@ -154,6 +169,7 @@ impl BackupNodeService {
                     });
                 }
                 Err(e) => {
+                    m.copies_failed.fetch_add(1, Relaxed);
                     tracing::warn!(backup = req.id, volume = %req.volume, error = %e, "backup copy failed");
                     report.error = e;
                 }
@@ -197,12 +213,15 @@ impl BackupNodeService {
                     .map_err(|e| e.to_string())
             }
             .await;
+            me.metrics.bytes_restored.fetch_add(running.progress.bytes.load(Relaxed), Relaxed);
             match outcome {
                 Ok(()) => {
+                    me.metrics.restores_ok.fetch_add(1, Relaxed);
                     tracing::info!(backup = req.backup, volume = %req.volume, "restore written");
                     me.report(BackupReportRequest { done: true, ..base }).await;
                 }
                 Err(e) => {
+                    me.metrics.restores_failed.fetch_add(1, Relaxed);
                     tracing::warn!(backup = req.backup, volume = %req.volume, error = %e, "restore stopped");
                     *running.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
                     me.report(BackupReportRequest { error: e, ..base }).await;
@@ -216,6 +235,11 @@ impl BackupNodeService {
     /// Squares the store with the catalog (see the module doc). `first`: the node just
     /// started, so a copy the catalog calls running here was cut short.
     async fn sweep(self: &Arc<Self>, first: bool) -> Result<(), String> {
+        let store = self.store.clone();
+        if let Ok(Ok((pieces, bytes))) = tokio::task::spawn_blocking(move || store.usage()).await {
+            self.metrics.store_pieces.store(pieces, Relaxed);
+            self.metrics.store_bytes.store(bytes, Relaxed);
+        }
         let cluster = self.cluster().await?;
         let list = cluster
             .admin_call(|mut a| async move { a.backup_list(BackupListRequest { volume: String::new(), running_only: false }).await })

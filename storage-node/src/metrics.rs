@@ -33,6 +33,31 @@ pub struct Metrics {
     errors: [AtomicU64; 3],
     bytes: [AtomicU64; 3],
     micros: [AtomicU64; 3],
+    /// The backup node's counters (backup-role nodes).
+    pub backup: Arc<BackupMetrics>,
+}
+
+/// A backup node's counters and its store's size.
+#[derive(Debug, Default)]
+pub struct BackupMetrics {
+    /// Copies finished.
+    pub copies_ok: AtomicU64,
+    /// Copies failed.
+    pub copies_failed: AtomicU64,
+    /// Bytes read from the cluster by copies (changed chunks).
+    pub bytes_read: AtomicU64,
+    /// Bytes of new pieces written.
+    pub bytes_stored: AtomicU64,
+    /// Restores finished.
+    pub restores_ok: AtomicU64,
+    /// Restores stopped by an error.
+    pub restores_failed: AtomicU64,
+    /// Bytes written into volumes by restores.
+    pub bytes_restored: AtomicU64,
+    /// Pieces in the store (at the last sweep).
+    pub store_pieces: AtomicU64,
+    /// Bytes of pieces in the store (at the last sweep).
+    pub store_bytes: AtomicU64,
 }
 
 impl Metrics {
@@ -210,7 +235,90 @@ pub fn render(ctx: &NodeCtx) -> String {
     for (name, kind, help, samples) in access_families(ctx) {
         family(name, kind, help, samples);
     }
+    if ctx.config.has(crate::meta::state::Role::Backup) {
+        for (name, kind, help, samples) in backup_node_families(&m.backup) {
+            family(name, kind, help, samples);
+        }
+    }
+    backup_catalog_families(ctx, &mut out);
     out
+}
+
+/// A backup node's families.
+fn backup_node_families(b: &BackupMetrics) -> Vec<Family> {
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    vec![
+        (
+            "basalt_backup_copies_total",
+            "counter",
+            "Backup copies this node finished or failed (outcome label).",
+            vec![("outcome=\"ok\"".into(), get(&b.copies_ok)), ("outcome=\"failed\"".into(), get(&b.copies_failed))],
+        ),
+        (
+            "basalt_backup_read_bytes_total",
+            "counter",
+            "Bytes backup copies read from the cluster (changed chunks).",
+            vec![(String::new(), get(&b.bytes_read))],
+        ),
+        ("basalt_backup_stored_bytes_total", "counter", "Bytes of new backup pieces written.", vec![(String::new(), get(&b.bytes_stored))]),
+        (
+            "basalt_backup_restores_total",
+            "counter",
+            "Restores this node finished or that stopped on an error (outcome label).",
+            vec![("outcome=\"ok\"".into(), get(&b.restores_ok)), ("outcome=\"failed\"".into(), get(&b.restores_failed))],
+        ),
+        ("basalt_backup_restored_bytes_total", "counter", "Bytes restores wrote into volumes.", vec![(String::new(), get(&b.bytes_restored))]),
+        ("basalt_backup_store_pieces", "gauge", "Pieces in this node's backup store.", vec![(String::new(), get(&b.store_pieces))]),
+        ("basalt_backup_store_bytes", "gauge", "Bytes on disk of this node's backup store.", vec![(String::new(), get(&b.store_bytes))]),
+    ]
+}
+
+/// The backup catalog's families, from the meta leader only (every meta node holds the
+/// catalog; one source keeps sums right): backups by state, and per volume the last complete
+/// backup's time and duration.
+fn backup_catalog_families(ctx: &NodeCtx, out: &mut String) {
+    use std::fmt::Write;
+    let Some(meta) = ctx.meta.as_ref().filter(|m| m.group.status().is_leader) else { return };
+    let node = ctx.config.id.0;
+    let (states, last) = meta.shared.with(|s| {
+        let mut states = [0u64; 3];
+        let mut last: std::collections::BTreeMap<String, (u64, u64)> = std::collections::BTreeMap::new();
+        for b in s.backups.records.values() {
+            use crate::meta::backups::BackupState;
+            let i = match b.state {
+                BackupState::Running => 0,
+                BackupState::Complete => 1,
+                BackupState::Failed(_) => 2,
+            };
+            states[i] += 1;
+            if b.state == BackupState::Complete {
+                let took = b.finished_unix_ms.saturating_sub(b.created_unix_ms);
+                let e = last.entry(b.volume_name.clone()).or_insert((0, 0));
+                if b.finished_unix_ms > e.0 {
+                    *e = (b.finished_unix_ms, took);
+                }
+            }
+        }
+        (states, last)
+    });
+    let _ = writeln!(out, "# HELP basalt_backups Backups in the catalog by state.\n# TYPE basalt_backups gauge");
+    for (state, n) in ["running", "complete", "failed"].iter().zip(states) {
+        let _ = writeln!(out, "basalt_backups{{node=\"{node}\",state=\"{state}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP basalt_backup_last_success_timestamp_seconds When each volume's newest complete backup finished.\n# TYPE basalt_backup_last_success_timestamp_seconds gauge"
+    );
+    for (volume, (at, _)) in &last {
+        let _ = writeln!(out, "basalt_backup_last_success_timestamp_seconds{{node=\"{node}\",volume=\"{volume}\"}} {}", *at as f64 / 1000.0);
+    }
+    let _ = writeln!(
+        out,
+        "# HELP basalt_backup_last_duration_seconds How long each volume's newest complete backup took.\n# TYPE basalt_backup_last_duration_seconds gauge"
+    );
+    for (volume, (_, took)) in &last {
+        let _ = writeln!(out, "basalt_backup_last_duration_seconds{{node=\"{node}\",volume=\"{volume}\"}} {}", *took as f64 / 1000.0);
+    }
 }
 
 /// Serves `/metrics` until shutdown: HTTPS with security on, to a client certificate of the

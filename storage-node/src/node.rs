@@ -322,8 +322,9 @@ impl Node {
             .max_encoding_message_size(basalt_proto::MAX_MESSAGE_BYTES);
         let backup_node = if config.has(Role::Backup) {
             let dir = config.data_dir.join("backups");
-            let service = crate::backup_node::BackupNodeService::open(config.id, dir.clone(), ctx.meta_addrs(), access.clone())
-                .map_err(|e| NodeError::Backup(e.to_string()))?;
+            let service =
+                crate::backup_node::BackupNodeService::open(config.id, dir.clone(), ctx.meta_addrs(), access.clone(), ctx.metrics.backup.clone())
+                    .map_err(|e| NodeError::Backup(e.to_string()))?;
             Some(service)
         } else {
             None

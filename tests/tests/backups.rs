@@ -155,6 +155,21 @@ async fn backups_copy_only_changed_chunks_restore_the_same_bytes_and_leave_no_tr
     let verified = json(&cluster, &["backup", "verify", &id2.to_string()]).await;
     assert_eq!(verified["ok"], true, "{verified}");
 
+    // Metrics: the backup node's counters, and per volume the last success on the meta leader.
+    let m = cluster.metrics(BACKUP_NODE).await.unwrap();
+    assert!(m.contains(&format!("basalt_backup_copies_total{{node=\"{BACKUP_NODE}\",outcome=\"ok\"}} 2")), "{m}");
+    assert!(m.contains(&format!("basalt_backup_read_bytes_total{{node=\"{BACKUP_NODE}\"}} {}", (WRITTEN + 1) * MIB)), "{m}");
+    assert!(m.contains("# TYPE basalt_backup_store_bytes gauge"), "{m}");
+    let mut leader_metrics = String::new();
+    for id in 1..=3 {
+        let m = cluster.metrics(id).await.unwrap();
+        if m.contains("basalt_backup_last_success_timestamp_seconds{") {
+            leader_metrics = m;
+        }
+    }
+    assert!(leader_metrics.contains("volume=\"v\""), "the meta leader reports the volume's last backup: {leader_metrics}");
+    assert!(leader_metrics.contains("state=\"complete\"} 2"), "{leader_metrics}");
+
     // The backup outlives its volume; the restore gives back the snapshot's bytes.
     let (code, _, err) = cluster.cli(&["volume", "delete", "v"]).await.unwrap();
     assert_eq!(code, Some(0), "{err}");
