@@ -62,6 +62,8 @@ pub struct CopyJob {
     pub snapshot: String,
     /// See `snapshot`.
     pub epoch: u64,
+    /// The volume's size when the backup was asked for (what a restore creates).
+    pub size: u64,
 }
 
 /// Copies the snapshot `snap` (a handle opened on it) into `store` as backup `job.backup`:
@@ -78,10 +80,14 @@ pub async fn copy(snap: &Volume, store: Arc<BackupStore>, job: &CopyJob, progres
         let (volume, epoch) = (job.volume_id, job.epoch);
         blocking(move || store.parent_of(volume, epoch)).await?
     };
-    let known: HashMap<(u64, u64, u64), PieceId> =
-        parent.iter().flat_map(|m| m.chunks.iter().map(|c| ((c.chunk, c.owner, c.epoch), c.piece))).collect();
+    // A piece is reused for the same version of the same chunk, at the same length (a grown
+    // volume's last chunk is longer now).
+    let known: HashMap<(u64, u64, u64, u32), PieceId> =
+        parent.iter().flat_map(|m| m.chunks.iter().map(|c| ((c.chunk, c.owner, c.epoch, c.len), c.piece))).collect();
+    // Chunks past the size the backup was asked at are not part of it.
+    let size = job.size;
+    let versions: Vec<_> = versions.into_iter().filter(|(chunk, _, _)| chunk * CHUNK_SIZE < size).collect();
     progress.total.store(versions.len() as u64, Ordering::Relaxed);
-    let size = snap.size();
     let changed = AtomicU64::new(0);
     let stored = AtomicU64::new(0);
     let held: std::sync::Mutex<Vec<PieceId>> = std::sync::Mutex::new(Vec::new());
@@ -91,7 +97,7 @@ pub async fn copy(snap: &Volume, store: Arc<BackupStore>, job: &CopyJob, progres
             async move {
                 let offset = chunk * CHUNK_SIZE;
                 let len = CHUNK_SIZE.min(size.saturating_sub(offset));
-                let reused = match known.get(&(chunk, owner.0, epoch)) {
+                let reused = match known.get(&(chunk, owner.0, epoch, len as u32)) {
                     Some(p) => {
                         let (store, p) = (store.clone(), *p);
                         blocking(move || Ok(store.hold(&p).then_some(p))).await?
@@ -120,6 +126,8 @@ pub async fn copy(snap: &Volume, store: Arc<BackupStore>, job: &CopyJob, progres
     let chunks = match result {
         Ok(c) => c,
         Err(e) => {
+            // Stores still running on blocking threads when the stream was dropped keep their
+            // references; those pieces go when the node restarts (nothing names them).
             let held = std::mem::take(&mut *held.lock().unwrap_or_else(|p| p.into_inner()));
             let store = store.clone();
             if let Err(release) = blocking(move || store.release(held)).await {
@@ -138,9 +146,17 @@ pub async fn copy(snap: &Volume, store: Arc<BackupStore>, job: &CopyJob, progres
         size,
         chunks,
     };
-    {
+    let committed = {
         let store = store.clone();
-        blocking(move || store.commit(&manifest)).await?;
+        blocking(move || store.commit(&manifest)).await
+    };
+    if let Err(e) = committed {
+        let held = std::mem::take(&mut *held.lock().unwrap_or_else(|p| p.into_inner()));
+        let store = store.clone();
+        if let Err(release) = blocking(move || store.release(held)).await {
+            tracing::warn!(backup = job.backup, error = %release, "could not drop a failed copy's pieces; they go when the node restarts");
+        }
+        return Err(e);
     }
     Ok(CopyOutcome { data_bytes, changed_bytes: changed.into_inner(), stored_bytes: stored.into_inner(), parent: parent.map_or(0, |m| m.backup) })
 }
@@ -204,11 +220,19 @@ pub fn verify(store: &BackupStore, manifest: &Manifest) -> (u64, u64, Vec<String
     let mut bytes = 0u64;
     let mut seen = std::collections::HashSet::new();
     for c in &manifest.chunks {
-        if !seen.insert(c.piece) {
+        if !seen.insert((c.piece, c.len)) {
             continue;
         }
         match store.read(&c.piece) {
-            Ok(d) => bytes += d.len() as u64,
+            Ok(d) if d.len() == c.len as usize => bytes += d.len() as u64,
+            Ok(d) => bad.push(format!(
+                "chunk {} (offset {}): piece {} holds {} bytes, the chunk {}",
+                c.chunk,
+                c.chunk * CHUNK_SIZE,
+                c.piece.to_hex(),
+                d.len(),
+                c.len
+            )),
             Err(e) => bad.push(format!("chunk {} (offset {}): {e}", c.chunk, c.chunk * CHUNK_SIZE)),
         }
     }

@@ -87,13 +87,25 @@ impl BackupStore {
         }
         let store = BackupStore { dir: dir.to_path_buf(), refs: Mutex::new(HashMap::new()) };
         let mut refs = HashMap::new();
-        for m in store.manifests()? {
-            for c in &m.chunks {
-                *refs.entry(c.piece).or_insert(0u64) += 1;
+        let mut unreadable = 0;
+        // One at a time: a large volume's manifest is tens of MB.
+        for id in store.backup_ids()? {
+            match store.manifest(id) {
+                Ok(Some(m)) => {
+                    for c in &m.chunks {
+                        *refs.entry(c.piece).or_insert(0u64) += 1;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "a backup manifest is unreadable; its backup cannot be restored from this node");
+                    unreadable += 1;
+                }
             }
         }
         let mut erased = 0u64;
-        for path in store.piece_files()? {
+        // With a manifest unreadable, which pieces it names is unknown: none is erased.
+        for path in store.piece_files()?.into_iter().filter(|_| unreadable == 0) {
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
             let named = PieceId::from_hex(name).is_some_and(|id| refs.contains_key(&id));
             if !named {
@@ -151,7 +163,13 @@ impl BackupStore {
             fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
         }
         write_atomic(&path, &encoded)?;
-        *self.refs.lock().unwrap_or_else(|p| p.into_inner()).entry(id).or_insert(0) += 1;
+        let mut refs = self.refs.lock().unwrap_or_else(|p| p.into_inner());
+        // A release erases under this lock: the same bytes may have been erased as a deleted
+        // backup's between the write and now.
+        if !path.exists() {
+            write_atomic(&path, &encoded)?;
+        }
+        *refs.entry(id).or_insert(0) += 1;
         Ok((id, encoded.len() as u64))
     }
 
@@ -171,23 +189,21 @@ impl BackupStore {
     /// Drops references taken by [`BackupStore::put`] and [`BackupStore::hold`] (a copy that
     /// failed, or a deleted manifest's); pieces no longer referenced are erased.
     pub fn release(&self, pieces: impl IntoIterator<Item = PieceId>) -> Result<u64> {
-        let mut gone = Vec::new();
-        {
-            let mut refs = self.refs.lock().unwrap_or_else(|p| p.into_inner());
-            for id in pieces {
-                if let Some(n) = refs.get_mut(&id) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        refs.remove(&id);
-                        gone.push(id);
-                    }
+        // Erased under the lock, so a `put` of the same bytes sees the file gone and writes
+        // it again (deletions are rare; copies rarely wait on this).
+        let mut refs = self.refs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut gone = 0;
+        for id in pieces {
+            if let Some(n) = refs.get_mut(&id) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    refs.remove(&id);
+                    erase(&self.piece_path(&id))?;
+                    gone += 1;
                 }
             }
         }
-        for id in &gone {
-            erase(&self.piece_path(id))?;
-        }
-        Ok(gone.len() as u64)
+        Ok(gone)
     }
 
     /// Reads piece `id` back, checking its stored crc and the SHA-256 of its bytes.
@@ -204,9 +220,19 @@ impl BackupStore {
     }
 
     /// Writes backup `m.backup`'s manifest: from now on it is a whole copy. The references
-    /// its copy took become the manifest's.
+    /// its copy took become the manifest's. A second copy of the same backup is refused (its
+    /// references would never be dropped).
     pub fn commit(&self, m: &Manifest) -> Result<()> {
-        write_atomic(&self.manifest_path(m.backup), &m.encode())
+        let path = self.manifest_path(m.backup);
+        if path.exists() {
+            return Err(BackupError::Changed(format!("backup {} is already held whole on this node", m.backup)));
+        }
+        write_atomic(&path, &m.encode())
+    }
+
+    /// Whether this store holds a whole copy of backup `backup` (without reading it).
+    pub fn has(&self, backup: u64) -> bool {
+        self.manifest_path(backup).exists()
     }
 
     /// Backup `backup`'s manifest, if this store holds a whole copy of it.
@@ -219,8 +245,8 @@ impl BackupStore {
         }
     }
 
-    /// Every manifest, by backup id.
-    pub fn manifests(&self) -> Result<Vec<Manifest>> {
+    /// The backups this store holds a whole copy of, ascending (without reading them).
+    pub fn backup_ids(&self) -> Result<Vec<u64>> {
         let dir = self.dir.join("manifests");
         let mut ids: Vec<u64> = Vec::new();
         for entry in fs::read_dir(&dir).map_err(|e| io(&dir, e))? {
@@ -230,24 +256,49 @@ impl BackupStore {
             }
         }
         ids.sort_unstable();
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            out.extend(self.manifest(id)?);
-        }
-        Ok(out)
+        Ok(ids)
     }
 
-    /// The newest whole backup of `volume` older than `epoch`: what a new one is incremental to.
+    /// The newest whole backup of `volume` older than `epoch`: what a new one is incremental
+    /// to. Manifests are read one at a time; an unreadable one is passed over (a full copy is
+    /// the safe side).
     pub fn parent_of(&self, volume: u64, epoch: u64) -> Result<Option<Manifest>> {
-        Ok(self.manifests()?.into_iter().filter(|m| m.volume == volume && m.epoch < epoch).max_by_key(|m| (m.epoch, m.backup)))
+        let mut best: Option<Manifest> = None;
+        for id in self.backup_ids()?.into_iter().rev() {
+            let m = match self.manifest(id) {
+                Ok(Some(m)) => m,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "passing over an unreadable backup manifest");
+                    continue;
+                }
+            };
+            if m.volume == volume && m.epoch < epoch && best.as_ref().is_none_or(|b| (m.epoch, m.backup) > (b.epoch, b.backup)) {
+                best = Some(m);
+            }
+        }
+        Ok(best)
     }
 
     /// Deletes backup `backup`'s copy: its manifest goes, and the pieces nothing else names are
     /// overwritten and unlinked. Returns the pieces erased.
     pub fn delete(&self, backup: u64) -> Result<u64> {
-        let Some(m) = self.manifest(backup)? else { return Ok(0) };
-        erase(&self.manifest_path(backup))?;
-        self.release(m.chunks.iter().map(|c| c.piece))
+        // Claimed by a rename first: of two deletes at once, one releases the pieces; a crash
+        // after it leaves a file `open` erases (and the pieces it named, nothing else names).
+        let path = self.manifest_path(backup);
+        let mut claimed = path.as_os_str().to_owned();
+        claimed.push(".deleting");
+        let claimed = PathBuf::from(claimed);
+        match fs::rename(&path, &claimed) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io(&path, e)),
+        }
+        let bytes = fs::read(&claimed).map_err(|e| io(&claimed, e))?;
+        let m = Manifest::decode(&bytes).map_err(|why| BackupError::Manifest { path: claimed.clone(), why })?;
+        let erased = self.release(m.chunks.iter().map(|c| c.piece))?;
+        erase(&claimed)?;
+        Ok(erased)
     }
 
     /// Pieces stored and their bytes on disk.

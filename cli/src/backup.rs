@@ -150,7 +150,21 @@ pub async fn list(admin: &Admin, out: Out, volume: Option<String>, running: bool
             async move { c.backup_list(req).await }
         })
         .await?;
-    out.print(Value::Array(r.backups.iter().map(backup_json).collect()), || {
+    let restores: Vec<Value> = r
+        .restores
+        .iter()
+        .filter_map(|x| {
+            let v = x.volume.as_ref()?;
+            let error = x.progress.as_ref().map(|p| p.error.clone()).unwrap_or_default();
+            Some(json!({"restore_into": v.name, "backup": x.backup, "node": x.node, "error": error}))
+        })
+        .collect();
+    let mut listed: Vec<Value> = r.backups.iter().map(backup_json).collect();
+    if running {
+        // Restores under way are long operations too.
+        listed.extend(restores.iter().cloned());
+    }
+    out.print(Value::Array(listed), || {
         let mut t = table(&["id", "volume", "snapshot", "state", "created", "data", "stored", "nodes"]);
         for b in &r.backups {
             let state = match (&b.progress, b.state.as_str()) {
@@ -161,7 +175,19 @@ pub async fn list(admin: &Admin, out: Out, volume: Option<String>, running: bool
             let (data, stored) = b.copies.first().map_or(("-".into(), "-".into()), |c| (format_size(c.data_bytes), format_size(c.stored_bytes)));
             t.add_row(vec![b.id.to_string(), volume, b.snapshot.clone(), state, when(b.created_unix_ms), data, stored, format!("{:?}", b.nodes)]);
         }
-        t.to_string()
+        let mut text = t.to_string();
+        if running {
+            for x in &restores {
+                let stopped = x["error"].as_str().filter(|e| !e.is_empty()).map(|e| format!(" (stopped: {e})")).unwrap_or_default();
+                text.push_str(&format!(
+                    "\nrestoring backup {} into {} on node-{}{stopped}",
+                    x["backup"],
+                    x["restore_into"].as_str().unwrap_or(""),
+                    x["node"]
+                ));
+            }
+        }
+        text
     });
     Ok(())
 }

@@ -51,6 +51,8 @@ pub struct NodeView {
     /// Has the meta role (a member of the meta group or a spare): admin requests and map
     /// polls can go to it.
     pub meta: bool,
+    /// Has the backup role (may read and write volumes for the backup tier).
+    pub backup: bool,
 }
 
 /// One version of the cluster map.
@@ -93,7 +95,17 @@ impl ClusterView {
             nodes: map
                 .nodes
                 .iter()
-                .map(|n| (NodeId(n.id), NodeView { id: NodeId(n.id), addr: n.addr.clone(), meta: n.roles.iter().any(|r| r == "meta") }))
+                .map(|n| {
+                    (
+                        NodeId(n.id),
+                        NodeView {
+                            id: NodeId(n.id),
+                            addr: n.addr.clone(),
+                            meta: n.roles.iter().any(|r| r == "meta"),
+                            backup: n.roles.iter().any(|r| r == "backup"),
+                        },
+                    )
+                })
                 .collect(),
             pgs,
             incoming,

@@ -19,7 +19,7 @@ use basalt_backup::{BackupError, BackupStore};
 use basalt_common::NodeId;
 use basalt_proto::admin::backup_node_server::BackupNode;
 use basalt_proto::admin::{
-    BackupListRequest, BackupReportRequest, CopyBackStats, CopyBackupRequest, CopyRef, JobProgress, ProgressRequest, RunRestoreRequest,
+    BackupCopyStats, BackupListRequest, BackupReportRequest, CopyBackupRequest, CopyRef, JobProgress, ProgressRequest, RunRestoreRequest,
     VerifyCopyReply,
 };
 use basalt_security::Action;
@@ -135,13 +135,23 @@ impl BackupNodeService {
         if let Some(job) = copies.get(&req.id) {
             return job.clone();
         }
+        if self.store.has(req.id) {
+            // Written whole already (a repeated hand-over); the sweep reports it if need be.
+            return Arc::new(Job::default());
+        }
         let job = Arc::new(Job::default());
         copies.insert(req.id, job.clone());
         let (me, running) = (self.clone(), job.clone());
         tokio::spawn(async move {
             let started = Instant::now();
-            let spec =
-                CopyJob { backup: req.id, volume_id: req.volume_id, volume: req.volume.clone(), snapshot: req.snapshot.clone(), epoch: req.epoch };
+            let spec = CopyJob {
+                backup: req.id,
+                volume_id: req.volume_id,
+                volume: req.volume.clone(),
+                snapshot: req.snapshot.clone(),
+                epoch: req.epoch,
+                size: req.size,
+            };
             let outcome = async {
                 let cluster = me.cluster().await.map_err(|e| format!("cannot reach the cluster: {e}"))?;
                 let snap = cluster.open_snapshot(&req.volume, &req.snapshot).await.map_err(|e| e.to_string())?;
@@ -159,7 +169,7 @@ impl BackupNodeService {
                     m.copies_ok.fetch_add(1, Relaxed);
                     m.bytes_stored.fetch_add(o.stored_bytes, Relaxed);
                     tracing::info!(backup = req.id, volume = %req.volume, data = o.data_bytes, changed = o.changed_bytes, stored = o.stored_bytes, parent = o.parent, "backup copy written");
-                    report.stats = Some(CopyBackStats {
+                    report.stats = Some(BackupCopyStats {
                         node: me.id.0,
                         data_bytes: o.data_bytes,
                         changed_bytes: o.changed_bytes,
@@ -246,11 +256,11 @@ impl BackupNodeService {
             .await
             .map_err(|s| s.message().to_string())?;
         let store = self.store.clone();
-        let manifests = tokio::task::spawn_blocking(move || store.manifests()).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+        let held = tokio::task::spawn_blocking(move || store.backup_ids()).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
         let listed: HashMap<u64, &basalt_proto::admin::Backup> = list.backups.iter().map(|b| (b.id, b)).collect();
-        for m in &manifests {
-            if m.backup < list.next_id && !listed.contains_key(&m.backup) {
-                let (store, id) = (self.store.clone(), m.backup);
+        for &id in &held {
+            if id < list.next_id && !listed.contains_key(&id) {
+                let store = self.store.clone();
                 let erased = tokio::task::spawn_blocking(move || store.delete(id)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
                 tracing::info!(backup = id, erased, "erased the copy of a deleted backup");
             }
@@ -261,12 +271,23 @@ impl BackupNodeService {
             if running {
                 continue;
             }
-            let report = match manifests.iter().find(|m| m.backup == b.id) {
+            let manifest = match held.contains(&b.id) {
+                true => {
+                    let (store, id) = (self.store.clone(), b.id);
+                    tokio::task::spawn_blocking(move || store.manifest(id)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?
+                }
+                false => None,
+            };
+            let report = match manifest {
                 // Written whole, but the report was lost.
                 Some(m) => BackupReportRequest {
                     node: self.id.0,
                     backup: b.id,
-                    stats: Some(CopyBackStats { node: self.id.0, data_bytes: m.chunks.iter().map(|c| u64::from(c.len)).sum(), ..Default::default() }),
+                    stats: Some(BackupCopyStats {
+                        node: self.id.0,
+                        data_bytes: m.chunks.iter().map(|c| u64::from(c.len)).sum(),
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 },
                 None if first => BackupReportRequest {

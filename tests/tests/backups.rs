@@ -185,6 +185,15 @@ async fn backups_copy_only_changed_chunks_restore_the_same_bytes_and_leave_no_tr
     let r = client.attach_volume("r", "after-restore", false).await.unwrap();
     client.detach_volume(&r).await.unwrap();
 
+    // Nodes read volumes only as backup nodes: another node certificate opens none.
+    let (pg, leader, _) = cluster.pg_replicas("r", 0).await.unwrap();
+    let mut internal = cluster.internal_data_client(&cluster.node(leader).addr).unwrap();
+    let req = basalt_proto::data::ReadRequest { pg: pg.0, volume_id: r.id().0, offset: 0, length: 4096, map_version: 0, snapshot_epoch: 0 };
+    let reply = internal.read(req).await.unwrap().into_inner();
+    let refused = reply.error.expect("refused");
+    assert_eq!(refused.code, basalt_proto::data::data_error::Code::PermissionDenied as i32, "{refused:?}");
+    assert!(refused.message.contains("not a backup node"), "{refused:?}");
+
     // A damaged piece: `backup verify` names it (exit 10), and so does a restore.
     let pieces = files_containing(&backups_dir, b"BACKUP-MARKER-7f3a9c21e5");
     let piece = pieces.iter().find(|p| p.to_string_lossy().contains("/pieces/")).expect("the marker's piece").clone();

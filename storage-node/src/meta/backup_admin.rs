@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use basalt_common::NodeId;
 use basalt_proto::admin::{
-    Backup, BackupCreateRequest, BackupListReply, BackupListRequest, BackupReply, BackupReportReply, BackupReportRequest, BackupRestoreRequest,
-    BackupVerifyReply, CopyBackStats, CopyBackupRequest, CopyRef, JobProgress, ProgressRequest, RestoreStatusReply, RunRestoreRequest,
+    Backup, BackupCopyStats, BackupCreateRequest, BackupListReply, BackupListRequest, BackupReply, BackupReportReply, BackupReportRequest,
+    BackupRestoreRequest, BackupVerifyReply, CopyBackupRequest, CopyRef, JobProgress, ProgressRequest, RestoreStatusReply, RunRestoreRequest,
     Schedule as ScheduleMsg, ScheduleListReply, ScheduleReply, VerifyCopyReply,
 };
 use basalt_security::{Action, Principal};
@@ -25,8 +25,8 @@ const DISPATCH_WAIT: Duration = Duration::from_secs(5);
 /// How long `backup verify` waits for a node to read its copy back.
 const VERIFY_WAIT: Duration = Duration::from_secs(3600);
 
-fn copy_proto(node: NodeId, c: &CopyStats) -> CopyBackStats {
-    CopyBackStats {
+fn copy_proto(node: NodeId, c: &CopyStats) -> BackupCopyStats {
+    BackupCopyStats {
         node: node.0,
         data_bytes: c.data_bytes,
         changed_bytes: c.changed_bytes,
@@ -80,6 +80,12 @@ fn schedule_proto(s: &ClusterState, sc: &Schedule) -> ScheduleMsg {
     }
 }
 
+/// Whether `caller` sees schedule `sc`: every volume it names (and, for `--all`, every volume).
+fn sees_schedule(caller: &Caller, sc: &Schedule) -> bool {
+    let unscoped = !matches!(&caller.principal, Principal::Token(t) if !t.volumes.is_empty());
+    if sc.all { unscoped } else { sc.volumes.iter().all(|v| caller.principal.sees_volume(v)) }
+}
+
 /// Parses `HH:MM` (UTC) into minutes past midnight.
 fn parse_at(at: &str) -> Result<Option<u32>, Status> {
     if at.is_empty() {
@@ -94,18 +100,26 @@ fn parse_at(at: &str) -> Result<Option<u32>, Status> {
     Ok(Some(h * 60 + m))
 }
 
+/// Schedules whose run this leader is still starting (taking snapshots before their backups
+/// are recorded as running).
+type InFlight = std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>;
+
+/// A running copy whose node is not up this long after the backup began is failed.
+const STALLED_AFTER_MS: u64 = 60_000;
+
 /// How often the meta leader looks at schedules and retention.
 const SCHEDULER_TICK: Duration = Duration::from_secs(1);
 
 /// Runs schedules and retention while this node leads the meta group (see `scheduler_pass`).
 pub async fn run_scheduler(service: AdminService, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let service = std::sync::Arc::new(service);
+    let in_flight = InFlight::default();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(SCHEDULER_TICK) => {}
             _ = shutdown.changed() => return,
         }
-        if let Err(e) = service.clone().scheduler_pass().await {
+        if let Err(e) = service.clone().scheduler_pass(&in_flight).await {
             tracing::debug!(error = %e.message(), "backup scheduler pass deferred");
         }
     }
@@ -171,8 +185,15 @@ impl AdminService {
         schedule: Option<String>,
     ) -> Result<Response<BackupReply>, Status> {
         let s = self.read(meta).await?;
-        if s.volume_by_name(&msg.volume).is_none() {
+        let Some(v) = s.volume_by_name(&msg.volume) else {
             return Err(status_of(&MetaError::NoSuchVolume(msg.volume.clone())));
+        };
+        // Refused before a snapshot is taken for it (BeginBackup checks again).
+        if s.volume_keys.contains_key(&v.id) {
+            return Err(status_of(&MetaError::Backup(format!("volume {} is encrypted: backups of encrypted volumes are not built yet", v.name))));
+        }
+        if s.backups.restores.contains_key(&v.id) {
+            return Err(status_of(&MetaError::Restoring { volume: v.name.clone(), backup: s.backups.restores[&v.id].backup }));
         }
         let up = self.backup_nodes_up(&s);
         if up.is_empty() {
@@ -196,15 +217,32 @@ impl AdminService {
         let cmd = MetaCommand::BeginBackup { volume: msg.volume.clone(), snapshot, nodes, auto_snapshot: auto, schedule, now_unix_ms: now_ms() };
         let record = match self.propose_audited(meta, cmd, caller, Action::BackupCreate, &target).await? {
             MetaReply::Backup(b) => b,
-            MetaReply::Error(e) => return Err(status_of(&e)),
-            other => return Err(Status::internal(format!("unexpected meta reply {other:?}"))),
+            other => {
+                if auto {
+                    let cmd = MetaCommand::DeleteSnapshot {
+                        volume: msg.volume.clone(),
+                        name: target.split_once('@').map(|(_, n)| n.to_string()).unwrap_or_default(),
+                    };
+                    let _ = self.propose(meta, cmd).await;
+                }
+                return Err(match other {
+                    MetaReply::Error(e) => status_of(&e),
+                    other => Status::internal(format!("unexpected meta reply {other:?}")),
+                });
+            }
         };
         tracing::info!(backup = record.id, of = %target, nodes = ?record.nodes, by = %caller.principal, "backup started");
         let s = meta.shared.snapshot();
         for node in &record.nodes {
             if let Err(e) = self.dispatch_copy(&s, &record, *node).await {
                 let outcome = Err(format!("could not hand the copy to it: {}", e.message()));
-                self.propose(meta, MetaCommand::BackupCopied { id: record.id, node: *node, outcome, now_unix_ms: now_ms() }).await?;
+                if let MetaReply::Backup(b) =
+                    self.propose(meta, MetaCommand::BackupCopied { id: record.id, node: *node, outcome, now_unix_ms: now_ms() }).await?
+                {
+                    self.copies_ended(meta, &b).await;
+                }
+                // The backup failed; the other nodes need not copy it.
+                break;
             }
         }
         let s = meta.shared.snapshot();
@@ -256,6 +294,7 @@ impl AdminService {
             if !caller.principal.sees_volume(&v.name) {
                 continue;
             }
+            // `done` carries the first chunk not yet written: where the node resumes it.
             let progress = Some(JobProgress { error: r.error.clone().unwrap_or_default(), done: r.next_chunk, ..Default::default() });
             restores.push(RestoreStatusReply { volume: Some(volume_in(&s, v)), restoring: true, backup: r.backup, node: r.node.0, progress });
         }
@@ -308,6 +347,7 @@ impl AdminService {
 
     /// `backup pin ID [--unpin]`.
     pub(super) async fn pin(&self, meta: &MetaHandle, caller: &Caller, id: u64, pinned: bool) -> Result<Response<BackupReply>, Status> {
+        self.record(&self.read(meta).await?, caller, id)?;
         let target = format!("backup {id}");
         let b = match self.propose_audited(meta, MetaCommand::PinBackup { id, pinned }, caller, Action::BackupPin, &target).await? {
             MetaReply::Backup(b) => b,
@@ -348,16 +388,22 @@ impl AdminService {
         Ok(Response::new(ScheduleReply { schedule: Some(schedule_proto(&s, sc)) }))
     }
 
-    /// `schedule list`.
-    pub(super) async fn list_schedules(&self, meta: &MetaHandle) -> Result<Response<ScheduleListReply>, Status> {
+    /// `schedule list`: the schedules of volumes the caller sees (`--all` ones for callers
+    /// that see every volume).
+    pub(super) async fn list_schedules(&self, meta: &MetaHandle, caller: &Caller) -> Result<Response<ScheduleListReply>, Status> {
         let s = self.read(meta).await?;
-        Ok(Response::new(ScheduleListReply { schedules: s.backups.schedules.values().map(|sc| schedule_proto(&s, sc)).collect() }))
+        let schedules = s.backups.schedules.values().filter(|sc| sees_schedule(caller, sc)).map(|sc| schedule_proto(&s, sc)).collect();
+        Ok(Response::new(ScheduleListReply { schedules }))
     }
 
     /// `schedule delete`.
     pub(super) async fn delete_schedule(&self, meta: &MetaHandle, caller: &Caller, name: &str) -> Result<Response<ScheduleReply>, Status> {
         let s = self.read(meta).await?;
-        let sc = s.backups.schedules.get(name).map(|sc| schedule_proto(&s, sc));
+        let found = s.backups.schedules.get(name).filter(|sc| sees_schedule(caller, sc));
+        if found.is_none() {
+            return Err(status_of(&MetaError::NoSuchSchedule(name.to_string())));
+        }
+        let sc = found.map(|sc| schedule_proto(&s, sc));
         let target = format!("schedule {name}");
         let cmd = MetaCommand::DeleteSchedule { name: name.to_string() };
         if let MetaReply::Error(e) = self.propose_audited(meta, cmd, caller, Action::BackupDelete, &target).await? {
@@ -369,7 +415,7 @@ impl AdminService {
     /// One pass of the scheduler on the meta leader: due schedules run (a backup of each of
     /// their volumes; a schedule whose previous run still has a backup copying waits), then
     /// retention deletes what schedules prune and what expired after its volume's deletion.
-    async fn scheduler_pass(self: std::sync::Arc<Self>) -> Result<(), Status> {
+    async fn scheduler_pass(self: std::sync::Arc<Self>, in_flight: &InFlight) -> Result<(), Status> {
         let Some(meta) = self.ctx.meta.as_ref() else { return Ok(()) };
         if !meta.group.status().is_leader {
             return Ok(());
@@ -381,7 +427,8 @@ impl AdminService {
             if now < sc.next_due() {
                 continue;
             }
-            let busy = s.backups.records.values().any(|b| b.schedule.as_deref() == Some(&sc.name) && b.state == BackupState::Running);
+            let busy = s.backups.records.values().any(|b| b.schedule.as_deref() == Some(&sc.name) && b.state == BackupState::Running)
+                || in_flight.lock().unwrap_or_else(|p| p.into_inner()).contains(&sc.name);
             if busy {
                 continue;
             }
@@ -397,16 +444,31 @@ impl AdminService {
                 sc.volumes.clone()
             };
             tracing::info!(schedule = %sc.name, volumes = volumes.len(), "schedule run");
-            let (me, name, caller) = (self.clone(), sc.name.clone(), caller.clone());
+            let (me, name, caller, in_flight) = (self.clone(), sc.name.clone(), caller.clone(), in_flight.clone());
+            in_flight.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone());
             tokio::spawn(async move {
-                let Some(meta) = me.ctx.meta.as_ref() else { return };
-                for volume in volumes {
-                    let req = BackupCreateRequest { volume: volume.clone(), snapshot: String::new() };
-                    if let Err(e) = me.create_backup(meta, &caller, req, Some(name.clone())).await {
-                        tracing::warn!(schedule = %name, volume, error = %e.message(), "scheduled backup not taken");
+                if let Some(meta) = me.ctx.meta.as_ref() {
+                    for volume in volumes {
+                        let req = BackupCreateRequest { volume: volume.clone(), snapshot: String::new() };
+                        if let Err(e) = me.create_backup(meta, &caller, req, Some(name.clone())).await {
+                            tracing::warn!(schedule = %name, volume, error = %e.message(), "scheduled backup not taken");
+                        }
                     }
                 }
+                in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
             });
+        }
+        // Copies handed to a node that has been down a while will not finish: the backup fails
+        // (it can be deleted, and its schedule runs again).
+        for b in s.backups.records.values().filter(|b| b.state == BackupState::Running && now.saturating_sub(b.created_unix_ms) > STALLED_AFTER_MS) {
+            for node in b.nodes.iter().filter(|n| !b.copies.contains_key(n) && self.ctx.liveness.state(**n).0 != "up") {
+                let outcome = Err(format!("{node} is down; the copy cannot finish"));
+                if let MetaReply::Backup(b) =
+                    self.propose(meta, MetaCommand::BackupCopied { id: b.id, node: *node, outcome, now_unix_ms: now }).await?
+                {
+                    self.copies_ended(meta, &b).await;
+                }
+            }
         }
         let (delete, orphaned) = retention(&s, now, self.ctx.config.backup.retain_after_delete.as_millis() as u64);
         if !orphaned.is_empty() {
@@ -491,6 +553,15 @@ impl AdminService {
         Ok(Response::new(self.restore_status(&s, volume).await?))
     }
 
+    /// Once no copy of `b` runs any more, deletes the snapshot taken for it (it has served; the
+    /// volume may be gone already).
+    async fn copies_ended(&self, meta: &MetaHandle, b: &BackupRecord) {
+        if b.auto_snapshot && b.state != BackupState::Running {
+            let cmd = MetaCommand::DeleteSnapshot { volume: b.volume_name.clone(), name: b.snapshot.clone() };
+            let _ = self.propose(meta, cmd).await;
+        }
+    }
+
     /// A backup node's report: a copy's end, or a restore's progress or end.
     pub(super) async fn backup_reported(&self, meta: &MetaHandle, msg: BackupReportRequest) -> Result<Response<BackupReportReply>, Status> {
         let node = NodeId(msg.node);
@@ -519,15 +590,15 @@ impl AdminService {
                 BackupState::Failed(why) => tracing::warn!(backup = b.id, volume = %b.volume_name, why, "backup failed"),
                 BackupState::Running => {}
             }
-            if b.auto_snapshot && b.state != BackupState::Running {
-                // The snapshot taken for it has served; the volume may be gone already.
-                let cmd = MetaCommand::DeleteSnapshot { volume: b.volume_name.clone(), name: b.snapshot.clone() };
-                let _ = self.propose(meta, cmd).await;
-            }
+            self.copies_ended(meta, &b).await;
         }
         if msg.restore_volume != 0 {
             let error = (!msg.error.is_empty()).then(|| msg.error.clone());
             let volume = basalt_common::VolumeId(msg.restore_volume);
+            let runner = meta.shared.with(|s| s.backups.restores.get(&volume).map(|r| r.node));
+            if runner.is_some_and(|n| n != node) {
+                return Err(Status::permission_denied(format!("the restore into volume {volume} is not node-{}'s", node.0)));
+            }
             if let MetaReply::Error(e) =
                 self.propose(meta, MetaCommand::RestoreProgress { volume, next_chunk: msg.next_chunk, done: msg.done, error }).await?
             {

@@ -115,6 +115,9 @@ pub const MIN_EVERY_SECS: u64 = 1;
 /// Longest schedule interval (a year).
 pub const MAX_EVERY_SECS: u64 = 366 * 86_400;
 
+/// Longest `--max-age` (a hundred years: "keep them").
+pub const MAX_AGE_SECS: u64 = 100 * 366 * 86_400;
+
 const DAY_MS: u64 = 86_400_000;
 
 /// A backup schedule: every `every_secs` (aligned to `at_minute` past midnight UTC if set),
@@ -154,6 +157,9 @@ impl Schedule {
         }
         if !(1..=MAX_KEEP).contains(&self.keep) {
             return Err(format!("--keep {} is outside 1..={MAX_KEEP}", self.keep));
+        }
+        if self.max_age_secs > MAX_AGE_SECS {
+            return Err(format!("--max-age of {} s is more than 100 years", self.max_age_secs));
         }
         if self.max_age_secs < self.every_secs {
             return Err(format!(
@@ -444,7 +450,7 @@ pub fn retention(s: &ClusterState, now_unix_ms: u64, retain_after_delete_ms: u64
                         complete += 1;
                         if complete > sched.keep {
                             Some(format!("schedule {} keeps {}", sched.name, sched.keep))
-                        } else if now_unix_ms.saturating_sub(b.created_unix_ms) > sched.max_age_secs * 1000 {
+                        } else if now_unix_ms.saturating_sub(b.created_unix_ms) > sched.max_age_secs.saturating_mul(1000) {
                             Some(format!("schedule {} keeps backups for {} s", sched.name, sched.max_age_secs))
                         } else {
                             None
@@ -506,6 +512,7 @@ mod tests {
             (Schedule { at_minute: Some(24 * 60), ..base.clone() }, "no such time of day"),
             (Schedule { keep: 0, ..base.clone() }, "keeping nothing"),
             (Schedule { max_age_secs: 60, ..base.clone() }, "pruned before the next run"),
+            (Schedule { max_age_secs: u64::MAX / 10, ..base.clone() }, "an age that overflows"),
             (Schedule { volumes: vec![], ..base.clone() }, "no volumes"),
             (Schedule { all: true, ..base.clone() }, "volumes and --all"),
             (Schedule { name: "bad name".into(), ..base.clone() }, "a bad name"),

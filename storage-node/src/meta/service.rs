@@ -1486,7 +1486,7 @@ impl Admin for AdminService {
     }
 
     async fn schedule_list(&self, request: Request<ScheduleListRequest>) -> Result<Response<ScheduleListReply>, Status> {
-        forward_or!(self, request, schedule_list, Action::BackupList, None, |meta, _caller, _msg| self.list_schedules(meta).await)
+        forward_or!(self, request, schedule_list, Action::BackupList, None, |meta, caller, _msg| self.list_schedules(meta, &caller).await)
     }
 
     async fn schedule_delete(&self, request: Request<ScheduleDeleteRequest>) -> Result<Response<ScheduleReply>, Status> {
@@ -1496,7 +1496,15 @@ impl Admin for AdminService {
     }
 
     async fn backup_report(&self, request: Request<BackupReportRequest>) -> Result<Response<BackupReportReply>, Status> {
-        forward_or!(self, request, backup_report, Action::Internal, None, |meta, _caller, msg| self.backup_reported(meta, msg).await)
+        forward_or!(self, request, backup_report, Action::Internal, None, |meta, caller, msg| {
+            // A node reports only its own jobs.
+            if !matches!(caller.principal, basalt_security::Principal::Node(n) if n == msg.node)
+                && caller.principal != basalt_security::Principal::Open
+            {
+                return Err(Status::permission_denied(format!("{} may not report the jobs of node-{}", caller.principal.actor(), msg.node)));
+            }
+            self.backup_reported(meta, msg).await
+        })
     }
 
     async fn audit_check(&self, request: Request<AuditCheckRequest>) -> Result<Response<AuditNodeVerdict>, Status> {

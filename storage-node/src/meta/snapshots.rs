@@ -117,6 +117,10 @@ impl ClusterState {
         let Some(v) = self.volume_by_name(volume).cloned() else {
             return MetaReply::Error(MetaError::NoSuchVolume(volume.to_string()));
         };
+        if let Some(r) = self.backups.restores.get(&v.id) {
+            // A half-restored volume is no image to keep.
+            return MetaReply::Error(MetaError::Restoring { volume: volume.to_string(), backup: r.backup });
+        }
         let snaps = self.snapshots.entry(v.id).or_default();
         if snaps.snapshots.contains_key(&name) {
             return MetaReply::Error(MetaError::SnapshotExists { volume: volume.to_string(), name });

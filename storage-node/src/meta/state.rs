@@ -1182,6 +1182,10 @@ impl ClusterState {
         let Some(id) = self.volume_by_name(name).map(|v| v.id) else {
             return MetaReply::Error(MetaError::NoSuchVolume(name.to_string()));
         };
+        if let Some(r) = self.backups.restores.get(&id) {
+            // The restore holds it until it is done (`volume delete` stops a restore).
+            return MetaReply::Error(MetaError::Restoring { volume: name.to_string(), backup: r.backup });
+        }
         let v = self.volumes.get_mut(&id).expect("found above");
         // A holder that was already superseded must not end its successor's attachment.
         if (epoch == 0 || epoch == v.attach_epoch) && v.attached_by.take().is_some() {

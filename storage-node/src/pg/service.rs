@@ -47,6 +47,17 @@ pub(crate) fn err(code: Code, message: impl Into<String>) -> DataError {
     DataError { code: code as i32, message: message.into(), leader: 0, leader_addr: String::new() }
 }
 
+/// Of nodes, only backup-role ones read and write blocks as clients (copying snapshots out,
+/// restoring backups in); a storage or meta node's certificate opens no volume.
+fn backup_node_only(view: &basalt_proto::view::ClusterView, principal: &Principal) -> Result<(), DataError> {
+    match principal {
+        Principal::Node(id) if !view.nodes.get(&basalt_common::NodeId(*id)).is_some_and(|n| n.backup) => {
+            Err(err(Code::PermissionDenied, format!("node-{id} is not a backup node; nodes read and write volumes only for the backup tier")))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Who sent a data request: the principal its connection authenticated as, and from where.
 pub struct Requester {
     /// The principal.
@@ -127,6 +138,7 @@ impl DataService {
             return Err(err(Code::NoSuchVolume, format!("no active volume with id {volume}")));
         };
         self.access.check_data(&who.principal, who.peer, epoch.is_some(), &vol.name).map_err(|d| denied_error(&d))?;
+        backup_node_only(&view, &who.principal)?;
         if let Some(epoch) = epoch
             && epoch < vol.attach_epoch
         {
@@ -538,10 +550,15 @@ impl Data for DataService {
                 return Err(err(Code::NoSuchVolume, format!("no active volume with id {}", req.volume_id)));
             };
             self.access.check_data(&who.principal, who.peer, false, &vol.name).map_err(|d| denied_error(&d))?;
+            backup_node_only(&view, &who.principal)?;
             let at = self.read_epoch(req.volume_id, req.snapshot_epoch)?;
             // Linearizable like a read: every write acknowledged before the snapshot is applied here.
             handle.group.read_barrier().await.map_err(|e| self.raft_error(e))?;
-            let chunks = self.ctx.store.resolved_chunks(req.pg, VolumeId(req.volume_id), &vol.lineage, at);
+            // A walk of the volume's index entries in this PG: off the async workers.
+            let (store, pg, volume, lineage) = (self.ctx.store.clone(), req.pg, VolumeId(req.volume_id), vol.lineage.clone());
+            let chunks = tokio::task::spawn_blocking(move || store.resolved_chunks(pg, volume, &lineage, at))
+                .await
+                .map_err(|e| err(Code::Internal, format!("listing chunk versions: {e}")))?;
             Ok(chunks.into_iter().map(|(chunk, version)| ChunkVersion { chunk, owner: version.volume.0, epoch: version.epoch }).collect())
         }
         .await;
