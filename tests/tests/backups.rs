@@ -387,3 +387,63 @@ async fn schedules_keep_their_newest_backups_and_a_deleted_volumes_backups_expir
         "expiry is in the audit log"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_are_kept_on_two_backup_nodes_and_a_restore_rides_out_a_storage_node_kill() {
+    let mut specs = simple_spec(3);
+    for id in [4, 5] {
+        specs.push(NodeSpec { id, labels: format!("zone=z{id},host=h{id}"), roles: vec!["backup"] });
+    }
+    let mut cluster = TestCluster::start(specs).await.unwrap();
+    cluster.init(8, "zone").await.unwrap();
+    cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
+    cluster
+        .wait_status("both backup nodes up", Duration::from_secs(30), |s| {
+            [4, 5].iter().all(|id| s.nodes.iter().any(|n| n.id == *id && n.state == "up"))
+        })
+        .await
+        .unwrap();
+    const SIZE: u64 = 96 * MIB;
+    create_volume(&cluster, "v", SIZE).await;
+    let client = cluster.client().await.unwrap();
+    let vol = client.attach_volume("v", "writer", false).await.unwrap();
+    let mut image = vec![0u8; SIZE as usize];
+    for i in 0..SIZE / MIB {
+        let data = chunk(i, 5);
+        image[(i * MIB) as usize..((i + 1) * MIB) as usize].copy_from_slice(&data);
+        vol.write(i * MIB, Bytes::from(data), false).await.unwrap();
+    }
+    client.detach_volume(&vol).await.unwrap();
+
+    // backup.copies defaults to 2: both backup nodes keep a whole copy.
+    let b = json(&cluster, &["backup", "create", "v"]).await;
+    assert_eq!(b["state"], "complete", "{b}");
+    let mut nodes: Vec<u64> = b["copies"].as_array().unwrap().iter().filter_map(|c| c["node"].as_u64()).collect();
+    nodes.sort_unstable();
+    assert_eq!(nodes, vec![4, 5], "{b}");
+    let id = b["id"].as_u64().unwrap().to_string();
+    for node in [4, 5] {
+        assert!(cluster.node(node).data_dir.join("backups/manifests").join(&id).exists(), "node-{node} holds the manifest");
+    }
+
+    // One backup node gone: the restore is served by the other, and a storage node killed
+    // mid-restore does not stop it.
+    cluster.kill9(4);
+    cluster.wait_status("node-4 seen down", Duration::from_secs(30), |s| s.nodes.iter().any(|n| n.id == 4 && n.state == "down")).await.unwrap();
+    let started = json(&cluster, &["backup", "restore", &id, "--to", "r", "--no-wait"]).await;
+    assert_eq!(started["restoring"], true, "{started}");
+    cluster.kill9(2);
+    // Followed to its end; node-2 may have led the meta group, so a call can meet an election.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let done = loop {
+        let (code, out, err) = cluster.cli(&["--json", "backup", "restore", &id, "--to", "r"]).await.unwrap();
+        if code == Some(0) {
+            break serde_json::from_str::<serde_json::Value>(&out).unwrap();
+        }
+        assert!(Instant::now() < deadline && code == Some(6), "the restore goes on through the failover: {err}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(done["restoring"], false, "{done}");
+    let back = read_all(&cluster, "r", SIZE).await;
+    assert_eq!(Sha256::digest(&back), Sha256::digest(&image), "restored from node-5 through a storage-node failover");
+}
