@@ -16,11 +16,7 @@ cd "$(dirname "$0")/../.."
 . scripts/env
 . benches/macro/common.sh
 gib="${1:-1}"
-pgs="${BASALT_BENCH_PGS:-64}"
-work="${BASALT_BENCH_DIR:-$PWD/bench-work}/backup"
-rm -rf "$work"; mkdir -p "$work"
-cargo build --release --workspace --bins >&2
-bin="$CARGO_TARGET_DIR/release"
+bench_setup backup
 
 cleanup() {
     [ -n "${attach_pid:-}" ] && kill -INT "$attach_pid" 2>/dev/null && wait "$attach_pid" 2>/dev/null || true

@@ -1,5 +1,15 @@
 # Shared by the macro benchmarks (sourced, from the repository root).
 
+# Sets $pgs ($BASALT_BENCH_PGS, default 64), $work ($BASALT_BENCH_DIR or ./bench-work, then
+# /$1 if given; emptied) and $bin after a release build.
+bench_setup() {
+  pgs="${BASALT_BENCH_PGS:-64}"
+  work="${BASALT_BENCH_DIR:-$PWD/bench-work}${1:+/$1}"
+  rm -rf "$work"; mkdir -p "$work"
+  cargo build --release --workspace --bins >&2
+  bin="$CARGO_TARGET_DIR/release"
+}
+
 # Waits (up to $3 seconds) for the process writing $1 to print `ready`; fails showing its
 # stderr ($2) otherwise.
 wait_ready() {

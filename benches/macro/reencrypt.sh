@@ -11,11 +11,7 @@ cd "$(dirname "$0")/../.."
 . scripts/env
 . benches/macro/common.sh
 secs="${1:-20}"
-pgs="${BASALT_BENCH_PGS:-64}"
-work="${BASALT_BENCH_DIR:-$PWD/bench-work}/reencrypt"
-rm -rf "$work"; mkdir -p "$work"
-cargo build --release --workspace --bins >&2
-bin="$CARGO_TARGET_DIR/release"
+bench_setup reencrypt
 
 cleanup() {
     [ -n "${attach_pid:-}" ] && kill -INT "$attach_pid" 2>/dev/null && wait "$attach_pid" 2>/dev/null || true

@@ -25,11 +25,7 @@ cd "$(dirname "$0")/../.."
 . scripts/env
 . benches/macro/common.sh
 secs="${1:-20}"
-pgs="${BASALT_BENCH_PGS:-64}"
-work="${BASALT_BENCH_DIR:-$PWD/bench-work}"
-rm -rf "$work"; mkdir -p "$work"
-cargo build --release --workspace --bins >&2
-bin="$CARGO_TARGET_DIR/release"
+bench_setup
 size=4G
 region=1G
 

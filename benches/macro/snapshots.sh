@@ -15,11 +15,7 @@ cd "$(dirname "$0")/../.."
 . scripts/env
 . benches/macro/common.sh
 secs="${1:-20}"
-pgs="${BASALT_BENCH_PGS:-64}"
-work="${BASALT_BENCH_DIR:-$PWD/bench-work}/snapshots"
-rm -rf "$work"; mkdir -p "$work"
-cargo build --release --workspace --bins >&2
-bin="$CARGO_TARGET_DIR/release"
+bench_setup snapshots
 
 cleanup() {
     for p in ${attach_pids:-}; do kill -INT "$p" 2>/dev/null && wait "$p" 2>/dev/null || true; done
