@@ -1326,15 +1326,20 @@ impl ChunkStore {
         self.map().head(chunk).map(|(k, _)| k)
     }
 
-    /// The chunks of `volume` (a clone: with `lineage`) that hold data as seen at `at`, in
-    /// chunk order, each with the version it resolves to (possibly an ancestor's). An
+    /// The chunks of `volume` (a clone: with `lineage`) in `range` that hold data as seen at
+    /// `at`, in chunk order, each with the version it resolves to (possibly an ancestor's). An
     /// incremental backup compares these with the previous backup's: a version is never
     /// rewritten once a snapshot froze it, so an equal key means equal data.
-    pub fn resolved_chunks(&self, shard: u32, volume: VolumeId, lineage: &Lineage, at: Epoch) -> Vec<(u64, ChunkKey)> {
+    pub fn resolved_chunks(&self, shard: u32, volume: VolumeId, lineage: &Lineage, at: Epoch, range: std::ops::Range<u64>) -> Vec<(u64, ChunkKey)> {
+        if range.is_empty() {
+            return Vec::new();
+        }
         let map = self.map();
         let mut chunks: BTreeSet<u64> = BTreeSet::new();
         for owner in std::iter::once(volume).chain(lineage.iter().map(|(v, _)| *v)) {
-            chunks.extend(map.range(shard, Some(owner)).into_iter().map(|(k, _)| k.chunk));
+            let lo = ChunkKey { shard, volume: owner, chunk: range.start, epoch: 0 };
+            let hi = ChunkKey { shard, volume: owner, chunk: range.end - 1, epoch: u64::MAX };
+            chunks.extend(map.chunks.range(lo..=hi).map(|(k, _)| k.chunk));
         }
         chunks
             .into_iter()

@@ -316,8 +316,15 @@ async fn resolved_chunks_name_the_version_each_chunk_reads() {
     }
     write(&store, 2, c(1), fill(0xB2, 4096)).await.unwrap();
     zero(&store, 2, c(2), CHUNK_SIZE).await;
-    assert_eq!(store.resolved_chunks(1, VolumeId(7), &[], 1), vec![(0, key(7, 0, 1)), (1, key(7, 1, 1)), (2, key(7, 2, 1))]);
-    assert_eq!(store.resolved_chunks(1, VolumeId(7), &[], 2), vec![(0, key(7, 0, 1)), (1, key(7, 1, 2))], "the trimmed chunk holds nothing");
+    let all = 0..u64::MAX;
+    assert_eq!(store.resolved_chunks(1, VolumeId(7), &[], 1, all.clone()), vec![(0, key(7, 0, 1)), (1, key(7, 1, 1)), (2, key(7, 2, 1))]);
+    assert_eq!(
+        store.resolved_chunks(1, VolumeId(7), &[], 2, all.clone()),
+        vec![(0, key(7, 0, 1)), (1, key(7, 1, 2))],
+        "the trimmed chunk holds nothing"
+    );
+    assert_eq!(store.resolved_chunks(1, VolumeId(7), &[], 1, 1..2), vec![(1, key(7, 1, 1))], "a range");
+    assert!(store.resolved_chunks(1, VolumeId(7), &[], 1, 5..5).is_empty());
 
     // A clone of epoch 1 that wrote chunk 3 and trimmed chunk 0.
     let lineage = [(VolumeId(7), 1)];
@@ -326,6 +333,6 @@ async fn resolved_chunks_name_the_version_each_chunk_reads() {
     b.set_lineage(1, VolumeId(9), lineage.to_vec());
     b.zero(1, VolumeId(9), 1, c(0), CHUNK_SIZE, true).unwrap();
     store.commit(b).await.unwrap();
-    assert_eq!(store.resolved_chunks(1, VolumeId(9), &lineage, u64::MAX), vec![(1, key(7, 1, 1)), (2, key(7, 2, 1)), (3, key(9, 3, 1))]);
-    assert!(store.resolved_chunks(2, VolumeId(7), &[], 2).is_empty(), "another shard holds none of it");
+    assert_eq!(store.resolved_chunks(1, VolumeId(9), &lineage, u64::MAX, all.clone()), vec![(1, key(7, 1, 1)), (2, key(7, 2, 1)), (3, key(9, 3, 1))]);
+    assert!(store.resolved_chunks(2, VolumeId(7), &[], 2, all).is_empty(), "another shard holds none of it");
 }

@@ -496,3 +496,39 @@ async fn hostile_input_gets_errors_or_a_closed_connection_and_others_keep_workin
     let (ok, out) = qemu_io(&a.uri, &["write -P 0x42 0 8192".into(), "read -P 0x42 0 8192".into(), "read -P 0 1M 8192".into()]);
     assert!(ok, "{out}");
 }
+
+/// `base:allocation` (§ Metadata querying, NBD_CMD_BLOCK_STATUS): nbdinfo and qemu-img see the
+/// holes of a sparse volume, at the chunk granularity (1 MiB) the cluster allocates in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_status_shows_holes_to_nbdinfo_and_qemu_img() {
+    const MIB: u64 = 1 << 20;
+    let cluster = cluster_with_volume("sparse", 64 * MIB).await;
+    let a = attach(&cluster, "sparse", &[]).unwrap();
+    let (ok, out) = qemu_io(&a.uri, &["write -P 0xab 8M 1M".into(), "write -P 0xcd 40M 512K".into()]);
+    assert!(ok, "{out}");
+    let want: Vec<(u64, u64)> = vec![(8 * MIB, MIB), (40 * MIB, MIB)];
+
+    let out = Command::new("nbdinfo").args(["--map", "--json", &a.uri]).output().expect("nbdinfo (install libnbd-bin)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let map: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let data: Vec<(u64, u64)> =
+        map.as_array().unwrap().iter().filter(|e| e["type"] == 0).map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap())).collect();
+    assert_eq!(data, want, "nbdinfo --map: {map}");
+    let covered: u64 = map.as_array().unwrap().iter().map(|e| e["length"].as_u64().unwrap()).sum();
+    assert_eq!(covered, 64 * MIB, "the map covers the export: {map}");
+
+    let out = Command::new("qemu-img").args(["map", "--output=json", "-f", "raw", &a.uri]).output().expect("qemu-img");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let map: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let data: Vec<(u64, u64)> =
+        map.as_array().unwrap().iter().filter(|e| e["data"] == true).map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap())).collect();
+    assert_eq!(data, want, "qemu-img map: {map}");
+
+    // The data is what was written; a trimmed chunk becomes a hole again.
+    let (ok, out) = qemu_io(&a.uri, &["read -P 0xab 8M 1M".into(), "discard 8M 1M".into()]);
+    assert!(ok, "{out}");
+    let out = Command::new("nbdinfo").args(["--map", "--json", &a.uri]).output().unwrap();
+    let map: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let data: Vec<u64> = map.as_array().unwrap().iter().filter(|e| e["type"] == 0).map(|e| e["offset"].as_u64().unwrap()).collect();
+    assert_eq!(data, vec![40 * MIB], "after the trim: {map}");
+}

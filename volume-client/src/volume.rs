@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use basalt_common::layout::ExtentSpan;
-use basalt_common::{BLOCK_SIZE, CryptContext, NodeId, VolumeId, crc32c};
+use basalt_common::{BLOCK_SIZE, CHUNK_SIZE, CryptContext, NodeId, VolumeId, crc32c};
 use basalt_proto::data::data_client::DataClient;
 use basalt_proto::data::data_error::Code;
 use basalt_proto::data::{ChunkVersionsRequest, DataError, ReadReply, ReadRequest, WriteReply, WriteRequest, ZeroReply, ZeroRequest};
@@ -700,20 +700,46 @@ impl Volume {
         let Some((_, epoch)) = self.snapshot.clone() else {
             return Err(ClientError::Invalid(format!("chunk versions are listed for snapshots; {} is the volume's head", self.name)));
         };
-        let layout = self.cluster.map().layout.ok_or_else(|| ClientError::Admin("the cluster is not initialized".into()))?;
-        let mut by_pg: std::collections::BTreeMap<basalt_common::PgId, ExtentSpan> = std::collections::BTreeMap::new();
-        for extent in 0..self.size().div_ceil(layout.extent_size) {
-            for span in layout.split(self.placement, extent * layout.extent_size, BLOCK_SIZE) {
-                by_pg.entry(span.pg).or_insert(span);
-            }
+        self.list_chunks(epoch, 0, self.size()).await
+    }
+
+    /// The chunks overlapping `len` bytes at `offset` that hold data, as the volume is now (or
+    /// as this handle's snapshot froze it): what NBD block status reports as data; the rest
+    /// reads as zeros.
+    pub async fn allocated_chunks(&self, offset: u64, len: u64) -> Result<std::collections::BTreeSet<u64>, ClientError> {
+        self.check_range("block status", offset, len).await?;
+        let epoch = self.snapshot.as_ref().map_or(0, |(_, e)| *e);
+        Ok(self.list_chunks(epoch, offset, len).await?.into_iter().map(|(chunk, _, _)| chunk).collect())
+    }
+
+    /// Asks each PG leader holding part of `len` bytes at `offset` which of those chunks hold
+    /// data at `epoch` (0: now), one request per PG.
+    async fn list_chunks(&self, epoch: u64, offset: u64, len: u64) -> Result<Vec<(u64, VolumeId, u64)>, ClientError> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        // Per PG: a span to route by, and the chunks its extents in the range cover.
+        let mut by_pg: std::collections::BTreeMap<basalt_common::PgId, (ExtentSpan, u64, u64)> = std::collections::BTreeMap::new();
+        for span in self.spans(offset, len)? {
+            let (first, end) = (span.offset / CHUNK_SIZE, (span.offset + span.len).div_ceil(CHUNK_SIZE));
+            let e = by_pg.entry(span.pg).or_insert((span, first, end));
+            e.1 = e.1.min(first);
+            e.2 = e.2.max(end);
         }
         let token = self.cluster.inner.options.security.token.clone();
-        let lists = try_join_all(by_pg.values().map(|span| {
+        let lists = try_join_all(by_pg.values().map(|(span, first, end)| {
             let token = token.clone();
             async move {
                 let retries = AtomicU32::new(0);
                 self.with_leader(span, |addr, map_version| {
-                    let req = ChunkVersionsRequest { pg: span.pg.0, volume_id: self.id.0, snapshot_epoch: epoch, map_version };
+                    let req = ChunkVersionsRequest {
+                        pg: span.pg.0,
+                        volume_id: self.id.0,
+                        snapshot_epoch: epoch,
+                        map_version,
+                        first_chunk: *first,
+                        end_chunk: *end,
+                    };
                     let (retries, token) = (&retries, token.clone());
                     async move {
                         let channel = self.cluster.channel(&addr).map_err(|e| e.to_string())?;

@@ -539,9 +539,6 @@ impl Data for DataService {
             let Some(handle) = self.ctx.pgs.get(PgId(req.pg)) else {
                 return Err(err(Code::WrongNode, format!("{node} holds no replica of pg-{}", req.pg)));
             };
-            if req.snapshot_epoch == 0 {
-                return Err(err(Code::Invalid, "chunk versions are listed for a snapshot (snapshot_epoch 0 is the moving head)"));
-            }
             let mut view = self.ctx.map.borrow().clone();
             if view.version < req.map_version {
                 view = wait_for_version(&self.ctx, req.map_version, Duration::from_secs(2)).await;
@@ -556,7 +553,8 @@ impl Data for DataService {
             handle.group.read_barrier().await.map_err(|e| self.raft_error(e))?;
             // A walk of the volume's index entries in this PG: off the async workers.
             let (store, pg, volume, lineage) = (self.ctx.store.clone(), req.pg, VolumeId(req.volume_id), vol.lineage.clone());
-            let chunks = tokio::task::spawn_blocking(move || store.resolved_chunks(pg, volume, &lineage, at))
+            let range = req.first_chunk..if req.end_chunk == 0 { u64::MAX } else { req.end_chunk };
+            let chunks = tokio::task::spawn_blocking(move || store.resolved_chunks(pg, volume, &lineage, at, range))
                 .await
                 .map_err(|e| err(Code::Internal, format!("listing chunk versions: {e}")))?;
             Ok(chunks.into_iter().map(|(chunk, version)| ChunkVersion { chunk, owner: version.volume.0, epoch: version.epoch }).collect())

@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
     let header: [u8; 28] = data[..28].try_into().expect("28 bytes");
     let size = u64::from_le_bytes(data[28..36].try_into().expect("8 bytes"));
     let max_len = u32::from_le_bytes(data[36..40].try_into().expect("4 bytes"));
-    let limits = Limits { size, max_len, read_only: data[40] & 1 == 1 };
+    let limits = Limits { size, max_len, read_only: data[40] & 1 == 1, block_status: data[40] & 2 == 2 };
     if let Ok(r) = parse_request(&header, &limits) {
         use basalt_volume_client::nbd::request::Command;
         if !matches!(r.command, Command::Flush | Command::Disconnect) {

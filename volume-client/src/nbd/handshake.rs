@@ -55,6 +55,8 @@ pub struct Negotiated {
     pub export: String,
     /// Structured replies were negotiated.
     pub structured: bool,
+    /// `base:allocation` was selected for this export (NBD_CMD_BLOCK_STATUS answers).
+    pub base_allocation: bool,
 }
 
 /// Why negotiation ended without an export.
@@ -110,6 +112,42 @@ fn parse_info_request(data: &[u8]) -> Result<(String, Vec<u16>), String> {
         return Err(format!("{count} information requests but {} bytes of them", list.len()));
     }
     Ok((name, list.chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect()))
+}
+
+/// Parses NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT data: the export name, then
+/// the queries (§ Metadata querying).
+fn parse_meta_request(data: &[u8]) -> Result<(String, Vec<String>), String> {
+    let mut rest = data;
+    let mut take = |n: usize, what: &str| -> Result<&[u8], String> {
+        if rest.len() < n {
+            return Err(format!("meta context request truncated in its {what}"));
+        }
+        let (head, tail) = rest.split_at(n);
+        rest = tail;
+        Ok(head)
+    };
+    let u32_of = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
+    let name_len = u32_of(take(4, "name length")?);
+    let name = String::from_utf8_lossy(take(name_len, "export name")?).into_owned();
+    let count = u32_of(take(4, "query count")?);
+    let mut queries = Vec::new();
+    for _ in 0..count {
+        let len = u32_of(take(4, "query length")?);
+        if len > MAX_META_QUERY {
+            return Err(format!("a {len}-byte meta context query is too long"));
+        }
+        queries.push(String::from_utf8_lossy(take(len, "query")?).into_owned());
+    }
+    if !rest.is_empty() {
+        return Err("meta context request has trailing bytes".into());
+    }
+    Ok((name, queries))
+}
+
+/// Whether `query` selects `base:allocation`: its exact name, or the `base:` namespace
+/// (§ Metadata querying: a namespace query lists every context in it).
+fn selects_base_allocation(query: &str) -> bool {
+    query == META_BASE_ALLOCATION || query == "base:"
 }
 
 fn find<'a>(exports: &'a [ExportInfo], name: &str) -> Option<&'a ExportInfo> {
@@ -190,6 +228,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut structured = false;
+    // The export `base:allocation` was selected for (NBD_OPT_SET_META_CONTEXT).
+    let mut meta_export: Option<String> = None;
 
     for _ in 0..MAX_OPTIONS {
         let magic = s.read_u64().await?;
@@ -240,7 +280,8 @@ where
                 }
                 s.write_all(&b).await?;
                 s.flush().await?;
-                return Ok(Outcome::Export(Negotiated { export: export.name.clone(), structured }));
+                let base_allocation = structured && meta_export.as_deref() == Some(export.name.as_str());
+                return Ok(Outcome::Export(Negotiated { export: export.name.clone(), structured, base_allocation }));
             }
             OPT_ABORT => {
                 let _ = reply(s, option, REP_ACK, &[]).await;
@@ -313,9 +354,45 @@ where
                 reply(s, option, REP_ACK, &[]).await?;
                 s.flush().await?;
                 if option == OPT_GO {
-                    return Ok(Outcome::Export(Negotiated { export: export.name.clone(), structured }));
+                    let base_allocation = structured && meta_export.as_deref() == Some(export.name.as_str());
+                    return Ok(Outcome::Export(Negotiated { export: export.name.clone(), structured, base_allocation }));
                 }
                 continue;
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let set = option == OPT_SET_META_CONTEXT;
+                let (name, queries) = match parse_meta_request(&data) {
+                    Ok(r) => r,
+                    Err(msg) => {
+                        error(s, option, REP_ERR_INVALID, &msg).await?;
+                        s.flush().await?;
+                        continue;
+                    }
+                };
+                // § NBD_OPT_SET_META_CONTEXT: only once structured replies are on.
+                if set && !structured {
+                    error(s, option, REP_ERR_INVALID, "negotiate structured replies (NBD_OPT_STRUCTURED_REPLY) first").await?;
+                    s.flush().await?;
+                    continue;
+                }
+                let Some(export) = find(exports, &name) else {
+                    error(s, option, REP_ERR_UNKNOWN, &format!("no export named {name:?}")).await?;
+                    s.flush().await?;
+                    continue;
+                };
+                // A LIST without queries lists every context; a SET without any selects none.
+                let matched = if queries.is_empty() { !set } else { queries.iter().any(|q| selects_base_allocation(q)) };
+                if set {
+                    meta_export = matched.then(|| export.name.clone());
+                }
+                if matched {
+                    let mut d = BytesMut::new();
+                    // A LIST's ids mean nothing (§ NBD_REP_META_CONTEXT).
+                    d.put_u32(if set { BASE_ALLOCATION_ID } else { 0 });
+                    d.put_slice(META_BASE_ALLOCATION.as_bytes());
+                    reply(s, option, REP_META_CONTEXT, &d).await?;
+                }
+                reply(s, option, REP_ACK, &[]).await?;
             }
             OPT_STARTTLS if phase == Phase::Tls => error(s, option, REP_ERR_INVALID, "TLS is already on").await?,
             OPT_STARTTLS => error(s, option, REP_ERR_POLICY, "TLS is not offered on this listener").await?,
@@ -404,12 +481,62 @@ mod tests {
         option(&mut b, OPT_GO, &[0, 0, 0, 200, 1]);
         option(&mut b, OPT_GO, &go_data("demo", &[INFO_NAME, INFO_BLOCK_SIZE, INFO_DESCRIPTION, 77]));
         let (r, out) = run(b).await;
-        assert_eq!(r.unwrap(), Negotiated { export: "demo".into(), structured: true });
+        assert_eq!(r.unwrap(), Negotiated { export: "demo".into(), structured: true, base_allocation: false });
         assert_eq!(&out[0..8], &NBDMAGIC.to_be_bytes());
         assert_eq!(
             reply_types(&out),
             vec![REP_ERR_UNSUP, REP_ACK, REP_SERVER, REP_ACK, REP_ERR_UNKNOWN, REP_ERR_INVALID, REP_INFO, REP_INFO, REP_INFO, REP_INFO, REP_ACK]
         );
+    }
+
+    fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
+        d
+    }
+
+    #[tokio::test]
+    async fn base_allocation_is_listed_and_selected_only_with_structured_replies() {
+        let mut b = FLAG_C_FIXED_NEWSTYLE.to_be_bytes().to_vec();
+        option(&mut b, OPT_SET_META_CONTEXT, &meta_data("demo", &[META_BASE_ALLOCATION]));
+        option(&mut b, OPT_STRUCTURED_REPLY, &[]);
+        option(&mut b, OPT_LIST_META_CONTEXT, &meta_data("demo", &[]));
+        option(&mut b, OPT_LIST_META_CONTEXT, &meta_data("demo", &["qemu:dirty-bitmap:x"]));
+        option(&mut b, OPT_SET_META_CONTEXT, &meta_data("nope", &["base:"]));
+        option(&mut b, OPT_SET_META_CONTEXT, &[0, 0, 0, 9, b'd']);
+        option(&mut b, OPT_SET_META_CONTEXT, &meta_data("demo", &["other:thing", "base:"]));
+        option(&mut b, OPT_GO, &go_data("demo", &[]));
+        let (r, out) = run(b).await;
+        assert_eq!(r.unwrap(), Negotiated { export: "demo".into(), structured: true, base_allocation: true });
+        assert_eq!(
+            reply_types(&out),
+            vec![
+                REP_ERR_INVALID,  // SET before structured replies
+                REP_ACK,          // structured replies
+                REP_META_CONTEXT, // LIST of everything
+                REP_ACK,
+                REP_ACK,         // LIST of a context not served: nothing
+                REP_ERR_UNKNOWN, // unknown export
+                REP_ERR_INVALID, // truncated
+                REP_META_CONTEXT,
+                REP_ACK,
+                REP_INFO,
+                REP_INFO,
+                REP_ACK
+            ]
+        );
+
+        // Selected for another export than the one chosen, or not at all: no block status.
+        let mut b = FLAG_C_FIXED_NEWSTYLE.to_be_bytes().to_vec();
+        option(&mut b, OPT_STRUCTURED_REPLY, &[]);
+        option(&mut b, OPT_SET_META_CONTEXT, &meta_data("demo", &[]));
+        option(&mut b, OPT_GO, &go_data("demo", &[]));
+        assert!(!run(b).await.0.unwrap().base_allocation, "a SET without queries selects nothing");
     }
 
     #[tokio::test]

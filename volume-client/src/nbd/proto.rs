@@ -61,14 +61,23 @@ pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
 /// Negotiate structured replies.
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
-/// List metadata contexts (not supported here).
-pub const OPT_LIST_META_CONTEXT: u32 = 10;
-/// Select metadata contexts (not supported here).
-pub const OPT_SET_META_CONTEXT: u32 = 11;
+/// List metadata contexts (§ Metadata querying).
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+/// Select metadata contexts for NBD_CMD_BLOCK_STATUS (§ Metadata querying).
+pub const OPT_SET_META_CONTEXT: u32 = 10;
+
+/// The one metadata context served: which ranges hold data (§ Metadata querying, base:allocation).
+pub const META_BASE_ALLOCATION: &str = "base:allocation";
+/// The id `base:allocation` gets when selected.
+pub const BASE_ALLOCATION_ID: u32 = 1;
+/// Longest metadata context query accepted.
+pub const MAX_META_QUERY: usize = 4096;
 
 // § Option reply types.
 /// Option accepted.
 pub const REP_ACK: u32 = 1;
+/// A metadata context (id, name) matching a query.
+pub const REP_META_CONTEXT: u32 = 4;
 /// An export description (NBD_OPT_LIST).
 pub const REP_SERVER: u32 = 2;
 /// Export information (NBD_OPT_INFO/GO).
@@ -109,6 +118,8 @@ pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
 /// Write zeroes.
 pub const CMD_WRITE_ZEROES: u16 = 6;
+/// Report allocation of a range (§ NBD_CMD_BLOCK_STATUS).
+pub const CMD_BLOCK_STATUS: u16 = 7;
 
 // § Command flags.
 /// Force unit access.
@@ -117,6 +128,8 @@ pub const CMD_FLAG_FUA: u16 = 1 << 0;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 /// Don't fragment the read reply.
 pub const CMD_FLAG_DF: u16 = 1 << 2;
+/// Block status: one descriptor is enough.
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 
 // § Structured reply flags and types.
 /// Final chunk.
@@ -125,6 +138,12 @@ pub const REPLY_FLAG_DONE: u16 = 1 << 0;
 pub const REPLY_TYPE_NONE: u16 = 0;
 /// Data at an offset.
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+/// Block status descriptors for one metadata context.
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+/// base:allocation: the range is not allocated.
+pub const STATE_HOLE: u32 = 1;
+/// base:allocation: the range reads as zeros.
+pub const STATE_ZERO: u32 = 2;
 /// Error with message.
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 

@@ -20,6 +20,8 @@ pub enum Command {
     Trim,
     /// Write zeroes.
     WriteZeroes,
+    /// Report which parts of a range hold data (base:allocation).
+    BlockStatus,
 }
 
 /// A parsed request header.
@@ -46,6 +48,8 @@ pub struct Limits {
     pub max_len: u32,
     /// Writes refused.
     pub read_only: bool,
+    /// The client selected `base:allocation` (NBD_CMD_BLOCK_STATUS allowed).
+    pub block_status: bool,
 }
 
 /// Why a request header is unusable.
@@ -92,6 +96,9 @@ pub fn parse_request(h: &[u8; REQUEST_LEN], limits: &Limits) -> Result<Request, 
         CMD_FLUSH => Command::Flush,
         CMD_TRIM => Command::Trim,
         CMD_WRITE_ZEROES => Command::WriteZeroes,
+        // § NBD_CMD_BLOCK_STATUS: only after a metadata context was selected.
+        CMD_BLOCK_STATUS if limits.block_status => Command::BlockStatus,
+        CMD_BLOCK_STATUS => return Err(refuse(EINVAL, "block status needs a metadata context (NBD_OPT_SET_META_CONTEXT base:allocation)".into())),
         other => return Err(refuse(EINVAL, format!("unsupported command {other}"))),
     };
     if command == Command::Write && length > limits.max_len {
@@ -102,6 +109,7 @@ pub fn parse_request(h: &[u8; REQUEST_LEN], limits: &Limits) -> Result<Request, 
         Command::Write | Command::Trim => CMD_FLAG_FUA,
         Command::WriteZeroes => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
         Command::Flush | Command::Disconnect => CMD_FLAG_FUA,
+        Command::BlockStatus => CMD_FLAG_REQ_ONE,
     };
     if flags & !allowed != 0 {
         return Err(refuse(EINVAL, format!("flags {flags:#06x} not valid for {command:?}")));
@@ -120,6 +128,7 @@ pub fn parse_request(h: &[u8; REQUEST_LEN], limits: &Limits) -> Result<Request, 
                 let errno = if matches!(command, Command::Write | Command::WriteZeroes) { ENOSPC } else { EINVAL };
                 return Err(refuse(errno, format!("{command:?} at {offset}+{length} is beyond the end of the export ({} bytes)", limits.size)));
             }
+            // A block status length is no payload: any length inside the export goes.
             if command == Command::Read && length > limits.max_len {
                 return Err(refuse(EINVAL, format!("read of {length} bytes exceeds the {}-byte maximum", limits.max_len)));
             }
@@ -146,7 +155,7 @@ mod tests {
         h
     }
 
-    const L: Limits = Limits { size: 1 << 20, max_len: 64 << 10, read_only: false };
+    const L: Limits = Limits { size: 1 << 20, max_len: 64 << 10, read_only: false, block_status: false };
 
     #[test]
     fn valid_requests_parse() {
@@ -174,6 +183,13 @@ mod tests {
         assert_eq!(e(header(CMD_WRITE, 1 << 9, 0, 16)), (EINVAL, 16), "unknown flag");
         assert!(matches!(parse_request(&header(CMD_WRITE, 0, 0, 1 << 30), &L), Err(RequestError::WriteTooLarge(..))));
         let ro = Limits { read_only: true, ..L };
+        // Block status: only with base:allocation selected; any length inside the export.
+        assert_eq!(e(header(CMD_BLOCK_STATUS, 0, 0, 4096)), (EINVAL, 0), "no metadata context");
+        let bs = Limits { block_status: true, ..L };
+        let r = parse_request(&header(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 0, 1 << 20), &bs).unwrap();
+        assert_eq!((r.command, r.length), (Command::BlockStatus, 1 << 20), "longer than a read may be");
+        assert!(matches!(parse_request(&header(CMD_BLOCK_STATUS, 0, 4096, 1 << 20), &bs), Err(RequestError::Refused { errno: EINVAL, .. })));
+        assert!(matches!(parse_request(&header(CMD_BLOCK_STATUS, CMD_FLAG_FUA, 0, 4096), &bs), Err(RequestError::Refused { errno: EINVAL, .. })));
         assert!(matches!(parse_request(&header(CMD_TRIM, 0, 0, 512), &ro), Err(RequestError::Refused { errno: EPERM, .. })));
         assert!(parse_request(&header(CMD_READ, 0, 0, 512), &ro).is_ok());
     }

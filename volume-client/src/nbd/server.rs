@@ -13,6 +13,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
+use basalt_common::CHUNK_SIZE;
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
@@ -151,9 +152,24 @@ enum Negotiation<S> {
 }
 
 enum Reply {
-    Ok { handle: u64 },
-    Data { handle: u64, offset: u64, data: Bytes },
-    Error { handle: u64, errno: u32, message: String },
+    Ok {
+        handle: u64,
+    },
+    Data {
+        handle: u64,
+        offset: u64,
+        data: Bytes,
+    },
+    Error {
+        handle: u64,
+        errno: u32,
+        message: String,
+    },
+    /// base:allocation descriptors (length, state flags) from the request's offset on.
+    BlockStatus {
+        handle: u64,
+        descriptors: Vec<(u32, u32)>,
+    },
 }
 
 impl NbdServer {
@@ -285,18 +301,19 @@ impl NbdServer {
         };
         tracing::debug!(%peer, export = %negotiated.export, structured = negotiated.structured, tls = self.tls.is_some(), "NBD client attached");
         let result = match negotiation {
-            Negotiation::Plain(stream, _) => self.transmission(stream, export, negotiated.structured, shutdown).await,
-            Negotiation::Tls(stream, _) => self.transmission(stream, export, negotiated.structured, shutdown).await,
+            Negotiation::Plain(stream, _) => self.transmission(stream, export, &negotiated, shutdown).await,
+            Negotiation::Tls(stream, _) => self.transmission(stream, export, &negotiated, shutdown).await,
         };
         if let Err(e) = result {
             tracing::debug!(%peer, error = %e, "NBD connection closed");
         }
     }
 
-    async fn transmission<S>(&self, stream: S, export: Export, structured: bool, mut shutdown: watch::Receiver<bool>) -> io::Result<()>
+    async fn transmission<S>(&self, stream: S, export: Export, negotiated: &Negotiated, mut shutdown: watch::Receiver<bool>) -> io::Result<()>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let structured = negotiated.structured;
         let (mut reader, writer) = tokio::io::split(stream);
         let (tx, rx) = mpsc::channel::<Reply>(self.options.max_inflight * 2);
         let writer_task = tokio::spawn(write_replies(writer, rx, structured));
@@ -304,7 +321,8 @@ impl NbdServer {
         // Payload budget in KiB permits (a Semaphore counts in u32).
         let budget_kib = (self.options.max_inflight_bytes.max(MAX_REQUEST as usize) / 1024) as u32;
         let bytes_inflight = Arc::new(Semaphore::new(budget_kib as usize));
-        let limits = Limits { size: export.volume.size(), max_len: MAX_REQUEST, read_only: export.read_only };
+        let limits =
+            Limits { size: export.volume.size(), max_len: MAX_REQUEST, read_only: export.read_only, block_status: negotiated.base_allocation };
 
         let result: io::Result<()> = async {
             loop {
@@ -401,6 +419,10 @@ async fn execute(volume: &Volume, req: Request, payload: Bytes) -> Reply {
         Command::Trim => volume.trim(req.offset, u64::from(req.length)).await,
         Command::WriteZeroes => volume.write_zeroes(req.offset, u64::from(req.length), req.flags & CMD_FLAG_NO_HOLE != 0).await,
         Command::Disconnect => Ok(()),
+        Command::BlockStatus => match block_status(volume, req.offset, req.length, req.flags & CMD_FLAG_REQ_ONE != 0).await {
+            Ok(descriptors) => return Reply::BlockStatus { handle, descriptors },
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => Reply::Ok { handle },
@@ -411,8 +433,49 @@ async fn execute(volume: &Volume, req: Request, payload: Bytes) -> Reply {
     }
 }
 
+/// base:allocation of `length` bytes at `offset` (§ NBD_CMD_BLOCK_STATUS): chunks no version
+/// of which holds data are holes reading as zeros, the rest data. Chunk-granular (1 MiB): a
+/// partly written chunk is all data, which the protocol allows (data may read as zeros).
+async fn block_status(volume: &Volume, offset: u64, length: u32, req_one: bool) -> Result<Vec<(u32, u32)>, ClientError> {
+    let end = offset + u64::from(length);
+    let allocated = volume.allocated_chunks(offset, u64::from(length)).await?;
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        let chunk = pos / CHUNK_SIZE;
+        let next = ((chunk + 1) * CHUNK_SIZE).min(end);
+        let state = if allocated.contains(&chunk) { 0 } else { STATE_HOLE | STATE_ZERO };
+        let len = (next - pos) as u32;
+        match out.last_mut() {
+            Some((l, s)) if *s == state => *l += len,
+            _ => {
+                if req_one && !out.is_empty() {
+                    break;
+                }
+                out.push((len, state));
+            }
+        }
+        pos = next;
+    }
+    Ok(out)
+}
+
 fn encode(reply: Reply, structured: bool, out: &mut BytesMut) -> Option<Bytes> {
     match reply {
+        Reply::BlockStatus { handle, descriptors } => {
+            // Only sent on connections that negotiated structured replies and base:allocation.
+            out.put_u32(STRUCTURED_REPLY_MAGIC);
+            out.put_u16(REPLY_FLAG_DONE);
+            out.put_u16(REPLY_TYPE_BLOCK_STATUS);
+            out.put_u64(handle);
+            out.put_u32(4 + 8 * descriptors.len() as u32);
+            out.put_u32(BASE_ALLOCATION_ID);
+            for (len, state) in descriptors {
+                out.put_u32(len);
+                out.put_u32(state);
+            }
+            None
+        }
         Reply::Ok { handle } => {
             // A simple reply is allowed for payload-free answers even with structured replies.
             out.put_u32(SIMPLE_REPLY_MAGIC);
