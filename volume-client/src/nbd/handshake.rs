@@ -35,11 +35,11 @@ pub struct ExportInfo {
 impl ExportInfo {
     /// Transmission flags for this export (§ Transmission flags).
     pub fn transmission_flags(&self, structured: bool) -> u16 {
-        let mut f = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_CAN_MULTI_CONN;
+        let mut f = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_CAN_MULTI_CONN | FLAG_SEND_CACHE;
         if self.read_only {
             f |= FLAG_READ_ONLY;
         } else {
-            f |= FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES;
+            f |= FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO;
         }
         if structured {
             f |= FLAG_SEND_DF;

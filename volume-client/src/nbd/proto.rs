@@ -45,6 +45,10 @@ pub const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 pub const FLAG_SEND_DF: u16 = 1 << 7;
 /// Several connections may serve one export; FLUSH/FUA effects are visible on all of them.
 pub const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+/// NBD_CMD_CACHE supported.
+pub const FLAG_SEND_CACHE: u16 = 1 << 10;
+/// NBD_CMD_FLAG_FAST_ZERO supported (with NBD_CMD_WRITE_ZEROES).
+pub const FLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
 // § Option types.
 /// Select export, enter transmission (no error reply possible).
@@ -118,6 +122,8 @@ pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
 /// Write zeroes.
 pub const CMD_WRITE_ZEROES: u16 = 6;
+/// Prefetch a range (§ NBD_CMD_CACHE): a hint.
+pub const CMD_CACHE: u16 = 5;
 /// Report allocation of a range (§ NBD_CMD_BLOCK_STATUS).
 pub const CMD_BLOCK_STATUS: u16 = 7;
 
@@ -130,6 +136,8 @@ pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const CMD_FLAG_DF: u16 = 1 << 2;
 /// Block status: one descriptor is enough.
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+/// Write zeroes: fail at once (ENOTSUP) unless zeroing is faster than writing zeros.
+pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 
 // § Structured reply flags and types.
 /// Final chunk.

@@ -22,6 +22,8 @@ pub enum Command {
     WriteZeroes,
     /// Report which parts of a range hold data (base:allocation).
     BlockStatus,
+    /// Prefetch hint (answered at once: reads go to the PG leaders whatever was hinted).
+    Cache,
 }
 
 /// A parsed request header.
@@ -96,6 +98,7 @@ pub fn parse_request(h: &[u8; REQUEST_LEN], limits: &Limits) -> Result<Request, 
         CMD_FLUSH => Command::Flush,
         CMD_TRIM => Command::Trim,
         CMD_WRITE_ZEROES => Command::WriteZeroes,
+        CMD_CACHE => Command::Cache,
         // § NBD_CMD_BLOCK_STATUS: only after a metadata context was selected.
         CMD_BLOCK_STATUS if limits.block_status => Command::BlockStatus,
         CMD_BLOCK_STATUS => return Err(refuse(EINVAL, "block status needs a metadata context (NBD_OPT_SET_META_CONTEXT base:allocation)".into())),
@@ -107,7 +110,8 @@ pub fn parse_request(h: &[u8; REQUEST_LEN], limits: &Limits) -> Result<Request, 
     let allowed = match command {
         Command::Read => CMD_FLAG_FUA | CMD_FLAG_DF,
         Command::Write | Command::Trim => CMD_FLAG_FUA,
-        Command::WriteZeroes => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+        Command::WriteZeroes => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+        Command::Cache => 0,
         Command::Flush | Command::Disconnect => CMD_FLAG_FUA,
         Command::BlockStatus => CMD_FLAG_REQ_ONE,
     };
@@ -190,6 +194,12 @@ mod tests {
         assert_eq!((r.command, r.length), (Command::BlockStatus, 1 << 20), "longer than a read may be");
         assert!(matches!(parse_request(&header(CMD_BLOCK_STATUS, 0, 4096, 1 << 20), &bs), Err(RequestError::Refused { errno: EINVAL, .. })));
         assert!(matches!(parse_request(&header(CMD_BLOCK_STATUS, CMD_FLAG_FUA, 0, 4096), &bs), Err(RequestError::Refused { errno: EINVAL, .. })));
+        // Cache: a hint inside the export, any length; fast zero only on write zeroes.
+        assert_eq!(parse_request(&header(CMD_CACHE, 0, 0, 1 << 20), &L).unwrap().command, Command::Cache);
+        assert_eq!(e(header(CMD_CACHE, 0, 4096, 1 << 20)), (EINVAL, 0));
+        let fast = parse_request(&header(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO | CMD_FLAG_NO_HOLE, 0, 4096), &L).unwrap();
+        assert_eq!(fast.command, Command::WriteZeroes);
+        assert_eq!(e(header(CMD_READ, CMD_FLAG_FAST_ZERO, 0, 4096)), (EINVAL, 0));
         assert!(matches!(parse_request(&header(CMD_TRIM, 0, 0, 512), &ro), Err(RequestError::Refused { errno: EPERM, .. })));
         assert!(parse_request(&header(CMD_READ, 0, 0, 512), &ro).is_ok());
     }

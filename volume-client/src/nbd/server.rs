@@ -417,7 +417,18 @@ async fn execute(volume: &Volume, req: Request, payload: Bytes) -> Reply {
         // Every acknowledged write is durable on a majority already.
         Command::Flush => volume.flush().await,
         Command::Trim => volume.trim(req.offset, u64::from(req.length)).await,
+        // § NBD_CMD_FLAG_FAST_ZERO: zeroing that keeps the blocks allocated writes zeros, no
+        // faster than the client would; without NO_HOLE it trims (index only), which is fast.
+        Command::WriteZeroes if req.flags & CMD_FLAG_FAST_ZERO != 0 && req.flags & CMD_FLAG_NO_HOLE != 0 => {
+            return Reply::Error {
+                handle,
+                errno: ENOTSUP,
+                message: "zeroing while keeping the blocks allocated is no faster than writing zeros".into(),
+            };
+        }
         Command::WriteZeroes => volume.write_zeroes(req.offset, u64::from(req.length), req.flags & CMD_FLAG_NO_HOLE != 0).await,
+        // A hint: every read goes to its PG's leader, which keeps hot blocks cached itself.
+        Command::Cache => Ok(()),
         Command::Disconnect => Ok(()),
         Command::BlockStatus => match block_status(volume, req.offset, req.length, req.flags & CMD_FLAG_REQ_ONE != 0).await {
             Ok(descriptors) => return Reply::BlockStatus { handle, descriptors },
