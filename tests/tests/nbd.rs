@@ -194,6 +194,14 @@ async fn nbdinfo_shows_size_flags_and_block_sizes() {
     assert_eq!(e["is_read_only"], false);
     let list = Command::new("nbdinfo").args(["--list", &a.uri]).output().unwrap();
     assert!(String::from_utf8_lossy(&list.stdout).contains("info"), "{}", String::from_utf8_lossy(&list.stdout));
+
+    // Resized while attached: a new connection sees the new size, and can use it.
+    let (code, _, err) = cluster.cli(&["volume", "resize", "info", "--size", &(2 * size).to_string()]).await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    let out = Command::new("nbdinfo").args(["--size", &a.uri]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), (2 * size).to_string(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (ok, out) = qemu_io(&a.uri, &[format!("write -P 0x61 {} 4096", 2 * size - 4096), format!("read -P 0x61 {} 4096", 2 * size - 4096)]);
+    assert!(ok, "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

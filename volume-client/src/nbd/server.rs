@@ -273,6 +273,13 @@ impl NbdServer {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        // A new connection sees the size the volume has now (a resize since the attach);
+        // connections already open keep the size they negotiated (§ Transmission phase).
+        for e in self.exports.iter() {
+            if tokio::time::timeout(Duration::from_secs(1), e.volume.refresh()).await.is_err() {
+                tracing::debug!(export = %e.volume.export_name(), "size refresh timed out; advertising the size known");
+            }
+        }
         let infos: Vec<ExportInfo> = self.exports.iter().map(Export::info).collect();
         let negotiation = match tokio::time::timeout(self.options.handshake_timeout, self.handshake(stream, &infos)).await {
             Ok(Ok(n)) => n,
