@@ -60,10 +60,22 @@ fn client_err(e: ClientError) -> CliError {
     }
 }
 
-/// This host's name, for attachment records.
-pub fn holder() -> String {
-    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into());
-    format!("{host}:{}", std::process::id())
+/// This host's name.
+pub fn host() -> String {
+    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into())
+}
+
+/// Who holds an attachment: this host and the export it serves (`HOST:nbd:ADDR` or
+/// `HOST:nbd:PATH`). The same command line restarted on the same host is the same holder and
+/// reclaims its attachment (the old process is fenced); a listener on port 0 is never the same
+/// twice, so its holder is this process (`HOST:PID`).
+pub fn holder(listen: &Listen) -> String {
+    let host = host();
+    match listen {
+        Listen::Socket(path) => format!("{host}:nbd:{}", path.display()),
+        Listen::Tcp(addr) if !addr.ends_with(":0") => format!("{host}:nbd:{addr}"),
+        Listen::Tcp(_) => format!("{host}:{}", std::process::id()),
+    }
 }
 
 /// Connects, attaches (read-write unless `read_only`) and returns the volume. An encrypted
@@ -190,7 +202,8 @@ pub async fn attach(admin: &Admin, name: &str, listen: Listen, opts: Options) ->
     }
     // Certificates are checked before the volume is attached: a bad directory attaches nothing.
     let tls = opts.tls_dir.as_deref().map(load_nbd_tls).transpose()?;
-    let (cluster, volume) = open(admin.addrs(), admin.credentials(), name, opts.read_only, opts.force, &holder(), opts.kek_file.as_deref()).await?;
+    let (cluster, volume) =
+        open(admin.addrs(), admin.credentials(), name, opts.read_only, opts.force, &holder(&listen), opts.kek_file.as_deref()).await?;
     let (tx, rx) = watch::channel(false);
     let (log, refusals) = RefusalLog::new();
     tokio::spawn(run_reporter(cluster.clone(), name.to_string(), log.clone(), refusals, rx.clone()));

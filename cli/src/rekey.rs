@@ -176,7 +176,7 @@ async fn walk_here(admin: &Admin, name: &str, kek: &Kek, display: &Display) -> R
     let cluster = Cluster::connect_with(admin.addrs(), admin.credentials().client_options()).await.map_err(|e| e.to_string())?;
     let (id, keys, current) = cluster.volume_keys(name, &[kek]).await.map_err(|e| e.to_string())?;
     let cipher = basalt_volume_client::crypt::VolumeCipher::new(id, keys, current).map_err(|e| e.to_string())?;
-    let holder = format!("rekey:{}", crate::attach::holder());
+    let holder = format!("rekey:{}:{}", crate::attach::host(), std::process::id());
     let volume = match cluster.attach_volume(name, &holder, false).await {
         Ok(v) => v.with_cipher(cipher),
         Err(ClientError::Admin(m)) if m.contains("already attached") => return Err(m),

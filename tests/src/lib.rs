@@ -144,12 +144,12 @@ impl Drop for Attached {
 
 impl TestCluster {
     /// Starts `basalt attach VOLUME` with `extra` arguments (on `--nbd-listen 127.0.0.1:0` unless
-    /// they name a listener) and waits for `ready`; the exit code and stderr if it fails.
+    /// they name a listener or a socket) and waits for `ready`; the exit code and stderr if it fails.
     pub fn attach_nbd(&self, volume: &str, extra: &[&str]) -> std::result::Result<Attached, (Option<i32>, String)> {
         let cluster = self;
         let mut cmd = cluster.basalt_cmd();
         cmd.args(["attach", volume]);
-        if !extra.contains(&"--nbd-listen") {
+        if !extra.contains(&"--nbd-listen") && !extra.contains(&"--nbd-socket") {
             cmd.args(["--nbd-listen", "127.0.0.1:0"]);
         }
         let mut child = cmd.args(extra).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn basalt attach");
@@ -166,7 +166,7 @@ impl TestCluster {
         let mut uri = None;
         loop {
             match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(l) if l.starts_with("nbd://") || l.starts_with("nbds://") => uri = Some(l),
+                Ok(l) if l.starts_with("nbd://") || l.starts_with("nbds://") || l.starts_with("nbd+unix://") => uri = Some(l),
                 Ok(l) if l == "ready" => {
                     return Ok(Attached { child, uri: uri.expect("uri before ready") });
                 }

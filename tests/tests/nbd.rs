@@ -583,3 +583,25 @@ async fn nbdcopy_of_a_sparse_volume_moves_only_its_data() {
     eprintln!("nbdcopy of 4 GiB with 64 MiB written read {moved} bytes from the cluster");
     assert!((64 * MIB..=80 * MIB).contains(&moved), "about 64 MiB read, not the 4 GiB export: {moved}");
 }
+
+/// A restarted attach process (kill -9, then the same command line) reclaims its own
+/// attachment without --force; another holder is still refused, and the data is intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_attach_reclaims_its_attachment() {
+    let cluster = cluster_with_volume("again", 8 << 20).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("again.sock");
+    let args = ["--nbd-socket", sock.to_str().unwrap()];
+    let mut first = attach(&cluster, "again", &args).unwrap();
+    let (ok, out) = qemu_io(&first.uri, &["write -P 0x31 0 4096".into()]);
+    assert!(ok, "{out}");
+    let _ = first.child.kill();
+    let _ = first.child.wait();
+    // Its socket file is left behind, as after any kill -9.
+    let second = attach(&cluster, "again", &args).unwrap_or_else(|(code, err)| panic!("restart refused ({code:?}): {err}"));
+    let (ok, out) = qemu_io(&second.uri, &["read -P 0x31 0 4096".into(), "write -P 0x32 4096 4096".into()]);
+    assert!(ok, "{out}");
+    let other = dir.path().join("other.sock");
+    let Err((code, err)) = attach(&cluster, "again", &["--nbd-socket", other.to_str().unwrap()]) else { panic!("another holder got in") };
+    assert_eq!(code, Some(7), "{err}");
+}

@@ -1168,8 +1168,11 @@ impl ClusterState {
             return MetaReply::Error(MetaError::Restoring { volume: name.to_string(), backup: r.backup });
         }
         let v = self.volumes.get_mut(&id).expect("found above");
+        // The same holder again (its attach process restarted) reclaims the attachment; the
+        // epoch still moves on, fencing whatever its earlier process left in flight.
         if let Some(current) = &v.attached_by
             && !force
+            && *current != holder
         {
             return MetaReply::Error(MetaError::AlreadyAttached { name: name.to_string(), holder: current.clone() });
         }
@@ -1541,11 +1544,15 @@ pub(super) mod tests {
         ));
         let MetaReply::Volume(b) = s.apply(5, MetaCommand::AttachVolume { name: "v".into(), holder: "h2".into(), force: true }) else { panic!() };
         assert_eq!(b.attach_epoch, 2);
+        // The same holder again (its process restarted) reclaims it without --force, fencing
+        // its earlier process.
+        let MetaReply::Volume(b) = s.apply(6, MetaCommand::AttachVolume { name: "v".into(), holder: "h2".into(), force: false }) else { panic!() };
+        assert_eq!((b.attach_epoch, b.attached_by.as_deref()), (3, Some("h2")));
         // The superseded holder detaching does not end the new attachment.
-        let MetaReply::Volume(c) = s.apply(6, MetaCommand::DetachVolume { name: "v".into(), epoch: 1 }) else { panic!() };
+        let MetaReply::Volume(c) = s.apply(7, MetaCommand::DetachVolume { name: "v".into(), epoch: 1 }) else { panic!() };
         assert_eq!(c.attached_by.as_deref(), Some("h2"));
-        let MetaReply::Volume(d) = s.apply(7, MetaCommand::DetachVolume { name: "v".into(), epoch: 2 }) else { panic!() };
-        assert_eq!((d.attached_by, d.attach_epoch), (None, 3));
+        let MetaReply::Volume(d) = s.apply(8, MetaCommand::DetachVolume { name: "v".into(), epoch: 3 }) else { panic!() };
+        assert_eq!((d.attached_by, d.attach_epoch), (None, 4));
     }
 
     #[test]
