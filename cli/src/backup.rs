@@ -12,15 +12,11 @@ use basalt_proto::admin::{
 use serde_json::{Value, json};
 
 use crate::admin::Admin;
-use crate::commands::{Out, table};
+use crate::commands::{Out, table, when};
 use crate::exit::CliError;
 
 /// How often a running job is polled.
 const POLL: Duration = Duration::from_millis(500);
-
-fn when(ms: u64) -> String {
-    if ms == 0 { "-".into() } else { basalt_security::identity::format_unix((ms / 1000) as i64) }
-}
 
 fn progress_json(p: &JobProgress) -> Value {
     json!({"done": p.done, "total": p.total, "bytes": p.bytes, "percent": percent(p)})
@@ -173,7 +169,16 @@ pub async fn list(admin: &Admin, out: Out, volume: Option<String>, running: bool
             };
             let volume = if b.volume_deleted { format!("{} (deleted)", b.volume) } else { b.volume.clone() };
             let (data, stored) = b.copies.first().map_or(("-".into(), "-".into()), |c| (format_size(c.data_bytes), format_size(c.stored_bytes)));
-            t.add_row(vec![b.id.to_string(), volume, b.snapshot.clone(), state, when(b.created_unix_ms), data, stored, format!("{:?}", b.nodes)]);
+            t.add_row(vec![
+                b.id.to_string(),
+                volume,
+                b.snapshot.clone(),
+                state,
+                when(b.created_unix_ms, "-"),
+                data,
+                stored,
+                format!("{:?}", b.nodes),
+            ]);
         }
         let mut text = t.to_string();
         if running {
@@ -200,7 +205,7 @@ pub async fn show(admin: &Admin, out: Out, id: u64) -> Result<(), CliError> {
             format!("backup {} of {}@{} (epoch {}){}", b.id, b.volume, b.snapshot, b.epoch, if b.volume_deleted { ", volume deleted" } else { "" }),
             format!("  state:    {}{}", b.state, if b.error.is_empty() { String::new() } else { format!(": {}", b.error) }),
             format!("  size:     {}", format_size(b.size)),
-            format!("  created:  {}; finished {}", when(b.created_unix_ms), when(b.finished_unix_ms)),
+            format!("  created:  {}; finished {}", when(b.created_unix_ms, "-"), when(b.finished_unix_ms, "-")),
             format!("  kept on:  node(s) {:?}", b.nodes),
         ];
         if let Some(p) = &b.progress {

@@ -32,6 +32,11 @@ impl Out {
     }
 }
 
+/// A Unix-milliseconds time for people (`none` for 0: never, not yet).
+pub fn when(ms: u64, none: &str) -> String {
+    if ms == 0 { none.into() } else { basalt_security::identity::format_unix((ms / 1000) as i64) }
+}
+
 /// An empty table with `header`.
 pub fn table(header: &[&str]) -> Table {
     let mut t = Table::new();

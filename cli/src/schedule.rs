@@ -6,12 +6,8 @@ use basalt_proto::admin::{Schedule, ScheduleCreateRequest, ScheduleDeleteRequest
 use serde_json::{Value, json};
 
 use crate::admin::Admin;
-use crate::commands::{Out, table};
+use crate::commands::{Out, table, when};
 use crate::exit::CliError;
-
-fn when(ms: u64) -> String {
-    if ms == 0 { "-".into() } else { basalt_security::identity::format_unix((ms / 1000) as i64) }
-}
 
 fn schedule_json(s: &Schedule) -> Value {
     json!({
@@ -63,7 +59,7 @@ pub async fn create(admin: &Admin, out: Out, new: NewSchedule) -> Result<(), Cli
         })
         .await?;
     let s = r.schedule.unwrap_or_default();
-    out.print(schedule_json(&s), || format!("schedule {} created; its first run is due {}", s.name, when(s.next_run_unix_ms)));
+    out.print(schedule_json(&s), || format!("schedule {} created; its first run is due {}", s.name, when(s.next_run_unix_ms, "-")));
     Ok(())
 }
 
@@ -82,8 +78,8 @@ pub async fn list(admin: &Admin, out: Out) -> Result<(), CliError> {
                 at,
                 s.keep.to_string(),
                 format!("{} s", s.max_age_secs),
-                when(s.last_run_unix_ms),
-                when(s.next_run_unix_ms),
+                when(s.last_run_unix_ms, "-"),
+                when(s.next_run_unix_ms, "-"),
                 s.backups.to_string(),
             ]);
         }

@@ -12,7 +12,7 @@ use basalt_security::{Identity, Token};
 use serde_json::{Value, json};
 
 use crate::admin::Admin;
-use crate::commands::{Out, table};
+use crate::commands::{Out, table, when};
 use crate::exit::CliError;
 
 fn sec_err(e: basalt_security::SecurityError) -> CliError {
@@ -107,10 +107,6 @@ fn token_json(t: &TokenInfo) -> Value {
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-fn when(ms: u64, none: &str) -> String {
-    if ms == 0 { none.into() } else { format_unix((ms / 1000) as i64) }
 }
 
 /// A token to create.

@@ -13,7 +13,7 @@ use basalt_proto::admin::{
 use serde_json::{Value, json};
 
 use crate::admin::Admin;
-use crate::commands::{Out, table};
+use crate::commands::{Out, table, when};
 use crate::exit::CliError;
 
 fn snapshot_json(v: &Volume, s: &Snapshot) -> Value {
@@ -21,10 +21,6 @@ fn snapshot_json(v: &Volume, s: &Snapshot) -> Value {
         "volume": v.name, "name": s.name, "epoch": s.epoch, "created_unix_ms": s.created_unix_ms,
         "exclusive_bytes": s.exclusive_bytes, "usage_partial": v.usage_partial,
     })
-}
-
-fn created(s: &Snapshot) -> String {
-    basalt_security::identity::format_unix((s.created_unix_ms / 1000) as i64)
 }
 
 /// Splits `VOLUME@SNAPSHOT`.
@@ -87,7 +83,13 @@ pub async fn list(admin: &Admin, out: Out, volume: Option<String>) -> Result<(),
         let mut t = table(&["volume", "snapshot", "epoch", "created", "held only by it"]);
         for (v, s) in &rows {
             let partial = if v.usage_partial { " (partial: a node did not answer)" } else { "" };
-            t.add_row(vec![v.name.clone(), s.name.clone(), s.epoch.to_string(), created(s), format!("{}{partial}", format_size(s.exclusive_bytes))]);
+            t.add_row(vec![
+                v.name.clone(),
+                s.name.clone(),
+                s.epoch.to_string(),
+                when(s.created_unix_ms, "-"),
+                format!("{}{partial}", format_size(s.exclusive_bytes)),
+            ]);
         }
         let mut text = t.to_string();
         for v in r.volumes.iter().filter(|v| !v.snapshots.is_empty()) {
