@@ -73,6 +73,22 @@ fn files_containing(dir: &Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
     found
 }
 
+/// Creates volume `name` of `size` bytes, writes every chunk of it (generation `generation`)
+/// and detaches; returns its bytes.
+async fn filled_volume(cluster: &TestCluster, name: &str, size: u64, generation: u8) -> Vec<u8> {
+    create_volume(cluster, name, size).await;
+    let client = cluster.client().await.unwrap();
+    let vol = client.attach_volume(name, "writer", false).await.unwrap();
+    let mut image = vec![0u8; size as usize];
+    for i in 0..size / MIB {
+        let data = chunk(i, generation);
+        image[(i * MIB) as usize..((i + 1) * MIB) as usize].copy_from_slice(&data);
+        vol.write(i * MIB, Bytes::from(data), false).await.unwrap();
+    }
+    client.detach_volume(&vol).await.unwrap();
+    image
+}
+
 async fn read_all(cluster: &TestCluster, name: &str, size: u64) -> Vec<u8> {
     let client = cluster.client().await.unwrap();
     let v = client.open_volume(name).await.unwrap();
@@ -231,16 +247,7 @@ async fn backups_copy_only_changed_chunks_restore_the_same_bytes_and_leave_no_tr
 async fn a_backup_node_killed_mid_copy_or_mid_restore_leaves_nothing_half_made() {
     let mut cluster = cluster_with_backup_node().await;
     const SIZE: u64 = 192 * MIB;
-    create_volume(&cluster, "v", SIZE).await;
-    let client = cluster.client().await.unwrap();
-    let vol = client.attach_volume("v", "writer", false).await.unwrap();
-    let mut image = vec![0u8; SIZE as usize];
-    for i in 0..SIZE / MIB {
-        let data = chunk(i, 3);
-        image[(i * MIB) as usize..((i + 1) * MIB) as usize].copy_from_slice(&data);
-        vol.write(i * MIB, Bytes::from(data), false).await.unwrap();
-    }
-    client.detach_volume(&vol).await.unwrap();
+    let image = filled_volume(&cluster, "v", SIZE, 3).await;
 
     // Killed as soon as the copy has begun: it either finished first (and is whole) or is
     // reported failed once the node is back, and a new backup then completes.
@@ -404,16 +411,7 @@ async fn backups_are_kept_on_two_backup_nodes_and_a_restore_rides_out_a_storage_
         .await
         .unwrap();
     const SIZE: u64 = 96 * MIB;
-    create_volume(&cluster, "v", SIZE).await;
-    let client = cluster.client().await.unwrap();
-    let vol = client.attach_volume("v", "writer", false).await.unwrap();
-    let mut image = vec![0u8; SIZE as usize];
-    for i in 0..SIZE / MIB {
-        let data = chunk(i, 5);
-        image[(i * MIB) as usize..((i + 1) * MIB) as usize].copy_from_slice(&data);
-        vol.write(i * MIB, Bytes::from(data), false).await.unwrap();
-    }
-    client.detach_volume(&vol).await.unwrap();
+    let image = filled_volume(&cluster, "v", SIZE, 5).await;
 
     // backup.copies defaults to 2: both backup nodes keep a whole copy.
     let b = json(&cluster, &["backup", "create", "v"]).await;
