@@ -214,15 +214,19 @@ impl AdminService {
             (msg.snapshot.clone(), false)
         };
         let target = format!("{}@{snapshot}", msg.volume);
-        let cmd = MetaCommand::BeginBackup { volume: msg.volume.clone(), snapshot, nodes, auto_snapshot: auto, schedule, now_unix_ms: now_ms() };
+        let cmd = MetaCommand::BeginBackup {
+            volume: msg.volume.clone(),
+            snapshot: snapshot.clone(),
+            nodes,
+            auto_snapshot: auto,
+            schedule,
+            now_unix_ms: now_ms(),
+        };
         let record = match self.propose_audited(meta, cmd, caller, Action::BackupCreate, &target).await? {
             MetaReply::Backup(b) => b,
             other => {
                 if auto {
-                    let cmd = MetaCommand::DeleteSnapshot {
-                        volume: msg.volume.clone(),
-                        name: target.split_once('@').map(|(_, n)| n.to_string()).unwrap_or_default(),
-                    };
+                    let cmd = MetaCommand::DeleteSnapshot { volume: msg.volume.clone(), name: snapshot };
                     let _ = self.propose(meta, cmd).await;
                 }
                 return Err(match other {
