@@ -1,4 +1,4 @@
-//! `basalt attach` / `basalt detach`: serve a volume over NBD on this host. `VOLUME@SNAPSHOT`
+//! `basalt attach` / `basalt detach`: serve a volume over NBD or vhost-user-blk on this host. `VOLUME@SNAPSHOT`
 //! serves a snapshot (read-only). A read-write attachment also cuts the snapshots asked of it
 //! (`basalt_volume_client::snapshot_cut`).
 //!
@@ -18,6 +18,7 @@ use basalt_volume_client::nbd::refusals::{RefusalLog, run_reporter};
 use basalt_volume_client::nbd::{Export, NbdOptions, NbdServer};
 use basalt_volume_client::reencrypt::{KekSource, KeyEvent, Reloader, keep_keys};
 use basalt_volume_client::snapshot_cut::{CutEvent, run_snapshot_cutter};
+use basalt_volume_client::vhost_user::{VhostUserError, VhostUserOptions, VhostUserServer};
 use basalt_volume_client::{ClientError, Cluster, Volume};
 use tokio::sync::watch;
 
@@ -30,6 +31,13 @@ pub enum Listen {
     Socket(PathBuf),
     /// A TCP address.
     Tcp(String),
+    /// A vhost-user-blk device on a unix socket.
+    VhostUser {
+        /// The socket path.
+        path: PathBuf,
+        /// Request queues offered.
+        queues: u16,
+    },
 }
 
 /// How to attach.
@@ -65,8 +73,8 @@ pub fn host() -> String {
     std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into())
 }
 
-/// Who holds an attachment: this host and the export it serves (`HOST:nbd:ADDR` or
-/// `HOST:nbd:PATH`). The same command line restarted on the same host is the same holder and
+/// Who holds an attachment: this host and the export it serves (`HOST:nbd:ADDR`,
+/// `HOST:nbd:PATH` or `HOST:vhost-user:PATH`). The same command line restarted on the same host is the same holder and
 /// reclaims its attachment (the old process is fenced); a listener on port 0 is never the same
 /// twice, so its holder is this process (`HOST:PID`).
 pub fn holder(listen: &Listen) -> String {
@@ -75,6 +83,7 @@ pub fn holder(listen: &Listen) -> String {
         Listen::Socket(path) => format!("{host}:nbd:{}", path.display()),
         Listen::Tcp(addr) if !addr.ends_with(":0") => format!("{host}:nbd:{addr}"),
         Listen::Tcp(_) => format!("{host}:{}", std::process::id()),
+        Listen::VhostUser { path, .. } => format!("{host}:vhost-user:{}", path.display()),
     }
 }
 
@@ -153,7 +162,8 @@ pub fn load_nbd_tls(dir: &std::path::Path) -> Result<std::sync::Arc<rustls::Serv
     basalt_security::nbd_tls::server_config(dir).map_err(|e| CliError::invalid(format!("--nbd-tls-dir {}: {e}", dir.display())))
 }
 
-/// Starts serving `volume` on `listen`; returns the URI clients use and the server task.
+/// Starts serving `volume` on `listen`; returns the URI clients use (`vhost-user:PATH` for a
+/// vhost-user-blk socket) and the server task.
 pub async fn serve(
     volume: Volume,
     read_only: bool,
@@ -164,20 +174,23 @@ pub async fn serve(
     shutdown: watch::Receiver<bool>,
 ) -> Result<(String, tokio::task::JoinHandle<()>), CliError> {
     let name = volume.export_name();
-    let mut server = NbdServer::new(vec![Export { volume, read_only }], NbdOptions::default());
+    let nbd = |volume: Volume| {
+        let mut server = NbdServer::new(vec![Export { volume, read_only }], NbdOptions::default());
+        if let Some(config) = tls.clone() {
+            server = server.with_tls(config);
+        }
+        if let Some(log) = refusals.clone() {
+            server = server.with_refusal_log(log);
+        }
+        server
+    };
     // QEMU's and libnbd's URI scheme for TLS is nbds.
     let scheme = if tls.is_some() { "nbds" } else { "nbd" };
-    if let Some(config) = tls {
-        server = server.with_tls(config);
-    }
-    if let Some(log) = refusals {
-        server = server.with_refusal_log(log);
-    }
     match listen {
         Listen::Tcp(addr) => {
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| CliError::other(format!("cannot listen on {addr}: {e}")))?;
             let local = listener.local_addr().map_err(|e| CliError::other(e.to_string()))?;
-            Ok((format!("{scheme}://{local}/{name}"), tokio::spawn(server.serve_tcp(listener, allow, shutdown))))
+            Ok((format!("{scheme}://{local}/{name}"), tokio::spawn(nbd(volume).serve_tcp(listener, allow, shutdown))))
         }
         Listen::Socket(path) => {
             // Replace a stale socket from an earlier run, never any other kind of file.
@@ -190,7 +203,21 @@ pub async fn serve(
                 }
             }
             let listener = tokio::net::UnixListener::bind(path).map_err(|e| CliError::other(format!("cannot listen on {}: {e}", path.display())))?;
-            Ok((format!("{scheme}+unix:///{name}?socket={}", path.display()), tokio::spawn(server.serve_unix(listener, shutdown))))
+            Ok((format!("{scheme}+unix:///{name}?socket={}", path.display()), tokio::spawn(nbd(volume).serve_unix(listener, shutdown))))
+        }
+        Listen::VhostUser { path, queues } => {
+            let options = VhostUserOptions { queues: *queues, read_only };
+            let server = VhostUserServer::bind(volume, path, options).map_err(|e| match e {
+                VhostUserError::NotASocket(_) => CliError::invalid(e.to_string()),
+                other => CliError::other(other.to_string()),
+            })?;
+            server.spawn().map_err(|e| CliError::other(format!("cannot start the vhost-user thread: {e}")))?;
+            // The device's threads live as long as the process; the task marks the serving time.
+            let mut shutdown = shutdown;
+            let task = tokio::spawn(async move {
+                let _ = shutdown.wait_for(|stop| *stop).await;
+            });
+            Ok((format!("vhost-user:{}", path.display()), task))
         }
     }
 }
@@ -236,7 +263,7 @@ pub async fn attach(admin: &Admin, name: &str, listen: Listen, opts: Options) ->
     wait_for_stop().await;
     let _ = tx.send(true);
     let _ = task.await;
-    if let Listen::Socket(path) = &listen {
+    if let Listen::Socket(path) | Listen::VhostUser { path, .. } = &listen {
         let _ = std::fs::remove_file(path);
     }
     if !opts.read_only {

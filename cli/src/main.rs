@@ -66,16 +66,25 @@ enum Cmd {
     /// Volumes.
     #[command(subcommand)]
     Volume(VolumeCmd),
-    /// Serve a volume over NBD on this host (one read-write attachment per volume).
+    /// Serve a volume on this host over NBD or vhost-user-blk (one read-write attachment per
+    /// volume).
+    #[command(group = clap::ArgGroup::new("export").required(true).args(["nbd_socket", "nbd_listen", "vhost_user_socket"]))]
     Attach {
         /// Volume name, or VOLUME@SNAPSHOT to serve a snapshot (with --read-only).
         volume: String,
-        /// Listen on this unix socket.
-        #[arg(long, conflicts_with = "nbd_listen", required_unless_present = "nbd_listen")]
+        /// Serve NBD on this unix socket.
+        #[arg(long)]
         nbd_socket: Option<PathBuf>,
-        /// Listen on this TCP address, e.g. 127.0.0.1:10809.
+        /// Serve NBD on this TCP address, e.g. 127.0.0.1:10809.
         #[arg(long)]
         nbd_listen: Option<String>,
+        /// Serve a vhost-user-blk device on this unix socket (QEMU `-chardev socket,path=PATH`
+        /// with `-device vhost-user-blk-pci`; guest memory must be shared, e.g. memfd).
+        #[arg(long, value_name = "PATH")]
+        vhost_user_socket: Option<PathBuf>,
+        /// Request queues of the vhost-user-blk device (1-64; the guest uses up to this many).
+        #[arg(long, value_name = "N", default_value_t = 4, requires = "vhost_user_socket")]
+        queues: u16,
         /// Export read-only (no attachment is recorded; writes are refused).
         #[arg(long)]
         read_only: bool,
@@ -577,12 +586,33 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     let flags = admin::CredentialFlags { ca: cli.ca, token_file: cli.token_file, cert: cli.cert, key: cli.key, insecure: cli.insecure };
     let admin = admin::Admin::new(cli.cluster, admin::Credentials::load(&flags)?)?;
     match cli.command {
-        Cmd::Attach { volume, nbd_socket, nbd_listen, read_only, force, kek_file, nbd_tls_dir, insecure_nbd, nbd_allow } => {
-            let listen = match (nbd_socket, nbd_listen) {
-                (Some(p), _) => attach::Listen::Socket(p),
-                (None, Some(a)) => attach::Listen::Tcp(a),
-                (None, None) => {
-                    return Err(CliError::usage("give --nbd-socket PATH or --nbd-listen ADDR"));
+        Cmd::Attach {
+            volume,
+            nbd_socket,
+            nbd_listen,
+            vhost_user_socket,
+            queues,
+            read_only,
+            force,
+            kek_file,
+            nbd_tls_dir,
+            insecure_nbd,
+            nbd_allow,
+        } => {
+            let listen = match (nbd_socket, nbd_listen, vhost_user_socket) {
+                (Some(p), _, _) => attach::Listen::Socket(p),
+                (None, Some(a), _) => attach::Listen::Tcp(a),
+                (None, None, Some(p)) => {
+                    if nbd_tls_dir.is_some() || insecure_nbd || !nbd_allow.is_empty() {
+                        return Err(CliError::usage("--nbd-tls-dir, --insecure-nbd and --nbd-allow are for NBD, not --vhost-user-socket"));
+                    }
+                    if !(1..=basalt_volume_client::vhost_user::MAX_QUEUES).contains(&queues) {
+                        return Err(CliError::usage(format!("--queues {queues}: give 1 to {}", basalt_volume_client::vhost_user::MAX_QUEUES)));
+                    }
+                    attach::Listen::VhostUser { path: p, queues }
+                }
+                (None, None, None) => {
+                    return Err(CliError::usage("give --nbd-socket PATH, --nbd-listen ADDR or --vhost-user-socket PATH"));
                 }
             };
             let allow = basalt_security::cidr::AllowList::parse(&nbd_allow).map_err(|e| CliError::usage(format!("--nbd-allow: {e}")))?;

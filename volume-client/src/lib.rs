@@ -23,6 +23,7 @@ pub mod error;
 pub mod nbd;
 pub mod reencrypt;
 pub mod snapshot_cut;
+pub mod vhost_user;
 pub mod volume;
 
 pub use cluster::{ClientOptions, ClientSecurity, Cluster};
