@@ -46,6 +46,9 @@ pub struct Options {
     pub read_only: bool,
     /// Take over from the current holder.
     pub force: bool,
+    /// Open without write access and hold writes until write access is handed to this holder
+    /// (`basalt handover`) or the current holder releases the volume (live migration).
+    pub standby: bool,
     /// Key-encryption key of an encrypted volume.
     pub kek_file: Option<PathBuf>,
     /// Require NBD STARTTLS with the certificates in this directory.
@@ -229,8 +232,14 @@ pub async fn attach(admin: &Admin, name: &str, listen: Listen, opts: Options) ->
     }
     // Certificates are checked before the volume is attached: a bad directory attaches nothing.
     let tls = opts.tls_dir.as_deref().map(load_nbd_tls).transpose()?;
+    let me = holder(&listen);
+    // A standby opens the volume like a reader; its writes wait for the handover.
     let (cluster, volume) =
-        open(admin.addrs(), admin.credentials(), name, opts.read_only, opts.force, &holder(&listen), opts.kek_file.as_deref()).await?;
+        open(admin.addrs(), admin.credentials(), name, opts.read_only || opts.standby, opts.force, &me, opts.kek_file.as_deref()).await?;
+    if opts.standby {
+        volume.hold_writes();
+    }
+    let holding = Arc::new(std::sync::atomic::AtomicBool::new(!opts.read_only && !opts.standby));
     let (tx, rx) = watch::channel(false);
     let (log, refusals) = RefusalLog::new();
     tokio::spawn(run_reporter(cluster.clone(), name.to_string(), log.clone(), refusals, rx.clone()));
@@ -254,8 +263,11 @@ pub async fn attach(admin: &Admin, name: &str, listen: Listen, opts: Options) ->
         };
         tokio::spawn(run_snapshot_cutter(cluster.clone(), volume.clone(), report, rx.clone()));
     }
-    let (uri, task) = serve(volume.clone(), opts.read_only, &listen, tls, opts.allow, Some(log), rx).await?;
-    if !opts.read_only {
+    let (uri, task) = serve(volume.clone(), opts.read_only, &listen, tls, opts.allow, Some(log), rx.clone()).await?;
+    if opts.standby {
+        eprintln!("standby for {name} as {me}: writes wait until `basalt handover {name} --to {me}` or the holder detaches");
+        tokio::spawn(take_over(cluster.clone(), volume.clone(), name.to_string(), me.clone(), holding.clone(), rx.clone()));
+    } else if !opts.read_only {
         eprintln!("attached {name} read-write (epoch {})", volume.epoch());
     }
     println!("{uri}");
@@ -266,11 +278,55 @@ pub async fn attach(admin: &Admin, name: &str, listen: Listen, opts: Options) ->
     if let Listen::Socket(path) | Listen::VhostUser { path, .. } = &listen {
         let _ = std::fs::remove_file(path);
     }
-    if !opts.read_only {
+    if holding.load(std::sync::atomic::Ordering::Acquire) {
         cluster.detach_volume(&volume).await.map_err(client_err)?;
         eprintln!("detached {name}");
     }
     Ok(())
+}
+
+/// A standby's wait for write access: it is handed to this holder (`basalt handover`, which
+/// fences the previous one), or the holder it saw releases the volume and this one attaches.
+/// Then the held writes go, with the new epoch.
+async fn take_over(
+    cluster: Cluster,
+    volume: Volume,
+    name: String,
+    me: String,
+    holding: Arc<std::sync::atomic::AtomicBool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    const WATCH: std::time::Duration = std::time::Duration::from_secs(2);
+    let mut saw_holder = false;
+    let mut known = 0;
+    loop {
+        match cluster.attachment(&name).await {
+            Ok((Some(holder), epoch, write_epoch)) if holder == me => {
+                volume.set_epoch(epoch);
+                volume.set_write_epoch(write_epoch.max(1));
+                break;
+            }
+            Ok((Some(_), _, _)) => saw_holder = true,
+            Ok((None, _, _)) if saw_holder => match cluster.attach_volume(&name, &me, false).await {
+                Ok(attached) => {
+                    volume.set_epoch(attached.epoch());
+                    volume.set_write_epoch(attached.write_epoch());
+                    break;
+                }
+                Err(e) => eprintln!("{name}: standby could not attach after the holder left: {e}"),
+            },
+            Ok((None, _, _)) => {}
+            Err(e) => eprintln!("{name}: standby cannot read the attachment: {e}"),
+        }
+        // Every attachment change moves the map on: wait for one (or re-check now and then).
+        tokio::select! {
+            map = cluster.watch_map(known, WATCH) => known = map.version,
+            _ = stop.changed() => return,
+        }
+    }
+    holding.store(true, std::sync::atomic::Ordering::Release);
+    volume.release_writes();
+    eprintln!("attached {name} read-write (epoch {}): handed over to this standby", volume.epoch());
 }
 
 /// Prints what the key keeper does to stderr (re-encryption progress every 10%).
@@ -289,6 +345,24 @@ fn key_event_printer(name: &str) -> impl FnMut(KeyEvent) + Send + use<> {
         KeyEvent::Done(v) => eprintln!("{name}: re-encrypted to key version {v}; older data keys erased"),
         KeyEvent::Problem(m) => eprintln!("{name}: {m}"),
     }
+}
+
+/// `basalt handover`: gives the volume's read-write attachment to `to` (a standby waiting for
+/// it), fencing the previous holder.
+pub async fn handover(admin: &Admin, name: &str, to: &str) -> Result<(), CliError> {
+    if to.trim().is_empty() {
+        return Err(CliError::usage("--to needs the holder a standby attachment printed"));
+    }
+    let req = basalt_proto::admin::VolumeAttachRequest { name: name.to_string(), holder: to.to_string(), force: true };
+    let reply = admin
+        .call(|mut c| {
+            let req = req.clone();
+            async move { c.volume_attach(req).await }
+        })
+        .await?;
+    let epoch = reply.volume.map(|v| v.attach_epoch).unwrap_or(0);
+    println!("handed {name} over to {to} (epoch now {epoch}; the previous holder is fenced)");
+    Ok(())
 }
 
 /// `basalt detach`: ends whatever attachment the volume has (fencing its holder).

@@ -88,9 +88,14 @@ enum Cmd {
         /// Export read-only (no attachment is recorded; writes are refused).
         #[arg(long)]
         read_only: bool,
-        /// Take over a volume attached elsewhere (live migration); the previous holder is fenced.
-        #[arg(long)]
+        /// Take over a volume attached elsewhere at once; the previous holder is fenced.
+        #[arg(long, conflicts_with = "standby")]
         force: bool,
+        /// Live-migration destination: serve the volume but hold its writes (they wait, they do
+        /// not fail) until write access is handed to this attachment (`basalt handover`) or the
+        /// current holder detaches.
+        #[arg(long, conflicts_with = "read_only")]
+        standby: bool,
         /// Key-encryption key of an encrypted volume (the file given at `volume create`).
         #[arg(long, value_name = "FILE")]
         kek_file: Option<PathBuf>,
@@ -106,6 +111,16 @@ enum Cmd {
         /// default: any that reach it).
         #[arg(long = "nbd-allow", value_name = "CIDR")]
         nbd_allow: Vec<String>,
+    },
+    /// Move a volume's write access to another holder (a `--standby` attachment, at the
+    /// moment the VMM switches over in a live migration); the previous holder is fenced.
+    Handover {
+        /// Volume name.
+        volume: String,
+        /// The holder to hand over to, as its standby printed it (HOST:nbd:... or
+        /// HOST:vhost-user:PATH).
+        #[arg(long)]
+        to: String,
     },
     /// End a volume's read-write attachment, fencing its holder.
     Detach {
@@ -594,6 +609,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             queues,
             read_only,
             force,
+            standby,
             kek_file,
             nbd_tls_dir,
             insecure_nbd,
@@ -616,8 +632,15 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 }
             };
             let allow = basalt_security::cidr::AllowList::parse(&nbd_allow).map_err(|e| CliError::usage(format!("--nbd-allow: {e}")))?;
-            attach::attach(&admin, &volume, listen, attach::Options { read_only, force, kek_file, tls_dir: nbd_tls_dir, insecure_nbd, allow }).await
+            attach::attach(
+                &admin,
+                &volume,
+                listen,
+                attach::Options { read_only, force, standby, kek_file, tls_dir: nbd_tls_dir, insecure_nbd, allow },
+            )
+            .await
         }
+        Cmd::Handover { volume, to } => attach::handover(&admin, &volume, &to).await,
         Cmd::Detach { volume } => attach::detach(&admin, &volume).await,
         Cmd::Cluster(ClusterCmd::Init { pgs, extent_size, failure_domain, admin_token_file }) => {
             commands::cluster_init(&admin, out, pgs, extent_size, failure_domain, &admin_token_file).await

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use basalt_tests::TestCluster;
 use basalt_volume_client::vhost_user::backend::{AtomicMemory, BlkBackend, Device};
 use basalt_volume_client::vhost_user::proto::*;
+use basalt_volume_client::vhost_user::request::Memory;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 
 const QUEUE: u16 = 256;
@@ -50,7 +51,7 @@ struct Driver {
 
 impl Driver {
     fn new(device: Arc<Device>) -> Driver {
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap());
+        let mem = GuestMemoryAtomic::new(Memory::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap());
         let vring = VringRwLock::new(mem.clone(), QUEUE).unwrap();
         vring.set_queue_size(QUEUE);
         vring.set_queue_info(DESC_TABLE, AVAIL, USED).unwrap();
@@ -61,7 +62,7 @@ impl Driver {
         Driver { mem, vring, backend, next_desc: 0, avail_idx: 0, used_seen: 0 }
     }
 
-    fn m(&self) -> impl std::ops::Deref<Target = GuestMemoryMmap<()>> {
+    fn m(&self) -> impl std::ops::Deref<Target = Memory> {
         self.mem.memory()
     }
 

@@ -233,6 +233,19 @@ impl Cluster {
         Ok(Volume::new(self.clone(), v.id, v.placement, v.name.clone(), v.size))
     }
 
+    /// Who holds volume `name`'s read-write attachment (None: nobody), its fencing epoch and
+    /// the volume's snapshot write epoch.
+    pub async fn attachment(&self, name: &str) -> Result<(Option<String>, u64, u64), ClientError> {
+        let mut admin = self.admin(0)?;
+        let reply = match admin.volume_show(VolumeShowRequest { name: name.to_string(), usage: false }).await {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == tonic::Code::NotFound => return Err(ClientError::NoSuchVolume(name.to_string())),
+            Err(s) => return Err(ClientError::from_status(&s)),
+        };
+        let v = reply.volume.ok_or_else(|| ClientError::NoSuchVolume(name.to_string()))?;
+        Ok(((!v.attached_by.is_empty()).then_some(v.attached_by), v.attach_epoch, v.write_epoch))
+    }
+
     /// Attaches the volume read-write for `holder` and opens it with the new fencing epoch.
     /// Refused while another holder has it, unless `force` (which fences that holder).
     pub async fn attach_volume(&self, name: &str, holder: &str, force: bool) -> Result<Volume, ClientError> {

@@ -65,6 +65,9 @@ pub struct Volume {
     /// Encrypted volumes: fetches the keys again when a block arrives sealed under a version
     /// this process does not hold yet (a re-encryption another process started).
     reloader: Option<Arc<dyn KeyReloader>>,
+    /// Open (true) unless writes are held: a standby attachment holds them until write access
+    /// is handed to it ([`Volume::hold_writes`]).
+    write_gate: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// Loads an encrypted volume's newer key versions into its cipher (see
@@ -161,7 +164,29 @@ impl Volume {
             cipher: None,
             stripes: Arc::new(Stripes::new()),
             reloader: None,
+            write_gate: Arc::new(tokio::sync::watch::Sender::new(true)),
         }
+    }
+
+    /// Holds every write, zeroing and re-encryption (they wait, they do not fail) until
+    /// [`Volume::release_writes`]: a standby attachment before the handover.
+    pub fn hold_writes(&self) {
+        self.write_gate.send_replace(false);
+    }
+
+    /// Lets held and new writes go (with the epoch set by then).
+    pub fn release_writes(&self) {
+        self.write_gate.send_replace(true);
+    }
+
+    /// Refuses writes through a snapshot handle and waits while writes are held.
+    async fn writable(&self) -> Result<(), ClientError> {
+        self.check_writable()?;
+        if !*self.write_gate.borrow() {
+            let mut open = self.write_gate.subscribe();
+            open.wait_for(|open| *open).await.map_err(|_| ClientError::Internal("client closed".into()))?;
+        }
+        Ok(())
     }
 
     /// Reads the volume as snapshot `name` (at `epoch`) froze it; writes are refused.
@@ -515,7 +540,7 @@ impl Volume {
         if data.is_empty() {
             return Ok(());
         }
-        self.check_writable()?;
+        self.writable().await?;
         self.check_range("write", offset, data.len() as u64).await?;
         let _permit = self.inflight.acquire().await.map_err(|_| ClientError::Internal("client closed".into()))?;
         // Read under the permit: a snapshot cut holds every permit while it moves the epoch.
@@ -579,7 +604,7 @@ impl Volume {
             return Err(ClientError::Crypt(format!("volume {} is not encrypted: nothing to re-encrypt", self.name)));
         };
         let bs = BLOCK_SIZE;
-        self.check_writable()?;
+        self.writable().await?;
         self.check_range("re-encrypt", first * bs, count * bs).await?;
         // The permit before the stripes, as writes take them: a snapshot cut waiting for every
         // permit must not sit between a writer holding one and the stripes it waits for.
@@ -877,7 +902,7 @@ impl Volume {
         if len == 0 {
             return Ok(());
         }
-        self.check_writable()?;
+        self.writable().await?;
         self.check_range("zero", offset, len).await?;
         if self.cipher.is_some() {
             // Nodes cannot zero part of a sealed block: partial blocks are written here as

@@ -2,9 +2,9 @@
 //! status": never a panic, and an accepted request stays inside the device and guest memory.
 #![no_main]
 
-use basalt_volume_client::vhost_user::request::{Desc, Limits, Op, Parsed, parse, total};
+use basalt_volume_client::vhost_user::request::{Desc, Limits, Memory, Op, Parsed, parse, total};
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 const MEM: u64 = 64 * 1024;
 
@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
         descs.push(Desc { addr, len, writable: rest[12] & 1 == 1 });
         rest = &rest[13..];
     }
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM as usize)]).expect("guest memory");
+    let mem = Memory::from_ranges(&[(GuestAddress(0), MEM as usize)]).expect("guest memory");
     let n = rest.len().min(MEM as usize);
     mem.write_slice(&rest[..n], GuestAddress(0)).expect("fill guest memory");
 

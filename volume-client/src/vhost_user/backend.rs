@@ -20,6 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk as blk;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -115,7 +116,9 @@ impl Device {
             | (1 << blk::VIRTIO_BLK_F_TOPOLOGY)
             | (1 << blk::VIRTIO_BLK_F_FLUSH)
             | (1 << blk::VIRTIO_BLK_F_MQ)
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            // Dirty-page logging: QEMU migrates a VM only if its vhost back ends log writes.
+            | VhostUserVirtioFeatures::LOG_ALL.bits();
         if self.read_only {
             f |= 1 << blk::VIRTIO_BLK_F_RO;
         } else {
@@ -356,7 +359,7 @@ async fn execute(device: &Device, mem: &Memory, op: Op) -> (u8, u32) {
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
+    type Bitmap = BitmapMmapRegion;
     type Vring = VringRwLock<AtomicMemory>;
 
     fn num_queues(&self) -> usize {
@@ -376,6 +379,7 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {

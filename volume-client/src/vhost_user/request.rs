@@ -9,12 +9,14 @@
 //! status, [`Parsed::NoStatus`] (returned to the driver with nothing written). Nothing here
 //! panics on guest input.
 
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::proto::*;
 
-/// Guest memory as the vhost-user handler maps it.
-pub type Memory = GuestMemoryMmap<()>;
+/// Guest memory as the vhost-user handler maps it, with the dirty-page log a live migration
+/// reads (every write into guest memory through it is logged once QEMU sets a log).
+pub type Memory = GuestMemoryMmap<BitmapMmapRegion>;
 
 /// One descriptor of a chain as the driver posted it (after indirect tables are followed).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -349,7 +351,7 @@ mod tests {
     const LIMITS: Limits = Limits { capacity: 1 << 30, read_only: false, max_transfer: 32 << 20, max_ranges: 16, max_range_bytes: 1 << 30 };
 
     fn memory() -> Memory {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).expect("guest memory")
+        Memory::from_ranges(&[(GuestAddress(0), MEM as usize)]).expect("guest memory")
     }
 
     fn header(mem: &Memory, at: u64, kind: u32, sector: u64) -> Desc {

@@ -9,9 +9,10 @@ use std::time::Duration;
 use thiserror::Error;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryAtomic;
 
 use super::backend::{BlkBackend, Device};
+use super::request::Memory;
 use crate::Volume;
 
 /// Why the vhost-user socket could not be served.
@@ -77,7 +78,7 @@ impl VhostUserServer {
             // A new connection sees the volume's current size (after a resize).
             let volume = self.device.volume().clone();
             let _ = self.device.runtime().block_on(async move { tokio::time::timeout(Duration::from_secs(1), volume.refresh()).await });
-            let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+            let mem = GuestMemoryAtomic::new(Memory::new());
             let backend = BlkBackend::new(self.device.clone(), mem.clone());
             let mut daemon = match VhostUserDaemon::new(format!("vhost-user-blk {name}"), backend.clone(), mem) {
                 Ok(d) => d,
