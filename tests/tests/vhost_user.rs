@@ -137,12 +137,18 @@ impl Driver {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crafted_chains_against_a_real_volume() {
-    let cluster = TestCluster::with_volume("vu", 16 << 20).await.unwrap();
+/// Volume `vu` attached read-write, and a one-queue device over it.
+async fn attached_device(cluster: &TestCluster) -> (basalt_volume_client::Volume, Arc<Device>) {
     let client = cluster.client().await.unwrap();
     let volume = client.attach_volume("vu", "vhost-user-test", false).await.unwrap();
     let device = Arc::new(Device::new(volume.clone(), false, 1, tokio::runtime::Handle::current()));
+    (volume, device)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crafted_chains_against_a_real_volume() {
+    let cluster = TestCluster::with_volume("vu", 16 << 20).await.unwrap();
+    let (volume, device) = attached_device(&cluster).await;
     let config = device.config();
     assert_eq!(config.capacity, (16 << 20) / 512);
     assert_eq!(config.num_queues, 1);
@@ -256,9 +262,7 @@ async fn crafted_chains_against_a_real_volume() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_complete_once_and_stop_drains() {
     let cluster = TestCluster::with_volume("vu", 16 << 20).await.unwrap();
-    let client = cluster.client().await.unwrap();
-    let volume = client.attach_volume("vu", "vhost-user-test", false).await.unwrap();
-    let device = Arc::new(Device::new(volume.clone(), false, 1, tokio::runtime::Handle::current()));
+    let (volume, device) = attached_device(&cluster).await;
     let mut drv = Driver::new(device);
     let n = 64u16;
     let mut heads = Vec::new();

@@ -232,22 +232,13 @@ impl BlkBackend {
         }
         let Some(tx) = self.completer(q, vring) else { return };
         let limits = conn.device.limits();
+        let mut requests = Vec::with_capacity(chains.len());
         for chain in chains {
             let head = chain.head_index();
             let descs: Vec<Desc> = chain.map(|d| Desc { addr: d.addr().0, len: d.len(), writable: d.is_write_only() }).collect();
             conn.queues[q].begin();
             match parse(&descs, &mem, &limits) {
-                Parsed::Request(req) => {
-                    let device = conn.device.clone();
-                    let mem = mem.clone().into_inner();
-                    let tx = tx.clone();
-                    conn.device.runtime.spawn(async move {
-                        let (code, written) = execute(&device, &mem, req.op).await;
-                        // The status location was checked at parse time.
-                        let _ = mem.write_obj(code, GuestAddress(req.status));
-                        let _ = tx.send(Completion { head, len: written.saturating_add(1) }).await;
-                    });
-                }
+                Parsed::Request(req) => requests.push((head, req)),
                 Parsed::Fail { status, code, reason } => {
                     self.log_malformed(q, &reason);
                     let _ = mem.write_obj(code, GuestAddress(status));
@@ -260,6 +251,25 @@ impl BlkBackend {
                 }
             }
         }
+        if requests.is_empty() {
+            return;
+        }
+        // One hand-over to the runtime per kick, whatever the batch: each spawn from this
+        // thread can wake the runtime's thread, and those wake-ups were the costliest part of
+        // the path (4 KiB reads at QD32); spawns from inside the runtime are local and cheap.
+        let device = conn.device.clone();
+        let mem = mem.clone().into_inner();
+        conn.device.runtime.spawn(async move {
+            for (head, req) in requests {
+                let (device, mem, tx) = (device.clone(), mem.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let (code, written) = execute(&device, &mem, req.op).await;
+                    // The status location was checked at parse time.
+                    let _ = mem.write_obj(code, GuestAddress(req.status));
+                    let _ = tx.send(Completion { head, len: written.saturating_add(1) }).await;
+                });
+            }
+        });
     }
 
     fn log_malformed(&self, q: usize, reason: &str) {
