@@ -1,6 +1,7 @@
-//! `basalt attach` / `basalt detach`: serve a volume over NBD or vhost-user-blk on this host. `VOLUME@SNAPSHOT`
-//! serves a snapshot (read-only). A read-write attachment also cuts the snapshots asked of it
-//! (`basalt_volume_client::snapshot_cut`).
+//! `basalt attach` / `basalt detach` / `basalt handover`: serve a volume over NBD or
+//! vhost-user-blk on this host. `VOLUME@SNAPSHOT` serves a snapshot (read-only). A read-write
+//! attachment also cuts the snapshots asked of it (`basalt_volume_client::snapshot_cut`); a
+//! `--standby` one holds its writes until write access is handed to it (live migration).
 //!
 //! Without TLS the NBD side has no authentication of its own: a unix socket is guarded by its
 //! file mode, a TCP listener by its address. A plaintext listener on a non-loopback address
@@ -77,9 +78,9 @@ pub fn host() -> String {
 }
 
 /// Who holds an attachment: this host and the export it serves (`HOST:nbd:ADDR`,
-/// `HOST:nbd:PATH` or `HOST:vhost-user:PATH`). The same command line restarted on the same host is the same holder and
-/// reclaims its attachment (the old process is fenced); a listener on port 0 is never the same
-/// twice, so its holder is this process (`HOST:PID`).
+/// `HOST:nbd:PATH` or `HOST:vhost-user:PATH`). The same command line restarted on the same
+/// host is the same holder and reclaims its attachment (the old process is fenced); a listener
+/// on port 0 is never the same twice, so its holder is this process (`HOST:PID`).
 pub fn holder(listen: &Listen) -> String {
     let host = host();
     match listen {
@@ -316,6 +317,10 @@ async fn take_over(
                 Err(e) => eprintln!("{name}: standby could not attach after the holder left: {e}"),
             },
             Ok((None, _, _)) => {}
+            Err(ClientError::NoSuchVolume(_)) => {
+                eprintln!("{name}: the volume was deleted; this standby will never take over");
+                return;
+            }
             Err(e) => eprintln!("{name}: standby cannot read the attachment: {e}"),
         }
         // Every attachment change moves the map on: wait for one (or re-check now and then).
