@@ -218,16 +218,19 @@ impl Cluster {
         Err(ClientError::Unreachable { seeds: self.inner.seeds.join(","), reason: last })
     }
 
+    /// The meta group's view of volume `name` (`volume show` without usage).
+    async fn show_volume(&self, name: &str) -> Result<basalt_proto::admin::VolumeReply, ClientError> {
+        let mut admin = self.admin(0)?;
+        match admin.volume_show(VolumeShowRequest { name: name.to_string(), usage: false }).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) if s.code() == tonic::Code::NotFound => Err(ClientError::NoSuchVolume(name.to_string())),
+            Err(s) => Err(ClientError::from_status(&s)),
+        }
+    }
+
     /// Opens the volume called `name`.
     pub async fn open_volume(&self, name: &str) -> Result<Volume, ClientError> {
-        let mut admin = self.admin(0)?;
-        let reply = match admin.volume_show(VolumeShowRequest { name: name.to_string(), usage: false }).await {
-            Ok(r) => r.into_inner(),
-            Err(s) if s.code() == tonic::Code::NotFound => {
-                return Err(ClientError::NoSuchVolume(name.to_string()));
-            }
-            Err(s) => return Err(ClientError::from_status(&s)),
-        };
+        let reply = self.show_volume(name).await?;
         let map = self.refresh(reply.map_version).await?;
         let v = map.volume_by_name(name).ok_or_else(|| ClientError::NoSuchVolume(name.to_string()))?;
         Ok(Volume::new(self.clone(), v.id, v.placement, v.name.clone(), v.size))
@@ -236,13 +239,7 @@ impl Cluster {
     /// Who holds volume `name`'s read-write attachment (None: nobody), its fencing epoch and
     /// the volume's snapshot write epoch.
     pub async fn attachment(&self, name: &str) -> Result<(Option<String>, u64, u64), ClientError> {
-        let mut admin = self.admin(0)?;
-        let reply = match admin.volume_show(VolumeShowRequest { name: name.to_string(), usage: false }).await {
-            Ok(r) => r.into_inner(),
-            Err(s) if s.code() == tonic::Code::NotFound => return Err(ClientError::NoSuchVolume(name.to_string())),
-            Err(s) => return Err(ClientError::from_status(&s)),
-        };
-        let v = reply.volume.ok_or_else(|| ClientError::NoSuchVolume(name.to_string()))?;
+        let v = self.show_volume(name).await?.volume.ok_or_else(|| ClientError::NoSuchVolume(name.to_string()))?;
         Ok(((!v.attached_by.is_empty()).then_some(v.attached_by), v.attach_epoch, v.write_epoch))
     }
 
