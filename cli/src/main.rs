@@ -500,6 +500,10 @@ enum VolumeCmd {
         source: String,
         /// The new volume's name.
         name: String,
+        /// The key-encryption key that opens an encrypted source's keys: the clone gets its
+        /// own copies, wrapped under the same KEK, and a fresh data key for its own writes.
+        #[arg(long)]
+        kek_file: Option<PathBuf>,
     },
     /// Return a volume to a snapshot (refused while it is attached read-write): every chunk
     /// changed since is copied back from the snapshot on each replica, then the volume can be
@@ -665,7 +669,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Cmd::Volume(VolumeCmd::List) => commands::volume_list(&admin, out).await,
         Cmd::Volume(VolumeCmd::Rollback { name, snapshot, no_wait }) => snapshot::rollback(&admin, out, name, snapshot, no_wait).await,
-        Cmd::Volume(VolumeCmd::Clone { source, name }) => snapshot::clone(&admin, out, source, name).await,
+        Cmd::Volume(VolumeCmd::Clone { source, name, kek_file }) => snapshot::clone(&admin, out, source, name, kek_file.as_deref()).await,
         Cmd::Volume(VolumeCmd::Show { name }) => commands::volume_show(&admin, out, name).await,
         Cmd::Volume(VolumeCmd::Resize { name, size }) => commands::volume_resize(&admin, out, name, size).await,
         Cmd::Volume(VolumeCmd::Delete { name, no_wait }) => commands::volume_delete(&admin, out, name, no_wait).await,

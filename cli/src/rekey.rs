@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use basalt_common::BLOCK_SIZE;
 use basalt_proto::admin::{VersionedKey, Volume, VolumeKeyRequest, VolumeRekeyRequest, VolumeShowRequest};
-use basalt_volume_client::crypt::{CryptError, DataKey, Kek, WrappedKey, rewrap};
+use basalt_volume_client::crypt::{CryptError, DataKey, Kek, WrappedKey, rewrap, rewrap_for};
 use basalt_volume_client::reencrypt::{self, Progress};
 use basalt_volume_client::{ClientError, Cluster};
 use serde_json::json;
@@ -110,13 +110,35 @@ async fn rewrapped(admin: &Admin, name: &str, old: &Kek, new: &Kek, add_version:
     for k in &current.keys {
         let wrapped = WrappedKey::parse(name, &k.wrapped).map_err(crypt_err)?;
         let again = rewrap(&wrapped, old, new, name).map_err(crypt_err)?;
-        keys.push(VersionedKey { version: k.version, wrapped: bytes::Bytes::copy_from_slice(again.as_bytes()) });
+        keys.push(VersionedKey { version: k.version, wrapped: bytes::Bytes::copy_from_slice(again.as_bytes()), sealed_as: 0 });
     }
     if add_version {
         let next = keys.iter().map(|k| k.version).max().unwrap_or(0) + 1;
         let (_, wrapped) = DataKey::generate(next, new, name).map_err(crypt_err)?;
-        keys.push(VersionedKey { version: next, wrapped: bytes::Bytes::copy_from_slice(wrapped.as_bytes()) });
+        keys.push(VersionedKey { version: next, wrapped: bytes::Bytes::copy_from_slice(wrapped.as_bytes()), sealed_as: 0 });
     }
+    Ok(keys)
+}
+
+/// Every key version of encrypted volume `source`, opened with `kek` and wrapped again under it
+/// for volume `target`, then a fresh data key one version above the newest: the keys a clone
+/// of `source` starts with (it seals only with the fresh one).
+pub async fn keys_for_clone(admin: &Admin, source: &str, target: &str, kek: &Kek) -> Result<Vec<VersionedKey>, CliError> {
+    let theirs = admin
+        .call(|mut c| {
+            let name = source.to_string();
+            async move { c.volume_key(VolumeKeyRequest { name }).await }
+        })
+        .await?;
+    let mut keys = Vec::with_capacity(theirs.keys.len() + 1);
+    for k in &theirs.keys {
+        let wrapped = WrappedKey::parse(source, &k.wrapped).map_err(crypt_err)?;
+        let copy = rewrap_for(&wrapped, kek, source, target).map_err(crypt_err)?;
+        keys.push(VersionedKey { version: k.version, wrapped: bytes::Bytes::copy_from_slice(copy.as_bytes()), sealed_as: 0 });
+    }
+    let next = keys.iter().map(|k| k.version).max().unwrap_or(0) + 1;
+    let (_, wrapped) = DataKey::generate(next, kek, target).map_err(crypt_err)?;
+    keys.push(VersionedKey { version: next, wrapped: bytes::Bytes::copy_from_slice(wrapped.as_bytes()), sealed_as: 0 });
     Ok(keys)
 }
 

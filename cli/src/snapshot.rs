@@ -4,12 +4,14 @@
 //! crash-consistent; serve one with `basalt attach VOLUME@SNAPSHOT --read-only`.
 
 use std::io::IsTerminal;
+use std::path::Path;
 use std::time::Duration;
 
 use basalt_common::units::format_size;
 use basalt_proto::admin::{
     Snapshot, SnapshotCreateRequest, SnapshotDeleteRequest, SnapshotListRequest, Volume, VolumeCloneRequest, VolumeRollbackRequest, VolumeShowRequest,
 };
+use basalt_volume_client::crypt::Kek;
 use serde_json::{Value, json};
 
 use crate::admin::Admin;
@@ -52,13 +54,20 @@ pub async fn create(admin: &Admin, out: Out, volume: String, name: String) -> Re
     Ok(())
 }
 
-/// `basalt volume clone VOLUME@SNAPSHOT NAME`.
-pub async fn clone(admin: &Admin, out: Out, source: String, name: String) -> Result<(), CliError> {
+/// `basalt volume clone VOLUME@SNAPSHOT NAME [--kek-file FILE]`.
+pub async fn clone(admin: &Admin, out: Out, source: String, name: String, kek_file: Option<&Path>) -> Result<(), CliError> {
     let (volume, snapshot) = parse_ref(&source)?;
     let started = std::time::Instant::now();
+    let keys = match kek_file {
+        Some(path) => {
+            let kek = Kek::from_file(path).map_err(|e| CliError::invalid(e.to_string()))?;
+            crate::rekey::keys_for_clone(admin, volume, &name, &kek).await?
+        }
+        None => Vec::new(),
+    };
     let r = admin
         .call(|mut c| {
-            let req = VolumeCloneRequest { source: volume.to_string(), snapshot: snapshot.to_string(), name: name.clone() };
+            let req = VolumeCloneRequest { source: volume.to_string(), snapshot: snapshot.to_string(), name: name.clone(), keys: keys.clone() };
             async move { c.volume_clone(req).await }
         })
         .await?;

@@ -563,3 +563,67 @@ async fn an_unattached_volume_is_reencrypted_by_the_rekey_command_itself() {
     let (_, unwritten) = raw_block(&cluster, &vol, 0).await;
     assert!(unwritten.iter().all(|b| *b == 0), "unwritten blocks stay unwritten: {unwritten:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_clone_has_keys_of_its_own_and_snapshots_outlive_a_reencryption() {
+    let cluster = TestCluster::with_volume("plain", 16 << 20).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let src = encrypted_volume(&cluster, "src").await;
+    let data = marked(b"BEFORE-THE-CLONE|", 2 << 20);
+    src.write(0, data.clone(), false).await.unwrap();
+    client.detach_volume(&src).await.unwrap();
+    let (c, _, err) = cluster.cli(&["snapshot", "create", "src", "s1"]).await.unwrap();
+    assert_eq!(c, Some(0), "{err}");
+    let kek_path = cluster.path().join("src.kek");
+    let kek_file = kek_path.to_str().unwrap();
+    let kek = Kek::from_bytes(std::fs::read(&kek_path).unwrap().try_into().unwrap());
+
+    // Without the KEK, or with another one: refused, saying why.
+    let (c, _, err) = cluster.cli(&["volume", "clone", "src@s1", "c"]).await.unwrap();
+    assert!(c != Some(0) && err.contains("--kek-file"), "{c:?} {err}");
+    let other = write_file(cluster.path(), "other.kek", &rand::random::<[u8; 32]>());
+    let (c, _, err) = cluster.cli(&["volume", "clone", "src@s1", "c", "--kek-file", &other]).await.unwrap();
+    assert!(c != Some(0) && err.contains("does not open"), "{c:?} {err}");
+    let (c, _, err) = cluster.cli(&["volume", "clone", "plain@nope", "c", "--kek-file", kek_file]).await.unwrap();
+    assert!(c != Some(0) && err.contains("not encrypted"), "a plain source takes no keys: {c:?} {err}");
+    let (c, out, err) = cluster.cli(&["--json", "volume", "clone", "src@s1", "c", "--kek-file", kek_file]).await.unwrap();
+    assert_eq!(c, Some(0), "{err}");
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((shown["encrypted"].as_bool(), shown["clone_of"].as_str()), (Some(true), Some("src@s1")), "{shown}");
+
+    // The clone reads the snapshot through its inherited key and seals with a fresh one.
+    let clone_cipher = client.volume_cipher("c", &kek).await.unwrap();
+    assert_eq!((clone_cipher.current_version(), clone_cipher.versions()), (2, vec![1, 2]));
+    let c = client.attach_volume("c", "test", false).await.unwrap().with_cipher(clone_cipher);
+    assert_eq!(c.read(0, 2 << 20).await.unwrap(), data);
+    let mine = marked(b"WRITTEN-BY-THE-CLONE|", 64 << 10);
+    c.write(1 << 20, mine.clone(), false).await.unwrap();
+    let mut want = data.to_vec();
+    want[1 << 20..(1 << 20) + (64 << 10)].copy_from_slice(&mine);
+    assert_eq!(c.read(0, 2 << 20).await.unwrap(), Bytes::from(want.clone()));
+    let (_, written) = raw_block(&cluster, &c, 1 << 20).await;
+    assert_eq!(&written[..2], &[0, 2], "the clone's own writes use its own key version: {written:?}");
+    let (_, copied) = raw_block(&cluster, &c, (1 << 20) + (64 << 10)).await;
+    assert_eq!(&copied[..2], &[0, 1], "the rest of the copied chunk is the source's ciphertext: {copied:?}");
+
+    // Re-encrypting the source while a snapshot holds version-1 blocks keeps version 1 until
+    // the last snapshot goes; the snapshot reads throughout.
+    let (code, _, err) = cluster.cli(&["volume", "rekey", "src", "--kek-file", kek_file, "--reencrypt", "--max-rate", "64MiB"]).await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    let (id, keys, current) = client.volume_keys("src", &[&kek]).await.unwrap();
+    assert_eq!((current, keys.len()), (2, 2), "version 1 is kept for the snapshot");
+    let s1 = client.open_snapshot("src", "s1").await.unwrap().with_cipher(VolumeCipher::new(id, keys, 2).unwrap());
+    assert_eq!(s1.read(0, 2 << 20).await.unwrap(), data, "the snapshot still opens after the re-encryption");
+    let (code, _, err) = cluster.cli(&["snapshot", "delete", "src", "s1"]).await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    let (_, keys, _) = client.volume_keys("src", &[&kek]).await.unwrap();
+    assert_eq!(keys.iter().map(|k| k.version()).collect::<Vec<_>>(), vec![2], "the last snapshot took version 1 with it");
+
+    // The source goes, its keys shredded; the clone keeps reading with its own copies.
+    let (code, _, err) = cluster.cli(&["volume", "delete", "src"]).await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    client.detach_volume(&c).await.unwrap();
+    let cipher = client.volume_cipher("c", &kek).await.unwrap();
+    let c = client.open_volume("c").await.unwrap().with_cipher(cipher);
+    assert_eq!(c.read(0, 2 << 20).await.unwrap(), Bytes::from(want));
+}

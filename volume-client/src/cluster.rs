@@ -343,7 +343,9 @@ impl Cluster {
                 return Err(ClientError::Crypt(format!("volume {name}'s stored key v{} says it is v{}", k.version, wrapped.version())));
             }
             let kek = keks.iter().find(|kek| kek.fingerprint() == wrapped.kek_fingerprint()).unwrap_or(first);
-            keys.push(wrapped.unwrap_with(kek, name)?);
+            let key = wrapped.unwrap_with(kek, name)?;
+            // An inherited version opens blocks bound to the volume that sealed them.
+            keys.push(if k.sealed_as == 0 { key } else { key.inherited_from(basalt_common::VolumeId(k.sealed_as)) });
         }
         Ok((basalt_common::VolumeId(reply.volume_id), keys, reply.current_version))
     }

@@ -251,6 +251,10 @@ impl WrappedKey {
 /// too: `aes-gcm`'s `zeroize` feature).
 pub struct DataKey {
     version: u32,
+    /// The volume whose id its blocks' associated data names, when that is not the volume
+    /// holding the key: a key a clone (or a restored volume) inherited opens blocks that were
+    /// sealed in the source volume. Such a key never seals.
+    sealed_as: Option<VolumeId>,
     cipher: Aes256Gcm,
 }
 
@@ -262,7 +266,12 @@ impl std::fmt::Debug for DataKey {
 
 impl DataKey {
     fn from_bytes(version: u32, key: &[u8; KEY_LEN]) -> DataKey {
-        DataKey { version, cipher: Aes256Gcm::new(key.into()) }
+        DataKey { version, sealed_as: None, cipher: Aes256Gcm::new(key.into()) }
+    }
+
+    /// The same key, marked as opening blocks sealed in volume `source` (an inherited key).
+    pub fn inherited_from(self, source: VolumeId) -> DataKey {
+        DataKey { sealed_as: Some(source), ..self }
     }
 
     /// A fresh random data key of `version`, and the same key wrapped by `kek` for `volume`.
@@ -303,6 +312,15 @@ fn wrap(kek: &Kek, volume: &str, version: u32, key: &[u8; KEY_LEN]) -> Result<Wr
 pub fn rewrap(wrapped: &WrappedKey, old: &Kek, new: &Kek, volume: &str) -> Result<WrappedKey, CryptError> {
     let key = wrapped.open(old, volume)?;
     wrap(new, volume, wrapped.version(), &key)
+}
+
+/// Wraps the data key that `wrapped` holds for volume `from` again, under the same KEK, for
+/// volume `to`: a clone (or a restore) gets its own copy of every key its inherited blocks
+/// were sealed with, so deleting the source (which erases the source's copies) leaves it able
+/// to read them.
+pub fn rewrap_for(wrapped: &WrappedKey, kek: &Kek, from: &str, to: &str) -> Result<WrappedKey, CryptError> {
+    let key = wrapped.open(kek, from)?;
+    wrap(kek, to, wrapped.version(), &key)
 }
 
 fn block_aad(volume: VolumeId, block: u64, version: u32) -> [u8; 21] {
@@ -400,6 +418,10 @@ impl VolumeCipher {
         })?;
         let current = self.current_version();
         let key = self.key(current).ok_or_else(|| CryptError::Exhausted(format!("{}: no data key of the current version {current}", self.volume)))?;
+        if let Some(source) = key.sealed_as {
+            // Its nonces belong to the source volume's writers; sealing here could repeat one.
+            return Err(CryptError::Exhausted(format!("{}: key version {current} was inherited from {source} and only opens blocks", self.volume)));
+        }
         let n = (data.len() / bs) as u64;
         let start = self.counter.fetch_add(n, Ordering::Relaxed);
         if start.saturating_add(n) > MAX_COUNTER {
@@ -452,7 +474,12 @@ impl VolumeCipher {
                 }
             };
             key.cipher
-                .decrypt_in_place_detached(Nonce::from_slice(&ctx.nonce), &block_aad(self.volume, index, version), block, Tag::from_slice(&ctx.tag))
+                .decrypt_in_place_detached(
+                    Nonce::from_slice(&ctx.nonce),
+                    &block_aad(key.sealed_as.unwrap_or(self.volume), index, version),
+                    block,
+                    Tag::from_slice(&ctx.tag),
+                )
                 .map_err(|_| fail(format!("does not authenticate under key version {version} (altered, or not this block's)")))?;
         }
         Ok(())
@@ -502,6 +529,33 @@ mod tests {
         cb.open(0, &mut block, &[Some(ctx[0])]).unwrap();
         assert_eq!(block, vec![7u8; 4096]);
         assert!(rewrap(&w, &kek(9), &kek(3), "vol").is_err());
+    }
+
+    #[test]
+    fn a_clone_opens_its_source_blocks_with_inherited_keys_and_seals_only_with_its_own() {
+        let (k1, w1) = DataKey::generate(1, &kek(1), "parent").unwrap();
+        let parent = VolumeCipher::new(VolumeId(3), vec![k1], 1).unwrap();
+        let mut block = vec![9u8; 4096];
+        let ctx = parent.seal(4, 6, &mut block).unwrap();
+        // The clone's copy of version 1 is wrapped for its own name; the parent's name no
+        // longer opens it, and another KEK does not rewrap it.
+        let copy = rewrap_for(&w1, &kek(1), "parent", "clone").unwrap();
+        assert!(copy.unwrap_with(&kek(1), "parent").is_err());
+        assert!(rewrap_for(&w1, &kek(2), "parent", "clone").is_err());
+        let inherited = copy.unwrap_with(&kek(1), "clone").unwrap().inherited_from(VolumeId(3));
+        let (own, _) = DataKey::generate(2, &kek(1), "clone").unwrap();
+        let clone = VolumeCipher::new(VolumeId(8), vec![inherited, own], 2).unwrap();
+        let mut read = block.clone();
+        clone.open(6, &mut read, &[Some(ctx[0])]).unwrap();
+        assert_eq!(read, vec![9u8; 4096]);
+        // Its own writes: version 2, bound to its own id.
+        let mut mine = vec![1u8; 4096];
+        let c2 = clone.seal(1, 6, &mut mine).unwrap();
+        assert_eq!(block_version(&c2[0]), 2);
+        assert!(parent.open(6, &mut mine.clone(), &[Some(c2[0])]).is_err());
+        // An inherited key never seals (its nonces are the parent's).
+        let only_inherited = VolumeCipher::new(VolumeId(8), vec![copy.unwrap_with(&kek(1), "clone").unwrap().inherited_from(VolumeId(3))], 1).unwrap();
+        assert!(only_inherited.seal(1, 0, &mut vec![0u8; 4096]).unwrap_err().to_string().contains("inherited"));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use basalt_common::names::validate_name;
 use basalt_common::{PgId, VolumeId};
 use serde::{Deserialize, Serialize};
 
-use super::state::{ClusterState, MetaError, MetaReply};
+use super::state::{ClusterState, MetaError, MetaReply, VolumeKeys};
 
 /// Most ancestors a clone may have (a clone of a clone of ...): each is a lookup on reads of
 /// chunks the clone never wrote. Matches the PG command limit.
@@ -37,18 +37,38 @@ pub struct CloneOrigin {
 }
 
 impl ClusterState {
-    /// Makes volume `name` a clone of `source`'s snapshot `snapshot`.
-    pub(super) fn clone_volume(&mut self, source: &str, snapshot: &str, name: String, now_unix_ms: u64) -> MetaReply {
+    /// Makes volume `name` a clone of `source`'s snapshot `snapshot`. An encrypted source's
+    /// clone comes with `keys`: its own copies of every source version and one fresh version,
+    /// the newest, that it seals with (a key shared with the source never seals in the clone,
+    /// where its nonces could repeat the source's).
+    pub(super) fn clone_volume(&mut self, source: &str, snapshot: &str, name: String, now_unix_ms: u64, keys: Option<VolumeKeys>) -> MetaReply {
         if let Err(e) = validate_name(&name) {
             return MetaReply::Error(MetaError::InvalidName(e.to_string()));
         }
         let Some(parent) = self.volume_by_name(source).cloned() else {
             return MetaReply::Error(MetaError::NoSuchVolume(source.to_string()));
         };
-        if self.volume_keys.contains_key(&parent.id) {
-            return MetaReply::Error(MetaError::InvalidSettings(format!(
-                "volume {source} is encrypted: clones of encrypted volumes are not built yet (they would need the parent's keys)"
-            )));
+        let parent_keys = self.volume_keys.get(&parent.id).cloned();
+        match (&parent_keys, &keys) {
+            (Some(_), None) => {
+                return MetaReply::Error(MetaError::InvalidSettings(format!(
+                    "volume {source} is encrypted: its clone needs its own copies of the source's keys (basalt volume clone --kek-file FILE)"
+                )));
+            }
+            (None, Some(_)) => {
+                return MetaReply::Error(MetaError::InvalidSettings(format!("volume {source} is not encrypted: a clone of it takes no keys")));
+            }
+            (Some(theirs), Some(ours)) => {
+                let newest = theirs.digests.keys().next_back().copied().unwrap_or(0);
+                let inherited_all = theirs.digests.keys().all(|k| ours.digests.contains_key(k));
+                if !inherited_all || ours.digests.len() != theirs.digests.len() + 1 || ours.current <= newest || !ours.digests.contains_key(&ours.current) {
+                    return MetaReply::Error(MetaError::InvalidSettings(format!(
+                        "a clone of encrypted volume {source} must carry its key versions {:?} and one newer version",
+                        theirs.digests.keys().collect::<Vec<_>>()
+                    )));
+                }
+            }
+            (None, None) => {}
         }
         let Some(epoch) = self.snapshots.get(&parent.id).and_then(|s| s.snapshots.get(snapshot)).map(|s| s.epoch) else {
             return MetaReply::Error(MetaError::NoSuchSnapshot { volume: source.to_string(), name: snapshot.to_string() });
@@ -63,12 +83,19 @@ impl ClusterState {
             )));
         }
         let placement = grand.map_or(parent.id, |g| g.placement);
-        let reply = self.create_volume(name, parent.size, now_unix_ms, None);
+        let reply = self.create_volume(name, parent.size, now_unix_ms, keys);
         if let MetaReply::Volume(v) = &reply {
             self.clones.insert(
                 v.id,
                 CloneOrigin { parent: parent.id, parent_name: parent.name.clone(), snapshot: snapshot.to_string(), lineage, placement },
             );
+            if let Some(theirs) = parent_keys {
+                // Each inherited version opens blocks bound to the volume that sealed them:
+                // the source, or whoever the source inherited it from.
+                let sealed_in = self.inherited_keys.get(&parent.id).cloned().unwrap_or_default();
+                let inherited = theirs.digests.keys().map(|k| (*k, sealed_in.get(k).copied().unwrap_or(parent.id))).collect();
+                self.inherited_keys.insert(v.id, inherited);
+            }
         }
         reply
     }
@@ -160,5 +187,48 @@ mod tests {
         }
         assert!(!s.read_by_clones(base));
         assert!(s.kept_epochs(base).is_empty());
+    }
+
+    #[test]
+    fn an_encrypted_clone_has_its_own_keys_and_knows_where_each_inherited_one_seals() {
+        let mut s = initialized();
+        let keys = VolumeKeys { key_id: 5, current: 1, digests: [(1, [1u8; 32])].into() };
+        apply(&mut s, MetaCommand::CreateEncryptedVolume { name: "e".into(), size: 1 << 20, now_unix_ms: 1, keys });
+        apply(&mut s, MetaCommand::CreateSnapshot { volume: "e".into(), name: "s".into(), now_unix_ms: 2 });
+        let e = id(&s, "e");
+        let enc_clone = |s: &mut ClusterState, source: &str, name: &str, keys: VolumeKeys| {
+            apply(
+                s,
+                MetaCommand::CloneEncryptedVolume { source: source.into(), snapshot: "s".into(), name: name.into(), now_unix_ms: 3, keys },
+            )
+        };
+        // Without keys, with too few, with no newer version: refused.
+        assert!(matches!(clone(&mut s, "e", "s", "c"), MetaReply::Error(MetaError::InvalidSettings(m)) if m.contains("--kek-file")));
+        for bad in [
+            VolumeKeys { key_id: 6, current: 2, digests: [(2, [2u8; 32])].into() },
+            VolumeKeys { key_id: 6, current: 1, digests: [(1, [2u8; 32])].into() },
+        ] {
+            assert!(matches!(enc_clone(&mut s, "e", "c", bad), MetaReply::Error(MetaError::InvalidSettings(_))));
+        }
+        let ours = VolumeKeys { key_id: 6, current: 2, digests: [(1, [2u8; 32]), (2, [3u8; 32])].into() };
+        let MetaReply::Volume(c) = enc_clone(&mut s, "e", "c", ours.clone()) else { panic!("clone") };
+        assert_eq!(s.volume_keys[&c.id], ours);
+        assert_eq!(s.inherited_keys[&c.id], [(1, e)].into());
+        // A clone of the clone: version 1 still seals as `e`, version 2 as `c`.
+        apply(&mut s, MetaCommand::CreateSnapshot { volume: "c".into(), name: "s".into(), now_unix_ms: 4 });
+        let theirs = VolumeKeys { key_id: 7, current: 3, digests: [(1, [4u8; 32]), (2, [5u8; 32]), (3, [6u8; 32])].into() };
+        let MetaReply::Volume(g) = enc_clone(&mut s, "c", "g", theirs) else { panic!("grandchild") };
+        assert_eq!(s.inherited_keys[&g.id], [(1, e), (2, c.id)].into());
+        // A plain source takes no keys.
+        apply(&mut s, MetaCommand::CreateVolume { name: "p".into(), size: 1 << 20, now_unix_ms: 1 });
+        apply(&mut s, MetaCommand::CreateSnapshot { volume: "p".into(), name: "s".into(), now_unix_ms: 2 });
+        assert!(matches!(enc_clone(&mut s, "p", "pc", ours), MetaReply::Error(MetaError::InvalidSettings(_))));
+        // Deleting the source erases its keys, not the clone's.
+        s.key_effects.clear();
+        apply(&mut s, MetaCommand::DeleteVolume { name: "e".into() });
+        assert_eq!(s.key_effects, vec![super::super::state::KeyEffect::Erase(5)]);
+        assert!(s.volume_keys.contains_key(&c.id));
+        apply(&mut s, MetaCommand::DeleteVolume { name: "g".into() });
+        assert!(!s.inherited_keys.contains_key(&g.id));
     }
 }

@@ -867,11 +867,14 @@ impl Admin for AdminService {
     async fn volume_key(&self, request: Request<VolumeKeyRequest>) -> Result<Response<VolumeKeyReply>, Status> {
         let name = request.get_ref().name.clone();
         forward_or!(self, request, volume_key, Action::DataRead, Some(&name), |meta, caller, msg| {
-            let (id, keys) = encrypted_volume(&self.read(meta).await?, &msg.name)?;
+            let state = self.read(meta).await?;
+            let (id, keys) = encrypted_volume(&state, &msg.name)?;
+            let inherited = state.inherited_keys.get(&id).cloned().unwrap_or_default();
             let mut out = Vec::new();
             for version in keys.digests.keys() {
                 let wrapped = super::keys::fetch(&self.ctx, meta, &msg.name, &keys, *version).await?;
-                out.push(VersionedKey { version: *version, wrapped: wrapped.into() });
+                let sealed_as = inherited.get(version).map_or(0, |v| v.0);
+                out.push(VersionedKey { version: *version, wrapped: wrapped.into(), sealed_as });
             }
             // Handing out a key (wrapped) is a privileged access: recorded, like attaching.
             self.ctx.access.record(caller.event("volume.key", &msg.name, Outcome::Ok, format!("{} wrapped key version(s)", out.len())));
@@ -1064,11 +1067,29 @@ impl Admin for AdminService {
                 return Err(Status::permission_denied(format!("{} may not create a volume named {:?}", caller.principal, msg.name)));
             }
             let target = format!("{}@{} as {}", msg.source, msg.snapshot, msg.name);
-            let cmd = MetaCommand::CloneVolume {
-                source: msg.source.clone(),
-                snapshot: msg.snapshot.clone(),
-                name: msg.name.clone(),
-                now_unix_ms: now_ms(),
+            let cmd = if msg.keys.is_empty() {
+                MetaCommand::CloneVolume { source: msg.source.clone(), snapshot: msg.snapshot.clone(), name: msg.name.clone(), now_unix_ms: now_ms() }
+            } else {
+                // The clone's copies of the keys are on a majority before it exists (copies of
+                // a clone that is then refused are swept as unreferenced).
+                let (_, theirs) = encrypted_volume(&self.read(meta).await?, &msg.source)?;
+                let existing: Vec<u32> = theirs.digests.keys().copied().collect();
+                let next = existing.last().copied().unwrap_or(0) + 1;
+                let versions: Vec<(u32, Vec<u8>)> = msg.keys.iter().map(|k| (k.version, k.wrapped.to_vec())).collect();
+                if next > u32::from(u16::MAX) || versions.iter().map(|(v, _)| *v).ne(existing.iter().copied().chain([next])) {
+                    return Err(Status::invalid_argument(format!(
+                        "a clone of encrypted volume {} must carry its key versions {existing:?} rewrapped for the clone, then a new version {next}, in order",
+                        msg.source
+                    )));
+                }
+                let keys = super::keys::store_rewrapped(&self.ctx, meta, next, &versions).await?;
+                MetaCommand::CloneEncryptedVolume {
+                    source: msg.source.clone(),
+                    snapshot: msg.snapshot.clone(),
+                    name: msg.name.clone(),
+                    now_unix_ms: now_ms(),
+                    keys,
+                }
             };
             let reply = self.propose_audited(meta, cmd, &caller, Action::VolumeClone, &target).await?;
             if let MetaReply::Volume(v) = &reply {

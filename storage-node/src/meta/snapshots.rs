@@ -192,6 +192,12 @@ impl ClusterState {
         snaps.snapshots.remove(name);
         snaps.release_generation += 1;
         snaps.release_todo = pgs;
+        // Key versions a re-encryption kept only for the snapshots go with the last one.
+        if !self.has_snapshots(v.id)
+            && let Some(retired) = self.retired_keys.get(&v.id).cloned()
+        {
+            self.erase_key_versions(v.id, &retired);
+        }
         MetaReply::Volume(v)
     }
 
@@ -216,6 +222,9 @@ impl ClusterState {
             Some(r) => return MetaReply::Error(MetaError::RollingBack { volume: volume.to_string(), snapshot: r.snapshot.clone() }),
             None => snaps.rollback = Some(Rollback { snapshot: name.to_string(), to_epoch, at_epoch: snaps.write_epoch, todo: pgs }),
         }
+        // The head holds the snapshot's blocks again, sealed with whatever versions they were:
+        // none of them may be erased with the last snapshot any more.
+        self.retired_keys.remove(&v.id);
         MetaReply::Volume(v)
     }
 

@@ -208,6 +208,12 @@ pub struct ClusterState {
     pub clones: BTreeMap<VolumeId, super::clones::CloneOrigin>,
     /// The backup catalog and the restores under way. Added in snapshot format 7.
     pub backups: super::backups::Backups,
+    /// Key versions an encrypted volume inherited (a clone from its source), and the volume
+    /// whose id the blocks they seal are bound to. Added in snapshot format 8.
+    pub inherited_keys: BTreeMap<VolumeId, BTreeMap<u32, VolumeId>>,
+    /// Key versions a finished re-encryption no longer needs for the volume's head but its
+    /// snapshots may: erased when the volume's last snapshot goes. Added in snapshot format 8.
+    pub retired_keys: BTreeMap<VolumeId, BTreeSet<u32>>,
     /// What the last applied commands did to the audit log, for the state machine to write to
     /// the audit file; never serialised.
     #[serde(skip)]
@@ -649,6 +655,20 @@ pub enum MetaCommand {
         /// Why it stopped.
         error: Option<String>,
     },
+    /// Creates volume `name` as a clone of encrypted volume `source`'s snapshot `snapshot`,
+    /// with its own copies of the source's key versions and one fresh version (`keys.current`).
+    CloneEncryptedVolume {
+        /// The volume cloned.
+        source: String,
+        /// Its snapshot the clone starts as.
+        snapshot: String,
+        /// The clone's name.
+        name: String,
+        /// Creation time (proposer's clock).
+        now_unix_ms: u64,
+        /// The clone's keys (already on a majority of key stores).
+        keys: VolumeKeys,
+    },
 }
 
 impl MetaCommand {
@@ -916,7 +936,10 @@ impl ClusterState {
             MetaCommand::DeleteSnapshot { volume, name } => self.delete_snapshot(&volume, &name),
             MetaCommand::SnapshotsReleased { volume, pg, generation } => self.snapshots_released(volume, pg, generation),
             MetaCommand::RollbackVolume { volume, snapshot } => self.rollback_volume(&volume, &snapshot),
-            MetaCommand::CloneVolume { source, snapshot, name, now_unix_ms } => self.clone_volume(&source, &snapshot, name, now_unix_ms),
+            MetaCommand::CloneVolume { source, snapshot, name, now_unix_ms } => self.clone_volume(&source, &snapshot, name, now_unix_ms, None),
+            MetaCommand::CloneEncryptedVolume { source, snapshot, name, now_unix_ms, keys } => {
+                self.clone_volume(&source, &snapshot, name, now_unix_ms, Some(keys))
+            }
             MetaCommand::RolledBack { volume, pg, at_epoch } => self.rolled_back(volume, pg, at_epoch),
             MetaCommand::BeginBackup { volume, snapshot, nodes, auto_snapshot, schedule, now_unix_ms } => {
                 self.begin_backup(&volume, &snapshot, nodes, auto_snapshot, schedule, now_unix_ms)
@@ -1112,15 +1135,46 @@ impl ClusterState {
         };
         // A holder that restarted from an older report only repeats work: the mark never moves back.
         r.next_block = r.next_block.max(next_block);
-        if done && let Some(keys) = self.volume_keys.get_mut(&v.id) {
-            let older: Vec<u32> = keys.digests.keys().copied().filter(|k| *k != to_version).collect();
-            for version in older {
-                keys.digests.remove(&version);
-                self.key_effects.push(KeyEffect::EraseVersion(keys.key_id, version));
+        if done {
+            let older: BTreeSet<u32> =
+                self.volume_keys.get(&v.id).map(|k| k.digests.keys().copied().filter(|k| *k != to_version).collect()).unwrap_or_default();
+            if self.has_snapshots(v.id) {
+                // The head is all `to_version` now, but the snapshots still hold blocks
+                // sealed with the older versions: they go with the last snapshot.
+                self.retired_keys.entry(v.id).or_default().extend(older);
+            } else {
+                self.erase_key_versions(v.id, &older);
             }
             self.reencrypts.remove(&v.id);
         }
         MetaReply::Volume(v)
+    }
+
+    /// Whether `volume` has a snapshot, or one being cut.
+    pub(super) fn has_snapshots(&self, volume: VolumeId) -> bool {
+        self.snapshots.get(&volume).is_some_and(|s| !s.snapshots.is_empty() || s.pending.is_some())
+    }
+
+    /// Drops key `versions` of `volume` from the state and erases their wrapped copies.
+    pub(super) fn erase_key_versions(&mut self, volume: VolumeId, versions: &BTreeSet<u32>) {
+        let Some(keys) = self.volume_keys.get_mut(&volume) else { return };
+        for version in versions {
+            if keys.digests.remove(version).is_some() {
+                self.key_effects.push(KeyEffect::EraseVersion(keys.key_id, *version));
+            }
+        }
+        if let Some(inherited) = self.inherited_keys.get_mut(&volume) {
+            inherited.retain(|v, _| !versions.contains(v));
+            if inherited.is_empty() {
+                self.inherited_keys.remove(&volume);
+            }
+        }
+        if let Some(retired) = self.retired_keys.get_mut(&volume) {
+            retired.retain(|v| !versions.contains(v));
+            if retired.is_empty() {
+                self.retired_keys.remove(&volume);
+            }
+        }
     }
 
     fn resize_volume(&mut self, name: &str, size: u64) -> MetaReply {
@@ -1150,6 +1204,8 @@ impl ClusterState {
         if let Some(keys) = self.volume_keys.remove(&id) {
             self.key_effects.push(KeyEffect::Erase(keys.key_id));
         }
+        self.inherited_keys.remove(&id);
+        self.retired_keys.remove(&id);
         self.reencrypts.remove(&id);
         // Deleting the volume releases every version of every chunk.
         self.snapshots.remove(&id);
@@ -1530,6 +1586,54 @@ pub(super) mod tests {
         assert!(s.reencrypts.is_empty());
         assert_eq!(s.volume_keys[&v.id].digests.keys().copied().collect::<Vec<_>>(), vec![2]);
         assert_eq!(s.key_effects, vec![KeyEffect::EraseVersion(6, 1)]);
+    }
+
+    #[test]
+    fn a_reencryption_keeps_the_versions_snapshots_need_until_the_last_snapshot_goes() {
+        let mut s = initialized();
+        let keys = VolumeKeys { key_id: 5, current: 1, digests: [(1, [1u8; 32])].into() };
+        let MetaReply::Volume(v) = s.apply(2, MetaCommand::CreateEncryptedVolume { name: "e".into(), size: 1 << 20, now_unix_ms: 1, keys }) else {
+            panic!()
+        };
+        s.apply(3, MetaCommand::CreateSnapshot { volume: "e".into(), name: "s1".into(), now_unix_ms: 2 });
+        s.apply(4, MetaCommand::CreateSnapshot { volume: "e".into(), name: "s2".into(), now_unix_ms: 2 });
+        let two = VolumeKeys { key_id: 6, current: 2, digests: [(1, [2u8; 32]), (2, [3u8; 32])].into() };
+        s.apply(5, MetaCommand::StartReencrypt { name: "e".into(), replaces: 5, keys: two, now_unix_ms: 2, rate: 9 });
+        s.apply(6, MetaCommand::AttachVolume { name: "e".into(), holder: "h".into(), force: false });
+        s.key_effects.clear();
+        let done = MetaCommand::ReencryptProgress { name: "e".into(), epoch: 1, to_version: 2, next_block: 256, done: true };
+        assert!(matches!(s.apply(7, done), MetaReply::Volume(_)));
+        // The snapshots hold blocks sealed with version 1: it stays, retired.
+        assert!(s.reencrypts.is_empty());
+        assert_eq!(s.volume_keys[&v.id].digests.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(s.retired_keys[&v.id], [1].into());
+        assert!(s.key_effects.is_empty());
+        s.apply(8, MetaCommand::DeleteSnapshot { volume: "e".into(), name: "s1".into() });
+        assert!(s.key_effects.is_empty(), "s2 still needs it");
+        s.apply(9, MetaCommand::DeleteSnapshot { volume: "e".into(), name: "s2".into() });
+        assert_eq!(s.key_effects, vec![KeyEffect::EraseVersion(6, 1)]);
+        assert_eq!(s.volume_keys[&v.id].digests.keys().copied().collect::<Vec<_>>(), vec![2]);
+        assert!(s.retired_keys.is_empty());
+    }
+
+    #[test]
+    fn a_rollback_unretires_the_versions_its_snapshot_brings_back() {
+        let mut s = initialized();
+        let keys = VolumeKeys { key_id: 5, current: 1, digests: [(1, [1u8; 32])].into() };
+        let MetaReply::Volume(v) = s.apply(2, MetaCommand::CreateEncryptedVolume { name: "e".into(), size: 1 << 20, now_unix_ms: 1, keys }) else {
+            panic!()
+        };
+        s.apply(3, MetaCommand::CreateSnapshot { volume: "e".into(), name: "s1".into(), now_unix_ms: 2 });
+        let two = VolumeKeys { key_id: 6, current: 2, digests: [(1, [2u8; 32]), (2, [3u8; 32])].into() };
+        s.apply(4, MetaCommand::StartReencrypt { name: "e".into(), replaces: 5, keys: two, now_unix_ms: 2, rate: 9 });
+        s.apply(5, MetaCommand::AttachVolume { name: "e".into(), holder: "h".into(), force: false });
+        s.apply(6, MetaCommand::ReencryptProgress { name: "e".into(), epoch: 1, to_version: 2, next_block: 256, done: true });
+        s.apply(7, MetaCommand::DetachVolume { name: "e".into(), epoch: 1 });
+        assert!(matches!(s.apply(8, MetaCommand::RollbackVolume { volume: "e".into(), snapshot: "s1".into() }), MetaReply::Volume(_)));
+        s.key_effects.clear();
+        s.apply(9, MetaCommand::DeleteSnapshot { volume: "e".into(), name: "s1".into() });
+        assert!(s.key_effects.is_empty(), "the head holds version-1 blocks again");
+        assert_eq!(s.volume_keys[&v.id].digests.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //! raises [`SNAPSHOT_VERSION`] and keeps a decoder for the versions before it
 //! (`decode_snapshot`). Snapshots written before the header existed (no magic) are format 1;
 //! format 3 added encrypted volumes' key references (`volume_keys`), format 4 re-encryptions in
-//! progress (`reencrypts`), format 5 volumes' snapshots and write epochs (`snapshots`), format 6 clones (`clones`), format 7 the backup catalog (`backups`).
+//! progress (`reencrypts`), format 5 volumes' snapshots and write epochs (`snapshots`), format 6 clones (`clones`), format 7 the backup catalog (`backups`), format 8
+//! encrypted volumes' inherited and retired key versions (`inherited_keys`, `retired_keys`).
 //!
 //! Applying a volume's deletion erases its wrapped key from this node's [`KeyStore`] before
 //! the apply completes (crypto-shredding; the keys themselves never enter a snapshot or log).
@@ -77,7 +78,7 @@ impl MetaShared {
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BSLTMETA";
 
 /// The format this binary writes (and the newest it reads).
-pub const SNAPSHOT_VERSION: u32 = 7;
+pub const SNAPSHOT_VERSION: u32 = 8;
 
 /// [`ClusterState`] as format 1 had it, before tokens and the audit log.
 #[derive(Deserialize)]
@@ -182,6 +183,20 @@ impl From<ClusterStateV6> for ClusterState {
     }
 }
 
+/// [`ClusterState`] as format 7 had it, before inherited and retired keys: format 6, then
+/// the backup catalog.
+#[derive(Deserialize)]
+struct ClusterStateV7 {
+    v6: ClusterStateV6,
+    backups: crate::meta::backups::Backups,
+}
+
+impl From<ClusterStateV7> for ClusterState {
+    fn from(v: ClusterStateV7) -> ClusterState {
+        ClusterState { backups: v.backups, ..v.v6.into() }
+    }
+}
+
 fn encode_snapshot(record: &CheckpointRecord, state: &ClusterState, audit: &[u8]) -> Vec<u8> {
     // Serialising plain structs and maps into a Vec cannot fail.
     let body = bincode::serialize(&(record.encode(), state)).expect("cluster state serialises");
@@ -211,7 +226,7 @@ fn decode_snapshot(bytes: &[u8]) -> io::Result<(CheckpointRecord, ClusterState, 
                 bincode::deserialize(body).map_err(|e| invalid(format!("corrupt meta snapshot (format 1): {e}")))?;
             (record, state.into(), &[])
         }
-        2..=7 => {
+        2..=8 => {
             let (len, rest) = body.split_at_checked(8).ok_or_else(|| invalid("meta snapshot truncated in its header".into()))?;
             let len = u64::from_le_bytes(len.try_into().map_err(|_| invalid("meta snapshot header".into()))?);
             let len = usize::try_from(len).ok().filter(|l| *l <= rest.len()).ok_or_else(|| invalid("meta snapshot truncated in its state".into()))?;
@@ -236,6 +251,10 @@ fn decode_snapshot(bytes: &[u8]) -> io::Result<(CheckpointRecord, ClusterState, 
                 }
                 6 => {
                     let (record, state): (Vec<u8>, ClusterStateV6) = bincode::deserialize(state).map_err(corrupt)?;
+                    (record, state.into())
+                }
+                7 => {
+                    let (record, state): (Vec<u8>, ClusterStateV7) = bincode::deserialize(state).map_err(corrupt)?;
                     (record, state.into())
                 }
                 _ => bincode::deserialize(state).map_err(corrupt)?,
@@ -517,10 +536,13 @@ mod tests {
         };
         state.backups.records.insert(4, backup);
         let record = CheckpointRecord::default();
-        let bytes = encode_snapshot(&record, &state, b"line 1\nline 2\n");
+        let mut newest = state.clone();
+        newest.inherited_keys.insert(VolumeId(2), [(1, VolumeId(1))].into());
+        newest.retired_keys.insert(VolumeId(1), [1].into());
+        let bytes = encode_snapshot(&record, &newest, b"line 1\nline 2\n");
         assert!(bytes.starts_with(SNAPSHOT_MAGIC));
         let (r, s, audit) = decode_snapshot(&bytes).unwrap();
-        assert_eq!((r, s, audit), (record.clone(), state.clone(), &b"line 1\nline 2\n"[..]));
+        assert_eq!((r, s, audit), (record.clone(), newest.clone(), &b"line 1\nline 2\n"[..]));
 
         // Format 1 (before tokens and the audit log), with and without the header.
         let v1 = sample();
@@ -680,6 +702,32 @@ mod tests {
         six.extend_from_slice(&(body.len() as u64).to_le_bytes());
         six.extend_from_slice(&body);
         assert_eq!(decode_snapshot(&six).unwrap().1, v6);
+
+        // Format 7 (before inherited and retired keys).
+        let v7 = state.clone();
+        let fields = (
+            (
+                &v7.cluster_id,
+                &v7.settings,
+                &v7.nodes,
+                &v7.pgs,
+                &v7.volumes,
+                v7.next_volume_id,
+                v7.version,
+                &v7.draining,
+                &v7.removed,
+                &v7.tokens,
+                &v7.audit,
+                &v7.volume_keys,
+            ),
+            (v7.encrypt_by_default, &v7.reencrypts, &v7.snapshots, &v7.clones, &v7.backups),
+        );
+        let body = bincode::serialize(&(record.encode(), fields)).unwrap();
+        let mut seven = SNAPSHOT_MAGIC.to_vec();
+        seven.extend_from_slice(&7u32.to_le_bytes());
+        seven.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        seven.extend_from_slice(&body);
+        assert_eq!(decode_snapshot(&seven).unwrap().1, v7);
 
         // A newer format is refused by name, not misread.
         let mut newer = SNAPSHOT_MAGIC.to_vec();
