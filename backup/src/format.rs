@@ -6,6 +6,11 @@
 //! manifest: "BSLTMAN\0" | version u32 | body len u64 | bincode(Manifest) | crc32c(body) u32
 //! ```
 //! All integers little endian. Codec 0 stores the bytes as they are, 1 LZ4 (block format).
+//!
+//! A backup of an encrypted volume (`Manifest::sealed`) stores each chunk as the nodes hold it:
+//! its ciphertext, then one 28-byte encryption context (nonce, tag) per 4 KiB block, zeros for
+//! an unwritten one ([`sealed_payload`]). No key is needed to copy, verify or restore it.
+//! Manifest format 2 added `sealed`; format 1 (plain backups only) still reads.
 
 use serde::{Deserialize, Serialize};
 
@@ -13,11 +18,35 @@ const PIECE_MAGIC: &[u8; 8] = b"BSLTPIE\0";
 const MANIFEST_MAGIC: &[u8; 8] = b"BSLTMAN\0";
 /// The piece format this build writes and reads.
 pub const PIECE_VERSION: u32 = 1;
-/// The manifest format this build writes and reads.
-pub const MANIFEST_VERSION: u32 = 1;
+/// The manifest format this build writes (it reads 1 too).
+pub const MANIFEST_VERSION: u32 = 2;
 const PIECE_HEADER: usize = 8 + 4 + 1 + 4 + 4 + 4;
-/// Largest piece: one chunk.
-const MAX_PIECE: usize = basalt_common::CHUNK_SIZE as usize;
+/// Blocks in a chunk.
+const CHUNK_BLOCKS: usize = (basalt_common::CHUNK_SIZE / basalt_common::BLOCK_SIZE) as usize;
+/// Largest piece: one chunk, with its encryption contexts if sealed.
+const MAX_PIECE: usize = basalt_common::CHUNK_SIZE as usize + CHUNK_BLOCKS * CryptContext::LEN;
+
+use basalt_common::{BLOCK_SIZE, CryptContext};
+
+/// A sealed chunk's piece bytes: the ciphertext, then each block's context.
+pub fn sealed_payload(data: &[u8], contexts: &[Option<CryptContext>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + contexts.len() * CryptContext::LEN);
+    out.extend_from_slice(data);
+    out.extend_from_slice(&CryptContext::encode_all(contexts));
+    out
+}
+
+/// Splits a sealed chunk's piece bytes back into the `len` bytes of ciphertext and the
+/// contexts; `Err` if the piece does not have that shape.
+pub fn split_sealed(payload: &[u8], len: usize) -> Result<(&[u8], Vec<Option<CryptContext>>), String> {
+    let blocks = len / BLOCK_SIZE as usize;
+    if !len.is_multiple_of(BLOCK_SIZE as usize) || payload.len() != len + blocks * CryptContext::LEN {
+        return Err(format!("holds {} bytes, a sealed chunk of {len} bytes needs {}", payload.len(), len + blocks * CryptContext::LEN));
+    }
+    let (data, contexts) = payload.split_at(len);
+    let contexts = CryptContext::decode_all(contexts, blocks).ok_or_else(|| "malformed encryption contexts".to_string())?;
+    Ok((data, contexts))
+}
 
 /// A piece's name: the SHA-256 of its plain bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -127,6 +156,21 @@ pub struct Manifest {
     pub size: u64,
     /// Chunks with data, in chunk order.
     pub chunks: Vec<ManifestChunk>,
+    /// The volume is encrypted: each piece is a sealed chunk ([`sealed_payload`]). Added in
+    /// manifest format 2.
+    pub sealed: bool,
+}
+
+/// [`Manifest`] as format 1 had it (plain backups only).
+#[derive(Deserialize)]
+struct ManifestV1 {
+    backup: u64,
+    volume: u64,
+    volume_name: String,
+    snapshot: String,
+    epoch: u64,
+    size: u64,
+    chunks: Vec<ManifestChunk>,
 }
 
 impl Manifest {
@@ -149,8 +193,8 @@ impl Manifest {
             return Err("not a backup manifest (no manifest header)".into());
         }
         let version = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]);
-        if version != MANIFEST_VERSION {
-            return Err(format!("manifest format {version} is not one this build reads ({MANIFEST_VERSION})"));
+        if version != MANIFEST_VERSION && version != 1 {
+            return Err(format!("manifest format {version} is not one this build reads (1 to {MANIFEST_VERSION})"));
         }
         let mut len = [0u8; 8];
         len.copy_from_slice(&raw[12..20]);
@@ -162,6 +206,11 @@ impl Manifest {
         let crc = u32::from_le_bytes([raw[20 + len], raw[21 + len], raw[22 + len], raw[23 + len]]);
         if crc32c::crc32c(body) != crc {
             return Err("manifest fails its checksum".into());
+        }
+        if version == 1 {
+            let v: ManifestV1 = bincode::deserialize(body).map_err(|e| format!("corrupt manifest: {e}"))?;
+            let ManifestV1 { backup, volume, volume_name, snapshot, epoch, size, chunks } = v;
+            return Ok(Manifest { backup, volume, volume_name, snapshot, epoch, size, chunks, sealed: false });
         }
         bincode::deserialize(body).map_err(|e| format!("corrupt manifest: {e}"))
     }
@@ -200,9 +249,28 @@ mod tests {
             epoch: 2,
             size: 4096,
             chunks: vec![ManifestChunk { chunk: 0, owner: 1, epoch: 2, piece: id, len: 4096 }],
+            sealed: true,
         };
         let enc = m.encode();
         assert_eq!(Manifest::decode(&enc).unwrap(), m);
+        // Format 1: the same without `sealed` (plain).
+        let body = bincode::serialize(&(3u64, 1u64, "v", "s", 2u64, 4096u64, &m.chunks)).unwrap();
+        let mut v1 = MANIFEST_MAGIC.to_vec();
+        v1.extend_from_slice(&1u32.to_le_bytes());
+        v1.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        v1.extend_from_slice(&body);
+        v1.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        assert_eq!(Manifest::decode(&v1).unwrap(), Manifest { sealed: false, ..m.clone() });
+
+        // A sealed chunk's payload splits back; a wrong shape is refused.
+        let ctx = CryptContext { nonce: [1; 12], tag: [2; 16] };
+        let payload = sealed_payload(&[5u8; 8192], &[Some(ctx), None]);
+        let (data, contexts) = split_sealed(&payload, 8192).unwrap();
+        assert_eq!((data, contexts), (&[5u8; 8192][..], vec![Some(ctx), None]));
+        assert!(split_sealed(&payload, 4096).is_err());
+        assert!(split_sealed(&payload[1..], 8192).is_err());
+        let piece = Piece::encode(&sealed_payload(&vec![7u8; basalt_common::CHUNK_SIZE as usize], &vec![Some(ctx); CHUNK_BLOCKS]));
+        assert_eq!(Piece::decode(&piece).unwrap().len(), MAX_PIECE, "a whole sealed chunk fits a piece");
         let mut newer = enc.clone();
         newer[8] = 9;
         assert!(Manifest::decode(&newer).unwrap_err().contains("format 9"));

@@ -75,6 +75,7 @@ pub async fn copy(snap: &Volume, store: Arc<BackupStore>, job: &CopyJob, progres
         return Err(BackupError::Changed(format!("snapshot {}@{} is not at epoch {} any more", job.volume, job.snapshot, job.epoch)));
     }
     let versions = snap.chunk_versions().await.map_err(cluster_err)?;
+    let sealed = snap.stored_sealed();
     let parent = {
         let store = store.clone();
         let (volume, epoch) = (job.volume_id, job.epoch);
@@ -107,7 +108,15 @@ pub async fn copy(snap: &Volume, store: Arc<BackupStore>, job: &CopyJob, progres
                 let piece = match reused {
                     Some(p) => p,
                     None => {
-                        let data = snap.read(offset, len).await.map_err(|source| BackupError::Cluster { volume: job.volume.clone(), source })?;
+                        let cluster_err = |source| BackupError::Cluster { volume: job.volume.clone(), source };
+                        // An encrypted volume's chunk is copied as stored, contexts and all:
+                        // the backup tier never holds a key.
+                        let data = if sealed {
+                            let (data, contexts) = snap.read_sealed(offset, len).await.map_err(cluster_err)?;
+                            crate::format::sealed_payload(&data, &contexts).into()
+                        } else {
+                            snap.read(offset, len).await.map_err(cluster_err)?
+                        };
                         changed.fetch_add(len, Ordering::Relaxed);
                         progress.bytes.fetch_add(len, Ordering::Relaxed);
                         let (id, written) = blocking(move || store.put(&data)).await?;
@@ -145,6 +154,7 @@ pub async fn copy(snap: &Volume, store: Arc<BackupStore>, job: &CopyJob, progres
         epoch: job.epoch,
         size,
         chunks,
+        sealed,
     };
     let committed = {
         let store = store.clone();
@@ -187,13 +197,21 @@ where
             async move {
                 let piece = c.piece;
                 let data = blocking(move || store.read(&piece)).await?;
-                if data.len() != c.len as usize {
-                    return Err(BackupError::Piece {
-                        piece: piece.to_hex(),
-                        why: format!("holds {} bytes, chunk {} needs {}", data.len(), c.chunk, c.len),
-                    });
-                }
-                volume.write(c.chunk * CHUNK_SIZE, data, false).await.map_err(|source| BackupError::Cluster { volume: name, source })?;
+                let offset = c.chunk * CHUNK_SIZE;
+                let written = if manifest.sealed {
+                    let (ciphertext, contexts) = crate::format::split_sealed(&data, c.len as usize)
+                        .map_err(|why| BackupError::Piece { piece: piece.to_hex(), why: format!("chunk {}: {why}", c.chunk) })?;
+                    volume.write_presealed(offset, data.slice_ref(ciphertext), &contexts).await
+                } else {
+                    if data.len() != c.len as usize {
+                        return Err(BackupError::Piece {
+                            piece: piece.to_hex(),
+                            why: format!("holds {} bytes, chunk {} needs {}", data.len(), c.chunk, c.len),
+                        });
+                    }
+                    volume.write(offset, data, false).await
+                };
+                written.map_err(|source| BackupError::Cluster { volume: name, source })?;
                 progress.bytes.fetch_add(u64::from(c.len), Ordering::Relaxed);
                 progress.done.fetch_add(1, Ordering::Relaxed);
                 Ok(c.chunk)
@@ -224,6 +242,10 @@ pub fn verify(store: &BackupStore, manifest: &Manifest) -> (u64, u64, Vec<String
             continue;
         }
         match store.read(&c.piece) {
+            Ok(d) if manifest.sealed => match crate::format::split_sealed(&d, c.len as usize) {
+                Ok(_) => bytes += u64::from(c.len),
+                Err(why) => bad.push(format!("chunk {} (offset {}): piece {} {why}", c.chunk, c.chunk * CHUNK_SIZE, c.piece.to_hex())),
+            },
             Ok(d) if d.len() == c.len as usize => bytes += d.len() as u64,
             Ok(d) => bad.push(format!(
                 "chunk {} (offset {}): piece {} holds {} bytes, the chunk {}",

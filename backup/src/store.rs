@@ -328,6 +328,7 @@ mod tests {
             epoch,
             size: 64 << 20,
             chunks: chunks.iter().map(|(c, p)| ManifestChunk { chunk: *c, owner: 7, epoch, piece: *p, len: 1 << 20 }).collect(),
+            sealed: false,
         }
     }
 

@@ -3,12 +3,14 @@
 //! meta leader and follow the job with a progress bar (percentages on stderr otherwise).
 
 use std::io::IsTerminal;
+use std::path::Path;
 use std::time::Duration;
 
 use basalt_common::units::format_size;
 use basalt_proto::admin::{
     Backup, BackupCreateRequest, BackupListRequest, BackupPinRequest, BackupRestoreRequest, BackupShowRequest, JobProgress, RestoreStatusRequest,
 };
+use basalt_volume_client::crypt::Kek;
 use serde_json::{Value, json};
 
 use crate::admin::Admin;
@@ -31,7 +33,7 @@ fn backup_json(b: &Backup) -> Value {
         "id": b.id, "volume": b.volume, "volume_id": b.volume_id, "snapshot": b.snapshot, "epoch": b.epoch, "size": b.size,
         "state": b.state, "error": b.error, "nodes": b.nodes, "created_unix_ms": b.created_unix_ms,
         "finished_unix_ms": b.finished_unix_ms, "volume_deleted": b.volume_deleted, "auto_snapshot": b.auto_snapshot,
-        "schedule": b.schedule, "pinned": b.pinned, "volume_deleted_unix_ms": b.volume_deleted_unix_ms,
+        "schedule": b.schedule, "pinned": b.pinned, "volume_deleted_unix_ms": b.volume_deleted_unix_ms, "encrypted": b.encrypted,
         "copies": b.copies.iter().map(|c| json!({
             "node": c.node, "data_bytes": c.data_bytes, "changed_bytes": c.changed_bytes, "stored_bytes": c.stored_bytes,
             "incremental_to": c.parent, "duration_ms": c.duration_ms,
@@ -204,7 +206,7 @@ pub async fn show(admin: &Admin, out: Out, id: u64) -> Result<(), CliError> {
         let mut lines = vec![
             format!("backup {} of {}@{} (epoch {}){}", b.id, b.volume, b.snapshot, b.epoch, if b.volume_deleted { ", volume deleted" } else { "" }),
             format!("  state:    {}{}", b.state, if b.error.is_empty() { String::new() } else { format!(": {}", b.error) }),
-            format!("  size:     {}", format_size(b.size)),
+            format!("  size:     {}{}", format_size(b.size), if b.encrypted { " (encrypted: stored as ciphertext; restore with --kek-file)" } else { "" }),
             format!("  created:  {}; finished {}", when(b.created_unix_ms, "-"), when(b.finished_unix_ms, "-")),
             format!("  kept on:  node(s) {:?}", b.nodes),
         ];
@@ -270,11 +272,25 @@ pub async fn pin(admin: &Admin, out: Out, id: u64, unpin: bool) -> Result<(), Cl
     Ok(())
 }
 
-/// `basalt backup restore ID --to NAME`: resumes a restore into NAME of the same backup.
-pub async fn restore(admin: &Admin, out: Out, id: u64, to: String, no_wait: bool) -> Result<(), CliError> {
+/// `basalt backup restore ID --to NAME [--kek-file FILE]`: resumes a restore into NAME of the
+/// same backup. A backup of an encrypted volume is restored into an encrypted volume: the KEK
+/// that opened the volume opens the backup's keys here, and the new volume gets them (and a
+/// fresh key of its own) wrapped under the same KEK; the blocks travel sealed, as stored.
+pub async fn restore(admin: &Admin, out: Out, id: u64, to: String, kek_file: Option<&Path>, no_wait: bool) -> Result<(), CliError> {
+    let keys = match kek_file {
+        Some(path) => {
+            let kek = Kek::from_file(path).map_err(|e| CliError::invalid(e.to_string()))?;
+            let b = admin.call(|mut c| async move { c.backup_show(BackupShowRequest { id }).await }).await?.backup.unwrap_or_default();
+            if !b.encrypted {
+                return Err(CliError::invalid(format!("backup {id} is of volume {}, which is not encrypted: restore it without --kek-file", b.volume)));
+            }
+            crate::rekey::keys_for_restore(admin, id, &b.volume, &to, &kek).await?
+        }
+        None => Vec::new(),
+    };
     let mut r = admin
         .call(|mut c| {
-            let req = BackupRestoreRequest { id, to: to.clone() };
+            let req = BackupRestoreRequest { id, to: to.clone(), keys: keys.clone() };
             async move { c.backup_restore(req).await }
         })
         .await?;

@@ -316,6 +316,10 @@ enum BackupCmd {
         /// The new volume's name.
         #[arg(long)]
         to: String,
+        /// For a backup of an encrypted volume: the key-encryption key that opened that volume.
+        /// The new volume is encrypted under it too.
+        #[arg(long)]
+        kek_file: Option<PathBuf>,
         /// Return once the restore is started, without following it.
         #[arg(long)]
         no_wait: bool,
@@ -685,7 +689,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Cmd::Schedule(ScheduleCmd::List) => schedule::list(&admin, out).await,
         Cmd::Schedule(ScheduleCmd::Delete { name }) => schedule::delete(&admin, out, name).await,
-        Cmd::Backup(BackupCmd::Restore { id, to, no_wait }) => backup::restore(&admin, out, id, to, no_wait).await,
+        Cmd::Backup(BackupCmd::Restore { id, to, kek_file, no_wait }) => backup::restore(&admin, out, id, to, kek_file.as_deref(), no_wait).await,
         Cmd::Snapshot(SnapshotCmd::Create { volume, name }) => snapshot::create(&admin, out, volume, name).await,
         Cmd::Snapshot(SnapshotCmd::List { volume }) => snapshot::list(&admin, out, volume).await,
         Cmd::Snapshot(SnapshotCmd::Delete { volume, name }) => snapshot::delete(&admin, out, volume, name).await,

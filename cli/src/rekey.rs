@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use basalt_common::BLOCK_SIZE;
-use basalt_proto::admin::{VersionedKey, Volume, VolumeKeyRequest, VolumeRekeyRequest, VolumeShowRequest};
+use basalt_proto::admin::{BackupShowRequest, VersionedKey, Volume, VolumeKeyReply, VolumeKeyRequest, VolumeRekeyRequest, VolumeShowRequest};
 use basalt_volume_client::crypt::{CryptError, DataKey, Kek, WrappedKey, rewrap, rewrap_for};
 use basalt_volume_client::reencrypt::{self, Progress};
 use basalt_volume_client::{ClientError, Cluster};
@@ -130,6 +130,18 @@ pub async fn keys_for_clone(admin: &Admin, source: &str, target: &str, kek: &Kek
             async move { c.volume_key(VolumeKeyRequest { name }).await }
         })
         .await?;
+    copied_keys(&theirs, source, target, kek)
+}
+
+/// The same for a restore of backup `id` of volume `source` into new volume `target`.
+pub async fn keys_for_restore(admin: &Admin, id: u64, source: &str, target: &str, kek: &Kek) -> Result<Vec<VersionedKey>, CliError> {
+    let theirs = admin.call(|mut c| async move { c.backup_key(BackupShowRequest { id }).await }).await?;
+    copied_keys(&theirs, source, target, kek)
+}
+
+/// `theirs` (wrapped for volume `source`) opened with `kek` and wrapped for `target`, then a
+/// fresh version one above the newest.
+fn copied_keys(theirs: &VolumeKeyReply, source: &str, target: &str, kek: &Kek) -> Result<Vec<VersionedKey>, CliError> {
     let mut keys = Vec::with_capacity(theirs.keys.len() + 1);
     for k in &theirs.keys {
         let wrapped = WrappedKey::parse(source, &k.wrapped).map_err(crypt_err)?;

@@ -445,3 +445,103 @@ async fn backups_are_kept_on_two_backup_nodes_and_a_restore_rides_out_a_storage_
     let back = read_all(&cluster, "r", SIZE).await;
     assert_eq!(Sha256::digest(&back), Sha256::digest(&image), "restored from node-5 through a storage-node failover");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_volumes_backup_stays_ciphertext_and_restores_with_its_kek() {
+    use basalt_proto::admin::BackupShowRequest;
+    use basalt_volume_client::crypt::Kek;
+    const SIZE: u64 = 16 * MIB;
+    let cluster = cluster_with_backup_node().await;
+    let kek_bytes: [u8; 32] = rand::random();
+    let kek_path = cluster.path().join("e.kek");
+    std::fs::write(&kek_path, kek_bytes).unwrap();
+    let kek_file = kek_path.to_str().unwrap();
+    let kek = Kek::from_bytes(kek_bytes);
+    let (code, _, err) = cluster.cli(&["volume", "create", "e", "--size", "16MiB", "--encrypt", "--kek-file", kek_file]).await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    let client = cluster.client().await.unwrap();
+    let attach = |name: &'static str| {
+        let (client, kek) = (client.clone(), &kek);
+        async move { client.attach_volume(name, "writer", false).await.unwrap().with_cipher(client.volume_cipher(name, kek).await.unwrap()) }
+    };
+    // Eight whole chunks (one carries a marker) and part of a ninth (its other blocks stay
+    // unwritten: no context, zeros).
+    let marker = b"SEALED-BACKUP-MARKER-51c0e7";
+    let mut image = vec![0u8; SIZE as usize];
+    let vol = attach("e").await;
+    for i in 0..8 {
+        let mut data = chunk(i, 0);
+        if i == 3 {
+            data[100..100 + marker.len()].copy_from_slice(marker);
+        }
+        image[(i * MIB) as usize..((i + 1) * MIB) as usize].copy_from_slice(&data);
+        vol.write(i * MIB, Bytes::from(data), false).await.unwrap();
+    }
+    let part = chunk(9, 0)[..64 << 10].to_vec();
+    image[(9 * MIB) as usize..(9 * MIB) as usize + part.len()].copy_from_slice(&part);
+    vol.write(9 * MIB, Bytes::from(part), false).await.unwrap();
+    client.detach_volume(&vol).await.unwrap();
+
+    let first = json(&cluster, &["backup", "create", "e"]).await;
+    assert_eq!((first["state"].as_str(), first["encrypted"].as_bool()), (Some("complete"), Some(true)), "{first}");
+    assert_eq!(first["copies"][0]["changed_bytes"], 9 * MIB, "{first}");
+    let backups_dir = cluster.node(BACKUP_NODE).data_dir.join("backups");
+    assert!(files_containing(&backups_dir, marker).is_empty(), "the backup node holds the volume's plaintext");
+    let id1 = first["id"].as_u64().unwrap();
+    assert_eq!(json(&cluster, &["backup", "verify", &id1.to_string()]).await["ok"], true);
+
+    // Incremental as for a plain volume: one changed chunk is read.
+    let vol = attach("e").await;
+    let data = chunk(2, 1);
+    image[(2 * MIB) as usize..(3 * MIB) as usize].copy_from_slice(&data);
+    vol.write(2 * MIB, Bytes::from(data), false).await.unwrap();
+    client.detach_volume(&vol).await.unwrap();
+    let second = json(&cluster, &["backup", "create", "e"]).await;
+    assert_eq!(second["copies"][0]["changed_bytes"], MIB, "{second}");
+    assert_eq!(second["copies"][0]["incremental_to"], id1, "{second}");
+    let id2 = second["id"].as_u64().unwrap();
+    let wrapped = client
+        .admin_call(|mut c| async move { c.backup_key(BackupShowRequest { id: id2 }).await })
+        .await
+        .unwrap()
+        .keys
+        .into_iter()
+        .map(|k| k.wrapped.to_vec())
+        .collect::<Vec<_>>();
+    assert_eq!(wrapped.len(), 1);
+
+    // The volume is deleted (its keys shredded); the backup keeps its own copies.
+    let (code, _, err) = cluster.cli(&["volume", "delete", "e"]).await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = cluster.cli(&["backup", "restore", &id2.to_string(), "--to", "r"]).await.unwrap();
+    assert!(code != Some(0) && err.contains("--kek-file"), "{code:?} {err}");
+    let other = cluster.path().join("other.kek");
+    std::fs::write(&other, rand::random::<[u8; 32]>()).unwrap();
+    let (code, _, err) = cluster.cli(&["backup", "restore", &id2.to_string(), "--to", "r", "--kek-file", other.to_str().unwrap()]).await.unwrap();
+    assert!(code != Some(0) && err.contains("does not open"), "{code:?} {err}");
+    let restored = json(&cluster, &["backup", "restore", &id2.to_string(), "--to", "r", "--kek-file", kek_file]).await;
+    assert_eq!(restored["restoring"], false, "{restored}");
+    let r = attach("r").await;
+    let back = r.read(0, SIZE).await.unwrap();
+    assert_eq!(Sha256::digest(&back), Sha256::digest(&image), "sha256 of the restored volume equals the snapshot's");
+    // The restored volume seals its own writes with a key of its own.
+    r.write(0, Bytes::from(vec![0x5Au8; 4096]), false).await.unwrap();
+    assert_eq!(r.cipher().map(|c| c.current_version()), Some(2));
+    assert_eq!(r.read(0, 4096).await.unwrap(), Bytes::from(vec![0x5Au8; 4096]));
+    client.detach_volume(&r).await.unwrap();
+
+    // Deleting the backups erases their keys from every meta node's key store.
+    for id in [id1, id2] {
+        let (code, _, err) = cluster.cli(&["backup", "delete", &id.to_string()]).await.unwrap();
+        assert_eq!(code, Some(0), "{err}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let left: Vec<_> = (1..=3).flat_map(|n| files_containing(&cluster.node(n).data_dir, &wrapped[0])).collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the backup's wrapped key is still in {left:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -317,6 +317,12 @@ impl Volume {
         self.cipher.is_some()
     }
 
+    /// True if the cluster map says the volume is encrypted (its blocks are stored sealed),
+    /// whether or not this handle holds its keys.
+    pub fn stored_sealed(&self) -> bool {
+        self.cluster.map().volumes.get(&self.id).is_some_and(|v| v.encrypted)
+    }
+
     fn inflight_kib_total(&self) -> u32 {
         (self.cluster.inner.options.max_inflight_bytes / 1024).max(1) as u32
     }
@@ -714,6 +720,86 @@ impl Volume {
         let data = self.assemble_opened(self.cipher.as_deref(), start, end - start, parts)?;
         let rel = (offset - start) as usize;
         Ok(data.slice(rel..rel + len as usize))
+    }
+
+    /// Whole blocks at `offset` as stored, without opening them: the ciphertext and each
+    /// block's encryption context (`None`: unwritten or zeroed, reads as zeros). What a backup
+    /// node copies of an encrypted volume: the backup tier holds no key.
+    pub async fn read_sealed(&self, offset: u64, len: u64) -> Result<(Bytes, Vec<Option<CryptContext>>), ClientError> {
+        let bs = BLOCK_SIZE;
+        if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
+            return Err(ClientError::Internal(format!("{}: a sealed read takes whole blocks, not {len} bytes at {offset}", self.name)));
+        }
+        if len == 0 {
+            return Ok((Bytes::new(), Vec::new()));
+        }
+        self.check_range("read", offset, len).await?;
+        let _permit = self.inflight.acquire().await.map_err(|_| ClientError::Internal("client closed".into()))?;
+        let spans = self.spans(offset, len)?;
+        let parts = try_join_all(spans.iter().map(|s| self.read_span(s))).await?;
+        let mut buf = BytesMut::with_capacity(len as usize);
+        let mut contexts = Vec::with_capacity((len / bs) as usize);
+        for (d, c) in parts {
+            let blocks = d.len() / bs as usize;
+            if c.is_empty() {
+                contexts.extend(std::iter::repeat_n(None, blocks));
+            } else {
+                contexts.extend(
+                    CryptContext::decode_all(&c, blocks)
+                        .ok_or_else(|| ClientError::Internal(format!("{}: malformed encryption contexts in a read reply", self.id)))?,
+                );
+            }
+            buf.extend_from_slice(&d);
+        }
+        Ok((buf.freeze(), contexts))
+    }
+
+    /// Writes whole blocks sealed elsewhere, each with its context, as they are (a restore of
+    /// an encrypted volume's backup: the ciphertext never opens on the way). A block without a
+    /// context must be zeros and is skipped: in the new volume it reads as zeros already.
+    pub async fn write_presealed(&self, offset: u64, data: Bytes, contexts: &[Option<CryptContext>]) -> Result<(), ClientError> {
+        let bs = BLOCK_SIZE as usize;
+        if !(offset as usize).is_multiple_of(bs) || !data.len().is_multiple_of(bs) || contexts.len() != data.len() / bs {
+            return Err(ClientError::Internal(format!(
+                "{}: a sealed write takes whole blocks with one context each ({} bytes at {offset}, {} contexts)",
+                self.name,
+                data.len(),
+                contexts.len()
+            )));
+        }
+        if let Some(i) = (0..contexts.len()).find(|i| contexts[*i].is_none() && data[i * bs..(i + 1) * bs].iter().any(|b| *b != 0)) {
+            return Err(ClientError::Internal(format!("{}: block {} carries data but no encryption context", self.name, offset / BLOCK_SIZE + i as u64)));
+        }
+        self.writable().await?;
+        self.check_range("write", offset, data.len() as u64).await?;
+        let _permit = self.inflight.acquire().await.map_err(|_| ClientError::Internal("client closed".into()))?;
+        let write_epoch = self.write_epoch();
+        let mut writes = Vec::new();
+        let mut i = 0;
+        while i < contexts.len() {
+            if contexts[i].is_none() {
+                i += 1;
+                continue;
+            }
+            let run = i;
+            while i < contexts.len() && contexts[i].is_some() {
+                i += 1;
+            }
+            let at = offset + (run * bs) as u64;
+            for span in self.spans(at, ((i - run) * bs) as u64)? {
+                let from = run * bs + span.buf_offset as usize;
+                let piece = data.slice(from..from + span.len as usize);
+                let b0 = from / bs;
+                let crypt = CryptContext::encode_all(&contexts[b0..b0 + span.len as usize / bs]);
+                writes.push((span, piece, Bytes::from(crypt)));
+            }
+        }
+        try_join_all(writes.into_iter().map(|(span, piece, crypt)| async move {
+            let crcs = piece_crcs(span.offset, &piece);
+            self.write_span(&span, piece, crcs, crypt, write_epoch).await
+        }))
+        .await?;
+        Ok(())
     }
 
     /// The chunks of the snapshot this handle reads that hold data, each with the version it

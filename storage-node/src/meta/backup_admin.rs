@@ -4,18 +4,19 @@
 
 use std::time::Duration;
 
-use basalt_common::NodeId;
+use basalt_common::{NodeId, VolumeId};
 use basalt_proto::admin::{
     Backup, BackupCopyStats, BackupCreateRequest, BackupListReply, BackupListRequest, BackupReply, BackupReportReply, BackupReportRequest,
     BackupRestoreRequest, BackupVerifyReply, CopyBackupRequest, CopyRef, JobProgress, ProgressRequest, RestoreStatusReply, RunRestoreRequest,
-    Schedule as ScheduleMsg, ScheduleListReply, ScheduleReply, VerifyCopyReply,
+    Schedule as ScheduleMsg, ScheduleListReply, ScheduleReply, VerifyCopyReply, VersionedKey, VolumeKeyReply,
 };
+use basalt_security::audit::Outcome;
 use basalt_security::{Action, Principal};
 use tonic::{Response, Status};
 
 use super::backups::{BackupRecord, BackupState, CopyStats, Restore, Schedule, describe, retention};
 use super::service::{AdminService, now_ms, status_of, volume_in};
-use super::state::{ClusterState, MetaCommand, MetaError, MetaReply, Role, VolumeState};
+use super::state::{ClusterState, MetaCommand, MetaError, MetaReply, Role, VolumeKeys, VolumeState};
 use crate::access::Caller;
 use crate::node::MetaHandle;
 
@@ -61,6 +62,7 @@ fn backup_proto(s: &ClusterState, b: &BackupRecord) -> Backup {
         schedule: b.schedule.clone().unwrap_or_default(),
         pinned: b.pinned,
         volume_deleted_unix_ms: b.volume_deleted_unix_ms,
+        encrypted: s.backup_keys.contains_key(&b.id),
     }
 }
 
@@ -188,10 +190,7 @@ impl AdminService {
         let Some(v) = s.volume_by_name(&msg.volume) else {
             return Err(status_of(&MetaError::NoSuchVolume(msg.volume.clone())));
         };
-        // Refused before a snapshot is taken for it (BeginBackup checks again).
-        if s.volume_keys.contains_key(&v.id) {
-            return Err(status_of(&MetaError::Backup(format!("volume {} is encrypted: backups of encrypted volumes are not built yet", v.name))));
-        }
+        let vid = v.id;
         if s.backups.restores.contains_key(&v.id) {
             return Err(status_of(&MetaError::Restoring { volume: v.name.clone(), backup: s.backups.restores[&v.id].backup }));
         }
@@ -214,24 +213,39 @@ impl AdminService {
             (msg.snapshot.clone(), false)
         };
         let target = format!("{}@{snapshot}", msg.volume);
-        let cmd = MetaCommand::BeginBackup {
-            volume: msg.volume.clone(),
-            snapshot: snapshot.clone(),
-            nodes,
-            auto_snapshot: auto,
-            schedule,
-            now_unix_ms: now_ms(),
+        let begun = async {
+            let cmd = match self.backup_key_copies(meta, vid, &msg.volume).await? {
+                None => MetaCommand::BeginBackup {
+                    volume: msg.volume.clone(),
+                    snapshot: snapshot.clone(),
+                    nodes,
+                    auto_snapshot: auto,
+                    schedule,
+                    now_unix_ms: now_ms(),
+                },
+                Some(keys) => MetaCommand::BeginEncryptedBackup {
+                    volume: msg.volume.clone(),
+                    snapshot: snapshot.clone(),
+                    nodes,
+                    auto_snapshot: auto,
+                    schedule,
+                    now_unix_ms: now_ms(),
+                    keys,
+                },
+            };
+            self.propose_audited(meta, cmd, caller, Action::BackupCreate, &target).await
         };
-        let record = match self.propose_audited(meta, cmd, caller, Action::BackupCreate, &target).await? {
-            MetaReply::Backup(b) => b,
+        let record = match begun.await {
+            Ok(MetaReply::Backup(b)) => b,
             other => {
                 if auto {
                     let cmd = MetaCommand::DeleteSnapshot { volume: msg.volume.clone(), name: snapshot };
                     let _ = self.propose(meta, cmd).await;
                 }
                 return Err(match other {
-                    MetaReply::Error(e) => status_of(&e),
-                    other => Status::internal(format!("unexpected meta reply {other:?}")),
+                    Err(status) => status,
+                    Ok(MetaReply::Error(e)) => status_of(&e),
+                    Ok(other) => Status::internal(format!("unexpected meta reply {other:?}")),
                 });
             }
         };
@@ -252,6 +266,19 @@ impl AdminService {
         let s = meta.shared.snapshot();
         let b = s.backups.records.get(&record.id).unwrap_or(&record);
         Ok(Response::new(BackupReply { backup: Some(self.backup_with_progress(&s, b).await) }))
+    }
+
+    /// An encrypted volume's backup keeps its own copies of the volume's key versions (the
+    /// same wrapped bytes under a new key id, on a majority of the key stores): the volume's
+    /// own go when it is deleted or re-encrypted, the backup's when the backup is. `None` for a
+    /// plain volume.
+    async fn backup_key_copies(&self, meta: &MetaHandle, volume: VolumeId, name: &str) -> Result<Option<VolumeKeys>, Status> {
+        let Some(theirs) = self.read(meta).await?.volume_keys.get(&volume).cloned() else { return Ok(None) };
+        let mut versions = Vec::with_capacity(theirs.digests.len());
+        for version in theirs.digests.keys() {
+            versions.push((*version, super::keys::fetch(&self.ctx, meta, name, &theirs, *version).await?));
+        }
+        Ok(Some(super::keys::store_rewrapped(&self.ctx, meta, theirs.current, &versions).await?))
     }
 
     async fn dispatch_copy(&self, s: &ClusterState, b: &BackupRecord, node: NodeId) -> Result<(), Status> {
@@ -441,7 +468,7 @@ impl AdminService {
             let volumes: Vec<String> = if sc.all {
                 s.volumes
                     .values()
-                    .filter(|v| v.state == VolumeState::Active && !s.volume_keys.contains_key(&v.id) && !s.backups.restores.contains_key(&v.id))
+                    .filter(|v| v.state == VolumeState::Active && !s.backups.restores.contains_key(&v.id))
                     .map(|v| v.name.clone())
                     .collect()
             } else {
@@ -535,7 +562,26 @@ impl AdminService {
         let node = b.copies.keys().find(|n| up.contains(n)).copied().ok_or_else(|| {
             Status::unavailable(format!("no node keeping backup {} is up (kept on {:?})", msg.id, b.copies.keys().map(|n| n.0).collect::<Vec<_>>()))
         })?;
-        let cmd = MetaCommand::BeginRestore { backup: msg.id, name: msg.to.clone(), node, now_unix_ms: now_ms() };
+        let cmd = if msg.keys.is_empty() {
+            MetaCommand::BeginRestore { backup: msg.id, name: msg.to.clone(), node, now_unix_ms: now_ms() }
+        } else {
+            // The new volume's keys are on a majority before it exists (copies of a restore
+            // that is then refused are swept as unreferenced).
+            let theirs = s.backup_keys.get(&msg.id).ok_or_else(|| {
+                Status::invalid_argument(format!("backup {} is of a volume that is not encrypted: its restore takes no keys (no --kek-file)", msg.id))
+            })?;
+            let existing: Vec<u32> = theirs.keys.digests.keys().copied().collect();
+            let next = existing.last().copied().unwrap_or(0) + 1;
+            let versions: Vec<(u32, Vec<u8>)> = msg.keys.iter().map(|k| (k.version, k.wrapped.to_vec())).collect();
+            if next > u32::from(u16::MAX) || versions.iter().map(|(v, _)| *v).ne(existing.iter().copied().chain([next])) {
+                return Err(Status::invalid_argument(format!(
+                    "a restore of backup {} must carry its key versions {existing:?} rewrapped for {}, then a new version {next}, in order",
+                    msg.id, msg.to
+                )));
+            }
+            let keys = super::keys::store_rewrapped(&self.ctx, meta, next, &versions).await?;
+            MetaCommand::BeginEncryptedRestore { backup: msg.id, name: msg.to.clone(), node, now_unix_ms: now_ms(), keys }
+        };
         let target = format!("backup {} to {}", msg.id, msg.to);
         if let MetaReply::Error(e) = self.propose_audited(meta, cmd, caller, Action::BackupRestore, &target).await? {
             return Err(status_of(&e));
@@ -549,6 +595,23 @@ impl AdminService {
             self.propose(meta, MetaCommand::RestoreProgress { volume: vid, next_chunk: 0, done: false, error }).await?;
         }
         Ok(Response::new(self.restore_status(&meta.shared.snapshot(), &msg.to).await?))
+    }
+
+    /// `BackupKey`: the wrapped key copies of an encrypted volume's backup, and the volume each
+    /// version's blocks are bound to.
+    pub(super) async fn backup_key(&self, meta: &MetaHandle, caller: &Caller, id: u64) -> Result<Response<VolumeKeyReply>, Status> {
+        let s = self.read(meta).await?;
+        let b = self.record(&s, caller, id)?;
+        let keys = s.backup_keys.get(&id).ok_or_else(|| Status::failed_precondition(format!("backup {id} is of a volume that is not encrypted")))?;
+        let label = format!("backup {id} of {}", b.volume_name);
+        let mut out = Vec::with_capacity(keys.keys.digests.len());
+        for version in keys.keys.digests.keys() {
+            let wrapped = super::keys::fetch(&self.ctx, meta, &label, &keys.keys, *version).await?;
+            let sealed_as = keys.sealed_as.get(version).map_or(b.volume.0, |v| v.0);
+            out.push(VersionedKey { version: *version, wrapped: wrapped.into(), sealed_as });
+        }
+        self.ctx.access.record(caller.event("backup.key", &label, Outcome::Ok, format!("{} wrapped key version(s)", out.len())));
+        Ok(Response::new(VolumeKeyReply { volume_id: b.volume.0, current_version: keys.keys.current, keys: out }))
     }
 
     /// `RestoreStatus`.

@@ -12,7 +12,7 @@ use basalt_common::names::validate_name;
 use basalt_common::{NodeId, VolumeId};
 use serde::{Deserialize, Serialize};
 
-use super::state::{ClusterState, MetaError, MetaReply};
+use super::state::{ClusterState, KeyEffect, MetaError, MetaReply, VolumeKeys};
 
 /// Where a backup stands.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -258,7 +258,10 @@ impl ClusterState {
         MetaReply::Done
     }
 
-    /// Records a new running backup of `volume`'s snapshot `snapshot`, kept on `nodes`.
+    /// Records a new running backup of `volume`'s snapshot `snapshot`, kept on `nodes`. An
+    /// encrypted volume's backup comes with `keys`: copies of exactly the volume's key versions
+    /// (its blocks stay sealed on the backup nodes; these open them at a restore).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn begin_backup(
         &mut self,
         volume: &str,
@@ -267,12 +270,18 @@ impl ClusterState {
         auto_snapshot: bool,
         schedule: Option<String>,
         now_unix_ms: u64,
+        keys: Option<VolumeKeys>,
     ) -> MetaReply {
         let Some(v) = self.volume_by_name(volume).cloned() else {
             return MetaReply::Error(MetaError::NoSuchVolume(volume.to_string()));
         };
-        if self.volume_keys.contains_key(&v.id) {
-            return refused(format!("volume {volume} is encrypted: backups of encrypted volumes are not built yet"));
+        match (self.volume_keys.get(&v.id), &keys) {
+            (Some(_), None) => return refused(format!("volume {volume} is encrypted: its backup needs copies of its keys")),
+            (None, Some(_)) => return refused(format!("volume {volume} is not encrypted: its backup takes no keys")),
+            (Some(theirs), Some(ours)) if theirs.digests != ours.digests => {
+                return refused(format!("volume {volume}'s keys changed as the backup began (a rekey or re-encryption); take it again"));
+            }
+            _ => {}
         }
         if self.backups.restores.contains_key(&v.id) {
             return refused(format!("volume {volume} is being restored; back it up once the restore is done"));
@@ -303,6 +312,11 @@ impl ClusterState {
             volume_deleted_unix_ms: 0,
         };
         self.backups.records.insert(id, record.clone());
+        if let Some(keys) = keys {
+            let inherited = self.inherited_keys.get(&v.id);
+            let sealed_as = keys.digests.keys().map(|k| (*k, inherited.and_then(|i| i.get(k)).copied().unwrap_or(v.id))).collect();
+            self.backup_keys.insert(id, BackupKeys { keys, sealed_as });
+        }
         MetaReply::Backup(record)
     }
 
@@ -347,12 +361,19 @@ impl ClusterState {
             return refused(format!("backup {id} is being restored into volume {into}; delete it once that restore is done"));
         }
         let b = self.backups.records.remove(&id).expect("found above");
+        // Its keys go with it: what is left on the backup nodes opens with nothing.
+        if let Some(k) = self.backup_keys.remove(&id) {
+            self.key_effects.push(KeyEffect::Erase(k.keys.key_id));
+        }
         MetaReply::Backup(b)
     }
 
     /// Creates volume `name` from complete backup `backup`, attached read-write by the restore
-    /// that `node` runs.
-    pub(super) fn begin_restore(&mut self, backup: u64, name: String, node: NodeId, now_unix_ms: u64) -> MetaReply {
+    /// that `node` runs. An encrypted volume's backup is restored into an encrypted volume
+    /// with `keys`: the backup's key versions rewrapped for `name` (they open the restored
+    /// blocks, which stay bound to the volume that sealed them) and one newer version that the
+    /// new volume seals with.
+    pub(super) fn begin_restore(&mut self, backup: u64, name: String, node: NodeId, now_unix_ms: u64, keys: Option<VolumeKeys>) -> MetaReply {
         let Some(b) = self.backups.records.get(&backup).cloned() else {
             return MetaReply::Error(MetaError::NoSuchBackup(backup));
         };
@@ -365,8 +386,35 @@ impl ClusterState {
         if let Err(e) = validate_name(&name) {
             return MetaReply::Error(MetaError::InvalidName(e.to_string()));
         }
-        let reply = self.create_volume(name, b.size, now_unix_ms, None);
+        let backup_keys = self.backup_keys.get(&backup).cloned();
+        match (&backup_keys, &keys) {
+            (Some(_), None) => {
+                return refused(format!(
+                    "backup {backup} is of encrypted volume {}: restore it with --kek-file FILE (the KEK that opened that volume)",
+                    b.volume_name
+                ));
+            }
+            (None, Some(_)) => return refused(format!("backup {backup} is of a volume that is not encrypted: its restore takes no keys")),
+            (Some(theirs), Some(ours)) => {
+                let newest = theirs.keys.digests.keys().next_back().copied().unwrap_or(0);
+                if !theirs.keys.digests.keys().all(|k| ours.digests.contains_key(k))
+                    || ours.digests.len() != theirs.keys.digests.len() + 1
+                    || ours.current <= newest
+                    || !ours.digests.contains_key(&ours.current)
+                {
+                    return refused(format!(
+                        "a restore of backup {backup} must carry its key versions {:?} and one newer version",
+                        theirs.keys.digests.keys().collect::<Vec<_>>()
+                    ));
+                }
+            }
+            (None, None) => {}
+        }
+        let reply = self.create_volume(name, b.size, now_unix_ms, keys);
         let MetaReply::Volume(v) = reply else { return reply };
+        if let Some(theirs) = backup_keys {
+            self.inherited_keys.insert(v.id, theirs.sealed_as);
+        }
         let v = self.volumes.get_mut(&v.id).expect("just created");
         v.attach_epoch += 1;
         v.attached_by = Some(restore_holder(backup));
@@ -401,6 +449,17 @@ impl ClusterState {
     pub(super) fn restore_gone(&mut self, volume: VolumeId) {
         self.backups.restores.remove(&volume);
     }
+}
+
+/// An encrypted volume's backup's keys: copies of every key version its snapshot's blocks may
+/// be sealed with, in the meta nodes' key stores under their own key id (erased with the
+/// backup, not with the volume), and the volume each version's blocks are bound to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupKeys {
+    /// The copies.
+    pub keys: VolumeKeys,
+    /// For each version, the volume whose id its blocks' associated data names.
+    pub sealed_as: BTreeMap<u32, VolumeId>,
 }
 
 /// A backup state for people.
@@ -644,5 +703,67 @@ mod tests {
         assert!(matches!(w.state, BackupState::Failed(_)));
         assert!(matches!(apply(&mut s, MetaCommand::DeleteBackup { id: w.id }), MetaReply::Backup(_)));
         assert!(matches!(apply(&mut s, MetaCommand::DeleteBackup { id: w.id }), MetaReply::Error(MetaError::NoSuchBackup(_))));
+    }
+
+    #[test]
+    fn an_encrypted_volumes_backup_keeps_its_own_keys_and_restores_into_an_encrypted_volume() {
+        let mut s = initialized();
+        let b = with_backup_node(&mut s);
+        let keys = VolumeKeys { key_id: 5, current: 1, digests: [(1, [1u8; 32])].into() };
+        apply(&mut s, MetaCommand::CreateEncryptedVolume { name: "e".into(), size: 1 << 20, now_unix_ms: 1, keys });
+        apply(&mut s, MetaCommand::CreateSnapshot { volume: "e".into(), name: "s".into(), now_unix_ms: 2 });
+        let e = s.volume_by_name("e").map(|v| v.id).expect("e");
+        let begin = |s: &mut ClusterState, keys: Option<VolumeKeys>| {
+            let (volume, snapshot, nodes, now_unix_ms) = ("e".to_string(), "s".to_string(), vec![b], 3);
+            apply(
+                s,
+                match keys {
+                    None => MetaCommand::BeginBackup { volume, snapshot, nodes, auto_snapshot: false, schedule: None, now_unix_ms },
+                    Some(keys) => {
+                        MetaCommand::BeginEncryptedBackup { volume, snapshot, nodes, auto_snapshot: false, schedule: None, now_unix_ms, keys }
+                    }
+                },
+            )
+        };
+        // Without copies of the keys, or with copies of other keys: refused.
+        assert!(matches!(begin(&mut s, None), MetaReply::Error(MetaError::Backup(_))));
+        let other = VolumeKeys { key_id: 6, current: 1, digests: [(1, [9u8; 32])].into() };
+        assert!(matches!(begin(&mut s, Some(other)), MetaReply::Error(MetaError::Backup(m)) if m.contains("changed")));
+        let copies = VolumeKeys { key_id: 6, current: 1, digests: [(1, [1u8; 32])].into() };
+        let MetaReply::Backup(r) = begin(&mut s, Some(copies.clone())) else { panic!("begin") };
+        assert_eq!(s.backup_keys[&r.id], BackupKeys { keys: copies, sealed_as: [(1, e)].into() });
+        apply(&mut s, MetaCommand::BackupCopied { id: r.id, node: b, outcome: Ok(CopyStats::default()), now_unix_ms: 4 });
+
+        // The volume's deletion erases its own keys, not the backup's.
+        s.key_effects.clear();
+        apply(&mut s, MetaCommand::DeleteVolume { name: "e".into() });
+        assert_eq!(s.key_effects, vec![KeyEffect::Erase(5)]);
+        assert!(s.references_key(6));
+
+        // A restore needs the keys rewrapped plus one newer version.
+        let restore = |s: &mut ClusterState, name: &str, keys: Option<VolumeKeys>| {
+            let (backup, name, node, now_unix_ms) = (r.id, name.to_string(), b, 5);
+            apply(
+                s,
+                match keys {
+                    None => MetaCommand::BeginRestore { backup, name, node, now_unix_ms },
+                    Some(keys) => MetaCommand::BeginEncryptedRestore { backup, name, node, now_unix_ms, keys },
+                },
+            )
+        };
+        assert!(matches!(restore(&mut s, "r", None), MetaReply::Error(MetaError::Backup(m)) if m.contains("--kek-file")));
+        let same = VolumeKeys { key_id: 7, current: 1, digests: [(1, [2u8; 32])].into() };
+        assert!(matches!(restore(&mut s, "r", Some(same)), MetaReply::Error(MetaError::Backup(_))));
+        let ours = VolumeKeys { key_id: 7, current: 2, digests: [(1, [2u8; 32]), (2, [3u8; 32])].into() };
+        let MetaReply::Volume(rv) = restore(&mut s, "r", Some(ours.clone())) else { panic!("restore") };
+        assert_eq!(s.volume_keys[&rv.id], ours);
+        assert_eq!(s.inherited_keys[&rv.id], [(1, e)].into(), "the restored blocks open as the source's");
+
+        // Deleting the backup erases its keys.
+        apply(&mut s, MetaCommand::RestoreProgress { volume: rv.id, next_chunk: 1, done: true, error: None });
+        s.key_effects.clear();
+        assert!(matches!(apply(&mut s, MetaCommand::DeleteBackup { id: r.id }), MetaReply::Backup(_)));
+        assert_eq!(s.key_effects, vec![KeyEffect::Erase(6)]);
+        assert!(!s.references_key(6) && s.references_key(7));
     }
 }

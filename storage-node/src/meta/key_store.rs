@@ -282,7 +282,7 @@ pub type Referenced = BTreeMap<u64, BTreeSet<u32>>;
 
 /// The keys `state` references.
 pub fn referenced(state: &super::state::ClusterState) -> Referenced {
-    state.volume_keys.values().map(|k| (k.key_id, k.digests.keys().copied().collect())).collect()
+    state.key_references().into_iter().map(|(_, k)| (k.key_id, k.digests.keys().copied().collect())).collect()
 }
 
 /// Erases every key in `store` that no volume references (`referenced`) and that is older

@@ -154,7 +154,7 @@ pub async fn fetch(ctx: &NodeCtx, meta: &MetaHandle, volume: &str, keys: &Volume
                 }
                 // The volume may have been deleted while the copy travelled: a deletion erases
                 // after it publishes the state, so one of the two erasures catches the copy.
-                if !meta.shared.with(|s| s.volume_keys.values().any(|k| k.key_id == key_id)) {
+                if !meta.shared.with(|s| s.references_key(key_id)) {
                     let store = meta.keys.clone();
                     let _ = blocking(move || store.erase(key_id)).await;
                     return Err(Status::not_found(format!("volume {volume} was deleted")));
@@ -205,8 +205,7 @@ pub async fn run_key_keeper(ctx: std::sync::Arc<NodeCtx>, mut shutdown: tokio::s
             _ = tokio::time::sleep(REPAIR_EVERY) => {}
             _ = shutdown.changed() => return,
         }
-        let wanted: Vec<(String, VolumeKeys)> =
-            meta.shared.with(|s| s.volume_keys.iter().filter_map(|(id, k)| s.volumes.get(id).map(|v| (v.name.clone(), k.clone()))).collect());
+        let wanted: Vec<(String, VolumeKeys)> = meta.shared.with(|s| s.key_references());
         for (name, keys) in &wanted {
             for version in keys.digests.keys() {
                 // `fetch` checks this node's copy first and replaces a missing or bad one.

@@ -1481,6 +1481,10 @@ impl Admin for AdminService {
         })
     }
 
+    async fn backup_key(&self, request: Request<BackupShowRequest>) -> Result<Response<VolumeKeyReply>, Status> {
+        forward_or!(self, request, backup_key, Action::BackupRestore, None, |meta, caller, msg| self.backup_key(meta, &caller, msg.id).await)
+    }
+
     async fn restore_status(&self, request: Request<RestoreStatusRequest>) -> Result<Response<RestoreStatusReply>, Status> {
         let volume = request.get_ref().volume.clone();
         forward_or!(self, request, restore_status, Action::BackupList, Some(&volume), |meta, _caller, msg| {

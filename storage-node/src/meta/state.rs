@@ -214,6 +214,9 @@ pub struct ClusterState {
     /// Key versions a finished re-encryption no longer needs for the volume's head but its
     /// snapshots may: erased when the volume's last snapshot goes. Added in snapshot format 8.
     pub retired_keys: BTreeMap<VolumeId, BTreeSet<u32>>,
+    /// Encrypted volumes' backups: their own copies of the keys (erased with the backup, not
+    /// with the volume). Added in snapshot format 8.
+    pub backup_keys: BTreeMap<u64, super::backups::BackupKeys>,
     /// What the last applied commands did to the audit log, for the state machine to write to
     /// the audit file; never serialised.
     #[serde(skip)]
@@ -669,6 +672,38 @@ pub enum MetaCommand {
         /// The clone's keys (already on a majority of key stores).
         keys: VolumeKeys,
     },
+    /// [`MetaCommand::BeginBackup`] of an encrypted volume, with the backup's own copies of
+    /// the volume's key versions (the same wrapped bytes under a new key id).
+    BeginEncryptedBackup {
+        /// The volume.
+        volume: String,
+        /// Its snapshot.
+        snapshot: String,
+        /// The backup nodes to keep it.
+        nodes: Vec<NodeId>,
+        /// The snapshot was taken for it.
+        auto_snapshot: bool,
+        /// The schedule taking it.
+        schedule: Option<String>,
+        /// When it was asked for (proposer's clock).
+        now_unix_ms: u64,
+        /// The copies of the keys (already on a majority of key stores).
+        keys: VolumeKeys,
+    },
+    /// [`MetaCommand::BeginRestore`] of an encrypted volume's backup: the new volume gets the
+    /// backup's key versions rewrapped for its name and a fresh version it seals with.
+    BeginEncryptedRestore {
+        /// The backup.
+        backup: u64,
+        /// The new volume's name.
+        name: String,
+        /// The backup node that writes it.
+        node: NodeId,
+        /// When (proposer's clock).
+        now_unix_ms: u64,
+        /// The new volume's keys (already on a majority of key stores).
+        keys: VolumeKeys,
+    },
 }
 
 impl MetaCommand {
@@ -942,7 +977,10 @@ impl ClusterState {
             }
             MetaCommand::RolledBack { volume, pg, at_epoch } => self.rolled_back(volume, pg, at_epoch),
             MetaCommand::BeginBackup { volume, snapshot, nodes, auto_snapshot, schedule, now_unix_ms } => {
-                self.begin_backup(&volume, &snapshot, nodes, auto_snapshot, schedule, now_unix_ms)
+                self.begin_backup(&volume, &snapshot, nodes, auto_snapshot, schedule, now_unix_ms, None)
+            }
+            MetaCommand::BeginEncryptedBackup { volume, snapshot, nodes, auto_snapshot, schedule, now_unix_ms, keys } => {
+                self.begin_backup(&volume, &snapshot, nodes, auto_snapshot, schedule, now_unix_ms, Some(keys))
             }
             MetaCommand::CreateSchedule { schedule } => self.create_schedule(schedule),
             MetaCommand::DeleteSchedule { name } => self.delete_schedule(&name),
@@ -951,7 +989,10 @@ impl ClusterState {
             MetaCommand::BackupsOrphaned { ids, now_unix_ms } => self.backups_orphaned(&ids, now_unix_ms),
             MetaCommand::BackupCopied { id, node, outcome, now_unix_ms } => self.backup_copied(id, node, outcome, now_unix_ms),
             MetaCommand::DeleteBackup { id } => self.delete_backup(id),
-            MetaCommand::BeginRestore { backup, name, node, now_unix_ms } => self.begin_restore(backup, name, node, now_unix_ms),
+            MetaCommand::BeginRestore { backup, name, node, now_unix_ms } => self.begin_restore(backup, name, node, now_unix_ms, None),
+            MetaCommand::BeginEncryptedRestore { backup, name, node, now_unix_ms, keys } => {
+                self.begin_restore(backup, name, node, now_unix_ms, Some(keys))
+            }
             MetaCommand::RestoreProgress { volume, next_chunk, done, error } => self.restore_progress(volume, next_chunk, done, error),
         };
         if !matches!(reply, MetaReply::Error(_)) && changes_map {
@@ -1148,6 +1189,19 @@ impl ClusterState {
             self.reencrypts.remove(&v.id);
         }
         MetaReply::Volume(v)
+    }
+
+    /// Every set of key references the state holds: each encrypted volume's and each encrypted
+    /// backup's, with a label for messages.
+    pub fn key_references(&self) -> Vec<(String, VolumeKeys)> {
+        let volumes = self.volume_keys.iter().map(|(id, k)| (self.volumes.get(id).map_or_else(|| id.to_string(), |v| v.name.clone()), k.clone()));
+        let backups = self.backup_keys.iter().map(|(id, k)| (format!("backup {id}"), k.keys.clone()));
+        volumes.chain(backups).collect()
+    }
+
+    /// Whether a volume or backup still references key id `key_id`.
+    pub fn references_key(&self, key_id: u64) -> bool {
+        self.volume_keys.values().any(|k| k.key_id == key_id) || self.backup_keys.values().any(|k| k.keys.key_id == key_id)
     }
 
     /// Whether `volume` has a snapshot, or one being cut.
