@@ -206,7 +206,11 @@ pub async fn show(admin: &Admin, out: Out, id: u64) -> Result<(), CliError> {
         let mut lines = vec![
             format!("backup {} of {}@{} (epoch {}){}", b.id, b.volume, b.snapshot, b.epoch, if b.volume_deleted { ", volume deleted" } else { "" }),
             format!("  state:    {}{}", b.state, if b.error.is_empty() { String::new() } else { format!(": {}", b.error) }),
-            format!("  size:     {}{}", format_size(b.size), if b.encrypted { " (encrypted: stored as ciphertext; restore with --kek-file)" } else { "" }),
+            format!(
+                "  size:     {}{}",
+                format_size(b.size),
+                if b.encrypted { " (encrypted: stored as ciphertext; restore with --kek-file)" } else { "" }
+            ),
             format!("  created:  {}; finished {}", when(b.created_unix_ms, "-"), when(b.finished_unix_ms, "-")),
             format!("  kept on:  node(s) {:?}", b.nodes),
         ];
@@ -282,7 +286,10 @@ pub async fn restore(admin: &Admin, out: Out, id: u64, to: String, kek_file: Opt
             let kek = Kek::from_file(path).map_err(|e| CliError::invalid(e.to_string()))?;
             let b = admin.call(|mut c| async move { c.backup_show(BackupShowRequest { id }).await }).await?.backup.unwrap_or_default();
             if !b.encrypted {
-                return Err(CliError::invalid(format!("backup {id} is of volume {}, which is not encrypted: restore it without --kek-file", b.volume)));
+                return Err(CliError::invalid(format!(
+                    "backup {id} is of volume {}, which is not encrypted: restore it without --kek-file",
+                    b.volume
+                )));
             }
             crate::rekey::keys_for_restore(admin, id, &b.volume, &to, &kek).await?
         }

@@ -110,6 +110,7 @@ pub(crate) fn volume_json(v: &Volume) -> Value {
         "write_epoch": v.write_epoch, "snapshots": v.snapshots.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
         "attached_by": v.attached_by, "head_bytes": v.head_bytes, "snapshot_bytes": v.snapshot_bytes,
         "usage_partial": v.usage_partial, "clone_of": v.clone_of, "kept_for_clones": v.kept_for_clones,
+        "qos": v.qos.as_ref().map(|q| json!({"iops": q.iops, "bps": q.bps, "burst_ms": q.burst_ms, "own": v.qos_set})),
     })
 }
 
@@ -384,6 +385,7 @@ pub async fn volume_create(
     size: String,
     kek_file: Option<std::path::PathBuf>,
     unencrypted: bool,
+    qos: Option<basalt_proto::admin::Qos>,
 ) -> Result<(), CliError> {
     let size = size_arg(&size)?;
     let wrapped_key = match &kek_file {
@@ -397,7 +399,7 @@ pub async fn volume_create(
     let r = admin
         .call(|mut c| {
             let (name, wrapped_key) = (name.clone(), wrapped_key.clone());
-            async move { c.volume_create(VolumeCreateRequest { name, size, wrapped_key, unencrypted }).await }
+            async move { c.volume_create(VolumeCreateRequest { name, size, wrapped_key, unencrypted, qos }).await }
         })
         .await?;
     let v = r.volume.unwrap_or_default();
@@ -409,18 +411,30 @@ pub async fn volume_create(
 }
 
 /// `basalt cluster configure`.
-pub async fn cluster_configure(admin: &Admin, out: Out, encryption_default: Option<bool>) -> Result<(), CliError> {
-    let Some(on) = encryption_default else {
-        return Err(CliError::usage("nothing to change: give --encryption-default on|off"));
+pub async fn cluster_configure(
+    admin: &Admin,
+    out: Out,
+    encryption_default: Option<bool>,
+    qos_default: Option<basalt_proto::admin::Qos>,
+) -> Result<(), CliError> {
+    if encryption_default.is_none() && qos_default.is_none() {
+        return Err(CliError::usage("nothing to change: give --encryption-default on|off and/or --qos-iops/--qos-bps/--qos-burst"));
+    }
+    let req = basalt_proto::admin::ClusterConfigureRequest {
+        set_encryption_default: encryption_default.is_some(),
+        encryption_default: encryption_default.unwrap_or(false),
+        qos_default,
     };
-    let req = basalt_proto::admin::ClusterConfigureRequest { set_encryption_default: true, encryption_default: on };
     let r = admin.call(|mut c| async move { c.cluster_configure(req).await }).await?;
-    out.print(json!({"encryption_default": r.encryption_default}), || {
-        if r.encryption_default {
-            "new volumes are encrypted by default (volume create needs --encrypt --kek-file FILE, or --no-encrypt)".to_string()
+    let qos = r.qos_default.as_ref().map(basalt_proto::view::qos_from_proto).unwrap_or_default();
+    let value = json!({"encryption_default": r.encryption_default, "qos_default": {"iops": qos.iops, "bps": qos.bps, "burst_ms": qos.burst_ms}});
+    out.print(value, || {
+        let enc = if r.encryption_default {
+            "new volumes are encrypted by default (volume create needs --encrypt --kek-file FILE, or --no-encrypt)"
         } else {
-            "new volumes are unencrypted unless created with --encrypt".to_string()
-        }
+            "new volumes are unencrypted unless created with --encrypt"
+        };
+        format!("{enc}; volumes without limits of their own are held to: {}", qos.describe())
     });
     Ok(())
 }
@@ -455,6 +469,7 @@ pub async fn volume_show(admin: &Admin, out: Out, name: String) -> Result<(), Cl
         if !v.clone_of.is_empty() {
             text.push_str(&format!("\na clone of {}: reads it where it has not written", v.clone_of));
         }
+        text.push_str(&format!("\nQoS: {}", crate::qos::describe(&v)));
         text
     });
     Ok(())

@@ -353,7 +353,8 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
         None => {
             admin
                 .call(|mut c| async move {
-                    c.volume_create(VolumeCreateRequest { name: "demo".into(), size, wrapped_key: Default::default(), unencrypted: false }).await
+                    c.volume_create(VolumeCreateRequest { name: "demo".into(), size, wrapped_key: Default::default(), unencrypted: false, qos: None })
+                        .await
                 })
                 .await?;
             say(format!("created volume demo ({})", format_size(size)));

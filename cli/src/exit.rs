@@ -13,6 +13,7 @@
 //! | 8 | unauthenticated: no credentials, or an unknown, revoked or expired token |
 //! | 9 | permission denied: the credentials do not allow this |
 //! | 10 | verification failed: the audit log's hash chain is broken on some node |
+//! | 11 | `basalt status`: the cluster needs attention (the findings say what) |
 
 use std::fmt;
 
@@ -51,6 +52,10 @@ impl CliError {
     /// Exit 6.
     pub fn unreachable(m: impl Into<String>) -> Self {
         Self { code: 6, message: m.into() }
+    }
+    /// Exit 11: `basalt status` found something that needs attention (already printed).
+    pub fn unhealthy() -> Self {
+        Self { code: 11, message: String::new() }
     }
     /// Exit 8.
     pub fn unauthenticated(m: impl Into<String>) -> Self {

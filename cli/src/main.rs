@@ -6,6 +6,8 @@ mod backup;
 mod commands;
 mod dev;
 mod exit;
+mod health;
+mod qos;
 mod rekey;
 mod schedule;
 mod scrub;
@@ -57,6 +59,10 @@ const EXIT_CODES: &str = "Exit codes: 0 ok, 1 failure, 2 usage, 3 not found, 4 a
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Is the cluster healthy, and if not, what to do (exit 11 when something needs
+    /// attention): nodes, placement groups, rebuilds, space, scrub findings, backups,
+    /// certificates.
+    Status,
     /// Create the cluster or show its state.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -440,6 +446,10 @@ enum ClusterCmd {
         /// --kek-file, or an explicit --no-encrypt).
         #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
         encryption_default: Option<bool>,
+        /// QoS limits of volumes without their own (`--qos-iops`, `--qos-bps`, `--qos-burst`;
+        /// the dimensions not given are unlimited).
+        #[command(flatten)]
+        qos_default: qos::QosFlags,
     },
 }
 
@@ -496,6 +506,20 @@ enum VolumeCmd {
         /// key; every attach needs the same file. Lose it and the volume's data is lost.
         #[arg(long, value_name = "FILE")]
         kek_file: Option<PathBuf>,
+        #[command(flatten)]
+        qos: qos::QosFlags,
+    },
+    /// Set a volume's QoS limits, live: wherever it is attached (however many connections or
+    /// attachments), the storage nodes hold its I/O to them within a second. Limits not given
+    /// are unlimited; throttled requests wait, they never fail.
+    SetQos {
+        /// Volume.
+        name: String,
+        #[command(flatten)]
+        qos: qos::QosFlags,
+        /// Follow the cluster's default limits (`cluster configure --qos-iops ...`) again.
+        #[arg(long)]
+        default: bool,
     },
     /// Create a writable volume from a snapshot, at once: it shares the snapshot's data and
     /// copies a chunk only when it first writes to it. Attach it like any volume.
@@ -654,17 +678,20 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             commands::cluster_init(&admin, out, pgs, extent_size, failure_domain, &admin_token_file).await
         }
         Cmd::Cluster(ClusterCmd::Status) => commands::cluster_status(&admin, out).await,
-        Cmd::Cluster(ClusterCmd::Configure { encryption_default }) => commands::cluster_configure(&admin, out, encryption_default).await,
+        Cmd::Status => health::status(&admin, out).await,
+        Cmd::Cluster(ClusterCmd::Configure { encryption_default, qos_default }) => {
+            commands::cluster_configure(&admin, out, encryption_default, qos_default.proto()?).await
+        }
         Cmd::Node(NodeCmd::List) => commands::node_list(&admin, out).await,
         Cmd::Node(NodeCmd::Drain { id, undo, no_wait, stuck_after }) => {
             commands::node_drain(&admin, out, id, undo, no_wait, std::time::Duration::from_secs(stuck_after)).await
         }
         Cmd::Node(NodeCmd::Remove { id }) => commands::node_remove(&admin, out, id).await,
-        Cmd::Volume(VolumeCmd::Create { name, size, encrypt, no_encrypt, kek_file }) => {
+        Cmd::Volume(VolumeCmd::Create { name, size, encrypt, no_encrypt, kek_file, qos }) => {
             if kek_file.is_some() && !encrypt {
                 return Err(CliError::usage("--kek-file is for an encrypted volume: add --encrypt"));
             }
-            commands::volume_create(&admin, out, name, size, kek_file, no_encrypt).await
+            commands::volume_create(&admin, out, name, size, kek_file, no_encrypt, qos.proto()?).await
         }
         Cmd::Volume(VolumeCmd::Rekey { name, kek_file, new_kek_file, reencrypt, max_rate }) => {
             let rate = max_rate.as_deref().map(commands::size_arg).transpose()?.unwrap_or(0);
@@ -676,6 +703,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Volume(VolumeCmd::Clone { source, name, kek_file }) => snapshot::clone(&admin, out, source, name, kek_file.as_deref()).await,
         Cmd::Volume(VolumeCmd::Show { name }) => commands::volume_show(&admin, out, name).await,
         Cmd::Volume(VolumeCmd::Resize { name, size }) => commands::volume_resize(&admin, out, name, size).await,
+        Cmd::Volume(VolumeCmd::SetQos { name, qos, default }) => qos::set(&admin, out, name, qos, default).await,
         Cmd::Volume(VolumeCmd::Delete { name, no_wait }) => commands::volume_delete(&admin, out, name, no_wait).await,
         Cmd::Scrub(ScrubCmd::Status { node }) => scrub::status(&admin, out, node).await,
         Cmd::Backup(BackupCmd::Create { volume, snapshot, no_wait }) => backup::create(&admin, out, volume, snapshot, no_wait).await,
@@ -721,10 +749,13 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            if json {
-                eprintln!("{}", serde_json::json!({"error": e.message, "exit_code": e.code}));
-            } else {
-                eprintln!("basalt: {}", e.message);
+            // An empty message: the command printed its own account (`basalt status`).
+            if !e.message.is_empty() {
+                if json {
+                    eprintln!("{}", serde_json::json!({"error": e.message, "exit_code": e.code}));
+                } else {
+                    eprintln!("basalt: {}", e.message);
+                }
             }
             ExitCode::from(e.code)
         }

@@ -44,7 +44,7 @@ async fn select_nodes(admin: &Admin, only: Option<u64>) -> Result<Vec<Node>, Cli
     Ok(chosen)
 }
 
-async fn ask_status(admin: &Admin, addr: &str) -> Result<ScrubStatusReply, String> {
+pub(crate) async fn ask_status(admin: &Admin, addr: &str) -> Result<ScrubStatusReply, String> {
     let mut client = admin.client(addr).map_err(|e| e.message)?;
     match tokio::time::timeout(Duration::from_secs(5), client.scrub_status(ScrubStatusRequest {})).await {
         Ok(Ok(r)) => Ok(r.into_inner()),

@@ -12,6 +12,7 @@ pub mod labels;
 pub mod layout;
 pub mod names;
 pub mod ports;
+pub mod qos;
 pub mod units;
 
 pub use block::{BLOCK_SIZE, CHUNK_SIZE, CryptContext, ZERO_BLOCK_CRC, crc32c};

@@ -32,6 +32,10 @@ pub struct VolumeView {
     pub lineage: Vec<(VolumeId, u64)>,
     /// The volume whose extent placement this one follows (its own id unless a clone).
     pub placement: VolumeId,
+    /// The backup node writing a restore into it: of node certificates, only its writes.
+    pub restored_by: Option<NodeId>,
+    /// The QoS limits its I/O is held to.
+    pub qos: basalt_common::qos::QosLimits,
 }
 
 impl VolumeView {
@@ -127,6 +131,8 @@ impl ClusterView {
                             snapshot_pending: (!v.snapshot_pending.is_empty()).then(|| v.snapshot_pending.clone()),
                             lineage: v.lineage.iter().map(|a| (VolumeId(a.volume_id), a.epoch)).collect(),
                             placement: VolumeId(if v.placement_id == 0 { v.id } else { v.placement_id }),
+                            restored_by: (v.restoring_node != 0).then_some(NodeId(v.restoring_node)),
+                            qos: v.qos.as_ref().map(qos_from_proto).unwrap_or_default(),
                         },
                     )
                 })
@@ -153,4 +159,14 @@ impl ClusterView {
     pub fn addr(&self, node: NodeId) -> Option<&str> {
         self.nodes.get(&node).map(|n| n.addr.as_str())
     }
+}
+
+/// QoS limits from the wire.
+pub fn qos_from_proto(q: &admin::Qos) -> basalt_common::qos::QosLimits {
+    basalt_common::qos::QosLimits { iops: q.iops, bps: q.bps, burst_ms: q.burst_ms }
+}
+
+/// QoS limits for the wire.
+pub fn qos_to_proto(q: &basalt_common::qos::QosLimits) -> admin::Qos {
+    admin::Qos { iops: q.iops, bps: q.bps, burst_ms: q.burst_ms }
 }

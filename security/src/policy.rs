@@ -140,6 +140,8 @@ pub enum Action {
     VolumeCreate,
     /// Growing a volume.
     VolumeResize,
+    /// Setting a volume's QoS limits.
+    VolumeSetQos,
     /// Deleting a volume.
     VolumeDelete,
     /// Rewrapping an encrypted volume's keys under another key-encryption key.
@@ -210,6 +212,7 @@ impl Action {
             ClusterConfigure => "cluster.configure",
             VolumeCreate => "volume.create",
             VolumeResize => "volume.resize",
+            VolumeSetQos => "volume.qos",
             VolumeDelete => "volume.delete",
             VolumeRekey => "volume.rekey",
             VolumeAttach => "volume.attach",

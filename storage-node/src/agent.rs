@@ -4,10 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use basalt_proto::admin::NodeHeartbeatRequest;
+use basalt_proto::admin::{NodeHeartbeatRequest, QosDemand, QosShare};
 use tokio::sync::watch;
 
 use crate::node::NodeCtx;
+use crate::qos::Share;
 
 /// Interval between heartbeats.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
@@ -28,14 +29,23 @@ pub async fn run(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<bool>) {
         if seeds.is_empty() {
             continue;
         }
-        let req = NodeHeartbeatRequest { node: Some(ctx.self_node()), pgs: ctx.pg_reports() };
+        let qos_demand = ctx.metrics.qos.demand().into_iter().map(|(v, ops, bytes)| QosDemand { volume_id: v.0, ops, bytes }).collect();
+        let req = NodeHeartbeatRequest { node: Some(ctx.self_node()), pgs: ctx.pg_reports(), qos_demand };
         let initialized = ctx.map.borrow().layout.is_some();
         let targets: Vec<&String> = if initialized { vec![&seeds[idx % seeds.len()]] } else { seeds.iter().collect() };
         for seed in targets {
-            let ok = match ctx.clients.admin(seed) {
-                Ok(mut c) => tokio::time::timeout(Duration::from_secs(2), c.node_heartbeat(req.clone())).await.map(|r| r.is_ok()).unwrap_or(false),
-                Err(_) => false,
+            let reply = match ctx.clients.admin(seed) {
+                Ok(mut c) => tokio::time::timeout(Duration::from_secs(2), c.node_heartbeat(req.clone())).await.ok().and_then(Result::ok),
+                Err(_) => None,
             };
+            let ok = reply.is_some();
+            if let Some(r) = reply
+                && initialized
+            {
+                // The leader says this node's share of each limited volume it serves.
+                let share = |s: &QosShare| Share { ops: f64::from(s.ops_ppm) / 1e6, bytes: f64::from(s.bytes_ppm) / 1e6 };
+                ctx.metrics.qos.set_shares(r.into_inner().qos_shares.iter().map(|s| (basalt_common::VolumeId(s.volume_id), share(s))));
+            }
             if !ok && initialized {
                 idx += 1;
             }

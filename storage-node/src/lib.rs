@@ -22,6 +22,7 @@ pub mod meta;
 pub mod metrics;
 pub mod node;
 pub mod pg;
+pub mod qos;
 
 pub use config::{ConfigError, Flags, NodeConfig};
 pub use node::{Node, NodeError};

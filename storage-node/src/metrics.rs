@@ -35,6 +35,8 @@ pub struct Metrics {
     micros: [AtomicU64; 3],
     /// The backup node's counters (backup-role nodes).
     pub backup: Arc<BackupMetrics>,
+    /// Per-volume QoS on this node (its throttling counters are exported here).
+    pub qos: Arc<crate::qos::QosLimiter>,
 }
 
 /// A backup node's counters and its store's size.
@@ -240,6 +242,13 @@ pub fn render(ctx: &NodeCtx) -> String {
             family(name, kind, help, samples);
         }
     }
+    let (throttled, waited) = m.qos.throttled();
+    let _ = writeln!(out, "# HELP basalt_qos_throttled_requests_total Data requests held back by a volume's QoS limits.");
+    let _ = writeln!(out, "# TYPE basalt_qos_throttled_requests_total counter");
+    let _ = writeln!(out, "basalt_qos_throttled_requests_total{{node=\"{node}\"}} {throttled}");
+    let _ = writeln!(out, "# HELP basalt_qos_throttled_seconds_total Time data requests waited for a volume's QoS limits.");
+    let _ = writeln!(out, "# TYPE basalt_qos_throttled_seconds_total counter");
+    let _ = writeln!(out, "basalt_qos_throttled_seconds_total{{node=\"{node}\"}} {waited:.6}");
     backup_catalog_families(ctx, &mut out);
     out
 }

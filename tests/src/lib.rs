@@ -201,7 +201,13 @@ impl TestCluster {
         cluster.wait_healthy(3, Duration::from_secs(60)).await?;
         let mut admin = cluster.admin().await?;
         admin
-            .volume_create(basalt_proto::admin::VolumeCreateRequest { name: name.into(), size, wrapped_key: Default::default(), unencrypted: false })
+            .volume_create(basalt_proto::admin::VolumeCreateRequest {
+                name: name.into(),
+                size,
+                wrapped_key: Default::default(),
+                unencrypted: false,
+                qos: None,
+            })
             .await?;
         Ok(cluster)
     }
@@ -456,7 +462,13 @@ impl TestCluster {
     /// A client of node `addr`'s gRPC data API authenticated as a node (a certificate for node
     /// 9999 of the cluster CA), for the node-to-node calls (leader hand-over, replica checks).
     pub fn internal_data_client(&self, addr: &str) -> Result<DataClient<tonic::transport::Channel>> {
-        let identity = Identity::Node(9999);
+        self.data_client_as_node(addr, 9999)
+    }
+
+    /// A client of node `addr`'s gRPC data API with node `node`'s identity (a certificate of
+    /// the cluster CA), as that node's own calls would be.
+    pub fn data_client_as_node(&self, addr: &str, node: u64) -> Result<DataClient<tonic::transport::Channel>> {
+        let identity = Identity::Node(node);
         let stem = certs::file_stem(&identity);
         if !self.tls_dir.join(format!("{stem}.pem")).exists() {
             certs::issue(&self.tls_dir, &identity, Validity::days(30), &self.tls_dir, &[])?;

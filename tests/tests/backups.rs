@@ -209,6 +209,24 @@ async fn backups_copy_only_changed_chunks_restore_the_same_bytes_and_leave_no_tr
     let refused = reply.error.expect("refused");
     assert_eq!(refused.code, basalt_proto::data::data_error::Code::PermissionDenied as i32, "{refused:?}");
     assert!(refused.message.contains("not a backup node"), "{refused:?}");
+    // The backup node's own certificate reads, but writes only into a volume it is restoring.
+    let mut as_backup = cluster.data_client_as_node(&cluster.node(leader).addr, BACKUP_NODE).unwrap();
+    let map_version = client.map().version;
+    let write = basalt_proto::data::WriteRequest {
+        pg: pg.0,
+        volume_id: r.id().0,
+        offset: 0,
+        data: Bytes::from(vec![1u8; 4096]),
+        crcs: vec![basalt_common::crc32c(&[1u8; 4096])],
+        fua: true,
+        map_version,
+        attach_epoch: r.epoch() + 1,
+        write_epoch: 1,
+        ..Default::default()
+    };
+    let refused = as_backup.write(write).await.unwrap().into_inner().error.expect("refused");
+    assert_eq!(refused.code, basalt_proto::data::data_error::Code::PermissionDenied as i32, "{refused:?}");
+    assert!(refused.message.contains("it is restoring"), "{refused:?}");
 
     // A damaged piece: `backup verify` names it (exit 10), and so does a restore.
     let pieces = files_containing(&backups_dir, b"BACKUP-MARKER-7f3a9c21e5");

@@ -69,7 +69,7 @@ async fn malformed_io_and_admin_requests_get_clear_errors() {
     let status = cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
     let mut admin = cluster.admin().await.unwrap();
     let created = admin
-        .volume_create(VolumeCreateRequest { name: "v".into(), size: 16 << 20, wrapped_key: Default::default(), unencrypted: false })
+        .volume_create(VolumeCreateRequest { name: "v".into(), size: 16 << 20, wrapped_key: Default::default(), unencrypted: false, qos: None })
         .await
         .unwrap()
         .into_inner();
@@ -80,16 +80,23 @@ async fn malformed_io_and_admin_requests_get_clear_errors() {
 
     // Admin: duplicates, zero, huge and unaligned sizes, shrinking, bad names.
     let code = |r: Result<tonic::Response<basalt_proto::admin::VolumeReply>, tonic::Status>| r.unwrap_err();
-    let e =
-        code(admin.volume_create(VolumeCreateRequest { name: "v".into(), size: 4096, wrapped_key: Default::default(), unencrypted: false }).await);
+    let e = code(
+        admin
+            .volume_create(VolumeCreateRequest { name: "v".into(), size: 4096, wrapped_key: Default::default(), unencrypted: false, qos: None })
+            .await,
+    );
     assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e}");
     for size in [0u64, 1000, u64::MAX - 4095] {
-        let e = code(admin.volume_create(VolumeCreateRequest { name: "w".into(), size, wrapped_key: Default::default(), unencrypted: false }).await);
+        let e = code(
+            admin.volume_create(VolumeCreateRequest { name: "w".into(), size, wrapped_key: Default::default(), unencrypted: false, qos: None }).await,
+        );
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "size {size}: {e}");
     }
     for name in ["", "has space", "-dash", &"x".repeat(64), "slash/name"] {
         let e = code(
-            admin.volume_create(VolumeCreateRequest { name: name.into(), size: 4096, wrapped_key: Default::default(), unencrypted: false }).await,
+            admin
+                .volume_create(VolumeCreateRequest { name: name.into(), size: 4096, wrapped_key: Default::default(), unencrypted: false, qos: None })
+                .await,
         );
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "name {name:?}: {e}");
     }
@@ -166,7 +173,7 @@ async fn malformed_io_and_admin_requests_get_clear_errors() {
     let (_, wrapped) = basalt_volume_client::crypt::DataKey::generate(1, &kek, "sealed").unwrap();
     let wrapped_key = Bytes::copy_from_slice(wrapped.as_bytes());
     let sealed = admin
-        .volume_create(VolumeCreateRequest { name: "sealed".into(), size: 16 << 20, wrapped_key, unencrypted: false })
+        .volume_create(VolumeCreateRequest { name: "sealed".into(), size: 16 << 20, wrapped_key, unencrypted: false, qos: None })
         .await
         .unwrap()
         .into_inner();
@@ -403,7 +410,7 @@ async fn corrupted_block_is_an_io_error_naming_volume_extent_node() {
     let status = cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
     let mut admin = cluster.admin().await.unwrap();
     let vol = admin
-        .volume_create(VolumeCreateRequest { name: "rot".into(), size: 16 << 20, wrapped_key: Default::default(), unencrypted: false })
+        .volume_create(VolumeCreateRequest { name: "rot".into(), size: 16 << 20, wrapped_key: Default::default(), unencrypted: false, qos: None })
         .await
         .unwrap()
         .into_inner()

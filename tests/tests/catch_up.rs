@@ -26,7 +26,7 @@ async fn lagging_replica_catches_up_exactly() {
     let status = cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
     let mut admin = cluster.admin().await.unwrap();
     let vol = admin
-        .volume_create(VolumeCreateRequest { name: "v".into(), size: SIZE, wrapped_key: Default::default(), unencrypted: false })
+        .volume_create(VolumeCreateRequest { name: "v".into(), size: SIZE, wrapped_key: Default::default(), unencrypted: false, qos: None })
         .await
         .unwrap()
         .into_inner()

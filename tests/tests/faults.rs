@@ -336,7 +336,7 @@ async fn cluster_with_volume() -> (TestCluster, Volume) {
     cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
     let mut admin = cluster.admin().await.unwrap();
     admin
-        .volume_create(VolumeCreateRequest { name: VOLUME.into(), size: VOLUME_SIZE, wrapped_key: Default::default(), unencrypted: false })
+        .volume_create(VolumeCreateRequest { name: VOLUME.into(), size: VOLUME_SIZE, wrapped_key: Default::default(), unencrypted: false, qos: None })
         .await
         .unwrap();
     let client = cluster.client().await.unwrap();
@@ -475,7 +475,7 @@ async fn four_node_cluster(extra_config: &str) -> (TestCluster, Volume) {
         .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
     let mut admin = cluster.admin().await.unwrap();
     admin
-        .volume_create(VolumeCreateRequest { name: VOLUME.into(), size: VOLUME_SIZE, wrapped_key: Default::default(), unencrypted: false })
+        .volume_create(VolumeCreateRequest { name: VOLUME.into(), size: VOLUME_SIZE, wrapped_key: Default::default(), unencrypted: false, qos: None })
         .await
         .unwrap();
     let vol = cluster.client().await.unwrap().open_volume(VOLUME).await.unwrap();
@@ -673,7 +673,7 @@ async fn fault_a_lost_meta_node_is_replaced_so_a_second_loss_is_survived() {
     cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
     let mut admin = cluster.admin().await.unwrap();
     admin
-        .volume_create(VolumeCreateRequest { name: VOLUME.into(), size: VOLUME_SIZE, wrapped_key: Default::default(), unencrypted: false })
+        .volume_create(VolumeCreateRequest { name: VOLUME.into(), size: VOLUME_SIZE, wrapped_key: Default::default(), unencrypted: false, qos: None })
         .await
         .unwrap();
     // Added first, so its seeds are nodes 1-3 only.
@@ -725,7 +725,9 @@ async fn create_volume_through(cluster: &TestCluster, via: u64, name: &str) -> D
     let started = Instant::now();
     let mut admin = cluster.admin_at(&cluster.node(via).addr).unwrap();
     loop {
-        match admin.volume_create(VolumeCreateRequest { name: name.into(), size: 1 << 20, wrapped_key: Default::default(), unencrypted: false }).await
+        match admin
+            .volume_create(VolumeCreateRequest { name: name.into(), size: 1 << 20, wrapped_key: Default::default(), unencrypted: false, qos: None })
+            .await
         {
             Ok(_) => return started.elapsed(),
             Err(e) if e.code() == tonic::Code::AlreadyExists => return started.elapsed(),
@@ -813,7 +815,7 @@ async fn fault_a_partitioned_node_loses_its_leaderships_and_rejoins() {
     cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
     let mut admin = cluster.admin().await.unwrap();
     admin
-        .volume_create(VolumeCreateRequest { name: VOLUME.into(), size: VOLUME_SIZE, wrapped_key: Default::default(), unencrypted: false })
+        .volume_create(VolumeCreateRequest { name: VOLUME.into(), size: VOLUME_SIZE, wrapped_key: Default::default(), unencrypted: false, qos: None })
         .await
         .unwrap();
     let vol = cluster.client().await.unwrap().open_volume(VOLUME).await.unwrap();
@@ -860,7 +862,7 @@ async fn a_stale_attachment_across_a_partition_is_fenced() {
     cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
     let mut admin = cluster.admin().await.unwrap();
     admin
-        .volume_create(VolumeCreateRequest { name: "fence".into(), size: 16 << 20, wrapped_key: Default::default(), unencrypted: false })
+        .volume_create(VolumeCreateRequest { name: "fence".into(), size: 16 << 20, wrapped_key: Default::default(), unencrypted: false, qos: None })
         .await
         .unwrap();
     // Attachment A runs as the isolated user, talking to node 3 only (its side of the cut).
@@ -997,7 +999,7 @@ async fn fault_a_full_replica_refuses_writes_instead_of_diverging() {
     cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
     let mut admin = cluster.admin().await.unwrap();
     admin
-        .volume_create(VolumeCreateRequest { name: "small".into(), size: 256 << 20, wrapped_key: Default::default(), unencrypted: false })
+        .volume_create(VolumeCreateRequest { name: "small".into(), size: 256 << 20, wrapped_key: Default::default(), unencrypted: false, qos: None })
         .await
         .unwrap();
     let vol = Arc::new(cluster.client().await.unwrap().open_volume("small").await.unwrap());
@@ -1124,7 +1126,7 @@ async fn fault_a_full_state_filesystem_refuses_writes_until_space_is_freed() {
     cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
     let mut admin = cluster.admin().await.unwrap();
     admin
-        .volume_create(VolumeCreateRequest { name: VOLUME.into(), size: VOLUME_SIZE, wrapped_key: Default::default(), unencrypted: false })
+        .volume_create(VolumeCreateRequest { name: VOLUME.into(), size: VOLUME_SIZE, wrapped_key: Default::default(), unencrypted: false, qos: None })
         .await
         .unwrap();
     let vol = cluster.client().await.unwrap().open_volume(VOLUME).await.unwrap();
@@ -1239,7 +1241,13 @@ async fn slow_rebuild_drain_and_rebalance_throughput() {
     let (mut cluster, _hist) = four_node_cluster("[heal]\nreplace_down_after_secs = 3\n").await;
     let mut admin = cluster.admin().await.unwrap();
     admin
-        .volume_create(VolumeCreateRequest { name: "bulk".into(), size: (mib + 64) << 20, wrapped_key: Default::default(), unencrypted: false })
+        .volume_create(VolumeCreateRequest {
+            name: "bulk".into(),
+            size: (mib + 64) << 20,
+            wrapped_key: Default::default(),
+            unencrypted: false,
+            qos: None,
+        })
         .await
         .unwrap();
     let bulk = cluster.client().await.unwrap().open_volume("bulk").await.unwrap();

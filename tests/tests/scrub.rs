@@ -181,6 +181,7 @@ async fn freed_space_is_not_reused_before_it_is_overwritten() {
             size: 16 << 20,
             wrapped_key: Default::default(),
             unencrypted: false,
+            qos: None,
         })
         .await
         .unwrap();

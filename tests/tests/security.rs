@@ -129,7 +129,10 @@ async fn plaintext_and_foreign_ca_peers_are_refused_on_every_port() {
 async fn credentials_are_checked_and_every_refusal_is_audited() {
     let cluster = TestCluster::with_volume("a", 16 << 20).await.unwrap();
     let mut admin = cluster.admin().await.unwrap();
-    admin.volume_create(VolumeCreateRequest { name: "b".into(), size: 16 << 20, wrapped_key: Default::default(), unencrypted: false }).await.unwrap();
+    admin
+        .volume_create(VolumeCreateRequest { name: "b".into(), size: 16 << 20, wrapped_key: Default::default(), unencrypted: false, qos: None })
+        .await
+        .unwrap();
     let dir = cluster.path().to_path_buf();
     let (reader, _) = create_token(&cluster, &["--role", "reader", "--name", "dash"], "reader.token").await;
     let (hv_a, hv_a_token) = create_token(&cluster, &["--role", "hypervisor", "--volume", "a"], "hv-a.token").await;
@@ -489,7 +492,7 @@ async fn certificates_rotate_without_a_restart_and_expired_ones_are_refused() {
     // Nothing else was disturbed: the cluster still serves.
     let mut admin = cluster.admin().await.unwrap();
     admin
-        .volume_create(VolumeCreateRequest { name: "still".into(), size: 1 << 20, wrapped_key: Default::default(), unencrypted: false })
+        .volume_create(VolumeCreateRequest { name: "still".into(), size: 1 << 20, wrapped_key: Default::default(), unencrypted: false, qos: None })
         .await
         .unwrap();
     // A node whose own certificate has expired does not start, and says why.

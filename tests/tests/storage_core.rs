@@ -73,7 +73,7 @@ async fn random_io_survives_restarts_and_kill9() {
     cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
     let mut admin = cluster.admin().await.unwrap();
     admin
-        .volume_create(VolumeCreateRequest { name: "vol".into(), size: VOLUME_SIZE, wrapped_key: Default::default(), unencrypted: false })
+        .volume_create(VolumeCreateRequest { name: "vol".into(), size: VOLUME_SIZE, wrapped_key: Default::default(), unencrypted: false, qos: None })
         .await
         .unwrap();
 
@@ -200,7 +200,7 @@ async fn deleted_volume_releases_space_and_refuses_io() {
     cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
     let mut admin = cluster.admin().await.unwrap();
     admin
-        .volume_create(VolumeCreateRequest { name: "gone".into(), size: 16 << 20, wrapped_key: Default::default(), unencrypted: false })
+        .volume_create(VolumeCreateRequest { name: "gone".into(), size: 16 << 20, wrapped_key: Default::default(), unencrypted: false, qos: None })
         .await
         .unwrap();
     let client = cluster.client().await.unwrap();

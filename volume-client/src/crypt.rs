@@ -554,7 +554,8 @@ mod tests {
         assert_eq!(block_version(&c2[0]), 2);
         assert!(parent.open(6, &mut mine.clone(), &[Some(c2[0])]).is_err());
         // An inherited key never seals (its nonces are the parent's).
-        let only_inherited = VolumeCipher::new(VolumeId(8), vec![copy.unwrap_with(&kek(1), "clone").unwrap().inherited_from(VolumeId(3))], 1).unwrap();
+        let only_inherited =
+            VolumeCipher::new(VolumeId(8), vec![copy.unwrap_with(&kek(1), "clone").unwrap().inherited_from(VolumeId(3))], 1).unwrap();
         assert!(only_inherited.seal(1, 0, &mut vec![0u8; 4096]).unwrap_err().to_string().contains("inherited"));
     }
 

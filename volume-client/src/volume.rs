@@ -768,7 +768,11 @@ impl Volume {
             )));
         }
         if let Some(i) = (0..contexts.len()).find(|i| contexts[*i].is_none() && data[i * bs..(i + 1) * bs].iter().any(|b| *b != 0)) {
-            return Err(ClientError::Internal(format!("{}: block {} carries data but no encryption context", self.name, offset / BLOCK_SIZE + i as u64)));
+            return Err(ClientError::Internal(format!(
+                "{}: block {} carries data but no encryption context",
+                self.name,
+                offset / BLOCK_SIZE + i as u64
+            )));
         }
         self.writable().await?;
         self.check_range("write", offset, data.len() as u64).await?;

@@ -61,7 +61,11 @@ impl ClusterState {
             (Some(theirs), Some(ours)) => {
                 let newest = theirs.digests.keys().next_back().copied().unwrap_or(0);
                 let inherited_all = theirs.digests.keys().all(|k| ours.digests.contains_key(k));
-                if !inherited_all || ours.digests.len() != theirs.digests.len() + 1 || ours.current <= newest || !ours.digests.contains_key(&ours.current) {
+                if !inherited_all
+                    || ours.digests.len() != theirs.digests.len() + 1
+                    || ours.current <= newest
+                    || !ours.digests.contains_key(&ours.current)
+                {
                     return MetaReply::Error(MetaError::InvalidSettings(format!(
                         "a clone of encrypted volume {source} must carry its key versions {:?} and one newer version",
                         theirs.digests.keys().collect::<Vec<_>>()
@@ -197,10 +201,7 @@ mod tests {
         apply(&mut s, MetaCommand::CreateSnapshot { volume: "e".into(), name: "s".into(), now_unix_ms: 2 });
         let e = id(&s, "e");
         let enc_clone = |s: &mut ClusterState, source: &str, name: &str, keys: VolumeKeys| {
-            apply(
-                s,
-                MetaCommand::CloneEncryptedVolume { source: source.into(), snapshot: "s".into(), name: name.into(), now_unix_ms: 3, keys },
-            )
+            apply(s, MetaCommand::CloneEncryptedVolume { source: source.into(), snapshot: "s".into(), name: name.into(), now_unix_ms: 3, keys })
         };
         // Without keys, with too few, with no newer version: refused.
         assert!(matches!(clone(&mut s, "e", "s", "c"), MetaReply::Error(MetaError::InvalidSettings(m)) if m.contains("--kek-file")));

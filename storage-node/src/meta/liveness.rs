@@ -24,6 +24,8 @@ struct Seen {
 #[derive(Default)]
 pub struct Liveness {
     seen: Mutex<HashMap<NodeId, Seen>>,
+    /// Which nodes serve which QoS-limited volumes.
+    qos: crate::qos::QosActivity,
 }
 
 /// A PG as the replicas report it.
@@ -57,6 +59,12 @@ pub fn record_from_proto(n: &admin::Node) -> NodeRecord {
 impl Liveness {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Seen>> {
         self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Node `node` saw `demand` (volume, requests, bytes) of QoS-limited volumes since its
+    /// previous heartbeat; its share of each.
+    pub fn qos_report(&self, node: NodeId, demand: &[(basalt_common::VolumeId, u64, u64)]) -> Vec<(basalt_common::VolumeId, crate::qos::Share)> {
+        self.qos.report(node, demand)
     }
 
     /// Records a heartbeat.

@@ -22,15 +22,16 @@ use basalt_proto::admin::{
     BackupReportRequest, BackupRestoreRequest, BackupShowRequest, BackupVerifyReply, ClusterConfigureRequest, ClusterInitReply, ClusterInitRequest,
     ClusterMap, ClusterStatusReply, ClusterStatusRequest, GetClusterMapRequest, KeyGetReply, KeyGetRequest, KeyPutReply, KeyPutRequest,
     NodeDrainReply, NodeDrainRequest, NodeHeartbeatReply, NodeHeartbeatRequest, NodeInfoReply, NodeInfoRequest, NodeListReply, NodeListRequest,
-    NodeRemoveReply, NodeRemoveRequest, PlacementGroup, RestoreStatusReply, RestoreStatusRequest, ScheduleCreateRequest, ScheduleDeleteRequest,
-    ScheduleListReply, ScheduleListRequest, ScheduleReply, ScrubStartReply, ScrubStartRequest, ScrubStatusReply, ScrubStatusRequest,
-    SnapshotCreateRequest, SnapshotCutRequest, SnapshotDeleteRequest, SnapshotListReply, SnapshotListRequest, SnapshotReply, TokenCreateReply,
-    TokenCreateRequest, TokenInfo, TokenListReply, TokenListRequest, TokenRevokeReply, TokenRevokeRequest, VersionedKey, Volume, VolumeAttachRequest,
-    VolumeCloneRequest, VolumeCreateRequest, VolumeDeleteReply, VolumeDeleteRequest, VolumeDetachRequest, VolumeKeyReply, VolumeKeyRequest,
-    VolumeListReply, VolumeListRequest, VolumeReencryptProgressRequest, VolumeRekeyRequest, VolumeReply, VolumeResizeRequest, VolumeRollbackRequest,
-    VolumeShowRequest,
+    NodeRemoveReply, NodeRemoveRequest, PlacementGroup, QosShare, RestoreStatusReply, RestoreStatusRequest, ScheduleCreateRequest,
+    ScheduleDeleteRequest, ScheduleListReply, ScheduleListRequest, ScheduleReply, ScrubStartReply, ScrubStartRequest, ScrubStatusReply,
+    ScrubStatusRequest, SnapshotCreateRequest, SnapshotCutRequest, SnapshotDeleteRequest, SnapshotListReply, SnapshotListRequest, SnapshotReply,
+    TokenCreateReply, TokenCreateRequest, TokenInfo, TokenListReply, TokenListRequest, TokenRevokeReply, TokenRevokeRequest, VersionedKey, Volume,
+    VolumeAttachRequest, VolumeCloneRequest, VolumeCreateRequest, VolumeDeleteReply, VolumeDeleteRequest, VolumeDetachRequest, VolumeKeyReply,
+    VolumeKeyRequest, VolumeListReply, VolumeListRequest, VolumeReencryptProgressRequest, VolumeRekeyRequest, VolumeReply, VolumeResizeRequest,
+    VolumeRollbackRequest, VolumeSetQosRequest, VolumeShowRequest,
 };
 use basalt_proto::data::ReleaseVolumeRequest;
+use basalt_proto::view::{qos_from_proto, qos_to_proto};
 use basalt_raft::{NodeInfo, RaftError};
 use basalt_scrubber::{PassKind, StartOutcome};
 use basalt_security::audit::{AuditEvent, Outcome};
@@ -127,6 +128,9 @@ pub fn volume_proto(
         lineage: Vec::new(),
         placement_id: 0,
         kept_for_clones: false,
+        restoring_node: 0,
+        qos: None,
+        qos_set: false,
     }
 }
 
@@ -144,6 +148,9 @@ pub(super) fn volume_in(s: &ClusterState, v: &VolumeRecord) -> Volume {
         out.placement_id = origin.placement.0;
     }
     out.kept_for_clones = matches!(v.state, VolumeState::Deleting { .. }) && s.read_by_clones(v.id);
+    out.restoring_node = s.backups.restores.get(&v.id).map_or(0, |r| r.node.0);
+    out.qos = Some(qos_to_proto(&s.qos_of(v.id)));
+    out.qos_set = s.volume_qos.contains_key(&v.id);
     out
 }
 
@@ -325,6 +332,7 @@ impl AdminService {
             volumes: s.volumes.len() as u64,
             map_version: s.version,
             encryption_default: s.encrypt_by_default,
+            qos_default: Some(qos_to_proto(&s.qos_default)),
         }
     }
 
@@ -750,6 +758,17 @@ impl Admin for AdminService {
                 }
                 tracing::info!(by = %caller.principal, "{target}");
             }
+            if let Some(q) = &msg.qos_default {
+                let qos = qos_from_proto(q);
+                qos.validate().map_err(|e| Status::invalid_argument(format!("QoS default: {e}")))?;
+                let target = format!("QoS default {}", qos.describe());
+                if let MetaReply::Error(e) =
+                    self.propose_audited(meta, MetaCommand::SetQosDefault { qos }, &caller, Action::ClusterConfigure, &target).await?
+                {
+                    return Err(status_of(&e));
+                }
+                tracing::info!(by = %caller.principal, "{target}");
+            }
             let s = self.read(meta).await?;
             Ok(Response::new(self.status_reply(meta, &s)))
         })
@@ -804,7 +823,7 @@ impl Admin for AdminService {
             if let Some(node) = req.node {
                 self.ctx.liveness.record(node, req.pgs);
             }
-            return Ok(Response::new(NodeHeartbeatReply { registered: false, map_version: 0 }));
+            return Ok(Response::new(NodeHeartbeatReply { registered: false, map_version: 0, qos_shares: Vec::new() }));
         }
         forward_or!(self, request, node_heartbeat, Action::Internal, None, |meta, caller, msg| {
             let Some(node) = msg.node else {
@@ -824,6 +843,15 @@ impl Admin for AdminService {
                 return Err(status_of(&MetaError::NodeRemoved(record.id)));
             }
             self.ctx.liveness.record(node, msg.pgs);
+            let demand: Vec<(VolumeId, u64, u64)> = msg.qos_demand.iter().map(|d| (VolumeId(d.volume_id), d.ops, d.bytes)).collect();
+            let ppm = |f: f64| (f.clamp(0.0, 1.0) * 1e6) as u32;
+            let qos_shares = self
+                .ctx
+                .liveness
+                .qos_report(record.id, &demand)
+                .into_iter()
+                .map(|(v, s)| QosShare { volume_id: v.0, ops_ppm: ppm(s.ops), bytes_ppm: ppm(s.bytes) })
+                .collect();
             let (initialized, known) = meta.shared.with(|s| (s.cluster_id.is_some(), s.nodes.get(&record.id) == Some(&record)));
             if initialized && !known {
                 match self.propose(meta, MetaCommand::RegisterNode { node: record.clone() }).await? {
@@ -833,7 +861,7 @@ impl Admin for AdminService {
                     }
                 }
             }
-            Ok(Response::new(NodeHeartbeatReply { registered: initialized, map_version: self.current_version() }))
+            Ok(Response::new(NodeHeartbeatReply { registered: initialized, map_version: self.current_version(), qos_shares }))
         })
     }
 
@@ -856,9 +884,18 @@ impl Admin for AdminService {
                 let keys = super::keys::store_new(&self.ctx, meta, &msg.wrapped_key).await?;
                 MetaCommand::CreateEncryptedVolume { name: msg.name.clone(), size: msg.size, now_unix_ms: now_ms(), keys }
             };
-            let reply = self.propose_audited(meta, cmd, &caller, Action::VolumeCreate, &msg.name).await?;
+            let qos = msg.qos.as_ref().map(qos_from_proto);
+            if let Some(q) = &qos {
+                q.validate().map_err(|e| Status::invalid_argument(format!("volume {}: {e}", msg.name)))?;
+            }
+            let mut reply = self.propose_audited(meta, cmd, &caller, Action::VolumeCreate, &msg.name).await?;
             if let MetaReply::Volume(v) = &reply {
                 tracing::info!(volume = %v.name, id = %v.id, size = v.size, by = %caller.principal, "volume created");
+                if let Some(q) = qos {
+                    let target = format!("{} QoS {}", msg.name, q.describe());
+                    let set = MetaCommand::SetVolumeQos { name: msg.name.clone(), qos: Some(q) };
+                    reply = self.propose_audited(meta, set, &caller, Action::VolumeSetQos, &target).await?;
+                }
             }
             self.volume_reply(reply, self.current_version())
         })
@@ -1057,6 +1094,23 @@ impl Admin for AdminService {
             }
             tracing::info!(volume = %msg.volume, snapshot = %msg.snapshot, by = %caller.principal, "volume rollback started");
             self.snapshot_reply(meta, &msg.volume, &msg.snapshot)
+        })
+    }
+
+    async fn volume_set_qos(&self, request: Request<VolumeSetQosRequest>) -> Result<Response<VolumeReply>, Status> {
+        let name = request.get_ref().name.clone();
+        forward_or!(self, request, volume_set_qos, Action::VolumeSetQos, Some(&name), |meta, caller, msg| {
+            let qos = msg.qos.as_ref().map(qos_from_proto);
+            if let Some(q) = &qos {
+                q.validate().map_err(|e| Status::invalid_argument(format!("volume {}: {e}", msg.name)))?;
+            }
+            let target = format!("{} QoS {}", msg.name, qos.map_or_else(|| "the cluster default".to_string(), |q| q.describe()));
+            let reply =
+                self.propose_audited(meta, MetaCommand::SetVolumeQos { name: msg.name.clone(), qos }, &caller, Action::VolumeSetQos, &target).await?;
+            if let MetaReply::Volume(v) = &reply {
+                tracing::info!(volume = %v.name, by = %caller.principal, "{target}");
+            }
+            self.volume_reply(reply, self.current_version())
         })
     }
 

@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use basalt_common::names::validate_name;
+use basalt_common::qos::QosLimits;
 use basalt_common::units::format_size;
 use basalt_common::{BLOCK_SIZE, DomainLevel, Labels, Layout, NodeId, PgId, VolumeId};
 use basalt_security::audit::{AuditEvent, AuditRecord, ChainAnchor, ChainHash, Outcome};
@@ -217,6 +218,11 @@ pub struct ClusterState {
     /// Encrypted volumes' backups: their own copies of the keys (erased with the backup, not
     /// with the volume). Added in snapshot format 8.
     pub backup_keys: BTreeMap<u64, super::backups::BackupKeys>,
+    /// Volumes' own QoS limits (explicitly unlimited included). Added in snapshot format 8.
+    pub volume_qos: BTreeMap<VolumeId, QosLimits>,
+    /// QoS limits of volumes without their own (unlimited unless configured). Added in
+    /// snapshot format 8.
+    pub qos_default: QosLimits,
     /// What the last applied commands did to the audit log, for the state machine to write to
     /// the audit file; never serialised.
     #[serde(skip)]
@@ -704,6 +710,18 @@ pub enum MetaCommand {
         /// The new volume's keys (already on a majority of key stores).
         keys: VolumeKeys,
     },
+    /// Sets volume `name`'s QoS limits; `None`: it follows the cluster default.
+    SetVolumeQos {
+        /// The volume.
+        name: String,
+        /// Its limits.
+        qos: Option<QosLimits>,
+    },
+    /// Sets the QoS limits of volumes without their own.
+    SetQosDefault {
+        /// The limits.
+        qos: QosLimits,
+    },
 }
 
 impl MetaCommand {
@@ -993,6 +1011,14 @@ impl ClusterState {
             MetaCommand::BeginEncryptedRestore { backup, name, node, now_unix_ms, keys } => {
                 self.begin_restore(backup, name, node, now_unix_ms, Some(keys))
             }
+            MetaCommand::SetVolumeQos { name, qos } => self.set_volume_qos(&name, qos),
+            MetaCommand::SetQosDefault { qos } => match qos.validate() {
+                Ok(()) => {
+                    self.qos_default = qos;
+                    MetaReply::Done
+                }
+                Err(e) => MetaReply::Error(MetaError::InvalidSettings(e)),
+            },
             MetaCommand::RestoreProgress { volume, next_chunk, done, error } => self.restore_progress(volume, next_chunk, done, error),
         };
         if !matches!(reply, MetaReply::Error(_)) && changes_map {
@@ -1204,6 +1230,29 @@ impl ClusterState {
         self.volume_keys.values().any(|k| k.key_id == key_id) || self.backup_keys.values().any(|k| k.keys.key_id == key_id)
     }
 
+    /// The QoS limits volume `id` is held to: its own, else the cluster's default.
+    pub fn qos_of(&self, id: VolumeId) -> QosLimits {
+        self.volume_qos.get(&id).copied().unwrap_or(self.qos_default)
+    }
+
+    fn set_volume_qos(&mut self, name: &str, qos: Option<QosLimits>) -> MetaReply {
+        let Some(v) = self.volume_by_name(name).cloned() else {
+            return MetaReply::Error(MetaError::NoSuchVolume(name.to_string()));
+        };
+        match qos {
+            Some(q) => {
+                if let Err(e) = q.validate() {
+                    return MetaReply::Error(MetaError::InvalidSettings(format!("volume {name}: {e}")));
+                }
+                self.volume_qos.insert(v.id, q);
+            }
+            None => {
+                self.volume_qos.remove(&v.id);
+            }
+        }
+        MetaReply::Volume(v)
+    }
+
     /// Whether `volume` has a snapshot, or one being cut.
     pub(super) fn has_snapshots(&self, volume: VolumeId) -> bool {
         self.snapshots.get(&volume).is_some_and(|s| !s.snapshots.is_empty() || s.pending.is_some())
@@ -1260,6 +1309,7 @@ impl ClusterState {
         }
         self.inherited_keys.remove(&id);
         self.retired_keys.remove(&id);
+        self.volume_qos.remove(&id);
         self.reencrypts.remove(&id);
         // Deleting the volume releases every version of every chunk.
         self.snapshots.remove(&id);

@@ -12,7 +12,8 @@
 //! (`decode_snapshot`). Snapshots written before the header existed (no magic) are format 1;
 //! format 3 added encrypted volumes' key references (`volume_keys`), format 4 re-encryptions in
 //! progress (`reencrypts`), format 5 volumes' snapshots and write epochs (`snapshots`), format 6 clones (`clones`), format 7 the backup catalog (`backups`), format 8
-//! encrypted volumes' inherited and retired key versions (`inherited_keys`, `retired_keys`).
+//! encrypted volumes' inherited, retired and backup keys and the QoS limits (`inherited_keys`,
+//! `retired_keys`, `backup_keys`, `volume_qos`, `qos_default`).
 //!
 //! Applying a volume's deletion erases its wrapped key from this node's [`KeyStore`] before
 //! the apply completes (crypto-shredding; the keys themselves never enter a snapshot or log).
@@ -539,6 +540,8 @@ mod tests {
         let mut newest = state.clone();
         newest.inherited_keys.insert(VolumeId(2), [(1, VolumeId(1))].into());
         newest.retired_keys.insert(VolumeId(1), [1].into());
+        newest.volume_qos.insert(VolumeId(1), basalt_common::qos::QosLimits { iops: 500, bps: 0, burst_ms: 1000 });
+        newest.qos_default.iops = 1000;
         let bytes = encode_snapshot(&record, &newest, b"line 1\nline 2\n");
         assert!(bytes.starts_with(SNAPSHOT_MAGIC));
         let (r, s, audit) = decode_snapshot(&bytes).unwrap();

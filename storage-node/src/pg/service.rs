@@ -48,11 +48,20 @@ pub(crate) fn err(code: Code, message: impl Into<String>) -> DataError {
 }
 
 /// Of nodes, only backup-role ones read and write blocks as clients (copying snapshots out,
-/// restoring backups in); a storage or meta node's certificate opens no volume.
-fn backup_node_only(view: &basalt_proto::view::ClusterView, principal: &Principal) -> Result<(), DataError> {
+/// restoring backups in), and a backup node writes only into a volume it is restoring; a
+/// storage or meta node's certificate opens no volume.
+fn backup_node_only(
+    view: &basalt_proto::view::ClusterView,
+    principal: &Principal,
+    volume: &basalt_proto::view::VolumeView,
+    write: bool,
+) -> Result<(), DataError> {
     match principal {
         Principal::Node(id) if !view.nodes.get(&basalt_common::NodeId(*id)).is_some_and(|n| n.backup) => {
             Err(err(Code::PermissionDenied, format!("node-{id} is not a backup node; nodes read and write volumes only for the backup tier")))
+        }
+        Principal::Node(id) if write && volume.restored_by != Some(basalt_common::NodeId(*id)) => {
+            Err(err(Code::PermissionDenied, format!("node-{id} writes only into volumes it is restoring a backup into; {} is not one", volume.name)))
         }
         _ => Ok(()),
     }
@@ -92,6 +101,18 @@ impl DataService {
         let caller = self.access.authenticate(request, Action::DataRead, None).await?;
         let peer = request.remote_addr().or_else(|| request.extensions().get::<basalt_security::PeerInfo>().map(|p| p.addr));
         Ok(Requester { principal: caller.principal, peer: peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))) })
+    }
+
+    /// Holds a request of `bytes` to volume `volume`'s QoS limits (a share of them on this
+    /// node, `crate::qos`); returns at once for an unlimited volume.
+    async fn throttle(&self, volume: u64, bytes: u64) {
+        let (limits, storage_nodes) = {
+            let view = self.ctx.map.borrow();
+            let Some(limits) = view.volumes.get(&VolumeId(volume)).map(|v| v.qos).filter(|q| !q.is_unlimited()) else { return };
+            let nodes: std::collections::BTreeSet<_> = view.pgs.iter().flatten().copied().collect();
+            (limits, nodes.len().max(1) as u32)
+        };
+        self.ctx.metrics.qos.admit(VolumeId(volume), limits, bytes, storage_nodes).await;
     }
 
     fn raft_error(&self, e: RaftError) -> DataError {
@@ -138,7 +159,7 @@ impl DataService {
             return Err(err(Code::NoSuchVolume, format!("no active volume with id {volume}")));
         };
         self.access.check_data(&who.principal, who.peer, epoch.is_some(), &vol.name).map_err(|d| denied_error(&d))?;
-        backup_node_only(&view, &who.principal)?;
+        backup_node_only(&view, &who.principal, vol, epoch.is_some())?;
         if let Some(epoch) = epoch
             && epoch < vol.attach_epoch
         {
@@ -245,12 +266,15 @@ impl DataService {
             if len > MAX_IO {
                 return Some(err(Code::OutOfRange, format!("write of {len} bytes exceeds the {MAX_IO}-byte limit")));
             }
-            let Ok(_admitted) = self.inflight.acquire_many(len.div_ceil(1024).max(1) as u32).await else {
-                return Some(err(Code::Unavailable, "node is shutting down"));
-            };
             let (handle, lineage) = match self.route(who, req.pg, req.volume_id, req.offset, len, req.map_version, Some(req.attach_epoch)).await {
                 Ok(h) => h,
                 Err(e) => return Some(e),
+            };
+            // Held to the volume's QoS before taking a share of the node's in-flight budget,
+            // so a throttled volume's queue does not hold back the others.
+            self.throttle(req.volume_id, len).await;
+            let Ok(_admitted) = self.inflight.acquire_many(len.div_ceil(1024).max(1) as u32).await else {
+                return Some(err(Code::Unavailable, "node is shutting down"));
             };
             if let Err(e) = self.check_write_epoch(req.volume_id, req.write_epoch) {
                 return Some(e);
@@ -338,6 +362,7 @@ impl DataService {
                 return Err(err(Code::OutOfRange, format!("read of {len} bytes exceeds the {MAX_IO}-byte limit")));
             }
             let (handle, lineage) = self.route(who, req.pg, req.volume_id, req.offset, len, req.map_version, None).await?;
+            self.throttle(req.volume_id, len).await;
             let at = self.read_epoch(req.volume_id, req.snapshot_epoch)?;
             handle.group.read_barrier().await.map_err(|e| self.raft_error(e))?;
             // A bad block on this replica is repaired from the others through the PG, then the
@@ -403,6 +428,8 @@ impl DataService {
                     Ok(h) => h,
                     Err(e) => return Some(e),
                 };
+            // A zero or trim is one operation; it moves no payload.
+            self.throttle(req.volume_id, 0).await;
             if let Err(e) = self.check_write_epoch(req.volume_id, req.write_epoch) {
                 return Some(e);
             }
@@ -547,7 +574,7 @@ impl Data for DataService {
                 return Err(err(Code::NoSuchVolume, format!("no active volume with id {}", req.volume_id)));
             };
             self.access.check_data(&who.principal, who.peer, false, &vol.name).map_err(|d| denied_error(&d))?;
-            backup_node_only(&view, &who.principal)?;
+            backup_node_only(&view, &who.principal, vol, false)?;
             let at = self.read_epoch(req.volume_id, req.snapshot_epoch)?;
             // Linearizable like a read: every write acknowledged before the snapshot is applied here.
             handle.group.read_barrier().await.map_err(|e| self.raft_error(e))?;
