@@ -58,6 +58,8 @@ pub struct Options {
     pub insecure_nbd: bool,
     /// Who may connect to an NBD TCP listener.
     pub allow: AllowList,
+    /// Serve this attachment's metrics on this loopback address (`/metrics`, plain HTTP).
+    pub metrics_listen: Option<String>,
 }
 
 fn client_err(e: ClientError) -> CliError {
@@ -231,8 +233,17 @@ pub async fn attach(admin: &Admin, name: &str, listen: Listen, opts: Options) ->
     if let Listen::Tcp(addr) = &listen {
         check_nbd_address(addr, opts.tls_dir.is_some(), opts.insecure_nbd)?;
     }
-    // Certificates are checked before the volume is attached: a bad directory attaches nothing.
+    // Certificates and the metrics address are checked before the volume is attached: a bad
+    // one attaches nothing.
     let tls = opts.tls_dir.as_deref().map(load_nbd_tls).transpose()?;
+    let metrics = match &opts.metrics_listen {
+        Some(addr) => {
+            let addr = basalt_metrics::loopback_listen(addr).map_err(|e| CliError::usage(format!("--metrics-listen: {e}")))?;
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| CliError::other(format!("--metrics-listen {addr}: {e}")))?;
+            Some(listener)
+        }
+        None => None,
+    };
     let me = holder(&listen);
     // A standby opens the volume like a reader; its writes wait for the handover.
     let (cluster, volume) =
@@ -265,6 +276,18 @@ pub async fn attach(admin: &Admin, name: &str, listen: Listen, opts: Options) ->
         tokio::spawn(run_snapshot_cutter(cluster.clone(), volume.clone(), report, rx.clone()));
     }
     let (uri, task) = serve(volume.clone(), opts.read_only, &listen, tls, opts.allow, Some(log), rx.clone()).await?;
+    if let Some(listener) = metrics {
+        let at = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let (counters, labels) = (volume.metrics().clone(), vec![("volume", name.to_string())]);
+        let render = Arc::new(move || {
+            let mut e = basalt_metrics::Exposition::default();
+            counters.expose(&mut e);
+            e.render(labels.clone())
+        });
+        tokio::spawn(basalt_metrics::serve(listener, render, rx.clone()));
+        // On stdout with the export's URI, before `ready`: where to scrape it.
+        println!("http://{at}/metrics");
+    }
     if opts.standby {
         eprintln!("standby for {name} as {me}: writes wait until `basalt handover {name} --to {me}` or the holder detaches");
         tokio::spawn(take_over(cluster.clone(), volume.clone(), name.to_string(), me.clone(), holding.clone(), rx.clone()));

@@ -117,6 +117,10 @@ enum Cmd {
         /// default: any that reach it).
         #[arg(long = "nbd-allow", value_name = "CIDR")]
         nbd_allow: Vec<String>,
+        /// Serve this attachment's metrics (requests, bytes, errors and latency histograms per
+        /// operation) at http://ADDR/metrics; a loopback IP:PORT (plain HTTP).
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<String>,
     },
     /// Move a volume's write access to another holder (a `--standby` attachment, at the
     /// moment the VMM switches over in a live migration); the previous holder is fenced.
@@ -646,6 +650,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             nbd_tls_dir,
             insecure_nbd,
             nbd_allow,
+            metrics_listen,
         } => {
             let listen = match (nbd_socket, nbd_listen, vhost_user_socket) {
                 (Some(p), _, _) => attach::Listen::Socket(p),
@@ -668,7 +673,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 &admin,
                 &volume,
                 listen,
-                attach::Options { read_only, force, standby, kek_file, tls_dir: nbd_tls_dir, insecure_nbd, allow },
+                attach::Options { read_only, force, standby, kek_file, tls_dir: nbd_tls_dir, insecure_nbd, allow, metrics_listen },
             )
             .await
         }

@@ -1,9 +1,11 @@
-//! Prometheus metrics, served at `/metrics` on the configured address.
+//! Prometheus metrics, served at `/metrics` on the configured address (OpenMetrics text
+//! through `basalt-metrics`; every sample labelled with the node).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use basalt_metrics::{Exposition, Histogram, Labels};
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::service::service_fn;
@@ -32,7 +34,7 @@ pub struct Metrics {
     requests: [AtomicU64; 3],
     errors: [AtomicU64; 3],
     bytes: [AtomicU64; 3],
-    micros: [AtomicU64; 3],
+    latency: [Histogram; 3],
     /// The backup node's counters (backup-role nodes).
     pub backup: Arc<BackupMetrics>,
     /// Per-volume QoS on this node (its throttling counters are exported here).
@@ -58,7 +60,7 @@ pub struct BackupMetrics {
     pub bytes_restored: AtomicU64,
     /// Pieces in the store (at the last sweep).
     pub store_pieces: AtomicU64,
-    /// Bytes of pieces in the store (at the last sweep).
+    /// Bytes of the store on disk (at the last sweep).
     pub store_bytes: AtomicU64,
 }
 
@@ -67,7 +69,7 @@ impl Metrics {
     pub fn record(&self, op: Op, bytes: u64, took: Duration, ok: bool) {
         let i = op as usize;
         self.requests[i].fetch_add(1, Ordering::Relaxed);
-        self.micros[i].fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.latency[i].observe(took);
         if ok {
             self.bytes[i].fetch_add(bytes, Ordering::Relaxed);
         } else {
@@ -76,60 +78,45 @@ impl Metrics {
     }
 }
 
-/// Renders every metric in the Prometheus text format.
+fn one(v: u64) -> Vec<(Labels, u64)> {
+    vec![(Vec::new(), v)]
+}
+
+fn get(a: &AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
+/// Renders every metric in the OpenMetrics text format.
 pub fn render(ctx: &NodeCtx) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let node = ctx.config.id.0;
-    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, u64)>| {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for (labels, v) in samples {
-            let sep = if labels.is_empty() { "" } else { "," };
-            let _ = writeln!(out, "{name}{{node=\"{node}\"{sep}{labels}}} {v}");
-        }
-    };
-    let per_op = |a: &[AtomicU64; 3]| OPS.iter().enumerate().map(|(i, op)| (format!("op=\"{op}\""), a[i].load(Ordering::Relaxed))).collect();
+    let mut e = Exposition::default();
     let m = &ctx.metrics;
-    family("basalt_data_requests_total", "counter", "Data requests served by this node as PG leader.", per_op(&m.requests));
-    family("basalt_data_errors_total", "counter", "Data requests that failed.", per_op(&m.errors));
-    family("basalt_data_bytes_total", "counter", "Bytes written, read or zeroed.", per_op(&m.bytes));
-    family("basalt_data_latency_microseconds_total", "counter", "Sum of data request latencies.", per_op(&m.micros));
+    let per_op = |a: &[AtomicU64; 3]| OPS.iter().enumerate().map(|(i, op)| (vec![("op", op.to_string())], get(&a[i]))).collect();
+    e.counter("basalt_data_requests_total", "Data requests served by this node as PG leader.", per_op(&m.requests))
+        .counter("basalt_data_errors_total", "Data requests that failed.", per_op(&m.errors))
+        .counter("basalt_data_bytes_total", "Bytes written, read or zeroed.", per_op(&m.bytes))
+        .histogram(
+            "basalt_data_request_duration_seconds",
+            "How long data requests took on this node as PG leader (op: write, read, zero = trim and write-zeroes), QoS waits included.",
+            OPS.iter().zip(&m.latency).map(|(op, h)| (vec![("op", op.to_string())], h)).collect(),
+        );
     let s = ctx.store.stats();
-    family(
+    e.gauge(
         "basalt_chunk_slots",
-        "gauge",
         "Chunk slots of the data file by state.",
         vec![
-            ("state=\"total\"".into(), s.slots_total),
-            ("state=\"mapped\"".into(), s.slots_mapped),
-            ("state=\"pending_scrub\"".into(), s.slots_pending_scrub),
+            (vec![("state", "total".into())], s.slots_total),
+            (vec![("state", "mapped".into())], s.slots_mapped),
+            (vec![("state", "pending_scrub".into())], s.slots_pending_scrub),
         ],
-    );
-    family(
-        "basalt_scrub_pending_bytes",
-        "gauge",
-        "Freed bytes waiting to be overwritten.",
-        vec![(String::new(), s.slots_pending_scrub * s.slot_size)],
-    );
-    family(
-        "basalt_scrub_overwritten_bytes_total",
-        "counter",
-        "Freed bytes overwritten.",
-        vec![(String::new(), ctx.scrub.overwritten_bytes.load(Ordering::Relaxed))],
-    );
-    family(
-        "basalt_scrub_ranges_released_total",
-        "counter",
-        "Freed ranges overwritten and returned to the allocator.",
-        vec![(String::new(), ctx.scrub.slots_released.load(Ordering::Relaxed))],
-    );
-    family("basalt_scrub_errors_total", "counter", "Failed overwrites (retried).", vec![(String::new(), ctx.scrub.errors.load(Ordering::Relaxed))]);
-    family(
+    )
+    .gauge("basalt_scrub_pending_bytes", "Freed bytes waiting to be overwritten.", one(s.slots_pending_scrub * s.slot_size))
+    .counter("basalt_scrub_overwritten_bytes_total", "Freed bytes overwritten.", one(get(&ctx.scrub.overwritten_bytes)))
+    .counter("basalt_scrub_ranges_released_total", "Freed ranges overwritten and returned to the allocator.", one(get(&ctx.scrub.slots_released)))
+    .counter("basalt_scrub_errors_total", "Failed overwrites (retried).", one(get(&ctx.scrub.errors)))
+    .counter(
         "basalt_scrub_log_rewrites_total",
-        "counter",
         "Rewrites of the Raft log's files that removed purged (freed) entries.",
-        vec![(String::new(), ctx.scrub.log_scrubs.load(Ordering::Relaxed))],
+        one(get(&ctx.scrub.log_scrubs)),
     );
     let integrity = &ctx.integrity;
     for (name, help, value) in [
@@ -146,149 +133,106 @@ pub fn render(ctx: &NodeCtx) -> String {
         ("basalt_scrub_unrepairable_blocks_total", "Bad blocks no healthy replica could vouch for.", &integrity.unrepairable),
         ("basalt_scrub_integrity_check_errors_total", "Chunk checks that failed (replica unreachable, I/O error).", &integrity.check_errors),
     ] {
-        family(name, "counter", help, vec![(String::new(), value.load(Ordering::Relaxed))]);
+        e.counter(name, help, one(get(value)));
     }
-    family(
+    let running = integrity.running();
+    e.gauge(
         "basalt_scrub_integrity_running",
-        "gauge",
         "1 while an integrity pass runs (kind label: local or deep).",
-        vec![(integrity.running().map(|k| format!("kind=\"{}\"", k.as_str())).unwrap_or_default(), u64::from(integrity.running().is_some()))],
+        vec![(running.map(|k| vec![("kind", k.as_str().to_string())]).unwrap_or_default(), u64::from(running.is_some()))],
     );
     let log = ctx.host.log_engine().stats();
-    family(
-        "basalt_raft_log_syncs_total",
-        "counter",
-        "Synced Raft log writes (group commits).",
-        vec![(String::new(), log.batches.load(Ordering::Relaxed))],
-    );
-    family(
-        "basalt_raft_log_writes_total",
-        "counter",
-        "Raft log write requests carried by those syncs.",
-        vec![(String::new(), log.requests.load(Ordering::Relaxed))],
-    );
-    family(
-        "basalt_raft_log_sync_microseconds_total",
-        "counter",
-        "Time spent in synced Raft log writes.",
-        vec![(String::new(), log.sync_micros.load(Ordering::Relaxed))],
-    );
-    family(
-        "basalt_raft_log_size_bytes",
-        "gauge",
-        "Bytes of Raft log segment files in use (kept near raft.log_size_target).",
-        vec![(String::new(), ctx.host.log_engine().size_on_disk())],
-    );
-    family(
-        "basalt_raft_log_segments_released_total",
-        "counter",
-        "Raft log segments released (overwritten with zeros, kept for reuse).",
-        vec![(String::new(), log.segments_released.load(Ordering::Relaxed))],
-    );
-    family(
-        "basalt_raft_log_entries_carried_forward_total",
-        "counter",
-        "Live entries written again at the Raft log's head so its oldest segment could be released.",
-        vec![(String::new(), log.entries_carried_forward.load(Ordering::Relaxed))],
-    );
-    family(
-        "basalt_raft_log_waiting_for_space",
-        "gauge",
-        "1 while a Raft log write waits for its filesystem to have space (this node's Raft groups stall).",
-        vec![(String::new(), u64::from(log.waiting_for_space.load(Ordering::Relaxed)))],
-    );
+    e.counter("basalt_raft_log_syncs_total", "Synced Raft log writes (group commits).", one(get(&log.batches)))
+        .counter("basalt_raft_log_writes_total", "Raft log write requests carried by those syncs.", one(get(&log.requests)))
+        .counter_f64(
+            "basalt_raft_log_sync_seconds_total",
+            "Time spent in synced Raft log writes.",
+            vec![(Vec::new(), get(&log.sync_micros) as f64 / 1e6)],
+        )
+        .gauge(
+            "basalt_raft_log_size_bytes",
+            "Bytes of Raft log segment files in use (kept near raft.log_size_target).",
+            one(ctx.host.log_engine().size_on_disk()),
+        )
+        .counter(
+            "basalt_raft_log_segments_released_total",
+            "Raft log segments released (overwritten with zeros, kept for reuse).",
+            one(get(&log.segments_released)),
+        )
+        .counter(
+            "basalt_raft_log_entries_carried_forward_total",
+            "Live entries written again at the Raft log's head so its oldest segment could be released.",
+            one(get(&log.entries_carried_forward)),
+        )
+        .gauge(
+            "basalt_raft_log_waiting_for_space",
+            "1 while a Raft log write waits for its filesystem to have space (this node's Raft groups stall).",
+            one(u64::from(log.waiting_for_space.load(Ordering::Relaxed))),
+        );
     let space = ctx.host.space();
-    family(
+    e.gauge(
         "basalt_state_room_bytes",
-        "gauge",
         "What the state directory's filesystem can still take beyond the reserve (writes needing more are refused).",
-        vec![(String::new(), space.local_state().unwrap_or(0))],
+        one(space.local_state().unwrap_or(0)),
     );
     let a = &ctx.pgs.apply_stats;
-    family("basalt_pg_apply_batches_total", "counter", "State-machine apply calls.", vec![(String::new(), a.batches.load(Ordering::Relaxed))]);
-    family("basalt_pg_apply_commands_total", "counter", "Commands applied.", vec![(String::new(), a.commands.load(Ordering::Relaxed))]);
-    family("basalt_pg_apply_microseconds_total", "counter", "Time spent applying.", vec![(String::new(), a.micros.load(Ordering::Relaxed))]);
-    family(
-        "basalt_pg_applies_waiting_for_space",
-        "gauge",
-        "PGs whose apply on this node waits for chunk space (admission let through more than fits; see pg::space).",
-        vec![(String::new(), a.waiting_for_space.load(Ordering::Relaxed))],
-    );
-    family(
-        "basalt_replicas_retired_total",
-        "counter",
-        "Replicas removed from this node after moving elsewhere.",
-        vec![(String::new(), ctx.pgs.retired.load(Ordering::Relaxed))],
-    );
-    family(
-        "basalt_rebuild_sent_bytes_total",
-        "counter",
-        "Snapshot bytes sent to fill new replicas (paced by heal.rebuild_rate).",
-        vec![(String::new(), ctx.pgs.pacer.bytes.load(Ordering::Relaxed))],
-    );
+    e.counter("basalt_pg_apply_batches_total", "State-machine apply calls.", one(get(&a.batches)))
+        .counter("basalt_pg_apply_commands_total", "Commands applied.", one(get(&a.commands)))
+        .counter_f64("basalt_pg_apply_seconds_total", "Time spent applying.", vec![(Vec::new(), get(&a.micros) as f64 / 1e6)])
+        .gauge(
+            "basalt_pg_applies_waiting_for_space",
+            "PGs whose apply on this node waits for chunk space (admission let through more than fits; see pg::space).",
+            one(get(&a.waiting_for_space)),
+        )
+        .counter("basalt_replicas_retired_total", "Replicas removed from this node after moving elsewhere.", one(get(&ctx.pgs.retired)))
+        .counter(
+            "basalt_rebuild_sent_bytes_total",
+            "Snapshot bytes sent to fill new replicas (paced by heal.rebuild_rate).",
+            one(get(&ctx.pgs.pacer.bytes)),
+        );
     let statuses = ctx.pgs.statuses();
-    family("basalt_pgs", "gauge", "Placement groups hosted on this node.", vec![(String::new(), statuses.len() as u64)]);
-    family(
+    e.gauge("basalt_pgs", "Placement groups hosted on this node.", one(statuses.len() as u64)).gauge(
         "basalt_pg_leaders",
-        "gauge",
         "Placement groups this node leads.",
-        vec![(String::new(), statuses.iter().filter(|s| s.is_leader).count() as u64)],
+        one(statuses.iter().filter(|s| s.is_leader).count() as u64),
     );
-    for (name, kind, help, samples) in access_families(ctx) {
-        family(name, kind, help, samples);
-    }
+    access_families(ctx, &mut e);
     if ctx.config.has(crate::meta::state::Role::Backup) {
-        for (name, kind, help, samples) in backup_node_families(&m.backup) {
-            family(name, kind, help, samples);
-        }
+        backup_node_families(&m.backup, &mut e);
     }
     let (throttled, waited) = m.qos.throttled();
-    let _ = writeln!(out, "# HELP basalt_qos_throttled_requests_total Data requests held back by a volume's QoS limits.");
-    let _ = writeln!(out, "# TYPE basalt_qos_throttled_requests_total counter");
-    let _ = writeln!(out, "basalt_qos_throttled_requests_total{{node=\"{node}\"}} {throttled}");
-    let _ = writeln!(out, "# HELP basalt_qos_throttled_seconds_total Time data requests waited for a volume's QoS limits.");
-    let _ = writeln!(out, "# TYPE basalt_qos_throttled_seconds_total counter");
-    let _ = writeln!(out, "basalt_qos_throttled_seconds_total{{node=\"{node}\"}} {waited:.6}");
-    backup_catalog_families(ctx, &mut out);
-    out
+    e.counter("basalt_qos_throttled_requests_total", "Data requests held back by a volume's QoS limits.", one(throttled)).counter_f64(
+        "basalt_qos_throttled_seconds_total",
+        "Time data requests waited for a volume's QoS limits.",
+        vec![(Vec::new(), waited)],
+    );
+    backup_catalog_families(ctx, &mut e);
+    e.render(vec![("node", ctx.config.id.0.to_string())])
 }
 
 /// A backup node's families.
-fn backup_node_families(b: &BackupMetrics) -> Vec<Family> {
-    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    vec![
-        (
-            "basalt_backup_copies_total",
-            "counter",
-            "Backup copies this node finished or failed (outcome label).",
-            vec![("outcome=\"ok\"".into(), get(&b.copies_ok)), ("outcome=\"failed\"".into(), get(&b.copies_failed))],
-        ),
-        (
-            "basalt_backup_read_bytes_total",
-            "counter",
-            "Bytes backup copies read from the cluster (changed chunks).",
-            vec![(String::new(), get(&b.bytes_read))],
-        ),
-        ("basalt_backup_stored_bytes_total", "counter", "Bytes of new backup pieces written.", vec![(String::new(), get(&b.bytes_stored))]),
-        (
+fn backup_node_families(b: &BackupMetrics, e: &mut Exposition) {
+    let outcome = |ok: &AtomicU64, failed: &AtomicU64| {
+        vec![(vec![("outcome", "ok".to_string())], get(ok)), (vec![("outcome", "failed".to_string())], get(failed))]
+    };
+    e.counter("basalt_backup_copies_total", "Backup copies this node finished or failed (outcome label).", outcome(&b.copies_ok, &b.copies_failed))
+        .counter("basalt_backup_read_bytes_total", "Bytes backup copies read from the cluster (changed chunks).", one(get(&b.bytes_read)))
+        .counter("basalt_backup_stored_bytes_total", "Bytes of new backup pieces written.", one(get(&b.bytes_stored)))
+        .counter(
             "basalt_backup_restores_total",
-            "counter",
             "Restores this node finished or that stopped on an error (outcome label).",
-            vec![("outcome=\"ok\"".into(), get(&b.restores_ok)), ("outcome=\"failed\"".into(), get(&b.restores_failed))],
-        ),
-        ("basalt_backup_restored_bytes_total", "counter", "Bytes restores wrote into volumes.", vec![(String::new(), get(&b.bytes_restored))]),
-        ("basalt_backup_store_pieces", "gauge", "Pieces in this node's backup store.", vec![(String::new(), get(&b.store_pieces))]),
-        ("basalt_backup_store_bytes", "gauge", "Bytes on disk of this node's backup store.", vec![(String::new(), get(&b.store_bytes))]),
-    ]
+            outcome(&b.restores_ok, &b.restores_failed),
+        )
+        .counter("basalt_backup_restored_bytes_total", "Bytes restores wrote into volumes.", one(get(&b.bytes_restored)))
+        .gauge("basalt_backup_store_pieces", "Pieces in this node's backup store.", one(get(&b.store_pieces)))
+        .gauge("basalt_backup_store_bytes", "Bytes on disk of this node's backup store.", one(get(&b.store_bytes)));
 }
 
 /// The backup catalog's families, from the meta leader only (every meta node holds the
 /// catalog; one source keeps sums right): backups by state, and per volume the last complete
 /// backup's time and duration.
-fn backup_catalog_families(ctx: &NodeCtx, out: &mut String) {
-    use std::fmt::Write;
+fn backup_catalog_families(ctx: &NodeCtx, e: &mut Exposition) {
     let Some(meta) = ctx.meta.as_ref().filter(|m| m.group.status().is_leader) else { return };
-    let node = ctx.config.id.0;
     let (states, last) = meta.shared.with(|s| {
         let mut states = [0u64; 3];
         let mut last: std::collections::BTreeMap<String, (u64, u64)> = std::collections::BTreeMap::new();
@@ -310,24 +254,21 @@ fn backup_catalog_families(ctx: &NodeCtx, out: &mut String) {
         }
         (states, last)
     });
-    let _ = writeln!(out, "# HELP basalt_backups Backups in the catalog by state.\n# TYPE basalt_backups gauge");
-    for (state, n) in ["running", "complete", "failed"].iter().zip(states) {
-        let _ = writeln!(out, "basalt_backups{{node=\"{node}\",state=\"{state}\"}} {n}");
-    }
-    let _ = writeln!(
-        out,
-        "# HELP basalt_backup_last_success_timestamp_seconds When each volume's newest complete backup finished.\n# TYPE basalt_backup_last_success_timestamp_seconds gauge"
+    e.gauge(
+        "basalt_backups",
+        "Backups in the catalog by state.",
+        ["running", "complete", "failed"].iter().zip(states).map(|(state, n)| (vec![("state", state.to_string())], n)).collect(),
+    )
+    .gauge_f64(
+        "basalt_backup_last_success_timestamp_seconds",
+        "When each volume's newest complete backup finished.",
+        last.iter().map(|(volume, (at, _))| (vec![("volume", volume.clone())], *at as f64 / 1000.0)).collect(),
+    )
+    .gauge_f64(
+        "basalt_backup_last_duration_seconds",
+        "How long each volume's newest complete backup took.",
+        last.iter().map(|(volume, (_, took))| (vec![("volume", volume.clone())], *took as f64 / 1000.0)).collect(),
     );
-    for (volume, (at, _)) in &last {
-        let _ = writeln!(out, "basalt_backup_last_success_timestamp_seconds{{node=\"{node}\",volume=\"{volume}\"}} {}", *at as f64 / 1000.0);
-    }
-    let _ = writeln!(
-        out,
-        "# HELP basalt_backup_last_duration_seconds How long each volume's newest complete backup took.\n# TYPE basalt_backup_last_duration_seconds gauge"
-    );
-    for (volume, (_, took)) in &last {
-        let _ = writeln!(out, "basalt_backup_last_duration_seconds{{node=\"{node}\",volume=\"{volume}\"}} {}", *took as f64 / 1000.0);
-    }
 }
 
 /// Serves `/metrics` until shutdown: HTTPS with security on, to a client certificate of the
@@ -362,7 +303,7 @@ pub async fn serve(ctx: Arc<NodeCtx>, listener: tokio::net::TcpListener, mut shu
                     let resp = match authorize_scrape(&ctx, &req, identity, peer).await {
                         Err((status, why)) => Response::builder().status(status).body(Full::new(Bytes::from(format!("{why}\n")))),
                         Ok(()) if req.uri().path() == "/metrics" => {
-                            Response::builder().header("content-type", "text/plain; version=0.0.4").body(Full::new(Bytes::from(render(&ctx))))
+                            Response::builder().header("content-type", basalt_metrics::CONTENT_TYPE).body(Full::new(Bytes::from(render(&ctx))))
                         }
                         Ok(()) => Response::builder().status(StatusCode::NOT_FOUND).body(Full::new(Bytes::from_static(b"try /metrics\n"))),
                     };
@@ -398,51 +339,31 @@ async fn authorize_scrape(
     })
 }
 
-/// A metric family: name, type, help, samples (labels, value).
-type Family = (&'static str, &'static str, &'static str, Vec<(String, u64)>);
-
 /// Families describing access control.
-fn access_families(ctx: &NodeCtx) -> Vec<Family> {
+fn access_families(ctx: &NodeCtx, e: &mut Exposition) {
     let stats = &ctx.access.stats;
-    let refused = stats.refused.lock().unwrap_or_else(|p| p.into_inner());
-    let mut by_listener: Vec<(String, u64)> = refused.iter().map(|((l, r), n)| (format!("listener=\"{l}\",reason=\"{r}\""), *n)).collect();
+    let mut by_listener: Vec<(Labels, u64)> = {
+        let refused = stats.refused.lock().unwrap_or_else(|p| p.into_inner());
+        refused.iter().map(|((l, r), n)| (vec![("listener", l.to_string()), ("reason", r.to_string())], *n)).collect()
+    };
     by_listener.sort();
-    let cert_days =
+    let cert_secs =
         ctx.access.tls().and_then(|t| t.own_certificate()).map(|c| (c.not_after - basalt_security::identity::unix_now()).max(0) as u64).unwrap_or(0);
-    vec![
-        ("basalt_connections_refused_total", "counter", "Connections refused at accept, handshake or authentication.", by_listener),
-        (
-            "basalt_requests_denied_total",
-            "counter",
-            "Requests refused for missing, bad or insufficient credentials.",
-            vec![(String::new(), stats.denied.load(Ordering::Relaxed))],
-        ),
-        (
+    e.counter("basalt_connections_refused_total", "Connections refused at accept, handshake or authentication.", by_listener)
+        .counter("basalt_requests_denied_total", "Requests refused for missing, bad or insufficient credentials.", one(get(&stats.denied)))
+        .counter(
             "basalt_audit_events_suppressed_total",
-            "counter",
             "Refusals recorded only in a summary (rate limit per source).",
-            vec![(String::new(), stats.audit_suppressed.load(Ordering::Relaxed))],
-        ),
-        (
-            "basalt_audit_events_dropped_total",
-            "counter",
-            "Audit events that could not reach the meta group.",
-            vec![(String::new(), stats.audit_dropped.load(Ordering::Relaxed))],
-        ),
-        (
-            "basalt_tls_certificate_expiry_seconds",
-            "gauge",
-            "Seconds until this node's TLS certificate expires (0: none or expired).",
-            vec![(String::new(), cert_days)],
-        ),
-        (
+            one(get(&stats.audit_suppressed)),
+        )
+        .counter("basalt_audit_events_dropped_total", "Audit events that could not reach the meta group.", one(get(&stats.audit_dropped)))
+        .gauge("basalt_tls_certificate_expiry_seconds", "Seconds until this node's TLS certificate expires (0: none or expired).", one(cert_secs))
+        .counter(
             "basalt_tls_reloads_total",
-            "counter",
             "Certificate file reloads (result label).",
             vec![
-                ("result=\"ok\"".into(), stats.cert_reloads.load(Ordering::Relaxed)),
-                ("result=\"error\"".into(), stats.cert_reload_errors.load(Ordering::Relaxed)),
+                (vec![("result", "ok".to_string())], get(&stats.cert_reloads)),
+                (vec![("result", "error".to_string())], get(&stats.cert_reload_errors)),
             ],
-        ),
-    ]
+        );
 }

@@ -133,6 +133,8 @@ pub struct Attached {
     pub child: Child,
     /// The URI it printed.
     pub uri: String,
+    /// Its metrics URL, with `--metrics-listen`.
+    pub metrics: Option<String>,
 }
 
 impl Drop for Attached {
@@ -163,12 +165,13 @@ impl TestCluster {
             }
         });
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let mut uri = None;
+        let (mut uri, mut metrics) = (None, None);
         loop {
             match rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(l) if l.starts_with("nbd://") || l.starts_with("nbds://") || l.starts_with("nbd+unix://") => uri = Some(l),
+                Ok(l) if l.starts_with("http://") => metrics = Some(l),
                 Ok(l) if l == "ready" => {
-                    return Ok(Attached { child, uri: uri.expect("uri before ready") });
+                    return Ok(Attached { child, uri: uri.expect("uri before ready"), metrics });
                 }
                 Ok(_) => {}
                 Err(_) => {

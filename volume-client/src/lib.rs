@@ -20,6 +20,7 @@ pub mod cluster;
 pub mod crypt;
 mod data_conn;
 pub mod error;
+pub mod metrics;
 pub mod nbd;
 pub mod reencrypt;
 pub mod snapshot_cut;

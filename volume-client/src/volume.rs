@@ -68,6 +68,8 @@ pub struct Volume {
     /// Open (true) unless writes are held: a standby attachment holds them until write access
     /// is handed to it ([`Volume::hold_writes`]).
     write_gate: Arc<tokio::sync::watch::Sender<bool>>,
+    /// What this handle and its clones did (the attach process's `/metrics`).
+    metrics: Arc<crate::metrics::VolumeMetrics>,
 }
 
 /// Loads an encrypted volume's newer key versions into its cipher (see
@@ -165,7 +167,24 @@ impl Volume {
             stripes: Arc::new(Stripes::new()),
             reloader: None,
             write_gate: Arc::new(tokio::sync::watch::Sender::new(true)),
+            metrics: Arc::default(),
         }
+    }
+
+    /// What this handle (and its clones) did: requests, bytes, errors, latencies.
+    pub fn metrics(&self) -> &Arc<crate::metrics::VolumeMetrics> {
+        &self.metrics
+    }
+
+    fn measured<T>(
+        &self,
+        op: crate::metrics::VolumeOp,
+        bytes: u64,
+        started: std::time::Instant,
+        r: Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        self.metrics.record(op, bytes, started.elapsed(), r.is_ok());
+        r
     }
 
     /// Holds every write, zeroing and re-encryption (they wait, they do not fail) until
@@ -542,7 +561,13 @@ impl Volume {
     /// Writes `data` at `offset`. Returns once the data is durable on a majority of each
     /// affected PG's replicas (so FUA is always satisfied; `_fua` exists for callers that pass
     /// it through).
-    pub async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> Result<(), ClientError> {
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ClientError> {
+        let (started, len) = (std::time::Instant::now(), data.len() as u64);
+        let r = self.write_unmeasured(offset, data, fua).await;
+        self.measured(crate::metrics::VolumeOp::Write, len, started, r)
+    }
+
+    async fn write_unmeasured(&self, offset: u64, data: Bytes, _fua: bool) -> Result<(), ClientError> {
         if data.is_empty() {
             return Ok(());
         }
@@ -706,6 +731,12 @@ impl Volume {
     /// Reads `len` bytes at `offset`. Every 4 KiB block is verified against the crc32c stored
     /// with it; a mismatch is an error, never returned as data.
     pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes, ClientError> {
+        let started = std::time::Instant::now();
+        let r = self.read_unmeasured(offset, len).await;
+        self.measured(crate::metrics::VolumeOp::Read, len, started, r)
+    }
+
+    async fn read_unmeasured(&self, offset: u64, len: u64) -> Result<Bytes, ClientError> {
         if len == 0 {
             return Ok(Bytes::new());
         }
@@ -973,19 +1004,23 @@ impl Volume {
 
     /// Every acknowledged write is already durable on a majority: nothing is buffered here.
     pub async fn flush(&self) -> Result<(), ClientError> {
-        Ok(())
+        self.measured(crate::metrics::VolumeOp::Flush, 0, std::time::Instant::now(), Ok(()))
     }
 
     /// Discards `[offset, offset+len)`: it reads as zeros, its space is released where whole
     /// chunks are covered and overwritten otherwise.
     pub async fn trim(&self, offset: u64, len: u64) -> Result<(), ClientError> {
-        self.zero(offset, len, false).await
+        let started = std::time::Instant::now();
+        let r = self.zero(offset, len, false).await;
+        self.measured(crate::metrics::VolumeOp::Trim, len, started, r)
     }
 
     /// Writes zeros over `[offset, offset+len)`; `keep_allocated` keeps the space reserved (NBD
     /// `NO_HOLE`).
     pub async fn write_zeroes(&self, offset: u64, len: u64, keep_allocated: bool) -> Result<(), ClientError> {
-        self.zero(offset, len, keep_allocated).await
+        let started = std::time::Instant::now();
+        let r = self.zero(offset, len, keep_allocated).await;
+        self.measured(crate::metrics::VolumeOp::Zero, len, started, r)
     }
 
     async fn zero(&self, offset: u64, len: u64, keep_allocated: bool) -> Result<(), ClientError> {
@@ -1001,13 +1036,13 @@ impl Volume {
             let end = offset + len;
             let (inner, inner_end) = (offset.div_ceil(bs) * bs, end / bs * bs);
             if inner >= inner_end {
-                return self.write(offset, Bytes::from(vec![0u8; len as usize]), false).await;
+                return self.write_unmeasured(offset, Bytes::from(vec![0u8; len as usize]), false).await;
             }
             if offset < inner {
-                self.write(offset, Bytes::from(vec![0u8; (inner - offset) as usize]), false).await?;
+                self.write_unmeasured(offset, Bytes::from(vec![0u8; (inner - offset) as usize]), false).await?;
             }
             if inner_end < end {
-                self.write(inner_end, Bytes::from(vec![0u8; (end - inner_end) as usize]), false).await?;
+                self.write_unmeasured(inner_end, Bytes::from(vec![0u8; (end - inner_end) as usize]), false).await?;
             }
             let _shared = self.stripes.shared(inner / bs, inner_end / bs).await;
             return self.zero_blocks(inner, inner_end - inner, keep_allocated).await;
