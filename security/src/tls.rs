@@ -149,8 +149,10 @@ impl Stamp {
 
 /// Configurations built from one reading of the files.
 struct Configs {
-    server_optional: Arc<ServerConfig>,
-    server_node: Arc<ServerConfig>,
+    /// One per protocol (indexed by `Protocol as usize`), each naming only its protocol in
+    /// ALPN: the handshake confirms the protocol [`TlsContext::accept`] chose, never another the
+    /// client also offered.
+    servers: [Arc<ServerConfig>; 4],
     clients: [Arc<ClientConfig>; 4],
     own: Option<CertSummary>,
     ca: Vec<CertSummary>,
@@ -237,10 +239,10 @@ impl TlsContext {
         Ok(true)
     }
 
-    /// Accepts a TLS connection: reads the ClientHello, asks `admit` whether its protocol may
-    /// be served to this peer (before any key exchange), then completes the handshake. Raft
-    /// connections must present a node certificate.
-    pub async fn accept(&self, tcp: TcpStream, admit: impl FnOnce(Protocol) -> Result<(), String>) -> Result<Accepted, AcceptError> {
+    /// Accepts a TLS connection: reads the ClientHello, takes the first protocol it offers that
+    /// `admit` lets this peer speak on this port (before any key exchange), then completes the
+    /// handshake. Raft connections must present a node certificate.
+    pub async fn accept(&self, tcp: TcpStream, admit: impl Fn(Protocol) -> Result<(), String>) -> Result<Accepted, AcceptError> {
         let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
         // A TLS connection opens with a handshake record (content type 22).
         let mut first = [0u8; 1];
@@ -257,19 +259,20 @@ impl TlsContext {
             Ok(Ok(s)) => s,
         };
         let hello = start.client_hello();
-        // Metrics scrapers may offer no ALPN at all: that is HTTP/1.1.
-        let protocol = match hello.alpn() {
-            None => Protocol::Http,
-            Some(mut offered) => match offered.find_map(Protocol::from_alpn) {
-                Some(p) => p,
-                None => {
-                    return Err(AcceptError::Refused("no protocol this port serves was offered in ALPN".into()));
-                }
-            },
+        // Metrics scrapers may offer no ALPN at all: that is HTTP/1.1. A client offering
+        // several (an HTTP client offers h2 and http/1.1) gets the first this port takes.
+        let offered: Vec<Protocol> = match hello.alpn() {
+            None => vec![Protocol::Http],
+            Some(offered) => offered.filter_map(Protocol::from_alpn).collect(),
         };
-        admit(protocol).map_err(AcceptError::Refused)?;
-        let configs = self.current();
-        let config = if protocol == Protocol::Raft { configs.server_node.clone() } else { configs.server_optional.clone() };
+        let Some(&first) = offered.first() else {
+            return Err(AcceptError::Refused("no protocol this port serves was offered in ALPN".into()));
+        };
+        let protocol = match offered.iter().copied().find(|p| admit(*p).is_ok()) {
+            Some(p) => p,
+            None => return Err(AcceptError::Refused(admit(first).err().unwrap_or_default())),
+        };
+        let config = self.current().servers[protocol as usize].clone();
         let stream = match tokio::time::timeout_at(deadline, start.into_stream(config)).await {
             Err(_) => return Err(AcceptError::Timeout),
             Ok(Err(e)) => return Err(AcceptError::Handshake(e.to_string())),
@@ -362,8 +365,13 @@ fn build(files: &TlsFiles, provider: &Arc<CryptoProvider>) -> Result<Configs, Se
         config.alpn_protocols = alpn;
         Ok(Arc::new(config))
     };
-    let server_optional = server(optional, vec![Protocol::Data.alpn().to_vec(), Protocol::Grpc.alpn().to_vec(), Protocol::Http.alpn().to_vec()])?;
-    let server_node = server(required, vec![Protocol::Raft.alpn().to_vec()])?;
+    let only = |p: Protocol| vec![p.alpn().to_vec()];
+    let servers = [
+        server(optional.clone(), only(Protocol::Data))?,
+        server(required, only(Protocol::Raft))?,
+        server(optional.clone(), only(Protocol::Grpc))?,
+        server(optional, only(Protocol::Http))?,
+    ];
 
     let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone()).build().map_err(tls_err)?;
     let verifier = Arc::new(NodeVerifier { inner: webpki });
@@ -381,7 +389,7 @@ fn build(files: &TlsFiles, provider: &Arc<CryptoProvider>) -> Result<Configs, Se
         Ok(Arc::new(config))
     };
     let clients = [client(Protocol::Data)?, client(Protocol::Raft)?, client(Protocol::Grpc)?, client(Protocol::Http)?];
-    Ok(Configs { server_optional, server_node, clients, own: own.map(|(_, s)| s), ca, stamp })
+    Ok(Configs { servers, clients, own: own.map(|(_, s)| s), ca, stamp })
 }
 
 /// This party's certificate, presented as server and as client. Reloading builds new

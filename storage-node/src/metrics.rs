@@ -207,6 +207,7 @@ pub fn render(ctx: &NodeCtx) -> String {
         vec![(Vec::new(), waited)],
     );
     backup_catalog_families(ctx, &mut e);
+    cluster_families(ctx, &mut e);
     e.render(vec![("node", ctx.config.id.0.to_string())])
 }
 
@@ -337,6 +338,53 @@ async fn authorize_scrape(
         ctx.access.refuse_connection("metrics", "credentials", peer, &d.message);
         (if d.unauthenticated { StatusCode::UNAUTHORIZED } else { StatusCode::FORBIDDEN }, d.message)
     })
+}
+
+/// The cluster as the meta leader sees it (the meta leader only, so sums are not multiplied):
+/// nodes and placement groups by state, space, volumes. What alerts and the dashboard's
+/// overview are built on.
+fn cluster_families(ctx: &NodeCtx, e: &mut Exposition) {
+    let Some(meta) = ctx.meta.as_ref().filter(|m| m.group.status().is_leader) else { return };
+    let views = ctx.liveness.pg_views();
+    let (nodes, pgs, volumes) = meta.shared.with(|s| {
+        let nodes: Vec<_> = s.nodes.keys().copied().collect();
+        let pgs: Vec<(u32, usize)> = s.pgs.iter().map(|p| (p.id.0, p.replicas.len())).collect();
+        (nodes, pgs, s.volumes.len() as u64)
+    });
+    let mut by_state = std::collections::BTreeMap::from([("up", 0u64), ("down", 0), ("unknown", 0)]);
+    let (mut used, mut capacity) = (0u64, 0u64);
+    for id in &nodes {
+        *by_state.entry(ctx.liveness.state(*id).0).or_default() += 1;
+        if let Some(n) = ctx.liveness.last_report(*id) {
+            used += n.used_bytes;
+            capacity += n.capacity_bytes;
+        }
+    }
+    let mut pg_states = [("healthy", 0u64), ("degraded", 0), ("leaderless", 0)];
+    for (id, replicas) in pgs {
+        let v = views.get(&id).cloned().unwrap_or_default();
+        let i = if v.leader == 0 {
+            2
+        } else if v.live.len() < replicas {
+            1
+        } else {
+            0
+        };
+        pg_states[i].1 += 1;
+    }
+    e.gauge(
+        "basalt_cluster_nodes",
+        "Nodes by state as the meta leader sees them (up, down, unknown).",
+        by_state.iter().map(|(s, n)| (vec![("state", s.to_string())], *n)).collect(),
+    )
+    .gauge(
+        "basalt_cluster_pgs",
+        "Placement groups by state: healthy, degraded (a replica down), leaderless (their I/O waits).",
+        pg_states.iter().map(|(s, n)| (vec![("state", s.to_string())], *n)).collect(),
+    )
+    .gauge("basalt_cluster_used_bytes", "Bytes the storage nodes report used.", one(used))
+    .gauge("basalt_cluster_capacity_bytes", "Bytes the storage nodes report they can hold.", one(capacity))
+    .gauge("basalt_cluster_volumes", "Volumes in the cluster.", one(volumes));
 }
 
 /// Families describing access control.

@@ -389,13 +389,18 @@ impl TestCluster {
 
     /// The harness's dialer: TLS against the cluster CA, presenting its client certificate.
     pub fn dialer(&self) -> Result<Dialer> {
+        Ok(Dialer::new(Some(std::sync::Arc::new(TlsContext::load(self.client_tls_files())?))))
+    }
+
+    /// The cluster CA and the harness's client certificate and key (for third-party clients:
+    /// a Prometheus scraping the nodes, say).
+    pub fn client_tls_files(&self) -> TlsFiles {
         let stem = certs::file_stem(&Identity::Client(TEST_CLIENT.into()));
-        let files = TlsFiles {
+        TlsFiles {
             ca: self.tls_dir.join(certs::CA_CERT),
             cert: Some(self.tls_dir.join(format!("{stem}.pem"))),
             key: Some(self.tls_dir.join(format!("{stem}.key"))),
-        };
-        Ok(Dialer::new(Some(std::sync::Arc::new(TlsContext::load(files)?))))
+        }
     }
 
     /// A dialer trusting the cluster CA without a client certificate (a client that has only
