@@ -6,13 +6,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::units::{format_size, parse_size};
 
-/// Smallest IOPS limit: below it one queue of requests would wait longer than a client's
-/// attempt timeout and be sent again.
+/// Smallest IOPS limit: below it a client's ordinary queue would be held longer than a node
+/// holds one request (a second, under the client's 3 s patience), and the limit would be
+/// approximate.
 pub const MIN_IOPS: u64 = 10;
 /// Largest IOPS limit (anything above is effectively unlimited: say so instead).
 pub const MAX_IOPS: u64 = 10_000_000;
-/// Smallest bandwidth limit, for the same reason as [`MIN_IOPS`]: a client's in-flight bytes
-/// must drain well within its attempt timeout.
+/// Smallest bandwidth limit, for the same reason as [`MIN_IOPS`].
 pub const MIN_BPS: u64 = 4 << 20;
 /// Largest bandwidth limit.
 pub const MAX_BPS: u64 = 1 << 40;

@@ -25,6 +25,13 @@ use basalt_common::{NodeId, VolumeId};
 /// How long a node's buckets of a volume without requests are kept (and its debt with them).
 const KEEP_IDLE: Duration = Duration::from_secs(10);
 
+/// The longest one request is held. A client gives a connection up when nothing comes back for
+/// 3 s (`volume-client`'s `STALL_AFTER`) and sends the request again; a hold far below that
+/// keeps replies flowing on every connection whatever the limit. Past it the request goes
+/// (its tokens are still taken): a queue deeper than the limit allows in a second gets up to
+/// its depth a second until the shares settle, never an error.
+pub const MAX_HOLD: Duration = Duration::from_secs(1);
+
 /// A node's share of a volume's limits: fractions of its operations and of its bytes.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Share {
@@ -48,8 +55,9 @@ impl Bucket {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
         self.tokens = (self.tokens + elapsed * rate).min(cap);
         self.at = now;
-        self.tokens -= amount;
-        if self.tokens >= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(-self.tokens / rate) }
+        // Debt beyond what `MAX_HOLD` pays off is not carried: requests past it go anyway.
+        self.tokens = (self.tokens - amount).max(-rate * MAX_HOLD.as_secs_f64());
+        if self.tokens >= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(-self.tokens / rate).min(MAX_HOLD) }
     }
 }
 
@@ -150,8 +158,20 @@ impl QosLimiter {
 /// replicated: a new leader knows within a heartbeat).
 #[derive(Debug, Default)]
 pub struct QosActivity {
-    seen: Mutex<HashMap<VolumeId, HashMap<NodeId, Report>>>,
+    seen: Mutex<HashMap<VolumeId, Seen>>,
 }
+
+/// Reports of one volume, and when the first of this run of them came.
+#[derive(Debug)]
+struct Seen {
+    since: Instant,
+    nodes: HashMap<NodeId, Report>,
+}
+
+/// How long after a volume's first report the leader hands out shares: by then every node
+/// serving it has reported (heartbeats are a second apart), so the shares add up to one; until
+/// then each node keeps its equal share.
+const SETTLE: Duration = Duration::from_millis(1200);
 
 /// A node's last report of a volume: when, requests, bytes.
 type Report = (Instant, u64, u64);
@@ -163,19 +183,23 @@ impl QosActivity {
     /// Node `node` saw `demand` (volume, requests, bytes) since its previous report; returns
     /// its share of each of those volumes.
     pub fn report(&self, node: NodeId, demand: &[(VolumeId, u64, u64)]) -> Vec<(VolumeId, Share)> {
-        let now = Instant::now();
+        self.report_at(node, demand, Instant::now())
+    }
+
+    fn report_at(&self, node: NodeId, demand: &[(VolumeId, u64, u64)], now: Instant) -> Vec<(VolumeId, Share)> {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        for (v, ops, bytes) in demand {
-            seen.entry(*v).or_default().insert(node, (now, *ops, *bytes));
-        }
-        seen.retain(|_, nodes| {
-            nodes.retain(|_, (at, _, _)| now.saturating_duration_since(*at) < REPORT_COUNTS);
-            !nodes.is_empty()
+        seen.retain(|_, s| {
+            s.nodes.retain(|_, (at, _, _)| now.saturating_duration_since(*at) < REPORT_COUNTS);
+            !s.nodes.is_empty()
         });
+        for (v, ops, bytes) in demand {
+            seen.entry(*v).or_insert_with(|| Seen { since: now, nodes: HashMap::new() }).nodes.insert(node, (now, *ops, *bytes));
+        }
         demand
             .iter()
+            .filter(|(v, _, _)| seen.get(v).is_some_and(|s| now.saturating_duration_since(s.since) >= SETTLE))
             .map(|(v, ops, bytes)| {
-                let nodes = seen.get(v).map(|n| n.values().map(|(_, o, b)| (*o, *b)).collect::<Vec<_>>()).unwrap_or_default();
+                let nodes = seen.get(v).map(|s| s.nodes.values().map(|(_, o, b)| (*o, *b)).collect::<Vec<_>>()).unwrap_or_default();
                 let part = |mine: u64, all: Vec<u64>| {
                     // Smoothed, so a node with few requests keeps a little of the limit.
                     let total: u64 = all.iter().sum();
@@ -255,16 +279,39 @@ mod tests {
     #[test]
     fn the_leader_shares_a_volume_by_where_its_requests_go() {
         let a = QosActivity::default();
-        let alone = a.report(NodeId(1), &[(V, 700, 700 << 12)]);
-        assert_eq!(alone, vec![(V, Share { ops: 1.0, bytes: 1.0 })], "the only node serving it gets it all");
-        let shares = a.report(NodeId(2), &[(V, 300, 300 << 12), (VolumeId(9), 5, 0)]);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // Until every node serving it has had a heartbeat to report, each keeps its equal share.
+        assert_eq!(a.report_at(NodeId(1), &[(V, 700, 700 << 12)], at(0)), vec![]);
+        assert_eq!(a.report_at(NodeId(2), &[(V, 300, 300 << 12)], at(500)), vec![]);
+        let alone = a.report_at(NodeId(3), &[(VolumeId(9), 5, 0)], at(1300));
+        assert_eq!(alone, vec![], "volume 9 is new");
+        let shares = a.report_at(NodeId(2), &[(V, 300, 300 << 12), (VolumeId(9), 5, 0)], at(1500));
         let (v, s) = shares[0];
         assert_eq!(v, V);
         assert!((s.ops - 0.3).abs() < 0.02 && (s.bytes - 0.3).abs() < 0.02, "{s:?}");
-        assert_eq!(shares[1].1.ops, 1.0);
         // Shares of one moment add up to the whole.
-        let again = a.report(NodeId(1), &[(V, 700, 700 << 12)]);
+        let again = a.report_at(NodeId(1), &[(V, 700, 700 << 12)], at(1600));
         assert!((again[0].1.ops + s.ops - 1.0).abs() < 1e-9, "{again:?} {s:?}");
-        assert_eq!(a.report(NodeId(3), &[]), vec![]);
+        // Volume 9 is served by nodes 2 and 3; once node 2's report is stale, node 3 alone
+        // gets it all.
+        let both = a.report_at(NodeId(3), &[(VolumeId(9), 5, 0)], at(2600));
+        assert!((both[0].1.ops - 0.5).abs() < 1e-9, "{both:?}");
+        let nine = a.report_at(NodeId(3), &[(VolumeId(9), 5, 0)], at(4050));
+        assert_eq!(nine, vec![(VolumeId(9), Share { ops: 1.0, bytes: 1.0 })], "node 2's report of it is stale");
+        assert_eq!(a.report_at(NodeId(3), &[], at(4100)), vec![]);
+    }
+
+    #[test]
+    fn no_request_is_held_past_the_clients_patience() {
+        let limits = QosLimits { iops: 10, bps: 0, burst_ms: 0 };
+        let l = QosLimiter::default();
+        // A hundred requests at once against 10 a second: the first ones wait their turn, none
+        // longer than MAX_HOLD.
+        let now = Instant::now();
+        let waits: Vec<Duration> = (0..100).map(|_| l.reserve(V, limits, 4096, 1, now)).collect();
+        assert_eq!(waits[0], Duration::from_millis(100));
+        assert!(waits.iter().all(|w| *w <= MAX_HOLD), "{waits:?}");
+        assert_eq!(*waits.last().unwrap(), MAX_HOLD);
     }
 }

@@ -177,6 +177,7 @@ impl ClusterState {
         {
             snaps.pending = None;
         }
+        self.erase_retired_keys_if_unneeded(v.id);
         MetaReply::Volume(v)
     }
 
@@ -192,12 +193,7 @@ impl ClusterState {
         snaps.snapshots.remove(name);
         snaps.release_generation += 1;
         snaps.release_todo = pgs;
-        // Key versions a re-encryption kept only for the snapshots go with the last one.
-        if !self.has_snapshots(v.id)
-            && let Some(retired) = self.retired_keys.get(&v.id).cloned()
-        {
-            self.erase_key_versions(v.id, &retired);
-        }
+        self.erase_retired_keys_if_unneeded(v.id);
         MetaReply::Volume(v)
     }
 

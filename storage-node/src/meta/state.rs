@@ -1258,6 +1258,16 @@ impl ClusterState {
         self.snapshots.get(&volume).is_some_and(|s| !s.snapshots.is_empty() || s.pending.is_some())
     }
 
+    /// Key versions a re-encryption kept only for `volume`'s snapshots go once none is left
+    /// (deleted, or the one being cut cancelled).
+    pub(super) fn erase_retired_keys_if_unneeded(&mut self, volume: VolumeId) {
+        if !self.has_snapshots(volume)
+            && let Some(retired) = self.retired_keys.get(&volume).cloned()
+        {
+            self.erase_key_versions(volume, &retired);
+        }
+    }
+
     /// Drops key `versions` of `volume` from the state and erases their wrapped copies.
     pub(super) fn erase_key_versions(&mut self, volume: VolumeId, versions: &BTreeSet<u32>) {
         let Some(keys) = self.volume_keys.get_mut(&volume) else { return };

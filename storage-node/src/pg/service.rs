@@ -42,6 +42,11 @@ use crate::node::NodeCtx;
 /// Largest single request.
 pub const MAX_IO: u64 = 32 * 1024 * 1024;
 
+/// Payload (KiB) of requests held by QoS at once on a node: throttled writes are held before
+/// they take a share of the node's in-flight budget (so they do not slow other volumes), and
+/// this bounds the memory they keep meanwhile.
+const QOS_HELD_KIB: u32 = 256 * 1024;
+
 /// A refusal with `code` (no leader hint).
 pub(crate) fn err(code: Code, message: impl Into<String>) -> DataError {
     DataError { code: code as i32, message: message.into(), leader: 0, leader_addr: String::new() }
@@ -86,13 +91,22 @@ pub struct DataService {
     space: Arc<SpaceAdmission>,
     /// Each client session's newest connection (`pg::sessions`).
     sessions: Sessions,
+    /// Payload of the requests QoS holds (KiB, [`QOS_HELD_KIB`]).
+    qos_held: tokio::sync::Semaphore,
 }
 
 impl DataService {
     /// A service over the node's PGs, admitting what `access` allows.
     pub fn new(ctx: Arc<NodeCtx>, access: Arc<Access>) -> Self {
         let kib = (ctx.config.memory.inflight_writes / 1024).max(1);
-        Self { ctx, access, inflight: Arc::new(tokio::sync::Semaphore::new(kib)), space: Arc::default(), sessions: Sessions::default() }
+        Self {
+            ctx,
+            access,
+            inflight: Arc::new(tokio::sync::Semaphore::new(kib)),
+            space: Arc::default(),
+            sessions: Sessions::default(),
+            qos_held: tokio::sync::Semaphore::new(QOS_HELD_KIB as usize),
+        }
     }
 
     /// The requester of a gRPC data call (the framed protocol authenticates once per connection).
@@ -104,7 +118,8 @@ impl DataService {
     }
 
     /// Holds a request of `bytes` to volume `volume`'s QoS limits (a share of them on this
-    /// node, `crate::qos`); returns at once for an unlimited volume.
+    /// node, `crate::qos`; at most `qos::MAX_HOLD`); returns at once for an unlimited volume.
+    /// Held payload is bounded node-wide (`qos_held`): past it, requests wait to be held.
     async fn throttle(&self, volume: u64, bytes: u64) {
         let (limits, storage_nodes) = {
             let view = self.ctx.map.borrow();
@@ -112,6 +127,8 @@ impl DataService {
             let nodes: std::collections::BTreeSet<_> = view.pgs.iter().flatten().copied().collect();
             (limits, nodes.len().max(1) as u32)
         };
+        let kib = bytes.div_ceil(1024).clamp(1, u64::from(u32::MAX)) as u32;
+        let Ok(_held) = self.qos_held.acquire_many(kib.min(QOS_HELD_KIB)).await else { return };
         self.ctx.metrics.qos.admit(VolumeId(volume), limits, bytes, storage_nodes).await;
     }
 
