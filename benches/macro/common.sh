@@ -25,3 +25,23 @@ dev_up() {
   wait_ready "$work/devup.out" "$work/devup.err" 120
   export $(grep -E '^BASALT_(CLUSTER|CA|TOKEN_FILE)=' "$work/devup.out" | xargs)
 }
+
+# Stops the attach processes in $attach_pids and the `dev up` of $dev_pid, and removes the
+# cluster's directory unless BASALT_BENCH_KEEP=1 (an EXIT trap).
+bench_cleanup() {
+  for p in ${attach_pids:-}; do kill -INT "$p" 2>/dev/null && wait "$p" 2>/dev/null || true; done
+  [ -n "${dev_pid:-}" ] && kill -INT "$dev_pid" 2>/dev/null && wait "$dev_pid" 2>/dev/null || true
+  [ "${BASALT_BENCH_KEEP:-0}" = 1 ] || rm -rf "$work/dev"
+}
+
+# Creates volume $1 of size $2 (further arguments go to `volume create`), attaches it over NBD
+# (its pid added to $attach_pids), writes it whole with fio and sets $uri.
+attach_prefilled() {
+  local name=$1 size=$2; shift 2
+  "$bin/basalt" volume create "$name" --size "$size" "$@" >&2
+  "$bin/basalt" attach "$name" --nbd-listen 127.0.0.1:0 > "$work/attach-$name.out" 2> "$work/attach-$name.err" &
+  attach_pids="${attach_pids:-} $!"
+  wait_ready "$work/attach-$name.out" "$work/attach-$name.err" 60
+  uri=$(grep '^nbd://' "$work/attach-$name.out" | head -1)
+  fio --name=prefill --ioengine=nbd --uri="$uri" --size="$size" --rw=write --bs=1M --iodepth=8 --output-format=json > "$work/prefill-$name.json"
+}

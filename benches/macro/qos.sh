@@ -14,32 +14,18 @@ cd "$(dirname "$0")/../.."
 secs="${1:-30}"
 bench_setup qos
 
-cleanup() {
-    for p in ${attach_pids:-}; do kill -INT "$p" 2>/dev/null && wait "$p" 2>/dev/null || true; done
-    [ -n "${dev_pid:-}" ] && kill -INT "$dev_pid" 2>/dev/null && wait "$dev_pid" 2>/dev/null || true
-    [ "${BASALT_BENCH_KEEP:-0}" = 1 ] || rm -rf "$work/dev"
-}
-trap cleanup EXIT
+trap bench_cleanup EXIT
 
 dev_up 64MiB
 
-attach() { # NAME SIZE [create flags...] -> sets $uri
-  local name=$1 size=$2; shift 2
-  "$bin/basalt" volume create "$name" --size "$size" "$@" >&2
-  "$bin/basalt" attach "$name" --nbd-listen 127.0.0.1:0 > "$work/attach-$name.out" 2> "$work/attach-$name.err" &
-  attach_pids="${attach_pids:-} $!"
-  wait_ready "$work/attach-$name.out" "$work/attach-$name.err" 60
-  uri=$(grep '^nbd://' "$work/attach-$name.out" | head -1)
-  fio --name=prefill --ioengine=nbd --uri="$uri" --size="$size" --rw=write --bs=1M --iodepth=8 --output-format=json > "$work/prefill-$name.json"
-}
 randwrite() { # NAME URI SECONDS JOBS
   fio --name="$1" --ioengine=nbd --uri="$2" --size=1G --time_based --runtime="$3" --numjobs="$4" --group_reporting \
       --randrepeat=0 --norandommap --rw=randwrite --bs=4k --iodepth=32 --output-format=json > "$work/$1.json"
 }
 
-attach free 1GiB
+attach_prefilled free 1GiB
 free=$uri
-attach limited 1GiB --qos-iops 500
+attach_prefilled limited 1GiB --qos-iops 500
 limited=$uri
 
 randwrite alone "$free" "$secs" 1

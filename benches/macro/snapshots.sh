@@ -17,23 +17,10 @@ cd "$(dirname "$0")/../.."
 secs="${1:-20}"
 bench_setup snapshots
 
-cleanup() {
-    for p in ${attach_pids:-}; do kill -INT "$p" 2>/dev/null && wait "$p" 2>/dev/null || true; done
-    [ -n "${dev_pid:-}" ] && kill -INT "$dev_pid" 2>/dev/null && wait "$dev_pid" 2>/dev/null || true
-    [ "${BASALT_BENCH_KEEP:-0}" = 1 ] || rm -rf "$work/dev"
-}
-trap cleanup EXIT
+trap bench_cleanup EXIT
 
 dev_up 64MiB
 
-attach() { # NAME SIZE -> sets $uri
-  "$bin/basalt" volume create "$1" --size "$2" >&2
-  "$bin/basalt" attach "$1" --nbd-listen 127.0.0.1:0 > "$work/attach-$1.out" 2> "$work/attach-$1.err" &
-  attach_pids="${attach_pids:-} $!"
-  wait_ready "$work/attach-$1.out" "$work/attach-$1.err" 60
-  uri=$(grep '^nbd://' "$work/attach-$1.out" | head -1)
-  fio --name=prefill --ioengine=nbd --uri="$uri" --size="$2" --rw=write --bs=1M --iodepth=8 --output-format=json > "$work/prefill-$1.json"
-}
 randwrite() { # NAME URI SIZE SECONDS
   fio --name="$1" --ioengine=nbd --uri="$2" --size="$3" --time_based --runtime="$4" \
       --randrepeat=0 --norandommap --rw=randwrite --bs=4k --iodepth=32 --output-format=json > "$work/$1.json"
@@ -43,7 +30,7 @@ snap() { # VOLUME NAME -> appends "label took_ms" to times
   echo "$3 $(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['took_ms'])" "$work/snap-$1-$2.json")" >> "$work/times"
 }
 
-attach small 1GiB
+attach_prefilled small 1GiB
 small=$uri
 snap small idle-1g "idle,1GiB-written"
 randwrite none "$small" 1G "$secs"
@@ -58,7 +45,7 @@ for i in $(seq 1 10); do
 done
 randwrite ten-first "$small" 1G "$secs"
 randwrite ten-steady "$small" 1G "$secs"
-attach big 4GiB
+attach_prefilled big 4GiB
 snap big idle-4g "idle,4GiB-written"
 
 python3 - "$work" <<'PY'

@@ -79,6 +79,70 @@ impl Histogram {
     }
 }
 
+/// Names and help texts of the four families an [`OpStats`] exposes.
+#[derive(Clone, Copy, Debug)]
+pub struct OpFamilies {
+    /// Requests (a counter, `..._requests_total`).
+    pub requests: (&'static str, &'static str),
+    /// Failed requests (a counter).
+    pub errors: (&'static str, &'static str),
+    /// Bytes of the requests that succeeded (a counter).
+    pub bytes: (&'static str, &'static str),
+    /// Latency (a histogram, `..._seconds`).
+    pub latency: (&'static str, &'static str),
+}
+
+/// Requests, errors, bytes and latency of `N` kinds of operation (the owner names them).
+#[derive(Debug)]
+pub struct OpStats<const N: usize> {
+    requests: [AtomicU64; N],
+    errors: [AtomicU64; N],
+    bytes: [AtomicU64; N],
+    latency: [Histogram; N],
+}
+
+impl<const N: usize> Default for OpStats<N> {
+    fn default() -> Self {
+        let zero = |_| AtomicU64::new(0);
+        OpStats {
+            requests: std::array::from_fn(zero),
+            errors: std::array::from_fn(zero),
+            bytes: std::array::from_fn(zero),
+            latency: std::array::from_fn(|_| Histogram::latency()),
+        }
+    }
+}
+
+impl<const N: usize> OpStats<N> {
+    /// Records one operation of kind `op` (an index below `N`) and `bytes` that took `took`.
+    pub fn record(&self, op: usize, bytes: u64, took: Duration, ok: bool) {
+        let Some(requests) = self.requests.get(op) else { return };
+        requests.fetch_add(1, Ordering::Relaxed);
+        self.latency[op].observe(took);
+        if ok {
+            self.bytes[op].fetch_add(bytes, Ordering::Relaxed);
+        } else {
+            self.errors[op].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Operations of kind `op` so far.
+    pub fn requests(&self, op: usize) -> u64 {
+        self.requests.get(op).map_or(0, |r| r.load(Ordering::Relaxed))
+    }
+
+    /// Adds the four families to `e`, each sample labelled `op` with its name in `ops`.
+    pub fn expose(&self, e: &mut Exposition, names: &OpFamilies, ops: &[&'static str; N]) {
+        let per_op = |a: &[AtomicU64; N]| -> Vec<(Labels, u64)> {
+            ops.iter().zip(a).map(|(op, v)| (vec![("op", op.to_string())], v.load(Ordering::Relaxed))).collect()
+        };
+        e.counter(names.requests.0, names.requests.1, per_op(&self.requests))
+            .counter(names.errors.0, names.errors.1, per_op(&self.errors))
+            .counter(names.bytes.0, names.bytes.1, per_op(&self.bytes))
+            .histogram(names.latency.0, names.latency.1, ops.iter().zip(&self.latency).map(|(op, h)| (vec![("op", op.to_string())], h)).collect());
+    }
+}
+
 #[derive(Clone, Debug)]
 struct HistogramSample {
     sum: f64,

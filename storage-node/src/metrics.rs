@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use basalt_metrics::{Exposition, Histogram, Labels};
+use basalt_metrics::{Exposition, Labels, OpFamilies, OpStats};
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::service::service_fn;
@@ -28,13 +28,20 @@ pub enum Op {
 
 const OPS: [&str; 3] = ["write", "read", "zero"];
 
+const DATA_FAMILIES: OpFamilies = OpFamilies {
+    requests: ("basalt_data_requests_total", "Data requests served by this node as PG leader."),
+    errors: ("basalt_data_errors_total", "Data requests that failed."),
+    bytes: ("basalt_data_bytes_total", "Bytes written, read or zeroed."),
+    latency: (
+        "basalt_data_request_duration_seconds",
+        "How long data requests took on this node as PG leader (op: write, read, zero = trim and write-zeroes), QoS waits included.",
+    ),
+};
+
 /// Data-path counters (lock-free; read at scrape time).
 #[derive(Default)]
 pub struct Metrics {
-    requests: [AtomicU64; 3],
-    errors: [AtomicU64; 3],
-    bytes: [AtomicU64; 3],
-    latency: [Histogram; 3],
+    data: OpStats<3>,
     /// The backup node's counters (backup-role nodes).
     pub backup: Arc<BackupMetrics>,
     /// Per-volume QoS on this node (its throttling counters are exported here).
@@ -67,14 +74,7 @@ pub struct BackupMetrics {
 impl Metrics {
     /// Records one request.
     pub fn record(&self, op: Op, bytes: u64, took: Duration, ok: bool) {
-        let i = op as usize;
-        self.requests[i].fetch_add(1, Ordering::Relaxed);
-        self.latency[i].observe(took);
-        if ok {
-            self.bytes[i].fetch_add(bytes, Ordering::Relaxed);
-        } else {
-            self.errors[i].fetch_add(1, Ordering::Relaxed);
-        }
+        self.data.record(op as usize, bytes, took, ok);
     }
 }
 
@@ -90,15 +90,7 @@ fn get(a: &AtomicU64) -> u64 {
 pub fn render(ctx: &NodeCtx) -> String {
     let mut e = Exposition::default();
     let m = &ctx.metrics;
-    let per_op = |a: &[AtomicU64; 3]| OPS.iter().enumerate().map(|(i, op)| (vec![("op", op.to_string())], get(&a[i]))).collect();
-    e.counter("basalt_data_requests_total", "Data requests served by this node as PG leader.", per_op(&m.requests))
-        .counter("basalt_data_errors_total", "Data requests that failed.", per_op(&m.errors))
-        .counter("basalt_data_bytes_total", "Bytes written, read or zeroed.", per_op(&m.bytes))
-        .histogram(
-            "basalt_data_request_duration_seconds",
-            "How long data requests took on this node as PG leader (op: write, read, zero = trim and write-zeroes), QoS waits included.",
-            OPS.iter().zip(&m.latency).map(|(op, h)| (vec![("op", op.to_string())], h)).collect(),
-        );
+    m.data.expose(&mut e, &DATA_FAMILIES, &OPS);
     let s = ctx.store.stats();
     e.gauge(
         "basalt_chunk_slots",

@@ -768,10 +768,17 @@ impl Volume {
         let _permit = self.inflight.acquire().await.map_err(|_| ClientError::Internal("client closed".into()))?;
         let spans = self.spans(offset, len)?;
         let parts = try_join_all(spans.iter().map(|s| self.read_span(s))).await?;
+        let (buf, contexts) = self.join_sealed(len, parts)?;
+        Ok((buf.freeze(), contexts))
+    }
+
+    /// Joins the spans of a read of whole blocks (`len` bytes) as stored, with each block's
+    /// encryption context (`None` where a span carried none).
+    fn join_sealed(&self, len: u64, parts: Vec<(Bytes, Bytes)>) -> Result<(BytesMut, Vec<Option<CryptContext>>), ClientError> {
         let mut buf = BytesMut::with_capacity(len as usize);
-        let mut contexts = Vec::with_capacity((len / bs) as usize);
+        let mut contexts = Vec::with_capacity((len / BLOCK_SIZE) as usize);
         for (d, c) in parts {
-            let blocks = d.len() / bs as usize;
+            let blocks = d.len() / BLOCK_SIZE as usize;
             if c.is_empty() {
                 contexts.extend(std::iter::repeat_n(None, blocks));
             } else {
@@ -782,7 +789,7 @@ impl Volume {
             }
             buf.extend_from_slice(&d);
         }
-        Ok((buf.freeze(), contexts))
+        Ok((buf, contexts))
     }
 
     /// Writes whole blocks sealed elsewhere, each with its context, as they are (a restore of
@@ -937,20 +944,7 @@ impl Volume {
             }
             return Ok(buf.freeze());
         };
-        let mut buf = BytesMut::with_capacity(len as usize);
-        let mut contexts = Vec::with_capacity((len / BLOCK_SIZE) as usize);
-        for (d, c) in parts {
-            let blocks = d.len() / BLOCK_SIZE as usize;
-            if c.is_empty() {
-                contexts.extend(std::iter::repeat_n(None, blocks));
-            } else {
-                contexts.extend(
-                    CryptContext::decode_all(&c, blocks)
-                        .ok_or_else(|| ClientError::Internal(format!("{}: malformed encryption contexts in a read reply", self.id)))?,
-                );
-            }
-            buf.extend_from_slice(&d);
-        }
+        let (mut buf, contexts) = self.join_sealed(len, parts)?;
         cipher.open(start / BLOCK_SIZE, &mut buf, &contexts)?;
         Ok(buf.freeze())
     }
