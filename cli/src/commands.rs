@@ -65,6 +65,7 @@ pub fn node_json(n: &Node) -> Value {
         "scrub_pending_bytes": n.scrub_pending_bytes, "last_seen_ms_ago": n.last_seen_ms_ago,
         "metrics_addr": n.metrics_addr, "draining": n.draining, "replicas": n.replicas,
         "cert_not_after": n.cert_not_after,
+        "versions": {"min": n.version_min.max(1), "max": n.version_max.max(1)},
     })
 }
 
@@ -186,7 +187,7 @@ pub async fn cluster_status(admin: &Admin, out: Out) -> Result<(), CliError> {
         "initialized": s.initialized, "cluster_id": s.cluster_id, "meta_leader": s.meta_leader,
         "meta_members": s.meta_members, "pg_count": s.pg_count, "extent_size": s.extent_size,
         "failure_domain": s.failure_domain, "volumes": s.volumes, "map_version": s.map_version,
-        "encryption_default": s.encryption_default,
+        "encryption_default": s.encryption_default, "cluster_version": s.cluster_version,
         "pgs_healthy": healthy, "pgs_degraded": degraded, "pgs_without_leader": leaderless,
         "nodes": s.nodes.iter().map(node_json).collect::<Vec<_>>(),
         "pgs": s.pgs.iter().map(|p| json!({
@@ -196,8 +197,9 @@ pub async fn cluster_status(admin: &Admin, out: Out) -> Result<(), CliError> {
     });
     out.print(value, || {
         let mut text = format!(
-            "cluster {}  meta leader node-{} (members {:?})\nplacement groups: {} ({} healthy, {} degraded, {} without leader), extent size {}, replicas differ by {}\nvolumes: {} (new ones {})\n",
+            "cluster {}  version {}  meta leader node-{} (members {:?})\nplacement groups: {} ({} healthy, {} degraded, {} without leader), extent size {}, replicas differ by {}\nvolumes: {} (new ones {})\n",
             s.cluster_id,
+            s.cluster_version,
             s.meta_leader,
             s.meta_members,
             s.pg_count,
@@ -209,7 +211,7 @@ pub async fn cluster_status(admin: &Admin, out: Out) -> Result<(), CliError> {
             s.volumes,
             if s.encryption_default { "encrypted by default" } else { "unencrypted unless --encrypt" }
         );
-        let mut t = table(&["node", "state", "address", "labels", "roles", "used / capacity", "replicas", "PG leaders"]);
+        let mut t = table(&["node", "state", "address", "labels", "roles", "used / capacity", "replicas", "PG leaders", "versions"]);
         for n in &s.nodes {
             let leads = s.pgs.iter().filter(|p| p.leader == n.id).count();
             t.add_row(vec![
@@ -221,6 +223,7 @@ pub async fn cluster_status(admin: &Admin, out: Out) -> Result<(), CliError> {
                 format!("{} / {}", format_size(n.used_bytes), format_size(n.capacity_bytes)),
                 n.replicas.to_string(),
                 leads.to_string(),
+                format!("{}..={}", n.version_min.max(1), n.version_max.max(1)),
             ]);
         }
         text.push_str(&t.to_string());

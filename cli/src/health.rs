@@ -98,6 +98,17 @@ pub fn check(i: &Inputs<'_>) -> Vec<Finding> {
             "start basalt-node on it (systemctl start basalt-node); if it is gone for good, `basalt node remove` it and its replicas are rebuilt elsewhere",
         ));
     }
+    // A rolling upgrade under way: the cluster stays at the version the oldest node speaks.
+    let newest = c.nodes.iter().map(|n| n.version_max.max(1)).max().unwrap_or(1);
+    let behind: Vec<String> = c.nodes.iter().filter(|n| n.version_max.max(1) < newest).map(|n| format!("node-{}", n.id)).collect();
+    if !behind.is_empty() {
+        out.push(finding(
+            Severity::Info,
+            "upgrade",
+            format!("nodes run different builds: the cluster stays at version {} until {} speak a newer one", c.cluster_version, behind.join(", ")),
+            "finish the rolling upgrade (docs/operations.md, \"Upgrades\"); nothing is wrong meanwhile",
+        ));
+    }
     let leaderless: Vec<u32> = c.pgs.iter().filter(|p| p.leader == 0).map(|p| p.id).collect();
     if !leaderless.is_empty() {
         out.push(finding(
@@ -334,6 +345,15 @@ mod tests {
         );
         assert!(f.iter().all(|f| !f.advice.is_empty()));
         assert!(f[0].what.contains("node-2"), "{f:?}");
+        // Half-way through a rolling upgrade: information naming the nodes still to upgrade.
+        let mut u =
+            ClusterStatusReply { initialized: true, cluster_version: 1, nodes: (1..=3).map(|i| node(i, "up")).collect(), ..Default::default() };
+        u.nodes[0].version_max = 2;
+        u.nodes[1].version_max = 1;
+        let f = findings(&u, &[], &[], &[]);
+        assert!(healthy(&f) && f.len() == 1 && f[0].area == "upgrade" && f[0].what.contains("node-2, node-3"), "{f:?}");
+        u.nodes.iter_mut().for_each(|n| n.version_max = 2);
+        assert!(findings(&u, &[], &[], &[]).is_empty(), "every node speaks 2: the leader raises the cluster on its own");
         // Not heard from yet (a new meta leader): information, not a problem.
         c.nodes[1] = node(2, "unknown");
         c.pgs = (0..4).map(|i| pg(i, 1, 3)).collect();

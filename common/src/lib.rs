@@ -14,6 +14,7 @@ pub mod names;
 pub mod ports;
 pub mod qos;
 pub mod units;
+pub mod version;
 
 pub use block::{BLOCK_SIZE, CHUNK_SIZE, CryptContext, ZERO_BLOCK_CRC, crc32c};
 pub use ids::{ChunkIndex, ExtentIndex, NodeId, PgId, VolumeId};

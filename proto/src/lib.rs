@@ -25,5 +25,19 @@ pub mod data {
 /// Largest gRPC message any Basalt service accepts or sends: a 64 MiB I/O plus framing.
 pub const MAX_MESSAGE_BYTES: usize = 80 * 1024 * 1024;
 
+/// Start of the message of a heartbeat refused because the node and the cluster share no
+/// cluster version (`basalt_common::version`): a node told this stops rather than run.
+pub const VERSION_REFUSED: &str = "refused by cluster version: ";
+
+/// The cluster versions a heartbeat's node speaks: builds from before versions sent none and
+/// speak version 1 only.
+pub fn node_versions(n: &admin::Node) -> Result<basalt_common::version::VersionRange, String> {
+    match (n.version_min, n.version_max) {
+        (0, 0) => Ok(basalt_common::version::VersionRange { min: 1, max: 1 }),
+        (min, max) if min >= 1 && min <= max => Ok(basalt_common::version::VersionRange { min, max }),
+        (min, max) => Err(format!("node-{} sent cluster versions {min}..={max}, not a range", n.id)),
+    }
+}
+
 pub mod view;
 pub mod wire;

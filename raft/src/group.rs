@@ -280,6 +280,28 @@ impl<S: StateMachine> RaftGroup<S> {
         self.raft.trigger().transfer_leader(to).await.map_err(|e| self.stopped(e))
     }
 
+    /// If this node leads the group, hands leadership to the voter with the most of the log
+    /// among those that answered within `heard_within` (a dead heir would leave the group
+    /// leaderless until an election); returns the heir. Used when the node stops on purpose:
+    /// clients move to the heir at once instead of waiting out an election timeout.
+    pub async fn hand_over_leadership(&self, heard_within: Duration) -> Result<Option<NodeId>, RaftError> {
+        let st = self.status();
+        if !st.is_leader {
+            return Ok(None);
+        }
+        let me = self.raft.metrics().borrow_watched().id;
+        let heir = st
+            .voters
+            .iter()
+            .copied()
+            .filter(|v| *v != me && self.heard_from(*v).is_some_and(|ago| ago <= heard_within))
+            .max_by_key(|v| (self.matched_index(*v).unwrap_or(0), std::cmp::Reverse(*v)));
+        if let Some(heir) = heir {
+            self.transfer_leader(heir).await?;
+        }
+        Ok(heir)
+    }
+
     /// Adds `node` as a learner (it receives the log but does not vote).
     pub async fn add_learner(&self, node: NodeId, info: NodeInfo) -> Result<(), RaftError> {
         let mut m = BTreeMap::new();

@@ -51,6 +51,24 @@ pub enum Protocol {
     Http,
 }
 
+/// Why a ClientHello offering only `names` in ALPN is refused: another version of one of
+/// Basalt's protocols is named as such, with the version this build speaks.
+fn unserved(names: &[String]) -> String {
+    for name in names {
+        if let Some((family, _)) = name.split_once('/')
+            && let Some(ours) = [Protocol::Data, Protocol::Raft]
+                .into_iter()
+                .map(|p| String::from_utf8_lossy(p.alpn()).into_owned())
+                .find(|p| p.starts_with(&format!("{family}/")))
+        {
+            return format!(
+                "the peer speaks {name}, this node speaks {ours}: run builds that share a protocol version (docs/operations.md, \"Upgrades\")"
+            );
+        }
+    }
+    format!("no protocol this port serves was offered in ALPN (offered: {names:?})")
+}
+
 impl Protocol {
     /// The ALPN identifier. The version in the name is the protocol's: a peer speaking another
     /// version finds no common protocol and is refused at the handshake.
@@ -261,12 +279,13 @@ impl TlsContext {
         let hello = start.client_hello();
         // Metrics scrapers may offer no ALPN at all: that is HTTP/1.1. A client offering
         // several (an HTTP client offers h2 and http/1.1) gets the first this port takes.
+        let names: Vec<String> = hello.alpn().map(|a| a.map(|p| String::from_utf8_lossy(p).into_owned()).collect()).unwrap_or_default();
         let offered: Vec<Protocol> = match hello.alpn() {
             None => vec![Protocol::Http],
             Some(offered) => offered.filter_map(Protocol::from_alpn).collect(),
         };
         let Some(&first) = offered.first() else {
-            return Err(AcceptError::Refused("no protocol this port serves was offered in ALPN".into()));
+            return Err(AcceptError::Refused(unserved(&names)));
         };
         let protocol = match offered.iter().copied().find(|p| admit(*p).is_ok()) {
             Some(p) => p,
@@ -472,5 +491,20 @@ impl ServerCertVerifier for NodeVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn another_version_of_a_basalt_protocol_is_refused_naming_both() {
+        let m = unserved(&["basalt-raft/4".to_string()]);
+        assert!(m.contains("the peer speaks basalt-raft/4, this node speaks basalt-raft/3"), "{m}");
+        let m = unserved(&["basalt-data/2".to_string(), "h2".to_string()]);
+        assert!(m.contains("basalt-data/2") && m.contains("basalt-data/3"), "{m}");
+        let m = unserved(&["spdy/3".to_string()]);
+        assert!(m.contains("no protocol this port serves") && m.contains("spdy/3"), "{m}");
     }
 }

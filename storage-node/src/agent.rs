@@ -15,8 +15,9 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Sends heartbeats until shutdown. Before the cluster exists every seed gets them (so whichever
 /// meta node runs `cluster init` knows this node); afterwards one meta node
-/// ([`NodeCtx::meta_addrs`]), rotating on failure.
-pub async fn run(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<bool>) {
+/// ([`NodeCtx::meta_addrs`]), rotating on failure. If the meta leader refuses this node because
+/// it speaks none of the cluster's versions, says why on `refused` and stops.
+pub async fn run(ctx: Arc<NodeCtx>, refused: watch::Sender<Option<String>>, mut shutdown: watch::Receiver<bool>) {
     let mut idx = 0usize;
     let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -35,7 +36,14 @@ pub async fn run(ctx: Arc<NodeCtx>, mut shutdown: watch::Receiver<bool>) {
         let targets: Vec<&String> = if initialized { vec![&seeds[idx % seeds.len()]] } else { seeds.iter().collect() };
         for seed in targets {
             let reply = match ctx.clients.admin(seed) {
-                Ok(mut c) => tokio::time::timeout(Duration::from_secs(2), c.node_heartbeat(req.clone())).await.ok().and_then(Result::ok),
+                Ok(mut c) => match tokio::time::timeout(Duration::from_secs(2), c.node_heartbeat(req.clone())).await {
+                    Ok(Err(status)) if status.message().starts_with(basalt_proto::VERSION_REFUSED) => {
+                        tracing::error!("{}", status.message());
+                        let _ = refused.send(Some(status.message().to_string()));
+                        return;
+                    }
+                    reply => reply.ok().and_then(Result::ok),
+                },
                 Err(_) => None,
             };
             let ok = reply.is_some();

@@ -296,6 +296,9 @@ pub const DEFAULT_LOG_SIZE_TARGET: u64 = 1 << 30;
 pub struct NodeConfig {
     /// Node id.
     pub id: NodeId,
+    /// The cluster versions this node speaks: this build's, unless a rolling-upgrade test
+    /// overrides them (`basalt_common::version::TEST_OVERRIDE_ENV`).
+    pub versions: basalt_common::version::VersionRange,
     /// gRPC address.
     pub listen: SocketAddr,
     /// Metrics address.
@@ -623,8 +626,10 @@ impl NodeConfig {
             max_age: std::time::Duration::from_secs(max_age_days * 86_400),
             export_dir: file.audit.export_dir.unwrap_or_else(|| data_dir.join("audit").join("export")),
         };
+        let versions = basalt_common::version::VersionRange::of_this_process().map_err(|e| invalid(basalt_common::version::TEST_OVERRIDE_ENV, e))?;
         Ok(Self {
             id: NodeId(id),
+            versions,
             listen,
             metrics_listen,
             data_dir,

@@ -51,9 +51,19 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        wait_for_signal().await;
+        let refused = tokio::select! {
+            _ = wait_for_signal() => None,
+            reason = node.refused() => Some(reason),
+        };
         node.shutdown().await;
-        ExitCode::SUCCESS
+        match refused {
+            Some(reason) => {
+                eprintln!("basalt-node: {reason}");
+                // Distinct from a startup failure, and not worth an automatic restart.
+                ExitCode::from(3)
+            }
+            None => ExitCode::SUCCESS,
+        }
     })
 }
 

@@ -198,6 +198,19 @@ pub fn render(ctx: &NodeCtx) -> String {
         "Time data requests waited for a volume's QoS limits.",
         vec![(Vec::new(), waited)],
     );
+    let v = ctx.config.versions;
+    e.gauge(
+        "basalt_build_info",
+        "1, labelled with this node's build: its package version and the cluster versions it speaks (min, max).",
+        vec![(
+            vec![
+                ("version", env!("CARGO_PKG_VERSION").to_string()),
+                ("cluster_version_min", v.min.to_string()),
+                ("cluster_version_max", v.max.to_string()),
+            ],
+            1,
+        )],
+    );
     backup_catalog_families(ctx, &mut e);
     cluster_families(ctx, &mut e);
     e.render(vec![("node", ctx.config.id.0.to_string())])
@@ -338,10 +351,10 @@ async fn authorize_scrape(
 fn cluster_families(ctx: &NodeCtx, e: &mut Exposition) {
     let Some(meta) = ctx.meta.as_ref().filter(|m| m.group.status().is_leader) else { return };
     let views = ctx.liveness.pg_views();
-    let (nodes, pgs, volumes) = meta.shared.with(|s| {
+    let (nodes, pgs, volumes, cluster_version) = meta.shared.with(|s| {
         let nodes: Vec<_> = s.nodes.keys().copied().collect();
         let pgs: Vec<(u32, usize)> = s.pgs.iter().map(|p| (p.id.0, p.replicas.len())).collect();
-        (nodes, pgs, s.volumes.len() as u64)
+        (nodes, pgs, s.volumes.len() as u64, s.cluster_version)
     });
     let mut by_state = std::collections::BTreeMap::from([("up", 0u64), ("down", 0), ("unknown", 0)]);
     let (mut used, mut capacity) = (0u64, 0u64);
@@ -376,7 +389,12 @@ fn cluster_families(ctx: &NodeCtx, e: &mut Exposition) {
     )
     .gauge("basalt_cluster_used_bytes", "Bytes the storage nodes report used.", one(used))
     .gauge("basalt_cluster_capacity_bytes", "Bytes the storage nodes report they can hold.", one(capacity))
-    .gauge("basalt_cluster_volumes", "Volumes in the cluster.", one(volumes));
+    .gauge("basalt_cluster_volumes", "Volumes in the cluster.", one(volumes))
+    .gauge(
+        "basalt_cluster_version",
+        "The cluster version the cluster runs at (raised once every node speaks a newer one).",
+        one(u64::from(cluster_version)),
+    );
 }
 
 /// Families describing access control.

@@ -60,6 +60,9 @@ pub enum NodeError {
     /// The backup store could not open.
     #[error("backup store: {0}")]
     Backup(String),
+    /// The node's data says the cluster runs at a version this build does not speak.
+    #[error("{0}")]
+    Version(#[from] basalt_common::version::VersionMismatch),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -179,6 +182,8 @@ impl NodeCtx {
             metrics_addr: self.config.metrics_listen.map(|a| a.to_string()).unwrap_or_default(),
             scrub_pending_bytes: stats.slots_pending_scrub * stats.slot_size,
             cert_not_after: self.access.tls().and_then(|t| t.own_certificate()).map(|c| c.not_after).unwrap_or(0),
+            version_min: self.config.versions.min,
+            version_max: self.config.versions.max,
             ..Default::default()
         }
     }
@@ -200,10 +205,14 @@ impl NodeCtx {
     }
 }
 
+/// The longest a stopping node spends handing its leaderships over.
+pub const HANDOVER_WAIT: Duration = Duration::from_secs(5);
+
 /// A running node.
 pub struct Node {
     ctx: Arc<NodeCtx>,
     shutdown: watch::Sender<bool>,
+    refused: watch::Receiver<Option<String>>,
     tasks: Vec<JoinHandle<()>>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     _lock: File,
@@ -282,6 +291,15 @@ impl Node {
             let keys = Arc::new(KeyStore::open(&keys_dir)?);
             let sm = MetaStateMachine::new(shared.clone(), host.log_engine().sm_store(META_GROUP), audit.clone(), keys.clone());
             let group = host.start_group(META_GROUP, sm).await?;
+            // The meta state this node kept says which version the cluster runs at: a build
+            // that does not speak it stops before reading more of the log.
+            let cluster_version = shared.with(|s| s.cluster_version);
+            if cluster_version > 0
+                && let Err(e) = config.versions.check(&config.id.to_string(), cluster_version)
+            {
+                group.shutdown().await;
+                return Err(e.into());
+            }
             Some(MetaHandle { group, shared, audit, keys })
         } else {
             None
@@ -358,7 +376,8 @@ impl Node {
         tasks.push(tokio::spawn(crate::access::run_cert_reloader(access.clone(), config.security.reload, shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::meta::service::run_audit_shipper(ctx.clone(), audit_rx, shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::cluster_map::run_watcher(ctx.clone(), map_tx, shutdown_rx.clone())));
-        tasks.push(tokio::spawn(crate::agent::run(ctx.clone(), shutdown_rx.clone())));
+        let (refused_tx, refused) = watch::channel(None);
+        tasks.push(tokio::spawn(crate::agent::run(ctx.clone(), refused_tx, shutdown_rx.clone())));
         if config.has(Role::Meta) {
             tasks.push(tokio::spawn(crate::meta::backup_admin::run_scheduler(AdminService::new(ctx.clone()), shutdown_rx.clone())));
         }
@@ -405,7 +424,55 @@ impl Node {
             labels = %config.labels,
             "basalt-node started"
         );
-        Ok(Node { ctx, shutdown, tasks, server, _lock: lock })
+        Ok(Node { ctx, shutdown, refused, tasks, server, _lock: lock })
+    }
+
+    /// Before stopping: hands every group this node leads to another replica and waits (a
+    /// few seconds at most) until it leads none, so a restart costs clients a leader change
+    /// rather than an election timeout. Leaderships the balancer hands back meanwhile are
+    /// handed on again.
+    async fn hand_over_leadership(&self) {
+        let started = tokio::time::Instant::now();
+        let deadline = started + HANDOVER_WAIT;
+        let mut tries = 0;
+        loop {
+            let (mut led, mut handed) = self.ctx.pgs.hand_over_leadership().await;
+            if let Some(meta) = &self.ctx.meta
+                && meta.group.status().is_leader
+            {
+                led += 1;
+                match meta.group.hand_over_leadership(crate::pg::membership::HEIR_HEARD_WITHIN).await {
+                    Ok(Some(_)) => handed += 1,
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "could not hand the meta leadership over"),
+                }
+            }
+            if tries == 0 && led > 0 {
+                tracing::info!(groups = led, heirs = handed, "handing leadership over before stopping");
+            }
+            tries += 1;
+            if led == 0 || handed == 0 || tokio::time::Instant::now() >= deadline {
+                if led > 0 {
+                    tracing::warn!(groups = led, "stopping while still leading (no live heir, or the hand-over took too long)");
+                } else if tries > 1 {
+                    tracing::info!(took = ?started.elapsed(), "leaderships handed over");
+                }
+                return;
+            }
+            // An heir takes over after one election round among the up-to-date replicas.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    /// Waits until the cluster refuses this node (it speaks no version the cluster runs at)
+    /// and says why; the node should then stop.
+    pub async fn refused(&self) -> String {
+        let mut rx = self.refused.clone();
+        match rx.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            // The agent is gone (shutting down): never refused.
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// Shared state (for tests and embedding).
@@ -416,6 +483,7 @@ impl Node {
     /// Stops serving, checkpoints and stops every group, and closes the stores.
     pub async fn shutdown(self) {
         tracing::info!(node = %self.ctx.config.id, "shutting down");
+        self.hand_over_leadership().await;
         let _ = self.shutdown.send(true);
         for mut t in self.tasks {
             if tokio::time::timeout(Duration::from_secs(5), &mut t).await.is_err() {

@@ -73,6 +73,9 @@ pub struct TestNode {
     pub log: PathBuf,
     /// Runs as this user (root when `None`); see [`TestCluster::run_as`].
     pub uid: Option<u32>,
+    /// Extra environment for the process (e.g. the cluster-version override a rolling-upgrade
+    /// test starts a "newer build" with).
+    pub env: BTreeMap<String, String>,
     child: Option<Child>,
 }
 
@@ -90,6 +93,7 @@ impl TestNode {
             data_dir,
             spec,
             uid: None,
+            env: BTreeMap::new(),
             child: None,
         })
     }
@@ -341,6 +345,7 @@ impl TestCluster {
             None => Command::new(bin("basalt-node")),
         };
         let child = cmd
+            .envs(&node.env)
             .arg("--config")
             .arg(&node.config)
             .env("RUST_LOG", std::env::var("BASALT_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
@@ -759,6 +764,28 @@ impl TestCluster {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
         }
         Ok(path)
+    }
+
+    /// Starts node `id` (stopped) and waits up to `timeout` for it to exit on its own, as a node
+    /// the cluster refuses does; returns its exit status and log tail.
+    pub async fn start_expecting_exit(&mut self, id: u64, timeout: Duration) -> Result<(std::process::ExitStatus, String)> {
+        self.spawn(id)?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let node = self.nodes.get_mut(&id).ok_or_else(|| anyhow!("no node {id}"))?;
+        loop {
+            let child = node.child.as_mut().ok_or_else(|| anyhow!("node-{id} has no process"))?;
+            if let Some(status) = child.try_wait()? {
+                node.child = None;
+                return Ok((status, node.log_tail()));
+            }
+            if tokio::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                node.child = None;
+                bail!("node-{id} still ran {timeout:?} after it started:\n{}", node.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Starts node `id` again from its data directory.

@@ -390,6 +390,74 @@ async fn fault_kills_and_freezes_lose_no_acknowledged_write_and_fail_no_io() {
     assert_eq!(unwritten, 0, "some blocks never got a write: {summary}");
 }
 
+/// A rolling upgrade under the history workload: each node in turn is stopped with SIGTERM
+/// (handing its leaderships over first) and started again as a "newer build" that speaks
+/// cluster versions 1..=2 (the test override of this build's range). The cluster stays at
+/// version 1 while any node speaks only 1 and moves to 2 when the last one is upgraded; no
+/// I/O fails and the history is clean. Afterwards the old build (1 only) and a build that no
+/// longer speaks 2 are both refused by name and stop, and the upgraded build rejoins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_upgrade_restarts_every_node_under_load_with_no_io_error() {
+    use basalt_common::version::TEST_OVERRIDE_ENV;
+    let (mut cluster, vol) = cluster_with_volume().await;
+    let s = cluster.status().await.unwrap();
+    assert_eq!(s.cluster_version, 1);
+    assert!(s.nodes.iter().all(|n| (n.version_min, n.version_max) == (1, 1)), "{:?}", s.nodes);
+    let workload = Workload::start(&vol);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut restarts = Vec::new();
+    for id in 1..=3u64 {
+        let at = workload.t0.elapsed();
+        let exit = cluster.stop(id).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(exit.success(), "node-{id} stopped with {exit} on SIGTERM:\n{}", cluster.node(id).log_tail());
+        cluster.nodes.get_mut(&id).unwrap().env.insert(TEST_OVERRIDE_ENV.into(), "1-2".into());
+        cluster.restart(id).await.unwrap_or_else(|e| panic!("{e}"));
+        cluster.wait_healthy(3, Duration::from_secs(90)).await.unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+        let s = cluster
+            .wait_status(&format!("node-{id} registered as 1..=2"), Duration::from_secs(20), |s| {
+                s.nodes.iter().any(|n| n.id == id && (n.version_min, n.version_max) == (1, 2))
+            })
+            .await
+            .unwrap();
+        if id < 3 {
+            assert_eq!(s.cluster_version, 1, "raised while node-3 still speaks 1 only");
+            let (code, out, _) = cluster.cli(&["status"]).await.unwrap();
+            assert_eq!(code, Some(0), "an upgrade half done is healthy:\n{out}");
+            assert!(out.contains("stays at version 1 until"), "{out}");
+        }
+        restarts.push((format!("SIGTERM node-{id}, start it as a 1..=2 build"), at));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    cluster.wait_status("cluster version 2", Duration::from_secs(20), |s| s.cluster_version == 2).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ops = workload.finish(&vol).await;
+    let summary = report(&ops, &restarts);
+    println!("{summary}");
+    let violations = check(&ops);
+    assert!(violations.is_empty(), "history violations:\n{}\n{summary}\n{}", violations.join("\n"), cluster.logs());
+    let failed = failures(&ops);
+    assert!(failed.is_empty(), "I/O errors while nodes restarted one at a time:\n{}\n{summary}", failed.join("\n"));
+    assert!(ops.iter().filter(|o| o.write).count() > 100, "the workload barely ran: {summary}");
+    let metrics = cluster.metrics(1).await.unwrap();
+    assert!(metrics.contains("cluster_version_max=\"2\""), "basalt_build_info shows the upgraded build");
+
+    // Going back is refused: the old build and one that dropped version 2 stop, naming both
+    // sides' versions, before they serve anything.
+    cluster.stop(3).await.unwrap();
+    for (range, expect) in [
+        ("1-1", "node-3 speaks cluster versions 1..=1, but the cluster runs at version 2"),
+        ("3-4", "node-3 speaks cluster versions 3..=4, but the cluster still runs at version 2"),
+    ] {
+        cluster.nodes.get_mut(&3).unwrap().env.insert(TEST_OVERRIDE_ENV.into(), range.into());
+        let (exit, log) = cluster.start_expecting_exit(3, Duration::from_secs(30)).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(!exit.success() && log.contains(expect), "a {range} build: {exit}\n{log}");
+    }
+    cluster.nodes.get_mut(&3).unwrap().env.insert(TEST_OVERRIDE_ENV.into(), "1-2".into());
+    cluster.restart(3).await.unwrap();
+    cluster.wait_healthy(3, Duration::from_secs(90)).await.unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    assert_eq!(cluster.status().await.unwrap().cluster_version, 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_fault_repeated_leader_kills_stall_statistics() {
     let (mut cluster, vol) = cluster_with_volume().await;

@@ -91,6 +91,15 @@ impl Liveness {
         self.lock().values().filter(|s| s.at.elapsed() < max_age).map(|s| record_from_proto(&s.node)).collect()
     }
 
+    /// The cluster versions of nodes heard from within `max_age` (before `cluster init`).
+    pub fn recent_versions(&self, max_age: Duration) -> Vec<(NodeId, basalt_common::version::VersionRange)> {
+        self.lock()
+            .values()
+            .filter(|s| s.at.elapsed() < max_age)
+            .filter_map(|s| basalt_proto::node_versions(&s.node).ok().map(|r| (NodeId(s.node.id), r)))
+            .collect()
+    }
+
     /// Each PG's leader, term and following replicas, from live nodes' reports.
     pub fn pg_views(&self) -> BTreeMap<u32, PgView> {
         let seen = self.lock();

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use basalt_common::version::VersionRange;
 use basalt_common::{DomainLevel, Layout, NodeId, PgId, VolumeId};
 use basalt_proto::admin::admin_client::AdminClient;
 use basalt_proto::admin::admin_server::Admin;
@@ -75,6 +76,7 @@ pub(super) fn status_of(e: &MetaError) -> Status {
         MetaError::NoSuchBackup(_) | MetaError::NoSuchSchedule(_) => Status::not_found(e.to_string()),
         MetaError::ScheduleExists(_) => Status::already_exists(e.to_string()),
         MetaError::Backup(_) | MetaError::Restoring { .. } => Status::failed_precondition(e.to_string()),
+        MetaError::Version(_) => Status::failed_precondition(format!("{}{e}", basalt_proto::VERSION_REFUSED)),
     }
 }
 
@@ -307,6 +309,17 @@ impl AdminService {
         self.propose(meta, MetaCommand::Audited { cmd: Box::new(cmd), event }).await
     }
 
+    /// Raises the cluster version once every registered node speaks a newer one (the last
+    /// node of a rolling upgrade has just said so).
+    async fn raise_cluster_version(&self, meta: &MetaHandle) -> Result<(), Status> {
+        let Some(to) = meta.shared.with(|s| s.raisable_version()) else { return Ok(()) };
+        match self.propose(meta, MetaCommand::RaiseClusterVersion { to }).await? {
+            MetaReply::Error(e) => tracing::warn!(to, error = %e, "cluster version not raised"),
+            _ => tracing::info!(to, "every node speaks cluster version {to}: the cluster runs at it now"),
+        }
+        Ok(())
+    }
+
     /// The cluster status as `s` (this meta leader's state) has it.
     fn status_reply(&self, meta: &MetaHandle, s: &ClusterState) -> ClusterStatusReply {
         let views = self.ctx.liveness.pg_views();
@@ -333,6 +346,7 @@ impl AdminService {
             map_version: s.version,
             encryption_default: s.encrypt_by_default,
             qos_default: Some(qos_to_proto(&s.qos_default)),
+            cluster_version: s.cluster_version,
         }
     }
 
@@ -374,6 +388,8 @@ impl AdminService {
             draining: s.draining.contains(&n.id),
             replicas: s.replica_counts().get(&n.id).copied().unwrap_or(0) as u32,
             cert_not_after: report.as_ref().map(|r| r.cert_not_after).unwrap_or(0),
+            version_min: s.versions_of(n.id).min,
+            version_max: s.versions_of(n.id).max,
         }
     }
 
@@ -521,6 +537,7 @@ impl AdminService {
         meta: &MetaHandle,
         req: ClusterInitRequest,
         members: Vec<NodeRecord>,
+        mut versions: Vec<(NodeId, VersionRange)>,
         caller: &Caller,
     ) -> Result<ClusterInitReply, Status> {
         let level: DomainLevel = if req.failure_domain.is_empty() {
@@ -541,6 +558,16 @@ impl AdminService {
             nodes.insert(n.id, n);
         }
         nodes.insert(self.ctx.config.id, self.ctx.self_record());
+        // The cluster starts at the newest version every node it starts with speaks.
+        versions.extend(self.ctx.liveness.recent_versions(Duration::from_secs(30)));
+        versions.push((self.ctx.config.id, self.ctx.config.versions));
+        let start = VersionRange::common_max(versions.iter().map(|(_, r)| r)).unwrap_or(1);
+        for (node, range) in &versions {
+            range.check(&node.to_string(), start).map_err(|e| Status::failed_precondition(format!("cannot start a cluster of these nodes: {e}")))?;
+        }
+        if let MetaReply::Error(e) = self.propose(meta, MetaCommand::RaiseClusterVersion { to: start }).await? {
+            return Err(status_of(&e));
+        }
         let cluster_id = format!("{:016x}", rand::random::<u64>());
         let token = self.ctx.access.enabled().then(Token::generate);
         let admin = token.as_ref().map(|t| {
@@ -694,6 +721,7 @@ impl Admin for AdminService {
         // The meta group's members: the given addresses (or this node's seeds).
         let addrs: Vec<String> = if req.meta_addrs.is_empty() { self.ctx.seeds() } else { req.meta_addrs.clone() };
         let mut members: Vec<NodeRecord> = Vec::new();
+        let mut versions = Vec::new();
         for addr in &addrs {
             let info = if *addr == self.ctx.config.listen.to_string() {
                 self.ctx.self_node()
@@ -707,6 +735,7 @@ impl Admin for AdminService {
                 reply.node.ok_or_else(|| Status::internal(format!("meta node {addr} sent no identity")))?
             };
             let record = record_from_proto(&info);
+            versions.push((record.id, basalt_proto::node_versions(&info).map_err(Status::invalid_argument)?));
             if !record.roles.contains(&Role::Meta) {
                 return Err(Status::invalid_argument(format!("{addr} ({}) does not have the meta role", record.id)));
             }
@@ -723,7 +752,7 @@ impl Admin for AdminService {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         loop {
             if meta.group.status().is_leader {
-                return self.init_on_leader(meta, req, members, &caller).await.map(Response::new);
+                return self.init_on_leader(meta, req, members, versions, &caller).await.map(Response::new);
             }
             if let Some(l) = meta.group.leader()
                 && hops < 2
@@ -842,6 +871,16 @@ impl Admin for AdminService {
             if meta.shared.with(|s| s.removed.contains(&record.id)) {
                 return Err(status_of(&MetaError::NodeRemoved(record.id)));
             }
+            let versions = basalt_proto::node_versions(&node).map_err(Status::invalid_argument)?;
+            let (cluster_version, known_versions) = meta.shared.with(|s| (s.cluster_version, s.node_versions.get(&record.id).copied()));
+            if cluster_version > 0
+                && let Err(e) = versions.check(&record.id.to_string(), cluster_version)
+            {
+                // Before registering: a node that cannot speak the cluster's version never
+                // counts as up, and it stops on this answer.
+                tracing::warn!(node = %record.id, "{e}");
+                return Err(Status::failed_precondition(format!("{}{e}", basalt_proto::VERSION_REFUSED)));
+            }
             self.ctx.liveness.record(node, msg.pgs);
             let demand: Vec<(VolumeId, u64, u64)> = msg.qos_demand.iter().map(|d| (VolumeId(d.volume_id), d.ops, d.bytes)).collect();
             let ppm = |f: f64| (f.clamp(0.0, 1.0) * 1e6) as u32;
@@ -860,6 +899,13 @@ impl Admin for AdminService {
                         tracing::info!(node = %record.id, addr = %record.addr, labels = %record.labels, "node registered")
                     }
                 }
+            }
+            if initialized && known_versions != Some(versions) {
+                if let MetaReply::Error(e) = self.propose(meta, MetaCommand::NodeVersions { node: record.id, range: versions }).await? {
+                    return Err(Status::failed_precondition(format!("{}{e}", basalt_proto::VERSION_REFUSED)));
+                }
+                tracing::info!(node = %record.id, %versions, "node speaks cluster versions");
+                self.raise_cluster_version(meta).await?;
             }
             Ok(Response::new(NodeHeartbeatReply { registered: initialized, map_version: self.current_version(), qos_shares }))
         })

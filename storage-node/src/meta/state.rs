@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use basalt_common::names::validate_name;
 use basalt_common::qos::QosLimits;
 use basalt_common::units::format_size;
+use basalt_common::version::{ClusterVersion, VersionMismatch, VersionRange};
 use basalt_common::{BLOCK_SIZE, DomainLevel, Labels, Layout, NodeId, PgId, VolumeId};
 use basalt_security::audit::{AuditEvent, AuditRecord, ChainAnchor, ChainHash, Outcome};
 use basalt_security::{TokenId, TokenRecord};
@@ -223,6 +224,13 @@ pub struct ClusterState {
     /// QoS limits of volumes without their own (unlimited unless configured). Added in
     /// snapshot format 8.
     pub qos_default: QosLimits,
+    /// The cluster version the cluster runs at (`basalt_common::version`): the newest every
+    /// node spoke when it was last raised; never lowered. Added in snapshot format 9 (older
+    /// states run at version 1).
+    pub cluster_version: ClusterVersion,
+    /// The cluster versions each node said it speaks when it last registered. Added in
+    /// snapshot format 9.
+    pub node_versions: BTreeMap<NodeId, VersionRange>,
     /// What the last applied commands did to the audit log, for the state machine to write to
     /// the audit file; never serialised.
     #[serde(skip)]
@@ -722,6 +730,20 @@ pub enum MetaCommand {
         /// The limits.
         qos: QosLimits,
     },
+    /// Records the cluster versions `node` speaks (from its heartbeat); refused if they do not
+    /// include the cluster's version.
+    NodeVersions {
+        /// The node.
+        node: NodeId,
+        /// What it speaks.
+        range: VersionRange,
+    },
+    /// Raises the cluster version to `to` (a no-op if it is there already); refused while some
+    /// registered node does not speak `to`. Before `cluster init`: the version it starts at.
+    RaiseClusterVersion {
+        /// The new version.
+        to: ClusterVersion,
+    },
 }
 
 impl MetaCommand {
@@ -731,6 +753,8 @@ impl MetaCommand {
         match self {
             // Progress is asked for by whoever shows it; nodes need not be woken for it.
             MetaCommand::AppendAudit { .. } | MetaCommand::PruneAudit { .. } | MetaCommand::ReencryptProgress { .. } => false,
+            // Versions are read by status and the meta leader, not by routing.
+            MetaCommand::NodeVersions { .. } | MetaCommand::RaiseClusterVersion { .. } => false,
             MetaCommand::RestoreProgress { done, .. } => *done,
             MetaCommand::ScheduleRan { .. } | MetaCommand::BackupsOrphaned { .. } => false,
             MetaCommand::Audited { cmd, .. } => cmd.changes_map(),
@@ -779,6 +803,9 @@ pub enum MetaError {
     /// No such node.
     #[error("{0} is not in the cluster")]
     NoSuchNode(NodeId),
+    /// A node and the cluster share no version.
+    #[error("{0}")]
+    Version(VersionMismatch),
     /// The node was removed and cannot come back under its id.
     #[error("{0} was removed from the cluster; start it with a new id and empty data to add it again")]
     NodeRemoved(NodeId),
@@ -1020,6 +1047,8 @@ impl ClusterState {
                 Err(e) => MetaReply::Error(MetaError::InvalidSettings(e)),
             },
             MetaCommand::RestoreProgress { volume, next_chunk, done, error } => self.restore_progress(volume, next_chunk, done, error),
+            MetaCommand::NodeVersions { node, range } => self.node_versions_of(node, range),
+            MetaCommand::RaiseClusterVersion { to } => self.raise_cluster_version(to),
         };
         if !matches!(reply, MetaReply::Error(_)) && changes_map {
             self.version = index;
@@ -1097,9 +1126,45 @@ impl ClusterState {
         self.nodes = nodes;
         self.pgs = placement.into_iter().enumerate().map(|(i, replicas)| PgRecord { id: PgId(i as u32), replicas, moving: None }).collect();
         self.next_volume_id = 1;
+        // A version proposed before init (what the nodes known then all speak) stands.
+        self.cluster_version = self.cluster_version.max(1);
         if let Some(t) = admin {
             self.tokens.insert(t.id, t);
         }
+        MetaReply::Done
+    }
+
+    /// What node `node` speaks, as far as the state knows: builds before versions speak 1 only.
+    pub fn versions_of(&self, node: NodeId) -> VersionRange {
+        self.node_versions.get(&node).copied().unwrap_or(VersionRange { min: 1, max: 1 })
+    }
+
+    /// The version every registered node speaks, if higher than the cluster's: what the meta
+    /// leader raises the cluster to.
+    pub fn raisable_version(&self) -> Option<ClusterVersion> {
+        let ranges: Vec<VersionRange> = self.nodes.keys().map(|n| self.versions_of(*n)).collect();
+        VersionRange::common_max(&ranges).filter(|v| self.cluster_id.is_some() && *v > self.cluster_version)
+    }
+
+    fn node_versions_of(&mut self, node: NodeId, range: VersionRange) -> MetaReply {
+        if self.cluster_id.is_none() {
+            return MetaReply::Error(MetaError::NotInitialized);
+        }
+        if let Err(e) = range.check(&node.to_string(), self.cluster_version) {
+            return MetaReply::Error(MetaError::Version(e));
+        }
+        self.node_versions.insert(node, range);
+        MetaReply::Done
+    }
+
+    fn raise_cluster_version(&mut self, to: ClusterVersion) -> MetaReply {
+        if to <= self.cluster_version {
+            return MetaReply::Done;
+        }
+        if let Some((node, range)) = self.nodes.keys().map(|n| (*n, self.versions_of(*n))).find(|(_, r)| !r.contains(to)) {
+            return MetaReply::Error(MetaError::Version(VersionMismatch::TooOld { who: node.to_string(), range, cluster: to }));
+        }
+        self.cluster_version = to;
         MetaReply::Done
     }
 
@@ -1496,6 +1561,7 @@ impl ClusterState {
         }
         self.nodes.remove(&node);
         self.draining.remove(&node);
+        self.node_versions.remove(&node);
         self.removed.insert(node);
         MetaReply::Done
     }
@@ -1748,6 +1814,35 @@ pub(super) mod tests {
         s.apply(9, MetaCommand::DeleteSnapshot { volume: "e".into(), name: "s1".into() });
         assert!(s.key_effects.is_empty(), "the head holds version-1 blocks again");
         assert_eq!(s.volume_keys[&v.id].digests.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[test]
+    fn the_cluster_version_rises_only_once_every_node_speaks_it_and_never_falls() {
+        let r = |min, max| VersionRange { min, max };
+        let mut s = initialized();
+        assert_eq!(s.cluster_version, 1);
+        // Nodes that never said (older builds) speak 1 only, so nothing rises yet.
+        assert_eq!(s.raisable_version(), None);
+        assert_eq!(s.apply(2, MetaCommand::NodeVersions { node: NodeId(1), range: r(1, 2) }), MetaReply::Done);
+        assert_eq!(s.apply(3, MetaCommand::NodeVersions { node: NodeId(2), range: r(1, 2) }), MetaReply::Done);
+        assert_eq!(s.raisable_version(), None, "node-3 still speaks 1 only");
+        let MetaReply::Error(e) = s.apply(4, MetaCommand::RaiseClusterVersion { to: 2 }) else { panic!("raised past node-3") };
+        assert!(e.to_string().contains("node-3 speaks cluster versions 1..=1"), "{e}");
+        // A node that no longer speaks version 1 may not join a cluster still at 1.
+        let MetaReply::Error(e) = s.apply(5, MetaCommand::NodeVersions { node: NodeId(3), range: r(2, 2) }) else { panic!("accepted") };
+        assert!(e.to_string().contains("still runs at version 1"), "{e}");
+        s.apply(6, MetaCommand::NodeVersions { node: NodeId(3), range: r(1, 3) });
+        assert_eq!(s.raisable_version(), Some(2));
+        assert_eq!(s.apply(7, MetaCommand::RaiseClusterVersion { to: 2 }), MetaReply::Done);
+        assert_eq!((s.cluster_version, s.raisable_version()), (2, None));
+        // Raising is idempotent and never lowers; an old build may no longer register.
+        assert_eq!(s.apply(8, MetaCommand::RaiseClusterVersion { to: 1 }), MetaReply::Done);
+        assert_eq!(s.cluster_version, 2);
+        let MetaReply::Error(e) = s.apply(9, MetaCommand::NodeVersions { node: NodeId(2), range: r(1, 1) }) else { panic!("downgrade accepted") };
+        assert!(e.to_string().contains("runs at version 2"), "{e}");
+        assert_eq!(s.versions_of(NodeId(2)), r(1, 2));
+        // Version commands leave the map's version alone.
+        assert_eq!(s.version, 1);
     }
 
     #[test]

@@ -13,7 +13,9 @@
 //! format 3 added encrypted volumes' key references (`volume_keys`), format 4 re-encryptions in
 //! progress (`reencrypts`), format 5 volumes' snapshots and write epochs (`snapshots`), format 6 clones (`clones`), format 7 the backup catalog (`backups`), format 8
 //! encrypted volumes' inherited, retired and backup keys and the QoS limits (`inherited_keys`,
-//! `retired_keys`, `backup_keys`, `volume_qos`, `qos_default`).
+//! `retired_keys`, `backup_keys`, `volume_qos`, `qos_default`), format 9 the cluster version
+//! and the versions each node speaks (`cluster_version`, `node_versions`; an initialized
+//! cluster from an older format ran at version 1).
 //!
 //! Applying a volume's deletion erases its wrapped key from this node's [`KeyStore`] before
 //! the apply completes (crypto-shredding; the keys themselves never enter a snapshot or log).
@@ -79,7 +81,7 @@ impl MetaShared {
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BSLTMETA";
 
 /// The format this binary writes (and the newest it reads).
-pub const SNAPSHOT_VERSION: u32 = 8;
+pub const SNAPSHOT_VERSION: u32 = 9;
 
 /// [`ClusterState`] as format 1 had it, before tokens and the audit log.
 #[derive(Deserialize)]
@@ -198,6 +200,31 @@ impl From<ClusterStateV7> for ClusterState {
     }
 }
 
+/// [`ClusterState`] as format 8 had it, before cluster versions: format 7, then inherited,
+/// retired and backup keys and QoS limits. It ran at cluster version 1.
+#[derive(Deserialize)]
+struct ClusterStateV8 {
+    v7: ClusterStateV7,
+    inherited_keys: BTreeMap<VolumeId, BTreeMap<u32, VolumeId>>,
+    retired_keys: BTreeMap<VolumeId, BTreeSet<u32>>,
+    backup_keys: BTreeMap<u64, crate::meta::backups::BackupKeys>,
+    volume_qos: BTreeMap<VolumeId, basalt_common::qos::QosLimits>,
+    qos_default: basalt_common::qos::QosLimits,
+}
+
+impl From<ClusterStateV8> for ClusterState {
+    fn from(v: ClusterStateV8) -> ClusterState {
+        ClusterState {
+            inherited_keys: v.inherited_keys,
+            retired_keys: v.retired_keys,
+            backup_keys: v.backup_keys,
+            volume_qos: v.volume_qos,
+            qos_default: v.qos_default,
+            ..v.v7.into()
+        }
+    }
+}
+
 fn encode_snapshot(record: &CheckpointRecord, state: &ClusterState, audit: &[u8]) -> Vec<u8> {
     // Serialising plain structs and maps into a Vec cannot fail.
     let body = bincode::serialize(&(record.encode(), state)).expect("cluster state serialises");
@@ -227,7 +254,7 @@ fn decode_snapshot(bytes: &[u8]) -> io::Result<(CheckpointRecord, ClusterState, 
                 bincode::deserialize(body).map_err(|e| invalid(format!("corrupt meta snapshot (format 1): {e}")))?;
             (record, state.into(), &[])
         }
-        2..=8 => {
+        2..=9 => {
             let (len, rest) = body.split_at_checked(8).ok_or_else(|| invalid("meta snapshot truncated in its header".into()))?;
             let len = u64::from_le_bytes(len.try_into().map_err(|_| invalid("meta snapshot header".into()))?);
             let len = usize::try_from(len).ok().filter(|l| *l <= rest.len()).ok_or_else(|| invalid("meta snapshot truncated in its state".into()))?;
@@ -258,6 +285,10 @@ fn decode_snapshot(bytes: &[u8]) -> io::Result<(CheckpointRecord, ClusterState, 
                     let (record, state): (Vec<u8>, ClusterStateV7) = bincode::deserialize(state).map_err(corrupt)?;
                     (record, state.into())
                 }
+                8 => {
+                    let (record, state): (Vec<u8>, ClusterStateV8) = bincode::deserialize(state).map_err(corrupt)?;
+                    (record, state.into())
+                }
                 _ => bincode::deserialize(state).map_err(corrupt)?,
             };
             (record, state, audit)
@@ -268,6 +299,11 @@ fn decode_snapshot(bytes: &[u8]) -> io::Result<(CheckpointRecord, ClusterState, 
             )));
         }
     };
+    let mut state = state;
+    if version < 9 && state.cluster_id.is_some() {
+        // Clusters from before cluster versions ran at version 1.
+        state.cluster_version = 1;
+    }
     let record = CheckpointRecord::decode(&record).map_err(|e| invalid(e.to_string()))?;
     Ok((record, state, audit))
 }
@@ -542,6 +578,8 @@ mod tests {
         newest.retired_keys.insert(VolumeId(1), [1].into());
         newest.volume_qos.insert(VolumeId(1), basalt_common::qos::QosLimits { iops: 500, bps: 0, burst_ms: 1000 });
         newest.qos_default.iops = 1000;
+        newest.cluster_version = 3;
+        newest.node_versions.insert(basalt_common::NodeId(1), basalt_common::version::VersionRange { min: 2, max: 4 });
         let bytes = encode_snapshot(&record, &newest, b"line 1\nline 2\n");
         assert!(bytes.starts_with(SNAPSHOT_MAGIC));
         let (r, s, audit) = decode_snapshot(&bytes).unwrap();
@@ -732,12 +770,43 @@ mod tests {
         seven.extend_from_slice(&body);
         assert_eq!(decode_snapshot(&seven).unwrap().1, v7);
 
+        // Format 8 (before cluster versions): an initialized cluster ran at version 1.
+        let v8 = ClusterState { cluster_id: Some("c".into()), cluster_version: 1, ..newest.clone() };
+        let v8 = ClusterState { node_versions: BTreeMap::new(), ..v8 };
+        let fields = (
+            (
+                &v8.cluster_id,
+                &v8.settings,
+                &v8.nodes,
+                &v8.pgs,
+                &v8.volumes,
+                v8.next_volume_id,
+                v8.version,
+                &v8.draining,
+                &v8.removed,
+                &v8.tokens,
+                &v8.audit,
+                &v8.volume_keys,
+            ),
+            (v8.encrypt_by_default, &v8.reencrypts, &v8.snapshots, &v8.clones, &v8.backups),
+            (&v8.inherited_keys, &v8.retired_keys, &v8.backup_keys, &v8.volume_qos, &v8.qos_default),
+        );
+        let body = bincode::serialize(&(record.encode(), fields)).unwrap();
+        let mut eight = SNAPSHOT_MAGIC.to_vec();
+        eight.extend_from_slice(&8u32.to_le_bytes());
+        eight.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        eight.extend_from_slice(&body);
+        assert_eq!(decode_snapshot(&eight).unwrap().1, v8);
+
         // A newer format is refused by name, not misread.
         let mut newer = SNAPSHOT_MAGIC.to_vec();
         newer.extend_from_slice(&(SNAPSHOT_VERSION + 1).to_le_bytes());
         newer.extend_from_slice(&bytes[12..]);
         let e = decode_snapshot(&newer).unwrap_err();
-        assert!(e.to_string().contains("newer than this binary"), "{e}");
+        assert!(
+            e.to_string().contains(&format!("format {} is newer than this binary reads (up to {SNAPSHOT_VERSION})", SNAPSHOT_VERSION + 1)),
+            "{e}"
+        );
 
         // Truncated: an error, never a panic. (There is no checksum: a flipped bit inside
         // the body may decode; the log database's own checksums guard the stored copy.)

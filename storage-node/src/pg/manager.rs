@@ -213,6 +213,22 @@ impl PgManager {
     }
 
     /// Checkpoints and stops every PG.
+    /// Hands the leadership of every PG this node leads to another live replica (a node
+    /// stopping on purpose); returns how many it led and how many it handed over.
+    pub async fn hand_over_leadership(&self) -> (usize, usize) {
+        let handles: Vec<PgHandle> = self.groups.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let (mut led, mut handed) = (0, 0);
+        for h in handles.iter().filter(|h| h.group.status().is_leader) {
+            led += 1;
+            match h.group.hand_over_leadership(super::membership::HEIR_HEARD_WITHIN).await {
+                Ok(Some(_)) => handed += 1,
+                Ok(None) => {}
+                Err(e) => tracing::warn!(pg = h.group.id(), error = %e, "could not hand leadership over"),
+            }
+        }
+        (led, handed)
+    }
+
     pub async fn shutdown(&self) {
         let handles: Vec<PgHandle> = self.groups.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         for h in &handles {
