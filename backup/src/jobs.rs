@@ -66,6 +66,43 @@ pub struct CopyJob {
     pub size: u64,
 }
 
+/// The piece references a copy has taken, and whether the copy was given up. A piece stored
+/// on a blocking thread is recorded there, under this lock: if the copy has failed
+/// meanwhile (its future dropped, nobody waiting for the store), the reference is dropped at
+/// once instead of leaking until the node restarts.
+#[derive(Default)]
+struct Held {
+    pieces: Vec<PieceId>,
+    abandoned: bool,
+}
+
+impl Held {
+    /// Records the reference just taken on `piece`, or drops it if the copy was given up.
+    fn keep(held: &std::sync::Mutex<Held>, store: &BackupStore, piece: PieceId) -> Result<()> {
+        let mut h = held.lock().unwrap_or_else(|p| p.into_inner());
+        if !h.abandoned {
+            h.pieces.push(piece);
+            return Ok(());
+        }
+        drop(h);
+        store.release([piece]).map(|_| ())
+    }
+
+    /// Gives the copy up: drops every reference it took (and, through [`Held::keep`], those
+    /// its stores still running take later).
+    async fn abandon(held: &Arc<std::sync::Mutex<Held>>, store: &Arc<BackupStore>, backup: u64) {
+        let pieces = {
+            let mut h = held.lock().unwrap_or_else(|p| p.into_inner());
+            h.abandoned = true;
+            std::mem::take(&mut h.pieces)
+        };
+        let store = store.clone();
+        if let Err(e) = blocking(move || store.release(pieces)).await {
+            tracing::warn!(backup, error = %e, "could not drop a failed copy's pieces; they go when the node restarts");
+        }
+    }
+}
+
 /// Copies the snapshot `snap` (a handle opened on it) into `store` as backup `job.backup`:
 /// only chunks whose version this node's previous backup of the volume did not copy are read.
 /// The manifest is written last; on an error, the references taken are dropped.
@@ -91,7 +128,7 @@ pub async fn copy(snap: &Volume, store: Arc<BackupStore>, job: &CopyJob, progres
     progress.total.store(versions.len() as u64, Ordering::Relaxed);
     let changed = AtomicU64::new(0);
     let stored = AtomicU64::new(0);
-    let held: std::sync::Mutex<Vec<PieceId>> = std::sync::Mutex::new(Vec::new());
+    let held = Arc::new(std::sync::Mutex::new(Held::default()));
     let result: Result<Vec<ManifestChunk>> = futures::stream::iter(versions.into_iter().map(Ok))
         .map_ok(|(chunk, owner, epoch)| {
             let (store, known, changed, stored, held) = (store.clone(), &known, &changed, &stored, &held);
@@ -100,8 +137,15 @@ pub async fn copy(snap: &Volume, store: Arc<BackupStore>, job: &CopyJob, progres
                 let len = CHUNK_SIZE.min(size.saturating_sub(offset));
                 let reused = match known.get(&(chunk, owner.0, epoch, len as u32)) {
                     Some(p) => {
-                        let (store, p) = (store.clone(), *p);
-                        blocking(move || Ok(store.hold(&p).then_some(p))).await?
+                        let (store, p, held) = (store.clone(), *p, held.clone());
+                        blocking(move || {
+                            if !store.hold(&p) {
+                                return Ok(None);
+                            }
+                            Held::keep(&held, &store, p)?;
+                            Ok(Some(p))
+                        })
+                        .await?
                     }
                     None => None,
                 };
@@ -119,12 +163,17 @@ pub async fn copy(snap: &Volume, store: Arc<BackupStore>, job: &CopyJob, progres
                         };
                         changed.fetch_add(len, Ordering::Relaxed);
                         progress.bytes.fetch_add(len, Ordering::Relaxed);
-                        let (id, written) = blocking(move || store.put(&data)).await?;
+                        let held = held.clone();
+                        let (id, written) = blocking(move || {
+                            let (id, written) = store.put(&data)?;
+                            Held::keep(&held, &store, id)?;
+                            Ok((id, written))
+                        })
+                        .await?;
                         stored.fetch_add(written, Ordering::Relaxed);
                         id
                     }
                 };
-                held.lock().unwrap_or_else(|p| p.into_inner()).push(piece);
                 progress.done.fetch_add(1, Ordering::Relaxed);
                 Ok(ManifestChunk { chunk, owner: owner.0, epoch, piece, len: len as u32 })
             }
@@ -135,13 +184,7 @@ pub async fn copy(snap: &Volume, store: Arc<BackupStore>, job: &CopyJob, progres
     let chunks = match result {
         Ok(c) => c,
         Err(e) => {
-            // Stores still running on blocking threads when the stream was dropped keep their
-            // references; those pieces go when the node restarts (nothing names them).
-            let held = std::mem::take(&mut *held.lock().unwrap_or_else(|p| p.into_inner()));
-            let store = store.clone();
-            if let Err(release) = blocking(move || store.release(held)).await {
-                tracing::warn!(backup = job.backup, error = %release, "could not drop a failed copy's pieces; they go when the node restarts");
-            }
+            Held::abandon(&held, &store, job.backup).await;
             return Err(e);
         }
     };
@@ -161,11 +204,7 @@ pub async fn copy(snap: &Volume, store: Arc<BackupStore>, job: &CopyJob, progres
         blocking(move || store.commit(&manifest)).await
     };
     if let Err(e) = committed {
-        let held = std::mem::take(&mut *held.lock().unwrap_or_else(|p| p.into_inner()));
-        let store = store.clone();
-        if let Err(release) = blocking(move || store.release(held)).await {
-            tracing::warn!(backup = job.backup, error = %release, "could not drop a failed copy's pieces; they go when the node restarts");
-        }
+        Held::abandon(&held, &store, job.backup).await;
         return Err(e);
     }
     Ok(CopyOutcome { data_bytes, changed_bytes: changed.into_inner(), stored_bytes: stored.into_inner(), parent: parent.map_or(0, |m| m.backup) })
@@ -231,17 +270,22 @@ where
     Ok(())
 }
 
-/// Reads every piece of `manifest` back and checks it; returns the pieces, bytes and one line
-/// per bad piece.
-pub fn verify(store: &BackupStore, manifest: &Manifest) -> (u64, u64, Vec<String>) {
+/// Reads every piece of `manifest` back and checks it, counting pieces and bytes in
+/// `progress` as it goes; returns the pieces, bytes and one line per bad piece.
+pub fn verify(store: &BackupStore, manifest: &Manifest, progress: &Progress) -> (u64, u64, Vec<String>) {
     let mut bad = Vec::new();
     let mut bytes = 0u64;
     let mut seen = std::collections::HashSet::new();
+    let pieces: std::collections::HashSet<_> = manifest.chunks.iter().map(|c| (c.piece, c.len)).collect();
+    progress.total.store(pieces.len() as u64, Ordering::Relaxed);
     for c in &manifest.chunks {
         if !seen.insert((c.piece, c.len)) {
             continue;
         }
-        match store.read(&c.piece) {
+        let checked = store.read(&c.piece);
+        progress.done.fetch_add(1, Ordering::Relaxed);
+        progress.bytes.fetch_add(checked.as_ref().map(|d| d.len() as u64).unwrap_or(0), Ordering::Relaxed);
+        match checked {
             Ok(d) if manifest.sealed => match crate::format::split_sealed(&d, c.len as usize) {
                 Ok(_) => bytes += u64::from(c.len),
                 Err(why) => bad.push(format!("chunk {} (offset {}): piece {} {why}", c.chunk, c.chunk * CHUNK_SIZE, c.piece.to_hex())),
@@ -259,4 +303,26 @@ pub fn verify(store: &BackupStore, manifest: &Manifest) -> (u64, u64, Vec<String
         }
     }
     (seen.len() as u64, bytes, bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_piece_stored_after_its_copy_failed_is_released_not_leaked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(BackupStore::open(dir.path()).unwrap());
+        let held = Arc::new(std::sync::Mutex::new(Held::default()));
+        // Stored while the copy runs: kept, and released when the copy fails.
+        let (early, _) = store.put(&[1u8; 4096]).unwrap();
+        Held::keep(&held, &store, early).unwrap();
+        Held::abandon(&held, &store, 1).await;
+        assert!(store.read(&early).is_err(), "the failed copy's piece is erased");
+        // A store still running on a blocking thread when the copy failed finishes later.
+        let (late, _) = store.put(&[2u8; 4096]).unwrap();
+        Held::keep(&held, &store, late).unwrap();
+        assert!(store.read(&late).is_err(), "a piece stored after the failure is erased too");
+        assert_eq!(store.usage().unwrap().0, 0);
+    }
 }

@@ -369,7 +369,14 @@ mod tests {
         let (pb, wb) = store.put(&b).unwrap();
         assert!(wb >= 1 << 20, "incompressible data is stored as is");
         assert_eq!(store.read(&pa).unwrap(), Bytes::from(a.clone()));
-        store.commit(&manifest(1, 3, &[(0, pa), (5, pa2), (9, pb)])).unwrap();
+        let first = manifest(1, 3, &[(0, pa), (5, pa2), (9, pb)]);
+        store.commit(&first).unwrap();
+        // Verifying reads each distinct piece once, counting as it goes.
+        let progress = crate::jobs::Progress::default();
+        let (pieces, bytes, bad) = crate::jobs::verify(&store, &first, &progress);
+        assert_eq!((pieces, bytes, bad.len()), (2, 2 << 20, 0));
+        let counted = |p: &crate::jobs::Progress| [&p.done, &p.total, &p.bytes].map(|a| a.load(std::sync::atomic::Ordering::Relaxed));
+        assert_eq!(counted(&progress), [2, 2, 2 << 20]);
         // A second backup holds the marker piece again; the first is deleted.
         assert!(store.hold(&pa));
         store.commit(&manifest(2, 5, &[(0, pa)])).unwrap();

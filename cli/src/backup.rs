@@ -60,6 +60,8 @@ struct Follow {
     bar: Option<indicatif::ProgressBar>,
     json: bool,
     what: String,
+    /// What `done` and `total` count.
+    unit: &'static str,
     last_pct: u64,
 }
 
@@ -74,7 +76,11 @@ impl Follow {
             b.set_message(what.clone());
             b
         });
-        Follow { bar, json: out.json, what, last_pct: u64::MAX }
+        Follow { bar, json: out.json, what, unit: "chunks", last_pct: u64::MAX }
+    }
+
+    fn counting(self, unit: &'static str) -> Follow {
+        Follow { unit, ..self }
     }
 
     fn show(&mut self, p: &JobProgress) {
@@ -93,7 +99,7 @@ impl Follow {
         if self.json {
             eprintln!("{}", json!({"job": self.what, "progress_percent": pct, "done": p.done, "total": p.total, "bytes": p.bytes}));
         } else {
-            eprintln!("{}: {pct}% ({} of {} chunks, {})", self.what, p.done, p.total, format_size(p.bytes));
+            eprintln!("{}: {pct}% ({} of {} {}, {})", self.what, p.done, p.total, self.unit, format_size(p.bytes));
         }
     }
 
@@ -154,7 +160,7 @@ pub async fn list(admin: &Admin, out: Out, volume: Option<String>, running: bool
         .filter_map(|x| {
             let v = x.volume.as_ref()?;
             let error = x.progress.as_ref().map(|p| p.error.clone()).unwrap_or_default();
-            Some(json!({"restore_into": v.name, "backup": x.backup, "node": x.node, "error": error}))
+            Some(json!({"restore_into": v.name, "backup": x.backup, "node": x.node, "error": error, "progress": x.progress.as_ref().map(progress_json)}))
         })
         .collect();
     let mut listed: Vec<Value> = r.backups.iter().map(backup_json).collect();
@@ -186,8 +192,9 @@ pub async fn list(admin: &Admin, out: Out, volume: Option<String>, running: bool
         if running {
             for x in &restores {
                 let stopped = x["error"].as_str().filter(|e| !e.is_empty()).map(|e| format!(" (stopped: {e})")).unwrap_or_default();
+                let pct = x["progress"]["percent"].as_u64().map(|p| format!(", {p}%")).unwrap_or_default();
                 text.push_str(&format!(
-                    "\nrestoring backup {} into {} on node-{}{stopped}",
+                    "\nrestoring backup {} into {} on node-{}{pct}{stopped}",
                     x["backup"],
                     x["restore_into"].as_str().unwrap_or(""),
                     x["node"]
@@ -233,9 +240,31 @@ pub async fn show(admin: &Admin, out: Out, id: u64) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `basalt backup verify ID`: exit 10 if a piece is damaged.
+/// `basalt backup verify ID`: exit 10 if a piece is damaged. Shows the read-back's progress
+/// while it runs.
 pub async fn verify(admin: &Admin, out: Out, id: u64) -> Result<(), CliError> {
-    let r = admin.call(|mut c| async move { c.backup_verify(BackupShowRequest { id }).await }).await?;
+    let mut follow = Follow::new(out, format!("verifying backup {id}")).counting("pieces");
+    let verify = admin.call(|mut c| async move { c.backup_verify(BackupShowRequest { id }).await });
+    tokio::pin!(verify);
+    let r = loop {
+        tokio::select! {
+            r = &mut verify => break r,
+            _ = tokio::time::sleep(POLL) => {
+                // Progress is shown when it can be had; the verification's answer is what counts.
+                if let Ok(p) = admin.call(|mut c| async move { c.backup_verify_progress(BackupShowRequest { id }).await }).await {
+                    follow.show(&p);
+                }
+            }
+        }
+    };
+    let r = match r {
+        Ok(r) => r,
+        Err(e) => {
+            follow.end(false);
+            return Err(e);
+        }
+    };
+    follow.end(r.copies.iter().all(|c| c.bad.is_empty()));
     let bad: Vec<String> = r.nodes.iter().zip(&r.copies).flat_map(|(n, c)| c.bad.iter().map(move |b| format!("node-{n}: {b}"))).collect();
     let value = json!({
         "id": id,

@@ -156,6 +156,9 @@ pub struct Access {
     allow: AllowLists,
     /// The token table and the cluster-map version it is from.
     tokens: watch::Sender<(u64, Arc<TokenTable>)>,
+    /// The meta-role nodes (members and spares) and the cluster-map version they are from:
+    /// the only nodes whose calls the meta leader alone makes are taken from.
+    meta_nodes: watch::Sender<(u64, Arc<std::collections::BTreeSet<u64>>)>,
     audit: mpsc::Sender<AuditEvent>,
     limiter: Mutex<Limiter>,
     /// Refusal counters.
@@ -171,6 +174,7 @@ impl Access {
             tls,
             allow,
             tokens: watch::channel((0, Arc::new(TokenTable::default()))).0,
+            meta_nodes: watch::channel((0, Arc::new(Default::default()))).0,
             audit,
             limiter: Mutex::new(Limiter { buckets: HashMap::new() }),
             stats: AccessStats::default(),
@@ -204,6 +208,36 @@ impl Access {
             *current = (version, Arc::new(table));
             true
         });
+    }
+
+    /// Replaces the set of meta-role nodes with `nodes`, from cluster-map version `version`,
+    /// unless the set held is from a newer one (fed like [`Access::set_tokens`]).
+    pub fn set_meta_nodes(&self, version: u64, nodes: std::collections::BTreeSet<u64>) {
+        self.meta_nodes.send_if_modified(|current| {
+            if version < current.0 || *current.1 == nodes {
+                return false;
+            }
+            *current = (version, Arc::new(nodes));
+            true
+        });
+    }
+
+    /// Authorises a call only the meta leader makes (key store, backup jobs, replica moves,
+    /// leadership and release orders): a node certificate is not enough, the node must have
+    /// the meta role in the current cluster map. A storage or backup node's certificate,
+    /// stolen or misused, cannot read wrapped keys or order replicas about.
+    pub async fn authorize_meta_call<T>(&self, request: &Request<T>, action: &'static str) -> Result<Caller, Status> {
+        let caller = self.authorize(request, Action::Internal, None).await?;
+        match caller.principal {
+            Principal::Open => Ok(caller),
+            Principal::Node(n) if self.meta_nodes.borrow().1.contains(&n) => Ok(caller),
+            _ => {
+                let denied =
+                    Denied::permission(format!("{action} is called by the meta leader only; {} is not a meta node", caller.principal.actor()));
+                self.record_denial(caller.principal.actor(), &caller.source, Action::Internal, action, &denied);
+                Err(denied.status())
+            }
+        }
     }
 
     /// The current token table.

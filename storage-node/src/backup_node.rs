@@ -22,7 +22,6 @@ use basalt_proto::admin::{
     BackupCopyStats, BackupListRequest, BackupReportRequest, CopyBackupRequest, CopyRef, JobProgress, ProgressRequest, RunRestoreRequest,
     VerifyCopyReply,
 };
-use basalt_security::Action;
 use basalt_volume_client::{ClientOptions, ClientSecurity, Cluster};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
@@ -52,6 +51,8 @@ pub struct BackupNodeService {
     cluster: tokio::sync::OnceCell<Cluster>,
     copies: Mutex<HashMap<u64, Arc<Job>>>,
     restores: Mutex<HashMap<u64, Arc<Job>>>,
+    /// Verifications running, by backup id.
+    verifies: Mutex<HashMap<u64, Arc<Job>>>,
     metrics: Arc<BackupMetrics>,
 }
 
@@ -84,6 +85,7 @@ impl BackupNodeService {
             cluster: tokio::sync::OnceCell::new(),
             copies: Mutex::default(),
             restores: Mutex::default(),
+            verifies: Mutex::default(),
             metrics,
         }))
     }
@@ -354,29 +356,38 @@ pub struct BackupNodeApi(pub Arc<BackupNodeService>);
 #[tonic::async_trait]
 impl BackupNode for BackupNodeApi {
     async fn copy_backup(&self, request: Request<CopyBackupRequest>) -> Result<Response<JobProgress>, Status> {
-        self.0.access.authorize(&request, Action::Internal, None).await?;
+        self.0.access.authorize_meta_call(&request, "CopyBackup").await?;
         let req = request.into_inner();
         let job = self.0.start_copy(req);
         Ok(Response::new(progress_of(Some(&job))))
     }
 
     async fn run_restore(&self, request: Request<RunRestoreRequest>) -> Result<Response<JobProgress>, Status> {
-        self.0.access.authorize(&request, Action::Internal, None).await?;
+        self.0.access.authorize_meta_call(&request, "RunRestore").await?;
         let job = self.0.start_restore(request.into_inner());
         Ok(Response::new(progress_of(Some(&job))))
     }
 
     async fn verify_copy(&self, request: Request<CopyRef>) -> Result<Response<VerifyCopyReply>, Status> {
-        self.0.access.authorize(&request, Action::Internal, None).await?;
+        self.0.access.authorize_meta_call(&request, "VerifyCopy").await?;
         let id = request.into_inner().id;
         let store = self.0.store.clone();
-        let (pieces, bytes, bad) = tokio::task::spawn_blocking(move || {
+        let job = Arc::new(Job::default());
+        // A second verify of the same copy while one runs shows the newer one's progress.
+        self.0.verifies.lock().unwrap_or_else(|e| e.into_inner()).insert(id, job.clone());
+        let progress = job.clone();
+        let result = tokio::task::spawn_blocking(move || {
             let m = store.manifest(id)?.ok_or(BackupError::NoCopy(id))?;
-            Ok::<_, BackupError>(basalt_backup::jobs::verify(&store, &m))
+            Ok::<_, BackupError>(basalt_backup::jobs::verify(&store, &m, &progress.progress))
         })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(internal)?;
+        .await;
+        {
+            let mut verifies = self.0.verifies.lock().unwrap_or_else(|e| e.into_inner());
+            if verifies.get(&id).is_some_and(|j| Arc::ptr_eq(j, &job)) {
+                verifies.remove(&id);
+            }
+        }
+        let (pieces, bytes, bad) = result.map_err(|e| Status::internal(e.to_string()))?.map_err(internal)?;
         if !bad.is_empty() {
             tracing::error!(backup = id, bad = bad.len(), "backup verify found damaged pieces");
         }
@@ -384,7 +395,7 @@ impl BackupNode for BackupNodeApi {
     }
 
     async fn drop_copy(&self, request: Request<CopyRef>) -> Result<Response<JobProgress>, Status> {
-        self.0.access.authorize(&request, Action::Internal, None).await?;
+        self.0.access.authorize_meta_call(&request, "DropCopy").await?;
         let id = request.into_inner().id;
         let store = self.0.store.clone();
         let erased = tokio::task::spawn_blocking(move || store.delete(id)).await.map_err(|e| Status::internal(e.to_string()))?.map_err(internal)?;
@@ -393,9 +404,11 @@ impl BackupNode for BackupNodeApi {
     }
 
     async fn progress(&self, request: Request<ProgressRequest>) -> Result<Response<JobProgress>, Status> {
-        self.0.access.authorize(&request, Action::Internal, None).await?;
+        self.0.access.authorize_meta_call(&request, "Progress").await?;
         let req = request.into_inner();
-        let job = if req.backup != 0 {
+        let job = if req.verify != 0 {
+            self.0.verifies.lock().unwrap_or_else(|e| e.into_inner()).get(&req.verify).cloned()
+        } else if req.backup != 0 {
             self.0.copies.lock().unwrap_or_else(|e| e.into_inner()).get(&req.backup).cloned()
         } else {
             self.0.restores.lock().unwrap_or_else(|e| e.into_inner()).get(&req.restore_volume).cloned()

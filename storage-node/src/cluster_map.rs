@@ -64,6 +64,7 @@ pub async fn run_watcher(ctx: Arc<NodeCtx>, tx: watch::Sender<Arc<ClusterView>>,
                         ctx.access.set_tokens(map.version, basalt_security::TokenTable::new(records));
                     }
                     let view = ClusterView::from_proto(&map);
+                    ctx.access.set_meta_nodes(map.version, view.nodes.values().filter(|n| n.meta).map(|n| n.id.0).collect());
                     for n in view.nodes.values() {
                         ctx.host.router().set_address(n.id.0, &n.addr);
                     }

@@ -481,6 +481,19 @@ impl TestCluster {
     /// A client of node `addr`'s gRPC data API with node `node`'s identity (a certificate of
     /// the cluster CA), as that node's own calls would be.
     pub fn data_client_as_node(&self, addr: &str, node: u64) -> Result<DataClient<tonic::transport::Channel>> {
+        let channel = basalt_security::grpc::channel(addr, &self.dialer_as_node(node)?, Expect::AnyNode, |ep| ep).map_err(|e| anyhow!(e))?;
+        Ok(DataClient::new(channel))
+    }
+
+    /// A client of node `addr`'s admin API with node `node`'s identity, as that node's own
+    /// calls would be.
+    pub fn admin_as_node(&self, addr: &str, node: u64) -> Result<AdminClient<tonic::transport::Channel>> {
+        let channel = basalt_security::grpc::channel(addr, &self.dialer_as_node(node)?, Expect::AnyNode, |ep| ep).map_err(|e| anyhow!(e))?;
+        Ok(AdminClient::new(channel))
+    }
+
+    /// A dialer presenting a certificate of the cluster CA for node `node` (issued on first use).
+    pub fn dialer_as_node(&self, node: u64) -> Result<Dialer> {
         let identity = Identity::Node(node);
         let stem = certs::file_stem(&identity);
         if !self.tls_dir.join(format!("{stem}.pem")).exists() {
@@ -491,9 +504,7 @@ impl TestCluster {
             cert: Some(self.tls_dir.join(format!("{stem}.pem"))),
             key: Some(self.tls_dir.join(format!("{stem}.key"))),
         };
-        let dialer = Dialer::new(Some(std::sync::Arc::new(TlsContext::load(files)?)));
-        let channel = basalt_security::grpc::channel(addr, &dialer, Expect::AnyNode, |ep| ep).map_err(|e| anyhow!(e))?;
-        Ok(DataClient::new(channel))
+        Ok(Dialer::new(Some(std::sync::Arc::new(TlsContext::load(files)?))))
     }
 
     /// A TLS connection to node `addr` speaking `protocol`, with the harness's client certificate.

@@ -170,6 +170,12 @@ async fn backups_copy_only_changed_chunks_restore_the_same_bytes_and_leave_no_tr
     assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");
     let verified = json(&cluster, &["backup", "verify", &id2.to_string()]).await;
     assert_eq!(verified["ok"], true, "{verified}");
+    // Between verifications nothing is running; an unknown backup is named.
+    let mut admin = cluster.admin().await.unwrap();
+    let idle = admin.backup_verify_progress(basalt_proto::admin::BackupShowRequest { id: id2 }).await.unwrap().into_inner();
+    assert!(!idle.running && idle.done == 0, "{idle:?}");
+    let unknown = admin.backup_verify_progress(basalt_proto::admin::BackupShowRequest { id: 999 }).await.unwrap_err();
+    assert!(unknown.message().contains("999"), "{unknown:?}");
 
     // Metrics: the backup node's counters, and per volume the last success on the meta leader.
     let m = cluster.metrics(BACKUP_NODE).await.unwrap();
@@ -227,6 +233,20 @@ async fn backups_copy_only_changed_chunks_restore_the_same_bytes_and_leave_no_tr
     let refused = as_backup.write(write).await.unwrap().into_inner().error.expect("refused");
     assert_eq!(refused.code, basalt_proto::data::data_error::Code::PermissionDenied as i32, "{refused:?}");
     assert!(refused.message.contains("it is restoring"), "{refused:?}");
+    // Orders only the meta leader gives are refused from any other node's certificate: a
+    // backup node's, or a storage node's, cannot move leaderships or read wrapped keys.
+    let order = basalt_proto::data::TransferLeaderRequest { pg: pg.0, to: leader };
+    let refused = as_backup.transfer_leader(order).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains(&format!("TransferLeader is called by the meta leader only; node-{BACKUP_NODE} is not a meta node")),
+        "{refused:?}"
+    );
+    let meta_addr = cluster.node(1).addr.clone();
+    let key_get = basalt_proto::admin::KeyGetRequest { key_id: 1, version: 1 };
+    let mut stranger = cluster.admin_as_node(&meta_addr, 9999).unwrap();
+    let refused = stranger.key_get(key_get).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
 
     // A damaged piece: `backup verify` names it (exit 10), and so does a restore.
     let pieces = files_containing(&backups_dir, b"BACKUP-MARKER-7f3a9c21e5");

@@ -1123,7 +1123,8 @@ async fn fault_a_full_replica_refuses_writes_instead_of_diverging() {
             }
             assert!(Instant::now() < deadline, "pg-{} never moved its leadership to node 3", pg.id);
             if p.leader != 0 {
-                let mut data = cluster.internal_data_client(&cluster.node(p.leader).addr).unwrap();
+                // As the meta leader would (node 1 is a meta node): only meta nodes order this.
+                let mut data = cluster.data_client_as_node(&cluster.node(p.leader).addr, 1).unwrap();
                 let _ = data.transfer_leader(basalt_proto::data::TransferLeaderRequest { pg: pg.id, to: 3 }).await;
             }
             tokio::time::sleep(Duration::from_millis(300)).await;

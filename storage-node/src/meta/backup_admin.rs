@@ -150,7 +150,7 @@ impl AdminService {
         if b.state == BackupState::Running {
             let mut slowest: Option<JobProgress> = None;
             for node in b.nodes.iter().filter(|n| !b.copies.contains_key(n)) {
-                if let Some(p) = self.job_progress(s, *node, ProgressRequest { backup: b.id, restore_volume: 0 }).await
+                if let Some(p) = self.job_progress(s, *node, ProgressRequest { backup: b.id, ..Default::default() }).await
                     && slowest.as_ref().is_none_or(|x| p.done * x.total.max(1) < x.done * p.total.max(1))
                 {
                     slowest = Some(p);
@@ -166,7 +166,7 @@ impl AdminService {
         let Some(r) = s.backups.restores.get(&v.id) else {
             return Ok(RestoreStatusReply { volume: Some(volume_in(s, v)), restoring: false, ..Default::default() });
         };
-        let mut progress = self.job_progress(s, r.node, ProgressRequest { backup: 0, restore_volume: v.id.0 }).await;
+        let mut progress = self.job_progress(s, r.node, ProgressRequest { restore_volume: v.id.0, ..Default::default() }).await;
         if let Some(p) = progress.as_mut()
             && p.error.is_empty()
             && let Some(e) = &r.error
@@ -533,6 +533,23 @@ impl AdminService {
         Ok(Response::new(reply))
     }
 
+    /// How far a running `backup verify` of `id` got, summed over the nodes keeping it (those
+    /// not verifying right now count nothing).
+    pub(super) async fn verify_progress(&self, meta: &MetaHandle, caller: &Caller, id: u64) -> Result<Response<JobProgress>, Status> {
+        let s = self.read(meta).await?;
+        let b = self.record(&s, caller, id)?.clone();
+        let mut sum = JobProgress::default();
+        for node in b.copies.keys() {
+            if let Some(p) = self.job_progress(&s, *node, ProgressRequest { verify: id, ..Default::default() }).await {
+                sum.running |= p.running;
+                sum.done += p.done;
+                sum.total += p.total;
+                sum.bytes += p.bytes;
+            }
+        }
+        Ok(Response::new(sum))
+    }
+
     /// `backup restore ID --to NAME`: a new volume held by the restore, filled by a backup
     /// node that keeps the backup; asked again for the same pair, it resumes the restore.
     pub(super) async fn restore_backup(
@@ -547,7 +564,10 @@ impl AdminService {
             return match s.backups.restores.get(&v.id) {
                 Some(r) if r.backup == msg.id => {
                     if r.error.is_some()
-                        || self.job_progress(&s, r.node, ProgressRequest { backup: 0, restore_volume: v.id.0 }).await.is_none_or(|p| !p.running)
+                        || self
+                            .job_progress(&s, r.node, ProgressRequest { restore_volume: v.id.0, ..Default::default() })
+                            .await
+                            .is_none_or(|p| !p.running)
                     {
                         tracing::info!(backup = msg.id, volume = %msg.to, "resuming a restore");
                         self.propose(meta, MetaCommand::RestoreProgress { volume: v.id, next_chunk: r.next_chunk, done: false, error: None }).await?;

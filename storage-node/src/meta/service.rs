@@ -21,7 +21,7 @@ use basalt_proto::admin::{
     Ancestor, AuditAppendReply, AuditAppendRequest, AuditCheckRequest, AuditListReply, AuditListRequest, AuditNodeVerdict, AuditReportRequest,
     AuditVerifyReply, AuditVerifyRequest, BackupCreateRequest, BackupListReply, BackupListRequest, BackupPinRequest, BackupReply, BackupReportReply,
     BackupReportRequest, BackupRestoreRequest, BackupShowRequest, BackupVerifyReply, ClusterConfigureRequest, ClusterInitReply, ClusterInitRequest,
-    ClusterMap, ClusterStatusReply, ClusterStatusRequest, GetClusterMapRequest, KeyGetReply, KeyGetRequest, KeyPutReply, KeyPutRequest,
+    ClusterMap, ClusterStatusReply, ClusterStatusRequest, GetClusterMapRequest, JobProgress, KeyGetReply, KeyGetRequest, KeyPutReply, KeyPutRequest,
     NodeDrainReply, NodeDrainRequest, NodeHeartbeatReply, NodeHeartbeatRequest, NodeInfoReply, NodeInfoRequest, NodeListReply, NodeListRequest,
     NodeRemoveReply, NodeRemoveRequest, PlacementGroup, QosShare, RestoreStatusReply, RestoreStatusRequest, ScheduleCreateRequest,
     ScheduleDeleteRequest, ScheduleListReply, ScheduleListRequest, ScheduleReply, ScrubStartReply, ScrubStartRequest, ScrubStatusReply,
@@ -1044,7 +1044,7 @@ impl Admin for AdminService {
     }
 
     async fn key_put(&self, request: Request<KeyPutRequest>) -> Result<Response<KeyPutReply>, Status> {
-        self.ctx.access.authorize(&request, Action::Internal, None).await?;
+        self.ctx.access.authorize_meta_call(&request, "KeyPut").await?;
         let meta = self.ctx.meta.as_ref().ok_or_else(|| Status::failed_precondition("not a meta node"))?;
         let r = request.into_inner();
         super::keys::put(&meta.keys, r.key_id, r.version, r.wrapped.to_vec()).await?;
@@ -1052,7 +1052,7 @@ impl Admin for AdminService {
     }
 
     async fn key_get(&self, request: Request<KeyGetRequest>) -> Result<Response<KeyGetReply>, Status> {
-        self.ctx.access.authorize(&request, Action::Internal, None).await?;
+        self.ctx.access.authorize_meta_call(&request, "KeyGet").await?;
         let meta = self.ctx.meta.as_ref().ok_or_else(|| Status::failed_precondition("not a meta node"))?;
         let r = request.into_inner();
         let wrapped = super::keys::local(&meta.keys, r.key_id, r.version).await?;
@@ -1574,6 +1574,12 @@ impl Admin for AdminService {
         forward_or!(self, request, backup_verify, Action::BackupVerify, None, |meta, caller, msg| self.verify_backup(meta, &caller, msg.id).await)
     }
 
+    async fn backup_verify_progress(&self, request: Request<BackupShowRequest>) -> Result<Response<JobProgress>, Status> {
+        forward_or!(self, request, backup_verify_progress, Action::BackupVerify, None, |meta, caller, msg| {
+            self.verify_progress(meta, &caller, msg.id).await
+        })
+    }
+
     async fn backup_restore(&self, request: Request<BackupRestoreRequest>) -> Result<Response<RestoreStatusReply>, Status> {
         let to = request.get_ref().to.clone();
         forward_or!(self, request, backup_restore, Action::BackupRestore, Some(&to), |meta, caller, msg| {
@@ -1633,7 +1639,7 @@ impl Admin for AdminService {
     }
 
     async fn audit_check(&self, request: Request<AuditCheckRequest>) -> Result<Response<AuditNodeVerdict>, Status> {
-        self.ctx.access.authorize(&request, Action::Internal, None).await?;
+        self.ctx.access.authorize_meta_call(&request, "AuditCheck").await?;
         Ok(Response::new(self.check_own_audit().await))
     }
 }
@@ -1724,14 +1730,19 @@ impl AdminService {
     }
 }
 
-/// On meta nodes: feeds the node's token table from the applied meta state as soon as it
-/// changes (the map poll feeds it too, and on spare meta nodes alone).
+/// On meta nodes: feeds the node's token table and its set of meta-role nodes from the
+/// applied meta state as soon as it changes (the map poll feeds them too, and on spare meta
+/// nodes alone).
 pub async fn run_token_feeder(ctx: Arc<NodeCtx>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let Some(meta) = &ctx.meta else { return };
     let mut rx = meta.shared.subscribe();
     let mut last: Option<BTreeMap<TokenId, TokenRecord>> = None;
     loop {
-        let (version, tokens) = meta.shared.with(|s| (s.version, s.tokens.clone()));
+        let (version, tokens, metas) = meta.shared.with(|s| {
+            let metas = s.nodes.values().filter(|n| n.roles.contains(&Role::Meta)).map(|n| n.id.0).collect();
+            (s.version, s.tokens.clone(), metas)
+        });
+        ctx.access.set_meta_nodes(version, metas);
         if last.as_ref() != Some(&tokens) {
             ctx.access.set_tokens(version, basalt_security::TokenTable::new(tokens.values().cloned()));
             last = Some(tokens);

@@ -500,7 +500,7 @@ impl Data for DataService {
     }
 
     async fn release_volume(&self, request: Request<ReleaseVolumeRequest>) -> Result<Response<ReleaseVolumeReply>, Status> {
-        self.access.authorize(&request, Action::Internal, None).await?;
+        self.access.authorize_meta_call(&request, "ReleaseVolume").await?;
         let req = request.into_inner();
         // A clone's rollback and release read through its lineage (the map keeps a deleted
         // volume's entry until every PG released it).
@@ -555,7 +555,7 @@ impl Data for DataService {
     }
 
     async fn volume_usage(&self, request: Request<VolumeUsageRequest>) -> Result<Response<VolumeUsageReply>, Status> {
-        self.access.authorize(&request, Action::Internal, None).await?;
+        self.access.authorize_meta_call(&request, "VolumeUsage").await?;
         let req = request.into_inner();
         let mut reply = VolumeUsageReply::default();
         let mut exclusive: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
@@ -611,7 +611,7 @@ impl Data for DataService {
     }
 
     async fn transfer_leader(&self, request: Request<TransferLeaderRequest>) -> Result<Response<TransferLeaderReply>, Status> {
-        self.access.authorize(&request, Action::Internal, None).await?;
+        self.access.authorize_meta_call(&request, "TransferLeader").await?;
         let req = request.into_inner();
         let Some(handle) = self.ctx.pgs.get(PgId(req.pg)) else {
             let error = err(Code::WrongNode, format!("{} holds no replica of pg-{}", self.ctx.config.id, req.pg));
@@ -632,7 +632,7 @@ impl Data for DataService {
     }
 
     async fn move_replica(&self, request: Request<MoveReplicaRequest>) -> Result<Response<MoveReplicaReply>, Status> {
-        self.access.authorize(&request, Action::Internal, None).await?;
+        self.access.authorize_meta_call(&request, "MoveReplica").await?;
         let req = request.into_inner();
         let Some(handle) = self.ctx.pgs.get(PgId(req.pg)) else {
             let error = err(Code::WrongNode, format!("{} holds no replica of pg-{}", self.ctx.config.id, req.pg));
