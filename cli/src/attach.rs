@@ -24,6 +24,7 @@ use basalt_volume_client::{ClientError, Cluster, Volume};
 use tokio::sync::watch;
 
 use crate::admin::{Admin, Credentials};
+use crate::commands::Out;
 use crate::exit::CliError;
 
 /// Where to listen.
@@ -229,7 +230,7 @@ pub async fn serve(
 }
 
 /// `basalt attach`: serves until Ctrl-C or SIGTERM, then detaches.
-pub async fn attach(admin: &Admin, name: &str, listen: Listen, opts: Options) -> Result<(), CliError> {
+pub async fn attach(admin: &Admin, out: Out, name: &str, listen: Listen, opts: Options) -> Result<(), CliError> {
     if let Listen::Tcp(addr) = &listen {
         check_nbd_address(addr, opts.tls_dir.is_some(), opts.insecure_nbd)?;
     }
@@ -276,6 +277,7 @@ pub async fn attach(admin: &Admin, name: &str, listen: Listen, opts: Options) ->
         tokio::spawn(run_snapshot_cutter(cluster.clone(), volume.clone(), report, rx.clone()));
     }
     let (uri, task) = serve(volume.clone(), opts.read_only, &listen, tls, opts.allow, Some(log), rx.clone()).await?;
+    let mut metrics_url = None;
     if let Some(listener) = metrics {
         let at = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
         let (counters, labels) = (volume.metrics().clone(), vec![("volume", name.to_string())]);
@@ -286,7 +288,10 @@ pub async fn attach(admin: &Admin, name: &str, listen: Listen, opts: Options) ->
         });
         tokio::spawn(basalt_metrics::serve(listener, render, rx.clone()));
         // On stdout with the export's URI, before `ready`: where to scrape it.
-        println!("http://{at}/metrics");
+        if !out.json {
+            println!("http://{at}/metrics");
+        }
+        metrics_url = Some(format!("http://{at}/metrics"));
     }
     if opts.standby {
         eprintln!("standby for {name} as {me}: writes wait until `basalt handover {name} --to {me}` or the holder detaches");
@@ -294,8 +299,24 @@ pub async fn attach(admin: &Admin, name: &str, listen: Listen, opts: Options) ->
     } else if !opts.read_only {
         eprintln!("attached {name} read-write (epoch {})", volume.epoch());
     }
-    println!("{uri}");
-    println!("ready");
+    if out.json {
+        // One line, for whatever supervises the process to parse.
+        let mode = if opts.standby {
+            "standby"
+        } else if opts.read_only {
+            "read-only"
+        } else {
+            "read-write"
+        };
+        let ready = serde_json::json!({
+            "event": "ready", "volume": name, "export": uri, "metrics_url": metrics_url, "mode": mode,
+            "holder": me, "epoch": volume.epoch(),
+        });
+        println!("{ready}");
+    } else {
+        println!("{uri}");
+        println!("ready");
+    }
     wait_for_stop().await;
     let _ = tx.send(true);
     let _ = task.await;
@@ -305,6 +326,9 @@ pub async fn attach(admin: &Admin, name: &str, listen: Listen, opts: Options) ->
     if holding.load(std::sync::atomic::Ordering::Acquire) {
         cluster.detach_volume(&volume).await.map_err(client_err)?;
         eprintln!("detached {name}");
+    }
+    if out.json {
+        println!("{}", serde_json::json!({"event": "stopped", "volume": name, "detached": holding.load(std::sync::atomic::Ordering::Acquire)}));
     }
     Ok(())
 }
@@ -377,7 +401,7 @@ fn key_event_printer(name: &str) -> impl FnMut(KeyEvent) + Send + use<> {
 
 /// `basalt handover`: gives the volume's read-write attachment to `to` (a standby waiting for
 /// it), fencing the previous holder.
-pub async fn handover(admin: &Admin, name: &str, to: &str) -> Result<(), CliError> {
+pub async fn handover(admin: &Admin, out: Out, name: &str, to: &str) -> Result<(), CliError> {
     if to.trim().is_empty() {
         return Err(CliError::usage("--to needs the holder a standby attachment printed"));
     }
@@ -389,12 +413,14 @@ pub async fn handover(admin: &Admin, name: &str, to: &str) -> Result<(), CliErro
         })
         .await?;
     let epoch = reply.volume.map(|v| v.attach_epoch).unwrap_or(0);
-    println!("handed {name} over to {to} (epoch now {epoch}; the previous holder is fenced)");
+    out.print(serde_json::json!({"volume": name, "holder": to, "epoch": epoch}), || {
+        format!("handed {name} over to {to} (epoch now {epoch}; the previous holder is fenced)")
+    });
     Ok(())
 }
 
 /// `basalt detach`: ends whatever attachment the volume has (fencing its holder).
-pub async fn detach(admin: &Admin, name: &str) -> Result<(), CliError> {
+pub async fn detach(admin: &Admin, out: Out, name: &str) -> Result<(), CliError> {
     let req = basalt_proto::admin::VolumeDetachRequest { name: name.to_string(), epoch: 0 };
     let reply = admin
         .call(|mut c| {
@@ -403,7 +429,9 @@ pub async fn detach(admin: &Admin, name: &str) -> Result<(), CliError> {
         })
         .await?;
     let epoch = reply.volume.map(|v| v.attach_epoch).unwrap_or(0);
-    println!("detached {name} (epoch now {epoch}; earlier holders are fenced)");
+    out.print(serde_json::json!({"volume": name, "detached": true, "epoch": epoch}), || {
+        format!("detached {name} (epoch now {epoch}; earlier holders are fenced)")
+    });
     Ok(())
 }
 

@@ -478,6 +478,60 @@ pub async fn volume_show(admin: &Admin, out: Out, name: String) -> Result<(), Cl
     Ok(())
 }
 
+/// `basalt volume du [NAME]`: asks the storage nodes, volume by volume.
+pub async fn volume_du(admin: &Admin, out: Out, name: Option<String>) -> Result<(), CliError> {
+    let names = match name {
+        Some(n) => vec![n],
+        None => {
+            let r = admin.call(|mut c| async move { c.volume_list(VolumeListRequest {}).await }).await?;
+            r.volumes.into_iter().filter(|v| v.state == "active").map(|v| v.name).collect()
+        }
+    };
+    let mut vols = Vec::with_capacity(names.len());
+    for name in names {
+        let r = admin
+            .call(|mut c| {
+                let name = name.clone();
+                async move { c.volume_show(VolumeShowRequest { name, usage: true }).await }
+            })
+            .await?;
+        vols.push(r.volume.unwrap_or_default());
+    }
+    let row = |v: &Volume| {
+        json!({"name": v.name, "provisioned_bytes": v.size, "written_bytes": v.head_bytes, "snapshot_bytes": v.snapshot_bytes,
+               "snapshots": v.snapshots.len(), "partial": v.usage_partial, "clone_of": v.clone_of})
+    };
+    let total = |f: fn(&Volume) -> u64| vols.iter().map(f).sum::<u64>();
+    let (provisioned, written, held) = (total(|v| v.size), total(|v| v.head_bytes), total(|v| v.snapshot_bytes));
+    let value = json!({
+        "volumes": vols.iter().map(row).collect::<Vec<_>>(),
+        "total": {"provisioned_bytes": provisioned, "written_bytes": written, "snapshot_bytes": held},
+    });
+    out.print(value, || {
+        let mut t = table(&["volume", "provisioned", "written", "snapshots", "held by snapshots"]);
+        for v in &vols {
+            let partial = if v.usage_partial { " (partial)" } else { "" };
+            t.add_row(vec![
+                v.name.clone(),
+                format_size(v.size),
+                format!("{}{partial}", format_size(v.head_bytes)),
+                v.snapshots.len().to_string(),
+                format!("{}{partial}", format_size(v.snapshot_bytes)),
+            ]);
+        }
+        if vols.len() > 1 {
+            t.add_row(vec!["total".into(), format_size(provisioned), format_size(written), String::new(), format_size(held)]);
+        }
+        let mut text = t.to_string();
+        text.push_str("\nbytes of one replica; each is stored on 3 nodes. A clone's written bytes are its own; what it reads from its source is not counted again.");
+        if vols.iter().any(|v| v.usage_partial) {
+            text.push_str("\n(partial): a storage node did not answer; the figure is low");
+        }
+        text
+    });
+    Ok(())
+}
+
 /// `basalt volume resize`.
 pub async fn volume_resize(admin: &Admin, out: Out, name: String, size: String) -> Result<(), CliError> {
     let size = size_arg(&size)?;

@@ -75,6 +75,8 @@ pub struct DevUp {
     pub node_bin: Option<PathBuf>,
     /// Run the nodes with security off (plaintext, no authentication).
     pub security_off: bool,
+    /// Say `ready` as one JSON line (with the exports and environment) instead of text lines.
+    pub json: bool,
 }
 
 /// One node in `cluster.json`.
@@ -408,13 +410,26 @@ pub async fn up(opts: DevUp) -> Result<(), CliError> {
     let text = serde_json::to_string_pretty(&cluster).map_err(|e| CliError::other(e.to_string()))?;
     std::fs::write(&json_path, text).map_err(|e| CliError::other(format!("cannot write {}: {e}", json_path.display())))?;
     say(format!("wrote {}", json_path.display()));
-    println!("{uri}");
-    println!("BASALT_CLUSTER={}", cluster.basalt_cluster);
-    if !opts.security_off {
-        println!("BASALT_CA={}", tls.join(certs::CA_CERT).display());
-        println!("BASALT_TOKEN_FILE={}", token_path.display());
+    if opts.json {
+        let mut env = serde_json::json!({"BASALT_CLUSTER": cluster.basalt_cluster});
+        if !opts.security_off {
+            env["BASALT_CA"] = tls.join(certs::CA_CERT).display().to_string().into();
+            env["BASALT_TOKEN_FILE"] = token_path.display().to_string().into();
+        }
+        let ready = serde_json::json!({
+            "event": "ready", "cluster_id": cluster.cluster_id, "exports": cluster.exports, "env": env,
+            "cluster_json": json_path.display().to_string(),
+        });
+        println!("{ready}");
+    } else {
+        println!("{uri}");
+        println!("BASALT_CLUSTER={}", cluster.basalt_cluster);
+        if !opts.security_off {
+            println!("BASALT_CA={}", tls.join(certs::CA_CERT).display());
+            println!("BASALT_TOKEN_FILE={}", token_path.display());
+        }
+        println!("ready");
     }
-    println!("ready");
 
     // Run until told to stop; report (but survive) nodes that die meanwhile, e.g. killed by a test.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| CliError::other(e.to_string()))?;

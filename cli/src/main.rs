@@ -578,6 +578,12 @@ enum VolumeCmd {
         /// Name.
         name: String,
     },
+    /// Space: each volume's provisioned size, what it has written, and what its snapshots
+    /// hold on top (bytes of one replica; every byte is kept on three nodes).
+    Du {
+        /// One volume (default: all, with a total).
+        name: Option<String>,
+    },
     /// Grow a volume (shrinking is refused).
     Resize {
         /// Name.
@@ -625,7 +631,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     let out = Out { json: cli.json };
     match cli.command {
         Cmd::Dev(DevCmd::Up { dir, size, pgs, node_bin, security_off }) => {
-            return dev::up(dev::DevUp { dir, size, pgs, node_bin, security_off }).await;
+            return dev::up(dev::DevUp { dir, size, pgs, node_bin, security_off, json: out.json }).await;
         }
         Cmd::Cert(CertCmd::Init { dir, days }) => return security::cert_init(out, &dir, days),
         Cmd::Cert(CertCmd::Issue { dir, node, client, out: out_dir, days, san }) => {
@@ -671,14 +677,15 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             let allow = basalt_security::cidr::AllowList::parse(&nbd_allow).map_err(|e| CliError::usage(format!("--nbd-allow: {e}")))?;
             attach::attach(
                 &admin,
+                out,
                 &volume,
                 listen,
                 attach::Options { read_only, force, standby, kek_file, tls_dir: nbd_tls_dir, insecure_nbd, allow, metrics_listen },
             )
             .await
         }
-        Cmd::Handover { volume, to } => attach::handover(&admin, &volume, &to).await,
-        Cmd::Detach { volume } => attach::detach(&admin, &volume).await,
+        Cmd::Handover { volume, to } => attach::handover(&admin, out, &volume, &to).await,
+        Cmd::Detach { volume } => attach::detach(&admin, out, &volume).await,
         Cmd::Cluster(ClusterCmd::Init { pgs, extent_size, failure_domain, admin_token_file }) => {
             commands::cluster_init(&admin, out, pgs, extent_size, failure_domain, &admin_token_file).await
         }
@@ -707,6 +714,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Volume(VolumeCmd::Rollback { name, snapshot, no_wait }) => snapshot::rollback(&admin, out, name, snapshot, no_wait).await,
         Cmd::Volume(VolumeCmd::Clone { source, name, kek_file }) => snapshot::clone(&admin, out, source, name, kek_file.as_deref()).await,
         Cmd::Volume(VolumeCmd::Show { name }) => commands::volume_show(&admin, out, name).await,
+        Cmd::Volume(VolumeCmd::Du { name }) => commands::volume_du(&admin, out, name).await,
         Cmd::Volume(VolumeCmd::Resize { name, size }) => commands::volume_resize(&admin, out, name, size).await,
         Cmd::Volume(VolumeCmd::SetQos { name, qos, default }) => qos::set(&admin, out, name, qos, default).await,
         Cmd::Volume(VolumeCmd::Delete { name, no_wait }) => commands::volume_delete(&admin, out, name, no_wait).await,

@@ -177,6 +177,13 @@ impl TestCluster {
                 Ok(l) if l == "ready" => {
                     return Ok(Attached { child, uri: uri.expect("uri before ready"), metrics });
                 }
+                // With --json: one line saying it all.
+                Ok(l) if l.starts_with('{') => {
+                    let v: serde_json::Value = serde_json::from_str(&l).expect("attach --json prints JSON lines");
+                    assert_eq!(v["event"], "ready", "{l}");
+                    let uri = v["export"].as_str().expect("export in the ready line").to_string();
+                    return Ok(Attached { child, uri, metrics: v["metrics_url"].as_str().map(String::from) });
+                }
                 Ok(_) => {}
                 Err(_) => {
                     if let Ok(Some(status)) = child.try_wait() {

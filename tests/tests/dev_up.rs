@@ -120,3 +120,57 @@ fn dev_up_runs_a_cluster_and_stops_cleanly() {
         assert!(!alive(pid), "node pid {pid} still running after dev up stopped");
     }
 }
+
+/// With `--json`, `dev up` says `ready` in one JSON line: the exports and the environment a
+/// script needs, and where cluster.json is.
+#[test]
+fn dev_up_json_says_ready_in_one_line() {
+    let dir = tempfile::Builder::new().prefix("basalt-devup-").tempdir_in(test_root()).unwrap();
+    let mut child = Command::new(bin("basalt"))
+        .args(["--json", "dev", "up", "--size", "64MiB", "--pgs", "8", "--dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let line = match rx.recv_timeout(Duration::from_secs(120)) {
+        Ok(l) => l,
+        Err(_) => {
+            let _ = child.kill();
+            panic!("no ready line within 120s");
+        }
+    };
+    let ready: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    assert_eq!(ready["event"], "ready", "{ready}");
+    let export = ready["exports"][0].as_str().unwrap_or_default();
+    assert!(export.starts_with("nbd://127.0.0.1:") && export.ends_with("/demo"), "{ready}");
+    assert_eq!(ready["env"]["BASALT_CLUSTER"].as_str().map(|s| s.split(',').count()), Some(3), "{ready}");
+    for key in ["BASALT_CA", "BASALT_TOKEN_FILE"] {
+        assert!(std::path::Path::new(ready["env"][key].as_str().unwrap_or_default()).is_file(), "{key}: {ready}");
+    }
+    let cluster_json = ready["cluster_json"].as_str().unwrap_or_default();
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(cluster_json).unwrap()).unwrap();
+    assert_eq!(json["cluster_id"], ready["cluster_id"], "{json}");
+    // SAFETY: signalling the child we started.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "dev up did not stop within 60s of Ctrl-C");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "dev up exited with {status}");
+}

@@ -59,7 +59,8 @@ async fn every_documented_metric_is_exported_and_latencies_are_histograms() {
     let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(shown["attached_by"], "", "a refused attach attached nothing: {shown}");
 
-    let attached = cluster.attach_nbd("v", &["--metrics-listen", "127.0.0.1:0"]).expect("attach with metrics");
+    // With --json, attach says `ready` in one JSON line (export, metrics URL, mode, epoch).
+    let attached = cluster.attach_nbd("v", &["--json", "--metrics-listen", "127.0.0.1:0"]).expect("attach with metrics");
     let url = attached.metrics.clone().expect("the metrics URL before ready");
     let io = std::process::Command::new("qemu-io")
         .args(["-f", "raw", "-c", "write -P 0x5a 0 1M", "-c", "read -P 0x5a 0 1M", "-c", "flush", "-c", "discard 0 64k", &attached.uri])
@@ -91,5 +92,22 @@ async fn every_documented_metric_is_exported_and_latencies_are_histograms() {
         documented().into_iter().filter(|n| !all.contains(&format!("# TYPE {} ", n.strip_suffix("_total").unwrap_or(n)))).collect();
     assert!(missing.is_empty(), "documented but not exported: {missing:?}");
     assert!(documented().len() > 40, "the doc's table was read: {:?}", documented());
+
+    // `volume du`: the 1 MiB written is one chunk of one replica; nothing is held by snapshots.
+    let (code, out, err) = cluster.cli(&["--json", "volume", "du"]).await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    let du: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let v = &du["volumes"][0];
+    assert_eq!((v["name"].as_str(), v["written_bytes"].as_u64(), v["snapshot_bytes"].as_u64()), (Some("v"), Some(1 << 20), Some(0)), "{du}");
+    assert_eq!(v["provisioned_bytes"], shown["size"], "{du}");
+    assert_eq!(du["total"]["written_bytes"], 1 << 20, "{du}");
+    let (code, _, err) = cluster.cli(&["volume", "du", "nope"]).await.unwrap();
+    assert_eq!(code, Some(3), "an unknown volume: {err}");
+    // `detach --json` answers in JSON too.
+    let (code, out, err) = cluster.cli(&["--json", "detach", "v"]).await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    let detached: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((detached["volume"].as_str(), detached["detached"].as_bool()), (Some("v"), Some(true)), "{out}");
+    assert!(detached["epoch"].as_u64() > Some(1), "{out}");
     drop(attached);
 }

@@ -934,14 +934,14 @@ impl Admin for AdminService {
             if let Some(q) = &qos {
                 q.validate().map_err(|e| Status::invalid_argument(format!("volume {}: {e}", msg.name)))?;
             }
-            let mut reply = self.propose_audited(meta, cmd, &caller, Action::VolumeCreate, &msg.name).await?;
+            // With limits of its own, the volume is created with them in one step.
+            let (cmd, target) = match qos {
+                Some(q) => (MetaCommand::CreateVolumeWithQos { create: Box::new(cmd), qos: q }, format!("{} QoS {}", msg.name, q.describe())),
+                None => (cmd, msg.name.clone()),
+            };
+            let reply = self.propose_audited(meta, cmd, &caller, Action::VolumeCreate, &target).await?;
             if let MetaReply::Volume(v) = &reply {
                 tracing::info!(volume = %v.name, id = %v.id, size = v.size, by = %caller.principal, "volume created");
-                if let Some(q) = qos {
-                    let target = format!("{} QoS {}", msg.name, q.describe());
-                    let set = MetaCommand::SetVolumeQos { name: msg.name.clone(), qos: Some(q) };
-                    reply = self.propose_audited(meta, set, &caller, Action::VolumeSetQos, &target).await?;
-                }
             }
             self.volume_reply(reply, self.current_version())
         })

@@ -730,6 +730,15 @@ pub enum MetaCommand {
         /// The limits.
         qos: QosLimits,
     },
+    /// Creates a volume (`create`: [`MetaCommand::CreateVolume`] or
+    /// [`MetaCommand::CreateEncryptedVolume`]) with its own QoS limits, in one step: it is never
+    /// seen, nor attached, without them.
+    CreateVolumeWithQos {
+        /// The creation.
+        create: Box<MetaCommand>,
+        /// Its limits.
+        qos: QosLimits,
+    },
     /// Records the cluster versions `node` speaks (from its heartbeat); refused if they do not
     /// include the cluster's version.
     NodeVersions {
@@ -1047,6 +1056,17 @@ impl ClusterState {
                 Err(e) => MetaReply::Error(MetaError::InvalidSettings(e)),
             },
             MetaCommand::RestoreProgress { volume, next_chunk, done, error } => self.restore_progress(volume, next_chunk, done, error),
+            MetaCommand::CreateVolumeWithQos { create, qos } => match (qos.validate(), &*create) {
+                (Err(e), _) => MetaReply::Error(MetaError::InvalidSettings(e)),
+                (Ok(()), MetaCommand::CreateVolume { .. } | MetaCommand::CreateEncryptedVolume { .. }) => match self.apply(index, *create) {
+                    MetaReply::Volume(v) => {
+                        self.volume_qos.insert(v.id, qos);
+                        MetaReply::Volume(v)
+                    }
+                    other => other,
+                },
+                (Ok(()), other) => MetaReply::Error(MetaError::InvalidSettings(format!("not a volume creation: {other:?}"))),
+            },
             MetaCommand::NodeVersions { node, range } => self.node_versions_of(node, range),
             MetaCommand::RaiseClusterVersion { to } => self.raise_cluster_version(to),
         };
@@ -1814,6 +1834,28 @@ pub(super) mod tests {
         s.apply(9, MetaCommand::DeleteSnapshot { volume: "e".into(), name: "s1".into() });
         assert!(s.key_effects.is_empty(), "the head holds version-1 blocks again");
         assert_eq!(s.volume_keys[&v.id].digests.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[test]
+    fn a_volume_created_with_limits_has_them_from_its_first_moment() {
+        let mut s = initialized();
+        let create = |name: &str| Box::new(MetaCommand::CreateVolume { name: name.into(), size: 1 << 20, now_unix_ms: 1 });
+        let q = QosLimits { iops: 500, bps: 0, burst_ms: 1000 };
+        let MetaReply::Volume(v) = s.apply(2, MetaCommand::CreateVolumeWithQos { create: create("v"), qos: q }) else { panic!() };
+        assert_eq!(s.qos_of(v.id), q);
+        assert!(s.volume_qos.contains_key(&v.id), "its own limits, not the default");
+        // Absurd limits: nothing is created.
+        let bad = QosLimits { iops: u64::MAX, bps: 0, burst_ms: 0 };
+        assert!(matches!(
+            s.apply(3, MetaCommand::CreateVolumeWithQos { create: create("w"), qos: bad }),
+            MetaReply::Error(MetaError::InvalidSettings(_))
+        ));
+        assert!(s.volume_by_name("w").is_none());
+        // A failed creation sets nothing; only creations are wrapped.
+        assert!(matches!(s.apply(4, MetaCommand::CreateVolumeWithQos { create: create("v"), qos: q }), MetaReply::Error(MetaError::VolumeExists(_))));
+        let other = Box::new(MetaCommand::SetQosDefault { qos: q });
+        assert!(matches!(s.apply(5, MetaCommand::CreateVolumeWithQos { create: other, qos: q }), MetaReply::Error(_)));
+        assert_eq!(s.qos_default, QosLimits::default());
     }
 
     #[test]
