@@ -42,6 +42,8 @@ const DATA_FAMILIES: OpFamilies = OpFamilies {
 #[derive(Default)]
 pub struct Metrics {
     data: OpStats<3>,
+    /// Raft: commit latencies and what the groups on this node went through.
+    pub raft: RaftStats,
     /// The backup node's counters (backup-role nodes).
     pub backup: Arc<BackupMetrics>,
     /// Per-volume QoS on this node (its throttling counters are exported here).
@@ -69,6 +71,61 @@ pub struct BackupMetrics {
     pub store_pieces: AtomicU64,
     /// Bytes of the store on disk (at the last sweep).
     pub store_bytes: AtomicU64,
+}
+
+/// The kinds of Raft group a node runs, as labelled.
+#[derive(Clone, Copy, Debug)]
+pub enum GroupKind {
+    /// A placement group.
+    Pg = 0,
+    /// The meta group.
+    Meta = 1,
+}
+
+const GROUP_KINDS: [&str; 2] = ["pg", "meta"];
+
+/// Raft series: commit latency per kind of group, and elections and leader changes seen in
+/// this node's groups. Openraft keeps no such counters; they are derived from each group's
+/// term and leader, compared at every scrape with the previous one (an election is a term
+/// increase; several leader changes between two scrapes count once).
+#[derive(Default)]
+pub struct RaftStats {
+    commit: [basalt_metrics::Histogram; 2],
+    seen: std::sync::Mutex<RaftSeen>,
+}
+
+#[derive(Default)]
+struct RaftSeen {
+    groups: std::collections::HashMap<(usize, u32), (u64, Option<u64>)>,
+    elections: [u64; 2],
+    leader_changes: [u64; 2],
+}
+
+impl RaftStats {
+    /// A proposal on this node, as leader of a `kind` group, committed and applied in `took`.
+    pub fn committed(&self, kind: GroupKind, took: Duration) {
+        self.commit[kind as usize].observe(took);
+    }
+
+    /// Compares every group's term and leader with the last scrape's; returns the totals of
+    /// elections and leader changes per kind.
+    fn observe(&self, groups: impl Iterator<Item = (GroupKind, basalt_raft::GroupStatus)>) -> ([u64; 2], [u64; 2]) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut now = std::collections::HashMap::new();
+        for (kind, st) in groups {
+            let k = kind as usize;
+            let key = (k, st.group);
+            if let Some((term, leader)) = seen.groups.get(&key).copied() {
+                seen.elections[k] += st.term.saturating_sub(term);
+                if st.leader.is_some() && st.leader != leader {
+                    seen.leader_changes[k] += 1;
+                }
+            }
+            now.insert(key, (st.term, st.leader.or(seen.groups.get(&key).and_then(|g| g.1))));
+        }
+        seen.groups = now;
+        (seen.elections, seen.leader_changes)
+    }
 }
 
 impl Metrics {
@@ -188,6 +245,22 @@ pub fn render(ctx: &NodeCtx) -> String {
         "Placement groups this node leads.",
         one(statuses.iter().filter(|s| s.is_leader).count() as u64),
     );
+    let meta_status = ctx.meta.as_ref().map(|m| m.group.status());
+    let groups = statuses.iter().cloned().map(|s| (GroupKind::Pg, s)).chain(meta_status.clone().map(|s| (GroupKind::Meta, s)));
+    let (elections, leader_changes) = m.raft.observe(groups);
+    let per_kind = |v: [u64; 2]| GROUP_KINDS.iter().zip(v).map(|(k, n)| (vec![("group", k.to_string())], n)).collect::<Vec<_>>();
+    e.counter("basalt_raft_elections_total", "Elections in this node's Raft groups (term increases seen; group: pg or meta).", per_kind(elections))
+        .counter("basalt_raft_leader_changes_total", "Leader changes seen in this node's Raft groups.", per_kind(leader_changes))
+        .histogram(
+            "basalt_raft_commit_duration_seconds",
+            "Time from a proposal by this node as leader until the command was committed on a majority and applied.",
+            GROUP_KINDS.iter().zip(&m.raft.commit).map(|(k, h)| (vec![("group", k.to_string())], h)).collect(),
+        )
+        .gauge(
+            "basalt_raft_meta_leader",
+            "1 on the meta group's leader (meta nodes only).",
+            if meta_status.is_some() { one(u64::from(meta_status.as_ref().is_some_and(|s| s.is_leader))) } else { Vec::new() },
+        );
     access_families(ctx, &mut e);
     if ctx.config.has(crate::meta::state::Role::Backup) {
         backup_node_families(&m.backup, &mut e);

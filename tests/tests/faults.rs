@@ -405,8 +405,18 @@ async fn rolling_upgrade_restarts_every_node_under_load_with_no_io_error() {
     assert!(s.nodes.iter().all(|n| (n.version_min, n.version_max) == (1, 1)), "{:?}", s.nodes);
     let workload = Workload::start(&vol);
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // Node 3's Raft series start counting from this scrape.
+    cluster.metrics(3).await.unwrap();
     let mut restarts = Vec::new();
     for id in 1..=3u64 {
+        if id == 3 {
+            // Nodes 1 and 2 handed their leaderships over and got some back: node 3 saw it.
+            let m = cluster.metrics(3).await.unwrap();
+            let value = |prefix: &str| m.lines().find_map(|l| l.strip_prefix(prefix)).and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(0.0);
+            assert!(value("basalt_raft_leader_changes_total{node=\"3\",group=\"pg\"} ") >= 2.0, "{m}");
+            assert!(value("basalt_raft_elections_total{node=\"3\",group=\"pg\"} ") >= 1.0, "{m}");
+            assert!(value("basalt_raft_commit_duration_seconds_count{node=\"3\",group=\"pg\"} ") >= 1.0, "{m}");
+        }
         let at = workload.t0.elapsed();
         let exit = cluster.stop(id).await.unwrap_or_else(|e| panic!("{e}"));
         assert!(exit.success(), "node-{id} stopped with {exit} on SIGTERM:\n{}", cluster.node(id).log_tail());

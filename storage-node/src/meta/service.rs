@@ -353,8 +353,12 @@ impl AdminService {
     /// Proposes `cmd` to the meta group (this node must lead it) and decodes the reply.
     pub(crate) async fn propose(&self, meta: &MetaHandle, cmd: MetaCommand) -> Result<MetaReply, Status> {
         let bytes = bincode::serialize(&cmd).map_err(|e| Status::internal(format!("encoding meta command: {e}")))?;
+        let started = std::time::Instant::now();
         match meta.group.propose(Bytes::from(bytes)).await {
-            Ok(reply) => bincode::deserialize(&reply).map_err(|e| Status::internal(format!("decoding meta reply: {e}"))),
+            Ok(reply) => {
+                self.ctx.metrics.raft.committed(crate::metrics::GroupKind::Meta, started.elapsed());
+                bincode::deserialize(&reply).map_err(|e| Status::internal(format!("decoding meta reply: {e}")))
+            }
             Err(RaftError::NotLeader { .. }) => Err(Status::unavailable("meta leadership moved; retry")),
             Err(e) => Err(Status::unavailable(e.to_string())),
         }

@@ -238,16 +238,19 @@ impl DataService {
     }
 
     async fn propose(&self, handle: &PgHandle, cmd: PgCommand) -> Option<DataError> {
-        match handle.group.propose(cmd.encode()).await {
-            Ok(reply) => match PgReply::decode(&reply) {
-                PgReply::Ok | PgReply::Index(_) => None,
-                PgReply::NoSuchVolume => Some(err(Code::NoSuchVolume, "the volume was deleted")),
-                PgReply::Invalid(m) => Some(err(Code::Invalid, m)),
-                PgReply::NoSpace(m) => Some(err(Code::NoSpace, m)),
-                PgReply::Corrupt(m) => Some(err(Code::Corrupt, m)),
-                PgReply::Fenced(m) => Some(err(Code::Fenced, m)),
-            },
-            Err(e) => Some(self.raft_error(e)),
+        let started = Instant::now();
+        let reply = match handle.group.propose(cmd.encode()).await {
+            Ok(reply) => reply,
+            Err(e) => return Some(self.raft_error(e)),
+        };
+        self.ctx.metrics.raft.committed(crate::metrics::GroupKind::Pg, started.elapsed());
+        match PgReply::decode(&reply) {
+            PgReply::Ok | PgReply::Index(_) => None,
+            PgReply::NoSuchVolume => Some(err(Code::NoSuchVolume, "the volume was deleted")),
+            PgReply::Invalid(m) => Some(err(Code::Invalid, m)),
+            PgReply::NoSpace(m) => Some(err(Code::NoSpace, m)),
+            PgReply::Corrupt(m) => Some(err(Code::Corrupt, m)),
+            PgReply::Fenced(m) => Some(err(Code::Fenced, m)),
         }
     }
 
