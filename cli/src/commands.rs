@@ -187,7 +187,7 @@ pub async fn cluster_status(admin: &Admin, out: Out) -> Result<(), CliError> {
         "initialized": s.initialized, "cluster_id": s.cluster_id, "meta_leader": s.meta_leader,
         "meta_members": s.meta_members, "pg_count": s.pg_count, "extent_size": s.extent_size,
         "failure_domain": s.failure_domain, "volumes": s.volumes, "map_version": s.map_version,
-        "encryption_default": s.encryption_default, "cluster_version": s.cluster_version,
+        "encryption_default": s.encryption_default, "cluster_version": s.cluster_version, "per_volume_metrics": s.per_volume_metrics,
         "pgs_healthy": healthy, "pgs_degraded": degraded, "pgs_without_leader": leaderless,
         "nodes": s.nodes.iter().map(node_json).collect::<Vec<_>>(),
         "pgs": s.pgs.iter().map(|p| json!({
@@ -419,25 +419,34 @@ pub async fn cluster_configure(
     out: Out,
     encryption_default: Option<bool>,
     qos_default: Option<basalt_proto::admin::Qos>,
+    per_volume_metrics: Option<bool>,
 ) -> Result<(), CliError> {
-    if encryption_default.is_none() && qos_default.is_none() {
-        return Err(CliError::usage("nothing to change: give --encryption-default on|off and/or --qos-iops/--qos-bps/--qos-burst"));
+    if encryption_default.is_none() && qos_default.is_none() && per_volume_metrics.is_none() {
+        return Err(CliError::usage(
+            "nothing to change: give --encryption-default on|off, --qos-iops/--qos-bps/--qos-burst and/or --per-volume-metrics on|off",
+        ));
     }
     let req = basalt_proto::admin::ClusterConfigureRequest {
         set_encryption_default: encryption_default.is_some(),
         encryption_default: encryption_default.unwrap_or(false),
         qos_default,
+        set_per_volume_metrics: per_volume_metrics.is_some(),
+        per_volume_metrics: per_volume_metrics.unwrap_or(false),
     };
     let r = admin.call(|mut c| async move { c.cluster_configure(req).await }).await?;
     let qos = r.qos_default.as_ref().map(basalt_proto::view::qos_from_proto).unwrap_or_default();
-    let value = json!({"encryption_default": r.encryption_default, "qos_default": {"iops": qos.iops, "bps": qos.bps, "burst_ms": qos.burst_ms}});
+    let value = json!({
+        "encryption_default": r.encryption_default, "qos_default": {"iops": qos.iops, "bps": qos.bps, "burst_ms": qos.burst_ms},
+        "per_volume_metrics": r.per_volume_metrics,
+    });
     out.print(value, || {
         let enc = if r.encryption_default {
             "new volumes are encrypted by default (volume create needs --encrypt --kek-file FILE, or --no-encrypt)"
         } else {
             "new volumes are unencrypted unless created with --encrypt"
         };
-        format!("{enc}; volumes without limits of their own are held to: {}", qos.describe())
+        let per_volume = if r.per_volume_metrics { "storage nodes export series per volume" } else { "no per-volume series on the storage nodes" };
+        format!("{enc}; volumes without limits of their own are held to: {}; {per_volume}", qos.describe())
     });
     Ok(())
 }

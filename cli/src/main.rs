@@ -454,6 +454,11 @@ enum ClusterCmd {
         /// the dimensions not given are unlimited).
         #[command(flatten)]
         qos_default: qos::QosFlags,
+        /// Storage nodes export series per volume (requests, bytes, latency, QoS waits; see
+        /// docs/operations.md, "Metrics"). Off by default: each volume adds dozens of series
+        /// on every node that leads a part of it.
+        #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+        per_volume_metrics: Option<bool>,
     },
 }
 
@@ -691,8 +696,8 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Cmd::Cluster(ClusterCmd::Status) => commands::cluster_status(&admin, out).await,
         Cmd::Status => health::status(&admin, out).await,
-        Cmd::Cluster(ClusterCmd::Configure { encryption_default, qos_default }) => {
-            commands::cluster_configure(&admin, out, encryption_default, qos_default.proto()?).await
+        Cmd::Cluster(ClusterCmd::Configure { encryption_default, qos_default, per_volume_metrics }) => {
+            commands::cluster_configure(&admin, out, encryption_default, qos_default.proto()?, per_volume_metrics).await
         }
         Cmd::Node(NodeCmd::List) => commands::node_list(&admin, out).await,
         Cmd::Node(NodeCmd::Drain { id, undo, no_wait, stuck_after }) => {

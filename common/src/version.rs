@@ -15,7 +15,7 @@
 //!
 //! | version | introduced |
 //! |---------|------------|
-//! | 1       | version ranges in heartbeats (data protocol `basalt-data/3`, Raft `basalt-raft/3`, meta snapshot format 9) |
+//! | 1       | version ranges in heartbeats (data protocol `basalt-data/3`, Raft `basalt-raft/3`, meta snapshot format 10) |
 
 use std::fmt;
 

@@ -133,13 +133,32 @@ impl<const N: usize> OpStats<N> {
 
     /// Adds the four families to `e`, each sample labelled `op` with its name in `ops`.
     pub fn expose(&self, e: &mut Exposition, names: &OpFamilies, ops: &[&'static str; N]) {
-        let per_op = |a: &[AtomicU64; N]| -> Vec<(Labels, u64)> {
-            ops.iter().zip(a).map(|(op, v)| (vec![("op", op.to_string())], v.load(Ordering::Relaxed))).collect()
-        };
-        e.counter(names.requests.0, names.requests.1, per_op(&self.requests))
-            .counter(names.errors.0, names.errors.1, per_op(&self.errors))
-            .counter(names.bytes.0, names.bytes.1, per_op(&self.bytes))
-            .histogram(names.latency.0, names.latency.1, ops.iter().zip(&self.latency).map(|(op, h)| (vec![("op", op.to_string())], h)).collect());
+        Self::expose_each(e, names, ops, [(Vec::new(), self)]);
+    }
+
+    /// Adds the four families to `e` for several sets of counters at once (one family each,
+    /// as the format wants): each sample labelled with its set's `labels`, then `op`.
+    pub fn expose_each<'a>(
+        e: &mut Exposition,
+        names: &OpFamilies,
+        ops: &[&'static str; N],
+        sets: impl IntoIterator<Item = (Labels, &'a OpStats<N>)>,
+    ) {
+        let (mut requests, mut errors, mut bytes, mut latency) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (labels, s) in sets {
+            for (i, op) in ops.iter().enumerate() {
+                let mut l = labels.clone();
+                l.push(("op", op.to_string()));
+                requests.push((l.clone(), s.requests[i].load(Ordering::Relaxed)));
+                errors.push((l.clone(), s.errors[i].load(Ordering::Relaxed)));
+                bytes.push((l.clone(), s.bytes[i].load(Ordering::Relaxed)));
+                latency.push((l, &s.latency[i]));
+            }
+        }
+        e.counter(names.requests.0, names.requests.1, requests)
+            .counter(names.errors.0, names.errors.1, errors)
+            .counter(names.bytes.0, names.bytes.1, bytes)
+            .histogram(names.latency.0, names.latency.1, latency);
     }
 }
 

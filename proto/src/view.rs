@@ -76,6 +76,8 @@ pub struct ClusterView {
     pub incoming: HashMap<PgId, NodeId>,
     /// Volumes by id.
     pub volumes: HashMap<VolumeId, VolumeView>,
+    /// Storage nodes export series per volume.
+    pub per_volume_metrics: bool,
 }
 
 impl ClusterView {
@@ -137,6 +139,7 @@ impl ClusterView {
                     )
                 })
                 .collect(),
+            per_volume_metrics: map.per_volume_metrics,
         }
     }
 

@@ -42,6 +42,8 @@ const DATA_FAMILIES: OpFamilies = OpFamilies {
 #[derive(Default)]
 pub struct Metrics {
     data: OpStats<3>,
+    /// Series per volume (when the cluster turned them on).
+    pub per_volume: PerVolume,
     /// Raft: commit latencies and what the groups on this node went through.
     pub raft: RaftStats,
     /// The backup node's counters (backup-role nodes).
@@ -71,6 +73,80 @@ pub struct BackupMetrics {
     pub store_pieces: AtomicU64,
     /// Bytes of the store on disk (at the last sweep).
     pub store_bytes: AtomicU64,
+}
+
+/// Most volumes a node keeps series of; requests to volumes beyond are counted under
+/// `volume="(other)"`, so a node's series stay bounded whatever the cluster holds.
+pub const MAX_VOLUME_SERIES: usize = 1024;
+
+const VOLUME_FAMILIES: OpFamilies = OpFamilies {
+    requests: ("basalt_data_volume_requests_total", "Data requests served by this node as PG leader, per volume (per-volume metrics on)."),
+    errors: ("basalt_data_volume_errors_total", "Data requests that failed, per volume."),
+    bytes: ("basalt_data_volume_bytes_total", "Bytes written, read or zeroed, per volume."),
+    latency: (
+        "basalt_data_volume_request_duration_seconds",
+        "How long data requests took on this node as PG leader, per volume, QoS waits included.",
+    ),
+};
+
+/// One volume's series on this node.
+#[derive(Default)]
+pub struct VolumeSeries {
+    ops: OpStats<3>,
+    throttled_nanos: AtomicU64,
+}
+
+/// Per-volume series, kept while the cluster has them on (`cluster configure
+/// --per-volume-metrics on`); bounded by [`MAX_VOLUME_SERIES`].
+#[derive(Default)]
+pub struct PerVolume {
+    series: std::sync::RwLock<std::collections::HashMap<basalt_common::VolumeId, Arc<VolumeSeries>>>,
+    other: VolumeSeries,
+}
+
+impl PerVolume {
+    fn of(&self, volume: basalt_common::VolumeId, f: impl FnOnce(&VolumeSeries)) {
+        if let Some(s) = self.series.read().unwrap_or_else(|p| p.into_inner()).get(&volume) {
+            return f(s);
+        }
+        let mut series = self.series.write().unwrap_or_else(|p| p.into_inner());
+        if series.len() >= MAX_VOLUME_SERIES && !series.contains_key(&volume) {
+            return f(&self.other);
+        }
+        f(series.entry(volume).or_default())
+    }
+
+    /// Records one request to `volume`.
+    pub fn record(&self, volume: basalt_common::VolumeId, op: Op, bytes: u64, took: Duration, ok: bool) {
+        self.of(volume, |s| s.ops.record(op as usize, bytes, took, ok));
+    }
+
+    /// A request to `volume` waited `waited` for its QoS limits.
+    pub fn throttled(&self, volume: basalt_common::VolumeId, waited: Duration) {
+        self.of(volume, |s| {
+            s.throttled_nanos.fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+        });
+    }
+
+    /// Adds the per-volume families, named from `names` (volume id to name); forgets volumes no
+    /// longer named there (deleted), and everything when `on` is false.
+    fn expose(&self, e: &mut Exposition, on: bool, names: &std::collections::HashMap<basalt_common::VolumeId, String>) {
+        let mut series = self.series.write().unwrap_or_else(|p| p.into_inner());
+        if !on {
+            series.clear();
+            return;
+        }
+        series.retain(|v, _| names.contains_key(v));
+        let mut sets: Vec<(String, &VolumeSeries)> = series.iter().map(|(v, s)| (names[v].clone(), s.as_ref())).collect();
+        sets.sort_by(|a, b| a.0.cmp(&b.0));
+        sets.push(("(other)".into(), &self.other));
+        OpStats::expose_each(e, &VOLUME_FAMILIES, &OPS, sets.iter().map(|(n, s)| (vec![("volume", n.clone())], &s.ops)));
+        e.counter_f64(
+            "basalt_data_volume_throttled_seconds_total",
+            "Time this node held requests to the volume back for its QoS limits.",
+            sets.iter().map(|(n, s)| (vec![("volume", n.clone())], s.throttled_nanos.load(Ordering::Relaxed) as f64 / 1e9)).collect(),
+        );
+    }
 }
 
 /// The kinds of Raft group a node runs, as labelled.
@@ -148,6 +224,11 @@ pub fn render(ctx: &NodeCtx) -> String {
     let mut e = Exposition::default();
     let m = &ctx.metrics;
     m.data.expose(&mut e, &DATA_FAMILIES, &OPS);
+    let (per_volume, names) = {
+        let map = ctx.map.borrow();
+        (map.per_volume_metrics, map.volumes.values().filter(|v| v.active).map(|v| (v.id, v.name.clone())).collect())
+    };
+    m.per_volume.expose(&mut e, per_volume, &names);
     let s = ctx.store.stats();
     e.gauge(
         "basalt_chunk_slots",

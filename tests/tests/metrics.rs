@@ -48,6 +48,11 @@ async fn every_documented_metric_is_exported_and_latencies_are_histograms() {
     cluster.wait_healthy(3, Duration::from_secs(60)).await.unwrap();
     let (code, _, err) = cluster.cli(&["volume", "create", "v", "--size", "16MiB"]).await.unwrap();
     assert_eq!(code, Some(0), "{err}");
+    // Per-volume series are off until turned on for the cluster.
+    assert!(!cluster.metrics(1).await.unwrap().contains("basalt_data_volume_requests_total"));
+    let (code, out, err) = cluster.cli(&["--json", "cluster", "configure", "--per-volume-metrics", "on"]).await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("\"per_volume_metrics\": true"), "{out}");
 
     // Bad listen addresses: refused before the volume is attached.
     for (addr, why) in [("0.0.0.0:9101", "loopback"), ("nonsense", "IP:PORT"), ("127.0.0.1", "IP:PORT")] {
@@ -87,11 +92,27 @@ async fn every_documented_metric_is_exported_and_latencies_are_histograms() {
         all.push_str(&m);
     }
     assert!(writes >= 1.0, "the nodes' write histograms counted the writes: {all}");
+    // ...and, per volume, the same writes under the volume's name.
+    let per_volume: f64 = (1..=3)
+        .map(|id| {
+            sample(&all, &format!("basalt_data_volume_request_duration_seconds_count{{node=\"{id}\",volume=\"v\",op=\"write\"}} ")).unwrap_or(0.0)
+        })
+        .sum();
+    assert!(per_volume >= 1.0 && per_volume <= writes, "per-volume series count the writes ({per_volume} of {writes}): {all}");
 
     let missing: Vec<String> =
         documented().into_iter().filter(|n| !all.contains(&format!("# TYPE {} ", n.strip_suffix("_total").unwrap_or(n)))).collect();
     assert!(missing.is_empty(), "documented but not exported: {missing:?}");
     assert!(documented().len() > 40, "the doc's table was read: {:?}", documented());
+
+    // Turned off, the series go at the next scrape.
+    let (code, _, err) = cluster.cli(&["cluster", "configure", "--per-volume-metrics", "off"]).await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while cluster.metrics(1).await.unwrap().contains("basalt_data_volume_requests_total") {
+        assert!(std::time::Instant::now() < deadline, "per-volume series still exported after being turned off");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // `volume du`: the 1 MiB written is one chunk of one replica; nothing is held by snapshots.
     let (code, out, err) = cluster.cli(&["--json", "volume", "du"]).await.unwrap();

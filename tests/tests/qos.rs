@@ -65,6 +65,9 @@ async fn a_limited_volume_is_held_to_its_limit_however_it_connects_and_a_live_ch
     let (_, out, _) = cluster.cli(&["volume", "show", "free"]).await.unwrap();
     assert!(out.contains("QoS: unlimited (the cluster's default)"), "{out}");
 
+    let (code, _, err) = cluster.cli(&["cluster", "configure", "--per-volume-metrics", "on"]).await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+
     // Two fio jobs (two NBD connections, QD 32 each) on the read-write attachment and a reader
     // on a second, read-only one: together at most 500 a second plus the burst.
     let rw = cluster.attach_nbd("limited", &[]).expect("attach read-write");
@@ -85,6 +88,17 @@ async fn a_limited_volume_is_held_to_its_limit_however_it_connects_and_a_live_ch
     let (free_ops, _) = tokio::task::spawn_blocking(move || fio_ops(&jobs, 4)).await.unwrap();
     eprintln!("unlimited volume: {free_ops} operations in 4 s");
     assert!(free_ops > 500 * 4 * 2, "an unlimited volume runs past another volume's limit: {free_ops} in 4 s");
+    // The nodes' per-volume series say which volume waited, and how long.
+    let mut waited = std::collections::BTreeMap::new();
+    for id in 1..=3 {
+        let m = cluster.metrics(id).await.unwrap();
+        for volume in ["limited", "free"] {
+            let prefix = format!("basalt_data_volume_throttled_seconds_total{{node=\"{id}\",volume=\"{volume}\"}} ");
+            *waited.entry(volume).or_insert(0.0) +=
+                m.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(0.0);
+        }
+    }
+    assert!(waited["limited"] > 1.0 && waited["free"] == 0.0, "throttled seconds per volume: {waited:?}");
 
     // A live change, no reattach: within a second the volume is held to the new limit.
     let (code, out, err) = cluster.cli(&["--json", "volume", "set-qos", "limited", "--qos-iops", "100", "--qos-burst", "0s"]).await.unwrap();

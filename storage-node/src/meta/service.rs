@@ -347,6 +347,7 @@ impl AdminService {
             encryption_default: s.encrypt_by_default,
             qos_default: Some(qos_to_proto(&s.qos_default)),
             cluster_version: s.cluster_version,
+            per_volume_metrics: s.per_volume_metrics,
         }
     }
 
@@ -425,6 +426,7 @@ impl AdminService {
             volumes: s.volumes.values().map(|v| volume_in(s, v)).collect(),
             includes_tokens: false,
             tokens: Vec::new(),
+            per_volume_metrics: s.per_volume_metrics,
         }
     }
 
@@ -797,6 +799,16 @@ impl Admin for AdminService {
                 let target = format!("QoS default {}", qos.describe());
                 if let MetaReply::Error(e) =
                     self.propose_audited(meta, MetaCommand::SetQosDefault { qos }, &caller, Action::ClusterConfigure, &target).await?
+                {
+                    return Err(status_of(&e));
+                }
+                tracing::info!(by = %caller.principal, "{target}");
+            }
+            if msg.set_per_volume_metrics {
+                let on = msg.per_volume_metrics;
+                let target = format!("per-volume metrics {}", if on { "on" } else { "off" });
+                if let MetaReply::Error(e) =
+                    self.propose_audited(meta, MetaCommand::SetPerVolumeMetrics { on }, &caller, Action::ClusterConfigure, &target).await?
                 {
                     return Err(status_of(&e));
                 }

@@ -231,6 +231,10 @@ pub struct ClusterState {
     /// The cluster versions each node said it speaks when it last registered. Added in
     /// snapshot format 9.
     pub node_versions: BTreeMap<NodeId, VersionRange>,
+    /// Storage nodes export series per volume (requests, bytes, latency, QoS waits): off by
+    /// default, since every volume adds dozens of series on each node. Added in snapshot
+    /// format 10.
+    pub per_volume_metrics: bool,
     /// What the last applied commands did to the audit log, for the state machine to write to
     /// the audit file; never serialised.
     #[serde(skip)]
@@ -739,6 +743,11 @@ pub enum MetaCommand {
         /// Its limits.
         qos: QosLimits,
     },
+    /// Turns the storage nodes' per-volume series on or off.
+    SetPerVolumeMetrics {
+        /// On.
+        on: bool,
+    },
     /// Records the cluster versions `node` speaks (from its heartbeat); refused if they do not
     /// include the cluster's version.
     NodeVersions {
@@ -1067,6 +1076,13 @@ impl ClusterState {
                 },
                 (Ok(()), other) => MetaReply::Error(MetaError::InvalidSettings(format!("not a volume creation: {other:?}"))),
             },
+            MetaCommand::SetPerVolumeMetrics { on } => {
+                if self.cluster_id.is_none() {
+                    return MetaReply::Error(MetaError::NotInitialized);
+                }
+                self.per_volume_metrics = on;
+                MetaReply::Done
+            }
             MetaCommand::NodeVersions { node, range } => self.node_versions_of(node, range),
             MetaCommand::RaiseClusterVersion { to } => self.raise_cluster_version(to),
         };

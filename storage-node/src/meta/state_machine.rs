@@ -15,7 +15,8 @@
 //! encrypted volumes' inherited, retired and backup keys and the QoS limits (`inherited_keys`,
 //! `retired_keys`, `backup_keys`, `volume_qos`, `qos_default`), format 9 the cluster version
 //! and the versions each node speaks (`cluster_version`, `node_versions`; an initialized
-//! cluster from an older format ran at version 1).
+//! cluster from an older format ran at version 1), format 10 the per-volume metrics switch
+//! (`per_volume_metrics`).
 //!
 //! Applying a volume's deletion erases its wrapped key from this node's [`KeyStore`] before
 //! the apply completes (crypto-shredding; the keys themselves never enter a snapshot or log).
@@ -81,7 +82,7 @@ impl MetaShared {
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"BSLTMETA";
 
 /// The format this binary writes (and the newest it reads).
-pub const SNAPSHOT_VERSION: u32 = 9;
+pub const SNAPSHOT_VERSION: u32 = 10;
 
 /// [`ClusterState`] as format 1 had it, before tokens and the audit log.
 #[derive(Deserialize)]
@@ -225,6 +226,21 @@ impl From<ClusterStateV8> for ClusterState {
     }
 }
 
+/// [`ClusterState`] as format 9 had it, before per-volume metrics: format 8, then the cluster
+/// version and what each node speaks.
+#[derive(Deserialize)]
+struct ClusterStateV9 {
+    v8: ClusterStateV8,
+    cluster_version: basalt_common::version::ClusterVersion,
+    node_versions: BTreeMap<basalt_common::NodeId, basalt_common::version::VersionRange>,
+}
+
+impl From<ClusterStateV9> for ClusterState {
+    fn from(v: ClusterStateV9) -> ClusterState {
+        ClusterState { cluster_version: v.cluster_version, node_versions: v.node_versions, ..v.v8.into() }
+    }
+}
+
 fn encode_snapshot(record: &CheckpointRecord, state: &ClusterState, audit: &[u8]) -> Vec<u8> {
     // Serialising plain structs and maps into a Vec cannot fail.
     let body = bincode::serialize(&(record.encode(), state)).expect("cluster state serialises");
@@ -254,7 +270,7 @@ fn decode_snapshot(bytes: &[u8]) -> io::Result<(CheckpointRecord, ClusterState, 
                 bincode::deserialize(body).map_err(|e| invalid(format!("corrupt meta snapshot (format 1): {e}")))?;
             (record, state.into(), &[])
         }
-        2..=9 => {
+        2..=10 => {
             let (len, rest) = body.split_at_checked(8).ok_or_else(|| invalid("meta snapshot truncated in its header".into()))?;
             let len = u64::from_le_bytes(len.try_into().map_err(|_| invalid("meta snapshot header".into()))?);
             let len = usize::try_from(len).ok().filter(|l| *l <= rest.len()).ok_or_else(|| invalid("meta snapshot truncated in its state".into()))?;
@@ -287,6 +303,10 @@ fn decode_snapshot(bytes: &[u8]) -> io::Result<(CheckpointRecord, ClusterState, 
                 }
                 8 => {
                     let (record, state): (Vec<u8>, ClusterStateV8) = bincode::deserialize(state).map_err(corrupt)?;
+                    (record, state.into())
+                }
+                9 => {
+                    let (record, state): (Vec<u8>, ClusterStateV9) = bincode::deserialize(state).map_err(corrupt)?;
                     (record, state.into())
                 }
                 _ => bincode::deserialize(state).map_err(corrupt)?,
@@ -580,6 +600,7 @@ mod tests {
         newest.qos_default.iops = 1000;
         newest.cluster_version = 3;
         newest.node_versions.insert(basalt_common::NodeId(1), basalt_common::version::VersionRange { min: 2, max: 4 });
+        newest.per_volume_metrics = true;
         let bytes = encode_snapshot(&record, &newest, b"line 1\nline 2\n");
         assert!(bytes.starts_with(SNAPSHOT_MAGIC));
         let (r, s, audit) = decode_snapshot(&bytes).unwrap();
@@ -772,7 +793,7 @@ mod tests {
 
         // Format 8 (before cluster versions): an initialized cluster ran at version 1.
         let v8 = ClusterState { cluster_id: Some("c".into()), cluster_version: 1, ..newest.clone() };
-        let v8 = ClusterState { node_versions: BTreeMap::new(), ..v8 };
+        let v8 = ClusterState { node_versions: BTreeMap::new(), per_volume_metrics: false, ..v8 };
         let fields = (
             (
                 &v8.cluster_id,
@@ -797,6 +818,34 @@ mod tests {
         eight.extend_from_slice(&(body.len() as u64).to_le_bytes());
         eight.extend_from_slice(&body);
         assert_eq!(decode_snapshot(&eight).unwrap().1, v8);
+
+        // Format 9 (before per-volume metrics).
+        let v9 = ClusterState { per_volume_metrics: false, ..newest.clone() };
+        let fields = (
+            (
+                &v9.cluster_id,
+                &v9.settings,
+                &v9.nodes,
+                &v9.pgs,
+                &v9.volumes,
+                v9.next_volume_id,
+                v9.version,
+                &v9.draining,
+                &v9.removed,
+                &v9.tokens,
+                &v9.audit,
+                &v9.volume_keys,
+            ),
+            (v9.encrypt_by_default, &v9.reencrypts, &v9.snapshots, &v9.clones, &v9.backups),
+            (&v9.inherited_keys, &v9.retired_keys, &v9.backup_keys, &v9.volume_qos, &v9.qos_default),
+            (v9.cluster_version, &v9.node_versions),
+        );
+        let body = bincode::serialize(&(record.encode(), fields)).unwrap();
+        let mut nine = SNAPSHOT_MAGIC.to_vec();
+        nine.extend_from_slice(&9u32.to_le_bytes());
+        nine.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        nine.extend_from_slice(&body);
+        assert_eq!(decode_snapshot(&nine).unwrap().1, v9);
 
         // A newer format is refused by name, not misread.
         let mut newer = SNAPSHOT_MAGIC.to_vec();

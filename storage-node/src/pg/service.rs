@@ -129,7 +129,10 @@ impl DataService {
         };
         let kib = bytes.div_ceil(1024).clamp(1, u64::from(u32::MAX)) as u32;
         let Ok(_held) = self.qos_held.acquire_many(kib.min(QOS_HELD_KIB)).await else { return };
-        self.ctx.metrics.qos.admit(VolumeId(volume), limits, bytes, storage_nodes).await;
+        let waited = self.ctx.metrics.qos.admit(VolumeId(volume), limits, bytes, storage_nodes).await;
+        if !waited.is_zero() && self.ctx.map.borrow().per_volume_metrics {
+            self.ctx.metrics.per_volume.throttled(VolumeId(volume), waited);
+        }
     }
 
     fn raft_error(&self, e: RaftError) -> DataError {
@@ -254,8 +257,12 @@ impl DataService {
         }
     }
 
-    fn done(&self, op: Op, bytes: u64, started: Instant, error: &Option<DataError>) {
-        self.ctx.metrics.record(op, bytes, started.elapsed(), error.is_none());
+    fn done(&self, op: Op, volume: u64, bytes: u64, started: Instant, error: &Option<DataError>) {
+        let took = started.elapsed();
+        self.ctx.metrics.record(op, bytes, took, error.is_none());
+        if self.ctx.map.borrow().per_volume_metrics {
+            self.ctx.metrics.per_volume.record(VolumeId(volume), op, bytes, took, error.is_none());
+        }
     }
 }
 
@@ -281,6 +288,7 @@ impl DataService {
     pub async fn serve_write(&self, req: WriteRequest, who: &Requester, gone: Option<&AtomicBool>) -> WriteReply {
         let started = Instant::now();
         let len = req.data.len() as u64;
+        let volume = req.volume_id;
         self.sessions.seen(req.session, req.connection);
         let error = async {
             if len > MAX_IO {
@@ -366,7 +374,7 @@ impl DataService {
             self.propose(&handle, cmd.of_clone(&lineage)).await
         }
         .await;
-        self.done(Op::Write, len, started, &error);
+        self.done(Op::Write, volume, len, started, &error);
         WriteReply { error }
     }
 
@@ -374,6 +382,7 @@ impl DataService {
     pub async fn serve_read(&self, req: ReadRequest, who: &Requester) -> ReadReply {
         let started = Instant::now();
         let len = u64::from(req.length);
+        let volume = req.volume_id;
         let result: Result<(bytes::Bytes, Vec<u32>, Vec<u8>), DataError> = async {
             if !req.offset.is_multiple_of(BLOCK_SIZE) || len % BLOCK_SIZE != 0 {
                 return Err(err(Code::Invalid, format!("reads must be 4 KiB aligned (offset {}, length {len})", req.offset)));
@@ -434,13 +443,14 @@ impl DataService {
             Ok((data, crcs, crypt)) => ReadReply { error: None, data, crcs, crypt: crypt.into() },
             Err(e) => ReadReply { error: Some(e), data: bytes::Bytes::new(), crcs: Vec::new(), crypt: Default::default() },
         };
-        self.done(Op::Read, len, started, &reply.error);
+        self.done(Op::Read, volume, len, started, &reply.error);
         reply
     }
 
     /// Validates and proposes a TRIM / WRITE_ZEROES (`gone` as for [`DataService::serve_write`]).
     pub async fn serve_zero(&self, req: ZeroRequest, who: &Requester, gone: Option<&AtomicBool>) -> ZeroReply {
         let started = Instant::now();
+        let (volume, length) = (req.volume_id, req.length);
         self.sessions.seen(req.session, req.connection);
         let error = async {
             let (handle, lineage) =
@@ -476,7 +486,7 @@ impl DataService {
             self.propose(&handle, cmd.of_clone(&lineage)).await
         }
         .await;
-        self.done(Op::Zero, req.length, started, &error);
+        self.done(Op::Zero, volume, length, started, &error);
         ZeroReply { error }
     }
 }
