@@ -28,7 +28,7 @@ fn percent(p: &JobProgress) -> u64 {
     (p.done * 100).checked_div(p.total).unwrap_or(0).min(100)
 }
 
-fn backup_json(b: &Backup) -> Value {
+pub(crate) fn backup_json(b: &Backup) -> Value {
     json!({
         "id": b.id, "volume": b.volume, "volume_id": b.volume_id, "snapshot": b.snapshot, "epoch": b.epoch, "size": b.size,
         "state": b.state, "error": b.error, "nodes": b.nodes, "created_unix_ms": b.created_unix_ms,

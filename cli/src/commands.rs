@@ -179,6 +179,13 @@ pub async fn cluster_init(
 
 /// `basalt cluster status`.
 pub async fn cluster_status(admin: &Admin, out: Out) -> Result<(), CliError> {
+    let (value, text) = cluster_status_report(admin).await?;
+    out.print(value, || text);
+    Ok(())
+}
+
+/// `cluster status` as JSON and as text.
+pub async fn cluster_status_report(admin: &Admin) -> Result<(Value, String), CliError> {
     let s = admin.call(|mut c| async move { c.cluster_status(ClusterStatusRequest {}).await }).await?;
     let healthy = s.pgs.iter().filter(|p| p.leader != 0 && p.live_replicas.len() == p.replicas.len()).count();
     let degraded = s.pgs.iter().filter(|p| p.leader != 0 && p.live_replicas.len() < p.replicas.len()).count();
@@ -195,7 +202,7 @@ pub async fn cluster_status(admin: &Admin, out: Out) -> Result<(), CliError> {
             "applied_index": p.applied_index, "live_replicas": p.live_replicas, "move": move_json(p),
         })).collect::<Vec<_>>(),
     });
-    out.print(value, || {
+    let text = {
         let mut text = format!(
             "cluster {}  version {}  meta leader node-{} (members {:?})\nplacement groups: {} ({} healthy, {} degraded, {} without leader), extent size {}, replicas differ by {}\nvolumes: {} (new ones {})\n",
             s.cluster_id,
@@ -245,8 +252,8 @@ pub async fn cluster_status(admin: &Admin, out: Out) -> Result<(), CliError> {
             text.push_str(&m.to_string());
         }
         text
-    });
-    Ok(())
+    };
+    Ok((value, text))
 }
 
 /// `basalt node list`.

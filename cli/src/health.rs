@@ -242,6 +242,13 @@ pub fn healthy(findings: &[Finding]) -> bool {
 
 /// `basalt status`.
 pub async fn status(admin: &Admin, out: Out) -> Result<(), CliError> {
+    let (value, text, ok) = report(admin).await?;
+    out.print(value, || text);
+    if ok { Ok(()) } else { Err(CliError::unhealthy()) }
+}
+
+/// The findings as `status --json` and `status` show them, and whether the cluster is healthy.
+pub async fn report(admin: &Admin) -> Result<(Value, String, bool), CliError> {
     let cluster = admin.call(|mut c| async move { c.cluster_status(ClusterStatusRequest {}).await }).await?;
     let mut unlisted = Vec::new();
     let backups = match admin.call(|mut c| async move { c.backup_list(BackupListRequest { volume: String::new(), running_only: false }).await }).await
@@ -278,7 +285,7 @@ pub async fn status(admin: &Admin, out: Out) -> Result<(), CliError> {
         "volumes": cluster.volumes,
         "findings": findings.iter().map(finding_json).collect::<Vec<Value>>(),
     });
-    out.print(value, || {
+    let text = {
         let mut text = format!(
             "cluster {}: {}\n  nodes {up}/{} up, placement groups {pgs_ok}/{} healthy, {} volume(s), {} of {} used\n",
             cluster.cluster_id,
@@ -293,8 +300,8 @@ pub async fn status(admin: &Admin, out: Out) -> Result<(), CliError> {
             text.push_str(&format!("\n{:8} {}: {}\n         → {}", f.severity.as_str().to_uppercase(), f.area, f.what, f.advice));
         }
         text
-    });
-    if ok { Ok(()) } else { Err(CliError::unhealthy()) }
+    };
+    Ok((value, text, ok))
 }
 
 fn finding_json(f: &Finding) -> Value {

@@ -13,6 +13,7 @@ mod schedule;
 mod scrub;
 mod security;
 mod snapshot;
+mod support;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -63,6 +64,13 @@ enum Cmd {
     /// attention): nodes, placement groups, rebuilds, space, scrub findings, backups,
     /// certificates.
     Status,
+    /// Gather what support needs into a new directory under DIR: health, cluster status,
+    /// volumes, backups, and each node's log tail, configuration (secrets redacted), settings,
+    /// metrics and scrubber. No token, key or volume data is included.
+    SupportBundle {
+        /// Where to create the bundle's directory.
+        dir: PathBuf,
+    },
     /// Create the cluster or show its state.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -696,6 +704,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Cmd::Cluster(ClusterCmd::Status) => commands::cluster_status(&admin, out).await,
         Cmd::Status => health::status(&admin, out).await,
+        Cmd::SupportBundle { dir } => support::bundle(&admin, out, &dir).await,
         Cmd::Cluster(ClusterCmd::Configure { encryption_default, qos_default, per_volume_metrics }) => {
             commands::cluster_configure(&admin, out, encryption_default, qos_default.proto()?, per_volume_metrics).await
         }

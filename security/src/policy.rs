@@ -65,6 +65,7 @@ impl Role {
                     | AuditList
                     | SnapshotList
                     | BackupList
+                    | NodeDiagnostics
             ),
             Role::Hypervisor => {
                 matches!(action, NodeInfo | ClusterMap | VolumeList | VolumeShow | VolumeAttach | VolumeDetach | DataRead | DataWrite | AuditReport)
@@ -188,6 +189,9 @@ pub enum Action {
     /// Recording connections an attach process refused to one of its exports (NBD allow-list,
     /// TLS): the record names the reporter as actor.
     AuditReport,
+    /// A node's diagnostics for a support bundle: the end of its log, its configuration
+    /// (redacted), its metrics.
+    NodeDiagnostics,
     /// Node-to-node calls: heartbeats, Raft snapshots, replica checks, audit records.
     Internal,
 }
@@ -235,6 +239,7 @@ impl Action {
             TokenRevoke => "auth.token.revoke",
             AuditList => "audit.list",
             AuditReport => "audit.report",
+            NodeDiagnostics => "node.diagnostics",
             Internal => "internal",
         }
     }

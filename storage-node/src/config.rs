@@ -299,6 +299,8 @@ pub struct NodeConfig {
     /// The cluster versions this node speaks: this build's, unless a rolling-upgrade test
     /// overrides them (`basalt_common::version::TEST_OVERRIDE_ENV`).
     pub versions: basalt_common::version::VersionRange,
+    /// The configuration file it was read from (shown, redacted, in support bundles).
+    pub config_file: Option<PathBuf>,
     /// gRPC address.
     pub listen: SocketAddr,
     /// Metrics address.
@@ -630,6 +632,7 @@ impl NodeConfig {
         Ok(Self {
             id: NodeId(id),
             versions,
+            config_file: f.config.clone(),
             listen,
             metrics_listen,
             data_dir,

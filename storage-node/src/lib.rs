@@ -17,6 +17,7 @@ pub mod backup_node;
 pub mod clients;
 pub mod cluster_map;
 pub mod config;
+pub mod diagnostics;
 pub mod listener;
 pub mod meta;
 pub mod metrics;

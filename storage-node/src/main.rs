@@ -33,7 +33,8 @@ fn main() -> ExitCode {
         )
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
+        // Also kept in memory for `basalt support-bundle` (basalt_node::diagnostics).
+        .with_writer(basalt_node::diagnostics::TeeMaker)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(64).thread_name("basalt-node").build() {
         Ok(r) => r,

@@ -45,6 +45,34 @@ async fn status_says_what_is_wrong_when_a_node_dies_and_turns_healthy_when_it_re
     assert_eq!(code, Some(11));
     assert!(text.contains("NEEDS ATTENTION") && text.contains("node-3") && text.contains("→"), "{text}");
 
+    // A support bundle now: everything from the live nodes, node-3 noted as not collected,
+    // and no credential anywhere in it.
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, err) = cluster.cli(&["--json", "support-bundle", &dir.path().display().to_string()]).await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    let made: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let root = std::path::PathBuf::from(made["bundle"].as_str().unwrap());
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let manifest: serde_json::Value = serde_json::from_str(&read("manifest.json")).unwrap();
+    let problems = manifest["problems"].as_array().unwrap();
+    assert!(problems.iter().any(|p| p.as_str().unwrap_or("").starts_with("node-3")), "{manifest}");
+    let health: serde_json::Value = serde_json::from_str(&read("health.json")).unwrap();
+    assert_eq!(health["healthy"], false, "{health}");
+    for node in ["node-1", "node-2"] {
+        assert!(read(&format!("nodes/{node}/log.txt")).contains("basalt-node started"), "{node}'s log");
+        assert!(read(&format!("nodes/{node}/metrics.txt")).contains("basalt_pgs{"), "{node}'s metrics");
+        assert!(read(&format!("nodes/{node}/config.toml")).contains("data_dir"), "{node}'s config file");
+        assert!(read(&format!("nodes/{node}/settings.txt")).contains("cluster versions 1..=1"), "{node}'s settings");
+    }
+    assert!(err.contains("progress_percent"), "progress on stderr: {err}");
+    let token = std::fs::read_to_string(cluster.admin_token_file()).unwrap();
+    let secret = token.trim().rsplit('_').next().unwrap_or(token.trim()).to_string();
+    assert!(secret.len() >= 16, "the token's secret part: {token}");
+    let leaked = basalt_tests::find_marker(&root, secret.as_bytes());
+    assert!(leaked.is_empty(), "the admin token's secret is in the bundle: {leaked:?}");
+    let audit = cluster.wait_for_audit("node.diagnostics", |r| r["action"] == "node.diagnostics").await;
+    assert_eq!(audit["outcome"], "ok", "{audit}");
+
     cluster.restart(3).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {

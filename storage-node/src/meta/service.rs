@@ -22,14 +22,14 @@ use basalt_proto::admin::{
     AuditVerifyReply, AuditVerifyRequest, BackupCreateRequest, BackupListReply, BackupListRequest, BackupPinRequest, BackupReply, BackupReportReply,
     BackupReportRequest, BackupRestoreRequest, BackupShowRequest, BackupVerifyReply, ClusterConfigureRequest, ClusterInitReply, ClusterInitRequest,
     ClusterMap, ClusterStatusReply, ClusterStatusRequest, GetClusterMapRequest, JobProgress, KeyGetReply, KeyGetRequest, KeyPutReply, KeyPutRequest,
-    NodeDrainReply, NodeDrainRequest, NodeHeartbeatReply, NodeHeartbeatRequest, NodeInfoReply, NodeInfoRequest, NodeListReply, NodeListRequest,
-    NodeRemoveReply, NodeRemoveRequest, PlacementGroup, QosShare, RestoreStatusReply, RestoreStatusRequest, ScheduleCreateRequest,
-    ScheduleDeleteRequest, ScheduleListReply, ScheduleListRequest, ScheduleReply, ScrubStartReply, ScrubStartRequest, ScrubStatusReply,
-    ScrubStatusRequest, SnapshotCreateRequest, SnapshotCutRequest, SnapshotDeleteRequest, SnapshotListReply, SnapshotListRequest, SnapshotReply,
-    TokenCreateReply, TokenCreateRequest, TokenInfo, TokenListReply, TokenListRequest, TokenRevokeReply, TokenRevokeRequest, VersionedKey, Volume,
-    VolumeAttachRequest, VolumeCloneRequest, VolumeCreateRequest, VolumeDeleteReply, VolumeDeleteRequest, VolumeDetachRequest, VolumeKeyReply,
-    VolumeKeyRequest, VolumeListReply, VolumeListRequest, VolumeReencryptProgressRequest, VolumeRekeyRequest, VolumeReply, VolumeResizeRequest,
-    VolumeRollbackRequest, VolumeSetQosRequest, VolumeShowRequest,
+    NodeDiagnosticsReply, NodeDiagnosticsRequest, NodeDrainReply, NodeDrainRequest, NodeHeartbeatReply, NodeHeartbeatRequest, NodeInfoReply,
+    NodeInfoRequest, NodeListReply, NodeListRequest, NodeRemoveReply, NodeRemoveRequest, PlacementGroup, QosShare, RestoreStatusReply,
+    RestoreStatusRequest, ScheduleCreateRequest, ScheduleDeleteRequest, ScheduleListReply, ScheduleListRequest, ScheduleReply, ScrubStartReply,
+    ScrubStartRequest, ScrubStatusReply, ScrubStatusRequest, SnapshotCreateRequest, SnapshotCutRequest, SnapshotDeleteRequest, SnapshotListReply,
+    SnapshotListRequest, SnapshotReply, TokenCreateReply, TokenCreateRequest, TokenInfo, TokenListReply, TokenListRequest, TokenRevokeReply,
+    TokenRevokeRequest, VersionedKey, Volume, VolumeAttachRequest, VolumeCloneRequest, VolumeCreateRequest, VolumeDeleteReply, VolumeDeleteRequest,
+    VolumeDetachRequest, VolumeKeyReply, VolumeKeyRequest, VolumeListReply, VolumeListRequest, VolumeReencryptProgressRequest, VolumeRekeyRequest,
+    VolumeReply, VolumeResizeRequest, VolumeRollbackRequest, VolumeSetQosRequest, VolumeShowRequest,
 };
 use basalt_proto::data::ReleaseVolumeRequest;
 use basalt_proto::view::{qos_from_proto, qos_to_proto};
@@ -706,6 +706,26 @@ impl Admin for AdminService {
             }
         };
         Ok(Response::new(NodeInfoReply { node: Some(self.ctx.self_node()), cluster_initialized: initialized, cluster_id }))
+    }
+
+    async fn node_diagnostics(&self, request: Request<NodeDiagnosticsRequest>) -> Result<Response<NodeDiagnosticsReply>, Status> {
+        let caller = self.ctx.access.authorize(&request, Action::NodeDiagnostics, None).await?;
+        let max = usize::try_from(request.get_ref().log_bytes).unwrap_or(usize::MAX).min(crate::diagnostics::LOG_RING_BYTES);
+        let config = &self.ctx.config;
+        let config_file = {
+            let path = config.config_file.clone();
+            tokio::task::spawn_blocking(move || crate::diagnostics::config_file(path.as_deref())).await.unwrap_or_default()
+        };
+        // Logs and configuration leave the node: recorded, like other privileged reads.
+        self.ctx.access.record(caller.event("node.diagnostics", &config.id.to_string(), Outcome::Ok, String::new()));
+        Ok(Response::new(NodeDiagnosticsReply {
+            node: Some(self.ctx.self_node()),
+            config_file,
+            settings: format!("{config:#?}"),
+            log: crate::diagnostics::log_tail(if max == 0 { crate::diagnostics::LOG_RING_BYTES } else { max }),
+            metrics: crate::metrics::render(&self.ctx),
+            build: format!("basalt-node {} (cluster versions {})", env!("CARGO_PKG_VERSION"), config.versions),
+        }))
     }
 
     async fn cluster_init(&self, request: Request<ClusterInitRequest>) -> Result<Response<ClusterInitReply>, Status> {
