@@ -49,7 +49,8 @@ fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("basalt-node: {e}");
                 tracing::error!(error = %e, "startup failed");
-                return ExitCode::FAILURE;
+                // A build the cluster's version rules out exits as a refused one does.
+                return if matches!(e, basalt_node::NodeError::Version(_)) { ExitCode::from(3) } else { ExitCode::FAILURE };
             }
         };
         let refused = tokio::select! {

@@ -139,6 +139,8 @@ pub struct Attached {
     pub uri: String,
     /// Its metrics URL, with `--metrics-listen`.
     pub metrics: Option<String>,
+    /// With `--json`: its ready line (export, holder, mode, epoch...).
+    pub ready: Option<serde_json::Value>,
 }
 
 impl Drop for Attached {
@@ -175,14 +177,14 @@ impl TestCluster {
                 Ok(l) if l.starts_with("nbd://") || l.starts_with("nbds://") || l.starts_with("nbd+unix://") => uri = Some(l),
                 Ok(l) if l.starts_with("http://") => metrics = Some(l),
                 Ok(l) if l == "ready" => {
-                    return Ok(Attached { child, uri: uri.expect("uri before ready"), metrics });
+                    return Ok(Attached { child, uri: uri.expect("uri before ready"), metrics, ready: None });
                 }
                 // With --json: one line saying it all.
                 Ok(l) if l.starts_with('{') => {
                     let v: serde_json::Value = serde_json::from_str(&l).expect("attach --json prints JSON lines");
                     assert_eq!(v["event"], "ready", "{l}");
                     let uri = v["export"].as_str().expect("export in the ready line").to_string();
-                    return Ok(Attached { child, uri, metrics: v["metrics_url"].as_str().map(String::from) });
+                    return Ok(Attached { child, uri, metrics: v["metrics_url"].as_str().map(String::from), ready: Some(v) });
                 }
                 Ok(_) => {}
                 Err(_) => {

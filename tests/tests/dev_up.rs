@@ -12,16 +12,15 @@ fn alive(pid: u32) -> bool {
     unsafe { libc::kill(pid as i32, 0) == 0 }
 }
 
-#[test]
-fn dev_up_runs_a_cluster_and_stops_cleanly() {
-    let dir = tempfile::Builder::new().prefix("basalt-devup-").tempdir_in(test_root()).unwrap();
-    let mut child = Command::new(bin("basalt"))
-        .args(["dev", "up", "--size", "256MiB", "--pgs", "8", "--dir"])
-        .arg(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+/// Starts `basalt [--json] dev up` on a small cluster in `dir`; its stdout lines arrive on the
+/// receiver.
+fn dev_up(dir: &std::path::Path, json: bool, size: &str) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut cmd = Command::new(bin("basalt"));
+    if json {
+        cmd.arg("--json");
+    }
+    let mut child =
+        cmd.args(["dev", "up", "--size", size, "--pgs", "8", "--dir"]).arg(dir).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -31,6 +30,30 @@ fn dev_up_runs_a_cluster_and_stops_cleanly() {
             }
         }
     });
+    (child, rx)
+}
+
+/// Ctrl-C to `dev up`; it must exit cleanly within a minute.
+fn stop(mut child: std::process::Child) {
+    // SAFETY: signalling the child we started.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "dev up did not stop within 60s of Ctrl-C");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "dev up exited with {status}");
+}
+
+#[test]
+fn dev_up_runs_a_cluster_and_stops_cleanly() {
+    let dir = tempfile::Builder::new().prefix("basalt-devup-").tempdir_in(test_root()).unwrap();
+    let (mut child, rx) = dev_up(dir.path(), false, "256MiB");
     let mut lines = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     while lines.last().map(String::as_str) != Some("ready") {
@@ -103,19 +126,7 @@ fn dev_up_runs_a_cluster_and_stops_cleanly() {
     assert!(body.starts_with("HTTP/1.1 401"), "no credentials: {body}");
 
     // Ctrl-C stops everything cleanly.
-    // SAFETY: signalling the child we started.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGINT);
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "dev up did not stop within 60s of Ctrl-C");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(status.success(), "dev up exited with {status}");
+    stop(child);
     for pid in pids {
         assert!(!alive(pid), "node pid {pid} still running after dev up stopped");
     }
@@ -126,22 +137,7 @@ fn dev_up_runs_a_cluster_and_stops_cleanly() {
 #[test]
 fn dev_up_json_says_ready_in_one_line() {
     let dir = tempfile::Builder::new().prefix("basalt-devup-").tempdir_in(test_root()).unwrap();
-    let mut child = Command::new(bin("basalt"))
-        .args(["--json", "dev", "up", "--size", "64MiB", "--pgs", "8", "--dir"])
-        .arg(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut child, rx) = dev_up(dir.path(), true, "64MiB");
     let line = match rx.recv_timeout(Duration::from_secs(120)) {
         Ok(l) => l,
         Err(_) => {
@@ -160,17 +156,5 @@ fn dev_up_json_says_ready_in_one_line() {
     let cluster_json = ready["cluster_json"].as_str().unwrap_or_default();
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(cluster_json).unwrap()).unwrap();
     assert_eq!(json["cluster_id"], ready["cluster_id"], "{json}");
-    // SAFETY: signalling the child we started.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGINT);
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "dev up did not stop within 60s of Ctrl-C");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(status.success(), "dev up exited with {status}");
+    stop(child);
 }

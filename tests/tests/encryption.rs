@@ -627,3 +627,55 @@ async fn an_encrypted_clone_has_keys_of_its_own_and_snapshots_outlive_a_reencryp
     let c = client.open_volume("c").await.unwrap().with_cipher(cipher);
     assert_eq!(c.read(0, 2 << 20).await.unwrap(), Bytes::from(want));
 }
+
+fn qemu_io(uri: &str, read_only: bool, cmd: &str) -> (bool, String) {
+    let mut c = std::process::Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    if read_only {
+        c.arg("-r");
+    }
+    let out = c.args(["-c", cmd, uri]).output().expect("qemu-io");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success() && !text.contains("failed"), text)
+}
+
+/// Live migration of an encrypted volume: the destination's `--standby` attach opens the
+/// volume's keys with the same KEK (without one it is refused), reads what the source wrote
+/// before the handover, and after `basalt handover` writes and reads through the same data
+/// key while the source is fenced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_volume_hands_over_to_a_standby_that_has_its_kek() {
+    let cluster = TestCluster::with_volume("plain", 16 << 20).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kek = write_file(dir.path(), "kek", &rand::random::<[u8; 32]>());
+    let (c, _, err) = cluster.cli(&["volume", "create", "enc", "--size", "16MiB", "--encrypt", "--kek-file", &kek]).await.unwrap();
+    assert_eq!(c, Some(0), "{err}");
+    let source = cluster.attach_nbd("enc", &["--kek-file", &kek]).expect("source attach");
+    let (ok, out) = qemu_io(&source.uri, false, "write -P 0x5a 0 1M");
+    assert!(ok, "{out}");
+
+    let (code, msg) = cluster.attach_nbd("enc", &["--standby"]).err().expect("a standby without the KEK is refused");
+    assert!(msg.contains("--kek-file"), "{code:?} {msg}");
+    let standby = cluster.attach_nbd("enc", &["--json", "--standby", "--kek-file", &kek]).expect("standby attach");
+    let ready = standby.ready.clone().expect("--json ready line");
+    assert_eq!(ready["mode"], "standby", "{ready}");
+    let holder = ready["holder"].as_str().expect("the standby's holder").to_string();
+    let (ok, out) = qemu_io(&standby.uri, true, "read -P 0x5a 0 1M");
+    assert!(ok, "the standby reads the source's writes through the key: {out}");
+
+    let (c, _, err) = cluster.cli(&["handover", "enc", "--to", &holder]).await.unwrap();
+    assert_eq!(c, Some(0), "{err}");
+    let (ok, out) = qemu_io(&standby.uri, false, "write -P 0x6b 1M 1M");
+    assert!(ok, "the new holder writes: {out}");
+    let (ok, out) = qemu_io(&standby.uri, true, "read -P 0x5a 0 1M");
+    assert!(ok, "{out}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while qemu_io(&source.uri, false, "write -P 0x7c 0 4k").0 {
+        assert!(std::time::Instant::now() < deadline, "the source still writes after the handover");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let (ok, out) = qemu_io(&standby.uri, true, "read -P 0x5a 0 1M");
+    assert!(ok, "a fenced source's write never lands: {out}");
+    let (ok, out) = qemu_io(&standby.uri, true, "read -P 0x6b 1M 1M");
+    assert!(ok, "{out}");
+}

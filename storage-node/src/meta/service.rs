@@ -803,33 +803,24 @@ impl Admin for AdminService {
 
     async fn cluster_configure(&self, request: Request<ClusterConfigureRequest>) -> Result<Response<ClusterStatusReply>, Status> {
         forward_or!(self, request, cluster_configure, Action::ClusterConfigure, None, |meta, caller, msg| {
+            let on_off = |on: bool| if on { "on" } else { "off" };
+            // Every change is checked before the first is made; each is audited on its own.
+            let mut changes = Vec::new();
             if msg.set_encryption_default {
                 let on = msg.encryption_default;
-                let target = format!("encryption default {}", if on { "on" } else { "off" });
-                if let MetaReply::Error(e) =
-                    self.propose_audited(meta, MetaCommand::SetEncryptByDefault { on }, &caller, Action::ClusterConfigure, &target).await?
-                {
-                    return Err(status_of(&e));
-                }
-                tracing::info!(by = %caller.principal, "{target}");
+                changes.push((MetaCommand::SetEncryptByDefault { on }, format!("encryption default {}", on_off(on))));
             }
             if let Some(q) = &msg.qos_default {
                 let qos = qos_from_proto(q);
                 qos.validate().map_err(|e| Status::invalid_argument(format!("QoS default: {e}")))?;
-                let target = format!("QoS default {}", qos.describe());
-                if let MetaReply::Error(e) =
-                    self.propose_audited(meta, MetaCommand::SetQosDefault { qos }, &caller, Action::ClusterConfigure, &target).await?
-                {
-                    return Err(status_of(&e));
-                }
-                tracing::info!(by = %caller.principal, "{target}");
+                changes.push((MetaCommand::SetQosDefault { qos }, format!("QoS default {}", qos.describe())));
             }
             if msg.set_per_volume_metrics {
                 let on = msg.per_volume_metrics;
-                let target = format!("per-volume metrics {}", if on { "on" } else { "off" });
-                if let MetaReply::Error(e) =
-                    self.propose_audited(meta, MetaCommand::SetPerVolumeMetrics { on }, &caller, Action::ClusterConfigure, &target).await?
-                {
+                changes.push((MetaCommand::SetPerVolumeMetrics { on }, format!("per-volume metrics {}", on_off(on))));
+            }
+            for (cmd, target) in changes {
+                if let MetaReply::Error(e) = self.propose_audited(meta, cmd, &caller, Action::ClusterConfigure, &target).await? {
                     return Err(status_of(&e));
                 }
                 tracing::info!(by = %caller.principal, "{target}");
@@ -941,6 +932,10 @@ impl Admin for AdminService {
                     return Err(Status::failed_precondition(format!("{}{e}", basalt_proto::VERSION_REFUSED)));
                 }
                 tracing::info!(node = %record.id, %versions, "node speaks cluster versions");
+            }
+            if initialized {
+                // Usually right after the last node of an upgrade said so; checked on every
+                // heartbeat so a raise a leader change interrupted still happens.
                 self.raise_cluster_version(meta).await?;
             }
             Ok(Response::new(NodeHeartbeatReply { registered: initialized, map_version: self.current_version(), qos_shares }))
