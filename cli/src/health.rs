@@ -106,7 +106,7 @@ pub fn check(i: &Inputs<'_>) -> Vec<Finding> {
             Severity::Info,
             "upgrade",
             format!("nodes run different builds: the cluster stays at version {} until {} speak a newer one", c.cluster_version, behind.join(", ")),
-            "finish the rolling upgrade (docs/operations.md, \"Upgrades\"); nothing is wrong meanwhile",
+            "finish the rolling upgrade (docs/operations.md, \"Rolling restarts and upgrades\"); nothing is wrong meanwhile",
         ));
     }
     let leaderless: Vec<u32> = c.pgs.iter().filter(|p| p.leader == 0).map(|p| p.id).collect();

@@ -52,7 +52,7 @@ pub enum VersionMismatch {
     },
     /// The node no longer speaks the cluster's version.
     #[error(
-        "{who} speaks cluster versions {range}, but the cluster still runs at version {cluster}: upgrade every node through a build that speaks both (see docs/operations.md, \"Upgrades\")"
+        "{who} speaks cluster versions {range}, but the cluster still runs at version {cluster}: upgrade every node through a build that speaks both (see docs/operations.md, \"Rolling restarts and upgrades\")"
     )]
     TooNew {
         /// The node.

@@ -62,7 +62,7 @@ fn unserved(names: &[String]) -> String {
                 .find(|p| p.starts_with(&format!("{family}/")))
         {
             return format!(
-                "the peer speaks {name}, this node speaks {ours}: run builds that share a protocol version (docs/operations.md, \"Upgrades\")"
+                "the peer speaks {name}, this node speaks {ours}: run builds that share a protocol version (docs/operations.md, \"Rolling restarts and upgrades\")"
             );
         }
     }
