@@ -379,11 +379,7 @@ async fn fault_kills_and_freezes_lose_no_acknowledged_write_and_fail_no_io() {
     let (ops, injected) = run_with_faults(&mut cluster, &vol, &faults).await;
     let summary = report(&ops, &injected);
     println!("{summary}");
-    let violations = check(&ops);
-    assert!(violations.is_empty(), "history violations:\n{}\n{summary}\n{}", violations.join("\n"), cluster.logs());
-    let failed = failures(&ops);
-    assert!(failed.is_empty(), "I/O errors seen by the client while one node at a time failed:\n{}\n{summary}", failed.join("\n"));
-    assert!(ops.iter().filter(|o| o.write).count() > 100, "the workload barely ran: {summary}");
+    assert_history_clean(&ops, &summary, "one node at a time failed", &cluster);
     // Every block's final read saw its newest acknowledged version (checked above) and the
     // workload wrote to every block.
     let unwritten = (0..BLOCKS).filter(|b| !ops.iter().any(|o| o.write && o.block == *b && matches!(o.outcome, Outcome::Ok(_)))).count();
@@ -443,11 +439,7 @@ async fn rolling_upgrade_restarts_every_node_under_load_with_no_io_error() {
     let ops = workload.finish(&vol).await;
     let summary = report(&ops, &restarts);
     println!("{summary}");
-    let violations = check(&ops);
-    assert!(violations.is_empty(), "history violations:\n{}\n{summary}\n{}", violations.join("\n"), cluster.logs());
-    let failed = failures(&ops);
-    assert!(failed.is_empty(), "I/O errors while nodes restarted one at a time:\n{}\n{summary}", failed.join("\n"));
-    assert!(ops.iter().filter(|o| o.write).count() > 100, "the workload barely ran: {summary}");
+    assert_history_clean(&ops, &summary, "nodes restarted one at a time", &cluster);
     let metrics = cluster.metrics(1).await.unwrap();
     assert!(metrics.contains("cluster_version_max=\"2\""), "basalt_build_info shows the upgraded build");
 
@@ -617,6 +609,16 @@ fn failures(ops: &[Op]) -> Vec<String> {
             _ => None,
         })
         .collect()
+}
+
+/// Fails unless the history of a long fault run is consistent, no I/O failed `while` the
+/// faults happened, and the workload ran (over 100 writes); messages carry `summary`.
+fn assert_history_clean(ops: &[Op], summary: &str, while_: &str, cluster: &TestCluster) {
+    let violations = check(ops);
+    assert!(violations.is_empty(), "history violations:\n{}\n{summary}\n{}", violations.join("\n"), cluster.logs());
+    let failed = failures(ops);
+    assert!(failed.is_empty(), "I/O errors seen by the client while {while_}:\n{}\n{summary}", failed.join("\n"));
+    assert!(ops.iter().filter(|o| o.write).count() > 100, "the workload barely ran: {summary}");
 }
 
 /// Fails unless every operation of the history is consistent and none failed.
