@@ -109,6 +109,32 @@ async fn qemu_guest_ext4_over_vhost_user_blk() {
     assert!(console.contains(&format!("BASALT-GUEST: serial {}", &id[..id.len().min(20)])), "serial is not the volume id {id}:\n{console}");
 }
 
+/// `basalt volume resize` under a running vhost-user-blk guest: the attach process announces
+/// the new capacity (a config-change message), the guest's disk grows without a reboot, and the
+/// guest writes into the new space and reads it back; the write is in the volume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_guest_sees_a_resize_over_vhost_user_blk() {
+    let guest = guest_dir();
+    let cluster = TestCluster::with_volume("vmdisk", 64 << 20).await.unwrap();
+    let socket = cluster.path().join("vmdisk.vhost.sock");
+    let (_attach, _) = attach(&cluster, &["vmdisk", "--vhost-user-socket", socket.to_str().unwrap()]);
+    let mut vm = Running::boot(&guest, &vhost_user_disk(&socket, 1), "basalt=grow");
+    vm.wait_for("BASALT-GUEST: waiting to grow", Duration::from_secs(240));
+    let (code, out, err) = cluster.cli(&["volume", "resize", "vmdisk", "--size", "96MiB"]).await.unwrap();
+    assert_eq!(code, Some(0), "resize: {out}{err}");
+    let resized = Instant::now();
+    vm.wait_for("BASALT-GUEST: grew to", Duration::from_secs(120));
+    println!("the guest saw the resize after {:?}", resized.elapsed());
+    let console = vm.finish(Duration::from_secs(120));
+    assert!(console.contains("BASALT-GUEST: grew to 196608 sectors"), "the guest did not see 96 MiB:\n{console}");
+    assert!(console.contains("BASALT-GUEST-GROW-OK"), "the guest could not use the new space:\n{console}");
+    assert!(!console.contains("I/O error"), "the guest saw an I/O error:\n{console}");
+    let vol = cluster.client().await.unwrap().open_volume("vmdisk").await.unwrap();
+    let data = vol.read(64 << 20, 1 << 20).await.unwrap();
+    let expected: Vec<u8> = (0..65536).flat_map(|i| format!("basalt-guest-{i:050}\n").into_bytes()).take(1 << 20).collect();
+    assert!(data.as_ref() == expected.as_slice(), "the guest's write past the old end is not in the volume");
+}
+
 /// kill -9 of the attach process under a guest writing and reading, then the same command
 /// again: it reclaims its attachment, QEMU reconnects, the guest's I/O resumes with no error.
 async fn guest_survives_attach_restart(cluster: &TestCluster, attach_args: &[&str], disk: &[String]) {

@@ -379,6 +379,28 @@ impl Volume {
         Ok(v.size)
     }
 
+    /// Waits until the cluster map gives the volume a size other than `known`, records it and
+    /// returns it: how a running export learns of `basalt volume resize`. Every resize moves
+    /// the map on, so this long-polls the map rather than the volume. Fails once the volume
+    /// is deleted.
+    pub async fn wait_for_resize(&self, known: u64) -> Result<u64, ClientError> {
+        const WATCH: Duration = Duration::from_secs(10);
+        let mut version = 0;
+        loop {
+            let map = self.cluster.watch_map(version, WATCH).await;
+            let v = map.volumes.get(&self.id).filter(|v| v.active).ok_or(ClientError::VolumeDeleted(self.id))?;
+            if v.size != known {
+                self.size.store(v.size, Ordering::Release);
+                return Ok(v.size);
+            }
+            if map.version == version {
+                // No seed answered (or nothing changed in a whole watch): do not spin.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            version = map.version;
+        }
+    }
+
     async fn check_range(&self, op: &'static str, offset: u64, len: u64) -> Result<(), ClientError> {
         let inside = |size: u64| offset.checked_add(len).is_some_and(|end| end <= size);
         if inside(self.size()) {

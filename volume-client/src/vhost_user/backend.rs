@@ -20,6 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk as blk;
@@ -57,6 +58,9 @@ pub struct Device {
     queues: u16,
     runtime: tokio::runtime::Handle,
     id: [u8; ID_LEN],
+    /// The connected front end's back-end channel (VHOST_USER_SET_BACKEND_REQ_FD), through
+    /// which the device announces a configuration change; None between connections.
+    front_end: Mutex<Option<Backend>>,
 }
 
 impl Device {
@@ -68,7 +72,7 @@ impl Device {
         let text = volume.id().to_string();
         let n = text.len().min(ID_LEN);
         id[..n].copy_from_slice(&text.as_bytes()[..n]);
-        Device { volume, read_only, queues: queues.max(1), runtime, id }
+        Device { volume, read_only, queues: queues.max(1), runtime, id, front_end: Mutex::new(None) }
     }
 
     /// The volume served.
@@ -125,6 +129,16 @@ impl Device {
             f |= (1 << blk::VIRTIO_BLK_F_DISCARD) | (1 << blk::VIRTIO_BLK_F_WRITE_ZEROES);
         }
         f
+    }
+
+    /// Tells the connected front end the configuration changed (the capacity after a resize):
+    /// VHOST_USER_BACKEND_CONFIG_CHANGE_MSG. QEMU re-reads the configuration space and raises
+    /// the guest's configuration interrupt (virtio §2.5.1). Blocking: the front end acknowledges
+    /// on the same channel. False when no front end is connected or it gave no channel; a
+    /// front end connecting later reads the new configuration anyway.
+    pub fn announce_config_change(&self) -> Result<bool, io::Error> {
+        let Some(channel) = self.front_end.lock().unwrap_or_else(|e| e.into_inner()).clone() else { return Ok(false) };
+        channel.handle_config_change().map(|_| true)
     }
 
     fn limits(&self) -> Limits {
@@ -213,6 +227,7 @@ impl BlkBackend {
     /// to rings the next connection will own, and the completers end once they drain.
     pub fn close(&self) {
         *self.conn.open.write().unwrap_or_else(|e| e.into_inner()) = false;
+        self.conn.device.front_end.lock().unwrap_or_else(|e| e.into_inner()).take();
         for q in &self.conn.queues {
             q.completions.lock().unwrap_or_else(|e| e.into_inner()).take();
         }
@@ -390,6 +405,12 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::LOG_SHMFD
+            // The back-end channel: how a resize reaches a running guest.
+            | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    fn set_backend_req_fd(&self, channel: Backend) {
+        *self.conn.device.front_end.lock().unwrap_or_else(|e| e.into_inner()) = Some(channel);
     }
 
     fn set_event_idx(&self, enabled: bool) {

@@ -63,6 +63,7 @@ impl VhostUserServer {
         let listener = Listener::new(path, true).map_err(|e| VhostUserError::Listen { path: path.to_path_buf(), reason: e.to_string() })?;
         let queues = options.queues.clamp(1, MAX_QUEUES);
         let device = Arc::new(Device::new(volume, options.read_only, queues, tokio::runtime::Handle::current()));
+        tokio::spawn(announce_resizes(device.clone()));
         Ok(VhostUserServer { device, listener, path: path.to_path_buf() })
     }
 
@@ -101,6 +102,29 @@ impl VhostUserServer {
             backend.close();
             // Dropping the daemon stops this connection's queue threads.
             drop(daemon);
+        }
+    }
+}
+
+/// Follows the volume's size for as long as the device exists and tells the connected front
+/// end of each change, so a running guest sees `basalt volume resize` at once.
+async fn announce_resizes(device: Arc<Device>) {
+    let name = device.volume().name().to_string();
+    let mut size = device.volume().size();
+    loop {
+        size = match device.volume().wait_for_resize(size).await {
+            Ok(new) => new,
+            Err(e) => {
+                tracing::info!(volume = %name, "vhost-user-blk: no longer following the volume's size: {e}");
+                return;
+            }
+        };
+        let announcing = device.clone();
+        match tokio::task::spawn_blocking(move || announcing.announce_config_change()).await {
+            Ok(Ok(true)) => tracing::info!(volume = %name, size, "vhost-user-blk: resized; the front end was told"),
+            Ok(Ok(false)) => tracing::info!(volume = %name, size, "vhost-user-blk: resized; no front end is connected to tell"),
+            Ok(Err(e)) => tracing::warn!(volume = %name, size, "vhost-user-blk: resized, but the front end could not be told: {e}"),
+            Err(e) => tracing::warn!(volume = %name, "vhost-user-blk: announcing the resize failed: {e}"),
         }
     }
 }
