@@ -4,7 +4,9 @@
 #   - the noisy neighbour: 4k random writes at QD32 on an unlimited volume alone, then with a
 #     second volume limited to 500 IOPS running flat out (two fio jobs at QD32) beside it;
 #     the unlimited one's IOPS and p99 latency should stay within 10% of running alone;
-#   - what the limited volume got (its limit is 500/s plus a one-second burst).
+#   - what the limited volume got (its limit is 500/s plus a one-second burst);
+#   - where the machine's CPU went in each phase (the storage nodes, each attach process, fio),
+#     which bounds what the unlimited volume can keep on a machine whose cores are all busy.
 #
 #   benches/macro/qos.sh [SECONDS]     (default 30)
 set -euo pipefail
@@ -28,12 +30,23 @@ free=$uri
 attach_prefilled limited 1GiB --qos-iops 500
 limited=$uri
 
-randwrite alone "$free" "$secs" 1
+node_pids=$(pgrep -f "basalt-node --config $work/dev/" | xargs)
+free_pid=$(echo $attach_pids | cut -d' ' -f1)
+limited_pid=$(echo $attach_pids | cut -d' ' -f2)
+snap() { # FILE: the machine's CPU jiffies (busy, all), then each watched process's ticks
+  { awk '/^cpu /{b=$2+$3+$4+$7+$8; print b, b+$5+$6}' /proc/stat
+    for group in "nodes:$node_pids" "attach-free:$free_pid" "attach-limited:$limited_pid"; do
+      t=0; for p in ${group#*:}; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
+      echo "${group%%:*} $t"
+    done; } > "$1"
+}
+
+snap "$work/alone.cpu0"; randwrite alone "$free" "$secs" 1; snap "$work/alone.cpu1"
 randwrite limited-alone "$limited" "$secs" 2
 randwrite limited-beside "$limited" "$((secs + 4))" 2 &
 noisy=$!
 sleep 2
-randwrite beside "$free" "$secs" 1
+snap "$work/beside.cpu0"; randwrite beside "$free" "$secs" 1; snap "$work/beside.cpu1"
 wait "$noisy"
 randwrite alone-again "$free" "$secs" 1
 
@@ -55,4 +68,26 @@ print("| limited volume (500 IOPS, burst 1 s), 2 jobs x QD32 | IOPS |")
 print("|---|---|")
 for name, label in [("limited-alone", "alone"), ("limited-beside", "beside the unlimited one")]:
     print(f"| {label} | {job(name)[0]:.0f} |")
+
+# Where the CPU went: jiffies and ticks are both 1/CLK_TCK s; fio reports its own share.
+hz = os.sysconf("SC_CLK_TCK")
+def cpu(phase):
+    def read(i):
+        lines = open(os.path.join(work, f"{phase}.cpu{i}")).read().split("\n")
+        busy, total = map(int, lines[0].split())
+        return busy, total, {l.split()[0]: int(l.split()[1]) for l in lines[1:] if l.strip()}
+    b0, t0, p0 = read(0)
+    b1, t1, p1 = read(1)
+    return (b1 - b0) / (t1 - t0), (t1 - t0) / hz, {k: (p1[k] - p0[k]) / hz for k in p0}
+def fio_cpu(name):
+    text = open(os.path.join(work, f"{name}.json")).read()
+    d = json.loads(text[text.index("{"):])
+    j = d["jobs"][0]
+    return (j["usr_cpu"] + j["sys_cpu"]) / 100 * j["job_runtime"] / 1000
+print()
+print("| phase | machine busy | nodes CPU s | attach (unlimited) CPU s | attach (limited) CPU s | fio (unlimited) CPU s |")
+print("|---|---|---|---|---|---|")
+for phase, label in [("alone", "unlimited alone"), ("beside", "beside the limited volume")]:
+    busy, wall, procs = cpu(phase)
+    print(f"| {label} | {busy:.0%} of {os.cpu_count()} cores over {wall / os.cpu_count():.0f} s | {procs['nodes']:.1f} | {procs['attach-free']:.1f} | {procs['attach-limited']:.1f} | {fio_cpu(phase):.1f} |")
 PY

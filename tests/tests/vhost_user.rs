@@ -291,3 +291,72 @@ async fn concurrent_requests_complete_once_and_stop_drains() {
         assert!(data.iter().all(|b| *b == i as u8 + 1), "block {i}");
     }
 }
+
+/// Kicks served on the runtime (`watch_kick`), as with a VMM: the guest's kick is an eventfd
+/// write; the device serves it without any call from the test. A stopped queue is not served;
+/// watching it again serves what became available meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kicks_are_served_on_the_runtime_and_a_stopped_queue_is_not() {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    use vmm_sys_util::event::{EventFlag, new_event_consumer_and_notifier};
+
+    let cluster = TestCluster::with_volume("vu", 16 << 20).await.unwrap();
+    let (volume, device) = attached_device(&cluster).await;
+    let mut drv = Driver::new(device);
+    let (consumer, kick) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).unwrap();
+    // SAFETY: the descriptor comes straight from `consumer`, which gives up ownership of it.
+    drv.vring.set_kick(Some(unsafe { std::fs::File::from_raw_fd(consumer.into_raw_fd()) }));
+    let vring = drv.vring.clone();
+    let backend = drv.backend.clone();
+    let on = |active: bool| {
+        let (backend, vring) = (backend.clone(), vring.clone());
+        // The vhost-user message thread offers the kick, outside the runtime.
+        std::thread::spawn(move || backend.watch_kick(0, &vring, active)).join().unwrap()
+    };
+    assert!(on(true), "the device did not take the kick");
+
+    let write = |drv: &mut Driver, i: u64| {
+        let base = 0x100000 + i * 0x2000;
+        drv.m().write_slice(&[i as u8 + 1; 4096], GuestAddress(base)).unwrap();
+        let h = drv.header(base + 0x1000, T_OUT, i * 8);
+        let head = drv.write_chain(&[h, ro(base, 4096), wr(base + 0x1100, 1)]);
+        drv.post(head);
+    };
+    for i in 0..4 {
+        write(&mut drv, i);
+    }
+    kick.notify().unwrap();
+    wait_used(&drv, 4).await;
+
+    // Stopped (VHOST_USER_GET_VRING_BASE marks the queue not ready and the crate withdraws the
+    // kick): a kick now is not served.
+    drv.vring.set_queue_ready(false);
+    assert!(on(false));
+    write(&mut drv, 4);
+    kick.notify().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(used(&drv), 4, "a stopped queue was served");
+
+    // Started again: what is available is served at once, before any new kick.
+    drv.vring.set_queue_ready(true);
+    assert!(on(true));
+    wait_used(&drv, 5).await;
+    for i in 0..5u64 {
+        let data = volume.read(i * 4096, 4096).await.unwrap();
+        assert!(data.iter().all(|b| *b == i as u8 + 1), "block {i}");
+    }
+    drv.backend.close();
+}
+
+fn used(drv: &Driver) -> u16 {
+    drv.m().read_obj::<u16>(GuestAddress(USED + 2)).unwrap()
+}
+
+/// Waits (20 s at most) until the used ring's index is `n`.
+async fn wait_used(drv: &Driver, n: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while used(drv) != n {
+        assert!(Instant::now() < deadline, "kicked requests were not served: {} of {n} used", used(drv));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

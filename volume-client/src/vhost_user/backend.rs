@@ -1,12 +1,14 @@
 //! The vhost-user-blk device: a [`VhostUserBackend`] whose queues feed the tokio volume client.
 //!
-//! Path of one request: the queue's worker thread (one per queue, woken by the guest's kick)
-//! pops the chain, parses it ([`super::request`]) and spawns its I/O on the tokio runtime — one
-//! hop; the task copies between guest memory and the volume client (one copy each way, as for
-//! NBD) and hands the completion to the queue's completer task, which puts every completion
-//! waiting into the used ring and then notifies the guest once (EVENT_IDX decides whether it
-//! must). Requests run concurrently within and across queues; the virtqueue's size bounds how
-//! many a queue has in flight, so nothing here queues without bound.
+//! Path of one request: the guest's kick wakes the queue's kick task on the tokio runtime
+//! (the kick eventfd is registered with tokio, not with the vhost-user crate's worker threads,
+//! so no thread stands between the guest and the volume client); it pops the chain, parses it
+//! ([`super::request`]) and spawns its I/O; the task copies between guest memory and the volume
+//! client (one copy each way, as for NBD) and hands the completion to the queue's completer
+//! task, which puts every completion waiting into the used ring and then notifies the guest
+//! once (EVENT_IDX decides whether it must). Requests run concurrently within and across
+//! queues; the virtqueue's size bounds how many a queue has in flight, so nothing here queues
+//! without bound.
 //!
 //! One [`BlkBackend`] serves one front-end connection. When it ends, completions still in
 //! flight are dropped instead of written to a used ring the next connection owns (after a
@@ -18,7 +20,10 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use std::os::fd::AsRawFd;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
@@ -167,11 +172,19 @@ struct QueueState {
     /// Requests popped and not yet in the used ring.
     inflight: Mutex<usize>,
     idle: Condvar,
+    /// The task serving this queue's kicks (replaced when the kick or the queue's state changes).
+    kicks: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl QueueState {
-    fn begin(&self) {
-        *self.inflight.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+    fn begin(&self, n: usize) {
+        *self.inflight.lock().unwrap_or_else(|e| e.into_inner()) += n;
+    }
+
+    fn stop_kicks(&self) {
+        if let Some(task) = self.kicks.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            task.abort();
+        }
     }
 
     fn finish(&self, n: usize) {
@@ -229,8 +242,77 @@ impl BlkBackend {
         *self.conn.open.write().unwrap_or_else(|e| e.into_inner()) = false;
         self.conn.device.front_end.lock().unwrap_or_else(|e| e.into_inner()).take();
         for q in &self.conn.queues {
+            q.stop_kicks();
             q.completions.lock().unwrap_or_else(|e| e.into_inner()).take();
         }
+    }
+
+    /// Serves a kick of queue `q`: pops and starts every available chain; with EVENT_IDX,
+    /// keeps popping until re-enabling notifications finds nothing new (§2.7.10), since a
+    /// chain made available in between would otherwise wait for the next kick.
+    fn serve_kick(&self, q: usize, vring: &VringRwLock<AtomicMemory>) {
+        if !self.conn.event_idx.load(Ordering::Acquire) {
+            self.process_queue(q, vring);
+            return;
+        }
+        loop {
+            if let Err(e) = vring.disable_notification() {
+                tracing::warn!(queue = q, "vhost-user-blk: {e}");
+            }
+            self.process_queue(q, vring);
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::warn!(queue = q, "vhost-user-blk: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Starts the task that serves queue `q`'s kicks on the runtime, in place of any before.
+    fn watch_kicks(&self, q: usize, vring: &VringRwLock<AtomicMemory>) -> io::Result<()> {
+        let state = &self.conn.queues[q];
+        let mut slot = state.kicks.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(task) = slot.take() {
+            task.abort();
+        }
+        if !*self.conn.open.read().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(());
+        }
+        // A duplicate of the kick: the vhost-user crate may close its own when the front end
+        // replaces it, and this task is then replaced too.
+        let Some(kick) = vring.get_ref().get_kick().as_ref().map(EventConsumer::try_clone).transpose()? else { return Ok(()) };
+        set_nonblocking(&kick)?;
+        let _runtime = self.conn.device.runtime.enter();
+        // SAFETY: `kick` owns its descriptor (a File inside) and the AsyncFd owns `kick`, so
+        // the descriptor stays open, and the same, for the AsyncFd's whole life.
+        let kick = unsafe { AsyncFd::register_with_interest(kick, tokio::io::Interest::READABLE) }?;
+        let (backend, vring) = (self.clone(), vring.clone());
+        *slot = Some(self.conn.device.runtime.spawn(async move {
+            // Kicks that came before this task watched (while the queue was disabled, say).
+            backend.serve_kick(q, &vring);
+            loop {
+                let mut ready = match kick.readable().await {
+                    Ok(ready) => ready,
+                    Err(e) => {
+                        tracing::warn!(volume = backend.conn.device.volume.name(), queue = q, "vhost-user-blk: cannot wait for kicks: {e}");
+                        return;
+                    }
+                };
+                // Reading the eventfd resets its count (eventfd(2)); WouldBlock: nothing new.
+                match ready.try_io(|kick| kick.get_ref().consume()) {
+                    Ok(Ok(())) => backend.serve_kick(q, &vring),
+                    Ok(Err(e)) => {
+                        tracing::warn!(volume = backend.conn.device.volume.name(), queue = q, "vhost-user-blk: cannot read a kick: {e}");
+                        return;
+                    }
+                    Err(_would_block) => {}
+                }
+            }
+        }));
+        Ok(())
     }
 
     /// Pops every available chain of queue `q` and starts it.
@@ -239,19 +321,29 @@ impl BlkBackend {
         let mem = conn.mem.lock().unwrap_or_else(|e| e.into_inner()).memory();
         let chains: Vec<_> = {
             let mut state = vring.get_mut();
+            // A stopped queue (VHOST_USER_GET_VRING_BASE) or a disabled one is not served.
+            if !state.get_queue().ready() || !state.is_enabled() {
+                return;
+            }
             let queue = state.get_queue_mut();
-            std::iter::from_fn(|| queue.pop_descriptor_chain(mem.clone())).collect()
+            let chains: Vec<_> = std::iter::from_fn(|| queue.pop_descriptor_chain(mem.clone())).collect();
+            // Counted under the ring's lock: a stop that drains the queue sees every chain
+            // taken from the ring before it.
+            conn.queues[q].begin(chains.len());
+            chains
         };
         if chains.is_empty() {
             return;
         }
-        let Some(tx) = self.completer(q, vring) else { return };
+        let Some(tx) = self.completer(q, vring) else {
+            conn.queues[q].finish(chains.len());
+            return;
+        };
         let limits = conn.device.limits();
         let mut requests = Vec::with_capacity(chains.len());
         for chain in chains {
             let head = chain.head_index();
             let descs: Vec<Desc> = chain.map(|d| Desc { addr: d.addr().0, len: d.len(), writable: d.is_write_only() }).collect();
-            conn.queues[q].begin();
             match parse(&descs, &mem, &limits) {
                 Parsed::Request(req) => requests.push((head, req)),
                 Parsed::Fail { status, code, reason } => {
@@ -269,12 +361,9 @@ impl BlkBackend {
         if requests.is_empty() {
             return;
         }
-        // One hand-over to the runtime per kick, whatever the batch: each spawn from this
-        // thread can wake the runtime's thread, and those wake-ups were the costliest part of
-        // the path (4 KiB reads at QD32); spawns from inside the runtime are local and cheap.
         let device = conn.device.clone();
         let mem = mem.clone().into_inner();
-        conn.device.runtime.spawn(async move {
+        let start = move || {
             for (head, req) in requests {
                 let (device, mem, tx) = (device.clone(), mem.clone(), tx.clone());
                 tokio::spawn(async move {
@@ -284,7 +373,16 @@ impl BlkBackend {
                     let _ = tx.send(Completion { head, len: written.saturating_add(1) }).await;
                 });
             }
-        });
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // The kick task: spawns from inside the runtime are local and cheap.
+            start();
+        } else {
+            // The crate's worker thread (a kick tokio could not register) or a test calling
+            // `handle_event`: one hand-over to the runtime for the whole batch, since each
+            // spawn from outside the runtime can wake one of its threads.
+            conn.device.runtime.spawn(async move { start() });
+        }
     }
 
     fn log_malformed(&self, q: usize, reason: &str) {
@@ -432,8 +530,26 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        // One worker thread per queue: queues are kicked and popped independently.
-        (0..self.conn.device.queues).map(|q| 1u64 << q).collect()
+        // Kicks are served on the runtime (`watch_kick`); the crate's one worker thread only
+        // serves what the crate itself hands to `handle_event`.
+        vec![(0..self.conn.device.queues).fold(0u64, |mask, q| mask | 1 << q)]
+    }
+
+    fn watch_kick(&self, index: u16, vring: &Self::Vring, active: bool) -> bool {
+        let q = usize::from(index);
+        let Some(state) = self.conn.queues.get(q) else { return false };
+        if !active {
+            state.stop_kicks();
+            return true;
+        }
+        match self.watch_kicks(q, vring) {
+            Ok(()) => true,
+            Err(e) => {
+                // The crate's worker thread serves this queue instead (one more thread hop).
+                tracing::warn!(volume = self.conn.device.volume.name(), queue = q, "vhost-user-blk: serving kicks on the crate's thread: {e}");
+                false
+            }
+        }
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -457,27 +573,22 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         }
         let q = usize::from(device_event);
-        let Some(vring) = vrings.get(q) else { return Ok(()) };
-        if !self.conn.event_idx.load(Ordering::Acquire) {
-            self.process_queue(q, vring);
-            return Ok(());
-        }
-        // With EVENT_IDX, keep popping until re-enabling notifications finds nothing new
-        // (§2.7.10): a chain made available in between would otherwise wait for the next kick.
-        loop {
-            if let Err(e) = vring.disable_notification() {
-                tracing::warn!(queue = q, "vhost-user-blk: {e}");
-            }
-            self.process_queue(q, vring);
-            match vring.enable_notification() {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    tracing::warn!(queue = q, "vhost-user-blk: {e}");
-                    break;
-                }
-            }
+        if let Some(vring) = vrings.get(q) {
+            self.serve_kick(q, vring);
         }
         Ok(())
     }
+}
+
+/// Makes `kick` non-blocking: a wake-up with nothing to read must never block a runtime thread.
+fn set_nonblocking(kick: &EventConsumer) -> io::Result<()> {
+    let fd = kick.as_raw_fd();
+    // SAFETY: fcntl on a descriptor `kick` owns for the duration of the call; no memory is
+    // passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -34,7 +34,7 @@ pub enum VhostUserError {
 /// How a volume is offered over vhost-user-blk.
 #[derive(Clone, Copy, Debug)]
 pub struct VhostUserOptions {
-    /// Request queues (the guest uses up to this many; one worker thread each).
+    /// Request queues (the guest uses up to this many; each served by a task on the runtime).
     pub queues: u16,
     /// Offer a read-only device (VIRTIO_BLK_F_RO).
     pub read_only: bool,
