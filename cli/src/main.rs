@@ -763,6 +763,19 @@ async fn run(cli: Cli) -> Result<(), CliError> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let json = cli.json;
+    if matches!(cli.command, Cmd::Attach { .. }) {
+        // A long-running attach process reports what its device sees (front ends connecting,
+        // malformed requests, resizes, requests resubmitted after a restart) on stderr, as a
+        // node does; RUST_LOG overrides. Its stdout stays the export and `ready`.
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,basalt_volume_client=info"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     // One thread: `basalt attach` (NBD server + volume client) is a stream of small network
     // events, and waking a second worker per event cost more than it gained (4k reads at QD32
     // went from 18.9k to 24.2k IOPS with one thread). Nothing here blocks the thread.

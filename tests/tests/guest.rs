@@ -140,7 +140,9 @@ async fn qemu_guest_sees_a_resize_over_vhost_user_blk() {
 async fn guest_survives_attach_restart(cluster: &TestCluster, attach_args: &[&str], disk: &[String]) {
     let guest = guest_dir();
     let (mut first, _) = attach(cluster, attach_args);
-    let mut vm = Running::boot(&guest, disk, "basalt=soak basalt.rounds=60");
+    // Four loops at once: requests are in flight together, and complete out of order, when the
+    // attach process dies (vhost-user: the new one resubmits them from QEMU's inflight area).
+    let mut vm = Running::boot(&guest, disk, "basalt=soak basalt.rounds=40 basalt.workers=4");
     vm.wait_for("BASALT-GUEST: round 10", Duration::from_secs(240));
     first.kill();
     let killed_at = Instant::now();

@@ -24,8 +24,8 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
-    VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight,
+    VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
 };
 use vhost::vhost_user::Backend;
 use vm_memory::bitmap::Bitmap;
@@ -168,6 +168,29 @@ pub trait VhostUserBackend: Send + Sync {
     /// Basalt patch (see third_party/README.md).
     fn watch_kick(&self, _index: u16, _vring: &Self::Vring, _active: bool) -> bool {
         false
+    }
+
+    /// VHOST_USER_GET_INFLIGHT_FD: a new shared buffer in which the back end tracks the
+    /// requests it has in flight, and its description. Only called if the back end offers
+    /// `VhostUserProtocolFeatures::INFLIGHT_SHMFD`.
+    ///
+    /// Basalt patch (see third_party/README.md).
+    fn get_inflight_fd(&self, _inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "inflight I/O tracking is not supported",
+        ))
+    }
+
+    /// VHOST_USER_SET_INFLIGHT_FD: the buffer to track in-flight requests in; after a back-end
+    /// restart it holds what the previous back end left in flight.
+    ///
+    /// Basalt patch (see third_party/README.md).
+    fn set_inflight_fd(&self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "inflight I/O tracking is not supported",
+        ))
     }
 
     /// Initiate transfer of internal state for the purpose of migration to/from the back-end.
@@ -429,6 +452,14 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
 
     fn watch_kick(&self, index: u16, vring: &Self::Vring, active: bool) -> bool {
         self.deref().watch_kick(index, vring, active)
+    }
+
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.deref().get_inflight_fd(inflight)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.deref().set_inflight_fd(inflight, file)
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {

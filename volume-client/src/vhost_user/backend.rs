@@ -10,10 +10,15 @@
 //! queues; the virtqueue's size bounds how many a queue has in flight, so nothing here queues
 //! without bound.
 //!
+//! Every request taken from a ring is marked in the inflight area the front end keeps
+//! ([`super::inflight`]) until its completion is in the used ring, so a back end started after
+//! this one died resubmits exactly what was left in flight.
+//!
 //! One [`BlkBackend`] serves one front-end connection. When it ends, completions still in
 //! flight are dropped instead of written to a used ring the next connection owns (after a
 //! reconnect QEMU re-submits what was never completed).
 
+use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -24,7 +29,7 @@ use std::os::fd::AsRawFd;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -36,8 +41,9 @@ use vm_memory::{Bytes as _, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};
 
+use super::inflight::InflightArea;
 use super::proto::*;
-use super::request::{Desc, Limits, Memory, Op, Parsed, gather, parse, scatter, total};
+use super::request::{Desc, Limits, Memory, Op, Parsed, chain_at, gather, parse, scatter, total};
 use crate::Volume;
 
 /// The handler's swappable view of guest memory (replaced on VHOST_USER_SET_MEM_TABLE).
@@ -174,6 +180,11 @@ struct QueueState {
     idle: Condvar,
     /// The task serving this queue's kicks (replaced when the kick or the queue's state changes).
     kicks: Mutex<Option<JoinHandle<()>>>,
+    /// Order in which requests were taken from the ring (the inflight area's counter).
+    taken: AtomicU64,
+    /// Set when the front end hands over an inflight area: the next kick first resubmits
+    /// what the area says a previous back end left in flight.
+    resubmit: AtomicBool,
 }
 
 impl QueueState {
@@ -212,6 +223,9 @@ struct Connection {
     open: RwLock<bool>,
     /// Malformed chains seen (logged sparingly: a guest can send millions).
     malformed: AtomicU64,
+    /// Where requests in flight are marked (VHOST_USER_SET_INFLIGHT_FD), if the front end
+    /// keeps one.
+    inflight: RwLock<Option<Arc<InflightArea>>>,
 }
 
 /// The vhost-user-blk back end of one front-end connection.
@@ -232,6 +246,7 @@ impl BlkBackend {
                 queues,
                 open: RwLock::new(true),
                 malformed: AtomicU64::new(0),
+                inflight: RwLock::new(None),
             }),
         }
     }
@@ -251,6 +266,9 @@ impl BlkBackend {
     /// keeps popping until re-enabling notifications finds nothing new (§2.7.10), since a
     /// chain made available in between would otherwise wait for the next kick.
     fn serve_kick(&self, q: usize, vring: &VringRwLock<AtomicMemory>) {
+        if self.conn.queues[q].resubmit.swap(false, Ordering::AcqRel) {
+            self.resubmit(q, vring);
+        }
         if !self.conn.event_idx.load(Ordering::Acquire) {
             self.process_queue(q, vring);
             return;
@@ -335,15 +353,74 @@ impl BlkBackend {
         if chains.is_empty() {
             return;
         }
+        let area = conn.inflight.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let chains = chains.into_iter().map(|chain| {
+            let head = chain.head_index();
+            if let Some(area) = &area {
+                area.begin(q as u16, head, conn.queues[q].taken.fetch_add(1, Ordering::Relaxed));
+            }
+            (head, chain.map(|d| Desc { addr: d.addr().0, len: d.len(), writable: d.is_write_only() }).collect())
+        });
+        self.start(q, vring, chains.collect(), mem.into_inner());
+    }
+
+    /// Resubmits what the inflight area says a previous back end took from queue `q` and
+    /// never completed, oldest first, and moves the ring past those requests: the front end
+    /// rewound it to the used index, and the requests taken number the used entries plus
+    /// those in flight (vhost-user spec, "Inflight I/O tracking").
+    fn resubmit(&self, q: usize, vring: &VringRwLock<AtomicMemory>) {
+        let conn = &self.conn;
+        let Some(area) = conn.inflight.read().unwrap_or_else(|e| e.into_inner()).clone() else { return };
+        let used = match vring.queue_used_idx() {
+            Ok(used) => used,
+            Err(e) => {
+                tracing::warn!(volume = conn.device.volume.name(), queue = q, "vhost-user-blk: cannot read the used index to resubmit requests: {e}");
+                return;
+            }
+        };
+        let (heads, next) = area.recover(q as u16, used);
+        conn.queues[q].taken.fetch_max(next, Ordering::Relaxed);
+        if heads.is_empty() {
+            return;
+        }
+        let mem = conn.mem.lock().unwrap_or_else(|e| e.into_inner()).memory();
+        let (desc_table, size) = {
+            let mut state = vring.get_mut();
+            let queue = state.get_queue_mut();
+            queue.set_next_avail(used.wrapping_add(heads.len() as u16));
+            queue.set_next_used(used);
+            (queue.desc_table(), queue.size())
+        };
+        conn.queues[q].begin(heads.len());
+        tracing::info!(
+            volume = conn.device.volume.name(),
+            queue = q,
+            requests = heads.len(),
+            "vhost-user-blk: resubmitting requests a previous back end left in flight"
+        );
+        let chains = heads
+            .into_iter()
+            .map(|head| {
+                let descs = chain_at(&mem, desc_table, size, head).unwrap_or_else(|reason| {
+                    self.log_malformed(q, &format!("in-flight request {head}: {reason}"));
+                    Vec::new()
+                });
+                (head, descs)
+            })
+            .collect();
+        self.start(q, vring, chains, mem.into_inner());
+    }
+
+    /// Parses chains taken from queue `q` (already counted in flight) and starts their I/O.
+    fn start(&self, q: usize, vring: &VringRwLock<AtomicMemory>, chains: Vec<(u16, Vec<Desc>)>, mem: Arc<Memory>) {
+        let conn = &self.conn;
         let Some(tx) = self.completer(q, vring) else {
             conn.queues[q].finish(chains.len());
             return;
         };
         let limits = conn.device.limits();
         let mut requests = Vec::with_capacity(chains.len());
-        for chain in chains {
-            let head = chain.head_index();
-            let descs: Vec<Desc> = chain.map(|d| Desc { addr: d.addr().0, len: d.len(), writable: d.is_write_only() }).collect();
+        for (head, descs) in chains {
             match parse(&descs, &mem, &limits) {
                 Parsed::Request(req) => requests.push((head, req)),
                 Parsed::Fail { status, code, reason } => {
@@ -362,7 +439,6 @@ impl BlkBackend {
             return;
         }
         let device = conn.device.clone();
-        let mem = mem.clone().into_inner();
         let start = move || {
             for (head, req) in requests {
                 let (device, mem, tx) = (device.clone(), mem.clone(), tx.clone());
@@ -416,9 +492,15 @@ async fn complete(conn: Arc<Connection>, q: usize, vring: VringRwLock<AtomicMemo
         {
             let open = conn.open.read().unwrap_or_else(|e| e.into_inner());
             if *open {
+                let area = conn.inflight.read().unwrap_or_else(|e| e.into_inner()).clone();
                 for c in &batch {
+                    if let Some(area) = &area {
+                        area.completing(q as u16, c.head);
+                    }
                     if let Err(e) = vring.add_used(c.head, c.len) {
                         tracing::warn!(volume = conn.device.volume.name(), queue = q, "vhost-user-blk: cannot complete request {}: {e}", c.head);
+                    } else if let Some(area) = &area {
+                        area.completed(q as u16, c.head, vring.get_ref().get_queue().next_used());
                     }
                 }
                 let notify = vring.needs_notification().unwrap_or(true);
@@ -505,6 +587,32 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::LOG_SHMFD
             // The back-end channel: how a resize reaches a running guest.
             | VhostUserProtocolFeatures::BACKEND_REQ
+            // Requests in flight survive this process: resubmitted after a restart.
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    }
+
+    fn get_inflight_fd(&self, info: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+        let (area, file, size) = InflightArea::create(info.num_queues, info.queue_size).map_err(io::Error::other)?;
+        *self.conn.inflight.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(area));
+        Ok((VhostUserInflight::new(size, 0, info.num_queues, info.queue_size), file))
+    }
+
+    fn set_inflight_fd(&self, info: &VhostUserInflight, file: File) -> io::Result<()> {
+        let area = InflightArea::open(file, info.mmap_offset, info.mmap_size, info.num_queues, info.queue_size).map_err(|e| {
+            tracing::warn!(volume = self.conn.device.volume.name(), "vhost-user-blk: refusing the front end's inflight area: {e}");
+            io::Error::other(e)
+        })?;
+        tracing::info!(
+            volume = self.conn.device.volume.name(),
+            queues = area.queues(),
+            queue_size = area.queue_size(),
+            "vhost-user-blk: requests in flight are tracked in the front end's inflight area"
+        );
+        *self.conn.inflight.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(area));
+        for q in &self.conn.queues {
+            q.resubmit.store(true, Ordering::Release);
+        }
+        Ok(())
     }
 
     fn set_backend_req_fd(&self, channel: Backend) {

@@ -10,9 +10,11 @@
 //! - [`proto`][]: virtio-blk constants and the configuration space.
 //! - [`request`][]: descriptor chain → request (pure; fuzzed).
 //! - [`backend`][]: the device: queues, I/O on the tokio client, batched completions.
+//! - [`inflight`][]: requests in flight, kept across a restart of this process.
 //! - [`server`][]: the socket, and a fresh device for each front-end connection.
 
 pub mod backend;
+pub mod inflight;
 pub mod proto;
 pub mod request;
 pub mod server;

@@ -135,6 +135,51 @@ impl Parsed {
     }
 }
 
+/// The descriptor chain starting at `head` in the split descriptor table at `desc_table` of a
+/// queue of `queue_size` entries (§2.7.5), indirect tables followed (§2.7.5.3): what the ring
+/// would yield for that head. Used to resubmit a request a previous back end took from the
+/// ring and never completed (its head recorded in the inflight area), which the ring itself
+/// cannot yield again. A loop, an address outside guest memory, a nested indirect table or an
+/// index past the table is an error naming it.
+pub fn chain_at(mem: &Memory, desc_table: u64, queue_size: u16, head: u16) -> Result<Vec<Desc>, String> {
+    const F_NEXT: u16 = 1;
+    const F_WRITE: u16 = 2;
+    const F_INDIRECT: u16 = 4;
+    let read = |table: u64, i: u16| -> Result<(u64, u32, u16, u16), String> {
+        let at = table.checked_add(16 * u64::from(i)).ok_or_else(|| format!("descriptor {i} address overflows"))?;
+        let mut raw = [0u8; 16];
+        mem.read_slice(&mut raw, GuestAddress(at)).map_err(|e| format!("descriptor {i} at {at:#x}: {e}"))?;
+        let word = |r: std::ops::Range<usize>| raw[r].iter().rev().fold(0u64, |v, b| v << 8 | u64::from(*b));
+        Ok((word(0..8), word(8..12) as u32, word(12..14) as u16, word(14..16) as u16))
+    };
+    let mut descs = Vec::new();
+    let (mut table, mut size, mut i, mut indirect) = (desc_table, queue_size, head, false);
+    loop {
+        if i >= size {
+            return Err(format!("descriptor index {i} is past a table of {size}"));
+        }
+        if descs.len() > usize::from(queue_size).max(usize::from(size)) {
+            return Err(format!("the chain from head {head} loops"));
+        }
+        let (addr, len, flags, next) = read(table, i)?;
+        if flags & F_INDIRECT != 0 {
+            if indirect {
+                return Err("an indirect table inside an indirect table".into());
+            }
+            if len == 0 || len % 16 != 0 || len / 16 > u32::from(u16::MAX) {
+                return Err(format!("indirect table of {len} bytes"));
+            }
+            (table, size, i, indirect) = (addr, (len / 16) as u16, 0, true);
+            continue;
+        }
+        descs.push(Desc { addr, len, writable: flags & F_WRITE != 0 });
+        if flags & F_NEXT == 0 {
+            return Ok(descs);
+        }
+        i = next;
+    }
+}
+
 /// Parses the chain `descs` (in chain order) over guest memory `mem`.
 pub fn parse(descs: &[Desc], mem: &Memory, limits: &Limits) -> Parsed {
     // The status byte: the last byte of the last descriptor, which must be device-writable.
@@ -341,6 +386,48 @@ pub fn scatter(mem: &Memory, segs: &[Segment], data: &[u8]) -> bool {
         at += take;
     }
     at == data.len()
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+
+    fn put(mem: &Memory, at: u64, addr: u64, len: u32, flags: u16, next: u16) {
+        mem.write_obj(addr, GuestAddress(at)).unwrap();
+        mem.write_obj(len, GuestAddress(at + 8)).unwrap();
+        mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+        mem.write_obj(next, GuestAddress(at + 14)).unwrap();
+    }
+
+    #[test]
+    fn chains_direct_indirect_and_broken() {
+        let mem = Memory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        // Head 3 -> 5 (direct), then head 6: an indirect table of two at 0x8000.
+        put(&mem, 16 * 3, 0x1000, 16, 1, 5);
+        put(&mem, 16 * 5, 0x2000, 1, 2, 0);
+        assert_eq!(
+            chain_at(&mem, 0, 8, 3).unwrap(),
+            vec![Desc { addr: 0x1000, len: 16, writable: false }, Desc { addr: 0x2000, len: 1, writable: true }]
+        );
+        put(&mem, 16 * 6, 0x8000, 32, 4, 0);
+        put(&mem, 0x8000, 0x3000, 16, 1, 1);
+        put(&mem, 0x8010, 0x4000, 1, 2, 0);
+        assert_eq!(
+            chain_at(&mem, 0, 8, 6).unwrap(),
+            vec![Desc { addr: 0x3000, len: 16, writable: false }, Desc { addr: 0x4000, len: 1, writable: true }]
+        );
+        // A loop, an index past the table, a nested indirect table, a table outside memory.
+        put(&mem, 16, 0x1000, 16, 1, 2);
+        put(&mem, 16 * 2, 0x1000, 16, 1, 1);
+        assert!(chain_at(&mem, 0, 8, 1).unwrap_err().contains("loops"));
+        put(&mem, 16 * 4, 0x1000, 16, 1, 9);
+        assert!(chain_at(&mem, 0, 8, 4).unwrap_err().contains("past a table"));
+        put(&mem, 0x8010, 0x8000, 32, 4, 0);
+        put(&mem, 0x8000, 0x3000, 16, 1, 1);
+        assert!(chain_at(&mem, 0, 8, 6).unwrap_err().contains("indirect table inside"));
+        assert!(chain_at(&mem, 1 << 40, 8, 0).is_err());
+        assert!(chain_at(&mem, 0, 8, 8).is_err());
+    }
 }
 
 #[cfg(test)]
