@@ -9,6 +9,8 @@
 #     which bounds what the unlimited volume can keep on a machine whose cores are all busy.
 #
 #   benches/macro/qos.sh [SECONDS]     (default 30)
+# $BASALT_BENCH_PERF=1: also a 10 s whole-machine `perf record -a -g` of the unlimited volume
+# alone ($work/alone.perf), with a split by thread and the nodes' hottest functions printed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/env
@@ -41,7 +43,11 @@ snap() { # FILE: the machine's CPU jiffies (busy, all), then each watched proces
     done; } > "$1"
 }
 
-snap "$work/alone.cpu0"; randwrite alone "$free" "$secs" 1; snap "$work/alone.cpu1"
+snap "$work/alone.cpu0"
+if [ "${BASALT_BENCH_PERF:-0}" = 1 ]; then
+  (sleep 3; perf record -q -g -a -o "$work/alone.perf" -- sleep 10 >/dev/null 2>&1) &
+fi
+randwrite alone "$free" "$secs" 1; snap "$work/alone.cpu1"
 randwrite limited-alone "$limited" "$secs" 2
 randwrite limited-beside "$limited" "$((secs + 4))" 2 &
 noisy=$!
@@ -91,3 +97,9 @@ for phase, label in [("alone", "unlimited alone"), ("beside", "beside the limite
     busy, wall, procs = cpu(phase)
     print(f"| {label} | {busy:.0%} of {os.cpu_count()} cores over {wall / os.cpu_count():.0f} s | {procs['nodes']:.1f} | {procs['attach-free']:.1f} | {procs['attach-limited']:.1f} | {fio_cpu(phase):.1f} |")
 PY
+if [ -f "$work/alone.perf" ]; then
+  echo; echo "CPU by thread, unlimited volume alone (perf, 10 s):"
+  perf report -i "$work/alone.perf" --no-children --sort comm --stdio -g none 2>/dev/null | grep '%' | head -8
+  echo; echo "hottest functions in the nodes' runtime threads:"
+  perf report -i "$work/alone.perf" --no-children --comm basalt-node --sort symbol --stdio -g none 2>/dev/null | grep '%' | head -15 | cut -c1-120
+fi
