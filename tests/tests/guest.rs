@@ -131,8 +131,7 @@ async fn qemu_guest_sees_a_resize_over_vhost_user_blk() {
     assert!(!console.contains("I/O error"), "the guest saw an I/O error:\n{console}");
     let vol = cluster.client().await.unwrap().open_volume("vmdisk").await.unwrap();
     let data = vol.read(64 << 20, 1 << 20).await.unwrap();
-    let expected: Vec<u8> = (0..65536).flat_map(|i| format!("basalt-guest-{i:050}\n").into_bytes()).take(1 << 20).collect();
-    assert!(data.as_ref() == expected.as_slice(), "the guest's write past the old end is not in the volume");
+    assert!(data.as_ref() == guest_pattern(1 << 20).as_slice(), "the guest's write past the old end is not in the volume");
 }
 
 /// kill -9 of the attach process under a guest writing and reading, then the same command
@@ -371,8 +370,12 @@ async fn assert_pattern_in_volume(cluster: &TestCluster) {
     let client = cluster.client().await.unwrap();
     let vol = client.open_volume("vmdisk").await.unwrap();
     let data = vol.read(8 << 20, 4 << 20).await.unwrap();
-    let expected: Vec<u8> = (0..65536).flat_map(|i| format!("basalt-guest-{i:050}\n").into_bytes()).take(4 << 20).collect();
-    assert!(data.as_ref() == expected.as_slice(), "the guest's pattern is not in the volume");
+    assert!(data.as_ref() == guest_pattern(4 << 20).as_slice(), "the guest's pattern is not in the volume");
+}
+
+/// The first `len` bytes of the pattern the guest's init writes (`/tmp/pat` in scripts/build-guest).
+fn guest_pattern(len: usize) -> Vec<u8> {
+    (0..65536).flat_map(|i| format!("basalt-guest-{i:050}\n").into_bytes()).take(len).collect()
 }
 
 /// Whether KVM really runs a stock kernel here: boot the kernel with no root file system and

@@ -95,6 +95,15 @@ impl Driver {
         m.write_obj(next, GuestAddress(at + 14)).unwrap();
     }
 
+    /// A 4 KiB write of block `i` filled with `i + 1`, from its own buffer at 0x100000 + 8 KiB·i:
+    /// writes the data and the chain, returns its head (not yet available).
+    fn write_block(&mut self, i: u64) -> u16 {
+        let base = 0x100000 + i * 0x2000;
+        self.m().write_slice(&[i as u8 + 1; 4096], GuestAddress(base)).unwrap();
+        let h = self.header(base + 0x1000, T_OUT, i * 8);
+        self.write_chain(&[h, ro(base, 4096), wr(base + 0x1100, 1)])
+    }
+
     /// Makes chain `head` available (§2.7.13).
     fn post(&mut self, head: u16) {
         let slot = AVAIL + 4 + 2 * u64::from(self.avail_idx % QUEUE);
@@ -267,10 +276,7 @@ async fn concurrent_requests_complete_once_and_stop_drains() {
     let n = 64u16;
     let mut heads = Vec::new();
     for i in 0..n {
-        let base = 0x100000 + u64::from(i) * 0x2000;
-        drv.m().write_slice(&[i as u8 + 1; 4096], GuestAddress(base)).unwrap();
-        let h = drv.header(base + 0x1000, T_OUT, u64::from(i) * 8);
-        let head = drv.write_chain(&[h, ro(base, 4096), wr(base + 0x1100, 1)]);
+        let head = drv.write_block(u64::from(i));
         drv.post(head);
         heads.push(head);
     }
@@ -316,10 +322,7 @@ async fn kicks_are_served_on_the_runtime_and_a_stopped_queue_is_not() {
     assert!(on(true), "the device did not take the kick");
 
     let write = |drv: &mut Driver, i: u64| {
-        let base = 0x100000 + i * 0x2000;
-        drv.m().write_slice(&[i as u8 + 1; 4096], GuestAddress(base)).unwrap();
-        let h = drv.header(base + 0x1000, T_OUT, i * 8);
-        let head = drv.write_chain(&[h, ro(base, 4096), wr(base + 0x1100, 1)]);
+        let head = drv.write_block(i);
         drv.post(head);
     };
     for i in 0..4 {
@@ -381,10 +384,7 @@ async fn a_restarted_back_end_resubmits_exactly_what_was_in_flight() {
     // clearing its mark.
     let mut heads = Vec::new();
     for i in 0..5u64 {
-        let base = 0x100000 + i * 0x2000;
-        drv.m().write_slice(&[i as u8 + 1; 4096], GuestAddress(base)).unwrap();
-        let h = drv.header(base + 0x1000, T_OUT, i * 8);
-        heads.push(drv.write_chain(&[h, ro(base, 4096), wr(base + 0x1100, 1)]));
+        heads.push(drv.write_block(i));
     }
     for head in &heads[..4] {
         drv.post(*head);
